@@ -1,0 +1,1 @@
+"""The ``console`` exporter: one Hubble-style line per flow on stdout."""

@@ -1,0 +1,91 @@
+"""The ``flowtel`` command line: run, doctor, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from flowtel.config import ConfigError, load_config
+from flowtel.errors import StartError
+
+
+def node_name() -> str:
+    """The node's name as Kubernetes knows it (Downward API ``NODE_NAME``), else the hostname."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flowtel.pipeline import Service
+
+    try:
+        config = load_config(args.config)
+        service = Service(config, node_name=node_name())
+        logging.getLogger("flowtel").info("starting with %s on node %s", config.source, service.node_name)
+        service.run_until_signal()
+    except ConfigError as exc:
+        print(f"flowtel: {exc}", file=sys.stderr)
+        return 2
+    except StartError as exc:
+        print(f"flowtel: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from flowtel import doctor
+
+    kube = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"flowtel: {exc}", file=sys.stderr)
+            return 2
+        kube = doctor.kube_settings_from_config(config)
+    return doctor.main(kube)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flowtel.demo import run_demo
+
+    return run_demo(duration=args.duration, interval=args.interval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowtel", description="Kubernetes network observability as an OpenTelemetry pipeline")
+    parser.add_argument("--log-level", default=os.environ.get("FLOWTEL_LOG_LEVEL", "info"), help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent until SIGINT/SIGTERM")
+    run.add_argument("--config", help="config file (default: $FLOWTEL_CONFIG, /etc/flowtel/config.yaml, or the bundled config/flowtel.yaml)")
+    run.set_defaults(func=cmd_run)
+
+    doc = sub.add_parser("doctor", help="check whether the agent can run on this node and how to fix what is missing")
+    doc.add_argument("--config", help="also check what this config needs (e.g. Kubernetes access)")
+    doc.set_defaults(func=cmd_doctor)
+
+    demo = sub.add_parser("demo", help="run the agent against throwaway network-namespace pods with generated traffic")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds to run before the summary (default 60)")
+    demo.add_argument("--interval", type=float, default=2.0, help="flow collection interval in seconds (default 2)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

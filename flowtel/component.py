@@ -1,0 +1,145 @@
+"""The component model: receivers, processors, connectors and exporters, as in the Collector.
+
+A component is created by its :class:`Factory` from a validated config object. Records
+move in batches (lists) because per-record calls across stage boundaries cost more in
+Python than the work itself.
+"""
+from __future__ import annotations
+
+import enum
+import abc
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from flowtel.records import Record
+
+
+class Kind(enum.StrEnum):
+    RECEIVER = "receivers"
+    PROCESSOR = "processors"
+    CONNECTOR = "connectors"
+    EXPORTER = "exporters"
+    EXTENSION = "extensions"
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component's config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Consumer(Protocol):
+    def consume(self, batch: list[Record]) -> None: ...
+
+
+@dataclass(slots=True)
+class CreateSettings:
+    """What every component gets at creation besides its own config."""
+
+    id: str  # "type" or "type/name"
+    node_name: str
+    telemetry: "Telemetry"
+
+
+class Component(abc.ABC):
+    """Lifecycle shared by all components. ``start`` may raise a user-facing error."""
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class Receiver(Component):
+    def __init__(self, settings: CreateSettings, next_consumer: Consumer) -> None:
+        self.settings = settings
+        self.next_consumer = next_consumer
+
+
+class Processor(Component):
+    def __init__(self, settings: CreateSettings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def process(self, batch: list[Record]) -> list[Record]:
+        """Return the batch to pass on (the same list, changed in place, is fine)."""
+
+
+class Exporter(Component):
+    def __init__(self, settings: CreateSettings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def consume(self, batch: list[Record]) -> None:
+        """Take one batch; raising counts as an export failure for this batch only."""
+
+    def flush(self) -> None:
+        pass
+
+
+class Connector(Component):
+    """Exporter of one pipeline and receiver of another (e.g. flows → metrics)."""
+
+    def __init__(self, settings: CreateSettings, next_consumer: Consumer) -> None:
+        self.settings = settings
+        self.next_consumer = next_consumer
+
+    @abc.abstractmethod
+    def consume(self, batch: list[Record]) -> None:
+        """Take one batch; raising counts as an export failure for this batch only."""
+
+
+class Extension(Component):
+    def __init__(self, settings: CreateSettings) -> None:
+        self.settings = settings
+
+
+@dataclass(frozen=True, slots=True)
+class Factory:
+    type: str
+    kind: Kind
+    config_class: type[ComponentConfig]
+    create: Callable[..., Component]
+    # The pipeline signals ("metrics", "logs") this component may be used in.
+    signals: Sequence[str] = ("metrics", "logs")
+
+
+class Telemetry:
+    """The agent's own counters (records in/out/dropped per component, failures).
+
+    Plain integers under one lock: updated once per batch, never per record.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, str], int] = {}
+        self._gauges: dict[tuple[str, str], Callable[[], float]] = {}
+
+    def add(self, component: str, name: str, value: int = 1) -> None:
+        if value == 0:
+            return
+        with self._lock:
+            key = (component, name)
+            self._counters[key] = self._counters.get(key, 0) + value
+
+    def get(self, component: str, name: str) -> int:
+        with self._lock:
+            return self._counters.get((component, name), 0)
+
+    def register_gauge(self, component: str, name: str, fn: Callable[[], float]) -> None:
+        with self._lock:
+            self._gauges[(component, name)] = fn
+
+    def snapshot(self) -> dict[tuple[str, str], float]:
+        with self._lock:
+            out: dict[tuple[str, str], float] = dict(self._counters)
+            gauges = list(self._gauges.items())
+        for key, fn in gauges:
+            out[key] = fn()
+        return out
+

@@ -1,0 +1,1025 @@
+"""`flowtel doctor`: can the agent run on this node, and if not, exactly what to type.
+
+Every check returns a :class:`CheckResult` and runs on its own: an exception inside one
+check becomes that check's FAIL, so one surprise on an odd node never hides the others.
+
+File-based checks read through ``root`` (a tree seen as ``/``; absolute symlinks resolve
+inside it), so tests point them at a fake tree instead of patching ``os``. The bcc checks
+always probe the running system, in a child interpreter: importing bcc loads LLVM (~60 MB
+resident, more after a compile) which the caller must not keep, and a crashing LLVM must not
+take the doctor down.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flowtel.config import AgentConfig
+
+import base64
+import enum
+import errno
+import glob
+import gzip
+import json
+import os
+import posixpath
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+
+class Status(enum.Enum):
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+@dataclass(slots=True)
+class CheckResult:
+    name: str
+    status: Status
+    detail: str
+    remedy: str = ""
+
+
+@dataclass
+class KubeSettings:
+    """How the k8sattributes processor reaches the API server (its `auth_type`/`kubeconfig`)."""
+
+    auth_type: str  # "serviceAccount" | "kubeConfig"
+    kubeconfig: str | None = None
+
+
+MIN_KERNEL = (5, 8)
+# Below 5.11 BPF memory is charged to RLIMIT_MEMLOCK, which only CAP_SYS_RESOURCE may raise.
+MEMCG_BPF_KERNEL = (5, 11)
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAPABILITY_NAMES = {
+    CAP_NET_ADMIN: "CAP_NET_ADMIN",
+    CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+    CAP_SYS_RESOURCE: "CAP_SYS_RESOURCE",
+    CAP_PERFMON: "CAP_PERFMON",
+    CAP_BPF: "CAP_BPF",
+}
+
+# The tracepoints flowtel attaches to, and what an operator loses without each.
+TRACEPOINTS: dict[str, str] = {
+    "skb:kfree_skb": "drop metrics and DROPPED flows (drop_count, hubble_drop_total)",
+    "sock:inet_sock_set_state": "TCP state metrics (networkobservability_tcp_state)",
+    "tcp:tcp_retransmit_skb": "TCP retransmission counts and retransmit events",
+    "tcp:tcp_send_reset": "reset_sent TCP events",
+    "tcp:tcp_receive_reset": "reset_received TCP events",
+}
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+KHEADERS = "/sys/kernel/kheaders.tar.xz"
+SYSTEM_BCC = "/usr/lib/python3/dist-packages/bcc/__init__.py"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+COMPILE_TIMEOUT_S = 30.0
+IMPORT_TIMEOUT_S = 30.0
+KUBE_TIMEOUT_S = 5.0
+
+CONTAINER_HEADERS_NOTE = (
+    "in a container: hostPath-mount the host's /lib/modules and /usr/src read-only at the "
+    "same paths (the links point into /usr/src)"
+)
+
+
+# --- the tree the file-based checks look at ---------------------------------------------
+
+
+class Root:
+    """A directory tree seen as `/`: absolute symlinks inside it resolve inside it.
+
+    With root "/" this is the real system; tests pass a tmp_path laid out like one, with
+    links made exactly as on a node (``build -> /usr/src/linux-headers-…``).
+    """
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = os.path.abspath(root)
+
+    def resolve(self, path: str) -> str:
+        """`path` (absolute, as on the node) with every symlink followed, as on the node."""
+        pending = [p for p in path.split("/") if p]
+        done: list[str] = []
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = os.path.join(self.root, *done, part)
+            if os.path.islink(here):
+                hops += 1
+                if hops > 40:
+                    raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    done = []
+                pending = [p for p in target.split("/") if p] + pending
+            else:
+                done.append(part)
+        return "/" + "/".join(done)
+
+    def real(self, path: str) -> str:
+        return os.path.join(self.root, self.resolve(path).lstrip("/"))
+
+    def readlink(self, path: str) -> str | None:
+        parent, name = posixpath.split(path)
+        here = os.path.join(self.real(parent), name)
+        return os.readlink(here) if os.path.islink(here) else None
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(self.real(path))
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(self.real(path))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.real(path))
+
+    def lexists(self, path: str) -> bool:
+        return self.readlink(path) is not None or self.exists(path)
+
+    def read_text(self, path: str) -> str:
+        with open(self.real(path), encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def glob(self, directory: str, pattern: str) -> list[str]:
+        base = self.real(directory)
+        return sorted(
+            posixpath.join(directory, os.path.basename(p))
+            for p in glob.glob(os.path.join(glob.escape(base), pattern))
+        )
+
+
+def kernel_release(root: Root) -> str:
+    try:
+        return root.read_text("/proc/sys/kernel/osrelease").strip()
+    except FileNotFoundError:
+        return os.uname().release
+
+
+def parse_kernel_version(release: str) -> tuple[int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def kernel_config(root: Root, release: str) -> dict[str, str] | None:
+    """The running kernel's build config, or None where the node does not publish it."""
+    text: str | None = None
+    if root.isfile("/proc/config.gz"):
+        with gzip.open(root.real("/proc/config.gz"), "rt", errors="replace") as f:
+            text = f.read()
+    elif root.isfile(f"/boot/config-{release}"):
+        text = root.read_text(f"/boot/config-{release}")
+    if text is None:
+        return None
+    config: dict[str, str] = {}
+    for line in text.splitlines():
+        if m := re.match(r"(CONFIG_\w+)=(.*)", line):
+            config[m.group(1)] = m.group(2)
+        elif m := re.match(r"# (CONFIG_\w+) is not set", line):
+            config[m.group(1)] = "n"
+    return config
+
+
+def _debian_arch() -> str:
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el"}.get(machine, machine)
+
+
+# --- 1. kernel version ------------------------------------------------------------------
+
+
+def check_kernel(root: Root) -> CheckResult:
+    release = kernel_release(root)
+    version = parse_kernel_version(release)
+    if version is None:
+        return CheckResult(
+            "kernel", Status.FAIL, f"cannot parse the kernel release {release!r}",
+            "check /proc/sys/kernel/osrelease; flowtel needs Linux >= 5.8",
+        )
+    if version < MIN_KERNEL:
+        return CheckResult(
+            "kernel", Status.FAIL,
+            f"{release} is older than 5.8: flowtel needs BPF ring buffers and CAP_BPF (both 5.8)",
+            "move the node to a kernel >= 5.8 and reboot: Debian 11+ ships 5.10+, Ubuntu 20.04 "
+            "gets 5.15 with `apt-get install linux-generic-hwe-20.04`; on a managed cluster, "
+            "upgrade the node pool's image",
+        )
+    return CheckResult("kernel", Status.OK, f"{release} (>= 5.8: BPF ring buffers, CAP_BPF)")
+
+
+# --- 2. BTF -----------------------------------------------------------------------------
+
+
+def check_btf(root: Root) -> CheckResult:
+    if root.isfile(BTF_VMLINUX):
+        size = os.path.getsize(root.real(BTF_VMLINUX))
+        return CheckResult(
+            "BTF", Status.OK,
+            f"{BTF_VMLINUX} present ({size // 1024} KiB): drop attribution reads sk_buff offsets from it",
+        )
+    config = kernel_config(root, kernel_release(root))
+    if config is not None and config.get("CONFIG_DEBUG_INFO_BTF") != "y":
+        why = "the kernel is built without CONFIG_DEBUG_INFO_BTF"
+    else:
+        why = f"{BTF_VMLINUX} is not visible here"
+    return CheckResult(
+        "BTF", Status.WARN,
+        f"{why}: drops are still counted by reason, but not attributed to flows and pods",
+        "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian 11+ and Ubuntu 20.10+ kernels are); "
+        f"in a container: hostPath-mount {posixpath.dirname(BTF_VMLINUX)} read-only",
+    )
+
+
+# --- 3. bcc importable ------------------------------------------------------------------
+
+_MARKER = "@@flowtel-doctor@@"
+
+_IMPORT_PROBE = f"""
+import json
+try:
+    import bcc
+except BaseException as e:
+    out = {{"ok": False, "type": type(e).__name__, "error": str(e),
+           "missing": isinstance(e, ModuleNotFoundError) and e.name == "bcc"}}
+else:
+    out = {{"ok": True, "file": getattr(bcc, "__file__", None), "has_bpf": hasattr(bcc, "BPF"),
+           "version": getattr(bcc, "__version__", None)}}
+print({_MARKER!r} + json.dumps(out), flush=True)
+"""
+
+
+@dataclass(slots=True)
+class _Probe:
+    data: dict[str, object] | None  # what the child reported, None if it never got that far
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _run_probe(
+    argv: Sequence[str], code: str, *, stdin: str = "", timeout: float,
+    pythonpath: Sequence[str] = (),
+) -> _Probe:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, *filter(None, [env.get("PYTHONPATH")])])
+    # cwd "/": `python -c` puts the cwd first on sys.path, and a stray ./bcc must not count.
+    proc = subprocess.run(
+        [*argv, "-c", code], input=stdin, capture_output=True, text=True,
+        timeout=timeout, env=env, errors="replace", cwd="/",
+    )
+    data = None
+    # bcc's C++ side writes to the same stdout, so the marker line may not be the last one.
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MARKER):
+            data = json.loads(line[len(_MARKER):])
+    return _Probe(data, proc.returncode, proc.stdout, proc.stderr)
+
+
+def _signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def check_bcc(
+    root: Root, *, python: Sequence[str] = (sys.executable,), pythonpath: Sequence[str] = (),
+    timeout: float = IMPORT_TIMEOUT_S,
+) -> CheckResult:
+    """`import bcc` in the interpreter the agent runs with (`python`)."""
+    interp = " ".join(python)
+    never_pip = "do not `pip install bcc`: the PyPI package of that name is an unrelated project"
+    try:
+        probe = _run_probe(python, _IMPORT_PROBE, timeout=timeout, pythonpath=pythonpath)
+    except subprocess.TimeoutExpired:
+        return CheckResult(
+            "bcc", Status.FAIL, f"`import bcc` did not finish within {timeout:g} s",
+            "apt-get install --reinstall libbpfcc python3-bpfcc",
+        )
+    data = probe.data
+    if data is None:
+        how = (f"crashed ({_signal_name(probe.returncode)})" if probe.returncode < 0
+               else f"exited with code {probe.returncode}")
+        return CheckResult(
+            "bcc", Status.FAIL, f"`import bcc` {how}: {_last_line(probe.stderr)}",
+            "apt-get install --reinstall libbpfcc python3-bpfcc",
+        )
+    if data["ok"] and data["has_bpf"]:
+        return CheckResult("bcc", Status.OK, f"bcc {data['version']} importable ({data['file']})")
+    if data["ok"]:
+        return CheckResult(
+            "bcc", Status.FAIL,
+            f"`import bcc` finds {data['file']}, which has no bcc.BPF: that is the unrelated PyPI "
+            "package `bcc`, not the BPF Compiler Collection",
+            "pip uninstall -y bcc   (in the agent's virtualenv)\n"
+            "apt-get install python3-bpfcc   (the real bcc, packaged for /usr/bin/python3)",
+        )
+    if data["missing"]:
+        if root.isfile(SYSTEM_BCC):
+            return CheckResult(
+                "bcc", Status.FAIL,
+                f"python3-bpfcc is installed ({posixpath.dirname(SYSTEM_BCC)}), but {interp} does "
+                "not see it (a virtualenv without system site-packages, or another Python)",
+                "/usr/bin/python3 -m venv --system-site-packages VENV, then run flowtel from VENV; "
+                + never_pip,
+            )
+        return CheckResult(
+            "bcc", Status.FAIL, f"no module named bcc for {interp}",
+            "apt-get install python3-bpfcc   (bcc for /usr/bin/python3; create virtualenvs from "
+            "it with --system-site-packages); in a container: install it in the image; "
+            + never_pip,
+        )
+    return CheckResult(
+        "bcc", Status.FAIL, f"`import bcc` failed: {data['type']}: {data['error']}",
+        "apt-get install --reinstall libbpfcc python3-bpfcc   (libbcc.so and its LLVM)",
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+# --- 4. kernel headers ------------------------------------------------------------------
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", name))
+
+
+def _headers_source_for(root: Root, build: str) -> str | None:
+    """The tree holding include/linux/kconfig.h for an arch-specific headers dir.
+
+    Debian splits headers into linux-headers-V-amd64 (config, generated) and
+    linux-headers-V-common (the headers); Ubuntu into V-generic and V; a kernel tree has both.
+    """
+    if root.isfile(f"{build}/include/linux/kconfig.h"):
+        return build
+    m = re.match(r"linux-headers-\d+\.\d+(?:\.\d+)?(?:-\d+)?", posixpath.basename(build))
+    if m is None:
+        return None
+    for sibling in (f"/usr/src/{m.group(0)}-common", f"/usr/src/{m.group(0)}"):
+        if sibling != build and root.isfile(f"{sibling}/include/linux/kconfig.h"):
+            return sibling
+    return None
+
+
+def find_fallback_headers(root: Root, release: str) -> tuple[str, str] | None:
+    """(build, source) under /usr/src for bcc: the running kernel's own if present, else the newest."""
+    candidates = []
+    for build in root.glob("/usr/src", "linux-headers-*"):
+        # -common and bare source trees have no generated config: they are not build dirs.
+        if not root.isdir(f"{build}/include/generated"):
+            continue
+        source = _headers_source_for(root, build)
+        if source is None:
+            continue
+        exact = posixpath.basename(build) == f"linux-headers-{release}"
+        candidates.append(((exact, _version_key(posixpath.basename(build))), build, source))
+    if not candidates:
+        return None
+    _, build, source = max(candidates)
+    return build, source
+
+
+def _headers_release(root: Root, build: str) -> str | None:
+    try:
+        text = root.read_text(f"{build}/include/generated/utsrelease.h")
+    except OSError:
+        text = ""
+    if m := re.search(r'UTS_RELEASE\s+"([^"]+)"', text):
+        return m.group(1)
+    name = posixpath.basename(root.resolve(build))
+    return name.removeprefix("linux-headers-") if name.startswith("linux-headers-") else None
+
+
+def check_kernel_headers(root: Root) -> CheckResult:
+    """Headers as bcc finds them (loader.cc): modules dir first, then kheaders."""
+    name = "kernel headers"
+    release = kernel_release(root)
+    kdir = f"/lib/modules/{release}"
+    build, source = f"{kdir}/build", f"{kdir}/source"
+    override = os.environ.get("BCC_KERNEL_SOURCE")
+    if override:
+        kpath = override
+    else:
+        # bcc compiles from source/ (adding build/'s include dirs) only when both are dirs.
+        kpath = source if root.isdir(build) and root.isdir(source) else build
+
+    if root.isfile(f"{kpath}/include/linux/kconfig.h"):
+        if override:
+            where, hdr_release = f"BCC_KERNEL_SOURCE={override}", _headers_release(root, override)
+        else:
+            link = root.readlink(build)
+            where = f"{build} -> {link}" if link else build
+            hdr_release = _headers_release(root, build)
+        if hdr_release and hdr_release != release:
+            return CheckResult(
+                name, Status.OK,
+                f"fallback headers {hdr_release} for kernel {release} ({where}); flowtel programs "
+                "use only UAPI headers and tracepoint records, so this works",
+            )
+        return CheckResult(name, Status.OK, f"headers for {release} ({where})")
+
+    if root.isfile(KHEADERS):
+        return CheckResult(
+            name, Status.OK,
+            f"no headers under {kdir}, but {KHEADERS} (CONFIG_IKHEADERS) is present: bcc "
+            f"extracts it to /tmp/kheaders-{release}",
+        )
+
+    problem = _describe_missing_headers(root, release, kpath, override)
+    fallback = find_fallback_headers(root, release)
+    if fallback is not None:
+        hb, hs = fallback
+        version = _headers_release(root, hb) or posixpath.basename(hb)
+        kind = "matching" if version == release else "fallback"
+        return CheckResult(
+            name, Status.FAIL,
+            f"{problem}; {kind} headers {version} are installed in {hb}",
+            f"mkdir -p {kdir}\nln -sfn {hb} {build}\nln -sfn {hs} {source}\n"
+            + ("" if kind == "matching" else
+               "(flowtel programs use only UAPI headers and tracepoint records, so other "
+               "kernels' headers work)\n")
+            + CONTAINER_HEADERS_NOTE,
+        )
+    arch = _debian_arch()
+    remedy = (
+        "apt-get install linux-headers-$(uname -r)\n"
+        f"if no package matches this kernel: apt-get install linux-headers-{arch} (Debian) or "
+        "linux-headers-generic (Ubuntu), then rerun flowtel doctor for the link commands\n"
+        + CONTAINER_HEADERS_NOTE
+    )
+    config = kernel_config(root, release)
+    if config is not None and config.get("CONFIG_IKHEADERS") == "m":
+        remedy = "modprobe kheaders   (this kernel has CONFIG_IKHEADERS=m)\n" + remedy
+    return CheckResult(name, Status.FAIL, problem + "; no kernel headers under /usr/src", remedy)
+
+
+def _describe_missing_headers(root: Root, release: str, kpath: str, override: str | None) -> str:
+    if override:
+        return f"BCC_KERNEL_SOURCE={override} has no include/linux/kconfig.h"
+    kdir = f"/lib/modules/{release}"
+    parts = []
+    for entry in ("build", "source"):
+        path = f"{kdir}/{entry}"
+        link = root.readlink(path)
+        if link is not None and not root.exists(path):
+            parts.append(f"{path} -> {link} points at nothing")
+        elif entry == "build" and not root.lexists(path):
+            parts.append(f"no kernel headers for {release}: {path} does not exist")
+    if not parts:
+        parts.append(f"{kpath}/include/linux/kconfig.h is missing (bcc needs build and, for "
+                     "split Debian/Ubuntu headers, source linked)")
+    return "; ".join(parts)
+
+
+# --- 5. bcc compile ---------------------------------------------------------------------
+
+PROBE_PROGRAM = """
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+
+int flowtel_doctor_probe(struct __sk_buff *skb) {
+    /* A bounds-checked packet read: the verifier path flowtel's tc programs take. */
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (data + sizeof(struct ethhdr) > end)
+        return TC_ACT_OK;
+    return TC_ACT_OK;
+}
+"""
+
+_COMPILE_PROBE = f"""
+import json, sys, time
+started = time.monotonic()
+try:
+    from bcc import BPF
+    bpf = BPF(text=sys.stdin.read())
+    bpf.load_func("flowtel_doctor_probe", BPF.SCHED_CLS)
+    out = {{"ok": True, "seconds": time.monotonic() - started}}
+except Exception as e:
+    out = {{"ok": False, "error": f"{{type(e).__name__}}: {{e}}"}}
+sys.stderr.flush()
+print({_MARKER!r} + json.dumps(out), flush=True)
+"""
+
+
+def first_error_line(*outputs: str) -> str | None:
+    """The line an operator needs from clang/bcc output: the first `error:`, else bcc's own."""
+    lines = [line.strip() for text in outputs for line in text.splitlines()]
+    for line in lines:
+        if re.search(r"\berror:", line):
+            return line
+    for line in lines:
+        if "Unable to find kernel headers" in line:
+            return line
+    return None
+
+
+def check_bcc_compile(
+    *, python: Sequence[str] = (sys.executable,), program: str = PROBE_PROGRAM,
+    timeout: float = COMPILE_TIMEOUT_S,
+) -> CheckResult:
+    """Compile and load a SCHED_CLS program with bcc: the proof that headers and LLVM work."""
+    name = "bcc compile"
+    try:
+        probe = _run_probe(python, _COMPILE_PROBE, stdin=program, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return CheckResult(
+            name, Status.FAIL, f"bcc did not finish compiling within {timeout:g} s",
+            "the node is short of CPU or memory (bcc needs ~150 MB and a few seconds); "
+            "check `dmesg` and the agent's resource limits, then rerun",
+        )
+    data = probe.data
+    if data is None:
+        if probe.returncode < 0:
+            sig = _signal_name(probe.returncode)
+            return CheckResult(
+                name, Status.FAIL, f"the compiler crashed ({sig})",
+                "SIGKILL is usually the OOM killer: give the agent >= 300 MiB; otherwise libbcc "
+                "and its LLVM disagree: apt-get install --reinstall libbpfcc python3-bpfcc",
+            )
+        return CheckResult(
+            name, Status.FAIL,
+            f"the probe exited with code {probe.returncode}: {_last_line(probe.stderr)}",
+            "apt-get install --reinstall libbpfcc python3-bpfcc",
+        )
+    if data["ok"]:
+        return CheckResult(
+            name, Status.OK, f"compiled and loaded a SCHED_CLS program in {data['seconds']:.1f} s",
+        )
+    error = str(data["error"])
+    line = first_error_line(probe.stderr, probe.stdout) or error
+    if re.search(r"Operation not permitted|Permission denied|super-user", error):
+        remedy = "loading BPF needs privileges: see the capabilities check"
+    elif "file not found" in line or "kernel headers" in line:
+        remedy = "the kernel headers are unusable: see the kernel headers check"
+    else:
+        remedy = ("bcc cannot build a trivial program: apt-get install --reinstall libbpfcc "
+                  "python3-bpfcc; if that does not help, report this output to flowtel")
+    return CheckResult(name, Status.FAIL, f"bcc failed: {line}", remedy)
+
+
+# --- 6. tracefs and the tracepoints -----------------------------------------------------
+
+
+def find_tracefs(root: Root) -> str | None:
+    for base in TRACEFS_DIRS:
+        if root.isdir(f"{base}/events"):
+            return base
+    return None
+
+
+def check_tracefs(root: Root) -> CheckResult:
+    base = find_tracefs(root)
+    if base is not None:
+        return CheckResult("tracefs", Status.OK, f"mounted at {base}")
+    for candidate in TRACEFS_DIRS:
+        # tracefs is mode 0700: to anyone but root it looks absent, which is the wrong fix.
+        try:
+            os.stat(root.real(f"{candidate}/events"))
+        except PermissionError:
+            return CheckResult(
+                "tracefs", Status.FAIL, f"{candidate} is not readable by this user",
+                "run the agent (and flowtel doctor) as root; see the capabilities check",
+            )
+        except OSError:
+            continue
+    return CheckResult(
+        "tracefs", Status.FAIL,
+        "no tracefs at /sys/kernel/tracing or /sys/kernel/debug/tracing: no tracepoints "
+        "(drops, TCP state, retransmits, resets) and no tracepoint formats",
+        "mount -t tracefs tracefs /sys/kernel/tracing   (keep it: `tracefs /sys/kernel/tracing "
+        "tracefs defaults 0 0` in /etc/fstab); in a container: hostPath-mount "
+        "/sys/kernel/tracing at /sys/kernel/tracing",
+    )
+
+
+def check_tracepoints(root: Root) -> list[CheckResult]:
+    base = find_tracefs(root)
+    if base is None:
+        return [CheckResult("tracepoints", Status.WARN, "not checked: no readable tracefs",
+                            "see the tracefs check")]
+    results = []
+    for tracepoint, feature in TRACEPOINTS.items():
+        category, event = tracepoint.split(":")
+        fmt = f"{base}/events/{category}/{event}/format"
+        if not root.isfile(fmt):
+            results.append(CheckResult(
+                tracepoint, Status.WARN,
+                f"tracepoint missing ({base}/events/{category}/{event}): no {feature}",
+                f"this kernel does not expose {tracepoint}; distribution kernels >= 5.8 do — "
+                f"check `ls {base}/events/{category}/`",
+            ))
+        elif tracepoint == "skb:kfree_skb" and not re.search(
+            r"field:[^;]*\breason;", root.read_text(fmt)
+        ):
+            results.append(CheckResult(
+                tracepoint, Status.WARN,
+                "tracepoint has no `reason` field (kernel < 5.17): drops are counted without "
+                "their reason",
+                "drop reasons need Linux >= 5.17",
+            ))
+        else:
+            results.append(CheckResult(tracepoint, Status.OK, f"tracepoint present, for {feature}"))
+    return results
+
+
+# --- 7. bpffs ---------------------------------------------------------------------------
+
+
+def _unescape_mount_field(field: str) -> str:
+    # /proc/*/mounts escapes space, tab, newline and backslash as \ooo octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def check_bpffs(root: Root) -> CheckResult:
+    mounts: list[tuple[str, str]] = []
+    for line in root.read_text("/proc/self/mounts").splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append((_unescape_mount_field(fields[1]), fields[2]))
+    at_sys_fs_bpf = [fstype for point, fstype in mounts if point == "/sys/fs/bpf"]
+    if at_sys_fs_bpf and at_sys_fs_bpf[-1] == "bpf":  # the last mount on a point is the visible one
+        return CheckResult("bpffs", Status.OK, "bpf filesystem mounted at /sys/fs/bpf")
+    if at_sys_fs_bpf:
+        seen = f"/sys/fs/bpf is a {at_sys_fs_bpf[-1]} mount, not bpf"
+    else:
+        elsewhere = [point for point, fstype in mounts if fstype == "bpf"]
+        seen = "/sys/fs/bpf is not mounted" + (
+            f" (bpffs is mounted at {', '.join(elsewhere)})" if elsewhere else "")
+    return CheckResult(
+        "bpffs", Status.FAIL,
+        f"{seen}: maps cannot be pinned (the FQDN allow-list shared with dnsproxy)",
+        "mount -t bpf bpf /sys/fs/bpf   (keep it: `bpffs /sys/fs/bpf bpf defaults 0 0` in "
+        "/etc/fstab); in a container: hostPath-mount /sys/fs/bpf (type DirectoryOrCreate) with "
+        "mountPropagation: Bidirectional",
+    )
+
+
+# --- 8. capabilities --------------------------------------------------------------------
+
+
+def parse_cap_eff(status_text: str) -> int:
+    """The effective capability mask from a /proc/<pid>/status text."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)\s*$", status_text, re.MULTILINE)
+    if m is None:
+        raise ValueError("no CapEff line in /proc/self/status")
+    return int(m.group(1), 16)
+
+
+def check_capabilities(root: Root) -> CheckResult:
+    name = "capabilities"
+    mask = parse_cap_eff(root.read_text("/proc/self/status"))
+    have = {cap for cap in CAPABILITY_NAMES if mask >> cap & 1}
+    version = parse_kernel_version(kernel_release(root)) or (0, 0)
+    sys_admin = CAP_SYS_ADMIN in have
+    missing = []
+    # CAP_SYS_ADMIN implies BPF and PERFMON; before 5.8 it is the only way to get them.
+    if not sys_admin and (CAP_BPF not in have or version < MIN_KERNEL):
+        missing.append("CAP_BPF")
+    if not sys_admin and (CAP_PERFMON not in have or version < MIN_KERNEL):
+        missing.append("CAP_PERFMON")
+    if CAP_NET_ADMIN not in have:
+        missing.append("CAP_NET_ADMIN")
+    present = ", ".join(CAPABILITY_NAMES[c] for c in sorted(have, key=lambda c: CAPABILITY_NAMES[c]))
+    summary = f"CapEff={mask:016x} ({present or 'none of the ones flowtel uses'})"
+    remedy = (
+        "run the agent as root, or add to the DaemonSet container's securityContext: "
+        "capabilities: {add: [BPF, PERFMON, NET_ADMIN, SYS_RESOURCE]} (SYS_ADMIN instead of "
+        "BPF and PERFMON where the kernel or container runtime predates CAP_BPF)"
+    )
+    if missing:
+        return CheckResult(name, Status.FAIL, f"{summary}; missing {', '.join(missing)}", remedy)
+    if CAP_SYS_RESOURCE not in have and version < MEMCG_BPF_KERNEL:
+        return CheckResult(
+            name, Status.WARN,
+            f"{summary}; CAP_SYS_RESOURCE missing: on kernels < 5.11 maps count against "
+            "RLIMIT_MEMLOCK, which only it can raise, so large maps fail to load",
+            remedy,
+        )
+    note = "" if CAP_SYS_RESOURCE in have else "; CAP_SYS_RESOURCE not needed on >= 5.11"
+    return CheckResult(name, Status.OK, summary + note)
+
+
+# --- 9. kprobes (information only) ------------------------------------------------------
+
+
+def check_kprobes(root: Root) -> CheckResult:
+    why = "flowtel does not need kprobes: it attaches to tracepoints and tc only"
+    for base in TRACEFS_DIRS:
+        if root.exists(f"{base}/kprobe_events"):
+            return CheckResult("kprobes", Status.OK, f"available; {why}")
+    config = kernel_config(root, kernel_release(root))
+    if config is not None and config.get("CONFIG_KPROBES") == "y":
+        return CheckResult("kprobes", Status.OK, f"available (CONFIG_KPROBES=y); {why}")
+    if config is not None:
+        return CheckResult("kprobes", Status.OK, f"not available (CONFIG_KPROBES is off); {why}")
+    return CheckResult("kprobes", Status.OK, f"not visible; {why}")
+
+
+# --- 10. Kubernetes ---------------------------------------------------------------------
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        # urllib3 keeps the socket error in .reason, not always in __cause__.
+        for nxt in (getattr(e, "reason", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+def describe_transport_error(exc: BaseException, timeout: float = KUBE_TIMEOUT_S) -> str:
+    chain = list(_exception_chain(exc))
+    for e in chain:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed: {e.verify_message}"
+        if isinstance(e, ssl.SSLError):
+            return f"TLS error: {e}"
+        if isinstance(e, socket.gaierror):
+            return f"cannot resolve the server's host name: {e.strerror}"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server"
+    if "Connection refused" in str(exc):
+        return "connection refused"
+    for e in chain:
+        if isinstance(e, TimeoutError) or "timed out" in str(e).lower():
+            return f"no answer within {timeout:g} s"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _service_account_subject(token: str) -> str | None:
+    """system:serviceaccount:NS:NAME from the token's claims (not verified: only for the remedy)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        sub = claims.get("sub")
+        return sub if isinstance(sub, str) else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _api_message(exc: object) -> str:
+    body = getattr(exc, "body", None)
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (ValueError, AttributeError):
+        message = None
+    return message or str(getattr(exc, "reason", "")) or "no message"
+
+
+def check_kubernetes(
+    settings: KubeSettings, root: Root, *, timeout: float = KUBE_TIMEOUT_S,
+) -> CheckResult:
+    name = "kubernetes"
+    try:
+        from kubernetes import client, config
+        from kubernetes.config.incluster_config import InClusterConfigLoader
+    except ImportError as e:
+        return CheckResult(
+            name, Status.FAIL, f"the Python package `kubernetes` is not installed ({e})",
+            "pip install kubernetes   (into the agent's virtualenv: the official client that "
+            "k8sattributes uses)",
+        )
+
+    cfg = client.Configuration()
+    subject: str | None = None
+    if settings.auth_type == "serviceAccount":
+        token_path = f"{SA_DIR}/token"
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            return CheckResult(
+                name, Status.FAIL,
+                "auth_type serviceAccount, but KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT "
+                "are unset: this is not running in a pod",
+                "run flowtel as the DaemonSet, or outside a cluster set "
+                "processors.k8sattributes.auth_type: kubeConfig ($KUBECONFIG or kubeconfig: PATH)",
+            )
+        if not root.isfile(token_path):
+            return CheckResult(
+                name, Status.FAIL,
+                f"auth_type serviceAccount, but the token {token_path} does not exist",
+                "the pod got no service account token: drop `automountServiceAccountToken: false` "
+                "from the DaemonSet and its ServiceAccount",
+            )
+        subject = _service_account_subject(root.read_text(token_path).strip())
+        try:
+            InClusterConfigLoader(
+                token_filename=root.real(token_path), cert_filename=root.real(f"{SA_DIR}/ca.crt"),
+            ).load_and_set(cfg)
+        except Exception as e:  # the loader's ConfigException says which file is wrong
+            return CheckResult(
+                name, Status.FAIL, f"in-cluster configuration is unusable: {e}",
+                f"the pod's service account mount ({SA_DIR}) is incomplete: check the "
+                "DaemonSet's volumes and automountServiceAccountToken",
+            )
+        where = f"API server {cfg.host} (service account {subject or 'unknown'})"
+    elif settings.auth_type == "kubeConfig":
+        if settings.kubeconfig:
+            spec, origin = settings.kubeconfig, "kubeconfig"
+        elif os.environ.get("KUBECONFIG"):
+            spec, origin = os.environ["KUBECONFIG"], "$KUBECONFIG"
+        else:
+            spec, origin = "~/.kube/config", "default location"
+        paths = [os.path.expanduser(p) for p in spec.split(os.pathsep) if p]
+        if not any(os.path.isfile(p) for p in paths):
+            return CheckResult(
+                name, Status.FAIL, f"kubeconfig {', '.join(paths)} ({origin}) does not exist",
+                "point processors.k8sattributes.kubeconfig or $KUBECONFIG at a kubeconfig "
+                "(`kubectl config view --raw > FILE` writes one), or use auth_type: "
+                "serviceAccount in a pod",
+            )
+        try:
+            config.load_kube_config(
+                config_file=os.pathsep.join(paths), client_configuration=cfg, persist_config=False,
+            )
+        except Exception as e:  # ConfigException, YAML errors: all mean "this file is unusable"
+            return CheckResult(
+                name, Status.FAIL,
+                f"kubeconfig {', '.join(paths)} is unusable: {type(e).__name__}: {e}",
+                f"check it with `kubectl --kubeconfig {paths[0]} config view`; it needs a "
+                "current-context with a cluster server and credentials",
+            )
+        where = f"API server {cfg.host} (kubeconfig {', '.join(paths)})"
+    else:
+        return CheckResult(
+            name, Status.FAIL, f"unknown auth_type {settings.auth_type!r}",
+            "set processors.k8sattributes.auth_type to serviceAccount or kubeConfig",
+        )
+
+    cfg.retries = False  # one attempt: report the first failure, not three retries of it
+    api = client.ApiClient(cfg)
+    step = "GET /version"
+    try:
+        version = client.VersionApi(api).get_code(_request_timeout=timeout)
+        step = "list pods"
+        client.CoreV1Api(api).list_pod_for_all_namespaces(limit=1, _request_timeout=timeout)
+    except client.ApiException as e:
+        return _api_failure(name, where, step, e, settings, subject)
+    except Exception as e:  # urllib3/socket/ssl errors: the API server was not reached
+        cause = describe_transport_error(e, timeout)
+        return CheckResult(
+            name, Status.FAIL, f"{where}: {step}: {cause}",
+            "check the server address and that the API server is up (`kubectl get --raw "
+            "/version` with the same credentials); from a pod: NetworkPolicies and firewalls "
+            "between the node and the API server",
+        )
+    finally:
+        api.close()
+    return CheckResult(
+        name, Status.OK, f"{where}: Kubernetes {version.git_version}, listing pods allowed",
+    )
+
+
+def _api_failure(
+    name: str, where: str, step: str, e: object, settings: KubeSettings, subject: str | None,
+) -> CheckResult:
+    status = getattr(e, "status", None)
+    message = _api_message(e)
+    if status == 401:
+        remedy = (
+            "the pod's token was rejected: restart the pod for a fresh token and check that its "
+            "ServiceAccount exists" if settings.auth_type == "serviceAccount" else
+            "the kubeconfig's credentials were rejected: refresh them (`kubectl get --raw "
+            "/version` with the same kubeconfig must work)"
+        )
+        return CheckResult(name, Status.FAIL, f"{where}: {step}: 401 Unauthorized ({message})", remedy)
+    if status == 403:
+        who = subject or "the kubeconfig's user"
+        as_flag = f" --as={subject}" if subject else ""
+        return CheckResult(
+            name, Status.FAIL, f"{where}: {step}: 403 Forbidden ({message})",
+            f"RBAC: grant get/list/watch on pods, namespaces, services, nodes and replicasets to "
+            f"{who} (apply flowtel's ClusterRole and ClusterRoleBinding from deploy/); verify with "
+            f"`kubectl auth can-i list pods --all-namespaces{as_flag}`",
+        )
+    return CheckResult(
+        name, Status.FAIL, f"{where}: {step}: HTTP {status} ({message})",
+        "the API server answered with an error: see its message and the API server's logs",
+    )
+
+
+# --- running and reporting --------------------------------------------------------------
+
+
+def _guarded(name: str, check: Callable[[], CheckResult | list[CheckResult]]) -> list[CheckResult]:
+    try:
+        result = check()
+    except Exception as e:  # a broken check must cost its own line, never the report
+        return [CheckResult(
+            name, Status.FAIL, f"the check itself failed: {type(e).__name__}: {e}",
+            "unexpected on this node: report it to flowtel with this output",
+        )]
+    return result if isinstance(result, list) else [result]
+
+
+def run_checks(*, kubernetes: KubeSettings | None = None, root: str = "/") -> list[CheckResult]:
+    """Every check, in the order an operator fixes things.
+
+    `root` relocates the file-based checks (/proc, /sys, /lib/modules, /usr/src); the bcc
+    checks always probe this machine's interpreter and kernel.
+    """
+    tree = Root(root)
+    results: list[CheckResult] = []
+    results += _guarded("kernel", lambda: check_kernel(tree))
+    results += _guarded("BTF", lambda: check_btf(tree))
+    bcc = _guarded("bcc", lambda: check_bcc(tree))
+    headers = _guarded("kernel headers", lambda: check_kernel_headers(tree))
+    results += bcc + headers
+    if bcc[0].status is Status.OK and headers[0].status is Status.OK:
+        results += _guarded("bcc compile", check_bcc_compile)
+    else:
+        results.append(CheckResult(
+            "bcc compile", Status.FAIL, "not attempted: needs bcc and kernel headers",
+            "fix the bcc and kernel headers checks above, then rerun flowtel doctor",
+        ))
+    results += _guarded("tracefs", lambda: check_tracefs(tree))
+    results += _guarded("tracepoints", lambda: check_tracepoints(tree))
+    results += _guarded("bpffs", lambda: check_bpffs(tree))
+    results += _guarded("capabilities", lambda: check_capabilities(tree))
+    results += _guarded("kprobes", lambda: check_kprobes(tree))
+    if kubernetes is not None:
+        settings = kubernetes
+        results += _guarded("kubernetes", lambda: check_kubernetes(settings, tree))
+    return results
+
+
+_TAGS = {Status.OK: "[ OK ]", Status.WARN: "[WARN]", Status.FAIL: "[FAIL]"}
+
+
+def format_report(results: list[CheckResult]) -> str:
+    width = max((len(r.name) for r in results), default=0) + 1
+    indent = " " * (len(_TAGS[Status.OK]) + 1)
+    lines = []
+    for r in results:
+        lines.append(f"{_TAGS[r.status]} {r.name + ':':<{width}} {r.detail}")
+        if r.status is not Status.OK and r.remedy:
+            first, *rest = r.remedy.splitlines()
+            lines.append(f"{indent}fix: {first}")
+            lines.extend(f"{indent}     {line}" for line in rest)
+    counts = {s: sum(r.status is s for r in results) for s in Status}
+    if counts[Status.FAIL]:
+        verdict = "flowtel cannot run on this node until the FAIL lines are fixed"
+    elif counts[Status.WARN]:
+        verdict = "flowtel can run on this node, with the limits the WARN lines describe"
+    else:
+        verdict = "flowtel can run on this node"
+    lines.append(
+        f"{len(results)} checks: {counts[Status.OK]} OK, {counts[Status.WARN]} WARN, "
+        f"{counts[Status.FAIL]} FAIL: {verdict}"
+    )
+    return "\n".join(lines)
+
+
+def kube_settings_from_config(config: "AgentConfig") -> KubeSettings | None:
+    """The Kubernetes access a config asks for: any component with an ``auth_type`` setting."""
+    for section in config.components.values():
+        for component in section.values():
+            auth_type = getattr(component, "auth_type", None)
+            if auth_type:
+                return KubeSettings(auth_type=str(auth_type), kubeconfig=getattr(component, "kubeconfig", None))
+    return None
+
+
+def main(kubernetes: KubeSettings | None = None, *, root: str = "/") -> int:
+    results = run_checks(kubernetes=kubernetes, root=root)
+    print(format_report(results), flush=True)
+    return 1 if any(r.status is Status.FAIL for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

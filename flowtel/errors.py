@@ -1,0 +1,12 @@
+"""Errors a user can cause and must fix: raised once at the edge, printed with a remedy."""
+from __future__ import annotations
+
+
+class StartError(Exception):
+    """A component cannot start on this node (kernel, permissions, headers, …)."""
+
+    def __init__(self, component: str, problem: str, remedy: str) -> None:
+        self.component = component
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(f"{component}: {problem}\n  fix: {remedy}")

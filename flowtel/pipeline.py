@@ -1,0 +1,388 @@
+"""The pipeline runtime: builds components from a config, wires them, runs and stops them.
+
+Hand-offs between stages are bounded queues counted in records. When one is full the
+batch is dropped and counted (never blocking the kernel-side reader, whose own buffers
+would then overflow silently). Every exporter has its own queue and thread, so a slow or
+failing exporter costs only its own data.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from flowtel.component import (
+    Component,
+    Connector,
+    CreateSettings,
+    Exporter,
+    Extension,
+    Factory,
+    Kind,
+    Processor,
+    Receiver,
+    Telemetry,
+)
+from flowtel.config import AgentConfig, PipelineSpec, component_type
+from flowtel.records import Record
+
+log = logging.getLogger("flowtel.pipeline")
+
+DEFAULT_QUEUE_RECORDS = 100_000
+
+
+class BoundedQueue:
+    """A FIFO of batches bounded by the total number of records it holds."""
+
+    def __init__(self, owner: str, capacity: int, telemetry: Telemetry) -> None:
+        self.owner = owner
+        self.capacity = capacity
+        self._telemetry = telemetry
+        self._batches: deque[list[Record]] = deque()
+        self._size = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = False
+        self._last_warning = 0.0
+        telemetry.register_gauge(owner, "queue_size", lambda: self._size)
+
+    def put(self, batch: list[Record]) -> bool:
+        if not batch:
+            return True
+        n = len(batch)
+        with self._cond:
+            if self._closed or self._size + n > self.capacity:
+                dropped = True
+            else:
+                self._batches.append(batch)
+                self._size += n
+                self._cond.notify()
+                dropped = False
+        if dropped:
+            self._telemetry.add(self.owner, "records_dropped", n)
+            now = time.monotonic()
+            if now - self._last_warning > 10:
+                self._last_warning = now
+                log.warning("%s: queue full (%d records), dropped a batch of %d (counted)", self.owner, self.capacity, n)
+            return False
+        return True
+
+    def get(self, timeout: float = 0.5) -> list[Record] | None:
+        with self._cond:
+            if not self._batches:
+                self._cond.wait(timeout)
+            if not self._batches:
+                return None
+            batch = self._batches.popleft()
+            self._size -= len(batch)
+            self._busy = True
+            return batch
+
+    def task_done(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until every queued batch was taken and handled. Returns False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._batches or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            left = self._size
+            self._batches.clear()
+            self._size = 0
+            self._cond.notify_all()
+        if left:
+            self._telemetry.add(self.owner, "records_dropped", left)
+            log.warning("%s: %d records still queued at shutdown were dropped (counted)", self.owner, left)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class _Worker:
+    """One thread draining one queue into one function; errors are counted, not fatal."""
+
+    def __init__(self, name: str, queue: BoundedQueue, fn: Callable[[list[Record]], None], telemetry: Telemetry) -> None:
+        self.name = name
+        self.queue = queue
+        self._fn = fn
+        self._telemetry = telemetry
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"flowtel-{name}", daemon=True)
+        self._last_error_log = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self.queue.get()
+            if batch is None:
+                continue
+            try:
+                self._fn(batch)
+            except Exception:  # one bad batch or backend must not stop the pipeline
+                self._telemetry.add(self.name, "batches_failed")
+                self._telemetry.add(self.name, "records_failed", len(batch))
+                now = time.monotonic()
+                if now - self._last_error_log > 10:
+                    self._last_error_log = now
+                    log.exception("%s: failed on a batch of %d records (counted)", self.name, len(batch))
+            finally:
+                self.queue.task_done()
+
+    def drain(self, timeout: float) -> bool:
+        return self.queue.join(timeout)
+
+    def stop(self, timeout: float) -> None:
+        self.queue.join(timeout)
+        self._stop.set()
+        self.queue.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+class _FanOut:
+    """What a receiver or connector sees as its next consumer: every pipeline it feeds."""
+
+    def __init__(self) -> None:
+        self.queues: list[BoundedQueue] = []
+
+    def consume(self, batch: list[Record]) -> None:
+        if len(self.queues) == 1:
+            self.queues[0].put(batch)
+            return
+        for q in self.queues:
+            q.put(list(batch))
+
+
+@dataclass
+class _BuiltPipeline:
+    spec: PipelineSpec
+    queue: BoundedQueue
+    processors: list[Processor]
+    exporter_queues: list[BoundedQueue] = field(default_factory=list)
+
+    def process(self, batch: list[Record]) -> None:
+        for processor in self.processors:
+            batch = processor.process(batch)
+            if not batch:
+                return
+        if len(self.exporter_queues) == 1:
+            self.exporter_queues[0].put(batch)
+            return
+        for q in self.exporter_queues:
+            q.put(list(batch))
+
+
+class Service:
+    """A running set of pipelines built from an :class:`AgentConfig`."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        node_name: str,
+        factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+        queue_records: int = DEFAULT_QUEUE_RECORDS,
+    ) -> None:
+        if factories is None:
+            from flowtel.registry import factories_by_kind
+
+            factories = factories_by_kind()
+        self.config = config
+        self.telemetry = Telemetry()
+        self.node_name = node_name
+        self._factories = factories
+        self._queue_records = queue_records
+        self._stopped = threading.Event()
+        self.receivers: dict[str, Receiver] = {}
+        self.processors: dict[tuple[str, str], Processor] = {}
+        self.exporters: dict[str, Exporter] = {}
+        self.connectors: dict[str, Connector] = {}
+        self.extensions: dict[str, Extension] = {}
+        self._pipelines: dict[str, _BuiltPipeline] = {}
+        self._exporter_workers: dict[str, _Worker] = {}
+        self._pipeline_workers: list[_Worker] = []
+        self._started: list[Component] = []
+        self._build()
+
+    def _settings(self, cid: str) -> CreateSettings:
+        return CreateSettings(id=cid, node_name=self.node_name, telemetry=self.telemetry)
+
+    def _factory(self, kind: Kind, cid: str) -> Factory:
+        return self._factories[kind][component_type(cid)]
+
+    def _build(self) -> None:
+        cfg = self.config
+        fanouts: dict[str, _FanOut] = {}
+
+        def exporter_queue(cid: str, consume: Callable[[list[Record]], None]) -> BoundedQueue:
+            worker = self._exporter_workers.get(cid)
+            if worker is None:
+                q = BoundedQueue(cid, self._queue_records, self.telemetry)
+                worker = _Worker(cid, q, consume, self.telemetry)
+                self._exporter_workers[cid] = worker
+            return worker.queue
+
+        for pid, spec in cfg.pipelines.items():
+            q = BoundedQueue(f"pipeline/{pid}", self._queue_records, self.telemetry)
+            procs = []
+            for proc_id in spec.processors:
+                # Processors keep per-pipeline state, as in the Collector: one instance each.
+                proc = self._factory(Kind.PROCESSOR, proc_id).create(
+                    self._settings(proc_id), cfg.component(Kind.PROCESSOR, proc_id)
+                )
+                self.processors[(pid, proc_id)] = proc
+                procs.append(proc)
+            self._pipelines[pid] = _BuiltPipeline(spec, q, procs)
+            for rid in spec.receivers:
+                fanouts.setdefault(rid, _FanOut()).queues.append(q)
+
+        for pid, built in self._pipelines.items():
+            for eid in built.spec.exporters:
+                if eid in cfg.components[Kind.CONNECTOR]:
+                    conn = self.connectors.get(eid)
+                    if conn is None:
+                        conn = self._factory(Kind.CONNECTOR, eid).create(
+                            self._settings(eid), cfg.component(Kind.CONNECTOR, eid), fanouts.setdefault(eid, _FanOut())
+                        )
+                        self.connectors[eid] = conn
+                    built.exporter_queues.append(exporter_queue(eid, conn.consume))
+                else:
+                    exp = self.exporters.get(eid)
+                    if exp is None:
+                        exp = self._factory(Kind.EXPORTER, eid).create(self._settings(eid), cfg.component(Kind.EXPORTER, eid))
+                        self.exporters[eid] = exp
+                    built.exporter_queues.append(exporter_queue(eid, exp.consume))
+            self._pipeline_workers.append(_Worker(f"pipeline/{pid}", built.queue, built.process, self.telemetry))
+
+        for rid, fanout in fanouts.items():
+            if rid in cfg.components[Kind.RECEIVER] and rid not in self.receivers:
+                self.receivers[rid] = self._factory(Kind.RECEIVER, rid).create(
+                    self._settings(rid), cfg.component(Kind.RECEIVER, rid), fanout
+                )
+        for xid in cfg.extensions:
+            self.extensions[xid] = self._factory(Kind.EXTENSION, xid).create(
+                self._settings(xid), cfg.component(Kind.EXTENSION, xid)
+            )
+
+    def start(self) -> None:
+        """Start in dependency order: extensions, exporters, connectors, processors, receivers.
+
+        If any start fails, what was started is shut down and the error is raised.
+        """
+        try:
+            for ext in self.extensions.values():
+                self._start(ext)
+            for worker in self._exporter_workers.values():
+                worker.start()
+            for exp in self.exporters.values():
+                self._start(exp)
+            for conn in self.connectors.values():
+                self._start(conn)
+            for proc in self.processors.values():
+                self._start(proc)
+            for worker in self._pipeline_workers:
+                worker.start()
+            for rec in self.receivers.values():
+                self._start(rec)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, component: Component) -> None:
+        component.start()
+        self._started.append(component)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop receivers (their last drain included), drain every queue, then stop the rest."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        started = set(map(id, self._started))
+
+        def stop(components: Mapping[object, Component], *methods: str) -> None:
+            for component in components.values():
+                if id(component) in started:
+                    for method in methods:
+                        self._safe(getattr(component, method), component)
+
+        stop(self.receivers, "shutdown")
+        self._drain(timeout)
+        # Connectors may emit a last batch (e.g. final metric points) into later pipelines.
+        stop(self.connectors, "shutdown")
+        self._drain(timeout)
+        for worker in [*self._pipeline_workers, *self._exporter_workers.values()]:
+            worker.stop(timeout)
+        stop(self.processors, "shutdown")
+        stop(self.exporters, "flush", "shutdown")
+        stop(self.extensions, "shutdown")
+
+    def _drain(self, timeout: float) -> None:
+        """Wait until no queue holds data; connectors can refill pipelines, so loop."""
+        deadline = time.monotonic() + timeout
+        workers = [*self._pipeline_workers, *self._exporter_workers.values()]
+        while time.monotonic() < deadline:
+            if all(w.drain(max(0.0, deadline - time.monotonic())) for w in workers) and not any(
+                len(w.queue) for w in workers
+            ):
+                return
+        log.warning("shutdown: queues not drained within %.1fs; remaining records are dropped", timeout)
+
+    @staticmethod
+    def _safe(fn: Callable[[], None], component: Component) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("error while stopping %s", type(component).__name__)
+
+    def run_until_signal(
+        self,
+        *,
+        duration: float | None = None,
+        after_start: Callable[[], None] | None = None,
+        before_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        """Start, wait for SIGINT/SIGTERM (or ``duration`` seconds), then shut down cleanly.
+
+        ``after_start`` runs once every component has started and ``before_shutdown`` after
+        the wait, before components stop: the demo runs its traffic between the two, so that
+        every packet it sends is counted.
+        """
+        stop = threading.Event()
+
+        def handler(signum: int, _frame: object) -> None:
+            log.info("received %s, flushing and stopping", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            if after_start is not None:
+                after_start()
+            stop.wait(duration)
+        finally:
+            try:
+                if before_shutdown is not None:
+                    before_shutdown()
+            finally:
+                try:
+                    self.shutdown()
+                finally:
+                    for s, h in previous.items():
+                        signal.signal(s, h)

@@ -1,0 +1,24 @@
+"""The component registry: one line per component type, as in the Collector's builder."""
+from __future__ import annotations
+
+from flowtel.component import Factory, Kind
+
+
+def all_factories() -> list[Factory]:
+    # Imported here so that loading the config module does not import bcc and friends.
+    from exporters.console.factory import FACTORY as console_exporter
+    from exporters.file.factory import FACTORY as file_exporter
+    from receiver.ebpf.factory import FACTORY as ebpf_receiver
+
+    return [
+        ebpf_receiver,
+        console_exporter,
+        file_exporter,
+    ]
+
+
+def factories_by_kind() -> dict[Kind, dict[str, Factory]]:
+    out: dict[Kind, dict[str, Factory]] = {kind: {} for kind in Kind}
+    for factory in all_factories():
+        out[factory.kind][factory.type] = factory
+    return out

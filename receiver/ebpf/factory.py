@@ -1,0 +1,14 @@
+"""Factory of the ``ebpf`` receiver (bcc is imported only when one is created)."""
+from __future__ import annotations
+
+from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from receiver.ebpf.config import EbpfReceiverConfig
+
+
+def create(settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: Consumer) -> Receiver:
+    from receiver.ebpf.receiver import EbpfReceiver
+
+    return EbpfReceiver(settings, config, next_consumer)
+
+
+FACTORY = Factory(type="ebpf", kind=Kind.RECEIVER, config_class=EbpfReceiverConfig, create=create, signals=("logs",))

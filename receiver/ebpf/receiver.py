@@ -1,0 +1,193 @@
+"""The ``ebpf`` receiver: tc programs on matching interfaces, flow counters drained on an interval."""
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import threading
+import time
+
+from flowtel.component import Consumer, CreateSettings, Receiver
+from flowtel.errors import StartError
+from flowtel.records import Flow, LostEvents, TrafficDirection, Verdict
+import bpf as bpf_sources
+from receiver.ebpf.attach import Interface, Program, TcAttachManager
+from receiver.ebpf.config import EbpfReceiverConfig
+from receiver.ebpf.flowmap import FlowMaps, RawFlow, interface_totals
+
+log = logging.getLogger("flowtel.receiver.ebpf")
+
+HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
+
+LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
+LOST_FLOW_UPDATE_FAILED = "FLOW_MAP_UPDATE_FAILED"
+
+
+@functools.lru_cache(maxsize=65536)
+def _ip4(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET, raw[:4])
+
+
+@functools.lru_cache(maxsize=65536)
+def _ip6(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _monotonic_to_wall_offset() -> int:
+    # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is time.monotonic_ns() on Linux.
+    return time.time_ns() - time.monotonic_ns()
+
+
+class EbpfReceiver(Receiver):
+    def __init__(self, settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: Consumer) -> None:
+        super().__init__(settings, next_consumer)
+        self.config = config
+        self._bpf = None
+        self._maps: FlowMaps | None = None
+        self._attach: TcAttachManager | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise StartError(
+                self.settings.id,
+                f"bcc is not importable ({exc})",
+                "install Debian's python3-bpfcc and run flowtel with the system Python "
+                "(a virtualenv needs --system-site-packages); the PyPI package 'bcc' is unrelated",
+            ) from None
+        try:
+            self._bpf = BPF(
+                text=bpf_sources.source("tc_flow.c"),
+                cflags=bpf_sources.cflags(FLOWTEL_MAX_FLOWS=self.config.max_flows),
+            )
+            ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
+            egress = self._bpf.load_func("flowtel_tc_egress", BPF.SCHED_CLS)
+        except Exception as exc:
+            raise StartError(
+                self.settings.id,
+                f"cannot compile or load the tc programs: {exc}",
+                "run `flowtel doctor`: it checks kernel headers, bcc, BTF and privileges and says what to install",
+            ) from None
+        self._maps = FlowMaps(self._bpf)
+        self._attach = TcAttachManager(
+            self.config.interfaces,
+            Program(ingress.fd, ingress.name.decode() if isinstance(ingress.name, bytes) else ingress.name),
+            Program(egress.fd, egress.name.decode() if isinstance(egress.name, bytes) else egress.name),
+            priority=self.config.tc_priority,
+        )
+        try:
+            self._attach.start()
+        except Exception as exc:
+            raise StartError(
+                self.settings.id,
+                f"cannot attach tc programs: {exc}",
+                "flowtel needs CAP_NET_ADMIN and CAP_BPF (run as root, or add them to the DaemonSet)",
+            ) from None
+        self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(self._attach.attached()))
+        self._thread = threading.Thread(target=self._run, name="flowtel-ebpf-drain", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.config.collection_interval
+        next_at = time.monotonic() + interval
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += interval
+            try:
+                self._drain_once(writers_stopped=False)
+            except Exception:
+                self.settings.telemetry.add(self.settings.id, "drain_errors")
+                log.exception("draining flow counters failed")
+
+    def _drain_once(self, *, writers_stopped: bool) -> None:
+        assert self._maps is not None
+        result = self._maps.drain(writers_stopped=writers_stopped)
+        records: list[Flow | LostEvents] = self._to_flows(result.flows)
+        now = time.time_ns()
+        node = self.settings.node_name
+        telemetry = self.settings.telemetry
+        if result.evicted:
+            telemetry.add(self.settings.id, "flows_evicted", result.evicted)
+            records.append(LostEvents(now, LOST_FLOW_MAP_FULL, result.evicted, node))
+            log.warning("flow map full: %d flows evicted before the drain (raise max_flows)", result.evicted)
+        if result.update_failures:
+            telemetry.add(self.settings.id, "flow_update_failures", result.update_failures)
+            records.append(LostEvents(now, LOST_FLOW_UPDATE_FAILED, result.update_failures, node))
+        telemetry.add(self.settings.id, "records_out", len(records))
+        if records:
+            self.next_consumer.consume(records)
+
+    def _to_flows(self, raws: list[RawFlow]) -> list[Flow | LostEvents]:
+        assert self._attach is not None
+        node = self.settings.node_name
+        offset = _monotonic_to_wall_offset()
+        iface_cache: dict[int, Interface | None] = {}
+        out: list[Flow | LostEvents] = []
+        append = out.append
+        for r in raws:
+            iface = iface_cache.get(r.ifindex)
+            if iface is None and r.ifindex not in iface_cache:
+                iface = iface_cache[r.ifindex] = self._attach.interface(r.ifindex)
+            is_veth = iface is not None and iface.kind == "veth"
+            received = r.hook == HOOK_INGRESS
+            # On a host-side veth, what the interface receives is what the pod sent.
+            if is_veth:
+                direction = TrafficDirection.EGRESS if received else TrafficDirection.INGRESS
+            else:
+                direction = TrafficDirection.INGRESS if received else TrafficDirection.EGRESS
+            if r.family == 4:
+                src, dst = _ip4(r.saddr), _ip4(r.daddr)
+            elif r.family == 6:
+                src, dst = _ip6(r.saddr), _ip6(r.daddr)
+            else:
+                src = dst = ""
+            flow = Flow(
+                time_ns=r.last_ns + offset,
+                node_name=node,
+                verdict=Verdict.FORWARDED,
+                ip_version=r.family,
+                src_ip=src,
+                dst_ip=dst,
+                protocol=r.protocol,
+                src_port=r.sport,
+                dst_port=r.dport,
+                traffic_direction=direction,
+                ethertype=r.ethertype,
+                ifindex=r.ifindex,
+                ifname=iface.name if iface is not None else "",
+                packets=r.packets,
+                bytes=r.bytes,
+                tcp_flags=r.tcp_flags,
+            )
+            if r.protocol == 6:
+                flow.tcp_flag_counts = {"SYN": r.syn, "SYN-ACK": r.synack, "FIN": r.fin, "RST": r.rst}
+            append(flow)
+        return out
+
+    def interface_totals(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """Cumulative kernel-side (packets, bytes) per (ifindex, hook), exact even on map overflow."""
+        if self._bpf is None:
+            return {}
+        return interface_totals(self._bpf)
+
+    @property
+    def attach_manager(self) -> TcAttachManager | None:
+        return self._attach
+
+    def shutdown(self) -> None:
+        """Detach first, then drain both maps, so the last packets are reported too."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._attach is not None:
+            self._attach.stop()
+        if self._maps is not None:
+            try:
+                self._drain_once(writers_stopped=True)
+            except Exception:
+                log.exception("final drain of flow counters failed")
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None

@@ -1,0 +1,203 @@
+"""Pipeline runtime: order of start/stop, bounded hand-off with counted drops, exporter isolation."""
+from __future__ import annotations
+
+import threading
+import time
+
+from flowtel.component import (
+    ComponentConfig,
+    Connector,
+    Consumer,
+    CreateSettings,
+    Exporter,
+    Factory,
+    Kind,
+    Processor,
+    Receiver,
+)
+from flowtel.config import parse_config
+from flowtel.pipeline import Service
+from flowtel.records import Flow, Verdict
+
+EVENTS: list[str] = []
+
+
+def flow(i: int) -> Flow:
+    return Flow(time_ns=i, node_name="n", verdict=Verdict.FORWARDED, ip_version=4, src_ip="1.1.1.1", dst_ip="2.2.2.2", protocol=6, src_port=i)
+
+
+class Cfg(ComponentConfig):
+    count: int = 0
+    fail: bool = False
+    delay: float = 0.0
+
+
+class Src(Receiver):
+    def __init__(self, settings: CreateSettings, cfg: Cfg, nxt: Consumer) -> None:
+        super().__init__(settings, nxt)
+        self.cfg = cfg
+
+    def start(self) -> None:
+        EVENTS.append(f"start {self.settings.id}")
+
+    def shutdown(self) -> None:
+        # The last drain happens at shutdown and must still reach the exporters.
+        self.next_consumer.consume([flow(i) for i in range(self.cfg.count)])
+        EVENTS.append(f"stop {self.settings.id}")
+
+
+class Tag(Processor):
+    def start(self) -> None:
+        EVENTS.append(f"start {self.settings.id}")
+
+    def shutdown(self) -> None:
+        EVENTS.append(f"stop {self.settings.id}")
+
+    def process(self, batch: list) -> list:
+        for r in batch:
+            r.extensions["tagged"] = True
+        return batch
+
+
+class Sink(Exporter):
+    def __init__(self, settings: CreateSettings, cfg: Cfg) -> None:
+        super().__init__(settings)
+        self.cfg = cfg
+        self.got: list = []
+
+    def start(self) -> None:
+        EVENTS.append(f"start {self.settings.id}")
+
+    def shutdown(self) -> None:
+        EVENTS.append(f"stop {self.settings.id}")
+
+    def consume(self, batch: list) -> None:
+        if self.cfg.delay:
+            time.sleep(self.cfg.delay)
+        if self.cfg.fail:
+            raise ConnectionError("backend down")
+        self.got.extend(batch)
+
+
+class Count(Connector):
+    def __init__(self, settings: CreateSettings, cfg: Cfg, nxt: Consumer) -> None:
+        super().__init__(settings, nxt)
+        self.n = 0
+
+    def consume(self, batch: list) -> None:
+        self.n += len(batch)
+
+    def shutdown(self) -> None:
+        self.next_consumer.consume([flow(self.n)])
+
+
+FACTORIES = {
+    Kind.RECEIVER: {"src": Factory("src", Kind.RECEIVER, Cfg, Src)},
+    Kind.PROCESSOR: {"tag": Factory("tag", Kind.PROCESSOR, Cfg, lambda s, c: Tag(s))},
+    Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, Cfg, Sink)},
+    Kind.CONNECTOR: {"count": Factory("count", Kind.CONNECTOR, Cfg, Count)},
+    Kind.EXTENSION: {},
+}
+
+
+def build(cfg: dict, queue_records: int = 100_000) -> Service:
+    return Service(parse_config(cfg, "test.yaml", factories=FACTORIES, environ={}), node_name="n", factories=FACTORIES, queue_records=queue_records)
+
+
+def test_start_order_and_reverse_shutdown_with_final_flush() -> None:
+    EVENTS.clear()
+    svc = build(
+        {
+            "receivers": {"src": {"count": 5}},
+            "processors": {"tag": {}},
+            "exporters": {"sink": {}},
+            "service": {"pipelines": {"logs": {"receivers": ["src"], "processors": ["tag"], "exporters": ["sink"]}}},
+        }
+    )
+    svc.start()
+    svc.shutdown()
+    assert EVENTS == ["start sink", "start tag", "start src", "stop src", "stop tag", "stop sink"]
+    got = svc.exporters["sink"].got
+    assert len(got) == 5 and all(r.extensions["tagged"] for r in got)
+
+
+def test_failing_exporter_does_not_stop_the_other() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {"count": 50}},
+            "exporters": {"sink/bad": {"fail": True}, "sink/good": {}},
+            "service": {"pipelines": {"logs": {"receivers": ["src"], "exporters": ["sink/bad", "sink/good"]}}},
+        }
+    )
+    svc.start()
+    svc.shutdown()
+    assert len(svc.exporters["sink/good"].got) == 50
+    assert svc.telemetry.get("sink/bad", "records_failed") == 50
+
+
+def test_full_queue_drops_and_counts() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {}},
+            "exporters": {"sink": {"delay": 0.3}},
+            "service": {"pipelines": {"logs": {"receivers": ["src"], "exporters": ["sink"]}}},
+        },
+        queue_records=10,
+    )
+    svc.start()
+    consumer = svc.receivers["src"].next_consumer
+    sent = 0
+    for _ in range(30):
+        consumer.consume([flow(i) for i in range(4)])
+        sent += 4
+    svc.shutdown()
+    got = len(svc.exporters["sink"].got)
+    dropped = svc.telemetry.get("pipeline/logs", "records_dropped") + svc.telemetry.get("sink", "records_dropped")
+    assert dropped > 0
+    assert got + dropped == sent, "every record is either delivered or counted as dropped"
+
+
+def test_connector_feeds_second_pipeline_including_final_emit() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {"count": 7}},
+            "connectors": {"count": {}},
+            "exporters": {"sink": {}},
+            "service": {
+                "pipelines": {
+                    "logs": {"receivers": ["src"], "exporters": ["count"]},
+                    "logs/derived": {"receivers": ["count"], "exporters": ["sink"]},
+                }
+            },
+        }
+    )
+    svc.start()
+    svc.shutdown()
+    got = svc.exporters["sink"].got
+    assert [r.time_ns for r in got] == [7]
+
+
+def test_start_failure_shuts_down_what_started() -> None:
+    EVENTS.clear()
+
+    class Boom(Src):
+        def start(self) -> None:
+            raise RuntimeError("no kernel")
+
+    factories = dict(FACTORIES)
+    factories[Kind.RECEIVER] = {"src": Factory("src", Kind.RECEIVER, Cfg, Boom)}
+    cfg = parse_config(
+        {"receivers": {"src": {}}, "exporters": {"sink": {}}, "service": {"pipelines": {"logs": {"receivers": ["src"], "exporters": ["sink"]}}}},
+        "t.yaml",
+        factories=factories,
+        environ={},
+    )
+    svc = Service(cfg, node_name="n", factories=factories)
+    try:
+        svc.start()
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("start must raise")
+    assert EVENTS == ["start sink", "stop sink"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("flowtel-") and t.is_alive()]
