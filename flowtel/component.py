@@ -31,7 +31,15 @@ class ComponentConfig(BaseModel):
 
 
 class Consumer(Protocol):
+    """Takes batches; a batch holds records of one signal (metric points, or flows/events)."""
+
     def consume(self, batch: list[Record]) -> None: ...
+
+
+def consumer_wants(consumer: Consumer, signal: str) -> bool:
+    """Whether ``consumer`` feeds any pipeline of ``signal`` ("metrics" or "logs")."""
+    wants = getattr(consumer, "wants", None)
+    return True if wants is None else bool(wants(signal))
 
 
 @dataclass(slots=True)

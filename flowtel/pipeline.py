@@ -28,7 +28,7 @@ from flowtel.component import (
     Telemetry,
 )
 from flowtel.config import AgentConfig, PipelineSpec, component_type
-from flowtel.records import Record
+from flowtel.records import Record, signal_of
 
 log = logging.getLogger("flowtel.pipeline")
 
@@ -157,16 +157,30 @@ class _Worker:
 
 
 class _FanOut:
-    """What a receiver or connector sees as its next consumer: every pipeline it feeds."""
+    """What a receiver or connector sees as its next consumer: every pipeline it feeds.
+
+    A batch holds records of one signal (metric points or flows/events); it goes to the
+    pipelines of that signal only, so one receiver can feed metrics and logs pipelines.
+    """
 
     def __init__(self) -> None:
-        self.queues: list[BoundedQueue] = []
+        self.queues: dict[str, list[BoundedQueue]] = {}
+
+    def add(self, signal_name: str, queue: BoundedQueue) -> None:
+        self.queues.setdefault(signal_name, []).append(queue)
+
+    def wants(self, signal_name: str) -> bool:
+        """Whether any pipeline takes this signal (receivers skip work nobody consumes)."""
+        return signal_name in self.queues
 
     def consume(self, batch: list[Record]) -> None:
-        if len(self.queues) == 1:
-            self.queues[0].put(batch)
+        if not batch:
             return
-        for q in self.queues:
+        queues = self.queues.get(signal_of(batch[0]), ())
+        if len(queues) == 1:
+            queues[0].put(batch)
+            return
+        for q in queues:
             q.put(list(batch))
 
 
@@ -251,7 +265,7 @@ class Service:
                 procs.append(proc)
             self._pipelines[pid] = _BuiltPipeline(spec, q, procs)
             for rid in spec.receivers:
-                fanouts.setdefault(rid, _FanOut()).queues.append(q)
+                fanouts.setdefault(rid, _FanOut()).add(spec.signal, q)
 
         for pid, built in self._pipelines.items():
             for eid in built.spec.exporters:

@@ -144,4 +144,30 @@ class LostEvents:
     node_name: str = ""
 
 
-Record = Flow | LostEvents
+class MetricKind(enum.StrEnum):
+    SUM = "sum"  # monotonic counter, cumulative since the agent started
+    GAUGE = "gauge"
+
+
+@dataclass(slots=True)
+class MetricPoint:
+    """One data point of a metric family, as receivers read it (node counters, kernel maps).
+
+    Batches travel the ``metrics`` pipelines; exporters map them to OTLP/Prometheus.
+    """
+
+    name: str  # e.g. "networkobservability_drop_count"
+    value: float
+    kind: MetricKind
+    time_ns: int
+    attributes: dict[str, str] = field(default_factory=dict)
+    unit: str = ""
+    description: str = ""
+
+
+Record = Flow | LostEvents | MetricPoint
+
+
+def signal_of(record: Record) -> str:
+    """The pipeline signal a record travels: ``metrics`` or ``logs``."""
+    return "metrics" if isinstance(record, MetricPoint) else "logs"

@@ -11,4 +11,4 @@ def create(settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: 
     return EbpfReceiver(settings, config, next_consumer)
 
 
-FACTORY = Factory(type="ebpf", kind=Kind.RECEIVER, config_class=EbpfReceiverConfig, create=create, signals=("logs",))
+FACTORY = Factory(type="ebpf", kind=Kind.RECEIVER, config_class=EbpfReceiverConfig, create=create, signals=("logs", "metrics"))

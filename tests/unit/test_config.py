@@ -115,9 +115,10 @@ def test_pipeline_bad_id_and_missing_receivers(tmp_path: Path) -> None:
 
 
 def test_component_in_wrong_signal(tmp_path: Path) -> None:
+    # The console and file exporters write flow logs; they cannot take a metrics pipeline.
     err = load_error(tmp_path, GOOD.replace("    logs:\n", "    metrics:\n"), {"FLOWTEL_TEST_DIR": "/d"})
-    assert err.path == "service.pipelines.metrics.receivers[0]"
-    assert "does not support metrics" in err.message
+    assert err.path == "service.pipelines.metrics.exporters[0]"
+    assert "'console' does not support metrics" in err.message
 
 
 def test_missing_service_and_unknown_top_level(tmp_path: Path) -> None:

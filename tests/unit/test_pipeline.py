@@ -17,7 +17,7 @@ from flowtel.component import (
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, Verdict
+from flowtel.records import Flow, MetricKind, MetricPoint, Verdict
 
 EVENTS: list[str] = []
 
@@ -201,3 +201,37 @@ def test_start_failure_shuts_down_what_started() -> None:
         raise AssertionError("start must raise")
     assert EVENTS == ["start sink", "stop sink"]
     assert not [t for t in threading.enumerate() if t.name.startswith("flowtel-") and t.is_alive()]
+
+
+def test_one_receiver_feeds_metrics_and_logs_pipelines_by_signal() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {}},
+            "exporters": {"sink/metrics": {}, "sink/logs": {}},
+            "service": {
+                "pipelines": {
+                    "metrics": {"receivers": ["src"], "exporters": ["sink/metrics"]},
+                    "logs": {"receivers": ["src"], "exporters": ["sink/logs"]},
+                }
+            },
+        }
+    )
+    svc.start()
+    consumer = svc.receivers["src"].next_consumer
+    assert consumer.wants("metrics") and consumer.wants("logs")
+    consumer.consume([MetricPoint("m", 1.0, MetricKind.SUM, 0)])
+    consumer.consume([flow(1), flow(2)])
+    svc.shutdown()
+    assert [type(r).__name__ for r in svc.exporters["sink/metrics"].got] == ["MetricPoint"]
+    assert [type(r).__name__ for r in svc.exporters["sink/logs"].got] == ["Flow", "Flow"]
+
+
+def test_receiver_in_logs_only_does_not_want_metrics() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {}},
+            "exporters": {"sink": {}},
+            "service": {"pipelines": {"logs": {"receivers": ["src"], "exporters": ["sink"]}}},
+        }
+    )
+    assert not svc.receivers["src"].next_consumer.wants("metrics")
