@@ -28,11 +28,14 @@ from flowtel.component import (
     Telemetry,
 )
 from flowtel.config import AgentConfig, PipelineSpec, component_type
-from flowtel.records import Record, signal_of
+from flowtel.records import LostEvents, Record, signal_of
 
 log = logging.getLogger("flowtel.pipeline")
 
 DEFAULT_QUEUE_RECORDS = 100_000
+DEFAULT_LOSS_REPORT_INTERVAL = 5.0
+# Telemetry counters that mean "records that never reached an output", by what lost them.
+_LOSS_COUNTERS = {"records_dropped": "QUEUE_FULL", "records_failed": "EXPORT_FAILED"}
 
 
 class BoundedQueue:
@@ -213,6 +216,7 @@ class Service:
         node_name: str,
         factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
         queue_records: int = DEFAULT_QUEUE_RECORDS,
+        loss_report_interval: float = DEFAULT_LOSS_REPORT_INTERVAL,
     ) -> None:
         if factories is None:
             from flowtel.registry import factories_by_kind
@@ -233,6 +237,10 @@ class Service:
         self._exporter_workers: dict[str, _Worker] = {}
         self._pipeline_workers: list[_Worker] = []
         self._started: list[Component] = []
+        self._loss_report_interval = loss_report_interval
+        self._loss_reported: dict[tuple[str, str], int] = {}
+        self._loss_stop = threading.Event()
+        self._loss_thread: threading.Thread | None = None
         self._build()
 
     def _settings(self, cid: str) -> CreateSettings:
@@ -315,6 +323,8 @@ class Service:
                 worker.start()
             for rec in self.receivers.values():
                 self._start(rec)
+            self._loss_thread = threading.Thread(target=self._report_losses_loop, name="flowtel-loss-report", daemon=True)
+            self._loss_thread.start()
         except BaseException:
             self.shutdown()
             raise
@@ -337,6 +347,12 @@ class Service:
                         self._safe(getattr(component, method), component)
 
         stop(self.receivers, "shutdown")
+        self._loss_stop.set()
+        if self._loss_thread is not None:
+            self._loss_thread.join(timeout)
+        self._drain(timeout)
+        # Losses that happened while draining are reported before the outputs close.
+        self.report_losses()
         self._drain(timeout)
         # Connectors may emit a last batch (e.g. final metric points) into later pipelines.
         stop(self.connectors, "shutdown")
@@ -346,6 +362,34 @@ class Service:
         stop(self.processors, "shutdown")
         stop(self.exporters, "flush", "shutdown")
         stop(self.extensions, "shutdown")
+
+    def _report_losses_loop(self) -> None:
+        while not self._loss_stop.wait(self._loss_report_interval):
+            self.report_losses()
+
+    def report_losses(self) -> None:
+        """Turn new queue drops and export failures into ``LostEvents`` records in the logs
+        pipelines, so a user reading flows can tell "nothing happened" from "we missed it".
+
+        A report that cannot be queued (the queue is full too) stays pending and is retried,
+        so losses are reported late rather than lost themselves.
+        """
+        inputs = [p.queue for p in self._pipelines.values() if p.spec.signal == "logs"]
+        if not inputs:
+            return
+        now = time.time_ns()
+        pending: list[tuple[tuple[str, str], int]] = []
+        for (owner, name), value in self.telemetry.snapshot().items():
+            kind = _LOSS_COUNTERS.get(name)
+            if kind is None:
+                continue
+            delta = int(value) - self._loss_reported.get((owner, name), 0)
+            if delta > 0:
+                pending.append(((owner, name), delta))
+        for key, delta in pending:
+            record = LostEvents(now, f"{_LOSS_COUNTERS[key[1]]}:{key[0]}", delta, self.node_name)
+            if all(q.put([record]) for q in inputs):
+                self._loss_reported[key] = self._loss_reported.get(key, 0) + delta
 
     def _drain(self, timeout: float) -> None:
         """Wait until no queue holds data; connectors can refill pipelines, so loop."""

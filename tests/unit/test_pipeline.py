@@ -17,7 +17,7 @@ from flowtel.component import (
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, MetricKind, MetricPoint, Verdict
+from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict
 
 EVENTS: list[str] = []
 
@@ -131,8 +131,12 @@ def test_failing_exporter_does_not_stop_the_other() -> None:
     )
     svc.start()
     svc.shutdown()
-    assert len(svc.exporters["sink/good"].got) == 50
-    assert svc.telemetry.get("sink/bad", "records_failed") == 50
+    good = svc.exporters["sink/good"].got
+    assert len([r for r in good if isinstance(r, Flow)]) == 50
+    # The failed export is reported as lost, through the exporters that work. (The report
+    # itself also fails at sink/bad, and is counted there too.)
+    assert [(r.source, r.count) for r in good if isinstance(r, LostEvents)] == [("EXPORT_FAILED:sink/bad", 50)]
+    assert svc.telemetry.get("sink/bad", "records_failed") == 51
 
 
 def test_full_queue_drops_and_counts() -> None:
@@ -151,10 +155,14 @@ def test_full_queue_drops_and_counts() -> None:
         consumer.consume([flow(i) for i in range(4)])
         sent += 4
     svc.shutdown()
-    got = len(svc.exporters["sink"].got)
     dropped = svc.telemetry.get("pipeline/logs", "records_dropped") + svc.telemetry.get("sink", "records_dropped")
     assert dropped > 0
-    assert got + dropped == sent, "every record is either delivered or counted as dropped"
+    flows = [r for r in svc.exporters["sink"].got if isinstance(r, Flow)]
+    assert len(flows) + dropped == sent, "every record is either delivered or counted as dropped"
+    # The drops are reported downstream as LostEvents records (Hubble's lost events).
+    lost = [r for r in svc.exporters["sink"].got if isinstance(r, LostEvents)]
+    assert lost and sum(r.count for r in lost) <= dropped
+    assert all(r.source.startswith("QUEUE_FULL:") for r in lost)
 
 
 def test_connector_feeds_second_pipeline_including_final_emit() -> None:
