@@ -101,8 +101,20 @@ class Connector(Component):
 
 
 class Extension(Component):
+    """A service the agent offers people (the flow API, the UI).
+
+    An extension that sets ``taps`` to signals (e.g. ``("logs",)``) and implements
+    ``consume`` sees every batch that leaves the processors of each pipeline of those
+    signals, like one more exporter with its own bounded queue: Hubble's observer ring.
+    """
+
+    taps: tuple[str, ...] = ()
+
     def __init__(self, settings: CreateSettings) -> None:
         self.settings = settings
+
+    def consume(self, batch: list[Record]) -> None:
+        """Called with each batch of a tapped signal (only when ``taps`` is set)."""
 
 
 @dataclass(frozen=True, slots=True)

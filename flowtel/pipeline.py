@@ -299,9 +299,11 @@ class Service:
                     self._settings(rid), cfg.component(Kind.RECEIVER, rid), fanout
                 )
         for xid in cfg.extensions:
-            self.extensions[xid] = self._factory(Kind.EXTENSION, xid).create(
-                self._settings(xid), cfg.component(Kind.EXTENSION, xid)
-            )
+            ext = self._factory(Kind.EXTENSION, xid).create(self._settings(xid), cfg.component(Kind.EXTENSION, xid))
+            self.extensions[xid] = ext
+            for built in self._pipelines.values():
+                if built.spec.signal in ext.taps:
+                    built.exporter_queues.append(exporter_queue(xid, ext.consume))
 
     def start(self) -> None:
         """Start in dependency order: extensions, exporters, connectors, processors, receivers.

@@ -8,6 +8,7 @@ from flowtel.component import (
     ComponentConfig,
     Connector,
     Consumer,
+    Extension,
     CreateSettings,
     Exporter,
     Factory,
@@ -91,12 +92,23 @@ class Count(Connector):
         self.next_consumer.consume([flow(self.n)])
 
 
+class Tap(Extension):
+    taps = ("logs",)
+
+    def __init__(self, settings: CreateSettings) -> None:
+        super().__init__(settings)
+        self.got: list = []
+
+    def consume(self, batch: list) -> None:
+        self.got.extend(batch)
+
+
 FACTORIES = {
     Kind.RECEIVER: {"src": Factory("src", Kind.RECEIVER, Cfg, Src)},
     Kind.PROCESSOR: {"tag": Factory("tag", Kind.PROCESSOR, Cfg, lambda s, c: Tag(s))},
     Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, Cfg, Sink)},
     Kind.CONNECTOR: {"count": Factory("count", Kind.CONNECTOR, Cfg, Count)},
-    Kind.EXTENSION: {},
+    Kind.EXTENSION: {"tap": Factory("tap", Kind.EXTENSION, Cfg, lambda s, c: Tap(s))},
 }
 
 
@@ -243,3 +255,22 @@ def test_receiver_in_logs_only_does_not_want_metrics() -> None:
         }
     )
     assert not svc.receivers["src"].next_consumer.wants("metrics")
+
+
+def test_tapping_extension_sees_processed_records_of_its_signal() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {"count": 3}},
+            "processors": {"tag": {}},
+            "exporters": {"sink": {}},
+            "extensions": {"tap": {}},
+            "service": {
+                "extensions": ["tap"],
+                "pipelines": {"logs": {"receivers": ["src"], "processors": ["tag"], "exporters": ["sink"]}},
+            },
+        }
+    )
+    svc.start()
+    svc.shutdown()
+    tapped = svc.extensions["tap"].got
+    assert len(tapped) == 3 and all(r.extensions["tagged"] for r in tapped)
