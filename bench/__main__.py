@@ -1,0 +1,16 @@
+"""``make bench``: every benchmark in bench/, each reporting ratios against its own baseline."""
+from __future__ import annotations
+
+import sys
+
+from bench import datapath
+
+
+def main() -> int:
+    print("== datapath overhead (iperf3 between two pods; ratio = observer / no observer) ==", flush=True)
+    print(datapath.report(datapath.run()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
