@@ -8,12 +8,18 @@ def all_factories() -> list[Factory]:
     # Imported here so that loading the config module does not import bcc and friends.
     from exporters.console.factory import FACTORY as console_exporter
     from exporters.file.factory import FACTORY as file_exporter
+    from exporters.otlp.factory import FACTORY as otlp_exporter
+    from exporters.otlphttp.factory import FACTORY as otlphttp_exporter
+    from exporters.prometheus.factory import FACTORY as prometheus_exporter
     from receiver.ebpf.factory import FACTORY as ebpf_receiver
 
     return [
         ebpf_receiver,
         console_exporter,
         file_exporter,
+        otlp_exporter,
+        otlphttp_exporter,
+        prometheus_exporter,
     ]
 
 

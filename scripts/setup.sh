@@ -23,6 +23,8 @@ declare -A PKG_FOR=(
   [/usr/sbin/tc]=iproute2
   [/usr/bin/kmod]=kmod
   [/usr/bin/ping]=iputils-ping
+  # A real Prometheus server scrapes the prometheus exporter in its tests.
+  [/usr/bin/prometheus]=prometheus
   [/usr/lib/python3.11/venv/__init__.py]=python3-venv
   [/usr/lib/python3/dist-packages/pip/__init__.py]=python3-pip
 )

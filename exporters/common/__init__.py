@@ -1,0 +1,1 @@
+"""What the metric and OTLP exporters share: the series store, OTLP encoding, the sending queue."""

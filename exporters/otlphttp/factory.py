@@ -1,0 +1,13 @@
+"""Factory of the ``otlphttp`` exporter."""
+from __future__ import annotations
+
+from exporters.otlphttp.config import OtlpHttpConfig
+from exporters.otlphttp.exporter import OtlpHttpExporter
+from flowtel.component import CreateSettings, Factory, Kind
+
+
+def create(settings: CreateSettings, config: OtlpHttpConfig) -> OtlpHttpExporter:
+    return OtlpHttpExporter(settings, config)
+
+
+FACTORY = Factory(type="otlphttp", kind=Kind.EXPORTER, config_class=OtlpHttpConfig, create=create)

@@ -1,0 +1,1 @@
+"""Real-protocol stand-ins the tests run against (OTLP receivers, …)."""
