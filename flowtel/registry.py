@@ -12,9 +12,11 @@ def all_factories() -> list[Factory]:
     from exporters.otlphttp.factory import FACTORY as otlphttp_exporter
     from exporters.prometheus.factory import FACTORY as prometheus_exporter
     from receiver.ebpf.factory import FACTORY as ebpf_receiver
+    from receiver.procfs.factory import FACTORY as procfs_receiver
 
     return [
         ebpf_receiver,
+        procfs_receiver,
         console_exporter,
         file_exporter,
         otlp_exporter,

@@ -1,0 +1,14 @@
+"""Factory of the ``procfs`` receiver."""
+from __future__ import annotations
+
+from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from receiver.procfs.config import ProcfsReceiverConfig
+
+
+def create(settings: CreateSettings, config: ProcfsReceiverConfig, next_consumer: Consumer) -> Receiver:
+    from receiver.procfs.receiver import ProcfsReceiver
+
+    return ProcfsReceiver(settings, config, next_consumer)
+
+
+FACTORY = Factory(type="procfs", kind=Kind.RECEIVER, config_class=ProcfsReceiverConfig, create=create, signals=("metrics",))
