@@ -1,4 +1,4 @@
-"""The ``flowtel`` command line: run, doctor, demo."""
+"""The ``flowtel`` command line: run, doctor, demo, observe, map."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, interval=args.interval)
 
 
+def cmd_observe(args: argparse.Namespace) -> int:
+    from flowtel.observe import ObserveError, observe
+
+    try:
+        return observe(args)
+    except ObserveError as exc:
+        print(f"flowtel observe: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from flowtel.observe import ObserveError, print_map
+
+    try:
+        return print_map(args)
+    except ObserveError as exc:
+        print(f"flowtel map: {exc}", file=sys.stderr)
+        return exc.code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowtel", description="Kubernetes network observability as an OpenTelemetry pipeline")
     parser.add_argument("--log-level", default=os.environ.get("FLOWTEL_LOG_LEVEL", "info"), help="debug, info, warning, error")
@@ -78,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run before the summary (default 60)")
     demo.add_argument("--interval", type=float, default=2.0, help="flow collection interval in seconds (default 2)")
     demo.set_defaults(func=cmd_demo)
+
+    from flowtel.observe import add_map_arguments, add_observe_arguments
+
+    observe = sub.add_parser("observe", help="print flows from a running agent, as `hubble observe` does")
+    add_observe_arguments(observe)
+    observe.set_defaults(func=cmd_observe)
+
+    service_map = sub.add_parser("map", help="print the service dependency map of a running agent")
+    add_map_arguments(service_map)
+    service_map.set_defaults(func=cmd_map)
     return parser
 
 

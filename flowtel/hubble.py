@@ -539,3 +539,30 @@ def record_compact_line(record: Record, color: bool = False) -> str:
     if isinstance(record, LostEvents):
         return lost_compact_line(record)
     raise TypeError(f"not a flow-log record: {type(record).__name__}")
+
+
+TABLE_HEADER = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
+_DICT_KEYS = ("  TIMESTAMP", "     SOURCE", "DESTINATION", "       TYPE", "    VERDICT", "    SUMMARY")
+DICT_SEPARATOR = "------------"
+
+
+def table_fields(flow: Flow) -> tuple[str, str, str, str, str, str]:
+    """One row of ``hubble observe -o table``: the columns of :data:`TABLE_HEADER`.
+
+    Unlike the compact line, the ends are not swapped for replies (Hubble's table shows
+    source and destination as recorded).
+    """
+    return (
+        format_stamp(flow.time_ns),
+        _host(flow, flow.source, flow.src_ip, flow.source_names, flow.src_port, False),
+        _host(flow, flow.destination, flow.dst_ip, flow.destination_names, flow.dst_port, False),
+        _safe(_event_column(flow)),
+        str(flow.verdict),
+        _safe(summary(flow)),
+    )
+
+
+def dict_block(flow: Flow) -> str:
+    """One ``hubble observe -o dict`` block (key: value lines; blocks are separated by
+    :data:`DICT_SEPARATOR` lines), without a trailing newline."""
+    return "\n".join(f"{key}: {value}" for key, value in zip(_DICT_KEYS, table_fields(flow)))

@@ -6,11 +6,14 @@ from flowtel.component import Factory, Kind
 
 def all_factories() -> list[Factory]:
     # Imported here so that loading the config module does not import bcc and friends.
+    from connectors.servicegraph.factory import FACTORY as servicegraph_connector
     from exporters.console.factory import FACTORY as console_exporter
     from exporters.file.factory import FACTORY as file_exporter
     from exporters.otlp.factory import FACTORY as otlp_exporter
     from exporters.otlphttp.factory import FACTORY as otlphttp_exporter
     from exporters.prometheus.factory import FACTORY as prometheus_exporter
+    from extensions.flows.factory import FACTORY as flows_extension
+    from extensions.ui.factory import FACTORY as ui_extension
     from receiver.ebpf.factory import FACTORY as ebpf_receiver
     from receiver.procfs.factory import FACTORY as procfs_receiver
 
@@ -22,6 +25,9 @@ def all_factories() -> list[Factory]:
         otlp_exporter,
         otlphttp_exporter,
         prometheus_exporter,
+        servicegraph_connector,
+        flows_extension,
+        ui_extension,
     ]
 
 

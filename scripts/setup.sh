@@ -25,6 +25,8 @@ declare -A PKG_FOR=(
   [/usr/bin/ping]=iputils-ping
   # A real Prometheus server scrapes the prometheus exporter in its tests.
   [/usr/bin/prometheus]=prometheus
+  # A real headless browser renders the web UI in its tests (nothing is fetched from outside).
+  [/usr/bin/chromium]=chromium
   [/usr/lib/python3.11/venv/__init__.py]=python3-venv
   [/usr/lib/python3/dist-packages/pip/__init__.py]=python3-pip
 )

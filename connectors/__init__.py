@@ -1,0 +1,1 @@
+"""Connectors: exporters of one pipeline that feed another (flows into metrics)."""

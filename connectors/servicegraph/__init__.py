@@ -1,0 +1,1 @@
+"""The ``servicegraph`` connector: flows into service dependency metrics."""

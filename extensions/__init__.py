@@ -1,0 +1,1 @@
+"""Services the agent offers people, listed in ``service.extensions`` (the Collector's extensions)."""

@@ -1,0 +1,1 @@
+"""The ``flows`` extension: the local flow API (ring, follow stream, service map)."""

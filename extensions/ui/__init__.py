@@ -1,0 +1,1 @@
+"""The ``ui`` extension: the web UI (service map, live flows), served by the agent."""

@@ -1,0 +1,27 @@
+"""The ``ui`` extension: static assets under ``/`` and the flow API under ``/api``.
+
+It taps the logs pipelines into its own hub rather than calling the flows extension, so
+the UI works whether or not ``flows`` is configured, and the page and its data share one
+origin (no cross-origin requests, no CORS). The ring holds references to the same records
+as the flows extension's, so a second ring costs little memory.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from extensions.flows.extension import FlowsExtension, bind
+from extensions.ui.config import UiConfig
+
+log = logging.getLogger("flowtel.extensions.ui")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+class UiExtension(FlowsExtension):
+    config: UiConfig
+
+    def start(self) -> None:
+        self.server = bind(self.settings, self.config.endpoint, self.hub, api_prefix="/api", static_dir=STATIC_DIR)
+        self._thread = self.server.serve_in_thread(f"flowtel-{self.settings.id}")
+        log.info("%s: web UI on http://%s/", self.settings.id, self.endpoint)

@@ -1,0 +1,13 @@
+"""Factory of the ``ui`` extension."""
+from __future__ import annotations
+
+from extensions.ui.config import UiConfig
+from extensions.ui.extension import UiExtension
+from flowtel.component import CreateSettings, Factory, Kind
+
+
+def create(settings: CreateSettings, config: UiConfig) -> UiExtension:
+    return UiExtension(settings, config)
+
+
+FACTORY = Factory(type="ui", kind=Kind.EXTENSION, config_class=UiConfig, create=create, signals=("logs",))
