@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import datapath
+from bench import bpf_runtime, datapath
 
 
 def main() -> int:
     print("== datapath overhead (iperf3 between two pods; ratio = observer / no observer) ==", flush=True)
     print(datapath.report(datapath.run()), flush=True)
+    print("== kernel cost per run of each flowtel program (kernel.bpf_stats_enabled) ==", flush=True)
+    bpf_runtime.main()
     return 0
 
 

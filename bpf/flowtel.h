@@ -57,6 +57,126 @@ struct iface_stats {
 #define FLOWTEL_CNT_FLOWS_CREATED_1   1  /* ... into flow map 1 */
 #define FLOWTEL_CNT_FLOW_UPDATE_FAIL  2  /* packets not counted in a flow: insert failed */
 #define FLOWTEL_CNT_IFACE_UPDATE_FAIL 3  /* packets not counted in interface totals */
-#define FLOWTEL_CNT_MAX               4
+#define FLOWTEL_CNT_DNS_EVENTS        4  /* DNS packets written to the dns_events ring buffer */
+#define FLOWTEL_CNT_DNS_LOST          5  /* DNS packets lost: the ring buffer was full */
+#define FLOWTEL_CNT_MAX               6
+
+/* ---- DNS capture (tc_flow.c) -------------------------------------------------------
+ * DNS packets (UDP or TCP with a configured port on either side) are copied, metadata and
+ * a bounded payload prefix, into the dns_events ring buffer; user space parses and matches
+ * them (receiver/ebpf/dns*.py). One record per packet per interface and hook.
+ */
+#ifndef FLOWTEL_DNS_CAPTURE
+#define FLOWTEL_DNS_CAPTURE 512  /* payload bytes copied per packet; a power of two (see tc_flow.c) */
+#endif
+
+struct dns_event_hdr {
+    __u64 ts_ns;         /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u8  saddr[16];     /* IPv4 in the first 4 bytes */
+    __u8  daddr[16];
+    __u32 ifindex;
+    __u32 orig_len;      /* DNS payload bytes in the packet: UDP per its header, TCP the segment's */
+    __u32 tcp_seq;       /* TCP: sequence number of the first payload byte; 0 for UDP */
+    __u16 sport;         /* host byte order */
+    __u16 dport;
+    __u16 cap_len;       /* payload bytes that follow the header in the record */
+    __u8  family;        /* 4 or 6 */
+    __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
+    __u8  hook;          /* FLOWTEL_HOOK_* */
+    __u8  pad[3];
+};
+
+/* A ring buffer record is the header and its first cap_len payload bytes, not the whole struct. */
+struct dns_event {
+    struct dns_event_hdr hdr;
+    __u8  payload[FLOWTEL_DNS_CAPTURE];  /* from the UDP payload / TCP segment payload (with the length prefix) */
+};
+/* ---- end of DNS capture ---------------------------------------------------------- */
+
+/* ==== kernel events (bpf/kernel_events.c): packet drops and TCP health ==================
+ * Tracepoint programs; none of these structs depends on a kernel struct layout (the few
+ * sk_buff/net_device offsets the drop program needs come from BTF at load time).
+ */
+
+/* Direction of a drop from the kernel's point of view (rule in kernel_events.c). */
+#define FLOWTEL_DROP_INGRESS 0   /* the packet had been received by this network namespace */
+#define FLOWTEL_DROP_EGRESS  1   /* locally sent, or being forwarded out of another device */
+
+/* Per-CPU drop counters: one entry per (reason, direction). */
+struct drop_key {
+    __u32 reason;        /* enum skb_drop_reason; named from the kfree_skb tracefs format */
+    __u32 direction;     /* FLOWTEL_DROP_* */
+};
+
+struct drop_stats {
+    __u64 packets;       /* skbs freed with this reason (a GSO skb counts once) */
+    __u64 bytes;         /* skb->len at the drop point */
+};
+
+/* Kinds of struct kernel_event. */
+#define FLOWTEL_KEV_DROP            1
+#define FLOWTEL_KEV_TCP_ESTABLISHED 2
+#define FLOWTEL_KEV_TCP_CLOSED      3
+#define FLOWTEL_KEV_TCP_RETRANSMIT  4
+#define FLOWTEL_KEV_TCP_RESET_SENT  5
+#define FLOWTEL_KEV_TCP_RESET_RECV  6
+
+/* kernel_event.flags */
+#define FLOWTEL_KEV_F_LIFETIME      0x01  /* TCP_CLOSED: value_ns is the whole life (birth was seen) */
+
+/* One event in the kernel_events ring buffer. Addresses and ports are the local socket's
+ * (TCP events) or the packet's (drops); for TCP, src is the local end. */
+struct kernel_event {
+    __u64 time_ns;       /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 value_ns;      /* ESTABLISHED: client handshake RTT (0: passive side or unknown);
+                            CLOSED: time since the first state change seen */
+    __u64 location;      /* DROP: kernel address where the skb was freed */
+    __u8  saddr[16];     /* IPv4 in the first 4 bytes */
+    __u8  daddr[16];
+    __u32 reason;        /* DROP: skb_drop_reason; RESET_SENT: sk_rst_reason (if the kernel has it) */
+    __u32 len;           /* DROP: skb->len; RETRANSMIT: segments (as TcpRetransSegs counts) */
+    __u32 netns;         /* DROP: inode number of the device's network namespace, 0 if unknown */
+    __u32 ifindex;       /* DROP: skb->dev->ifindex, within that namespace */
+    __s32 error;         /* RETRANSMIT: the kernel's transmit result (0: sent) */
+    __u16 sport;         /* host byte order; ICMP: type */
+    __u16 dport;         /* ICMP: code */
+    __u16 ethertype;     /* DROP: skb->protocol, host byte order */
+    __u8  kind;          /* FLOWTEL_KEV_* */
+    __u8  family;        /* 4, 6, or 0 (not IP / unknown) */
+    __u8  protocol;      /* IANA L4 protocol */
+    __u8  direction;     /* DROP: FLOWTEL_DROP_* */
+    __u8  state;         /* TCP: state at the event (CLOSED: the state it left) */
+    __u8  tcp_flags;     /* DROP of a TCP segment: its flags byte */
+    __u8  flags;         /* FLOWTEL_KEV_F_* */
+    __u8  pad[3];
+};
+
+/* A TCP socket seen changing state since the programs were attached (key: socket address). */
+struct tcp_conn {
+    __u64 start_ns;      /* first state change seen */
+    __u64 syn_sent_ns;   /* when it entered SYN_SENT (client side), else 0 */
+    __u8  saddr[16];
+    __u8  daddr[16];
+    __u16 sport;
+    __u16 dport;
+    __u8  family;        /* 4 or 6 */
+    __u8  state;         /* current TCP state */
+    __u8  born_seen;     /* 1 if its first state change was its birth (so lifetimes are whole) */
+    __u8  pad;
+};
+
+#define FLOWTEL_TCP_STATE_SLOTS 16  /* per-CPU signed counts of tracked sockets, by state */
+
+/* Indexes of the per-CPU kev_counters array. */
+#define FLOWTEL_KEV_CNT_RINGBUF_FULL     0  /* events not emitted: ring buffer full */
+#define FLOWTEL_KEV_CNT_DROP_MAP_FULL    1  /* drops not counted by reason: drop_stats full */
+#define FLOWTEL_KEV_CNT_CONN_TABLE_FULL  2  /* sockets not tracked: tcp_conns full */
+#define FLOWTEL_KEV_CNT_RETRANS_SEGS     3  /* retransmitted segments */
+#define FLOWTEL_KEV_CNT_RESETS_SENT      4
+#define FLOWTEL_KEV_CNT_RESETS_RECEIVED  5
+#define FLOWTEL_KEV_CNT_RTT_SUM_NS       6  /* client handshake RTTs: sum ... */
+#define FLOWTEL_KEV_CNT_RTT_COUNT        7  /* ... and count */
+#define FLOWTEL_KEV_CNT_MAX              8
+/* ==== end of kernel events ============================================================== */
 
 #endif /* FLOWTEL_H */

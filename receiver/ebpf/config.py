@@ -5,6 +5,59 @@ from pydantic import Field, field_validator
 
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import Duration
+from receiver.ebpf.kernel_events.config import KernelEventsConfig
+
+# The port test is compiled into the tc program as one comparison per port: keep it short.
+MAX_DNS_PORTS = 16
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+class DnsConfig(ComponentConfig):
+    """DNS observation on the tc path: which packets are DNS and how exchanges are matched."""
+
+    enabled: bool = True
+    ports: list[int] = Field(default_factory=lambda: [53], min_length=1, max_length=MAX_DNS_PORTS)
+    # A query with no response within this time is reported as unanswered.
+    timeout: Duration = 5.0
+    max_pending: int = Field(65536, ge=16, le=4_194_304)
+    # Payload bytes the kernel copies per packet (a power of two: see bpf/tc_flow.c).
+    capture_bytes: int = Field(512, ge=64, le=8192)
+    # Kernel-to-user ring buffer; a burst larger than it is lost (and counted).
+    ring_buffer_kb: int = Field(2048, ge=64, le=262_144)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports_valid(cls, value: list[int]) -> list[int]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is not in 1..65535")
+        if len(set(value)) != len(value):
+            raise ValueError("ports must not repeat")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_range(cls, value: float) -> float:
+        if not 0.1 <= value <= 600:
+            raise ValueError("timeout must be between 100ms and 10m")
+        return value
+
+    @field_validator("capture_bytes")
+    @classmethod
+    def _capture_power_of_two(cls, value: int) -> int:
+        if not _power_of_two(value):
+            raise ValueError(f"capture_bytes must be a power of two (64, 128, …, 8192), got {value}")
+        return value
+
+    @field_validator("ring_buffer_kb")
+    @classmethod
+    def _ring_power_of_two(cls, value: int) -> int:
+        if not _power_of_two(value):
+            raise ValueError(f"ring_buffer_kb must be a power of two (64, 128, …), got {value}")
+        return value
 
 
 class EbpfReceiverConfig(ComponentConfig):
@@ -12,6 +65,8 @@ class EbpfReceiverConfig(ComponentConfig):
     collection_interval: Duration = 10.0
     max_flows: int = Field(65536, ge=1024, le=4_194_304)
     tc_priority: int = Field(1, ge=1, le=65535)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
+    kernel_events: KernelEventsConfig = Field(default_factory=KernelEventsConfig)
 
     @field_validator("interfaces")
     @classmethod

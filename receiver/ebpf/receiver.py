@@ -1,4 +1,5 @@
-"""The ``ebpf`` receiver: tc programs on matching interfaces, flow counters drained on an interval."""
+"""The ``ebpf`` receiver: tc programs on matching interfaces, flow counters drained on an interval,
+and DNS packets read from a ring buffer (receiver/ebpf/dns*.py)."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,11 @@ from flowtel.records import Flow, LostEvents, TrafficDirection, Verdict
 import bpf as bpf_sources
 from receiver.ebpf.attach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
+from receiver.ebpf.dns import DnsTracker
+from receiver.ebpf.dnsring import DnsRing
+from receiver.ebpf.dnsring import cflags as dns_cflags
 from receiver.ebpf.flowmap import FlowMaps, RawFlow, interface_totals
+from receiver.ebpf.kernel_events import KernelEvents
 
 log = logging.getLogger("flowtel.receiver.ebpf")
 
@@ -47,6 +52,8 @@ class EbpfReceiver(Receiver):
         self._attach: TcAttachManager | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._dns: DnsRing | None = None
+        self._kernel_events: KernelEvents | None = None
 
     def start(self) -> None:
         try:
@@ -58,11 +65,12 @@ class EbpfReceiver(Receiver):
                 "install Debian's python3-bpfcc and run flowtel with the system Python "
                 "(a virtualenv needs --system-site-packages); the PyPI package 'bcc' is unrelated",
             ) from None
+        dns = self.config.dns
+        defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": self.config.max_flows, "FLOWTEL_DNS": 0}
+        if dns.enabled:
+            defines.update(dns_cflags(dns.ports, dns.capture_bytes, dns.ring_buffer_kb * 1024))
         try:
-            self._bpf = BPF(
-                text=bpf_sources.source("tc_flow.c"),
-                cflags=bpf_sources.cflags(FLOWTEL_MAX_FLOWS=self.config.max_flows),
-            )
+            self._bpf = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
             ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
             egress = self._bpf.load_func("flowtel_tc_egress", BPF.SCHED_CLS)
         except Exception as exc:
@@ -72,6 +80,17 @@ class EbpfReceiver(Receiver):
                 "run `flowtel doctor`: it checks kernel headers, bcc, BTF and privileges and says what to install",
             ) from None
         self._maps = FlowMaps(self._bpf)
+        # Set up before the programs are attached: the ring is read from the first DNS packet on.
+        if dns.enabled:
+            tracker = DnsTracker(
+                node_name=self.settings.node_name,
+                timeout_ns=int(dns.timeout * 1e9),
+                max_pending=dns.max_pending,
+                interface_of=self._interface,
+                wall_offset_ns=_monotonic_to_wall_offset,
+            )
+            self._dns = DnsRing(self._bpf, tracker, self.settings, self.next_consumer,
+                                report_interval=self.config.collection_interval)
         self._attach = TcAttachManager(
             self.config.interfaces,
             Program(ingress.fd, ingress.name.decode() if isinstance(ingress.name, bytes) else ingress.name),
@@ -89,6 +108,24 @@ class EbpfReceiver(Receiver):
         self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(self._attach.attached()))
         self._thread = threading.Thread(target=self._run, name="flowtel-ebpf-drain", daemon=True)
         self._thread.start()
+        if self._dns is not None:
+            self._dns.start()
+        # Drops and TCP health come from tracepoints: their own programs, in their own bcc module.
+        self._kernel_events = KernelEvents(
+            self.config.kernel_events,
+            self.settings.node_name,
+            self.settings.telemetry,
+            self.next_consumer,
+            component_id=self.settings.id,
+        )
+        try:
+            self._kernel_events.start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _interface(self, ifindex: int) -> Interface | None:
+        return self._attach.interface(ifindex) if self._attach is not None else None
 
     def _run(self) -> None:
         interval = self.config.collection_interval
@@ -176,11 +213,21 @@ class EbpfReceiver(Receiver):
     def attach_manager(self) -> TcAttachManager | None:
         return self._attach
 
+    @property
+    def dns(self) -> DnsRing | None:
+        """The DNS reader, when DNS observation is enabled and the receiver started."""
+        return self._dns
+
     def shutdown(self) -> None:
-        """Detach first, then drain both maps, so the last packets are reported too."""
+        """Detach first, then drain both maps and the DNS ring, so the last packets are reported too."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._kernel_events is not None:
+            self._kernel_events.stop()
+            self._kernel_events = None
+        if self._dns is not None:
+            self._dns.stop()
         if self._attach is not None:
             self._attach.stop()
         if self._maps is not None:
@@ -188,6 +235,11 @@ class EbpfReceiver(Receiver):
                 self._drain_once(writers_stopped=True)
             except Exception:
                 log.exception("final drain of flow counters failed")
+        if self._dns is not None:
+            try:
+                self._dns.final_drain()
+            except Exception:
+                log.exception("final read of DNS events failed")
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

@@ -1,0 +1,183 @@
+"""Kernel time per run of each flowtel eBPF program, under known traffic through pods.
+
+Not a test: run as root, ``.venv/bin/python -m bench.bpf_runtime``. It switches on
+``kernel.bpf_stats_enabled`` (the kernel then accounts run count and run time per program),
+attaches flowtel's programs as the agent does (the ``ebpf`` receiver's tc programs on the
+testbed's veths, and the kernel-events tracepoints), sends a fixed mix of traffic between
+pods, prints ``run_time_ns / run_cnt`` per program from ``bpftool -j prog show``, and puts the
+sysctl back as it found it.
+
+tc programs run once per packet per hook on the testbed's veths only, so their ns/run is the
+cost per packet. Tracepoints are global: they also run for whatever else this machine does
+meanwhile (and ``skb:kfree_skb`` only for drops), so their run counts include that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from flowtel.component import CreateSettings, Telemetry
+from flowtel.records import Record
+from flowtel.testbed import Pod, Testbed, send_ping, send_tcp, send_udp
+
+STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+class _Discard:
+    def consume(self, batch: list[Record]) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class ProgStats:
+    id: int
+    name: str
+    type: str
+    run_cnt: int
+    run_time_ns: int
+
+
+def _own_program_ids() -> set[int]:
+    """Ids of the BPF programs this process holds open (fdinfo of each program fd)."""
+    ids = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+def _stats(ids: set[int]) -> dict[int, ProgStats]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {
+        p["id"]: ProgStats(p["id"], p.get("name", "?"), p.get("type", "?"), p.get("run_cnt", 0), p.get("run_time_ns", 0))
+        for p in json.loads(out)
+        if p["id"] in ids
+    }
+
+
+def _connect_many(pod: Pod, dst: str, port: int, count: int) -> None:
+    code = (
+        "import socket, sys\n"
+        "for _ in range(int(sys.argv[3])):\n"
+        "    s = socket.create_connection((sys.argv[1], int(sys.argv[2]))); s.sendall(b'x'); s.close()\n"
+    )
+    pod.exec([sys.executable, "-c", code, dst, str(port), str(count)], timeout=120)
+
+
+def _sendto_closed_port(pod: Pod, dst: str, port: int, count: int) -> None:
+    # Unconnected: a connected socket would fail on the ICMP port-unreachable replies.
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(int(sys.argv[3])):\n"
+        "    s.sendto(b'x' * 100, (sys.argv[1], int(sys.argv[2]))); time.sleep(0.0002)\n"
+    )
+    pod.exec([sys.executable, "-c", code, dst, str(port), str(count)], timeout=120)
+
+
+def _connect_closed_port(pod: Pod, dst: str, port: int, count: int) -> None:
+    code = (
+        "import socket, sys\n"
+        "for _ in range(int(sys.argv[3])):\n"
+        "    s = socket.socket(); r = s.connect_ex((sys.argv[1], int(sys.argv[2]))); s.close()\n"
+        "    assert r != 0\n"
+    )
+    pod.exec([sys.executable, "-c", code, dst, str(port), str(count)], timeout=120)
+
+
+def _traffic(bed: Testbed, a: Pod, b: Pod) -> list[str]:
+    """The fixed mix; returns a line per part for the report."""
+    done = []
+    bed.start_tcp_sink(b, 5001)
+    bed.start_tcp_sink(b, 5002)
+    bed.start_udp_sink(b, 6001)
+    send_tcp(a, b.ipv4, 5001, 50_000_000, timeout=120)
+    done.append("TCP bulk: 50 MB a->b (GSO on)")
+    send_udp(a, b.ipv4, 6001, 5000, 200, interval=0.0002)
+    done.append("UDP: 5000 x 200 B a->b")
+    send_ping(a, b.ipv4, 50, interval=0.01)
+    done.append("ICMP: 50 echo requests")
+    _connect_many(a, b.ipv4, 5001, 300)
+    done.append("TCP: 300 short connections (state changes)")
+    _sendto_closed_port(a, b.ipv4, 6999, 2000)
+    done.append("drops: 2000 UDP datagrams to a closed port")
+    _connect_closed_port(a, b.ipv4, 5999, 200)
+    done.append("resets: 200 connects to a closed port (SYN dropped, RST sent and received)")
+    a.exec(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "4"])
+    b.exec(["nft", "-f", "-"], input=(
+        "table inet flowtel_bench {\n chain input {\n  type filter hook input priority 0;\n"
+        "  tcp dport 5002 tcp flags & syn == 0 numgen random mod 10 == 0 drop\n }\n}\n"))
+    for _ in range(5):
+        send_tcp(a, b.ipv4, 5002, 1_000_000, timeout=120)
+    done.append("loss: 5 x 1 MB a->b with 10% of segments dropped by nftables (retransmissions)")
+    return done
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("run as root: the bench loads eBPF programs and creates network namespaces", file=sys.stderr)
+        return 2
+    from receiver.ebpf.config import EbpfReceiverConfig
+    from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
+    from receiver.ebpf.receiver import EbpfReceiver
+
+    with open(STATS_SYSCTL) as f:
+        old = f.read().strip()
+    Testbed.cleanup_stale()
+    with open(STATS_SYSCTL, "w") as f:
+        f.write("1")
+    try:
+        with Testbed() as bed:
+            a, b = bed.add_pod("bench-a"), bed.add_pod("bench-b")
+            telemetry = Telemetry()
+            receiver = EbpfReceiver(
+                CreateSettings("ebpf", "bench", telemetry),
+                EbpfReceiverConfig(interfaces=[bed.interface_glob], collection_interval=1.0),
+                _Discard(),
+            )
+            events = KernelEvents(KernelEventsConfig(), "bench", telemetry, _Discard())
+            receiver.start()
+            events.start()
+            try:
+                deadline = time.monotonic() + 10
+                attach = receiver.attach_manager
+                while attach is not None and len(attach.attached()) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                ids = _own_program_ids()
+                before = _stats(ids)
+                started = time.monotonic()
+                parts = _traffic(bed, a, b)
+                elapsed = time.monotonic() - started
+                after = _stats(ids)
+            finally:
+                events.stop()
+                receiver.shutdown()
+    finally:
+        with open(STATS_SYSCTL, "w") as f:
+            f.write(old)
+
+    print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs; traffic ({elapsed:.1f} s):")
+    for line in parts:
+        print(f"  - {line}")
+    print(f"\n{'program':<20} {'type':<12} {'runs':>10} {'total ms':>10} {'ns/run':>8}")
+    for pid in sorted(after, key=lambda i: after[i].name):
+        p, q = after[pid], before.get(pid)
+        runs = p.run_cnt - (q.run_cnt if q else 0)
+        ns = p.run_time_ns - (q.run_time_ns if q else 0)
+        per = f"{ns / runs:.0f}" if runs else "-"
+        print(f"{p.name:<20} {p.type:<12} {runs:>10} {ns / 1e6:>10.1f} {per:>8}")
+    print(f"\n{STATS_SYSCTL} restored to {old}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

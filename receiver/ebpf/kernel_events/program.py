@@ -1,0 +1,182 @@
+"""Compiling and attaching ``bpf/kernel_events.c`` for the running kernel.
+
+What the program must know about the kernel is read once, here: tracepoint record layouts
+and enum names from tracefs, and the few kernel struct offsets from BTF. They become the
+generated tracepoint structs prepended to the source and ``-D`` constants.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import bpf as bpf_sources
+from receiver.ebpf import btf as btf_mod
+from receiver.ebpf import tracefs
+from receiver.ebpf.kernel_events.config import KernelEventsConfig
+
+SOURCE = "kernel_events.c"
+
+# Program (function in kernel_events.c) -> tracepoint. Names stay within the kernel's 15
+# characters so `bpftool prog show` prints them whole.
+DROP_PROGRAMS = {"flowtel_drop": ("skb", "kfree_skb")}
+TCP_PROGRAMS = {
+    "flowtel_state": ("sock", "inet_sock_set_state"),
+    "flowtel_retrans": ("tcp", "tcp_retransmit_skb"),
+    "flowtel_synack": ("tcp", "tcp_retransmit_synack"),
+    "flowtel_rst_tx": ("tcp", "tcp_send_reset"),
+    "flowtel_rst_rx": ("tcp", "tcp_receive_reset"),
+}
+
+# Fields each program reads, checked up front so a kernel without one gets a message
+# naming it instead of a compiler error.
+_REQUIRED_FIELDS = {
+    "kfree_skb": ("skbaddr", "location", "protocol", "reason"),
+    "inet_sock_set_state": ("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                            "saddr", "daddr", "saddr_v6", "daddr_v6"),
+    "tcp_retransmit_skb": ("skbaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6"),
+    "tcp_retransmit_synack": ("sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6"),
+    "tcp_send_reset": ("state", "saddr", "daddr"),
+    "tcp_receive_reset": ("sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6"),
+}
+
+# -D name -> (BTF member path, bytes the program reads there; None: only the offset is used).
+_DROP_OFFSETS = {
+    "FLOWTEL_OFF_SKB_HEAD": ("sk_buff.head", 8),
+    "FLOWTEL_OFF_SKB_NETWORK_HEADER": ("sk_buff.network_header", 2),
+    "FLOWTEL_OFF_SKB_LEN": ("sk_buff.len", 4),
+    "FLOWTEL_OFF_SKB_IIF": ("sk_buff.skb_iif", 4),
+    "FLOWTEL_OFF_SKB_DEV": ("sk_buff.dev", 8),
+    "FLOWTEL_OFF_NETDEV_IFINDEX": ("net_device.ifindex", 4),
+    "FLOWTEL_OFF_NETDEV_NET": ("net_device.nd_net.net", 8),
+    "FLOWTEL_OFF_SKB_SK": ("sk_buff.sk", 8),
+    "FLOWTEL_OFF_SOCK_NET": ("sock.__sk_common.skc_net.net", 8),
+    "FLOWTEL_OFF_NET_INUM": ("net.ns.inum", 4),
+}
+_TCP_OFFSETS = {
+    "FLOWTEL_OFF_SKB_CB": ("sk_buff.cb", None),
+    "FLOWTEL_OFF_TCP_SKB_CB_GSO_SEGS": ("tcp_skb_cb.tcp_gso_segs", 2),
+}
+# TCP states the program compares against, by their names in inet_sock_set_state's format.
+_TCP_STATE_MACROS = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "CLOSE", "LISTEN")
+# Values of enum skb_drop_reason that are not drops; every kernel orders them first.
+_NOT_DROPS = ("NOT_DROPPED_YET", "CONSUMED")
+
+PAGE_SIZE = 4096
+# A ring buffer record: struct kernel_event (88 bytes) and the kernel's 8-byte header.
+RECORD_BYTES = 96
+MAX_WAKEUP_EVERY = 64
+
+
+def wakeup_every(ring_bytes: int, cpus: int) -> int:
+    """Events a CPU submits between wake-ups of the reader: at most half the buffer can hold
+    events no CPU announced yet, so a burst wakes the reader long before the buffer is full."""
+    return max(1, min(MAX_WAKEUP_EVERY, ring_bytes // RECORD_BYTES // (2 * cpus)))
+
+
+@dataclass(frozen=True, slots=True)
+class KernelFacts:
+    """What the programs need to know about the running kernel."""
+
+    formats: dict[str, tracefs.TracepointFormat]  # by event name
+    offsets: dict[str, int] = field(default_factory=dict)  # -D name -> byte offset
+    drop_reasons: dict[int, str] = field(default_factory=dict)
+    drop_reason_min: int = 0
+    tcp_states: dict[int, str] = field(default_factory=dict)  # 1 -> "ESTABLISHED"
+    reset_reasons: dict[int, str] = field(default_factory=dict)
+
+
+def drop_reason_min(reasons: dict[int, str]) -> int:
+    """The first value of ``enum skb_drop_reason`` that is a drop.
+
+    ``SKB_NOT_DROPPED_YET`` and ``SKB_CONSUMED`` (frees after use) come before
+    ``NOT_SPECIFIED`` on every kernel that has them; on 6.x the tracepoint's table leaves them
+    out altogether and starts at ``NOT_SPECIFIED`` = 2.
+    """
+    if "NOT_SPECIFIED" in reasons.values():
+        return min(v for v, n in reasons.items() if n == "NOT_SPECIFIED")
+    not_drops = [v for v, n in reasons.items() if n in _NOT_DROPS]
+    return max(not_drops) + 1 if not_drops else 0
+
+
+def tcp_state_names(fmt: tracefs.TracepointFormat) -> dict[int, str]:
+    table = fmt.symbols.get("newstate", {})
+    return {v: n.removeprefix("TCP_") for v, n in table.items()}
+
+
+def read_kernel_facts(config: KernelEventsConfig, tracefs_root: str | None = None,
+                      btf: btf_mod.Btf | None = None) -> KernelFacts:
+    """Read tracefs formats and BTF offsets for the enabled parts (raises with a remedy)."""
+    programs = programs_for(config)
+    formats: dict[str, tracefs.TracepointFormat] = {}
+    root = tracefs_root or tracefs.tracefs_root()
+    for category, event in programs.values():
+        fmt = tracefs.read_format(category, event, root)
+        fmt.require(*_REQUIRED_FIELDS[event])
+        formats[event] = fmt
+    paths = {**(_DROP_OFFSETS if config.drops.enabled else {}), **(_TCP_OFFSETS if config.tcp.enabled else {})}
+    offsets: dict[str, int] = {}
+    if paths:
+        btf = btf or btf_mod.load()
+        offsets = {name: btf.offset(path, size) for name, (path, size) in paths.items()}
+    facts = KernelFacts(formats=formats, offsets=offsets)
+    if "kfree_skb" in formats:
+        reasons = formats["kfree_skb"].symbols.get("reason", {})
+        if not reasons:
+            raise tracefs.TracefsError("skb:kfree_skb's format names no drop reasons; cannot name drops")
+        facts = replace(facts, drop_reasons=reasons, drop_reason_min=drop_reason_min(reasons))
+    if "inet_sock_set_state" in formats:
+        states = tcp_state_names(formats["inet_sock_set_state"])
+        missing = [s for s in _TCP_STATE_MACROS if s not in states.values()]
+        if missing:
+            raise tracefs.TracefsError(f"sock:inet_sock_set_state's format does not name TCP states {missing}")
+        facts = replace(facts, tcp_states=states)
+    if "tcp_send_reset" in formats:
+        facts = replace(facts, reset_reasons=formats["tcp_send_reset"].symbols.get("reason", {}))
+    return facts
+
+
+def programs_for(config: KernelEventsConfig) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    if config.drops.enabled:
+        out.update(DROP_PROGRAMS)
+    if config.tcp.enabled:
+        out.update(TCP_PROGRAMS)
+    return out
+
+
+def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tuple[str, list[str]]:
+    """Program text (generated tracepoint structs + ``kernel_events.c``) and compiler flags.
+
+    ``events`` false (nothing consumes records) compiles the event paths out: counters only.
+    """
+    structs = [tracefs.c_struct(fmt, f"flowtel_tp_{name}") for name, fmt in facts.formats.items()]
+    by_name = {name: value for value, name in facts.tcp_states.items()}
+    defines: dict[str, int | str] = {
+        "FLOWTEL_DROPS": int(config.drops.enabled),
+        "FLOWTEL_TCP": int(config.tcp.enabled),
+        "FLOWTEL_DROP_EVENTS": int(events and config.drops.events),
+        "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
+        "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
+        "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
+        "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
+        "FLOWTEL_MAX_CONNECTIONS": config.tcp.max_connections,
+        "FLOWTEL_DROP_REASON_MIN": facts.drop_reason_min,
+        **facts.offsets,
+        **{f"FLOWTEL_TCPS_{s}": by_name.get(s, 0) for s in _TCP_STATE_MACROS},
+    }
+    return "\n".join(structs) + "\n" + bpf_sources.source(SOURCE), bpf_sources.cflags(**defines)
+
+
+def load_and_attach(text: str, cflags: list[str], programs: dict[str, tuple[str, str]]) -> Any:
+    """Compile with bcc and attach each program to its tracepoint; the ``BPF`` object."""
+    from bcc import BPF
+
+    b = BPF(text=text, cflags=cflags)
+    try:
+        for fn, (category, event) in programs.items():
+            b.attach_tracepoint(tp=f"{category}:{event}", fn_name=fn)
+    except BaseException:
+        b.cleanup()
+        raise
+    return b

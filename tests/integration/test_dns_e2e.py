@@ -1,0 +1,477 @@
+"""DNS observation end to end on the real kernel: pods, real DNS servers, known queries.
+
+The agent runs in-process (flowtel.pipeline.Service with the real ebpf receiver and file
+exporter) so that a test-only exporter can read the metric points as well as the Hubble JSON
+flow log. Truth: what the client pod sent and saw (ids, ports, rcodes, answers, its own
+latency), dnsmasq's query log, and for the fuzz test the count of packets sent.
+
+Observation points: every packet between two pods crosses two host-side veths, the sender's
+(tc ingress) and the receiver's (tc egress), and flowtel reports DNS per observation point as
+Hubble does per endpoint. So each query is two REQUEST flows, each answer two RESPONSE flows,
+each unanswered query two unanswered flows, each malformed packet two parse errors.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind
+from flowtel.config import parse_config
+from flowtel.pipeline import Service
+from flowtel.records import MetricPoint, Record
+from flowtel.registry import factories_by_kind
+from flowtel.testbed import Pod, Testbed
+from tests import dnsfuzz
+
+pytestmark = pytest.mark.kernel
+
+DNS_TIMEOUT_S = 1.0
+CLIENT_WAIT_S = 0.3  # how long the client waits before it gives a query up as unanswered
+# The client's latency up to the kernel's receive timestamp exceeds flowtel's (on the client's
+# veth) by the veth crossings and the send system call: far less than this.
+LATENCY_SLACK_NS = 3_000_000
+
+
+class _MemoryConfig(ComponentConfig):
+    pass
+
+
+class MemoryExporter(Exporter):
+    """Keeps what it is given, for the test to read (metric points have no file format yet)."""
+
+    def __init__(self, settings: CreateSettings, config: _MemoryConfig) -> None:
+        super().__init__(settings)
+        self.records: list[Record] = []
+        self._lock = threading.Lock()
+
+    def consume(self, batch: list[Record]) -> None:
+        with self._lock:
+            self.records.extend(batch)
+
+    def last_values(self) -> dict[str, float]:
+        with self._lock:
+            return {r.name: r.value for r in self.records if isinstance(r, MetricPoint)}
+
+
+def _factories() -> dict[Kind, dict[str, Factory]]:
+    out = factories_by_kind()
+    out[Kind.EXPORTER] = {**out[Kind.EXPORTER],
+                          "memory": Factory("memory", Kind.EXPORTER, _MemoryConfig, MemoryExporter)}
+    return out
+
+
+class InProcessAgent:
+    """The ebpf receiver → file exporter (logs) and memory exporter (metrics)."""
+
+    def __init__(self, tmp: Path, glob: str, dns: dict[str, Any]) -> None:
+        self.flow_log = tmp / "flows.log"
+        factories = _factories()
+        cfg = parse_config(
+            {
+                "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms", "dns": dns,
+                                        # Drops and TCP events are other tests' business here.
+                                        "kernel_events": {"drops": {"enabled": False}, "tcp": {"enabled": False}}}},
+                "exporters": {"file": {"path": str(self.flow_log), "max_size_mb": 100}, "memory": {}},
+                "service": {"pipelines": {
+                    "logs": {"receivers": ["ebpf"], "exporters": ["file"]},
+                    "metrics": {"receivers": ["ebpf"], "exporters": ["memory"]},
+                }},
+            },
+            "test_dns_e2e",
+            factories=factories,
+            environ={},
+        )
+        self.service = Service(cfg, node_name="test-node", factories=factories)
+        self.service.start()
+        self.receiver = self.service.receivers["ebpf"]
+        self.metrics: MemoryExporter = self.service.exporters["memory"]  # type: ignore[assignment]
+        self._stopped = False
+
+    def wait_attached(self, pods: list[Pod], timeout: float = 30) -> None:
+        want = {p.host_ifindex for p in pods}
+        deadline = time.monotonic() + timeout
+        while not want <= set(self.receiver.attach_manager.attached()):
+            assert time.monotonic() < deadline, "tc programs were not attached to the pods' veths"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.service.shutdown()
+
+    def flows(self) -> list[dict[str, Any]]:
+        return [json.loads(line)["flow"] for line in self.flow_log.read_text().splitlines()
+                if "flow" in json.loads(line)]
+
+    def lost(self) -> list[dict[str, Any]]:
+        return [env["lost_events"] for env in map(json.loads, self.flow_log.read_text().splitlines())
+                if "lost_events" in env]
+
+
+@pytest.fixture
+def bed():
+    Testbed.cleanup_stale()
+    with Testbed() as tb:
+        yield tb
+
+
+@pytest.fixture
+def agents():
+    started: list[InProcessAgent] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def l7_flows(flows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for f in flows if f.get("Type") == "L7"]
+
+
+def client_of(flow: dict[str, Any]) -> tuple[str, str, int]:
+    """(protocol, client address, client port) of a DNS flow, whichever way it goes."""
+    (proto, ports), = flow["l4"].items()
+    if flow.get("is_reply"):
+        return proto, flow["IP"]["destination"], ports["destination_port"]
+    return proto, flow["IP"]["source"], ports["source_port"]
+
+
+def unanswered(flow: dict[str, Any]) -> bool:
+    return bool(flow.get("extensions", {}).get("dns_unanswered"))
+
+
+# A DNS server answering by the first label of the name, over UDP and TCP: refused.* →
+# REFUSED, servfail.* → SERVFAIL, formerr.* → FORMERR, drop.* → never answers.
+RCODE_SERVER = r"""
+import socket, struct, sys, threading
+import dns.message, dns.rcode
+RCODES = {"refused": dns.rcode.REFUSED, "servfail": dns.rcode.SERVFAIL, "formerr": dns.rcode.FORMERR}
+def reply(wire):
+    q = dns.message.from_wire(wire)
+    label = q.question[0].name.labels[0].decode()
+    if label == "drop":
+        return None
+    r = dns.message.make_response(q)
+    r.set_rcode(RCODES[label])
+    return r.to_wire()
+def serve_udp(sock):
+    while True:
+        data, peer = sock.recvfrom(65535)
+        out = reply(data)
+        if out is not None:
+            sock.sendto(out, peer)
+def serve_conn(conn):
+    with conn:
+        while True:
+            head = conn.recv(2, socket.MSG_WAITALL)
+            if len(head) < 2:
+                return
+            out = reply(conn.recv(struct.unpack("!H", head)[0], socket.MSG_WAITALL))
+            if out is not None:
+                conn.sendall(struct.pack("!H", len(out)) + out)
+def serve_tcp(sock):
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+for s in (udp, tcp):
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", 53))
+tcp.listen(64)
+threading.Thread(target=serve_tcp, args=(tcp,), daemon=True).start()
+print("listening", flush=True)
+serve_udp(udp)
+"""
+
+# Sends each query of a JSON list, one at a time, and reports what it saw: its own port,
+# the DNS id, the rcode and answers, and two latencies: the one it measured around the
+# exchange, and the kernel's receive timestamp of the answer (SO_TIMESTAMPNS) minus the
+# time just before sending, which leaves out how long the client took to be scheduled.
+CLIENT = r"""
+import json, socket, struct, sys, time
+import dns.message, dns.rdatatype
+SO_TIMESTAMPNS = 35  # Linux; not exported by Python's socket module
+queries = json.load(open(sys.argv[1]))
+out = []
+def recv_exactly(s, n):
+    buf, rx = b"", None
+    while len(buf) < n:
+        data, anc, _, _ = s.recvmsg(n - len(buf), 64)
+        if not data:
+            raise EOFError
+        buf += data
+        for level, kind, value in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = struct.unpack("qq", value[:16])
+                rx = sec * 1_000_000_000 + nsec
+    return buf, rx
+for q in queries:
+    fam = socket.AF_INET6 if ":" in q["server"] else socket.AF_INET
+    msg = dns.message.make_query(q["name"], q["qtype"])
+    wire = msg.to_wire()
+    resp = rx = None
+    if q["proto"] == "UDP":
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 0))
+    else:
+        s = socket.create_connection((q["server"], 53), timeout=5)
+        wire = struct.pack("!H", len(wire)) + wire
+    s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    s.settimeout(q["wait"])
+    t0_wall = time.time_ns()
+    t0 = time.perf_counter_ns()
+    try:
+        if q["proto"] == "UDP":
+            s.sendto(wire, (q["server"], 53))
+            while resp is None:
+                data, anc, _, _ = s.recvmsg(65535, 64)
+                t1 = time.perf_counter_ns()
+                for level, kind, value in anc:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = struct.unpack("qq", value[:16])
+                        rx = sec * 1_000_000_000 + nsec
+                m = dns.message.from_wire(data)
+                if m.id == msg.id:
+                    resp = m
+        else:
+            s.sendall(wire)
+            head, rx = recv_exactly(s, 2)
+            data, _ = recv_exactly(s, struct.unpack("!H", head)[0])
+            t1 = time.perf_counter_ns()
+            resp = dns.message.from_wire(data)
+    except (socket.timeout, EOFError):
+        pass
+    sport = s.getsockname()[1]
+    s.close()
+    rec = dict(q, id=msg.id, sport=sport, rcode=None, ips=[], cnames=[], latency_ns=None, rx_latency_ns=None)
+    if resp is not None:
+        rec.update(rcode=resp.rcode(), latency_ns=t1 - t0, rx_latency_ns=rx - t0_wall)
+        for rrset in resp.answer:
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                rec["ips"] += [rd.address for rd in rrset]
+            elif rrset.rdtype == dns.rdatatype.CNAME:
+                rec["cnames"] += [rd.target.to_text() for rd in rrset]
+    out.append(rec)
+print(json.dumps(out))
+"""
+
+
+def start_rcode_server(bed: Testbed, pod: Pod, tmp: Path) -> None:
+    out = tmp / f"rcode-{pod.name}.out"
+    with out.open("w") as f:
+        proc = pod.popen([sys.executable, "-c", RCODE_SERVER], stdout=f, stderr=f)
+    deadline = time.monotonic() + 10
+    while "listening" not in out.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+        time.sleep(0.02)
+
+
+def run_client(pod: Pod, queries: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:
+    spec = tmp / "queries.json"
+    spec.write_text(json.dumps(queries))
+    res = pod.exec([sys.executable, "-c", CLIENT, str(spec)], timeout=120)
+    return json.loads(res.stdout)
+
+
+def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path: Path, agents: list) -> None:
+    client = bed.add_pod("client", ipv6=True)
+    dnsmasq_pod = bed.add_pod("dnsmasq", ipv6=True)
+    rcode_pod = bed.add_pod("rcodes", ipv6=True)
+    silent = bed.add_pod("silent", ipv6=True)  # no DNS server: its kernel answers ICMP port unreachable
+    query_log = tmp_path / "dnsmasq-queries.log"
+    many = [f"198.51.100.{i}" for i in range(100, 150)]  # an answer longer than the 512-byte capture
+    bed.start_dnsmasq(dnsmasq_pod, hosts={"web.test": ["198.51.100.10", "2001:db8::10"], "many.test": many},
+                      log_path=str(query_log), extra_args=["--cname=alias.test,web.test"])
+    start_rcode_server(bed, rcode_pod, tmp_path)
+
+    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    agents.append(agent)
+    agent.wait_attached([client, dnsmasq_pod, rcode_pod, silent])
+
+    queries = []
+    for fam in (4, 6):
+        addr = lambda p: p.ipv4 if fam == 4 else p.ipv6  # noqa: E731
+        for proto in ("UDP", "TCP"):
+            for name, qtype in (("web.test", "A"), ("web.test", "AAAA"), ("alias.test", "A"), ("nx.test", "A")):
+                queries.append({"server": addr(dnsmasq_pod), "proto": proto, "name": name, "qtype": qtype})
+            for name in ("refused.test", "servfail.test", "formerr.test", "drop.test"):
+                queries.append({"server": addr(rcode_pod), "proto": proto, "name": name, "qtype": "A"})
+        queries.append({"server": addr(silent), "proto": "UDP", "name": "nobody.test", "qtype": "A"})
+    queries.append({"server": dnsmasq_pod.ipv4, "proto": "TCP", "name": "many.test", "qtype": "A"})
+    for q in queries:
+        q["wait"] = CLIENT_WAIT_S
+    sent = run_client(client, queries, tmp_path)
+    # The truth the test relies on is what it set up: every server answered but drop.* and silent.
+    assert [q["rcode"] is None for q in sent] == [q["name"] in ("drop.test", "nobody.test") for q in sent]
+    assert Counter(q["rcode"] for q in sent) == {0: 13, 3: 4, 5: 4, 2: 4, 1: 4, None: 6}
+    assert sorted(sent[-1]["ips"]) == sorted(many)
+
+    # dnsmasq logs asynchronously: wait for its line of every query sent to it.
+    to_dnsmasq = [q for q in sent if q["server"] in (dnsmasq_pod.ipv4, dnsmasq_pod.ipv6)]
+    deadline = time.monotonic() + 5
+    while len(logged := re.findall(r"query\[(\w+)\] (\S+) from (\S+)", query_log.read_text())) < len(to_dnsmasq):
+        assert time.monotonic() < deadline, query_log.read_text()
+        time.sleep(0.05)
+    time.sleep(DNS_TIMEOUT_S + 0.8)  # let the last unanswered queries time out in the agent
+    agent.stop()
+
+    flows = l7_flows(agent.flows())
+    assert agent.lost() == []
+    iface_of = {p.host_ifname: p for p in (client, dnsmasq_pod, rcode_pod, silent)}
+    by_query: dict[tuple, list[dict[str, Any]]] = {}
+    for f in flows:
+        proto, ip, port = client_of(f)
+        key = (proto, ip, port, f["l7"]["dns"]["query"], tuple(f["l7"]["dns"]["qtypes"]))
+        by_query.setdefault(key, []).append(f)
+    assert len(by_query) == len(sent), "flows for queries that were not sent"
+
+    for q in sent:
+        ip = client.ipv4 if "." in q["server"] else client.ipv6
+        got = by_query.get((q["proto"], ip, q["sport"], q["name"] + ".", (q["qtype"],)), [])
+        server_pod = next(p for p in (dnsmasq_pod, rcode_pod, silent) if q["server"] in (p.ipv4, p.ipv6))
+        kinds = Counter((f["interface"]["name"], f["l7"]["type"], unanswered(f)) for f in got)
+        if q["rcode"] is None:
+            assert kinds == {(client.host_ifname, "REQUEST", False): 1, (server_pod.host_ifname, "REQUEST", False): 1,
+                             (client.host_ifname, "REQUEST", True): 1, (server_pod.host_ifname, "REQUEST", True): 1}, q
+            continue
+        assert kinds == {(client.host_ifname, "REQUEST", False): 1, (server_pod.host_ifname, "REQUEST", False): 1,
+                         (client.host_ifname, "RESPONSE", False): 1, (server_pod.host_ifname, "RESPONSE", False): 1}, q
+        seen = {(f["interface"]["name"], f["l7"]["type"]): f for f in got}
+        assert seen[(client.host_ifname, "REQUEST")]["traffic_direction"] == "EGRESS"
+        assert seen[(server_pod.host_ifname, "REQUEST")]["traffic_direction"] == "INGRESS"
+        at_client = seen[(client.host_ifname, "RESPONSE")]
+        at_server = seen[(server_pod.host_ifname, "RESPONSE")]
+        assert at_client["traffic_direction"] == "INGRESS" and at_client["is_reply"] is True
+        for resp in (at_client, at_server):
+            dns_info = resp["l7"]["dns"]
+            assert dns_info.get("rcode", 0) == q["rcode"], q
+            if q["name"] == "many.test":  # the capture ends inside the answers: the whole ones count
+                assert 20 < len(dns_info["ips"]) < len(many) and set(dns_info["ips"]) < set(many)
+                continue
+            assert sorted(dns_info.get("ips", [])) == sorted(q["ips"]), q
+            assert dns_info.get("cnames", []) == q["cnames"], q
+            if q["ips"]:
+                assert dns_info["ttl"] == 60
+        # The client measured around the whole exchange; the veths saw parts of it.
+        client_ns = int(at_client["l7"]["latency_ns"])
+        server_ns = int(at_server["l7"]["latency_ns"])
+        assert 0 < server_ns <= client_ns <= q["latency_ns"], q
+        assert client_ns <= q["rx_latency_ns"] < client_ns + LATENCY_SLACK_NS, (q, client_ns)
+        assert all(iface_of[f["interface"]["name"]] in (client, server_pod) for f in got)
+
+    # dnsmasq's own log: the queries it received are the REQUEST flows on its veth.
+    at_dnsmasq = Counter((f["l7"]["dns"]["qtypes"][0], f["l7"]["dns"]["query"].rstrip("."))
+                         for f in flows if f["interface"]["name"] == dnsmasq_pod.host_ifname
+                         and f["l7"]["type"] == "REQUEST")
+    assert at_dnsmasq == Counter((t, n) for t, n, _ in logged)
+
+    answered = [q for q in sent if q["rcode"] is not None]
+    responses_by_rcode = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if f["l7"]["type"] == "RESPONSE")
+    assert responses_by_rcode == {rc: 2 * n for rc, n in Counter(q["rcode"] for q in answered).items()}
+    assert agent.metrics.last_values() == {
+        "networkobservability_dns_request_count": 2 * len(sent),
+        "networkobservability_dns_response_count": 2 * len(answered),
+        "flowtel_dns_unanswered_total": 2 * (len(sent) - len(answered)),
+        "flowtel_dns_parse_errors_total": 0,
+    }
+    assert agent.receiver.dns.tracker.counts.truncated == 2  # many.test's answer, at both veths
+
+
+def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: Testbed, tmp_path: Path,
+                                                                           agents: list) -> None:
+    sender, target = bed.add_pod("fuzzer"), bed.add_pod("target")
+    bed.start_tcp_sink(target, 53)  # a TCP peer, so that malformed DNS over TCP is carried too
+    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    agents.append(agent)
+    agent.wait_attached([sender, target])
+
+    rng = random.Random(20240917)
+    udp_bad = dnsfuzz.malformed(rng, 3000)
+    tcp_bad = dnsfuzz.tcp_malformed(rng, 40)
+    plan = tmp_path / "plan.bin"
+    valid_ids = []
+    with plan.open("wb") as f:
+        def put(kind: int, port: int, data: bytes) -> None:
+            f.write(struct.pack("!BHH", kind, port, len(data)) + data)
+
+        for i, m in enumerate(udp_bad):
+            put(0, 53, m)
+            if i % 100 == 0:  # a valid query every 100 malformed ones
+                q = dnsfuzz.valid_query(f"valid{i}.test")
+                valid_ids.append((f"valid{i}.test.", q.id))
+                put(0, 53, q.to_wire())
+            if i % 60 == 0:  # DNS-shaped and garbage traffic to a port that is not configured
+                put(0, 54, dnsfuzz.valid_query("other-port.test").to_wire())
+                put(0, 54, m)
+        for m in tcp_bad:
+            put(1, 53, m)
+    res = sender.exec([sys.executable, "-c", FUZZ_SENDER, target.ipv4, str(plan)], timeout=120)
+    assert json.loads(res.stdout) == {"udp": len(udp_bad) + len(valid_ids) + 2 * 50, "tcp": len(tcp_bad)}
+
+    observation_points = 2  # the sender's veth and the target's veth
+    expected_errors = (len(udp_bad) + len(tcp_bad)) * observation_points
+    dns_ring = agent.receiver.dns
+    deadline = time.monotonic() + 10
+    while dns_ring.tracker.counts.parse_errors < expected_errors and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dns_ring.alive  # the agent is still up and reading
+    written, lost = dns_ring.kernel_counts()
+    assert lost == 0, f"the ring buffer overflowed ({lost} lost): the test's pacing is too fast for this machine"
+    time.sleep(0.6)  # one more metrics interval
+    agent.stop()
+    assert agent.receiver.dns.tracker.counts.events == written  # every record written was read
+
+    counts = agent.receiver.dns.tracker.counts
+    assert counts.parse_errors == expected_errors
+    assert agent.metrics.last_values()["flowtel_dns_parse_errors_total"] == expected_errors
+    assert agent.service.telemetry.get("ebpf", "dns_errors") == 0  # the reader never failed
+
+    flows = l7_flows(agent.flows())
+    assert all(client_of(f)[0] == "UDP" and f["l4"]["UDP"].get("destination_port") == 53 for f in flows)
+    requests = Counter((f["l7"]["dns"]["query"], f["interface"]["name"]) for f in flows
+                       if f["l7"]["type"] == "REQUEST" and not unanswered(f))
+    assert requests == {(name, ifname): 1 for name, _ in valid_ids
+                        for ifname in (sender.host_ifname, target.host_ifname)}
+    assert counts.requests == observation_points * len(valid_ids)
+
+
+# Sends a plan of (kind, port, payload) records: kind 0 a UDP datagram, kind 1 one TCP
+# connection carrying the payload in one segment. UDP is paced so that the veth backlog
+# (netdev_max_backlog) never drops a datagram before tc sees it.
+FUZZ_SENDER = r"""
+import json, socket, struct, sys, time
+dst, path = sys.argv[1], sys.argv[2]
+data = open(path, "rb").read()
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent = {"udp": 0, "tcp": 0}
+pos = 0
+while pos < len(data):
+    kind, port, n = struct.unpack_from("!BHH", data, pos)
+    payload = data[pos + 5 : pos + 5 + n]
+    pos += 5 + n
+    if kind == 0:
+        udp.sendto(payload, (dst, port))
+        sent["udp"] += 1
+        time.sleep(0.0002)
+    else:
+        c = socket.create_connection((dst, port), timeout=10)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(4096):
+            pass
+        c.close()
+        sent["tcp"] += 1
+print(json.dumps(sent))
+"""

@@ -1,0 +1,408 @@
+"""Drops and TCP health from kernel tracepoints, against the kernel's own truth.
+
+Pods are network namespaces (flowtel.testbed). The tracepoints are global: they also see every
+other drop and TCP socket on this machine, including those of concurrent test runs, so each
+test counts only records of its own addresses and ports, and compares them exactly with what
+it caused or with the kernel's per-namespace counters (/proc/net/snmp read inside the pod).
+Node-level metrics can only be checked as "at least" for the same reason, except where the
+programs are detached first (the lost-events test).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Callable, Iterator
+
+import pytest
+
+from flowtel.component import Telemetry
+from flowtel.records import Flow, LostEvents, MetricPoint, Verdict
+from flowtel.testbed import Pod, Testbed, send_tcp
+from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
+
+pytestmark = pytest.mark.kernel
+
+IP4, UDP = 20, 8
+
+
+class Collector:
+    """A consumer that keeps every batch; ``hold()`` makes the next batch block until released."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: list[object] = []
+        self._hold = threading.Event()
+        self.held = threading.Event()
+        self._release = threading.Event()
+
+    def consume(self, batch: list[object]) -> None:
+        if self._hold.is_set() and any(isinstance(r, Flow) for r in batch):
+            self._hold.clear()
+            self.held.set()
+            self._release.wait(30)
+        with self._lock:
+            self.records.extend(batch)
+
+    def hold(self) -> None:
+        self._release.clear()
+        self._hold.set()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def mark(self) -> int:
+        """Where the records of what happens next begin (pod addresses repeat between tests)."""
+        with self._lock:
+            return len(self.records)
+
+    def flows(self, pred: Callable[[Flow], bool], since: int = 0) -> list[Flow]:
+        with self._lock:
+            return [r for r in self.records[since:] if isinstance(r, Flow) and pred(r)]
+
+    def wait_flows(self, pred: Callable[[Flow], bool], count: int, since: int = 0, timeout: float = 10) -> list[Flow]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.flows(pred, since)
+            if len(got) >= count or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def events() -> Iterator[tuple[KernelEvents, Collector]]:
+    sink = Collector()
+    ke = KernelEvents(KernelEventsConfig(collection_interval=0.5, poll_interval=0.05), "test-node", Telemetry(), sink)
+    ke.start()
+    try:
+        yield ke, sink
+    finally:
+        ke.stop()
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    Testbed.cleanup_stale()
+    with Testbed() as tb:
+        yield tb
+
+
+def netns_inode(pod: Pod) -> int:
+    return os.stat(f"/run/netns/{pod.netns}").st_ino
+
+
+def nft_drop(pod: Pod, hook: str, match: str) -> None:
+    """A rule in the pod's own namespace that drops what ``match`` matches on ``hook``."""
+    ruleset = f"""table inet flowtel_test {{
+    chain {hook} {{
+        type filter hook {hook} priority 0;
+        {match} drop
+    }}
+}}
+"""
+    pod.exec(["nft", "-f", "-"], input=ruleset)
+
+
+def tcp_mib(pod: Pod) -> dict[str, int]:
+    """The Tcp: line of /proc/net/snmp as the pod's own network namespace counts it."""
+    lines = [line.split() for line in pod.exec(["cat", "/proc/net/snmp"]).stdout.splitlines() if line.startswith("Tcp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def drop_totals(ke: KernelEvents) -> Counter[tuple[str, str]]:
+    return Counter({
+        (p.attributes["reason"], p.attributes["direction"]): int(p.value)
+        for p in ke.metrics()
+        if p.name == "networkobservability_drop_count"
+    })
+
+
+def metric(ke: KernelEvents, name: str, **attrs: str) -> float:
+    return sum(p.value for p in ke.metrics() if p.name == name and all(p.attributes.get(k) == v for k, v in attrs.items()))
+
+
+_UDP_SENDTO = r"""
+import socket, sys
+dst, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0))
+refused = 0
+for _ in range(count):
+    try:
+        s.sendto(b"x" * size, (dst, port))
+    except PermissionError:  # dropped by netfilter on the way out
+        refused += 1
+print(s.getsockname()[1], refused)
+"""
+
+_CONNECT_REFUSED = r"""
+import json, socket, sys
+dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ports = []
+for _ in range(count):
+    s = socket.socket()
+    s.bind(("0.0.0.0", 0))  # keeps the port after the refusal, to report it
+    ports.append(s.getsockname()[1])
+    try:
+        s.connect((dst, port))
+        raise SystemExit("connected to a closed port?")
+    except ConnectionRefusedError:
+        pass
+    s.close()
+print(json.dumps(ports))
+"""
+
+_LINGER_ZERO = r"""
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"hello")
+port = s.getsockname()[1]
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()  # with linger 0: an abortive close, the kernel sends a reset
+print(port)
+"""
+
+_HOLD_OPEN = r"""
+import json, socket, sys
+dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = [socket.create_connection((dst, port), timeout=10) for _ in range(count)]
+print(json.dumps([c.getsockname()[1] for c in conns]), flush=True)
+sys.stdin.read()  # until the test closes our stdin
+for c in conns:
+    c.close()
+"""
+
+
+def udp_sendto(pod: Pod, dst: str, port: int, count: int, size: int) -> tuple[int, int]:
+    out = pod.exec([sys.executable, "-c", _UDP_SENDTO, dst, str(port), str(count), str(size)]).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_drops_by_reason_equal_the_drops_caused(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
+    ke, sink = events
+    a, b = bed.add_pod("drop-a"), bed.add_pod("drop-b")
+    nft_drop(b, "input", "udp dport 47001")
+    nft_drop(a, "output", "udp dport 47002")
+    before = drop_totals(ke)
+    mark = sink.mark()
+
+    closed_port, _ = udp_sendto(a, b.ipv4, 47000, 5, 100)  # no socket: dropped by b's UDP
+    refused = json.loads(a.exec([sys.executable, "-c", _CONNECT_REFUSED, b.ipv4, "47003", "3"]).stdout)
+    filtered_in, _ = udp_sendto(a, b.ipv4, 47001, 4, 200)  # dropped by b's input rule
+    filtered_out, refused_out = udp_sendto(a, b.ipv4, 47002, 6, 300)  # dropped by a's output rule
+    assert refused_out == 6
+
+    def ours(f: Flow) -> bool:
+        return f.verdict == Verdict.DROPPED and {f.src_ip, f.dst_ip} == {a.ipv4, b.ipv4}
+
+    drops = sink.wait_flows(ours, 5 + 3 + 4 + 6, mark)
+    time.sleep(0.2)  # nothing more may come
+    drops = sink.flows(ours, mark)
+    by_kind = Counter((f.drop_reason, f.extensions["drop_direction"], f.protocol, f.src_port, f.dst_port) for f in drops)
+    expected = Counter({("NO_SOCKET", "ingress", 17, closed_port, 47000): 5,
+                        ("NETFILTER_DROP", "ingress", 17, filtered_in, 47001): 4,
+                        ("NETFILTER_DROP", "egress", 17, filtered_out, 47002): 6})
+    for port in refused:
+        expected[("NO_SOCKET", "ingress", 6, port, 47003)] = 1
+    assert by_kind == expected
+
+    inode_a, inode_b = netns_inode(a), netns_inode(b)
+    eth0_b = json.loads(b.exec(["ip", "-j", "link", "show", "eth0"]).stdout)[0]["ifindex"]
+    for f in drops:
+        assert f.src_ip == a.ipv4 and f.dst_ip == b.ipv4 and f.ip_version == 4 and f.packets == 1
+        egress = f.extensions["drop_direction"] == "egress"
+        # The namespace and device come from skb->dev (BTF offsets): a pod's, not the node's.
+        assert f.extensions["netns_inode"] == (inode_a if egress else inode_b)
+        assert f.ifindex == 0 and f.ifname == ""
+        if not egress:
+            assert f.extensions["netns_ifindex"] == eth0_b
+        assert f.extensions["drop_location"]  # the kernel function that freed it
+        # skb->len (a BTF offset) where the packet was dropped: UDP drops its datagram after
+        # the IP header was pulled; netfilter holds the whole IP packet.
+        if f.dst_port == 47000:
+            assert f.bytes == UDP + 100
+        elif f.dst_port == 47001:
+            assert f.bytes == IP4 + UDP + 200
+        elif f.dst_port == 47002:
+            assert f.bytes == IP4 + UDP + 300
+        else:
+            assert f.tcp_flags == 0x02  # the SYN
+    after = drop_totals(ke)
+    for (reason, direction), n in {("NO_SOCKET", "ingress"): 8, ("NETFILTER_DROP", "ingress"): 4,
+                                   ("NETFILTER_DROP", "egress"): 6}.items():
+        assert after[(reason, direction)] - before[(reason, direction)] >= n
+
+
+def test_resets_equal_the_kernel_counters(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
+    ke, sink = events
+    a, b = bed.add_pod("rst-a"), bed.add_pod("rst-b")
+    bed.start_tcp_sink(b, 47011)
+    mib_a, mib_b = tcp_mib(a), tcp_mib(b)
+    sent_before = metric(ke, "flowtel_tcp_reset_count", event="reset_sent")
+    mark = sink.mark()
+
+    refused = json.loads(a.exec([sys.executable, "-c", _CONNECT_REFUSED, b.ipv4, "47010", "3"]).stdout)
+    linger_port = int(a.exec([sys.executable, "-c", _LINGER_ZERO, b.ipv4, "47011"]).stdout)
+
+    def event(name: str) -> Callable[[Flow], bool]:
+        return lambda f: f.extensions.get("tcp_event") == name and {f.src_ip, f.dst_ip} == {a.ipv4, b.ipv4}
+
+    sink.wait_flows(event("reset_sent"), 4, mark)
+    sink.wait_flows(event("reset_received"), 4, mark)
+    time.sleep(0.3)  # nothing more may come
+    sent, received = sink.flows(event("reset_sent"), mark), sink.flows(event("reset_received"), mark)
+
+    # The server side stack answers each SYN to the closed port; src is the reset's sender.
+    stack = [f for f in sent if f.src_ip == b.ipv4]
+    assert sorted((f.src_port, f.dst_port) for f in stack) == sorted((47010, p) for p in refused)
+    assert all(f.extensions["reset_reason"] == "NO_SOCKET" and f.tcp_flags == 0x04 for f in stack)
+    # The abortive close: one reset from the client's socket.
+    aborted = [f for f in sent if f.src_ip == a.ipv4]
+    assert [(f.src_port, f.dst_port) for f in aborted] == [(linger_port, 47011)]
+    assert "reset_reason" in aborted[0].extensions
+    # Each end's reset count equals what its own namespace's TCP MIB counted.
+    assert len(stack) == tcp_mib(b)["OutRsts"] - mib_b["OutRsts"] == 3
+    assert len(aborted) == tcp_mib(a)["OutRsts"] - mib_a["OutRsts"] == 1
+    # Received: by the refused clients, and by the server socket the client aborted.
+    assert sorted((f.src_ip, f.src_port) for f in received) == sorted(
+        [(a.ipv4, p) for p in refused] + [(b.ipv4, 47011)]
+    )
+    assert metric(ke, "flowtel_tcp_reset_count", event="reset_sent") - sent_before >= 4
+
+
+def test_retransmissions_equal_tcp_retrans_segs(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
+    ke, sink = events
+    a, b = bed.add_pod("rtx-a"), bed.add_pod("rtx-b")
+    sink_proc = bed.start_tcp_sink(b, 47020)
+    # One in five packets to the server is lost, SYNs excepted (a lost SYN costs a 1 s timeout).
+    # veth passes GSO super-packets whole: at most 4 segments each keeps them many enough that
+    # some are lost, and retransmissions of several segments at once still happen (counted
+    # by the kernel in segments, which the program reads from the skb).
+    a.exec(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "4"])
+    nft_drop(b, "input", "tcp dport 47020 tcp flags & syn == 0 numgen random mod 5 == 0")
+    mib_a, mib_b = tcp_mib(a), tcp_mib(b)
+    total_before = metric(ke, "networkobservability_tcp_retransmission_count")
+    mark = sink.mark()
+
+    sent = send_tcp(a, b.ipv4, 47020, 200_000, timeout=60)
+    assert [r["bytes"] for r in sink_proc.wait_records(1)] == [200_000]
+    # The server's FIN may be retransmitted after the client returned: wait until it is done.
+    deadline = time.monotonic() + 15
+    while b.exec(["ss", "-Htn", "state", "last-ack"]).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    delta_a = tcp_mib(a)["RetransSegs"] - mib_a["RetransSegs"]
+    delta_b = tcp_mib(b)["RetransSegs"] - mib_b["RetransSegs"]
+    assert delta_a > 0, "no loss was injected: the test proves nothing"
+
+    def segments(src: str, sport: int, dst: str, dport: int) -> int:
+        flows = sink.flows(lambda f: f.extensions.get("tcp_event") == "retransmit" and f.src_ip == src
+                           and f.src_port == sport and f.dst_ip == dst and f.dst_port == dport, mark)
+        return sum(f.extensions["segments"] for f in flows)
+
+    assert segments(a.ipv4, sent.src_port, b.ipv4, 47020) == delta_a
+    assert segments(b.ipv4, 47020, a.ipv4, sent.src_port) == delta_b
+    assert metric(ke, "networkobservability_tcp_retransmission_count") - total_before >= delta_a + delta_b
+
+
+def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
+    ke, sink = events
+    a, b = bed.add_pod("st-a"), bed.add_pod("st-b")
+    port, n = 47030, 5
+    bed.start_tcp_sink(b, port)
+    rtt_count_before = metric(ke, "flowtel_tcp_handshake_rtt_seconds_count")
+    rtt_sum_before = metric(ke, "flowtel_tcp_handshake_rtt_seconds_sum")
+    mark = sink.mark()
+    holder = a.popen([sys.executable, "-c", _HOLD_OPEN, b.ipv4, str(port), str(n)],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdin is not None
+    client_ports = sorted(json.loads(holder.stdout.readline()))
+
+    def ours(f: Flow) -> bool:
+        return f.dst_ip in (a.ipv4, b.ipv4) and f.src_ip in (a.ipv4, b.ipv4) and port in (f.src_port, f.dst_port)
+
+    def established(f: Flow) -> bool:
+        return ours(f) and f.extensions.get("tcp_event") == "established"
+
+    opened = sink.wait_flows(established, 2 * n, mark)
+    clients = [f for f in opened if f.src_ip == a.ipv4]
+    servers = [f for f in opened if f.src_ip == b.ipv4]
+    assert sorted(f.src_port for f in clients) == client_ports
+    assert sorted(f.dst_port for f in servers) == client_ports
+    # Client side: SYN_SENT -> ESTABLISHED on a veth takes microseconds, and certainly < 50 ms.
+    rtts = [f.extensions["handshake_rtt_ns"] for f in clients]
+    assert all(0 < r < 50_000_000 for r in rtts), rtts
+    assert all("handshake_rtt_ns" not in f.extensions for f in servers)  # passive side: no RTT
+    assert metric(ke, "flowtel_tcp_handshake_rtt_seconds_count") - rtt_count_before >= n
+    assert metric(ke, "flowtel_tcp_handshake_rtt_seconds_sum") - rtt_sum_before >= sum(rtts) / 1e9 * 0.999
+
+    # The kernel's table holds our 2n sockets as ESTABLISHED and the sink's listener.
+    conns = ke.tcp_connections()
+    mine = Counter((c.src_ip, c.dst_ip, c.state) for c in conns if port in (c.src_port, c.dst_port)
+                   and c.dst_ip in (a.ipv4, b.ipv4))
+    assert mine == Counter({(a.ipv4, b.ipv4, "ESTABLISHED"): n, (b.ipv4, a.ipv4, "ESTABLISHED"): n})
+    assert any(c.state == "LISTEN" and c.src_port == port for c in conns)
+    # The gauge counts exactly what the table holds (read twice around it, retried if the
+    # machine's other sockets changed state in between).
+    for _ in range(20):
+        g1 = metric(ke, "flowtel_tcp_sockets", state="ESTABLISHED")
+        table = sum(1 for c in ke.tcp_connections() if c.state == "ESTABLISHED")
+        g2 = metric(ke, "flowtel_tcp_sockets", state="ESTABLISHED")
+        if g1 == g2:
+            assert g1 == table >= 2 * n
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the ESTABLISHED gauge never held still")
+
+    holder.stdin.close()
+    holder.wait(10)
+
+    def closed(f: Flow) -> bool:
+        return ours(f) and f.extensions.get("tcp_event") == "closed"
+
+    gone = sink.wait_flows(closed, 2 * n, mark)
+    assert len(gone) == 2 * n
+    assert all(0 < f.extensions["lifetime_ns"] < 30_000_000_000 for f in gone)
+    left = [c for c in ke.tcp_connections() if port in (c.src_port, c.dst_port) and c.state == "ESTABLISHED"
+            and c.dst_ip in (a.ipv4, b.ipv4)]
+    assert left == []
+    # Metric points reach the consumer on the collection interval too.
+    deadline = time.monotonic() + 3
+    while not any(isinstance(r, MetricPoint) and r.name == "flowtel_tcp_sockets" for r in sink.records):
+        assert time.monotonic() < deadline, "no metric points were emitted"
+        time.sleep(0.1)
+
+
+def test_lost_events_are_counted_exactly(bed: Testbed) -> None:
+    # Its own source with a one-page ring buffer, drops only: each drop the kernel counts is
+    # either a record or a lost event, and after stop() (programs detached) that is exact.
+    sink = Collector()
+    ke = KernelEvents(KernelEventsConfig(ring_buffer_kb=4, poll_interval=0.05, tcp={"enabled": False}),
+                      "test-node", Telemetry(), sink)
+    ke.start()
+    try:
+        a, b = bed.add_pod("lost-a"), bed.add_pod("lost-b")
+        sink.hold()  # the next batch blocks the reader: the ring buffer fills behind it
+        udp_sendto(a, b.ipv4, 47040, 1, 10)
+        assert sink.held.wait(10)
+        udp_sendto(a, b.ipv4, 47041, 300, 10)
+        sink.release()
+    finally:
+        ke.stop()
+    # The final metric points come last; earlier ones were cumulative snapshots.
+    last = [r for r in sink.records if isinstance(r, MetricPoint)]
+    final_time = max(r.time_ns for r in last)
+    counted = sum(r.value for r in last if r.time_ns == final_time and r.name == "networkobservability_drop_count")
+    records = [r for r in sink.records if isinstance(r, Flow) and r.verdict == Verdict.DROPPED]
+    lost = [r for r in sink.records if isinstance(r, LostEvents)]
+    assert {r.source for r in lost} == {"KERNEL_EVENTS_RING_BUFFER"}
+    lost_total = sum(r.count for r in lost)
+    assert lost_total > 0
+    assert len(records) + lost_total == counted
+    ours = [r for r in records if r.dst_ip == b.ipv4 and r.dst_port == 47041]
+    assert len(ours) < 300  # some of ours were among the lost
