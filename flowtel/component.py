@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import abc
+import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,6 +23,30 @@ class Kind(enum.StrEnum):
     CONNECTOR = "connectors"
     EXPORTER = "exporters"
     EXTENSION = "extensions"
+
+
+class Status(enum.StrEnum):
+    """A component's health, named as the Collector's ``componentstatus`` names it.
+
+    The Service reports STARTING, OK (or PERMANENT_ERROR when ``start`` raised), STOPPING and
+    STOPPED; a running component reports RECOVERABLE_ERROR when it cannot do its work for a
+    while (and OK once it can again), PERMANENT_ERROR when it never will without a restart.
+    """
+
+    STARTING = "StatusStarting"
+    OK = "StatusOK"
+    RECOVERABLE_ERROR = "StatusRecoverableError"
+    PERMANENT_ERROR = "StatusPermanentError"
+    FATAL_ERROR = "StatusFatalError"
+    STOPPING = "StatusStopping"
+    STOPPED = "StatusStopped"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    status: Status
+    error: str | None
+    time_ns: int
 
 
 class ComponentConfig(BaseModel):
@@ -54,20 +79,31 @@ class CreateSettings:
 class Component(abc.ABC):
     """Lifecycle shared by all components. ``start`` may raise a user-facing error."""
 
+    component_kind: ClassVar[Kind]
+    settings: CreateSettings
+
     def start(self) -> None:
         pass
+
+    def report_status(self, status: Status, error: str | None = None) -> None:
+        """Tell the agent (and so the health_check extension) how this component is doing."""
+        self.settings.telemetry.report_status(self.component_kind, self.settings.id, status, error)
 
     def shutdown(self) -> None:
         pass
 
 
 class Receiver(Component):
+    component_kind = Kind.RECEIVER
+
     def __init__(self, settings: CreateSettings, next_consumer: Consumer) -> None:
         self.settings = settings
         self.next_consumer = next_consumer
 
 
 class Processor(Component):
+    component_kind = Kind.PROCESSOR
+
     def __init__(self, settings: CreateSettings) -> None:
         self.settings = settings
 
@@ -77,6 +113,8 @@ class Processor(Component):
 
 
 class Exporter(Component):
+    component_kind = Kind.EXPORTER
+
     def __init__(self, settings: CreateSettings) -> None:
         self.settings = settings
 
@@ -90,6 +128,8 @@ class Exporter(Component):
 
 class Connector(Component):
     """Exporter of one pipeline and receiver of another (e.g. flows → metrics)."""
+
+    component_kind = Kind.CONNECTOR
 
     def __init__(self, settings: CreateSettings, next_consumer: Consumer) -> None:
         self.settings = settings
@@ -108,6 +148,7 @@ class Extension(Component):
     signals, like one more exporter with its own bounded queue: Hubble's observer ring.
     """
 
+    component_kind = Kind.EXTENSION
     taps: tuple[str, ...] = ()
 
     def __init__(self, settings: CreateSettings) -> None:
@@ -115,6 +156,12 @@ class Extension(Component):
 
     def consume(self, batch: list[Record]) -> None:
         """Called with each batch of a tapped signal (only when ``taps`` is set)."""
+
+    def ready(self) -> None:
+        """Called once every component has started (the Collector's ``PipelineWatcher.Ready``)."""
+
+    def not_ready(self) -> None:
+        """Called when shutdown begins, before any component stops (``PipelineWatcher.NotReady``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +186,7 @@ class Telemetry:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, str], int] = {}
         self._gauges: dict[tuple[str, str], Callable[[], float]] = {}
+        self._statuses: dict[tuple[Kind, str], StatusEvent] = {}
 
     def add(self, component: str, name: str, value: int = 1) -> None:
         if value == 0:
@@ -163,3 +211,20 @@ class Telemetry:
             out[key] = fn()
         return out
 
+    def report_status(self, kind: Kind, component: str, status: Status, error: str | None = None) -> None:
+        """Record a component's latest status. A permanent error stays until the component
+        stops: as in the Collector, only a restart clears it."""
+        with self._lock:
+            key = (kind, component)
+            current = self._statuses.get(key)
+            if (
+                current is not None
+                and current.status is Status.PERMANENT_ERROR
+                and status not in (Status.STOPPING, Status.STOPPED, Status.FATAL_ERROR)
+            ):
+                return
+            self._statuses[key] = StatusEvent(status, error, time.time_ns())
+
+    def statuses(self) -> dict[tuple[Kind, str], StatusEvent]:
+        with self._lock:
+            return dict(self._statuses)

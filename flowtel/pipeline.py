@@ -25,6 +25,7 @@ from flowtel.component import (
     Kind,
     Processor,
     Receiver,
+    Status,
     Telemetry,
 )
 from flowtel.config import AgentConfig, PipelineSpec, component_type
@@ -327,13 +328,25 @@ class Service:
                 self._start(rec)
             self._loss_thread = threading.Thread(target=self._report_losses_loop, name="flowtel-loss-report", daemon=True)
             self._loss_thread.start()
+            for ext in self.extensions.values():
+                ext.ready()
         except BaseException:
             self.shutdown()
             raise
 
     def _start(self, component: Component) -> None:
-        component.start()
+        component.report_status(Status.STARTING)
+        try:
+            component.start()
+        except BaseException as exc:
+            component.report_status(Status.PERMANENT_ERROR, f"start failed: {exc}")
+            raise
         self._started.append(component)
+        # A component may already have reported how it is doing while it started.
+        kind, cid = component.component_kind, component.settings.id
+        current = self.telemetry.statuses().get((kind, cid))
+        if current is None or current.status is Status.STARTING:
+            component.report_status(Status.OK)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop receivers (their last drain included), drain every queue, then stop the rest."""
@@ -341,12 +354,17 @@ class Service:
             return
         self._stopped.set()
         started = set(map(id, self._started))
+        for ext in self.extensions.values():
+            if id(ext) in started:
+                self._safe(ext.not_ready, ext)
 
         def stop(components: Mapping[object, Component], *methods: str) -> None:
             for component in components.values():
                 if id(component) in started:
+                    component.report_status(Status.STOPPING)
                     for method in methods:
                         self._safe(getattr(component, method), component)
+                    component.report_status(Status.STOPPED)
 
         stop(self.receivers, "shutdown")
         self._loss_stop.set()

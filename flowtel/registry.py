@@ -13,6 +13,7 @@ def all_factories() -> list[Factory]:
     from exporters.otlphttp.factory import FACTORY as otlphttp_exporter
     from exporters.prometheus.factory import FACTORY as prometheus_exporter
     from extensions.flows.factory import FACTORY as flows_extension
+    from extensions.health_check.factory import FACTORY as health_check_extension
     from extensions.ui.factory import FACTORY as ui_extension
     from receiver.ebpf.factory import FACTORY as ebpf_receiver
     from receiver.procfs.factory import FACTORY as procfs_receiver
@@ -27,6 +28,7 @@ def all_factories() -> list[Factory]:
         prometheus_exporter,
         servicegraph_connector,
         flows_extension,
+        health_check_extension,
         ui_extension,
     ]
 

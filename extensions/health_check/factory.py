@@ -1,0 +1,14 @@
+"""Factory of the ``health_check`` extension."""
+from __future__ import annotations
+
+from extensions.health_check.config import HealthCheckConfig
+from extensions.health_check.extension import HealthCheckExtension
+from flowtel.component import CreateSettings, Factory, Kind
+
+
+def create(settings: CreateSettings, config: HealthCheckConfig) -> HealthCheckExtension:
+    return HealthCheckExtension(settings, config)
+
+
+# Extensions sit in no pipeline: signals is empty.
+FACTORY = Factory(type="health_check", kind=Kind.EXTENSION, config_class=HealthCheckConfig, create=create, signals=())

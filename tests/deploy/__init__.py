@@ -1,0 +1,1 @@
+"""Tests of deploy/ (image, Kustomize manifests, dashboards) and of config/collector-*.yaml."""
