@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import bpf_runtime, datapath
+from bench import bpf_runtime, datapath, k8sattributes
 
 
 def main() -> int:
@@ -11,6 +11,8 @@ def main() -> int:
     print(datapath.report(datapath.run()), flush=True)
     print("== kernel cost per run of each flowtel program (kernel.bpf_stats_enabled) ==", flush=True)
     bpf_runtime.main()
+    print("== k8sattributes: lookups/s and resident memory by cached pods (bench/k8sattributes.md) ==", flush=True)
+    print(k8sattributes.report(k8sattributes.run()), flush=True)
     return 0
 
 

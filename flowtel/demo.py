@@ -1,7 +1,9 @@
 """``flowtel demo``: the agent on throwaway network-namespace pods with generated traffic.
 
 Three pods (client, server, dns) on a quiet testbed; the agent attaches to their host-side
-veths and prints live flows. At the end the summary compares what flowtel counted with
+veths and prints live flows, both ends named by k8sattributes from a static file (there is
+no API server here) as they would be in a cluster: shop/frontend-…, shop/payments-0,
+kube-system/coredns-…. At the end the summary compares what flowtel counted with
 the kernel's own interface counters, so a newcomer sees both the output and its accuracy.
 """
 from __future__ import annotations
@@ -95,6 +97,31 @@ def _summarise(flow_log: Path, pods: list[Pod], before: dict[str, LinkStats], af
     return "\n".join(lines)
 
 
+def _write_endpoints(path: Path, client: Pod, server: Pod, dns: Pod) -> None:
+    """Who the demo pods are, for k8sattributes' static source: there is no API server here."""
+    path.write_text(f"""# k8sattributes static metadata for the demo pods (see processors/k8sattributes/README.md)
+pods:
+  - name: frontend-6d4b9c-x2k8p
+    namespace: shop
+    ips: [{client.ipv4}]
+    labels: {{app: frontend, pod-template-hash: 6d4b9c}}
+    workloads: [{{kind: Deployment, name: frontend}}, {{kind: ReplicaSet, name: frontend-6d4b9c}}]
+  - name: payments-0
+    namespace: shop
+    ips: [{server.ipv4}]
+    labels: {{app: payments}}
+    workloads: [{{kind: StatefulSet, name: payments}}]
+  - name: coredns-5d78c9-q7w2e
+    namespace: kube-system
+    ips: [{dns.ipv4}]
+    labels: {{k8s-app: kube-dns, pod-template-hash: 5d78c9}}
+    workloads: [{{kind: Deployment, name: coredns}}, {{kind: ReplicaSet, name: coredns-5d78c9}}]
+namespaces:
+  - {{name: shop, labels: {{kubernetes.io/metadata.name: shop}}}}
+  - {{name: kube-system, labels: {{kubernetes.io/metadata.name: kube-system}}}}
+""")
+
+
 def run_demo(*, duration: float = 60.0, interval: float = 2.0) -> int:
     removed = Testbed.cleanup_stale()
     if removed:
@@ -107,11 +134,15 @@ def run_demo(*, duration: float = 60.0, interval: float = 2.0) -> int:
         bed.start_udp_sink(server, UDP_PORT)
         bed.start_dnsmasq(dns, hosts={"server.demo.local": [server.ipv4], "dns.demo.local": [dns.ipv4]})
         print(f"pods: client {client.ipv4}, server {server.ipv4} (tcp/{TCP_PORT}, udp/{UDP_PORT}), dns {dns.ipv4} (dnsmasq)", flush=True)
+        endpoints = workdir / "endpoints.yaml"
+        _write_endpoints(endpoints, client, server, dns)
         config = parse_config(
             {
                 "receivers": {"ebpf": {"interfaces": [bed.interface_glob], "collection_interval": interval}},
+                "processors": {"k8sattributes": {"source": "static", "static": {"path": str(endpoints)}}},
                 "exporters": {"console": {}, "file": {"path": str(flow_log)}},
-                "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "exporters": ["console", "file"]}}},
+                "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "processors": ["k8sattributes"],
+                                                   "exporters": ["console", "file"]}}},
             },
             "<demo>",
         )

@@ -1,0 +1,14 @@
+"""Factory of the ``k8sattributes`` processor."""
+from __future__ import annotations
+
+from flowtel.component import CreateSettings, Factory, Kind
+from processors.k8sattributes.config import K8sAttributesConfig
+from processors.k8sattributes.processor import K8sAttributesProcessor
+
+
+def create(settings: CreateSettings, config: K8sAttributesConfig) -> K8sAttributesProcessor:
+    return K8sAttributesProcessor(settings, config)
+
+
+# Only flows have addresses to name, so logs pipelines only.
+FACTORY = Factory(type="k8sattributes", kind=Kind.PROCESSOR, config_class=K8sAttributesConfig, create=create, signals=("logs",))

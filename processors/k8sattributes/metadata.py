@@ -1,0 +1,187 @@
+"""What an address resolves to, ready to be copied onto a flow's endpoint.
+
+An :class:`EndpointView` is computed once per pod (or service, node, reserved address)
+and shared by every record that names it; putting it on a record is a few attribute
+copies. Both metadata sources (the Kubernetes API and the static file) build views with
+the same :class:`ViewBuilder`, so their output cannot drift apart.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from flowtel.records import Endpoint, Workload
+from processors.k8sattributes import identity
+from processors.k8sattributes.extract import Extractor
+from processors.k8sattributes.internal.kube.objects import PodMeta
+from processors.k8sattributes.workload import KIND_ATTRIBUTES, Chain
+
+# Every attribute this processor can write besides extracted labels and annotations.
+METADATA_KEYS: tuple[str, ...] = (
+    "k8s.namespace.name",
+    "k8s.pod.name",
+    "k8s.pod.uid",
+    "k8s.node.name",
+    "k8s.deployment.name",
+    "k8s.replicaset.name",
+    "k8s.statefulset.name",
+    "k8s.daemonset.name",
+    "k8s.job.name",
+    "k8s.cronjob.name",
+    "k8s.service.name",
+    "k8s.cluster.name",
+)
+# k8s.cluster.name is the same on every record, so it is opt-in.
+DEFAULT_METADATA: tuple[str, ...] = tuple(k for k in METADATA_KEYS if k != "k8s.cluster.name")
+
+
+class Kind:
+    """What an address turned out to be (the ``resolved_*`` counters use these names)."""
+
+    POD = "pod"
+    SERVICE = "service"
+    NODE = "node"
+    KUBE_APISERVER = "kube_apiserver"
+    UNKNOWN = "unknown"  # inside a node's pod CIDR, but no pod is known there (yet)
+    WORLD = "world"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    kind: str
+    identity: int
+    namespace: str = ""
+    pod_name: str = ""
+    labels: tuple[str, ...] = ()
+    workloads: tuple[Workload, ...] = ()
+    cluster_name: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)  # read-only: copied onto records
+
+    def endpoint(self) -> Endpoint:
+        # Lists and the dict are copied so that a later stage changing one record cannot
+        # change every record of this pod; Workload objects are shared and read-only.
+        return Endpoint(
+            identity=self.identity,
+            namespace=self.namespace,
+            pod_name=self.pod_name,
+            labels=list(self.labels),
+            workloads=list(self.workloads),
+            cluster_name=self.cluster_name,
+            attributes=self.attributes.copy(),
+        )
+
+    def fill(self, ep: Endpoint) -> None:
+        """Put this view on an endpoint an earlier stage created; what it set stays unless named here."""
+        ep.identity = self.identity
+        if self.namespace:
+            ep.namespace = self.namespace
+        if self.pod_name:
+            ep.pod_name = self.pod_name
+        if self.labels:
+            ep.labels = list(self.labels)
+        if self.workloads:
+            ep.workloads = list(self.workloads)
+        if self.cluster_name:
+            ep.cluster_name = self.cluster_name
+        ep.attributes.update(self.attributes)
+
+
+def _workloads(chain: Chain) -> tuple[Workload, ...]:
+    # Hubble names one workload: the top of the chain.
+    return (Workload(name=chain[0][1], kind=chain[0][0]),) if chain else ()
+
+
+WORLD = EndpointView(Kind.WORLD, identity.IDENTITY_WORLD, labels=(identity.LABEL_WORLD,))
+
+
+class MetadataSource(Protocol):
+    """Where views come from: the Kubernetes API or a static file."""
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def lookup(self, ip: str, when: float) -> EndpointView:
+        """The view of ``ip`` as of ``when`` (seconds since the epoch). Never blocks."""
+        ...
+
+    def gauges(self) -> dict[str, float]: ...
+
+
+class ViewBuilder:
+    def __init__(self, *, cluster_name: str, metadata: Iterable[str], extractor: Extractor) -> None:
+        self.cluster_name = cluster_name
+        self.metadata = frozenset(metadata)
+        self.extractor = extractor
+        # Replicas share labels and workload: their views share those parts (bounded caches;
+        # a miss only costs a rebuild).
+        self._labels = functools.lru_cache(maxsize=16384)(self._identity_labels)
+        self._workloads = functools.lru_cache(maxsize=16384)(_workloads)
+
+    def _identity_labels(
+        self, labels: tuple[tuple[str, str], ...], namespace: str, namespace_labels: tuple[tuple[str, str], ...], service_account: str,
+    ) -> tuple[int, tuple[str, ...]]:
+        strings = tuple(sys.intern(s) for s in identity.pod_labels(labels, namespace, namespace_labels, service_account, self.cluster_name))
+        return identity.identity_of(strings), strings
+
+    def _attrs(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+        wanted = self.metadata
+        out = {k: v for k, v in pairs if v and k in wanted}
+        if self.cluster_name and "k8s.cluster.name" in wanted:
+            out["k8s.cluster.name"] = self.cluster_name
+        return out
+
+    def pod(
+        self,
+        pod: PodMeta,
+        chain: Chain,
+        namespace_labels: tuple[tuple[str, str], ...],
+        namespace_annotations: tuple[tuple[str, str], ...],
+    ) -> EndpointView:
+        ident, labels = self._labels(pod.labels, pod.namespace, namespace_labels, pod.service_account)
+        attrs = self._attrs([
+            ("k8s.namespace.name", pod.namespace),
+            ("k8s.pod.name", pod.name),
+            ("k8s.pod.uid", pod.uid),
+            ("k8s.node.name", pod.node_name),
+            *((KIND_ATTRIBUTES[kind], name) for kind, name in chain if kind in KIND_ATTRIBUTES),
+        ])
+        attrs.update(self.extractor.attributes(pod.labels, pod.annotations, namespace_labels, namespace_annotations))
+        return EndpointView(
+            Kind.POD,
+            ident,
+            namespace=pod.namespace,
+            pod_name=pod.name,
+            labels=labels,
+            workloads=self._workloads(chain),
+            cluster_name=self.cluster_name,
+            attributes=attrs,
+        )
+
+    def service(self, namespace: str, name: str, *, kube_apiserver: bool) -> EndpointView:
+        # A ClusterIP is no endpoint of its own in Cilium (it is translated before Hubble
+        # sees it), so it has no security identity: flowtel sees it before kube-proxy's
+        # DNAT and names the service instead. The API's own ClusterIP is kube-apiserver.
+        if kube_apiserver:
+            ident, labels = identity.reserved(kube_apiserver=True)
+        else:
+            ident, labels = identity.IDENTITY_UNKNOWN, ()
+        attrs = self._attrs([("k8s.namespace.name", namespace), ("k8s.service.name", name)])
+        return EndpointView(Kind.KUBE_APISERVER if kube_apiserver else Kind.SERVICE, ident,
+                            namespace=namespace, labels=labels, attributes=attrs)
+
+    def node(self, name: str, *, host: bool, kube_apiserver: bool) -> EndpointView:
+        ident, labels = identity.reserved(host=host, remote_node=not host, kube_apiserver=kube_apiserver)
+        return EndpointView(Kind.NODE, ident, labels=labels, attributes=self._attrs([("k8s.node.name", name)]))
+
+    def kube_apiserver(self) -> EndpointView:
+        ident, labels = identity.reserved(kube_apiserver=True)
+        return EndpointView(Kind.KUBE_APISERVER, ident, labels=labels)
+
+    def unknown_pod_address(self, node_name: str) -> EndpointView:
+        # A pod address no pod is known for (not yet seen, long gone, or another node's pod
+        # in node-scoped mode): saying "world" would be wrong, so it stays unnamed, with
+        # the node whose pod CIDR holds it.
+        return EndpointView(Kind.UNKNOWN, identity.IDENTITY_UNKNOWN, attributes=self._attrs([("k8s.node.name", node_name)]))
