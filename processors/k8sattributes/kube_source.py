@@ -44,7 +44,7 @@ from processors.k8sattributes.internal.kube.objects import (
     strip_replicaset,
     strip_service,
 )
-from processors.k8sattributes.metadata import WORLD, EndpointView, ViewBuilder
+from processors.k8sattributes.metadata import WORLD, EndpointView, ViewBuilder, fallback
 from processors.k8sattributes.pod_association import PodAssociation
 from processors.k8sattributes.workload import OwnerResolver
 
@@ -185,7 +185,7 @@ class KubeSource:
         if ip in self._node_of_ip or ip in self._apiserver_ips:
             return self._address_view(ip)
         view = self._pod_cidrs.lookup(ip)
-        return view if view is not None else WORLD
+        return view if view is not None else fallback(ip)
 
     def _pod_view(self, pod: PodMeta) -> EndpointView:
         generation = self._generation

@@ -94,6 +94,19 @@ def _workloads(chain: Chain) -> tuple[Workload, ...]:
 
 
 WORLD = EndpointView(Kind.WORLD, identity.IDENTITY_WORLD, labels=(identity.LABEL_WORLD,))
+# Loopback traffic (seen by the node-wide TCP and drop tracepoints) never leaves the host
+# that reports it: Hubble names it reserved:host, never world.
+_HOST_IDENTITY, _HOST_LABELS = identity.reserved(host=True)
+LOOPBACK = EndpointView(Kind.NODE, _HOST_IDENTITY, labels=_HOST_LABELS)
+
+
+def is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
+def fallback(ip: str) -> EndpointView:
+    """What an address no pod, service or node holds is: the host's loopback, or the world."""
+    return LOOPBACK if is_loopback(ip) else WORLD
 
 
 class MetadataSource(Protocol):

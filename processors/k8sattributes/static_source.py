@@ -36,7 +36,7 @@ from flowtel.component import ComponentConfig
 from flowtel.errors import StartError
 from processors.k8sattributes.addresses import PrefixTable
 from processors.k8sattributes.internal.kube.objects import OwnerRef, PodMeta
-from processors.k8sattributes.metadata import WORLD, EndpointView, ViewBuilder
+from processors.k8sattributes.metadata import WORLD, EndpointView, ViewBuilder, fallback
 
 
 def _address(value: object) -> str:
@@ -170,7 +170,7 @@ class StaticSource:
         if view is not None:
             return view
         view = self._cidrs.lookup(ip)
-        return view if view is not None else WORLD
+        return view if view is not None else fallback(ip)
 
     def gauges(self) -> dict[str, float]:
         return dict(self._counts)

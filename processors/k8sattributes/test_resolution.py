@@ -286,3 +286,12 @@ def test_prefix_table_longest_match() -> None:
     assert t.lookup("fd00::1") == "v6" and t.lookup("fd01::1") is None and t.lookup("nonsense") is None
     t.remove("10.1.0.0/16")
     assert t.lookup("10.1.2.3") == "wide" and len(t) == 2
+
+
+def test_loopback_is_the_host_not_the_world() -> None:
+    from processors.k8sattributes.metadata import WORLD, fallback
+
+    for ip in ("127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"):
+        view = fallback(ip)
+        assert view.identity == 1 and view.labels == ("reserved:host",), ip
+    assert fallback("203.0.113.9") is WORLD
