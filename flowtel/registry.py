@@ -6,6 +6,7 @@ from flowtel.component import Factory, Kind
 
 def all_factories() -> list[Factory]:
     # Imported here so that loading the config module does not import bcc and friends.
+    from connectors.hubblemetrics.factory import FACTORY as hubblemetrics_connector
     from connectors.servicegraph.factory import FACTORY as servicegraph_connector
     from exporters.console.factory import FACTORY as console_exporter
     from exporters.file.factory import FACTORY as file_exporter
@@ -29,6 +30,7 @@ def all_factories() -> list[Factory]:
         otlphttp_exporter,
         prometheus_exporter,
         servicegraph_connector,
+        hubblemetrics_connector,
         flows_extension,
         health_check_extension,
         ui_extension,

@@ -67,6 +67,8 @@ class OtlpExporterConfig(ComponentConfig):
     cardinality_limit: int = Field(default=100_000, ge=1, description="series per metric name; new ones beyond are refused and counted")
     series_ttl: Duration = Field(default=300.0, description="forget a series without a new point for this long; 0 never")
     # Logs.
+    # Off by default: a gateway Collector usually scrapes the agent's /metrics for these already.
+    self_telemetry: bool = Field(default=False, description="also send the agent's own counters as flowtel_component_*")
     log_body: LogBody = Field(default="map", description="Hubble flow object as an OTLP map, or as a JSON string")
 
     @field_validator("export_interval")

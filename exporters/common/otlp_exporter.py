@@ -13,6 +13,7 @@ import time
 from exporters.common.otlp_config import OtlpExporterConfig
 from exporters.common.otlp_encoding import OtlpEncoder, resource_attributes
 from exporters.common.sending import Request, SendingQueue, Transport
+from exporters.common.selftelemetry import telemetry_points
 from exporters.common.series import SeriesStore
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import MetricPoint, Record
@@ -71,6 +72,9 @@ class OtlpExporter(Exporter):
             expired = self._store.expire()
             self._telemetry.add(self.settings.id, "series_expired", expired)
             now_ns = time.time_ns()
+            if self.config.self_telemetry:
+                # Through the store, so delta temporality and start times apply to them too.
+                self._store.update(telemetry_points(self._telemetry, now_ns))
             families = self._store.collect(self.config.temporality, now_ns)
             queued = 0
             for payload, items in self._encoder.metrics(families, self.config.temporality, now_ns):

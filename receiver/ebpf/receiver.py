@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from flowtel.component import Consumer, CreateSettings, Receiver
+from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
 from flowtel.records import Flow, LostEvents, TrafficDirection, Verdict
 import bpf as bpf_sources
@@ -19,6 +19,7 @@ from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
 from receiver.ebpf.flowmap import FlowMaps, RawFlow, interface_totals
 from receiver.ebpf.kernel_events import KernelEvents
+from receiver.ebpf.nodemetrics import forward_points
 
 log = logging.getLogger("flowtel.receiver.ebpf")
 
@@ -155,6 +156,9 @@ class EbpfReceiver(Receiver):
         telemetry.add(self.settings.id, "records_out", len(records))
         if records:
             self.next_consumer.consume(records)
+        # A batch holds one signal: the node counters go as their own metrics batch.
+        if consumer_wants(self.next_consumer, "metrics"):
+            self.next_consumer.consume(forward_points(self.interface_totals(), now))  # type: ignore[arg-type]
 
     def _to_flows(self, raws: list[RawFlow]) -> list[Flow | LostEvents]:
         assert self._attach is not None

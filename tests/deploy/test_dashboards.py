@@ -285,7 +285,8 @@ def test_every_promql_expression_parses_in_prometheus(tmp_path: Path) -> None:
 # --- evaluated against a running agent -----------------------------------------------------------
 
 
-def data_test_config(glob: str, metrics_port: int, flows_port: int) -> tuple[dict[str, Any], list[str]]:
+def data_test_config(glob: str, metrics_port: int, flows_port: int,
+                     health_port: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """deploy/base/flowtel.yaml as the DaemonSet runs it, pointed at the test's pods, with
     Prometheus as the only exporter, short intervals, and what cannot run here left out
     (k8sattributes: no API server; components not registered yet)."""
@@ -294,9 +295,14 @@ def data_test_config(glob: str, metrics_port: int, flows_port: int) -> tuple[dic
     cfg["receivers"]["procfs"]["collection_interval"] = "1s"
     cfg["processors"] = {}
     cfg["connectors"].setdefault("servicegraph", {})["metrics_flush_interval"] = "1s"
+    cfg["connectors"].setdefault("hubblemetrics", {})["interval"] = "1s"
     cfg["exporters"] = {"prometheus": {"endpoint": f"127.0.0.1:{metrics_port}"}}
     cfg["extensions"] = {"flows": {"endpoint": f"127.0.0.1:{flows_port}"}}
     cfg["service"]["extensions"] = ["flows"]
+    if health_port is not None:
+        # Readiness says every receiver has started (tc programs and tracepoints attached).
+        cfg["extensions"]["health_check"] = {"endpoint": f"127.0.0.1:{health_port}"}
+        cfg["service"]["extensions"].append("health_check")
     for spec in cfg["service"]["pipelines"].values():
         spec["processors"] = []
         spec["exporters"] = [e for e in spec["exporters"] if e in ("prometheus", *cfg["connectors"])]
@@ -327,7 +333,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
     with Testbed() as bed:
         client, server, dns = bed.add_pod("client"), bed.add_pod("server"), bed.add_pod("dns")
         metrics_port = free_port()
-        cfg, left_out = data_test_config(bed.interface_glob, metrics_port, free_port())
+        health_port = free_port()
+        cfg, left_out = data_test_config(bed.interface_glob, metrics_port, free_port(), health_port)
         (tmp / "flowtel.yaml").write_text(yaml.safe_dump(cfg))
         agent = subprocess.Popen([sys.executable, "-m", "flowtel.cli", "run", "--config", str(tmp / "flowtel.yaml")],
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=(tmp / "agent.log").open("w"),
@@ -338,10 +345,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
             while True:
                 assert agent.poll() is None, (tmp / "agent.log").read_text()[-3000:]
                 try:
+                    # /metrics is up before the receivers attach: traffic made before then is
+                    # never seen, so wait for readiness too.
                     exposed_names(metrics_port)
-                    break
+                    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/", timeout=5):
+                        break
                 except OSError:
-                    assert time.monotonic() < deadline, "agent did not serve /metrics within 60 s"
+                    assert time.monotonic() < deadline, "agent did not serve /metrics and become ready within 60 s"
                     time.sleep(0.2)
             prom = Prometheus(tmp / "prometheus", [f"127.0.0.1:{metrics_port}"])
             # Traffic: DNS (answered, NXDOMAIN, unanswered), TCP, a reset, UDP, and drops.

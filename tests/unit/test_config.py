@@ -147,4 +147,6 @@ def test_bad_component_id(tmp_path: Path) -> None:
 def test_bundled_default_config_is_valid() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "flowtel.yaml", environ={})
     assert "ebpf" in cfg.components[Kind.RECEIVER]
-    assert cfg.pipelines["logs"].exporters == ("file",)
+    assert cfg.pipelines["logs"].exporters == ("file", "hubblemetrics")
+    assert cfg.pipelines["metrics"].receivers == ("ebpf", "procfs", "hubblemetrics")
+    assert cfg.pipelines["metrics"].exporters == ("prometheus",)

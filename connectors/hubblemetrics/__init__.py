@@ -1,0 +1,1 @@
+"""The ``hubblemetrics`` connector: flows (logs) into Hubble's ``hubble_*`` metric families."""

@@ -1,0 +1,15 @@
+"""Factory of the ``hubblemetrics`` connector."""
+from __future__ import annotations
+
+from connectors.hubblemetrics.config import HubbleMetricsConfig
+from connectors.hubblemetrics.connector import HubbleMetricsConnector
+from flowtel.component import Consumer, CreateSettings, Factory, Kind
+
+
+def create(settings: CreateSettings, config: HubbleMetricsConfig, next_consumer: Consumer) -> HubbleMetricsConnector:
+    return HubbleMetricsConnector(settings, config, next_consumer)
+
+
+# Takes logs (flows) and feeds metrics pipelines.
+FACTORY = Factory(type="hubblemetrics", kind=Kind.CONNECTOR, config_class=HubbleMetricsConfig, create=create,
+                  signals=("logs", "metrics"))

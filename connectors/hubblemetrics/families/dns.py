@@ -1,0 +1,61 @@
+"""``dns``: hubble_dns_queries_total, hubble_dns_responses_total {rcode, qtypes, ips_returned}
+and hubble_dns_response_types_total {type, qtypes}; option ``query`` appends a ``query`` label,
+``ignoreAAAA`` skips messages whose only question is AAAA. One count per DNS message."""
+from __future__ import annotations
+
+from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, is_packet_flow
+from connectors.hubblemetrics.options import ContextOptions, take_flag
+from flowtel.records import Flow, Verdict
+
+QUERIES = "hubble_dns_queries_total"
+RESPONSES = "hubble_dns_responses_total"
+RESPONSE_TYPES = "hubble_dns_response_types_total"
+POLICY_DENIED = "Policy denied"
+# Hubble's words for DNS response codes (reference/metric-compat.md), not the mnemonics.
+RCODE_NAMES = {
+    0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain", 4: "Not Implemented",
+    5: "Query Refused", 6: "Name Exists when it should not", 7: "RR Set Exists when it should not",
+    8: "RR Set that should exist does not", 9: "Not Authorized", 10: "Name not contained in zone",
+}
+
+
+def rcode_name(rcode: int) -> str:
+    return RCODE_NAMES.get(rcode, str(rcode))
+
+
+class DnsHandler(Handler):
+    def __init__(self, ctx: ContextOptions, include_query: bool, ignore_aaaa: bool) -> None:
+        self.ctx = ctx
+        self.include_query = include_query
+        self.ignore_aaaa = ignore_aaaa
+        extra = ("query",) if include_query else ()
+        base = ctx.label_names
+        self.metrics = (
+            MetricInfo(QUERIES, "Number of DNS queries observed", (*base, "rcode", "qtypes", "ips_returned", *extra)),
+            MetricInfo(RESPONSES, "Number of DNS responses observed",
+                       (*base, "rcode", "qtypes", "ips_returned", *extra)),
+            MetricInfo(RESPONSE_TYPES, "Number of DNS response types", (*base, "type", "qtypes", *extra)),
+        )
+
+    def process(self, flow: Flow, emit: Emit) -> None:
+        dns = flow.l7
+        # The unanswered-query record repeats a request already counted.
+        if dns is None or not is_packet_flow(flow):
+            return
+        if self.ignore_aaaa and dns.qtypes == ["AAAA"]:
+            return
+        qtypes = ",".join(dns.qtypes)
+        extra = (dns.query,) if self.include_query else ()
+        context = self.ctx.values(flow)
+        if flow.verdict == Verdict.DROPPED:
+            emit(QUERIES, (*context, POLICY_DENIED, qtypes, "0", *extra), 1)
+        elif not flow.is_reply:
+            emit(QUERIES, (*context, "", qtypes, "0", *extra), 1)
+        else:
+            emit(RESPONSES, (*context, rcode_name(dns.rcode), qtypes, str(len(dns.ips)), *extra), 1)
+            for rrtype in dns.rrtypes:
+                emit(RESPONSE_TYPES, (*context, rrtype, qtypes, *extra), 1)
+
+
+def create(options: dict[str, str], ctx: ContextOptions) -> Handler:
+    return DnsHandler(ctx, take_flag(options, "query"), take_flag(options, "ignoreAAAA"))

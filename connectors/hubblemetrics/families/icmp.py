@@ -1,0 +1,36 @@
+"""``icmp``: hubble_icmp_total {family, type}; ``type`` is the ICMP type's name where known."""
+from __future__ import annotations
+
+from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, is_packet_flow
+from connectors.hubblemetrics.options import ContextOptions
+from flowtel.records import IPPROTO_ICMP, IPPROTO_ICMPV6, Flow
+
+NAME = "hubble_icmp_total"
+# As Hubble's icmp handler names them (cilium pkg/monitor/api icmp type names).
+ICMPV4_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest",
+                11: "TimeExceeded", 12: "ParameterProblem", 13: "Timestamp", 14: "TimestampReply"}
+ICMPV6_TYPES = {1: "DestinationUnreachable", 2: "PacketTooBig", 3: "TimeExceeded", 4: "ParameterProblem",
+                128: "EchoRequest", 129: "EchoReply", 133: "RouterSolicitation", 134: "RouterAdvertisement",
+                135: "NeighborSolicitation", 136: "NeighborAdvertisement"}
+
+
+class IcmpHandler(Handler):
+    def __init__(self, ctx: ContextOptions) -> None:
+        self.ctx = ctx
+        self.metrics = (MetricInfo(NAME, "Number of ICMP messages", (*ctx.label_names, "family", "type")),)
+
+    def process(self, flow: Flow, emit: Emit) -> None:
+        if not is_packet_flow(flow):
+            return
+        # Records keep the ICMP type in src_port (flowtel.records.Flow).
+        if flow.protocol == IPPROTO_ICMP:
+            family, name = "IPv4", ICMPV4_TYPES.get(flow.src_port, str(flow.src_port))
+        elif flow.protocol == IPPROTO_ICMPV6:
+            family, name = "IPv6", ICMPV6_TYPES.get(flow.src_port, str(flow.src_port))
+        else:
+            return
+        emit(NAME, (*self.ctx.values(flow), family, name), flow_events(flow))
+
+
+def create(options: dict[str, str], ctx: ContextOptions) -> Handler:
+    return IcmpHandler(ctx)

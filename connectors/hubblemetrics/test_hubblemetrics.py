@@ -1,0 +1,237 @@
+"""Each family handler over the fixed flows of tests/flowsamples.py: names, label order and
+values as reference/metric-compat.md gives them, the context options, expiry and the bound."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from pydantic import ValidationError
+
+from connectors.hubblemetrics.config import HubbleMetricsConfig
+from connectors.hubblemetrics.connector import HubbleMetricsConnector
+from connectors.hubblemetrics.factory import FACTORY
+from connectors.hubblemetrics.options import OptionError, parse_metric, pod_short
+from connectors.hubblemetrics.series import SeriesStore
+from flowtel.component import CreateSettings, Kind, Telemetry
+from flowtel.records import DnsInfo, Flow, MetricKind, MetricPoint, Record
+from tests.flowsamples import lost, sample_flows
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.got: list[MetricPoint] = []
+
+    def wants(self, signal: str) -> bool:
+        return signal == "metrics"
+
+    def consume(self, batch: list[Record]) -> None:
+        self.got.extend(batch)  # type: ignore[arg-type]
+
+
+def run(metrics: list[str], records: list[Record], **cfg: object) -> list[MetricPoint]:
+    capture = Capture()
+    conn = HubbleMetricsConnector(CreateSettings("hubblemetrics", "node-1", Telemetry()),
+                                  HubbleMetricsConfig(metrics=metrics, **cfg), capture)  # type: ignore[arg-type]
+    conn.consume(records)
+    conn.shutdown()
+    return capture.got
+
+
+def series(points: list[MetricPoint], name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Label items in emitted order (so a test sees the order) -> value."""
+    return {tuple(p.attributes.items()): p.value for p in points if p.name == name}
+
+
+def test_metric_string_grammar() -> None:
+    spec = parse_metric("dns:query;ignoreAAAA;sourceContext=pod|ip;destinationContext=pod")
+    assert spec.name == "dns"
+    assert spec.options == {"query": "", "ignoreAAAA": "", "sourceContext": "pod|ip", "destinationContext": "pod"}
+    assert parse_metric("flow").options == {}
+    with pytest.raises(OptionError):
+        parse_metric("dns:query;query")
+
+
+@pytest.mark.parametrize("bad", ["nosuch", "flow:sourceContext=planet", "drop:frobnicate",
+                                 "flow:labelsContext=source_pod,colour"])
+def test_bad_metric_strings_are_config_errors(bad: str) -> None:
+    with pytest.raises(ValidationError, match="hubble|unknown|not one of|metric"):
+        HubbleMetricsConfig(metrics=[bad])
+
+
+def test_the_same_family_twice_is_an_error() -> None:
+    with pytest.raises(ValidationError, match="already defined"):
+        HubbleMetricsConfig(metrics=["flow", "flow:sourceContext=pod"])
+
+
+def test_flow_counts_packets_with_hubble_labels() -> None:
+    f = sample_flows()
+    got = series(run(["flow"], [f["F1"], f["F2"], f["F3"], f["F4"], f["F5"], f["F9"]]),
+                 "hubble_flows_processed_total")
+    assert got == {
+        (("protocol", "TCP"), ("type", "Trace"), ("subtype", "from-endpoint"), ("verdict", "FORWARDED")): 1,
+        (("protocol", "TCP"), ("type", "Trace"), ("subtype", "to-endpoint"), ("verdict", "FORWARDED")): 3,
+        (("protocol", "TCP"), ("type", "Drop"), ("subtype", ""), ("verdict", "DROPPED")): 2,
+        (("protocol", "DNS"), ("type", "L7"), ("subtype", "DNS"), ("verdict", "FORWARDED")): 2,
+        (("protocol", "UDP"), ("type", "Trace"), ("subtype", ""), ("verdict", "FORWARDED")): 4,
+    }
+
+
+def test_tcp_event_and_unanswered_records_are_not_counted_again() -> None:
+    f = sample_flows()
+    event = dataclasses.replace(f["F1"], extensions={"tcp_event": "retransmit"})
+    unanswered = dataclasses.replace(f["F4"], extensions={"dns_unanswered": True})
+    points = run(["flow", "tcp", "dns"], [event, unanswered])
+    assert points == []
+
+
+def test_label_order_labels_context_then_source_then_destination_then_own() -> None:
+    f = sample_flows()
+    points = run(["drop:labelsContext=traffic_direction,source_namespace,source_pod;"
+                  "destinationContext=workload-name;sourceContext=pod"], [f["F3"]])
+    [p] = points
+    assert list(p.attributes.items()) == [
+        ("source_pod", "client-1"), ("source_namespace", "default"), ("traffic_direction", "egress"),
+        ("source", "default/client-1"), ("destination", "frontend"),
+        ("reason", "NETFILTER_DROP"), ("protocol", "TCP")]
+    assert (p.name, p.value, p.kind) == ("hubble_drop_total", 2, MetricKind.SUM)
+
+
+@pytest.mark.parametrize("context, expected", [
+    ("pod", "shop/frontend-7c9d"),
+    ("namespace", "shop"),
+    ("ip", "10.0.0.1"),
+    ("workload", "shop/frontend"),
+    ("workload-name", "frontend"),
+    ("app", "frontend"),
+    ("identity", "k8s:app=frontend,k8s:io.kubernetes.pod.namespace=shop"),
+    ("dns|ip", "10.0.0.1"),  # no names: the first non-empty wins
+    ("reserved-identity", ""),
+])
+def test_source_contexts(context: str, expected: str) -> None:
+    [p] = run([f"flow:sourceContext={context}"], [sample_flows()["F1"]])
+    assert p.attributes["source"] == expected
+    assert list(p.attributes)[0] == "source"
+
+
+def test_destination_dns_context_and_pod_short() -> None:
+    [p] = run(["flow:destinationContext=dns|ip"], [sample_flows()["F6"]])
+    assert p.attributes["destination"] == "www.example.com"
+    assert pod_short("frontend-7c9d8f6b5d-x2k4q") == "frontend"
+    assert pod_short("payments-0") == "payments-0"
+    assert pod_short("coredns-abcde") == "coredns"
+
+
+def test_tcp_counts_flag_packets_not_the_union() -> None:
+    f1 = sample_flows()["F1"]
+    f1.tcp_flag_counts = {"SYN": 3, "SYN-ACK": 0, "FIN": 2, "RST": 1}
+    f2 = sample_flows()["F2"]  # no counts: the union SYN|ACK, once
+    f9 = dataclasses.replace(sample_flows()["F1"], ip_version=6, tcp_flag_counts={"SYN": 1})
+    got = series(run(["tcp:sourceContext=pod;destinationContext=pod"], [f1, f2, f9, sample_flows()["F3"]]),
+                 "hubble_tcp_flags_total")
+    fp, pf = (("source", "shop/frontend-7c9d"), ("destination", "shop/payments-0")), \
+        (("source", "shop/payments-0"), ("destination", "shop/frontend-7c9d"))
+    assert got == {
+        (*fp, ("flag", "SYN"), ("family", "IPv4")): 3,
+        (*fp, ("flag", "FIN"), ("family", "IPv4")): 2,
+        (*fp, ("flag", "RST"), ("family", "IPv4")): 1,
+        (*pf, ("flag", "SYN-ACK"), ("family", "IPv4")): 1,
+        (*fp, ("flag", "SYN"), ("family", "IPv6")): 1,
+    }  # F3 was dropped: not counted
+
+
+def dns_response(rcode: int, qtypes: list[str], ips: list[str], rrtypes: list[str]) -> Flow:
+    f = sample_flows()["F5"]
+    f.l7 = DnsInfo(query="x.example.", qtypes=qtypes, rcode=rcode, ips=ips, rrtypes=rrtypes)
+    return f
+
+
+def test_dns_families_rcode_words_and_query_label() -> None:
+    f = sample_flows()
+    denied = dataclasses.replace(f["F4"], verdict="DROPPED")
+    records: list[Record] = [f["F4"], denied, f["F5"], dns_response(3, ["A"], [], []),
+                             dns_response(0, ["AAAA"], ["::1", "::2"], ["AAAA", "AAAA"])]
+    points = run(["dns:query;sourceContext=pod"], records)
+    assert series(points, "hubble_dns_queries_total") == {
+        (("source", "shop/frontend-7c9d"), ("rcode", ""), ("qtypes", "A"), ("ips_returned", "0"),
+         ("query", "www.example.com.")): 1,
+        (("source", "shop/frontend-7c9d"), ("rcode", "Policy denied"), ("qtypes", "A"), ("ips_returned", "0"),
+         ("query", "www.example.com.")): 1,
+    }
+    coredns = ("source", "kube-system/coredns-abc")
+    assert series(points, "hubble_dns_responses_total") == {
+        (coredns, ("rcode", "No Error"), ("qtypes", "A"), ("ips_returned", "1"), ("query", "www.example.com.")): 1,
+        (coredns, ("rcode", "Non-Existent Domain"), ("qtypes", "A"), ("ips_returned", "0"), ("query", "x.example.")): 1,
+        (coredns, ("rcode", "No Error"), ("qtypes", "AAAA"), ("ips_returned", "2"), ("query", "x.example.")): 1,
+    }
+    assert series(points, "hubble_dns_response_types_total") == {
+        (coredns, ("type", "A"), ("qtypes", "A"), ("query", "www.example.com.")): 1,
+        (coredns, ("type", "AAAA"), ("qtypes", "AAAA"), ("query", "x.example.")): 2,
+    }
+
+
+def test_dns_ignore_aaaa_and_no_query_label() -> None:
+    points = run(["dns:ignoreAAAA"], [dns_response(0, ["AAAA"], ["::1"], ["AAAA"]),
+                                      dns_response(5, ["A", "AAAA"], [], [])])
+    assert series(points, "hubble_dns_responses_total") == {
+        (("rcode", "Query Refused"), ("qtypes", "A,AAAA"), ("ips_returned", "0")): 1}
+    assert series(points, "hubble_dns_response_types_total") == {}
+
+
+def test_lost_events_port_distribution_icmp_flows_to_world() -> None:
+    f = sample_flows()
+    points = run(["lost-events", "port-distribution", "icmp", "flows-to-world:port"],
+                 [lost(), lost(), *f.values()])
+    assert series(points, "hubble_lost_events_total") == {(("source", "PERF_EVENT_RING_BUFFER"),): 6}
+    assert series(points, "hubble_port_distribution_total") == {
+        (("protocol", "TCP"), ("port", "8080")): 1,   # F1; F2 is a reply, F3 dropped
+        (("protocol", "TCP"), ("port", "443")): 10,
+        (("protocol", "UDP"), ("port", "6000")): 4,
+    }
+    assert series(points, "hubble_icmp_total") == {(("family", "IPv4"), ("type", "EchoRequest")): 1}
+    assert series(points, "hubble_flows_to_world_total") == {
+        (("protocol", "TCP"), ("verdict", "FORWARDED"), ("port", "443")): 10}
+
+
+def test_cumulative_across_flushes_and_timer_emits_without_batches() -> None:
+    capture = Capture()
+    conn = HubbleMetricsConnector(CreateSettings("h", "n", Telemetry()),
+                                  HubbleMetricsConfig(metrics=["drop"], interval="50ms"), capture)
+    conn.start()
+    conn.consume([sample_flows()["F3"]])
+    conn.consume([sample_flows()["F3"]])
+    import time
+    deadline = time.monotonic() + 5
+    while len(capture.got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.shutdown()
+    values = [p.value for p in capture.got]
+    assert len(values) >= 2 and set(values) == {4}  # re-sent each interval, never reset
+
+
+def test_series_expire_when_idle() -> None:
+    store = SeriesStore(max_series=10, expiry_s=60)
+    store.add("m", ("a",), 1, now=100.0)
+    store.add("m", ("b",), 1, now=100.0)
+    store.add("m", ("a",), 1, now=150.0)
+    assert store.expire(now=159.0) == 0
+    assert store.expire(now=161.0) == 1
+    assert store.items() == [("m", ("a",), 2)]
+
+
+def test_max_series_bounds_growth_and_counts_overflow() -> None:
+    f = sample_flows()
+    telemetry = Telemetry()
+    capture = Capture()
+    conn = HubbleMetricsConnector(CreateSettings("hubblemetrics", "n", telemetry),
+                                  HubbleMetricsConfig(metrics=["port-distribution"], max_series=2), capture)
+    conn.consume([dataclasses.replace(f["F1"], dst_port=port) for port in range(1000, 1010)])
+    conn.consume([f["F1"]])  # an existing series still counts
+    conn.flush()
+    assert len(capture.got) == 2
+    assert telemetry.snapshot()[("hubblemetrics", "series_overflow")] == 9
+
+
+def test_factory_and_config_defaults() -> None:
+    cfg = HubbleMetricsConfig.model_validate({"interval": "30s", "series_expiry": "1m"})
+    assert (cfg.interval, cfg.series_expiry, cfg.max_series) == (30.0, 60.0, 50_000)
+    assert FACTORY.kind is Kind.CONNECTOR and FACTORY.type == "hubblemetrics"
