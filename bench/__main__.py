@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from bench import bpf_runtime, datapath, k8sattributes
+from bench import memory, overload, startup, throughput
 
 
 def main() -> int:
@@ -13,6 +14,14 @@ def main() -> int:
     bpf_runtime.main()
     print("== k8sattributes: lookups/s and resident memory by cached pods (bench/k8sattributes.md) ==", flush=True)
     print(k8sattributes.report(k8sattributes.run()), flush=True)
+    print("== user-space throughput: records/s per core through the pipeline (ratio = stage / decode) ==", flush=True)
+    print(throughput.report(throughput.run()), flush=True)
+    print("== start-up: flowtel run to attached and to the first export (ratio = / bcc trivial program) ==", flush=True)
+    print(startup.report(startup.run()), flush=True)
+    print("== memory: agent resident memory idle and under load (ratio = / bcc trivial program) ==", flush=True)
+    print(memory.report(memory.run()), flush=True)
+    print("== loss under overload: UDP 64 B flood + DNS query flood ==", flush=True)
+    print(overload.report(overload.run()), flush=True)
     return 0
 
 

@@ -34,6 +34,7 @@ from flowtel.records import LostEvents, Record, signal_of
 log = logging.getLogger("flowtel.pipeline")
 
 DEFAULT_QUEUE_RECORDS = 100_000
+MAX_BATCH_RECORDS = 8192
 DEFAULT_LOSS_REPORT_INTERVAL = 5.0
 # Telemetry counters that mean "records that never reached an output", by what lost them.
 _LOSS_COUNTERS = {"records_dropped": "QUEUE_FULL", "records_failed": "EXPORT_FAILED"}
@@ -181,11 +182,15 @@ class _FanOut:
         if not batch:
             return
         queues = self.queues.get(signal_of(batch[0]), ())
-        if len(queues) == 1:
-            queues[0].put(batch)
-            return
-        for q in queues:
-            q.put(list(batch))
+        # A huge batch (a ring buffer read during a flood) is split, so that a full queue
+        # drops only the part that does not fit, never the whole batch.
+        for start in range(0, len(batch), MAX_BATCH_RECORDS):
+            part = batch if len(batch) <= MAX_BATCH_RECORDS else batch[start : start + MAX_BATCH_RECORDS]
+            if len(queues) == 1:
+                queues[0].put(part)
+                continue
+            for q in queues:
+                q.put(list(part))
 
 
 @dataclass

@@ -274,3 +274,21 @@ def test_tapping_extension_sees_processed_records_of_its_signal() -> None:
     svc.shutdown()
     tapped = svc.extensions["tap"].got
     assert len(tapped) == 3 and all(r.extensions["tagged"] for r in tapped)
+
+
+def test_a_batch_larger_than_the_queue_keeps_what_fits() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {}},
+            "exporters": {"sink": {"delay": 0.5}},
+            "service": {"pipelines": {"logs": {"receivers": ["src"], "exporters": ["sink"]}}},
+        },
+        queue_records=20_000,
+    )
+    svc.start()
+    svc.receivers["src"].next_consumer.consume([flow(i) for i in range(50_000)])
+    svc.shutdown()
+    got = len([r for r in svc.exporters["sink"].got if isinstance(r, Flow)])
+    dropped = svc.telemetry.get("pipeline/logs", "records_dropped") + svc.telemetry.get("sink", "records_dropped")
+    assert got >= 16_384, "the parts that fit the queue must get through"
+    assert got + dropped == 50_000
