@@ -1,5 +1,8 @@
 """Malformed DNS messages for fuzzing, each malformed by construction (not by chance).
 
+Every kind is malformed per RFC 1035 and rejected by ``dns.message.from_wire`` too (the unit
+tests check both), so none of them is a parser's opinion.
+
 Shared by the unit tests (which check that every one is counted as a parse error) and the
 end-to-end fuzz test (which sends them over the wire). Every message is shorter than the
 default capture (512 bytes), so the kernel hands user space all of it.

@@ -2,47 +2,49 @@
 
 Pure functions over bytes (no I/O), so they are tested with crafted wire data.
 
-One pass over the message, checking it as ``dns.message.from_wire`` would and building only
-what a flow shows. A whole ``dns.message.Message`` costs three to five times as much (every
-record becomes a hashed rdata in an rdataset) for objects that are thrown away, and this
-runs for every DNS packet on the node. Names are validated here and turned into text by
-dnspython (``dns.name``), cached, because the same names are asked for again and again.
-Addresses are formatted by ``dns.ipv4``/``dns.ipv6``, as dnspython prints them.
+DNS wire format is parsed by dnspython (``dns.message.from_wire``), the project's library
+for it: it checks every count, name (label types and lengths, total length, compression
+pointers, which must point backwards, so no loop), record bounds and record data (each
+type's own format, not only A/AAAA/CNAME), OPT and TSIG placement. Records are read one
+per rrset (``one_rr_per_rrset``), so answers keep their wire order and repeats; TSIG
+signatures are not validated (``keyring=False``: a signed message is read like any other);
+bytes after the last record are ignored (``ignore_trailing``), as resolvers do. This module
+only picks out the fields a flow shows.
 
-What is checked:
+The price is CPU: a whole ``Message`` is built for every DNS packet on the node. Measured
+per message over the unit tests' corpus (CPython 3.11, dnspython 2.9): a query or an empty
+answer 25–60 µs, a response of two to four records 110–210 µs, a malformed packet ~20 µs,
+a 59-record answer ~1.9 ms (~1 ms for its 512-byte capture), against 1.4–6 µs (57 µs for 59 records) for the
+hand-written single-pass reader this replaced; the cost grows by ~30 µs per record. It is
+paid on the DNS ring buffer's reader thread, once per packet and observation point. That
+buys one parser, maintained upstream, whose verdict on a malformed message is the
+reference one, instead of a copy that has to be kept in step with it.
 
-- a complete capture must be a whole message: every count in the header is met, every name
-  is well formed (label types and lengths, total length, compression pointers that point
-  strictly backwards, which rules out loops, exactly as dnspython's name parser), every
-  record fits in the message, A/AAAA data are 4/16 bytes and CNAME data exactly one name.
-  Bytes after the last record are ignored, as resolvers do. Other record data are skipped
-  by their length.
-- a capture shorter than the message (the kernel copies a bounded prefix; a TCP message can
-  continue in later segments) is read as far as it goes: the header and the first
-  question are required, answers are taken while they are whole.
+What is framing and not DNS parsing stays here: the RFC 7766 2-byte length prefix of DNS
+over TCP and where a message continues past its segment (:func:`split_tcp`).
+
+A capture shorter than the message (the kernel copies a bounded prefix; a TCP message can
+continue in later segments) is read with ``continue_on_error``: dnspython keeps what it read
+before the capture ran out. The header and the first question are required; the answers
+are the records read whole (one whose data are malformed is skipped, as
+``continue_on_error`` does).
 """
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass, field
 
-import dns.ipv4
-import dns.ipv6
+import dns.flags
+import dns.message
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 
 DNS_HEADER_LEN = 12
-_HEADER = struct.Struct("!HHHHHH")
-_U16 = struct.Struct("!H")
-_RR_FIXED = struct.Struct("!HHIH")
-_QR = 0x8000
-_A = int(dns.rdatatype.A)
-_AAAA = int(dns.rdatatype.AAAA)
-_CNAME = int(dns.rdatatype.CNAME)
-_OPT = int(dns.rdatatype.OPT)
-_IN = 1
-_MAX_NAME = 255
+_QR = int(dns.flags.QR)
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+_CNAME = dns.rdatatype.CNAME
+_IN = dns.rdataclass.IN
 
 
 class MalformedMessage(Exception):
@@ -73,121 +75,57 @@ def _type_text(rdtype: int) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _name_text(flat: bytes) -> str:
-    # flat: the name's labels, uncompressed and already validated, with the root label.
-    return dns.name.from_wire(flat, 0)[0].to_text().lower()
+def _name_text(name: dns.name.Name) -> str:
+    # dns.name.Name compares and hashes without regard to case, so one entry serves every
+    # spelling of a name: the text is lower case anyway.
+    return name.to_text().lower()
 
 
-def _walk_name(wire: bytes, pos: int, labels: list[bytes] | None) -> int:
-    """Validate the (possibly compressed) name at ``pos`` and return the offset after it;
-    with ``labels``, also collect its labels (length byte included)."""
-    end = len(wire)
-    after = -1  # where the message continues once a pointer has been followed
-    limit = pos  # a pointer must point before the name and before every earlier target
-    length = 1  # the root label
-    while True:
-        if pos >= end:
-            raise MalformedMessage("name runs past the end")
-        count = wire[pos]
-        if count == 0:
-            return pos + 1 if after < 0 else after
-        if count < 64:
-            length += count + 1
-            if length > _MAX_NAME:
-                raise MalformedMessage("name longer than 255 octets")
-            if pos + 1 + count > end:
-                raise MalformedMessage("label runs past the end")
-            if labels is not None:
-                labels.append(wire[pos : pos + 1 + count])
-            pos += count + 1
-        elif count >= 192:
-            if pos + 1 >= end:
-                raise MalformedMessage("compression pointer runs past the end")
-            target = ((count & 0x3F) << 8) | wire[pos + 1]
-            if target >= limit:
-                raise MalformedMessage("compression pointer does not point backwards")
-            if after < 0:
-                after = pos + 2
-            limit = pos = target
-        else:
-            raise MalformedMessage(f"label type {count:#04x} is not defined")
-
-
-def _read_name(wire: bytes, pos: int) -> tuple[str, int]:
-    labels: list[bytes] = []
-    end = _walk_name(wire, pos, labels)
-    labels.append(b"\x00")
-    try:
-        return _name_text(b"".join(labels)), end
-    except Exception as exc:  # dnspython on hostile bytes: this packet's error, not the reader's end
-        raise MalformedMessage(f"name: {type(exc).__name__}: {exc}") from None
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def parse_message(wire: bytes, complete: bool) -> DnsMessage:
     """One DNS message. ``complete`` says whether ``wire`` holds all of it.
 
     Raises :class:`MalformedMessage` when the header or the first question is unreadable,
-    or, for a complete message, when any part of it is malformed.
+    or, for a complete message, when dnspython finds any part of it malformed.
     """
+    # A message between two pods on one node is seen at both veths with the same bytes:
+    # dnspython's parse (tens of µs) is done once and the result copied.
+    m = _parse_cached(wire, complete)
+    return DnsMessage(m.id, m.is_response, m.rcode, m.query, list(m.qtypes), list(m.ips), list(m.cnames),
+                      list(m.rrtypes), m.ttl, m.partial)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_cached(wire: bytes, complete: bool) -> DnsMessage:
     n = len(wire)
     if n < DNS_HEADER_LEN:
         raise MalformedMessage(f"{n} bytes: shorter than a DNS header")
-    ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
-    out = DnsMessage(id=ident, is_response=bool(flags & _QR), rcode=flags & 0xF, partial=not complete)
-    pos = DNS_HEADER_LEN
     try:
-        for i in range(qdcount):
-            if i == 0:
-                out.query, pos = _read_name(wire, pos)
-            else:
-                pos = _walk_name(wire, pos, None)
-            if pos + 4 > n:
-                raise MalformedMessage("question runs past the end")
-            out.qtypes.append(_type_text(_U16.unpack_from(wire, pos)[0]))
-            pos += 4
-    except MalformedMessage:
-        if complete or not out.qtypes:
-            raise
-        return out
-    try:
-        _read_records(wire, pos, out, ancount, ancount + nscount, ancount + nscount + arcount)
-    except MalformedMessage:
-        if complete:
-            raise
-    return out
-
-
-def _read_records(wire: bytes, pos: int, out: DnsMessage, answers_end: int, authority_end: int,
-                  total: int) -> None:
-    """Answer, authority and additional records; answers fill ``out`` as they are read, so
-    a capture that ends inside a record keeps the ones before it."""
-    n = len(wire)
-    for i in range(total):
-        pos = _walk_name(wire, pos, None)
-        if pos + 10 > n:
-            raise MalformedMessage("record header runs past the end")
-        rdtype, rdclass, ttl, rdlen = _RR_FIXED.unpack_from(wire, pos)
-        rdata, pos = pos + 10, pos + 10 + rdlen
-        if pos > n:
-            raise MalformedMessage("record data run past the end")
-        if i >= answers_end:
-            if rdtype == _OPT and i >= authority_end:
-                out.rcode |= (ttl >> 24) << 4  # EDNS: the upper 8 bits of a 12-bit rcode
-            continue
-        if (rdtype == _A or rdtype == _AAAA) and rdclass == _IN:  # other classes' A is not an address
-            if rdlen != (4 if rdtype == _A else 16):
-                raise MalformedMessage(f"{_type_text(rdtype)} record of {rdlen} bytes")
-            raw = wire[rdata:pos]
-            out.ips.append(dns.ipv4.inet_ntoa(raw) if rdlen == 4 else dns.ipv6.inet_ntoa(raw))
+        m = dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True, ignore_trailing=True,
+                                  continue_on_error=not complete)
+    except Exception as exc:  # dnspython on hostile bytes raises more than FormError
+        raise MalformedMessage(_why(exc)) from None
+    if not complete and m.errors and not m.question and (wire[4] or wire[5]):
+        # The capture ended (or the bytes went bad) before the first question was whole.
+        raise MalformedMessage(_why(m.errors[0].exception))
+    out = DnsMessage(id=m.id, is_response=bool(m.flags & _QR), rcode=int(m.rcode()), partial=not complete)
+    if m.question:
+        out.query = _name_text(m.question[0].name)
+        out.qtypes = [_type_text(q.rdtype) for q in m.question]
+    for i, rrset in enumerate(m.answer):  # one record per rrset
+        rdtype = rrset.rdtype
+        if rdtype in _ADDRESS_TYPES:
+            if rrset.rdclass == _IN:  # other classes' A is not an address
+                out.ips.extend(rd.address for rd in rrset)
         elif rdtype == _CNAME:
-            target, name_end = _read_name(wire[:pos], rdata)
-            if name_end != pos:
-                raise MalformedMessage("CNAME data is not exactly one name")
-            out.cnames.append(target)
-        if ttl > 0x7FFFFFFF:
-            ttl = 0  # RFC 2181 section 8, as dnspython reads it
+            out.cnames.extend(_name_text(rd.target) for rd in rrset)
         out.rrtypes.append(_type_text(rdtype))
-        out.ttl = ttl if i == 0 else min(out.ttl, ttl)
+        out.ttl = rrset.ttl if i == 0 else min(out.ttl, rrset.ttl)
+    return out
 
 
 @dataclass(slots=True)
