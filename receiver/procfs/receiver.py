@@ -72,9 +72,11 @@ class ProcfsReceiver(Receiver):
             files |= family.files
         if self._interface_selector is not None:
             files.add("dev")
-        # tcp_state comes from one sock_diag dump where it can (see sockdiag.py), which sees
+        # tcp_state comes from sock_diag dumps where it can (see sockdiag.py), which see
         # the reading thread's namespace: not the one proc_path may point at.
-        self._tcp_netlink = metrics.tcp_state.enabled and config.proc_path == "/proc"
+        self._tcp_netlink = (
+            metrics.tcp_state.enabled and metrics.tcp_state.source == "netlink" and config.proc_path == "/proc"
+        )
         if metrics.tcp_state.enabled and not self._tcp_netlink:
             files |= {"tcp", "tcp6"}
         if metrics.udp_active_sockets.enabled:
@@ -202,12 +204,12 @@ class ProcfsReceiver(Receiver):
                 return None
             self._recovered(ns.label, "")
         if reading.diag_failure is not None and self._tcp_netlink:
-            # Files give the same counts at a higher cost: switch for good, and say so once.
+            # Files give the same counts: switch for good, and say so once.
             self._tcp_netlink = False
             self._files = tuple(sorted({*self._files, "tcp", "tcp6"}))
             log.warning(
                 "socket diagnostics (NETLINK_SOCK_DIAG) failed: %s; tcp_state is read from /proc/net/tcp "
-                "and /proc/net/tcp6 from now on (load the tcp_diag kernel module to use the cheaper way)",
+                "and /proc/net/tcp6 from now on (load the tcp_diag kernel module to use netlink)",
                 reading.diag_failure.strerror or reading.diag_failure,
             )
         for name, result in reading.texts.items():

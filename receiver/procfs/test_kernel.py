@@ -111,7 +111,7 @@ def _ip_link(dev: str, netns: str | None = None) -> dict[str, int]:
 def bed() -> Iterator[Testbed]:
     Testbed.cleanup_stale()
     with Testbed() as tb:
-        for name in ("a", "b", "down", "sockets"):
+        for name in ("a", "b", "down", "sockets", "states", "visit"):
             tb.add_pod(name)
         yield tb
 
@@ -230,3 +230,149 @@ def test_socket_gauges_of_a_pod_namespace_are_exact(bed: Testbed) -> None:
     assert _states(from_files) == _states(points, pod.netns)
     # The node's own namespace is reported beside them, without a netns label.
     assert set(_states(points)) == set(_states(points, pod.netns))
+
+
+# -- tcp_state from pyroute2's DiagSocket, state by state --------------------------------------
+
+_STATE_SOCKETS = r"""
+import socket, sys, time
+n = int(sys.argv[1])
+keep = []
+for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    l = socket.socket(fam); l.bind((addr, 0)); l.listen(64); keep.append(l)            # LISTEN
+    port = l.getsockname()[1]
+    for _ in range(n):                                                                     # 2n ESTABLISHED
+        keep.append(socket.create_connection((addr, port))); keep.append(l.accept()[0])
+    c = socket.create_connection((addr, port)); s = l.accept()[0]
+    c.shutdown(socket.SHUT_WR); keep += [c, s]                         # FIN_WAIT2, CLOSE_WAIT
+    c = socket.create_connection((addr, port)); s = l.accept()[0]
+    c.close(); time.sleep(0.05); s.close()                            # TIME_WAIT (c's, orphaned)
+    if fam == socket.AF_INET:  # the pod's devices other than lo have IPv6 disabled
+        c = socket.socket(fam); c.setblocking(False); c.connect_ex(("10.99.0.2", 9)); keep.append(c)  # SYN_SENT
+    b = socket.socket(fam); b.bind((addr, 0)); keep.append(b)     # bound only: CLOSE, netlink only
+time.sleep(0.2)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+# Per address family; CLOSE is the bound-only socket, which /proc/net/tcp does not list.
+_OPENED = {"LISTEN": 1, "FIN_WAIT2": 1, "CLOSE_WAIT": 1, "TIME_WAIT": 1, "CLOSE": 1}
+
+
+def test_tcp_state_by_netlink_counts_every_state_opened_in_a_pod_and_agrees_with_proc(bed: Testbed) -> None:
+    pod = bed.pods["states"]
+    # SYN_SENT: a connection to a neighbour that never answers (the veth peer has no address).
+    for cmd in (["link", "set", "lo", "up"], ["link", "add", "away", "type", "veth", "peer", "name", "silent"],
+                ["link", "set", "away", "up"], ["link", "set", "silent", "up"],
+                ["addr", "add", "10.99.0.1/24", "dev", "away"]):
+        subprocess.run(["ip", "-n", pod.netns, *cmd], check=True)
+    n = 7
+    proc = pod.popen([sys.executable, "-c", _STATE_SOCKETS, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    gauges = {**ALL_OFF, "tcp_state": {}}
+    try:
+        by_netlink = _states(poll({"metrics": {**gauges, "tcp_state": {"source": "netlink"}}, "netns": [pod.netns]}), pod.netns)
+        from_files = _states(poll({"metrics": gauges, "proc_path": f"/proc/{proc.pid}"}))
+        ss = subprocess.run(["ip", "netns", "exec", pod.netns, "ss", "-tan", "-H"],
+                            check=True, capture_output=True, text=True).stdout
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+    expected = {state: 0 for state in by_netlink}
+    expected.update({state: 2 * count for state, count in _OPENED.items()})  # IPv4 and IPv6
+    expected["ESTABLISHED"] = 2 * 2 * n
+    expected["SYN_SENT"] = 1
+    assert by_netlink == expected, ss
+    assert len(by_netlink) == 11
+    assert from_files == {**by_netlink, "CLOSE": 0}
+
+
+def test_sock_diag_counts_the_namespace_entered_and_leaves_nothing_open(bed: Testbed) -> None:
+    """The DiagSocket is made inside the namespace the thread entered, and closed there."""
+    import os
+    from collections import Counter
+
+    from receiver.procfs import sockdiag
+    from receiver.procfs.netns import in_netns
+
+    pod = bed.pods["visit"]
+    subprocess.run(["ip", "-n", pod.netns, "link", "set", "lo", "up"], check=True)
+    proc = _pod_process(pod, n=4, m=0)
+    result: list[tuple[Counter[int], int]] = []
+    fds: list[int] = []
+
+    def visit() -> None:
+        before = len(os.listdir("/proc/thread-self/fd"))
+        for _ in range(20):
+            result.append(in_netns(f"/proc/{proc.pid}/ns/net", sockdiag.tcp_states))
+        fds.extend((before, len(os.listdir("/proc/thread-self/fd"))))
+
+    try:
+        worker = threading.Thread(target=visit)
+        worker.start()
+        worker.join(30)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+    assert len(result) == 20
+    assert all(r == (Counter({1: 8, 10: 1}), 0) for r in result), result[0]
+    assert fds[0] == fds[1]  # nothing left open by pyroute2 (socket, event loop)
+
+
+def test_sock_diag_error_reply_raises_and_the_receiver_reads_proc_instead(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request the kernel refuses ends with NLMSG_DONE carrying -ENOENT (no inet_diag handler
+    for protocol 255 on any kernel), which must not read as a namespace without sockets."""
+    import errno
+    import logging
+
+    from receiver.procfs import sockdiag
+
+    monkeypatch.setattr(sockdiag, "PROTOCOL", 255)
+    with pytest.raises(OSError) as info:
+        sockdiag.tcp_states()
+    assert info.value.errno == errno.ENOENT
+    with loopback_connections(3):
+        states = _states(poll({"metrics": {**ALL_OFF, "tcp_state": {"source": "netlink"}}}))
+    assert states["ESTABLISHED"] >= 6 and states["LISTEN"] >= 1
+    assert any("/proc/net/tcp" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_sock_diag_counts_replies_it_cannot_read_and_keeps_what_it_could(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real dumps, each cut after its first record by a message of no sock_diag type and a
+    record pyroute2 cannot decode (which ends its dump): counted, never raised."""
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink import nlmsg
+    from pyroute2.netlink.exceptions import NetlinkDataDecodeError, NetlinkError
+
+    from receiver.procfs import sockdiag
+
+    real = DiagSocket.nlm_request
+
+    def cut(self, *argv, **kwarg):  # type: ignore[no-untyped-def]
+        for msg in real(self, *argv, **kwarg):
+            yield msg
+            break
+        odd = nlmsg()
+        odd["header"]["type"] = 99
+        yield odd
+        raise NetlinkDataDecodeError(ValueError("short inet_diag_msg"))
+
+    with loopback_connections(2):
+        full, _ = sockdiag.tcp_states()
+        monkeypatch.setattr(DiagSocket, "nlm_request", cut)
+        states, errors = sockdiag.tcp_states()
+    assert errors == 2 * len(sockdiag.FAMILIES)
+    # The first record of each family's dump was counted (IPv6 may have none on this node).
+    assert 1 <= sum(states.values()) <= 2 and not states - full
+
+    def refuse(self, *argv, **kwarg):  # type: ignore[no-untyped-def]
+        raise NetlinkError(13)
+        yield
+
+    monkeypatch.setattr(DiagSocket, "nlm_request", refuse)
+    with pytest.raises(OSError) as info:
+        sockdiag.tcp_states()
+    assert info.value.errno == 13

@@ -2,9 +2,6 @@
 (testdata/, taken from a 6.18 kernel) and hand-made edge cases."""
 from __future__ import annotations
 
-import errno
-import socket
-import struct
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +12,7 @@ from receiver.procfs import families
 from receiver.procfs.families import InterfaceFilter, StatisticSelector
 from receiver.procfs.netdev import parse_net_dev
 from receiver.procfs.snmp import parse_paired, parse_snmp6, to_int
-from receiver.procfs.sockets import NLMSG_DONE, NLMSG_ERROR, TCP_STATES, diag_states, socket_states
+from receiver.procfs.sockets import TCP_STATES, socket_states
 
 TESTDATA = Path(__file__).parent / "testdata"
 
@@ -277,39 +274,3 @@ def test_tcp_state_points_report_every_state() -> None:
     assert all(p.kind is MetricKind.GAUGE and p.name == "networkobservability_tcp_state" for p in points)
     with_unknown = families.tcp_state_points(Counter({1: 1, 13: 4}), 5, {})
     assert {p.attributes["state"]: p.value for p in with_unknown}["UNKNOWN"] == 4
-
-
-# -- sock_diag dump messages ---------------------------------------------------------------
-
-
-def _nlmsg(kind: int, payload: bytes) -> bytes:
-    length = 16 + len(payload)
-    return struct.pack("=IHHII", length, kind, 2, 1, 0) + payload + b"\0" * (-length % 4)
-
-
-def _diag_msg(state: int, family: int = socket.AF_INET, extra: int = 0) -> bytes:
-    # inet_diag_msg (72 bytes) then attributes, whose length varies with the socket.
-    return _nlmsg(20, bytes([family, state]) + b"\0" * 70 + b"\x01" * extra)
-
-
-def test_diag_states_counts_every_message_until_done() -> None:
-    states: Counter[int] = Counter()
-    first = _diag_msg(1) + _diag_msg(1, socket.AF_INET6, extra=13) + _diag_msg(10, extra=2)
-    assert diag_states(first, states) == (False, 0)
-    second = _diag_msg(6) + _nlmsg(NLMSG_DONE, struct.pack("=i", 0))
-    assert diag_states(memoryview(second), states) == (True, 0)
-    assert states == Counter({1: 2, 10: 1, 6: 1})
-
-
-def test_diag_states_errors() -> None:
-    with pytest.raises(OSError) as info:
-        diag_states(_diag_msg(1) + _nlmsg(NLMSG_ERROR, struct.pack("=i", -errno.EINVAL) + b"\0" * 16), Counter())
-    assert info.value.errno == errno.EINVAL
-    with pytest.raises(OSError):
-        diag_states(_nlmsg(NLMSG_DONE, struct.pack("=i", -errno.EINTR)), Counter())
-    states: Counter[int] = Counter()
-    # A message too short to hold a state, then one that claims more bytes than were read.
-    short = struct.pack("=IHHII", 17, 20, 0, 0, 0) + b"\x02\0\0\0"
-    assert diag_states(short + _diag_msg(1) + _diag_msg(1)[:40], states) == (False, 2)
-    assert states == Counter({1: 1})
-    assert diag_states(b"\x01\x02\x03", Counter()) == (False, 1)

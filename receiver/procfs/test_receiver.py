@@ -254,7 +254,7 @@ def test_tcp_state_falls_back_to_proc_files_once(monkeypatch: pytest.MonkeyPatch
         raise OSError(errno.ENOENT, "No such file or directory")
 
     monkeypatch.setattr("receiver.procfs.sockdiag.tcp_states", refuse)
-    rec = receiver({"metrics": {"tcp_state": {}}})  # this machine's /proc
+    rec = receiver({"metrics": {"tcp_state": {"source": "netlink"}}})  # this machine's /proc
     for _ in range(3):
         states = by_family(rec.poll_once())["tcp_state"]
         assert len(states) >= 11  # from /proc/net/tcp and tcp6, in the same poll as the failure
