@@ -19,6 +19,7 @@ from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
 from receiver.ebpf.flowmap import FlowMaps, RawFlow, interface_totals
 from receiver.ebpf.kernel_events import KernelEvents
+from receiver.ebpf.reply import ReplyInference
 from receiver.ebpf.nodemetrics import forward_points
 
 log = logging.getLogger("flowtel.receiver.ebpf")
@@ -55,6 +56,7 @@ class EbpfReceiver(Receiver):
         self._thread: threading.Thread | None = None
         self._dns: DnsRing | None = None
         self._kernel_events: KernelEvents | None = None
+        self._replies = ReplyInference()
 
     def start(self) -> None:
         try:
@@ -165,6 +167,7 @@ class EbpfReceiver(Receiver):
         node = self.settings.node_name
         offset = _monotonic_to_wall_offset()
         iface_cache: dict[int, Interface | None] = {}
+        is_reply = self._replies.is_reply
         out: list[Flow | LostEvents] = []
         append = out.append
         for r in raws:
@@ -204,6 +207,8 @@ class EbpfReceiver(Receiver):
             )
             if r.protocol == 6:
                 flow.tcp_flag_counts = {"SYN": r.syn, "SYN-ACK": r.synack, "FIN": r.fin, "RST": r.rst}
+            if r.family:
+                flow.is_reply = is_reply(r.protocol, src, r.sport, dst, r.dport, r.syn, r.synack)
             append(flow)
         return out
 

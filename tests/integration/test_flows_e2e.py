@@ -189,10 +189,15 @@ def test_counts_equal_kernel_link_counters_exactly(bed: Testbed, tmp_path: Path)
         assert any(f["l4"]["TCP"]["flags"].get("SYN") for f in out)
         back = find(flows, iface=a.host_ifname, src=b.ipv4, dst=a.ipv4, proto="TCP", sport=8080, dport=sent.src_port)
         assert sum(f["extensions"]["tcp_flags"]["SYN-ACK"] for f in back) == 1
+        # Request and reply, in every interval of the connection (remembered from its handshake).
+        assert all(f["is_reply"] is False for f in out) and all(f["is_reply"] is True for f in back)
     # ICMP echo: 5 requests out of pod-b, 5 replies into it.
     req = find(flows, iface=b.host_ifname, src=b.ipv4, dst=c.ipv4, proto="ICMPv4")
     assert sum(f["extensions"]["packets"] for f in req) == 5
-    assert all(f["l4"]["ICMPv4"]["type"] == 8 for f in req)
+    assert all(f["l4"]["ICMPv4"]["type"] == 8 and f["is_reply"] is False for f in req)
+    rep = find(flows, iface=b.host_ifname, src=c.ipv4, dst=b.ipv4, proto="ICMPv4")
+    assert sum(f["extensions"]["packets"] for f in rep) == 5 and all(f["is_reply"] is True for f in rep)
+    assert all(f["is_reply"] is False for f in udp_flows)  # from an ephemeral port to 9000
 
     # Clean detach: no flowtel filter and no clsact qdisc left behind.
     for p in pods:

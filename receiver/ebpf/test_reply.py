@@ -1,0 +1,41 @@
+from receiver.ebpf.reply import ReplyInference
+
+
+def test_tcp_handshake_names_both_directions_and_later_intervals() -> None:
+    r = ReplyInference()
+    assert r.is_reply(6, "10.0.0.1", 40000, "10.0.0.2", 8080, syn=1) is False
+    assert r.is_reply(6, "10.0.0.2", 8080, "10.0.0.1", 40000, synack=1) is True
+    # A later interval of the same connection, no handshake in it.
+    assert r.is_reply(6, "10.0.0.1", 40000, "10.0.0.2", 8080) is False
+    assert r.is_reply(6, "10.0.0.2", 8080, "10.0.0.1", 40000) is True
+
+
+def test_handshake_beats_the_port_heuristic() -> None:
+    # A client on a low port talking to a server on an ephemeral-range port.
+    r = ReplyInference()
+    assert r.is_reply(6, "10.0.0.1", 1000, "10.0.0.2", 40000, syn=1) is False
+    assert r.is_reply(6, "10.0.0.2", 40000, "10.0.0.1", 1000) is True
+
+
+def test_icmp_echo() -> None:
+    r = ReplyInference()
+    assert r.is_reply(1, "a", 8, "b", 0) is False
+    assert r.is_reply(1, "b", 0, "a", 0) is True
+    assert r.is_reply(58, "a", 128, "b", 0) is False
+    assert r.is_reply(58, "b", 129, "a", 0) is True
+    assert r.is_reply(1, "a", 3, "b", 3) is None  # destination unreachable: neither
+
+
+def test_ports_and_unknown() -> None:
+    r = ReplyInference()
+    assert r.is_reply(17, "a", 45000, "b", 53) is False
+    assert r.is_reply(17, "b", 53, "a", 45000) is True
+    assert r.is_reply(17, "a", 9000, "b", 9001) is None
+    assert r.is_reply(17, "a", 40000, "b", 40001) is None
+
+
+def test_bounded() -> None:
+    r = ReplyInference(max_connections=10)
+    for port in range(40000, 40100):
+        r.is_reply(6, "a", port, "b", 80, syn=1)
+    assert len(r) == 10
