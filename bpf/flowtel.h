@@ -179,4 +179,108 @@ struct tcp_conn {
 #define FLOWTEL_KEV_CNT_MAX              8
 /* ==== end of kernel events ============================================================== */
 
+/* ==== FQDN egress policy (bpf/fqdn_policy.c, dnsproxy/) ==================================
+ * Maps are pinned under the dnsproxy's pin directory (default /sys/fs/bpf/flowtel/dnsproxy)
+ * so enforcement outlives the proxy process. Addresses are 16 bytes, IPv4 in the first 4.
+ */
+#define FLOWTEL_FQDN_MAX_PORTS 8
+
+#define FLOWTEL_FQDN_MODE_ENFORCE 1
+#define FLOWTEL_FQDN_MODE_AUDIT   2
+
+/* One allowed L4 destination: protocol 0 = any; port 0 = any; [port, end_port] inclusive. */
+struct fqdn_port {
+    __u16 port;
+    __u16 end_port;
+    __u8  protocol;
+    __u8  pad[3];
+};
+
+/* Which ports an allowance covers: all (any_port = 1) or up to FLOWTEL_FQDN_MAX_PORTS ranges. */
+struct fqdn_l4 {
+    __u8  any_port;
+    __u8  nports;
+    __u8  pad[6];
+    struct fqdn_port ports[FLOWTEL_FQDN_MAX_PORTS];
+};
+
+/* fqdn_endpoints: policed pod address -> how it is policed. Absent = not policed. */
+struct fqdn_endpoint_key {
+    __u8  addr[16];
+};
+
+struct fqdn_endpoint {
+    __u32 mode;          /* FLOWTEL_FQDN_MODE_* */
+    __u32 pad;
+};
+
+/* fqdn_allow: (pod, destination) learned from an allowed DNS answer. */
+struct fqdn_allow_key {
+    __u8  pod[16];
+    __u8  dst[16];
+};
+
+struct fqdn_allow_val {
+    __u64 expires_ns;    /* bpf_ktime_get_ns clock: end of the record's TTL (min TTL applied) */
+    __u64 until_ns;      /* expires_ns + grace: the datapath allows up to here */
+    struct fqdn_l4 l4;
+};
+
+/* fqdn_cidr (LPM trie): prefixlen counts bits of pod (always 128) + bits of dst, where an IPv4
+ * dst is written IPv4-mapped (::ffff:a.b.c.d, so v4 /n is 128 + 96 + n). Filled from
+ * toCIDR/toCIDRSet (except removes by longer prefixes with deny = 1) and toEndpoints. */
+struct fqdn_cidr_key {
+    __u32 prefixlen;
+    __u8  pod[16];
+    __u8  dst[16];
+};
+
+struct fqdn_cidr_val {
+    __u8  deny;          /* an `except` hole: longest match wins, so it overrides the CIDR */
+    __u8  pad[7];
+    struct fqdn_l4 l4;
+};
+
+/* fqdn_ct (LRU): a connection the pod did not open (a peer reached it), keyed from the pod's
+ * side, so its replies are not policed as new egress. */
+struct fqdn_ct_key {
+    __u8  pod[16];
+    __u8  peer[16];
+    __u16 pod_port;
+    __u16 peer_port;
+    __u8  protocol;
+    __u8  pad[3];
+};
+
+/* Verdicts in struct fqdn_event. */
+#define FLOWTEL_FQDN_VERDICT_DROPPED 1
+#define FLOWTEL_FQDN_VERDICT_AUDIT   2
+
+/* One denied packet (dropped, or let through in audit mode), in the fqdn_events ring buffer. */
+struct fqdn_event {
+    __u64 ts_ns;         /* bpf_ktime_get_ns */
+    __u8  saddr[16];
+    __u8  daddr[16];
+    __u32 ifindex;
+    __u32 len;
+    __u16 sport;         /* host byte order */
+    __u16 dport;
+    __u8  family;
+    __u8  protocol;
+    __u8  verdict;       /* FLOWTEL_FQDN_VERDICT_* */
+    __u8  tcp_flags;
+};
+
+/* Indexes of the per-CPU fqdn_counters array. */
+#define FLOWTEL_FQDN_CNT_ALLOWED_FQDN   0
+#define FLOWTEL_FQDN_CNT_ALLOWED_CIDR   1
+#define FLOWTEL_FQDN_CNT_ALLOWED_DNS    2   /* to port 53: redirected to the proxy */
+#define FLOWTEL_FQDN_CNT_ALLOWED_REPLY  3
+#define FLOWTEL_FQDN_CNT_DROPPED        4
+#define FLOWTEL_FQDN_CNT_AUDIT          5
+#define FLOWTEL_FQDN_CNT_EVENTS_LOST    6
+#define FLOWTEL_FQDN_CNT_EXPIRED        7   /* packets to a learned IP past its deadline */
+#define FLOWTEL_FQDN_CNT_MAX            8
+/* ==== end of FQDN egress policy ========================================================== */
+
 #endif /* FLOWTEL_H */

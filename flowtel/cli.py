@@ -1,4 +1,4 @@
-"""The ``flowtel`` command line: run, doctor, demo, observe, map."""
+"""The ``flowtel`` command line: run, doctor, demo, observe, map, dnsproxy."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,12 @@ def cmd_map(args: argparse.Namespace) -> int:
         return exc.code
 
 
+def cmd_dnsproxy(args: argparse.Namespace) -> int:
+    from dnsproxy.run import main as dnsproxy_main
+
+    return dnsproxy_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowtel", description="Kubernetes network observability as an OpenTelemetry pipeline")
     parser.add_argument("--log-level", default=os.environ.get("FLOWTEL_LOG_LEVEL", "info"), help="debug, info, warning, error")
@@ -108,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     service_map = sub.add_parser("map", help="print the service dependency map of a running agent")
     add_map_arguments(service_map)
     service_map.set_defaults(func=cmd_map)
+    from dnsproxy.run import add_arguments as add_dnsproxy_arguments
+
+    proxy = sub.add_parser("dnsproxy", help="run the FQDN-filtering DNS proxy and its enforcement datapath")
+    add_dnsproxy_arguments(proxy)
+    proxy.set_defaults(func=cmd_dnsproxy)
     return parser
 
 

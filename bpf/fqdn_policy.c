@@ -1,0 +1,230 @@
+/* fqdn_policy.c — FQDN egress enforcement on a policed pod's host-side veth.
+ *
+ * ftfqdn_from_pod runs on the veth's tc ingress (packets the pod sends) and decides:
+ *   - source not in fqdn_endpoints: not policed, pass;
+ *   - DNS (UDP/TCP to port 53): pass, the host's nftables rule DNATs it to the dnsproxy;
+ *   - reply of a connection a peer opened to the pod (fqdn_ct): pass;
+ *   - (pod, dst) in fqdn_allow and not past until_ns, port covered: pass;
+ *   - longest (pod, dst/prefix) match in fqdn_cidr, not an except hole, port covered: pass;
+ *   - otherwise: an event to fqdn_events, and TC_ACT_SHOT (enforce) or pass (audit).
+ * ftfqdn_to_pod runs on tc egress (packets delivered to the pod) and records connections a
+ * peer opens to the pod, so the pod's answers are not mistaken for new egress.
+ *
+ * Program names do not start with "flowtel_": the agent's attach manager treats such filters
+ * as its own leftovers and would replace them.
+ *
+ * Every map is pinned (FQDN_PIN_DIR, set by the loader), so a restarted proxy compiles a new
+ * program over the same maps and swaps it in atomically; enforcement never pauses.
+ * Compile-time constants: FQDN_PIN_DIR (a string), FQDN_RING_PAGES, FQDN_MAX_ALLOW.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/pkt_cls.h>
+#include "flowtel.h"
+
+BPF_TABLE_PINNED("hash", struct fqdn_allow_key, struct fqdn_allow_val, fqdn_allow, FQDN_MAX_ALLOW,
+                 FQDN_PIN_DIR "/fqdn_allow");
+BPF_TABLE_PINNED("hash", struct fqdn_endpoint_key, struct fqdn_endpoint, fqdn_endpoints, 65536,
+                 FQDN_PIN_DIR "/fqdn_endpoints");
+BPF_TABLE_PINNED("lpm_trie", struct fqdn_cidr_key, struct fqdn_cidr_val, fqdn_cidr, 65536,
+                 FQDN_PIN_DIR "/fqdn_cidr", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct fqdn_ct_key, __u64, fqdn_ct, 65536, FQDN_PIN_DIR "/fqdn_ct");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, fqdn_counters, FLOWTEL_FQDN_CNT_MAX,
+                 FQDN_PIN_DIR "/fqdn_counters");
+BPF_RINGBUF_OUTPUT(fqdn_events, FQDN_RING_PAGES);
+
+static __always_inline void count(__u32 idx)
+{
+    __u64 *v = fqdn_counters.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+struct pkt {
+    __u8  saddr[16];
+    __u8  daddr[16];
+    __u16 sport;
+    __u16 dport;
+    __u8  family;
+    __u8  protocol;
+    __u8  tcp_flags;
+};
+
+/* 0 on success; -1 for frames that are not IP (never policed: ARP must keep working). */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+    __u16 ethertype = bpf_ntohs(skb->protocol);
+    __u32 l4off;
+
+    if (ethertype == ETH_P_IP) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+            return -1;
+        p->family = 4;
+        __builtin_memcpy(p->saddr, &ip.saddr, 4);
+        __builtin_memcpy(p->daddr, &ip.daddr, 4);
+        p->protocol = ip.protocol;
+        /* A non-first fragment carries no ports: policed on addresses alone (port 0). */
+        if (ip.frag_off & bpf_htons(0x1FFF))
+            return 0;
+        l4off = ETH_HLEN + ip.ihl * 4;
+    } else if (ethertype == ETH_P_IPV6) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+            return -1;
+        p->family = 6;
+        __builtin_memcpy(p->saddr, &ip6.saddr, 16);
+        __builtin_memcpy(p->daddr, &ip6.daddr, 16);
+        p->protocol = ip6.nexthdr;  /* extension headers: ports stay 0 */
+        l4off = ETH_HLEN + sizeof(ip6);
+    } else {
+        return -1;
+    }
+    if (p->protocol == IPPROTO_TCP) {
+        struct tcphdr tcp;
+        if (bpf_skb_load_bytes(skb, l4off, &tcp, sizeof(tcp)) == 0) {
+            p->sport = bpf_ntohs(tcp.source);
+            p->dport = bpf_ntohs(tcp.dest);
+            __u8 flags = 0;
+            bpf_skb_load_bytes(skb, l4off + 13, &flags, 1);
+            p->tcp_flags = flags;
+        }
+    } else if (p->protocol == IPPROTO_UDP) {
+        struct udphdr udp;
+        if (bpf_skb_load_bytes(skb, l4off, &udp, sizeof(udp)) == 0) {
+            p->sport = bpf_ntohs(udp.source);
+            p->dport = bpf_ntohs(udp.dest);
+        }
+    }
+    return 0;
+}
+
+static __always_inline int l4_allows(struct fqdn_l4 *l4, struct pkt *p)
+{
+    if (l4->any_port)
+        return 1;
+#pragma unroll
+    for (int i = 0; i < FLOWTEL_FQDN_MAX_PORTS; i++) {
+        if (i >= l4->nports)
+            break;
+        struct fqdn_port *fp = &l4->ports[i];
+        if (fp->protocol && fp->protocol != p->protocol)
+            continue;
+        if (fp->port == 0 || (p->dport >= fp->port && p->dport <= fp->end_port))
+            return 1;
+    }
+    return 0;
+}
+
+int ftfqdn_from_pod(struct __sk_buff *skb)
+{
+    struct pkt p = {};
+    if (parse(skb, &p) < 0)
+        return TC_ACT_UNSPEC;
+
+    struct fqdn_endpoint_key ek = {};
+    __builtin_memcpy(ek.addr, p.saddr, 16);
+    struct fqdn_endpoint *ep = fqdn_endpoints.lookup(&ek);
+    if (!ep)
+        return TC_ACT_UNSPEC;
+
+    if ((p.protocol == IPPROTO_UDP || p.protocol == IPPROTO_TCP) && p.dport == 53) {
+        count(FLOWTEL_FQDN_CNT_ALLOWED_DNS);
+        return TC_ACT_UNSPEC;
+    }
+
+    struct fqdn_ct_key ck = {};
+    __builtin_memcpy(ck.pod, p.saddr, 16);
+    __builtin_memcpy(ck.peer, p.daddr, 16);
+    ck.pod_port = p.sport;
+    ck.peer_port = p.dport;
+    ck.protocol = p.protocol;
+    if (fqdn_ct.lookup(&ck)) {
+        count(FLOWTEL_FQDN_CNT_ALLOWED_REPLY);
+        return TC_ACT_UNSPEC;
+    }
+
+    struct fqdn_allow_key ak = {};
+    __builtin_memcpy(ak.pod, p.saddr, 16);
+    __builtin_memcpy(ak.dst, p.daddr, 16);
+    struct fqdn_allow_val *av = fqdn_allow.lookup(&ak);
+    if (av) {
+        if (bpf_ktime_get_ns() <= av->until_ns) {
+            if (l4_allows(&av->l4, &p)) {
+                count(FLOWTEL_FQDN_CNT_ALLOWED_FQDN);
+                return TC_ACT_UNSPEC;
+            }
+        } else {
+            count(FLOWTEL_FQDN_CNT_EXPIRED);
+        }
+    }
+
+    struct fqdn_cidr_key lk = {};
+    lk.prefixlen = 256;
+    __builtin_memcpy(lk.pod, p.saddr, 16);
+    /* IPv4 as ::ffff:a.b.c.d here, so a v4 prefix (even 0.0.0.0/0) never covers a v6 address. */
+    if (p.family == 4) {
+        lk.dst[10] = 0xff;
+        lk.dst[11] = 0xff;
+        __builtin_memcpy(&lk.dst[12], p.daddr, 4);
+    } else {
+        __builtin_memcpy(lk.dst, p.daddr, 16);
+    }
+    struct fqdn_cidr_val *cv = fqdn_cidr.lookup(&lk);
+    if (cv && !cv->deny && l4_allows(&cv->l4, &p)) {
+        count(FLOWTEL_FQDN_CNT_ALLOWED_CIDR);
+        return TC_ACT_UNSPEC;
+    }
+
+    int audit = ep->mode == FLOWTEL_FQDN_MODE_AUDIT;
+    count(audit ? FLOWTEL_FQDN_CNT_AUDIT : FLOWTEL_FQDN_CNT_DROPPED);
+    struct fqdn_event *ev = fqdn_events.ringbuf_reserve(sizeof(struct fqdn_event));
+    if (ev) {
+        ev->ts_ns = bpf_ktime_get_ns();
+        __builtin_memcpy(ev->saddr, p.saddr, 16);
+        __builtin_memcpy(ev->daddr, p.daddr, 16);
+        ev->ifindex = skb->ifindex;
+        ev->len = skb->len;
+        ev->sport = p.sport;
+        ev->dport = p.dport;
+        ev->family = p.family;
+        ev->protocol = p.protocol;
+        ev->verdict = audit ? FLOWTEL_FQDN_VERDICT_AUDIT : FLOWTEL_FQDN_VERDICT_DROPPED;
+        ev->tcp_flags = p.tcp_flags;
+        fqdn_events.ringbuf_submit(ev, 0);
+    } else {
+        count(FLOWTEL_FQDN_CNT_EVENTS_LOST);
+    }
+    return audit ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+}
+
+int ftfqdn_to_pod(struct __sk_buff *skb)
+{
+    struct pkt p = {};
+    if (parse(skb, &p) < 0)
+        return TC_ACT_UNSPEC;
+    /* Only a peer's connection opening matters: a SYN without ACK, or any UDP datagram from
+     * a port other than 53 (DNS answers come from the proxy's DNAT, which conntrack reverses). */
+    int opening = (p.protocol == IPPROTO_TCP && (p.tcp_flags & 0x12) == 0x02) ||
+                  (p.protocol == IPPROTO_UDP && p.sport != 53);
+    if (!opening)
+        return TC_ACT_UNSPEC;
+    struct fqdn_endpoint_key ek = {};
+    __builtin_memcpy(ek.addr, p.daddr, 16);
+    if (!fqdn_endpoints.lookup(&ek))
+        return TC_ACT_UNSPEC;
+    struct fqdn_ct_key ck = {};
+    __builtin_memcpy(ck.pod, p.daddr, 16);
+    __builtin_memcpy(ck.peer, p.saddr, 16);
+    ck.pod_port = p.dport;
+    ck.peer_port = p.sport;
+    ck.protocol = p.protocol;
+    __u64 now = bpf_ktime_get_ns();
+    fqdn_ct.update(&ck, &now);
+    return TC_ACT_UNSPEC;
+}

@@ -1,0 +1,140 @@
+"""Proxy throughput and added latency (issue 8): ``python -m dnsproxy.bench`` (root).
+
+A throwaway testbed: dnsmasq in a "dns" pod, a policed "client" pod whose queries go through
+`flowtel dnsproxy`, an unpoliced "direct" pod asking dnsmasq itself. The same load runs from
+both in the same run, so the difference is what the proxy adds: sequential queries give the
+latency (median, p99), parallel sockets give the queries per second. Not a test: numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnsproxy.datapath import uninstall
+from flowtel.testbed import Pod, Testbed
+
+_LOAD = r"""
+import json, os, random, select, socket, struct, sys, time
+server, name, count, parallel = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def query(qid):
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\x00" + struct.pack("!HH", 1, 1)
+# Sequential: latency of each query alone.
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((server, 53)); s.settimeout(2)
+lat, errors = [], 0
+for i in range(count):
+    t0 = time.perf_counter(); s.send(query(i & 0xFFFF))
+    try:
+        s.recv(4096); lat.append(time.perf_counter() - t0)
+    except socket.timeout:
+        errors += 1
+# Parallel: `parallel` sockets, each keeping one query in flight.
+socks = []
+for _ in range(parallel):
+    p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); p.connect((server, 53)); p.setblocking(False); socks.append(p)
+sent = done = 0
+t0 = time.perf_counter()
+for p in socks:
+    p.send(query(sent & 0xFFFF)); sent += 1
+while done < count:
+    ready, _, _ = select.select(socks, [], [], 2)
+    if not ready:
+        errors += 1
+        break
+    for p in ready:
+        p.recv(4096); done += 1
+        if sent < count:
+            p.send(query(sent & 0xFFFF)); sent += 1
+qps = done / (time.perf_counter() - t0)
+lat.sort()
+print(json.dumps({"median_ms": lat[len(lat)//2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3, "qps": qps, "errors": errors}))
+"""
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: bench, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toPorts: [{ports: [{port: "53"}], rules: {dns: [{matchPattern: "*"}]}}]
+  - toFQDNs: [{matchPattern: "*.bench.test"}]
+"""
+
+
+def _load(pod: Pod, server: str, count: int, parallel: int) -> dict[str, Any]:
+    res = pod.exec([sys.executable, "-c", _LOAD, server, "api.bench.test", str(count), str(parallel)],
+                   timeout=count + 60)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dnsproxy.bench", description=__doc__)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--parallel", type=int, default=32)
+    args = ap.parse_args(argv)
+    tag = f"b{os.getpid()}"
+    pin_dir, table, label = f"/sys/fs/bpf/flowtel/dnsproxy-{tag}", f"ftdnsproxy_{tag}", f"lo:ft{tag}"[:15]
+    listen = f"169.254.54.{os.getpid() % 250 + 2}"
+    with tempfile.TemporaryDirectory() as tmp, Testbed() as tb:
+        dns_pod, client, direct = tb.add_pod("dns"), tb.add_pod("client"), tb.add_pod("direct")
+        tb.start_dnsmasq(dns_pod, hosts={"api.bench.test": ["192.0.2.10"]})
+        (Path(tmp) / "policies").mkdir()
+        (Path(tmp) / "policies" / "bench.yaml").write_text(POLICY)
+        (Path(tmp) / "pods.yaml").write_text(yaml.safe_dump({"pods": [
+            {"name": p.name, "namespace": "default", "ips": [p.ipv4], "labels": {"app": p.name}}
+            for p in (dns_pod, client, direct)]}))
+        log = Path(tmp) / "proxy.log"
+        with open(log, "w") as out:
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "flowtel.cli", "dnsproxy",
+                 "--policies", f"{tmp}/policies", "--pods", f"{tmp}/pods.yaml", "--upstream", dns_pod.ipv4,
+                 "--listen", f"{listen}:53", "--pin-dir", pin_dir, "--nft-table", table, "--address-label", label, "--status-interval", "0.5"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        try:
+            deadline = time.monotonic() + 90
+            # Ready means redirected: before that the client's queries would go to dnsmasq directly.
+            while "dnsproxy ready" not in log.read_text():
+                if proxy.poll() is not None or time.monotonic() > deadline:
+                    print(f"dnsproxy did not start: {log.read_text()[-2000:]}", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+            direct_r = _load(direct, dns_pod.ipv4, args.queries, args.parallel)
+            proxied_r = _load(client, dns_pod.ipv4, args.queries, args.parallel)
+            time.sleep(1.5)  # one more status line, after the load
+            status_lines = [line for line in log.read_text().splitlines() if " status: " in line]
+            proxy_status = json.loads(status_lines[-1].split(" status: ", 1)[1]) if status_lines else {}
+            if not status_lines:
+                print(log.read_text()[-3000:], file=sys.stderr)
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                proxy.wait()
+            uninstall(pin_dir, nft_table=table, address_label=label)
+    report = {
+        "queries": args.queries, "parallel": args.parallel, "direct": direct_r, "proxied": proxied_r,
+        "added_latency_median_ms": proxied_r["median_ms"] - direct_r["median_ms"],
+        "added_latency_p99_ms": proxied_r["p99_ms"] - direct_r["p99_ms"],
+        "proxy_status": proxy_status,  # proves the client's load went through the proxy
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
