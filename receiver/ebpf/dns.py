@@ -20,6 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
+from flowtel.histogram import DNS_LATENCY_BOUNDS, Histogram
 from flowtel.records import (
     IPPROTO_TCP,
     DnsInfo,
@@ -27,14 +28,13 @@ from flowtel.records import (
     FlowType,
     MetricKind,
     MetricPoint,
-    TrafficDirection,
     Verdict,
 )
 from receiver.ebpf.attach import Interface
 from receiver.ebpf.dnsmatch import AddResult, Pending, PendingTable
+from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message, split_tcp
 
-HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
 _SEQ_MOD = 1 << 32
 _SEQ_HALF = 1 << 31
 # TCP messages that run past their segment; more at once than this is not DNS traffic.
@@ -44,6 +44,7 @@ METRIC_REQUESTS = "networkobservability_dns_request_count"
 METRIC_RESPONSES = "networkobservability_dns_response_count"
 METRIC_UNANSWERED = "flowtel_dns_unanswered_total"
 METRIC_PARSE_ERRORS = "flowtel_dns_parse_errors_total"
+METRIC_LATENCY = "flowtel_dns_latency_seconds"
 EXTENSION_UNANSWERED = "dns_unanswered"
 
 
@@ -98,15 +99,6 @@ def _ip(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def traffic_direction(iface: Interface | None, hook: int) -> TrafficDirection:
-    """The pod's point of view, as for flow records (receiver.py): on a host-side veth what
-    the interface receives is what the pod sent."""
-    received = hook == HOOK_INGRESS
-    if iface is not None and iface.kind == "veth":
-        return TrafficDirection.EGRESS if received else TrafficDirection.INGRESS
-    return TrafficDirection.INGRESS if received else TrafficDirection.EGRESS
-
-
 class DnsTracker:
     """Turns DNS events into flows, matches responses to requests, and counts everything.
 
@@ -131,6 +123,8 @@ class DnsTracker:
         # message starts, ts_ns of the segment that said so)
         self._tcp_next: dict[tuple[int, int, bytes, int, bytes, int], tuple[int, int]] = {}
         self.last_parse_error = ""
+        # Latency of every response matched to its request (at the same observation point).
+        self.latency = Histogram(DNS_LATENCY_BOUNDS)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -219,6 +213,7 @@ class DnsTracker:
                 counts.unmatched_responses += 1
             else:
                 latency = ev.ts_ns - pending.ts_ns
+                self.latency.observe(latency / 1e9)
             info = DnsInfo(query=msg.query, qtypes=msg.qtypes, rcode=msg.rcode, ips=msg.ips, ttl=msg.ttl,
                            cnames=msg.cnames, rrtypes=msg.rrtypes)
             return self._flow(ev, True, info, iface, ev.ts_ns + offset, latency)
@@ -288,7 +283,8 @@ class DnsTracker:
         return out
 
     def metric_points(self, now_ns: int) -> list[MetricPoint]:
-        """Node-level cumulative counters (no labels: per-pod detail is in the flows)."""
+        """Node-level cumulative counters and the latency histogram (no labels: per-pod detail
+        is in the flows)."""
         c = self.counts
         return [
             MetricPoint(METRIC_REQUESTS, float(c.requests), MetricKind.SUM, now_ns,
@@ -299,4 +295,7 @@ class DnsTracker:
                         description="DNS requests with no response within the timeout"),
             MetricPoint(METRIC_PARSE_ERRORS, float(c.parse_errors), MetricKind.SUM, now_ns,
                         description="DNS-port packets that held no readable DNS message"),
+            self.latency.point(METRIC_LATENCY, now_ns, unit="s",
+                               description="Latency of DNS responses matched to their request (kernel timestamps, "
+                                           "each observation point counts)"),
         ]

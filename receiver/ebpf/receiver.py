@@ -10,10 +10,11 @@ import time
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, TrafficDirection, Verdict
+from flowtel.records import Flow, LostEvents, Verdict
 import bpf as bpf_sources
 from receiver.ebpf.attach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
+from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dns import DnsTracker
 from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
@@ -24,7 +25,6 @@ from receiver.ebpf.nodemetrics import forward_points
 
 log = logging.getLogger("flowtel.receiver.ebpf")
 
-HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
 
 LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
 LOST_FLOW_UPDATE_FAILED = "FLOW_MAP_UPDATE_FAILED"
@@ -174,13 +174,7 @@ class EbpfReceiver(Receiver):
             iface = iface_cache.get(r.ifindex)
             if iface is None and r.ifindex not in iface_cache:
                 iface = iface_cache[r.ifindex] = self._attach.interface(r.ifindex)
-            is_veth = iface is not None and iface.kind == "veth"
-            received = r.hook == HOOK_INGRESS
-            # On a host-side veth, what the interface receives is what the pod sent.
-            if is_veth:
-                direction = TrafficDirection.EGRESS if received else TrafficDirection.INGRESS
-            else:
-                direction = TrafficDirection.INGRESS if received else TrafficDirection.EGRESS
+            direction = traffic_direction(iface, r.hook)
             if r.family == 4:
                 src, dst = _ip4(r.saddr), _ip4(r.daddr)
             elif r.family == 6:

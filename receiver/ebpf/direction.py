@@ -1,0 +1,16 @@
+"""Traffic direction from the pod's point of view (Hubble's), for every tc-path record."""
+from __future__ import annotations
+
+from flowtel.records import TrafficDirection
+from receiver.ebpf.attach import Interface
+
+HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
+
+
+def traffic_direction(iface: Interface | None, hook: int) -> TrafficDirection:
+    """On a host-side veth what the interface receives is what the pod sent (EGRESS); on
+    other interfaces (the node's uplink) what it receives is INGRESS."""
+    received = hook == HOOK_INGRESS
+    if iface is not None and iface.kind == "veth":
+        return TrafficDirection.EGRESS if received else TrafficDirection.INGRESS
+    return TrafficDirection.INGRESS if received else TrafficDirection.EGRESS
