@@ -147,6 +147,10 @@ class LostEvents:
 class MetricKind(enum.StrEnum):
     SUM = "sum"  # monotonic counter, cumulative since the agent started
     GAUGE = "gauge"
+    # Explicit-bucket histogram, cumulative since the agent started (OTLP's HistogramDataPoint):
+    # ``value`` is the sum of the observations, ``count`` their number, ``bucket_counts`` the
+    # observations per bucket (not cumulative), one more than ``bounds``.
+    HISTOGRAM = "histogram"
 
 
 @dataclass(slots=True)
@@ -154,6 +158,12 @@ class MetricPoint:
     """One data point of a metric family, as receivers read it (node counters, kernel maps).
 
     Batches travel the ``metrics`` pipelines; exporters map them to OTLP/Prometheus.
+
+    A HISTOGRAM point has ``value`` = the sum of its observations and, besides, ``bounds``
+    (explicit bucket upper bounds, strictly increasing; bucket ``i`` holds values in
+    ``(bounds[i-1], bounds[i]]``, the last one everything above ``bounds[-1]``),
+    ``bucket_counts`` (per bucket, ``len(bounds) + 1`` of them, as OTLP) and ``count``
+    (their total). SUM and GAUGE points leave those three empty.
     """
 
     name: str  # e.g. "networkobservability_drop_count"
@@ -163,6 +173,9 @@ class MetricPoint:
     attributes: dict[str, str] = field(default_factory=dict)
     unit: str = ""
     description: str = ""
+    bounds: tuple[float, ...] = ()
+    bucket_counts: tuple[int, ...] = ()
+    count: int = 0
 
 
 Record = Flow | LostEvents | MetricPoint

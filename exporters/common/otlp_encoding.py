@@ -35,11 +35,16 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, SeverityNumber
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, NumberDataPoint, ScopeMetrics
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    NumberDataPoint,
+    ScopeMetrics,
+)
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.sdk.resources import OTELResourceDetector
 
-from exporters.common.series import FamilySnapshot, Temporality
+from exporters.common.series import FamilySnapshot, HistogramValue, Temporality
 from flowtel import hubble
 from flowtel.records import (
     IPPROTO_ICMP,
@@ -269,11 +274,17 @@ class OtlpEncoder:
                     metric.sum.aggregation_temporality = temporality_pb
                     data_points = metric.sum.data_points
                     for attributes, value, start_ns in part:
-                        _fill_point(data_points.add(), attributes, value, start_ns, now_ns)
+                        _fill_point(data_points.add(), attributes, value, start_ns, now_ns)  # type: ignore[arg-type]
+                elif family.kind is MetricKind.HISTOGRAM:
+                    metric.histogram.aggregation_temporality = temporality_pb
+                    histogram_points = metric.histogram.data_points
+                    for attributes, value, start_ns in part:
+                        _fill_histogram_point(histogram_points.add(), attributes, value, start_ns,  # type: ignore[arg-type]
+                                              now_ns)
                 else:
                     data_points = metric.gauge.data_points
                     for attributes, value, _start in part:
-                        _fill_point(data_points.add(), attributes, value, 0, now_ns)
+                        _fill_point(data_points.add(), attributes, value, 0, now_ns)  # type: ignore[arg-type]
                 count += len(part)
         if count:
             yield request.SerializeToString(), count
@@ -301,6 +312,22 @@ def _fill_point(dp: NumberDataPoint, attributes: Mapping[str, str], value: float
             dp.as_double = float(value)
     else:
         dp.as_double = value
+    attrs = dp.attributes
+    for key, item in attributes.items():
+        kv = attrs.add()
+        kv.key = key
+        kv.value.string_value = item
+
+
+def _fill_histogram_point(dp: HistogramDataPoint, attributes: Mapping[str, str], value: HistogramValue,
+                          start_ns: int, now_ns: int) -> None:
+    if start_ns:
+        dp.start_time_unix_nano = start_ns
+    dp.time_unix_nano = now_ns
+    dp.count = value.count
+    dp.sum = value.sum
+    dp.bucket_counts.extend(value.bucket_counts)
+    dp.explicit_bounds.extend(value.bounds)
     attrs = dp.attributes
     for key, item in attributes.items():
         kv = attrs.add()

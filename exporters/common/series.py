@@ -1,10 +1,10 @@
 """The latest value of every metric series, kept by each metrics exporter.
 
-Receivers and connectors send :class:`MetricPoint` batches: cumulative readings for SUM,
-current values for GAUGE, either the whole current state each interval or only the series
-that changed. An exporter therefore keeps, per series (metric name + attribute set), the
-latest value, and every collection reports all live series, as an OTel SDK periodic
-reader does with observable instruments.
+Receivers and connectors send :class:`MetricPoint` batches: cumulative readings for SUM
+and HISTOGRAM, current values for GAUGE, either the whole current state each interval or
+only the series that changed. An exporter therefore keeps, per series (metric name +
+attribute set), the latest value, and every collection reports all live series, as an OTel
+SDK periodic reader does with observable instruments.
 
 Why not the SDK's MeterProvider with observable instruments: the SDK keeps the state of
 every attribute set it has ever seen for an asynchronous instrument (it never forgets one,
@@ -14,6 +14,11 @@ cardinality limit with dead series until new ones overflow into a merged
 (a receiver restarted) yields a negative delta on a monotonic sum. Here expired series are
 forgotten, the limit is enforced by refusing (and counting) new series instead of merging
 them, and a counter that goes backwards starts a new cumulative period.
+
+A HISTOGRAM series keeps its latest :class:`HistogramValue`; its delta is taken per bucket
+(and for sum and count) against the previous collection. A histogram whose count or any
+bucket's count went backwards, or whose bounds changed, starts a new cumulative period, as
+a SUM that went backwards does.
 
 Thread-safe: points arrive on the exporter's pipeline worker while collections run on a
 timer thread or an HTTP scrape.
@@ -34,14 +39,53 @@ Temporality = Literal["cumulative", "delta"]
 SeriesKey = tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class HistogramValue:
+    """A histogram's state: per-bucket counts (``len(bounds) + 1``), sum and count."""
+
+    bounds: tuple[float, ...]
+    bucket_counts: tuple[int, ...]
+    sum: float
+    count: int
+
+    @classmethod
+    def of(cls, point: MetricPoint) -> HistogramValue:
+        return cls(tuple(point.bounds), tuple(point.bucket_counts), float(point.value), int(point.count))
+
+    def went_back_from(self, earlier: HistogramValue) -> bool:
+        """Whether this cannot follow ``earlier`` in one cumulative period (a reset)."""
+        return (self.bounds != earlier.bounds or self.count < earlier.count
+                or any(now < before for now, before in zip(self.bucket_counts, earlier.bucket_counts)))
+
+    def minus(self, earlier: HistogramValue | None) -> HistogramValue:
+        """The observations since ``earlier`` (everything when there is no comparable one)."""
+        if earlier is None or self.went_back_from(earlier):
+            return self
+        return HistogramValue(self.bounds,
+                              tuple(now - before for now, before in zip(self.bucket_counts, earlier.bucket_counts)),
+                              self.sum - earlier.sum, self.count - earlier.count)
+
+
+def _histogram_error(point: MetricPoint) -> str:
+    """Why a HISTOGRAM point cannot be kept, or ``""``."""
+    if len(point.bucket_counts) != len(point.bounds) + 1:
+        return f"sent a histogram with {len(point.bucket_counts)} bucket counts for {len(point.bounds)} bounds"
+    if any(a >= b for a, b in zip(point.bounds, point.bounds[1:])):
+        return "sent a histogram whose bounds are not strictly increasing"
+    if sum(point.bucket_counts) != point.count:
+        return f"sent a histogram whose bucket counts add up to {sum(point.bucket_counts)}, not its count {point.count}"
+    return ""
+
+
 @dataclass(slots=True)
 class _Series:
     attributes: dict[str, str]
-    value: float
+    value: float | HistogramValue
     updated: float  # monotonic seconds of the last point, for expiry
     start_ns: int  # wall-clock ns since which a SUM has been counting (first seen or last reset)
     sent_value: float = 0.0  # SUM value at the previous delta collection
     sent_ns: int = 0  # time of the previous delta collection (0: none yet)
+    sent_histogram: HistogramValue | None = None  # HISTOGRAM value at the previous delta collection
 
 
 @dataclass(slots=True)
@@ -55,19 +99,22 @@ class _Family:
 
 @dataclass(slots=True)
 class FamilySnapshot:
-    """One metric's points at one collection; ``points`` are (attributes, value, start_ns)."""
+    """One metric's points at one collection; ``points`` are (attributes, value, start_ns).
+
+    A HISTOGRAM family's values are :class:`HistogramValue`; the others' are numbers.
+    """
 
     name: str
     kind: MetricKind
     unit: str
     description: str
-    points: list[tuple[dict[str, str], float, int]]
+    points: list[tuple[dict[str, str], float | HistogramValue, int]]
 
 
 @dataclass(slots=True)
 class UpdateResult:
     accepted: int = 0
-    refused: int = 0  # new series beyond the cardinality limit, or a kind that conflicts
+    refused: int = 0  # new series beyond the cardinality limit, a kind that conflicts, a malformed histogram
 
 
 class SeriesStore:
@@ -103,6 +150,13 @@ class SeriesStore:
                     result.refused += 1
                     refused_by_name[point.name] = f"is a {family.kind.value}, got a {point.kind.value} point"
                     continue
+                histogram = family.kind is MetricKind.HISTOGRAM
+                if histogram:
+                    why = _histogram_error(point)
+                    if why:
+                        result.refused += 1
+                        refused_by_name[point.name] = why
+                        continue
                 if point.description and not family.description:
                     family.description = point.description
                 if point.unit and not family.unit:
@@ -114,8 +168,16 @@ class SeriesStore:
                         result.refused += 1
                         refused_by_name[point.name] = f"has {len(family.series)} series, the cardinality_limit"
                         continue
-                    family.series[key] = _Series(dict(point.attributes), point.value, now, point.time_ns)
+                    value = HistogramValue.of(point) if histogram else point.value
+                    family.series[key] = _Series(dict(point.attributes), value, now, point.time_ns)
                     self._size += 1
+                elif histogram:
+                    hist = HistogramValue.of(point)
+                    if hist.went_back_from(series.value):  # type: ignore[arg-type]
+                        series.start_ns = point.time_ns
+                        series.sent_histogram = None
+                    series.value = hist
+                    series.updated = now
                 else:
                     if family.kind is MetricKind.SUM and point.value < series.value:
                         # The source's counter restarted: a new cumulative period begins.
@@ -148,13 +210,20 @@ class SeriesStore:
         return removed
 
     def collect(self, temporality: Temporality, now_ns: int) -> list[FamilySnapshot]:
-        """Every live series' point. ``delta`` advances each SUM's delta baseline to ``now_ns``."""
+        """Every live series' point. ``delta`` advances each SUM's and HISTOGRAM's delta baseline
+        to ``now_ns``."""
         delta = temporality == "delta"
         out = []
         with self._lock:
             for family in self._families.values():
-                points: list[tuple[dict[str, str], float, int]] = []
-                if delta and family.kind is MetricKind.SUM:
+                points: list[tuple[dict[str, str], float | HistogramValue, int]] = []
+                if delta and family.kind is MetricKind.HISTOGRAM:
+                    for s in family.series.values():
+                        start = s.sent_ns if s.sent_ns > s.start_ns else s.start_ns
+                        points.append((s.attributes, s.value.minus(s.sent_histogram), start))  # type: ignore[union-attr]
+                        s.sent_histogram = s.value  # type: ignore[assignment]
+                        s.sent_ns = now_ns
+                elif delta and family.kind is MetricKind.SUM:
                     for s in family.series.values():
                         start = s.sent_ns if s.sent_ns > s.start_ns else s.start_ns
                         points.append((s.attributes, s.value - s.sent_value, start))

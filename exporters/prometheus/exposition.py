@@ -6,6 +6,9 @@ counter's name, which would turn ACNS's ``networkobservability_drop_count`` into
 working. The text format itself has no such rule (only OpenMetrics does), so counters are
 written as-is with ``# TYPE … counter`` and gauges with ``# TYPE … gauge``: names exact,
 types right, and ``hubble_*_total`` names, which already end in ``_total``, unchanged.
+Histograms are ``# TYPE name histogram`` with ``name_bucket{le="…"}`` (cumulative counts,
+``+Inf`` last and equal to the count), ``name_sum`` and ``name_count``; ``name`` is the
+metric's name as given.
 
 Characters Prometheus cannot carry (``k8s.pod.name``'s dots) become ``_`` in metric and
 label names, as the Collector's Prometheus exporter does; two attribute keys that map to
@@ -17,7 +20,7 @@ import math
 import re
 from typing import Iterable, Mapping
 
-from exporters.common.series import FamilySnapshot
+from exporters.common.series import FamilySnapshot, HistogramValue
 from flowtel.records import MetricKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -68,6 +71,22 @@ def _labels(attributes: Mapping[str, str]) -> str:
     return "{" + ",".join(f'{k}="{_escape_value(v)}"' for k, v in merged.items()) + "}"
 
 
+_TYPES = {MetricKind.SUM: "counter", MetricKind.GAUGE: "gauge", MetricKind.HISTOGRAM: "histogram"}
+
+
+def _histogram_lines(lines: list[str], name: str, attributes: Mapping[str, str], value: HistogramValue) -> None:
+    labels = _labels(attributes)
+    # ``le`` goes last, after the series' own labels, as client libraries write it.
+    prefix = labels[:-1] + "," if labels else "{"
+    cumulative = 0
+    for bound, count in zip(value.bounds, value.bucket_counts):
+        cumulative += count
+        lines.append(f'{name}_bucket{prefix}le="{format_value(float(bound))}"}} {cumulative}')
+    lines.append(f'{name}_bucket{prefix}le="+Inf"}} {value.count}')
+    lines.append(f"{name}_sum{labels} {format_value(value.sum)}")
+    lines.append(f"{name}_count{labels} {value.count}")
+
+
 def render(families: Iterable[FamilySnapshot], telemetry: Mapping[tuple[str, str], float] | None = None,
            counters: frozenset[tuple[str, str]] = frozenset()) -> str:
     """The whole /metrics page. ``telemetry`` is the agent's snapshot; ``counters`` says which of
@@ -77,11 +96,15 @@ def render(families: Iterable[FamilySnapshot], telemetry: Mapping[tuple[str, str
         if not family.points:
             continue
         name = metric_name(family.name)
-        kind = "counter" if family.kind is MetricKind.SUM else "gauge"
+        kind = _TYPES[family.kind]
         lines.append(f"# HELP {name} {_escape_help(family.description or family.name)}")
         lines.append(f"# TYPE {name} {kind}")
+        if family.kind is MetricKind.HISTOGRAM:
+            for attributes, value, _start in family.points:
+                _histogram_lines(lines, name, attributes, value)  # type: ignore[arg-type]
+            continue
         for attributes, value, _start in family.points:
-            lines.append(f"{name}{_labels(attributes)} {format_value(value)}")
+            lines.append(f"{name}{_labels(attributes)} {format_value(value)}")  # type: ignore[arg-type]
     if telemetry:
         by_name: dict[str, list[tuple[str, float, bool]]] = {}
         for (component, counter), value in telemetry.items():

@@ -28,7 +28,8 @@ import pytest
 from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import MetricPoint, Record
+from flowtel.histogram import bucket_index
+from flowtel.records import MetricKind, MetricPoint, Record
 from flowtel.registry import factories_by_kind
 from flowtel.testbed import Pod, Testbed
 from tests import dnsfuzz
@@ -61,6 +62,10 @@ class MemoryExporter(Exporter):
     def last_values(self) -> dict[str, float]:
         with self._lock:
             return {r.name: r.value for r in self.records if isinstance(r, MetricPoint)}
+
+    def last_point(self, name: str) -> MetricPoint:
+        with self._lock:
+            return [r for r in self.records if isinstance(r, MetricPoint) and r.name == name][-1]
 
 
 def _factories() -> dict[Kind, dict[str, Factory]]:
@@ -380,7 +385,8 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
     responses_by_rcode = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if f["l7"]["type"] == "RESPONSE")
     assert responses_by_rcode == {rc: 2 * n for rc, n in Counter(q["rcode"] for q in answered).items()}
     dns_metrics = {k: v for k, v in agent.metrics.last_values().items()
-                   if not k.startswith("networkobservability_forward_")}  # node counters: not this test's
+                   if not k.startswith("networkobservability_forward_")  # node counters: not this test's
+                   and k != "flowtel_dns_latency_seconds"}
     assert dns_metrics == {
         "networkobservability_dns_request_count": 2 * len(sent),
         "networkobservability_dns_response_count": 2 * len(answered),
@@ -388,6 +394,18 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
         "flowtel_dns_parse_errors_total": 0,
     }
     assert agent.receiver.dns.tracker.counts.truncated == 2  # many.test's answer, at both veths
+    # Every matched response's latency is in the histogram, in the bucket its flow's latency falls in.
+    latency = agent.metrics.last_point("flowtel_dns_latency_seconds")
+    measured = [int(f["l7"]["latency_ns"]) / 1e9 for f in flows
+                if f["l7"]["type"] == "RESPONSE" and "latency_ns" in f["l7"]]
+    assert len(measured) == 2 * len(answered)
+    assert latency.kind == MetricKind.HISTOGRAM and latency.attributes == {}
+    assert latency.count == len(measured)
+    assert latency.value == pytest.approx(sum(measured))
+    expected = [0] * (len(latency.bounds) + 1)
+    for seconds in measured:
+        expected[bucket_index(latency.bounds, seconds)] += 1
+    assert list(latency.bucket_counts) == expected
 
 
 def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: Testbed, tmp_path: Path,

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import pytest
 
 from flowtel.component import Telemetry
-from flowtel.records import Flow, LostEvents, MetricPoint, Verdict
+from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict
 from flowtel.testbed import Pod, Testbed, send_tcp
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
 
@@ -123,6 +123,12 @@ def drop_totals(ke: KernelEvents) -> Counter[tuple[str, str]]:
 
 def metric(ke: KernelEvents, name: str, **attrs: str) -> float:
     return sum(p.value for p in ke.metrics() if p.name == name and all(p.attributes.get(k) == v for k, v in attrs.items()))
+
+
+def rtt_histogram(ke: KernelEvents) -> MetricPoint:
+    (point,) = [p for p in ke.metrics() if p.name == "flowtel_tcp_handshake_rtt_seconds"]
+    assert point.kind == MetricKind.HISTOGRAM
+    return point
 
 
 _UDP_SENDTO = r"""
@@ -314,8 +320,7 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
     a, b = bed.add_pod("st-a"), bed.add_pod("st-b")
     port, n = 47030, 5
     bed.start_tcp_sink(b, port)
-    rtt_count_before = metric(ke, "flowtel_tcp_handshake_rtt_seconds_count")
-    rtt_sum_before = metric(ke, "flowtel_tcp_handshake_rtt_seconds_sum")
+    rtt_before = rtt_histogram(ke)
     mark = sink.mark()
     holder = a.popen([sys.executable, "-c", _HOLD_OPEN, b.ipv4, str(port), str(n)],
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -337,8 +342,13 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
     rtts = [f.extensions["handshake_rtt_ns"] for f in clients]
     assert all(0 < r < 50_000_000 for r in rtts), rtts
     assert all("handshake_rtt_ns" not in f.extensions for f in servers)  # passive side: no RTT
-    assert metric(ke, "flowtel_tcp_handshake_rtt_seconds_count") - rtt_count_before >= n
-    assert metric(ke, "flowtel_tcp_handshake_rtt_seconds_sum") - rtt_sum_before >= sum(rtts) / 1e9 * 0.999
+    rtt_after = rtt_histogram(ke)
+    assert rtt_after.count - rtt_before.count >= n
+    assert rtt_after.value - rtt_before.value >= sum(rtts) / 1e9 * 0.999
+    # Each measured RTT is counted in its bucket (< 50 ms: at most the 0.05 s one).
+    grown = [after - before for after, before in zip(rtt_after.bucket_counts, rtt_before.bucket_counts)]
+    assert sum(grown) == rtt_after.count - rtt_before.count
+    assert sum(grown[:rtt_after.bounds.index(0.05) + 1]) >= n
 
     # The kernel's table holds our 2n sockets as ESTABLISHED and the sink's listener.
     conns = ke.tcp_connections()
@@ -406,3 +416,34 @@ def test_lost_events_are_counted_exactly(bed: Testbed) -> None:
     assert len(records) + lost_total == counted
     ours = [r for r in records if r.dst_ip == b.ipv4 and r.dst_port == 47041]
     assert len(ours) < 300  # some of ours were among the lost
+
+
+class _MetricsOnly(Collector):
+    """A consumer that feeds metrics pipelines only (no logs pipeline)."""
+
+    def wants(self, signal: str) -> bool:
+        return signal == "metrics"
+
+
+def test_rtt_histogram_without_a_logs_pipeline(bed: Testbed) -> None:
+    # With no logs pipeline the connection events are still read, for the histogram only.
+    sink = _MetricsOnly()
+    ke = KernelEvents(KernelEventsConfig(collection_interval=0.5, poll_interval=0.05, drops={"enabled": False}),
+                      "test-node", Telemetry(), sink)
+    ke.start()
+    try:
+        a, b = bed.add_pod("rtt-a"), bed.add_pod("rtt-b")
+        port, n = 47050, 3
+        bed.start_tcp_sink(b, port)
+        before = rtt_histogram(ke)
+        for _ in range(n):
+            send_tcp(a, b.ipv4, port, 100)
+        deadline = time.monotonic() + 10
+        while rtt_histogram(ke).count - before.count < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = rtt_histogram(ke)
+        assert after.count - before.count >= n
+        assert sum(after.bucket_counts) == after.count and after.value > before.value
+    finally:
+        ke.stop()
+    assert not any(isinstance(r, Flow) for r in sink.records)  # no flows: nothing wants them

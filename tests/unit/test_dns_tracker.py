@@ -7,7 +7,9 @@ import struct
 import dns.message
 import dns.rcode
 import dns.rrset
+import pytest
 
+from flowtel.histogram import DNS_LATENCY_BOUNDS
 from flowtel.records import FlowType, MetricKind, TrafficDirection
 from receiver.ebpf.attach import Interface
 from receiver.ebpf.dns import EXTENSION_UNANSWERED, DnsEvent, DnsTracker
@@ -224,6 +226,7 @@ def test_uplink_interface_direction_and_metric_points() -> None:
                        event(b"\x00" * 5, ts=4, ifindex=9, hook=INGRESS, reply=True)])
     assert [f.traffic_direction for f in flows] == [TrafficDirection.EGRESS, TrafficDirection.INGRESS]
     points = {p.name: p for p in t.metric_points(123)}
+    latency = points.pop("flowtel_dns_latency_seconds")
     assert {n: p.value for n, p in points.items()} == {
         "networkobservability_dns_request_count": 1.0,
         "networkobservability_dns_response_count": 1.0,
@@ -231,3 +234,29 @@ def test_uplink_interface_direction_and_metric_points() -> None:
         "flowtel_dns_parse_errors_total": 1.0,
     }
     assert all(p.kind == MetricKind.SUM and p.attributes == {} and p.time_ns == 123 for p in points.values())
+    # The one matched response, 3 ns after its request: in the first bucket.
+    assert latency.kind == MetricKind.HISTOGRAM and latency.attributes == {} and latency.time_ns == 123
+    assert latency.unit == "s" and latency.count == 1 and latency.value == 3e-9
+    assert latency.bucket_counts == (1,) + (0,) * len(DNS_LATENCY_BOUNDS)
+
+
+def test_latency_histogram_counts_matched_responses_only() -> None:
+    t = tracker(timeout=30)
+    events = []
+    # Latencies 0.3 ms, 1 ms (on a bound: that bucket), 40 ms, 12 s (past the last bound).
+    for i, latency_ns in enumerate((300_000, 1_000_000, 40_000_000, 12_000_000_000)):
+        q = query(f"h{i}.example.", qid=0x100 + i)
+        events.append(event(q.to_wire(), ts=1_000, ifindex=9, hook=EGRESS, reply=False))
+        events.append(event(a_answer(q), ts=1_000 + latency_ns, ifindex=9, hook=INGRESS, reply=True))
+    stray = query("stray.example.", qid=0x999)  # a response with no request: no latency
+    events.append(event(a_answer(stray), ts=5, ifindex=9, hook=INGRESS, reply=True))
+    t.process(events)
+    h = {p.name: p for p in t.metric_points(7)}["flowtel_dns_latency_seconds"]
+    assert h.bounds == DNS_LATENCY_BOUNDS and h.bounds[0] == 0.0005 and h.bounds[-1] == 10.0
+    expected = [0] * (len(DNS_LATENCY_BOUNDS) + 1)
+    expected[DNS_LATENCY_BOUNDS.index(0.0005)] += 1
+    expected[DNS_LATENCY_BOUNDS.index(0.001)] += 1
+    expected[DNS_LATENCY_BOUNDS.index(0.05)] += 1
+    expected[-1] += 1
+    assert list(h.bucket_counts) == expected
+    assert h.count == 4 and h.value == pytest.approx(0.0003 + 0.001 + 0.04 + 12)

@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 from pydantic import ValidationError
 
+from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, Histogram
 from flowtel.records import MetricKind, Verdict
 from receiver.ebpf.kernel_events import KernelEventsConfig
 from receiver.ebpf.kernel_events import decode
@@ -49,8 +50,26 @@ def test_tcp_points() -> None:
     assert value[("networkobservability_tcp_retransmission_count", None)] == 17
     assert value[("flowtel_tcp_reset_count", "reset_sent")] == 4
     assert value[("flowtel_tcp_reset_count", "reset_received")] == 2
-    assert value[("flowtel_tcp_handshake_rtt_seconds_sum", None)] == pytest.approx(0.003)
-    assert value[("flowtel_tcp_handshake_rtt_seconds_count", None)] == 3
+    # No RTT histogram without events to make it from; the old _sum/_count pair is gone.
+    assert not any(p.name.startswith("flowtel_tcp_handshake_rtt_seconds") for p in points)
+
+
+def test_tcp_points_carry_the_handshake_rtt_histogram() -> None:
+    counters = decode.Counters((0, 0, 0, 17, 4, 2, 3_000_000, 3))
+    rtt = Histogram(TCP_HANDSHAKE_RTT_BOUNDS)
+    for seconds in (0.00005, 0.0001, 0.0003, 0.02, 7.0):  # 0.0001 is a bound: its own bucket
+        rtt.observe(seconds)
+    points = [p for p in decode.tcp_points({1: 6}, counters, NAMES, 5, rtt) if p.name.startswith("flowtel_tcp_handshake")]
+    assert [p.name for p in points] == ["flowtel_tcp_handshake_rtt_seconds"]
+    (h,) = points
+    assert (h.kind, h.unit, h.time_ns, h.attributes) == (MetricKind.HISTOGRAM, "s", 5, {})
+    assert h.bounds == TCP_HANDSHAKE_RTT_BOUNDS and h.bounds[0] == 0.0001 and h.bounds[-1] == 5.0
+    expected = [0] * (len(TCP_HANDSHAKE_RTT_BOUNDS) + 1)
+    for bound in (0.0001, 0.0001, 0.0005, 0.025):
+        expected[TCP_HANDSHAKE_RTT_BOUNDS.index(bound)] += 1
+    expected[-1] += 1  # 7 s: past the last bound
+    assert list(h.bucket_counts) == expected
+    assert h.count == 5 and h.value == pytest.approx(0.00005 + 0.0001 + 0.0003 + 0.02 + 7.0)
 
 
 def test_lost_deltas_report_growth_once() -> None:
@@ -156,5 +175,9 @@ def test_decoder(event_class: type[ctypes.Structure]) -> None:
     assert rtx.extensions == {"tcp_event": "retransmit", "tcp_state": "ESTABLISHED", "segments": 3,
                               "retransmit_error": "EPERM"}
     assert est.extensions == {"tcp_event": "established", "tcp_state": "ESTABLISHED", "handshake_rtt_ns": 4200}
+    # The decoder's RTT histogram has the one measured handshake (4.2 µs: the first bucket).
+    rtt = decode.tcp_points({}, decode.Counters((0,) * decode.CNT_MAX), NAMES, 1, dec.rtt)[-1]
+    assert (rtt.name, rtt.count, rtt.value) == ("flowtel_tcp_handshake_rtt_seconds", 1, pytest.approx(4.2e-6))
+    assert rtt.bucket_counts[0] == 1
     assert "lifetime_ns" not in closed_part.extensions  # its birth was not seen: no lifetime
     assert closed_whole.extensions["lifetime_ns"] == 9

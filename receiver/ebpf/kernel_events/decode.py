@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, Histogram
 from flowtel.records import Flow, MetricKind, MetricPoint, TCP_RST, Verdict
 from receiver.ebpf.layout import struct_for
 
@@ -32,6 +33,8 @@ TCP_EVENTS = {
     KIND_TCP_RESET_SENT: "reset_sent",
     KIND_TCP_RESET_RECV: "reset_received",
 }
+
+METRIC_HANDSHAKE_RTT = "flowtel_tcp_handshake_rtt_seconds"
 
 # Indexes of kev_counters (FLOWTEL_KEV_CNT_* in bpf/flowtel.h).
 CNT_RINGBUF_FULL = 0
@@ -144,6 +147,9 @@ class EventDecoder:
         if missing:
             raise RuntimeError(f"struct kernel_event in bpf/flowtel.h lacks {missing}")
         self._idx = tuple(idx[n] for n in want)
+        # Client-side handshake RTTs of the ESTABLISHED events decoded (the kernel counts only
+        # their sum and count; the buckets come from the events).
+        self.rtt = Histogram(TCP_HANDSHAKE_RTT_BOUNDS)
 
     def decode(self, data: bytes, wall_offset_ns: int) -> list[Flow]:
         """Records of the events in ``data`` (whole events back to back)."""
@@ -203,6 +209,7 @@ class EventDecoder:
             ext["tcp_state"] = self._names.tcp_state(state)
         if kind == KIND_TCP_ESTABLISHED and value_ns:
             ext["handshake_rtt_ns"] = value_ns
+            self.rtt.observe(value_ns / 1e9)
         elif kind == KIND_TCP_CLOSED and flags & FLAG_LIFETIME:
             ext["lifetime_ns"] = value_ns
         elif kind == KIND_TCP_RETRANSMIT:
@@ -263,8 +270,10 @@ def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now
     return out
 
 
-def tcp_points(states: dict[int, int], counters: Counters, names: Names, now_ns: int) -> list[MetricPoint]:
-    """Node-level TCP metrics: sockets by state, retransmitted segments, resets, handshake RTT."""
+def tcp_points(states: dict[int, int], counters: Counters, names: Names, now_ns: int,
+               rtt: Histogram | None = None) -> list[MetricPoint]:
+    """Node-level TCP metrics: sockets by state, retransmitted segments, resets, and the
+    handshake RTT histogram when ``rtt`` (the decoder's, fed by ESTABLISHED events) is given."""
     out = [
         # Not networkobservability_tcp_state: that is receiver/procfs's snapshot of the node's
         # own namespace (ACNS's meaning). This one spans every namespace (pods included) but
@@ -279,10 +288,9 @@ def tcp_points(states: dict[int, int], counters: Counters, names: Names, now_ns:
     for event, index in (("reset_sent", CNT_RESETS_SENT), ("reset_received", CNT_RESETS_RECEIVED)):
         out.append(MetricPoint("flowtel_tcp_reset_count", counters[index], MetricKind.SUM, now_ns,
                                {"event": event}, description="TCP resets sent and received"))
-    out.append(MetricPoint("flowtel_tcp_handshake_rtt_seconds_sum", counters[CNT_RTT_SUM_NS] / 1e9, MetricKind.SUM,
-                           now_ns, unit="s", description="Sum of client-side TCP handshake RTTs (SYN_SENT to ESTABLISHED)"))
-    out.append(MetricPoint("flowtel_tcp_handshake_rtt_seconds_count", counters[CNT_RTT_COUNT], MetricKind.SUM, now_ns,
-                           description="Client-side TCP handshakes measured"))
+    if rtt is not None:
+        out.append(rtt.point(METRIC_HANDSHAKE_RTT, now_ns, unit="s",
+                             description="Client-side TCP handshake RTTs (SYN_SENT to ESTABLISHED)"))
     return out
 
 

@@ -145,10 +145,13 @@ def programs_for(config: KernelEventsConfig) -> dict[str, tuple[str, str]]:
     return out
 
 
-def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tuple[str, list[str]]:
+def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool,
+          rtt_events: bool = False) -> tuple[str, list[str]]:
     """Program text (generated tracepoint structs + ``kernel_events.c``) and compiler flags.
 
     ``events`` false (nothing consumes records) compiles the event paths out: counters only.
+    ``rtt_events`` compiles the connection events in regardless (the handshake RTT histogram
+    is made from the ESTABLISHED events); their flows are then dropped unless wanted.
     """
     structs = [tracefs.c_struct(fmt, f"flowtel_tp_{name}") for name, fmt in facts.formats.items()]
     by_name = {name: value for value, name in facts.tcp_states.items()}
@@ -157,7 +160,8 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         "FLOWTEL_TCP": int(config.tcp.enabled),
         "FLOWTEL_DROP_EVENTS": int(events and config.drops.events),
         "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
-        "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
+        "FLOWTEL_TCP_CONN_EVENTS": int((events and config.tcp.connection_events)
+                                       or (rtt_events and config.tcp.enabled)),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
         "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
         "FLOWTEL_MAX_CONNECTIONS": config.tcp.max_connections,

@@ -49,6 +49,9 @@ def _host_ifname(index: int) -> str:
         return ""  # gone since the drop
 
 
+_CONNECTION_EVENTS = ("established", "closed")
+
+
 class KernelEvents:
     """Drops (``skb:kfree_skb``) and TCP health (state changes, retransmissions, resets)."""
 
@@ -76,6 +79,10 @@ class KernelEvents:
         self._thread: threading.Thread | None = None
         self._wants_logs = consumer_wants(consumer, "logs")
         self._wants_metrics = consumer_wants(consumer, "metrics")
+        # The handshake RTT histogram is made from ESTABLISHED events, so a metrics pipeline
+        # needs the connection events read even when no logs pipeline wants their flows.
+        self._rtt_events = self._wants_metrics and config.tcp.enabled
+        self._connection_flows = self._wants_logs and config.tcp.connection_events
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -89,14 +96,14 @@ class KernelEvents:
         except (tracefs.TracefsError, btf_mod.BtfError) as exc:
             raise StartError(self._id, f"kernel events: {exc}", _REMEDY_KERNEL) from None
         self._names = decode.Names(facts.drop_reasons, facts.tcp_states, facts.reset_reasons)
-        text, cflags = program.build(facts, self.config, events=self._wants_logs)
+        text, cflags = program.build(facts, self.config, events=self._wants_logs, rtt_events=self._rtt_events)
         self._programs = program.programs_for(self.config)
         try:
             self._bpf = program.load_and_attach(text, cflags, self._programs)
         except Exception as exc:
             raise StartError(self._id, f"cannot compile or attach the kernel-event programs: {exc}",
                              _REMEDY_KERNEL) from None
-        if self._wants_logs:
+        if self._wants_logs or self._rtt_events:
             ring = self._bpf["kernel_events"]
             self._decoder = decode.EventDecoder(
                 self._bpf["kernel_event_layout"].Leaf,
@@ -142,7 +149,10 @@ class KernelEvents:
         if self.config.drops.enabled:
             points += decode.drop_points(self._drop_stats(), self._names, now)
         if self.config.tcp.enabled:
-            points += decode.tcp_points(self._tcp_states(), counters, self._names, now)
+            # The histogram is whole only when every ESTABLISHED event is read.
+            complete = self._rtt_events or self._connection_flows
+            rtt = self._decoder.rtt if self._decoder is not None and complete else None
+            points += decode.tcp_points(self._tcp_states(), counters, self._names, now, rtt)
         return points
 
     def tcp_connections(self) -> list[decode.TcpConnection]:
@@ -177,7 +187,10 @@ class KernelEvents:
         if len(good) != len(pending):
             self._telemetry.add(self._id, "kernel_events_malformed", len(pending) - len(good))
         offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        return self._decoder.decode(b"".join(good), offset)
+        flows = self._decoder.decode(b"".join(good), offset)
+        if not self._connection_flows:  # read for the RTT histogram only
+            flows = [f for f in flows if f.extensions.get("tcp_event") not in _CONNECTION_EVENTS]
+        return flows
 
     def _run(self) -> None:
         interval = self.config.collection_interval
