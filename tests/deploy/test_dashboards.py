@@ -1,7 +1,7 @@
 """The Grafana dashboards and the Azure Monitor workbook: their formats, the metric names they
 use, every PromQL expression parsed by a real Prometheus server, and every expression
 evaluated against a running agent scraped by that server while network-namespace pods
-make traffic (DNS with errors, TCP, resets, drops)."""
+make traffic (DNS with errors, TCP, resets, drops, retransmissions, lost events)."""
 from __future__ import annotations
 
 import importlib.util
@@ -291,7 +291,15 @@ def data_test_config(glob: str, metrics_port: int, flows_port: int,
     Prometheus as the only exporter, short intervals, and what cannot run here left out
     (k8sattributes: no API server; components not registered yet)."""
     cfg = yaml.safe_load((DEPLOY / "base" / "flowtel.yaml").read_text())
-    cfg["receivers"]["ebpf"].update(interfaces=[glob], collection_interval="1s", dns={"timeout": "1s"})
+    cfg["receivers"]["ebpf"].update(
+        interfaces=[glob], collection_interval="1s", dns={"timeout": "1s"},
+        # The smallest flow map: the test's flood of distinct flows overflows it, so flows are
+        # lost for real (FLOW_MAP_FULL) and hubble_lost_events_total has series.
+        max_flows=1024,
+        # Drops and TCP health (retransmissions), with their counters read every second.
+        kernel_events={"drops": {"enabled": True}, "tcp": {"enabled": True},
+                       "collection_interval": "1s", "poll_interval": "100ms"},
+    )
     cfg["receivers"]["procfs"]["collection_interval"] = "1s"
     cfg["processors"] = {}
     cfg["connectors"].setdefault("servicegraph", {})["metrics_flush_interval"] = "1s"
@@ -354,10 +362,34 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
                     assert time.monotonic() < deadline, "agent did not serve /metrics and become ready within 60 s"
                     time.sleep(0.2)
             prom = Prometheus(tmp / "prometheus", [f"127.0.0.1:{metrics_port}"])
-            # Traffic: DNS (answered, NXDOMAIN, unanswered), TCP, a reset, UDP, and drops.
+            # Traffic: DNS (answered, NXDOMAIN, unanswered), TCP, a reset, UDP, drops (no socket
+            # and netfilter), retransmissions and lost events.
             bed.start_dnsmasq(dns, hosts={"api.shop.test": [server.ipv4]})
             bed.start_tcp_sink(server, 8080)
+            bed.start_tcp_sink(server, 8090)
             bed.start_udp_sink(server, 9000)
+            # In the server pod only: UDP to 7777 is dropped by netfilter, and one in five
+            # non-SYN TCP packets to 8090 is lost, so the client retransmits. veth passes GSO
+            # super-packets whole: at most 4 segments each keeps them many enough that some
+            # are lost (as in tests/integration/test_kernel_events.py).
+            server.exec(["nft", "-f", "-"], input="""table inet flowtel_test {
+    chain input {
+        type filter hook input priority 0;
+        udp dport 7777 drop
+        tcp dport 8090 tcp flags & syn == 0 numgen random mod 5 == 0 drop
+    }
+}
+""")
+            client.exec(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "4"])
+            # Lost events: more distinct flows in one collection interval than the flow map
+            # holds (max_flows 1024), one datagram each from its own socket, to the UDP sink.
+            client.exec([sys.executable, "-c", f"""
+import socket
+for _ in range(3000):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b"f", ("{server.ipv4}", 9000))
+    u.close()
+"""])
             for _ in range(2):
                 client.exec(["dig", "+time=1", "+tries=1", f"@{dns.ipv4}", "api.shop.test"], check=False)
                 client.exec(["dig", "+time=1", "+tries=1", f"@{dns.ipv4}", "nope.shop.test"], check=False)
@@ -374,7 +406,10 @@ for port in (8081, 8082):
     s.close()
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(5): u.sendto(b"x" * 64, ("{server.ipv4}", 9999))
+for _ in range(5): u.sendto(b"x" * 64, ("{server.ipv4}", 7777))
 """], check=False)
+            # Through the lossy rule: retransmissions.
+            send_tcp(client, server.ipv4, 8090, 100_000, timeout=30)
             # And a steady trickle from then on, as on a real node: the connectors emit their
             # series as flows arrive, so there must be flows after the last of the above.
             client.popen([sys.executable, "-c", f"""
