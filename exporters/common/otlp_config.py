@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from exporters.common.flowlog_filter import FlowLogFilterConfig
 from exporters.common.otlp_encoding import LogBody
 from exporters.common.series import Temporality
 from flowtel.component import ComponentConfig
@@ -51,8 +52,9 @@ class QueueConfig(ComponentConfig):
     queue_size: int = Field(default=100, ge=1, description="requests the queue holds; more are dropped and counted")
 
 
-class OtlpExporterConfig(ComponentConfig):
-    """Keys common to both OTLP transports; ``endpoint`` is declared by each."""
+class OtlpExporterConfig(FlowLogFilterConfig):
+    """Keys common to both OTLP transports; ``endpoint`` is declared by each. The logs keys
+    ``allow_list``, ``deny_list`` and ``field_mask`` come from :class:`FlowLogFilterConfig`."""
 
     tls: TLSConfig = Field(default_factory=TLSConfig)
     headers: dict[str, str] = Field(default_factory=dict, description="sent with every request (gRPC metadata or HTTP headers)")

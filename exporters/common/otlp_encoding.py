@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from importlib.metadata import PackageNotFoundError, version
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -162,7 +162,8 @@ def _add_endpoint(attributes: object, side: str, ep: Endpoint | None) -> None:
         _add_str(attributes, f"{side}.k8s.pod.name", ep.pod_name)
 
 
-def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int) -> None:
+def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int,
+               body_mask: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     pb.time_unix_nano = flow.time_ns
     pb.observed_time_unix_nano = observed_ns
     if flow.verdict in _WARN_VERDICTS:
@@ -173,6 +174,8 @@ def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int) -> No
         pb.severity_text = "INFO"
     pb.event_name = "flowtel.flow"
     obj = hubble.flow_to_dict(flow)
+    if body_mask is not None:
+        obj = body_mask(obj)
     if body == "map":
         fill_any_value(pb.body, obj)
     else:
@@ -215,13 +218,16 @@ def _fill_lost(pb: LogRecord, lost: LostEvents, body: LogBody, observed_ns: int)
 class OtlpEncoder:
     """Encodes batches into serialized OTLP export requests of at most ``max_batch_size`` items."""
 
-    def __init__(self, resource: Mapping[str, str], max_batch_size: int, log_body: LogBody = "map") -> None:
+    def __init__(self, resource: Mapping[str, str], max_batch_size: int, log_body: LogBody = "map",
+                 body_mask: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._resource = _resource(resource)
         self._scope = _scope()
         self.max_batch_size = max_batch_size
         self.log_body: LogBody = log_body
+        # Applied to each flow's Hubble object (the field mask); attributes are not affected.
+        self.body_mask = body_mask
 
     def logs(self, records: Sequence[Record], observed_ns: int) -> Iterator[tuple[bytes, int]]:
         """(serialized ExportLogsServiceRequest, number of log records) per chunk."""
@@ -234,9 +240,10 @@ class OtlpEncoder:
             scope_logs.scope.CopyFrom(self._scope)
             out = scope_logs.log_records
             body = self.log_body
+            body_mask = self.body_mask
             for record in chunk:
                 if isinstance(record, Flow):
-                    _fill_flow(out.add(), record, body, observed_ns)
+                    _fill_flow(out.add(), record, body, observed_ns, body_mask)
                 elif isinstance(record, LostEvents):
                     _fill_lost(out.add(), record, body, observed_ns)
                 else:

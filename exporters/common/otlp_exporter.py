@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 
+from exporters.common.flowlog_filter import FlowLogFilter
 from exporters.common.otlp_config import OtlpExporterConfig
 from exporters.common.otlp_encoding import OtlpEncoder, resource_attributes
 from exporters.common.sending import Request, SendingQueue, Transport
@@ -31,7 +32,9 @@ class OtlpExporter(Exporter):
         self.config = config
         cid = settings.id
         self._telemetry = settings.telemetry
-        self._encoder = OtlpEncoder(resource_attributes(settings.node_name), config.max_batch_size, config.log_body)
+        self._filter = FlowLogFilter(config)
+        self._encoder = OtlpEncoder(resource_attributes(settings.node_name), config.max_batch_size, config.log_body,
+                                    self._filter.mask if self._filter.masking else None)
         self._store = SeriesStore(cid, config.cardinality_limit, config.series_ttl)
         self._queue = SendingQueue(
             cid, transport, timeout=config.timeout, retry=config.retry_on_failure,
@@ -61,8 +64,13 @@ class OtlpExporter(Exporter):
             self._telemetry.add(cid, "series_refused", result.refused)
             self._telemetry.add(cid, "records_dropped", result.refused)
             return
+        selected = self._filter.select(batch)
+        # Left out by allow_list/deny_list: counted, not an error.
+        self._telemetry.add(cid, "records_filtered", len(batch) - len(selected))
+        if not selected:
+            return
         # Encode everything first: a record that cannot be encoded fails the batch, unsent.
-        requests = list(self._encoder.logs(batch, time.time_ns()))
+        requests = list(self._encoder.logs(selected, time.time_ns()))
         for payload, items in requests:
             self._queue.submit(Request("logs", payload, items))
 

@@ -1,12 +1,13 @@
-"""Config of the ``file`` exporter, mirroring Hubble's ``--export-file-*`` flags."""
+"""Config of the ``file`` exporter, mirroring Hubble's ``--export-file-*`` flags
+and its exporter's ``allowList``/``denyList``/``fieldMask`` (``allow_list``, ``deny_list``, ``field_mask``)."""
 from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from flowtel.component import ComponentConfig
+from exporters.common.flowlog_filter import FlowLogFilterConfig
 
 
-class FileConfig(ComponentConfig):
+class FileConfig(FlowLogFilterConfig):
     path: str = Field(description="file to write, e.g. /var/log/flowtel/flows.log (parents are created)")
     max_size_mb: int = Field(default=10, gt=0, description="rotate before the file would exceed this many MiB")
     max_backups: int = Field(default=5, ge=0, description="rotated files to keep; 0 keeps none")

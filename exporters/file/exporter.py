@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from exporters.common.flowlog_filter import FlowLogFilter
 from exporters.file.config import FileConfig
 from exporters.file.rotation import RotatingFile
 from flowtel import hubble
@@ -42,6 +43,7 @@ class FileExporter(Exporter):
     def __init__(self, settings: CreateSettings, config: FileConfig) -> None:
         super().__init__(settings)
         self.config = config
+        self._filter = FlowLogFilter(config)
         self._file = RotatingFile(
             Path(config.path),
             max_bytes=config.max_size_mb * _MIB,
@@ -64,9 +66,15 @@ class FileExporter(Exporter):
     def consume(self, batch: list[Record]) -> None:
         if not batch:
             return
+        selected = self._filter.select(batch)
+        # Left out by allow_list/deny_list: counted, not an error.
+        self.settings.telemetry.add(self.settings.id, "records_filtered", len(batch) - len(selected))
+        if not selected:
+            return
         # Encode everything before touching the file: a record that cannot be encoded
         # fails the batch without leaving part of it written.
-        lines = [(_encode(hubble.record_envelope(r)) + "\n").encode() for r in batch]
+        mask = self._filter.mask_envelope
+        lines = [(_encode(mask(hubble.record_envelope(r))) + "\n").encode() for r in selected]
         with self._lock:
             # Reopens after an earlier failure, so the exporter recovers once the cause is fixed.
             self._guard(lambda: self._file.write_lines(lines))

@@ -517,3 +517,40 @@ def test_factory_creates_a_logs_exporter(tmp_path: Path) -> None:
     exporter = FACTORY.create(settings, FileConfig(path=str(tmp_path / "f.log")))
     assert isinstance(exporter, FileExporter)
     assert not (tmp_path / "f.log").exists()  # nothing touched before start
+
+
+def test_allow_deny_and_field_mask_write_masked_lines_and_count_filtered(tmp_path: Path) -> None:
+    from tests.flowsamples import lost, sample_flows
+
+    flows = sample_flows()
+    exporter, telemetry = make_exporter(
+        tmp_path / "flows.log",
+        allow_list=[{"source_pod": ["shop/"]}, {"verdict": ["DROPPED"]}],
+        deny_list=[{"protocol": ["dns"]}],
+        field_mask=["time", "verdict", "source.namespace", "source.pod_name", "IP.destination", "l4.TCP.destination_port"],
+    )
+    exporter.start()
+    exporter.consume(list(flows.values()) + [lost()])
+    exporter.shutdown()
+    lines = read_lines(tmp_path / "flows.log")
+    # F1, F2, F6 from shop (F4 is DNS: denied), F3 dropped; the lost-events line always passes.
+    assert [line["flow"]["time"] for line in lines[:-1]] == [
+        "2024-11-26T11:45:46Z", "2024-11-26T11:45:47Z", "2024-11-26T11:45:48Z", "2024-11-26T11:45:51Z"]
+    assert lines[0] == {
+        "flow": {"time": "2024-11-26T11:45:46Z", "verdict": "FORWARDED", "IP": {"destination": "10.0.0.2"},
+                 "l4": {"TCP": {"destination_port": 8080}},
+                 "source": {"namespace": "shop", "pod_name": "frontend-7c9d"}},
+        "node_name": "node-1", "time": "2024-11-26T11:45:46Z",
+    }
+    assert lines[2]["flow"] == {"time": "2024-11-26T11:45:48Z", "verdict": "DROPPED",
+                                "IP": {"destination": "10.0.0.1"}, "l4": {"TCP": {"destination_port": 80}},
+                                "source": {"namespace": "default", "pod_name": "client-1"}}
+    assert lines[-1]["lost_events"] == {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "3"}
+    assert telemetry.get("file", "records_filtered") == 5
+    # a batch filtered away entirely writes nothing and is no error
+    exporter2, telemetry2 = make_exporter(tmp_path / "none.log", deny_list=[{"source_ip": ["0.0.0.0/0", "::/0"]}])
+    exporter2.start()
+    exporter2.consume([flows["F1"], flows["F9"]])
+    exporter2.shutdown()
+    assert (tmp_path / "none.log").read_text() == ""
+    assert telemetry2.get("file", "records_filtered") == 2

@@ -233,6 +233,30 @@ def test_log_body_json_is_the_compact_hubble_object(server: GrpcOtlpServer) -> N
     assert json.loads(body) == hubble.flow_to_dict(pod_flow()) and '": ' not in body  # compact separators
 
 
+def test_flow_log_filters_and_field_mask_apply_to_logs_only(server: GrpcOtlpServer) -> None:
+    from tests.flowsamples import sample_flows
+
+    flows = sample_flows()
+    telemetry = Telemetry()
+    exporter = make(server.endpoint, telemetry, allow_list=[{"destination_pod": ["shop/"]}],
+                    deny_list=[{"verdict": ["DROPPED"]}], field_mask=["verdict", "destination.pod_name"],
+                    log_body="json")
+    try:
+        exporter.consume(list(flows.values()))
+        exporter.consume([point("m", 1.0)])  # metrics are not filtered
+        exporter.flush()
+    finally:
+        exporter.shutdown()
+    records = [r for _, r in server.recorder.log_records()]
+    assert [json.loads(r.body.string_value) for r in records] == [
+        {"verdict": "FORWARDED", "destination": {"pod_name": name}}
+        for name in ("payments-0", "frontend-7c9d", "frontend-7c9d", "payments-0")]  # F1, F2, F5, F7
+    assert log_attributes(records[0])["source.address"] == "10.0.0.1"  # attributes are not masked
+    assert telemetry.get("otlp", "records_filtered") == 5
+    assert telemetry.get("otlp", "records_in") == 10
+    assert telemetry.get("otlp", "records_send_failed") == 0
+
+
 def test_a_batch_that_is_not_flow_logs_fails_without_sending(server: GrpcOtlpServer) -> None:
     exporter = make(server.endpoint)
     try:

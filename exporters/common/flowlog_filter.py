@@ -1,0 +1,278 @@
+"""Flow-log allow/deny filters and field mask, as Hubble's flow exporter has them.
+
+Shared by the ``file``, ``otlp`` and ``otlphttp`` exporters. The config keys follow
+Hubble's exporter (``allowList``, ``denyList``, ``fieldMask``) in flowtel's snake_case:
+
+- ``allow_list`` / ``deny_list``: lists of filter objects with Hubble's ``FlowFilter``
+  field names, each a list of strings, e.g. ``{source_pod: ["kube-system/"]}`` or
+  ``{verdict: [DROPPED]}``. Values of one field OR, fields of one object AND, objects of
+  one list OR. A flow is exported when it matches some allow object (or the allow list is
+  empty) and no deny object. Matching is :mod:`flowtel.flowfilter`'s, the same code as
+  ``flowtel observe``; lost-events records always pass, as they do there.
+- ``field_mask``: dotted paths into the Hubble flow JSON (``time``, ``source.namespace``,
+  ``IP.source``, ``l4``); only those paths are kept. Empty keeps everything. A path names a
+  whole sub-object (``l4``) or a field inside it; lists of objects (``source.workloads``)
+  are masked element by element; a sub-object the mask leaves empty is omitted.
+
+Everything is validated when the config is loaded, so a wrong field name, value or path
+stops the agent with the key path (``exporters.file.allow_list[0].source_pod``) and why.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Sequence
+
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+
+from flowtel.component import ComponentConfig
+from flowtel.flowfilter import FilterError, Filters, FlowFilter, compile_filter
+from flowtel.records import Flow, Record
+
+# Hubble's FlowFilter fields that flowtel.flowfilter implements.
+FILTER_FIELDS: tuple[str, ...] = tuple(FlowFilter.__slots__)  # type: ignore[attr-defined]
+
+# Hubble FlowFilter fields (flow.proto) flowtel cannot match on; named in the error.
+_HUBBLE_ONLY = (
+    "uuid", "source_ip_xlated", "source_service", "destination_service", "source_workload",
+    "destination_workload", "source_cluster_name", "destination_cluster_name", "traffic_direction",
+    "drop_reason_desc", "interface", "http_status_code", "reply", "dns_query", "source_identity",
+    "destination_identity", "http_method", "http_path", "http_url", "http_header", "tcp_flags",
+    "node_name", "node_labels", "ip_version", "trace_id", "experimental",
+)
+# Names people reach for from `flowtel observe` flags; the error says the Hubble way.
+_HINTS = {
+    "namespace": "a namespace is a pod prefix in Hubble's filters: source_pod: ['NS/'] or destination_pod: ['NS/']",
+    "namespaces": "a namespace is a pod prefix in Hubble's filters: source_pod: ['NS/'] or destination_pod: ['NS/']",
+    "pod": "use source_pod or destination_pod (one object each for either end)",
+    "ip": "use source_ip or destination_ip (one object each for either end)",
+    "port": "use source_port or destination_port (one object each for either end)",
+    "label": "use source_label or destination_label",
+    "fqdn": "use source_fqdn or destination_fqdn",
+    "type": "use event_type",
+}
+
+_LEAF = None
+_ANY = "any"  # free-form object: any sub-path is accepted
+
+_ENDPOINT = {"ID": _LEAF, "identity": _LEAF, "cluster_name": _LEAF, "namespace": _LEAF, "labels": _LEAF,
+             "pod_name": _LEAF, "workloads": {"name": _LEAF, "kind": _LEAF}}
+_PORTS = {"source_port": _LEAF, "destination_port": _LEAF}
+_SERVICE = {"name": _LEAF, "namespace": _LEAF}
+_POLICY = {"name": _LEAF, "namespace": _LEAF, "labels": _LEAF, "revision": _LEAF, "kind": _LEAF}
+_ICMP = {"type": _LEAF, "code": _LEAF}
+
+# Cilium's flow.proto Flow message by its JSON (proto) field names: what a mask may name.
+FLOW_FIELDS: dict[str, Any] = {
+    "time": _LEAF, "uuid": _LEAF, "verdict": _LEAF, "drop_reason": _LEAF, "auth_type": _LEAF,
+    "ethernet": {"source": _LEAF, "destination": _LEAF},
+    "IP": {"source": _LEAF, "source_xlated": _LEAF, "destination": _LEAF, "ipVersion": _LEAF, "encrypted": _LEAF},
+    "l4": {
+        "TCP": {**_PORTS, "flags": {f: _LEAF for f in ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")}},
+        "UDP": dict(_PORTS), "SCTP": dict(_PORTS), "ICMPv4": dict(_ICMP), "ICMPv6": dict(_ICMP),
+        "VRRP": {"type": _LEAF, "vrid": _LEAF, "priority": _LEAF}, "IGMP": {"type": _LEAF, "group_address": _LEAF},
+    },
+    "source": _ENDPOINT, "destination": _ENDPOINT,
+    "Type": _LEAF, "node_name": _LEAF, "node_labels": _LEAF, "source_names": _LEAF, "destination_names": _LEAF,
+    "l7": {
+        "type": _LEAF, "latency_ns": _LEAF,
+        "dns": {k: _LEAF for k in ("query", "ips", "ttl", "cnames", "observation_source", "rcode", "qtypes", "rrtypes")},
+        "http": {k: _LEAF for k in ("code", "method", "url", "protocol", "headers")},
+        "kafka": {k: _LEAF for k in ("error_code", "api_version", "api_key", "correlation_id", "topic")},
+    },
+    "reply": _LEAF, "event_type": {"type": _LEAF, "sub_type": _LEAF},
+    "source_service": _SERVICE, "destination_service": _SERVICE,
+    "traffic_direction": _LEAF, "policy_match_type": _LEAF, "trace_observation_point": _LEAF,
+    "trace_reason": _LEAF, "file": {"name": _LEAF, "line": _LEAF}, "drop_reason_desc": _LEAF, "is_reply": _LEAF,
+    "debug_capture_point": _LEAF, "interface": {"index": _LEAF, "name": _LEAF}, "proxy_port": _LEAF,
+    "trace_context": {"parent": {"trace_id": _LEAF}}, "sock_xlate_point": _LEAF, "socket_cookie": _LEAF,
+    "cgroup_id": _LEAF, "Summary": _LEAF,
+    "extensions": _ANY,  # flowtel's packets/bytes/tcp_flags/handshake_rtt_ns/ethertype live here
+    "egress_allowed_by": _POLICY, "ingress_allowed_by": _POLICY,
+    "egress_denied_by": _POLICY, "ingress_denied_by": _POLICY, "policy_log": _LEAF,
+}
+
+
+def _check_path(path: str) -> str:
+    parts = path.split(".")
+    if not path or any(not p for p in parts):
+        raise ValueError(f"expected a dotted path into the Hubble flow JSON such as 'source.namespace', got {path!r}")
+    node: Any = FLOW_FIELDS
+    where = "the flow"
+    for i, part in enumerate(parts):
+        if node is _ANY:
+            break
+        if node is _LEAF:
+            raise ValueError(f"{path!r}: {'.'.join(parts[:i])!r} is a value, it has no field {part!r}")
+        if part not in node:
+            close = [f for f in node if f.lower() == part.lower()] or difflib.get_close_matches(part, node, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{path!r}: {part!r} is not a field of {where}{hint}; "
+                             f"fields of {where}: {', '.join(node)}")
+        node = node[part]
+        where = repr(".".join(parts[:i + 1]))
+    return path
+
+
+def _to_strings(value: Any) -> Any:
+    """Hubble's JSON has lists of strings; YAML users write ports as numbers."""
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else _event_type_text(v) for v in value]
+    return value
+
+
+def _event_type_text(value: Any) -> Any:
+    # Hubble's event_type filter is {type, sub_type}; flowfilter takes "type[:sub_type]".
+    if isinstance(value, dict) and set(value) <= {"type", "sub_type"} and "type" in value:
+        sub = value.get("sub_type")
+        return f"{value['type']}" if sub is None else f"{value['type']}:{sub}"
+    return value
+
+
+class FlowFilterConfig(ComponentConfig):
+    """One Hubble ``FlowFilter`` object: fields AND, values of a field OR."""
+
+    source_pod: list[str] = Field(default_factory=list, description="[namespace/]pod-name-prefix; 'ns/' is any pod in ns")
+    destination_pod: list[str] = Field(default_factory=list, description="[namespace/]pod-name-prefix")
+    source_ip: list[str] = Field(default_factory=list, description="address or CIDR")
+    destination_ip: list[str] = Field(default_factory=list, description="address or CIDR")
+    source_port: list[str] = Field(default_factory=list, description="0-65535")
+    destination_port: list[str] = Field(default_factory=list, description="0-65535")
+    source_label: list[str] = Field(default_factory=list, description="label selector, e.g. k8s:app=frontend")
+    destination_label: list[str] = Field(default_factory=list, description="label selector")
+    source_fqdn: list[str] = Field(default_factory=list, description="name pattern, * wildcard")
+    destination_fqdn: list[str] = Field(default_factory=list, description="name pattern, * wildcard")
+    protocol: list[str] = Field(default_factory=list, description="tcp, udp, sctp, icmp, icmpv4, icmpv6, dns, …")
+    verdict: list[str] = Field(default_factory=list, description="FORWARDED, DROPPED, …")
+    event_type: list[str] = Field(default_factory=list, description="drop, trace, l7, … or type[:sub_type]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a filter object such as {{source_pod: ['kube-system/']}}, got {data!r}")
+        for key in data:
+            if key in FILTER_FIELDS:
+                continue
+            if key in _HINTS:
+                raise ValueError(f"unknown filter field {key!r}: {_HINTS[key]}")
+            why = "is a Hubble filter field flowtel does not support" if key in _HUBBLE_ONLY else "is not a filter field"
+            raise ValueError(f"{key!r} {why}; supported: {', '.join(FILTER_FIELDS)}")
+        return {k: _to_strings(v) for k, v in data.items()}
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "FlowFilterConfig":
+        if not any(getattr(self, name) for name in FILTER_FIELDS):
+            raise ValueError("an empty filter object matches every flow; give at least one field")
+        return self
+
+    @field_validator(*FILTER_FIELDS)
+    @classmethod
+    def _values(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        # Compiled here, so a bad value stops the config load with its key path.
+        try:
+            compile_filter(FlowFilter(**{info.field_name: values}))  # type: ignore[arg-type]
+        except FilterError as exc:
+            raise ValueError(str(exc)) from None
+        return values
+
+    def to_flow_filter(self) -> FlowFilter:
+        return FlowFilter(**{name: list(getattr(self, name)) for name in FILTER_FIELDS})
+
+
+FieldPath = Annotated[str, AfterValidator(_check_path)]
+
+
+class FlowLogFilterConfig(ComponentConfig):
+    """The keys a flow-log exporter's config gets by inheriting from this class."""
+
+    allow_list: list[FlowFilterConfig] = Field(
+        default_factory=list, description="export only flows matching one of these filters (empty: all)")
+    deny_list: list[FlowFilterConfig] = Field(
+        default_factory=list, description="do not export flows matching any of these filters")
+    field_mask: list[FieldPath] = Field(
+        default_factory=list, description="keep only these paths of the Hubble flow JSON (empty: all)")
+
+
+class FlowLogFilter:
+    """A compiled allow/deny list and field mask: ``select`` a batch, then ``mask`` each flow dict."""
+
+    def __init__(self, config: FlowLogFilterConfig) -> None:
+        self._filters: Filters | None = None
+        if config.allow_list or config.deny_list:
+            self._filters = Filters([f.to_flow_filter() for f in config.allow_list],
+                                    [f.to_flow_filter() for f in config.deny_list])
+        self._mask = _mask_tree(config.field_mask)
+
+    @property
+    def filtering(self) -> bool:
+        return self._filters is not None
+
+    @property
+    def masking(self) -> bool:
+        return self._mask is not None
+
+    def select(self, batch: Sequence[Record]) -> list[Record]:
+        """The records to export; lost events always pass."""
+        if self._filters is None:
+            return list(batch)
+        matches = self._filters.matches
+        return [r for r in batch if not isinstance(r, Flow) or matches(r)]
+
+    def mask(self, flow_obj: dict[str, Any]) -> dict[str, Any]:
+        """The Hubble flow object (``flow_to_dict``) with only the masked paths; itself without a mask."""
+        if self._mask is None:
+            return flow_obj
+        return _apply(self._mask, flow_obj)
+
+    def mask_envelope(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """A ``GetFlowsResponse`` envelope with its ``flow`` masked; other envelopes unchanged."""
+        if self._mask is None or "flow" not in envelope:
+            return envelope
+        out = dict(envelope)
+        out["flow"] = _apply(self._mask, envelope["flow"])
+        return out
+
+
+_ALL: dict[str, Any] = {}  # marker: keep the whole value
+
+
+def _mask_tree(paths: Sequence[str]) -> dict[str, Any] | None:
+    if not paths:
+        return None
+    tree: dict[str, Any] = {}
+    for path in paths:
+        node = tree
+        parts = path.split(".")
+        for i, part in enumerate(parts):
+            child = node.get(part)
+            if child is _ALL:
+                break  # a shorter path already keeps all of it
+            if i == len(parts) - 1:
+                node[part] = _ALL
+            else:
+                if child is None:
+                    child = node[part] = {}
+                node = child
+    return tree
+
+
+def _apply(tree: dict[str, Any], obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_apply(tree, item) for item in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out: dict[str, Any] = {}
+    for key, sub in tree.items():
+        if key not in obj:
+            continue
+        value = obj[key]
+        if sub is _ALL:
+            out[key] = value
+            continue
+        masked = _apply(sub, value)
+        if masked == {} or (isinstance(masked, list) and all(m == {} for m in masked)):
+            continue  # nothing of the masked paths in this flow
+        out[key] = masked
+    return out
+
+
