@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import bpf_runtime, datapath, k8sattributes
+from bench import bpf_runtime, datapath, exporters, k8sattributes
 from bench import memory, overload, startup, throughput
 
 
@@ -22,6 +22,8 @@ def main() -> int:
     print(memory.report(memory.run()), flush=True)
     print("== loss under overload: UDP 64 B flood + DNS query flood ==", flush=True)
     print(overload.report(overload.run()), flush=True)
+    print("== metric export: series/s and cost per export cycle (ratio = / 1k series) ==", flush=True)
+    print(exporters.report(exporters.run()), flush=True)
     return 0
 
 
