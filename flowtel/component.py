@@ -111,6 +111,12 @@ class Processor(Component):
     def process(self, batch: list[Record]) -> list[Record]:
         """Return the batch to pass on (the same list, changed in place, is fine)."""
 
+    def flush(self) -> list[Record]:
+        """Records still held (e.g. an open aggregation window). Called at shutdown after the
+        input queues drained (again after connectors' last batches), never concurrently with
+        ``process``; what it returns goes through the later processors to the exporters."""
+        return []
+
 
 class Exporter(Component):
     component_kind = Kind.EXPORTER

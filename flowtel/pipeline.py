@@ -199,12 +199,29 @@ class _BuiltPipeline:
     queue: BoundedQueue
     processors: list[Processor]
     exporter_queues: list[BoundedQueue] = field(default_factory=list)
+    # process() runs on the pipeline thread, flush() on the shutdown thread: never both at once.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def process(self, batch: list[Record]) -> None:
-        for processor in self.processors:
-            batch = processor.process(batch)
-            if not batch:
-                return
+        with self.lock:
+            for processor in self.processors:
+                batch = processor.process(batch)
+                if not batch:
+                    return
+            self._export(batch)
+
+    def flush(self) -> None:
+        """Hand what processors still hold downstream, each through the processors after it."""
+        with self.lock:
+            batch: list[Record] = []
+            for processor in self.processors:
+                if batch:
+                    batch = processor.process(batch)
+                batch = [*(batch or ()), *processor.flush()]
+            if batch:
+                self._export(batch)
+
+    def _export(self, batch: list[Record]) -> None:
         if len(self.exporter_queues) == 1:
             self.exporter_queues[0].put(batch)
             return
@@ -379,14 +396,27 @@ class Service:
         # Losses that happened while draining are reported before the outputs close.
         self.report_losses()
         self._drain(timeout)
+        # Processors that hold records (aggregation windows) hand them on before the
+        # connectors stop, and again for what the connectors' last batches fed them.
+        self._flush_processors()
+        self._drain(timeout)
         # Connectors may emit a last batch (e.g. final metric points) into later pipelines.
         stop(self.connectors, "shutdown")
+        self._drain(timeout)
+        self._flush_processors()
         self._drain(timeout)
         for worker in [*self._pipeline_workers, *self._exporter_workers.values()]:
             worker.stop(timeout)
         stop(self.processors, "shutdown")
         stop(self.exporters, "flush", "shutdown")
         stop(self.extensions, "shutdown")
+
+    def _flush_processors(self) -> None:
+        for built in self._pipelines.values():
+            try:
+                built.flush()
+            except Exception:
+                log.exception("shutdown: flushing the processors of pipeline %s failed", built.spec.id)
 
     def _report_losses_loop(self) -> None:
         while not self._loss_stop.wait(self._loss_report_interval):

@@ -16,6 +16,7 @@ def all_factories() -> list[Factory]:
     from extensions.flows.factory import FACTORY as flows_extension
     from extensions.health_check.factory import FACTORY as health_check_extension
     from extensions.ui.factory import FACTORY as ui_extension
+    from processors.flowaggregate.factory import FACTORY as flowaggregate_processor
     from processors.k8sattributes.factory import FACTORY as k8sattributes_processor
     from receiver.ebpf.factory import FACTORY as ebpf_receiver
     from receiver.procfs.factory import FACTORY as procfs_receiver
@@ -24,6 +25,7 @@ def all_factories() -> list[Factory]:
         ebpf_receiver,
         procfs_receiver,
         k8sattributes_processor,
+        flowaggregate_processor,
         console_exporter,
         file_exporter,
         otlp_exporter,

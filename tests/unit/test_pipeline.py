@@ -60,6 +60,22 @@ class Tag(Processor):
         return batch
 
 
+class Hold(Processor):
+    """Holds every record until shutdown, as an aggregation window does."""
+
+    def __init__(self, settings: CreateSettings) -> None:
+        super().__init__(settings)
+        self.held: list = []
+
+    def process(self, batch: list) -> list:
+        self.held.extend(batch)
+        return []
+
+    def flush(self) -> list:
+        out, self.held = self.held, []
+        return out
+
+
 class Sink(Exporter):
     def __init__(self, settings: CreateSettings, cfg: Cfg) -> None:
         super().__init__(settings)
@@ -105,7 +121,10 @@ class Tap(Extension):
 
 FACTORIES = {
     Kind.RECEIVER: {"src": Factory("src", Kind.RECEIVER, Cfg, Src)},
-    Kind.PROCESSOR: {"tag": Factory("tag", Kind.PROCESSOR, Cfg, lambda s, c: Tag(s))},
+    Kind.PROCESSOR: {
+        "tag": Factory("tag", Kind.PROCESSOR, Cfg, lambda s, c: Tag(s)),
+        "hold": Factory("hold", Kind.PROCESSOR, Cfg, lambda s, c: Hold(s)),
+    },
     Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, Cfg, Sink)},
     Kind.CONNECTOR: {"count": Factory("count", Kind.CONNECTOR, Cfg, Count)},
     Kind.EXTENSION: {"tap": Factory("tap", Kind.EXTENSION, Cfg, lambda s, c: Tap(s))},
@@ -131,6 +150,22 @@ def test_start_order_and_reverse_shutdown_with_final_flush() -> None:
     assert EVENTS == ["start sink", "start tag", "start src", "stop src", "stop tag", "stop sink"]
     got = svc.exporters["sink"].got
     assert len(got) == 5 and all(r.extensions["tagged"] for r in got)
+
+
+def test_processor_flush_at_shutdown_goes_through_later_processors() -> None:
+    svc = build(
+        {
+            "receivers": {"src": {"count": 4}},
+            "processors": {"hold": {}, "tag": {}},
+            "exporters": {"sink": {}},
+            "service": {"pipelines": {"logs": {"receivers": ["src"], "processors": ["hold", "tag"], "exporters": ["sink"]}}},
+        }
+    )
+    svc.start()
+    svc.shutdown()
+    got = [r for r in svc.exporters["sink"].got if isinstance(r, Flow)]
+    assert sorted(r.src_port for r in got) == [0, 1, 2, 3]
+    assert all(r.extensions["tagged"] for r in got)
 
 
 def test_failing_exporter_does_not_stop_the_other() -> None:
