@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -26,3 +26,21 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _at_least_100ms(value: float) -> float:
+    # Draining kernel maps or /proc faster than this costs more than it tells anyone.
+    if value < 0.1:
+        raise ValueError("collection_interval must be at least 100ms")
+    return value
+
+
+def _globs_not_empty(value: list[str]) -> list[str]:
+    for glob in value:
+        if not glob.strip():
+            raise ValueError("interface globs must not be empty strings")
+    return value
+
+
+CollectionInterval = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_at_least_100ms)]
+InterfaceGlobs = Annotated[list[str], AfterValidator(_globs_not_empty)]

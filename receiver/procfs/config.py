@@ -9,7 +9,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flowtel.component import ComponentConfig
-from flowtel.configtypes import Duration
+from flowtel.configtypes import CollectionInterval, InterfaceGlobs
 
 
 class _Strict(BaseModel):
@@ -59,31 +59,18 @@ class ProcfsMetrics(_Strict):
 
 
 class ProcfsReceiverConfig(ComponentConfig):
-    collection_interval: Duration = 10.0
+    collection_interval: CollectionInterval = 10.0
     metrics: ProcfsMetrics = Field(default_factory=ProcfsMetrics)
     # interface_stats only: globs of interface names to report, and globs to leave out.
-    interfaces: list[str] = Field(default_factory=lambda: ["*"])
-    exclude_interfaces: list[str] = Field(default_factory=lambda: ["lo"])
+    interfaces: InterfaceGlobs = Field(default_factory=lambda: ["*"])
+    exclude_interfaces: InterfaceGlobs = Field(default_factory=lambda: ["lo"])
     # Further network namespaces: a name under /run/netns, or a path such as /proc/<pid>/ns/net.
     netns: list[str] = Field(default_factory=list)
     # Directory whose net/ is read as the node's own namespace ("/host/proc/1" reads the host's
     # through a hostPath mount of /proc when the agent does not run with hostNetwork).
     proc_path: str = "/proc"
 
-    @field_validator("collection_interval")
-    @classmethod
-    def _interval_positive(cls, value: float) -> float:
-        if value < 0.1:
-            raise ValueError("collection_interval must be at least 100ms")
-        return value
 
-    @field_validator("interfaces", "exclude_interfaces")
-    @classmethod
-    def _globs_not_empty(cls, value: list[str]) -> list[str]:
-        for glob in value:
-            if not glob.strip():
-                raise ValueError("interface globs must not be empty strings")
-        return value
 
     @field_validator("netns")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from flowtel.component import ComponentConfig
-from flowtel.configtypes import Duration
+from flowtel.configtypes import CollectionInterval, Duration
 
 
 class DropsConfig(ComponentConfig):
@@ -32,7 +32,7 @@ class KernelEventsConfig(ComponentConfig):
     # lost and counted (lost events, source KERNEL_EVENTS_RING_BUFFER).
     ring_buffer_kb: int = Field(1024, ge=4, le=262_144)
     # How often cumulative counters are read into metric points.
-    collection_interval: Duration = 10.0
+    collection_interval: CollectionInterval = 10.0
     # Longest time an event waits in the ring buffer before it becomes a record.
     poll_interval: Duration = 0.5
 
@@ -43,12 +43,6 @@ class KernelEventsConfig(ComponentConfig):
             raise ValueError(f"ring_buffer_kb must be a power of two (4, 8, …, 1024, …), got {value}")
         return value
 
-    @field_validator("collection_interval")
-    @classmethod
-    def _interval_positive(cls, value: float) -> float:
-        if value < 0.1:
-            raise ValueError("collection_interval must be at least 100ms")
-        return value
 
     @field_validator("poll_interval")
     @classmethod
