@@ -117,6 +117,16 @@ class Processor(Component):
         ``process``; what it returns goes through the later processors to the exporters."""
         return []
 
+    # Seconds between calls of ``tick``; None (the default): the pipeline never ticks it.
+    tick_interval: float | None = None
+
+    def tick(self) -> list[Record]:
+        """Records that became due with time rather than with input (an aggregation window
+        that ended while no flows arrived). With ``tick_interval`` set, the pipeline calls it
+        about that often from its timer thread, never concurrently with ``process`` or
+        ``flush``; what it returns goes through the later processors to the exporters."""
+        return []
+
 
 class Exporter(Component):
     component_kind = Kind.EXPORTER

@@ -212,12 +212,19 @@ class _BuiltPipeline:
 
     def flush(self) -> None:
         """Hand what processors still hold downstream, each through the processors after it."""
+        self._release(lambda processor: processor.flush())
+
+    def tick(self) -> None:
+        """Hand on what processors' timers made due (``Processor.tick``)."""
+        self._release(lambda processor: processor.tick())
+
+    def _release(self, held: Callable[[Processor], list[Record]]) -> None:
         with self.lock:
             batch: list[Record] = []
             for processor in self.processors:
                 if batch:
                     batch = processor.process(batch)
-                batch = [*(batch or ()), *processor.flush()]
+                batch = [*(batch or ()), *held(processor)]
             if batch:
                 self._export(batch)
 
@@ -264,6 +271,7 @@ class Service:
         self._loss_reported: dict[tuple[str, str], int] = {}
         self._loss_stop = threading.Event()
         self._loss_thread: threading.Thread | None = None
+        self._tick_thread: threading.Thread | None = None
         self._build()
 
     def _settings(self, cid: str) -> CreateSettings:
@@ -350,6 +358,11 @@ class Service:
                 self._start(rec)
             self._loss_thread = threading.Thread(target=self._report_losses_loop, name="flowtel-loss-report", daemon=True)
             self._loss_thread.start()
+            intervals = [p.tick_interval for p in self.processors.values() if p.tick_interval]
+            if intervals:
+                self._tick_thread = threading.Thread(target=self._tick_loop, args=(min(intervals),),
+                                                     name="flowtel-processor-ticks", daemon=True)
+                self._tick_thread.start()
             for ext in self.extensions.values():
                 ext.ready()
         except BaseException:
@@ -390,8 +403,10 @@ class Service:
 
         stop(self.receivers, "shutdown")
         self._loss_stop.set()
-        if self._loss_thread is not None:
-            self._loss_thread.join(timeout)
+        # Ticks stop with the receivers: from here on the shutdown flushes hand on what is held.
+        for thread in (self._loss_thread, self._tick_thread):
+            if thread is not None:
+                thread.join(timeout)
         self._drain(timeout)
         # Losses that happened while draining are reported before the outputs close.
         self.report_losses()
@@ -417,6 +432,21 @@ class Service:
                 built.flush()
             except Exception:
                 log.exception("shutdown: flushing the processors of pipeline %s failed", built.spec.id)
+
+    def _tick_loop(self, interval: float) -> None:
+        # Every pipeline is ticked at the shortest interval asked for; a processor's tick
+        # decides itself whether anything is due, so ticking more often only costs a lock.
+        last_error_log = 0.0
+        while not self._loss_stop.wait(interval):
+            for built in self._pipelines.values():
+                try:
+                    built.tick()
+                except Exception:  # one failing processor must not stop the others' timers
+                    self.telemetry.add(f"pipeline/{built.spec.id}", "ticks_failed")
+                    now = time.monotonic()
+                    if now - last_error_log > 10:
+                        last_error_log = now
+                        log.exception("pipeline %s: a processor's tick failed (counted)", built.spec.id)
 
     def _report_losses_loop(self) -> None:
         while not self._loss_stop.wait(self._loss_report_interval):

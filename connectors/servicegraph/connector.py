@@ -1,12 +1,16 @@
 """The ``servicegraph`` connector: flows (logs) in, ``flowtel_service_graph_*`` points (metrics) out."""
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 from connectors.servicegraph.config import ServiceGraphConfig
 from flowtel.component import Connector, Consumer, CreateSettings, consumer_wants
 from flowtel.records import MetricKind, MetricPoint, Record
 from flowtel.servicegraph import EdgeKey, EdgeStats, ServiceGraph
+
+log = logging.getLogger("flowtel.connectors.servicegraph")
 
 PREFIX = "flowtel_service_graph_"
 # name suffix, unit, description; the values come from EdgeStats in _points.
@@ -46,31 +50,59 @@ def points(edges: list[tuple[EdgeKey, EdgeStats]], now_ns: int) -> list[MetricPo
 
 
 class ServiceGraphConnector(Connector):
+    """Counts flows into the graph on the pipeline's thread; emits every edge on its own timer.
+
+    With ``metrics_flush_interval`` > 0 a thread emits all edges' cumulative values every
+    interval whether or not flows arrived (an idle edge keeps its series alive downstream
+    until it expires); with 0 they are emitted after every batch instead. ``consume`` and
+    the timer share the graph (it has its own lock); emissions are serialized so that a
+    cumulative series never goes back in time downstream.
+    """
+
     def __init__(self, settings: CreateSettings, config: ServiceGraphConfig, next_consumer: Consumer) -> None:
         super().__init__(settings, next_consumer)
         self.config = config
         self.graph = ServiceGraph(granularity=config.granularity, expire_after=config.expire_after,
                                   max_edges=config.max_edges)
-        self._next_flush = 0.0
+        self._emit_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
         settings.telemetry.register_gauge(settings.id, "edges", lambda: len(self.graph))
         settings.telemetry.register_gauge(settings.id, "edges_overflow_flows", lambda: self.graph.overflow)
 
+    def start(self) -> None:
+        if self.config.metrics_flush_interval > 0:
+            self._timer = threading.Thread(target=self._run_timer, name=f"flowtel-{self.settings.id}-flush",
+                                           daemon=True)
+            self._timer.start()
+
+    def _run_timer(self) -> None:
+        while not self._stop.wait(self.config.metrics_flush_interval):
+            try:
+                self.flush()
+            except Exception:  # a failing emission must not end the timer: the next one retries
+                self.settings.telemetry.add(self.settings.id, "flushes_failed")
+                log.exception("%s: emitting the service graph failed (counted)", self.settings.id)
+
     def consume(self, batch: list[Record]) -> None:
         self.graph.add(batch)
-        now = time.monotonic()
-        if now >= self._next_flush:
-            self._next_flush = now + self.config.metrics_flush_interval
+        if self.config.metrics_flush_interval <= 0:
             self.flush()
 
     def flush(self) -> None:
-        """Emit every edge's cumulative values now."""
-        if not consumer_wants(self.next_consumer, "metrics"):
-            return
-        self.graph.expire()
-        batch = points(self.graph.snapshot(), time.time_ns())
-        if batch:
-            self.next_consumer.consume(batch)  # type: ignore[arg-type]
+        """Forget expired edges, then emit every remaining edge's cumulative values now."""
+        with self._emit_lock:
+            expired = self.graph.expire()
+            self.settings.telemetry.add(self.settings.id, "edges_expired", expired)
+            if not consumer_wants(self.next_consumer, "metrics"):
+                return
+            batch = points(self.graph.snapshot(), time.time_ns())
+            if batch:
+                self.next_consumer.consume(batch)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
-        # The last values, so counts since the previous flush reach the exporters.
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(10)
+        # The last values, so counts since the previous emission reach the exporters.
         self.flush()

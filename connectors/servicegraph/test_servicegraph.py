@@ -3,6 +3,7 @@ map and its dot/mermaid renderings, and the connector inside a running pipeline.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -156,11 +157,64 @@ def test_flush_interval_batches_emissions_and_shutdown_flushes() -> None:
     capture = Capture()
     conn = ServiceGraphConnector(CreateSettings("servicegraph", "n", Telemetry()),
                                  ServiceGraphConfig(metrics_flush_interval=3600), capture)
-    conn.consume([sample_flows()["F1"]])  # the first batch is emitted at once
+    conn.start()
     conn.consume([sample_flows()["F1"]])
-    assert [p.value for p in capture.got if p.name.endswith("request_total")] == [1]
+    conn.consume([sample_flows()["F1"]])
+    assert capture.got == []  # emitted by the timer, not per batch
     conn.shutdown()
-    assert [p.value for p in capture.got if p.name.endswith("request_total")] == [1, 2]
+    assert [p.value for p in capture.got if p.name.endswith("request_total")] == [2]
+
+
+class TimedCapture(Capture):
+    """Each emission with the monotonic time it arrived (the connector's timer thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emissions: list[tuple[float, dict[tuple[str, str], float]]] = []
+        self.lock = threading.Lock()
+
+    def consume(self, batch: list[Record]) -> None:
+        requests = {(p.attributes["client"], p.attributes["server"]): p.value
+                    for p in batch if isinstance(p, MetricPoint) and p.name.endswith("request_total")}
+        with self.lock:
+            self.emissions.append((time.monotonic(), requests))
+
+    def of(self, edge: tuple[str, str]) -> list[tuple[float, float]]:
+        with self.lock:
+            return [(t, r[edge]) for t, r in self.emissions if edge in r]
+
+
+def test_idle_edge_is_re_exported_every_interval_then_expires() -> None:
+    capture, tel = TimedCapture(), Telemetry()
+    interval, expire_after = 0.1, 0.8
+    conn = ServiceGraphConnector(CreateSettings("servicegraph", "n", tel),
+                                 ServiceGraphConfig(metrics_flush_interval=interval, expire_after=expire_after), capture)
+    idle, busy = ("frontend", "payments"), ("client-1", "frontend")
+    conn.start()
+    try:
+        counted = time.monotonic()
+        conn.consume([sample_flows()["F1"]])  # the idle edge: one flow, then nothing
+        deadline = counted + expire_after + 1.0
+        while time.monotonic() < deadline:
+            conn.consume([sample_flows()["F3"]])  # another edge keeps getting flows
+            time.sleep(interval / 2)
+        idle_emissions = capture.of(idle)
+        busy_emissions = capture.of(busy)
+    finally:
+        conn.shutdown()
+    # Re-exported with its unchanged cumulative value on every tick while idle …
+    assert [v for _, v in idle_emissions] == [1] * len(idle_emissions)
+    assert len(idle_emissions) >= expire_after / interval * 0.6
+    gaps = [b - a for (a, _), (b, _) in zip(idle_emissions, idle_emissions[1:])]
+    assert max(gaps) < interval * 3
+    # … until it had no flows for expire_after: then it is forgotten, no longer emitted.
+    last = idle_emissions[-1][0] - counted
+    assert expire_after - interval <= last <= expire_after + interval * 3
+    assert tel.get("servicegraph", "edges_expired") == 1
+    assert idle not in {(k.client.name, k.server.name) for k, _ in conn.graph.snapshot()}
+    # The edge with traffic stays, and its count grows.
+    assert busy_emissions[-1][0] > idle_emissions[-1][0] + interval
+    assert busy_emissions[-1][1] > busy_emissions[0][1]
 
 
 def test_config() -> None:

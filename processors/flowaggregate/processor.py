@@ -6,9 +6,11 @@ verdict, traffic direction and drop reason. Each window emits one Flow per key w
 sums in ``extensions`` (``packets``, ``bytes``, ``flows``, ``window_start``, ``window_end``).
 
 Windows follow the agent's clock (records are assigned to the window open when they
-arrive) and are aligned to multiples of ``window`` since the epoch. A processor has no
-way to push records on its own, so a closed window is emitted with the next batch that
-arrives after its end, and the last one through :meth:`flush` at shutdown.
+arrive) and are aligned to multiples of ``window`` since the epoch. A window is emitted
+when it ends: by the pipeline's timer (:meth:`tick`, every ``window / 10`` seconds, at
+least every second and at most every 50 ms) when no flows arrive, else with the first
+batch after its end; the last one through :meth:`flush` at shutdown. The pipeline never
+runs ``process``, ``tick`` and ``flush`` concurrently, so the window needs no lock.
 """
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ class FlowAggregateProcessor(Processor):
         self.config = config
         self._clock = clock
         self._window_ns = int(config.window * 1e9)
+        # How late after its end a window may be emitted when no flows arrive; not below
+        # 50 ms, so a tiny window cannot turn the pipeline's timer into a busy loop.
+        self.tick_interval = max(0.05, min(1.0, config.window / 10))
         self._start_ns: int | None = None
         self._aggs: dict[tuple[Hashable, ...], _Agg] = {}
         settings.telemetry.register_gauge(settings.id, "aggregation_keys", lambda: len(self._aggs))
@@ -128,6 +133,12 @@ class FlowAggregateProcessor(Processor):
             out.append(f)
         self.settings.telemetry.add(self.settings.id, "windows_emitted")
         return out
+
+    def tick(self) -> list[Record]:
+        """The open window, once it has ended (no flows arrived since to close it)."""
+        if self._start_ns is not None and self._clock() >= self._start_ns + self._window_ns:
+            return self._emit()
+        return []
 
     def flush(self) -> list[Record]:
         return self._emit()

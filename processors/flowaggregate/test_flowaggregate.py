@@ -1,6 +1,8 @@
 """flowaggregate: per-key sums over fixed windows, pass-through rules, bounded keys, shutdown flush."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from pydantic import ValidationError
 
@@ -180,3 +182,58 @@ def test_shutdown_flush_delivers_last_window_through_service() -> None:
     got = [r for r in svc.exporters["sink"].got if isinstance(r, Flow)]
     assert len(got) == 1
     assert (got[0].extensions["flows"], got[0].extensions["packets"], got[0].extensions["bytes"]) == (5, 5, 50)
+
+
+def test_tick_emits_an_ended_window_without_further_input() -> None:
+    clock = Clock(100 * S)
+    proc, tel = make(clock, window="30s")
+    assert proc.tick_interval == 1.0 and make(clock, window="2s")[0].tick_interval == 0.2
+    assert make(clock, window="10ms")[0].tick_interval == 0.05
+    assert proc.tick() == []  # nothing held
+    proc.process([flow(packets=2), flow(packets=3)])
+    clock.t = 120 * S - 1
+    assert proc.tick() == []  # [90 s, 120 s) still open
+    clock.t = 120 * S
+    [f] = proc.tick()
+    assert (f.packets, f.extensions["flows"], f.extensions["window_end"]) == (5, 2, 120 * S)
+    assert proc.tick() == [] and proc.flush() == []
+    assert tel.get("flowaggregate", "windows_emitted") == 1
+
+
+class Feed(Receiver):
+    """Hands its flows on once at start, then nothing: only a timer can close the window."""
+
+    def __init__(self, settings: CreateSettings, cfg: Cfg, nxt: Consumer) -> None:
+        super().__init__(settings, nxt)
+        self.cfg = cfg
+
+    def start(self) -> None:
+        self.next_consumer.consume([flow(sport=i, packets=1, nbytes=10) for i in range(self.cfg.count)])
+
+
+def test_window_closes_on_time_with_no_further_input() -> None:
+    factories = {**FACTORIES, Kind.RECEIVER: {"feed": Factory("feed", Kind.RECEIVER, Cfg, Feed)}}
+    cfg = {
+        "receivers": {"feed": {"count": 4}},
+        "processors": {"flowaggregate": {"window": "1s"}},
+        "exporters": {"sink": {}},
+        "service": {"pipelines": {"logs": {"receivers": ["feed"], "processors": ["flowaggregate"], "exporters": ["sink"]}}},
+    }
+    svc = Service(parse_config(cfg, "t.yaml", factories=factories, environ={}), node_name="n", factories=factories)
+    svc.start()
+    try:
+        sink = svc.exporters["sink"]
+        deadline = time.monotonic() + 5
+        while not sink.got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen_ns = time.time_ns()
+        got = [r for r in sink.got if isinstance(r, Flow)]
+        assert len(got) == 1, "the window was not emitted while the agent ran"
+        f = got[0]
+        assert (f.extensions["flows"], f.extensions["packets"]) == (4, 4)
+        assert f.extensions["window_end"] - f.extensions["window_start"] == S
+        # Emitted after the window's end, within the tick interval (0.1 s) and queueing.
+        assert f.extensions["window_end"] <= seen_ns < f.extensions["window_end"] + S // 2
+    finally:
+        svc.shutdown()
+    assert len([r for r in svc.exporters["sink"].got if isinstance(r, Flow)]) == 1  # nothing held back twice

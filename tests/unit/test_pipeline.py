@@ -327,3 +327,49 @@ def test_a_batch_larger_than_the_queue_keeps_what_fits() -> None:
     dropped = svc.telemetry.get("pipeline/logs", "records_dropped") + svc.telemetry.get("sink", "records_dropped")
     assert got >= 16_384, "the parts that fit the queue must get through"
     assert got + dropped == 50_000
+
+
+class Ticking(Processor):
+    """Releases one record per tick; its second tick fails (an error the timer must survive)."""
+
+    tick_interval = 0.05
+
+    def __init__(self, settings: CreateSettings) -> None:
+        super().__init__(settings)
+        self.ticks = 0
+
+    def process(self, batch: list) -> list:
+        return batch
+
+    def tick(self) -> list:
+        self.ticks += 1
+        if self.ticks == 2:
+            raise RuntimeError("tick failed")
+        return [flow(1000 + self.ticks)]
+
+
+def test_processor_ticks_go_through_later_processors_and_survive_a_failure() -> None:
+    factories = {**FACTORIES, Kind.PROCESSOR: {**FACTORIES[Kind.PROCESSOR],
+                                               "ticking": Factory("ticking", Kind.PROCESSOR, Cfg, lambda s, c: Ticking(s))}}
+    cfg = {
+        "receivers": {"src": {}},
+        "processors": {"ticking": {}, "tag": {}},
+        "exporters": {"sink": {}},
+        "service": {"pipelines": {"logs": {"receivers": ["src"], "processors": ["ticking", "tag"], "exporters": ["sink"]}}},
+    }
+    svc = Service(parse_config(cfg, "test.yaml", factories=factories, environ={}), node_name="n", factories=factories)
+    svc.start()
+    try:
+        sink = svc.exporters["sink"]
+        deadline = time.monotonic() + 5
+        while len(sink.got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Released by ticks alone (the receiver sends nothing), through "tag", past the failed tick.
+        assert [r.src_port for r in sink.got[:3]] == [1001, 1003, 1004]
+        assert all(r.extensions["tagged"] for r in sink.got)
+        assert svc.telemetry.get("pipeline/logs", "ticks_failed") == 1
+    finally:
+        svc.shutdown()
+    ticks = svc.processors[("logs", "ticking")].ticks  # type: ignore[attr-defined]
+    time.sleep(0.15)
+    assert svc.processors[("logs", "ticking")].ticks == ticks  # type: ignore[attr-defined]  # no ticks after shutdown

@@ -176,17 +176,18 @@ function drawMap(graph) {
       const x1 = a.x + NODE_W, y1 = a.y + NODE_H / 2 + off, x2 = b.x, y2 = b.y + NODE_H / 2 + off;
       const bend = Math.max(60, (x2 - x1) / 2);
       d = `M ${x1} ${y1} C ${x1 + bend} ${y1}, ${x2 - bend} ${y2}, ${x2} ${y2}`;
-      [lx, ly] = [(x1 + x2) / 2, (y1 + y2) / 2 - 6];
+      // A dropped line's label goes under it, its forwarded twin's over it: never on top.
+      [lx, ly] = [(x1 + x2) / 2, (y1 + y2) / 2 + (p.dropped ? 12 : -6)];
     } else if (b.x > a.x) {  // across columns: under the boxes, bottom to bottom
       const x1 = a.x + NODE_W / 2 + off, y1 = a.y + NODE_H, x2 = b.x + NODE_W / 2 + off, y2 = b.y + NODE_H;
       const low = Math.max(y1, y2) + arcDepth(a, b);
       d = `M ${x1} ${y1} C ${x1} ${low}, ${x2} ${low}, ${x2} ${y2}`;
-      [lx, ly] = [(x1 + x2) / 2, low - 8];
+      [lx, ly] = [(x1 + x2) / 2, low + (p.dropped ? 14 : -8)];  // dropped: outside the arc
     } else {  // back to an earlier column or within one: over the boxes, top to top
       const x1 = a.x + NODE_W / 2 + off, y1 = a.y, x2 = b.x + NODE_W / 2 + off, y2 = b.y;
       const high = Math.min(y1, y2) - arcDepth(a, b);
       d = `M ${x1} ${y1} C ${x1} ${high}, ${x2} ${high}, ${x2} ${y2}`;
-      [lx, ly] = [(x1 + x2) / 2, high + 18];
+      [lx, ly] = [(x1 + x2) / 2, high + (p.dropped ? -6 : 18)];  // dropped: outside the arc
     }
     const cls = p.dropped ? "edge dropped" : "edge";
     const path = el("path", { d, class: cls, "data-client": p.client, "data-server": p.server,
