@@ -176,6 +176,9 @@ class MetricPoint:
     bounds: tuple[float, ...] = ()
     bucket_counts: tuple[int, ...] = ()
     count: int = 0
+    # SUM/HISTOGRAM: wall-clock ns since which the source has been counting this series, when
+    # it knows (e.g. a counter since boot); 0 = unknown, and exporters use the first reading.
+    start_time_ns: int = 0
 
 
 Record = Flow | LostEvents | MetricPoint

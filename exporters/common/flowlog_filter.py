@@ -14,6 +14,36 @@ Hubble's exporter (``allowList``, ``denyList``, ``fieldMask``) in flowtel's snak
   whole sub-object (``l4``) or a field inside it; lists of objects (``source.workloads``)
   are masked element by element; a sub-object the mask leaves empty is omitted.
 
+  The mask also governs the OTLP log record's attributes, which repeat facts of the body:
+  an attribute is sent only when the mask keeps the whole body field it is derived from,
+  so a mask that hides addresses or pod names hides them everywhere in the record.
+
+  ===============================================  =====================================
+  attribute                                        kept when the mask keeps
+  ===============================================  =====================================
+  ``source.address`` / ``destination.address``     ``IP.source`` / ``IP.destination``
+  ``network.type``                                 ``IP.ipVersion``
+  ``source.port`` / ``destination.port``           ``l4.<P>.source_port`` / ``…destination_port``
+  ``network.transport``                            any part of ``l4.<P>`` (the body then
+                                                   names the protocol ``<P>``)
+  ``network.interface.name``                       ``interface.name``
+  ``<side>.k8s.namespace.name``                    ``<side>.namespace``
+  ``<side>.k8s.pod.name``                          ``<side>.pod_name``
+  ``<side>.k8s.<workload kind>.name``              ``<side>.workloads`` (name and kind)
+  ``<side>.k8s.cluster.name``                      ``<side>.cluster_name``
+  ``<side>.k8s.pod.labels.*``,                     ``<side>.labels``
+  ``<side>.k8s.namespace.labels.*``
+  any other ``<side>.*`` (``k8s.pod.uid``,         ``<side>``, the whole endpoint: the body
+  ``k8s.node.name``, ``k8s.service.name``,         has no field for them
+  annotations, custom ``tag_name``)
+  ===============================================  =====================================
+
+  (``<side>`` is ``source`` or ``destination``, ``<P>`` the flow's ``TCP``, ``UDP``,
+  ``SCTP``, ``ICMPv4`` or ``ICMPv6``.) No attribute of a flow record is kept regardless of
+  the mask; what identifies the record itself (time, severity, event name
+  ``flowtel.flow``) is not an attribute and is always there. Lost-events records are not
+  masked: they hold no flow data.
+
 Everything is validated when the config is loaded, so a wrong field name, value or path
 stops the agent with the key path (``exporters.file.allow_list[0].source_pod``) and why.
 """
@@ -26,7 +56,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 
 from flowtel.component import ComponentConfig
 from flowtel.flowfilter import FilterError, Filters, FlowFilter, compile_filter
-from flowtel.records import Flow, Record
+from flowtel.records import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Flow, Record
 
 # Hubble's FlowFilter fields that flowtel.flowfilter implements.
 FILTER_FIELDS: tuple[str, ...] = tuple(FlowFilter.__slots__)  # type: ignore[attr-defined]
@@ -193,6 +223,105 @@ class FlowLogFilterConfig(ComponentConfig):
         default_factory=list, description="keep only these paths of the Hubble flow JSON (empty: all)")
 
 
+class FieldMask:
+    """A compiled ``field_mask``: call it on a Hubble flow object; ask it which OTLP
+    attributes may be sent (the table in the module docstring). Without paths it keeps
+    everything."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._tree = _mask_tree(paths)
+        # (attribute key, IP protocol) -> kept. Keys come from a fixed set plus the
+        # k8sattributes extract rules, so this stays small; bounded all the same.
+        self._attribute_cache: dict[tuple[str, int], bool] = {}
+
+    @property
+    def active(self) -> bool:
+        return self._tree is not None
+
+    def __call__(self, flow_obj: dict[str, Any]) -> dict[str, Any]:
+        """The Hubble flow object (``flow_to_dict``) with only the masked paths; itself without a mask."""
+        if self._tree is None:
+            return flow_obj
+        return _apply(self._tree, flow_obj)
+
+    def keeps_attribute(self, key: str, protocol: int) -> bool:
+        """Whether a flow record of IP ``protocol`` may carry the OTLP attribute ``key``."""
+        if self._tree is None:
+            return True
+        cache = self._attribute_cache
+        kept = cache.get((key, protocol))
+        if kept is None:
+            if len(cache) >= _ATTRIBUTE_CACHE_SIZE:
+                cache.clear()
+            kept = cache[(key, protocol)] = _attribute_kept(self._tree, key, _L4_NAMES.get(protocol, ""))
+        return kept
+
+
+_ATTRIBUTE_CACHE_SIZE = 4096
+# The key of a flow's protocol in the Hubble object's ``l4``.
+_L4_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP", IPPROTO_ICMP: "ICMPv4",
+             IPPROTO_ICMPV6: "ICMPv6"}
+# Attributes that repeat one field of the flow object, by that field's path.
+_FLOW_ATTRIBUTES = {
+    "source.address": "IP.source",
+    "destination.address": "IP.destination",
+    "network.type": "IP.ipVersion",
+    "network.interface.name": "interface.name",
+}
+# An endpoint's attributes (after "source." / "destination.") by the endpoint field they repeat.
+_ENDPOINT_ATTRIBUTES = {
+    "k8s.namespace.name": ("namespace",),
+    "k8s.pod.name": ("pod_name",),
+    "k8s.cluster.name": ("cluster_name",),
+    **{f"k8s.{kind}.name": ("workloads.name", "workloads.kind")
+       for kind in ("deployment", "replicaset", "statefulset", "daemonset", "job", "cronjob")},
+}
+_LABEL_ATTRIBUTE_PREFIXES = ("k8s.pod.labels.", "k8s.namespace.labels.")
+
+
+def _attribute_kept(tree: dict[str, Any], key: str, l4: str) -> bool:
+    path = _FLOW_ATTRIBUTES.get(key)
+    if path is not None:
+        return _keeps(tree, path)
+    if key in ("source.port", "destination.port"):
+        return bool(l4) and _keeps(tree, f"l4.{l4}.{key.replace('.', '_')}")
+    if key == "network.transport":
+        return bool(l4) and _shows(tree, f"l4.{l4}")
+    side, _, rest = key.partition(".")
+    if side not in ("source", "destination") or not rest:
+        return False  # no body field says this: a mask hides it
+    fields = _ENDPOINT_ATTRIBUTES.get(rest)
+    if fields is None and rest.startswith(_LABEL_ATTRIBUTE_PREFIXES):
+        fields = ("labels",)
+    if fields is None:
+        return _keeps(tree, side)
+    return all(_keeps(tree, f"{side}.{field}") for field in fields)
+
+
+def _keeps(tree: dict[str, Any], path: str) -> bool:
+    """Whether the mask keeps all of the value at ``path`` (it or a parent is a mask path)."""
+    node: Any = tree
+    for part in path.split("."):
+        node = node.get(part)
+        if node is None:
+            return False
+        if node is _ALL:
+            return True
+    return False  # only paths inside the value are kept, not all of it
+
+
+def _shows(tree: dict[str, Any], path: str) -> bool:
+    """Whether the mask keeps ``path`` or anything inside it (so the body shows it exists)."""
+    node: Any = tree
+    for part in path.split("."):
+        node = node.get(part)
+        if node is None:
+            return False
+        if node is _ALL:
+            return True
+    return True
+
+
 class FlowLogFilter:
     """A compiled allow/deny list and field mask: ``select`` a batch, then ``mask`` each flow dict."""
 
@@ -201,7 +330,9 @@ class FlowLogFilter:
         if config.allow_list or config.deny_list:
             self._filters = Filters([f.to_flow_filter() for f in config.allow_list],
                                     [f.to_flow_filter() for f in config.deny_list])
-        self._mask = _mask_tree(config.field_mask)
+        # Callable on a flow object like a method; the OTLP encoder also asks it which
+        # attributes to send.
+        self.mask = FieldMask(config.field_mask)
 
     @property
     def filtering(self) -> bool:
@@ -209,7 +340,7 @@ class FlowLogFilter:
 
     @property
     def masking(self) -> bool:
-        return self._mask is not None
+        return self.mask.active
 
     def select(self, batch: Sequence[Record]) -> list[Record]:
         """The records to export; lost events always pass."""
@@ -218,18 +349,12 @@ class FlowLogFilter:
         matches = self._filters.matches
         return [r for r in batch if not isinstance(r, Flow) or matches(r)]
 
-    def mask(self, flow_obj: dict[str, Any]) -> dict[str, Any]:
-        """The Hubble flow object (``flow_to_dict``) with only the masked paths; itself without a mask."""
-        if self._mask is None:
-            return flow_obj
-        return _apply(self._mask, flow_obj)
-
     def mask_envelope(self, envelope: dict[str, Any]) -> dict[str, Any]:
         """A ``GetFlowsResponse`` envelope with its ``flow`` masked; other envelopes unchanged."""
-        if self._mask is None or "flow" not in envelope:
+        if not self.mask.active or "flow" not in envelope:
             return envelope
         out = dict(envelope)
-        out["flow"] = _apply(self._mask, envelope["flow"])
+        out["flow"] = self.mask(envelope["flow"])
         return out
 
 

@@ -1,9 +1,13 @@
-"""Records to OTLP protobuf requests, built in place on opentelemetry-proto's messages.
+"""Flow-log records to OTLP log requests, built in place on opentelemetry-proto's messages.
 
-Building the messages directly (``add()`` on repeated fields) rather than through the
-SDK's data model and its encoders is about five times cheaper per log record (measured:
-~29 µs against ~140 µs for a pod-to-pod flow with its Hubble body as a map) and about
-three times per data point, which decides whether a node agent can log every flow.
+Metrics do not come through here: they leave as the SDK's ``MetricsData``
+(:mod:`exporters.common.metrics_data`) through opentelemetry-exporter-otlp's exporters.
+Logs are encoded here, and the ready request is handed to the SDK's ``OTLPLogExporter``
+classes for sending, because building the messages directly (``add()`` on repeated fields)
+costs a fraction of going through the SDK's log data model (``LogRecord`` +
+``ReadableLogRecord`` + ``encode_logs``) per record; ``python -m bench.exporters`` measures
+both in one run (docs/performance.md §7), which decides whether a node agent can log every
+flow.
 
 Flow-log records, one per :class:`Flow`:
 
@@ -17,7 +21,8 @@ Flow-log records, one per :class:`Flow`:
   ``network.type`` (``ipv4``/``ipv6``), ``network.interface.name``, and each end's
   Kubernetes attributes prefixed with its side: ``source.k8s.pod.name``,
   ``destination.k8s.namespace.name``, … (from the endpoint's OTel attributes, plus its
-  namespace and pod name when those are not already there);
+  namespace and pod name when those are not already there); a ``field_mask`` keeps only
+  the attributes whose body field it keeps (table in :mod:`exporters.common.flowlog_filter`);
 - severity INFO, or WARN for verdicts DROPPED and ERROR; time = the flow's time;
   event name ``flowtel.flow``.
 
@@ -27,24 +32,16 @@ Hubble's ``LostEvent`` object and whose attribute ``flowtel.lost_events.source``
 from __future__ import annotations
 
 import json
-import math
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, SeverityNumber
-from opentelemetry.proto.metrics.v1.metrics_pb2 import (
-    AggregationTemporality,
-    HistogramDataPoint,
-    NumberDataPoint,
-    ScopeMetrics,
-)
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.sdk.resources import OTELResourceDetector
 
-from exporters.common.series import FamilySnapshot, HistogramValue, Temporality
+from exporters.common.flowlog_filter import FieldMask
 from flowtel import hubble
 from flowtel.records import (
     IPPROTO_ICMP,
@@ -55,7 +52,6 @@ from flowtel.records import (
     Endpoint,
     Flow,
     LostEvents,
-    MetricKind,
     Record,
     Verdict,
 )
@@ -71,9 +67,6 @@ _TRANSPORT = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPR
               IPPROTO_SCTP: "sctp"}
 _PORTED = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP)
 _WARN_VERDICTS = (Verdict.DROPPED, Verdict.ERROR)
-_TEMPORALITY = {"cumulative": AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE,
-                "delta": AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA}
-_INT64_MAX = 2**63 - 1
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -150,28 +143,54 @@ def _add_int(attributes: object, key: str, value: int) -> None:
     kv.value.int_value = value
 
 
-def _add_endpoint(attributes: object, side: str, ep: Endpoint | None) -> None:
+def _endpoint_attributes(out: dict[str, str | int], side: str, ep: Endpoint | None) -> None:
     if ep is None:
         return
     k8s = ep.attributes
     for key, value in k8s.items():
-        _add_str(attributes, f"{side}.{key}", value)
+        out[f"{side}.{key}"] = value
     if ep.namespace and "k8s.namespace.name" not in k8s:
-        _add_str(attributes, f"{side}.k8s.namespace.name", ep.namespace)
+        out[f"{side}.k8s.namespace.name"] = ep.namespace
     if ep.pod_name and "k8s.pod.name" not in k8s:
-        _add_str(attributes, f"{side}.k8s.pod.name", ep.pod_name)
+        out[f"{side}.k8s.pod.name"] = ep.pod_name
+
+
+def flow_attributes(flow: Flow) -> dict[str, str | int]:
+    """A flow-log record's OTel attributes, in order (ports only for TCP, UDP and SCTP)."""
+    out: dict[str, str | int] = {}
+    if flow.ip_version:
+        ported = flow.protocol in _PORTED
+        if flow.src_ip:
+            out["source.address"] = flow.src_ip
+        if ported:
+            out["source.port"] = flow.src_port
+        if flow.dst_ip:
+            out["destination.address"] = flow.dst_ip
+        if ported:
+            out["destination.port"] = flow.dst_port
+        transport = _TRANSPORT.get(flow.protocol)
+        if transport:
+            out["network.transport"] = transport
+        out["network.type"] = "ipv6" if flow.ip_version == 6 else "ipv4"
+    if flow.ifname:
+        out["network.interface.name"] = flow.ifname
+    _endpoint_attributes(out, "source", flow.source)
+    _endpoint_attributes(out, "destination", flow.destination)
+    return out
+
+
+def flow_severity(flow: Flow) -> tuple[int, str]:
+    """(OTLP severity number, text): WARN for verdicts DROPPED and ERROR, else INFO."""
+    if flow.verdict in _WARN_VERDICTS:
+        return SeverityNumber.SEVERITY_NUMBER_WARN, "WARN"
+    return SeverityNumber.SEVERITY_NUMBER_INFO, "INFO"
 
 
 def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int,
-               body_mask: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+               body_mask: FieldMask | None = None) -> None:
     pb.time_unix_nano = flow.time_ns
     pb.observed_time_unix_nano = observed_ns
-    if flow.verdict in _WARN_VERDICTS:
-        pb.severity_number = SeverityNumber.SEVERITY_NUMBER_WARN
-        pb.severity_text = "WARN"
-    else:
-        pb.severity_number = SeverityNumber.SEVERITY_NUMBER_INFO
-        pb.severity_text = "INFO"
+    pb.severity_number, pb.severity_text = flow_severity(flow)
     pb.event_name = "flowtel.flow"
     obj = hubble.flow_to_dict(flow)
     if body_mask is not None:
@@ -181,24 +200,14 @@ def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int,
     else:
         pb.body.string_value = _encode_json(obj)
     attrs = pb.attributes
-    if flow.ip_version:
-        ported = flow.protocol in _PORTED
-        if flow.src_ip:
-            _add_str(attrs, "source.address", flow.src_ip)
-        if ported:
-            _add_int(attrs, "source.port", flow.src_port)
-        if flow.dst_ip:
-            _add_str(attrs, "destination.address", flow.dst_ip)
-        if ported:
-            _add_int(attrs, "destination.port", flow.dst_port)
-        transport = _TRANSPORT.get(flow.protocol)
-        if transport:
-            _add_str(attrs, "network.transport", transport)
-        _add_str(attrs, "network.type", "ipv6" if flow.ip_version == 6 else "ipv4")
-    if flow.ifname:
-        _add_str(attrs, "network.interface.name", flow.ifname)
-    _add_endpoint(attrs, "source", flow.source)
-    _add_endpoint(attrs, "destination", flow.destination)
+    for key, value in flow_attributes(flow).items():
+        # The field mask hides an attribute with the body field it repeats (flowlog_filter).
+        if body_mask is not None and not body_mask.keeps_attribute(key, flow.protocol):
+            continue
+        if isinstance(value, int):
+            _add_int(attrs, key, value)
+        else:
+            _add_str(attrs, key, value)
 
 
 def _fill_lost(pb: LogRecord, lost: LostEvents, body: LogBody, observed_ns: int) -> None:
@@ -216,17 +225,18 @@ def _fill_lost(pb: LogRecord, lost: LostEvents, body: LogBody, observed_ns: int)
 
 
 class OtlpEncoder:
-    """Encodes batches into serialized OTLP export requests of at most ``max_batch_size`` items."""
+    """Encodes flow-log batches into serialized OTLP log requests of at most ``max_batch_size`` records."""
 
     def __init__(self, resource: Mapping[str, str], max_batch_size: int, log_body: LogBody = "map",
-                 body_mask: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 body_mask: FieldMask | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._resource = _resource(resource)
         self._scope = _scope()
         self.max_batch_size = max_batch_size
         self.log_body: LogBody = log_body
-        # Applied to each flow's Hubble object (the field mask); attributes are not affected.
+        # The field mask: applied to each flow's Hubble object and to the attributes derived
+        # from its fields (exporters/common/flowlog_filter.py).
         self.body_mask = body_mask
 
     def logs(self, records: Sequence[Record], observed_ns: int) -> Iterator[tuple[bytes, int]]:
@@ -249,94 +259,3 @@ class OtlpEncoder:
                 else:
                     raise TypeError(f"not a flow-log record: {type(record).__name__}")
             yield request.SerializeToString(), len(chunk)
-
-    def metrics(self, families: Sequence[FamilySnapshot], temporality: Temporality,
-                now_ns: int) -> Iterator[tuple[bytes, int]]:
-        """(serialized ExportMetricsServiceRequest, number of data points) per chunk.
-
-        A metric with more points than fit in one request continues in the next one, under
-        the same name and type: receivers merge them by identity.
-        """
-        temporality_pb = _TEMPORALITY[temporality]
-        request, scope_metrics, count = self._new_metrics_request()
-        for family in families:
-            points = family.points
-            i = 0
-            while i < len(points):
-                room = self.max_batch_size - count
-                if room == 0:
-                    yield request.SerializeToString(), count
-                    request, scope_metrics, count = self._new_metrics_request()
-                    room = self.max_batch_size
-                part = points[i:i + room]
-                i += len(part)
-                metric = scope_metrics.metrics.add()
-                metric.name = family.name
-                if family.description:
-                    metric.description = family.description
-                if family.unit:
-                    metric.unit = family.unit
-                if family.kind is MetricKind.SUM:
-                    metric.sum.is_monotonic = True
-                    metric.sum.aggregation_temporality = temporality_pb
-                    data_points = metric.sum.data_points
-                    for attributes, value, start_ns in part:
-                        _fill_point(data_points.add(), attributes, value, start_ns, now_ns)  # type: ignore[arg-type]
-                elif family.kind is MetricKind.HISTOGRAM:
-                    metric.histogram.aggregation_temporality = temporality_pb
-                    histogram_points = metric.histogram.data_points
-                    for attributes, value, start_ns in part:
-                        _fill_histogram_point(histogram_points.add(), attributes, value, start_ns,  # type: ignore[arg-type]
-                                              now_ns)
-                else:
-                    data_points = metric.gauge.data_points
-                    for attributes, value, _start in part:
-                        _fill_point(data_points.add(), attributes, value, 0, now_ns)  # type: ignore[arg-type]
-                count += len(part)
-        if count:
-            yield request.SerializeToString(), count
-
-    def _new_metrics_request(self) -> tuple[ExportMetricsServiceRequest, ScopeMetrics, int]:
-        request = ExportMetricsServiceRequest()
-        resource_metrics = request.resource_metrics.add()
-        resource_metrics.resource.CopyFrom(self._resource)
-        scope_metrics = resource_metrics.scope_metrics.add()
-        scope_metrics.scope.CopyFrom(self._scope)
-        return request, scope_metrics, 0
-
-
-def _fill_point(dp: NumberDataPoint, attributes: Mapping[str, str], value: float, start_ns: int,
-                now_ns: int) -> None:
-    if start_ns:
-        dp.start_time_unix_nano = start_ns
-    dp.time_unix_nano = now_ns
-    # Counters are integers; sending them as integers keeps them exact past 2**53.
-    if isinstance(value, int) or (math.isfinite(value) and value.is_integer()):
-        as_int = int(value)
-        if -_INT64_MAX - 1 <= as_int <= _INT64_MAX:
-            dp.as_int = as_int
-        else:
-            dp.as_double = float(value)
-    else:
-        dp.as_double = value
-    attrs = dp.attributes
-    for key, item in attributes.items():
-        kv = attrs.add()
-        kv.key = key
-        kv.value.string_value = item
-
-
-def _fill_histogram_point(dp: HistogramDataPoint, attributes: Mapping[str, str], value: HistogramValue,
-                          start_ns: int, now_ns: int) -> None:
-    if start_ns:
-        dp.start_time_unix_nano = start_ns
-    dp.time_unix_nano = now_ns
-    dp.count = value.count
-    dp.sum = value.sum
-    dp.bucket_counts.extend(value.bucket_counts)
-    dp.explicit_bounds.extend(value.bounds)
-    attrs = dp.attributes
-    for key, item in attributes.items():
-        kv = attrs.add()
-        kv.key = key
-        kv.value.string_value = item

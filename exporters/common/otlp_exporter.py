@@ -2,7 +2,9 @@
 
 Logs: each batch of flow-log records is encoded into requests right away and queued.
 Metrics: points update the series store; every ``export_interval`` (and on flush) every
-live series is encoded and queued, cumulative or delta as configured.
+live series is collected, cumulative or delta as configured, as the SDK's ``MetricsData``
+(chunks of at most ``max_batch_size`` points) and queued for the transport's SDK
+``OTLPMetricExporter``.
 """
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import logging
 import threading
 import time
 
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
 from exporters.common.flowlog_filter import FlowLogFilter
+from exporters.common.metrics_data import to_metrics_data
 from exporters.common.otlp_config import OtlpExporterConfig
-from exporters.common.otlp_encoding import OtlpEncoder, resource_attributes
+from exporters.common.otlp_encoding import FLOWTEL_VERSION, OtlpEncoder, resource_attributes
 from exporters.common.sending import Request, SendingQueue, Transport
 from exporters.common.selftelemetry import telemetry_points
 from exporters.common.series import SeriesStore
@@ -33,8 +39,14 @@ class OtlpExporter(Exporter):
         cid = settings.id
         self._telemetry = settings.telemetry
         self._filter = FlowLogFilter(config)
-        self._encoder = OtlpEncoder(resource_attributes(settings.node_name), config.max_batch_size, config.log_body,
+        resource = resource_attributes(settings.node_name)
+        self._encoder = OtlpEncoder(resource, config.max_batch_size, config.log_body,
                                     self._filter.mask if self._filter.masking else None)
+        # Resource() rather than Resource.create(): resource_attributes already applied the
+        # OTEL_RESOURCE_ATTRIBUTES/OTEL_SERVICE_NAME detection, and the SDK's telemetry.sdk.*
+        # defaults would describe the SDK, not the agent.
+        self._resource = Resource(resource)
+        self._scope = InstrumentationScope("flowtel", FLOWTEL_VERSION)
         self._store = SeriesStore(cid, config.cardinality_limit, config.series_ttl)
         self._queue = SendingQueue(
             cid, transport, timeout=config.timeout, retry=config.retry_on_failure,
@@ -85,8 +97,9 @@ class OtlpExporter(Exporter):
                 self._store.update(telemetry_points(self._telemetry, now_ns))
             families = self._store.collect(self.config.temporality, now_ns)
             queued = 0
-            for payload, items in self._encoder.metrics(families, self.config.temporality, now_ns):
-                self._queue.submit(Request("metrics", payload, items))
+            for data, items in to_metrics_data(families, self.config.temporality, now_ns, self._resource,
+                                               self._scope, self.config.max_batch_size):
+                self._queue.submit(Request("metrics", data, items))
                 queued += items
             return queued
 

@@ -1,13 +1,19 @@
 """The Collector's exporter helper for flowtel: a bounded sending queue and retry_on_failure.
 
-Requests are queued already serialized (protobuf bytes), which holds a backend outage's
-worth of data in a fraction of the memory the records themselves would take, and resends
-the same bytes on every attempt. One sender thread drains the queue in order.
+A request is one export call of the transport: a metrics request is one SDK
+``MetricsData`` chunk (opentelemetry-exporter-otlp's ``OTLPMetricExporter`` encodes it on
+each attempt), a logs request an already serialized ``ExportLogsServiceRequest`` (compact
+while queued through an outage, and the same bytes on every attempt). One sender thread
+drains the queue in order. One attempt (the transport's ``send``) is one SDK ``export``
+call, bounded by the exporter's ``timeout``; the SDK's HTTP exporter may resend a transient
+failure inside that bound (its gRPC exporter is set not to), and those resends count as
+retries too.
 
 Outcomes, each counted under the exporter's id (records are data points or log records):
 
 - delivered: ``records_sent``, ``requests_sent`` (minus what the backend reports as
-  rejected in a partial success, counted as failed);
+  rejected in a partial success, counted as failed); resends within an attempt add to
+  ``send_retries``;
 - transient failure (backend unavailable, throttled, timed out): retried with exponential
   backoff from ``initial_interval`` to ``max_interval`` (throttling hints from the backend
   win), ``send_retries`` counted; after ``max_elapsed_time`` the request is given up;
@@ -27,7 +33,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Union
+
+from opentelemetry.sdk.metrics.export import MetricsData
 
 from exporters.common.otlp_config import QueueConfig, RetryConfig
 from flowtel.component import Telemetry
@@ -38,7 +46,7 @@ log = logging.getLogger("flowtel.exporters.sending")
 @dataclass(slots=True)
 class Request:
     signal: str  # "metrics" or "logs"
-    payload: bytes  # a serialized Export{Metrics,Logs}ServiceRequest
+    payload: Union[MetricsData, bytes]  # metrics: the SDK's MetricsData; logs: a serialized ExportLogsServiceRequest
     items: int  # data points or log records in it
 
 
@@ -49,14 +57,17 @@ class SendResult:
     throttle: float | None = None  # seconds the backend asked us to wait
     rejected: int = 0  # items the backend refused in a partial success
     message: str = ""
+    attempts: int = 1  # requests put on the wire (the SDK exporter resends transient failures within the timeout)
 
 
 class Transport(Protocol):
-    """Sends one serialized request once; never raises for backend or network errors."""
+    """Makes one attempt (bounded by ``timeout``) to send a request; never raises for backend or
+    network errors."""
 
     def send(self, request: Request, timeout: float) -> SendResult: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections and end an attempt in progress; may be called twice."""
 
 
 class SendingQueue:
@@ -129,7 +140,10 @@ class SendingQueue:
             self._closing = True
             self._cond.notify_all()
         if not self.drain(timeout):
-            self._abort.set()  # stop waiting between retries; an attempt in progress ends by its own timeout
+            self._abort.set()  # stop waiting between retries
+            # ... and end an attempt in progress now: the SDK exporter's shutdown cuts its
+            # in-call backoff short and closes its connection.
+            self._transport.close()
         if self._thread is not None:
             self._thread.join(self._timeout + 1.0)
         with self._cond:
@@ -171,6 +185,8 @@ class SendingQueue:
         wait = self._retry.initial_interval
         while True:
             result = self._transport.send(request, self._timeout)
+            if result.attempts > 1:
+                self._telemetry.add(self.owner, "send_retries", result.attempts - 1)
             if result.ok:
                 sent = request.items - result.rejected
                 self._telemetry.add(self.owner, "requests_sent")

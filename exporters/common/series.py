@@ -6,14 +6,24 @@ only the series that changed. An exporter therefore keeps, per series (metric na
 attribute set), the latest value, and every collection reports all live series, as an OTel
 SDK periodic reader does with observable instruments.
 
-Why not the SDK's MeterProvider with observable instruments: the SDK keeps the state of
-every attribute set it has ever seen for an asynchronous instrument (it never forgets one,
-because its delta conversion relies on it), so pod churn fills its per-instrument
-cardinality limit with dead series until new ones overflow into a merged
-``otel.metric.overflow`` series; and its delta conversion of a counter that went backwards
-(a receiver restarted) yields a negative delta on a monotonic sum. Here expired series are
-forgotten, the limit is enforced by refusing (and counting) new series instead of merging
-them, and a counter that goes backwards starts a new cumulative period.
+The store is flowtel's metric *reader*: each collection becomes the SDK's ``MetricsData``
+(:mod:`exporters.common.metrics_data`) and goes out through opentelemetry-exporter-otlp's
+exporter classes. Why not the SDK's MeterProvider instruments in front of them (read in
+opentelemetry-sdk 1.45 source):
+
+- flowtel's data arrives pre-aggregated (cumulative kernel counters, kernel histogram
+  buckets), and the SDK has no instrument that takes pre-aggregated histogram buckets;
+- synchronous cumulative and all asynchronous instruments never release an attribute set
+  (``metric_reader_storage.py``: only delta synchronous storage is reset on collect), so a
+  deleted pod's series stays forever and counts against the per-instrument cardinality
+  limit until new series are merged into one ``otel.metric.overflow=true`` series;
+- the SDK's delta conversion of an observable counter that went backwards (its source
+  restarted) yields a negative delta on a monotonic sum.
+
+Here expired series are forgotten (``series_ttl``), the limit (``cardinality_limit``,
+series per metric name: the SDK's per-instrument limit, default 2000 there) refuses new
+series and counts them (``series_refused``, one warning per metric name a minute) instead
+of merging them, and a counter that goes backwards starts a new cumulative period.
 
 A HISTOGRAM series keeps its latest :class:`HistogramValue`; its delta is taken per bucket
 (and for sum and count) against the previous collection. A histogram whose count or any
@@ -82,7 +92,9 @@ class _Series:
     attributes: dict[str, str]
     value: float | HistogramValue
     updated: float  # monotonic seconds of the last point, for expiry
-    start_ns: int  # wall-clock ns since which a SUM has been counting (first seen or last reset)
+    # Wall-clock ns since which a SUM/HISTOGRAM has been counting: the source's start_time_ns
+    # when it knows it, else the first reading's time (or that of the reading that reset it).
+    start_ns: int
     sent_value: float = 0.0  # SUM value at the previous delta collection
     sent_ns: int = 0  # time of the previous delta collection (0: none yet)
     sent_histogram: HistogramValue | None = None  # HISTOGRAM value at the previous delta collection
@@ -169,19 +181,22 @@ class SeriesStore:
                         refused_by_name[point.name] = f"has {len(family.series)} series, the cardinality_limit"
                         continue
                     value = HistogramValue.of(point) if histogram else point.value
-                    family.series[key] = _Series(dict(point.attributes), value, now, point.time_ns)
+                    family.series[key] = _Series(dict(point.attributes), value, now,
+                                                 point.start_time_ns or point.time_ns)
                     self._size += 1
                 elif histogram:
                     hist = HistogramValue.of(point)
-                    if hist.went_back_from(series.value):  # type: ignore[arg-type]
-                        series.start_ns = point.time_ns
+                    if hist.went_back_from(series.value) or point.start_time_ns > series.start_ns:  # type: ignore[arg-type]
+                        series.start_ns = point.start_time_ns or point.time_ns
                         series.sent_histogram = None
                     series.value = hist
                     series.updated = now
                 else:
-                    if family.kind is MetricKind.SUM and point.value < series.value:
-                        # The source's counter restarted: a new cumulative period begins.
-                        series.start_ns = point.time_ns
+                    if family.kind is MetricKind.SUM and (point.value < series.value
+                                                          or point.start_time_ns > series.start_ns):
+                        # The source's counter restarted (went backwards, or the source says it
+                        # started counting again later): a new cumulative period begins.
+                        series.start_ns = point.start_time_ns or point.time_ns
                         series.sent_value = 0.0
                     series.value = point.value
                     series.updated = now

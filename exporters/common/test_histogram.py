@@ -1,14 +1,18 @@
 """Histogram points end to end in the shared exporter code: bucket accounting, the series
-store (cumulative, delta, resets, malformed points), and OTLP HistogramDataPoints."""
+store (cumulative, delta, resets, malformed points), and OTLP HistogramDataPoints as the SDK's
+encoder (the one its OTLPMetricExporter classes use) writes them from the store's MetricsData."""
 from __future__ import annotations
 
 import math
 
 import pytest
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, HistogramDataPoint
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.otlp_encoding import OtlpEncoder
+from exporters.common.metrics_data import to_metrics_data
 from exporters.common.series import HistogramValue, SeriesStore
 from flowtel.histogram import Histogram, bucket_index, check_bounds
 from flowtel.records import MetricKind, MetricPoint
@@ -117,9 +121,9 @@ def test_store_refuses_malformed_histograms_and_kind_conflicts() -> None:
 
 
 def encode(store: SeriesStore, temporality: str, now_ns: int) -> ExportMetricsServiceRequest:
-    encoder = OtlpEncoder({"service.name": "flowtel"}, 100)
-    ((data, count),) = list(encoder.metrics(store.collect(temporality, now_ns), temporality, now_ns))  # type: ignore[arg-type]
-    request = ExportMetricsServiceRequest.FromString(data)
+    ((data, count),) = list(to_metrics_data(store.collect(temporality, now_ns), temporality, now_ns,  # type: ignore[arg-type]
+                                            Resource({"service.name": "flowtel"}), InstrumentationScope("flowtel"), 100))
+    request = ExportMetricsServiceRequest.FromString(encode_metrics(data).SerializeToString())
     assert count == len(request.resource_metrics[0].scope_metrics[0].metrics[0].histogram.data_points)
     return request
 
@@ -143,6 +147,8 @@ def test_otlp_histogram_data_points_cumulative() -> None:
     assert list(n1.bucket_counts) == [2, 1, 0, 1]
     assert (n1.count, n1.sum) == (4, 1.25)
     assert (n1.start_time_unix_nano, n1.time_unix_nano) == (7, 1000)
+    # Kernel histograms do not know their extremes: min/max are left out, not made up.
+    assert not n1.HasField("min") and not n1.HasField("max")
     n2 = points[(("node", "n2"),)]
     assert (list(n2.bucket_counts), n2.count, n2.sum, n2.start_time_unix_nano) == ([0, 0, 3, 0], 3, 0.2, 8)
 

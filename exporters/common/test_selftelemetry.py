@@ -2,7 +2,7 @@
 the component label and the counter/gauge split the prometheus exporter uses; none by default."""
 from __future__ import annotations
 
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
 from exporters.common.otlp_exporter import OtlpExporter
 from exporters.common.sending import Request, SendResult
@@ -34,7 +34,7 @@ def sent_metrics(self_telemetry: bool) -> dict[str, object]:
     exporter.collect()
     out: dict[str, object] = {}
     for request in transport.requests:
-        msg = ExportMetricsServiceRequest.FromString(request.payload)
+        msg = encode_metrics(request.payload)  # type: ignore[arg-type]
         for rm in msg.resource_metrics:
             for sm in rm.scope_metrics:
                 for metric in sm.metrics:

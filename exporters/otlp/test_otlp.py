@@ -104,6 +104,35 @@ def test_delta_temporality_sends_differences_and_restarts_after_a_counter_reset(
     assert points[1].start_ns == points[0].time_ns and points[2].start_ns == points[1].time_ns
 
 
+def test_histograms_and_source_start_times_arrive_exactly(server: GrpcOtlpServer) -> None:
+    boot_ns = time.time_ns() - 3_600_000_000_000
+    exporter = make(server.endpoint)
+    try:
+        exporter.consume([
+            MetricPoint("flowtel_dns_latency_seconds", 0.0125, MetricKind.HISTOGRAM, time.time_ns(),
+                        {"rcode": "No Error"}, "s", "DNS latency", bounds=(0.001, 0.01, 0.1),
+                        bucket_counts=(1, 2, 0, 1), count=4),
+            MetricPoint("networkobservability_tcp_connection_stats", 12, MetricKind.SUM, time.time_ns(),
+                        {"statistic_name": "ActiveOpens"}, start_time_ns=boot_ns),
+        ])
+        exporter.flush()
+    finally:
+        exporter.shutdown()
+    (request,) = server.recorder.of("metrics")
+    # The SDK's exporter sends one ResourceMetrics with flowtel's scope.
+    (rm,) = request.request.resource_metrics  # type: ignore[attr-defined]
+    assert (rm.scope_metrics[0].scope.name, rm.scope_metrics[0].scope.version) == ("flowtel", otlp_exporter.FLOWTEL_VERSION)
+    by_name = {p.name: p for p in server.recorder.points()}
+    h = by_name["flowtel_dns_latency_seconds"]
+    assert (h.kind, h.temporality, h.attributes, h.unit, h.description) == (
+        "histogram", "cumulative", {"rcode": "No Error"}, "s", "DNS latency")
+    assert (h.bounds, h.bucket_counts, h.count, h.value) == ((0.001, 0.01, 0.1), (1, 2, 0, 1), 4, 0.0125)
+    assert not h.has_min_max  # unknown extremes are left out, not sent as 0
+    assert 0 < h.start_ns < h.time_ns
+    stats = by_name["networkobservability_tcp_connection_stats"]
+    assert (stats.value, stats.is_int, stats.start_ns) == (12, True, boot_ns)  # the source's own start
+
+
 def test_cardinality_above_the_sdk_default_gets_through_unmerged(server: GrpcOtlpServer) -> None:
     telemetry = Telemetry()
     exporter = make(server.endpoint, telemetry)
@@ -251,7 +280,8 @@ def test_flow_log_filters_and_field_mask_apply_to_logs_only(server: GrpcOtlpServ
     assert [json.loads(r.body.string_value) for r in records] == [
         {"verdict": "FORWARDED", "destination": {"pod_name": name}}
         for name in ("payments-0", "frontend-7c9d", "frontend-7c9d", "payments-0")]  # F1, F2, F5, F7
-    assert log_attributes(records[0])["source.address"] == "10.0.0.1"  # attributes are not masked
+    # Attributes follow the mask: only the one repeating a kept field (exporters/common/flowlog_filter.py).
+    assert log_attributes(records[0]) == {"destination.k8s.pod.name": "payments-0"}
     assert telemetry.get("otlp", "records_filtered") == 5
     assert telemetry.get("otlp", "records_in") == 10
     assert telemetry.get("otlp", "records_send_failed") == 0
@@ -292,9 +322,11 @@ def test_tls_with_a_private_ca_and_mutual_tls(pki: Pki, tmp_path: Path) -> None:
         good = make(srv.endpoint, telemetry, tls={"ca_file": str(pki.ca_file), "cert_file": str(pki.client_cert),
                                                   "key_file": str(pki.client_key)})
         good.consume([pod_flow()])
+        good.consume([point("networkobservability_forward_count", 3, direction="egress")])
         good.flush()
         good.shutdown()
-        assert srv.recorder.log_count() == 1 and telemetry.get("otlp", "records_sent") == 1
+        assert srv.recorder.log_count() == 1 and telemetry.get("otlp", "records_sent") == 2
+        assert [(p.name, p.value) for p in srv.recorder.points()] == [("networkobservability_forward_count", 3)]
 
         # Without a client certificate the server refuses the handshake: counted, not delivered.
         no_client = Telemetry()
@@ -411,7 +443,7 @@ def test_a_request_is_given_up_and_counted_after_max_elapsed_time(server: GrpcOt
     try:
         exporter.consume([pod_flow(i) for i in range(4)])
         assert wait_until(lambda: telemetry.get("otlp", "records_send_failed") == 4, timeout=5)
-        assert telemetry.get("otlp", "send_retries") >= 2
+        assert telemetry.get("otlp", "send_retries") >= 2  # 50 ms, 100 ms, …: retry_on_failure's own
         server.start()
         exporter.consume([pod_flow(99)])
         assert exporter.drain(10)

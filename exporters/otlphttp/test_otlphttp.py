@@ -93,13 +93,22 @@ def test_signal_endpoints_override_the_base_url(server: HttpOtlpServer) -> None:
 def test_delta_temporality(server: HttpOtlpServer) -> None:
     exporter = make(server.endpoint, temporality="delta")
     try:
-        for value in (4, 9):
-            exporter.consume([point("networkobservability_dns_response_count", value)])
+        for value, counts in ((4, (1, 3)), (9, (2, 7))):
+            exporter.consume([point("networkobservability_dns_response_count", value),
+                              MetricPoint("flowtel_tcp_handshake_rtt_seconds", 0.001 * value, MetricKind.HISTOGRAM,
+                                          time.time_ns(), {"pod": "shop/a"}, bounds=(0.005,), bucket_counts=counts,
+                                          count=sum(counts))])
             exporter.flush()
     finally:
         exporter.shutdown()
-    assert [(p.value, p.temporality) for p in sorted(server.recorder.points(), key=lambda p: p.time_ns)] == [
-        (4, "delta"), (5, "delta")]
+    points = sorted(server.recorder.points(), key=lambda p: p.time_ns)
+    sums = [p for p in points if p.kind == "sum"]
+    assert [(p.value, p.temporality) for p in sums] == [(4, "delta"), (5, "delta")]
+    assert sums[1].start_ns == sums[0].time_ns
+    hists = [p for p in points if p.kind == "histogram"]
+    assert [(p.temporality, p.bucket_counts, p.count) for p in hists] == [
+        ("delta", (1, 3), 4), ("delta", (1, 4), 5)]
+    assert hists[1].value == pytest.approx(0.005) and hists[1].start_ns == hists[0].time_ns
 
 
 def test_cardinality_above_the_sdk_default_gets_through_unmerged(server: HttpOtlpServer) -> None:
@@ -177,7 +186,29 @@ def test_unavailable_with_retry_after_is_retried_after_the_servers_delay(server:
         assert 0.9 < time.monotonic() - started < 6
     finally:
         exporter.shutdown()
+    # The SDK exporter waited the 1 s Retry-After within its 2 s timeout and resent: one
+    # export call, two requests on the wire, and the resend counted.
+    assert server.recorder.requests_seen == 2
     assert server.recorder.log_count() == 1 and telemetry.get("otlphttp", "send_retries") == 1
+
+
+def test_a_retry_after_beyond_the_timeout_is_waited_by_the_sending_queue(server: HttpOtlpServer) -> None:
+    telemetry = Telemetry()
+    server.recorder.faults.append(Fault(times=1, http_status=429, retry_after=2))
+    exporter = make(server.endpoint, telemetry, timeout="1s",
+                    retry_on_failure={**FAST_RETRY, "initial_interval": "30s", "max_interval": "30s",
+                                      "max_elapsed_time": "1m"})
+    try:
+        started = time.monotonic()
+        exporter.consume([point("networkobservability_dns_request_count", 1)])
+        exporter.collect()
+        assert exporter.drain(8)
+        # Not the 30 s backoff: the server's 2 s, which did not fit the SDK's 1 s call.
+        assert 1.9 < time.monotonic() - started < 8
+    finally:
+        exporter.shutdown()
+    assert server.recorder.requests_seen == 2 and len(server.recorder.points()) == 1
+    assert telemetry.get("otlphttp", "send_retries") == 1 and telemetry.get("otlphttp", "records_send_failed") == 0
 
 
 def test_partial_success_rejections_are_counted(server: HttpOtlpServer) -> None:
@@ -197,7 +228,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def test_https_verifies_the_server_against_ca_file(pki: Pki) -> None:
+def test_https_verifies_the_server_against_ca_file(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many images set these; requests would let them override the configured CA.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.server_cert, pki.server_key)
     srv = HttpOtlpServer(ssl_context=context).start()
@@ -205,9 +239,12 @@ def test_https_verifies_the_server_against_ca_file(pki: Pki) -> None:
         telemetry = Telemetry()
         exporter = make(srv.endpoint, telemetry, tls={"ca_file": str(pki.ca_file)})
         exporter.consume([pod_flow()])
+        exporter.consume([point("networkobservability_drop_count", 2, reason="NO_SOCKET", direction="ingress")])
         exporter.flush()
         exporter.shutdown()
         assert srv.recorder.log_count() == 1
+        assert [(p.name, p.value) for p in srv.recorder.points()] == [("networkobservability_drop_count", 2)]
+        assert telemetry.get("otlphttp", "records_sent") == 2
 
         # System roots do not know the test CA: refused, unless verification is switched off.
         untrusted = Telemetry()

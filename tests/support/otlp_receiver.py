@@ -27,6 +27,8 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
 _REQUESTS = {"metrics": metrics_service_pb2.ExportMetricsServiceRequest, "logs": logs_service_pb2.ExportLogsServiceRequest}
 _RESPONSES = {"metrics": metrics_service_pb2.ExportMetricsServiceResponse, "logs": logs_service_pb2.ExportLogsServiceResponse}
+_TEMPORALITY = {AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE: "cumulative",
+                AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA: "delta"}
 
 
 @dataclass
@@ -51,16 +53,25 @@ class Fault:
 
 @dataclass(frozen=True)
 class Point:
+    """One data point as received. A histogram's ``value`` is its sum; ``count``,
+    ``bounds`` and ``bucket_counts`` are set for histograms only, and ``has_min_max`` says
+    whether the optional min/max fields were sent."""
+
     name: str
-    kind: str  # "sum" | "gauge"
+    kind: str  # "sum" | "gauge" | "histogram"
     attributes: dict[str, str]
     value: float
     start_ns: int
     time_ns: int
-    temporality: str  # "cumulative" | "delta" | ""
+    temporality: str  # "cumulative" | "delta" | "" (gauge)
     monotonic: bool
     unit: str
     description: str
+    count: int = 0
+    bounds: tuple[float, ...] = ()
+    bucket_counts: tuple[int, ...] = ()
+    has_min_max: bool = False
+    is_int: bool = False  # a NumberDataPoint sent as_int
 
 
 @dataclass
@@ -109,16 +120,26 @@ class Recorder:
                         data = getattr(m, kind)
                         temporality = ""
                         monotonic = False
+                        if kind in ("sum", "histogram", "exponential_histogram"):
+                            temporality = _TEMPORALITY.get(data.aggregation_temporality, "unspecified")
                         if kind == "sum":
-                            temporality = {AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE: "cumulative",
-                                           AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA: "delta"}.get(
-                                data.aggregation_temporality, "unspecified")
                             monotonic = data.is_monotonic
                         for dp in data.data_points:
-                            value = dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double
                             attrs = {kv.key: kv.value.string_value for kv in dp.attributes}
+                            if kind == "histogram":
+                                out.append(Point(m.name, kind, attrs, dp.sum, dp.start_time_unix_nano,
+                                                 dp.time_unix_nano, temporality, False, m.unit, m.description,
+                                                 count=dp.count, bounds=tuple(dp.explicit_bounds),
+                                                 bucket_counts=tuple(dp.bucket_counts),
+                                                 has_min_max=dp.HasField("min") or dp.HasField("max")))
+                                continue
+                            if kind != "sum" and kind != "gauge":
+                                raise AssertionError(f"{m.name}: unexpected OTLP metric type {kind}")
+                            is_int = dp.WhichOneof("value") == "as_int"
+                            value = dp.as_int if is_int else dp.as_double
                             out.append(Point(m.name, kind, attrs, value, dp.start_time_unix_nano,
-                                             dp.time_unix_nano, temporality, monotonic, m.unit, m.description))
+                                             dp.time_unix_nano, temporality, monotonic, m.unit, m.description,
+                                             is_int=is_int))
         return out
 
     def log_records(self) -> list[tuple[dict[str, object], object]]:
