@@ -1,4 +1,4 @@
-"""The ``flowtel`` command line: run, doctor, demo, observe, map, dnsproxy."""
+"""The ``flowtel`` command line: run, doctor, demo, observe, map, dnsproxy, policy suggest."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,16 @@ def cmd_map(args: argparse.Namespace) -> int:
         return exc.code
 
 
+def cmd_policy_suggest(args: argparse.Namespace) -> int:
+    from flowtel.policysuggest.cli import CommandError, run
+
+    try:
+        return run(args)
+    except CommandError as exc:
+        print(f"flowtel policy suggest: {exc}", file=sys.stderr)
+        return exc.code
+
+
 def cmd_dnsproxy(args: argparse.Namespace) -> int:
     from dnsproxy.run import main as dnsproxy_main
 
@@ -119,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = sub.add_parser("dnsproxy", help="run the FQDN-filtering DNS proxy and its enforcement datapath")
     add_dnsproxy_arguments(proxy)
     proxy.set_defaults(func=cmd_dnsproxy)
+
+    from flowtel.policysuggest.cli import add_arguments as add_suggest_arguments
+
+    policy = sub.add_parser("policy", help="work with CiliumNetworkPolicy egress policies")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    suggest = policy_sub.add_parser(
+        "suggest", help="write the least-privilege CiliumNetworkPolicy for what a workload was seen doing",
+        description="Write the least-privilege cilium.io/v2 CiliumNetworkPolicy that allows the egress a "
+                    "workload made (its DNS lookups, the names, pods and addresses it connected to), from a "
+                    "running agent's flows or a flow-log file. See docs/policy-suggest.md.")
+    add_suggest_arguments(suggest)
+    suggest.set_defaults(func=cmd_policy_suggest)
     return parser
 
 
