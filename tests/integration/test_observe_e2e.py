@@ -2,8 +2,8 @@
 the real kernel: three pods, known traffic, every address/port/protocol/type filter checked
 against an independent reading of the flows, byte counts against the kernel's counters.
 
-Pod and label filters need Kubernetes attributes on the flows; until the k8sattributes
-processor exists they are checked in test_ui_e2e.py with a stand-in processor.
+Pod, namespace and label filters need Kubernetes attributes on the flows: test_ui_e2e.py
+checks them with the k8sattributes processor's static source.
 """
 from __future__ import annotations
 
