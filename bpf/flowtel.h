@@ -252,24 +252,43 @@ struct fqdn_ct_key {
     __u8  pad[3];
 };
 
-/* Verdicts in struct fqdn_event. */
+/* Verdicts in struct fqdn_denied_key. */
 #define FLOWTEL_FQDN_VERDICT_DROPPED 1
 #define FLOWTEL_FQDN_VERDICT_AUDIT   2
 
-/* One denied packet (dropped, or let through in audit mode), in the fqdn_events ring buffer. */
-struct fqdn_event {
-    __u64 ts_ns;         /* bpf_ktime_get_ns */
-    __u8  saddr[16];
+/* fqdn_denied (LRU hash, pinned): every denied packet (dropped, or let through in audit mode),
+ * counted in the kernel per pod, interface, destination, port, protocol and verdict. Values are
+ * cumulative and nobody deletes entries: readers (the agent's fqdnpolicy receiver, the proxy's
+ * flow log) each diff successive reads, so several can read without disturbing one another.
+ * An entry the LRU evicts is recognised by a new first_ns; fqdn_denied_created counts
+ * insertions, so created - live = evicted entries (their counts since the last read are lost).
+ * The source port is not part of the key (each new connection attempt would be a new entry):
+ * last_sport keeps the most recent one. */
+struct fqdn_denied_key {
+    __u8  saddr[16];     /* the policed pod; IPv4 in the first 4 bytes */
     __u8  daddr[16];
-    __u32 ifindex;
-    __u32 len;
-    __u16 sport;         /* host byte order */
-    __u16 dport;
-    __u8  family;
-    __u8  protocol;
+    __u32 ifindex;       /* host-side veth the packet was seen on (tc ingress: sent by the pod) */
+    __u16 dport;         /* host byte order; 0 for protocols without ports and non-first fragments */
+    __u8  family;        /* 4 or 6 */
+    __u8  protocol;      /* IANA L4 protocol */
     __u8  verdict;       /* FLOWTEL_FQDN_VERDICT_* */
-    __u8  tcp_flags;
+    __u8  pad[3];
 };
+
+struct fqdn_denied_stats {
+    __u64 packets;       /* cumulative since the entry was created */
+    __u64 bytes;         /* skb->len at tc: includes the Ethernet header, as the link counters do */
+    __u64 first_ns;      /* bpf_ktime_get_ns (CLOCK_MONOTONIC) at creation: identifies the entry */
+    __u64 last_ns;
+    __u16 last_sport;    /* host byte order: source port of the most recent packet */
+    __u8  tcp_flags;     /* union of the TCP flags byte of every segment */
+    __u8  pad[5];
+};
+
+/* Indexes of the per-CPU fqdn_denied_created array (its own map, so that an existing pinned
+ * fqdn_counters keeps its size across an upgrade). */
+#define FLOWTEL_FQDN_DENIED_CNT_CREATED 0   /* entries inserted into fqdn_denied */
+#define FLOWTEL_FQDN_DENIED_CNT_MAX     1
 
 /* Indexes of the per-CPU fqdn_counters array. */
 #define FLOWTEL_FQDN_CNT_ALLOWED_FQDN   0
@@ -278,7 +297,7 @@ struct fqdn_event {
 #define FLOWTEL_FQDN_CNT_ALLOWED_REPLY  3
 #define FLOWTEL_FQDN_CNT_DROPPED        4
 #define FLOWTEL_FQDN_CNT_AUDIT          5
-#define FLOWTEL_FQDN_CNT_EVENTS_LOST    6
+#define FLOWTEL_FQDN_CNT_EVENTS_LOST    6   /* denied packets not counted in fqdn_denied: insert failed */
 #define FLOWTEL_FQDN_CNT_EXPIRED        7   /* packets to a learned IP past its deadline */
 #define FLOWTEL_FQDN_CNT_MAX            8
 /* ==== end of FQDN egress policy ========================================================== */

@@ -2,11 +2,11 @@
  *
  * ftfqdn_from_pod runs on the veth's tc ingress (packets the pod sends) and decides:
  *   - source not in fqdn_endpoints: not policed, pass;
- *   - DNS (UDP/TCP to port 53): pass, the host's nftables rule DNATs it to the dnsproxy;
+ *   - DNS (UDP/TCP to port 53): pass, the host's nftables TPROXY rule delivers it to the dnsproxy;
  *   - reply of a connection a peer opened to the pod (fqdn_ct): pass;
  *   - (pod, dst) in fqdn_allow and not past until_ns, port covered: pass;
  *   - longest (pod, dst/prefix) match in fqdn_cidr, not an except hole, port covered: pass;
- *   - otherwise: an event to fqdn_events, and TC_ACT_SHOT (enforce) or pass (audit).
+ *   - otherwise: counted in fqdn_denied, and TC_ACT_SHOT (enforce) or pass (audit).
  * ftfqdn_to_pod runs on tc egress (packets delivered to the pod) and records connections a
  * peer opens to the pod, so the pod's answers are not mistaken for new egress.
  *
@@ -15,7 +15,11 @@
  *
  * Every map is pinned (FQDN_PIN_DIR, set by the loader), so a restarted proxy compiles a new
  * program over the same maps and swaps it in atomically; enforcement never pauses.
- * Compile-time constants: FQDN_PIN_DIR (a string), FQDN_RING_PAGES, FQDN_MAX_ALLOW.
+ * Compile-time constants: FQDN_PIN_DIR (a string), FQDN_MAX_ALLOW, FQDN_MAX_DENIED.
+ *
+ * Denied packets are aggregated here, not sent to user space one by one: a pod hammering a
+ * denied address must cost neither the proxy (which answers DNS on the same CPUs, in Python)
+ * nor the agent more than one map update per packet. Readers diff the cumulative counts.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -36,7 +40,10 @@ BPF_TABLE_PINNED("lpm_trie", struct fqdn_cidr_key, struct fqdn_cidr_val, fqdn_ci
 BPF_TABLE_PINNED("lru_hash", struct fqdn_ct_key, __u64, fqdn_ct, 65536, FQDN_PIN_DIR "/fqdn_ct");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, fqdn_counters, FLOWTEL_FQDN_CNT_MAX,
                  FQDN_PIN_DIR "/fqdn_counters");
-BPF_RINGBUF_OUTPUT(fqdn_events, FQDN_RING_PAGES);
+BPF_TABLE_PINNED("lru_hash", struct fqdn_denied_key, struct fqdn_denied_stats, fqdn_denied, FQDN_MAX_DENIED,
+                 FQDN_PIN_DIR "/fqdn_denied");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, fqdn_denied_created, FLOWTEL_FQDN_DENIED_CNT_MAX,
+                 FQDN_PIN_DIR "/fqdn_denied_created");
 
 static __always_inline void count(__u32 idx)
 {
@@ -121,6 +128,48 @@ static __always_inline int l4_allows(struct fqdn_l4 *l4, struct pkt *p)
     return 0;
 }
 
+/* Adds one denied packet to its fqdn_denied entry, creating the entry if it is new. */
+static __always_inline void count_denied(struct __sk_buff *skb, struct pkt *p, __u8 verdict)
+{
+    struct fqdn_denied_key k = {};
+    __builtin_memcpy(k.saddr, p->saddr, 16);
+    __builtin_memcpy(k.daddr, p->daddr, 16);
+    k.ifindex = skb->ifindex;
+    k.dport = p->dport;
+    k.family = p->family;
+    k.protocol = p->protocol;
+    k.verdict = verdict;
+    __u64 now = bpf_ktime_get_ns();
+    struct fqdn_denied_stats *st = fqdn_denied.lookup(&k);
+    if (!st) {
+        struct fqdn_denied_stats init = {};
+        init.packets = 1;
+        init.bytes = skb->len;
+        init.first_ns = now;
+        init.last_ns = now;
+        init.last_sport = p->sport;
+        init.tcp_flags = p->tcp_flags;
+        if (fqdn_denied.insert(&k, &init) == 0) {  /* BPF_NOEXIST */
+            __u32 idx = FLOWTEL_FQDN_DENIED_CNT_CREATED;
+            __u64 *created = fqdn_denied_created.lookup(&idx);
+            if (created)
+                *created += 1;
+            return;
+        }
+        /* Another CPU created it first (EEXIST): add to that one. */
+        st = fqdn_denied.lookup(&k);
+        if (!st) {
+            count(FLOWTEL_FQDN_CNT_EVENTS_LOST);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&st->packets, 1);
+    __sync_fetch_and_add(&st->bytes, skb->len);
+    st->last_ns = now;
+    st->last_sport = p->sport;
+    st->tcp_flags |= p->tcp_flags;  /* a racing OR may lose a bit; packets and bytes are exact */
+}
+
 int ftfqdn_from_pod(struct __sk_buff *skb)
 {
     struct pkt p = {};
@@ -183,23 +232,7 @@ int ftfqdn_from_pod(struct __sk_buff *skb)
 
     int audit = ep->mode == FLOWTEL_FQDN_MODE_AUDIT;
     count(audit ? FLOWTEL_FQDN_CNT_AUDIT : FLOWTEL_FQDN_CNT_DROPPED);
-    struct fqdn_event *ev = fqdn_events.ringbuf_reserve(sizeof(struct fqdn_event));
-    if (ev) {
-        ev->ts_ns = bpf_ktime_get_ns();
-        __builtin_memcpy(ev->saddr, p.saddr, 16);
-        __builtin_memcpy(ev->daddr, p.daddr, 16);
-        ev->ifindex = skb->ifindex;
-        ev->len = skb->len;
-        ev->sport = p.sport;
-        ev->dport = p.dport;
-        ev->family = p.family;
-        ev->protocol = p.protocol;
-        ev->verdict = audit ? FLOWTEL_FQDN_VERDICT_AUDIT : FLOWTEL_FQDN_VERDICT_DROPPED;
-        ev->tcp_flags = p.tcp_flags;
-        fqdn_events.ringbuf_submit(ev, 0);
-    } else {
-        count(FLOWTEL_FQDN_CNT_EVENTS_LOST);
-    }
+    count_denied(skb, &p, audit ? FLOWTEL_FQDN_VERDICT_AUDIT : FLOWTEL_FQDN_VERDICT_DROPPED);
     return audit ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
 
@@ -209,7 +242,7 @@ int ftfqdn_to_pod(struct __sk_buff *skb)
     if (parse(skb, &p) < 0)
         return TC_ACT_UNSPEC;
     /* Only a peer's connection opening matters: a SYN without ACK, or any UDP datagram from
-     * a port other than 53 (DNS answers come from the proxy's DNAT, which conntrack reverses). */
+     * a port other than 53 (DNS answers come from the proxy, sent from the resolver address the pod asked). */
     int opening = (p.protocol == IPPROTO_TCP && (p.tcp_flags & 0x12) == 0x02) ||
                   (p.protocol == IPPROTO_UDP && p.sport != 53);
     if (!opening)

@@ -1,9 +1,12 @@
 """Proxy throughput and added latency (issue 8): ``python -m dnsproxy.bench`` (root).
 
 A throwaway testbed: dnsmasq in a "dns" pod, a policed "client" pod whose queries go through
-`flowtel dnsproxy`, an unpoliced "direct" pod asking dnsmasq itself. The same load runs from
-both in the same run, so the difference is what the proxy adds: sequential queries give the
-latency (median, p99), parallel sockets give the queries per second. Not a test: numbers.
+`flowtel dnsproxy`, an unpoliced "direct" pod asking dnsmasq itself (all dual-stack). The
+same load runs from both in the same run, over IPv4 and over IPv6, so the difference is what
+the proxy adds: sequential queries give the latency (median, p99), parallel sockets give the
+queries per second. The proxy runs as deployed by default: no ``--upstream``, each query
+forwarded to the resolver the client asked (read from the transparent socket). Not a test:
+numbers.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def query(qid):
         q += bytes([len(label)]) + label.encode()
     return q + b"\x00" + struct.pack("!HH", 1, 1)
 # Sequential: latency of each query alone.
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((server, 53)); s.settimeout(2)
+fam = socket.AF_INET6 if ":" in server else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM); s.connect((server, 53)); s.settimeout(2)
 lat, errors = [], 0
 for i in range(count):
     t0 = time.perf_counter(); s.send(query(i & 0xFFFF))
@@ -43,7 +47,7 @@ for i in range(count):
 # Parallel: `parallel` sockets, each keeping one query in flight.
 socks = []
 for _ in range(parallel):
-    p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); p.connect((server, 53)); p.setblocking(False); socks.append(p)
+    p = socket.socket(fam, socket.SOCK_DGRAM); p.connect((server, 53)); p.setblocking(False); socks.append(p)
 sent = done = 0
 t0 = time.perf_counter()
 for p in socks:
@@ -88,20 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"b{os.getpid()}"
     pin_dir, table, label = f"/sys/fs/bpf/flowtel/dnsproxy-{tag}", f"ftdnsproxy_{tag}", f"lo:ft{tag}"[:15]
     listen = f"169.254.54.{os.getpid() % 250 + 2}"
+    # A redirect of its own (mark bit, route table, rule), so that a concurrently running test
+    # proxy's uninstall does not remove the bench's policy routing, nor the reverse.
+    tproxy = {"tproxy_mark": 0x20, "route_table": 0xF1D1, "rule_priority": 91}
     with tempfile.TemporaryDirectory() as tmp, Testbed() as tb:
-        dns_pod, client, direct = tb.add_pod("dns"), tb.add_pod("client"), tb.add_pod("direct")
-        tb.start_dnsmasq(dns_pod, hosts={"api.bench.test": ["192.0.2.10"]})
+        dns_pod, client, direct = (tb.add_pod(n, ipv6=True) for n in ("dns", "client", "direct"))
+        assert dns_pod.ipv6 is not None
+        tb.start_dnsmasq(dns_pod, hosts={"api.bench.test": ["192.0.2.10", "2001:db8::10"]})
         (Path(tmp) / "policies").mkdir()
         (Path(tmp) / "policies" / "bench.yaml").write_text(POLICY)
         (Path(tmp) / "pods.yaml").write_text(yaml.safe_dump({"pods": [
-            {"name": p.name, "namespace": "default", "ips": [p.ipv4], "labels": {"app": p.name}}
+            {"name": p.name, "namespace": "default", "ips": [p.ipv4, p.ipv6], "labels": {"app": p.name}}
             for p in (dns_pod, client, direct)]}))
         log = Path(tmp) / "proxy.log"
         with open(log, "w") as out:
             proxy = subprocess.Popen(
                 [sys.executable, "-m", "flowtel.cli", "dnsproxy",
-                 "--policies", f"{tmp}/policies", "--pods", f"{tmp}/pods.yaml", "--upstream", dns_pod.ipv4,
-                 "--listen", f"{listen}:53", "--pin-dir", pin_dir, "--nft-table", table, "--address-label", label, "--status-interval", "0.5"],
+                 "--policies", f"{tmp}/policies", "--pods", f"{tmp}/pods.yaml",
+                 "--listen", f"{listen}:53", "--pin-dir", pin_dir, "--nft-table", table, "--address-label", label,
+                 "--status-interval", "0.5", *(f"--{k.replace('_', '-')}={v}" for k, v in tproxy.items())],
                 stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
         try:
             deadline = time.monotonic() + 90
@@ -111,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"dnsproxy did not start: {log.read_text()[-2000:]}", file=sys.stderr)
                     return 1
                 time.sleep(0.2)
-            direct_r = _load(direct, dns_pod.ipv4, args.queries, args.parallel)
-            proxied_r = _load(client, dns_pod.ipv4, args.queries, args.parallel)
+            results = {}
+            for fam, server in (("ipv4", dns_pod.ipv4), ("ipv6", dns_pod.ipv6)):
+                results[fam] = (_load(direct, server, args.queries, args.parallel),
+                                _load(client, server, args.queries, args.parallel))
             time.sleep(1.5)  # one more status line, after the load
             status_lines = [line for line in log.read_text().splitlines() if " status: " in line]
             proxy_status = json.loads(status_lines[-1].split(" status: ", 1)[1]) if status_lines else {}
@@ -125,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proxy.kill()
                 proxy.wait()
-            uninstall(pin_dir, nft_table=table, address_label=label)
-    report = {
-        "queries": args.queries, "parallel": args.parallel, "direct": direct_r, "proxied": proxied_r,
-        "added_latency_median_ms": proxied_r["median_ms"] - direct_r["median_ms"],
-        "added_latency_p99_ms": proxied_r["p99_ms"] - direct_r["p99_ms"],
-        "proxy_status": proxy_status,  # proves the client's load went through the proxy
-    }
+            uninstall(pin_dir, nft_table=table, address_label=label, **tproxy)
+    report: dict[str, Any] = {"queries": args.queries, "parallel": args.parallel}
+    for fam, (direct_r, proxied_r) in results.items():
+        report[fam] = {
+            "direct": direct_r, "proxied": proxied_r,
+            "added_latency_median_ms": proxied_r["median_ms"] - direct_r["median_ms"],
+            "added_latency_p99_ms": proxied_r["p99_ms"] - direct_r["p99_ms"],
+        }
+    report["proxy_status"] = proxy_status  # proves the client's load went through the proxy
     print(json.dumps(report, indent=2))
     return 0
 

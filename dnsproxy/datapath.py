@@ -6,10 +6,8 @@ redirects pod DNS to the proxy stays too. A restarted proxy compiles the program
 the same pinned maps and swaps each filter with ``replace-filter`` (atomic in the kernel), so
 no packet ever meets a veth without the program. :func:`uninstall` removes all of it.
 
-DNS redirect: nftables DNAT in the host netns (``iifname`` in a set of policed veths, any
-destination, port 53 → the proxy's address). Conntrack reverses it, so answers carry the
-address the pod asked. Chosen over rewriting in eBPF because conntrack already does the
-reverse mapping for UDP and TCP and the checksum fixups; only IPv4 DNS is redirected.
+The DNS redirect (nftables TPROXY, IPv4 and IPv6, with its policy route and listen
+addresses) is dnsproxy/redirect.py; :func:`uninstall` removes it too.
 """
 from __future__ import annotations
 
@@ -29,7 +27,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 import bpf as bpf_sources
+from dnsproxy import redirect
 from dnsproxy.policy import L4, CidrEntry
+from receiver.fqdnpolicy.denied import DeniedDiff, DeniedLayout, DeniedMapReader
 
 log = logging.getLogger("flowtel.dnsproxy.datapath")
 
@@ -63,26 +63,26 @@ def lpm_dst(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[bytes, 
 
 @dataclass(frozen=True, slots=True)
 class DropEvent:
-    ts_ns: int  # CLOCK_MONOTONIC
+    """Denied packets of one (pod, interface, destination, port, protocol, verdict) since the
+    previous read of the kernel's fqdn_denied counters."""
+
+    ts_ns: int  # CLOCK_MONOTONIC of the most recent packet
     src_ip: str
     dst_ip: str
-    src_port: int
+    src_port: int  # the most recent packet's
     dst_port: int
     protocol: int
     family: int
     ifindex: int
-    length: int
+    length: int  # bytes of all the packets
     verdict: int  # VERDICT_*
-    tcp_flags: int
+    tcp_flags: int  # union since the kernel's entry was created
+    packets: int = 1
 
 
-class _RawEvent(ctypes.Structure):
-    """struct fqdn_event of bpf/flowtel.h (bcc cannot derive ring buffer record types itself)."""
-
-    _fields_ = [("ts_ns", ctypes.c_uint64), ("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16),
-                ("ifindex", ctypes.c_uint32), ("len", ctypes.c_uint32), ("sport", ctypes.c_uint16),
-                ("dport", ctypes.c_uint16), ("family", ctypes.c_uint8), ("protocol", ctypes.c_uint8),
-                ("verdict", ctypes.c_uint8), ("tcp_flags", ctypes.c_uint8)]
+# The proxy reads the denied counters for its flow log at most this often (seconds): an
+# aggregated record per entry per read, whatever the packet rate.
+DENIED_READ_INTERVAL_S = 1.0
 
 
 def _ip_text(raw: bytes, family: int) -> str:
@@ -93,7 +93,7 @@ class Datapath:
     """Loads the program over the pinned maps and keeps tc filters, maps and nft in line."""
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, *, nft_table: str = DEFAULT_NFT_TABLE,
-                 address_label: str = DEFAULT_ADDRESS_LABEL, max_allow: int = 65536, ring_pages: int = 64) -> None:
+                 address_label: str = DEFAULT_ADDRESS_LABEL, max_allow: int = 65536, max_denied: int = 16384) -> None:
         from bcc import BPF  # bcc is the system's python3-bpfcc; imported late for unit tests
 
         self.pin_dir = pin_dir
@@ -101,7 +101,7 @@ class Datapath:
         self.address_label = address_label
         _ensure_bpffs_dir(pin_dir)
         self.bpf = BPF(text=bpf_sources.source("fqdn_policy.c").encode(),  # bcc warns on str
-                       cflags=bpf_sources.cflags(FQDN_PIN_DIR=f'"{pin_dir}"', FQDN_RING_PAGES=ring_pages,
+                       cflags=bpf_sources.cflags(FQDN_PIN_DIR=f'"{pin_dir}"', FQDN_MAX_DENIED=max_denied,
                                                  FQDN_MAX_ALLOW=max_allow))
         self.from_pod = self.bpf.load_func(b"ftfqdn_from_pod", BPF.SCHED_CLS)
         self.to_pod = self.bpf.load_func(b"ftfqdn_to_pod", BPF.SCHED_CLS)
@@ -109,6 +109,13 @@ class Datapath:
         self.endpoints = self.bpf[b"fqdn_endpoints"]
         self.cidr = self.bpf[b"fqdn_cidr"]
         self.counters_map = self.bpf[b"fqdn_counters"]
+        denied = self.bpf[b"fqdn_denied"]
+        self._denied = DeniedMapReader(denied.get_fd(), DeniedLayout(denied.Key, denied.Leaf), denied.max_entries)
+        self._denied_created = self.bpf[b"fqdn_denied_created"]
+        self._denied_diff: DeniedDiff | None = None
+        self._denied_callback: Callable[[DropEvent], None] | None = None
+        self._denied_next = 0.0
+        self.live_allowances = 0  # fqdn_allow entries not past their deadline at the last expire()
         self.ipr = IPRoute()
         self.attached: dict[int, str] = {}
 
@@ -149,7 +156,9 @@ class Datapath:
     def expire(self) -> int:
         """Delete entries past their deadline (the datapath already ignores them); returns how many."""
         now = time.monotonic_ns()
-        stale = [k for k, v in self.allow.items() if v.until_ns < now]
+        entries = self.allow.items()
+        stale = [k for k, v in entries if v.until_ns < now]
+        self.live_allowances = len(entries) - len(stale)
         for k in stale:
             try:
                 del self.allow[k]
@@ -206,28 +215,51 @@ class Datapath:
             out[name] = int(sum(self.counters_map[self.counters_map.Key(i)]))
         return out
 
-    def open_events(self, callback: Callable[[DropEvent], None]) -> None:
-        def on_record(_ctx: Any, data: Any, _size: int) -> None:
-            ev = ctypes.cast(data, ctypes.POINTER(_RawEvent)).contents
-            callback(DropEvent(
-                ts_ns=ev.ts_ns, src_ip=_ip_text(bytes(ev.saddr), ev.family), dst_ip=_ip_text(bytes(ev.daddr), ev.family),
-                src_port=ev.sport, dst_port=ev.dport, protocol=ev.protocol, family=ev.family,
-                ifindex=ev.ifindex, length=ev.len, verdict=ev.verdict, tcp_flags=ev.tcp_flags))
+    def denied_created(self) -> int:
+        """Entries ever inserted into fqdn_denied (cumulative, pinned)."""
+        return int(sum(self._denied_created[self._denied_created.Key(0)]))
 
-        self.bpf[b"fqdn_events"].open_ring_buffer(on_record)
+    def open_events(self, callback: Callable[[DropEvent], None]) -> None:
+        """Report denied packets to ``callback`` from :meth:`poll_events` on. What the pinned
+        counters held before (an earlier proxy's) is the starting point, not reported again."""
+        created = self.denied_created()
+        self._denied_diff = DeniedDiff()
+        self._denied_diff.baseline(self._denied.read(), created)
+        self._denied_callback = callback
+        self._denied_next = time.monotonic() + DENIED_READ_INTERVAL_S
 
     def poll_events(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
+        """Wait up to ``timeout_ms``; once per DENIED_READ_INTERVAL_S, read the denied counters
+        and pass each entry that counted packets since the previous read to the callback."""
+        time.sleep(timeout_ms / 1000)
+        if self._denied_diff is None or self._denied_callback is None or time.monotonic() < self._denied_next:
+            return
+        self._denied_next = time.monotonic() + DENIED_READ_INTERVAL_S
+        result = self._denied_diff.update(self._denied.read(), self.denied_created(), self._denied.decode_key)
+        if result.evicted:
+            log.warning("%d denied-packet entries were evicted from fqdn_denied before they were read; "
+                        "their latest counts are missing from the flow log", result.evicted)
+        for d in result.deltas:
+            self._denied_callback(DropEvent(
+                ts_ns=d.last_ns, src_ip=d.src_ip, dst_ip=d.dst_ip, src_port=d.src_port, dst_port=d.dst_port,
+                protocol=d.protocol, family=d.family, ifindex=d.ifindex, length=d.bytes, verdict=d.verdict,
+                tcp_flags=d.tcp_flags, packets=d.packets))
 
     # -- tc ----------------------------------------------------------------------------------
 
     def iface_of(self, ip: str) -> int | None:
-        """The host-side interface a pod address is routed to (its veth)."""
+        """The host-side interface a pod address is routed to (its veth), or None.
+
+        Only a direct route counts: an address reached through a gateway (the default route,
+        a pod on another node) would put the policy program on the node's uplink and police
+        everything that leaves the node."""
         try:
             routes = self.ipr.route("get", dst=ip)
         except NetlinkError:
             return None
         for r in routes:
+            if r.get_attr("RTA_GATEWAY") or r.get_attr("RTA_VIA"):
+                return None
             oif = r.get_attr("RTA_OIF")
             if oif:
                 return int(oif)
@@ -294,41 +326,6 @@ class Datapath:
                 if exc.code not in (_ENODEV, _ENOENT, errno.EINVAL):
                     log.warning("removing the FQDN policy filter from interface %d: %s", index, exc)
 
-    # -- DNS redirect ------------------------------------------------------------------------
-
-    def ensure_listen_address(self, ip: str) -> None:
-        """Put the proxy's address on the loopback (labelled, so uninstall finds it) unless the
-        host has it already. Loopback rather than a dummy device: not every kernel has dummy,
-        and DNAT to any local address is delivered locally the same way."""
-        if self.ipr.get_addr(address=ip):
-            return
-        lo = self.ipr.link_lookup(ifname="lo")[0]
-        try:
-            self.ipr.addr("add", index=lo, address=ip, prefixlen=32 if ":" not in ip else 128,
-                          label=self.address_label)
-        except NetlinkError as exc:
-            if exc.code != _EEXIST:
-                raise
-
-    def sync_redirect(self, ifnames: list[str], listen_ip: str, listen_port: int) -> None:
-        """DNAT port 53 arriving on the policed veths to the proxy (one atomic nft transaction)."""
-        t = self.nft_table
-        elements = ", ".join(f'"{n}"' for n in sorted(ifnames))
-        script = (
-            f"table ip {t} {{}}\n"
-            f"delete table ip {t}\n"
-            f"table ip {t} {{\n"
-            f"  set policed {{ type ifname; {('elements = { ' + elements + ' }') if elements else ''} }}\n"
-            f"  chain prerouting {{\n"
-            f"    type nat hook prerouting priority dstnat; policy accept;\n"
-            f"    iifname @policed meta l4proto {{ tcp, udp }} th dport 53 dnat to {listen_ip}:{listen_port}\n"
-            f"  }}\n"
-            f"}}\n"
-        )
-        res = subprocess.run([_nft(), "-f", "-"], input=script, text=True, capture_output=True)
-        if res.returncode:
-            raise RuntimeError(f"nft failed: {res.stderr.strip()}")
-
     def close(self) -> None:
         """Leave filters, maps and the redirect in place (see the module doc); free the process side."""
         self.ipr.close()
@@ -355,13 +352,6 @@ def _ifname(ipr: IPRoute, index: int) -> str:
         return f"if{index}"
 
 
-def _nft() -> str:
-    path = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
-    if path is None:
-        raise RuntimeError("nft not found: install nftables (the DNS redirect needs it)")
-    return path
-
-
 def _ensure_bpffs_dir(pin_dir: str) -> None:
     root = Path("/sys/fs/bpf")
     if not os.path.ismount(root):
@@ -370,8 +360,11 @@ def _ensure_bpffs_dir(pin_dir: str) -> None:
 
 
 def uninstall(pin_dir: str = DEFAULT_PIN_DIR, *, nft_table: str = DEFAULT_NFT_TABLE,
-              address_label: str = DEFAULT_ADDRESS_LABEL) -> list[str]:
-    """Remove everything the proxy leaves in place: filters, nft table, listen address, pins."""
+              address_label: str = DEFAULT_ADDRESS_LABEL, listen6: str | None = None,
+              tproxy_mark: int = redirect.DEFAULT_TPROXY_MARK, route_table: int = redirect.DEFAULT_ROUTE_TABLE,
+              rule_priority: int = redirect.DEFAULT_RULE_PRIORITY) -> list[str]:
+    """Remove everything the proxy leaves in place: filters, the redirect (nft table, policy
+    rules and routes, listen addresses), pins."""
     removed = []
     with IPRoute() as ipr:
         for link in ipr.get_links():
@@ -382,12 +375,8 @@ def uninstall(pin_dir: str = DEFAULT_PIN_DIR, *, nft_table: str = DEFAULT_NFT_TA
                     removed.append(f"filter {link.get_attr('IFLA_IFNAME')} {parent}")
                 except NetlinkError:
                     pass
-        for addr in ipr.get_addr(label=address_label):
-            ip, plen = addr.get_attr("IFA_ADDRESS"), addr["prefixlen"]
-            ipr.addr("del", index=addr["index"], address=ip, prefixlen=plen)
-            removed.append(f"address {ip} ({address_label})")
-    if subprocess.run([_nft(), "delete", "table", "ip", nft_table], capture_output=True).returncode == 0:
-        removed.append(f"nft table {nft_table}")
+    removed += redirect.remove(nft_table=nft_table, address_label=address_label, listen6=listen6, mark=tproxy_mark,
+                               route_table=route_table, rule_priority=rule_priority)
     if os.path.isdir(pin_dir):
         shutil.rmtree(pin_dir, ignore_errors=True)
         removed.append(f"pins {pin_dir}")

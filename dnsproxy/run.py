@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,33 +14,58 @@ import dns.rcode
 
 from dnsproxy.datapath import (DEFAULT_ADDRESS_LABEL, DEFAULT_NFT_TABLE, DEFAULT_PIN_DIR, MODE_AUDIT, MODE_ENFORCE,
                                Datapath, uninstall)
-from dnsproxy.policy import CidrEntry, PolicySet
+from dnsproxy.health import DEFAULT_HEALTH_PORT, HealthServer
+from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
+from dnsproxy.kube import KubeSource
+from dnsproxy.policy import CidrEntry, PolicySet, load_policy_dir
+from dnsproxy.redirect import (DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, DEFAULT_TPROXY_MARK, Redirect,
+                               RedirectConfig, default_listen6, host_has_ipv6)
 from dnsproxy.server import DnsProxy, ProxyConfig, snapshot
+from flowtel.errors import StartError
 
 log = logging.getLogger("flowtel.dnsproxy")
 
 
 def _hostport(text: str, default_port: int) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, default_port
+    if not sep or (text.count(":") > 1 and not text.startswith("[")):
+        return text, default_port  # no port, or a bare IPv6 address (its colons are no separator)
     return host.strip("[]"), int(port)
 
 
+def _listen6(args: argparse.Namespace, listen: tuple[str, int]) -> tuple[str, int] | None:
+    """--listen6 as (address, port); by default derived from --listen; None without IPv6."""
+    if args.listen6 == "" or not host_has_ipv6():
+        return None
+    if args.listen6 is None:
+        return default_listen6(listen[0]), listen[1]
+    return _hostport(args.listen6, listen[1])  # ADDR or [ADDR]:PORT
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", help="directory of CiliumNetworkPolicy/CiliumClusterwideNetworkPolicy YAML files (reloaded on change)")
-    p.add_argument("--pods", help="pods file (processors/k8sattributes static shape: pods: [{name, namespace, ips, labels}])")
-    p.add_argument("--upstream", help="upstream DNS server IP[:PORT] (default port 53)")
-    p.add_argument("--listen", default="169.254.20.53:53", help="address the proxy answers on; put on the loopback if the host lacks it (default 169.254.20.53:53)")
+    p.add_argument("--policies", help="directory of CiliumNetworkPolicy/CiliumClusterwideNetworkPolicy YAML files (reloaded on change); with --kube, added to the API's policies")
+    p.add_argument("--pods", help="pods file (processors/k8sattributes static shape: pods: [{name, namespace, ips, labels}]); not with --kube")
+    p.add_argument("--kube", action="store_true", help="watch this node's pods ($NODE_NAME), namespaces and cilium.io/v2 policies in the Kubernetes API (in-cluster credentials)")
+    p.add_argument("--kubeconfig", help="with --kube (implied): a kubeconfig instead of the in-cluster credentials")
+    p.add_argument("--health-listen", default=f"127.0.0.1:{DEFAULT_HEALTH_PORT}",
+                   help=f"HOST:PORT of /healthz and /readyz (default 127.0.0.1:{DEFAULT_HEALTH_PORT}; empty: none)")
+    p.add_argument("--upstream", help="forward every allowed query to this DNS server IP[:PORT] (default port 53), e.g. a node-local cache; default: to the resolver the pod asked")
+    p.add_argument("--listen", default="169.254.20.53:53", help="IPv4 address of the proxy's sockets (port 53); put on the loopback if the host lacks it (default 169.254.20.53:53)")
+    p.add_argument("--listen6", help="IPv6 address of the proxy's sockets (default: fd62:2c24:1612:53::/64 plus the --listen address's 32 bits, put on the loopback); empty: no IPv6 (policed pods' IPv6 DNS is then dropped)")
     p.add_argument("--reject", choices=("refused", "nxdomain"), default="refused", help="answer to a denied name (default refused)")
     p.add_argument("--upstream-timeout", type=float, default=2.0, help="seconds (default 2)")
     p.add_argument("--min-ttl", type=int, default=0, help="learned IPs stay allowed at least this many seconds")
     p.add_argument("--grace", type=float, default=0.0, help="seconds an IP stays allowed after its TTL (open connections)")
     p.add_argument("--audit", action="store_true", help="report denied traffic as AUDIT instead of dropping it")
+    p.add_argument("--metrics-listen", default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+                   help=f"HOST:PORT of the proxy's Prometheus /metrics (default 127.0.0.1:{DEFAULT_METRICS_PORT}; empty: none)")
     p.add_argument("--flow-log", help="write decisions and datapath drops as Hubble JSON flows to this file")
     p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory of the pinned maps (default {DEFAULT_PIN_DIR})")
     p.add_argument("--nft-table", default=DEFAULT_NFT_TABLE, help=argparse.SUPPRESS)
     p.add_argument("--address-label", default=DEFAULT_ADDRESS_LABEL, help=argparse.SUPPRESS)
+    p.add_argument("--tproxy-mark", type=lambda v: int(v, 0), default=DEFAULT_TPROXY_MARK, help=argparse.SUPPRESS)
+    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, help=argparse.SUPPRESS)
+    p.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY, help=argparse.SUPPRESS)
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between checks for changed policies/pods")
     p.add_argument("--status-interval", type=float, default=60.0, help="seconds between status log lines (decisions, latency, datapath counters); 0: never")
     p.add_argument("--uninstall", action="store_true", help="remove the filters, redirect and pinned maps a proxy left, then exit")
@@ -50,16 +76,41 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        listen = _hostport(args.listen, 53)
+        self.stop = threading.Event()
+        # Set by stop and by every Kubernetes watch event: the loop acts on it at once.
+        self._wake = threading.Event()
+        # First, before the datapath compiles: credentials that cannot work stop the start.
+        self.kube = KubeSource.connect(args.kubeconfig, os.environ.get("NODE_NAME", ""),
+                                       on_change=self._wake.set) if args.kube else None
+        try:
+            listen = _hostport(args.listen, 53)
+            listen6 = _listen6(args, listen)
+            self.redirect = Redirect(RedirectConfig(
+                args.nft_table, args.address_label, listen[0], listen6[0] if listen6 else None, port=listen[1],
+                mark=args.tproxy_mark, route_table=args.route_table, rule_priority=args.rule_priority))
+        except ValueError as exc:
+            raise StartError("dnsproxy", str(exc), "give --listen an IPv4 address with port 53 and --listen6 an "
+                             "IPv6 address (dnsproxy/README.md, DNS redirect)") from exc
         self.config = ProxyConfig(
-            policies_dir=args.policies, pods_file=args.pods, upstream=_hostport(args.upstream, 53), listen=listen,
+            policies_dir=args.policies or "", pods_file=args.pods or "",
+            upstream=_hostport(args.upstream, 53) if args.upstream else None, listen=listen, listen6=listen6,
             refuse_rcode=dns.rcode.NXDOMAIN if args.reject == "nxdomain" else dns.rcode.REFUSED,
             upstream_timeout_s=args.upstream_timeout, min_ttl_s=args.min_ttl, grace_s=args.grace,
             audit=args.audit, flow_log=args.flow_log)
         self.datapath = Datapath(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label)
         self.proxy = DnsProxy(self.config, self.datapath)
-        self.stop = threading.Event()
-        self._snapshot: tuple[object, ...] = ()
+        self._snapshot: tuple[object, ...] | None = None
+        self._kube_version: int | None = None
+        self._serving = False
+        self._last_round = time.monotonic()
+        self.metrics: MetricsServer | None = None
+        if args.metrics_listen:
+            self.metrics = MetricsServer(*_hostport(args.metrics_listen, DEFAULT_METRICS_PORT),
+                                         lambda: proxy_points(self))
+        self.health: HealthServer | None = None
+        if args.health_listen:
+            self.health = HealthServer(*_hostport(args.health_listen, DEFAULT_HEALTH_PORT),
+                                       {"/healthz": self._liveness, "/readyz": self._readiness})
         self._applied_policy: PolicySet | None = None
         self._applied_ifnames: list[str] | None = None
         self._next_status = 0.0
@@ -87,7 +138,7 @@ class Runner:
                 if index is None:
                     unrouted.add(ip)
                     if ip not in self._unrouted:  # once, not every round
-                        log.warning("pod %s: no route to %s, its traffic cannot be policed yet", pod.key, ip)
+                        log.warning("pod %s: %s is not routed directly to an interface of this node (no route, or only via a gateway); its traffic cannot be policed yet", pod.key, ip)
                 else:
                     ifindexes.add(index)
         self._unrouted = unrouted
@@ -100,25 +151,88 @@ class Runner:
         self._first_sync = False
         ifnames = sorted(self.datapath.attached.values())
         if ifnames != self._applied_ifnames:
-            self.datapath.sync_redirect(ifnames, *self.config.listen)
+            self.redirect.sync(ifnames)
             self._applied_ifnames = ifnames
+        # Every round: without its policy route the redirect would black-hole policed pods' DNS.
+        restored = self.redirect.install_base()
+        if restored:
+            log.warning("restored the DNS redirect's %s (removed while the proxy ran)", ", ".join(restored))
+
+    def refresh(self) -> None:
+        """Take the policy sources into the proxy when they changed (files: size/mtime; the
+        Kubernetes API: a watch event since the last round)."""
+        snap = snapshot([p for p in (self.config.policies_dir, self.config.pods_file) if p])
+        kube_version = self.kube.version if self.kube is not None else None
+        if snap == self._snapshot and kube_version == self._kube_version:
+            return
+        if self.kube is None:
+            self.proxy.reload()
+            self._snapshot = snap
+            return
+        if not self.kube.synced:
+            return  # never a partial view: an unlisted kind would un-police pods
+        state = self.kube.state()
+        policies, errors = list(state.policies), list(state.errors)
+        if self.config.policies_dir:
+            result = load_policy_dir(self.config.policies_dir)
+            policies += result.policies
+            errors += result.errors
+        known = set(self.proxy.policy_errors)
+        for err in errors:
+            if err not in known:  # once per rejected version, not once per watch event
+                log.error("policy rejected: %s", err)
+        policy = PolicySet(policies, state.pods)
+        # Errors first: the handlers read only `policy`, one reference swapped atomically.
+        self.proxy.policy_errors = errors
+        self.proxy.policy = policy
+        # Only now: if anything above failed, the next round tries again.
+        self._snapshot, self._kube_version = snap, state.version
+        log.info("applied Kubernetes state %d: %d policies (%d rejected); %d of %d pods on %s policed",
+                 state.version, len(policies), len(errors), len(policy.policed_pods()), len(state.pods),
+                 self.kube.node_name)
+
+    def _wait_first_sync(self) -> None:
+        """Block until every informer listed once: serving with half the policies would answer
+        or un-police pods wrongly, while the pinned datapath keeps enforcing meanwhile."""
+        assert self.kube is not None
+        next_log = time.monotonic() + 10
+        while not self.kube.synced and not self.stop.is_set():
+            self._last_round = time.monotonic()
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + 30
+                log.warning("waiting for the first list from the Kubernetes API server at %s (%s); the pinned "
+                            "datapath keeps enforcing what an earlier proxy installed", self.kube.server,
+                            ", ".join(self.kube.unsynced()))
 
     def run(self) -> int:
-        self.datapath.ensure_listen_address(self.config.listen[0])
-        self.proxy.reload()
-        self._snapshot = snapshot([self.config.policies_dir, self.config.pods_file])
+        self.redirect.install_base()
+        if self.health is not None:
+            self.health.start()
+        if self.metrics is not None:
+            self.metrics.start()
+        if self.kube is not None:
+            self.kube.start()
+            self._wait_first_sync()
+            if self.stop.is_set():
+                return self._shutdown(None)
+        self.refresh()
         self.sync()
         self.proxy.serve()
         self.datapath.open_events(self.proxy.on_drop)
         events = threading.Thread(target=self._poll_events, name="dnsproxy-events", daemon=True)
         events.start()
+        self._serving = True
         log.info("dnsproxy ready")
-        while not self.stop.wait(self.args.reload_interval):
+        while not self.stop.is_set():
+            self._wake.wait(self.args.reload_interval)
+            self._wake.clear()  # before refresh() reads the version: no event is missed
+            if self.stop.is_set():
+                break
+            self._last_round = time.monotonic()
             try:
-                snap = snapshot([self.config.policies_dir, self.config.pods_file])
-                if snap != self._snapshot:
-                    self._snapshot = snap
-                    self.proxy.reload()
+                self.refresh()
                 # Every round, not only on change: a pod's veth may have been recreated.
                 self.sync()
                 self.datapath.expire()
@@ -128,9 +242,34 @@ class Runner:
             except Exception:  # the proxy must keep answering whatever one round hit
                 log.exception("reload round failed")
         self.proxy.shutdown()
-        events.join(2)
+        return self._shutdown(events)
+
+    def _shutdown(self, events: threading.Thread | None) -> int:
+        if events is not None:
+            events.join(2)
+        if self.kube is not None:
+            self.kube.shutdown()
+        if self.health is not None:
+            self.health.shutdown()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         self.datapath.close()  # filters, maps and redirect stay: enforcement continues
         return 0
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self._wake.set()
+
+    def _liveness(self) -> tuple[bool, dict[str, object]]:
+        # A round every reload interval; a wedged loop (not a slow one) fails after 30 s.
+        stalled = time.monotonic() - self._last_round
+        return stalled < max(30.0, 10 * self.args.reload_interval), {"last_round_s_ago": round(stalled, 1)}
+
+    def _readiness(self) -> tuple[bool, dict[str, object]]:
+        details: dict[str, object] = {"serving": self._serving}
+        if self.kube is not None:
+            details["kubernetes"] = self.kube.counters()
+        return self._serving, details
 
     def status(self) -> dict[str, object]:
         """The proxy's health: its decisions, the latency it adds, and the datapath's counters."""
@@ -141,6 +280,7 @@ class Runner:
             "added_latency_avg_ms": round(st.latency_ns_sum / st.latency_count / 1e6, 3) if st.latency_count else 0.0,
             "policies_rejected": len(self.proxy.policy_errors), "policed_interfaces": len(self.datapath.attached),
             "datapath": self.datapath.counters(),
+            **({"kubernetes": self.kube.counters()} if self.kube is not None else {}),
         }
 
     def _poll_events(self) -> None:
@@ -150,14 +290,35 @@ class Runner:
 
 def main(args: argparse.Namespace) -> int:
     if args.uninstall:
-        for item in uninstall(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label):
+        listen6 = _listen6(args, _hostport(args.listen, 53))
+        for item in uninstall(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label,
+                              listen6=listen6[0] if listen6 else None, tproxy_mark=args.tproxy_mark,
+                              route_table=args.route_table, rule_priority=args.rule_priority):
             print(f"removed {item}")
         return 0
-    missing = [f"--{n}" for n in ("policies", "pods", "upstream") if not getattr(args, n)]
-    if missing:
-        print(f"flowtel dnsproxy: {', '.join(missing)} required", file=sys.stderr)
+    # Policies: files, the API, or both (the API's plus a directory's, e.g. node-local
+    # baselines). Pods: one source of truth, the pods file or the API, never both.
+    args.kube = args.kube or bool(args.kubeconfig)
+    if args.kube and args.pods:
+        print("flowtel dnsproxy: --pods and --kube exclude each other: with --kube the pods come from the "
+              "Kubernetes API", file=sys.stderr)
         return 2
-    runner = Runner(args)
+    required = () if args.kube else ("policies", "pods")
+    missing = [f"--{n}" for n in required if not getattr(args, n)]
+    if missing:
+        print(f"flowtel dnsproxy: {', '.join(missing)} required (or --kube for pods and policies from the API)",
+              file=sys.stderr)
+        return 2
+    if args.kube and not os.environ.get("NODE_NAME"):
+        print("flowtel dnsproxy: --kube needs NODE_NAME, this node's name as Kubernetes knows it\n"
+              "  fix: set NODE_NAME from the Downward API (fieldRef spec.nodeName), as "
+              "deploy/base/dnsproxy/daemonset.yaml does", file=sys.stderr)
+        return 2
+    try:
+        runner = Runner(args)
+    except StartError as exc:
+        print(f"flowtel dnsproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: runner.stop.set())
+        signal.signal(sig, lambda *_: runner.request_stop())
     return runner.run()

@@ -19,11 +19,13 @@ def all_factories() -> list[Factory]:
     from processors.flowaggregate.factory import FACTORY as flowaggregate_processor
     from processors.k8sattributes.factory import FACTORY as k8sattributes_processor
     from receiver.ebpf.factory import FACTORY as ebpf_receiver
+    from receiver.fqdnpolicy.factory import FACTORY as fqdnpolicy_receiver
     from receiver.procfs.factory import FACTORY as procfs_receiver
 
     return [
         ebpf_receiver,
         procfs_receiver,
+        fqdnpolicy_receiver,
         k8sattributes_processor,
         flowaggregate_processor,
         console_exporter,

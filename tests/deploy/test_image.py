@@ -128,7 +128,8 @@ def test_every_apt_package_exists_in_bookworm() -> None:
         if word == "RUN" and "apt-get install" in args:
             line = args.split("apt-get install", 1)[1].split("&&", 1)[0].replace("$(dpkg --print-architecture)", arch)
             packages += [w.strip('"') for w in line.split() if not w.startswith("-")]
-    assert {"python3-bpfcc", f"linux-headers-{arch}", "python3-venv", "bpftool"} <= set(packages)
+    # nftables: the DNS proxy's redirect (`nft`), run from the same image.
+    assert {"python3-bpfcc", f"linux-headers-{arch}", "python3-venv", "bpftool", "nftables"} <= set(packages)
     for pkg in packages:
         out = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True).stdout
         candidate = re.search(r"Candidate: (\S+)", out)

@@ -39,7 +39,6 @@ READ_VERBS = {"get", "list", "watch"}
 RBAC_RESOURCES = {
     ("", "pods"), ("", "services"), ("", "nodes"), ("", "namespaces"), ("", "endpoints"),
     ("discovery.k8s.io", "endpointslices"), ("apps", "replicasets"), ("batch", "jobs"),
-    ("cilium.io", "ciliumnetworkpolicies"), ("cilium.io", "ciliumclusterwidenetworkpolicies"),
 }
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib:0.136.0"
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
@@ -95,6 +94,8 @@ def test_the_manifests_found_are_the_expected_ones() -> None:
     assert set(source_manifests()) == {
         "deploy/base/daemonset.yaml", "deploy/base/namespace.yaml", "deploy/base/rbac.yaml",
         "deploy/base/service.yaml", "deploy/base/serviceaccount.yaml",
+        "deploy/base/dnsproxy/daemonset.yaml", "deploy/base/dnsproxy/rbac.yaml",
+        "deploy/base/dnsproxy/serviceaccount.yaml",
         "deploy/overlays/collector-gateway/gateway.yaml",
     }
 
@@ -184,7 +185,7 @@ def test_agent_env_probes_and_resources() -> None:
     assert set(res) == {"requests", "limits"} and {"cpu", "memory"} <= set(res["requests"]) & set(res["limits"])
     # ~200 MB resident measured with bcc's LLVM loaded: the request must cover it.
     assert res["requests"]["memory"] == "256Mi" and res["limits"]["memory"] == "512Mi"
-    assert pod_spec(ds)["serviceAccountName"] == find(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod_spec(ds)["serviceAccountName"] == find(docs, "ServiceAccount", "flowtel")["metadata"]["name"]
 
 
 def test_container_args_use_the_mounted_config() -> None:

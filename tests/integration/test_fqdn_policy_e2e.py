@@ -135,7 +135,7 @@ class Proxy:
     """`flowtel dnsproxy` as a child process with its own pin dir, nft table and listen address
     (all derived from the test process's pid, so concurrent runs do not collide)."""
 
-    def __init__(self, bed: Bed, tmp: Path, *, upstream: str, audit: bool = False,
+    def __init__(self, bed: Bed, tmp: Path, *, upstream: str | None, audit: bool = False,
                  extra: tuple[str, ...] = ()) -> None:
         tag = f"t{os.getpid()}"
         self.pin_dir = f"/sys/fs/bpf/flowtel/dnsproxy-test-{tag}"
@@ -144,7 +144,8 @@ class Proxy:
         self.flow_log = tmp / "proxy-flows.log"
         self.log = tmp / "proxy.log"
         self.argv = [sys.executable, "-m", "flowtel.cli", "dnsproxy", "--policies", str(bed.policies),
-                     "--pods", str(bed.pods_file), "--upstream", f"{upstream}:53", "--listen", f"169.254.53.{os.getpid() % 250 + 2}:53",
+                     "--pods", str(bed.pods_file), *(("--upstream", f"{upstream}:53") if upstream else ()),
+                     "--listen", f"169.254.53.{os.getpid() % 250 + 2}:53",
                      "--flow-log", str(self.flow_log), "--pin-dir", self.pin_dir, "--nft-table", self.nft_table,
                      "--address-label", self.label, "--reload-interval", "0.2", "--status-interval", "0.5", *extra]
         if audit:

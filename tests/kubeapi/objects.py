@@ -138,3 +138,15 @@ def endpointslice(name: str = "kubernetes", namespace: str = "default", *, servi
 def endpoints(name: str = "kubernetes", namespace: str = "default", *, addresses: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": namespace},
             "subsets": [{"addresses": [{"ip": a} for a in addresses], "ports": [{"name": "https", "port": 6443}]}]}
+
+
+def cilium_network_policy(name: str, namespace: str = "default", *, spec: dict[str, Any],
+                          labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A CiliumNetworkPolicy (cilium.io/v2) as the API serves it: with the status Cilium's
+    operator writes, which flowtel must ignore."""
+    return {"metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {}), "generation": 1},
+            "spec": spec, "status": {"conditions": [{"type": "Valid", "status": "True"}]}}
+
+
+def cilium_clusterwide_network_policy(name: str, *, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "generation": 1}, "spec": spec}

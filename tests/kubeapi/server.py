@@ -16,6 +16,10 @@ Semantics follow the API server (https://kubernetes.io/docs/reference/using-api/
 - history is bounded: a watch from a resourceVersion older than what is kept gets an
   ``ERROR`` event with a 410 ``Expired`` status ("too old resource version"), as the real
   server answers, and so does a ``continue`` token whose snapshot is gone;
+- custom resources (Cilium's ``cilium.io/v2`` CiliumNetworkPolicy and
+  CiliumClusterwideNetworkPolicy, as the CRDs define them) are served at
+  ``/apis/cilium.io/v2/…`` with the same semantics, as the real server serves CRDs, so the
+  client's ``CustomObjectsApi`` works against it;
 - the server can be stopped and started again on the same port (its store survives, as etcd
   does), optionally with its history compacted and resourceVersions moved on, and every
   watch can be cut off abruptly (no terminating chunk).
@@ -67,6 +71,9 @@ RESOURCES: dict[str, Resource] = {
         Resource("replicasets", "/apis/apps/v1", "ReplicaSet", True),
         Resource("jobs", "/apis/batch/v1", "Job", True),
         Resource("endpointslices", "/apis/discovery.k8s.io/v1", "EndpointSlice", True),
+        # Custom resources (Cilium's CRDs) are served like built-in ones, at /apis/GROUP/VERSION.
+        Resource("ciliumnetworkpolicies", "/apis/cilium.io/v2", "CiliumNetworkPolicy", True),
+        Resource("ciliumclusterwidenetworkpolicies", "/apis/cilium.io/v2", "CiliumClusterwideNetworkPolicy", False),
     )
 }
 _PREFIXES = sorted({r.prefix for r in RESOURCES.values()}, key=len, reverse=True)
@@ -415,7 +422,8 @@ class FakeApiServer:
             else:
                 failure = None
         if failure is not None:
-            reason = {401: "Unauthorized", 403: "Forbidden", 500: "InternalError", 503: "ServiceUnavailable"}.get(failure, "Failure")
+            reason = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 500: "InternalError",
+                      503: "ServiceUnavailable"}.get(failure, "Failure")
             self._send_json(h, failure, _status(failure, reason, f"injected failure {failure} for {res.name}"))
             return
         if name is not None:

@@ -125,3 +125,41 @@ def test_injected_failures_and_auth() -> None:
         assert get(s, "/api/v1/pods")[0] == 503
         assert get(s, "/api/v1/pods")[0] == 200
         assert get(s, "/api/v1/nothing")[0] == 404
+
+
+def test_cilium_custom_resources_through_the_official_client(server: FakeApiServer, tmp_path: Any) -> None:
+    """cilium.io/v2 policies are served as the API serves custom resources: the official
+    client's CustomObjectsApi lists them (all namespaces, one namespace, clusterwide), gets
+    one, and watches them with resourceVersion; unknown groups and misplaced scopes are 404."""
+    from kubernetes import client, config
+
+    spec = {"endpointSelector": {"matchLabels": {"app": "a"}}, "egress": [{"toFQDNs": [{"matchName": "x.test"}]}]}
+    server.create("ciliumnetworkpolicies", o.cilium_network_policy("p1", "x", spec=spec))
+    server.create("ciliumnetworkpolicies", o.cilium_network_policy("p2", "y", spec=spec))
+    server.create("ciliumclusterwidenetworkpolicies", o.cilium_clusterwide_network_policy("c1", spec=spec))
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=server.write_kubeconfig(str(tmp_path / "kubeconfig")), client_configuration=cfg)
+    with client.ApiClient(cfg) as api:
+        custom = client.CustomObjectsApi(api)
+        every = custom.list_cluster_custom_object("cilium.io", "v2", "ciliumnetworkpolicies")
+        assert every["kind"] == "CiliumNetworkPolicyList" and every["apiVersion"] == "cilium.io/v2"
+        assert [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in every["items"]] == [("x", "p1"), ("y", "p2")]
+        assert all(i["kind"] == "CiliumNetworkPolicy" and i["spec"] == spec for i in every["items"])
+        one_ns = custom.list_namespaced_custom_object("cilium.io", "v2", "y", "ciliumnetworkpolicies")
+        assert [i["metadata"]["name"] for i in one_ns["items"]] == ["p2"]
+        got = custom.get_cluster_custom_object("cilium.io", "v2", "ciliumclusterwidenetworkpolicies", "c1")
+        assert got["kind"] == "CiliumClusterwideNetworkPolicy" and "namespace" not in got["metadata"]
+        rv = every["metadata"]["resourceVersion"]
+        server.patch("ciliumnetworkpolicies", "p1", lambda p: p["spec"].update(endpointSelector={}), namespace="x")
+        server.delete("ciliumnetworkpolicies", "p2", namespace="y")
+        resp = custom.list_cluster_custom_object("cilium.io", "v2", "ciliumnetworkpolicies", watch=True,
+                                                 resource_version=rv, timeout_seconds=1, _preload_content=False)
+        events = [json.loads(line) for line in resp.read().splitlines() if line]
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("MODIFIED", "p1"), ("DELETED", "p2")]
+        assert events[0]["object"]["spec"]["endpointSelector"] == {}
+        for bad in (lambda: custom.list_cluster_custom_object("cilium.io", "v1", "ciliumnetworkpolicies"),
+                    lambda: custom.get_namespaced_custom_object("cilium.io", "v2", "x",
+                                                                "ciliumclusterwidenetworkpolicies", "c1")):
+            with pytest.raises(client.ApiException) as exc:
+                bad()
+            assert exc.value.status == 404

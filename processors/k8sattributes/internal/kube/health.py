@@ -25,7 +25,7 @@ RBAC_REMEDY = (
 REPEAT_INTERVAL_S = 60.0
 
 
-def describe(exc: BaseException) -> tuple[str, str]:
+def describe(exc: BaseException, rbac_remedy: str = RBAC_REMEDY) -> tuple[str, str]:
     """(what went wrong, how to fix it) for an error from the API server or the network."""
     if isinstance(exc, ApiException):
         status = exc.status
@@ -34,7 +34,11 @@ def describe(exc: BaseException) -> tuple[str, str]:
             return (f"401 Unauthorized ({reason})",
                     "the credentials were rejected: refresh the kubeconfig's credentials, or restart the pod for a fresh service account token")
         if status == 403:
-            return f"403 Forbidden ({reason})", RBAC_REMEDY
+            return f"403 Forbidden ({reason})", rbac_remedy
+        if status == 404:
+            return (f"404 Not Found ({reason})",
+                    "the API server does not serve this resource: for a custom resource (e.g. cilium.io "
+                    "policies) install its CustomResourceDefinition; `kubectl api-resources` lists what is served")
         if status:
             return f"HTTP {status} ({reason})", "see the API server's message and logs"
         return reason or "request failed", "check the API server address and that it is up"
@@ -42,10 +46,20 @@ def describe(exc: BaseException) -> tuple[str, str]:
             "check that the API server is up and reachable from this node (`kubectl get --raw /version` with the same credentials)")
 
 
+# What the k8sattributes processor does while the API server fails; other users of the
+# informers (the DNS proxy) say what they do instead.
+MEANWHILE = "Records keep flowing with what is already known (addresses not yet known are reserved:world)"
+
+
 class ApiHealth:
-    def __init__(self, component: str, server: str, on_change: Callable[[str | None], None] | None = None) -> None:
+    def __init__(self, component: str, server: str, on_change: Callable[[str | None], None] | None = None, *,
+                 meanwhile: str = MEANWHILE, rbac_remedy: str = RBAC_REMEDY,
+                 logger: logging.Logger | None = None) -> None:
         self.component = component
+        self._log = logger or log  # the user's logger, so its lines sort under its name
         self.server = server
+        self.meanwhile = meanwhile
+        self.rbac_remedy = rbac_remedy
         # Told the error when the API server starts failing, None when it answers again
         # (the processor reports it as its component status).
         self._on_change = on_change
@@ -61,7 +75,7 @@ class ApiHealth:
             return not self._failing
 
     def failed(self, informer: str, exc: BaseException) -> None:
-        what, remedy = describe(exc)
+        what, remedy = describe(exc, self.rbac_remedy)
         now = time.monotonic()
         with self._lock:
             first = not self._failing
@@ -81,12 +95,11 @@ class ApiHealth:
         if level == logging.ERROR:
             if self._on_change is not None:
                 self._on_change(f"the Kubernetes API server at {self.server} is failing: {what}")
-            log.error(
-                "%s: cannot list/watch %s from the Kubernetes API server at %s: %s. Records keep flowing "
-                "with what is already known (addresses not yet known are reserved:world); retrying with "
-                "backoff. fix: %s", self.component, informer, self.server, what, remedy)
+            self._log.error(
+                "%s: cannot list/watch %s from the Kubernetes API server at %s: %s. %s; retrying with "
+                "backoff. fix: %s", self.component, informer, self.server, what, self.meanwhile, remedy)
         else:
-            log.warning("%s: the Kubernetes API server at %s is still failing (%d errors; last: %s)",
+            self._log.warning("%s: the Kubernetes API server at %s is still failing (%d errors; last: %s)",
                         self.component, self.server, failures, what)
 
     def succeeded(self, informer: str) -> None:
@@ -98,4 +111,4 @@ class ApiHealth:
         if recovered:
             if self._on_change is not None:
                 self._on_change(None)
-            log.info("%s: the Kubernetes API server at %s answers again; caches are catching up", self.component, self.server)
+            self._log.info("%s: the Kubernetes API server at %s answers again; caches are catching up", self.component, self.server)

@@ -147,7 +147,7 @@ class Informer(Generic[K]):
                 watched = True
                 self._watch()
             except ResourceVersionTooOld as exc:
-                log.info("k8sattributes: %s: %s; listing again", self.name, exc)
+                log.info("%s: %s: %s; listing again", self._health.component, self.name, exc)
                 need_list = True
                 if self._events_since_list == 0 and self._listed:
                     # 410 again right after a list: the server is unsettled; do not hammer it.

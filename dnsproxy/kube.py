@@ -1,0 +1,308 @@
+"""Pods, namespaces and Cilium policies from the Kubernetes API, for the DNS proxy.
+
+Four informers (the k8sattributes processor's list/watch loop: resourceVersion, bookmarks,
+reconnect with backoff, relist on 410 Gone) keep their stores current:
+
+- ``pods`` on this node only (``fieldSelector=spec.nodeName=$NODE_NAME``): the proxy polices
+  the pods whose veths are here, so it neither needs nor holds the rest of the cluster;
+- ``namespaces``: their labels become the pod's ``io.cilium.k8s.namespace.labels.<key>``
+  labels, as Cilium gives them to endpoints, so selectors on namespace labels work;
+- ``ciliumnetworkpolicies`` and ``ciliumclusterwidenetworkpolicies`` (``cilium.io/v2``), each
+  object parsed by :func:`dnsproxy.policy.parse_policy`, the same parser files go through.
+  An object that does not parse stays in the store as an error naming it
+  (``CiliumNetworkPolicy ns/name``), so it is reported, counted and replaced by its next
+  version; the other policies keep applying.
+
+Every change bumps :attr:`KubeSource.version` and calls ``on_change``, which wakes the
+proxy's loop: a watch event reaches the datapath within one loop round (milliseconds), not
+a polling interval. When the API server is unreachable the stores keep their last state,
+so the proxy keeps enforcing it; errors are logged once (then at most once a minute) and
+counted, and the informers resume from their resourceVersion when the server returns.
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Mapping, TypeVar
+
+from kubernetes import client as k8s
+
+from dnsproxy.policy import KINDS, Policy, PolicyError, Pod, parse_policy
+from flowtel.errors import StartError
+from processors.k8sattributes.internal.kube import client as kube_client
+from processors.k8sattributes.internal.kube.health import ApiHealth
+from processors.k8sattributes.internal.kube.informer import Informer, Keyed, WatchOptions
+
+log = logging.getLogger("flowtel.dnsproxy")
+
+COMPONENT = "dnsproxy"
+CILIUM_GROUP = "cilium.io"
+CILIUM_VERSION = "v2"
+# Labels Cilium derives for every endpoint, which policies may select on.
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+RBAC_REMEDY = (
+    "grant the proxy's ServiceAccount get/list/watch on pods and namespaces, and on "
+    "ciliumnetworkpolicies and ciliumclusterwidenetworkpolicies (cilium.io) "
+    "(deploy/base/dnsproxy/rbac.yaml); check with "
+    "`kubectl auth can-i watch ciliumnetworkpolicies.cilium.io --all-namespaces --as=system:serviceaccount:NS:NAME`"
+)
+MEANWHILE = "The proxy keeps enforcing the pods and policies it already knows"
+COUNTERS = ("api_errors", "relists", "watch_restarts", "watch_events", "watch_bookmarks")
+
+
+# -- objects as the proxy keeps them -------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PodObject:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    ips: tuple[str, ...]
+    service_account: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceObject:
+    name: str
+    labels: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyObject:
+    """One policy object: parsed, or the reason it was rejected (exactly one is set)."""
+
+    key: str
+    ref: str  # "CiliumNetworkPolicy ns/name", how messages name it
+    policy: Policy | None
+    error: str | None
+
+
+def strip_pod(raw: Mapping[str, Any]) -> PodObject | None:
+    """The pod as policy sees it; None for pods that have no address of their own to police.
+
+    A hostNetwork pod's address is the node's: policing it would police the host. A pod that
+    has finished (Succeeded/Failed) may have handed its address to a new pod already.
+    """
+    meta = raw.get("metadata") or {}
+    spec = raw.get("spec") or {}
+    status = raw.get("status") or {}
+    if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    ips: list[str] = []
+    for entry in status.get("podIPs") or ([{"ip": status["podIP"]}] if status.get("podIP") else []):
+        text = entry.get("ip") if isinstance(entry, dict) else None
+        try:
+            ip = str(ipaddress.ip_address(str(text)))
+        except ValueError:
+            log.warning("pod %s/%s: status.podIPs has %r, not an address; ignored",
+                        meta.get("namespace"), meta.get("name"), text)
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    return PodObject(str(meta.get("name", "")), str(meta.get("namespace") or "default"), labels, tuple(ips),
+                     str(spec.get("serviceAccountName") or "default"))
+
+
+def strip_namespace(raw: Mapping[str, Any]) -> NamespaceObject:
+    meta = raw.get("metadata") or {}
+    return NamespaceObject(str(meta.get("name", "")), {str(k): str(v) for k, v in (meta.get("labels") or {}).items()})
+
+
+def strip_policy(kind: str, raw: Mapping[str, Any]) -> PolicyObject:
+    """Parse one CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy object from the API."""
+    meta = raw.get("metadata") or {}
+    name, namespace = str(meta.get("name", "")), meta.get("namespace")
+    qualified = f"{namespace}/{name}" if namespace else name
+    key = qualified
+    ref = f"{kind} {qualified}"
+    # The list items of a custom resource may lack kind/apiVersion (the list has them).
+    doc = {**raw, "kind": raw.get("kind") or kind, "apiVersion": raw.get("apiVersion") or f"{CILIUM_GROUP}/{CILIUM_VERSION}"}
+    try:
+        return PolicyObject(key, ref, parse_policy(doc, f"Kubernetes API {qualified}"), None)
+    except PolicyError as exc:
+        return PolicyObject(key, ref, None, str(exc))
+
+
+# -- the source ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KubeState:
+    """What the API says, as of :attr:`version`: the policy input of one PolicySet."""
+
+    version: int
+    policies: list[Policy]
+    errors: list[str]
+    pods: list[Pod]
+
+
+O = TypeVar("O", bound=Keyed)
+
+
+class _Store(Generic[O]):
+    """The handler of one informer: a copy of its objects under the source's lock."""
+
+    def __init__(self, source: KubeSource) -> None:
+        self.items: dict[str, O] = {}
+        self._source = source
+
+    def on_add(self, obj: O) -> None:
+        with self._source._lock:
+            self.items[obj.key] = obj
+        self._source._changed()
+
+    def on_update(self, old: O, new: O) -> None:
+        self.on_add(new)
+
+    def on_delete(self, obj: O) -> None:
+        with self._source._lock:
+            self.items.pop(obj.key, None)
+        self._source._changed()
+
+
+@dataclass(frozen=True, slots=True)
+class KubeOptions:
+    """The informers' timing (seconds). As the k8sattributes processor's defaults, but a
+    shorter first retry and request timeout: a policy change waits on them after an outage."""
+
+    request_timeout: float = 10.0
+    watch_timeout: float = 300.0
+    page_size: int = 500
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+class KubeSource:
+    """The informers and the state they add up to; start, read :meth:`state`, shut down."""
+
+    def __init__(self, api: k8s.ApiClient, node_name: str, *, on_change: Callable[[], None] | None = None,
+                 options: KubeOptions | None = None) -> None:
+        if not node_name:
+            raise ValueError("node_name is required: the proxy watches the pods of its own node")
+        self.node_name = node_name
+        self.server = kube_client.server_of(api)
+        self._api = api
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._version = 0
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self.health = ApiHealth(COMPONENT, self.server, meanwhile=MEANWHILE, rbac_remedy=RBAC_REMEDY, logger=log)
+        opts = options or KubeOptions()
+        watch = WatchOptions(request_timeout=opts.request_timeout, watch_timeout=opts.watch_timeout,
+                             page_size=opts.page_size, backoff_initial=opts.backoff_initial,
+                             backoff_max=opts.backoff_max)
+        core = k8s.CoreV1Api(api)
+        custom = k8s.CustomObjectsApi(api)
+        self._pods: _Store[PodObject] = _Store(self)
+        self._namespaces: _Store[NamespaceObject] = _Store(self)
+        self._cnps: _Store[PolicyObject] = _Store(self)
+        self._ccnps: _Store[PolicyObject] = _Store(self)
+        cnp, ccnp = KINDS
+        specs: list[tuple[str, Callable[..., Any], Callable[[Mapping[str, Any]], Any], _Store[Any], dict[str, str]]] = [
+            ("pods", core.list_pod_for_all_namespaces, strip_pod, self._pods,
+             {"field_selector": f"spec.nodeName={node_name}"}),
+            ("namespaces", core.list_namespace, strip_namespace, self._namespaces, {}),
+            ("ciliumnetworkpolicies",
+             functools.partial(custom.list_cluster_custom_object, CILIUM_GROUP, CILIUM_VERSION, "ciliumnetworkpolicies"),
+             functools.partial(strip_policy, cnp), self._cnps, {}),
+            ("ciliumclusterwidenetworkpolicies",
+             functools.partial(custom.list_cluster_custom_object, CILIUM_GROUP, CILIUM_VERSION,
+                               "ciliumclusterwidenetworkpolicies"),
+             functools.partial(strip_policy, ccnp), self._ccnps, {}),
+        ]
+        self.informers: dict[str, Informer[Any]] = {
+            name: Informer(name, lister, strip, store, watch, health=self.health, count=self._count, list_kwargs=kwargs)
+            for name, lister, strip, store, kwargs in specs
+        }
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None, node_name: str, **kwargs: Any) -> KubeSource:
+        """In-cluster credentials (the pod's ServiceAccount), or a kubeconfig; raises StartError
+        with a remedy when the credentials cannot work."""
+        auth = "kubeConfig" if kubeconfig else "serviceAccount"
+        try:
+            # One pooled connection per informer (each holds a watch open), and room for a relist.
+            api = kube_client.connect(COMPONENT, auth, kubeconfig, None, pool_size=len(KINDS) + 4)
+        except StartError as exc:
+            # The problem as the shared client words it; the remedy in the proxy's own flags.
+            raise StartError(COMPONENT, exc.problem,
+                             "run the proxy as the dnsproxy DaemonSet (deploy/base/dnsproxy) with its ServiceAccount "
+                             "token mounted, or outside a cluster pass --kubeconfig PATH") from None
+        return cls(api, node_name, **kwargs)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for informer in self.informers.values():
+            informer.start()
+
+    @property
+    def synced(self) -> bool:
+        """Every informer has listed once: the state is the cluster's, not a partial one."""
+        return all(i.synced.is_set() for i in self.informers.values())
+
+    def unsynced(self) -> list[str]:
+        return [name for name, i in self.informers.items() if not i.synced.is_set()]
+
+    def shutdown(self) -> None:
+        for informer in self.informers.values():
+            informer.request_stop()  # all at once: each may be blocked in a read
+        for informer in self.informers.values():
+            informer.join()
+        self._api.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def state(self) -> KubeState:
+        """Policies (valid ones), rejections (naming each object) and this node's pods, now."""
+        with self._lock:
+            version = self._version
+            namespaces = {n.name: n.labels for n in self._namespaces.items.values()}
+            pods = list(self._pods.items.values())
+            policy_objects = sorted([*self._cnps.items.values(), *self._ccnps.items.values()], key=lambda p: p.ref)
+        out: list[Pod] = []
+        for p in pods:
+            labels = dict(p.labels)
+            for key, value in namespaces.get(p.namespace, {}).items():
+                labels[NAMESPACE_LABELS_PREFIX + key] = value
+            labels[SERVICE_ACCOUNT_LABEL] = p.service_account
+            out.append(Pod(p.name, p.namespace, labels, p.ips))
+        policies = [o.policy for o in policy_objects if o.policy is not None]
+        errors = [o.error for o in policy_objects if o.error is not None]
+        return KubeState(version, policies, errors, out)
+
+    def counters(self) -> dict[str, object]:
+        with self._lock:
+            counts: dict[str, object] = dict(self._counts)
+        counts["synced"] = self.synced
+        counts["api_healthy"] = self.health.healthy
+        return counts
+
+    # -- informer callbacks ------------------------------------------------------------------
+
+    def _count(self, name: str, delta: int) -> None:
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + delta
+
+    def _changed(self) -> None:
+        with self._lock:
+            self._version += 1
+        if self._on_change is not None:
+            self._on_change()

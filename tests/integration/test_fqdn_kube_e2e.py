@@ -1,0 +1,287 @@
+"""`flowtel dnsproxy --kube` end to end: pods and Cilium policies come from a Kubernetes API
+server (tests/kubeapi: real HTTP list/watch, 410, restarts) through the official client, and
+are enforced on real network-namespace pods by the real kernel.
+
+The testbed, pods and probes are test_fqdn_policy_e2e's (imported, not copied). Truth: the
+pinned endpoint map (is the pod policed), dig and the client's sockets, dnsmasq's query log,
+the datapath's drop counter, the proxy's log and its health endpoint.
+
+The proxy runs with ``--reload-interval 5``: only the watch event can make it follow the API
+within the 3 s these tests allow, so they check that changes are event-driven.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from dnsproxy.datapath import Datapath, uninstall
+from tests.integration.test_fqdn_policy_e2e import POLICY, REPO, Bed, Proxy, bed, connect, datapath_view, dig  # noqa: F401 - fixtures
+from tests.kubeapi import FakeApiServer
+from tests.kubeapi import objects as o
+
+pytestmark = pytest.mark.kernel
+
+NODE = "flowtel-e2e-node"
+FOLLOW_S = 3.0  # the proxy follows a watch event well within this (measured: tens of ms)
+
+
+CLIENT_SPEC = yaml.safe_load(POLICY)["spec"]  # *.short.test and allowed.example.test, DNS via the dns pod
+BROKEN_SPEC = {"endpointSelector": {}, "egress": [{"toEntities": ["world"]}]}
+
+
+class KubeProxy(Proxy):
+    """The imported Proxy harness (start, kill, log, flows), launched with --kube."""
+
+    def __init__(self, bed: Bed, tmp: Path, kubeconfig: str, extra: tuple[str, ...] = ()) -> None:
+        tag = f"t{os.getpid()}k"
+        self.pin_dir = f"/sys/fs/bpf/flowtel/dnsproxy-test-{tag}"
+        self.nft_table = f"ftdnsproxy_{tag}"
+        self.label = f"lo:ft{tag}"[:15]
+        self.flow_log = tmp / "proxy-flows.log"
+        self.log = tmp / "proxy.log"
+        with socket.socket() as s:  # a free loopback port for the health endpoint
+            s.bind(("127.0.0.1", 0))
+            self.health_port = s.getsockname()[1]
+        self.argv = ["env", f"NODE_NAME={NODE}", sys.executable, "-m", "flowtel.cli", "dnsproxy", "--kube",
+                     "--kubeconfig", kubeconfig, "--upstream", f"{bed.dns.ipv4}:53",
+                     "--listen", f"169.254.54.{os.getpid() % 250 + 2}:53", "--flow-log", str(self.flow_log),
+                     "--pin-dir", self.pin_dir, "--nft-table", self.nft_table, "--address-label", self.label,
+                     "--health-listen", f"127.0.0.1:{self.health_port}", "--metrics-listen=",
+                     "--reload-interval", "5", "--status-interval", "0.5", *extra]
+        self.bed = bed
+        uninstall(self.pin_dir, nft_table=self.nft_table, address_label=self.label)
+        self.proc = None
+        self.start()
+
+    def health(self, path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def status(self) -> dict[str, Any]:
+        lines = [line for line in self.log.read_text().splitlines() if " status: " in line]
+        return json.loads(lines[-1].split(" status: ", 1)[1]) if lines else {}
+
+
+class Cluster:
+    def __init__(self, bed: Bed, tmp: Path) -> None:
+        self.bed = bed
+        self.api = FakeApiServer(bookmark_interval=1.0).start()
+        self.api.create("namespaces", o.namespace("default"))
+        for pod in (bed.dns, bed.dns_short, bed.web, bed.other, bed.client, bed.free):
+            self.api.create("pods", o.pod(pod.name, ip=pod.ipv4, node=NODE, labels={"app": pod.name}))
+        # A pod of another node with the client's labels and address: the node filter keeps it out.
+        self.api.create("pods", o.pod("elsewhere", ip="10.255.0.1", node="another-node", labels={"app": "client"}))
+        self.kubeconfig = self.api.write_kubeconfig(str(tmp / "kubeconfig"))
+        self.proxy = KubeProxy(bed, tmp, self.kubeconfig)
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.api.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # noqa: F811 - bed is imported
+    c = Cluster(bed, tmp_path_factory.mktemp("fqdn-kube"))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def view(cluster: Cluster, datapath_view: Any) -> Iterator[Datapath]:  # noqa: F811 - imported fixture
+    yield datapath_view(cluster.proxy)
+    # Back to no policy, whatever the test left: the next test starts un-policed.
+    api = cluster.api
+    if not api.running:
+        api.start()
+    for name in ("client-egress", "broken-policy"):
+        try:
+            api.delete("ciliumnetworkpolicies", name)
+        except KeyError:
+            pass
+    api.patch("pods", "client", lambda p: p["metadata"]["labels"].update(app="client"))
+
+
+def policed_ips(view: Datapath) -> set[str]:
+    """The pod addresses in the pinned fqdn_endpoints map (IPv4 is stored in the first 4 bytes)."""
+    out = set()
+    for k in view.endpoints.keys():
+        raw = bytes(k.addr)
+        out.add(socket.inet_ntop(socket.AF_INET, raw[:4]) if raw[4:] == bytes(12) else socket.inet_ntop(socket.AF_INET6, raw))
+    return out
+
+
+def follow(cond: Callable[[], bool], what: str) -> float:
+    """Seconds until ``cond`` holds (asserting it does within FOLLOW_S)."""
+    start = time.monotonic()
+    while not cond():
+        assert time.monotonic() - start < FOLLOW_S, f"the proxy did not follow within {FOLLOW_S} s: {what}"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def assert_policed(bed: Bed, view: Datapath) -> None:
+    """Allowed name resolves (through the proxy) and connects with its first SYN; a blocked
+    name is REFUSED without reaching upstream; an unresolved address is dropped and counted."""
+    bed.dns_log.write_text("")
+    assert dig(bed.client, bed.dns.ipv4, "allowed.example.test") == ("NOERROR", [bed.web.ipv4])
+    assert connect(bed.client, bed.web.ipv4)
+    assert dig(bed.client, bed.dns.ipv4, "denied.example.test")[0] == "REFUSED"
+    log = bed.dns_log.read_text()
+    assert "denied.example.test" not in log and f"from {bed.client.ipv4}" not in log
+    dropped = view.counters()["dropped"]
+    assert not connect(bed.client, bed.other.ipv4)
+    assert view.counters()["dropped"] > dropped
+
+
+def assert_free(bed: Bed, view: Datapath) -> None:
+    """Not policed: its DNS goes to the dns pod itself, any name resolves, anything connects."""
+    bed.dns_log.write_text("")
+    assert dig(bed.client, bed.dns.ipv4, "denied.example.test") == ("NOERROR", [bed.other.ipv4])
+    assert f"from {bed.client.ipv4}" in bed.dns_log.read_text()
+    dropped = view.counters()["dropped"]
+    assert connect(bed.client, bed.other.ipv4)
+    assert view.counters()["dropped"] == dropped
+
+
+def test_policies_and_labels_from_the_api_are_enforced(bed: Bed, cluster: Cluster, view: Datapath) -> None:  # noqa: F811
+    api, proxy = cluster.api, cluster.proxy
+    assert policed_ips(view) == set()
+    assert_free(bed, view)
+
+    # A valid and an invalid policy arrive through the API: the invalid one is rejected by
+    # name, the valid one polices the client within the watch latency.
+    api.create("ciliumnetworkpolicies", o.cilium_network_policy("broken-policy", spec=BROKEN_SPEC))
+    api.create("ciliumnetworkpolicies", o.cilium_network_policy("client-egress", spec=CLIENT_SPEC))
+    took = follow(lambda: policed_ips(view) == {bed.client.ipv4}, "policy created")
+    print(f"policy created -> pod policed in the kernel: {took * 1000:.0f} ms")
+    rejected = [line for line in proxy.log.read_text().splitlines() if "policy rejected" in line]
+    assert len(rejected) == 1 and "default/broken-policy" in rejected[0] and "toEntities" in rejected[0], rejected
+    assert_policed(bed, view)
+    assert proxy.status()["policies_rejected"] == 1
+
+    # Relabelling the pod in the API takes it out of the policy's selector, and back.
+    api.patch("pods", "client", lambda p: p["metadata"]["labels"].update(app="client-v2"))
+    took = follow(lambda: policed_ips(view) == set(), "pod relabelled out of the selector")
+    print(f"pod relabelled -> un-policed: {took * 1000:.0f} ms")
+    assert_free(bed, view)
+    api.patch("pods", "client", lambda p: p["metadata"]["labels"].update(app="client"))
+    follow(lambda: policed_ips(view) == {bed.client.ipv4}, "pod relabelled back")
+    assert_policed(bed, view)
+
+    # Deleting the policy un-polices the pod.
+    api.delete("ciliumnetworkpolicies", "client-egress")
+    took = follow(lambda: policed_ips(view) == set(), "policy deleted")
+    print(f"policy deleted -> un-policed: {took * 1000:.0f} ms")
+    assert_free(bed, view)
+
+
+def test_api_server_gone_keeps_enforcing_and_catches_up(bed: Bed, cluster: Cluster, view: Datapath) -> None:  # noqa: F811
+    api, proxy = cluster.api, cluster.proxy
+    api.create("ciliumnetworkpolicies", o.cilium_network_policy("client-egress", spec=CLIENT_SPEC))
+    follow(lambda: policed_ips(view) == {bed.client.ipv4}, "policy created")
+    errors_before = proxy.status().get("kubernetes", {}).get("api_errors", 0)
+
+    api.stop()
+    deadline = time.monotonic() + 10
+    while proxy.status().get("kubernetes", {}).get("api_errors", 0) <= errors_before:
+        assert time.monotonic() < deadline, f"no API error counted: {proxy.status()}"
+        time.sleep(0.1)
+    assert "cannot list/watch" in proxy.log.read_text() and "keeps enforcing" in proxy.log.read_text()
+    # Still enforcing the last known state, and still ready (probes do not restart it).
+    assert_policed(bed, view)
+    code, body = proxy.health("/readyz")
+    assert code == 200 and body["kubernetes"]["api_healthy"] is False, body
+    assert proxy.health("/healthz")[0] == 200
+
+    # Changed while the proxy could not watch, with the history gone (410 on its next watch):
+    # it relists when the server is back and un-polices the pod.
+    api.delete("ciliumnetworkpolicies", "client-egress")
+    api.restart(new_resource_versions=True)
+    deadline = time.monotonic() + 10
+    while policed_ips(view):
+        assert time.monotonic() < deadline, "the proxy did not catch up after the API server returned"
+        time.sleep(0.05)
+    assert_free(bed, view)
+    # Every informer reconnects on its own backoff schedule; then the API counts as healthy.
+    deadline = time.monotonic() + 30
+    while not (body := proxy.health("/readyz")[1])["kubernetes"]["api_healthy"]:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.2)
+    assert body["status"] == "ok" and body["kubernetes"]["relists"] >= 1, body
+
+
+def test_restart_without_api_server_keeps_enforcing_and_is_not_ready(bed: Bed, cluster: Cluster,  # noqa: F811
+                                                                       view: Datapath) -> None:
+    """A proxy that restarts while the API server is away never applies an empty view: the
+    pinned datapath keeps enforcing, and it reports not ready until its first list."""
+    api, proxy = cluster.api, cluster.proxy
+    api.create("ciliumnetworkpolicies", o.cilium_network_policy("client-egress", spec=CLIENT_SPEC))
+    follow(lambda: policed_ips(view) == {bed.client.ipv4}, "policy created")
+    assert dig(bed.client, bed.dns.ipv4, "allowed.example.test") == ("NOERROR", [bed.web.ipv4])
+    proxy.kill()
+    api.stop()
+    mark = proxy.log.read_text().count("dnsproxy ready")
+    with open(proxy.log, "a") as out:
+        proxy.proc = subprocess.Popen(proxy.argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            code, body = proxy.health("/readyz")
+            break
+        except OSError:  # not listening yet (bcc compiles first)
+            assert proxy.proc.poll() is None and time.monotonic() < deadline, proxy.log.read_text()[-2000:]
+            time.sleep(0.2)
+    assert code == 503 and body["serving"] is False and body["kubernetes"]["synced"] is False, body
+    assert policed_ips(view) == {bed.client.ipv4}
+    # Unanswered meanwhile, and not leaking past the proxy to the resolver the pod asked.
+    bed.dns_log.write_text("")
+    assert dig(bed.client, bed.dns.ipv4, "denied.example.test")[0] == "TIMEOUT"
+    assert "denied.example.test" not in bed.dns_log.read_text()
+    assert connect(bed.client, bed.web.ipv4)  # learned before the restart: still allowed
+    dropped = view.counters()["dropped"]
+    assert not connect(bed.client, bed.other.ipv4)
+    assert view.counters()["dropped"] > dropped
+    assert proxy.log.read_text().count("dnsproxy ready") == mark
+    api.start()
+    deadline = time.monotonic() + 30
+    while proxy.log.read_text().count("dnsproxy ready") == mark:
+        assert proxy.proc.poll() is None and time.monotonic() < deadline, proxy.log.read_text()[-2000:]
+        time.sleep(0.1)
+    assert proxy.health("/readyz")[0] == 200
+    assert_policed(bed, view)
+
+
+def test_policy_directory_adds_to_the_api_policies(bed: Bed, cluster: Cluster, view: Datapath,  # noqa: F811
+                                                   datapath_view: Any, tmp_path: Path) -> None:  # noqa: F811
+    """--kube with --policies: the directory's policies apply beside the API's, and an
+    invalid API policy still leaves them (and the valid ones) in force."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "client.yaml").write_text(POLICY)
+    cluster.proxy.stop()  # one proxy at a time: they would share the redirect's mark and route table
+    both = KubeProxy(bed, tmp_path, cluster.kubeconfig, extra=("--policies", str(policies)))
+    try:
+        mine = datapath_view(both)
+        follow(lambda: policed_ips(mine) == {bed.client.ipv4}, "file policy applied")
+        assert_policed(bed, mine)
+        cluster.api.create("ciliumnetworkpolicies", o.cilium_network_policy("broken-policy", spec=BROKEN_SPEC))
+        follow(lambda: "default/broken-policy" in both.log.read_text(), "API policy rejected")
+        assert policed_ips(mine) == {bed.client.ipv4}
+        assert_policed(bed, mine)
+    finally:
+        both.close()
+        cluster.proxy.start()
