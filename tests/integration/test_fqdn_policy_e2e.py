@@ -147,7 +147,11 @@ class Proxy:
                      "--pods", str(bed.pods_file), *(("--upstream", f"{upstream}:53") if upstream else ()),
                      "--listen", f"169.254.53.{os.getpid() % 250 + 2}:53",
                      "--flow-log", str(self.flow_log), "--pin-dir", self.pin_dir, "--nft-table", self.nft_table,
-                     "--address-label", self.label, "--reload-interval", "0.2", "--status-interval", "0.5", *extra]
+                     "--address-label", self.label, "--reload-interval", "0.2", "--status-interval", "0.5",
+                     # No fixed loopback ports: another proxy (a concurrent run, a node's own) may
+                     # hold the defaults. A test that scrapes or probes passes its own in `extra`
+                     # (argparse: the later flag wins).
+                     "--metrics-listen=", "--health-listen=", *extra]
         if audit:
             self.argv.append("--audit")
         self.bed = bed
