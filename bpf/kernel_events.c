@@ -22,7 +22,10 @@
  *   besides counting;
  * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_MAX_CONNECTIONS: sizes;
  * - FLOWTEL_DROP_REASON_MIN: the first reason that is a drop (SKB_NOT_DROPPED_YET and
- *   SKB_CONSUMED sort before it); FLOWTEL_TCPS_*: TCP state values.
+ *   SKB_CONSUMED sort before it); FLOWTEL_TCPS_*: TCP state values;
+ * - FLOWTEL_DROP_IGNORED(r): an expression, true for the reasons the config ignores;
+ * - FLOWTEL_DROP_NO_SOCKET: the NO_SOCKET reason's value, or -1 to report every NO_SOCKET
+ *   (with a value, an ICMP/ICMPv6 echo reply no ping socket claimed is not a drop).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -173,12 +176,50 @@ static __always_inline void parse_packet(struct kernel_event *ev, char *skb)
  * device. A pod's packet crossing a veth is received anew by the peer namespace, so a drop
  * in the pod's own stack of traffic to the pod is INGRESS there, and one of traffic the
  * pod sends, before it leaves the pod, is EGRESS. */
+/* An echo reply that reached icmp_rcv with no ICMP datagram ("ping") socket waiting for
+ * it. A raw-socket ping (iputils as root) has already received its copy by then, and the
+ * kernel still frees the original as NO_SOCKET: every such ping would look like a drop. */
+static __always_inline int unclaimed_echo_reply(char *skb, __u16 ethertype)
+{
+    char *head = 0;
+    __u16 nh = 0;
+    if (bpf_probe_read_kernel(&head, sizeof(head), skb + FLOWTEL_OFF_SKB_HEAD) < 0 || !head)
+        return 0;
+    if (bpf_probe_read_kernel(&nh, sizeof(nh), skb + FLOWTEL_OFF_SKB_NETWORK_HEADER) < 0)
+        return 0;
+    char *l3 = head + nh;
+    __u8 type = 0xff;
+    if (ethertype == ETH_P_IP) {
+        struct iphdr ip;
+        if (bpf_probe_read_kernel(&ip, sizeof(ip), l3) < 0 || ip.version != 4 || ip.ihl < 5 ||
+            ip.protocol != IPPROTO_ICMP || (ip.frag_off & bpf_htons(0x1fff)))
+            return 0;
+        if (bpf_probe_read_kernel(&type, 1, l3 + ip.ihl * 4) < 0)
+            return 0;
+        return type == 0;    /* ICMP_ECHOREPLY */
+    }
+    if (ethertype == ETH_P_IPV6) {
+        struct ipv6hdr ip6;
+        if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) < 0 || ip6.version != 6 ||
+            ip6.nexthdr != FLOWTEL_IPPROTO_ICMPV6)
+            return 0;
+        if (bpf_probe_read_kernel(&type, 1, l3 + sizeof(ip6)) < 0)
+            return 0;
+        return type == 129; /* ICMPV6_ECHO_REPLY */
+    }
+    return 0;
+}
+
 int flowtel_drop(struct flowtel_tp_kfree_skb *args)
 {
     __u32 reason = args->reason;
     if (reason < FLOWTEL_DROP_REASON_MIN)
         return 0;  /* freed after use (SKB_CONSUMED) or not a drop: not counted */
+    if (FLOWTEL_DROP_IGNORED(reason))
+        return 0;  /* a reason the config says is not a network drop (e.g. SOCKET_CLOSE) */
     char *skb = (char *)args->skbaddr;
+    if ((int)reason == FLOWTEL_DROP_NO_SOCKET && unclaimed_echo_reply(skb, args->protocol))
+        return 0;
     __u32 len = 0;
     __s32 iif = 0, ifindex = 0;
     char *dev = 0;

@@ -22,7 +22,7 @@ import pytest
 
 from flowtel.component import Telemetry
 from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict
-from flowtel.testbed import Pod, Testbed, send_tcp
+from flowtel.testbed import Pod, Testbed, send_ping, send_tcp
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
 
 pytestmark = pytest.mark.kernel
@@ -447,3 +447,44 @@ def test_rtt_histogram_without_a_logs_pipeline(bed: Testbed) -> None:
     finally:
         ke.stop()
     assert not any(isinstance(r, Flow) for r in sink.records)  # no flows: nothing wants them
+
+
+def test_ignored_reasons_and_unclaimed_echo_replies(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
+    """An ignored reason is neither counted nor reported, in the kernel; and by default an echo
+    reply a raw-socket ping already received (the kernel frees the original as NO_SOCKET in
+    ping_rcv) is not a drop. A second instance ignoring NETFILTER_DROP and reporting such
+    replies runs beside the default one, on the same traffic."""
+    ke, sink = events
+    other = Collector()
+    second = KernelEvents(KernelEventsConfig(collection_interval=0.5, poll_interval=0.05,
+                                             drops={"ignore_reasons": ["NETFILTER_DROP"],
+                                                    "report_unclaimed_echo_replies": True}),
+                          "test-node", Telemetry(), other)
+    second.start()
+    try:
+        a, b = bed.add_pod("ign-a"), bed.add_pod("ign-b")
+        nft_drop(b, "input", "udp dport 47011")
+        mark, mark_other = sink.mark(), other.mark()
+        udp_sendto(a, b.ipv4, 47011, 4, 50)
+        send_ping(a, b.ipv4, 4, interval=0.05)
+
+        def filtered(f: Flow) -> bool:
+            return f.verdict == Verdict.DROPPED and f.dst_ip == b.ipv4 and f.dst_port == 47011
+
+        def echo_reply(f: Flow) -> bool:  # ICMP: the "ports" are type and code; 0 = echo reply
+            return (f.verdict == Verdict.DROPPED and f.src_ip == b.ipv4 and f.dst_ip == a.ipv4
+                    and f.protocol == 1 and f.src_port == 0)
+
+        assert len(sink.wait_flows(filtered, 4, mark)) == 4
+        replies = other.wait_flows(echo_reply, 4, mark_other)
+        time.sleep(0.5)  # both poll every 50 ms: anything more would be in by now
+        replies = other.flows(echo_reply, mark_other)
+        assert len(replies) == 4 and {(f.drop_reason, f.extensions["drop_location"]) for f in replies} == {
+            ("NO_SOCKET", "ping_rcv")}, replies
+        assert sink.flows(echo_reply, mark) == []
+        assert other.flows(filtered, mark_other) == []
+        # Ignored in the kernel: not even counted, whatever else on the node netfilter drops.
+        assert not any(reason == "NETFILTER_DROP" for reason, _ in drop_totals(second))
+        assert drop_totals(ke)[("NETFILTER_DROP", "ingress")] >= 4
+    finally:
+        second.stop()

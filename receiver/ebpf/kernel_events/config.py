@@ -1,16 +1,38 @@
 """Config of the kernel-events source (drops and TCP health) the ``ebpf`` receiver hosts."""
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, field_validator
 
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import CollectionInterval, Duration
 
 
+# Kernel drop reasons that are frees of data no network path lost: unread data discarded
+# when an application closes its socket, Unix-domain sockets, bulk purges of socket queues.
+# Retina and Hubble do not count them; reporting them would bury real drops.
+DEFAULT_IGNORED_REASONS = ("SOCKET_CLOSE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB", "QUEUE_PURGE")
+
+
 class DropsConfig(ComponentConfig):
     enabled: bool = True
     # One flow record per dropped packet (verdict DROPPED) besides the per-reason counters.
     events: bool = True
+    # Reasons (names as the kernel's skb:kfree_skb format prints them) neither counted nor
+    # reported; [] reports every reason. Names this kernel lacks are skipped with a warning.
+    ignore_reasons: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORED_REASONS))
+    # NO_SOCKET for an ICMP/ICMPv6 echo reply no ping socket claimed: a raw-socket ping has
+    # already got its copy, so by default it is not a drop.
+    report_unclaimed_echo_replies: bool = False
+
+    @field_validator("ignore_reasons")
+    @classmethod
+    def _reason_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"drop reason names are upper-case kernel names such as SOCKET_CLOSE, got {bad}")
+        return value
 
 
 class TcpConfig(ComponentConfig):

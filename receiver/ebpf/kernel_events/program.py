@@ -6,6 +6,7 @@ generated tracepoint structs prepended to the source and ``-D`` constants.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,6 +15,8 @@ import bpf as bpf_sources
 from receiver.ebpf import btf as btf_mod
 from receiver.ebpf import tracefs
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
+
+log = logging.getLogger("flowtel.receiver.ebpf.kernel_events")
 
 SOURCE = "kernel_events.c"
 
@@ -136,6 +139,20 @@ def read_kernel_facts(config: KernelEventsConfig, tracefs_root: str | None = Non
     return facts
 
 
+def ignored_reasons_expression(reasons: dict[int, str], ignore: list[str]) -> str:
+    """A C expression of ``r``, true for the ignored reasons this kernel has.
+
+    A name the running kernel does not define is skipped with a warning rather than failing:
+    one config serves nodes on different kernels, whose reason lists differ."""
+    by_name = {name: value for value, name in reasons.items()}
+    missing = sorted(name for name in set(ignore) if name not in by_name)
+    if missing:
+        log.warning("drops.ignore_reasons: this kernel has no drop reason %s; ignoring the name(s)",
+                    ", ".join(missing))
+    values = sorted({by_name[name] for name in ignore if name in by_name})
+    return "(" + " || ".join(f"(r) == {v}" for v in values) + ")" if values else "0"
+
+
 def programs_for(config: KernelEventsConfig) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     if config.drops.enabled:
@@ -155,6 +172,7 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool,
     """
     structs = [tracefs.c_struct(fmt, f"flowtel_tp_{name}") for name, fmt in facts.formats.items()]
     by_name = {name: value for value, name in facts.tcp_states.items()}
+    by_reason = {name: value for value, name in facts.drop_reasons.items()}
     defines: dict[str, int | str] = {
         "FLOWTEL_DROPS": int(config.drops.enabled),
         "FLOWTEL_TCP": int(config.tcp.enabled),
@@ -166,6 +184,9 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool,
         "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
         "FLOWTEL_MAX_CONNECTIONS": config.tcp.max_connections,
         "FLOWTEL_DROP_REASON_MIN": facts.drop_reason_min,
+        "FLOWTEL_DROP_IGNORED(r)": ignored_reasons_expression(facts.drop_reasons, config.drops.ignore_reasons),
+        "FLOWTEL_DROP_NO_SOCKET": (-1 if config.drops.report_unclaimed_echo_replies
+                                   else by_reason.get("NO_SOCKET", -1)),
         **facts.offsets,
         **{f"FLOWTEL_TCPS_{s}": by_name.get(s, 0) for s in _TCP_STATE_MACROS},
     }
