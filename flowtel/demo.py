@@ -26,10 +26,12 @@ log = logging.getLogger("flowtel.demo")
 
 TCP_PORT = 8080
 UDP_PORT = 9000
+CLOSED_PORT = 9009  # nothing listens: the server's kernel drops it (NO_SOCKET), a real drop to show
 
 
 def _traffic(client: Pod, server: Pod, dns: Pod, stop: threading.Event) -> dict[str, int]:
-    """One round a second of TCP, UDP, DNS and ping from the client; returns what was sent."""
+    """One round a second of TCP, UDP (one to a closed port), DNS and ping from the client;
+    returns what was sent."""
     sent: dict[str, int] = defaultdict(int)
     round_no = 0
     while not stop.is_set():
@@ -39,6 +41,8 @@ def _traffic(client: Pod, server: Pod, dns: Pod, stop: threading.Event) -> dict[
             sent["tcp connections"] += 1
             send_udp(client, server.ipv4, UDP_PORT, 5, 200, interval=0.01)
             sent["udp datagrams"] += 5
+            send_udp(client, server.ipv4, CLOSED_PORT, 1, 64)
+            sent["datagrams to a closed port"] += 1
             for name in ("server.demo.local", "nope.demo.local"):
                 client.exec(["dig", "+short", "+tries=1", "+time=1", f"@{dns.ipv4}", name], check=False)
                 sent["dns queries"] += 1
