@@ -109,7 +109,10 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
 # --- talking to the agent ---------------------------------------------------------------
 
 
-def _connect(server: str, path: str, timeout: float | None) -> http.client.HTTPResponse:
+def connect_flow_api(server: str, path: str, timeout: float | None, *,
+                     hint: str = "Point --server at its endpoint.") -> http.client.HTTPResponse:
+    """GET ``path`` from the agent's flow API (NDJSON); raises :class:`ObserveError` with a
+    message a user can act on when the agent is unreachable or refuses the request."""
     try:
         host, port = split_endpoint(server)
     except ValueError as exc:
@@ -124,7 +127,7 @@ def _connect(server: str, path: str, timeout: float | None) -> http.client.HTTPR
     except OSError as exc:
         raise ObserveError(
             f"cannot reach the flow API at {server}: {exc.strerror or exc}. Is the agent running with the "
-            "flows extension (service.extensions: [flows])? Point --server at its endpoint."
+            f"flows extension (service.extensions: [flows])? {hint}"
         ) from None
     if resp.status != 200:
         body = resp.read().decode(errors="replace")
@@ -156,7 +159,7 @@ def flows_path(args: argparse.Namespace) -> str:
 
 def fetch_map(server: str, namespaces: Sequence[str] = ()) -> dict[str, Any]:
     path = "/map" + ("?" + urlencode([("namespace", ns) for ns in namespaces]) if namespaces else "")
-    resp = _connect(server, path, 30.0)
+    resp = connect_flow_api(server, path, 30.0)
     try:
         return json.loads(resp.read())
     except ValueError as exc:
@@ -293,7 +296,7 @@ def observe(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] |
         if args.input_file:
             _from_file(args, filters, printer)
         else:
-            resp = _connect(args.server, flows_path(args), None if args.follow else 60.0)
+            resp = connect_flow_api(args.server, flows_path(args), None if args.follow else 60.0)
             for raw in _stream_lines(resp):
                 printer.line(raw, None if args.output == "json" else _decode(raw))
                 if args.follow and args.output != "table":

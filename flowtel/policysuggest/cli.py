@@ -7,7 +7,6 @@ selection (workload, replies, verdicts) is made here, the same way for a file.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import sys
@@ -15,13 +14,14 @@ import time
 from typing import IO, Iterator
 from urllib.parse import urlencode
 
-from extensions.flows.config import DEFAULT_ENDPOINT, split_endpoint
+from extensions.flows.config import DEFAULT_ENDPOINT
 from flowtel.hubble_parse import FlowJSONError, parse_time_arg, record_from_envelope
+from flowtel.observe import ObserveError, connect_flow_api
 from flowtel.policysuggest.render import to_json, to_yaml
 from flowtel.policysuggest.derive import Options, Selection, SuggestError, suggest
 from flowtel.records import Flow, Record
 
-CONNECT_TIMEOUT = 5.0
+# Longest wait for the next line of a (non-follow) flow API answer.
 READ_TIMEOUT = 60.0
 
 
@@ -119,35 +119,19 @@ def _query(args: argparse.Namespace) -> str:
 
 def _agent_lines(server: str, path: str) -> Iterator[str]:
     try:
-        host, port = split_endpoint(server)
-    except ValueError as exc:
-        raise CommandError(f"--server: {exc}", 2) from None
-    conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+        resp = connect_flow_api(server, path, READ_TIMEOUT, hint="Point --server at it, or use --from-file.")
+    except ObserveError as exc:
+        raise CommandError(str(exc), exc.code) from None
     try:
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(READ_TIMEOUT)
-        conn.request("GET", path, headers={"Accept": "application/x-ndjson"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            body = resp.read().decode(errors="replace")
-            try:
-                message = json.loads(body)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = body.strip() or resp.reason
-            raise CommandError(f"the agent refused the request ({resp.status}): {message}",
-                               2 if resp.status == 400 else 1)
         while True:
             raw = resp.readline()
             if not raw:
                 return
             yield raw.decode(errors="replace")
     except OSError as exc:
-        raise CommandError(
-            f"cannot read flows from the flow API at {server}: {exc.strerror or exc}. Is the agent running with the "
-            "flows extension (service.extensions: [flows])? Point --server at it, or use --from-file.") from None
+        raise CommandError(f"reading flows from the flow API at {server} failed: {exc.strerror or exc}") from None
     finally:
-        conn.close()
+        resp.close()
 
 
 def run(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | None = None) -> int:

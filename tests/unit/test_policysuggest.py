@@ -500,7 +500,7 @@ def test_cli_from_file_counts_unreadable_lines(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.parametrize("argv, code, message", [
     (["--from-file", "/nonexistent/flows.log", "--workload", "x"], 2, "cannot read /nonexistent/flows.log"),
     (["--from-file", "-", "--since", "yesterday", "--workload", "x"], 2, "--since"),
-    (["--server", "127.0.0.1:1", "--workload", "x"], 1, "cannot read flows from the flow API at 127.0.0.1:1"),
+    (["--server", "127.0.0.1:1", "--workload", "x"], 1, "cannot reach the flow API at 127.0.0.1:1"),
     (["--server", "nonsense", "--workload", "x"], 2, "--server"),
     (["--workload", "x", "--collapse", "1"], 2, "--collapse"),
     (["-n", "shop"], 2, "select the pods"),
