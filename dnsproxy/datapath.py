@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,12 @@ def addr16(ip: str) -> bytes:
     return packed + bytes(16 - len(packed))
 
 
+@functools.lru_cache(maxsize=65536)
+def _addr16_cached(ip: str) -> bytes:
+    # Pods and answers repeat the same few addresses; parsing text costs more than the map write.
+    return addr16(ip)
+
+
 def lpm_dst(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[bytes, int]:
     """(16 bytes, prefix bits) of a destination prefix as the LPM key holds it: IPv4-mapped."""
     if net.version == 4:
@@ -78,6 +86,18 @@ class DropEvent:
     verdict: int  # VERDICT_*
     tcp_flags: int  # union since the kernel's entry was created
     packets: int = 1
+
+
+@dataclass(slots=True, eq=False)
+class _Written:
+    """An fqdn_allow entry as this process last wrote it, with its key and value structs kept
+    for the next write (building them costs more than the write itself)."""
+
+    key: Any
+    leaf: Any
+    expires_ns: int = 0
+    until_ns: int = 0
+    l4: L4 | None = None  # None: not written yet
 
 
 # The proxy reads the denied counters for its flow log at most this often (seconds): an
@@ -116,6 +136,10 @@ class Datapath:
         self._denied_callback: Callable[[DropEvent], None] | None = None
         self._denied_next = 0.0
         self.live_allowances = 0  # fqdn_allow entries not past their deadline at the last expire()
+        # (pod, dst) as 16-byte addresses -> the fqdn_allow entry as this process last wrote it;
+        # read and written under _learn_lock only.
+        self._written: dict[tuple[bytes, bytes], _Written] = {}
+        self._learn_lock = threading.Lock()
         self.ipr = IPRoute()
         self.attached: dict[int, str] = {}
 
@@ -133,25 +157,49 @@ class Datapath:
             dst.ports[i].port, dst.ports[i].end_port, dst.ports[i].protocol = p.port, p.end_port, p.protocol
 
     def learn(self, pod_ips: list[str], dst_ips: list[str], ttl_s: int, grace_s: float, l4: L4) -> None:
-        """Allow (pod, dst) until the TTL (plus grace) from now; called before the answer is sent."""
+        """Allow (pod, dst) until the TTL (plus grace) from now; called before the answer is sent.
+
+        What this process last wrote per entry is remembered: an entry whose deadlines and ports
+        already cover the new ones is not written again (an upstream cache counting a TTL down
+        answers with the same deadline over and over), and a rewrite merges with the remembered
+        value instead of reading the map. An entry this process has not written (a previous
+        proxy's, pinned) is read first, so nothing it allowed is narrowed."""
         now = time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        for pod_ip in pod_ips:
-            for dst in dst_ips:
-                key = self.allow.Key()
-                ctypes.memmove(key.pod, addr16(pod_ip), 16)
-                ctypes.memmove(key.dst, addr16(dst), 16)
-                val = self.allow.Leaf()
-                val.expires_ns = now + ttl_s * 1_000_000_000
-                val.until_ns = val.expires_ns + int(grace_s * 1e9)
-                old = self.allow.get(key)
-                merged = l4
-                if old is not None and old.until_ns >= now:
-                    # Another name may have opened other ports to the same IP: keep both, longest life.
-                    val.expires_ns = max(val.expires_ns, old.expires_ns)
-                    val.until_ns = max(val.until_ns, old.until_ns)
-                    merged = L4.union([l4, _l4_of(old.l4)]) or l4
-                self._fill_l4(val.l4, merged)
-                self.allow[key] = val
+        expires = now + ttl_s * 1_000_000_000
+        until = expires + int(grace_s * 1e9)
+        with self._learn_lock:  # the UDP loop and TCP handlers learn concurrently
+            for pod_ip in pod_ips:
+                pod = _addr16_cached(pod_ip)
+                for dst in dst_ips:
+                    raw = (pod, _addr16_cached(dst))
+                    entry = self._written.get(raw)
+                    fresh = False
+                    if entry is not None and entry.until_ns >= now:
+                        merged = l4 if entry.l4 == l4 else (L4.union([l4, entry.l4]) or l4)
+                        if entry.expires_ns >= expires and entry.until_ns >= until and merged == entry.l4:
+                            continue  # the map already allows this for at least as long
+                        # Another name may have opened other ports to the same IP: keep both, longest life.
+                        new_expires, new_until = max(expires, entry.expires_ns), max(until, entry.until_ns)
+                    else:
+                        new_expires, new_until, merged = expires, until, l4
+                        if entry is None:
+                            fresh = True
+                            entry = _Written(self.allow.Key(), self.allow.Leaf())
+                            ctypes.memmove(entry.key.pod, raw[0], 16)
+                            ctypes.memmove(entry.key.dst, raw[1], 16)
+                            old = self.allow.get(entry.key)
+                            if old is not None and old.until_ns >= now:
+                                new_expires = max(new_expires, old.expires_ns)
+                                new_until = max(new_until, old.until_ns)
+                                merged = L4.union([l4, _l4_of(old.l4)]) or l4
+                    leaf = entry.leaf
+                    leaf.expires_ns, leaf.until_ns = new_expires, new_until
+                    if merged != entry.l4:
+                        self._fill_l4(leaf.l4, merged)
+                    self.allow[entry.key] = leaf
+                    entry.expires_ns, entry.until_ns, entry.l4 = new_expires, new_until, merged
+                    if fresh:  # only once written: a failed first write reads the map again next time
+                        self._written[raw] = entry
 
     def expire(self) -> int:
         """Delete entries past their deadline (the datapath already ignores them); returns how many."""
@@ -159,12 +207,22 @@ class Datapath:
         entries = self.allow.items()
         stale = [k for k, v in entries if v.until_ns < now]
         self.live_allowances = len(entries) - len(stale)
-        for k in stale:
-            try:
-                del self.allow[k]
-            except KeyError:
-                pass
-        return len(stale)
+        removed = 0
+        with self._learn_lock:
+            for k in stale:
+                raw = (bytes(k.pod), bytes(k.dst))
+                written = self._written.get(raw)
+                if written is not None and written.until_ns >= now:
+                    continue  # learned again since the read above: the map holds the new value
+                self._written.pop(raw, None)
+                try:
+                    del self.allow[k]
+                    removed += 1
+                except KeyError:
+                    pass
+            for raw in [r for r, w in self._written.items() if w.until_ns < now]:
+                del self._written[raw]  # what an earlier round left (the map entry is gone or stale)
+        return removed
 
     def allowed_entries(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(pod, dst) -> (expires_ns, until_ns) of every learned entry (for tests and status)."""

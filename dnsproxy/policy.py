@@ -7,28 +7,36 @@ Each policy file is independent: one invalid policy never stops the others.
 
 Pods are plain data (:class:`Pod`); :class:`PolicySet` answers what the proxy and the
 datapath loader ask: is this pod policed, may it resolve this name, which ports does an
-answer for this name open, which CIDRs/endpoints may it reach.
+answer for this name open, which CIDRs/endpoints may it reach. Only this node's pods are
+policed, but ``toEndpoints`` selects among every pod of the cluster, as Cilium resolves it
+against every identity: :class:`EndpointIndex` keeps those by identity (label set).
 """
 from __future__ import annotations
 
 import functools
 import ipaddress
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 API_VERSION = "cilium.io/v2"
 KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+# Labels Cilium derives for every endpoint, which policies may select on.
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 # Cilium label sources a selector may name; flowtel's pods only have Kubernetes labels.
 _LABEL_SOURCES = ("k8s:", "any:")
 _PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ANY": 0}
 MAX_PORTS = 8  # FLOWTEL_FQDN_MAX_PORTS in bpf/flowtel.h
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A label set as a sorted tuple of pairs: hashable, so equal sets are one identity.
+Labels = tuple[tuple[str, str], ...]
 
 
 class PolicyError(ValueError):
@@ -41,6 +49,7 @@ class Pod:
     namespace: str
     labels: dict[str, str]
     ips: tuple[str, ...]
+    node: str = ""  # spec.nodeName; "" (a pods file without node keys): this node
 
     @property
     def key(self) -> str:
@@ -48,6 +57,14 @@ class Pod:
 
     def selector_labels(self) -> dict[str, str]:
         return {**self.labels, NAMESPACE_LABEL: self.namespace}
+
+    def identity(self) -> Labels:
+        """The label set selectors see, as :class:`EndpointIndex` keys it."""
+        return tuple(sorted(self.selector_labels().items()))
+
+    def on_node(self, node: str) -> bool:
+        """Whether the pod runs on ``node``; a pod or a proxy that names no node counts as local."""
+        return not node or not self.node or self.node == node
 
 
 # -- names -------------------------------------------------------------------------------
@@ -411,12 +428,23 @@ def load_policy_dir(directory: str | Path) -> LoadResult:
 
 
 def load_pods(path: str | Path) -> list[Pod]:
-    """The pods file: processors/k8sattributes' static source shape (``pods:`` list of name,
-    namespace, ips, labels; other keys of that format are ignored here)."""
+    """The pods file: processors/k8sattributes' static source shape. Read here: ``pods:`` (name,
+    namespace, ips, labels, node, service_account) and ``namespaces:`` (name, labels); other
+    keys of that format are ignored. Pods get the labels Cilium derives, as with ``--kube``:
+    ``io.cilium.k8s.policy.serviceaccount`` and their namespace's labels as
+    ``io.cilium.k8s.namespace.labels.<key>``. A pod whose ``node`` is another node than the
+    proxy's (``$NODE_NAME``) is a peer: selectable by ``toEndpoints``, never policed here."""
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise PolicyError(f"pods file {path}: cannot read: {exc}") from None
+    if not isinstance(doc, dict):
+        raise PolicyError(f"pods file {path}: expected a mapping with a pods list")
+    namespaces: dict[str, dict[str, str]] = {}
+    for i, raw in enumerate(doc.get("namespaces") or []):
+        if not isinstance(raw, dict) or not raw.get("name") or not isinstance(raw.get("labels") or {}, dict):
+            raise PolicyError(f"pods file {path}: namespaces[{i}]: expected a mapping with name (and labels)")
+        namespaces[str(raw["name"])] = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
     pods = []
     for i, raw in enumerate(doc.get("pods") or []):
         where = f"pods file {path}: pods[{i}]"
@@ -428,9 +456,133 @@ def load_pods(path: str | Path) -> list[Pod]:
                 ips.append(str(ipaddress.ip_address(str(ip))))
             except ValueError:
                 raise PolicyError(f"{where}.ips: {ip!r} is not an address (CIDRs are not pods here)") from None
+        if not isinstance(raw.get("labels") or {}, dict):
+            raise PolicyError(f"{where}.labels: expected a mapping of label to value")
+        namespace = str(raw.get("namespace") or "default")
         labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
-        pods.append(Pod(str(raw["name"]), str(raw.get("namespace") or "default"), labels, tuple(ips)))
+        labels.update(cilium_labels(namespaces.get(namespace, {}), str(raw.get("service_account") or "default")))
+        pods.append(Pod(str(raw["name"]), namespace, labels, tuple(ips), str(raw.get("node") or "")))
     return pods
+
+
+def cilium_labels(namespace_labels: Mapping[str, str], service_account: str) -> dict[str, str]:
+    """The labels Cilium adds to every endpoint from its namespace and ServiceAccount."""
+    out = {NAMESPACE_LABELS_PREFIX + k: v for k, v in namespace_labels.items()}
+    out[SERVICE_ACCOUNT_LABEL] = service_account
+    return out
+
+
+class _Identity:
+    """One label set and the addresses of the pods that have it."""
+
+    __slots__ = ("labels", "addresses", "pods", "selected_by")
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self.addresses: dict[str, int] = {}  # address -> pods of this identity holding it
+        self.pods = 0
+        self.selected_by: set[Selector] = set()
+
+
+class EndpointIndex:
+    """Every known pod (every node's) by identity, and what each ``toEndpoints`` selector selects.
+
+    Cilium resolves ``toEndpoints`` against every identity of the cluster; so does this, but
+    one pod at a time: a pod that appears, goes or changes labels or addresses touches its
+    identity only, and is matched against the selectors in use only when its identity is new
+    (replicas share one), never all pods against all selectors. A selector is matched against
+    every identity once, when first asked for. :attr:`version` moves when an address a
+    selector in use selects appears or goes, so the datapath loader knows when to recompute.
+    Safe to update from informer threads while the proxy's loop reads.
+    """
+
+    def __init__(self, pods: Iterable[Pod] = ()) -> None:
+        self._lock = threading.Lock()
+        self._pods: dict[str, tuple[Labels, tuple[str, ...]]] = {}
+        self._identities: dict[Labels, _Identity] = {}
+        self._selections: dict[Selector, set[Labels]] = {}
+        self._version = 0
+        for pod in pods:
+            self.upsert(pod.key, pod.identity(), pod.ips)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def identities(self) -> int:
+        return len(self._identities)
+
+    def upsert(self, key: str, labels: Labels, ips: tuple[str, ...]) -> None:
+        """Add or change the pod ``key`` (``labels``: its identity, see :meth:`Pod.identity`)."""
+        with self._lock:
+            old = self._pods.get(key)
+            if old == (labels, ips):
+                return
+            self._pods[key] = (labels, ips)
+            self._attach(labels, ips)  # before detaching: an unchanged address never blinks
+            if old is not None:
+                self._detach(*old)
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            old = self._pods.pop(key, None)
+            if old is not None:
+                self._detach(*old)
+
+    def addresses(self, selector: Selector) -> set[str]:
+        """The addresses of every pod ``selector`` selects."""
+        with self._lock:
+            chosen = self._selections.get(selector)
+            if chosen is None:
+                chosen = {k for k, ident in self._identities.items() if selector.matches(ident.labels)}
+                for k in chosen:
+                    self._identities[k].selected_by.add(selector)
+                self._selections[selector] = chosen
+            out: set[str] = set()
+            for k in chosen:
+                out.update(self._identities[k].addresses)
+            return out
+
+    def retain(self, selectors: set[Selector]) -> None:
+        """Forget the selections of selectors no policy uses any more."""
+        with self._lock:
+            for sel in [s for s in self._selections if s not in selectors]:
+                for k in self._selections.pop(sel):
+                    self._identities[k].selected_by.discard(sel)
+
+    def _attach(self, labels: Labels, ips: tuple[str, ...]) -> None:
+        ident = self._identities.get(labels)
+        if ident is None:
+            ident = self._identities[labels] = _Identity(dict(labels))
+            for sel, chosen in self._selections.items():
+                if sel.matches(ident.labels):
+                    chosen.add(labels)
+                    ident.selected_by.add(sel)
+        ident.pods += 1
+        for ip in ips:
+            held = ident.addresses.get(ip, 0)
+            ident.addresses[ip] = held + 1
+            if not held and ident.selected_by:
+                self._version += 1
+
+    def _detach(self, labels: Labels, ips: tuple[str, ...]) -> None:
+        ident = self._identities[labels]
+        for ip in ips:
+            held = ident.addresses[ip] - 1
+            if held:
+                ident.addresses[ip] = held
+            else:
+                del ident.addresses[ip]
+                if ident.selected_by:
+                    self._version += 1
+        ident.pods -= 1
+        if not ident.pods:
+            del self._identities[labels]
+            for sel in ident.selected_by:
+                self._selections[sel].discard(labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,15 +592,27 @@ class CidrEntry:
 
 
 class PolicySet:
-    """Policies and pods, with the questions the proxy and the datapath ask answered."""
+    """Policies and pods, with the questions the proxy and the datapath ask answered.
 
-    def __init__(self, policies: list[Policy], pods: list[Pod]) -> None:
+    ``pods`` may hold every node's pods: those on ``node`` (all, when either names no node)
+    are this node's, policed when a policy selects them; the others are peers, which only
+    ``toEndpoints`` selects. ``endpoints`` is the cluster's index when the caller keeps one
+    current (``--kube``); by default it is built from ``pods``.
+    """
+
+    def __init__(self, policies: list[Policy], pods: list[Pod], *, node: str = "",
+                 endpoints: EndpointIndex | None = None) -> None:
         self.policies = policies
-        self.pods = pods
-        self._by_ip = {ip: pod for pod in pods for ip in pod.ips}
+        self.node = node
+        self.pods = [p for p in pods if p.on_node(node)]
+        self.endpoints = endpoints if endpoints is not None else EndpointIndex(pods)
+        self._by_ip = {ip: pod for pod in self.pods for ip in pod.ips}
         self._rules: dict[str, list[EgressRule]] = {}
         self._policed: set[str] = set()
-        for pod in pods:
+        # Replicas share their rules, so their entries: computed once per rule list and
+        # endpoint index version.
+        self._cidr_cache: dict[tuple[tuple[EgressRule, ...], int], list[CidrEntry]] = {}
+        for pod in self.pods:
             rules = []
             for pol in policies:
                 if pol.selects(pod):
@@ -477,32 +641,68 @@ class PolicySet:
         """Ports an answer for ``qname`` opens to its IPs (None: no toFQDNs rule matches)."""
         return L4.union(r.l4() for r in self.rules_for(pod) if any(s.matches(qname) for s in r.to_fqdns))
 
+    def endpoint_selectors(self) -> set[Selector]:
+        """Every ``toEndpoints`` selector of a policed pod's rules (what the index must resolve)."""
+        return {sel for key in self._policed for r in self._rules[key] for sel in r.to_endpoints}
+
     def cidr_entries(self, pod: Pod) -> list[CidrEntry]:
         """The pod's toCIDR/toCIDRSet/toEndpoints (and L3-less toPorts) as longest-prefix entries.
 
         Each entry's ports are the union of every rule that covers the whole prefix without
         excepting it, so the longest match alone decides, as the kernel's LPM lookup does.
+        ``toEndpoints`` addresses (every node's pods) are host prefixes, checked by set
+        membership, so a selector of thousands of pods costs linear time, not quadratic.
         """
-        per_rule: list[tuple[list[CidrRule], L4]] = []
-        for rule in self.rules_for(pod):
-            nets: list[CidrRule] = list(rule.to_cidrs)
-            for sel in rule.to_endpoints:
-                for other in self.pods:
-                    if sel.matches(other.selector_labels()):
-                        nets.extend(CidrRule(ipaddress.ip_network(ip)) for ip in other.ips)
-            if not rule.to_fqdns and not rule.to_endpoints and not rule.to_cidrs and rule.to_ports:
-                # Only ports: any destination on those ports (the DNS rule itself usually).
-                nets = [CidrRule(ipaddress.ip_network("0.0.0.0/0")), CidrRule(ipaddress.ip_network("::/0"))]
-            if nets:
-                per_rule.append((nets, rule.l4()))
-        prefixes = {n for nets, _ in per_rule for c in nets for n in (c.network, *c.excepts)}
-        entries = []
-        for prefix in sorted(prefixes, key=lambda n: (n.version, n.prefixlen, int(n.network_address))):
-            covering = [l4 for nets, l4 in per_rule
-                        if any(_within(prefix, c.network) and not any(_within(prefix, e) for e in c.excepts)
-                               for c in nets)]
-            entries.append(CidrEntry(prefix, L4.union(covering)))
+        key = (tuple(self.rules_for(pod)), self.endpoints.version)
+        entries = self._cidr_cache.get(key)
+        if entries is None:
+            if len(self._cidr_cache) > 256:  # entries of earlier index versions are stale anyway
+                self._cidr_cache.clear()
+            entries = self._cidr_cache[key] = _cidr_entries(key[0], self.endpoints)
         return entries
+
+
+def _cidr_entries(rules: tuple[EgressRule, ...], endpoints: EndpointIndex) -> list[CidrEntry]:
+    # Endpoint addresses stay strings here (hashing and building ipaddress objects is what
+    # would cost at thousands of peers); only CIDRs are networks.
+    per_rule: list[tuple[list[CidrRule], set[str], L4]] = []
+    for rule in rules:
+        nets: list[CidrRule] = list(rule.to_cidrs)
+        hosts: set[str] = set()
+        for sel in rule.to_endpoints:
+            hosts |= endpoints.addresses(sel)
+        if not rule.to_fqdns and not rule.to_endpoints and not rule.to_cidrs and rule.to_ports:
+            # Only ports: any destination on those ports (the DNS rule itself usually).
+            nets = [CidrRule(ipaddress.ip_network("0.0.0.0/0")), CidrRule(ipaddress.ip_network("::/0"))]
+        if nets or hosts:
+            per_rule.append((nets, hosts, rule.l4()))
+    networks = {n for nets, _, _ in per_rule for c in nets for n in (c.network, *c.excepts)}
+    # A /32 or /128 CIDR and an endpoint address of the same value are one entry.
+    host_networks = {str(n.network_address): n for n in networks if n.prefixlen == n.max_prefixlen}
+    addresses = set().union(*(hosts for _, hosts, _ in per_rule)) - host_networks.keys()
+    with_nets = [(nets, hosts, l4) for nets, hosts, l4 in per_rule if nets]
+    entries = []
+    for prefix in networks:
+        host = host_networks.get(str(prefix.network_address)) is prefix
+        covering = [l4 for nets, hosts, l4 in per_rule
+                    if (host and str(prefix.network_address) in hosts)
+                    or any(_within(prefix, c.network) and not any(_within(prefix, e) for e in c.excepts)
+                           for c in nets)]
+        entries.append(CidrEntry(prefix, L4.union(covering)))
+    for text in addresses:
+        net = _host_network(text)
+        addr = net.network_address
+        covering = [l4 for _, hosts, l4 in per_rule if text in hosts]
+        covering += [l4 for nets, hosts, l4 in with_nets if text not in hosts
+                     and any(addr in c.network and not any(addr in e for e in c.excepts) for c in nets)]
+        entries.append(CidrEntry(net, covering[0] if len(covering) == 1 else L4.union(covering)))
+    entries.sort(key=lambda e: (e.network.version, e.network.prefixlen, int(e.network.network_address)))
+    return entries
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _host_network(ip: str) -> IPNetwork:
+    return ipaddress.ip_network(ip)
 
 
 def _within(inner: IPNetwork, outer: IPNetwork) -> bool:

@@ -17,7 +17,7 @@ from dnsproxy.datapath import (DEFAULT_ADDRESS_LABEL, DEFAULT_NFT_TABLE, DEFAULT
 from dnsproxy.health import DEFAULT_HEALTH_PORT, HealthServer
 from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
 from dnsproxy.kube import KubeSource
-from dnsproxy.policy import CidrEntry, PolicySet, load_policy_dir
+from dnsproxy.policy import CidrEntry, EndpointIndex, PolicyError, PolicySet, load_pods, load_policy_dir
 from dnsproxy.redirect import (DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, DEFAULT_TPROXY_MARK, Redirect,
                                RedirectConfig, default_listen6, host_has_ipv6)
 from dnsproxy.server import DnsProxy, ProxyConfig, snapshot
@@ -44,8 +44,8 @@ def _listen6(args: argparse.Namespace, listen: tuple[str, int]) -> tuple[str, in
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", help="directory of CiliumNetworkPolicy/CiliumClusterwideNetworkPolicy YAML files (reloaded on change); with --kube, added to the API's policies")
-    p.add_argument("--pods", help="pods file (processors/k8sattributes static shape: pods: [{name, namespace, ips, labels}]); not with --kube")
-    p.add_argument("--kube", action="store_true", help="watch this node's pods ($NODE_NAME), namespaces and cilium.io/v2 policies in the Kubernetes API (in-cluster credentials)")
+    p.add_argument("--pods", help="pods file (processors/k8sattributes static shape: pods: [{name, namespace, ips, labels, node, service_account}], namespaces: [{name, labels}]); pods of another node than $NODE_NAME are toEndpoints peers only; not with --kube")
+    p.add_argument("--kube", action="store_true", help="watch pods (this node's, $NODE_NAME, are policed; every node's are toEndpoints peers), namespaces and cilium.io/v2 policies in the Kubernetes API (in-cluster credentials)")
     p.add_argument("--kubeconfig", help="with --kube (implied): a kubeconfig instead of the in-cluster credentials")
     p.add_argument("--health-listen", default=f"127.0.0.1:{DEFAULT_HEALTH_PORT}",
                    help=f"HOST:PORT of /healthz and /readyz (default 127.0.0.1:{DEFAULT_HEALTH_PORT}; empty: none)")
@@ -80,7 +80,9 @@ class Runner:
         # Set by stop and by every Kubernetes watch event: the loop acts on it at once.
         self._wake = threading.Event()
         # First, before the datapath compiles: credentials that cannot work stop the start.
-        self.kube = KubeSource.connect(args.kubeconfig, os.environ.get("NODE_NAME", ""),
+        # This node's name: its pods are policed, every other node's are toEndpoints peers.
+        self.node_name = os.environ.get("NODE_NAME", "")
+        self.kube = KubeSource.connect(args.kubeconfig, self.node_name,
                                        on_change=self._wake.set) if args.kube else None
         try:
             listen = _hostport(args.listen, 53)
@@ -111,7 +113,11 @@ class Runner:
         if args.health_listen:
             self.health = HealthServer(*_hostport(args.health_listen, DEFAULT_HEALTH_PORT),
                                        {"/healthz": self._liveness, "/readyz": self._readiness})
-        self._applied_policy: PolicySet | None = None
+        # What the maps were last written from: per policed address its mode and rules, and
+        # the endpoint index (object, version) its toEndpoints addresses came from.
+        self._applied_inputs: tuple[object, ...] | None = None
+        self._applied_cidrs: dict[str, list[CidrEntry]] | None = None
+        self._applied_modes: dict[str, int] | None = None
         self._applied_ifnames: list[str] | None = None
         self._next_status = 0.0
         self._unrouted: set[str] = set()
@@ -125,12 +131,18 @@ class Runner:
         """
         policy = self.proxy.policy
         mode = MODE_AUDIT if self.config.audit else MODE_ENFORCE
+        policed = policy.policed_pods()
+        # The LPM entries are a function of these: recomputed only when they change (a policy,
+        # a local pod, or an address a toEndpoints selector in use selects on any node).
+        endpoints = policy.endpoints
+        inputs = (endpoints, endpoints.version, [(pod.ips, policy.rules_for(pod)) for pod in policed])
+        recompute = inputs != self._applied_inputs
         modes: dict[str, int] = {}
         cidrs: dict[str, list[CidrEntry]] = {}
         ifindexes: set[int] = set()
         unrouted: set[str] = set()
-        for pod in policy.policed_pods():
-            entries = policy.cidr_entries(pod) if policy is not self._applied_policy else []
+        for pod in policed:
+            entries = policy.cidr_entries(pod) if recompute else []
             for ip in pod.ips:
                 modes[ip] = mode
                 cidrs[ip] = entries
@@ -143,10 +155,15 @@ class Runner:
                     ifindexes.add(index)
         self._unrouted = unrouted
         # Maps first, then filters: a newly attached program must find its pod's rules.
-        if policy is not self._applied_policy:
-            self.datapath.sync_endpoints(modes)
-            self.datapath.sync_cidrs(cidrs)
-            self._applied_policy = policy
+        if recompute:
+            if modes != self._applied_modes:
+                self.datapath.sync_endpoints(modes)
+                self._applied_modes = modes
+            if cidrs != self._applied_cidrs:
+                self.datapath.sync_cidrs(cidrs)
+                self._applied_cidrs = cidrs
+            endpoints.retain(policy.endpoint_selectors())  # selectors no policy uses any more
+            self._applied_inputs = inputs
         self.datapath.sync_attachments(ifindexes, sweep=self._first_sync)
         self._first_sync = False
         ifnames = sorted(self.datapath.attached.values())
@@ -166,7 +183,7 @@ class Runner:
         if snap == self._snapshot and kube_version == self._kube_version:
             return
         if self.kube is None:
-            self.proxy.reload()
+            self._reload_files()
             self._snapshot = snap
             return
         if not self.kube.synced:
@@ -181,15 +198,36 @@ class Runner:
         for err in errors:
             if err not in known:  # once per rejected version, not once per watch event
                 log.error("policy rejected: %s", err)
-        policy = PolicySet(policies, state.pods)
+        policy = PolicySet(policies, state.pods, node=self.kube.node_name, endpoints=state.endpoints)
         # Errors first: the handlers read only `policy`, one reference swapped atomically.
         self.proxy.policy_errors = errors
         self.proxy.policy = policy
         # Only now: if anything above failed, the next round tries again.
         self._snapshot, self._kube_version = snap, state.version
-        log.info("applied Kubernetes state %d: %d policies (%d rejected); %d of %d pods on %s policed",
-                 state.version, len(policies), len(errors), len(policy.policed_pods()), len(state.pods),
-                 self.kube.node_name)
+        log.info("applied Kubernetes state %d: %d policies (%d rejected); %d of %d pods on %s policed; "
+                 "%d pods in the cluster", state.version, len(policies), len(errors), len(policy.policed_pods()),
+                 len(state.pods), self.kube.node_name, self.kube.cluster_pods)
+
+    def _reload_files(self) -> None:
+        """--policies and --pods: read both again. The pods file may list every node's pods
+        (``node`` per pod): those of another node than $NODE_NAME are toEndpoints peers only."""
+        result = load_policy_dir(self.config.policies_dir)
+        for err in result.errors:
+            log.error("policy rejected: %s", err)
+        previous = self.proxy.policy
+        try:
+            pods = load_pods(self.config.pods_file)
+            endpoints = EndpointIndex(pods)
+        except PolicyError as exc:
+            log.error("%s; keeping the previous pods", exc)
+            pods, endpoints = previous.pods, previous.endpoints
+        policy = PolicySet(result.policies, pods, node=self.node_name, endpoints=endpoints)
+        # Errors first: the handlers read only `policy`, one reference swapped atomically.
+        self.proxy.policy_errors = result.errors
+        self.proxy.policy = policy
+        log.info("loaded %d policies (%d rejected); %d of %d pods on %s policed; %d peers on other nodes",
+                 len(result.policies), len(result.errors), len(policy.policed_pods()), len(policy.pods),
+                 self.node_name or "this node", len(endpoints) - len(policy.pods))
 
     def _wait_first_sync(self) -> None:
         """Block until every informer listed once: serving with half the policies would answer

@@ -9,6 +9,11 @@ reachable from the query name through CNAMEs are written into the pinned allow m
 then is the answer released, from the address the pod asked, so the pod's first packet to
 the address already finds it allowed.
 
+UDP queries are served by one event loop (dnsproxy/udp.py) that keeps every query waiting for
+its upstream in flight at once; TCP connections each get a thread. What a query costs in CPU
+is mostly dnspython reading messages, so what it read is kept per distinct message
+(dnsproxy/wire.py) and the policy's decision per (client, name) per policy view.
+
 Decisions and datapath drops are written as Hubble-shaped flows (one JSON per line, the file
 exporter's envelope) when a flow log is configured, and counted in :attr:`DnsProxy.stats`.
 """
@@ -28,14 +33,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import dns.exception
-import dns.flags
-import dns.message
 import dns.rcode
-import dns.rdatatype
 
 from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
-from dnsproxy.policy import L4, PolicyError, PolicySet, load_pods, load_policy_dir, normalize_name
+from dnsproxy.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
+from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
+# Re-exported: these lived here before dnsproxy/udp.py and dnsproxy/wire.py, and are imported from here.
+from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F401
+from dnsproxy.wire import (Answer, BoundedCache, Query, QuestionKey, answer_ips, header_only_formerr,  # noqa: F401
+                           parse_answer, parse_query)
 from flowtel.histogram import Histogram
 from flowtel.hubble import flow_to_dict
 from flowtel.records import DnsInfo, Endpoint, Flow, FlowType, TrafficDirection, Verdict
@@ -47,13 +54,6 @@ DROP_REASON = "POLICY_DENIED"
 
 class Learner(Protocol):
     def learn(self, pod_ips: list[str], dst_ips: list[str], ttl_s: int, grace_s: float, l4: L4) -> None: ...
-
-
-# Socket options Python's socket module does not name (linux/in.h, linux/in6.h).
-_SOL_IP, _SOL_IPV6 = 0, 41
-_IP_PKTINFO, _IP_TRANSPARENT, _IP_RECVORIGDSTADDR = 8, 19, 20
-_IPV6_RECVORIGDSTADDR, _IPV6_TRANSPARENT = 74, 75
-_ANCILLARY_SIZE = socket.CMSG_SPACE(28)  # one sockaddr_in6, the larger of the two
 
 
 @dataclass
@@ -70,7 +70,9 @@ class ProxyConfig:
     grace_s: float = 0.0
     audit: bool = False
     flow_log: str | None = None
-    udp_workers: int = 16  # each waits on upstream in turn; the GIL is released while waiting
+    # UDP queries waiting for their upstream at once (each holds a socket); beyond it the loop
+    # stops reading new queries until answers come back, and they wait in the socket's buffer.
+    max_in_flight: int = 4096
     node_name: str = field(default_factory=socket.gethostname)
 
 
@@ -93,27 +95,31 @@ class Stats:
     upstream_latency: Histogram = field(default_factory=lambda: Histogram(UPSTREAM_LATENCY_BOUNDS))
 
 
-def answer_ips(resp: dns.message.Message, qname: str) -> tuple[list[str], int, list[str]]:
-    """A/AAAA addresses of ``qname`` following CNAMEs in the answer section, the smallest TTL
-    along the chain (an address is only as fresh as the link that led to it), and the CNAMEs."""
-    cnames: dict[str, tuple[str, int]] = {}
-    addrs: dict[str, list[tuple[str, int]]] = {}
-    for rrset in resp.answer:
-        owner = normalize_name(rrset.name.to_text())
-        if rrset.rdtype == dns.rdatatype.CNAME:
-            cnames[owner] = (normalize_name(rrset[0].target.to_text()), rrset.ttl)
-        elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            addrs.setdefault(owner, []).extend((r.address, rrset.ttl) for r in rrset)
-    name, ttl, chain, seen = normalize_name(qname), None, [], set()
-    while name in cnames and name not in seen and len(seen) < 16:
-        seen.add(name)
-        name, cttl = cnames[name]
-        chain.append(name)
-        ttl = cttl if ttl is None else min(ttl, cttl)
-    ips = [ip for ip, _ in addrs.get(name, [])]
-    for _, t in addrs.get(name, []):
-        ttl = t if ttl is None else min(ttl, t)
-    return ips, ttl or 0, chain
+@dataclass(slots=True)
+class Forward:
+    """An allowed query on its way upstream: what its answer needs when it comes back."""
+
+    wire: bytes
+    query: Query
+    client_ip: str
+    tcp: bool
+    orig_dst: tuple[str, int] | None
+    target: tuple[str, int]
+    pod: Pod | None
+    policed: bool
+    allowed: bool  # False: not allowed, forwarded because of --audit
+    l4: L4 | None  # ports the answer's addresses open (None: no toFQDNs rule matches the name)
+    started_ns: int
+    asked_ns: int = 0  # when it left for the upstream
+
+
+Decision = tuple[Pod | None, bool, bool, L4 | None]  # pod, policed, allowed, ports learned addresses open
+# Decisions kept per policy view; a view is replaced as a whole on every reload, which drops them.
+DECISION_CACHE_ENTRIES = 4096
+# Failures of a reachable upstream (timeouts, errors) are logged at most this often (seconds),
+# with the number left unlogged: an upstream that stops answering at thousands of queries per
+# second must not turn the proxy's CPU into log lines. Every failure is counted either way.
+FAILURE_LOG_INTERVAL_S = 5.0
 
 
 class DnsProxy:
@@ -122,18 +128,22 @@ class DnsProxy:
         self.learner = learner
         self.stats = Stats()
         self._lock = threading.Lock()
-        self._stats_lock = threading.Lock()  # handlers run on many threads; `+=` is not atomic
+        self._stats_lock = threading.Lock()  # the UDP loop and the TCP handlers both count; `+=` is not atomic
         self.policy = PolicySet([], [])
         self.policy_errors: list[str] = []
+        self._decisions: tuple[PolicySet | None, BoundedCache[tuple[str, QuestionKey], Decision]] = (
+            None, BoundedCache(DECISION_CACHE_ENTRIES))
         self._log_lock = threading.Lock()
         self._flow_log = open(config.flow_log, "a", buffering=1) if config.flow_log else None
         self._servers: list[socketserver.BaseServer] = []
-        self._udp: list[socket.socket] = []
+        self._udp_loop: UdpLoop | None = None
         # The proxy's own addresses: a query to one of them was not redirected, and forwarding it
         # to its destination would loop back here.
         self._own = {ipaddress.ip_address(a[0]) for a in (config.listen, config.listen6) if a}
-        self._stopping = threading.Event()
+        self._own_text: dict[str, bool] = {}  # address as the socket reported it -> in _own
         self._threads: list[threading.Thread] = []
+        self._failure_log_next = 0.0
+        self._failures_unlogged = 0
 
     # -- policy ------------------------------------------------------------------------------
 
@@ -155,70 +165,126 @@ class DnsProxy:
         return policy
 
     # -- queries -----------------------------------------------------------------------------
+    #
+    # A query goes through three steps, so that the UDP event loop (dnsproxy/udp.py) can wait
+    # for many upstream answers at once while TCP handlers and tests call :meth:`handle`:
+    # :meth:`begin` decides (an immediate answer, or a :class:`Forward`), the upstream is asked,
+    # then :meth:`finish` (learn, count, release) or :meth:`fail` (SERVFAIL) gives the answer.
 
     def handle(self, wire: bytes, client_ip: str, tcp: bool,
                orig_dst: tuple[str, int] | None = None) -> bytes | None:
-        """The answer to send back to the pod for one query message (None: send nothing).
+        """The answer to send back to the pod for one query message (None: send nothing),
+        waiting for the upstream on this thread.
 
         ``orig_dst`` is the address and port the pod sent the query to (the resolver it asked)."""
+        step = self.begin(wire, client_ip, tcp, orig_dst)
+        if not isinstance(step, Forward):
+            return step
+        step.asked_ns = time.monotonic_ns()
+        try:
+            upstream_wire, answer = self._exchange(step)
+        except (OSError, dns.exception.DNSException) as exc:
+            return self.fail(step, exc)
+        return self.finish(step, upstream_wire, answer)
+
+    def begin(self, wire: bytes, client_ip: str, tcp: bool,
+              orig_dst: tuple[str, int] | None = None) -> bytes | None | Forward:
+        """Decide a query: the answer to send at once (FORMERR, REFUSED/NXDOMAIN, SERVFAIL when
+        there is nowhere to forward; None: nothing to answer), or the :class:`Forward` to send."""
         started = time.monotonic_ns()
         try:
-            query = dns.message.from_wire(wire)
+            query = parse_query(wire)
         except dns.exception.DNSException:
             self._count(malformed=1)
-            if len(wire) >= 12:
-                # Enough for a header: FORMERR, as a resolver would, so the client does not wait.
-                (qid,) = struct.unpack("!H", wire[:2])
-                return struct.pack("!HHHHHH", qid, 0x8000 | dns.rcode.FORMERR, 0, 0, 0, 0)
-            return None
-        if not query.question:
-            return _rcode_response(query, dns.rcode.FORMERR)
-        qname = query.question[0].name.to_text()
-        qtype = dns.rdatatype.to_text(query.question[0].rdtype)
-        with self._lock:
-            policy = self.policy
-        pod = policy.pod_by_ip(client_ip)
-        policed = pod is not None and policy.is_policed(pod)
-        allowed = not policed or policy.dns_allowed(pod, qname)  # type: ignore[arg-type]
+            return header_only_formerr(wire)  # as a resolver would, so the client does not wait
+        if query.question is None:
+            return query.rcode_response(wire[:2], dns.rcode.FORMERR)
+        pod, policed, allowed, l4 = self._decide(client_ip, query.question)
         if not allowed and not self.config.audit:
             self._count(refused=1)
             self._decided("refused", tcp)
-            resp = _rcode_response(query, self.config.refuse_rcode)
-            self._dns_flow(client_ip, qname, qtype, resp, Verdict.DROPPED, 0, orig_dst)
-            return resp
+            self._dns_flow(client_ip, query, self.config.refuse_rcode, (), 0, (), Verdict.DROPPED, 0, orig_dst)
+            return query.rcode_response(wire[:2], self.config.refuse_rcode)
         self._decided("allowed" if allowed else "audit", tcp)
         target = self._target(orig_dst)
         if target is None:
             self._count(upstream_errors=1)
             self._upstream_failed("no_upstream")
             log.warning("no upstream for %s from %s: it was sent to the proxy's own address %s, not redirected; "
-                        "set --upstream to answer such queries", qname, client_ip, orig_dst[0] if orig_dst else "?")
-            return _rcode_response(query, dns.rcode.SERVFAIL)
-        asked = time.monotonic_ns()
-        try:
-            upstream_wire = self._forward(wire, tcp, target)
-            resp = dns.message.from_wire(upstream_wire)
-        except (OSError, dns.exception.DNSException) as exc:
-            self._count(upstream_errors=1)
-            self._upstream_failed(_error_kind(exc))
-            log.warning("upstream %s:%d failed for %s from %s: %s", *target, qname, client_ip, exc)
-            return _rcode_response(query, dns.rcode.SERVFAIL)
-        upstream_ns = time.monotonic_ns() - asked
-        if policed and self.learner is not None:
-            l4 = policy.fqdn_l4(pod, qname)  # type: ignore[arg-type]
-            ips, ttl, _ = answer_ips(resp, qname)
-            if l4 is not None and ips:
-                # Before the answer leaves: the pod's first SYN must find its address allowed.
-                self.learner.learn(list(pod.ips), ips, max(ttl, self.config.min_ttl_s),  # type: ignore[union-attr]
-                                   self.config.grace_s, l4)
-                self._count(learned_ips=len(ips))
-        added = time.monotonic_ns() - started
-        self._count(allowed=1, latency_ns_sum=added, latency_count=1)
-        self.stats.upstream_latency.observe(upstream_ns / 1e9)
-        self.stats.added_latency.observe((added - upstream_ns) / 1e9)
-        self._dns_flow(client_ip, qname, qtype, upstream_wire,
-                       Verdict.AUDIT if not allowed else Verdict.FORWARDED, added, orig_dst)
+                        "set --upstream to answer such queries", query.qname, client_ip, orig_dst[0] if orig_dst else "?")
+            return query.rcode_response(wire[:2], dns.rcode.SERVFAIL)
+        return Forward(wire, query, client_ip, tcp, orig_dst, target, pod, policed, allowed, l4, started)
+
+    def match(self, fwd: Forward, upstream_wire: bytes) -> Answer | None:
+        """The upstream's answer to ``fwd`` read from ``upstream_wire``, or None if the datagram
+        answers something else (another ID or question: stray or spoofed, to be ignored).
+        ``dns.exception.DNSException`` if it is not DNS at all."""
+        if upstream_wire[:2] != fwd.wire[:2]:
+            return None
+        answer = parse_answer(upstream_wire)
+        return answer if answer.answers(fwd.query) else None
+
+    def finish(self, fwd: Forward, upstream_wire: bytes, answer: Answer) -> bytes:
+        """The upstream answered: learn its addresses for the pod, then release it."""
+        upstream_ns = time.monotonic_ns() - fwd.asked_ns
+        if fwd.policed and self.learner is not None and fwd.l4 is not None and answer.ips:
+            # Before the answer leaves: the pod's first SYN must find its address allowed.
+            self.learner.learn(list(fwd.pod.ips), list(answer.ips),  # type: ignore[union-attr]
+                               max(answer.ttl, self.config.min_ttl_s), self.config.grace_s, fwd.l4)
+            self._count(learned_ips=len(answer.ips))
+        added = time.monotonic_ns() - fwd.started_ns
+        st = self.stats
+        with self._stats_lock:
+            st.allowed += 1
+            st.latency_ns_sum += added
+            st.latency_count += 1
+        st.upstream_latency.observe(upstream_ns / 1e9)
+        st.added_latency.observe((added - upstream_ns) / 1e9)
+        self._dns_flow(fwd.client_ip, fwd.query, answer.rcode, answer.ips, answer.ttl, answer.cnames,
+                       Verdict.FORWARDED if fwd.allowed else Verdict.AUDIT, added, fwd.orig_dst)
         return upstream_wire
+
+    def fail(self, fwd: Forward, exc: BaseException) -> bytes:
+        """The upstream did not answer usably: SERVFAIL, counted by kind."""
+        self._count(upstream_errors=1)
+        self._upstream_failed(_error_kind(exc))
+        self._log_failure("upstream %s:%d failed for %s from %s: %s", *fwd.target, fwd.query.qname, fwd.client_ip,
+                          str(exc) or type(exc).__name__)
+        return fwd.query.rcode_response(fwd.wire[:2], dns.rcode.SERVFAIL)
+
+    def _decide(self, client_ip: str, question: QuestionKey) -> Decision:
+        """Policy for (client, name), computed once per policy view: a pod asks the same names
+        again and again, and the view is immutable until the next reload swaps it."""
+        policy = self.policy  # one reference, swapped atomically by reloads
+        view, cache = self._decisions
+        if view is not policy:
+            cache = BoundedCache(DECISION_CACHE_ENTRIES)
+            self._decisions = (policy, cache)
+        key = (client_ip, question)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        qname = question[0]
+        pod = policy.pod_by_ip(client_ip)
+        policed = pod is not None and policy.is_policed(pod)
+        allowed = not policed or policy.dns_allowed(pod, qname)  # type: ignore[arg-type]
+        l4 = policy.fqdn_l4(pod, qname) if policed else None  # type: ignore[arg-type]
+        decision = (pod, policed, allowed, l4)
+        cache.put(key, decision)
+        return decision
+
+    def _log_failure(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._stats_lock:
+            if now < self._failure_log_next:
+                self._failures_unlogged += 1
+                return
+            unlogged, self._failures_unlogged = self._failures_unlogged, 0
+            self._failure_log_next = now + FAILURE_LOG_INTERVAL_S
+        if unlogged:
+            fmt += " (and %d more failures since the previous such line)"
+            args = (*args, unlogged)
+        log.warning(fmt, *args)
 
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
@@ -245,28 +311,41 @@ class DnsProxy:
         is the proxy itself (a query sent to the proxy directly; forwarding it would loop)."""
         if self.config.upstream is not None:
             return self.config.upstream
-        if orig_dst is None or ipaddress.ip_address(orig_dst[0]) in self._own:
+        if orig_dst is None:
             return None
-        return orig_dst
+        own = self._own_text.get(orig_dst[0])
+        if own is None:  # parsed once per address: any spelling of an IPv6 address is the same address
+            own = ipaddress.ip_address(orig_dst[0]) in self._own
+            if len(self._own_text) < 1024:
+                self._own_text[orig_dst[0]] = own
+        return None if own else orig_dst
 
-    def _forward(self, wire: bytes, tcp: bool, target: tuple[str, int]) -> bytes:
-        host, port = target
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if tcp:
-            with socket.create_connection((host, port), timeout=self.config.upstream_timeout_s) as s:
+    def _exchange(self, fwd: Forward) -> tuple[bytes, Answer]:
+        """Ask the upstream and wait for its answer on this thread (TCP handlers, tests)."""
+        host, port = fwd.target
+        wire, timeout = fwd.wire, self.config.upstream_timeout_s
+        if fwd.tcp:
+            with socket.create_connection((host, port), timeout=timeout) as s:
                 s.sendall(struct.pack("!H", len(wire)) + wire)
-                (n,) = struct.unpack("!H", _recv_exact(s, 2))
-                return _recv_exact(s, n)
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.settimeout(self.config.upstream_timeout_s)
-            s.connect((host, port))
+                try:
+                    (n,) = struct.unpack("!H", _recv_exact(s, 2))
+                    data = _recv_exact(s, n)
+                except EOFError as exc:  # a network failure (SERVFAIL), not the pod's connection ending
+                    raise ConnectionResetError("the upstream closed the connection before answering") from exc
+            answer = self.match(fwd, data)
+            if answer is None:  # one exchange per connection: anything else is a broken upstream
+                raise dns.exception.FormError("the upstream's answer does not match the query")
+            return data, answer
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            s.connect((host, port))  # a connected socket takes datagrams from the upstream only
             s.send(wire)
-            deadline = time.monotonic() + self.config.upstream_timeout_s
+            deadline = time.monotonic() + timeout
             while True:
                 data = s.recv(65535)
-                # Only the answer to this query: same id (a connected socket filters the peer).
-                if data[:2] == wire[:2]:
-                    return data
+                answer = self.match(fwd, data)
+                if answer is not None:
+                    return data, answer
                 if time.monotonic() > deadline:
                     raise TimeoutError("no matching answer")
 
@@ -287,12 +366,11 @@ class DnsProxy:
         return Endpoint(namespace=pod.namespace, pod_name=pod.name,
                         labels=[f"k8s:{k}={v}" for k, v in sorted(pod.labels.items())])
 
-    def _dns_flow(self, client_ip: str, qname: str, qtype: str, resp: bytes, verdict: Verdict,
-                  latency_ns: int, orig_dst: tuple[str, int] | None = None) -> None:
+    def _dns_flow(self, client_ip: str, query: Query, rcode: int, ips: tuple[str, ...], ttl: int,
+                  cnames: tuple[str, ...], verdict: Verdict, latency_ns: int,
+                  orig_dst: tuple[str, int] | None = None) -> None:
         if self._flow_log is None:
             return
-        msg = dns.message.from_wire(resp)
-        ips, ttl, cnames = answer_ips(msg, qname)
         # The answer's source as the pod sees it: the resolver it asked.
         listen_ip = orig_dst[0] if orig_dst else (
             self.config.listen6[0] if self.config.listen6 and ":" in client_ip else self.config.listen[0])
@@ -301,8 +379,8 @@ class DnsProxy:
             ip_version=ipaddress.ip_address(client_ip).version, src_ip=listen_ip, dst_ip=client_ip,
             protocol=17, src_port=53, flow_type=FlowType.L7, traffic_direction=TrafficDirection.EGRESS,
             is_reply=True, drop_reason=DROP_REASON if verdict == Verdict.DROPPED else "",
-            l7=DnsInfo(query=qname, qtypes=[qtype], rcode=msg.rcode(), ips=ips, ttl=ttl, cnames=cnames,
-                       observation_source="proxy"),
+            l7=DnsInfo(query=query.qname, qtypes=[query.qtype], rcode=rcode, ips=list(ips), ttl=ttl,
+                       cnames=list(cnames), observation_source="proxy"),
             l7_type="RESPONSE", latency_ns=latency_ns, destination=self._endpoint(client_ip),
             extensions={"dnsproxy": True}))
 
@@ -321,7 +399,7 @@ class DnsProxy:
     # -- serving -----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Start the UDP and TCP listeners (IPv4, and IPv6 when configured) on their own threads.
+        """Start the listeners: one event loop for UDP (both families), a thread per TCP connection.
 
         Every socket is transparent (IP_TRANSPARENT / IPV6_TRANSPARENT): the redirect hands it
         packets addressed to other hosts (the resolvers pods asked), and it answers from those
@@ -351,9 +429,10 @@ class DnsProxy:
             allow_reuse_address = True
 
             def server_bind(self) -> None:
-                _make_transparent(self.socket)
+                make_transparent(self.socket)
                 super().server_bind()
 
+        udp: list[tuple[socket.socket, tuple[str, int]]] = []
         for host, port in listens:
             v6 = ":" in host
             family = socket.AF_INET6 if v6 else socket.AF_INET
@@ -362,84 +441,28 @@ class DnsProxy:
             t = threading.Thread(target=server.serve_forever, name=f"dnsproxy-tcp{'6' if v6 else ''}", daemon=True)
             t.start()
             self._threads.append(t)
-            # UDP: a fixed pool of workers on each socket, not a thread per datagram (measured
-            # with dnsproxy/bench.py: thread creation dominated the cost of a query).
-            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            _make_transparent(sock)
-            # The destination each datagram had before the redirect: the resolver the pod asked.
-            if v6:
-                sock.setsockopt(_SOL_IPV6, _IPV6_RECVORIGDSTADDR, 1)
-            else:
-                sock.setsockopt(_SOL_IP, _IP_RECVORIGDSTADDR, 1)
-            sock.bind((host, port))
-            sock.settimeout(0.5)  # so workers notice shutdown
-            self._udp.append(sock)
-            for i in range(self.config.udp_workers):
-                t = threading.Thread(target=self._udp_worker, args=(sock, (host, port)),
-                                     name=f"dnsproxy-udp{'6' if v6 else ''}-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
+            sock = udp_listen_socket(host, port)
+            udp.append((sock, (host, port)))
+        self._udp_loop = UdpLoop(self, udp, self.config.upstream_timeout_s, self.config.max_in_flight)
+        t = threading.Thread(target=self._udp_loop.run, name="dnsproxy-udp", daemon=True)
+        t.start()
+        self._threads.append(t)
         upstream = "%s:%d" % self.config.upstream if self.config.upstream else "the resolver each query was sent to"
         log.info("DNS proxy listening on %s (UDP, TCP), forwarding to %s",
                  ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listens), upstream)
 
-    def _udp_worker(self, sock: socket.socket, bound: tuple[str, int]) -> None:
-        v6 = sock.family == socket.AF_INET6
-        while not self._stopping.is_set():
-            try:
-                data, ancdata, _flags, peer = sock.recvmsg(65535, _ANCILLARY_SIZE)
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # socket closed at shutdown
-            try:
-                orig = _orig_dst(ancdata) or bound
-                resp = self.handle(data, peer[0], tcp=False, orig_dst=orig)
-                if resp is not None:
-                    # From the address the pod asked, or it would discard the answer.
-                    sock.sendmsg([resp], [_pktinfo(orig[0], v6)], 0, peer)
-            except Exception:  # one bad exchange must not take a worker away
-                log.exception("handling a UDP query from %s", peer[0])
-
     def shutdown(self) -> None:
-        self._stopping.set()
+        if self._udp_loop is not None:
+            self._udp_loop.stop()
         for t in self._threads:
-            if t.name.startswith("dnsproxy-udp"):
+            if t.name == "dnsproxy-udp":
                 t.join(2)
-        for sock in self._udp:
-            sock.close()
         for s in self._servers:
             s.shutdown()
             s.server_close()
         if self._flow_log is not None:
-            self._flow_log.close()
-
-
-def _make_transparent(sock: socket.socket) -> None:
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(_SOL_IPV6, _IPV6_TRANSPARENT, 1)
-        sock.setsockopt(_SOL_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
-    else:
-        sock.setsockopt(_SOL_IP, _IP_TRANSPARENT, 1)
-
-
-def _orig_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
-    """(address, port) from an IP_ORIGDSTADDR / IPV6_ORIGDSTADDR message (a sockaddr_in[6])."""
-    for level, kind, data in ancdata:
-        if level == _SOL_IP and kind == _IP_RECVORIGDSTADDR and len(data) >= 8:
-            return socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack("!H", data[2:4])[0]
-        if level == _SOL_IPV6 and kind == _IPV6_RECVORIGDSTADDR and len(data) >= 24:
-            return socket.inet_ntop(socket.AF_INET6, data[8:24]), struct.unpack("!H", data[2:4])[0]
-    return None
-
-
-def _pktinfo(src: str, v6: bool) -> tuple[int, int, bytes]:
-    """Ancillary data choosing a datagram's source address (in_pktinfo / in6_pktinfo, any interface)."""
-    if v6:
-        return _SOL_IPV6, socket.IPV6_PKTINFO, socket.inet_pton(socket.AF_INET6, src) + struct.pack("=I", 0)
-    return _SOL_IP, _IP_PKTINFO, struct.pack("=I", 0) + socket.inet_pton(socket.AF_INET, src) + bytes(4)
+            with self._log_lock:
+                self._flow_log.close()
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -449,12 +472,6 @@ def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "network"
     return "malformed"
-
-
-def _rcode_response(query: dns.message.Message, rcode: int) -> bytes:
-    resp = dns.message.make_response(query)
-    resp.set_rcode(rcode)
-    return resp.to_wire()
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:

@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from dnsproxy.kube import NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL, KubeOptions, KubeSource, KubeState
-from dnsproxy.policy import PolicySet
+from dnsproxy.kube import KubeOptions, KubeSource, KubeState
+from dnsproxy.policy import NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL, PolicySet
 from flowtel.errors import StartError
 from tests.kubeapi import FakeApiServer
 from tests.kubeapi import objects as o
@@ -54,20 +54,24 @@ def wait(cond: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
 
 
 def policed(state: KubeState) -> list[str]:
-    return [p.key for p in PolicySet(state.policies, state.pods).policed_pods()]
+    return [p.key for p in PolicySet(state.policies, state.pods, node=NODE, endpoints=state.endpoints).policed_pods()]
 
 
 def test_pods_of_this_node_with_cilium_labels(source: tuple[KubeSource, threading.Event], api: FakeApiServer) -> None:
     src, _ = source
     state = src.state()
-    # Only this node's pods (the field selector was sent), not hostNetwork or finished ones.
+    # This node's pods (not hostNetwork or finished ones) are the policed candidates; every
+    # node's pods are listed (one cluster-wide informer) and indexed as toEndpoints peers.
     assert [p.key for p in state.pods] == ["default/client"]
-    assert state.pods[0].ips == ("10.1.0.1",)
+    assert state.pods[0].ips == ("10.1.0.1",) and state.pods[0].node == NODE
     labels = state.pods[0].labels
     assert labels["app"] == "client" and labels[NAMESPACE_LABELS_PREFIX + "team"] == "blue"
     assert labels[SERVICE_ACCOUNT_LABEL] == "default"
     pod_lists = [r for r in api.requests if r.path == "/api/v1/pods"]
-    assert pod_lists and all(r.query.get("fieldSelector") == f"spec.nodeName={NODE}" for r in pod_lists)
+    assert pod_lists and all("fieldSelector" not in r.query for r in pod_lists)
+    assert len(state.endpoints) == 2 and src.cluster_pods == 2  # client and other-node
+    counts = src.counters()
+    assert (counts["cluster_pods"], counts["local_pods"], counts["identities"]) == (2, 1, 1)  # same labels
     # A namespace label change reaches the pod's labels (a namespace selector follows it).
     api.patch("namespaces", "default", lambda n: n["metadata"]["labels"].update(team="red"), namespace="")
     wait(lambda: src.state().pods[0].labels[NAMESPACE_LABELS_PREFIX + "team"] == "red", "namespace relabel")
@@ -83,7 +87,7 @@ def test_policies_follow_the_api(source: tuple[KubeSource, threading.Event], api
     wait(lambda: len(src.state().errors) == 1 and policed(src.state()) == ["default/client"], "policy applied")
     (error,) = src.state().errors
     assert "default/broken-policy" in error and "toEntities" in error
-    policy = PolicySet(src.state().policies, src.state().pods)
+    policy = PolicySet(src.state().policies, src.state().pods, node=NODE, endpoints=src.state().endpoints)
     client = policy.pod_by_ip("10.1.0.1")
     assert client is not None and policy.fqdn_l4(client, "api.allowed.test") is not None
     assert policy.fqdn_l4(client, "api.blocked.test") is None
@@ -158,3 +162,43 @@ def test_pods_come_from_one_source_and_kube_needs_the_node_name(monkeypatch: pyt
     monkeypatch.delenv("NODE_NAME", raising=False)
     args = build_parser().parse_args(["dnsproxy", "--kubeconfig", "kc.yaml", "--policies", "dir"])
     assert main(args) == 2 and "NODE_NAME" in capsys.readouterr().err and args.kube is True
+
+
+def test_peers_on_other_nodes_resolve_to_endpoints_and_follow_the_api(
+        source: tuple[KubeSource, threading.Event], api: FakeApiServer) -> None:
+    """toEndpoints selects pods of every node: a peer appearing, relabelled, moving address,
+    in a relabelled namespace or deleted changes the addresses at once, and wakes the proxy;
+    a change no selector in use sees does not."""
+    src, changed = source
+    api.create("namespaces", o.namespace("data", labels={"tier": "storage"}))
+    api.create("ciliumnetworkpolicies", o.cilium_network_policy("client-egress", spec={
+        "endpointSelector": {"matchLabels": {"app": "client"}},
+        "egress": [{"toEndpoints": [{"matchLabels": {"io.kubernetes.pod.namespace": "data",
+                                                     NAMESPACE_LABELS_PREFIX + "tier": "storage", "app": "db"}}]}]}))
+    api.create("pods", o.pod("db-0", "data", ip="10.2.0.1", node="node-2", labels={"app": "db"}))
+    api.create("pods", o.pod("db-host", "data", ip="192.0.2.20", node="node-3", labels={"app": "db"},
+                             host_network=True))  # the node's identity in Cilium, not a pod's
+
+    def addresses() -> set[str] | None:
+        state = src.state()
+        ps = PolicySet(state.policies, state.pods, node=NODE, endpoints=state.endpoints)
+        policed = ps.policed_pods()
+        return {str(e.network) for e in ps.cidr_entries(policed[0])} if policed else None
+
+    wait(lambda: addresses() == {"10.2.0.1/32"}, "peer on another node selected")
+    changed.clear()
+    api.create("pods", o.pod("web", "data", ip="10.2.0.9", node="node-2", labels={"app": "web"}))
+    api.wait_for_watch("pods")
+    wait(lambda: src.cluster_pods == 4, "unselected peer indexed")
+    assert not changed.is_set(), "a peer no selector selects woke the proxy"
+    api.patch("pods", "db-0", lambda p: p["status"].update(podIP="10.2.0.2", podIPs=[{"ip": "10.2.0.2"}]),
+              namespace="data")
+    wait(lambda: addresses() == {"10.2.0.2/32"} and changed.is_set(), "peer address moved")
+    api.patch("pods", "web", lambda p: p["metadata"]["labels"].update(app="db"), namespace="data")
+    wait(lambda: addresses() == {"10.2.0.2/32", "10.2.0.9/32"}, "peer relabelled into the selector")
+    api.patch("namespaces", "data", lambda n: n["metadata"]["labels"].update(tier="cold"), namespace="")
+    wait(lambda: addresses() == set(), "namespace relabelled out of the selector")
+    api.patch("namespaces", "data", lambda n: n["metadata"]["labels"].update(tier="storage"), namespace="")
+    wait(lambda: addresses() == {"10.2.0.2/32", "10.2.0.9/32"}, "namespace relabelled back")
+    api.delete("pods", "db-0", namespace="data")
+    wait(lambda: addresses() == {"10.2.0.9/32"}, "peer deleted")

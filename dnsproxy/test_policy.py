@@ -197,3 +197,107 @@ def test_proxy_refuses_denied_names_without_asking_upstream(tmp_path: Path) -> N
         assert dns.message.from_wire(proxy.handle(allowed, "10.0.0.1", tcp=False) or b"").rcode() == dns.rcode.SERVFAIL
         assert proxy.stats.upstream_errors == 1
     assert ipaddress.ip_address("10.0.0.1")  # the pods file address parsed as an address
+
+
+# -- peers: toEndpoints across nodes -------------------------------------------------------
+
+def _peer_set(node: str = "node-1") -> tuple[PolicySet, list[Pod]]:
+    pods = [
+        Pod("client", "shop", {"app": "client"}, ("10.0.0.1",), "node-1"),
+        Pod("db-0", "shop", {"app": "db"}, ("10.0.1.4", "fd00::4"), "node-2"),  # another node
+        Pod("db-1", "shop", {"app": "db"}, ("10.0.0.5",), "node-1"),
+        Pod("db-x", "other", {"app": "db"}, ("10.0.2.6",), "node-2"),  # another namespace
+        Pod("client", "shop-b", {"app": "client"}, ("10.0.2.7",), "node-2"),  # would be selected, is a peer
+    ]
+    policy = parse_policy(_cnp("p", {"endpointSelector": {"matchLabels": {"app": "client"}},
+                                     "egress": [{"toEndpoints": [{"matchLabels": {"app": "db"}}]}]},
+                               kind="CiliumClusterwideNetworkPolicy"), "t")
+    return PolicySet([policy], pods, node=node), pods
+
+
+def test_to_endpoints_selects_peers_on_other_nodes_but_only_this_nodes_pods_are_policed() -> None:
+    ps, pods = _peer_set()
+    assert [p.key for p in ps.policed_pods()] == ["shop/client"]  # shop-b/client runs on node-2
+    assert ps.pod_by_ip("10.0.1.4") is None  # a peer is no pod of this node (no DNS policy for it)
+    entries = {str(e.network): e.l4 for e in ps.cidr_entries(pods[0])}
+    # Clusterwide policy: db pods of every namespace and node, IPv4 and IPv6.
+    assert entries == {"10.0.0.5/32": ALL_PORTS, "10.0.1.4/32": ALL_PORTS, "10.0.2.6/32": ALL_PORTS,
+                       "fd00::4/128": ALL_PORTS}
+    # A proxy that names no node (or pods without a node) treats every pod as its own.
+    assert len(PolicySet(ps.policies, pods).policed_pods()) == 2
+
+
+def test_endpoint_index_follows_peers_one_pod_at_a_time() -> None:
+    ps, pods = _peer_set()
+    index = ps.endpoints
+    (sel,) = ps.endpoint_selectors()
+    assert index.addresses(sel) == {"10.0.0.5", "10.0.1.4", "fd00::4", "10.0.2.6"}
+    v = index.version
+    # A peer not selected changes: nothing a selector in use selects moved.
+    index.upsert("x/web", Pod("web", "x", {"app": "web"}, ("10.9.0.1",)).identity(), ("10.9.0.1",))
+    assert index.version == v
+    # Relabelled into the selector, then out; its address moves; deleted.
+    index.upsert("x/web", Pod("web", "x", {"app": "db"}, ()).identity(), ("10.9.0.1",))
+    assert "10.9.0.1" in index.addresses(sel) and index.version > v
+    v = index.version
+    index.upsert("x/web", Pod("web", "x", {"app": "db"}, ()).identity(), ("10.9.0.2",))
+    assert {"10.9.0.2"} <= index.addresses(sel) and "10.9.0.1" not in index.addresses(sel) and index.version > v
+    index.upsert("x/web", Pod("web", "x", {"app": "web"}, ()).identity(), ("10.9.0.2",))
+    assert "10.9.0.2" not in index.addresses(sel)
+    index.upsert("shop/db-1", pods[2].identity(), ())  # lost its address (e.g. restarting)
+    assert "10.0.0.5" not in index.addresses(sel)
+    v = index.version
+    index.remove("shop/db-0")
+    assert index.addresses(sel) == {"10.0.2.6"} and index.version > v
+    # Replicas share one identity; an address two pods hold stays until both let it go.
+    index.upsert("shop/db-2", pods[1].identity(), ("10.0.2.6",))
+    index.remove("other/db-x")
+    assert index.addresses(sel) == {"10.0.2.6"}
+    # shop/app=client, shop-b/app=client, x/app=web and one for shop's db replicas (db-1, db-2).
+    assert index.identities() == 4 and len(index) == 5
+    # A selector no policy uses any more is forgotten; asking again re-resolves it.
+    index.retain(set())
+    v = index.version
+    index.remove("shop/db-2")
+    assert index.version == v  # no selector in use: no recompute wanted
+    assert index.addresses(sel) == set()
+
+
+def test_namespace_labels_and_nodes_from_the_pods_file(tmp_path: Path) -> None:
+    import yaml
+
+    from dnsproxy.policy import NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL, load_pods
+
+    (tmp_path / "pods.yaml").write_text(yaml.safe_dump({
+        "namespaces": [{"name": "data", "labels": {"team": "storage"}}],
+        "pods": [{"name": "client", "namespace": "shop", "ips": ["10.0.0.1"], "labels": {"app": "client"},
+                  "node": "node-1"},
+                 {"name": "db-0", "namespace": "data", "ips": ["10.0.1.4"], "labels": {"app": "db"},
+                  "node": "node-2", "service_account": "db"}]}))
+    pods = load_pods(tmp_path / "pods.yaml")
+    assert pods[1].node == "node-2" and pods[1].labels[NAMESPACE_LABELS_PREFIX + "team"] == "storage"
+    assert pods[1].labels[SERVICE_ACCOUNT_LABEL] == "db" and pods[0].labels[SERVICE_ACCOUNT_LABEL] == "default"
+    policy = parse_policy(_cnp("p", {"endpointSelector": {}, "egress": [{"toEndpoints": [{"matchLabels": {
+        "k8s:io.kubernetes.pod.namespace": "data", f"{NAMESPACE_LABELS_PREFIX}team": "storage",
+        SERVICE_ACCOUNT_LABEL: "db"}}]}]}), "t")
+    ps = PolicySet([policy], pods, node="node-1")
+    assert [p.key for p in ps.policed_pods()] == ["shop/client"]
+    assert [str(e.network) for e in ps.cidr_entries(ps.pods[0])] == ["10.0.1.4/32"]
+    (tmp_path / "bad.yaml").write_text("pods: [{name: a, labels: [x]}]")
+    with pytest.raises(PolicyError, match=r"pods\[0\]\.labels: expected a mapping"):
+        load_pods(tmp_path / "bad.yaml")
+
+
+def test_endpoint_addresses_merge_with_cidrs_of_the_same_prefix() -> None:
+    ps, pods = _set({"endpointSelector": {"matchLabels": {"app": "client"}}, "egress": [
+        {"toEndpoints": [{"matchLabels": {"app": "db"}}], "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]},
+        {"toCIDRSet": [{"cidr": "10.0.0.0/24", "except": ["10.0.0.4/32"]}],
+         "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]},
+        {"toCIDR": ["10.0.0.53/32"], "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]},
+    ]})
+    entries = [(str(e.network), e.l4) for e in ps.cidr_entries(pods["client"])]
+    # The db pod's address is the except hole of one rule and an endpoint of another: one
+    # entry, allowed on the endpoint rule's port only; a pod inside the CIDR gets no entry of its own.
+    assert entries == [("10.0.0.0/24", L4(False, (PortRange(80, 80, 6),))),
+                       ("10.0.0.4/32", L4(False, (PortRange(5432, 5432, 6),))),
+                       ("10.0.0.53/32", L4(False, (PortRange(80, 80, 6), PortRange(53, 53, 17))))]

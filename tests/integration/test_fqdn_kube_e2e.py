@@ -2,6 +2,9 @@
 server (tests/kubeapi: real HTTP list/watch, 410, restarts) through the official client, and
 are enforced on real network-namespace pods by the real kernel.
 
+Peers: a netns pod declared as running on another node (its spec.nodeName, or its ``node`` in
+a pods file, is not the proxy's NODE_NAME) is selected by toEndpoints, never policed.
+
 The testbed, pods and probes are test_fqdn_policy_e2e's (imported, not copied). Truth: the
 pinned endpoint map (is the pod policed), dig and the client's sockets, dnsmasq's query log,
 the datapath's drop counter, the proxy's log and its health endpoint.
@@ -26,7 +29,8 @@ import pytest
 import yaml
 
 from dnsproxy.datapath import Datapath, uninstall
-from tests.integration.test_fqdn_policy_e2e import POLICY, REPO, Bed, Proxy, bed, connect, datapath_view, dig  # noqa: F401 - fixtures
+from tests.integration.test_fqdn_policy_e2e import (POLICY, REPO, WEB_PORT, Bed, Proxy, bed, connect,  # noqa: F401 - fixtures
+                                                    datapath_view, dig)
 from tests.kubeapi import FakeApiServer
 from tests.kubeapi import objects as o
 
@@ -83,7 +87,7 @@ class Cluster:
         self.api.create("namespaces", o.namespace("default"))
         for pod in (bed.dns, bed.dns_short, bed.web, bed.other, bed.client, bed.free):
             self.api.create("pods", o.pod(pod.name, ip=pod.ipv4, node=NODE, labels={"app": pod.name}))
-        # A pod of another node with the client's labels and address: the node filter keeps it out.
+        # A pod of another node with the client's labels: a toEndpoints peer, never policed here.
         self.api.create("pods", o.pod("elsewhere", ip="10.255.0.1", node="another-node", labels={"app": "client"}))
         self.kubeconfig = self.api.write_kubeconfig(str(tmp / "kubeconfig"))
         self.proxy = KubeProxy(bed, tmp, self.kubeconfig)
@@ -284,4 +288,141 @@ def test_policy_directory_adds_to_the_api_policies(bed: Bed, cluster: Cluster, v
         assert_policed(bed, mine)
     finally:
         both.close()
+        cluster.proxy.start()
+
+
+def allowed_destinations(view: Datapath, pod_ip: str) -> set[str]:
+    """IPv4 host entries (not holes) of ``pod_ip`` in the pinned fqdn_cidr LPM map."""
+    out = set()
+    for k, v in view.cidr.items():
+        raw_dst = bytes(k.dst)
+        if bytes(k.pod)[:4] == socket.inet_aton(pod_ip) and k.prefixlen == 128 + 128 and not v.deny \
+                and raw_dst[:12] == bytes(10) + b"\xff\xff":
+            out.add(socket.inet_ntoa(raw_dst[12:]))
+    return out
+
+
+# The client's policy plus toEndpoints to "remote-db", a pod of another node.
+PEER_SPEC = {**CLIENT_SPEC, "egress": [*CLIENT_SPEC["egress"], {
+    "toEndpoints": [{"matchLabels": {"app": "remote-db"}}],
+    "toPorts": [{"ports": [{"port": str(WEB_PORT), "protocol": "TCP"}]}]}]}
+
+
+def assert_denied(bed: Bed, view: Datapath, proxy: Proxy, dst: str) -> None:
+    """The client's first SYN to ``dst`` is dropped, counted, and reported POLICY_DENIED."""
+    def denied_flows() -> int:
+        return sum(1 for f in proxy.flows() if f["verdict"] == "DROPPED" and f.get("IP", {}).get("destination") == dst
+                   and f.get("drop_reason_desc") == "POLICY_DENIED")
+
+    dropped, flows = view.counters()["dropped"], denied_flows()
+    assert not connect(bed.client, dst)
+    assert view.counters()["dropped"] > dropped
+    deadline = time.monotonic() + 5  # the proxy reads the denied counters once a second
+    while denied_flows() <= flows:
+        assert time.monotonic() < deadline, f"no POLICY_DENIED flow for {dst}"
+        time.sleep(0.05)
+
+
+def test_to_endpoints_selects_a_pod_on_another_node(bed: Bed, cluster: Cluster, view: Datapath) -> None:  # noqa: F811
+    """toEndpoints resolves against every node's pods. The "other" netns pod is declared in the
+    API as ``remote-db`` on another node (its spec.nodeName is not the proxy's NODE_NAME) and is
+    reachable from the client, as a pod of another node is through the node's routes. Selected,
+    the client's first SYN passes; relabelled out of the selector, or deleted, its packets are
+    dropped and reported POLICY_DENIED. Truth: the pinned LPM map, the client's sockets, the
+    datapath's drop counter and the proxy's drop flows."""
+    api, proxy = cluster.api, cluster.proxy
+    client, remote = bed.client.ipv4, bed.other.ipv4
+    api.delete("pods", "other")
+    try:
+        api.create("pods", o.pod("remote-db", ip=remote, node="another-node", labels={"app": "remote-db"}))
+        api.create("ciliumnetworkpolicies", o.cilium_network_policy("client-egress", spec=PEER_SPEC))
+        took = follow(lambda: policed_ips(view) == {client} and remote in allowed_destinations(view, client),
+                      "policy selecting a peer on another node")
+        print(f"policy created -> peer on another node allowed in the kernel: {took * 1000:.0f} ms")
+        assert policed_ips(view) == {client}  # the peer is not policed, nor is "elsewhere" (app=client, another node)
+        dropped = view.counters()["dropped"]
+        assert connect(bed.client, remote)
+        assert view.counters()["dropped"] == dropped
+
+        api.patch("pods", "remote-db", lambda p: p["metadata"]["labels"].update(app="remote-db-v2"))
+        took = follow(lambda: remote not in allowed_destinations(view, client), "peer relabelled out of the selector")
+        print(f"peer relabelled out of the selector -> entry removed: {took * 1000:.0f} ms")
+        assert_denied(bed, view, proxy, remote)
+
+        api.patch("pods", "remote-db", lambda p: p["metadata"]["labels"].update(app="remote-db"))
+        took = follow(lambda: remote in allowed_destinations(view, client), "peer relabelled back")
+        print(f"peer relabelled back -> entry added: {took * 1000:.0f} ms")
+        assert connect(bed.client, remote)
+
+        api.delete("pods", "remote-db")
+        took = follow(lambda: remote not in allowed_destinations(view, client), "peer deleted")
+        print(f"peer deleted -> entry removed: {took * 1000:.0f} ms")
+        assert_denied(bed, view, proxy, remote)
+        assert allowed_destinations(view, client) == {bed.dns.ipv4}  # the DNS rule's endpoint stays
+    finally:
+        try:
+            api.delete("pods", "remote-db")
+        except KeyError:
+            pass
+        api.create("pods", o.pod("other", ip=remote, node=NODE, labels={"app": "other"}))
+
+
+class FilesProxy(Proxy):
+    """The imported Proxy harness with a policies directory and a pods file, and NODE_NAME."""
+
+    def __init__(self, bed: Bed, tmp: Path, policies: Path, pods: Path) -> None:
+        tag = f"t{os.getpid()}f"
+        self.pin_dir = f"/sys/fs/bpf/flowtel/dnsproxy-test-{tag}"
+        self.nft_table = f"ftdnsproxy_{tag}"
+        self.label = f"lo:ft{tag}"[:15]
+        self.flow_log = tmp / "proxy-flows.log"
+        self.log = tmp / "proxy.log"
+        self.argv = ["env", f"NODE_NAME={NODE}", sys.executable, "-m", "flowtel.cli", "dnsproxy",
+                     "--policies", str(policies), "--pods", str(pods), "--upstream", f"{bed.dns.ipv4}:53",
+                     "--listen", f"169.254.55.{os.getpid() % 250 + 2}:53", "--flow-log", str(self.flow_log),
+                     "--pin-dir", self.pin_dir, "--nft-table", self.nft_table, "--address-label", self.label,
+                     "--health-listen=", "--metrics-listen=", "--reload-interval", "0.2", "--status-interval", "0"]
+        self.bed = bed
+        uninstall(self.pin_dir, nft_table=self.nft_table, address_label=self.label)
+        self.proc = None
+        self.start()
+
+
+def test_pods_file_lists_peers_of_other_nodes(bed: Bed, cluster: Cluster, datapath_view: Any,  # noqa: F811
+                                              tmp_path: Path) -> None:
+    """Files mode, as the API: a pod whose ``node`` is not $NODE_NAME is a toEndpoints peer (its
+    address allowed, its egress not policed even when a policy's endpointSelector matches it);
+    the file relabelling it out of the selector drops the client's traffic to it."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "client.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "client-egress", "namespace": "default"}, "spec": PEER_SPEC}))
+    pods_file = tmp_path / "pods.yaml"
+
+    def write_pods(remote_app: str) -> None:
+        pods = [{"name": p.name, "namespace": "default", "ips": [p.ipv4], "labels": {"app": p.name}, "node": NODE}
+                for p in (bed.dns, bed.web, bed.client, bed.free)]
+        pods.append({"name": "remote-db", "namespace": "default", "ips": [bed.other.ipv4],
+                     "labels": {"app": remote_app}, "node": "another-node"})
+        pods.append({"name": "elsewhere", "namespace": "default", "ips": ["10.255.0.1"],
+                     "labels": {"app": "client"}, "node": "another-node"})
+        pods_file.write_text(yaml.safe_dump({"pods": pods}))
+
+    write_pods("remote-db")
+    cluster.proxy.stop()  # one proxy at a time: they would share the redirect's mark and route table
+    files = FilesProxy(bed, tmp_path, policies, pods_file)
+    try:
+        view = datapath_view(files)
+        follow(lambda: policed_ips(view) == {bed.client.ipv4}
+               and bed.other.ipv4 in allowed_destinations(view, bed.client.ipv4), "pods file applied")
+        dropped = view.counters()["dropped"]
+        assert connect(bed.client, bed.other.ipv4)
+        assert view.counters()["dropped"] == dropped
+        write_pods("remote-db-v2")
+        follow(lambda: bed.other.ipv4 not in allowed_destinations(view, bed.client.ipv4), "peer relabelled in the file")
+        assert_denied(bed, view, files, bed.other.ipv4)
+        assert policed_ips(view) == {bed.client.ipv4}
+    finally:
+        files.close()
         cluster.proxy.start()
