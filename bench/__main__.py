@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import bpf_runtime, datapath, exporters, k8sattributes
+from bench import bpf_runtime, datapath, dnsproxy, dnsproxy_peers, exporters, k8sattributes
 from bench import memory, overload, startup, throughput
 
 
@@ -24,6 +24,10 @@ def main() -> int:
     print(overload.report(overload.run()), flush=True)
     print("== metric export: series/s and cost per export cycle (ratio = / 1k series) ==", flush=True)
     print(exporters.report(exporters.run()), flush=True)
+    print("== dnsproxy: queries/s and added latency (median, p99) against direct queries, same run ==", flush=True)
+    dnsproxy.main([])
+    print("== dnsproxy --kube: cluster-wide pods, memory and watch-event cost by pod count ==", flush=True)
+    dnsproxy_peers.main([])
     return 0
 
 

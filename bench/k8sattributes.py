@@ -22,17 +22,15 @@ Run with ``make bench`` or ``python -m bench.k8sattributes [--sizes 1000,10000]`
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import multiprocessing
 import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
+
+from bench.kubeapi import rss_mb, settle, start_server
 
 PODS_PER_NODE = 100
 PODS_PER_REPLICASET = 5
@@ -71,34 +69,6 @@ def _serve(pods: int, conn: Any) -> None:
     server.stop()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _settle() -> None:
-    gc.collect()
-    try:  # give freed heap back to the OS, so RSS shows what is kept, not what was parsed once
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _server(pods: int) -> tuple[Any, Any, str]:
-    parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.Process(target=_serve, args=(pods, child), daemon=True)
-    proc.start()
-    url = parent.recv()
-    with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig", delete=False) as f:
-        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "b",
-                   "clusters": [{"name": "b", "cluster": {"server": url}}], "users": [{"name": "b", "user": {}}],
-                   "contexts": [{"name": "b", "context": {"cluster": "b", "user": "b"}}]}, f)
-    return proc, parent, f.name
-
-
 def measure(pods: int) -> dict[str, float]:
     """One size, in this process (run it in a fresh one)."""
     from flowtel.component import CreateSettings, Telemetry
@@ -114,7 +84,7 @@ def measure(pods: int) -> dict[str, float]:
 
     # A first run against an empty cluster loads the client's modules and builds its
     # validators: the baseline must include them, they are not the caches' cost.
-    proc, conn, kubeconfig = _server(0)
+    proc, conn, kubeconfig = start_server(_serve, 0)
     warmup = processor(kubeconfig)
     warmup.start()
     warmup.shutdown()
@@ -123,15 +93,15 @@ def measure(pods: int) -> dict[str, float]:
     os.unlink(kubeconfig)
     del warmup
 
-    proc, conn, kubeconfig = _server(pods)
+    proc, conn, kubeconfig = start_server(_serve, pods)
     p = processor(kubeconfig)
-    _settle()
-    rss_before = _rss_mb()
+    settle()
+    rss_before = rss_mb()
     started = time.perf_counter()
     p.start()
     sync_s = time.perf_counter() - started
-    _settle()
-    rss_synced = _rss_mb()
+    settle()
+    rss_synced = rss_mb()
     source = p.source
     assert isinstance(source, KubeSource)
 
@@ -141,8 +111,8 @@ def measure(pods: int) -> dict[str, float]:
     for ip in ips:  # cold: each pod's view is built on its first lookup
         source.lookup(ip, now)
     cold = pods / (time.perf_counter() - t)
-    _settle()
-    rss_views = _rss_mb()
+    settle()
+    rss_views = rss_mb()
     t = time.perf_counter()
     for _ in range(3):
         for ip in ips:

@@ -9,7 +9,7 @@ and names, and the moment an answer arrives sends one datagram to its address.
 Truth: each answer's ID, question and address against what that socket asked (a crossed ID
 shows as a wrong name or address); the datapath's pinned counters (a datagram sent before its
 address was in the allow map would be counted ``dropped``, not ``allowed_fqdn``); the proxy's
-status counters and flow log; the allow map. Throughput is measured by dnsproxy/bench.py.
+status counters and flow log; the allow map. Throughput is measured by bench/dnsproxy.py.
 """
 from __future__ import annotations
 

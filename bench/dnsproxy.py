@@ -1,4 +1,4 @@
-"""Proxy throughput and added latency (issue 8): ``python -m dnsproxy.bench`` (root).
+"""Proxy throughput and added latency (issue 8): ``python -m bench.dnsproxy`` (root).
 
 A throwaway testbed: dnsmasq in a "dns" pod, a policed "client" pod whose queries go through
 `flowtel dnsproxy`, an unpoliced "direct" pod asking dnsmasq itself (all dual-stack). The
@@ -98,7 +98,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dnsproxy.bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench.dnsproxy", description=__doc__)
     ap.add_argument("--queries", type=int, default=2000, help="sequential queries for the latency (default 2000)")
     ap.add_argument("--parallel", type=int, default=32, help="queries in flight for the throughput (default 32)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of parallel load per measurement (default 3)")

@@ -1,6 +1,6 @@
 """dnsproxy ``--kube`` at cluster scale: memory and the cost of following peers (issue 8).
 
-``python -m dnsproxy.bench_peers [--sizes 10000,50000]``. No root, no kernel: the proxy's
+``python -m bench.dnsproxy_peers [--sizes 10000,50000]``. No root, no kernel: the proxy's
 Kubernetes side only (dnsproxy/kube.py and the policy index), against the stand-in API server
 (tests/kubeapi) in another process, so its own copy of every object does not count. Each
 size runs in a fresh interpreter (resident memory never shrinks back).
@@ -28,18 +28,16 @@ Reported per size:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
+
+from bench.kubeapi import rss_mb, settle, start_server
 
 PODS_PER_NODE = 100
 PODS_PER_REPLICASET = 5
@@ -97,34 +95,6 @@ def _serve(pods: int, conn: Any) -> None:
     server.stop()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _settle() -> None:
-    gc.collect()
-    try:  # give freed heap back to the OS, so RSS shows what is kept, not what was parsed once
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _server(pods: int) -> tuple[Any, Any, str]:
-    parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.Process(target=_serve, args=(pods, child), daemon=True)
-    proc.start()
-    url = parent.recv()
-    with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig", delete=False) as f:
-        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "b",
-                   "clusters": [{"name": "b", "cluster": {"server": url}}], "users": [{"name": "b", "user": {}}],
-                   "contexts": [{"name": "b", "context": {"cluster": "b", "user": "b"}}]}, f)
-    return proc, parent, f.name
-
-
 def measure(pods: int) -> dict[str, float]:
     """One size, in this process (run it in a fresh one)."""
     from dnsproxy.kube import KubeSource
@@ -139,7 +109,7 @@ def measure(pods: int) -> dict[str, float]:
         return src, time.perf_counter() - started
 
     # Warm-up against an empty cluster: the client's modules and validators are no cost of the stores.
-    proc, conn, kubeconfig = _server(0)
+    proc, conn, kubeconfig = start_server(_serve, 0)
     warm, _ = synced(kubeconfig)
     warm.shutdown()
     conn.send("done")
@@ -147,13 +117,13 @@ def measure(pods: int) -> dict[str, float]:
     os.unlink(kubeconfig)
     del warm
 
-    proc, conn, kubeconfig = _server(pods)
-    _settle()
-    rss_before = _rss_mb()
+    proc, conn, kubeconfig = start_server(_serve, pods)
+    settle()
+    rss_before = rss_mb()
     changed = threading.Event()
     src, sync_s = synced(kubeconfig, changed.set)
-    _settle()
-    rss = _rss_mb() - rss_before
+    settle()
+    rss = rss_mb() - rss_before
 
     def recompute() -> tuple[PolicySet, int]:
         state = src.state()
@@ -204,7 +174,7 @@ def measure(pods: int) -> dict[str, float]:
 def run(sizes: tuple[int, ...] = (10_000, 50_000)) -> list[dict[str, float]]:
     results = []
     for n in sizes:
-        out = subprocess.run([sys.executable, "-m", "dnsproxy.bench_peers", "--child", str(n)],
+        out = subprocess.run([sys.executable, "-m", "bench.dnsproxy_peers", "--child", str(n)],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
