@@ -80,7 +80,8 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
     out.append(st.upstream_latency.point(PREFIX + "upstream_latency_seconds", now, unit="s", description=(
         "time the upstream took to answer a forwarded query (failures excluded)")))
     add("learned_ips_total", learned, MetricKind.SUM,
-        "addresses written to the allow map from allowed answers (one per pod address and answer address)")
+        ("answer addresses of allowed answers taught to the allow map (one per address of each answer; "
+         "a dual-stack pod gets an entry for each of its addresses)"))
     add("learned_ips", datapath.live_allowances, MetricKind.GAUGE,
         "(pod, destination) allowances in the allow map not past their TTL and grace, as of the last clean-up")
     add("policies", len(proxy.policy.policies), MetricKind.GAUGE,

@@ -77,11 +77,20 @@ def normalize_name(name: str) -> str:
 _NAME_CHARS = re.compile(r"^[a-z0-9_*.-]+$")
 
 
+_LABEL_CHARS = "[-a-z0-9_]"
+# Cilium's multi-level prefix: `**.example.com` matches `a.example.com` and `a.b.example.com`,
+# never `example.com` itself.
+MULTI_LEVEL_PREFIX = "**."
+
+
 @functools.lru_cache(maxsize=4096)
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     # Cilium: `*` matches any run of characters valid in one label, never a dot.
+    prefix = ""
+    if pattern.startswith(MULTI_LEVEL_PREFIX):
+        prefix, pattern = f"(?:{_LABEL_CHARS}+\\.)+", pattern[len(MULTI_LEVEL_PREFIX):]
     parts = [re.escape(p) for p in pattern.split("*")]
-    return re.compile("^" + "[-a-z0-9_]*".join(parts) + "$")
+    return re.compile("^" + prefix + f"{_LABEL_CHARS}*".join(parts) + "$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,10 @@ def parse_fqdn_selector(raw: Any, where: str) -> FqdnSelector:
         if "*" in value:
             raise PolicyError(f"{where}.matchName: {value!r} contains '*' (use matchPattern)")
         return FqdnSelector(match_name=value)
+    rest = value[len(MULTI_LEVEL_PREFIX):] if value.startswith(MULTI_LEVEL_PREFIX) else value
+    if "**" in rest or (value.startswith(MULTI_LEVEL_PREFIX) and not rest):
+        raise PolicyError(f"{where}.matchPattern: {value!r}: '**' is only valid as a leading '**.' "
+                          "(one or more subdomain labels, e.g. '**.example.com')")
     return FqdnSelector(match_pattern=value)
 
 

@@ -301,3 +301,25 @@ def test_endpoint_addresses_merge_with_cidrs_of_the_same_prefix() -> None:
     assert entries == [("10.0.0.0/24", L4(False, (PortRange(80, 80, 6),))),
                        ("10.0.0.4/32", L4(False, (PortRange(5432, 5432, 6),))),
                        ("10.0.0.53/32", L4(False, (PortRange(80, 80, 6), PortRange(53, 53, 17))))]
+
+
+@pytest.mark.parametrize(("name", "matches"), [
+    ("a.example.com", True), ("a.b.example.com", True), ("x.y.z.example.com", True),
+    ("A.B.Example.COM.", True), ("example.com", False), ("aexample.com", False),
+    ("a.example.com.evil.test", False), ("a.example.org", False),
+])
+def test_leading_double_star_matches_any_number_of_subdomain_labels(name: str, matches: bool) -> None:
+    # Cilium's `**.` prefix: one or more labels, never the parent name itself.
+    assert parse_fqdn_selector({"matchPattern": "**.example.com"}, "t").matches(name) is matches
+
+
+def test_double_star_prefix_composes_with_single_label_stars() -> None:
+    sel = parse_fqdn_selector({"matchPattern": "**.api-*.example.com"}, "t")
+    assert sel.matches("eu.api-1.example.com") and sel.matches("a.b.api-.example.com")
+    assert not sel.matches("api-1.example.com") and not sel.matches("eu.api.x.example.com")
+
+
+@pytest.mark.parametrize("pattern", ["a.**.com", "**.", "**example.com", "*.**.example.com", "**.**.example.com"])
+def test_double_star_anywhere_but_a_leading_label_is_rejected(pattern: str) -> None:
+    with pytest.raises(PolicyError, match=r"only valid as a leading '\*\*\.'"):
+        parse_fqdn_selector({"matchPattern": pattern}, "t")
