@@ -97,6 +97,7 @@ def test_the_manifests_found_are_the_expected_ones() -> None:
         "deploy/base/dnsproxy/daemonset.yaml", "deploy/base/dnsproxy/rbac.yaml",
         "deploy/base/dnsproxy/serviceaccount.yaml",
         "deploy/overlays/collector-gateway/gateway.yaml",
+        "deploy/cleanup/dnsproxy-cleanup.yaml",
     }
 
 
