@@ -8,7 +8,9 @@ keeping one query in flight for ``--duration`` seconds) the queries per second, 
 proxy's CPU time over its load (from /proc) the CPU per query, which varies less than
 queries per second on a shared machine. The proxy runs as deployed by default: no
 ``--upstream``, each query forwarded to the resolver the client asked (read from the
-transparent socket). Not a test: numbers.
+transparent socket). ``--flow-log`` runs the proxy without and with ``--flow-log`` instead,
+alternating ``--rounds`` pairs, and reports what the flow log costs as ratios of the medians.
+Not a test: numbers.
 """
 from __future__ import annotations
 
@@ -97,76 +99,127 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.dnsproxy", description=__doc__)
-    ap.add_argument("--queries", type=int, default=2000, help="sequential queries for the latency (default 2000)")
-    ap.add_argument("--parallel", type=int, default=32, help="queries in flight for the throughput (default 32)")
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds of parallel load per measurement (default 3)")
-    args = ap.parse_args(argv)
+def _measure(tmp: str, pods: tuple[Pod, Pod, Pod], args: argparse.Namespace, flow_log: str | None,
+             ) -> tuple[dict[str, tuple[dict[str, Any], dict[str, Any]]], dict[str, float], dict[str, Any]]:
+    """One proxy's life: start it (with ``--flow-log`` if given), load it over both families, stop
+    and uninstall it. Returns (direct, proxied) per family, the proxy's CPU seconds per family
+    and its last status line."""
+    dns_pod, client, direct = pods
+    assert dns_pod.ipv6 is not None
     tag = f"b{os.getpid()}"
     pin_dir, table, label = f"/sys/fs/bpf/flowtel/dnsproxy-{tag}", f"ftdnsproxy_{tag}", f"lo:ft{tag}"[:15]
     listen = f"169.254.54.{os.getpid() % 250 + 2}"
     # A redirect of its own (mark bit, route table, rule), so that a concurrently running test
     # proxy's uninstall does not remove the bench's policy routing, nor the reverse.
     tproxy = {"tproxy_mark": 0x20, "route_table": 0xF1D1, "rule_priority": 91}
+    log = Path(tmp) / "proxy.log"
+    with open(log, "w") as out:
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "flowtel.cli", "dnsproxy",
+             "--policies", f"{tmp}/policies", "--pods", f"{tmp}/pods.yaml",
+             "--listen", f"{listen}:53", "--pin-dir", pin_dir, "--nft-table", table, "--address-label", label,
+             "--status-interval", "0.5", "--metrics-listen=", "--health-listen=",  # no port clashes
+             *(("--flow-log", flow_log) if flow_log else ()),
+             *(f"--{k.replace('_', '-')}={v}" for k, v in tproxy.items())],
+            stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    results, proxy_cpu = {}, {}
+    try:
+        deadline = time.monotonic() + 90
+        # Ready means redirected: before that the client's queries would go to dnsmasq directly.
+        while "dnsproxy ready" not in log.read_text():
+            if proxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dnsproxy did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        for fam, server in (("ipv4", dns_pod.ipv4), ("ipv6", dns_pod.ipv6)):
+            direct_r = _load(direct, server, args.queries, args.parallel, args.duration)
+            cpu = _cpu_s(proxy.pid)
+            proxied_r = _load(client, server, args.queries, args.parallel, args.duration)
+            proxy_cpu[fam] = _cpu_s(proxy.pid) - cpu
+            results[fam] = (direct_r, proxied_r)
+        time.sleep(1.5)  # one more status line, after the load
+        status_lines = [line for line in log.read_text().splitlines() if " status: " in line]
+        proxy_status = json.loads(status_lines[-1].split(" status: ", 1)[1]) if status_lines else {}
+        if not status_lines:
+            print(log.read_text()[-3000:], file=sys.stderr)
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            proxy.wait(15)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+        uninstall(pin_dir, nft_table=table, address_label=label, **tproxy)
+    return results, proxy_cpu, proxy_status
+
+
+def _family_report(args: argparse.Namespace, direct_r: dict[str, Any], proxied_r: dict[str, Any],
+                   cpu_s: float) -> dict[str, Any]:
+    return {
+        "direct": direct_r, "proxied": proxied_r,
+        "added_latency_median_ms": proxied_r["median_ms"] - direct_r["median_ms"],
+        "added_latency_p99_ms": proxied_r["p99_ms"] - direct_r["p99_ms"],
+        "qps_ratio_proxied_to_direct": proxied_r["qps"] / direct_r["qps"] if direct_r["qps"] else 0.0,
+        # The proxy's own CPU per answered query (latency and throughput phases together):
+        # steadier across runs on a shared machine than queries per second.
+        "proxy_cpu_us_per_query": cpu_s / (args.queries + proxied_r["answered"]) * 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.dnsproxy", description=__doc__)
+    ap.add_argument("--queries", type=int, default=2000, help="sequential queries for the latency (default 2000)")
+    ap.add_argument("--parallel", type=int, default=32, help="queries in flight for the throughput (default 32)")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds of parallel load per measurement (default 3)")
+    ap.add_argument("--flow-log", action="store_true",
+                    help="run the proxy twice in this run, without and with --flow-log (alternating, --rounds "
+                         "times), and report the flow log's cost as ratios")
+    ap.add_argument("--rounds", type=int, default=2, help="with --flow-log: pairs of runs (default 2)")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, Testbed() as tb:
-        dns_pod, client, direct = (tb.add_pod(n, ipv6=True) for n in ("dns", "client", "direct"))
-        assert dns_pod.ipv6 is not None
+        pods = tuple(tb.add_pod(n, ipv6=True) for n in ("dns", "client", "direct"))
+        dns_pod = pods[0]
         tb.start_dnsmasq(dns_pod, hosts={"api.bench.test": ["192.0.2.10", "2001:db8::10"]})
         (Path(tmp) / "policies").mkdir()
         (Path(tmp) / "policies" / "bench.yaml").write_text(POLICY)
         (Path(tmp) / "pods.yaml").write_text(yaml.safe_dump({"pods": [
             {"name": p.name, "namespace": "default", "ips": [p.ipv4, p.ipv6], "labels": {"app": p.name}}
-            for p in (dns_pod, client, direct)]}))
-        log = Path(tmp) / "proxy.log"
-        with open(log, "w") as out:
-            proxy = subprocess.Popen(
-                [sys.executable, "-m", "flowtel.cli", "dnsproxy",
-                 "--policies", f"{tmp}/policies", "--pods", f"{tmp}/pods.yaml",
-                 "--listen", f"{listen}:53", "--pin-dir", pin_dir, "--nft-table", table, "--address-label", label,
-                 "--status-interval", "0.5", "--metrics-listen=", "--health-listen=",  # no port clashes
-                 *(f"--{k.replace('_', '-')}={v}" for k, v in tproxy.items())],
-                stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+            for p in pods]}))
         try:
-            deadline = time.monotonic() + 90
-            # Ready means redirected: before that the client's queries would go to dnsmasq directly.
-            while "dnsproxy ready" not in log.read_text():
-                if proxy.poll() is not None or time.monotonic() > deadline:
-                    print(f"dnsproxy did not start: {log.read_text()[-2000:]}", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
-            results, proxy_cpu = {}, {}
-            for fam, server in (("ipv4", dns_pod.ipv4), ("ipv6", dns_pod.ipv6)):
-                direct_r = _load(direct, server, args.queries, args.parallel, args.duration)
-                cpu = _cpu_s(proxy.pid)
-                proxied_r = _load(client, server, args.queries, args.parallel, args.duration)
-                proxy_cpu[fam] = _cpu_s(proxy.pid) - cpu
-                results[fam] = (direct_r, proxied_r)
-            time.sleep(1.5)  # one more status line, after the load
-            status_lines = [line for line in log.read_text().splitlines() if " status: " in line]
-            proxy_status = json.loads(status_lines[-1].split(" status: ", 1)[1]) if status_lines else {}
-            if not status_lines:
-                print(log.read_text()[-3000:], file=sys.stderr)
-        finally:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait()
-            uninstall(pin_dir, nft_table=table, address_label=label, **tproxy)
+            if not args.flow_log:
+                results, proxy_cpu, proxy_status = _measure(tmp, pods, args, None)  # type: ignore[arg-type]
+            else:
+                runs: dict[str, list[Any]] = {"off": [], "on": []}
+                for _ in range(args.rounds):
+                    for mode in ("off", "on"):
+                        path = f"{tmp}/flows.log" if mode == "on" else None
+                        runs[mode].append(_measure(tmp, pods, args, path))  # type: ignore[arg-type]
+                        if path:
+                            runs[mode][-1][2]["flow_log_lines"] = sum(1 for _ in open(path))
+                            os.unlink(path)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
     report: dict[str, Any] = {"queries": args.queries, "parallel": args.parallel, "duration_s": args.duration}
-    for fam, (direct_r, proxied_r) in results.items():
-        report[fam] = {
-            "direct": direct_r, "proxied": proxied_r,
-            "added_latency_median_ms": proxied_r["median_ms"] - direct_r["median_ms"],
-            "added_latency_p99_ms": proxied_r["p99_ms"] - direct_r["p99_ms"],
-            "qps_ratio_proxied_to_direct": proxied_r["qps"] / direct_r["qps"] if direct_r["qps"] else 0.0,
-            # The proxy's own CPU per answered query (latency and throughput phases together):
-            # steadier across runs on a shared machine than queries per second.
-            "proxy_cpu_us_per_query": proxy_cpu[fam] / (args.queries + proxied_r["answered"]) * 1e6,
-        }
-    report["proxy_status"] = proxy_status  # proves the client's load went through the proxy
+    if not args.flow_log:
+        for fam, (direct_r, proxied_r) in results.items():
+            report[fam] = _family_report(args, direct_r, proxied_r, proxy_cpu[fam])
+        report["proxy_status"] = proxy_status  # proves the client's load went through the proxy
+    else:
+        # Per family: proxied queries/s and proxy CPU per query, each run; the ratios compare the
+        # medians of the runs with the flow log to those without, all from this one run.
+        for fam in ("ipv4", "ipv6"):
+            per = {mode: [_family_report(args, *r[0][fam], r[1][fam]) for r in runs[mode]] for mode in runs}
+            qps = {mode: sorted(f["proxied"]["qps"] for f in per[mode]) for mode in per}
+            cpu = {mode: sorted(f["proxy_cpu_us_per_query"] for f in per[mode]) for mode in per}
+            lat = {mode: sorted(f["added_latency_median_ms"] for f in per[mode]) for mode in per}
+            med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+            report[fam] = {
+                "qps": qps, "proxy_cpu_us_per_query": cpu, "added_latency_median_ms": lat,
+                "qps_ratio_flow_log_to_none": med(qps["on"]) / med(qps["off"]),
+                "cpu_per_query_ratio_flow_log_to_none": med(cpu["on"]) / med(cpu["off"]),
+                "cpu_us_per_query_added_by_flow_log": med(cpu["on"]) - med(cpu["off"]),
+            }
+        report["proxy_status_with_flow_log"] = runs["on"][-1][2]
     print(json.dumps(report, indent=2))
     return 0
 

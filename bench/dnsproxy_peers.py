@@ -24,6 +24,14 @@ Reported per size:
   selector resolved against every identity (what the loop would pay per event without the
   index);
 - ``entries``: LPM entries (pod address, destination) this node would hold.
+
+With ``--datapath`` (root: compiles bpf/fqdn_policy.c over throwaway pins, no filter attached)
+also the kernel side of those entries, both ways in the same run:
+
+- ``cidr full ms``: ``Datapath.sync_cidrs`` diffing the whole fqdn_cidr map, what a restarted
+  proxy's first sync pays (and what every sync paid before the per-pod diff);
+- ``cidr event ms``: ``Datapath.sync_cidrs`` after one of the watch events above, touching only
+  the pods whose entries changed (median of 5).
 """
 from __future__ import annotations
 
@@ -95,7 +103,7 @@ def _serve(pods: int, conn: Any) -> None:
     server.stop()
 
 
-def measure(pods: int) -> dict[str, float]:
+def measure(pods: int, datapath: bool = False) -> dict[str, float]:
     """One size, in this process (run it in a fresh one)."""
     from dnsproxy.kube import KubeSource
     from dnsproxy.policy import EndpointIndex, PolicySet
@@ -135,6 +143,7 @@ def measure(pods: int) -> dict[str, float]:
     t = time.perf_counter()
     ps, entries = recompute()
     recompute_ms = (time.perf_counter() - t) * 1000
+    cidr = _CidrBench(ps) if datapath else None  # after the memory figure: LLVM is ~150 MB
 
     # From scratch: every pod of the cluster indexed and every selector resolved again.
     with src._lock:  # the bench reads the source's stores directly; the proxy never needs all pods as Pods
@@ -162,19 +171,64 @@ def measure(pods: int) -> dict[str, float]:
             changed.wait(0.001)
         latencies.append((time.perf_counter() - t) * 1000)
         conn.recv()
+        if cidr is not None:
+            cidr.event(recompute()[0])
     src.shutdown()
+    extra = cidr.finish() if cidr is not None else {}
     conn.send("done")
     proc.join(30)
     os.unlink(kubeconfig)
     return {"pods": pods, "sync_s": sync_s, "rss_mb": rss, "event_ms": statistics.median(latencies) if latencies else 0.0,
             "recompute_ms": recompute_ms, "rebuild_ms": rebuild_ms, "entries": entries,
-            "identities": src.endpoints.identities()}
+            "identities": src.endpoints.identities(), **extra}
 
 
-def run(sizes: tuple[int, ...] = (10_000, 50_000)) -> list[dict[str, float]]:
+class _CidrBench:
+    """fqdn_cidr writes of the policed pods' entries, on a real map under throwaway pins."""
+
+    def __init__(self, ps: Any) -> None:
+        from dnsproxy.datapath import Datapath
+
+        self._pin_dir = f"/sys/fs/bpf/flowtel/bench-peers-{os.getpid()}"
+        self._make = lambda: Datapath(self._pin_dir, nft_table="ftbench", address_label="lo:ftbench")
+        self.datapath = self._make()
+        self.datapath.sync_cidrs(self._cidrs(ps))  # fills the map, as the proxy's first round does
+        self.event_ms: list[float] = []
+        self._last: Any = ps
+
+    @staticmethod
+    def _cidrs(ps: Any) -> dict[str, Any]:
+        return {ip: ps.cidr_entries(p) for p in ps.policed_pods() for ip in p.ips}
+
+    def event(self, ps: Any) -> None:
+        cidrs = self._cidrs(ps)  # what Runner.sync hands over: every policed pod's list
+        t = time.perf_counter()
+        self.datapath.sync_cidrs(cidrs)
+        self.event_ms.append((time.perf_counter() - t) * 1000)
+        self._last = ps
+
+    def finish(self) -> dict[str, float]:
+        import shutil
+
+        cidrs = self._cidrs(self._last)
+        fresh = self._make()  # a new process's view over the same pins: its first sync diffs it all
+        try:
+            t = time.perf_counter()
+            fresh.sync_cidrs(cidrs)
+            full_ms = (time.perf_counter() - t) * 1000
+        finally:
+            fresh.close()
+            self.datapath.close()
+            shutil.rmtree(self._pin_dir, ignore_errors=True)
+        return {"cidr_full_ms": full_ms,
+                "cidr_event_ms": statistics.median(self.event_ms) if self.event_ms else 0.0}
+
+
+def run(sizes: tuple[int, ...] = (10_000, 50_000), datapath: bool = False) -> list[dict[str, float]]:
     results = []
     for n in sizes:
-        out = subprocess.run([sys.executable, "-m", "bench.dnsproxy_peers", "--child", str(n)],
+        out = subprocess.run([sys.executable, "-m", "bench.dnsproxy_peers", "--child", str(n),
+                              *(("--datapath",) if datapath else ())],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
@@ -187,18 +241,26 @@ def report(results: list[dict[str, float]]) -> str:
         lines.append(f"{int(r['pods']):>7} {r['sync_s']:>7.2f} {r['rss_mb']:>7.1f} {r['rss_mb'] * 1024 / r['pods']:>7.2f} "
                      f"{r['event_ms']:>9.1f} {r['recompute_ms']:>12.1f} {r['rebuild_ms']:>10.1f} "
                      f"{int(r['entries']):>8} {int(r['identities']):>10}")
+    if any("cidr_full_ms" in r for r in results):
+        lines += ["", f"{'pods':>7} {'cidr full ms':>12} {'cidr event ms':>13} {'ratio':>7}"]
+        for r in results:
+            if "cidr_full_ms" in r:
+                lines.append(f"{int(r['pods']):>7} {r['cidr_full_ms']:>12.1f} {r['cidr_event_ms']:>13.2f} "
+                             f"{r['cidr_full_ms'] / max(r['cidr_event_ms'], 1e-6):>7.0f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,50000", help="comma-separated pod counts")
+    parser.add_argument("--datapath", action="store_true",
+                        help="also time fqdn_cidr writes on a real map (root; compiles the BPF program)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child)), flush=True)
+        print(json.dumps(measure(args.child, args.datapath)), flush=True)
         return 0
-    print(report(run(tuple(int(x) for x in args.sizes.split(",")))), flush=True)
+    print(report(run(tuple(int(x) for x in args.sizes.split(",")), args.datapath)), flush=True)
     return 0
 
 

@@ -4,7 +4,8 @@ Everything here outlives the proxy process on purpose (issue 8, resilience): the
 pinned under ``pin_dir``, the tc filters stay on the veths, and the nftables table that
 redirects pod DNS to the proxy stays too. A restarted proxy compiles the program again over
 the same pinned maps and swaps each filter with ``replace-filter`` (atomic in the kernel), so
-no packet ever meets a veth without the program. :func:`uninstall` removes all of it.
+no packet ever meets a veth without the program. :func:`uninstall` removes all of it, and
+only its own: another proxy's filters (another pin dir) stay.
 
 The DNS redirect (nftables TPROXY, IPv4 and IPv6, with its policy route and listen
 addresses) is dnsproxy/redirect.py; :func:`uninstall` removes it too.
@@ -15,6 +16,7 @@ import ctypes
 import errno
 import functools
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -140,6 +142,10 @@ class Datapath:
         # read and written under _learn_lock only.
         self._written: dict[tuple[bytes, bytes], _Written] = {}
         self._learn_lock = threading.Lock()
+        # What sync_cidrs last made the map hold: per pod IP its input list and its LPM keys.
+        # None until the first sync, which diffs the whole (pinned, maybe older) map.
+        self._cidr_applied: dict[str, list[CidrEntry]] | None = None
+        self._cidr_keys: dict[str, dict[tuple[bytes, bytes, int], CidrEntry]] = {}
         self.ipr = IPRoute()
         self.attached: dict[int, str] = {}
 
@@ -247,24 +253,81 @@ class Datapath:
             self.endpoints[key] = val
 
     def sync_cidrs(self, entries: dict[str, list[CidrEntry]]) -> None:
-        """Make fqdn_cidr exactly the given entries (pod IP -> its prefixes)."""
-        want: dict[tuple[bytes, bytes, int], CidrEntry] = {}
-        for pod_ip, items in entries.items():
-            for e in items:
-                dst, bits = lpm_dst(e.network)
-                want[(addr16(pod_ip), dst, 128 + bits)] = e
+        """Make fqdn_cidr exactly the given entries (pod IP -> its prefixes).
+
+        The first call diffs the whole map (a restarted proxy finds the previous one's pinned
+        entries); later calls touch only the pods whose list changed since the previous call
+        and, of those, write only the entries that differ: a peer relabelled in a 50,000-pod
+        cluster changes the lists of a few pods, not the whole map. If a write fails, what the
+        map holds is unknown, so the next call diffs the whole map again."""
+        try:
+            if self._cidr_applied is None:
+                self._sync_cidrs_full(entries)
+            else:
+                self._sync_cidrs_changed(entries)
+        except BaseException:
+            self._cidr_applied = None
+            raise
+
+    @staticmethod
+    def _cidr_want(pod_ip: str, items: list[CidrEntry]) -> dict[tuple[bytes, bytes, int], CidrEntry]:
+        pod = addr16(pod_ip)
+        want = {}
+        for e in items:
+            dst, bits = lpm_dst(e.network)
+            want[(pod, dst, 128 + bits)] = e
+        return want
+
+    def _write_cidr(self, raw: tuple[bytes, bytes, int], e: CidrEntry) -> None:
+        key = self.cidr.Key()
+        key.prefixlen = raw[2]
+        ctypes.memmove(key.pod, raw[0], 16)
+        ctypes.memmove(key.dst, raw[1], 16)
+        val = self.cidr.Leaf()
+        val.deny = 1 if e.l4 is None else 0
+        self._fill_l4(val.l4, e.l4 or L4(False))
+        self.cidr[key] = val
+
+    def _delete_cidr(self, raw: tuple[bytes, bytes, int]) -> None:
+        key = self.cidr.Key()
+        key.prefixlen = raw[2]
+        ctypes.memmove(key.pod, raw[0], 16)
+        ctypes.memmove(key.dst, raw[1], 16)
+        try:
+            del self.cidr[key]
+        except KeyError:
+            pass  # already gone (deleted by hand, or a failed earlier round)
+
+    def _sync_cidrs_full(self, entries: dict[str, list[CidrEntry]]) -> None:
+        by_pod = {pod_ip: self._cidr_want(pod_ip, items) for pod_ip, items in entries.items()}
+        want = {raw: e for keys in by_pod.values() for raw, e in keys.items()}
         for k in list(self.cidr.keys()):
             if (bytes(k.pod), bytes(k.dst), k.prefixlen) not in want:
                 del self.cidr[k]
-        for (pod, dst, plen), e in want.items():
-            key = self.cidr.Key()
-            key.prefixlen = plen
-            ctypes.memmove(key.pod, pod, 16)
-            ctypes.memmove(key.dst, dst, 16)
-            val = self.cidr.Leaf()
-            val.deny = 1 if e.l4 is None else 0
-            self._fill_l4(val.l4, e.l4 or L4(False))
-            self.cidr[key] = val
+        for raw, e in want.items():
+            self._write_cidr(raw, e)
+        self._cidr_keys = by_pod
+        self._cidr_applied = dict(entries)
+
+    def _sync_cidrs_changed(self, entries: dict[str, list[CidrEntry]]) -> None:
+        applied = self._cidr_applied
+        assert applied is not None
+        for pod_ip in [p for p in applied if p not in entries]:
+            for raw in self._cidr_keys.pop(pod_ip, {}):
+                self._delete_cidr(raw)
+            del applied[pod_ip]
+        for pod_ip, items in entries.items():
+            if applied.get(pod_ip) == items:  # identical lists compare element by identity first: cheap
+                continue
+            new = self._cidr_want(pod_ip, items)
+            old = self._cidr_keys.get(pod_ip, {})
+            for raw in old.keys() - new.keys():
+                self._delete_cidr(raw)
+            for raw, e in new.items():
+                if old.get(raw) != e:
+                    self._write_cidr(raw, e)
+            self._cidr_keys[pod_ip] = new
+            applied[pod_ip] = items
 
     def counters(self) -> dict[str, int]:
         """Cumulative datapath counters (the map is pinned, so they survive proxy restarts)."""
@@ -344,11 +407,18 @@ class Datapath:
             del self.attached[index]
         if not sweep:
             return
-        # Filters a previous proxy left on interfaces no longer policed.
-        for link in self.ipr.get_links():
-            index = link["index"]
-            if index not in ifindexes and self._has_ours(index):
-                self._detach(index)
+        # Filters a previous proxy over these pins left on interfaces no longer policed. Only
+        # those whose program uses this datapath's maps: another proxy's (another pin dir)
+        # polices its own pods and is none of this one's business.
+        try:
+            owned = _pinned_map_ids(self.pin_dir)
+            programs = _prog_map_ids()
+        except RuntimeError as exc:  # a leftover filter is untidy, not unsafe: keep serving
+            log.error("not looking for filters an earlier proxy left: %s", exc)
+            return
+        for index, parent, prog_id in _policy_filters(self.ipr):
+            if index not in ifindexes and programs.get(prog_id, set()) & owned:
+                _del_filter(self.ipr, index, parent)
 
     def _attach(self, index: int) -> None:
         try:
@@ -421,21 +491,119 @@ def uninstall(pin_dir: str = DEFAULT_PIN_DIR, *, nft_table: str = DEFAULT_NFT_TA
               address_label: str = DEFAULT_ADDRESS_LABEL, listen6: str | None = None,
               tproxy_mark: int = redirect.DEFAULT_TPROXY_MARK, route_table: int = redirect.DEFAULT_ROUTE_TABLE,
               rule_priority: int = redirect.DEFAULT_RULE_PRIORITY) -> list[str]:
-    """Remove everything the proxy leaves in place: filters, the redirect (nft table, policy
-    rules and routes, listen addresses), pins."""
+    """Remove what the proxy of ``pin_dir`` leaves in place: its filters, its redirect (nft
+    table, listen addresses; the policy rules and routes unless another proxy's table still
+    uses them), its pins. Another proxy's filters (another pin dir) stay: see
+    :func:`_owned_filters` for how a filter is told to be this proxy's."""
     removed = []
     with IPRoute() as ipr:
-        for link in ipr.get_links():
-            index = link["index"]
-            for parent in (INGRESS_PARENT, EGRESS_PARENT):
-                try:
-                    ipr.tc("del-filter", "bpf", index=index, handle=FILTER_HANDLE, parent=parent, prio=FILTER_PRIO)
-                    removed.append(f"filter {link.get_attr('IFLA_IFNAME')} {parent}")
-                except NetlinkError:
-                    pass
+        for index, parent in _owned_filters(ipr, pin_dir):
+            if _del_filter(ipr, index, parent):
+                removed.append(f"filter {_ifname(ipr, index)} {parent}")
     removed += redirect.remove(nft_table=nft_table, address_label=address_label, listen6=listen6, mark=tproxy_mark,
                                route_table=route_table, rule_priority=rule_priority)
     if os.path.isdir(pin_dir):
         shutil.rmtree(pin_dir, ignore_errors=True)
         removed.append(f"pins {pin_dir}")
     return removed
+
+
+# pyroute2 (0.9.7) does not name TCA_BPF_ID, the id of a tc bpf filter's program; it keeps the
+# attribute as UNKNOWN with its type number (include/uapi/linux/pkt_cls.h).
+_TCA_BPF_ID = 11
+
+
+def _filter_prog_id(msg: Any) -> int | None:
+    """The program id of a tc bpf filter message, or None when the kernel did not say."""
+    opts = msg.get_attr("TCA_OPTIONS")
+    if opts is None:
+        return None
+    for name, value in opts["attrs"]:
+        if name == "TCA_BPF_ID":  # a pyroute2 that decodes it
+            return int(value)
+        if name == "UNKNOWN" and value["header"]["type"] == _TCA_BPF_ID and value["header"]["length"] == 8:
+            return int.from_bytes(bytes(value.data[value.offset + 4:value.offset + 8]), "little")
+    return None
+
+
+def _policy_filters(ipr: IPRoute) -> list[tuple[int, str, int | None]]:
+    """(ifindex, parent, program id) of every filter at the policy's handle and priority on
+    this netns's interfaces, whichever proxy attached it."""
+    out = []
+    for link in ipr.get_links():
+        index = link["index"]
+        for parent in (INGRESS_PARENT, EGRESS_PARENT):
+            try:
+                filters = ipr.get_filters(index=index, parent=parent)
+            except NetlinkError:
+                continue  # no clsact qdisc, or the interface just went
+            for msg in filters:
+                if msg.get_attr("TCA_KIND") == "bpf" and msg["handle"] == FILTER_HANDLE \
+                        and msg["info"] >> 16 == FILTER_PRIO:
+                    out.append((index, parent, _filter_prog_id(msg)))
+    return out
+
+
+def _bpftool(*argv: str) -> Any:
+    tool = shutil.which("bpftool") or next((p for p in ("/usr/sbin/bpftool", "/sbin/bpftool")
+                                             if os.access(p, os.X_OK)), None)
+    if tool is None:
+        raise RuntimeError("bpftool not found: install it (scripts/setup.sh does); the proxy needs it to tell its "
+                           "own tc filters from another proxy's")
+    res = subprocess.run([tool, "-j", *argv], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"bpftool {' '.join(argv)} failed: {res.stderr.strip()}")
+    return json.loads(res.stdout or "[]")
+
+
+def _prog_map_ids() -> dict[int, set[int]]:
+    """Every loaded program's id -> the ids of the maps it uses."""
+    return {int(p["id"]): set(p.get("map_ids", ())) for p in _bpftool("prog", "show")}
+
+
+def _map_pins() -> dict[int, list[str]]:
+    """Every map's id -> the bpffs paths it is pinned at (none: not pinned)."""
+    return {int(m["id"]): list(m.get("pinned", ())) for m in _bpftool("-f", "map", "show")}
+
+
+def _pinned_map_ids(pin_dir: str) -> set[int]:
+    """Ids of the maps pinned under ``pin_dir``: the maps of this proxy's datapath."""
+    prefix = os.path.realpath(pin_dir).rstrip("/") + "/"
+    return {map_id for map_id, paths in _map_pins().items() if any(p.startswith(prefix) for p in paths)}
+
+
+def _owned_filters(ipr: IPRoute, pin_dir: str) -> list[tuple[int, str]]:
+    """The policy filters that belong to the proxy of ``pin_dir``.
+
+    A filter is this proxy's when its program uses a map pinned under ``pin_dir`` (a restarted
+    proxy's new program uses the same pinned maps, so every generation counts). When nothing is
+    pinned there any more (the pins were deleted first, or an uninstall was cut short), nothing
+    can tell this proxy's filters from another's, so only orphans go: filters whose program's
+    maps are pinned nowhere. No running proxy can update such a filter's maps after a restart,
+    while a proxy whose pins exist keeps its filters."""
+    pins = _map_pins()
+    programs = _prog_map_ids()
+    prefix = os.path.realpath(pin_dir).rstrip("/") + "/"
+    owned = {map_id for map_id, paths in pins.items() if any(p.startswith(prefix) for p in paths)}
+    out = []
+    for index, parent, prog_id in _policy_filters(ipr):
+        maps = programs.get(prog_id, set()) if prog_id is not None else set()
+        if owned:
+            mine = bool(maps & owned)
+        else:
+            # Orphan: a known program none of whose maps has a pin (a program with no maps at
+            # all is not flowtel's policy program, which always uses its pinned maps).
+            mine = bool(maps) and not any(pins.get(m) for m in maps)
+        if mine:
+            out.append((index, parent))
+    return out
+
+
+def _del_filter(ipr: IPRoute, index: int, parent: str) -> bool:
+    try:
+        ipr.tc("del-filter", "bpf", index=index, handle=FILTER_HANDLE, parent=parent, prio=FILTER_PRIO)
+        return True
+    except NetlinkError as exc:
+        if exc.code not in (_ENODEV, _ENOENT, errno.EINVAL):
+            log.warning("removing the FQDN policy filter from interface %d %s: %s", index, parent, exc)
+        return False

@@ -99,6 +99,12 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
             decision=decision)
     add("events_lost_total", counters.get("events_lost", 0), MetricKind.SUM,
         "denied packets the datapath could not record in its fqdn_denied counters (so missing from drop flows)")
+    if proxy.flow_log is not None:
+        add("flow_log_records_total", proxy.flow_log.written, MetricKind.SUM, "flows written to the --flow-log file")
+        for reason, lost in proxy.flow_log.lost_total().items():
+            add("flow_log_lost_total", lost, MetricKind.SUM,
+                "flows not written to the --flow-log file: queue_full (the writer fell behind; the query path "
+                "never waits for it), write_error (the file failed)", reason=reason)
     add("denied_entries_created_total", datapath.denied_created(), MetricKind.SUM,
         "entries created in the datapath's fqdn_denied map (one per pod, interface, destination, port, "
         "protocol and verdict; an LRU, so a rate well above the drop flows' means evictions)")

@@ -318,6 +318,8 @@ class Runner:
             "added_latency_avg_ms": round(st.latency_ns_sum / st.latency_count / 1e6, 3) if st.latency_count else 0.0,
             "policies_rejected": len(self.proxy.policy_errors), "policed_interfaces": len(self.datapath.attached),
             "datapath": self.datapath.counters(),
+            **({"flow_log_lost": sum(self.proxy.flow_log.lost_total().values())}
+               if self.proxy.flow_log is not None else {}),
             **({"kubernetes": self.kube.counters()} if self.kube is not None else {}),
         }
 

@@ -15,13 +15,13 @@ is mostly dnspython reading messages, so what it read is kept per distinct messa
 (dnsproxy/wire.py) and the policy's decision per (client, name) per policy view.
 
 Decisions and datapath drops are written as Hubble-shaped flows (one JSON per line, the file
-exporter's envelope) when a flow log is configured, and counted in :attr:`DnsProxy.stats`.
+exporter's envelope, by a writer thread: dnsproxy/flowlog.py) when a flow log is configured,
+and counted in :attr:`DnsProxy.stats`.
 """
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import logging
 import socket
 import socketserver
@@ -36,6 +36,7 @@ import dns.exception
 import dns.rcode
 
 from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
+from dnsproxy.flowlog import FlowLogWriter
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
 from dnsproxy.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
 from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
@@ -44,7 +45,6 @@ from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F40
 from dnsproxy.wire import (Answer, BoundedCache, Query, QuestionKey, answer_ips, header_only_formerr,  # noqa: F401
                            parse_answer, parse_query)
 from flowtel.histogram import Histogram
-from flowtel.hubble import flow_to_dict
 from flowtel.records import DnsInfo, Endpoint, Flow, FlowType, TrafficDirection, Verdict
 
 log = logging.getLogger("flowtel.dnsproxy")
@@ -133,8 +133,8 @@ class DnsProxy:
         self.policy_errors: list[str] = []
         self._decisions: tuple[PolicySet | None, BoundedCache[tuple[str, QuestionKey], Decision]] = (
             None, BoundedCache(DECISION_CACHE_ENTRIES))
-        self._log_lock = threading.Lock()
-        self._flow_log = open(config.flow_log, "a", buffering=1) if config.flow_log else None
+        # Written by a thread of its own (dnsproxy/flowlog.py): the query path only queues a record.
+        self.flow_log = FlowLogWriter(config.flow_log) if config.flow_log else None
         self._servers: list[socketserver.BaseServer] = []
         self._udp_loop: UdpLoop | None = None
         # The proxy's own addresses: a query to one of them was not redirected, and forwarding it
@@ -352,12 +352,8 @@ class DnsProxy:
     # -- flows -------------------------------------------------------------------------------
 
     def _write(self, flow: Flow) -> None:
-        if self._flow_log is None:
-            return
-        body = flow_to_dict(flow)
-        line = json.dumps({"flow": body, "node_name": flow.node_name, "time": body.get("time")})
-        with self._log_lock:
-            self._flow_log.write(line + "\n")
+        if self.flow_log is not None:
+            self.flow_log.write(flow)
 
     def _endpoint(self, ip: str) -> Endpoint | None:
         pod = self.policy.pod_by_ip(ip)
@@ -369,7 +365,7 @@ class DnsProxy:
     def _dns_flow(self, client_ip: str, query: Query, rcode: int, ips: tuple[str, ...], ttl: int,
                   cnames: tuple[str, ...], verdict: Verdict, latency_ns: int,
                   orig_dst: tuple[str, int] | None = None) -> None:
-        if self._flow_log is None:
+        if self.flow_log is None:
             return
         # The answer's source as the pod sees it: the resolver it asked.
         listen_ip = orig_dst[0] if orig_dst else (
@@ -460,9 +456,8 @@ class DnsProxy:
         for s in self._servers:
             s.shutdown()
             s.server_close()
-        if self._flow_log is not None:
-            with self._log_lock:
-                self._flow_log.close()
+        if self.flow_log is not None:
+            self.flow_log.close()
 
 
 def _error_kind(exc: BaseException) -> str:

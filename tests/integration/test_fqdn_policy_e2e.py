@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,16 +137,17 @@ class Proxy:
     (all derived from the test process's pid, so concurrent runs do not collide)."""
 
     def __init__(self, bed: Bed, tmp: Path, *, upstream: str | None, audit: bool = False,
-                 extra: tuple[str, ...] = ()) -> None:
-        tag = f"t{os.getpid()}"
+                 extra: tuple[str, ...] = (), instance: int = 0, policies: Path | None = None) -> None:
+        # `instance` > 0: a second proxy beside the first (its own pins, table, label, address).
+        tag = f"t{os.getpid()}" + (f"i{instance}" if instance else "")
         self.pin_dir = f"/sys/fs/bpf/flowtel/dnsproxy-test-{tag}"
         self.nft_table = f"ftdnsproxy_{tag}"
         self.label = f"lo:ft{tag}"[:15]
-        self.flow_log = tmp / "proxy-flows.log"
-        self.log = tmp / "proxy.log"
-        self.argv = [sys.executable, "-m", "flowtel.cli", "dnsproxy", "--policies", str(bed.policies),
+        self.flow_log = tmp / f"proxy-flows{instance or ''}.log"
+        self.log = tmp / f"proxy{instance or ''}.log"
+        self.argv = [sys.executable, "-m", "flowtel.cli", "dnsproxy", "--policies", str(policies or bed.policies),
                      "--pods", str(bed.pods_file), *(("--upstream", f"{upstream}:53") if upstream else ()),
-                     "--listen", f"169.254.53.{os.getpid() % 250 + 2}:53",
+                     "--listen", f"169.254.{53 + instance}.{os.getpid() % 250 + 2}:53",
                      "--flow-log", str(self.flow_log), "--pin-dir", self.pin_dir, "--nft-table", self.nft_table,
                      "--address-label", self.label, "--reload-interval", "0.2", "--status-interval", "0.5",
                      # No fixed loopback ports: another proxy (a concurrent run, a node's own) may
@@ -454,3 +456,51 @@ def test_agent_restart_does_not_disturb_dns_or_enforcement(bed: Bed, proxy: Prox
     assert failures == []
     assert view.counters()["dropped"] == dropped  # no unexpected drop
     assert not connect(bed.client, bed.other.ipv4)  # and enforcement is still on
+
+
+def _has_policy_filter(ifname: str) -> bool:
+    out = subprocess.run(["tc", "filter", "show", "dev", ifname, "ingress"], capture_output=True, text=True).stdout
+    return "handle 0xf1d0" in out
+
+
+def test_uninstall_leaves_another_proxys_enforcement(bed: Bed, proxy: Proxy, tmp_path: Path,
+                                                     datapath_view: Any) -> None:
+    """Two proxies (own pins, nft tables, addresses) police two pods; uninstalling one, with its
+    pins or after they were deleted, leaves the other's filters, redirect and drops intact."""
+    policies = tmp_path / "policies-free"
+    policies.mkdir()
+    (policies / "free.yaml").write_text(POLICY.replace("client-egress", "free-egress").replace("app: client", "app: free"))
+    second = Proxy(bed, tmp_path, upstream=bed.dns.ipv4, instance=1, policies=policies)
+    client_if, free_if = bed.client.host_ifname, bed.free.host_ifname
+    try:
+        view = datapath_view(proxy)
+        # The second proxy's start-up sweep left the first one's filter alone: both enforce.
+        assert _has_policy_filter(client_if) and _has_policy_filter(free_if)
+        assert not connect(bed.client, bed.other.ipv4)
+        assert not connect(bed.free, bed.other.ipv4)
+
+        second.close()  # stop, then uninstall over its pins
+        assert not _has_policy_filter(free_if) and _has_policy_filter(client_if)
+        dropped = view.counters()["dropped"]
+        assert not connect(bed.client, bed.other.ipv4)
+        assert view.counters()["dropped"] > dropped
+        # The shared policy rule and route stayed: the first proxy still answers its pod's DNS.
+        assert dig(bed.client, bed.dns.ipv4, "allowed.example.test") == ("NOERROR", [bed.web.ipv4])
+        assert connect(bed.free, bed.other.ipv4)
+
+        # Pins gone before the uninstall (a proxy killed, its pin dir deleted): only filters whose
+        # maps are pinned nowhere go, so the second proxy's orphans and never the first one's.
+        second.start()
+        assert _has_policy_filter(free_if) and not connect(bed.free, bed.other.ipv4)
+        second.kill()
+        shutil.rmtree(second.pin_dir)
+        removed = uninstall(second.pin_dir, nft_table=second.nft_table, address_label=second.label)
+        assert f"filter {free_if} ffff:fff2" in removed and f"filter {free_if} ffff:fff3" in removed
+        assert not any(client_if in item for item in removed)
+        assert _has_policy_filter(client_if)
+        dropped = view.counters()["dropped"]
+        assert not connect(bed.client, bed.other.ipv4)
+        assert view.counters()["dropped"] > dropped
+        assert connect(bed.free, bed.other.ipv4)
+    finally:
+        second.close()
