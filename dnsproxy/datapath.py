@@ -552,7 +552,15 @@ def _bpftool(*argv: str) -> Any:
                            "own tc filters from another proxy's")
     res = subprocess.run([tool, "-j", *argv], capture_output=True, text=True)
     if res.returncode:
-        raise RuntimeError(f"bpftool {' '.join(argv)} failed: {res.stderr.strip()}")
+        detail = res.stderr.strip()
+        try:  # with -j, bpftool reports its error as JSON on stdout
+            detail = detail or str(json.loads(res.stdout).get("error", ""))
+        except (ValueError, AttributeError):
+            detail = detail or res.stdout.strip()
+        hint = (" (listing loaded BPF programs and maps, to tell this proxy's tc filters from others', takes "
+                "CAP_SYS_ADMIN: BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_NEXT_ID)"
+                if "not permitted" in detail.lower() or not detail else "")
+        raise RuntimeError(f"bpftool {' '.join(argv)} failed: {detail or f'exit status {res.returncode}'}{hint}")
     return json.loads(res.stdout or "[]")
 
 

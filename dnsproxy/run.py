@@ -331,9 +331,14 @@ class Runner:
 def main(args: argparse.Namespace) -> int:
     if args.uninstall:
         listen6 = _listen6(args, _hostport(args.listen, 53))
-        for item in uninstall(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label,
-                              listen6=listen6[0] if listen6 else None, tproxy_mark=args.tproxy_mark,
-                              route_table=args.route_table, rule_priority=args.rule_priority):
+        try:
+            removed = uninstall(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label,
+                                listen6=listen6[0] if listen6 else None, tproxy_mark=args.tproxy_mark,
+                                route_table=args.route_table, rule_priority=args.rule_priority)
+        except (RuntimeError, OSError) as exc:
+            print(f"flowtel dnsproxy --uninstall: {exc}", file=sys.stderr)
+            return 1
+        for item in removed:
             print(f"removed {item}")
         return 0
     # Policies: files, the API, or both (the API's plus a directory's, e.g. node-local
