@@ -1,7 +1,6 @@
 """What the Kustomize packaging renders, for the tests: `kubectl kustomize` output as dicts."""
 from __future__ import annotations
 
-import copy
 import functools
 import shutil
 import subprocess
@@ -11,7 +10,6 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowtel.component import Kind
 from flowtel.config import component_type
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,35 +87,3 @@ def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     elif isinstance(node, list):
         for i, value in enumerate(node):
             yield from walk(value, f"{path}[{i}]")
-
-
-def registered_subset(data: dict[str, Any], factories: dict[Kind, dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-    """The config without components whose type is not registered yet (and without the pipeline
-    entries, pipelines and connectors that then make no sense), and the ids left out."""
-    out = copy.deepcopy(data)
-    left_out = []
-    for kind in Kind:
-        section = out.get(kind.value) or {}
-        for cid in list(section):
-            if component_type(cid) not in factories[kind]:
-                del section[cid]
-                left_out.append(f"{kind.value}.{cid}")
-    service = out["service"]
-    changed = True
-    while changed:
-        changed = False
-        defined = {cid for kind in Kind for cid in (out.get(kind.value) or {})}
-        for pid, spec in list(service["pipelines"].items()):
-            for key in ("receivers", "processors", "exporters"):
-                spec[key] = [c for c in spec.get(key) or [] if c in defined]
-            if not spec["receivers"] or not spec["exporters"]:
-                del service["pipelines"][pid]
-                changed = True
-        for cid in list(out.get("connectors") or {}):
-            specs = service["pipelines"].values()
-            if any(cid in s["exporters"] for s in specs) != any(cid in s["receivers"] for s in specs):
-                del out["connectors"][cid]
-                left_out.append(f"connectors.{cid} (its other side is not registered)")
-                changed = True
-    service["extensions"] = [e for e in service.get("extensions") or [] if e in (out.get("extensions") or {})]
-    return out, left_out

@@ -21,9 +21,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowtel.component import Kind
-from flowtel.registry import factories_by_kind
-from tests.deploy.manifests import DEPLOY, REPO, registered_subset
+from tests.deploy.manifests import DEPLOY, REPO
 
 DASHBOARDS = sorted((DEPLOY / "dashboards").glob("*.json"))
 WORKBOOK = DEPLOY / "azure" / "workbook.json"
@@ -286,10 +284,10 @@ def test_every_promql_expression_parses_in_prometheus(tmp_path: Path) -> None:
 
 
 def data_test_config(glob: str, metrics_port: int, flows_port: int,
-                     health_port: int | None = None) -> tuple[dict[str, Any], list[str]]:
+                     health_port: int | None = None) -> dict[str, Any]:
     """deploy/base/flowtel.yaml as the DaemonSet runs it, pointed at the test's pods, with
     Prometheus as the only exporter, short intervals, and what cannot run here left out
-    (k8sattributes: no API server; components not registered yet)."""
+    (k8sattributes: no API server)."""
     cfg = yaml.safe_load((DEPLOY / "base" / "flowtel.yaml").read_text())
     cfg["receivers"]["ebpf"].update(
         interfaces=[glob], collection_interval="1s", dns={"timeout": "1s"},
@@ -314,7 +312,7 @@ def data_test_config(glob: str, metrics_port: int, flows_port: int,
     for spec in cfg["service"]["pipelines"].values():
         spec["processors"] = []
         spec["exporters"] = [e for e in spec["exporters"] if e in ("prometheus", *cfg["connectors"])]
-    return registered_subset(cfg, factories_by_kind())
+    return cfg
 
 
 def exposed_names(port: int) -> set[str]:
@@ -327,13 +325,10 @@ def exposed_names(port: int) -> set[str]:
 class LiveAgent:
     prometheus: Prometheus
     exposed: set[str]
-    left_out: list[str]
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
-    if "prometheus" not in factories_by_kind()[Kind.EXPORTER]:
-        pytest.skip("the prometheus exporter is not registered yet: nothing to scrape")
     from flowtel.testbed import Testbed, send_tcp, send_udp
 
     tmp = tmp_path_factory.mktemp("live")
@@ -342,7 +337,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
         client, server, dns = bed.add_pod("client"), bed.add_pod("server"), bed.add_pod("dns")
         metrics_port = free_port()
         health_port = free_port()
-        cfg, left_out = data_test_config(bed.interface_glob, metrics_port, free_port(), health_port)
+        cfg = data_test_config(bed.interface_glob, metrics_port, free_port(), health_port)
         (tmp / "flowtel.yaml").write_text(yaml.safe_dump(cfg))
         agent = subprocess.Popen([sys.executable, "-m", "flowtel.cli", "run", "--config", str(tmp / "flowtel.yaml")],
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=(tmp / "agent.log").open("w"),
@@ -429,7 +424,7 @@ while True:
                     break
                 assert time.monotonic() < deadline, "Prometheus did not get two scrapes of every family in 30 s"
                 time.sleep(0.5)
-            yield LiveAgent(prom, exposed_names(metrics_port), left_out)
+            yield LiveAgent(prom, exposed_names(metrics_port))
         finally:
             if prom is not None:
                 prom.stop()
@@ -448,9 +443,7 @@ EVALUATED = [e for e in all_exprs() if e.evaluate]
 @pytest.mark.parametrize("expr", EVALUATED, ids=[e.id for e in EVALUATED])
 def test_expression_returns_data_from_a_running_agent(live: LiveAgent, expr: Expr) -> None:
     missing = sorted(set(METRIC_RE.findall(expr.text)) - live.exposed)
-    if missing:
-        pytest.skip(f"the running agent does not expose {', '.join(missing)} "
-                    f"(components not registered yet: {', '.join(live.left_out) or 'none'})")
+    assert not missing, f"the dashboards query {', '.join(missing)}, which the running agent does not expose"
     # A series born in the last second (an edge, a new drop reason) needs one more scrape.
     deadline = time.monotonic() + 5
     while True:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 from typing import Any
 
 import kubernetes_validate
@@ -26,7 +25,6 @@ from tests.deploy.manifests import (
     find,
     find_all,
     pod_spec,
-    registered_subset,
     render,
     walk,
 )
@@ -369,26 +367,26 @@ def test_agent_config_is_valid_for_the_registered_components(name: str) -> None:
     text = config_map_data(docs, "flowtel-config")["config.yaml"]
     for var, default in _ENV_REF.findall(text):
         assert default or var in environ, f"config uses ${{env:{var}}} but the DaemonSet does not set {var}"
-    factories = factories_by_kind()
-    subset, left_out = registered_subset(data, factories)
-    if left_out:
-        warnings.warn(f"{name}: not validated until registered: {', '.join(left_out)}", stacklevel=1)
-    # Raises ConfigError naming the key path on any unknown key or bad value.
-    parsed = parse_config(subset, f"{name}/flowtel.yaml", factories=factories, environ=environ)
-    assert parsed.pipelines, "no pipeline left to validate"
-    # The ones that must be there whatever else is registered.
-    assert {"ebpf", "health_check"} <= {*parsed.components[Kind.RECEIVER], *parsed.components[Kind.EXTENSION]}
+    # Raises ConfigError naming the key path on any unknown component type, key or bad value.
+    parsed = parse_config(data, f"{name}/flowtel.yaml", factories=factories_by_kind(), environ=environ)
+    assert parsed.pipelines, "no pipeline to validate"
+    assert {"ebpf", "fqdnpolicy", "health_check"} <= {*parsed.components[Kind.RECEIVER],
+                                                      *parsed.components[Kind.EXTENSION]}
 
 
-def test_the_subset_check_still_rejects_unknown_keys_of_registered_components() -> None:
+def test_the_config_check_rejects_unknown_keys_and_component_types() -> None:
+    from flowtel.config import ConfigError
+
     docs = render("base")
     data = agent_config(docs)
     data["receivers"]["ebpf"]["interfaecs"] = ["veth*"]
-    subset, _ = registered_subset(data, factories_by_kind())
-    from flowtel.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"receivers\.ebpf\.interfaecs: unknown key"):
-        parse_config(subset, "x.yaml", factories=factories_by_kind(), environ=_environ(docs))
+        parse_config(data, "x.yaml", factories=factories_by_kind(), environ=_environ(docs))
+    data = agent_config(docs)
+    data["receivers"]["fqdnpolcy"] = data["receivers"].pop("fqdnpolicy")
+    data["service"]["pipelines"]["logs"]["receivers"] = ["ebpf", "fqdnpolcy"]
+    with pytest.raises(ConfigError, match="fqdnpolcy"):
+        parse_config(data, "x.yaml", factories=factories_by_kind(), environ=_environ(docs))
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
