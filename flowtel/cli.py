@@ -6,9 +6,10 @@ import logging
 import os
 import socket
 import sys
+from typing import Callable
 
 from flowtel.config import ConfigError, load_config
-from flowtel.errors import StartError
+from flowtel.errors import StartError, UsageError
 
 
 def node_name() -> str:
@@ -61,34 +62,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, interval=args.interval)
 
 
-def cmd_observe(args: argparse.Namespace) -> int:
-    from flowtel.observe import ObserveError, observe
-
+def _usage_errors(command: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
-        return observe(args)
-    except ObserveError as exc:
-        print(f"flowtel observe: {exc}", file=sys.stderr)
+        return run(args)
+    except UsageError as exc:
+        print(f"flowtel {command}: {exc}", file=sys.stderr)
         return exc.code
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    from flowtel.observe import observe
+
+    return _usage_errors("observe", observe, args)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from flowtel.observe import ObserveError, print_map
+    from flowtel.observe import print_map
 
-    try:
-        return print_map(args)
-    except ObserveError as exc:
-        print(f"flowtel map: {exc}", file=sys.stderr)
-        return exc.code
+    return _usage_errors("map", print_map, args)
 
 
 def cmd_policy_suggest(args: argparse.Namespace) -> int:
-    from flowtel.policysuggest.cli import CommandError, run
+    from flowtel.policysuggest.cli import run
 
-    try:
-        return run(args)
-    except CommandError as exc:
-        print(f"flowtel policy suggest: {exc}", file=sys.stderr)
-        return exc.code
+    return _usage_errors("policy suggest", run, args)
 
 
 def cmd_dnsproxy(args: argparse.Namespace) -> int:

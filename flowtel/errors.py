@@ -10,3 +10,12 @@ class StartError(Exception):
         self.problem = problem
         self.remedy = remedy
         super().__init__(f"{component}: {problem}\n  fix: {remedy}")
+
+
+class UsageError(Exception):
+    """A command-line problem: printed as ``flowtel <command>: …``, exit status ``code``
+    (2: the arguments are wrong, 1: what they point at failed)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code

@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 from extensions.flows.config import DEFAULT_ENDPOINT, split_endpoint
 from flowtel import hubble, mapformat
+from flowtel.errors import UsageError
 from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, Filters, build_filters
 from flowtel.hubble_parse import FlowJSONError, parse_time_arg, record_from_envelope
 from flowtel.records import Flow, LostEvents, Record
@@ -53,12 +54,8 @@ _FILTER_HELP = {
 }
 
 
-class ObserveError(Exception):
-    """A problem to print as ``flowtel <command>: …`` with exit status ``code``."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+# What `flowtel observe` and `flowtel map` raise for the CLI to print.
+ObserveError = UsageError
 
 
 class _FilterAction(argparse.Action):

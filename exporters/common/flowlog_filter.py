@@ -298,28 +298,25 @@ def _attribute_kept(tree: dict[str, Any], key: str, l4: str) -> bool:
     return all(_keeps(tree, f"{side}.{field}") for field in fields)
 
 
-def _keeps(tree: dict[str, Any], path: str) -> bool:
-    """Whether the mask keeps all of the value at ``path`` (it or a parent is a mask path)."""
+def _mask_node(tree: dict[str, Any], path: str) -> Any:
+    """The mask's node for ``path``: None when the mask keeps nothing there, ``_ALL`` when it
+    (or a parent) is a mask path, else the sub-tree of the paths kept inside it."""
     node: Any = tree
     for part in path.split("."):
         node = node.get(part)
-        if node is None:
-            return False
-        if node is _ALL:
-            return True
-    return False  # only paths inside the value are kept, not all of it
+        if node is None or node is _ALL:
+            return node
+    return node
+
+
+def _keeps(tree: dict[str, Any], path: str) -> bool:
+    """Whether the mask keeps all of the value at ``path`` (it or a parent is a mask path)."""
+    return _mask_node(tree, path) is _ALL
 
 
 def _shows(tree: dict[str, Any], path: str) -> bool:
     """Whether the mask keeps ``path`` or anything inside it (so the body shows it exists)."""
-    node: Any = tree
-    for part in path.split("."):
-        node = node.get(part)
-        if node is None:
-            return False
-        if node is _ALL:
-            return True
-    return True
+    return _mask_node(tree, path) is not None
 
 
 class FlowLogFilter:

@@ -16,7 +16,8 @@ from urllib.parse import urlencode
 
 from extensions.flows.config import DEFAULT_ENDPOINT
 from flowtel.hubble_parse import FlowJSONError, parse_time_arg, record_from_envelope
-from flowtel.observe import ObserveError, connect_flow_api
+from flowtel.errors import UsageError
+from flowtel.observe import connect_flow_api
 from flowtel.policysuggest.render import to_json, to_yaml
 from flowtel.policysuggest.derive import Options, Selection, SuggestError, suggest
 from flowtel.records import Flow, Record
@@ -25,12 +26,8 @@ from flowtel.records import Flow, Record
 READ_TIMEOUT = 60.0
 
 
-class CommandError(Exception):
-    """A problem to print as ``flowtel policy suggest: …`` with exit status ``code``."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+# What `flowtel policy suggest` raises for the CLI to print.
+CommandError = UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,10 +115,7 @@ def _query(args: argparse.Namespace) -> str:
 
 
 def _agent_lines(server: str, path: str) -> Iterator[str]:
-    try:
-        resp = connect_flow_api(server, path, READ_TIMEOUT, hint="Point --server at it, or use --from-file.")
-    except ObserveError as exc:
-        raise CommandError(str(exc), exc.code) from None
+    resp = connect_flow_api(server, path, READ_TIMEOUT, hint="Point --server at it, or use --from-file.")
     try:
         while True:
             raw = resp.readline()
