@@ -1,7 +1,7 @@
 /* flowtel.h — the one definition of every struct that crosses the kernel/user boundary.
  *
  * User space never keeps a copy of these layouts: bcc turns the map key/value types into
- * ctypes classes, and receiver/ebpf/layout.py derives binary unpack formats from those.
+ * ctypes classes, and flowtel/lib/bpf/layout.py derives binary unpack formats from those.
  * Only UAPI types are used, so the layout does not depend on the kernel headers in use.
  */
 #ifndef FLOWTEL_H
@@ -41,12 +41,9 @@ struct flow_stats {
     __u8  pad[7];
 };
 
-/* Per-interface, per-hook totals (cumulative; exact even when the flow map overflows). */
-struct iface_key {
-    __u32 ifindex;
-    __u32 hook;
-};
-
+/* Per-interface, per-hook totals (cumulative; exact even when the flow map overflows), one
+ * per-CPU array element per (slot, hook): index slot * 2 + hook, where the slot is the one the
+ * loader assigned to the interface (passed to the program as the tc filter's classid, slot + 1). */
 struct iface_stats {
     __u64 packets;
     __u64 bytes;
@@ -56,7 +53,7 @@ struct iface_stats {
 #define FLOWTEL_CNT_FLOWS_CREATED_0   0  /* new entries inserted into flow map 0 */
 #define FLOWTEL_CNT_FLOWS_CREATED_1   1  /* ... into flow map 1 */
 #define FLOWTEL_CNT_FLOW_UPDATE_FAIL  2  /* packets not counted in a flow: insert failed */
-#define FLOWTEL_CNT_IFACE_UPDATE_FAIL 3  /* packets not counted in interface totals */
+#define FLOWTEL_CNT_IFACE_UPDATE_FAIL 3  /* packets not counted in interface totals: no slot */
 #define FLOWTEL_CNT_DNS_EVENTS        4  /* DNS packets written to the dns_events ring buffer */
 #define FLOWTEL_CNT_DNS_LOST          5  /* DNS packets lost: the ring buffer was full */
 #define FLOWTEL_CNT_MAX               6
@@ -102,7 +99,8 @@ struct dns_event {
 #define FLOWTEL_DROP_INGRESS 0   /* the packet had been received by this network namespace */
 #define FLOWTEL_DROP_EGRESS  1   /* locally sent, or being forwarded out of another device */
 
-/* Per-CPU drop counters: one entry per (reason, direction). */
+/* Per-CPU drop counters: one entry per (reason, direction). Exact even when the drop flow
+ * maps overflow (as iface_stats are for flows). */
 struct drop_key {
     __u32 reason;        /* enum skb_drop_reason; named from the kfree_skb tracefs format */
     __u32 direction;     /* FLOWTEL_DROP_* */
@@ -111,6 +109,34 @@ struct drop_key {
 struct drop_stats {
     __u64 packets;       /* skbs freed with this reason (a GSO skb counts once) */
     __u64 bytes;         /* skb->len at the drop point */
+};
+
+/* Drops aggregated per flow, drained on an interval from a double buffer as the tc flow maps
+ * are (drop_flows_<drop_active[0]>): a flood of drops costs user space one record per distinct
+ * key and interval, whatever its rate. Addresses and ports are the packet's. */
+struct drop_flow_key {
+    __u8  saddr[16];     /* IPv4 in the first 4 bytes */
+    __u8  daddr[16];
+    __u64 location;      /* kernel address where the skb was freed */
+    __u32 reason;        /* enum skb_drop_reason */
+    __u32 netns;         /* inode number of the device's (or sending socket's) namespace; 0 unknown */
+    __u32 ifindex;       /* skb->dev->ifindex, within that namespace; 0 unknown */
+    __u16 sport;         /* host byte order; ICMP: type */
+    __u16 dport;         /* ICMP: code */
+    __u16 ethertype;     /* skb->protocol, host byte order */
+    __u8  family;        /* 4, 6, or 0 (not IP / unreadable) */
+    __u8  protocol;      /* IANA L4 protocol */
+    __u8  direction;     /* FLOWTEL_DROP_* */
+    __u8  pad[3];
+};
+
+struct drop_flow_stats {
+    __u64 packets;
+    __u64 bytes;         /* skb->len at the drop point */
+    __u64 first_ns;      /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 last_ns;
+    __u8  tcp_flags;     /* union of the flags bytes of the TCP segments dropped */
+    __u8  pad[7];
 };
 
 /* Kinds of struct kernel_event. */
@@ -176,7 +202,12 @@ struct tcp_conn {
 #define FLOWTEL_KEV_CNT_RESETS_RECEIVED  5
 #define FLOWTEL_KEV_CNT_RTT_SUM_NS       6  /* client handshake RTTs: sum ... */
 #define FLOWTEL_KEV_CNT_RTT_COUNT        7  /* ... and count */
-#define FLOWTEL_KEV_CNT_MAX              8
+#define FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 8  /* new entries inserted into drop_flows_0 */
+#define FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_1 9  /* ... into drop_flows_1 */
+#define FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL 10 /* drops not counted in a drop flow: insert failed */
+#define FLOWTEL_KEV_CNT_RTT_HIST         11 /* 11 + i: client handshake RTTs in bucket i */
+#define FLOWTEL_KEV_RTT_BUCKETS          16 /* index = FLOWTEL_RTT_BUCKET(ns), an expression the loader sets from the histogram bounds */
+#define FLOWTEL_KEV_CNT_MAX              27
 /* ==== end of kernel events ============================================================== */
 
 /* ==== FQDN egress policy (bpf/fqdn_policy.c, dnsproxy/) ==================================

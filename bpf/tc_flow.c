@@ -1,16 +1,23 @@
 /* tc_flow.c — per-flow packet/byte/TCP-flag counters on tc clsact ingress and egress.
  *
  * Aggregates in the kernel: user space drains the counters on an interval, never per packet.
- * Two flow maps are used as a double buffer: the program writes to flow_maps[flow_active[0]];
- * user space flips the index, waits for in-flight programs to finish, then
- * drains the other map with no concurrent writer, so no increment can be lost to a delete.
+ * Two flow maps are used as a double buffer: the program writes to flows_<flow_active[0]>;
+ * user space flips the index, waits for in-flight programs to finish, then drains the other
+ * map with no concurrent writer, so no increment can be lost to a delete. The flag is one
+ * array read (inlined by the verifier) and picks the map directly: no map-in-map lookup.
  *
- * DNS packets are also copied into a ring buffer for user space to parse (see the DNS
- * capture section below).
+ * Per-interface totals live in a per-CPU array indexed by the slot the loader assigned to the
+ * interface when it attached the filter; the slot arrives in skb->tc_classid (cls_bpf sets it
+ * to the filter's classid, slot + 1, before running the program), so counting a packet is an
+ * array access, and slots of removed links are reused (flowtel/lib/bpf/ifaceslots.py).
  *
- * Compile-time constants (set by the loader): FLOWTEL_MAX_FLOWS; for DNS: FLOWTEL_DNS (0/1),
- * FLOWTEL_IS_DNS_PORT(p) (an expression of the configured ports), FLOWTEL_DNS_CAPTURE,
- * FLOWTEL_DNS_RING_PAGES.
+ * Headers are read with direct packet access while they are in the skb's linear part
+ * (packet.h). DNS packets are also copied into a ring buffer for user space to parse (see the
+ * DNS capture section below).
+ *
+ * Compile-time constants (set by the loader): FLOWTEL_MAX_FLOWS, FLOWTEL_IFACE_SLOTS; for DNS:
+ * FLOWTEL_DNS (0/1), FLOWTEL_IS_DNS_PORT(p) (an expression of the configured ports),
+ * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -19,13 +26,18 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 #include "flowtel.h"
+#include "packet.h"
+#define FLOWTEL_PARSE_FN flowtel_tc_parse
+#define FLOWTEL_PARSE_CTX struct __sk_buff *
+#define FLOWTEL_PARSE_LOAD flowtel_tc_load
+#include "packet.h"
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_0, FLOWTEL_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_1, FLOWTEL_MAX_FLOWS);
 BPF_ARRAY(flow_active, __u32, 1);
-/* flow_maps[i] = flows_i, filled by the loader; map-in-map lets one code path serve both. */
-BPF_ARRAY_OF_MAPS(flow_maps, "flows_0", 2);
-BPF_TABLE("percpu_hash", struct iface_key, struct iface_stats, iface_totals, 4096);
+/* Index slot * 2 + hook; cumulative, never reset: a slot's counts stay in the node's totals
+ * after its link is gone (user space keeps a baseline per assignment for per-link views). */
+BPF_PERCPU_ARRAY(iface_counters, struct iface_stats, FLOWTEL_IFACE_SLOTS * 2);
 BPF_PERCPU_ARRAY(counters, __u64, FLOWTEL_CNT_MAX);
 
 static __always_inline void count_event(__u32 idx)
@@ -35,93 +47,37 @@ static __always_inline void count_event(__u32 idx)
         *v += 1;
 }
 
-/* Where parse() found the transport header, for the DNS capture. */
+/* Where the parser found the transport header, for the DNS capture. */
 struct l4_info {
     __u32 off;  /* offset of the TCP/UDP header; 0 when the ports were not read */
     __u32 end;  /* offset just past the IP packet per its header (excludes Ethernet padding) */
 };
 
-/* Parse what the key needs. Uses bpf_skb_load_bytes so non-linear skbs (GSO, veth
- * with paged data) are read correctly. At tc, offset 0 is the Ethernet header. */
+/* The flow key of a packet (packet.h does the parsing). At tc, offset 0 is the Ethernet header. */
 static __always_inline void parse(struct __sk_buff *skb, struct flow_key *key, __u8 *flags,
                                   struct l4_info *l4)
 {
+    struct flowtel_packet p = {};
     __u16 ethertype = bpf_ntohs(skb->protocol);
-    __u32 l4off = 0;
-    __u8 proto = 0;
-
     key->ethertype = ethertype;
-    if (ethertype == ETH_P_IP) {
-        struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-            return;
-        key->family = 4;
-        __builtin_memcpy(key->saddr, &ip.saddr, 4);
-        __builtin_memcpy(key->daddr, &ip.daddr, 4);
-        proto = ip.protocol;
-        key->protocol = proto;
-        l4->end = ETH_HLEN + bpf_ntohs(ip.tot_len);
-        /* Later fragments carry no L4 header. */
-        if (ip.frag_off & bpf_htons(0x1fff))
-            return;
-        l4off = ETH_HLEN + ip.ihl * 4;
-    } else if (ethertype == ETH_P_IPV6) {
-        struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
-            return;
-        key->family = 6;
-        __builtin_memcpy(key->saddr, &ip6.saddr, 16);
-        __builtin_memcpy(key->daddr, &ip6.daddr, 16);
-        proto = ip6.nexthdr;
-        l4off = ETH_HLEN + sizeof(ip6);
-        l4->end = l4off + bpf_ntohs(ip6.payload_len);
-        /* Walk a bounded number of extension headers to find the transport header. */
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (proto != IPPROTO_HOPOPTS && proto != IPPROTO_ROUTING &&
-                proto != IPPROTO_DSTOPTS && proto != IPPROTO_FRAGMENT)
-                break;
-            __u8 ext[8];
-            if (bpf_skb_load_bytes(skb, l4off, ext, sizeof(ext)) < 0)
-                return;
-            if (proto == IPPROTO_FRAGMENT) {
-                proto = ext[0];
-                key->protocol = proto;
-                if (((ext[2] << 8) | ext[3]) & 0xfff8)  /* not the first fragment */
-                    return;
-                l4off += 8;
-            } else {
-                proto = ext[0];
-                l4off += (ext[1] + 1) * 8;
-            }
-        }
-        key->protocol = proto;
-    } else {
+    flowtel_tc_parse(skb, ethertype, ETH_HLEN, &p);
+    if (!p.family)
         return;
+    key->family = p.family;
+    key->protocol = p.protocol;
+    __builtin_memcpy(key->saddr, p.saddr, 16);
+    __builtin_memcpy(key->daddr, p.daddr, 16);
+    if (p.has_icmp) {  /* ICMP: the key's ports carry type and code */
+        key->sport = p.icmp_type;
+        key->dport = p.icmp_code;
+    } else {
+        key->sport = p.sport;
+        key->dport = p.dport;
     }
-
-    if (proto == IPPROTO_TCP) {
-        __u8 tcp[14];
-        if (bpf_skb_load_bytes(skb, l4off, tcp, sizeof(tcp)) < 0)
-            return;
-        key->sport = (tcp[0] << 8) | tcp[1];
-        key->dport = (tcp[2] << 8) | tcp[3];
-        *flags = tcp[13];
-        l4->off = l4off;
-    } else if (proto == IPPROTO_UDP || proto == IPPROTO_SCTP || proto == IPPROTO_UDPLITE) {
-        __u8 ports[4];
-        if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) < 0)
-            return;
-        key->sport = (ports[0] << 8) | ports[1];
-        key->dport = (ports[2] << 8) | ports[3];
-        l4->off = l4off;
-    } else if (proto == IPPROTO_ICMP || proto == 58 /* IPPROTO_ICMPV6 */) {
-        __u8 tc[2];
-        if (bpf_skb_load_bytes(skb, l4off, tc, sizeof(tc)) < 0)
-            return;
-        key->sport = tc[0];
-        key->dport = tc[1];
-    }
+    if (p.protocol == IPPROTO_TCP)
+        *flags = p.tcp_flags;
+    l4->off = p.l4off;
+    l4->end = p.end;
 }
 
 /* ---- DNS capture ------------------------------------------------------------------
@@ -201,6 +157,21 @@ static __always_inline void dns_capture(struct __sk_buff *skb, const struct flow
 #endif
 /* ---- end of DNS capture ---------------------------------------------------------- */
 
+static __always_inline void count_interface(struct __sk_buff *skb, __u8 hook, __u64 len)
+{
+    /* classid 0 (no slot: all were taken) wraps to a huge index and is counted as a failure. */
+    __u32 idx = (skb->tc_classid - 1) * 2 + hook;
+    struct iface_stats *is = 0;
+    if (skb->tc_classid && skb->tc_classid <= FLOWTEL_IFACE_SLOTS)
+        is = iface_counters.lookup(&idx);
+    if (is) {
+        is->packets += 1;  /* per-CPU value: no atomics needed */
+        is->bytes += len;
+    } else {
+        count_event(FLOWTEL_CNT_IFACE_UPDATE_FAIL);
+    }
+}
+
 static __always_inline int account(struct __sk_buff *skb, __u8 hook)
 {
     struct flow_key key = {};
@@ -217,37 +188,20 @@ static __always_inline int account(struct __sk_buff *skb, __u8 hook)
         (key.protocol == IPPROTO_UDP || key.protocol == IPPROTO_TCP))
         dns_capture(skb, &key, hook, &l4, now);
 #endif
-
-    struct iface_key ik = {.ifindex = skb->ifindex, .hook = hook};
-    struct iface_stats *is = iface_totals.lookup(&ik);
-    if (!is) {
-        struct iface_stats zero = {};
-        iface_totals.update(&ik, &zero);
-        is = iface_totals.lookup(&ik);
-    }
-    if (is) {
-        is->packets += 1;  /* per-CPU value: no atomics needed */
-        is->bytes += len;
-    } else {
-        count_event(FLOWTEL_CNT_IFACE_UPDATE_FAIL);
-    }
+    count_interface(skb, hook, len);
 
     __u32 zero_idx = 0;
     __u32 *active = flow_active.lookup(&zero_idx);
     __u32 slot = (active && *active == 1) ? 1 : 0;
-    void *flows = flow_maps.lookup(&slot);
-    if (!flows) {
-        count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
-        return TC_ACT_UNSPEC;
-    }
-    struct flow_stats *st = bpf_map_lookup_elem(flows, &key);
+    struct flow_stats *st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
     if (!st) {
         struct flow_stats init = {};
         init.first_ns = now;
-        /* BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
-        if (bpf_map_update_elem(flows, &key, &init, BPF_NOEXIST) == 0)
+        /* insert is BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
+        int rc = slot ? flows_1.insert(&key, &init) : flows_0.insert(&key, &init);
+        if (rc == 0)
             count_event(FLOWTEL_CNT_FLOWS_CREATED_0 + slot);
-        st = bpf_map_lookup_elem(flows, &key);
+        st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
         if (!st) {
             count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
             return TC_ACT_UNSPEC;

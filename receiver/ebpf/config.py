@@ -65,6 +65,9 @@ class EbpfReceiverConfig(ComponentConfig):
     collection_interval: CollectionInterval = 10.0
     max_flows: int = Field(65536, ge=1024, le=4_194_304)
     tc_priority: int = Field(1, ge=1, le=65535)
+    # Interfaces attached at the same time that get exact per-interface totals (counter slots,
+    # reused when links go away, so this bounds live interfaces, not those over the node's life).
+    max_interfaces: int = Field(4096, ge=16, le=65536)
     dns: DnsConfig = Field(default_factory=DnsConfig)
     kernel_events: KernelEventsConfig = Field(default_factory=KernelEventsConfig)
 

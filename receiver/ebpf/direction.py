@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from flowtel.records import TrafficDirection
-from receiver.ebpf.attach import Interface
+from flowtel.lib.bpf.tcattach import Interface
 
 HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
 

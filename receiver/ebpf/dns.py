@@ -30,7 +30,7 @@ from flowtel.records import (
     MetricPoint,
     Verdict,
 )
-from receiver.ebpf.attach import Interface
+from flowtel.lib.bpf.tcattach import Interface
 from receiver.ebpf.dnsmatch import AddResult, Pending, PendingTable
 from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message, split_tcp

@@ -26,7 +26,7 @@ import bpf as bpf_sources
 from flowtel.component import Consumer, CreateSettings, consumer_wants
 from flowtel.records import LostEvents, Record
 from receiver.ebpf.dns import DnsEvent, DnsTracker
-from receiver.ebpf.layout import struct_for
+from flowtel.lib.bpf.layout import struct_for
 
 log = logging.getLogger("flowtel.receiver.ebpf.dns")
 

@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from receiver.ebpf.layout import struct_for
+from flowtel.lib.bpf.layout import struct_for
 
 MAP_DENIED = "fqdn_denied"
 MAP_DENIED_CREATED = "fqdn_denied_created"
