@@ -2,8 +2,9 @@
 
 Not a test: run as root, ``.venv/bin/python -m bench.bpf_runtime``. It switches on
 ``kernel.bpf_stats_enabled`` (the kernel then accounts run count and run time per program),
-attaches flowtel's programs as the agent does (the ``ebpf`` receiver's tc programs on the
-testbed's veths, and the kernel-events tracepoints), sends a fixed mix of traffic between
+attaches flowtel's programs as the agent does (the ``ebpf`` receiver: its tc programs on the
+testbed's veths and the kernel-events tracepoints, one bcc module, with a logs and a metrics
+consumer as in the shipped config, so every event path is compiled in), sends a fixed mix of traffic between
 pods, prints ``run_time_ns / run_cnt`` per program from ``bpftool -j prog show``, and puts the
 sysctl back as it found it.
 
@@ -28,6 +29,11 @@ STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
 
 class _Discard:
+    """Takes logs and metrics, as the shipped config's pipelines do, and keeps nothing."""
+
+    def wants(self, signal: str) -> bool:
+        return True
+
     def consume(self, batch: list[Record]) -> None:
         pass
 
@@ -127,7 +133,6 @@ def main() -> int:
         print("run as root: the bench loads eBPF programs and creates network namespaces", file=sys.stderr)
         return 2
     from receiver.ebpf.config import EbpfReceiverConfig
-    from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
     from receiver.ebpf.receiver import EbpfReceiver
 
     with open(STATS_SYSCTL) as f:
@@ -144,9 +149,7 @@ def main() -> int:
                 EbpfReceiverConfig(interfaces=[bed.interface_glob], collection_interval=1.0),
                 _Discard(),
             )
-            events = KernelEvents(KernelEventsConfig(), "bench", telemetry, _Discard())
             receiver.start()
-            events.start()
             try:
                 deadline = time.monotonic() + 10
                 attach = receiver.attach_manager
@@ -159,7 +162,6 @@ def main() -> int:
                 elapsed = time.monotonic() - started
                 after = _stats(ids)
             finally:
-                events.stop()
                 receiver.shutdown()
     finally:
         with open(STATS_SYSCTL, "w") as f:
