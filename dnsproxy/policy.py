@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from flowtel.lib.bpf.constants import HEADER
+
 API_VERSION = "cilium.io/v2"
 KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
@@ -32,7 +34,7 @@ SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 # Cilium label sources a selector may name; flowtel's pods only have Kubernetes labels.
 _LABEL_SOURCES = ("k8s:", "any:")
 _PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ANY": 0}
-MAX_PORTS = 8  # FLOWTEL_FQDN_MAX_PORTS in bpf/flowtel.h
+MAX_PORTS = HEADER.FQDN_MAX_PORTS
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # A label set as a sorted tuple of pairs: hashable, so equal sets are one identity.
