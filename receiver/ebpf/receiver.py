@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import threading
 import time
@@ -26,6 +27,15 @@ from receiver.ebpf.reply import ReplyInference
 from receiver.ebpf.nodemetrics import forward_points
 
 log = logging.getLogger("flowtel.receiver.ebpf")
+
+
+def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    """Whether the running kernel (``uname -r``) is at least ``major.minor``."""
+    parts = (release or os.uname().release).split(".")
+    try:
+        return (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
 
 
 LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
@@ -75,7 +85,8 @@ class EbpfReceiver(Receiver):
             ) from None
         dns = self.config.dns
         defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": self.config.max_flows, "FLOWTEL_DNS": 0,
-                                         "FLOWTEL_IFACE_SLOTS": self.config.max_interfaces}
+                                         "FLOWTEL_IFACE_SLOTS": self.config.max_interfaces,
+                                         "FLOWTEL_COARSE_NS": int(kernel_at_least(5, 11))}
         if dns.enabled:
             defines.update(dns_cflags(dns.ports, dns.capture_bytes, dns.ring_buffer_kb * 1024))
         # Drops and TCP health come from tracepoints, compiled into the same module.
