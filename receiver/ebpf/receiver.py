@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
@@ -62,7 +63,7 @@ class EbpfReceiver(Receiver):
     def __init__(self, settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: Consumer) -> None:
         super().__init__(settings, next_consumer)
         self.config = config
-        self._bpf = None
+        self._bpf: Any = None
         self._maps: FlowMaps | None = None
         self._ifaces: InterfaceCounters | None = None
         self._slots = SlotAllocator(config.max_interfaces)

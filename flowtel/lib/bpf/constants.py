@@ -28,6 +28,7 @@ class HeaderConstants:
     """The header's integer constants as attributes (read-only)."""
 
     __slots__ = ("_values",)
+    _values: dict[str, int]
 
     def __init__(self, values: dict[str, int]) -> None:
         object.__setattr__(self, "_values", dict(values))
