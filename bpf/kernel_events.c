@@ -281,6 +281,8 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
             return 0;
         }
         state_add(newstate, 1);
+        if (newstate != FLOWTEL_TCPS_ESTABLISHED)
+            return 0;  /* the common first sight (SYN_SENT, SYN_RECV): no second lookup */
         c = tcp_conns.lookup(&sk);
         if (!c)
             return 0;
