@@ -185,7 +185,8 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         "FLOWTEL_DROPS": int(config.drops.enabled),
         "FLOWTEL_TCP": int(config.tcp.enabled),
         "FLOWTEL_DROP_FLOWS": int(events and config.drops.events),
-        "FLOWTEL_MAX_DROP_FLOWS": config.drops.max_flows,
+        # Unused without drop flow records: the smallest maps (LRU maps are preallocated).
+        "FLOWTEL_MAX_DROP_FLOWS": config.drops.max_flows if events and config.drops.events else 1,
         "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
         "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
