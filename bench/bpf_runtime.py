@@ -12,7 +12,8 @@ tc programs run once per packet per hook on the testbed's veths only, so their n
 cost per packet. That figure includes whatever the machine's load does to caches and the
 hypervisor's steal; so the tc programs are also run by the kernel itself in a tight loop on
 fixed packets (``BPF_PROG_TEST_RUN``, the same flow each time: the steady-state cost of a
-packet of a known flow), which is stable from run to run. Tracepoints are global: they also run for whatever else this machine does
+packet of a known flow), with ``bpf_stats`` off again (its accounting, two clock reads per
+run, would otherwise be a large part of what is measured). Tracepoints are global: they also run for whatever else this machine does
 meanwhile (and ``skb:kfree_skb`` only for drops), so their run counts include that.
 """
 from __future__ import annotations
@@ -208,6 +209,10 @@ def main() -> int:
                 parts = _traffic(bed, a, b)
                 elapsed = time.monotonic() - started
                 after = _stats(ids)
+                # Without bpf_stats: its accounting (two clock reads per run) would be most of
+                # what the tight loop measures.
+                with open(STATS_SYSCTL, "w") as f:
+                    f.write("0")
                 tight: dict[tuple[str, str], float] = {}
                 for hook in ("ingress", "egress"):
                     fn = receiver._bpf.load_func(f"flowtel_tc_{hook}", 3)  # BPF.SCHED_CLS: the loaded program
