@@ -141,7 +141,6 @@ class FlowAPI:
     def _stream(self, history: list[Record], follower: Follower, request: Request) -> Iterator[bytes]:
         hub = self.hub
         try:
-            # At once, even when empty: the status line goes out with the first chunk.
             yield _lines(history)
             while not self.stopping.is_set():
                 records, lost, closed = follower.take(POLL_SECONDS)

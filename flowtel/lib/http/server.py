@@ -302,18 +302,20 @@ class BoundedHTTPServer:
             headers.append(("Content-Length", str(len(body))))
             start_response(f"{response.status} {_REASONS.get(response.status, 'Status')}", headers)
             return [] if environ["REQUEST_METHOD"] == "HEAD" else [bytes(body)]
-        start_response(f"{response.status} {_REASONS.get(response.status, 'Status')}", headers)
+        write = start_response(f"{response.status} {_REASONS.get(response.status, 'Status')}", headers)
         if environ["REQUEST_METHOD"] == "HEAD":
             close = getattr(body, "close", None)
             if close is not None:
                 close()
             return []
+        # The status line and headers now, not with the first data (waitress, like PEP 3333,
+        # holds them until a non-empty chunk): a follow client learns at once that its
+        # request was taken, even when nothing matches for a long time.
+        write(b"")
         return self._stream(body)
 
     def _stream(self, body: Iterable[bytes]) -> Iterator[bytes]:
         try:
-            # An empty chunk is passed on: waitress sends the status line and headers on the
-            # first one, so a stream yields b"" to be seen open before it has data.
             yield from body
         except GeneratorExit:
             # waitress closes the iterator when the client went away (ClientDisconnected).
