@@ -196,3 +196,13 @@ def test_fqdn_patterns_are_bounded_in_size() -> None:
     with pytest.raises(FilterError, match="FQDN pattern too long: 257 characters, at most 256"):
         build_filters([("to-fqdn", "*" * 257)])
     build_filters([("to-fqdn", "*" * 256)])
+
+
+def test_label_selectors_parse_in_linear_time() -> None:
+    import time
+
+    started = time.monotonic()
+    for _ in range(32):  # a request's worth of label filters, each as long as a parameter may be
+        with pytest.raises(FilterError):
+            build_filters([("label", "a" + " " * 1000 + "in" + " " * 10 + "(x")])
+    assert time.monotonic() - started < 0.5
