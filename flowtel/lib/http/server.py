@@ -268,14 +268,22 @@ class BoundedHTTPServer:
                         channel.close()
                     except OSError:
                         pass
-            server.trigger.close()
+            try:
+                server.trigger.close()
+            except OSError:
+                pass
             done.set()
 
         if self._thread is not None and self._thread.is_alive():
-            server.trigger.pull_trigger(close_all)
+            try:
+                server.trigger.pull_trigger(close_all)
+            except OSError:
+                # The loop was already running the queued thunks (a worker woke it) and ran
+                # ours too, closing the trigger before our wake-up byte: nothing to wake.
+                pass
             done.wait(timeout)
             self._thread.join(timeout)
-        else:
+        if not done.is_set():
             close_all()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=timeout)
 
