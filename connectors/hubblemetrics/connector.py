@@ -16,6 +16,7 @@ from connectors.hubblemetrics.families import FAMILIES
 from connectors.hubblemetrics.handler import Handler, MetricInfo
 from connectors.hubblemetrics.options import OptionError, parse_context, parse_metric, reject_unknown, split_metrics
 from connectors.hubblemetrics.series import SeriesStore
+from connectors.hubblemetrics.version_info import version_point
 from flowtel.component import Connector, Consumer, CreateSettings, consumer_wants
 from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Record
 
@@ -102,6 +103,8 @@ class HubbleMetricsConnector(Connector):
             info = self.infos[name]
             out.append(MetricPoint(name, value, MetricKind.SUM, t, dict(zip(info.label_names, labels)), "1",
                                    info.description))
+        if self.config.version_info:
+            out.append(version_point(t))
         return out
 
     def flush(self) -> None:

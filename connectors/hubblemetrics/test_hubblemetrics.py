@@ -31,6 +31,7 @@ class Capture:
 
 
 def run(metrics: list[str], records: list[Record], **cfg: object) -> list[MetricPoint]:
+    cfg.setdefault("version_info", False)  # the families' points only; its own test below
     capture = Capture()
     conn = HubbleMetricsConnector(CreateSettings("hubblemetrics", "node-1", Telemetry()),
                                   HubbleMetricsConfig(metrics=metrics, **cfg), capture)  # type: ignore[arg-type]
@@ -197,7 +198,7 @@ def test_lost_events_port_distribution_icmp_flows_to_world() -> None:
 def test_cumulative_across_flushes_and_timer_emits_without_batches() -> None:
     capture = Capture()
     conn = HubbleMetricsConnector(CreateSettings("h", "n", Telemetry()),
-                                  HubbleMetricsConfig(metrics=["drop"], interval="50ms"), capture)
+                                  HubbleMetricsConfig(metrics=["drop"], interval="50ms", version_info=False), capture)
     conn.start()
     conn.consume([sample_flows()["F3"]])
     conn.consume([sample_flows()["F3"]])
@@ -225,7 +226,8 @@ def test_max_series_bounds_growth_and_counts_overflow() -> None:
     telemetry = Telemetry()
     capture = Capture()
     conn = HubbleMetricsConnector(CreateSettings("hubblemetrics", "n", telemetry),
-                                  HubbleMetricsConfig(metrics=["port-distribution"], max_series=2), capture)
+                                  HubbleMetricsConfig(metrics=["port-distribution"], max_series=2,
+                                                      version_info=False), capture)
     conn.consume([dataclasses.replace(f["F1"], dst_port=port) for port in range(1000, 1010)])
     conn.consume([f["F1"]])  # an existing series still counts
     conn.flush()
@@ -404,3 +406,14 @@ def test_http_family_declares_nothing_and_says_so(caplog: pytest.LogCaptureFixtu
         points = run(["http:sourceContext=pod", "flow"], [sample_flows()["F1"]])
     assert {p.name for p in points} == {"hubble_flows_processed_total"}
     assert "'http' has no series" in caplog.text
+
+
+def test_cilium_version_series_for_the_dashboards_cluster_variable() -> None:
+    points = run(["flow"], [sample_flows()["F1"]], version_info=True)
+    [info] = [p for p in points if p.name == "cilium_version"]
+    assert info.value == 1 and info.kind is MetricKind.GAUGE
+    assert set(info.attributes) == {"version", "revision", "arch"}
+    assert info.attributes["version"].startswith("flowtel-")
+    # On by default; off, nothing but the families.
+    assert HubbleMetricsConfig().version_info is True
+    assert "cilium_version" not in {p.name for p in run(["flow"], [sample_flows()["F1"]])}
