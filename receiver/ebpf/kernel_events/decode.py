@@ -258,11 +258,12 @@ def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now
     out: list[MetricPoint] = []
     # Several raw values can share a name (unknown reasons): sum them.
     merged: dict[tuple[str, str], list[int]] = {}
-    for (reason, direction), (packets, nbytes) in stats.items():
+    for (raw_reason, raw_direction), (packets, nbytes) in stats.items():
         # As Retina files it (receiver/ebpf/retina_reasons.py); a direction value the kernel
         # side does not define is "unknown", never folded into ingress or egress.
-        kernel_direction = DROP_DIRECTIONS[direction] if 0 <= direction < len(DROP_DIRECTIONS) else UNKNOWN_DIRECTION
-        key = retina_drop(names.drop_reason(reason), kernel_direction)
+        kernel_direction = (DROP_DIRECTIONS[raw_direction] if 0 <= raw_direction < len(DROP_DIRECTIONS)
+                            else UNKNOWN_DIRECTION)
+        key = retina_drop(names.drop_reason(raw_reason), kernel_direction)
         acc = merged.setdefault(key, [0, 0])
         acc[0] += packets
         acc[1] += nbytes
