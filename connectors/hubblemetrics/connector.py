@@ -32,7 +32,9 @@ def build_handlers(metrics: list[str]) -> list[Handler]:
         spec = parse_metric(text)
         create = FAMILIES.get(spec.name)
         if create is None:
-            raise OptionError(f"{text!r}: unknown metric family {spec.name!r}; known: {', '.join(FAMILIES)}")
+            hint = ("; an entry is split at whitespace into metric strings, as Cilium's hubble-metrics value "
+                    "is: write each string without spaces" if any(len(e.split()) > 1 for e in metrics) else "")
+            raise OptionError(f"{text!r}: unknown metric family {spec.name!r}; known: {', '.join(FAMILIES)}{hint}")
         if spec.name in families:
             raise OptionError(f"{text!r}: family {spec.name!r} is already defined by {families[spec.name]!r}")
         if {spec.name, *families} >= {"http", "httpV2"}:

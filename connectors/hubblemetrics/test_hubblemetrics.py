@@ -368,6 +368,7 @@ def test_pod_short_as_hubble(name: str, short: str) -> None:
     ("drop:sourceContext=pod;sourcecontext=ip", "given twice"),
     ("http http", "already defined"),
     ("http httpV2", "cannot both"),
+    ("dns:query; ignoreAAAA", "split at whitespace"),
 ])
 def test_hubble_grammar_errors_name_the_culprit(bad: str, named: str) -> None:
     with pytest.raises(ValidationError, match=named):
