@@ -21,8 +21,9 @@ OpenTelemetry Collector whose prometheus exporter keeps names and labels
 (add_metric_suffixes: false); no Collector binary is installable here, so for those two the
 agent's own prometheus exporter stands in for that hop, with the shipped receivers,
 connectors and metric strings unchanged. Retina's and Hubble's default metric strings run in
-the config/flowtel.yaml run as extra named connectors with their own exporters, so the agent
-is shown to start with them and to label series as they do.
+the deploy/base and config/flowtel.yaml runs (with and without pod names) as extra named
+connectors with their own exporters, so the agent is shown to start with them and to label
+series as they do.
 """
 from __future__ import annotations
 
@@ -372,7 +373,7 @@ class Run:
     extra: dict[str, str] = field(default_factory=dict)  # exposition of the extra connectors
 
 
-def traffic(bed: Any, client: Any, server: Any, dns: Any) -> None:
+def traffic(client: Any, server: Any, dns: Any) -> None:
     """TCP, UDP, ICMP, DNS (answered, NXDOMAIN, unanswered), closed ports (RST, NO_SOCKET),
     nftables drops in and out, retransmissions."""
     from flowtel.testbed import send_ping, send_tcp, send_udp
@@ -489,7 +490,7 @@ def run_one(tmp: Path, run: str, shipped: Path, bed: Any, pods: tuple[Any, Any, 
             except OSError:
                 assert time.monotonic() < deadline, f"{run}: not ready in 120 s: {stderr.read_text()[-3000:]}"
                 time.sleep(0.3)
-        traffic(bed, *pods)
+        traffic(*pods)
         # Collection (1 s), the unanswered-DNS timeout (1 s), flushes, scrapes; then every
         # fact gets up to 30 s (a loaded machine) to find its series.
         wanted = [f for f in FACTS if not (f.pods and run in WITHOUT_PODS)]
