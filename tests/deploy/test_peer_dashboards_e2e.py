@@ -153,6 +153,9 @@ FACTS: list[Fact] = [
         ("hubble_port_distribution_total", 'port!="0", protocol="UDP"'),
         ("hubble_icmp_total", 'family="IPv4", type="EchoRequest"'),
         ("hubble_icmp_total", 'family="IPv4", type="EchoReply"'),
+        (TCP, 'family="IPv6", flag="SYN"'), (TCP, 'family="IPv6", flag="SYN-ACK"'),
+        ("hubble_icmp_total", 'family="IPv6", type="EchoRequest"'),
+        ("hubble_icmp_total", 'family="IPv6", type="EchoReply"'),
         (QUERIES, 'qtypes=~".+"'), (RESPONSES, 'rcode=~".+"'),
         ("hubble_dns_response_types_total", 'type="A"'),
     ]),
@@ -374,8 +377,8 @@ class Run:
 
 
 def traffic(client: Any, server: Any, dns: Any) -> None:
-    """TCP, UDP, ICMP, DNS (answered, NXDOMAIN, unanswered), closed ports (RST, NO_SOCKET),
-    nftables drops in and out, retransmissions."""
+    """TCP, UDP, ICMP (IPv4 and IPv6, TCP over both), DNS (answered, NXDOMAIN, unanswered),
+    closed ports (RST, NO_SOCKET), nftables drops in and out, retransmissions."""
     from flowtel.testbed import send_ping, send_tcp, send_udp
 
     for _ in range(2):
@@ -384,6 +387,8 @@ def traffic(client: Any, server: Any, dns: Any) -> None:
         send_tcp(client, server.ipv4, 8080, 100_000)
         send_udp(client, server.ipv4, 9000, 20, 200)
     send_ping(client, server.ipv4, 3, interval=0.05)
+    send_ping(client, str(server.ipv6), 3, interval=0.05)
+    send_tcp(client, str(server.ipv6), 8080, 20_000)
     client.exec(["dig", "+time=1", "+tries=1", f"@{server.ipv4}", "api.shop.test"], check=False)  # unanswered
     client.exec([sys.executable, "-c", f"""
 import socket
@@ -413,16 +418,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     prom = None
     try:
         with Testbed() as bed:
-            client, server, dns = bed.add_pod("client"), bed.add_pod("server"), bed.add_pod("dns")
+            # Client and server dual-stack: the Hubble dashboard has TCPv6 and ICMPv6 panels.
+            client, server = bed.add_pod("client", ipv6=True), bed.add_pod("server", ipv6=True)
+            dns = bed.add_pod("dns")
             api.create("namespaces", o.namespace(NAMESPACE))
             api.create("namespaces", o.namespace("kube-system"))
             api.create("nodes", o.node(NODE, internal_ip="192.0.2.10", pod_cidr=str(bed.ipv4_network)))
             api.create("replicasets", o.replicaset("frontend-6d4b9c", NAMESPACE, deployment="frontend"))
             api.create("replicasets", o.replicaset("coredns-5d78c9", "kube-system", deployment="coredns"))
-            api.create("pods", o.pod(CLIENT_POD, NAMESPACE, ip=client.ipv4, node=NODE,
+            api.create("pods", o.pod(CLIENT_POD, NAMESPACE, ips=(client.ipv4, str(client.ipv6)), node=NODE,
                                      labels={"app": "frontend", "pod-template-hash": "6d4b9c"},
                                      owner=("ReplicaSet", "frontend-6d4b9c")))
-            api.create("pods", o.pod(SERVER_POD, NAMESPACE, ip=server.ipv4, node=NODE, labels={"app": "payments"},
+            api.create("pods", o.pod(SERVER_POD, NAMESPACE, ips=(server.ipv4, str(server.ipv6)), node=NODE,
+                                     labels={"app": "payments"},
                                      owner=("StatefulSet", "payments")))
             api.create("pods", o.pod(DNS_POD, "kube-system", ip=dns.ipv4, node=NODE,
                                      labels={"k8s-app": "kube-dns", "pod-template-hash": "5d78c9"},
