@@ -32,6 +32,7 @@ LABELS_CONTEXT = ("source_ip", "source_pod", "source_namespace", "source_workloa
                   "source_app", "destination_ip", "destination_pod", "destination_namespace",
                   "destination_workload", "destination_workload_kind", "destination_app", "traffic_direction")
 APP_LABELS = ("app.kubernetes.io/name", "k8s-app", "app")
+_APP_PREFIXES = tuple(f"k8s:{name}=" for name in APP_LABELS)  # Kubernetes labels only, as Hubble
 KUBE_APISERVER = "reserved:kube-apiserver"
 _HASH_PART = re.compile(r"[a-z0-9]+")  # one "-part" Hubble's pod-short removes; pod names are <= 253 chars
 
@@ -71,23 +72,15 @@ def parse_metric(text: str) -> MetricSpec:
     return MetricSpec(name, options)
 
 
-def _labels_value(labels: list[str], wanted: str) -> str:
-    for label in labels:
-        # Endpoint labels are "source:key=value" (Hubble's form), e.g. "k8s:app=frontend".
-        _, _, kv = label.partition(":")
-        key, _, value = kv.partition("=")
-        if key == wanted:
-            return value
-    return ""
-
-
 def endpoint_app(ep: Endpoint | None) -> str:
+    """Hubble's ``app``: the value of the first of the endpoint's labels (in their order) that
+    is ``k8s:app.kubernetes.io/name=``, ``k8s:k8s-app=`` or ``k8s:app=`` with a value."""
     if ep is None:
         return ""
-    for name in APP_LABELS:
-        value = _labels_value(ep.labels, name)
-        if value:
-            return value
+    for label in ep.labels:
+        for prefix in _APP_PREFIXES:
+            if label.startswith(prefix) and len(label) > len(prefix):
+                return label[len(prefix):]
     return ""
 
 

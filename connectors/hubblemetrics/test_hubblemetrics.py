@@ -324,6 +324,11 @@ HUBBLE_CONTEXT_CASES = [
     ({"sourceContext": "app", "destinationContext": "app"},
      flow_of(ep("foo-ns", "p", ("k8s:app=fooapp",)), ep("bar-ns", "q", ("k8s:app=barapp",))),
      ("source", "destination"), ("fooapp", "barapp")),
+    # app: the first of the endpoint's labels that is an app label, Kubernetes ones only.
+    ({"sourceContext": "app"}, flow_of(ep(labels=("k8s:app=first", "k8s:app.kubernetes.io/name=second"))),
+     ("source",), ("first",)),
+    ({"sourceContext": "app"}, flow_of(ep(labels=("container:app=x", "k8s:k8s-app=", "k8s:k8s-app=dns"))),
+     ("source",), ("dns",)),
     # Keys and identifiers are case-insensitive, as Hubble lower-cases them.
     ({"SourceContext": "POD"}, flow_of(ep("foo", "foo")), ("source",), ("foo/foo",)),
 ]
