@@ -240,7 +240,7 @@ def parse_context(options: dict[str, str], metric: str) -> ContextOptions:
         if lowered in CONTEXT_OPTIONS:
             chains[CONTEXT_OPTIONS[lowered]] = _parse_chain(options.pop(key), f"{metric}: {key}")
         elif lowered == "labelscontext":
-            wanted = [n.strip() for n in options.pop(key).split(",") if n.strip()]
+            wanted = [n.strip() for n in options.pop(key).split(",")]
             for n in wanted:
                 if n not in LABELS_CONTEXT:
                     raise OptionError(f"{metric}: labelsContext {n!r} is not one of {','.join(LABELS_CONTEXT)}")

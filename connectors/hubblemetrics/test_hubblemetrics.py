@@ -370,6 +370,8 @@ def test_pod_short_as_hubble(name: str, short: str) -> None:
     ("flow:destinationContext=namespace|invalid", "invalid"),
     ("flow:sourceEgressContext=planet", "planet"),
     ("flow:labelsContext=non_existent_label", "non_existent_label"),
+    ("flow:labelsContext=", "labelsContext ''"),
+    ("flow:labelsContext=source_pod,,traffic_direction", "labelsContext ''"),
     ("dns:query;frobnicate", "frobnicate"),
     ("httpV2:exemplars=maybe", "exemplars"),
     ("drop:sourceContext=pod;sourcecontext=ip", "given twice"),
