@@ -36,6 +36,7 @@ log = logging.getLogger("flowtel.exporters.file")
 _FILE_MODE = 0o600  # flow logs name pods and addresses: readable by the agent (and root) only
 _DIR_MODE = 0o755
 _TIME_RE = r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}\.\d{3}"
+_MAX_REPORTED = 100  # look-alike backups logged by name; a directory full of them is not kept in memory
 
 
 class RotatingFile:
@@ -185,7 +186,7 @@ class RotatingFile:
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_nlink != 1:
-                if name not in self._skipped:
+                if name not in self._skipped and len(self._skipped) < _MAX_REPORTED:
                     self._skipped.add(name)
                     log.warning("leaving %s alone: named like a flow-log backup but not one this agent wrote "
                                 "(a link, not a regular file, or owned by uid %d)", parent / name, st.st_uid)
@@ -211,6 +212,16 @@ class RotatingFile:
                 continue  # taken since we looked: the next millisecond's name
             except FileNotFoundError:
                 break  # removed behind our back: nothing to keep, just start afresh
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                # A filesystem without hard links: rename, which never follows a link either
+                # (at worst it replaces an entry planted at a name we just saw free).
+                try:
+                    os.rename(self.path.name, backup.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
+                break
             os.unlink(self.path.name, dir_fd=dir_fd)
             break
         self.open()

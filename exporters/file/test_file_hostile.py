@@ -112,3 +112,23 @@ def test_only_backups_it_created_are_pruned_or_compressed(tmp_path: Path) -> Non
     assert not (logs / (foreign.name + ".gz")).exists()
     ours = sorted(p.name for p in logs.iterdir() if p.name.endswith(".gz"))
     assert len(ours) == 1, sorted(p.name for p in logs.iterdir())
+
+
+def test_rotation_falls_back_to_rename_where_hard_links_are_refused(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fault only some filesystems produce (vfat, some FUSE mounts): EPERM from link().
+    import errno
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "flows.log"
+    exporter, _ = make_exporter(path, max_size_mb=1, max_backups=5)
+    exporter.consume(numbered(3000))
+    exporter.consume(numbered(3000, 3000))
+    exporter.shutdown()
+    backups = sorted(p.name for p in tmp_path.iterdir() if p.name != "flows.log")
+    assert backups and all(name.startswith("flows-") for name in backups)
+    lines = sum(len(p.read_text().splitlines()) for p in tmp_path.iterdir())
+    assert lines == 6000
