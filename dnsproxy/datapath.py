@@ -32,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 import bpf as bpf_sources
 from dnsproxy import redirect
-from dnsproxy.policy import L4, CidrEntry
+from flowtel.lib.policy import L4, CidrEntry
 from receiver.fqdnpolicy.denied import DeniedDiff, DeniedLayout, DeniedMapReader
 
 log = logging.getLogger("flowtel.dnsproxy.datapath")
@@ -461,7 +461,7 @@ class Datapath:
 
 
 def _l4_of(raw: Any) -> L4:
-    from dnsproxy.policy import PortRange
+    from flowtel.lib.policy import PortRange
 
     if raw.any_port:
         return L4(True)

@@ -7,13 +7,13 @@ reconnect with backoff, relist on 410 Gone) keep their stores current:
   (``$NODE_NAME``), and every pod of the cluster may be a ``toEndpoints`` destination, as
   Cilium resolves those selectors against every identity. Each pod is kept as a few shared
   references (name, namespace, node, addresses, a label set shared by replicas), and fed one
-  at a time into a :class:`~dnsproxy.policy.EndpointIndex`, so a peer's change costs its own
+  at a time into a :class:`~flowtel.lib.policy.EndpointIndex`, so a peer's change costs its own
   identity's update, not a rebuild;
 - ``namespaces``: their labels become the pod's ``io.cilium.k8s.namespace.labels.<key>``
   labels, as Cilium gives them to endpoints, so selectors on namespace labels work (for
   peers too);
 - ``ciliumnetworkpolicies`` and ``ciliumclusterwidenetworkpolicies`` (``cilium.io/v2``), each
-  object parsed by :func:`dnsproxy.policy.parse_policy`, the same parser files go through.
+  object parsed by :func:`flowtel.lib.policy.parse_policy`, the same parser files go through.
   An object that does not parse stays in the store as an error naming it
   (``CiliumNetworkPolicy ns/name``), so it is reported, counted and replaced by its next
   version; the other policies keep applying.
@@ -40,7 +40,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 from cachetools import LRUCache
 from kubernetes import client as k8s
 
-from dnsproxy.policy import KINDS, EndpointIndex, Labels, Policy, PolicyError, Pod, cilium_labels, parse_policy
+from flowtel.lib.policy import KINDS, EndpointIndex, Labels, Policy, PolicyError, Pod, cilium_labels, parse_policy
 from flowtel.errors import StartError
 from processors.k8sattributes.internal.kube import client as kube_client
 from processors.k8sattributes.internal.kube.health import ApiHealth

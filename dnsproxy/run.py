@@ -17,7 +17,7 @@ from dnsproxy.datapath import (DEFAULT_ADDRESS_LABEL, DEFAULT_NFT_TABLE, DEFAULT
 from dnsproxy.health import DEFAULT_HEALTH_PORT, HealthServer
 from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
 from dnsproxy.kube import KubeSource
-from dnsproxy.policy import CidrEntry, EndpointIndex, PolicyError, PolicySet, load_pods, load_policy_dir
+from flowtel.lib.policy import CidrEntry, EndpointIndex, PolicyError, PolicySet, load_pods, load_policy_dir
 from dnsproxy.redirect import (DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, DEFAULT_TPROXY_MARK, Redirect,
                                RedirectConfig, default_listen6, host_has_ipv6)
 from dnsproxy.server import DnsProxy, ProxyConfig, snapshot

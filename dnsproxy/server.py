@@ -38,7 +38,7 @@ import dns.rcode
 from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
 from dnsproxy.flowlog import FlowLogWriter
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
-from dnsproxy.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
+from flowtel.lib.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
 from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
 # Re-exported: these lived here before dnsproxy/udp.py and dnsproxy/wire.py, and are imported from here.
 from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F401

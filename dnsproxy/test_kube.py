@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from dnsproxy.kube import KubeOptions, KubeSource, KubeState
-from dnsproxy.policy import NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL, PolicySet
+from flowtel.lib.policy import NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL, PolicySet
 from flowtel.errors import StartError
 from tests.kubeapi import FakeApiServer
 from tests.kubeapi import objects as o
@@ -20,7 +20,8 @@ CLIENT_POLICY = {
     "endpointSelector": {"matchLabels": {"app": "client"}},
     "egress": [{"toFQDNs": [{"matchPattern": "*.allowed.test"}], "toPorts": [{"ports": [{"port": "443"}]}]}],
 }
-BROKEN = {"endpointSelector": {}, "egress": [{"toEntities": ["world"]}]}
+# Cilium rejects it too: one kind of L3 selector per rule.
+BROKEN = {"endpointSelector": {}, "egress": [{"toEntities": ["world"], "toCIDR": ["10.0.0.0/8"]}]}
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_policies_follow_the_api(source: tuple[KubeSource, threading.Event], api
     assert changed.wait(2), "no change callback for a watch event"
     wait(lambda: len(src.state().errors) == 1 and policed(src.state()) == ["default/client"], "policy applied")
     (error,) = src.state().errors
-    assert "default/broken-policy" in error and "toEntities" in error
+    assert "default/broken-policy" in error and "combining toCIDR and toEntities" in error
     policy = PolicySet(src.state().policies, src.state().pods, node=NODE, endpoints=src.state().endpoints)
     client = policy.pod_by_ip("10.1.0.1")
     assert client is not None and policy.fqdn_l4(client, "api.allowed.test") is not None

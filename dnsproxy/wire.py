@@ -23,7 +23,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 
-from dnsproxy.policy import normalize_name
+from flowtel.lib.policy import normalize_name
 
 # Messages longer than this are parsed every time (not kept): bounds the caches' memory at
 # about CACHE_ENTRIES × this, and covers every ordinary UDP exchange (RFC 9715's 1232 bytes).

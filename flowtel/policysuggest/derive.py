@@ -43,7 +43,7 @@ from typing import Any, Iterable
 
 # The policy subset flowtel enforces: its API version, namespace label and the port ranges
 # the datapath keeps per destination.
-from dnsproxy.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
+from flowtel.lib.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL, is_dns_name
 from flowtel.hubble import DNS_RCODE_NAMES, format_time
 from flowtel.labelselector import Requirement, parse_labels, parse_selector, selector_matches
 from flowtel.records import (
@@ -75,8 +75,7 @@ DNS_PORT = 53
 
 _PROTOCOL_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP"}
 _UNPORTED_NAMES = {IPPROTO_ICMP: "ICMPv4", IPPROTO_ICMPV6: "ICMPv6"}
-# Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit.
-_MATCH_NAME = re.compile(r"^([-a-zA-Z0-9_]+[.]?)+$")
+# DNS's length limit; names are checked by the policy model's linear-time (RE2) matchName check.
 _MAX_NAME = 253
 _DNS1123_LABEL = re.compile(r"[^a-z0-9.-]+")
 
@@ -281,7 +280,7 @@ def _canonical(ip: str) -> str:
 
 
 def _valid_name(name: str) -> bool:
-    return bool(name) and len(name) <= _MAX_NAME and ".." not in name and _MATCH_NAME.match(name) is not None
+    return len(name) <= _MAX_NAME and is_dns_name(name)
 
 
 def _normalize(name: str) -> str:

@@ -1,0 +1,1 @@
+"""Shared libraries: code several components use, one owner each (DESIGN.md §2)."""
