@@ -17,6 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
+from dnsproxy.wire import REJECT_REASONS
 from exporters.common.series import FamilySnapshot, HistogramValue
 from exporters.prometheus.exposition import CONTENT_TYPE, render
 from flowtel.errors import StartError
@@ -63,13 +64,19 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
 
     st = proxy.stats_snapshot()
     queries, errors, malformed, learned = st.queries, st.upstream_error_kinds, st.malformed, st.learned_ips
-    for verdict in ("allowed", "refused", "audit"):
+    for verdict in ("allowed", "refused", "audit", "resolver_denied"):
         for protocol in ("udp", "tcp"):
             add("queries_total", queries.get((verdict, protocol), 0), MetricKind.SUM,
                 "DNS queries from policed and unpoliced pods by the proxy's decision: allowed (forwarded), "
-                "refused (no rules.dns pattern allows the name), audit (not allowed, forwarded by --audit)",
-                verdict=verdict, protocol=protocol)
+                "refused (no rules.dns pattern allows the name), audit (not allowed, forwarded by --audit), "
+                "resolver_denied (sent to a resolver, port or protocol no DNS rule of the pod allows: dropped, "
+                "never forwarded)", verdict=verdict, protocol=protocol)
     add("malformed_queries_total", malformed, MetricKind.SUM, "queries that were not DNS messages (FORMERR or no answer)")
+    for reason in REJECT_REASONS:
+        add("queries_rejected_total", st.rejected.get(reason, 0), MetricKind.SUM,
+            "messages never forwarded for their shape: response (QR set; dropped), opcode (not QUERY; REFUSED), "
+            "question_count (not exactly one question; FORMERR), records (answer, authority or additional "
+            "records other than EDNS; FORMERR), malformed (not DNS; FORMERR or dropped)", reason=reason)
     for kind in ("timeout", "network", "malformed", "no_upstream"):
         add("upstream_errors_total", errors.get(kind, 0), MetricKind.SUM,
             "allowed queries answered SERVFAIL because the upstream failed: timeout, network (refused, "

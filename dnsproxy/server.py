@@ -42,8 +42,8 @@ from flowtel.lib.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_
 from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
 # Re-exported: these lived here before dnsproxy/udp.py and dnsproxy/wire.py, and are imported from here.
 from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F401
-from dnsproxy.wire import (Answer, BoundedCache, Query, QuestionKey, answer_ips, header_only_formerr,  # noqa: F401
-                           parse_answer, parse_query)
+from dnsproxy.wire import (REJECT_REASONS, Answer, BadQuery, BoundedCache, Query, QuestionKey,  # noqa: F401
+                           answer_ips, header_only_formerr, header_only_response, parse_answer, parse_query)
 from flowtel.histogram import Histogram
 from flowtel.records import DnsInfo, Endpoint, Flow, FlowType, TrafficDirection, Verdict
 
@@ -84,6 +84,10 @@ class Stats:
     refused: int = 0
     upstream_errors: int = 0
     malformed: int = 0
+    # Queries not forwarded because of their shape (dnsproxy/wire.py REJECT_REASONS), per reason,
+    # and queries to a resolver no DNS rule of the pod allows (dropped, never forwarded).
+    rejected: dict[str, int] = field(default_factory=dict)
+    resolver_denied: int = 0
     learned_ips: int = 0
     latency_ns_sum: int = 0  # time the proxy added per forwarded query (upstream wait included)
     latency_count: int = 0
@@ -110,10 +114,13 @@ class Forward:
     allowed: bool  # False: not allowed, forwarded because of --audit
     l4: L4 | None  # ports the answer's addresses open (None: no toFQDNs rule matches the name)
     started_ns: int
+    view: PolicySet | None = None  # the policy view that decided: whose pods learn the answer
     asked_ns: int = 0  # when it left for the upstream
 
 
-Decision = tuple[Pod | None, bool, bool, L4 | None]  # pod, policed, allowed, ports learned addresses open
+# pod, policed, verdict (True: allowed, False: name refused, None: resolver not allowed), ports
+# learned addresses open
+Decision = tuple[Pod | None, bool, bool | None, L4 | None]
 # Decisions kept per policy view; a view is replaced as a whole on every reload, which drops them.
 DECISION_CACHE_ENTRIES = 4096
 # Failures of a reachable upstream (timeouts, errors) are logged at most this often (seconds),
@@ -131,7 +138,7 @@ class DnsProxy:
         self._stats_lock = threading.Lock()  # the UDP loop and the TCP handlers both count; `+=` is not atomic
         self.policy = PolicySet([], [])
         self.policy_errors: list[str] = []
-        self._decisions: tuple[PolicySet | None, BoundedCache[tuple[str, QuestionKey], Decision]] = (
+        self._decisions: tuple[PolicySet | None, BoundedCache[tuple[Any, ...], Decision]] = (
             None, BoundedCache(DECISION_CACHE_ENTRIES))
         # Written by a thread of its own (dnsproxy/flowlog.py): the query path only queues a record.
         self.flow_log = FlowLogWriter(config.flow_log) if config.flow_log else None
@@ -194,12 +201,28 @@ class DnsProxy:
         started = time.monotonic_ns()
         try:
             query = parse_query(wire)
+        except BadQuery as exc:
+            # Never forwarded: a response (dropped: answering would start a reflection loop),
+            # another opcode (REFUSED), other than one question or records riding along (FORMERR).
+            self._rejected(exc.reason)
+            return None if exc.rcode is None else header_only_response(wire, exc.rcode)
         except dns.exception.DNSException:
             self._count(malformed=1)
+            self._rejected("malformed")
             return header_only_formerr(wire)  # as a resolver would, so the client does not wait
-        if query.question is None:
+        if query.question is None:  # parse_query admits exactly one question; kept for safety
             return query.rcode_response(wire[:2], dns.rcode.FORMERR)
-        pod, policed, allowed, l4 = self._decide(client_ip, query.question)
+        view = self.policy
+        pod, policed, verdict, l4 = self._decide(view, client_ip, query.question, orig_dst, tcp)
+        if verdict is None and not self.config.audit:
+            # A resolver (or port, or protocol) no DNS rule of the pod allows: the datapath drops
+            # these before they reach the proxy; one that still arrives (a rule just changed) is
+            # dropped here too, never forwarded, never answered.
+            self._count(resolver_denied=1)
+            self._decided("resolver_denied", tcp)
+            self._dns_flow(client_ip, query, self.config.refuse_rcode, (), 0, (), Verdict.DROPPED, 0, orig_dst)
+            return None
+        allowed = verdict is True
         if not allowed and not self.config.audit:
             self._count(refused=1)
             self._decided("refused", tcp)
@@ -213,7 +236,7 @@ class DnsProxy:
             log.warning("no upstream for %s from %s: it was sent to the proxy's own address %s, not redirected; "
                         "set --upstream to answer such queries", query.qname, client_ip, orig_dst[0] if orig_dst else "?")
             return query.rcode_response(wire[:2], dns.rcode.SERVFAIL)
-        return Forward(wire, query, client_ip, tcp, orig_dst, target, pod, policed, allowed, l4, started)
+        return Forward(wire, query, client_ip, tcp, orig_dst, target, pod, policed, allowed, l4, started, view=view)
 
     def match(self, fwd: Forward, upstream_wire: bytes) -> Answer | None:
         """The upstream's answer to ``fwd`` read from ``upstream_wire``, or None if the datagram
@@ -227,11 +250,17 @@ class DnsProxy:
     def finish(self, fwd: Forward, upstream_wire: bytes, answer: Answer) -> bytes:
         """The upstream answered: learn its addresses for the pod, then release it."""
         upstream_ns = time.monotonic_ns() - fwd.asked_ns
-        if fwd.policed and self.learner is not None and fwd.l4 is not None and answer.ips:
-            # Before the answer leaves: the pod's first SYN must find its address allowed.
-            self.learner.learn(list(fwd.pod.ips), list(answer.ips),  # type: ignore[union-attr]
-                               max(answer.ttl, self.config.min_ttl_s), self.config.grace_s, fwd.l4)
-            self._count(learned_ips=len(answer.ips))
+        if fwd.policed and fwd.allowed and self.learner is not None and answer.ips:
+            # Before the answer leaves: the pod's first SYN must find its address allowed. Every
+            # policed pod whose toFQDNs select the name learns it, as Cilium shares addresses by
+            # selector across the node; only answers of allowed resolvers to allowed questions.
+            view = fwd.view or self.policy
+            ttl = max(answer.ttl, self.config.min_ttl_s)
+            learners = view.fqdn_learners(fwd.query.question[0]) if fwd.query.question else ()
+            for pod_ips, l4 in learners:
+                self.learner.learn(list(pod_ips), list(answer.ips), ttl, self.config.grace_s, l4)
+            if learners:
+                self._count(learned_ips=len(answer.ips))
         added = time.monotonic_ns() - fwd.started_ns
         st = self.stats
         with self._stats_lock:
@@ -252,24 +281,30 @@ class DnsProxy:
                           str(exc) or type(exc).__name__)
         return fwd.query.rcode_response(fwd.wire[:2], dns.rcode.SERVFAIL)
 
-    def _decide(self, client_ip: str, question: QuestionKey) -> Decision:
-        """Policy for (client, name), computed once per policy view: a pod asks the same names
-        again and again, and the view is immutable until the next reload swaps it."""
-        policy = self.policy  # one reference, swapped atomically by reloads
+    def _decide(self, policy: PolicySet, client_ip: str, question: QuestionKey, orig_dst: tuple[str, int] | None,
+                tcp: bool) -> Decision:
+        """Policy for (client, name, resolver, protocol), computed once per policy view: a pod
+        asks the same names of the same resolver again and again, and the view is immutable
+        until the next reload swaps it."""
         view, cache = self._decisions
         if view is not policy:
             cache = BoundedCache(DECISION_CACHE_ENTRIES)
             self._decisions = (policy, cache)
-        key = (client_ip, question)
+        key = (client_ip, question, orig_dst, tcp)
         hit = cache.get(key)
         if hit is not None:
             return hit
         qname = question[0]
         pod = policy.pod_by_ip(client_ip)
         policed = pod is not None and policy.is_policed(pod)
-        allowed = not policed or policy.dns_allowed(pod, qname)  # type: ignore[arg-type]
+        verdict: bool | None = True
+        if policed:
+            # A query without its original destination (not redirected) names no resolver a rule
+            # could allow: the proxy's own address stands for it, which no rule selects.
+            resolver, port = orig_dst if orig_dst is not None else (self.config.listen[0], self.config.listen[1])
+            verdict = policy.dns_verdict(pod, qname, resolver, port, 6 if tcp else 17)  # type: ignore[arg-type]
         l4 = policy.fqdn_l4(pod, qname) if policed else None  # type: ignore[arg-type]
-        decision = (pod, policed, allowed, l4)
+        decision = (pod, policed, verdict, l4)
         cache.put(key, decision)
         return decision
 
@@ -291,6 +326,10 @@ class DnsProxy:
             for name, delta in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
 
+    def _rejected(self, reason: str) -> None:
+        with self._stats_lock:
+            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+
     def _decided(self, verdict: str, tcp: bool) -> None:
         key = (verdict, "tcp" if tcp else "udp")
         with self._stats_lock:
@@ -304,7 +343,8 @@ class DnsProxy:
         """A consistent copy of the counters (the histograms are shared: they lock themselves)."""
         with self._stats_lock:
             return dataclasses.replace(self.stats, queries=dict(self.stats.queries),
-                                       upstream_error_kinds=dict(self.stats.upstream_error_kinds))
+                                       upstream_error_kinds=dict(self.stats.upstream_error_kinds),
+                                       rejected=dict(self.stats.rejected))
 
     def _target(self, orig_dst: tuple[str, int] | None) -> tuple[str, int] | None:
         """Where to forward: the configured upstream, else the resolver the pod asked unless that

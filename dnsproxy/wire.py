@@ -63,6 +63,40 @@ class BoundedCache(Generic[K, V]):
         return len(self._data)
 
 
+class BadQuery(Exception):
+    """A DNS message the proxy does not forward: not a single-question standard query.
+
+    ``rcode`` is what the pod is answered (None: nothing, e.g. for a response, which answering
+    would turn into a reflection loop); ``reason`` names it in the proxy's counters."""
+
+    def __init__(self, reason: str, rcode: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rcode = rcode
+
+
+# Reasons a query is rejected, as counted (flowtel_dnsproxy_queries_rejected_total{reason}).
+REJECT_REASONS = ("response", "opcode", "question_count", "records", "malformed")
+_QR = 0x8000
+
+
+def check_header(wire: bytes) -> None:
+    """What the header alone tells: a response (QR set), another opcode than QUERY, or a
+    count that a query cannot have. Cheap, before any parsing: Cilium's DNS proxy (miekg/dns's
+    DefaultMsgAcceptFunc) rejects the same before its handler runs."""
+    if len(wire) < 12:
+        raise BadQuery("malformed", None)
+    flags, qd, an, ns = struct.unpack("!HHHH", wire[2:10])
+    if flags & _QR:
+        raise BadQuery("response", None)
+    if (flags >> 11) & 0xF != dns.opcode.QUERY:
+        raise BadQuery("opcode", dns.rcode.REFUSED)
+    if qd != 1:
+        raise BadQuery("question_count", dns.rcode.FORMERR)
+    if an or ns:
+        raise BadQuery("records", dns.rcode.FORMERR)
+
+
 QuestionKey = tuple[str, int, int]  # normalized name, rdtype, rdclass: what an answer must echo
 
 
@@ -126,12 +160,18 @@ def _question_key(msg: dns.message.Message) -> QuestionKey | None:
 
 
 def parse_query(wire: bytes) -> Query:
-    """The query in ``wire`` (``dns.exception.DNSException`` if it is not a DNS message)."""
+    """The query in ``wire``: one question, opcode QUERY, QR clear, no answer or authority
+    records, at most an OPT record besides (:class:`BadQuery` otherwise;
+    ``dns.exception.DNSException`` if it is not a DNS message at all). Only such a message is
+    ever forwarded, so what the policy checked (the one question) is all the resolver sees."""
+    check_header(wire)
     key = wire[2:]
     hit = _queries.get(key)
     if hit is not None:
         return hit
     msg = dns.message.from_wire(wire)
+    if msg.additional or msg.tsig is not None:  # only EDNS (OPT, kept apart by dnspython) may ride along
+        raise BadQuery("records", dns.rcode.FORMERR)
     if msg.question:
         qname, qtype = msg.question[0].name.to_text(), dns.rdatatype.to_text(msg.question[0].rdtype)
     else:
@@ -156,6 +196,15 @@ def parse_answer(wire: bytes) -> Answer:
     if len(wire) <= MAX_CACHED_MESSAGE:
         _answers.put(key, answer)
     return answer
+
+
+def header_only_response(wire: bytes, rcode: int) -> bytes | None:
+    """An answer of ``rcode`` with the query's ID and opcode and no sections (a message
+    refused for its shape is not parsed further, so nothing of it is echoed back)."""
+    if len(wire) < 12:
+        return None
+    qid, flags = struct.unpack("!HH", wire[:4])
+    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7800) | (flags & 0x0100) | rcode, 0, 0, 0, 0)
 
 
 def header_only_formerr(wire: bytes) -> bytes | None:
