@@ -14,9 +14,9 @@ import errno
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
+from dnsproxy.bounded import CLIENT_ERROR_KINDS, BoundedHandler, BoundedHTTPServer, ServerLimits
 from dnsproxy.wire import REJECT_REASONS
 from exporters.common.series import FamilySnapshot, HistogramValue
 from exporters.prometheus.exposition import CONTENT_TYPE, render
@@ -36,6 +36,8 @@ UPSTREAM_LATENCY_BOUNDS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 PREFIX = "flowtel_dnsproxy_"
+# A Prometheus or two scrape it; a scrape that takes longer than 30 s is cut.
+METRICS_LIMITS = ServerLimits(max_connections=16, max_per_client=8, idle_timeout_s=10.0, request_timeout_s=30.0)
 
 
 def families(points: Iterable[MetricPoint]) -> list[FamilySnapshot]:
@@ -112,6 +114,18 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
             add("flow_log_lost_total", lost, MetricKind.SUM,
                 "flows not written to the --flow-log file: queue_full (the writer fell behind; the query path "
                 "never waits for it), write_error (the file failed)", reason=reason)
+    for counters in getattr(runner, "server_counters", lambda: [])():
+        for kind in CLIENT_ERROR_KINDS:
+            add("server_client_errors_total", counters.errors.get(kind, 0), MetricKind.SUM,
+                "connections of the proxy's TCP DNS, health and metrics servers ended by the client or the bounds: "
+                "rejected (over the connection cap), reset, timeout (idle or slow past the deadline), error",
+                server=counters.name, kind=kind)
+        add("server_connections", counters.open, MetricKind.GAUGE, "open connections per server", server=counters.name)
+    for ref in sorted(proxy.policy.degraded):
+        add("policy_degraded", 1, MetricKind.GAUGE, "policies with fields flowtel cannot evaluate (denied instead); "
+            "the log and the status line name each field", policy=ref)
+    add("policies", len(proxy.policy.degraded), MetricKind.GAUGE,
+        "policies in effect (accepted) and rejected with an error", state="degraded")
     add("denied_entries_created_total", datapath.denied_created(), MetricKind.SUM,
         "entries created in the datapath's fqdn_denied map (one per pod, interface, destination, port, "
         "protocol and verdict; an LRU, so a rate well above the drop flows' means evictions)")
@@ -121,11 +135,12 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
 class MetricsServer:
     """``GET /metrics``: the proxy's metrics as Prometheus text (format 0.0.4)."""
 
-    def __init__(self, host: str, port: int, collect: Callable[[], list[MetricPoint]]) -> None:
+    def __init__(self, host: str, port: int, collect: Callable[[], list[MetricPoint]],
+                 limits: ServerLimits = METRICS_LIMITS) -> None:
         self.collect = collect
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(BoundedHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -147,16 +162,13 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-                pass  # one line per scrape would drown the proxy's own log
-
         try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
+            self._httpd = BoundedHTTPServer("metrics", (host, port), Handler, limits)
         except OSError as exc:
             why = ("another process holds that port: stop it or pass another --metrics-listen (empty: no metrics)"
                    if exc.errno == errno.EADDRINUSE else "pass an address of this host in --metrics-listen")
             raise StartError("dnsproxy", f"cannot serve metrics on {host}:{port}: {exc.strerror}", why) from None
-        self._httpd.daemon_threads = True
+        self.counters = self._httpd.counters
         self._thread: threading.Thread | None = None
 
     @property

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import dns.exception
 import dns.rcode
 
+from dnsproxy.bounded import BoundedThreadingMixIn, ServerCounters, ServerLimits, error_kind
 from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
 from dnsproxy.flowlog import FlowLogWriter
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
@@ -73,6 +74,10 @@ class ProxyConfig:
     # UDP queries waiting for their upstream at once (each holds a socket); beyond it the loop
     # stops reading new queries until answers come back, and they wait in the socket's buffer.
     max_in_flight: int = 4096
+    # DNS over TCP: a thread per connection, so connections are capped (in all and per pod) and
+    # each must send its next message within idle_timeout_s and all of it within request_timeout_s.
+    tcp_limits: ServerLimits = field(default_factory=lambda: ServerLimits(
+        max_connections=256, max_per_client=16, idle_timeout_s=10.0, request_timeout_s=5.0))
     node_name: str = field(default_factory=socket.gethostname)
 
 
@@ -443,26 +448,37 @@ class DnsProxy:
         proxy = self
         listens = [a for a in (self.config.listen, self.config.listen6) if a]
 
+        limits = self.config.tcp_limits
+
         class Tcp(socketserver.BaseRequestHandler):
+            server: TcpServer
+
             def handle(self) -> None:
                 conn: socket.socket = self.request
-                conn.settimeout(10)
                 # A redirected connection keeps the resolver the pod asked as its local address.
                 orig = conn.getsockname()[:2]
                 try:
                     while True:  # several queries may share one connection (RFC 7766)
-                        head = _recv_exact(conn, 2)
+                        # Idle between messages up to idle_timeout_s; then the whole message,
+                        # length prefix included, within message_timeout_s however it drips.
+                        first = _recv_until(conn, 1, time.monotonic() + limits.idle_timeout_s, idle=True)
+                        if not first:
+                            return  # closed between messages: a normal end
+                        deadline = time.monotonic() + limits.request_timeout_s
+                        head = first + _recv_until(conn, 1, deadline)
                         (n,) = struct.unpack("!H", head)
-                        resp = proxy.handle(_recv_exact(conn, n), self.client_address[0], tcp=True, orig_dst=orig)
+                        resp = proxy.handle(_recv_until(conn, n, deadline), self.client_address[0], tcp=True,
+                                            orig_dst=orig)
                         if resp is None:
                             return
+                        conn.settimeout(limits.request_timeout_s)
                         conn.sendall(struct.pack("!H", len(resp)) + resp)
-                except (OSError, EOFError):
-                    return
+                except (OSError, EOFError) as exc:
+                    self.server.counters.count(error_kind(exc))
 
-        class TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-            daemon_threads = True
+        class TcpServer(BoundedThreadingMixIn, socketserver.TCPServer):
             allow_reuse_address = True
+            request_queue_size = 128
 
             def server_bind(self) -> None:
                 make_transparent(self.socket)
@@ -472,7 +488,14 @@ class DnsProxy:
         for host, port in listens:
             v6 = ":" in host
             family = socket.AF_INET6 if v6 else socket.AF_INET
-            server = type("TcpServer", (TcpServer,), {"address_family": family})((host, port), Tcp)
+            server = type("TcpServer", (TcpServer,), {"address_family": family})((host, port), Tcp, False)
+            server.init_bounds(f"dns-tcp{'6' if v6 else ''}", limits)
+            try:
+                server.server_bind()
+                server.server_activate()
+            except OSError:
+                server.server_close()
+                raise
             self._servers.append(server)
             t = threading.Thread(target=server.serve_forever, name=f"dnsproxy-tcp{'6' if v6 else ''}", daemon=True)
             t.start()
@@ -486,6 +509,9 @@ class DnsProxy:
         upstream = "%s:%d" % self.config.upstream if self.config.upstream else "the resolver each query was sent to"
         log.info("DNS proxy listening on %s (UDP, TCP), forwarding to %s",
                  ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listens), upstream)
+
+    def server_counters(self) -> list[ServerCounters]:
+        return [s.counters for s in self._servers if isinstance(s, BoundedThreadingMixIn)]
 
     def shutdown(self) -> None:
         if self._udp_loop is not None:
@@ -507,6 +533,24 @@ def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "network"
     return "malformed"
+
+
+def _recv_until(s: socket.socket, n: int, deadline: float, idle: bool = False) -> bytes:
+    """``n`` bytes by ``deadline`` (TimeoutError past it). With ``idle``, a connection closed
+    before the first byte returns b"" (the client is done) instead of raising EOFError."""
+    buf = b""
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client sent too slowly")
+        s.settimeout(left)
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            if idle and not buf:
+                return b""
+            raise EOFError("connection closed")
+        buf += chunk
+    return buf
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
