@@ -19,6 +19,7 @@ import threading
 from typing import Any, Callable
 
 from dnsproxy.bounded import BoundedHandler, BoundedHTTPServer, ServerLimits
+from dnsproxy.supervise import Supervisor
 
 log = logging.getLogger("flowtel.dnsproxy")
 
@@ -63,11 +64,15 @@ class HealthServer:
         self._httpd = BoundedHTTPServer("health", (host, port), Handler, limits)
         self.counters = self._httpd.counters
         self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="dnsproxy-health", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            self._thread = supervisor.start("dnsproxy-health", self._httpd.serve_forever, poll_interval=0.2)
+        else:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                            name="dnsproxy-health", daemon=True)
+            self._thread.start()
         log.info("health endpoint on http://%s:%d (/healthz, /readyz)", *self.address)
 
     def shutdown(self) -> None:

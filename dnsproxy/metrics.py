@@ -176,7 +176,10 @@ class MetricsServer:
         host, port = self._httpd.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> None:
+    def start(self, supervisor: Any = None) -> None:
+        if supervisor is not None:  # dnsproxy/supervise.py: a dead metrics server fails /healthz
+            self._thread = supervisor.start("dnsproxy-metrics", self._httpd.serve_forever)
+            return
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="dnsproxy-metrics", daemon=True)
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", *self.address)

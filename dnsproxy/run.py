@@ -14,7 +14,9 @@ import dns.rcode
 
 from dnsproxy.datapath import (DEFAULT_ADDRESS_LABEL, DEFAULT_NFT_TABLE, DEFAULT_PIN_DIR, MODE_AUDIT, MODE_ENFORCE,
                                Datapath, uninstall)
+from dnsproxy.bounded import ServerCounters
 from dnsproxy.health import DEFAULT_HEALTH_PORT, HealthServer
+from dnsproxy.supervise import Supervisor
 from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
 from dnsproxy.kube import KubeSource
 from flowtel.lib.policy import CidrEntry, EndpointIndex, PolicyError, PolicySet, load_pods, load_policy_dir
@@ -100,7 +102,9 @@ class Runner:
             upstream_timeout_s=args.upstream_timeout, min_ttl_s=args.min_ttl, grace_s=args.grace,
             audit=args.audit, flow_log=args.flow_log)
         self.datapath = Datapath(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label)
-        self.proxy = DnsProxy(self.config, self.datapath)
+        # Every loop and server thread: one that dies fails /healthz and ends the process.
+        self.supervisor = Supervisor(on_death=lambda _name: self._wake.set())
+        self.proxy = DnsProxy(self.config, self.datapath, self.supervisor)
         self._snapshot: tuple[object, ...] | None = None
         self._kube_version: int | None = None
         self._serving = False
@@ -247,9 +251,9 @@ class Runner:
     def run(self) -> int:
         self.redirect.install_base()
         if self.health is not None:
-            self.health.start()
+            self.health.start(self.supervisor)
         if self.metrics is not None:
-            self.metrics.start()
+            self.metrics.start(self.supervisor)
         if self.kube is not None:
             self.kube.start()
             self._wait_first_sync()
@@ -259,14 +263,23 @@ class Runner:
         self.sync()
         self.proxy.serve()
         self.datapath.open_events(self.proxy.on_drop)
-        events = threading.Thread(target=self._poll_events, name="dnsproxy-events", daemon=True)
-        events.start()
+        events = self.supervisor.start("dnsproxy-events", self._poll_events)
         self._serving = True
         log.info("dnsproxy ready")
+        status = 0
         while not self.stop.is_set():
             self._wake.wait(self.args.reload_interval)
             self._wake.clear()  # before refresh() reads the version: no event is missed
             if self.stop.is_set():
+                break
+            dead = self.supervisor.dead()
+            if dead:
+                # Not restarted in place: a loop that died once may die again on the same input,
+                # and a fresh process starts from a clean state over the same pinned datapath.
+                log.error("exiting: %s died (%s); the kubelet restarts the proxy and enforcement continues meanwhile",
+                          ", ".join(sorted(dead)), "; ".join(f"{k}: {v}" for k, v in sorted(dead.items())))
+                status = 1
+                self.stop.set()
                 break
             self._last_round = time.monotonic()
             try:
@@ -280,9 +293,10 @@ class Runner:
             except Exception:  # the proxy must keep answering whatever one round hit
                 log.exception("reload round failed")
         self.proxy.shutdown()
-        return self._shutdown(events)
+        return self._shutdown(events) or status
 
     def _shutdown(self, events: threading.Thread | None) -> int:
+        self.supervisor.stopping = True
         if events is not None:
             events.join(2)
         if self.kube is not None:
@@ -299,9 +313,18 @@ class Runner:
         self._wake.set()
 
     def _liveness(self) -> tuple[bool, dict[str, object]]:
-        # A round every reload interval; a wedged loop (not a slow one) fails after 30 s.
+        # A round every reload interval; a wedged loop (not a slow one) fails after 30 s; a dead
+        # thread (the UDP loop, a TCP server, the event poller, ...) fails at once.
         stalled = time.monotonic() - self._last_round
-        return stalled < max(30.0, 10 * self.args.reload_interval), {"last_round_s_ago": round(stalled, 1)}
+        threads_ok, details = self.supervisor.check()
+        details["last_round_s_ago"] = round(stalled, 1)
+        return stalled < max(30.0, 10 * self.args.reload_interval) and threads_ok, details
+
+    def server_counters(self) -> list[ServerCounters]:
+        """Client errors and open connections of every bounded server (for /metrics)."""
+        out = self.proxy.server_counters()
+        out += [s.counters for s in (self.health, self.metrics) if s is not None]
+        return out
 
     def _readiness(self) -> tuple[bool, dict[str, object]]:
         details: dict[str, object] = {"serving": self._serving}

@@ -39,6 +39,7 @@ from dnsproxy.bounded import BoundedThreadingMixIn, ServerCounters, ServerLimits
 from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
 from dnsproxy.flowlog import FlowLogWriter
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
+from dnsproxy.supervise import Supervisor
 from flowtel.lib.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
 from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
 # Re-exported: these lived here before dnsproxy/udp.py and dnsproxy/wire.py, and are imported from here.
@@ -135,8 +136,9 @@ FAILURE_LOG_INTERVAL_S = 5.0
 
 
 class DnsProxy:
-    def __init__(self, config: ProxyConfig, learner: Learner | None) -> None:
+    def __init__(self, config: ProxyConfig, learner: Learner | None, supervisor: Supervisor | None = None) -> None:
         self.config = config
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.learner = learner
         self.stats = Stats()
         self._lock = threading.Lock()
@@ -146,7 +148,7 @@ class DnsProxy:
         self._decisions: tuple[PolicySet | None, BoundedCache[tuple[Any, ...], Decision]] = (
             None, BoundedCache(DECISION_CACHE_ENTRIES))
         # Written by a thread of its own (dnsproxy/flowlog.py): the query path only queues a record.
-        self.flow_log = FlowLogWriter(config.flow_log) if config.flow_log else None
+        self.flow_log = FlowLogWriter(config.flow_log, autostart=False) if config.flow_log else None
         self._servers: list[socketserver.BaseServer] = []
         self._udp_loop: UdpLoop | None = None
         # The proxy's own addresses: a query to one of them was not redirected, and forwarding it
@@ -497,15 +499,13 @@ class DnsProxy:
                 server.server_close()
                 raise
             self._servers.append(server)
-            t = threading.Thread(target=server.serve_forever, name=f"dnsproxy-tcp{'6' if v6 else ''}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._threads.append(self.supervisor.start(f"dnsproxy-tcp{'6' if v6 else ''}", server.serve_forever))
             sock = udp_listen_socket(host, port)
             udp.append((sock, (host, port)))
         self._udp_loop = UdpLoop(self, udp, self.config.upstream_timeout_s, self.config.max_in_flight)
-        t = threading.Thread(target=self._udp_loop.run, name="dnsproxy-udp", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.append(self.supervisor.start("dnsproxy-udp", self._udp_loop.run))
+        if self.flow_log is not None:
+            self.flow_log.start(self.supervisor)
         upstream = "%s:%d" % self.config.upstream if self.config.upstream else "the resolver each query was sent to"
         log.info("DNS proxy listening on %s (UDP, TCP), forwarding to %s",
                  ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listens), upstream)
@@ -514,6 +514,7 @@ class DnsProxy:
         return [s.counters for s in self._servers if isinstance(s, BoundedThreadingMixIn)]
 
     def shutdown(self) -> None:
+        self.supervisor.stopping = True
         if self._udp_loop is not None:
             self._udp_loop.stop()
         for t in self._threads:
