@@ -284,7 +284,8 @@ class Datapath:
         ctypes.memmove(key.pod, raw[0], 16)
         ctypes.memmove(key.dst, raw[1], 16)
         val = self.cidr.Leaf()
-        val.deny = 1 if e.l4 is None else 0
+        # FLOWTEL_FQDN_CIDR_DENY / _EXCEPT / _ALLOW (bpf/flowtel.h)
+        val.deny = 2 if e.deny else (1 if e.l4 is None else 0)
         self._fill_l4(val.l4, e.l4 or L4(False))
         self.cidr[key] = val
 

@@ -94,9 +94,9 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
     add("learned_ips", datapath.live_allowances, MetricKind.GAUGE,
         "(pod, destination) allowances in the allow map not past their TTL and grace, as of the last clean-up")
     add("policies", len(proxy.policy.policies), MetricKind.GAUGE,
-        "policies in effect (accepted) and rejected with an error", state="accepted")
+        "policies in effect (accepted), rejected with an error, and accepted but degraded (fields flowtel cannot evaluate, denied instead)", state="accepted")
     add("policies", len(proxy.policy_errors), MetricKind.GAUGE,
-        "policies in effect (accepted) and rejected with an error", state="rejected")
+        "policies in effect (accepted), rejected with an error, and accepted but degraded (fields flowtel cannot evaluate, denied instead)", state="rejected")
     add("policed_pods", len(proxy.policy.policed_pods()), MetricKind.GAUGE, "pods selected by an egress policy")
     add("policed_interfaces", len(datapath.attached), MetricKind.GAUGE,
         "host-side veths the enforcement program is attached to")
@@ -125,7 +125,7 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
         add("policy_degraded", 1, MetricKind.GAUGE, "policies with fields flowtel cannot evaluate (denied instead); "
             "the log and the status line name each field", policy=ref)
     add("policies", len(proxy.policy.degraded), MetricKind.GAUGE,
-        "policies in effect (accepted) and rejected with an error", state="degraded")
+        "policies in effect (accepted), rejected with an error, and accepted but degraded (fields flowtel cannot evaluate, denied instead)", state="degraded")
     add("denied_entries_created_total", datapath.denied_created(), MetricKind.SUM,
         "entries created in the datapath's fqdn_denied map (one per pod, interface, destination, port, "
         "protocol and verdict; an LRU, so a rate well above the drop flows' means evictions)")
