@@ -68,6 +68,9 @@ def error_kind(exc: BaseException) -> str:
 
 
 class BoundedThreadingMixIn(socketserver.ThreadingMixIn):
+    # Mixed into a socketserver.BaseServer subclass, which provides this.
+    shutdown_request: Any
+
     """A thread per connection, at most ``limits.max_connections`` of them (and
     ``max_per_client`` per client address); errors counted, not printed."""
 
@@ -159,7 +162,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
     server: BoundedHTTPServer
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.idle_timeout_s  # StreamRequestHandler sets it on the socket
+        self.timeout = self.server.limits.idle_timeout_s  # type: ignore[misc] # StreamRequestHandler sets it on the socket
         super().setup()
         self._deadline = request_deadline(self.connection, self.server.limits.request_timeout_s)
 

@@ -23,7 +23,7 @@ from dnsproxy.supervise import Supervisor
 from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
 from dnsproxy.kube import KubeSource
 from flowtel.lib.policy import (CidrEntry, EndpointIndex, NodeAddresses, PolicyError, PolicySet, load_pods,
-                                load_policy_dir)
+                                load_policy_dir, load_services)
 from dnsproxy.redirect import (DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, DEFAULT_TPROXY_MARK, Redirect,
                                RedirectConfig, default_listen6, host_has_ipv6)
 from dnsproxy.server import DnsProxy, ProxyConfig, snapshot
@@ -89,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-ttl", type=int, default=3600, help="learned IPs stay allowed at least this many seconds (default 3600, Cilium's tofqdns-min-ttl)")
     p.add_argument("--grace", type=float, default=0.0, help="seconds an IP stays allowed after its TTL for new connections (default 0, Cilium's tofqdns-idle-connection-grace-period); open connections stay open while used")
     p.add_argument("--kube-apiserver", default="", help="comma-separated addresses of the toEntities kube-apiserver entity (default with --kube: the kubernetes Service's ClusterIP from $KUBERNETES_SERVICE_HOST and the API server's address)")
+    p.add_argument("--services", help="without --kube: Services file (services: [{metadata: {name, namespace, labels}, spec: {clusterIP, ports, selector}}], or `kubectl get svc -A -o yaml`); a ClusterIP is allowed when every backend is (the cluster DNS Service IP for a DNS rule selecting kube-dns); reloaded on change")
     p.add_argument("--remote-node-addresses", default="", help="comma-separated addresses of the other nodes (toEntities remote-node and cluster); default: none known, so remote-node allows nothing")
     p.add_argument("--audit", action="store_true", help="report denied traffic as AUDIT instead of dropping it")
     p.add_argument("--metrics-listen", default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
@@ -221,7 +222,7 @@ class Runner:
     def refresh(self) -> None:
         """Take the policy sources into the proxy when they changed (files: size/mtime; the
         Kubernetes API: a watch event since the last round)."""
-        snap = snapshot([p for p in (self.config.policies_dir, self.config.pods_file) if p])
+        snap = snapshot([p for p in (self.config.policies_dir, self.config.pods_file, self.args.services) if p])
         kube_version = self.kube.version if self.kube is not None else None
         if snap == self._snapshot and kube_version == self._kube_version:
             return
@@ -242,7 +243,7 @@ class Runner:
             if err not in known:  # once per rejected version, not once per watch event
                 log.error("policy rejected: %s", err)
         policy = PolicySet(policies, state.pods, node=self.kube.node_name, endpoints=state.endpoints,
-                           nodes=self.node_addresses())
+                           nodes=self.node_addresses(), services=state.services)
         self._report_degraded(policy)
         # Errors first: the handlers read only `policy`, one reference swapped atomically.
         self.proxy.policy_errors = errors
@@ -266,7 +267,14 @@ class Runner:
         except PolicyError as exc:
             log.error("%s; keeping the previous pods", exc)
             pods, endpoints = previous.pods, previous.endpoints
-        policy = PolicySet(result.policies, pods, node=self.node_name, endpoints=endpoints, nodes=self.node_addresses())
+        services = previous.services
+        if self.args.services:
+            try:
+                services = tuple(load_services(self.args.services))
+            except PolicyError as exc:
+                log.error("%s; keeping the previous services", exc)
+        policy = PolicySet(result.policies, pods, node=self.node_name, endpoints=endpoints, nodes=self.node_addresses(),
+                           services=services)
         self._report_degraded(policy)
         # Errors first: the handlers read only `policy`, one reference swapped atomically.
         self.proxy.policy_errors = result.errors

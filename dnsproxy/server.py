@@ -40,7 +40,7 @@ from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
 from dnsproxy.flowlog import FlowLogWriter
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
 from dnsproxy.supervise import Supervisor
-from flowtel.lib.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
+from flowtel.lib.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir, load_services
 from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
 # Re-exported: these lived here before dnsproxy/udp.py and dnsproxy/wire.py, and are imported from here.
 from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F401
@@ -80,6 +80,7 @@ class ProxyConfig:
     tcp_limits: ServerLimits = field(default_factory=lambda: ServerLimits(
         max_connections=256, max_per_client=16, idle_timeout_s=10.0, request_timeout_s=5.0))
     node_name: str = field(default_factory=socket.gethostname)
+    services_file: str = ""  # --services (without --kube)
 
 
 @dataclass
@@ -171,7 +172,13 @@ class DnsProxy:
         except PolicyError as exc:
             log.error("%s; keeping the previous pods", exc)
             pods = self.policy.pods
-        policy = PolicySet(result.policies, pods)
+        services = self.policy.services
+        if self.config.services_file:
+            try:
+                services = tuple(load_services(self.config.services_file))
+            except PolicyError as exc:
+                log.error("%s; keeping the previous services", exc)
+        policy = PolicySet(result.policies, pods, services=services)
         with self._lock:
             self.policy, self.policy_errors = policy, result.errors
         log.info("loaded %d policies (%d rejected); %d of %d pods policed", len(result.policies),

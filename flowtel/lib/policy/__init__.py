@@ -16,6 +16,7 @@ from flowtel.lib.policy.policy import API_VERSION, KINDS, LoadResult, Policy, Sp
 from flowtel.lib.policy.policyset import CidrEntry, NodeAddresses, PolicySet
 from flowtel.lib.policy.ports import ALL_PORTS, CILIUM_MAX_PORTS, DNS_PORT, L4, MAX_PORTS, PortRange, PortRule
 from flowtel.lib.policy.rules import ENTITIES, CidrRule, EgressRule, IPNetwork
+from flowtel.lib.policy.services import Service, ServicePort, load_services, service_from_spec
 from flowtel.lib.policy.selectors import (NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL,
                                           Requirement, Selector, parse_selector)
 
@@ -23,7 +24,8 @@ __all__ = [
     "ALL_PORTS", "API_VERSION", "CILIUM_MAX_PORTS", "DNS_PORT", "ENTITIES", "KINDS", "MAX_FQDN_LENGTH", "MAX_PORTS",
     "NAMESPACE_LABEL", "NAMESPACE_LABELS_PREFIX", "SERVICE_ACCOUNT_LABEL", "CidrEntry", "CidrRule", "EgressRule",
     "EndpointIndex", "FqdnSelector", "IPNetwork", "L4", "Labels", "LoadResult", "NodeAddresses", "Pod", "Policy",
-    "PolicyError", "PolicySet", "PortRange", "PortRule", "Requirement", "Selector", "Spec", "cilium_labels",
+    "PolicyError", "PolicySet", "PortRange", "PortRule", "Requirement", "Selector", "Service", "ServicePort", "Spec",
+    "cilium_labels", "load_services", "service_from_spec",
     "is_dns_name", "load_pods", "load_policy_dir", "normalize_name", "parse_fqdn_selector", "parse_policy",
     "parse_selector",
 ]

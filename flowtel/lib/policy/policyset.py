@@ -6,11 +6,13 @@ import ipaddress
 from dataclasses import dataclass
 
 from flowtel.lib.policy.endpoints import EndpointIndex
+from flowtel.lib.policy.names import FqdnSelector
 from flowtel.lib.policy.pods import Pod
 from flowtel.lib.policy.policy import Policy
-from flowtel.lib.policy.ports import L4
+from flowtel.lib.policy.ports import L4, PortRange
 from flowtel.lib.policy.rules import CidrRule, EgressRule, IPNetwork
 from flowtel.lib.policy.selectors import Selector
+from flowtel.lib.policy.services import Service
 
 # Selects every identity: what the entities ``cluster`` and ``world`` resolve against.
 EVERY_ENDPOINT = Selector()
@@ -64,10 +66,13 @@ class PolicySet:
     """
 
     def __init__(self, policies: list[Policy], pods: list[Pod], *, node: str = "",
-                 endpoints: EndpointIndex | None = None, nodes: NodeAddresses = NodeAddresses()) -> None:
+                 endpoints: EndpointIndex | None = None, nodes: NodeAddresses = NodeAddresses(),
+                 services: list[Service] | tuple[Service, ...] = ()) -> None:
         self.policies = policies
         self.node = node
         self.nodes = nodes
+        self.services = tuple(services)
+        self._service_by_ip = {ip: svc for svc in self.services for ip in svc.cluster_ips}
         self.pods = [p for p in pods if p.on_node(node)]
         self.endpoints = endpoints if endpoints is not None else EndpointIndex(pods)
         self._by_ip = {ip: pod for pod in self.pods for ip in pod.ips}
@@ -111,6 +116,12 @@ class PolicySet:
             where_spec = "spec" if len(pol.specs) == 1 else f"specs[{s_i}]"
             for kind, rules in (("egress", spec.egress), ("egressDeny", spec.egress_deny)):
                 for i, rule in enumerate(rules):
+                    for svc in self._selected_services(rule):
+                        if svc.selector is None:
+                            then = "this deny rule denies every destination" if kind == "egressDeny" else \
+                                "traffic to it is denied"
+                            out.append(f"{where_spec}.{kind}[{i}].toServices: {svc.key}: the endpoints of a Service "
+                                       f"without a selector are not known to flowtel; {then}")
                     for e in rule.to_entities:
                         why = self._unresolvable(e)
                         if why is None:
@@ -164,6 +175,17 @@ class PolicySet:
         return verdict
 
     def _dns_verdict(self, pod: Pod, qname: str, resolver: str, port: int, protocol: int) -> bool | None:
+        svc = self._service_by_ip.get(resolver)
+        if svc is not None:
+            # A Service IP (the cluster DNS Service, usually): what every backend would decide,
+            # since kube-proxy picks one after the datapath has seen the packet.
+            sel = svc.backend_selector()
+            sp = next((p for p in svc.ports if p.port == port and p.protocol == protocol), None)
+            backends = self.endpoints.addresses(sel) if sel is not None else set()
+            if sp is None or sp.target_port is None or not backends:
+                return None
+            verdicts = [self._dns_verdict(pod, qname, b, sp.target_port, protocol) for b in sorted(backends)]
+            return None if any(v is None for v in verdicts) else all(verdicts)
         try:
             addr = ipaddress.ip_address(resolver)
         except ValueError:
@@ -174,7 +196,7 @@ class PolicySet:
                 return None
         bound = False
         any_name = False
-        selectors = []
+        selectors: list[FqdnSelector] = []
         for rule in self.rules_for(pod):
             if rule.to_fqdns:
                 continue  # learned addresses are not resolvers here (documented difference)
@@ -222,12 +244,20 @@ class PolicySet:
 
     def endpoint_selectors(self) -> set[Selector]:
         """Every selector of a policed pod's rules the index must resolve."""
-        out = set()
+        out: set[Selector] = set()
         for key in self._policed:
             for r in (*self._rules[key], *self._deny[key]):
                 out.update(r.to_endpoints)
+                for svc in self._selected_services(r):
+                    if svc.backend_selector() is not None:
+                        out.add(svc.backend_selector())  # type: ignore[arg-type]
                 if any(e in ("world", "world-ipv4", "world-ipv6", "cluster") for e in r.to_entities):
                     out.add(EVERY_ENDPOINT)
+        if self._policed:
+            for svc in self.services:  # ClusterIPs are allowed by what their backends are
+                sel = svc.backend_selector()
+                if sel is not None and svc.cluster_ips:
+                    out.add(sel)
         return out
 
     def cidr_entries(self, pod: Pod) -> list[CidrEntry]:
@@ -247,8 +277,51 @@ class PolicySet:
             cluster = self._cluster_addresses() if self._uses_world(pod) else set()
             allow = [self._dest(r) for r in key[0]]
             deny = [self._dest(r) for r in key[1]]
-            entries = self._cidr_cache[key] = _cidr_entries(allow, deny, cluster)
+            entries = _cidr_entries(allow, deny, cluster)
+            if self.services:
+                entries = self._with_service_ips(entries, allow, deny, cluster)
+            self._cidr_cache[key] = entries
         return entries
+
+    def _with_service_ips(self, entries: list[CidrEntry], allow: list[_Dest], deny: list[_Dest],
+                          cluster: set[str]) -> list[CidrEntry]:
+        """ClusterIP entries: a Service port is allowed when every backend is allowed on its
+        target port (and none is denied)."""
+        by_net = {e.network: e for e in entries}
+        for svc in self.services:
+            sel = svc.backend_selector()
+            if sel is None or not svc.cluster_ips:
+                continue
+            backends = self.endpoints.addresses(sel)
+            if not backends:
+                continue
+            addrs = [(b, _host_network(b).network_address) for b in sorted(backends)]
+            if any(_covers(d, b, a, cluster) for d in deny for b, a in addrs):
+                continue
+            ranges = []
+            for sp in svc.ports:
+                if sp.target_port is None:
+                    continue
+                if all(any(d.l4 is not None and d.l4.covers(sp.target_port, sp.protocol) and _covers(d, b, a, cluster)
+                           for d in allow) for b, a in addrs):
+                    ranges.append(PortRange(sp.port, sp.port, sp.protocol))
+            if not ranges:
+                continue
+            for ip in svc.cluster_ips:
+                net = _host_network(ip)
+                old = by_net.get(net)
+                if old is not None and old.deny:
+                    continue
+                by_net[net] = CidrEntry(net, L4.union([old.l4 if old else None, L4(False, tuple(ranges))]))
+        out = list(by_net.values())
+        out.sort(key=lambda e: (e.network.version, e.network.prefixlen, int(e.network.network_address)))
+        return out
+
+    def _selected_services(self, rule: EgressRule) -> list[Service]:
+        if not rule.to_services:
+            return []
+        return [svc for svc in self.services
+                if any(s.matches(svc.namespace, svc.name, dict(svc.labels)) for s in rule.to_services)]
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -261,7 +334,8 @@ class PolicySet:
 
     def _dest(self, rule: EgressRule) -> _Dest:
         l4 = None if rule.deny else rule.l4()
-        if rule.deny and any(self._unresolvable(e) and e != "cluster" for e in rule.to_entities):
+        if rule.deny and (any(self._unresolvable(e) and e != "cluster" for e in rule.to_entities)
+                          or any(s.selector is None for s in self._selected_services(rule))):
             return _Dest([CidrRule(_ANY4), CidrRule(_ANY6)], set(), [], l4)
         if rule.blocked:
             # An allow rule that selects by something unknown allows nothing; a deny rule so
@@ -272,6 +346,11 @@ class PolicySet:
         world: list[CidrRule] = []
         for sel in rule.to_endpoints:
             hosts |= self.endpoints.addresses(sel)
+        for svc in self._selected_services(rule):
+            # Cilium's toServices: the Service's backends (its ClusterIP follows from them).
+            backend = svc.backend_selector()
+            if backend is not None:
+                hosts |= self.endpoints.addresses(backend)
         for e in rule.to_entities:
             if e == "all":
                 nets += [CidrRule(_ANY4), CidrRule(_ANY6)]

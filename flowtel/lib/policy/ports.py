@@ -188,7 +188,7 @@ def parse_port_rule(raw: Any, where: str, notes: list[str]) -> PortRule:
             raise PolicyError(f"{where}.rules.dns: expected a list")
         has_dns = bool(raw_dns)
         if has_dns:
-            dns = tuple(parse_fqdn_selector(d, f"{where}.rules.dns[{i}]") for i, d in enumerate(raw_dns))
+            dns = tuple(parse_fqdn_selector(d, f"{where}.rules.dns[{i}]") for i, d in enumerate(raw_dns or []))
             if not raw_ports:
                 raise PolicyError(f"{where}.rules.dns: port 53 must be specified for DNS rules")
     ports: list[PortRange] = []

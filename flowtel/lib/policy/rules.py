@@ -3,7 +3,7 @@
 Validation follows Cilium's ``pkg/policy/api/rule_validation.go``: one kind of L3 selector
 per rule ("combining ToEndpoints and ToCIDR is not supported yet"), ``icmps`` never with
 ``toPorts``, known entities only, port limits (pkg/policy/api/l4.go). What Cilium accepts but
-flowtel cannot evaluate (``toServices``, ``toGroups``, ``toNodes``, named ports, DNS rules on
+flowtel cannot evaluate (``toGroups``, ``toNodes``, named ports, DNS rules on
 other ports than 53, ports beyond the datapath's) does not reject the policy: that part of
 the rule allows nothing, and a note naming the field marks the policy degraded. Denying is
 never less restrictive than Cilium; un-policing the pods would be.
@@ -26,8 +26,7 @@ ENTITIES = ("all", "world", "world-ipv4", "world-ipv6", "cluster", "host", "remo
             "init", "health", "unmanaged", "ingress", "none")
 _L3_KEYS = ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities", "toServices", "toGroups", "toNodes", "toFQDNs")
 # Fields Cilium enforces that flowtel cannot evaluate: the rule's part they select allows nothing.
-_UNEVALUATED = {"toServices": "service backends are not known to flowtel",
-                "toGroups": "cloud provider groups are not known to flowtel",
+_UNEVALUATED = {"toGroups": "cloud provider groups are not known to flowtel",
                 "toNodes": "node labels are not known to flowtel",
                 "toRequires": "toRequires is deprecated in Cilium and not enforced by flowtel",
                 "authentication": "mutual authentication is not enforced by flowtel"}
@@ -38,6 +37,20 @@ _RULE_KEYS = (*_L3_KEYS, "toPorts", "icmps", "toRequires", "authentication")
 class CidrRule:
     network: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSelector:
+    """One ``toServices`` item: a Service by name, or Services by their labels, in a namespace."""
+
+    namespace: str
+    name: str = ""  # k8sService
+    selector: Selector | None = None  # k8sServiceSelector
+
+    def matches(self, namespace: str, name: str, labels: dict[str, str]) -> bool:
+        if namespace != self.namespace:
+            return False
+        return name == self.name if self.name else self.selector is not None and self.selector.matches(labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +68,12 @@ class EgressRule:
     icmps: tuple[PortRange, ...] = ()
     deny: bool = False
     blocked: bool = False
+    to_services: tuple[ServiceSelector, ...] = ()
 
     @property
     def has_l3(self) -> bool:
-        return bool(self.to_fqdns or self.to_endpoints or self.to_cidrs or self.to_entities or self.blocked)
+        return bool(self.to_fqdns or self.to_endpoints or self.to_cidrs or self.to_entities or self.blocked
+                    or self.to_services)
 
     def l4(self) -> L4 | None:
         """The ports the rule covers; None: none (every port item unresolvable)."""
@@ -139,6 +154,27 @@ def parse_egress_rule(raw: Any, where: str, namespace: str | None, notes: list[s
         if str(e) not in ENTITIES:
             raise PolicyError(f"{where}.toEntities[{i}]: unsupported entity: {e} (one of {', '.join(ENTITIES)})")
         entities.append(str(e))
+    services = []
+    for i, s in enumerate(_list(raw, "toServices", where)):
+        w = f"{where}.toServices[{i}]"
+        if not isinstance(s, dict):
+            raise PolicyError(f"{w}: expected k8sService or k8sServiceSelector")
+        only(s, ("k8sService", "k8sServiceSelector"), w)
+        if ("k8sService" in s) == ("k8sServiceSelector" in s):
+            raise PolicyError(f"{w}: exactly one of k8sService and k8sServiceSelector is required")
+        if "k8sService" in s:
+            ref = s["k8sService"]
+            if not isinstance(ref, dict) or not ref.get("serviceName"):
+                raise PolicyError(f"{w}.k8sService: expected serviceName (and namespace)")
+            only(ref, ("serviceName", "namespace"), f"{w}.k8sService")
+            services.append(ServiceSelector(str(ref.get("namespace") or namespace or "default"), str(ref["serviceName"])))
+        else:
+            ref = s["k8sServiceSelector"]
+            if not isinstance(ref, dict) or "selector" not in ref:
+                raise PolicyError(f"{w}.k8sServiceSelector: expected selector (and namespace)")
+            only(ref, ("selector", "namespace"), f"{w}.k8sServiceSelector")
+            sel = parse_selector(ref["selector"], f"{w}.k8sServiceSelector.selector")
+            services.append(ServiceSelector(str(ref.get("namespace") or namespace or "default"), selector=sel))
     ports = tuple(parse_port_rule(p, f"{where}.toPorts[{i}]", notes) for i, p in enumerate(_list(raw, "toPorts", where)))
     if deny and any(r.dns is not None for r in ports):
         raise PolicyError(f"{where}.toPorts: egressDeny takes no L7 rules")
@@ -148,7 +184,8 @@ def parse_egress_rule(raw: Any, where: str, namespace: str | None, notes: list[s
     icmps = parse_icmps(raw["icmps"], f"{where}.icmps") if raw.get("icmps") else ()
     if deny and icmps:
         notes.append(f"{where}.icmps: flowtel denies all traffic to this deny rule's destinations, not only ICMP")
-    return EgressRule(fqdns, tuple(endpoints), tuple(cidrs), tuple(entities), ports, icmps, deny, blocked)
+    return EgressRule(fqdns, tuple(endpoints), tuple(cidrs), tuple(entities), ports, icmps, deny, blocked,
+                      tuple(services))
 
 
 def validate_ingress(raw: Any, where: str) -> None:

@@ -12,7 +12,8 @@ import ipaddress
 
 import pytest
 
-from flowtel.lib.policy import (ALL_PORTS, L4, NodeAddresses, Pod, PolicyError, PolicySet, PortRange, parse_policy)
+from flowtel.lib.policy import (ALL_PORTS, L4, NodeAddresses, Pod, PolicyError, PolicySet, PortRange, parse_policy,
+                                service_from_spec)
 
 KUBE_DNS = {"matchLabels": {"k8s:io.kubernetes.pod.namespace": "kube-system", "k8s-app": "kube-dns"}}
 
@@ -34,8 +35,18 @@ PODS = [Pod("client", "shop", {"app": "client"}, ("10.0.0.1",)),
         Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, ("10.0.0.53",))]
 
 
-def _set(spec: dict, nodes: NodeAddresses = NodeAddresses()) -> tuple[PolicySet, Pod]:
-    ps = PolicySet([parse_policy(_cnp(spec), "t")], PODS, nodes=nodes)
+SERVICES = [
+    service_from_spec("kube-dns", "kube-system", {"clusterIP": "10.96.0.10", "selector": {"k8s-app": "kube-dns"},
+                                                   "ports": [{"port": 53, "protocol": "UDP", "targetPort": 53},
+                                                             {"port": 53, "protocol": "TCP", "targetPort": 53}]}, {}, "t"),
+    service_from_spec("db", "shop", {"clusterIP": "10.96.0.20", "selector": {"app": "db"},
+                                     "ports": [{"port": 80, "targetPort": 5432}]}, {"tier": "data"}, "t"),
+    service_from_spec("manual", "shop", {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}, {}, "t"),
+]
+
+
+def _set(spec: dict, nodes: NodeAddresses = NodeAddresses(), services: list | None = None) -> tuple[PolicySet, Pod]:
+    ps = PolicySet([parse_policy(_cnp(spec), "t")], PODS, nodes=nodes, services=services or [])
     return ps, PODS[0]
 
 
@@ -127,10 +138,43 @@ def test_dns_rules_on_other_ports_are_denied_and_reported() -> None:
     assert _entries(ps, c)["10.0.0.53/32"][0] == L4(False, (PortRange(53, 53, 17), PortRange(53, 53, 6)))
 
 
+# -- Services: the datapath sees the ClusterIP, before kube-proxy's DNAT ----------------------
+
+def test_the_cluster_dns_service_ip_is_a_resolver_when_its_backends_are() -> None:
+    ps, c = _set({"egress": [_dns_rule([{"matchName": "a.test"}])]}, services=SERVICES)
+    assert ps.dns_verdict(c, "a.test", "10.96.0.10", 53, 17) is True
+    assert ps.dns_verdict(c, "b.test", "10.96.0.10", 53, 6) is False
+    assert ps.dns_verdict(c, "a.test", "10.96.0.20", 53, 17) is None  # another Service's IP
+    entries = _entries(ps, c)
+    assert entries["10.96.0.10/32"] == (L4(False, (PortRange(53, 53, 17), PortRange(53, 53, 6))), False)
+    assert "10.96.0.20/32" not in entries
+
+
+def test_a_service_ip_is_allowed_on_its_port_only_when_every_backend_is() -> None:
+    db2 = Pod("db-2", "shop", {"app": "db"}, ("10.0.0.5",))
+    rule = {"toCIDR": ["10.0.0.4/32"], "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}
+    one = PolicySet([parse_policy(_cnp({"egress": [rule]}), "t")], [*PODS, db2], services=SERVICES)
+    assert "10.96.0.20/32" not in _entries(one, PODS[0])  # db-2 is not allowed: kube-proxy might pick it
+    both = PolicySet([parse_policy(_cnp({"egress": [{"toEndpoints": [{"matchLabels": {"app": "db"}}],
+                                                     "toPorts": rule["toPorts"]}]}), "t")], [*PODS, db2],
+                     services=SERVICES)
+    assert _entries(both, PODS[0])["10.96.0.20/32"] == (L4(False, (PortRange(80, 80, 6),)), False)
+
+
+@pytest.mark.parametrize("to", [{"k8sService": {"serviceName": "db"}},
+                                {"k8sServiceSelector": {"selector": {"matchLabels": {"tier": "data"}}}}])
+def test_to_services_allows_the_backends_and_the_service_ip(to: dict) -> None:
+    ps, c = _set({"egress": [{"toServices": [to]}]}, services=SERVICES)
+    entries = _entries(ps, c)
+    assert entries["10.0.0.4/32"] == (ALL_PORTS, False)
+    assert entries["10.96.0.20/32"] == (L4(False, (PortRange(80, 80, 6),)), False)
+    assert ps.degraded == {}
+
+
 # -- fail closed: what flowtel cannot evaluate allows nothing, and is reported ---------------
 
 @pytest.mark.parametrize(("egress", "field"), [
-    ({"toServices": [{"k8sService": {"serviceName": "api", "namespace": "shop"}}]}, "toServices"),
+    ({"toServices": [{"k8sService": {"serviceName": "manual", "namespace": "shop"}}]}, "without a selector"),
     ({"toGroups": [{"aws": {"securityGroupsIds": ["sg-1"]}}]}, "toGroups"),
     ({"toNodes": [{}]}, "toNodes"),
     ({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "http"}]}]}, "named port 'http'"),
@@ -140,7 +184,7 @@ def test_dns_rules_on_other_ports_are_denied_and_reported() -> None:
     ({"toEntities": ["health"]}, "health"),
 ])
 def test_unevaluable_fields_keep_the_pod_policed_deny_and_are_reported(egress: dict, field: str) -> None:
-    ps, c = _set({"egress": [egress, _dns_rule(None)]})
+    ps, c = _set({"egress": [egress, _dns_rule(None)]}, services=[SERVICES[2]])  # a Service without a selector
     assert ps.is_policed(c)  # never un-policed by a field flowtel does not evaluate
     (notes,) = ps.degraded.values()
     assert any(field in n for n in notes), notes
