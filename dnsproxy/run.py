@@ -23,7 +23,7 @@ from dnsproxy.supervise import Supervisor
 from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
 from dnsproxy.kube import KubeSource
 from flowtel.lib.policy import (CidrEntry, EndpointIndex, NodeAddresses, PolicyError, PolicySet, load_pods,
-                                load_policy_dir, load_services)
+                                load_node_addresses, load_policy_dir, load_services)
 from dnsproxy.redirect import (DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, DEFAULT_TPROXY_MARK, Redirect,
                                RedirectConfig, default_listen6, host_has_ipv6)
 from dnsproxy.server import DnsProxy, ProxyConfig, snapshot
@@ -292,7 +292,16 @@ class Runner:
         if not api and self.kube is not None:
             api = [a for a in (os.environ.get("KUBERNETES_SERVICE_HOST", ""), _host_of(self.kube.server)) if _is_ip(a)]
         remote = [a.strip() for a in self.args.remote_node_addresses.split(",") if a.strip()]
-        return NodeAddresses(tuple(host), tuple(remote), tuple(dict.fromkeys(api)))
+        if self.config.pods_file and self.node_name:
+            # The pods file's nodes and kube_apiserver keys (processors/k8sattributes' shape).
+            try:
+                file_remote, file_api = load_node_addresses(self.config.pods_file, self.node_name)
+            except PolicyError as exc:
+                log.error("%s", exc)
+                file_remote, file_api = [], []
+            remote = remote or file_remote
+            api = api or file_api
+        return NodeAddresses(tuple(host), tuple(dict.fromkeys(remote)), tuple(dict.fromkeys(api)))
 
     def _report_degraded(self, policy: PolicySet) -> None:
         """Log each degraded policy's notes once per version of it (not once per reload round)."""

@@ -11,7 +11,7 @@ from flowtel.lib.policy.endpoints import EndpointIndex
 from flowtel.lib.policy.errors import PolicyError
 from flowtel.lib.policy.names import (MAX_FQDN_LENGTH, FqdnSelector, is_dns_name, normalize_name,
                                       parse_fqdn_selector)
-from flowtel.lib.policy.pods import Labels, Pod, cilium_labels, load_pods
+from flowtel.lib.policy.pods import Labels, Pod, cilium_labels, load_node_addresses, load_pods
 from flowtel.lib.policy.policy import API_VERSION, KINDS, LoadResult, Policy, Spec, load_policy_dir, parse_policy
 from flowtel.lib.policy.policyset import CidrEntry, NodeAddresses, PolicySet
 from flowtel.lib.policy.ports import ALL_PORTS, CILIUM_MAX_PORTS, DNS_PORT, L4, MAX_PORTS, PortRange, PortRule
@@ -26,6 +26,6 @@ __all__ = [
     "EndpointIndex", "FqdnSelector", "IPNetwork", "L4", "Labels", "LoadResult", "NodeAddresses", "Pod", "Policy",
     "PolicyError", "PolicySet", "PortRange", "PortRule", "Requirement", "Selector", "Service", "ServicePort", "Spec",
     "cilium_labels", "load_services", "service_from_spec",
-    "is_dns_name", "load_pods", "load_policy_dir", "normalize_name", "parse_fqdn_selector", "parse_policy",
+    "is_dns_name", "load_node_addresses", "load_pods", "load_policy_dir", "normalize_name", "parse_fqdn_selector", "parse_policy",
     "parse_selector",
 ]

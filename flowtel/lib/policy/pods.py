@@ -77,6 +77,36 @@ def load_pods(path: str | Path) -> list[Pod]:
     return pods
 
 
+def load_node_addresses(path: str | Path, node: str) -> tuple[list[str], list[str]]:
+    """From the pods file's ``nodes: [{name, ips}]`` and ``kube_apiserver: [ip]`` (the same
+    keys processors/k8sattributes reads): the other nodes' addresses (every node but ``node``;
+    none when ``node`` is empty: which one is this node is then unknown) and the API server's."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"pods file {path}: cannot read: {exc}") from None
+    if not isinstance(doc, dict):
+        return [], []
+    remote: list[str] = []
+    for i, raw in enumerate(doc.get("nodes") or []):
+        if not isinstance(raw, dict) or not raw.get("name"):
+            raise PolicyError(f"pods file {path}: nodes[{i}]: expected a mapping with name and ips")
+        if node and str(raw["name"]) != node:
+            remote.extend(_addresses(raw.get("ips") or [], f"pods file {path}: nodes[{i}].ips"))
+    api = _addresses(doc.get("kube_apiserver") or [], f"pods file {path}: kube_apiserver")
+    return remote, api
+
+
+def _addresses(raw: list, where: str) -> list[str]:
+    out = []
+    for ip in raw:
+        try:
+            out.append(str(ipaddress.ip_address(str(ip))))
+        except ValueError:
+            raise PolicyError(f"{where}: {ip!r} is not an address") from None
+    return out
+
+
 def cilium_labels(namespace_labels: Mapping[str, str], service_account: str) -> dict[str, str]:
     """The labels Cilium adds to every endpoint from its namespace and ServiceAccount."""
     out = {NAMESPACE_LABELS_PREFIX + k: v for k, v in namespace_labels.items()}

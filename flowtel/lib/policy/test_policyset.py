@@ -253,3 +253,15 @@ def test_endpoint_addresses_merge_with_cidrs_of_the_same_prefix() -> None:
     assert entries == [("10.0.0.0/24", L4(False, (PortRange(80, 80, 6),))),
                        ("10.0.0.4/32", L4(False, (PortRange(5432, 5432, 6),))),
                        ("10.0.0.53/32", L4(False, (PortRange(80, 80, 6), PortRange(53, 53, 17))))]
+
+
+def test_nodes_and_the_api_server_from_the_pods_file(tmp_path: Path) -> None:
+    import yaml
+
+    from flowtel.lib.policy import load_node_addresses
+
+    (tmp_path / "pods.yaml").write_text(yaml.safe_dump({
+        "pods": [], "kube_apiserver": ["10.96.0.1"],
+        "nodes": [{"name": "node-1", "ips": ["192.168.0.1"]}, {"name": "node-2", "ips": ["192.168.0.2", "fd00::2"]}]}))
+    assert load_node_addresses(tmp_path / "pods.yaml", "node-1") == (["192.168.0.2", "fd00::2"], ["10.96.0.1"])
+    assert load_node_addresses(tmp_path / "pods.yaml", "") == ([], ["10.96.0.1"])  # which node is ours is unknown
