@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 from flowtel.lib.policy.endpoints import EndpointIndex
 from flowtel.lib.policy.names import FqdnSelector
@@ -43,6 +44,26 @@ class CidrEntry:
     network: IPNetwork
     l4: L4 | None  # None: a hole (no rule allows it)
     deny: bool = False  # an egressDeny destination: overrides every allowance, learned names too
+
+
+@dataclass(frozen=True, slots=True)
+class _AnyOf:
+    """Matches a name any of ``selectors`` matches (the DNS rules that bind one backend)."""
+
+    selectors: tuple[Any, ...]
+
+    def matches(self, name: str) -> bool:
+        return any(s.matches(name) for s in self.selectors)
+
+
+@dataclass(frozen=True, slots=True)
+class _Every:
+    """Matches a name every part matches (a Service IP: whichever backend kube-proxy picks)."""
+
+    parts: tuple[_AnyOf, ...]
+
+    def matches(self, name: str) -> bool:
+        return all(p.matches(name) for p in self.parts)
 
 
 @dataclass(slots=True)
@@ -88,6 +109,7 @@ class PolicySet:
         # endpoint index version.
         self._cidr_cache: dict[tuple[tuple[EgressRule, ...], tuple[EgressRule, ...], int], list[CidrEntry]] = {}
         self._dns_cache: dict[tuple[str, str, str, int, int], bool | None] = {}
+        self._bindings: dict[tuple[str, str, int, int], tuple[bool, tuple[Any, ...]] | None] = {}
         self._learners: dict[str, tuple[tuple[tuple[str, ...], L4], ...]] = {}
         for pod in self.pods:
             rules: list[EgressRule] = []
@@ -175,6 +197,24 @@ class PolicySet:
         return verdict
 
     def _dns_verdict(self, pod: Pod, qname: str, resolver: str, port: int, protocol: int) -> bool | None:
+        # Which rules bind this resolver does not depend on the name: computed once per
+        # (pod, resolver, port, protocol), so a pod asking ever new names costs a name match each.
+        key = (pod.key, resolver, port, protocol)
+        binding = self._bindings.get(key, False)
+        if binding is False:
+            binding = self._dns_binding(pod, resolver, port, protocol)
+            if len(self._bindings) >= _CACHE_ENTRIES:
+                self._bindings.clear()
+            self._bindings[key] = binding
+        if binding is None:
+            return None
+        any_name, selectors = binding  # type: ignore[misc]
+        return any_name or any(s.matches(qname) for s in selectors)
+
+    def _dns_binding(self, pod: Pod, resolver: str, port: int,
+                     protocol: int) -> tuple[bool, tuple[Any, ...]] | None:
+        """None: no rule allows that resolver, port and protocol; else (every name allowed,
+        the DNS selectors that apply)."""
         svc = self._service_by_ip.get(resolver)
         if svc is not None:
             # A Service IP (the cluster DNS Service, usually): what every backend would decide,
@@ -184,8 +224,14 @@ class PolicySet:
             backends = self.endpoints.addresses(sel) if sel is not None else set()
             if sp is None or sp.target_port is None or not backends:
                 return None
-            verdicts = [self._dns_verdict(pod, qname, b, sp.target_port, protocol) for b in sorted(backends)]
-            return None if any(v is None for v in verdicts) else all(verdicts)
+            bindings = [self._dns_binding(pod, b, sp.target_port, protocol) for b in sorted(backends)]
+            if any(b is None for b in bindings):
+                return None
+            if all(b[0] for b in bindings):  # type: ignore[index]
+                return True, ()
+            # A name must be allowed whichever backend answers: the backends' rules that do not
+            # allow every name each add their selectors, and a name must match each of them.
+            return False, (_Every(tuple(_AnyOf(tuple(b[1])) for b in bindings if not b[0])),)  # type: ignore[index]
         try:
             addr = ipaddress.ip_address(resolver)
         except ValueError:
@@ -211,7 +257,7 @@ class PolicySet:
                     selectors.extend(item.dns)
         if not bound:
             return None
-        return any_name or any(s.matches(qname) for s in selectors)
+        return any_name, tuple(selectors)
 
     def fqdn_l4(self, pod: Pod, qname: str) -> L4 | None:
         """Ports an answer for ``qname`` opens to its IPs (None: no toFQDNs rule matches)."""

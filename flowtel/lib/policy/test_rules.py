@@ -150,6 +150,25 @@ def test_the_cluster_dns_service_ip_is_a_resolver_when_its_backends_are() -> Non
     assert "10.96.0.20/32" not in entries
 
 
+def test_a_name_via_a_service_ip_must_be_allowed_whichever_backend_answers() -> None:
+    dns2 = Pod("coredns-2", "kube-system", {"k8s-app": "kube-dns"}, ("10.0.0.54",))
+    spec = {"egress": [_dns_rule([{"matchName": "a.test"}, {"matchName": "b.test"}]),
+                       _dns_rule([{"matchName": "a.test"}], l3={"toCIDR": ["10.0.0.54/32"]})]}
+    ps = PolicySet([parse_policy(_cnp(spec), "t")], [*PODS, dns2], services=SERVICES)
+    c = PODS[0]
+    assert ps.dns_verdict(c, "a.test", "10.96.0.10", 53, 17) is True
+    # b.test: kube-dns's first backend would allow it, but the second is bound by both rules
+    # (b.test allowed there too via the label rule) ...
+    assert ps.dns_verdict(c, "b.test", "10.0.0.54", 53, 17) is True
+    only_cidr = {"egress": [_dns_rule([{"matchName": "a.test"}, {"matchName": "b.test"}],
+                                      l3={"toCIDR": ["10.0.0.53/32"]}),
+                            _dns_rule([{"matchName": "a.test"}], l3={"toCIDR": ["10.0.0.54/32"]})]}
+    ps = PolicySet([parse_policy(_cnp(only_cidr), "t")], [*PODS, dns2], services=SERVICES)
+    assert ps.dns_verdict(c, "a.test", "10.96.0.10", 53, 17) is True
+    assert ps.dns_verdict(c, "b.test", "10.0.0.53", 53, 17) is True
+    assert ps.dns_verdict(c, "b.test", "10.96.0.10", 53, 17) is False  # the second backend refuses it
+
+
 def test_a_service_ip_is_allowed_on_its_port_only_when_every_backend_is() -> None:
     db2 = Pod("db-2", "shop", {"app": "db"}, ("10.0.0.5",))
     rule = {"toCIDR": ["10.0.0.4/32"], "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}
