@@ -118,3 +118,32 @@ def test_a_thread_that_returns_while_serving_is_dead_too() -> None:
     stopping.stopping = True
     stopping.start("dnsproxy-events", lambda: None).join(2)
     assert stopping.check() == (True, {})
+
+
+def test_killing_the_metrics_or_the_health_server_is_seen() -> None:
+    from dnsproxy.metrics import MetricsServer
+
+    sup = Supervisor()
+    metrics = MetricsServer("127.0.0.1", 0, lambda: [])
+    health = HealthServer("127.0.0.1", 0, {"/healthz": sup.check})
+    metrics.start(sup)
+    health.start(sup)
+    try:
+        def boom() -> None:
+            raise RuntimeError("injected fault")
+
+        metrics._httpd.service_actions = boom  # type: ignore[method-assign]
+        url = "http://%s:%d/healthz" % health.address
+        body = _wait_unhealthy(url, "dnsproxy-metrics")
+        assert "injected fault" in body["dead_threads"]["dnsproxy-metrics"]
+        # The health server itself dying: nothing answers /healthz (the kubelet's probe fails),
+        # and the supervisor says so to the proxy's main loop, which exits.
+        health._httpd.service_actions = boom  # type: ignore[method-assign]
+        deadline = time.monotonic() + 5
+        while "dnsproxy-health" not in sup.dead():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        sup.stopping = True
+        metrics.shutdown()
+        health.shutdown()
