@@ -5,7 +5,7 @@ network-namespace pods, dnsmasq resolvers.
 The attacker is the "client" pod; "bystander" has the same policy and must keep its DNS
 within its normal latency whatever the client does. "rogue" runs a resolver of the client's
 own choosing that answers the allowed name with the address of "other". "degraded" has a
-policy with a field flowtel cannot evaluate (toServices).
+policy with a field flowtel cannot evaluate (a named port).
 
 Truth: the resolvers' own query logs (dnsmasq --log-queries), the pinned counters, the
 drop flows and hubble_drop_total the agent derives from the kernel's fqdn_denied counters,
@@ -64,7 +64,9 @@ spec:
   egress:
   - toEndpoints: [{{matchLabels: {{app: dns}}}}]
     toPorts: [{{ports: [{{port: "53", protocol: UDP}}]}}]
-  - toServices: [{{k8sService: {{serviceName: web, namespace: default}}}}]
+  # A named port: Cilium resolves it per destination pod's container ports, flowtel cannot.
+  - toEndpoints: [{{matchLabels: {{app: web}}}}]
+    toPorts: [{{ports: [{{port: "http-alt", protocol: TCP}}]}}]
 """
 
 # Raw DNS from inside a pod (dnspython, the test's interpreter): what dig cannot send.
@@ -292,13 +294,13 @@ def test_a_policy_with_an_unsupported_field_denies_and_is_reported(hbed: Hostile
     proxy, metrics, _, _ = hproxy
     # Policed (its DNS goes through the proxy), resolving works (an L4-only DNS rule: any name) ...
     assert dig(hbed.degraded, hbed.dns.ipv4, "denied.example.test") == ("NOERROR", [hbed.other.ipv4])
-    # ... but toServices cannot be evaluated: denied, not allowed.
+    # ... but the named port cannot be resolved: traffic to the web pod is denied, never allowed.
     assert not connect(hbed.degraded, hbed.web.ipv4)
     assert not connect(hbed.degraded, hbed.other.ipv4)
     page = scrape(metrics)
     degraded = series(page, "flowtel_dnsproxy_policy_degraded")
     assert any("degraded-egress" in dict(k)["policy"] for k in degraded), degraded
-    assert "policy degraded" in proxy.log.read_text() and "toServices" in proxy.log.read_text()
+    assert "policy degraded" in proxy.log.read_text() and "named port 'http-alt'" in proxy.log.read_text()
 
 
 def test_an_open_connection_outlives_the_answers_ttl(hbed: HostileBed, hproxy: tuple[Proxy, str, str, Agent]) -> None:
