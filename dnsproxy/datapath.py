@@ -418,7 +418,7 @@ class Datapath:
             log.error("not looking for filters an earlier proxy left: %s", exc)
             return
         for index, parent, prog_id in _policy_filters(self.ipr):
-            if index not in ifindexes and programs.get(prog_id, set()) & owned:
+            if index not in ifindexes and prog_id is not None and programs.get(prog_id, set()) & owned:
                 _del_filter(self.ipr, index, parent)
 
     def _attach(self, index: int) -> None:

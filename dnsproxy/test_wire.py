@@ -76,7 +76,7 @@ def test_an_answer_to_another_question_or_a_query_is_not_taken() -> None:
 def test_not_dns_raises_and_large_messages_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(dns.exception.DNSException):
         parse_query(b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00garbage-not-dns")
-    assert wire.header_only_formerr(b"\x12\x34" + bytes(10))[:4] == b"\x12\x34\x80\x01"
+    assert (wire.header_only_formerr(b"\x12\x34" + bytes(10)) or b"")[:4] == b"\x12\x34\x80\x01"
     assert wire.header_only_formerr(b"short") is None
     fresh: BoundedCache[bytes, wire.Answer] = BoundedCache()
     monkeypatch.setattr(wire, "_answers", fresh)
