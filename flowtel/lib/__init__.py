@@ -1,1 +1,1 @@
-"""Shared libraries: code several components use, one owner each (DESIGN.md §2)."""
+"""Shared libraries of flowtel: one owner each; components depend on them, never on each other."""
