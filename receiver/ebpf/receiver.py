@@ -71,7 +71,7 @@ class EbpfReceiver(Receiver):
         dns = self.config.dns
         defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": self.config.max_flows, "FLOWTEL_DNS": 0}
         if dns.enabled:
-            defines.update(dns_cflags(dns.ports, dns.capture_bytes, dns.ring_buffer_kb * 1024))
+            defines.update(dns_cflags(dns))
         try:
             self._bpf = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
             ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)

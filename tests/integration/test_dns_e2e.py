@@ -412,7 +412,9 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
                                                                            agents: list) -> None:
     sender, target = bed.add_pod("fuzzer"), bed.add_pod("target")
     bed.start_tcp_sink(target, 53)  # a TCP peer, so that malformed DNS over TCP is carried too
-    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    # Every message sampled: the kernel reads header and question, dnspython the rest, and
+    # this test checks both verdicts one message at a time (test_dns_full_rate is the other regime).
+    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s", "sample_rate": 1_000_000})
     agents.append(agent)
     agent.wait_attached([sender, target])
 
@@ -446,8 +448,11 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
     while dns_ring.tracker.counts.parse_errors < expected_errors and time.monotonic() < deadline:
         time.sleep(0.1)
     assert dns_ring.alive  # the agent is still up and reading
-    written, lost = dns_ring.kernel_counts()
+    kernel = dns_ring.kernel_counts()
+    written = kernel["SAMPLES"] + kernel["SEGMENTS"]
+    lost = kernel["SAMPLES_LOST"] + kernel["SEGMENTS_LOST"]
     assert lost == 0, f"the ring buffer overflowed ({lost} lost): the test's pacing is too fast for this machine"
+    assert kernel["SAMPLES_SKIPPED"] == 0
     time.sleep(0.6)  # one more metrics interval
     agent.stop()
     assert agent.receiver.dns.tracker.counts.events == written  # every record written was read
