@@ -30,6 +30,8 @@ from typing import Callable, TypeVar
 
 from flowtel.histogram import DNS_LATENCY_BOUNDS, Histogram
 from flowtel.records import (
+    EXTENSION_AGGREGATED,
+    EXTENSION_COUNT,
     IPPROTO_TCP,
     IPPROTO_UDP,
     DnsInfo,
@@ -56,8 +58,6 @@ METRIC_UNANSWERED = "flowtel_dns_unanswered_total"
 METRIC_PARSE_ERRORS = "flowtel_dns_parse_errors_total"
 METRIC_LATENCY = "flowtel_dns_latency_seconds"
 EXTENSION_UNANSWERED = "dns_unanswered"
-EXTENSION_AGGREGATED = "aggregated"
-EXTENSION_COUNT = "count"
 EXTENSION_QUERY_HASH = "query_hash"
 # bpf/flowtel.h: dns_event_hdr.kind and .status
 KIND_SEGMENT = 0
