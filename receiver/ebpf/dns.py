@@ -378,11 +378,11 @@ class DnsTracker:
             if i < MAX_UNANSWERED_FLOWS:
                 out.append(self._unanswered_flow(e, e.client_port, e.ts_ns + timeout + offset, None))
             else:
-                k = (e.ifindex, e.hook, e.client, e.server, e.server_port, e.family, e.name_hash, e.qtype)
-                grouped.setdefault(k, []).append(e)
-        for group in grouped.values():
-            last = max(e.ts_ns for e in group)
-            out.append(self._unanswered_flow(group[0], 0, last + timeout + offset, len(group)))
+                group = (e.ifindex, e.hook, e.client, e.server, e.server_port, e.family, e.name_hash, e.qtype)
+                grouped.setdefault(group, []).append(e)
+        for members in grouped.values():
+            last = max(e.ts_ns for e in members)
+            out.append(self._unanswered_flow(members[0], 0, last + timeout + offset, len(members)))
         return out
 
     def _unanswered_flow(self, e: Expired, client_port: int, time_ns: int, count: int | None) -> Flow:

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from bcc.libbcc import lib
+from bcc.libbcc import lib  # type: ignore[import-untyped]
 
 from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
 from receiver.ebpf.layout import struct_for

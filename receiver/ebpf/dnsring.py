@@ -88,7 +88,7 @@ class _Decoder:
     """``struct dns_event`` records → :class:`DnsEvent`, by the layout bcc derived from C."""
 
     def __init__(self, event_type: type[ctypes.Structure]) -> None:
-        hdr_type = dict(event_type._fields_)["hdr"]  # type: ignore[attr-defined]
+        hdr_type: Any = {f[0]: f[1] for f in event_type._fields_}["hdr"]
         self._hdr, names = struct_for(hdr_type)
         self.payload_offset = event_type.payload.offset  # type: ignore[attr-defined]
         if self._hdr.size != self.payload_offset:
@@ -145,7 +145,7 @@ class DnsRing:
             telemetry.register_gauge(cid, f"dns_{field.name}", functools.partial(getattr, tracker.counts, field.name))
         telemetry.register_gauge(cid, "dns_pending", lambda: len(tracker.pending))
         for name in _KERNEL_COUNTERS:
-            telemetry.register_gauge(cid, f"dns_kernel_{name.lower()}", functools.partial(self._kernel.get, name, 0))
+            telemetry.register_gauge(cid, f"dns_kernel_{name.lower()}", functools.partial(self._kernel.__getitem__, name))
         telemetry.register_gauge(cid, "dns_ring_lost", lambda: self._kernel["SEGMENTS_LOST"])
 
     def _on_record(self, _ctx: Any, data: int, size: int) -> int:
