@@ -12,15 +12,15 @@
  *     removes the requests that time out and counts them as unanswered.
  * User space gets a message's bytes only as a sample, within a per-CPU budget: the first
  * message of an aggregation key in an interval (a name, qtype and rcode not yet seen) may use
- * all of it, any other message only its upper half, so that names keep their samples under
- * load. Samples carry what the kernel decided (slot, key fields, latency), so user space can
+ * all of it, any other message only its upper half, and it has a ring of its own
+ * (dns_names), so that names keep their samples under load. Samples carry what the kernel decided (slot, key fields, latency), so user space can
  * tell how many messages of each key it saw one by one and report the rest aggregated.
  *
  * TCP segments on DNS ports are copied to the ring as before (user space frames RFC 7766
  * streams and matches them): a lost segment is counted as such.
  *
  * Compile-time constants (set by the loader, receiver/ebpf/dnsring.py): FLOWTEL_IS_DNS_PORT(p),
- * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES, FLOWTEL_DNS_MAX_AGGREGATES,
+ * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES,
  * FLOWTEL_DNS_MAX_PENDING, FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
  * FLOWTEL_DNS_LAT_BUCKET(ns) (the latency bucket of ns, from the histogram's bounds).
  */
@@ -34,7 +34,8 @@
 #define FLOWTEL_DNS_BUDGET_NS     1000000000ULL
 #define FLOWTEL_DNS_NEW_KEY_RESERVE_NS (FLOWTEL_DNS_BUDGET_NS / 2)
 
-BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);
+BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);  /* repeat samples and TCP segments */
+BPF_RINGBUF_OUTPUT(dns_names, FLOWTEL_DNS_RING_PAGES);   /* samples of keys new this interval */
 BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1);
 BPF_HASH(dns_agg_0, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
 BPF_HASH(dns_agg_1, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
@@ -326,6 +327,7 @@ static __always_inline void dns_message(struct __sk_buff *skb, const struct flow
         dns_count(FLOWTEL_DNS_CNT_SAMPLES_SKIPPED);
         return;
     }
+
     __u32 cap = n;
     if (cap > FLOWTEL_DNS_CAPTURE)
         cap = FLOWTEL_DNS_CAPTURE;
@@ -353,7 +355,16 @@ static __always_inline void dns_message(struct __sk_buff *skb, const struct flow
     h->status = ak.status;
     h->is_response = ak.is_response;
     h->rcode = ak.rcode;
-    if (dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, 0) == 0)
+    /* No wakeup: the reader polls the rings every POLL_TIMEOUT_MS anyway, and waking it per
+     * sample would cost a context switch each (TCP segments, which cannot be counted
+     * otherwise, do wake it). Keys not yet seen have a ring of their own, so that a reader
+     * that falls behind on repeats still learns every name. */
+    long err;
+    if (created)
+        err = dns_names.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, BPF_RB_NO_WAKEUP);
+    else
+        err = dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, BPF_RB_NO_WAKEUP);
+    if (err == 0)
         dns_count(FLOWTEL_DNS_CNT_SAMPLES);
     else
         dns_count(FLOWTEL_DNS_CNT_SAMPLES_LOST);

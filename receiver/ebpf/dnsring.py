@@ -75,7 +75,8 @@ def cflags(config: DnsConfig) -> dict[str, int | str]:
         "FLOWTEL_DNS": 1,
         "FLOWTEL_IS_DNS_PORT(p)": "(" + "||".join(f"((p)=={int(p)})" for p in config.ports) + ")",
         "FLOWTEL_DNS_CAPTURE": config.capture_bytes,
-        "FLOWTEL_DNS_RING_PAGES": max(1, config.ring_buffer_kb * 1024 // page),
+        # Two rings of half the size each: dns_events (repeat samples, TCP) and dns_names.
+        "FLOWTEL_DNS_RING_PAGES": max(1, config.ring_buffer_kb * 1024 // 2 // page),
         "FLOWTEL_DNS_MAX_AGGREGATES": config.max_aggregates,
         "FLOWTEL_DNS_MAX_PENDING": config.max_pending,
         "FLOWTEL_DNS_TIMEOUT_NS": f"{int(config.timeout * 1e9)}ULL",
@@ -140,6 +141,7 @@ class DnsRing:
         self._wants_logs = consumer_wants(next_consumer, "logs")
         self._wants_metrics = consumer_wants(next_consumer, "metrics")
         bpf["dns_events"].open_ring_buffer(self._on_record)
+        bpf["dns_names"].open_ring_buffer(self._on_record)
         telemetry, cid = settings.telemetry, settings.id
         for field in dataclasses.fields(tracker.counts):
             telemetry.register_gauge(cid, f"dns_{field.name}", functools.partial(getattr, tracker.counts, field.name))
@@ -163,6 +165,8 @@ class DnsRing:
             try:
                 horizon = time.monotonic_ns() - COMMIT_SLACK_NS
                 self._bpf.ring_buffer_poll(POLL_TIMEOUT_MS)
+                # Samples are written without a wakeup (bpf/dns.h): read what is there.
+                self._bpf.ring_buffer_consume()
                 self._handle(horizon)
                 if time.monotonic() >= next_report:
                     next_report += self._report_interval
