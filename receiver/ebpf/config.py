@@ -23,7 +23,7 @@ class DnsConfig(ComponentConfig):
     # A query with no response within this time is reported as unanswered.
     timeout: Duration = 5.0
     max_pending: int = Field(65536, ge=16, le=4_194_304)
-    # Payload bytes the kernel copies per packet (a power of two: see bpf/tc_flow.c).
+    # Payload bytes sent to user space per sample or TCP segment (a power of two: see bpf/dns.h).
     capture_bytes: int = Field(512, ge=64, le=8192)
     # Kernel-to-user ring buffer for samples and TCP segments; a burst larger than it is
     # counted (samples: counts stay exact; TCP segments: lost).
