@@ -13,7 +13,7 @@ import ctypes
 import errno
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from bcc.libbcc import lib  # type: ignore[import-untyped]
 
@@ -21,6 +21,7 @@ from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
 from receiver.ebpf.layout import struct_for
 
 FLIP_GRACE_S = 0.02
+CHUNK_ENTRIES = 4096
 
 
 def _is_pad(name: str) -> bool:
@@ -37,8 +38,10 @@ class _Batch:
         self.n = table.max_entries
         self.ksz = ctypes.sizeof(table.Key)
         self.vsz = ctypes.sizeof(table.Leaf)
-        self.keys = (table.Key * self.n)()
-        self.values = (table.Leaf * self.n)()
+        # Read in chunks: the agent's memory does not grow with max_pending / max_aggregates.
+        self.chunk = min(self.n, CHUNK_ENTRIES)
+        self.keys = (table.Key * self.chunk)()
+        self.values = (table.Leaf * self.chunk)()
         self.key_struct, key_names = struct_for(table.Key)
         self.leaf_struct, leaf_names = struct_for(table.Leaf)
         self.key_fields = [i for i, n in enumerate(key_names) if not _is_pad(n)]
@@ -46,28 +49,27 @@ class _Batch:
         self.key_names = [key_names[i] for i in self.key_fields]
         self.leaf_names = [leaf_names[i] for i in self.leaf_fields]
 
-    def read(self, delete: bool) -> int:
-        """Entries read into the buffers (and deleted from the map, with ``delete``)."""
+    def chunks(self, delete: bool) -> Iterator[int]:
+        """Read the map a chunk at a time (deleting what was read, with ``delete``): yields
+        how many entries the buffers hold now, valid until the next step."""
         op = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
         in_batch = ctypes.c_uint32(0)
         out_batch = ctypes.c_uint32(0)
         count = ctypes.c_uint32(0)
-        total = 0
         first = True
-        while total < self.n:
-            count.value = self.n - total
+        while True:
+            count.value = self.chunk
             res = op(self.fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
-                     ctypes.byref(self.keys, self.ksz * total), ctypes.byref(self.values, self.vsz * total),
-                     ctypes.byref(count))
+                     ctypes.byref(self.keys), ctypes.byref(self.values), ctypes.byref(count))
             err = ctypes.get_errno()
-            total += count.value
+            if count.value:
+                yield count.value
             if res != 0:
                 if err == errno.ENOENT:
-                    break
+                    return
                 raise OSError(err, f"batch read of {self.table.name!r}: {os.strerror(err)}")
             in_batch.value = out_batch.value
             first = False
-        return total
 
     def rows(self, total: int) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
         kbuf = memoryview(self.keys).cast("B")[: self.ksz * total]
@@ -107,24 +109,23 @@ class DnsMaps:
 
     def drain(self, slot: int) -> list[Aggregate]:
         batch = self._aggs[slot]
-        total = batch.read(delete=True)
-        return [Aggregate(AggKey(*k), *v) for k, v in batch.rows(total)]
+        return [Aggregate(AggKey(*k), *v) for n in batch.chunks(delete=True) for k, v in batch.rows(n)]
 
     def expire(self, deadline_ns: int) -> list[Expired]:
         """Remove and return the requests older than ``deadline_ns`` that nobody matched."""
         batch = self._pending
-        total = batch.read(delete=False)
         out: list[Expired] = []
-        if not total:
-            return out
         ts_i = batch.leaf_names.index("ts_ns")
         ksz = batch.ksz
-        for i, (k, v) in enumerate(batch.rows(total)):
-            if v[ts_i] > deadline_ns:
-                continue
-            # 0: we removed it, so its response did not come in time; else the kernel matched it.
-            if lib.bpf_delete_elem(batch.fd, ctypes.byref(batch.keys, ksz * i)) == 0:
-                out.append(Expired(*k, *v))
+        # Deleting while walking: an entry deleted behind the batch cursor is not read again,
+        # and one the kernel adds meanwhile is young (not expired) anyway.
+        for n in batch.chunks(delete=False):
+            for i, (k, v) in enumerate(batch.rows(n)):
+                if v[ts_i] > deadline_ns:
+                    continue
+                # 0: we removed it, so its response did not come in time; else the kernel matched it.
+                if lib.bpf_delete_elem(batch.fd, ctypes.byref(batch.keys, ksz * i)) == 0:
+                    out.append(Expired(*k, *v))
         return out
 
     def latency(self) -> KernelLatency:
