@@ -65,9 +65,9 @@ def frame(payload: bytes, *, reply: bool, port: int = 40000) -> bytes:
 
 @pytest.fixture(scope="module")
 def prog() -> Iterator[Any]:
-    from bcc import BPF
+    from bcc import BPF  # type: ignore[import-untyped]
     defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024}
-    defines.update(cflags(DnsConfig(sample_rate=1_000_000)))
+    defines.update(cflags(DnsConfig.model_validate({"sample_rate": 1_000_000})))
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     fn = b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
     yield b, fn
@@ -75,7 +75,7 @@ def prog() -> Iterator[Any]:
 
 
 def run(prog: Any, packet: bytes) -> None:
-    from bcc.libbcc import lib
+    from bcc.libbcc import lib  # type: ignore[import-untyped]
     _, fn = prog
     buf = ctypes.create_string_buffer(packet, len(packet))
     out = ctypes.create_string_buffer(len(packet) + 256)

@@ -50,7 +50,7 @@ def test_errors_name_the_key(dns: dict, path: str, words: str) -> None:
 
 
 def test_port_list_becomes_one_compiled_comparison_per_port() -> None:
-    flags = cflags(DnsConfig(ports=[53, 5353], sample_rate=1000, timeout=2.0))
+    flags = cflags(DnsConfig.model_validate({"ports": [53, 5353], "sample_rate": 1000, "timeout": 2.0}))
     assert flags["FLOWTEL_IS_DNS_PORT(p)"] == "(((p)==53)||((p)==5353))"
     assert flags["FLOWTEL_DNS_CAPTURE"] == 512 and flags["FLOWTEL_DNS"] == 1
     assert flags["FLOWTEL_DNS_SAMPLE_COST_NS"] == "1000000ULL"  # 1000 samples a second per CPU
