@@ -67,9 +67,10 @@ STATUS_OK = 0
 # aggregated flow per (interface, client, server, name, qtype).
 MAX_UNANSWERED_FLOWS = 1024
 # Names (by their kernel hash) and the last answer of each key, remembered for aggregated
-# flows: bounded, oldest forgotten first.
-MAX_NAMES = 65536
-MAX_ANSWERS = 65536
+# flows: bounded (a few MB at most), oldest forgotten first. A forgotten name is learned
+# again from its next sample; until then its aggregate carries the hash.
+MAX_NAMES = 16384
+MAX_ANSWERS = 4096
 
 
 @dataclass(slots=True)
