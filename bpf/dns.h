@@ -163,14 +163,13 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
         pk.client_port = key->sport;
         pk.server_port = key->dport;
         struct dns_pending_val pv = {.ts_ns = now, .name_hash = name_hash, .qtype = qtype, .hook = hook};
-        if (dns_pending.insert(&pk, &pv) != 0) {
-            /* Pending already (a retransmission keeps the first, so the latency is the total
-             * wait), or no room. */
-            if (dns_pending.lookup(&pk))
-                dns_count(FLOWTEL_DNS_CNT_RETRANSMITS);
-            else
-                dns_count(FLOWTEL_DNS_CNT_PENDING_FULL);
-        }
+        long err = dns_pending.insert(&pk, &pv);
+        /* -EEXIST: pending already (a retransmission keeps the first, so the latency is the
+         * total wait); anything else (-E2BIG, -ENOMEM): no room. */
+        if (err == -17)
+            dns_count(FLOWTEL_DNS_CNT_RETRANSMITS);
+        else if (err != 0)
+            dns_count(FLOWTEL_DNS_CNT_PENDING_FULL);
         return 0;
     }
     __builtin_memcpy(pk.client, key->daddr, 16);

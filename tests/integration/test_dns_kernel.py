@@ -150,3 +150,19 @@ def test_a_response_is_matched_to_its_request_once_and_retransmissions_keep_the_
     run(prog, frame(r, reply=True, port=42000))  # a duplicate answer matches nothing
     assert lat() == before_lat + 1 and counter(prog, "UNMATCHED") == before_un + 3
     assert sum(take_keys(prog).values()) == 6  # every message counted, matched or not
+
+
+def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -> None:
+    from bcc import BPF  # type: ignore[import-untyped]
+    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024}
+    defines.update(cflags(DnsConfig.model_validate({"max_pending": 16})))
+    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+    try:
+        small = (b, b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS))
+        for i in range(20):
+            run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))
+        assert len(b["dns_pending"]) == 16
+        assert counter(small, "PENDING_FULL") == 4 and counter(small, "RETRANSMITS") == 0
+        assert sum(take_keys(small).values()) == 20
+    finally:
+        b.cleanup()
