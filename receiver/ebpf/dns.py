@@ -262,6 +262,12 @@ class DnsTracker:
             msg = parse_message(wire, complete)
         except MalformedMessage as exc:
             self.last_parse_error = str(exc)
+            if ev.status == STATUS_OK and not complete:
+                # The capture (capture_bytes) ended before what dnspython needs, though the
+                # kernel read the question from its longer buffer: the message is fine, only
+                # its sample is short. It is reported in its key's aggregate.
+                sampled[key] -= 1
+                return None
             if ev.status == STATUS_OK:
                 # The kernel read its header and question; the records are bad. It counts as a
                 # parse error, not as a message (reconcile() takes it out of the kernel's count).

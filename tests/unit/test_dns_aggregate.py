@@ -156,3 +156,15 @@ def test_hubble_dns_metrics_count_an_aggregated_flow_as_its_messages() -> None:
     for f in flows:
         handler.process(f, emit)
     assert got[(RESPONSES, ("No Error", "A", "1"))] == 49
+
+
+def test_a_sample_cut_short_by_the_capture_is_reported_in_its_aggregate_not_as_an_error() -> None:
+    t = tracker()
+    long_name = ".".join(["a" * 40] * 4) + "."
+    wire = dns.message.make_query(long_name, "A").to_wire()
+    cut = sample(wire, reply=False)
+    cut.payload = wire[:64]  # capture_bytes 64: the question runs past it
+    assert t.process([cut]) == []
+    out = t.reconcile(0, [Aggregate(key(reply=False), 1, 0, 0)])
+    assert [f.extensions["count"] for f in out] == [1]
+    assert (t.counts.requests, t.counts.parse_errors) == (1, 0)
