@@ -12,17 +12,15 @@
  * array access, and slots of removed links are reused (flowtel/lib/bpf/ifaceslots.py).
  *
  * Headers are read with direct packet access while they are in the skb's linear part
- * (packet.h). DNS packets are also copied into a ring buffer for user space to parse (see the
- * DNS capture section below).
+ * (packet.h). DNS is counted and matched in the kernel too, with samples for user space
+ * (bpf/dns.h).
  *
  * Flow times need no better than a tick: on kernels that have it (5.11+, FLOWTEL_COARSE_NS=1)
  * they come from the coarse clock, measured here at ~20-40 ns less per packet; DNS timestamps
- * (latency) always use the precise one.
+ * (latency) always use the precise one, read in dns_observe only for DNS packets.
  *
  * Compile-time constants (set by the loader): FLOWTEL_MAX_FLOWS, FLOWTEL_IFACE_SLOTS,
- * FLOWTEL_COARSE_NS (0/1); for DNS:
- * FLOWTEL_DNS (0/1), FLOWTEL_IS_DNS_PORT(p) (an expression of the configured ports),
- * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES.
+ * FLOWTEL_COARSE_NS (0/1); FLOWTEL_DNS (0/1) and, when 1, the constants bpf/dns.h lists.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -91,82 +89,8 @@ static __always_inline void parse(struct __sk_buff *skb, struct flow_key *key, _
     l4->end = p.end;
 }
 
-/* ---- DNS capture ------------------------------------------------------------------
- * A packet to or from a configured port over UDP or TCP goes to user space as one ring
- * buffer record: struct dns_event_hdr followed by up to FLOWTEL_DNS_CAPTURE payload bytes
- * (for TCP, the segment payload, length prefix included). Every other packet pays only the
- * port compare in account(). The record is assembled in a per-CPU scratch buffer (tc runs
- * with migration disabled and does not nest on a CPU) so that bpf_ringbuf_output can send
- * just the bytes captured: typical DNS messages are far shorter than the capture limit,
- * and a fixed-size reserve would waste most of the ring.
- */
-#if FLOWTEL_DNS
-BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);
-BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1);
-
-static __always_inline void dns_capture(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
-                                        const struct l4_info *l4, __u64 now)
-{
-    __u32 zero = 0;
-    struct dns_event *ev = dns_scratch.lookup(&zero);
-    if (!ev)
-        return;
-    __u32 skb_len = skb->len;
-    /* A zero or oversized IP length (jumbograms, BIG TCP) says nothing: use the skb's. */
-    __u32 end = (l4->end > l4->off && l4->end <= skb_len) ? l4->end : skb_len;
-    __u32 off, orig;
-    __u32 seq = 0;
-    if (key->protocol == IPPROTO_UDP) {
-        __u8 udp[8];
-        if (bpf_skb_load_bytes(skb, l4->off, udp, sizeof(udp)) < 0)
-            return;
-        __u32 ulen = (udp[4] << 8) | udp[5];
-        off = l4->off + 8;
-        /* The UDP length, not the skb, says where the message ends: a first fragment holds
-         * only part of it, and user space must know the capture is short. */
-        orig = ulen > 8 ? ulen - 8 : 0;
-    } else {
-        __u8 tcp[13];
-        if (bpf_skb_load_bytes(skb, l4->off, tcp, sizeof(tcp)) < 0)
-            return;
-        seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
-        off = l4->off + (tcp[12] >> 4) * 4;
-        orig = end > off ? end - off : 0;
-        if (orig == 0)
-            return;  /* SYN, ACK, FIN without data: no DNS message */
-    }
-    __u32 avail = skb_len > off ? skb_len - off : 0;
-    __u32 want = orig < avail ? orig : avail;
-    if (want > FLOWTEL_DNS_CAPTURE)
-        want = FLOWTEL_DNS_CAPTURE;
-    __u32 n = 0;
-    if (want > 0) {
-        /* Same value for want in [1, FLOWTEL_DNS_CAPTURE], and a form that any verifier
-         * (5.8 onwards) can bound without tracking the comparisons above: this is why the
-         * capture size is a power of two. */
-        n = ((want - 1) & (FLOWTEL_DNS_CAPTURE - 1)) + 1;
-        if (bpf_skb_load_bytes(skb, off, ev->payload, n) < 0)
-            n = 0;  /* sent anyway with no payload: user space counts it as unparsable */
-    }
-    ev->hdr.ts_ns = now;
-    __builtin_memcpy(ev->hdr.saddr, key->saddr, 16);
-    __builtin_memcpy(ev->hdr.daddr, key->daddr, 16);
-    ev->hdr.ifindex = key->ifindex;
-    ev->hdr.orig_len = orig;
-    ev->hdr.tcp_seq = seq;
-    ev->hdr.sport = key->sport;
-    ev->hdr.dport = key->dport;
-    ev->hdr.cap_len = n;
-    ev->hdr.family = key->family;
-    ev->hdr.protocol = key->protocol;
-    ev->hdr.hook = hook;
-    if (dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + n, 0) == 0)
-        count_event(FLOWTEL_CNT_DNS_EVENTS);
-    else
-        count_event(FLOWTEL_CNT_DNS_LOST);
-}
-#endif
-/* ---- end of DNS capture ---------------------------------------------------------- */
+/* DNS (bpf/dns.h): parsed, counted and matched in the kernel; samples to user space. */
+#include "dns.h"
 
 static __always_inline void count_interface(struct __sk_buff *skb, __u8 hook, __u64 len)
 {
@@ -195,9 +119,7 @@ static __always_inline int account(struct __sk_buff *skb, __u8 hook)
     struct l4_info l4 = {};
     parse(skb, &key, &flags, &l4);
 #if FLOWTEL_DNS
-    if ((FLOWTEL_IS_DNS_PORT(key.dport) || FLOWTEL_IS_DNS_PORT(key.sport)) && l4.off &&
-        (key.protocol == IPPROTO_UDP || key.protocol == IPPROTO_TCP))
-        dns_capture(skb, &key, hook, &l4, bpf_ktime_get_ns());
+    dns_observe(skb, &key, hook, l4.off, l4.end);
 #endif
     count_interface(skb, hook, len);
 

@@ -89,7 +89,7 @@ class EbpfReceiver(Receiver):
                                          "FLOWTEL_IFACE_SLOTS": self.config.max_interfaces,
                                          "FLOWTEL_COARSE_NS": int(kernel_at_least(5, 11))}
         if dns.enabled:
-            defines.update(dns_cflags(dns.ports, dns.capture_bytes, dns.ring_buffer_kb * 1024))
+            defines.update(dns_cflags(dns))
         # Drops and TCP health come from tracepoints, compiled into the same module.
         self._kernel_events = KernelEvents(
             self.config.kernel_events,
