@@ -257,9 +257,9 @@ def _extensions(flow: Flow, kind: EventKind) -> dict[str, Any]:
     counts = flow.tcp_flag_counts
     if counts is not None:
         ext["tcp_flags"] = counts.as_dict()
-    if kind is EventKind.DROP and flow.drop_reason:
-        ext["drop_reason"] = flow.drop_reason
-    elif kind.is_tcp_event:
+    if flow.drop_reason:
+        ext["drop_reason"] = flow.drop_reason  # the exact reason (kernel's or flowtel's datapath's)
+    if kind.is_tcp_event:
         ext["tcp_event"] = kind.value
     elif kind is EventKind.DNS_UNANSWERED:
         ext["dns_unanswered"] = True

@@ -141,9 +141,9 @@ def flow_from_json(d: Mapping[str, Any]) -> Flow:
     if ip is None and isinstance(ext.get("ethertype"), str):
         ethertype = int(str(ext["ethertype"]), 16)
     iface = d.get("interface") or {}
-    drop_reason = ""
-    if kind is EventKind.DROP:
-        drop_reason = str(ext.get("drop_reason") or d.get("drop_reason_desc", ""))
+    drop_reason = str(ext.get("drop_reason") or "")
+    if not drop_reason and d.get("verdict") in ("DROPPED", "AUDIT"):
+        drop_reason = str(d.get("drop_reason_desc", ""))
     is_reply = d.get("is_reply")
     flow = Flow(
         time_ns=parse_rfc3339(d["time"]) if "time" in d else 0,
