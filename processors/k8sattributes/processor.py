@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from flowtel.component import CreateSettings, Processor, Status
@@ -122,10 +122,9 @@ class K8sAttributesProcessor(Processor):
             counts[src.kind] = counts.get(src.kind, 0) + 1
             counts[dst.kind] = counts.get(dst.kind, 0) + 1
             # Records are shared with other pipelines: a new record, with the cached endpoints.
-            append(replace(
-                flow,
-                source=src.shared if flow.source is None else src.merged(flow.source),
-                destination=dst.shared if flow.destination is None else dst.merged(flow.destination),
+            append(flow.with_endpoints(
+                src.shared if flow.source is None else src.merged(flow.source),
+                dst.shared if flow.destination is None else dst.merged(flow.destination),
             ))
         telemetry = self.settings.telemetry
         for kind, n in counts.items():

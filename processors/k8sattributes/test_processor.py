@@ -7,7 +7,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import FrozenInstanceError, replace
+from dataclasses import FrozenInstanceError
 from typing import Any, Callable
 
 import kubernetes.client.models
@@ -15,7 +15,7 @@ import pytest
 
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import Telemetry
-from flowtel.records import Endpoint, Flow, LostEvents, MetricKind, MetricPoint, Verdict, Workload, frozen_extensions
+from flowtel.records import Endpoint, Flow, LostEvents, MetricKind, MetricPoint, Verdict, Workload, frozen_extensions, replace
 from processors.k8sattributes.conftest import wait_until
 from processors.k8sattributes.kube_source import KubeSource
 from processors.k8sattributes.processor import K8sAttributesProcessor

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 from flowtel.component import (
     ComponentConfig,
@@ -19,7 +18,7 @@ from flowtel.component import (
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict, frozen_extensions
+from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict, frozen_extensions, replace
 
 EVENTS: list[str] = []
 

@@ -10,7 +10,7 @@ prove the two identical for every kind of record. The message itself (:func:`to_
 is parsed from that dict, so there is one encoder.
 
 Each record's form is built once, on first use, and kept on the record
-(``Flow._wire``): every consumer of the same record (the file exporter, OTLP, the flow
+(``Flow.wire_memo``): every consumer of the same record (the file exporter, OTLP, the flow
 API's ring, ``hubble``'s gRPC server) shares it, and they all see the same ``uuid``.
 Dicts returned here are shared: treat them as read-only.
 
@@ -126,22 +126,22 @@ class WireForm:
 
 def wire_form(flow: Flow) -> WireForm:
     """The record's shared :class:`WireForm` (built on first use, by whichever thread asks)."""
-    form: WireForm | None = flow._wire
+    memo = flow.wire_memo
+    form: WireForm | None = memo.form
     if form is not None:
         return form
     built = WireForm(_flow_dict(flow))
     with _memo_lock:
-        form = flow._wire
+        form = memo.form
         if form is None:  # two threads may build it; one wins, so every consumer sees one uuid
-            object.__setattr__(flow, "_wire", built)
-            form = built
+            memo.form = form = built
     return form
 
 
 def flow_json(flow: Flow) -> dict[str, Any]:
     """The ``flow.Flow`` message's proto3 JSON mapping (proto field names): what
     ``hubble observe -o json`` prints under ``"flow"``. Shared: do not change it."""
-    form: WireForm | None = flow._wire
+    form: WireForm | None = flow.wire_memo.form
     return form.json if form is not None else wire_form(flow).json
 
 
