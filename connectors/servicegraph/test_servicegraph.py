@@ -16,7 +16,7 @@ from flowtel import mapformat
 from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind, Receiver, Telemetry
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import MetricKind, MetricPoint, Record, TrafficDirection, replace
+from flowtel.records import MetricKind, MetricPoint, Record, TcpFlagCounts, TrafficDirection, replace
 from flowtel.registry import factories_by_kind
 from flowtel.servicegraph import ServiceGraph, graph_to_dict, source_is_client
 from tests.flowsamples import lost, sample_flows
@@ -86,7 +86,7 @@ def test_a_packet_seen_at_both_veths_of_a_batch_counts_once() -> None:
 @pytest.mark.parametrize("change, client_is_src", [
     ({"is_reply": False}, True),
     ({"is_reply": True}, False),
-    ({"is_reply": None, "tcp_flag_counts": {"SYN": 0, "SYN-ACK": 1}, "src_port": 80, "dst_port": 50000}, False),
+    ({"is_reply": None, "tcp_flag_counts": TcpFlagCounts(syn_ack=1), "src_port": 80, "dst_port": 50000}, False),
     ({"is_reply": None, "tcp_flag_counts": None, "tcp_flags": 0x02, "src_port": 50000, "dst_port": 80}, True),
     ({"is_reply": None, "tcp_flag_counts": None, "tcp_flags": 0x10, "src_port": 80, "dst_port": 50000}, False),
     ({"is_reply": None, "tcp_flag_counts": None, "tcp_flags": 0x10, "src_port": 50000, "dst_port": 80}, True),
