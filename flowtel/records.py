@@ -94,24 +94,21 @@ class EventKind(enum.Enum):
     TCP_RESET_RECEIVED = "reset_received"
     LOST_EVENTS = "lost_events"
 
-    @property
-    def is_dns(self) -> bool:
-        return self in _DNS_KINDS
-
-    @property
-    def is_tcp_event(self) -> bool:
-        return self in TCP_EVENT_KINDS
-
-    @property
-    def tcp_event(self) -> str:
-        """``extensions.tcp_event`` for a TCP kind (``retransmit``, ``reset_sent``, …), else ``""``."""
-        return self.value if self in TCP_EVENT_KINDS else ""
+    # Set once per member below (plain attributes: read per record, so no property calls
+    # and no Enum hashing on the hot path).
+    is_dns: bool
+    is_tcp_event: bool
+    tcp_event: str  # ``extensions.tcp_event`` for a TCP kind (``retransmit``, …), else ""
 
 
 _DNS_KINDS = frozenset({EventKind.DNS_REQUEST, EventKind.DNS_RESPONSE, EventKind.DNS_UNANSWERED})
 TCP_EVENT_KINDS = frozenset({EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED, EventKind.TCP_RETRANSMIT,
                              EventKind.TCP_RESET_SENT, EventKind.TCP_RESET_RECEIVED})
 TCP_EVENT_BY_NAME: Mapping[str, EventKind] = MappingProxyType({k.value: k for k in TCP_EVENT_KINDS})
+for _kind in EventKind:
+    _kind.is_dns = _kind in _DNS_KINDS
+    _kind.is_tcp_event = _kind in TCP_EVENT_KINDS
+    _kind.tcp_event = _kind.value if _kind.is_tcp_event else ""
 
 # Values an ``extensions`` entry may hold: what a google.protobuf.Struct can carry.
 ExtValue = Union[str, int, float, bool, None, tuple["ExtValue", ...], Mapping[str, "ExtValue"]]
@@ -183,6 +180,8 @@ class Endpoint:
     cluster_name: str = ""
     # OTel semantic-convention attributes for this end (k8s.pod.name, …); read-only.
     attributes: Mapping[str, str] = NO_EXTENSIONS
+    # Its Hubble JSON once built (flowtel.lib.hubble.convert): a memo, not a field.
+    json_memo: Any = field(default=None, init=False, compare=False, repr=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +308,9 @@ class Flow(_FlowFields):
     @property
     def flow_type(self) -> FlowType:
         kind = self.kind
-        if kind in _DNS_KINDS:
+        if kind.is_dns:
             return FlowType.L7
-        if kind in TCP_EVENT_KINDS:
+        if kind.is_tcp_event:
             return FlowType.SOCK
         return FlowType.L3_L4
 
