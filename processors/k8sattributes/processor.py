@@ -1,7 +1,9 @@
 """The ``k8sattributes`` processor: who is talking to whom, on both ends of every flow.
 
 ``process`` runs on the pipeline thread and only reads caches: two lookups per flow (one
-per address), each a dict hit or two, and a copy of a precomputed view onto the record.
+per address), each a dict hit or two, and a new record carrying the two cached, shared
+:class:`~flowtel.records.Endpoint` objects (records are immutable and shared with other
+pipelines, so the input record is never changed and nothing is copied per record).
 The caches are filled by the metadata source's own threads (informers for the API, a file
 read at start for ``static``), so a slow or absent API server never slows the pipeline:
 records pass through with what is known.

@@ -105,5 +105,5 @@ def test_records_refuse_changes() -> None:
         flow.extensions["a"] = 1  # type: ignore[index]  # the point: item assignment is refused
     with pytest.raises(TypeError):
         flow.extensions["a"][1]["c"] = 3  # type: ignore[index]  # nested mappings are frozen too
-    assert flow.extensions["a"][0] == 1 and isinstance(flow.extensions["a"], tuple)
+    assert flow.extensions["a"][0] == 1 and isinstance(flow.extensions["a"], tuple)  # type: ignore[index]  # known shape: a tuple
     assert flow.kind is EventKind.PACKET
