@@ -11,13 +11,12 @@ for the file; a failed write loses its batch, counted (``write_error``) and logg
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
 from typing import Any, Callable
 
-from flowtel.hubble import flow_to_dict
+from flowtel.lib.hubble.convert import envelope_line
 from flowtel.records import Flow
 
 log = logging.getLogger("flowtel.dnsproxy")
@@ -120,5 +119,4 @@ class FlowLogWriter:
 
 def encode_flow(flow: Flow) -> str:
     """One line of the file exporter's envelope: ``{"flow": …, "node_name": …, "time": …}``."""
-    body = flow_to_dict(flow)
-    return json.dumps({"flow": body, "node_name": flow.node_name, "time": body.get("time")}) + "\n"
+    return envelope_line(flow) + "\n"

@@ -1,16 +1,14 @@
 """The ``console`` exporter: writes each flow-log record as one line to a text stream."""
 from __future__ import annotations
 
-import json
 import sys
 from typing import TextIO
 
 from exporters.console.config import ConsoleConfig
-from flowtel import hubble
+from flowtel.lib.hubble import convert, printer
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import Record
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ConsoleExporter(Exporter):
@@ -22,9 +20,9 @@ class ConsoleExporter(Exporter):
 
     def _lines(self, batch: list[Record]) -> list[str]:
         if self.config.verbosity == "json":
-            return [_encode(hubble.record_envelope(r)) for r in batch]
+            return [convert.envelope_line(r) for r in batch]
         color = self.config.color
-        return [hubble.record_compact_line(r, color) for r in batch]
+        return [printer.record_compact_line(r, color) for r in batch]
 
     def consume(self, batch: list[Record]) -> None:
         if not batch:

@@ -12,7 +12,6 @@ answers contain is the hub's.
 """
 from __future__ import annotations
 
-import json
 import mimetypes
 import threading
 import time
@@ -20,14 +19,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from extensions.flows.hub import FlowHub, Follower, Query, TooManyFollowers
-from flowtel import hubble
+from flowtel.lib.hubble import convert
 from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, build_filters
-from flowtel.hubble_parse import parse_time_arg
+from flowtel.lib.hubble.parse import parse_time_arg
 from flowtel.lib.http import HTTPError, Request, Response, ascii_int, ascii_only, bad_request, json_response
 from flowtel.lib.http.request import parse_query as split_query
 from flowtel.records import Record
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 _QUERY_KEYS = ("last", "since", "until", "follow")
 _TRUE = ("1", "true", "yes", "")
 _FALSE = ("0", "false", "no")
@@ -95,7 +93,7 @@ def parse_query(raw: str, now_ns: int | None = None) -> Query:
 def _lines(records: list[Record]) -> bytes:
     if not records:
         return b""
-    return ("\n".join(_encode(hubble.record_envelope(r)) for r in records) + "\n").encode()
+    return ("\n".join(convert.envelope_line(r) for r in records) + "\n").encode()
 
 
 class FlowAPI:

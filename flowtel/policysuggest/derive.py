@@ -46,7 +46,7 @@ import re2
 # The policy subset flowtel enforces: its API version, namespace label and the port ranges
 # the datapath keeps per destination.
 from flowtel.lib.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
-from flowtel.hubble import DNS_RCODE_NAMES, format_time
+from flowtel.lib.hubble.timefmt import format_time
 from flowtel.labelselector import Requirement, parse_labels, parse_selector, selector_matches
 from flowtel.records import (
     IPPROTO_ICMP,
@@ -55,13 +55,14 @@ from flowtel.records import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     Endpoint,
+    EventKind,
     Flow,
-    FlowType,
     LostEvents,
     Record,
     TrafficDirection,
     Verdict,
 )
+from flowtel.recordtables import DNS_RCODE_NAMES, ICMP_PROTOCOLS, PORTED_PROTOCOLS, PROTOCOL_NAMES
 from flowtel.servicegraph import source_is_client
 from processors.k8sattributes.identity import is_identity_label
 
@@ -71,12 +72,10 @@ KIND = "CiliumNetworkPolicy"
 # only, so a selector using them would never select anything there.
 _CILIUM_LABEL_PREFIX = "io.cilium.k8s."
 ANNOTATION_PREFIX = "policy.flowtel.io/"
-# receiver/ebpf/dns.py EXTENSION_UNANSWERED: the flow repeating a query that got no answer.
-EXTENSION_UNANSWERED = "dns_unanswered"
 DNS_PORT = 53
 
-_PROTOCOL_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP"}
-_UNPORTED_NAMES = {IPPROTO_ICMP: "ICMPv4", IPPROTO_ICMPV6: "ICMPv6"}
+_PROTOCOL_NAMES = {p: PROTOCOL_NAMES[p] for p in PORTED_PROTOCOLS}
+_UNPORTED_NAMES = {p: PROTOCOL_NAMES[p] for p in ICMP_PROTOCOLS}
 # Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit. These run on
 # names a workload queried (hostile input): RE2, linear in the name, as Go's regexp is in
 # Cilium (Python's re backtracks exponentially on this one: "a"*30 + "!").
@@ -323,12 +322,14 @@ def _observe(records: Iterable[Record], selection: Selection, options: Options) 
                     obs.workloads.add((ep.workloads[0].kind, ep.workloads[0].name))
             elif ep.namespace == selection.namespace:
                 obs.others[ep.pod_name] = stable_labels(ep)
-        if flow.verdict not in verdicts or flow.ip_version not in (4, 6):
+        # An unanswered DNS query has verdict ERROR: it is read (and reported), never allowed.
+        unanswered = flow.kind is EventKind.DNS_UNANSWERED
+        if (flow.verdict not in verdicts and not unanswered) or flow.ip_version not in (4, 6):
             continue
         if flow.l7 is not None:
             _observe_dns(obs, flow, src_selected, dst_selected)
             continue
-        if (not src_selected or flow.flow_type != FlowType.L3_L4 or "tcp_event" in flow.extensions
+        if (not src_selected or not flow.is_packets
                 or flow.traffic_direction == TrafficDirection.INGRESS or not source_is_client(flow)):
             continue
         if not _is_address(flow.dst_ip):
@@ -352,7 +353,7 @@ def _observe(records: Iterable[Record], selection: Selection, options: Options) 
 def _observe_dns(obs: _Observed, flow: Flow, src_selected: bool, dst_selected: bool) -> None:
     dns = flow.l7
     assert dns is not None
-    response = flow.l7_type == "RESPONSE" or (not flow.l7_type and bool(flow.is_reply))
+    response = flow.kind is EventKind.DNS_RESPONSE
     if response:
         if not dst_selected:
             return
@@ -385,7 +386,7 @@ def _observe_dns(obs: _Observed, flow: Flow, src_selected: bool, dst_selected: b
                 obs.answers.setdefault(_canonical(ip), set()).add(name)
             else:
                 obs.skip("DNS answer address is not an IP address")
-    elif flow.extensions.get(EXTENSION_UNANSWERED):
+    elif flow.kind is EventKind.DNS_UNANSWERED:
         # The receiver's second copy of a query that got no answer: not a query of its own.
         entry.rcodes.add("unanswered")
     else:

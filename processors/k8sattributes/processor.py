@@ -1,7 +1,9 @@
 """The ``k8sattributes`` processor: who is talking to whom, on both ends of every flow.
 
 ``process`` runs on the pipeline thread and only reads caches: two lookups per flow (one
-per address), each a dict hit or two, and a copy of a precomputed view onto the record.
+per address), each a dict hit or two, and a new record carrying the two cached, shared
+:class:`~flowtel.records.Endpoint` objects (records are immutable and shared with other
+pipelines, so the input record is never changed and nothing is copied per record).
 The caches are filled by the metadata source's own threads (informers for the API, a file
 read at start for ``static``), so a slow or absent API server never slows the pipeline:
 records pass through with what is known.
@@ -109,23 +111,24 @@ class K8sAttributesProcessor(Processor):
         lookup = source.lookup
         counts: dict[str, int] = {}
         now = time.time()
+        out: list[Record] = []
+        append = out.append
         for record in batch:
-            if record.__class__ is not Flow or not record.ip_version:
-                continue  # metric points, lost-event records and non-IP frames have no ends to name
-            when = record.time_ns * 1e-9 if record.time_ns > 0 else now
-            view = lookup(record.src_ip, when)
-            counts[view.kind] = counts.get(view.kind, 0) + 1
-            if record.source is None:
-                record.source = view.endpoint()
-            else:
-                view.fill(record.source)
-            view = lookup(record.dst_ip, when)
-            counts[view.kind] = counts.get(view.kind, 0) + 1
-            if record.destination is None:
-                record.destination = view.endpoint()
-            else:
-                view.fill(record.destination)
+            if not isinstance(record, Flow) or not record.ip_version:
+                append(record)  # metric points, lost-event records and non-IP frames have no ends to name
+                continue
+            flow = record
+            when = flow.time_ns * 1e-9 if flow.time_ns > 0 else now
+            src = lookup(flow.src_ip, when)
+            dst = lookup(flow.dst_ip, when)
+            counts[src.kind] = counts.get(src.kind, 0) + 1
+            counts[dst.kind] = counts.get(dst.kind, 0) + 1
+            # Records are shared with other pipelines: a new record, with the cached endpoints.
+            append(flow.with_endpoints(
+                src.shared if flow.source is None else src.merged(flow.source),
+                dst.shared if flow.destination is None else dst.merged(flow.destination),
+            ))
         telemetry = self.settings.telemetry
         for kind, n in counts.items():
             telemetry.add(self.settings.id, f"resolved_{kind}", n)
-        return batch
+        return out

@@ -2,7 +2,12 @@
 
 Pure logic: :class:`DnsTracker` takes decoded kernel events (:class:`DnsEvent`) and what
 the DNS maps held (:mod:`receiver.ebpf.dnsmaps`) and returns records; reading the kernel is
-:mod:`receiver.ebpf.dnsring`'s job.
+:mod:`receiver.ebpf.dnsring`'s job. Each DNS message
+becomes one flow (or, above the sample budget, one aggregated flow per key and interval): a
+``REQUEST`` per query, a ``RESPONSE`` per answer, both from the interface and hook where
+they were seen, as Hubble reports them per endpoint. A query with no response within the
+timeout yields one more flow of kind ``DNS_UNANSWERED`` (verdict ERROR, no ``l7.type`` on
+the wire).
 
 UDP (the kernel counts, bpf/dns.h): every message is counted in the kernel per aggregation
 key (interface, hook, addresses, server port, name hash, qtype, rcode, QR) and matched to its
@@ -26,7 +31,7 @@ import dataclasses
 import functools
 import socket
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 from flowtel.histogram import DNS_LATENCY_BOUNDS, Histogram
 from flowtel.records import (
@@ -36,10 +41,11 @@ from flowtel.records import (
     IPPROTO_UDP,
     DnsInfo,
     Flow,
-    FlowType,
+    EventKind,
     MetricKind,
     MetricPoint,
     Verdict,
+    frozen_extensions,
 )
 from flowtel.lib.bpf.constants import HEADER
 from flowtel.lib.bpf.tcattach import Interface
@@ -143,29 +149,32 @@ def _ip(family: int, raw: bytes) -> str:
 
 
 def dns_flow(node_name: str, *, family: int, saddr: bytes, daddr: bytes, protocol: int, sport: int, dport: int,
-             ifindex: int, hook: int, iface: Interface | None, is_reply: bool, info: DnsInfo, time_ns: int,
-             latency_ns: int, extensions: dict[str, object] | None = None) -> Flow:
-    """The one place a DNS flow record is built (Hubble's L7 shape)."""
+             ifindex: int, hook: int, iface: Interface | None, kind: EventKind, info: DnsInfo, time_ns: int,
+             latency_ns: int, extensions: Mapping[str, object] | None = None) -> Flow:
+    """The one place a DNS flow record is built (Hubble's L7 shape). ``kind`` is
+    DNS_REQUEST, DNS_RESPONSE or DNS_UNANSWERED."""
+    unanswered = kind is EventKind.DNS_UNANSWERED
     return Flow(
         time_ns=time_ns,
         node_name=node_name,
-        verdict=Verdict.FORWARDED,
+        # An unanswered query is an error of the exchange, as Cilium's proxy reports one whose
+        # upstream failed: nobody can take it for a second request.
+        verdict=Verdict.ERROR if unanswered else Verdict.FORWARDED,
         ip_version=family,
         src_ip=_ip(family, saddr),
         dst_ip=_ip(family, daddr),
         protocol=protocol,
         src_port=sport,
         dst_port=dport,
-        flow_type=FlowType.L7,
+        kind=kind,
         traffic_direction=traffic_direction(iface, hook),
-        is_reply=is_reply,
+        is_reply=None if unanswered else kind is EventKind.DNS_RESPONSE,
         ethertype=0x86DD if family == 6 else 0x0800,
         ifindex=ifindex,
         ifname=iface.name if iface is not None else "",
         l7=info,
-        l7_type="RESPONSE" if is_reply else "REQUEST",
         latency_ns=latency_ns,
-        extensions=dict(extensions) if extensions else {},
+        extensions=frozen_extensions(extensions or {}),
     )
 
 
@@ -292,12 +301,12 @@ class DnsTracker:
         return msg
 
     def _sampled_flow(self, ev: DnsEvent, msg: DnsMessage, iface: Interface | None, offset: int) -> Flow:
-        info = DnsInfo(query=msg.query, qtypes=list(msg.qtypes), rcode=msg.rcode, ips=msg.ips, ttl=msg.ttl,
-                       cnames=msg.cnames, rrtypes=msg.rrtypes) if msg.is_response else \
-            DnsInfo(query=msg.query, qtypes=list(msg.qtypes))
+        info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes), rcode=msg.rcode, ips=tuple(msg.ips), ttl=msg.ttl,
+                       cnames=tuple(msg.cnames), rrtypes=tuple(msg.rrtypes)) if msg.is_response else \
+            DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes))
         return dns_flow(self.node_name, family=ev.family, saddr=ev.saddr, daddr=ev.daddr, protocol=ev.protocol,
                         sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, hook=ev.hook, iface=iface,
-                        is_reply=msg.is_response, info=info, time_ns=ev.ts_ns + offset, latency_ns=ev.latency_ns)
+                        kind=EventKind.DNS_RESPONSE if msg.is_response else EventKind.DNS_REQUEST, info=info, time_ns=ev.ts_ns + offset, latency_ns=ev.latency_ns)
 
     # -- the kernel's aggregates ----------------------------------------------------------
 
@@ -345,13 +354,13 @@ class DnsTracker:
 
     def _aggregated_flow(self, key: AggKey, count: int, time_ns: int) -> Flow:
         named = self._name(key.name_hash)
-        qtypes = [type_text(key.qtype)] if key.name_hash else []
+        qtypes = (type_text(key.qtype),) if key.name_hash else ()
         query = named[0] if named is not None else ""
         info = DnsInfo(query=query, qtypes=qtypes, rcode=key.rcode)
         last = self._answers.get(key) if key.is_response else None
         if last is not None:  # the answer last sampled for this name, qtype and rcode
-            info = DnsInfo(query=query, qtypes=qtypes, rcode=last.rcode, ips=list(last.ips), ttl=last.ttl,
-                           cnames=list(last.cnames), rrtypes=list(last.rrtypes))
+            info = DnsInfo(query=query, qtypes=qtypes, rcode=last.rcode, ips=tuple(last.ips), ttl=last.ttl,
+                           cnames=tuple(last.cnames), rrtypes=tuple(last.rrtypes))
         extensions: dict[str, object] = {EXTENSION_AGGREGATED: True, EXTENSION_COUNT: count}
         if named is None and key.name_hash:
             extensions[EXTENSION_QUERY_HASH] = f"{key.name_hash:016x}"
@@ -359,7 +368,7 @@ class DnsTracker:
         sport, dport = (key.port, 0) if key.is_response else (0, key.port)
         return dns_flow(self.node_name, family=key.family, saddr=key.saddr, daddr=key.daddr,
                         protocol=IPPROTO_UDP, sport=sport, dport=dport, ifindex=key.ifindex, hook=key.hook,
-                        iface=self._interface_of(key.ifindex), is_reply=bool(key.is_response), info=info,
+                        iface=self._interface_of(key.ifindex), kind=EventKind.DNS_RESPONSE if key.is_response else EventKind.DNS_REQUEST, info=info,
                         time_ns=time_ns, latency_ns=0, extensions=extensions)
 
     def kernel_unanswered(self, expired: list[Expired]) -> list[Flow]:
@@ -395,7 +404,7 @@ class DnsTracker:
 
     def _unanswered_flow(self, e: Expired, client_port: int, time_ns: int, count: int | None) -> Flow:
         named = self._name(e.name_hash)
-        info = DnsInfo(query=named[0] if named else "", qtypes=[type_text(e.qtype)] if e.name_hash else [])
+        info = DnsInfo(query=named[0] if named else "", qtypes=(type_text(e.qtype),) if e.name_hash else ())
         extensions: dict[str, object] = {EXTENSION_UNANSWERED: True}
         if count is not None:
             extensions.update({EXTENSION_AGGREGATED: True, EXTENSION_COUNT: count})
@@ -403,7 +412,7 @@ class DnsTracker:
             extensions[EXTENSION_QUERY_HASH] = f"{e.name_hash:016x}"
         return dns_flow(self.node_name, family=e.family, saddr=e.client, daddr=e.server, protocol=IPPROTO_UDP,
                         sport=client_port, dport=e.server_port, ifindex=e.ifindex, hook=e.hook,
-                        iface=self._interface_of(e.ifindex), is_reply=False, info=info, time_ns=time_ns,
+                        iface=self._interface_of(e.ifindex), kind=EventKind.DNS_UNANSWERED, info=info, time_ns=time_ns,
                         latency_ns=0, extensions=extensions)
 
     def _parse_error(self, reason: str) -> None:
@@ -466,9 +475,9 @@ class DnsTracker:
             else:
                 latency = ev.ts_ns - pending.ts_ns
                 self.latency.observe(latency / 1e9)
-            info = DnsInfo(query=msg.query, qtypes=msg.qtypes, rcode=msg.rcode, ips=msg.ips, ttl=msg.ttl,
-                           cnames=msg.cnames, rrtypes=msg.rrtypes)
-            return self._flow(ev, True, info, iface, ev.ts_ns + offset, latency)
+            info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes), rcode=msg.rcode, ips=tuple(msg.ips),
+                           ttl=msg.ttl, cnames=tuple(msg.cnames), rrtypes=tuple(msg.rrtypes))
+            return self._flow(ev, EventKind.DNS_RESPONSE, info, iface, ev.ts_ns + offset, latency)
         key = (ev.ifindex, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.protocol, msg.id)
         counts.requests += 1
         result = self.pending.add(key, ev.ts_ns, _Query(ev, msg.query, msg.qtypes))
@@ -476,14 +485,14 @@ class DnsTracker:
             counts.retransmits += 1
         elif result is AddResult.FULL:
             counts.pending_full += 1
-        info = DnsInfo(query=msg.query, qtypes=list(msg.qtypes))
-        return self._flow(ev, False, info, iface, ev.ts_ns + offset, 0)
+        info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes))
+        return self._flow(ev, EventKind.DNS_REQUEST, info, iface, ev.ts_ns + offset, 0)
 
-    def _flow(self, ev: DnsEvent, is_reply: bool, info: DnsInfo, iface: Interface | None, time_ns: int,
+    def _flow(self, ev: DnsEvent, kind: EventKind, info: DnsInfo, iface: Interface | None, time_ns: int,
               latency_ns: int) -> Flow:
         return dns_flow(self.node_name, family=ev.family, saddr=ev.saddr, daddr=ev.daddr, protocol=ev.protocol,
                         sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, hook=ev.hook, iface=iface,
-                        is_reply=is_reply, info=info, time_ns=time_ns, latency_ns=latency_ns)
+                        kind=kind, info=info, time_ns=time_ns, latency_ns=latency_ns)
 
     # -- time -----------------------------------------------------------------------------
 
@@ -511,13 +520,12 @@ class DnsTracker:
         out: list[Flow] = []
         for p in expired:
             q = p.item
-            info = DnsInfo(query=q.query, qtypes=list(q.qtypes))
+            info = DnsInfo(query=q.query, qtypes=tuple(q.qtypes))
             out.append(dns_flow(self.node_name, family=q.event.family, saddr=q.event.saddr, daddr=q.event.daddr,
                                 protocol=q.event.protocol, sport=q.event.sport, dport=q.event.dport,
                                 ifindex=q.event.ifindex, hook=q.event.hook,
-                                iface=self._interface_of(q.event.ifindex), is_reply=False, info=info,
-                                time_ns=p.ts_ns + timeout + offset, latency_ns=0,
-                                extensions={EXTENSION_UNANSWERED: True}))
+                                iface=self._interface_of(q.event.ifindex), kind=EventKind.DNS_UNANSWERED, info=info,
+                                time_ns=p.ts_ns + timeout + offset, latency_ns=0))
         return out
 
     def metric_points(self, now_ns: int, kernel_latency: KernelLatency | None = None) -> list[MetricPoint]:

@@ -7,6 +7,8 @@ checks them with the k8sattributes processor's static source.
 """
 from __future__ import annotations
 
+from tests.support.flowlog import parse_line
+
 import ipaddress
 import json
 import os
@@ -23,8 +25,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from flowtel.cli import main
-from flowtel.hubble import flow_to_dict
-from flowtel.hubble_parse import flow_from_dict
+from flowtel.lib.hubble.convert import flow_json as flow_to_dict
+from flowtel.lib.hubble.parse import flow_from_json as flow_from_dict
 from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
 
 pytestmark = pytest.mark.kernel
@@ -131,7 +133,7 @@ def observe(capsys: pytest.CaptureFixture[str], agent: Agent, *argv: str) -> lis
     code = main(["observe", "--server", agent.server, "--all", "-o", "json", *argv])
     out, err = capsys.readouterr()
     assert code == 0, err
-    return [json.loads(line)["flow"] for line in out.splitlines() if line.startswith('{"flow"')]
+    return [parse_line(line)["flow"] for line in out.splitlines() if line.startswith('{"flow"')]
 
 
 def packets(flows: list[dict[str, Any]]) -> int:
@@ -143,7 +145,8 @@ def everything(agent: Agent) -> list[dict[str, Any]]:
     """Every flow in the agent's ring once all the traffic has been drained into it."""
     def complete() -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"http://{agent.server}/flows", timeout=5) as resp:
-            return [json.loads(line)["flow"] for line in resp.read().decode().splitlines() if '"flow"' in line]
+            # The HTTP flow API's lines, parsed strictly too.
+            return [parse_line(line)["flow"] for line in resp.read().decode().splitlines() if '"flow"' in line]
 
     def done() -> bool:
         flows = complete()
@@ -237,6 +240,7 @@ def test_json_lines_are_hubble_flows(agent: Agent, everything: list[dict[str, An
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= len(everything) > 5
     for line in lines:
+        parse_line(line)  # strictly Cilium's GetFlowsResponse: no unknown fields, valid enums
         env = json.loads(line)
         assert set(env) == {"flow", "node_name", "time"}
         flow = env["flow"]
@@ -272,7 +276,7 @@ def test_follow_receives_flows_that_arrive_after_it_started(agent: Agent, everyt
         assert proc.stdout is not None
         deadline = time.monotonic() + 15
         while seen < 10 and time.monotonic() < deadline:
-            flow = json.loads(proc.stdout.readline())["flow"]
+            flow = parse_line(proc.stdout.readline())["flow"]
             assert flow["IP"]["source"] == agent.api.ipv4 and flow["l4"]["UDP"]["source_port"] == sent.src_port
             seen += flow["extensions"]["packets"]
         assert seen == 10  # 5 datagrams, each on api's and db's veth

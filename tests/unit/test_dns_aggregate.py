@@ -74,8 +74,8 @@ def test_sampled_messages_are_flows_and_the_rest_one_aggregated_flow_per_key() -
     req, resp = out
     assert (req.src_ip, req.src_port, req.dst_ip, req.dst_port, req.time_ns) == ("10.0.0.1", 0, "10.0.0.2", 53,
                                                                                9000 + OFFSET)
-    assert req.l7 is not None and (req.l7.query, req.l7.qtypes) == ("web.example.", ["A"])  # named by the sample
-    assert resp.l7 is not None and (resp.l7.ips, resp.l7.ttl, resp.is_reply) == (["192.0.2.1"], 60, True)
+    assert req.l7 is not None and (req.l7.query, req.l7.qtypes) == ("web.example.", ("A",))  # named by the sample
+    assert resp.l7 is not None and (resp.l7.ips, resp.l7.ttl, resp.is_reply) == (("192.0.2.1",), 60, True)
     assert (t.counts.requests, t.counts.responses, t.counts.aggregated) == (1000, 998, 1996)
     # Every message is in exactly one flow.
     assert sum(message_count(f) for f in flows + out if f.l7_type == "REQUEST") == 1000
@@ -129,7 +129,7 @@ def test_unanswered_one_flow_each_then_aggregated_and_unknown_names_carry_their_
     single, agg = out[0], out[-1]
     assert single.extensions == {EXTENSION_UNANSWERED: True, EXTENSION_QUERY_HASH: "0000000000000abc"}
     assert single.time_ns == 1000 + 5 * S + OFFSET and single.src_port == 1000
-    assert single.l7 is not None and (single.l7.query, single.l7.qtypes) == ("", ["AAAA"])
+    assert single.l7 is not None and (single.l7.query, single.l7.qtypes) == ("", ("AAAA",))
     assert agg.extensions["count"] == 10 and agg.extensions["aggregated"] is True and agg.src_port == 0
     assert sum(message_count(f) for f in out) == n
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, bucket_index
-from flowtel.records import MetricKind, Verdict
+from flowtel.records import EventKind, MetricKind, Verdict
 from receiver.ebpf.kernel_events import KernelEventsConfig
 from receiver.ebpf.kernel_events import decode, program
 
@@ -215,10 +215,11 @@ def test_decoder(event_class: type[ctypes.Structure]) -> None:
     rst, rtx, est, closed_part, closed_whole = flows
 
     assert (rst.ip_version, rst.src_ip, rst.dst_ip, rst.tcp_flags) == (4, "10.0.0.2", "10.0.0.1", 0x04)
-    assert rst.extensions == {"tcp_event": "reset_sent", "reset_reason": "TCP_ABORT_ON_LINGER"}
-    assert rst.verdict == Verdict.FORWARDED
-    assert rtx.extensions == {"tcp_event": "retransmit", "tcp_state": "ESTABLISHED", "segments": 3,
-                              "retransmit_error": "EPERM"}
-    assert est.extensions == {"tcp_event": "established", "tcp_state": "ESTABLISHED", "handshake_rtt_ns": 4200}
+    assert rst.kind is EventKind.TCP_RESET_SENT and rst.extensions == {"reset_reason": "TCP_ABORT_ON_LINGER"}
+    assert rst.verdict == Verdict.TRACED  # a socket event: observed, no verdict of its own
+    assert rtx.kind is EventKind.TCP_RETRANSMIT
+    assert rtx.extensions == {"tcp_state": "ESTABLISHED", "segments": 3, "retransmit_error": "EPERM"}
+    assert est.kind is EventKind.TCP_ESTABLISHED
+    assert est.extensions == {"tcp_state": "ESTABLISHED", "handshake_rtt_ns": 4200}
     assert "lifetime_ns" not in closed_part.extensions  # its birth was not seen: no lifetime
     assert closed_whole.extensions["lifetime_ns"] == 9

@@ -15,10 +15,12 @@ import pytest
 
 from extensions.flows.config import FlowsConfig
 from extensions.flows.extension import FlowsExtension
-from flowtel import hubble, mapformat
+from flowtel import mapformat
+from flowtel.lib.hubble import convert as hubble, printer, timefmt
 from flowtel.cli import main
 from flowtel.component import CreateSettings, Telemetry
-from flowtel.hubble_parse import flow_from_dict
+from flowtel.lib.hubble.parse import flow_from_json as flow_from_dict
+from flowtel.records import replace
 from tests.flowsamples import T0, lost, sample_flows
 
 
@@ -26,9 +28,13 @@ from tests.flowsamples import T0, lost, sample_flows
 def ext() -> Iterator[FlowsExtension]:
     extension = FlowsExtension(CreateSettings("flows", "node-1", Telemetry()), FlowsConfig(endpoint="127.0.0.1:0"))
     extension.start()
-    extension.consume([*sample_flows().values(), lost()])
+    extension.consume([*SERVED.values(), lost()])
     yield extension
     extension.shutdown()
+
+
+# The records the flow API serves: the same objects, so their wire forms (uuid included) match.
+SERVED = sample_flows()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -47,11 +53,11 @@ def test_json_prints_hubble_envelopes_exactly(ext: FlowsExtension, capsys: pytes
     code, out, _ = run(capsys, "observe", "--server", ext.endpoint, "--all", "-o", "json")
     assert code == 0
     encode = json.JSONEncoder(separators=(",", ":")).encode
-    expected = [encode(hubble.envelope(f)) for f in sample_flows().values()] + [encode(hubble.lost_envelope(lost()))]
+    expected = [encode(hubble.envelope(f)) for f in SERVED.values()] + [encode(hubble.lost_envelope(lost()))]
     assert out.splitlines() == expected
     for line in out.splitlines()[:-1]:
         flow = json.loads(line)["flow"]
-        assert hubble.flow_to_dict(flow_from_dict(flow)) == flow
+        assert hubble.flow_json(flow_from_dict(flow)) == flow
 
 
 def test_compact_is_the_shared_compact_line(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,8 +65,8 @@ def test_compact_is_the_shared_compact_line(ext: FlowsExtension, capsys: pytest.
     assert code == 0
     flows = list(sample_flows().values())
     # The newest three records: F8, F9 and the lost-events report (on stderr, as a notice).
-    assert out.splitlines() == [hubble.compact_line(f) for f in flows[-2:]]
-    assert err.splitlines() == [hubble.lost_compact_line(lost())]
+    assert out.splitlines() == [printer.compact_line(f) for f in flows[-2:]]
+    assert err.splitlines() == [printer.lost_compact_line(lost())]
 
 
 def test_default_is_the_last_twenty(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,7 +80,7 @@ def test_filters_reach_the_server_in_order(ext: FlowsExtension, capsys: pytest.C
                     "--namespace", "shop", "--not", "--verdict", "DROPPED", "--protocol", "tcp")
     times = [json.loads(line)["time"] for line in out.splitlines() if '"flow"' in line]
     flows = sample_flows()
-    assert times == [hubble.format_time(flows[n].time_ns) for n in ("F1", "F2", "F6")]
+    assert times == [timefmt.format_time(flows[n].time_ns) for n in ("F1", "F2", "F6")]
 
 
 def test_table_and_dict(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,16 +96,16 @@ def test_table_and_dict(ext: FlowsExtension, capsys: pytest.CaptureFixture[str])
     _, out, _ = run(capsys, "observe", "--server", ext.endpoint, "--all", "-o", "dict", "--protocol", "dns")
     blocks = out.rstrip("\n").split("\n------------\n")
     flows = sample_flows()
-    assert blocks == [hubble.dict_block(flows["F4"]), hubble.dict_block(flows["F5"])]
+    assert blocks == [printer.dict_block(flows["F4"]), printer.dict_block(flows["F5"])]
 
 
 def test_since_duration_and_time(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "observe", "--server", ext.endpoint, "--since", "10m", "-o", "json")
     assert out == ""  # the samples are from 2024
     _, out, _ = run(capsys, "observe", "--server", ext.endpoint, "-o", "json", "--since",
-                    hubble.format_time(T0 + 9_000_000_000))
+                    timefmt.format_time(T0 + 9_000_000_000))
     assert [json.loads(line)["time"] for line in out.splitlines()] == [
-        hubble.format_time(T0 + 9_000_000_000), hubble.format_time(lost().time_ns)]
+        timefmt.format_time(T0 + 9_000_000_000), timefmt.format_time(lost().time_ns)]
 
 
 def test_follow_receives_flows_that_arrive_after_it_started(ext: FlowsExtension, tmp_path: Path) -> None:
@@ -112,8 +118,7 @@ def test_follow_receives_flows_that_arrive_after_it_started(ext: FlowsExtension,
         while ext.hub.status()["followers"] == 0:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
             time.sleep(0.05)
-        new = sample_flows()["F6"]
-        new.time_ns = T0 + 60_000_000_000
+        new = replace(sample_flows()["F6"], time_ns=T0 + 60_000_000_000)
         ext.consume([sample_flows()["F1"], new])
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -129,9 +134,9 @@ def test_input_file_filters_here(ext: FlowsExtension, tmp_path: Path, capsys: py
     _, out, _ = run(capsys, "observe", "--input-file", str(log), "--all", "--to-fqdn", "*.example.com", "-o", "json")
     flows = sample_flows()
     assert [json.loads(line)["time"] for line in out.splitlines()] == [
-        hubble.format_time(flows[n].time_ns) for n in ("F4", "F5", "F6")]
+        timefmt.format_time(flows[n].time_ns) for n in ("F4", "F5", "F6")]
     _, out, _ = run(capsys, "observe", "--input-file", str(log), "--last", "1", "--color", "never")
-    assert out == hubble.compact_line(flows["F9"]) + "\n"
+    assert out == printer.compact_line(flows["F9"]) + "\n"
 
 
 def test_errors(capsys: pytest.CaptureFixture[str]) -> None:

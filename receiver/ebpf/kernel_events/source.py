@@ -31,7 +31,7 @@ from flowtel.lib.bpf import btf as btf_mod
 from flowtel.lib.bpf import tracefs
 from flowtel.lib.bpf.doublebuffer import DoubleBuffer
 from flowtel.lib.bpf.ringbuf import RingReader
-from flowtel.records import Flow, LostEvents, MetricPoint, Record
+from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
 from receiver.ebpf.kernel_events import decode, program
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
