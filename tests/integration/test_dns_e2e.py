@@ -657,11 +657,11 @@ def test_dns_at_full_dnsperf_rate_counts_exactly_with_the_sample_ring_overflowin
 
     # The flows: every message in exactly one, sampled or aggregated (extensions.count).
     flows = l7_flows(agent.flows())
-    requests = sum(_messages(f) for f in flows if f["l7"]["type"] == "REQUEST" and not unanswered(f))
+    requests = sum(_messages(f) for f in flows if l7_type(f) == "REQUEST" and not unanswered(f))
     lost_flows = sum(_messages(f) for f in flows if unanswered(f))
     by_rcode = Counter()
     for f in flows:
-        if f["l7"]["type"] == "RESPONSE":
+        if l7_type(f) == "RESPONSE":
             by_rcode[f["l7"]["dns"].get("rcode", 0)] += _messages(f)
     assert requests == points * sent and lost_flows == points * no_answer
     assert by_rcode == {{"NOERROR": 0, "NXDOMAIN": 3}[k]: points * n for k, n in perf["rcodes"].items()}
