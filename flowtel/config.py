@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import pydantic
 import yaml
 
-from flowtel.component import ComponentConfig, Factory, Kind
+from flowtel.component import ComponentConfig, ConnectorFactory, Factory, Kind
 
 SIGNALS = ("metrics", "logs")
 TOP_LEVEL_KEYS = ("receivers", "processors", "connectors", "exporters", "extensions", "service")
@@ -233,7 +233,9 @@ def _parse_pipeline(
                 where = " or ".join(k.value for k in kinds)
                 raise ConfigError(source, f"{path}.{key}[{i}]", f"'{cid}' is not defined under {where}")
             factory = factories[kind][component_type(cid)]
-            if signal not in factory.signals:
+            if isinstance(factory, ConnectorFactory):
+                _check_connector_direction(factory, cid, key, signal, source, f"{path}.{key}[{i}]")
+            elif signal not in factory.signals:
                 raise ConfigError(
                     source,
                     f"{path}.{key}[{i}]",
@@ -243,6 +245,21 @@ def _parse_pipeline(
             raise ConfigError(source, f"{path}.{key}", "lists the same component twice")
         lists[key] = tuple(value)
     return PipelineSpec(pid, signal, lists["receivers"], lists["processors"], lists["exporters"])
+
+
+def _check_connector_direction(
+    factory: ConnectorFactory[Any], cid: str, key: str, signal: str, source: str, path: str,
+) -> None:
+    """A connector exports from its ``consumes`` pipelines and receives into its ``emits``
+    ones; wired the other way round it would start and silently produce nothing."""
+    expected, role = (factory.consumes, "an exporter") if key == "exporters" else (factory.emits, "a receiver")
+    if signal != expected:
+        raise ConfigError(
+            source, path,
+            f"connector '{cid}' consumes {factory.consumes} and emits {factory.emits}: as {role} it belongs "
+            f"in a {expected} pipeline, not a {signal} one (list it under exporters of a {factory.consumes} "
+            f"pipeline and under receivers of a {factory.emits} pipeline)",
+        )
 
 
 def _check_connectors(config: AgentConfig, source: str) -> None:

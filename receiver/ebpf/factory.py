@@ -1,7 +1,7 @@
 """Factory of the ``ebpf`` receiver (bcc is imported only when one is created)."""
 from __future__ import annotations
 
-from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from flowtel.component import Consumer, CreateSettings, Receiver, ReceiverFactory
 from receiver.ebpf.config import EbpfReceiverConfig
 
 
@@ -11,4 +11,4 @@ def create(settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: 
     return EbpfReceiver(settings, config, next_consumer)
 
 
-FACTORY = Factory(type="ebpf", kind=Kind.RECEIVER, config_class=EbpfReceiverConfig, create=create, signals=("logs", "metrics"))
+FACTORY = ReceiverFactory(type="ebpf", config_class=EbpfReceiverConfig, create=create, signals=("logs", "metrics"))

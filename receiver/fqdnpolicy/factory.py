@@ -1,7 +1,7 @@
 """Factory of the ``fqdnpolicy`` receiver (bcc is imported only when one starts)."""
 from __future__ import annotations
 
-from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from flowtel.component import Consumer, CreateSettings, Receiver, ReceiverFactory
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
 
 
@@ -11,5 +11,5 @@ def create(settings: CreateSettings, config: FqdnPolicyReceiverConfig, next_cons
     return FqdnPolicyReceiver(settings, config, next_consumer)
 
 
-FACTORY = Factory(type="fqdnpolicy", kind=Kind.RECEIVER, config_class=FqdnPolicyReceiverConfig, create=create,
+FACTORY = ReceiverFactory(type="fqdnpolicy", config_class=FqdnPolicyReceiverConfig, create=create,
                   signals=("logs",))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind, Telemetry
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind, Telemetry
 from flowtel.config import ConfigError, parse_config
 from flowtel.errors import StartError
 from flowtel.pipeline import Service
@@ -217,7 +217,7 @@ def test_service_delivers_points_on_the_interval_and_at_shutdown() -> None:
     factories = {
         Kind.RECEIVER: {"procfs": FACTORY},
         Kind.PROCESSOR: {},
-        Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, _SinkConfig, _Sink, signals=("metrics",))},
+        Kind.EXPORTER: {"sink": ExporterFactory("sink", _SinkConfig, _Sink, signals=("metrics",))},
         Kind.CONNECTOR: {},
         Kind.EXTENSION: {},
     }

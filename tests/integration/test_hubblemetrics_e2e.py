@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import MetricPoint, Record
@@ -48,7 +48,7 @@ class MemoryExporter(Exporter):
 def start_agent(glob: str) -> Service:
     factories = factories_by_kind()
     factories[Kind.EXPORTER] = {**factories[Kind.EXPORTER],
-                                "memory": Factory("memory", Kind.EXPORTER, _MemoryConfig, MemoryExporter)}
+                                "memory": ExporterFactory("memory", _MemoryConfig, MemoryExporter)}
     context = "sourceContext=ip;destinationContext=ip"
     cfg = parse_config({
         "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms"}},
