@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flowtel.component import Consumer, CreateSettings, Receiver, ReceiverFactory
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
+from receiver.fqdnpolicy.preflight import preflight
 
 
 def create(settings: CreateSettings, config: FqdnPolicyReceiverConfig, next_consumer: Consumer) -> Receiver:
@@ -12,4 +13,4 @@ def create(settings: CreateSettings, config: FqdnPolicyReceiverConfig, next_cons
 
 
 FACTORY = ReceiverFactory(type="fqdnpolicy", config_class=FqdnPolicyReceiverConfig, create=create,
-                  signals=("logs",))
+                            signals=("logs",), preflight=preflight)

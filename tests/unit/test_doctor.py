@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from flowtel.preflight import Btf, KubernetesAccess, Tracepoint
+from processors.k8sattributes.access import kube_access
+from processors.k8sattributes.config import K8sAttributesConfig
+from receiver.ebpf.config import EbpfReceiverConfig
+from receiver.ebpf.preflight import preflight as ebpf_preflight
+
 from flowtel.doctor import (
     CheckResult,
-    KubeSettings,
     Root,
     Status,
-    TRACEPOINTS,
     check_bcc,
     check_bpffs,
     check_btf,
@@ -35,6 +39,18 @@ from flowtel.doctor import (
     parse_cap_eff,
     run_checks,
 )
+
+# The tracepoints the ebpf receiver declares (its default config: every kernel event).
+TRACEPOINTS = [r for r in ebpf_preflight(EbpfReceiverConfig()) if isinstance(r, Tracepoint)]
+BTF_NEEDED = [r for r in ebpf_preflight(EbpfReceiverConfig()) if isinstance(r, Btf)]
+
+
+def KubeSettings(auth_type: str, kubeconfig: str | None = None) -> KubernetesAccess:
+    """The k8sattributes processor's access for these settings, as its factory declares it."""
+    access = kube_access(K8sAttributesConfig.model_validate({"auth_type": auth_type, "kubeconfig": kubeconfig}))
+    assert access is not None
+    return access
+
 
 RELEASE = "6.18.44-fc-v669"
 KDIR = f"/lib/modules/{RELEASE}"
@@ -80,15 +96,14 @@ class FakeNode:
 
     def tracefs(self, base: str = "/sys/kernel/tracing", skip: tuple[str, ...] = (),
                 kfree_skb_reason: bool = True) -> None:
-        for tracepoint in TRACEPOINTS:
-            if tracepoint in skip:
+        for tp in TRACEPOINTS:
+            if tp.name in skip:
                 continue
-            category, event = tracepoint.split(":")
-            fields = "\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n"
-            if tracepoint == "skb:kfree_skb" and kfree_skb_reason:
-                fields += "\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;\n"
-            self.write(f"{base}/events/{category}/{event}/format",
-                       f"name: {event}\nID: 1\nformat:\n{fields}")
+            fields = "".join(f"\tfield:__u64 {name};\toffset:{8 + 8 * i};\tsize:8;\tsigned:0;\n"
+                             for i, name in enumerate(tp.fields)
+                             if kfree_skb_reason or (tp.event, name) != ("kfree_skb", "reason"))
+            self.write(f"{base}/events/{tp.category}/{tp.event}/format",
+                       f"name: {tp.event}\nID: 1\nformat:\n{fields}")
 
     def status(self, cap_eff: str) -> None:
         self.write("/proc/self/status",
@@ -239,14 +254,16 @@ def test_kernel_version_gate(tmp_path: Path) -> None:
     assert check_kernel(FakeNode(tmp_path / "c", release="5.8.0").root).status is Status.OK
 
 
-def test_btf_missing_is_a_warning_not_a_failure(node: FakeNode) -> None:
+def test_btf_missing_fails_when_a_component_requires_it(node: FakeNode) -> None:
     node.kernel_config(CONFIG_DEBUG_INFO_BTF="n")
-    result = check_btf(node.root)
-    assert result.status is Status.WARN
+    result = check_btf(node.root, BTF_NEEDED)
+    assert result.status is Status.FAIL  # the receiver's kernel events do not start without it
     assert "CONFIG_DEBUG_INFO_BTF" in result.detail
+    optional = check_btf(node.root, [Btf("drop attribution", required=False)])
+    assert optional.status is Status.WARN and "drop attribution is lost" in optional.detail
 
     node.write("/sys/kernel/btf/vmlinux", "\0" * 4096)
-    assert check_btf(node.root).status is Status.OK
+    assert check_btf(node.root, BTF_NEEDED).status is Status.OK
 
 
 def test_kprobes_are_information_only(node: FakeNode) -> None:
@@ -270,7 +287,7 @@ def test_tracefs_missing_fails_with_mount_command(node: FakeNode) -> None:
     assert result.status is Status.FAIL
     assert "mount -t tracefs tracefs /sys/kernel/tracing" in result.remedy
     assert "hostPath" in result.remedy
-    assert [r.status for r in check_tracepoints(node.root)] == [Status.WARN]
+    assert [r.status for r in check_tracepoints(node.root, TRACEPOINTS)] == [Status.FAIL]
 
 
 def test_tracefs_under_debugfs_counts(node: FakeNode) -> None:
@@ -282,27 +299,27 @@ def test_tracefs_under_debugfs_counts(node: FakeNode) -> None:
 
 def test_every_tracepoint_present_is_ok(node: FakeNode) -> None:
     node.tracefs()
-    results = check_tracepoints(node.root)
-    assert [r.name for r in results] == list(TRACEPOINTS)
+    results = check_tracepoints(node.root, TRACEPOINTS)
+    assert [r.name for r in results] == [tp.name for tp in TRACEPOINTS]
     assert all(r.status is Status.OK for r in results)
 
 
-def test_missing_tracepoint_warns_naming_it_and_its_feature(node: FakeNode) -> None:
+def test_missing_tracepoint_fails_naming_it_and_its_feature(node: FakeNode) -> None:
     node.tracefs(skip=("tcp:tcp_retransmit_skb",))
 
-    by_name = {r.name: r for r in check_tracepoints(node.root)}
+    by_name = {r.name: r for r in check_tracepoints(node.root, TRACEPOINTS)}
 
     missing = by_name["tcp:tcp_retransmit_skb"]
-    assert missing.status is Status.WARN
+    assert missing.status is Status.FAIL  # as in the receiver, which does not start without it
     assert "tcp_retransmit_skb" in missing.detail and "retransmission" in missing.detail
     assert all(r.status is Status.OK for n, r in by_name.items() if n != "tcp:tcp_retransmit_skb")
 
 
-def test_kfree_skb_without_reason_warns(node: FakeNode) -> None:
+def test_kfree_skb_without_reason_fails(node: FakeNode) -> None:
     node.tracefs(kfree_skb_reason=False)
-    result = {r.name: r for r in check_tracepoints(node.root)}["skb:kfree_skb"]
-    assert result.status is Status.WARN
-    assert "reason" in result.detail
+    result = {r.name: r for r in check_tracepoints(node.root, TRACEPOINTS)}["skb:kfree_skb"]
+    assert result.status is Status.FAIL  # the receiver requires the field (tracefs require())
+    assert "no field reason" in result.detail and "5.17" in result.detail
 
 
 # --- bpffs --------------------------------------------------------------------------------
@@ -627,7 +644,8 @@ def test_forbidden_pods_give_an_rbac_remedy(
 
     assert result.status is Status.FAIL
     assert "403" in result.detail and "cannot list resource" in result.detail
-    assert "ClusterRole" in result.remedy and "kubectl auth can-i list pods" in result.remedy
+    assert "ClusterRole" in result.remedy and "deploy/base/rbac.yaml" in result.remedy
+    assert "kubectl auth can-i list pods" in result.remedy
 
 
 def test_rejected_credentials(node: FakeNode, tmp_path: Path, api_server: ApiServer) -> None:
