@@ -6,9 +6,9 @@ import logging
 import os
 import socket
 import sys
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from flowtel.config import ConfigError, load_config
 from flowtel.errors import StartError, UsageError
 
 
@@ -26,6 +26,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flowtel.config import ConfigError, load_config
     from flowtel.pipeline import Service
 
     try:
@@ -44,16 +45,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from flowtel import doctor
+    from flowtel.config import ConfigError, load_config
 
-    kube = None
-    if args.config:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"flowtel: {exc}", file=sys.stderr)
-            return 2
-        kube = doctor.kube_settings_from_config(config)
-    return doctor.main(kube)
+    try:
+        # What the components of this config (default: the one `flowtel run` uses) need.
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"flowtel: {exc}", file=sys.stderr)
+        return 2
+    return doctor.main(config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -94,43 +94,41 @@ def cmd_dnsproxy(args: argparse.Namespace) -> int:
     return dnsproxy_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowtel", description="Kubernetes network observability as an OpenTelemetry pipeline")
-    parser.add_argument("--log-level", default=os.environ.get("FLOWTEL_LOG_LEVEL", "info"), help="debug, info, warning, error")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config file (default: $FLOWTEL_CONFIG, /etc/flowtel/config.yaml, or the bundled config/flowtel.yaml)")
 
-    run = sub.add_parser("run", help="run the agent until SIGINT/SIGTERM")
-    run.add_argument("--config", help="config file (default: $FLOWTEL_CONFIG, /etc/flowtel/config.yaml, or the bundled config/flowtel.yaml)")
-    run.set_defaults(func=cmd_run)
 
-    doc = sub.add_parser("doctor", help="check whether the agent can run on this node and how to fix what is missing")
-    doc.add_argument("--config", help="also check what this config needs (e.g. Kubernetes access)")
-    doc.set_defaults(func=cmd_doctor)
+def _doctor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="check what this config's components need (default: the config `flowtel run` would use)")
 
-    demo = sub.add_parser("demo", help="run the agent against throwaway network-namespace pods with generated traffic")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds to run before the summary (default 60)")
-    demo.add_argument("--interval", type=float, default=2.0, help="flow collection interval in seconds (default 2)")
-    demo.set_defaults(func=cmd_demo)
 
-    from flowtel.observe import add_map_arguments, add_observe_arguments
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run before the summary (default 60)")
+    p.add_argument("--interval", type=float, default=2.0, help="flow collection interval in seconds (default 2)")
 
-    observe = sub.add_parser("observe", help="print flows from a running agent, as `hubble observe` does")
-    add_observe_arguments(observe)
-    observe.set_defaults(func=cmd_observe)
 
-    service_map = sub.add_parser("map", help="print the service dependency map of a running agent")
-    add_map_arguments(service_map)
-    service_map.set_defaults(func=cmd_map)
-    from dnsproxy.run import add_arguments as add_dnsproxy_arguments
+def _observe_arguments(p: argparse.ArgumentParser) -> None:
+    from flowtel.observe import add_observe_arguments
 
-    proxy = sub.add_parser("dnsproxy", help="run the FQDN-filtering DNS proxy and its enforcement datapath")
-    add_dnsproxy_arguments(proxy)
-    proxy.set_defaults(func=cmd_dnsproxy)
+    add_observe_arguments(p)
 
+
+def _map_arguments(p: argparse.ArgumentParser) -> None:
+    from flowtel.observe import add_map_arguments
+
+    add_map_arguments(p)
+
+
+def _dnsproxy_arguments(p: argparse.ArgumentParser) -> None:
+    from dnsproxy.run import add_arguments
+
+    add_arguments(p)
+
+
+def _policy_arguments(p: argparse.ArgumentParser) -> None:
     from flowtel.policysuggest.cli import add_arguments as add_suggest_arguments
 
-    policy = sub.add_parser("policy", help="work with CiliumNetworkPolicy egress policies")
-    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    policy_sub = p.add_subparsers(dest="policy_command", required=True)
     suggest = policy_sub.add_parser(
         "suggest", help="write the least-privilege CiliumNetworkPolicy for what a workload was seen doing",
         description="Write the least-privilege cilium.io/v2 CiliumNetworkPolicy that allows the egress a "
@@ -138,11 +136,66 @@ def build_parser() -> argparse.ArgumentParser:
                     "running agent's flows or a flow-log file. See docs/policy-suggest.md.")
     add_suggest_arguments(suggest)
     suggest.set_defaults(func=cmd_policy_suggest)
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    # Adds the command's arguments; it imports the command's modules, so it runs only for
+    # the command invoked (the DNS proxy's kubernetes client and pyroute2 stay out of
+    # `flowtel observe`).
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS = (
+    _Command("run", "run the agent until SIGINT/SIGTERM", cmd_run, _run_arguments),
+    _Command("doctor", "check whether the agent can run on this node and how to fix what is missing", cmd_doctor,
+             _doctor_arguments),
+    _Command("demo", "run the agent against throwaway network-namespace pods with generated traffic", cmd_demo,
+             _demo_arguments),
+    _Command("observe", "print flows from a running agent, as `hubble observe` does", cmd_observe, _observe_arguments),
+    _Command("map", "print the service dependency map of a running agent", cmd_map, _map_arguments),
+    _Command("dnsproxy", "run the FQDN-filtering DNS proxy and its enforcement datapath", cmd_dnsproxy,
+             _dnsproxy_arguments),
+    _Command("policy", "work with CiliumNetworkPolicy egress policies", cmd_policy_suggest, _policy_arguments),
+)
+_GLOBAL_OPTIONS_WITH_VALUE = ("--log-level",)
+
+
+def invoked_command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word that is no global option or its value)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            skip = True
+        elif arg == "--":
+            continue
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand gets its arguments (and imports
+    its modules); "" (no subcommand named): none does, `flowtel --help` lists them all."""
+    parser = argparse.ArgumentParser(prog="flowtel", description="Kubernetes network observability as an OpenTelemetry pipeline")
+    parser.add_argument("--log-level", default=os.environ.get("FLOWTEL_LOG_LEVEL", "info"), help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help)
+        p.set_defaults(func=c.run)
+        if command is None or command == c.name:
+            c.arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(invoked_command(argv) or "").parse_args(argv)
     _setup_logging(args.log_level)
     return int(args.func(args))
 
