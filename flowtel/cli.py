@@ -27,10 +27,11 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flowtel.config import ConfigError, load_config
+    from flowtel.registry import factories_by_kind
     from flowtel.pipeline import Service
 
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, factories=factories_by_kind())
         service = Service(config, node_name=node_name())
         logging.getLogger("flowtel").info("starting with %s on node %s", config.source, service.node_name)
         service.run_until_signal()
@@ -49,7 +50,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     try:
         # What the components of this config (default: the one `flowtel run` uses) need.
-        config = load_config(args.config)
+        config = load_config(args.config, factories=factories_by_kind())
     except ConfigError as exc:
         print(f"flowtel: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,8 @@ class PipelineSpec:
 @dataclass(slots=True)
 class AgentConfig:
     source: str
+    # The factories the config was validated against; the Service builds with them.
+    factories: Mapping[Kind, Mapping[str, Factory]]
     # kind -> component id -> validated config
     components: dict[Kind, dict[str, ComponentConfig]] = field(default_factory=dict)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
@@ -77,10 +79,14 @@ def default_config_path() -> Path:
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
-    factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+    factories: Mapping[Kind, Mapping[str, Factory]],
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    """Read, expand and validate a config file (the default one when ``path`` is None)."""
+    """Read, expand and validate a config file (the default one when ``path`` is None).
+
+    ``factories`` are the components this build knows (``flowtel.registry`` for the agent):
+    the core takes them as a parameter and never imports a component, as the Collector's
+    ``otelcol`` takes the builder's factories."""
     file = Path(path) if path is not None else default_config_path()
     source = str(file)
     try:
@@ -101,13 +107,9 @@ def parse_config(
     data: Any,
     source: str,
     *,
-    factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+    factories: Mapping[Kind, Mapping[str, Factory]],
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    if factories is None:
-        from flowtel.registry import factories_by_kind
-
-        factories = factories_by_kind()
     env = os.environ if environ is None else environ
     if data is None:
         data = {}
@@ -121,7 +123,7 @@ def parse_config(
                 source, str(key), f"unknown top-level key; expected one of {', '.join(TOP_LEVEL_KEYS)}"
             )
 
-    config = AgentConfig(source=source)
+    config = AgentConfig(source=source, factories=factories)
     for kind in Kind:
         section = data.get(kind.value) or {}
         if not isinstance(section, dict):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
+from flowtel.registry import factories_by_kind
 from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
 
 log = logging.getLogger("flowtel.demo")
@@ -148,8 +149,7 @@ def run_demo(*, duration: float = 60.0, interval: float = 2.0) -> int:
                 "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "processors": ["k8sattributes"],
                                                    "exporters": ["console", "file"]}}},
             },
-            "<demo>",
-        )
+            "<demo>", factories=factories_by_kind())
         service = Service(config, node_name=os.environ.get("NODE_NAME") or "demo-node")
         pods = [client, server, dns]
         before = {p.name: bed.link_stats(p) for p in pods}

@@ -814,9 +814,7 @@ def requirements_of(
     """What the components a config runs declare (their factories' ``preflight``), each
     requirement once, with the components that need it, in config order."""
     if factories is None:
-        from flowtel.registry import factories_by_kind
-
-        factories = factories_by_kind()
+        factories = config.factories
     used: dict[Kind, list[str]] = {kind: [] for kind in Kind}
     for spec in config.pipelines.values():
         for cid in (*spec.receivers, *spec.processors, *spec.exporters):
@@ -853,6 +851,10 @@ def run_checks(
     """
     tree = Root(root)
     results: list[CheckResult] = []
+    if factories is None:
+        from flowtel.registry import factories_by_kind
+
+        factories = factories_by_kind()
     if config is None:
         try:
             config = load_config(None, factories=factories)

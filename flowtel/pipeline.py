@@ -255,9 +255,7 @@ class Service:
         loss_report_interval: float = DEFAULT_LOSS_REPORT_INTERVAL,
     ) -> None:
         if factories is None:
-            from flowtel.registry import factories_by_kind
-
-            factories = factories_by_kind()
+            factories = config.factories  # the ones the config was validated against
         self.config = config
         self.telemetry = Telemetry()
         self.node_name = node_name

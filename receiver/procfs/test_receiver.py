@@ -166,7 +166,7 @@ def _config(receivers: dict) -> dict:
 
 def _config_error(receiver_cfg: dict) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        parse_config(_config({"procfs": receiver_cfg}), "agent.yaml", environ={})
+        parse_config(_config({"procfs": receiver_cfg}), "agent.yaml", environ={}, factories=factories_by_kind())
     return info.value
 
 
@@ -192,7 +192,7 @@ def test_registered_for_metrics_pipelines_only() -> None:
     bad = _config({"procfs": {}})
     bad["service"]["pipelines"] = {"logs": {"receivers": ["procfs"], "exporters": ["file"]}}
     with pytest.raises(ConfigError, match="does not support logs pipelines"):
-        parse_config(bad, "agent.yaml", environ={})
+        parse_config(bad, "agent.yaml", environ={}, factories=factories_by_kind())
 
 
 # -- in a Service --------------------------------------------------------------------------
