@@ -17,8 +17,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
-from exporters.common.series import FamilySnapshot, HistogramValue
-from exporters.prometheus.exposition import CONTENT_TYPE, render
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue
+from flowtel.lib.metrics.exposition import CONTENT_TYPE, render
 from flowtel.errors import StartError
 from flowtel.records import MetricKind, MetricPoint
 

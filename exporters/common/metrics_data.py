@@ -2,7 +2,7 @@
 
 The OTLP exporters hand opentelemetry-exporter-otlp's ``OTLPMetricExporter`` classes
 (gRPC and HTTP) a :class:`MetricsData`, exactly what an SDK ``MetricReader`` hands them.
-The SDK's own instruments do not produce it here (see :mod:`exporters.common.series` for
+The SDK's own instruments do not produce it here (see :mod:`flowtel.lib.metrics.series` for
 why the store is the reader); this module only maps the store's snapshot onto
 ``Metric``/``Sum``/``Gauge``/``Histogram`` and their data points.
 
@@ -53,7 +53,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.series import FamilySnapshot, HistogramValue, Temporality
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue, Temporality
 from flowtel.records import MetricKind
 
 SDK_TEMPORALITY = {"cumulative": AggregationTemporality.CUMULATIVE, "delta": AggregationTemporality.DELTA}

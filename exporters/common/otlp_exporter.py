@@ -21,7 +21,7 @@ from exporters.common.otlp_config import OtlpExporterConfig
 from exporters.common.otlp_encoding import FLOWTEL_VERSION, OtlpEncoder, resource_attributes
 from exporters.common.sending import Request, SendingQueue, Transport
 from exporters.common.selftelemetry import telemetry_points
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import MetricPoint, Record
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from flowtel.config import load_config
 from flowtel.registry import factories_by_kind
 from flowtel.records import MetricKind, MetricPoint

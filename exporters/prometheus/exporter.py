@@ -9,9 +9,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from exporters.prometheus.config import PrometheusConfig, split_host_port
-from exporters.prometheus.exposition import CONTENT_TYPE, render
+from flowtel.lib.metrics.exposition import CONTENT_TYPE, render
 from flowtel.component import CreateSettings, Exporter
 from flowtel.errors import StartError
 from flowtel.records import MetricPoint, Record

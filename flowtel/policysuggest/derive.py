@@ -61,7 +61,7 @@ from flowtel.records import (
     Verdict,
 )
 from flowtel.servicegraph import source_is_client
-from processors.k8sattributes.identity import is_identity_label
+from flowtel.lib.identity import is_identity_label
 
 KIND = "CiliumNetworkPolicy"
 # Cilium's own labels on an endpoint (namespace labels, service account, cluster): policies

@@ -20,7 +20,7 @@ import math
 import re
 from typing import Iterable, Mapping
 
-from exporters.common.series import FamilySnapshot, HistogramValue
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue
 from flowtel.records import MetricKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
