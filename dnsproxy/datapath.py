@@ -181,7 +181,7 @@ class Datapath:
                     entry = self._written.get(raw)
                     fresh = False
                     if entry is not None and entry.until_ns >= now:
-                        merged = l4 if entry.l4 == l4 else (L4.union([l4, entry.l4]) or l4)
+                        merged = l4 if entry.l4 in (l4, None) else (L4.union([l4, entry.l4]) or l4)
                         if entry.expires_ns >= expires and entry.until_ns >= until and merged == entry.l4:
                             continue  # the map already allows this for at least as long
                         # Another name may have opened other ports to the same IP: keep both, longest life.
@@ -417,7 +417,7 @@ class Datapath:
             log.error("not looking for filters an earlier proxy left: %s", exc)
             return
         for index, parent, prog_id in _policy_filters(self.ipr):
-            if index not in ifindexes and programs.get(prog_id, set()) & owned:
+            if index not in ifindexes and prog_id is not None and programs.get(prog_id, set()) & owned:
                 _del_filter(self.ipr, index, parent)
 
     def _attach(self, index: int) -> None:

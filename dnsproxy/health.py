@@ -61,7 +61,8 @@ class HealthServer:
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
-        self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
+        bound_host, bound_port = self._httpd.server_address[:2]
+        self.address: tuple[str, int] = (str(bound_host), int(bound_port))  # AF_INET/AF_INET6: a str
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="dnsproxy-health", daemon=True)
 

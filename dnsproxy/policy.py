@@ -337,7 +337,7 @@ def _parse_egress_rule(raw: Any, where: str, namespace: str | None) -> EgressRul
         net = _parse_network(c["cidr"], f"{w}.cidr")
         excepts = tuple(_parse_network(e, f"{w}.except[{j}]") for j, e in enumerate(c.get("except") or []))
         for e in excepts:
-            if e.version != net.version or not e.subnet_of(net):  # type: ignore[arg-type]
+            if e.version != net.version or not e.subnet_of(net):  # type: ignore[arg-type]  # ip_network() is IPv4Network | IPv6Network; the versions are compared first
                 raise PolicyError(f"{w}.except: {e} is not inside {net}")
         cidrs.append(CidrRule(net, excepts))
     ports = tuple(_parse_port_rule(p, f"{where}.toPorts[{i}]") for i, p in enumerate(raw.get("toPorts") or []))
@@ -626,7 +626,7 @@ class PolicySet:
         # endpoint index version.
         self._cidr_cache: dict[tuple[tuple[EgressRule, ...], int], list[CidrEntry]] = {}
         for pod in self.pods:
-            rules = []
+            rules: list[EgressRule] = []
             for pol in policies:
                 if pol.selects(pod):
                     rules.extend(pol.egress)
@@ -719,4 +719,4 @@ def _host_network(ip: str) -> IPNetwork:
 
 
 def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
-    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]  # ip_network() is IPv4Network | IPv6Network; the versions are compared first

@@ -227,9 +227,9 @@ class DnsProxy:
     def finish(self, fwd: Forward, upstream_wire: bytes, answer: Answer) -> bytes:
         """The upstream answered: learn its addresses for the pod, then release it."""
         upstream_ns = time.monotonic_ns() - fwd.asked_ns
-        if fwd.policed and self.learner is not None and fwd.l4 is not None and answer.ips:
+        if fwd.policed and self.learner is not None and fwd.l4 is not None and fwd.pod is not None and answer.ips:
             # Before the answer leaves: the pod's first SYN must find its address allowed.
-            self.learner.learn(list(fwd.pod.ips), list(answer.ips),  # type: ignore[union-attr]
+            self.learner.learn(list(fwd.pod.ips), list(answer.ips),
                                max(answer.ttl, self.config.min_ttl_s), self.config.grace_s, fwd.l4)
             self._count(learned_ips=len(answer.ips))
         added = time.monotonic_ns() - fwd.started_ns
@@ -267,8 +267,8 @@ class DnsProxy:
         qname = question[0]
         pod = policy.pod_by_ip(client_ip)
         policed = pod is not None and policy.is_policed(pod)
-        allowed = not policed or policy.dns_allowed(pod, qname)  # type: ignore[arg-type]
-        l4 = policy.fqdn_l4(pod, qname) if policed else None  # type: ignore[arg-type]
+        allowed = pod is None or not policed or policy.dns_allowed(pod, qname)
+        l4 = policy.fqdn_l4(pod, qname) if pod is not None and policed else None
         decision = (pod, policed, allowed, l4)
         cache.put(key, decision)
         return decision

@@ -86,7 +86,7 @@ class Query:
         if wire is None:
             with self._lock:  # make_response reads the shared message; build each variant once
                 resp = dns.message.make_response(self.message)
-                resp.set_rcode(rcode)
+                resp.set_rcode(dns.rcode.Rcode(rcode))
                 wire = self._responses[rcode] = resp.to_wire()
         return qid + wire[2:]
 
@@ -178,7 +178,8 @@ def answer_ips(resp: dns.message.Message, qname: str) -> tuple[list[str], int, l
             cnames[owner] = (normalize_name(rrset[0].target.to_text()), rrset.ttl)
         elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             addrs.setdefault(owner, []).extend((r.address, rrset.ttl) for r in rrset)
-    name, ttl, chain, seen = normalize_name(qname), None, [], set()
+    seen: set[str] = set()
+    name, ttl, chain = normalize_name(qname), None, []
     while name in cnames and name not in seen and len(seen) < 16:
         seen.add(name)
         name, cttl = cnames[name]

@@ -47,6 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from flowtel import doctor
     from flowtel.config import ConfigError, load_config
+    from flowtel.registry import factories_by_kind
 
     try:
         # What the components of this config (default: the one `flowtel run` uses) need.

@@ -6,8 +6,9 @@ Python than the work itself.
 """
 from __future__ import annotations
 
-import enum
 import abc
+import builtins
+import enum
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Generic, Literal, Protocol, Sequence, TypeVar, Union
@@ -222,7 +223,7 @@ def _no_preflight(config: ComponentConfig) -> Sequence[Requirement]:
 @dataclass(frozen=True, slots=True)
 class ReceiverFactory(Generic[C]):
     type: str
-    config_class: type[C]
+    config_class: builtins.type[C]
     create: CreateReceiver[C]
     # The pipeline signals ("metrics", "logs") this receiver may feed.
     signals: tuple[Signal, ...] = SIGNALS
@@ -233,7 +234,7 @@ class ReceiverFactory(Generic[C]):
 @dataclass(frozen=True, slots=True)
 class ProcessorFactory(Generic[C]):
     type: str
-    config_class: type[C]
+    config_class: builtins.type[C]
     create: CreateProcessor[C]
     signals: tuple[Signal, ...] = SIGNALS
     preflight: PreflightOf[C] = _no_preflight
@@ -247,7 +248,7 @@ class ConnectorFactory(Generic[C]):
     the other direction, since wired backwards it would start and produce nothing."""
 
     type: str
-    config_class: type[C]
+    config_class: builtins.type[C]
     create: CreateConnector[C]
     consumes: Signal
     emits: Signal
@@ -262,7 +263,7 @@ class ConnectorFactory(Generic[C]):
 @dataclass(frozen=True, slots=True)
 class ExporterFactory(Generic[C]):
     type: str
-    config_class: type[C]
+    config_class: builtins.type[C]
     create: CreateExporter[C]
     signals: tuple[Signal, ...] = SIGNALS
     preflight: PreflightOf[C] = _no_preflight
@@ -272,7 +273,7 @@ class ExporterFactory(Generic[C]):
 @dataclass(frozen=True, slots=True)
 class ExtensionFactory(Generic[C]):
     type: str
-    config_class: type[C]
+    config_class: builtins.type[C]
     create: CreateExtension[C]
     # The signals the extension taps (its ``taps``); extensions sit in no pipeline.
     signals: tuple[Signal, ...] = ()

@@ -177,7 +177,8 @@ def _validate_component(factory: Factory, raw: Any, source: str, path: str) -> C
     if not isinstance(raw, dict):
         raise ConfigError(source, path, f"expected a mapping of settings, got {_type_name(raw)}")
     try:
-        return factory.config_class.model_validate(raw)
+        config: ComponentConfig = factory.config_class.model_validate(raw)
+        return config
     except pydantic.ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")

@@ -789,7 +789,7 @@ def _list_one(api: object, plural: str, timeout: float) -> None:
 
     assert isinstance(api, client.ApiClient)
     core = client.CoreV1Api(api)
-    calls = {"pods": core.list_pod_for_all_namespaces, "namespaces": core.list_namespace,
+    calls: dict[str, Callable[..., object]] = {"pods": core.list_pod_for_all_namespaces, "namespaces": core.list_namespace,
              "nodes": core.list_node, "services": core.list_service_for_all_namespaces}
     calls.get(plural, core.list_pod_for_all_namespaces)(limit=1, _request_timeout=timeout)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from flowtel.component import (
     Component,
@@ -416,7 +416,7 @@ class Service:
             if id(ext) in started:
                 self._safe(ext.not_ready, ext)
 
-        def stop(components: Mapping[object, Component], *methods: str) -> None:
+        def stop(components: Mapping[Any, Component], *methods: str) -> None:
             for component in components.values():
                 if id(component) in started:
                     component.report_status(Status.STOPPING)

@@ -165,7 +165,8 @@ def _first(kinds: tuple[str, ...], ep: Endpoint | None, ip: str, names: list[str
 
 def parse_context(options: dict[str, str], metric: str) -> ContextOptions:
     """Take the context options out of ``options`` (the rest are the family's own)."""
-    source = destination = ()
+    source: tuple[str, ...] = ()
+    destination: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     if "sourceContext" in options:
         source = _parse_chain(options.pop("sourceContext"), f"{metric}: sourceContext")

@@ -128,21 +128,21 @@ def _metric(family: FamilySnapshot, part: Sequence[tuple[Mapping[str, str], obje
             temporality: AggregationTemporality, now_ns: int) -> Metric:
     data: Sum | Gauge | Histogram
     if family.kind is MetricKind.SUM:
-        data = Sum(data_points=[NumberDataPoint(attributes, start_ns, now_ns, number(value))  # type: ignore[arg-type]
+        data = Sum(data_points=[NumberDataPoint(attributes, start_ns, now_ns, number(value))  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says
                                 for attributes, value, start_ns in part],
                    aggregation_temporality=temporality, is_monotonic=True)
     elif family.kind is MetricKind.HISTOGRAM:
-        data = Histogram(data_points=[_histogram_point(attributes, value, start_ns, now_ns)  # type: ignore[arg-type]
+        data = Histogram(data_points=[_histogram_point(attributes, value, start_ns, now_ns)  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says
                                       for attributes, value, start_ns in part],
                          aggregation_temporality=temporality)
     else:
-        data = Gauge(data_points=[NumberDataPoint(attributes, 0, now_ns, number(value))  # type: ignore[arg-type]
+        data = Gauge(data_points=[NumberDataPoint(attributes, 0, now_ns, number(value))  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says
                                   for attributes, value, _start in part])
     return Metric(name=family.name, description=family.description, unit=family.unit, data=data)
 
 
 def _histogram_point(attributes: Mapping[str, str], value: HistogramValue, start_ns: int,
                      now_ns: int) -> HistogramDataPoint:
-    return HistogramDataPoint(attributes=attributes, start_time_unix_nano=start_ns, time_unix_nano=now_ns,  # type: ignore[arg-type]
+    return HistogramDataPoint(attributes=attributes, start_time_unix_nano=start_ns, time_unix_nano=now_ns,
                               count=value.count, sum=value.sum, bucket_counts=value.bucket_counts,
-                              explicit_bounds=value.bounds, min=_UNKNOWN, max=_UNKNOWN)  # type: ignore[arg-type]
+                              explicit_bounds=value.bounds, min=_UNKNOWN, max=_UNKNOWN)  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says

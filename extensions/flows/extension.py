@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from extensions.flows.config import FlowsConfig, split_endpoint
 from extensions.flows.hub import FlowHub
@@ -28,11 +29,11 @@ def hub_from_config(settings: CreateSettings, config: FlowsConfig) -> FlowHub:
     )
 
 
-def bind(settings: CreateSettings, endpoint: str, hub: FlowHub, **kw: object) -> FlowHTTPServer:
+def bind(settings: CreateSettings, endpoint: str, hub: FlowHub, **kw: Any) -> FlowHTTPServer:
     """The HTTP server on ``endpoint``, or a StartError that says how to free or change it."""
     host, port = split_endpoint(endpoint)
     try:
-        return FlowHTTPServer((host, port), hub, **kw)  # type: ignore[arg-type]
+        return FlowHTTPServer((host, port), hub, **kw)
     except OSError as exc:
         raise StartError(
             settings.id,

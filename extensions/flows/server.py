@@ -102,6 +102,7 @@ class FlowHTTPServer(ThreadingHTTPServer):
     @property
     def endpoint(self) -> str:
         host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host  # bytes only for AF_UNIX, never here
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     def serve_in_thread(self, name: str) -> threading.Thread:

@@ -75,6 +75,7 @@ class HealthCheckExtension(Extension):
         if self._server is None:
             return self.config.endpoint
         host, port = self._server.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host  # bytes only for AF_UNIX, never here
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     def start(self) -> None:

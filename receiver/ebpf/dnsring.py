@@ -63,13 +63,15 @@ class _Decoder:
     """``struct dns_event`` records → :class:`DnsEvent`, by the layout bcc derived from C."""
 
     def __init__(self, event_type: type[ctypes.Structure]) -> None:
-        hdr_type = dict(event_type._fields_)["hdr"]  # type: ignore[attr-defined]
+        hdr_type = {f[0]: f[1] for f in event_type._fields_}["hdr"]
+        if not issubclass(hdr_type, ctypes.Structure):
+            raise RuntimeError("struct dns_event: hdr is not a struct (bpf/flowtel.h)")
         self._hdr, names = struct_for(hdr_type)
-        self.payload_offset = event_type.payload.offset  # type: ignore[attr-defined]
+        self.payload_offset = event_type.payload.offset
         if self._hdr.size != self.payload_offset:
             raise RuntimeError("struct dns_event: payload does not follow the header directly")
         index = {n: i for i, n in enumerate(names)}
-        wanted = [f for f in DnsEvent.__slots__ if f != "payload"]  # type: ignore[attr-defined]
+        wanted = [f for f in DnsEvent.__slots__ if f != "payload"]
         missing = [f for f in wanted if f not in index]
         if missing:
             raise RuntimeError(f"bpf/flowtel.h struct dns_event_hdr lacks {missing}")
@@ -80,7 +82,7 @@ class _Decoder:
         values = self._hdr.unpack_from(record)
         start = self.payload_offset
         payload = record[start : start + values[self._cap_len]]
-        return DnsEvent(*[values[i] for i in self._order], payload)
+        return DnsEvent(*[values[i] for i in self._order], payload)  # type: ignore[call-arg]  # the fields are checked against DnsEvent.__slots__ in __init__
 
 
 class DnsRing:

@@ -71,7 +71,7 @@ class DnsMessage:
 
 @functools.lru_cache(maxsize=1024)
 def _type_text(rdtype: int) -> str:
-    return dns.rdatatype.to_text(rdtype)  # type: ignore[arg-type]
+    return dns.rdatatype.to_text(rdtype)  # type: ignore[arg-type]  # to_text takes any int (unknown types print as TYPEnnn)
 
 
 @functools.lru_cache(maxsize=8192)

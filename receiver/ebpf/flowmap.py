@@ -77,7 +77,7 @@ class FlowMaps:
         # RawFlow takes the key fields then the value fields, padding removed.
         self._key_fields = [i for i, n in enumerate(key_names) if n != "pad"]
         self._leaf_fields = [i for i, n in enumerate(leaf_names) if n != "pad"]
-        expected = [f for f in RawFlow.__slots__]  # type: ignore[attr-defined]
+        expected = [f for f in RawFlow.__slots__]
         got = [key_names[i] for i in self._key_fields] + [leaf_names[i] for i in self._leaf_fields]
         if got != expected:
             raise RuntimeError(f"bpf/flowtel.h flow structs {got} do not match RawFlow {expected}")

@@ -44,14 +44,15 @@ class Keyed(Protocol):
 
 
 K = TypeVar("K", bound=Keyed)
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
-class Handler(Protocol[T]):
-    def on_add(self, obj: T) -> None: ...
+class Handler(Protocol[T_contra]):
+    def on_add(self, obj: T_contra) -> None: ...
 
-    def on_update(self, old: T, new: T) -> None: ...
+    def on_update(self, old: T_contra, new: T_contra) -> None: ...
 
-    def on_delete(self, obj: T) -> None: ...
+    def on_delete(self, obj: T_contra) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class Backoff:
     def next(self) -> float:
         delay = min(self.maximum, self.initial * (2 ** self._attempt))
         self._attempt = min(self._attempt + 1, 62)
-        return delay * random.uniform(0.8, 1.2)
+        return float(delay * random.uniform(0.8, 1.2))
 
     def reset(self) -> None:
         self._attempt = 0

@@ -261,8 +261,8 @@ def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now
         acc = merged.setdefault(key, [0, 0])
         acc[0] += packets
         acc[1] += nbytes
-    for (reason, direction), (packets, nbytes) in sorted(merged.items()):
-        attrs = {"reason": reason, "direction": direction}
+    for (reason_name, direction_name), (packets, nbytes) in sorted(merged.items()):
+        attrs = {"reason": reason_name, "direction": direction_name}
         out.append(MetricPoint("networkobservability_drop_count", packets, MetricKind.SUM, now_ns, attrs,
                                description="Packets dropped by the kernel, by drop reason and direction"))
         out.append(MetricPoint("networkobservability_drop_bytes", nbytes, MetricKind.SUM, now_ns, dict(attrs), "By",
