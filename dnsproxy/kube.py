@@ -66,6 +66,7 @@ def kube_access(kubeconfig: str | None) -> KubernetesAccess:
         context=None,
         resources=RESOURCES,
         use_kubeconfig="pass --kubeconfig PATH",
+        kubeconfig_setting="--kubeconfig",
         in_cluster="the proxy as the dnsproxy DaemonSet (deploy/base/dnsproxy) with its ServiceAccount token mounted",
         rbac_manifest="deploy/base/dnsproxy/rbac.yaml",
         purpose="the pods, namespaces and Cilium policies the proxy enforces",

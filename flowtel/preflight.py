@@ -82,6 +82,8 @@ class KubernetesAccess:
     resources: tuple[tuple[str, str], ...]
     # How the user switches to a kubeconfig, in the component's own settings.
     use_kubeconfig: str
+    # The setting that names the kubeconfig file ("processors.k8sattributes.kubeconfig").
+    kubeconfig_setting: str
     # How the component runs in a cluster with its ServiceAccount.
     in_cluster: str
     # The manifest with the component's RBAC.

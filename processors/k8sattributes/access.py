@@ -21,6 +21,7 @@ def kube_access(config: K8sAttributesConfig, component: str = COMPONENT) -> Kube
         context=config.context,
         resources=RESOURCES,
         use_kubeconfig=f"set processors.{component}.auth_type: kubeConfig (and kubeconfig: PATH, or $KUBECONFIG)",
+        kubeconfig_setting=f"processors.{component}.kubeconfig",
         in_cluster="flowtel as its DaemonSet (deploy/base) with the ServiceAccount token mounted",
         rbac_manifest="deploy/base/rbac.yaml",
         purpose="pod, workload and service names of flows (k8s.* attributes, Hubble endpoints)",

@@ -100,8 +100,8 @@ def load(access: KubernetesAccess, *, resolve: Callable[[str], str] | None = Non
         if not any(os.path.isfile(p) for p in paths):
             raise AccessError(
                 f"auth_type kubeConfig, but the kubeconfig {', '.join(paths)} ({origin}) does not exist",
-                f"{access.use_kubeconfig}, pointing at a kubeconfig (`kubectl config view --raw > FILE` "
-                f"writes one); or run {access.in_cluster}",
+                f"point {access.kubeconfig_setting} (or $KUBECONFIG) at a kubeconfig (`kubectl config view "
+                f"--raw > FILE` writes one); or run {access.in_cluster}",
             )
         try:
             config.load_kube_config(config_file=os.pathsep.join(paths), context=access.context,
