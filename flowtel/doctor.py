@@ -32,6 +32,7 @@ from flowtel.preflight import (
     BpfPrivileges,
     Bpffs,
     Btf,
+    Capabilities,
     KubernetesAccess,
     Requirement,
     Tracefs,
@@ -78,7 +79,6 @@ CAPABILITY_NAMES = {
     CAP_BPF: "CAP_BPF",
 }
 
-# The tracepoints flowtel attaches to, and what an operator loses without each.
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 KHEADERS = "/sys/kernel/kheaders.tar.xz"
@@ -689,7 +689,9 @@ def parse_cap_eff(status_text: str) -> int:
     return int(m.group(1), 16)
 
 
-def check_capabilities(root: Root) -> CheckResult:
+def check_capabilities(root: Root, *, bpf: bool = True, extra: Sequence[Capabilities] = ()) -> CheckResult:
+    """The BPF privileges (``bpf``: a component loads programs) and the ``extra``
+    capabilities components declare."""
     name = "capabilities"
     mask = parse_cap_eff(root.read_text("/proc/self/status"))
     have = {cap for cap in CAPABILITY_NAMES if mask >> cap & 1}
@@ -697,18 +699,26 @@ def check_capabilities(root: Root) -> CheckResult:
     sys_admin = CAP_SYS_ADMIN in have
     missing = []
     # CAP_SYS_ADMIN implies BPF and PERFMON; before 5.8 it is the only way to get them.
-    if not sys_admin and (CAP_BPF not in have or version < MIN_KERNEL):
+    if bpf and not sys_admin and (CAP_BPF not in have or version < MIN_KERNEL):
         missing.append("CAP_BPF")
-    if not sys_admin and (CAP_PERFMON not in have or version < MIN_KERNEL):
+    if bpf and not sys_admin and (CAP_PERFMON not in have or version < MIN_KERNEL):
         missing.append("CAP_PERFMON")
-    if CAP_NET_ADMIN not in have:
+    if bpf and CAP_NET_ADMIN not in have:
         missing.append("CAP_NET_ADMIN")
+    by_name = {v: k for k, v in CAPABILITY_NAMES.items()}
+    for need in extra:
+        for cap in need.names:
+            if by_name.get(cap) not in have and cap not in missing:
+                missing.append(f"{cap} ({need.purpose})")
     present = ", ".join(CAPABILITY_NAMES[c] for c in sorted(have, key=lambda c: CAPABILITY_NAMES[c]))
     summary = f"CapEff={mask:016x} ({present or 'none of the ones flowtel uses'})"
+    wanted = (["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"] if bpf else []) + [
+        cap.removeprefix("CAP_") for need in extra for cap in need.names]
     remedy = (
         "run the agent as root, or add to the DaemonSet container's securityContext: "
-        "capabilities: {add: [BPF, PERFMON, NET_ADMIN, SYS_RESOURCE]} (SYS_ADMIN instead of "
-        "BPF and PERFMON where the kernel or container runtime predates CAP_BPF)"
+        f"capabilities: {{add: [{', '.join(dict.fromkeys(wanted))}]}}"
+        + (" (SYS_ADMIN instead of BPF and PERFMON where the kernel or container runtime predates CAP_BPF)"
+           if bpf else "")
     )
     if missing:
         return CheckResult(name, Status.FAIL, f"{summary}; missing {', '.join(missing)}", remedy)
@@ -885,8 +895,10 @@ def run_checks(
         results += _guarded("tracepoints", lambda: check_tracepoints(tree, tracepoints))
     if _of(needed, Bpffs):
         results += _guarded("bpffs", lambda: check_bpffs(tree))
-    if _of(needed, BpfPrivileges):
-        results += _guarded("capabilities", lambda: check_capabilities(tree))
+    extra_caps = [n.requirement for n in _of(needed, Capabilities) if isinstance(n.requirement, Capabilities)]
+    if _of(needed, BpfPrivileges) or extra_caps:
+        bpf = bool(_of(needed, BpfPrivileges))
+        results += _guarded("capabilities", lambda: check_capabilities(tree, bpf=bpf, extra=extra_caps))
     results += _guarded("kprobes", lambda: check_kprobes(tree))
     for n in _of(needed, KubernetesAccess):
         access = n.requirement

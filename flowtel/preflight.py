@@ -67,6 +67,14 @@ class BpfPrivileges:
 
 
 @dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Linux capabilities besides the BPF ones, by name (``CAP_SYS_ADMIN``)."""
+
+    names: tuple[str, ...]
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
 class KubernetesAccess:
     """List/watch access to the API server with a component's own credential settings.
 
@@ -91,4 +99,4 @@ class KubernetesAccess:
     purpose: str
 
 
-Requirement = Union[BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, KubernetesAccess]
+Requirement = Union[BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, KubernetesAccess]

@@ -20,6 +20,7 @@ from flowtel.preflight import (
     BpfPrivileges,
     Bpffs,
     Btf,
+    Capabilities,
     KubernetesAccess,
     Requirement,
     Tracefs,
@@ -34,7 +35,7 @@ from receiver.ebpf.preflight import preflight as ebpf_preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tracefs"
-REQUIREMENT_TYPES = (BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, KubernetesAccess)
+REQUIREMENT_TYPES = (BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, KubernetesAccess)
 
 
 def _tracepoints(config: EbpfReceiverConfig) -> list[Tracepoint]:
@@ -145,9 +146,10 @@ def test_the_doctor_runs_the_checks_the_configured_components_declare(tmp_path: 
                             "service": {"pipelines": pipelines}}, "t.yaml", factories=factories, environ={})
         return {r.name for r in doctor.run_checks(cfg, root=str(base), factories=factories)}
 
-    # procfs declares nothing: only the node facts every run states.
-    assert checks({"procfs": {}}, {"metrics": {"receivers": ["procfs"], "exporters": ["prometheus"]}}) == {
-        "config", "kernel", "kprobes"}
+    # procfs declares nothing: only the node facts every run states; with netns, CAP_SYS_ADMIN.
+    metrics = {"metrics": {"receivers": ["procfs"], "exporters": ["prometheus"]}}
+    assert checks({"procfs": {}}, metrics) == {"config", "kernel", "kprobes"}
+    assert checks({"procfs": {"netns": ["blue"]}}, metrics) == {"config", "kernel", "kprobes", "capabilities"}
     # ebpf without kernel events: bcc and privileges, no tracefs, BTF or tracepoints.
     ebpf = checks({"ebpf": {"kernel_events": {"drops": {"enabled": False}, "tcp": {"enabled": False}}}},
                   {"logs": {"receivers": ["ebpf"], "exporters": ["console"]}})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.preflight import Btf, KubernetesAccess, Tracepoint
+from flowtel.preflight import Btf, Capabilities, KubernetesAccess, Tracepoint
 from processors.k8sattributes.access import kube_access
 from processors.k8sattributes.config import K8sAttributesConfig
 from receiver.ebpf.config import EbpfReceiverConfig
@@ -357,6 +357,20 @@ def test_bpffs_mounted_is_ok(node: FakeNode) -> None:
 
 
 # --- capabilities --------------------------------------------------------------------------
+
+
+def test_capabilities_a_component_declares_are_checked_too(node: FakeNode) -> None:
+    netns = [Capabilities(("CAP_SYS_ADMIN",), "entering the netns namespaces")]
+    node.write("/proc/sys/kernel/osrelease", RELEASE + "\n")
+    node.status("000000c000001000")  # BPF, PERFMON, NET_ADMIN; no SYS_ADMIN
+    assert check_capabilities(node.root).status is Status.OK
+    result = check_capabilities(node.root, extra=netns)
+    assert result.status is Status.FAIL and "CAP_SYS_ADMIN (entering the netns namespaces)" in result.detail
+    assert "SYS_ADMIN" in result.remedy
+    only = check_capabilities(node.root, bpf=False, extra=netns)  # procfs alone: no BPF needed
+    assert only.status is Status.FAIL and only.detail.endswith("missing CAP_SYS_ADMIN (entering the netns namespaces)")
+    node.status("0000000000200000")  # SYS_ADMIN only
+    assert check_capabilities(node.root, bpf=False, extra=netns).status is Status.OK
 
 
 def test_parse_cap_eff_reads_the_effective_set() -> None:
