@@ -61,3 +61,13 @@ def test_the_dnsproxy_command_still_gets_its_own_arguments() -> None:
     assert invoked_command(["--log-level", "debug", "dnsproxy", "--kube"]) == "dnsproxy"
     args = build_parser("dnsproxy").parse_args(["dnsproxy", "--kube", "--pods", "p.yaml"])
     assert args.kube and args.pods == "p.yaml"
+
+
+def test_top_level_help_still_lists_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "flowtel.cli", "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    for command in ("run", "doctor", "demo", "observe", "map", "dnsproxy", "policy"):
+        assert f"    {command}" in out, out
+    suggest = subprocess.run([sys.executable, "-m", "flowtel.cli", "policy", "suggest", "--help"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "CiliumNetworkPolicy" in suggest
