@@ -44,5 +44,7 @@ def all_factories() -> list[Factory]:
 def factories_by_kind() -> dict[Kind, dict[str, Factory]]:
     out: dict[Kind, dict[str, Factory]] = {kind: {} for kind in Kind}
     for factory in all_factories():
+        if factory.type in out[factory.kind]:
+            raise ValueError(f"two {factory.kind.value} registered as {factory.type!r}: component types are unique")
         out[factory.kind][factory.type] = factory
     return out

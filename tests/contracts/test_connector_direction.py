@@ -64,3 +64,14 @@ def test_a_connector_in_its_direction_builds(factory: ConnectorFactory[Any]) -> 
                        "agent.yaml", factories=FACTORIES, environ={})
     service = Service(cfg, node_name="node-1")  # built, not started: no kernel needed
     assert list(service.connectors) == [factory.type]
+
+
+def test_every_registered_factory_is_typed_for_its_kind() -> None:
+    from flowtel.component import (ConnectorFactory, ExporterFactory, ExtensionFactory, ProcessorFactory,
+                                   ReceiverFactory)
+
+    classes = {Kind.RECEIVER: ReceiverFactory, Kind.PROCESSOR: ProcessorFactory, Kind.CONNECTOR: ConnectorFactory,
+               Kind.EXPORTER: ExporterFactory, Kind.EXTENSION: ExtensionFactory}
+    for kind, by_type in FACTORIES.items():
+        for type_name, factory in by_type.items():
+            assert isinstance(factory, classes[kind]) and factory.kind is kind and factory.type == type_name
