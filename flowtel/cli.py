@@ -49,6 +49,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from flowtel.config import ConfigError, load_config
     from flowtel.registry import factories_by_kind
 
+    if args.dnsproxy:
+        if args.config:
+            print("flowtel doctor: --config and --dnsproxy check different processes: give one", file=sys.stderr)
+            return 2
+        return doctor.main_dnsproxy(kube=args.kube, kubeconfig=args.kubeconfig, pin_dir=args.pin_dir)
+    if args.kube or args.kubeconfig:
+        print("flowtel doctor: --kube and --kubeconfig go with --dnsproxy (an agent config names its own "
+              "Kubernetes access)", file=sys.stderr)
+        return 2
     try:
         # What the components of this config (default: the one `flowtel run` uses) need.
         config = load_config(args.config, factories=factories_by_kind())
@@ -102,6 +111,11 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 def _doctor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="check what this config's components need (default: the config `flowtel run` would use)")
+    p.add_argument("--dnsproxy", action="store_true",
+                   help="check what `flowtel dnsproxy` needs instead (with --kube, --kubeconfig and --pin-dir as it gets them)")
+    p.add_argument("--kube", action="store_true", help="with --dnsproxy: the proxy watches the Kubernetes API")
+    p.add_argument("--kubeconfig", help="with --dnsproxy: the proxy's --kubeconfig")
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/flowtel/dnsproxy", help="with --dnsproxy: the proxy's --pin-dir")
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from flowtel.preflight import (
     Bpffs,
     Btf,
     Capabilities,
+    Executable,
     KubernetesAccess,
     Requirement,
     Tracefs,
@@ -66,12 +67,14 @@ MIN_KERNEL = (5, 8)
 # Below 5.11 BPF memory is charged to RLIMIT_MEMLOCK, which only CAP_SYS_RESOURCE may raise.
 MEMCG_BPF_KERNEL = (5, 11)
 
+CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 CAP_PERFMON = 38
 CAP_BPF = 39
 CAPABILITY_NAMES = {
+    CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
     CAP_NET_ADMIN: "CAP_NET_ADMIN",
     CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
     CAP_SYS_RESOURCE: "CAP_SYS_RESOURCE",
@@ -708,7 +711,10 @@ def check_capabilities(root: Root, *, bpf: bool = True, extra: Sequence[Capabili
     by_name = {v: k for k, v in CAPABILITY_NAMES.items()}
     for need in extra:
         for cap in need.names:
-            if by_name.get(cap) not in have and cap not in missing:
+            number = by_name.get(cap)
+            # CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON (and is all there is before 5.8).
+            implied = sys_admin and number in (CAP_BPF, CAP_PERFMON)
+            if number not in have and not implied and cap not in missing:
                 missing.append(f"{cap} ({need.purpose})")
     present = ", ".join(CAPABILITY_NAMES[c] for c in sorted(have, key=lambda c: CAPABILITY_NAMES[c]))
     summary = f"CapEff={mask:016x} ({present or 'none of the ones flowtel uses'})"
@@ -731,6 +737,24 @@ def check_capabilities(root: Root, *, bpf: bool = True, extra: Sequence[Capabili
         )
     note = "" if CAP_SYS_RESOURCE in have else "; CAP_SYS_RESOURCE not needed on >= 5.11"
     return CheckResult(name, Status.OK, summary + note)
+
+
+# --- 8b. executables --------------------------------------------------------------------
+
+EXECUTABLE_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def check_executables(root: Root, needs: Sequence[Executable]) -> list[CheckResult]:
+    results = []
+    for need in needs:
+        found = next((f"{d}/{need.name}" for d in EXECUTABLE_DIRS if root.isfile(f"{d}/{need.name}")), None)
+        if found is not None:
+            results.append(CheckResult(need.name, Status.OK, f"{found}, for {need.purpose}"))
+        else:
+            results.append(CheckResult(
+                need.name, Status.FAIL, f"not found in {', '.join(EXECUTABLE_DIRS)}: needed for {need.purpose}",
+                f"apt-get install {need.package}   (in the image: add it to the Dockerfile's packages)"))
+    return results
 
 
 # --- 9. kprobes (information only) ------------------------------------------------------
@@ -872,6 +896,12 @@ def run_checks(
             return [CheckResult("config", Status.FAIL, str(e),
                                 "fix the default config, or name the agent's config with --config FILE")]
     needed = _guarded_requirements(config, factories, results)
+    return results + check_requirements(needed, tree)
+
+
+def check_requirements(needed: Sequence[Needed], tree: Root) -> list[CheckResult]:
+    """The kernel check, then one check per kind of requirement ``needed`` holds."""
+    results: list[CheckResult] = []
     results += _guarded("kernel", lambda: check_kernel(tree))
     btf = _of(needed, Btf)
     if btf:
@@ -899,6 +929,9 @@ def run_checks(
     if _of(needed, BpfPrivileges) or extra_caps:
         bpf = bool(_of(needed, BpfPrivileges))
         results += _guarded("capabilities", lambda: check_capabilities(tree, bpf=bpf, extra=extra_caps))
+    executables = [n.requirement for n in _of(needed, Executable) if isinstance(n.requirement, Executable)]
+    if executables:
+        results += _guarded("executables", lambda: check_executables(tree, executables))
     results += _guarded("kprobes", lambda: check_kprobes(tree))
     for n in _of(needed, KubernetesAccess):
         access = n.requirement
@@ -950,7 +983,23 @@ def format_report(results: list[CheckResult]) -> str:
 
 
 def main(config: AgentConfig | None = None, *, root: str = "/") -> int:
-    results = run_checks(config, root=root)
+    return _report(run_checks(config, root=root))
+
+
+def main_dnsproxy(*, kube: bool, kubeconfig: str | None, pin_dir: str, root: str = "/") -> int:
+    """`flowtel doctor --dnsproxy`: what the DNS proxy started with these flags needs."""
+    return _report(run_dnsproxy_checks(kube=kube, kubeconfig=kubeconfig, pin_dir=pin_dir, root=root))
+
+
+def run_dnsproxy_checks(*, kube: bool, kubeconfig: str | None, pin_dir: str, root: str = "/") -> list[CheckResult]:
+    from dnsproxy.preflight import preflight
+
+    needed = [Needed(r, ("dnsproxy",)) for r in dict.fromkeys(preflight(kube=kube, kubeconfig=kubeconfig, pin_dir=pin_dir))]
+    head = CheckResult("dnsproxy", Status.OK, "checking what `flowtel dnsproxy` with these flags needs")
+    return [head] + check_requirements(needed, Root(root))
+
+
+def _report(results: list[CheckResult]) -> int:
     print(format_report(results), flush=True)
     return 1 if any(r.status is Status.FAIL for r in results) else 0
 

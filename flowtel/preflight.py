@@ -75,6 +75,15 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
+class Executable:
+    """A program the component runs (``nft``), and the Debian package that has it."""
+
+    name: str
+    package: str
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
 class KubernetesAccess:
     """List/watch access to the API server with a component's own credential settings.
 
@@ -99,4 +108,6 @@ class KubernetesAccess:
     purpose: str
 
 
-Requirement = Union[BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, KubernetesAccess]
+Requirement = Union[
+    BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, Executable, KubernetesAccess,
+]

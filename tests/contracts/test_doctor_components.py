@@ -21,6 +21,7 @@ from flowtel.preflight import (
     Bpffs,
     Btf,
     Capabilities,
+    Executable,
     KubernetesAccess,
     Requirement,
     Tracefs,
@@ -35,7 +36,8 @@ from receiver.ebpf.preflight import preflight as ebpf_preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tracefs"
-REQUIREMENT_TYPES = (BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, KubernetesAccess)
+REQUIREMENT_TYPES = (BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, Executable,
+                     KubernetesAccess)
 
 
 def _tracepoints(config: EbpfReceiverConfig) -> list[Tracepoint]:
@@ -181,3 +183,93 @@ def test_no_tracefs_fails_the_doctor_and_the_receiver(tmp_path: Path) -> None:
     assert _receiver_reads(empty, EbpfReceiverConfig()) is not None
     results = doctor.check_tracepoints(doctor.Root(str(empty)), _tracepoints(EbpfReceiverConfig()))
     assert [r.status for r in results] == [doctor.Status.FAIL]
+
+
+# --- the DNS proxy: its own process, its requirements from its flags ----------------------------
+
+
+def _daemonset_capabilities(path: Path) -> set[str]:
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "DaemonSet"]
+    (ds,) = docs
+    (container,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "dnsproxy"]
+    return {f"CAP_{name}" for name in container["securityContext"]["capabilities"]["add"]}
+
+
+def test_the_proxy_declares_the_capabilities_its_daemonset_grants() -> None:
+    from dnsproxy.preflight import preflight
+
+    (caps,) = [r for r in preflight(kube=False, kubeconfig=None, pin_dir="/sys/fs/bpf/x") if isinstance(r, Capabilities)]
+    granted = _daemonset_capabilities(ROOT / "deploy/base/dnsproxy/daemonset.yaml")
+    # What it needs is granted; SYS_RESOURCE is granted only for kernels < 5.11 (map memlock).
+    assert set(caps.names) == granted - {"CAP_SYS_RESOURCE"}
+
+
+def test_the_proxy_needs_kubernetes_access_only_with_kube() -> None:
+    from dnsproxy.preflight import preflight
+
+    assert not [r for r in preflight(kube=False, kubeconfig=None, pin_dir="/p") if isinstance(r, KubernetesAccess)]
+    (access,) = [r for r in preflight(kube=True, kubeconfig=None, pin_dir="/p") if isinstance(r, KubernetesAccess)]
+    assert access.auth_type == "serviceAccount" and access.component == "dnsproxy"
+    assert {plural for _, plural in access.resources} == {
+        "pods", "namespaces", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"}
+    (with_file,) = [r for r in preflight(kube=False, kubeconfig="/k", pin_dir="/p") if isinstance(r, KubernetesAccess)]
+    assert (with_file.auth_type, with_file.kubeconfig) == ("kubeConfig", "/k")
+
+
+def test_doctor_dnsproxy_checks_what_the_proxy_needs(tmp_path: Path) -> None:
+    base = tmp_path / "node"
+    (base / "proc/sys/kernel").mkdir(parents=True)
+    (base / "proc/sys/kernel/osrelease").write_text("6.18.0\n")
+    (base / "proc/self").mkdir(parents=True)
+    # BPF, NET_ADMIN and NET_BIND_SERVICE, as the DaemonSet bounds it: no PERFMON, no SYS_ADMIN.
+    mask = (1 << 39) | (1 << 12) | (1 << 10)
+    (base / "proc/self/status").write_text(f"CapEff:\t{mask:016x}\n")
+    (base / "proc/self/mounts").write_text("bpf /sys/fs/bpf bpf rw 0 0\n")
+    (base / "usr/sbin").mkdir(parents=True)
+    (base / "usr/sbin/bpftool").write_text("")
+
+    results = {r.name: r for r in doctor.run_dnsproxy_checks(kube=False, kubeconfig=None, pin_dir="/sys/fs/bpf/p",
+                                                             root=str(base))}
+    assert results["capabilities"].status is doctor.Status.OK, results["capabilities"]
+    assert results["bpffs"].status is doctor.Status.OK
+    assert results["bpftool"].status is doctor.Status.OK
+    assert results["nft"].status is doctor.Status.FAIL and "apt-get install nftables" in results["nft"].remedy
+    assert {"bcc", "kernel headers", "bcc compile"} <= set(results)
+    assert "kubernetes (dnsproxy)" not in results and not any(":" in n for n in results)  # no tracepoints
+
+    (base / "usr/sbin/nft").write_text("")
+    again = {r.name: r for r in doctor.run_dnsproxy_checks(kube=False, kubeconfig=None, pin_dir="/p", root=str(base))}
+    assert again["nft"].status is doctor.Status.OK
+
+    with_kube = {r.name: r for r in doctor.run_dnsproxy_checks(
+        kube=False, kubeconfig=str(tmp_path / "missing"), pin_dir="/p", root=str(base))}
+    kube = with_kube["kubernetes (dnsproxy)"]
+    assert kube.status is doctor.Status.FAIL and "--kubeconfig" in kube.remedy
+
+
+def _granted(rbac: Path) -> set[tuple[str, str]]:
+    """(API group, plural) a manifest's ClusterRoles allow to list and watch."""
+    import yaml
+
+    out: set[tuple[str, str]] = set()
+    for doc in yaml.safe_load_all(rbac.read_text()):
+        if not doc or doc.get("kind") != "ClusterRole":
+            continue
+        for rule in doc.get("rules", []):
+            if {"list", "watch"} <= set(rule.get("verbs", ())):
+                out |= {(g, r) for g in rule.get("apiGroups", ()) for r in rule.get("resources", ())}
+    return out
+
+
+def test_the_rbac_manifests_grant_what_the_components_declare() -> None:
+    from dnsproxy.kube import kube_access as proxy_access
+    from processors.k8sattributes.access import kube_access as k8s_access
+    from processors.k8sattributes.config import K8sAttributesConfig
+
+    for access in (k8s_access(K8sAttributesConfig()), proxy_access(None)):
+        assert access is not None
+        granted = _granted(ROOT / access.rbac_manifest)
+        missing = [r for r in access.resources if r not in granted]
+        assert not missing, f"{access.rbac_manifest} does not grant list/watch on {missing} ({access.component})"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.preflight import Btf, Capabilities, KubernetesAccess, Tracepoint
+from flowtel.preflight import Btf, Capabilities, Executable, KubernetesAccess, Tracepoint
 from processors.k8sattributes.access import kube_access
 from processors.k8sattributes.config import K8sAttributesConfig
 from receiver.ebpf.config import EbpfReceiverConfig
@@ -28,6 +28,7 @@ from flowtel.doctor import (
     check_bpffs,
     check_btf,
     check_capabilities,
+    check_executables,
     check_kernel,
     check_kernel_headers,
     check_kprobes,
@@ -373,6 +374,26 @@ def test_capabilities_a_component_declares_are_checked_too(node: FakeNode) -> No
     assert check_capabilities(node.root, bpf=False, extra=netns).status is Status.OK
 
 
+def test_executables_are_found_where_debian_puts_them(node: FakeNode) -> None:
+    needs = [Executable("nft", "nftables", "the DNS redirect")]
+    missing = check_executables(node.root, needs)[0]
+    assert missing.status is Status.FAIL and missing.remedy.startswith("apt-get install nftables")
+    node.write("/usr/sbin/nft")
+    found = check_executables(node.root, needs)[0]
+    assert found.status is Status.OK and found.detail.startswith("/usr/sbin/nft")
+
+
+def test_sys_admin_stands_in_for_bpf_in_declared_capabilities(node: FakeNode) -> None:
+    node.write("/proc/sys/kernel/osrelease", RELEASE + "\n")
+    node.status("0000000000201400")  # SYS_ADMIN, NET_ADMIN, NET_BIND_SERVICE
+    proxy = [Capabilities(("CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"), "the proxy")]
+    assert check_capabilities(node.root, bpf=False, extra=proxy).status is Status.OK
+    node.status("0000000000001000")  # NET_ADMIN only
+    result = check_capabilities(node.root, bpf=False, extra=proxy)
+    assert result.status is Status.FAIL
+    assert "CAP_BPF (the proxy)" in result.detail and "CAP_NET_BIND_SERVICE (the proxy)" in result.detail
+
+
 def test_parse_cap_eff_reads_the_effective_set() -> None:
     text = "CapPrm:\t0000000000000001\nCapEff:\t000001fffeffffff\n"
     mask = parse_cap_eff(text)
@@ -384,7 +405,7 @@ def test_parse_cap_eff_reads_the_effective_set() -> None:
 @pytest.mark.parametrize(
     ("cap_eff", "status", "expected"),
     [
-        ("000001ffffffffff", Status.OK, "CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_RESOURCE"),
+        ("000001ffffffffff", Status.OK, "CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_RESOURCE"),
         ("000001fffeffffff", Status.OK, "CAP_SYS_RESOURCE not needed on >= 5.11"),
         ("0000000000000000", Status.FAIL, "missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
         # Docker's default set: no NET_ADMIN, no BPF, no SYS_ADMIN.
