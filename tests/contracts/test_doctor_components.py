@@ -212,8 +212,13 @@ def test_the_proxy_needs_kubernetes_access_only_with_kube() -> None:
     assert not [r for r in preflight(kube=False, kubeconfig=None, pin_dir="/p") if isinstance(r, KubernetesAccess)]
     (access,) = [r for r in preflight(kube=True, kubeconfig=None, pin_dir="/p") if isinstance(r, KubernetesAccess)]
     assert access.auth_type == "serviceAccount" and access.component == "dnsproxy"
-    assert {plural for _, plural in access.resources} == {
-        "pods", "namespaces", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"}
+    # What it declares is what its informers watch (built, not started: no API server needed).
+    from kubernetes import client as k8s
+
+    from dnsproxy.kube import KubeSource
+
+    source = KubeSource(k8s.ApiClient(), "node-1")
+    assert {plural for _, plural in access.resources} == set(source.informers)
     (with_file,) = [r for r in preflight(kube=False, kubeconfig="/k", pin_dir="/p") if isinstance(r, KubernetesAccess)]
     assert (with_file.auth_type, with_file.kubeconfig) == ("kubeConfig", "/k")
 
