@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.startup import BASELINE_CODE, UDP_PORT, Agent, agent_config, rss_mb, start_sender
-from flowtel.testbed import Testbed
+from testbed import Testbed
 
 TARGET_MB = 200.0
 DNS_FLOOD_CODE = r"""

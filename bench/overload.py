@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowtel.testbed import Pod, Testbed, require_tool
+from testbed import Pod, Testbed, require_tool
 
 DNS_SENDER = r"""
 import socket, struct, sys, time

@@ -68,9 +68,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flowtel.demo import run_demo
+    def demo(args: argparse.Namespace) -> int:
+        from flowtel.demo import run_demo
 
-    return run_demo(duration=args.duration, interval=args.interval)
+        return run_demo(duration=args.duration, interval=args.interval)
+
+    return _usage_errors("demo", demo, args)
 
 
 def _usage_errors(command: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

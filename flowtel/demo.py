@@ -21,7 +21,16 @@ from pathlib import Path
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
+from flowtel.errors import UsageError
+
+try:
+    # The testbed is test tooling beside the product package, in a source checkout only.
+    from testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
+except ModuleNotFoundError as exc:
+    if exc.name != "testbed":
+        raise
+    raise UsageError("the demo builds its pods with the repository's testbed (test tooling, not installed "
+                     "with flowtel): run `make demo` in a checkout of the source") from None
 
 log = logging.getLogger("flowtel.demo")
 

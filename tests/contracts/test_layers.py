@@ -57,7 +57,7 @@ def test_the_contracts_break_on_a_component_importing_another_or_core_importing_
         ("receiver.procfs.receiver", "processors.k8sattributes.processor"),  # component -> component
         ("flowtel.pipeline", "flowtel.registry"),  # core -> the registry (and so every component)
         ("flowtel.lib.kube.client", "processors.k8sattributes.config"),  # shared library -> component
-        ("exporters.file.exporter", "flowtel.testbed"),  # component -> test tooling
+        ("exporters.file.exporter", "testbed"),  # component -> test tooling
     ):
         graph = _graph()
         graph.add_import(importer=importer, imported=imported)
@@ -75,3 +75,12 @@ def test_tests_beside_a_component_may_drive_it_through_the_registry() -> None:
     graph.add_module("receiver.procfs.test_extra")
     graph.add_import(importer="receiver.procfs.test_extra", imported="flowtel.registry")
     assert _contract(contracts["layers"]).check(graph, verbose=False).kept
+
+
+def test_test_tooling_is_not_part_of_the_installed_product() -> None:
+    import fnmatch
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert (ROOT / "testbed" / "__init__.py").is_file() and not (ROOT / "flowtel" / "testbed.py").exists()
+    assert not any(fnmatch.fnmatch("testbed", pattern) for pattern in include), include
+    assert any(fnmatch.fnmatch("flowtel.lib.kube", pattern) for pattern in include), include

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("flowtel", "receiver", "processors", "connectors", "exporters", "extensions", "dnsproxy", "bpf")
+PRODUCT = ("flowtel", "receiver", "processors", "connectors", "exporters", "extensions", "dnsproxy", "bpf", "testbed")
 # `# type: ignore[code]  # why`: which check, and why it is wrong here.
 _IGNORE = re.compile(r"#\s*type:\s*ignore(?P<code>\[[a-z0-9, -]+\])?(?P<rest>.*)$")
 

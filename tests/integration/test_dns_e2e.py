@@ -31,7 +31,7 @@ from flowtel.pipeline import Service
 from flowtel.histogram import bucket_index
 from flowtel.records import MetricKind, MetricPoint, Record
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 from tests import dnsfuzz
 
 pytestmark = pytest.mark.kernel

@@ -19,7 +19,7 @@ from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import Flow, LostEvents, Record
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import Testbed
+from testbed import Testbed
 
 pytestmark = pytest.mark.kernel
 

@@ -18,7 +18,7 @@ from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import MetricPoint, Record
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import Pod, Testbed, send_tcp
+from testbed import Pod, Testbed, send_tcp
 
 pytestmark = pytest.mark.kernel
 

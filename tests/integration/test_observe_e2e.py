@@ -25,7 +25,7 @@ import pytest
 from flowtel.cli import main
 from flowtel.hubble import flow_to_dict
 from flowtel.hubble_parse import flow_from_dict
-from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
+from testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
 
 pytestmark = pytest.mark.kernel
 
