@@ -28,8 +28,8 @@ from flowtel.preflight import (
     Tracepoint,
 )
 from flowtel.registry import all_factories, factories_by_kind
-from receiver.ebpf import btf as btf_mod
-from receiver.ebpf import tracefs
+from flowtel.lib.bpf import btf as btf_mod
+from flowtel.lib.bpf import tracefs
 from receiver.ebpf.config import EbpfReceiverConfig
 from receiver.ebpf.kernel_events import program
 from receiver.ebpf.preflight import preflight as ebpf_preflight
