@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import Record
-from flowtel.testbed import Pod, Testbed, send_ping, send_tcp, send_udp
+from testbed import Pod, Testbed, send_ping, send_tcp, send_udp
 
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 

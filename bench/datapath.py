@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from flowtel.testbed import Pod, Testbed, require_tool
+from testbed import Pod, Testbed, require_tool
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from dnsproxy.datapath import uninstall
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 
 _LOAD = r"""
 import json, select, socket, struct, sys, time

@@ -45,8 +45,8 @@ from exporters.common.otlp_encoding import (
     flow_severity,
     resource_attributes,
 )
-from exporters.common.series import FamilySnapshot, SeriesStore
-from exporters.prometheus.exposition import render
+from flowtel.lib.metrics.series import FamilySnapshot, SeriesStore
+from flowtel.lib.metrics.exposition import render
 from flowtel.lib.hubble import convert
 from flowtel.records import MetricKind, MetricPoint
 

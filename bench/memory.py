@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from bench.startup import BASELINE_CODE, UDP_PORT, Agent, agent_config, free_port, rss_mb, start_sender
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 

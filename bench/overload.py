@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowtel.testbed import Pod, Testbed, require_tool
+from testbed import Pod, Testbed, require_tool
 
 DNS_SENDER = r"""
 import socket, struct, sys, time
@@ -75,6 +75,7 @@ def _flood(bed: Testbed, pods: dict[str, Pod], seconds: float, senders: int) -> 
 
 def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
     from flowtel.config import parse_config
+    from flowtel.registry import factories_by_kind
     from flowtel.pipeline import Service
 
     res: dict[str, Any] = {"seconds": seconds}
@@ -89,7 +90,7 @@ def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
             "receivers": {"ebpf": {"interfaces": [bed.interface_glob], "collection_interval": "1s"}},
             "exporters": {"file": {"path": str(flow_log), "max_size_mb": 100_000}},
             "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "exporters": ["file"]}}},
-        }, "bench.overload", environ={})
+        }, "bench.overload", environ={}, factories=factories_by_kind())
         service = Service(cfg, node_name="bench-node")
         service.start()
         try:

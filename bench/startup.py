@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 
 TARGET_FIRST_EXPORT_S = 10.0
 UDP_PORT = 9000

@@ -107,7 +107,7 @@ class BoundedThreadingMixIn(socketserver.ThreadingMixIn):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         client = str(client_address[0]) if isinstance(client_address, tuple) else ""
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
+            super().process_request_thread(request, client_address)
         finally:
             self._release(client)
 

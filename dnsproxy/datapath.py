@@ -181,7 +181,7 @@ class Datapath:
                     entry = self._written.get(raw)
                     fresh = False
                     if entry is not None and entry.until_ns >= now:
-                        merged = l4 if entry.l4 == l4 else (L4.union([l4, entry.l4]) or l4)
+                        merged = l4 if entry.l4 in (l4, None) else (L4.union([l4, entry.l4]) or l4)
                         if entry.expires_ns >= expires and entry.until_ns >= until and merged == entry.l4:
                             continue  # the map already allows this for at least as long
                         # Another name may have opened other ports to the same IP: keep both, longest life.

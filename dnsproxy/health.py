@@ -63,7 +63,7 @@ class HealthServer:
 
         self._httpd = BoundedHTTPServer("health", (host, port), Handler, limits)
         self.counters = self._httpd.counters
-        self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
+        self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]  # AF_INET/AF_INET6: (str, int)
         self._thread: threading.Thread | None = None
 
     def start(self, supervisor: Supervisor | None = None) -> None:

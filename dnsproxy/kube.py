@@ -43,21 +43,38 @@ from kubernetes import client as k8s
 from flowtel.lib.policy import (KINDS, EndpointIndex, Labels, Policy, PolicyError, Pod, Service, cilium_labels,
                                 parse_policy, service_from_spec)
 from flowtel.errors import StartError
-from processors.k8sattributes.internal.kube import client as kube_client
-from processors.k8sattributes.internal.kube.health import ApiHealth
-from processors.k8sattributes.internal.kube.informer import Informer, Keyed, WatchOptions
+from flowtel.lib.kube import client as kube_client
+from flowtel.lib.kube.health import ApiHealth, rbac_remedy
+from flowtel.lib.kube.informer import Informer, Keyed, WatchOptions
+from flowtel.preflight import KubernetesAccess
 
 log = logging.getLogger("flowtel.dnsproxy")
 
 COMPONENT = "dnsproxy"
 CILIUM_GROUP = "cilium.io"
 CILIUM_VERSION = "v2"
-RBAC_REMEDY = (
-    "grant the proxy's ServiceAccount list/watch on pods, namespaces and services, and on "
-    "ciliumnetworkpolicies and ciliumclusterwidenetworkpolicies (cilium.io) "
-    "(deploy/base/dnsproxy/rbac.yaml); check with "
-    "`kubectl auth can-i watch ciliumnetworkpolicies.cilium.io --all-namespaces --as=system:serviceaccount:NS:NAME`"
-)
+# (API group, plural) of what the informers list and watch: the proxy's RBAC.
+RESOURCES = (("", "pods"), ("", "namespaces"), ("", "services"),
+             (CILIUM_GROUP, "ciliumnetworkpolicies"), (CILIUM_GROUP, "ciliumclusterwidenetworkpolicies"))
+
+
+def kube_access(kubeconfig: str | None) -> KubernetesAccess:
+    """In-cluster credentials (the pod's ServiceAccount), or a kubeconfig (--kubeconfig)."""
+    return KubernetesAccess(
+        component=COMPONENT,
+        auth_type="kubeConfig" if kubeconfig else "serviceAccount",
+        kubeconfig=kubeconfig,
+        context=None,
+        resources=RESOURCES,
+        use_kubeconfig="pass --kubeconfig PATH",
+        kubeconfig_setting="--kubeconfig",
+        in_cluster="the proxy as the dnsproxy DaemonSet (deploy/base/dnsproxy) with its ServiceAccount token mounted",
+        rbac_manifest="deploy/base/dnsproxy/rbac.yaml",
+        purpose="the pods, namespaces, Services and Cilium policies the proxy enforces",
+    )
+
+
+RBAC_REMEDY = rbac_remedy(kube_access(None))
 MEANWHILE = "The proxy keeps enforcing the pods and policies it already knows"
 COUNTERS = ("api_errors", "relists", "watch_restarts", "watch_events", "watch_bookmarks")
 
@@ -77,7 +94,7 @@ class _Shared:
 
     def __call__(self, value: Labels) -> Labels:
         with self._lock:
-            return self._values.setdefault(value, value)  # type: ignore[no-any-return]
+            return self._values.setdefault(value, value)
 
 
 _share = _Shared(65536)
@@ -334,15 +351,8 @@ class KubeSource:
     def connect(cls, kubeconfig: str | None, node_name: str, **kwargs: Any) -> KubeSource:
         """In-cluster credentials (the pod's ServiceAccount), or a kubeconfig; raises StartError
         with a remedy when the credentials cannot work."""
-        auth = "kubeConfig" if kubeconfig else "serviceAccount"
-        try:
-            # One pooled connection per informer (each holds a watch open), and room for a relist.
-            api = kube_client.connect(COMPONENT, auth, kubeconfig, None, pool_size=len(KINDS) + 4)
-        except StartError as exc:
-            # The problem as the shared client words it; the remedy in the proxy's own flags.
-            raise StartError(COMPONENT, exc.problem,
-                             "run the proxy as the dnsproxy DaemonSet (deploy/base/dnsproxy) with its ServiceAccount "
-                             "token mounted, or outside a cluster pass --kubeconfig PATH") from None
+        # One pooled connection per informer (each holds a watch open), and room for a relist.
+        api = kube_client.connect(kube_access(kubeconfig), pool_size=len(KINDS) + 4)
         return cls(api, node_name, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------

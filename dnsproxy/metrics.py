@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable
 
 from dnsproxy.bounded import CLIENT_ERROR_KINDS, BoundedHandler, BoundedHTTPServer, ServerLimits
 from dnsproxy.wire import REJECT_REASONS
-from exporters.common.series import FamilySnapshot, HistogramValue
-from exporters.prometheus.exposition import CONTENT_TYPE, render
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue
+from flowtel.lib.metrics.exposition import CONTENT_TYPE, render
 from flowtel.errors import StartError
 from flowtel.records import MetricKind, MetricPoint
 

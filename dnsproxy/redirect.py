@@ -114,7 +114,7 @@ class Redirect:
             if not ipr.get_addr(address=c.listen4):
                 _add_addr(ipr, lo, c.listen4, 32, label=c.address_label)
                 added.append(f"address {c.listen4}")
-            families = [(socket.AF_INET, "0.0.0.0/0")]
+            families: list[tuple[int, str]] = [(socket.AF_INET, "0.0.0.0/0")]
             if c.listen6 is not None:
                 families.append((socket.AF_INET6, "::/0"))
                 if ipaddress.IPv6Address(c.listen6) in LISTEN6_PREFIX and not ipr.get_addr(address=c.listen6):
@@ -235,12 +235,12 @@ def remove(*, nft_table: str, address_label: str, listen6: str | None = None, ma
             log.warning("kept the policy rules and routes of mark %#x (table %d): still used by nft table %s",
                         mark, route_table, ", ".join(users))
             families = []
-        for family, default in families:
-            for _ in _find_rules(ipr, family, c):
-                ipr.rule("del", family=family, table=route_table, priority=rule_priority, fwmark=mark, fwmask=mark)
-                removed.append(f"rule fwmark {mark:#x} lookup {route_table} ({'IPv4' if family == socket.AF_INET else 'IPv6'})")
+        for af, default in families:
+            for _ in _find_rules(ipr, af, c):
+                ipr.rule("del", family=af, table=route_table, priority=rule_priority, fwmark=mark, fwmask=mark)
+                removed.append(f"rule fwmark {mark:#x} lookup {route_table} ({'IPv4' if af == socket.AF_INET else 'IPv6'})")
             try:
-                ipr.route("del", dst=default, type="local", scope=254, table=route_table, family=family)
+                ipr.route("del", dst=default, type="local", scope=254, table=route_table, family=af)
                 removed.append(f"route local {default} table {route_table}")
             except NetlinkError:
                 pass

@@ -319,8 +319,8 @@ class DnsProxy:
             # A query without its original destination (not redirected) names no resolver a rule
             # could allow: the proxy's own address stands for it, which no rule selects.
             resolver, port = orig_dst if orig_dst is not None else (self.config.listen[0], self.config.listen[1])
-            verdict = policy.dns_verdict(pod, qname, resolver, port, 6 if tcp else 17)  # type: ignore[arg-type]
-        l4 = policy.fqdn_l4(pod, qname) if policed else None  # type: ignore[arg-type]
+            verdict = policy.dns_verdict(pod, qname, resolver, port, 6 if tcp else 17)  # type: ignore[arg-type]  # policed: pod is not None
+        l4 = policy.fqdn_l4(pod, qname) if policed else None  # type: ignore[arg-type]  # policed: pod is not None
         decision = (pod, policed, verdict, l4)
         cache.put(key, decision)
         return decision

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowtel.testbed import Testbed
+from testbed import Testbed
 from tests.integration.test_fqdn_policy_e2e import Proxy, datapath_view  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.kernel

@@ -6,14 +6,16 @@ Python than the work itself.
 """
 from __future__ import annotations
 
-import enum
 import abc
+import builtins
+import enum
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Generic, Literal, Protocol, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict
 
+from flowtel.preflight import Requirement
 from flowtel.records import Record
 
 
@@ -180,14 +182,109 @@ class Extension(Component):
         """Called when shutdown begins, before any component stops (``PipelineWatcher.NotReady``)."""
 
 
+Signal = Literal["metrics", "logs"]
+SIGNALS: tuple[Signal, ...] = ("metrics", "logs")
+
+# The config class a factory validates and hands to its ``create`` (contravariant in the
+# protocols: a create that takes a base config accepts a factory's subclass too).
+C = TypeVar("C", bound=ComponentConfig)
+C_contra = TypeVar("C_contra", bound=ComponentConfig, contravariant=True)
+
+
+class CreateReceiver(Protocol[C_contra]):
+    def __call__(self, settings: CreateSettings, config: C_contra, next_consumer: Consumer, /) -> Receiver: ...
+
+
+class CreateProcessor(Protocol[C_contra]):
+    def __call__(self, settings: CreateSettings, config: C_contra, /) -> Processor: ...
+
+
+class CreateConnector(Protocol[C_contra]):
+    def __call__(self, settings: CreateSettings, config: C_contra, next_consumer: Consumer, /) -> Connector: ...
+
+
+class CreateExporter(Protocol[C_contra]):
+    def __call__(self, settings: CreateSettings, config: C_contra, /) -> Exporter: ...
+
+
+class CreateExtension(Protocol[C_contra]):
+    def __call__(self, settings: CreateSettings, config: C_contra, /) -> Extension: ...
+
+
+# What `flowtel doctor` must check before this component can start with ``config``: its
+# factory declares it, so the doctor and the component cannot disagree (flowtel.preflight).
+PreflightOf = Callable[[C], Sequence[Requirement]]
+
+
+def _no_preflight(config: ComponentConfig) -> Sequence[Requirement]:
+    return ()
+
+
 @dataclass(frozen=True, slots=True)
-class Factory:
+class ReceiverFactory(Generic[C]):
     type: str
-    kind: Kind
-    config_class: type[ComponentConfig]
-    create: Callable[..., Component]
-    # The pipeline signals ("metrics", "logs") this component may be used in.
-    signals: Sequence[str] = ("metrics", "logs")
+    config_class: builtins.type[C]
+    create: CreateReceiver[C]
+    # The pipeline signals ("metrics", "logs") this receiver may feed.
+    signals: tuple[Signal, ...] = SIGNALS
+    preflight: PreflightOf[C] = _no_preflight
+    kind: ClassVar[Kind] = Kind.RECEIVER
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorFactory(Generic[C]):
+    type: str
+    config_class: builtins.type[C]
+    create: CreateProcessor[C]
+    signals: tuple[Signal, ...] = SIGNALS
+    preflight: PreflightOf[C] = _no_preflight
+    kind: ClassVar[Kind] = Kind.PROCESSOR
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorFactory(Generic[C]):
+    """A connector is the exporter of a ``consumes`` pipeline and a receiver of an ``emits``
+    one (the Collector's ``connector.Factory`` with one signal pair): the config refuses it in
+    the other direction, since wired backwards it would start and produce nothing."""
+
+    type: str
+    config_class: builtins.type[C]
+    create: CreateConnector[C]
+    consumes: Signal
+    emits: Signal
+    preflight: PreflightOf[C] = _no_preflight
+    kind: ClassVar[Kind] = Kind.CONNECTOR
+
+    @property
+    def signals(self) -> tuple[Signal, ...]:
+        return (self.consumes,) if self.consumes == self.emits else (self.consumes, self.emits)
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterFactory(Generic[C]):
+    type: str
+    config_class: builtins.type[C]
+    create: CreateExporter[C]
+    signals: tuple[Signal, ...] = SIGNALS
+    preflight: PreflightOf[C] = _no_preflight
+    kind: ClassVar[Kind] = Kind.EXPORTER
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionFactory(Generic[C]):
+    type: str
+    config_class: builtins.type[C]
+    create: CreateExtension[C]
+    # The signals the extension taps (its ``taps``); extensions sit in no pipeline.
+    signals: tuple[Signal, ...] = ()
+    preflight: PreflightOf[C] = _no_preflight
+    kind: ClassVar[Kind] = Kind.EXTENSION
+
+
+# Any component's factory; ``kind`` says which (and narrows the type with isinstance).
+Factory = Union[
+    ReceiverFactory[Any], ProcessorFactory[Any], ConnectorFactory[Any], ExporterFactory[Any], ExtensionFactory[Any]
+]
 
 
 class Telemetry:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import pydantic
 import yaml
 
-from flowtel.component import ComponentConfig, Factory, Kind
+from flowtel.component import ComponentConfig, ConnectorFactory, Factory, Kind
 
 SIGNALS = ("metrics", "logs")
 TOP_LEVEL_KEYS = ("receivers", "processors", "connectors", "exporters", "extensions", "service")
@@ -59,6 +59,8 @@ class PipelineSpec:
 @dataclass(slots=True)
 class AgentConfig:
     source: str
+    # The factories the config was validated against; the Service builds with them.
+    factories: Mapping[Kind, Mapping[str, Factory]]
     # kind -> component id -> validated config
     components: dict[Kind, dict[str, ComponentConfig]] = field(default_factory=dict)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
@@ -85,10 +87,14 @@ def default_config_path() -> Path:
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
-    factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+    factories: Mapping[Kind, Mapping[str, Factory]],
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    """Read, expand and validate a config file (the default one when ``path`` is None)."""
+    """Read, expand and validate a config file (the default one when ``path`` is None).
+
+    ``factories`` are the components this build knows (``flowtel.registry`` for the agent):
+    the core takes them as a parameter and never imports a component, as the Collector's
+    ``otelcol`` takes the builder's factories."""
     file = Path(path) if path is not None else default_config_path()
     source = str(file)
     try:
@@ -189,13 +195,9 @@ def parse_config(
     data: Any,
     source: str,
     *,
-    factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+    factories: Mapping[Kind, Mapping[str, Factory]],
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    if factories is None:
-        from flowtel.registry import factories_by_kind
-
-        factories = factories_by_kind()
     env = os.environ if environ is None else environ
     if data is None:
         data = {}
@@ -209,7 +211,7 @@ def parse_config(
                 source, str(key), f"unknown top-level key; expected one of {', '.join(TOP_LEVEL_KEYS)}"
             )
 
-    config = AgentConfig(source=source)
+    config = AgentConfig(source=source, factories=factories)
     for kind in Kind:
         section = data.get(kind.value) or {}
         if not isinstance(section, dict):
@@ -263,7 +265,8 @@ def _validate_component(factory: Factory, raw: Any, source: str, path: str) -> C
     if not isinstance(raw, dict):
         raise ConfigError(source, path, f"expected a mapping of settings, got {_type_name(raw)}")
     try:
-        return factory.config_class.model_validate(raw)
+        config: ComponentConfig = factory.config_class.model_validate(raw)
+        return config
     except pydantic.ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
@@ -321,7 +324,9 @@ def _parse_pipeline(
                 where = " or ".join(k.value for k in kinds)
                 raise ConfigError(source, f"{path}.{key}[{i}]", f"'{cid}' is not defined under {where}")
             factory = factories[kind][component_type(cid)]
-            if signal not in factory.signals:
+            if isinstance(factory, ConnectorFactory):
+                _check_connector_direction(factory, cid, key, signal, source, f"{path}.{key}[{i}]")
+            elif signal not in factory.signals:
                 raise ConfigError(
                     source,
                     f"{path}.{key}[{i}]",
@@ -331,6 +336,21 @@ def _parse_pipeline(
             raise ConfigError(source, f"{path}.{key}", "lists the same component twice")
         lists[key] = tuple(value)
     return PipelineSpec(pid, signal, lists["receivers"], lists["processors"], lists["exporters"])
+
+
+def _check_connector_direction(
+    factory: ConnectorFactory[Any], cid: str, key: str, signal: str, source: str, path: str,
+) -> None:
+    """A connector exports from its ``consumes`` pipelines and receives into its ``emits``
+    ones; wired the other way round it would start and silently produce nothing."""
+    expected, role = (factory.consumes, "an exporter") if key == "exporters" else (factory.emits, "a receiver")
+    if signal != expected:
+        raise ConfigError(
+            source, path,
+            f"connector '{cid}' consumes {factory.consumes} and emits {factory.emits}: as {role} it belongs "
+            f"in a {expected} pipeline, not a {signal} one (list it under exporters of a {factory.consumes} "
+            f"pipeline and under receivers of a {factory.emits} pipeline)",
+        )
 
 
 def _check_connectors(config: AgentConfig, source: str) -> None:

@@ -20,7 +20,17 @@ from pathlib import Path
 
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
+from flowtel.registry import factories_by_kind
+from flowtel.errors import UsageError
+
+try:
+    # The testbed is test tooling beside the product package, in a source checkout only.
+    from testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
+except ModuleNotFoundError as exc:
+    if exc.name != "testbed":
+        raise
+    raise UsageError("the demo builds its pods with the repository's testbed (test tooling, not installed "
+                     "with flowtel): run `make demo` in a checkout of the source") from None
 
 log = logging.getLogger("flowtel.demo")
 
@@ -150,8 +160,7 @@ def run_demo(*, duration: float = 60.0, interval: float = 2.0) -> int:
                 "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "processors": ["k8sattributes"],
                                                    "exporters": ["console", "file"]}}},
             },
-            "<demo>",
-        )
+            "<demo>", factories=factories_by_kind())
         service = Service(config, node_name=os.environ.get("NODE_NAME") or "demo-node")
         pods = [client, server, dns]
         before = {p.name: bed.link_stats(p) for p in pods}

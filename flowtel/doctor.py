@@ -11,12 +11,6 @@ take the doctor down.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from flowtel.config import AgentConfig
-
-import base64
 import enum
 import errno
 import glob
@@ -26,12 +20,25 @@ import os
 import posixpath
 import re
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from flowtel.component import Factory, Kind
+from flowtel.config import AgentConfig, ConfigError, component_type, load_config
+from flowtel.preflight import (
+    BccCompile,
+    BpfPrivileges,
+    Bpffs,
+    Btf,
+    Capabilities,
+    Executable,
+    KubernetesAccess,
+    Requirement,
+    Tracefs,
+    Tracepoint,
+)
 
 
 class Status(enum.Enum):
@@ -48,24 +55,26 @@ class CheckResult:
     remedy: str = ""
 
 
-@dataclass
-class KubeSettings:
-    """How the k8sattributes processor reaches the API server (its `auth_type`/`kubeconfig`)."""
+@dataclass(frozen=True, slots=True)
+class Needed:
+    """A requirement and the components (``receivers.ebpf``) that declare it."""
 
-    auth_type: str  # "serviceAccount" | "kubeConfig"
-    kubeconfig: str | None = None
+    requirement: Requirement
+    by: tuple[str, ...]
 
 
 MIN_KERNEL = (5, 8)
 # Below 5.11 BPF memory is charged to RLIMIT_MEMLOCK, which only CAP_SYS_RESOURCE may raise.
 MEMCG_BPF_KERNEL = (5, 11)
 
+CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 CAP_PERFMON = 38
 CAP_BPF = 39
 CAPABILITY_NAMES = {
+    CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
     CAP_NET_ADMIN: "CAP_NET_ADMIN",
     CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
     CAP_SYS_RESOURCE: "CAP_SYS_RESOURCE",
@@ -73,20 +82,10 @@ CAPABILITY_NAMES = {
     CAP_BPF: "CAP_BPF",
 }
 
-# The tracepoints flowtel attaches to, and what an operator loses without each.
-TRACEPOINTS: dict[str, str] = {
-    "skb:kfree_skb": "drop metrics and DROPPED flows (drop_count, hubble_drop_total)",
-    "sock:inet_sock_set_state": "TCP state metrics (networkobservability_tcp_state)",
-    "tcp:tcp_retransmit_skb": "TCP retransmission counts and retransmit events",
-    "tcp:tcp_send_reset": "reset_sent TCP events",
-    "tcp:tcp_receive_reset": "reset_received TCP events",
-}
-
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 KHEADERS = "/sys/kernel/kheaders.tar.xz"
 SYSTEM_BCC = "/usr/lib/python3/dist-packages/bcc/__init__.py"
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 COMPILE_TIMEOUT_S = 30.0
 IMPORT_TIMEOUT_S = 30.0
@@ -230,21 +229,20 @@ def check_kernel(root: Root) -> CheckResult:
 # --- 2. BTF -----------------------------------------------------------------------------
 
 
-def check_btf(root: Root) -> CheckResult:
+def check_btf(root: Root, needs: Sequence[Btf] = (Btf("drop attribution reads sk_buff offsets from it", required=False),)) -> CheckResult:
+    purposes = "; ".join(dict.fromkeys(n.purpose for n in needs))
     if root.isfile(BTF_VMLINUX):
         size = os.path.getsize(root.real(BTF_VMLINUX))
-        return CheckResult(
-            "BTF", Status.OK,
-            f"{BTF_VMLINUX} present ({size // 1024} KiB): drop attribution reads sk_buff offsets from it",
-        )
+        return CheckResult("BTF", Status.OK, f"{BTF_VMLINUX} present ({size // 1024} KiB): {purposes}")
     config = kernel_config(root, kernel_release(root))
     if config is not None and config.get("CONFIG_DEBUG_INFO_BTF") != "y":
         why = "the kernel is built without CONFIG_DEBUG_INFO_BTF"
     else:
         why = f"{BTF_VMLINUX} is not visible here"
+    required = any(n.required for n in needs)
     return CheckResult(
-        "BTF", Status.WARN,
-        f"{why}: drops are still counted by reason, but not attributed to flows and pods",
+        "BTF", Status.FAIL if required else Status.WARN,
+        f"{why}: the agent does not start ({purposes})" if required else f"{why}: {purposes} is lost",
         "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian 11+ and Ubuntu 20.10+ kernels are); "
         f"in a container: hostPath-mount {posixpath.dirname(BTF_VMLINUX)} read-only",
     )
@@ -618,33 +616,36 @@ def check_tracefs(root: Root) -> CheckResult:
     )
 
 
-def check_tracepoints(root: Root) -> list[CheckResult]:
+def check_tracepoints(root: Root, tracepoints: Sequence[Tracepoint]) -> list[CheckResult]:
+    """Each tracepoint a component attaches to, with the fields it reads: a missing one is a
+    FAIL, because the component does not start without it."""
     base = find_tracefs(root)
     if base is None:
-        return [CheckResult("tracepoints", Status.WARN, "not checked: no readable tracefs",
+        return [CheckResult("tracepoints", Status.FAIL, "not checked: no readable tracefs",
                             "see the tracefs check")]
     results = []
-    for tracepoint, feature in TRACEPOINTS.items():
-        category, event = tracepoint.split(":")
-        fmt = f"{base}/events/{category}/{event}/format"
+    for tp in tracepoints:
+        fmt = f"{base}/events/{tp.category}/{tp.event}/format"
         if not root.isfile(fmt):
             results.append(CheckResult(
-                tracepoint, Status.WARN,
-                f"tracepoint missing ({base}/events/{category}/{event}): no {feature}",
-                f"this kernel does not expose {tracepoint}; distribution kernels >= 5.8 do — "
-                f"check `ls {base}/events/{category}/`",
+                tp.name, Status.FAIL,
+                f"tracepoint missing ({base}/events/{tp.category}/{tp.event}): needed for {tp.purpose}",
+                f"this kernel does not expose {tp.name}; distribution kernels >= 5.8 do — "
+                f"check `ls {base}/events/{tp.category}/`; or disable the feature in the component's config",
             ))
-        elif tracepoint == "skb:kfree_skb" and not re.search(
-            r"field:[^;]*\breason;", root.read_text(fmt)
-        ):
+            continue
+        text = root.read_text(fmt)
+        missing = [f for f in tp.fields if not re.search(rf"field:[^;]*\b{re.escape(f)}(\[\d*\])?;", text)]
+        if missing:
+            reason_note = " (the drop reason needs Linux >= 5.17)" if "reason" in missing and tp.event == "kfree_skb" else ""
             results.append(CheckResult(
-                tracepoint, Status.WARN,
-                "tracepoint has no `reason` field (kernel < 5.17): drops are counted without "
-                "their reason",
-                "drop reasons need Linux >= 5.17",
+                tp.name, Status.FAIL,
+                f"tracepoint has no field {', '.join(missing)}{reason_note}: needed for {tp.purpose}",
+                f"this kernel's {tp.name} lacks what flowtel reads (see {fmt}); move to a newer kernel, "
+                "or disable the feature in the component's config",
             ))
         else:
-            results.append(CheckResult(tracepoint, Status.OK, f"tracepoint present, for {feature}"))
+            results.append(CheckResult(tp.name, Status.OK, f"tracepoint present, for {tp.purpose}"))
     return results
 
 
@@ -691,7 +692,9 @@ def parse_cap_eff(status_text: str) -> int:
     return int(m.group(1), 16)
 
 
-def check_capabilities(root: Root) -> CheckResult:
+def check_capabilities(root: Root, *, bpf: bool = True, extra: Sequence[Capabilities] = ()) -> CheckResult:
+    """The BPF privileges (``bpf``: a component loads programs) and the ``extra``
+    capabilities components declare."""
     name = "capabilities"
     mask = parse_cap_eff(root.read_text("/proc/self/status"))
     have = {cap for cap in CAPABILITY_NAMES if mask >> cap & 1}
@@ -699,18 +702,29 @@ def check_capabilities(root: Root) -> CheckResult:
     sys_admin = CAP_SYS_ADMIN in have
     missing = []
     # CAP_SYS_ADMIN implies BPF and PERFMON; before 5.8 it is the only way to get them.
-    if not sys_admin and (CAP_BPF not in have or version < MIN_KERNEL):
+    if bpf and not sys_admin and (CAP_BPF not in have or version < MIN_KERNEL):
         missing.append("CAP_BPF")
-    if not sys_admin and (CAP_PERFMON not in have or version < MIN_KERNEL):
+    if bpf and not sys_admin and (CAP_PERFMON not in have or version < MIN_KERNEL):
         missing.append("CAP_PERFMON")
-    if CAP_NET_ADMIN not in have:
+    if bpf and CAP_NET_ADMIN not in have:
         missing.append("CAP_NET_ADMIN")
+    by_name = {v: k for k, v in CAPABILITY_NAMES.items()}
+    for need in extra:
+        for cap in need.names:
+            number = by_name.get(cap)
+            # CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON (and is all there is before 5.8).
+            implied = sys_admin and number in (CAP_BPF, CAP_PERFMON)
+            if number not in have and not implied and cap not in missing:
+                missing.append(f"{cap} ({need.purpose})")
     present = ", ".join(CAPABILITY_NAMES[c] for c in sorted(have, key=lambda c: CAPABILITY_NAMES[c]))
     summary = f"CapEff={mask:016x} ({present or 'none of the ones flowtel uses'})"
+    wanted = (["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"] if bpf else []) + [
+        cap.removeprefix("CAP_") for need in extra for cap in need.names]
     remedy = (
         "run the agent as root, or add to the DaemonSet container's securityContext: "
-        "capabilities: {add: [BPF, PERFMON, NET_ADMIN, SYS_RESOURCE]} (SYS_ADMIN instead of "
-        "BPF and PERFMON where the kernel or container runtime predates CAP_BPF)"
+        f"capabilities: {{add: [{', '.join(dict.fromkeys(wanted))}]}}"
+        + (" (SYS_ADMIN instead of BPF and PERFMON where the kernel or container runtime predates CAP_BPF)"
+           if bpf else "")
     )
     if missing:
         return CheckResult(name, Status.FAIL, f"{summary}; missing {', '.join(missing)}", remedy)
@@ -723,6 +737,24 @@ def check_capabilities(root: Root) -> CheckResult:
         )
     note = "" if CAP_SYS_RESOURCE in have else "; CAP_SYS_RESOURCE not needed on >= 5.11"
     return CheckResult(name, Status.OK, summary + note)
+
+
+# --- 8b. executables --------------------------------------------------------------------
+
+EXECUTABLE_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def check_executables(root: Root, needs: Sequence[Executable]) -> list[CheckResult]:
+    results = []
+    for need in needs:
+        found = next((f"{d}/{need.name}" for d in EXECUTABLE_DIRS if root.isfile(f"{d}/{need.name}")), None)
+        if found is not None:
+            results.append(CheckResult(need.name, Status.OK, f"{found}, for {need.purpose}"))
+        else:
+            results.append(CheckResult(
+                need.name, Status.FAIL, f"not found in {', '.join(EXECUTABLE_DIRS)}: needed for {need.purpose}",
+                f"apt-get install {need.package}   (in the image: add it to the Dockerfile's packages)"))
+    return results
 
 
 # --- 9. kprobes (information only) ------------------------------------------------------
@@ -744,193 +776,56 @@ def check_kprobes(root: Root) -> CheckResult:
 # --- 10. Kubernetes ---------------------------------------------------------------------
 
 
-def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        # urllib3 keeps the socket error in .reason, not always in __cause__.
-        for nxt in (getattr(e, "reason", None), e.__cause__, e.__context__):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
-def describe_transport_error(exc: BaseException, timeout: float = KUBE_TIMEOUT_S) -> str:
-    chain = list(_exception_chain(exc))
-    for e in chain:
-        if isinstance(e, ConnectionRefusedError):
-            return "connection refused"
-    for e in chain:
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return f"TLS certificate verification failed: {e.verify_message}"
-        if isinstance(e, ssl.SSLError):
-            return f"TLS error: {e}"
-        if isinstance(e, socket.gaierror):
-            return f"cannot resolve the server's host name: {e.strerror}"
-        if isinstance(e, ConnectionResetError):
-            return "connection reset by the server"
-    if "Connection refused" in str(exc):
-        return "connection refused"
-    for e in chain:
-        if isinstance(e, TimeoutError) or "timed out" in str(e).lower():
-            return f"no answer within {timeout:g} s"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _service_account_subject(token: str) -> str | None:
-    """system:serviceaccount:NS:NAME from the token's claims (not verified: only for the remedy)."""
+def check_kubernetes(access: KubernetesAccess, root: Root, *, timeout: float = KUBE_TIMEOUT_S) -> CheckResult:
+    """Connect as the component would (flowtel.lib.kube: the same problems, the same
+    remedies), then prove access with GET /version and one list of its first resource."""
+    name = "kubernetes" if access.component == "k8sattributes" else f"kubernetes ({access.component})"
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        sub = claims.get("sub")
-        return sub if isinstance(sub, str) else None
-    except (IndexError, ValueError):
-        return None
-
-
-def _api_message(exc: object) -> str:
-    body = getattr(exc, "body", None)
-    try:
-        message = json.loads(body).get("message") if body else None
-    except (ValueError, AttributeError):
-        message = None
-    return message or str(getattr(exc, "reason", "")) or "no message"
-
-
-def check_kubernetes(
-    settings: KubeSettings, root: Root, *, timeout: float = KUBE_TIMEOUT_S,
-) -> CheckResult:
-    name = "kubernetes"
-    try:
-        from kubernetes import client, config
-        from kubernetes.config.incluster_config import InClusterConfigLoader
+        import kubernetes  # noqa: F401  (first: the shared client below needs it)
     except ImportError as e:
         return CheckResult(
             name, Status.FAIL, f"the Python package `kubernetes` is not installed ({e})",
             "pip install kubernetes   (into the agent's virtualenv: the official client that "
-            "k8sattributes uses)",
+            f"{access.component} uses)",
         )
+    from kubernetes import client
 
-    cfg = client.Configuration()
-    subject: str | None = None
-    if settings.auth_type == "serviceAccount":
-        token_path = f"{SA_DIR}/token"
-        host = os.environ.get("KUBERNETES_SERVICE_HOST")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT")
-        if not host or not port:
-            return CheckResult(
-                name, Status.FAIL,
-                "auth_type serviceAccount, but KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT "
-                "are unset: this is not running in a pod",
-                "run flowtel as the DaemonSet, or outside a cluster set "
-                "processors.k8sattributes.auth_type: kubeConfig ($KUBECONFIG or kubeconfig: PATH)",
-            )
-        if not root.isfile(token_path):
-            return CheckResult(
-                name, Status.FAIL,
-                f"auth_type serviceAccount, but the token {token_path} does not exist",
-                "the pod got no service account token: drop `automountServiceAccountToken: false` "
-                "from the DaemonSet and its ServiceAccount",
-            )
-        subject = _service_account_subject(root.read_text(token_path).strip())
-        try:
-            InClusterConfigLoader(
-                token_filename=root.real(token_path), cert_filename=root.real(f"{SA_DIR}/ca.crt"),
-            ).load_and_set(cfg)
-        except Exception as e:  # the loader's ConfigException says which file is wrong
-            return CheckResult(
-                name, Status.FAIL, f"in-cluster configuration is unusable: {e}",
-                f"the pod's service account mount ({SA_DIR}) is incomplete: check the "
-                "DaemonSet's volumes and automountServiceAccountToken",
-            )
-        where = f"API server {cfg.host} (service account {subject or 'unknown'})"
-    elif settings.auth_type == "kubeConfig":
-        if settings.kubeconfig:
-            spec, origin = settings.kubeconfig, "kubeconfig"
-        elif os.environ.get("KUBECONFIG"):
-            spec, origin = os.environ["KUBECONFIG"], "$KUBECONFIG"
-        else:
-            spec, origin = "~/.kube/config", "default location"
-        paths = [os.path.expanduser(p) for p in spec.split(os.pathsep) if p]
-        if not any(os.path.isfile(p) for p in paths):
-            return CheckResult(
-                name, Status.FAIL, f"kubeconfig {', '.join(paths)} ({origin}) does not exist",
-                "point processors.k8sattributes.kubeconfig or $KUBECONFIG at a kubeconfig "
-                "(`kubectl config view --raw > FILE` writes one), or use auth_type: "
-                "serviceAccount in a pod",
-            )
-        try:
-            config.load_kube_config(
-                config_file=os.pathsep.join(paths), client_configuration=cfg, persist_config=False,
-            )
-        except Exception as e:  # ConfigException, YAML errors: all mean "this file is unusable"
-            return CheckResult(
-                name, Status.FAIL,
-                f"kubeconfig {', '.join(paths)} is unusable: {type(e).__name__}: {e}",
-                f"check it with `kubectl --kubeconfig {paths[0]} config view`; it needs a "
-                "current-context with a cluster server and credentials",
-            )
-        where = f"API server {cfg.host} (kubeconfig {', '.join(paths)})"
-    else:
-        return CheckResult(
-            name, Status.FAIL, f"unknown auth_type {settings.auth_type!r}",
-            "set processors.k8sattributes.auth_type to serviceAccount or kubeConfig",
-        )
+    from flowtel.lib.kube import client as kube_client
+    from flowtel.lib.kube.health import describe, rbac_remedy
 
+    try:
+        loaded = kube_client.load(access, resolve=root.real)
+    except kube_client.AccessError as e:
+        return CheckResult(name, Status.FAIL, e.problem, e.remedy)
+    cfg = loaded.configuration
     cfg.retries = False  # one attempt: report the first failure, not three retries of it
     api = client.ApiClient(cfg)
+    # The first core-group resource the component lists (pods, for every user today).
+    plural = next((p for g, p in access.resources if g == ""), "pods")
     step = "GET /version"
     try:
         version = client.VersionApi(api).get_code(_request_timeout=timeout)
-        step = "list pods"
-        client.CoreV1Api(api).list_pod_for_all_namespaces(limit=1, _request_timeout=timeout)
-    except client.ApiException as e:
-        return _api_failure(name, where, step, e, settings, subject)
-    except Exception as e:  # urllib3/socket/ssl errors: the API server was not reached
-        cause = describe_transport_error(e, timeout)
-        return CheckResult(
-            name, Status.FAIL, f"{where}: {step}: {cause}",
-            "check the server address and that the API server is up (`kubectl get --raw "
-            "/version` with the same credentials); from a pod: NetworkPolicies and firewalls "
-            "between the node and the API server",
-        )
+        step = f"list {plural}"
+        _list_one(api, plural, timeout)
+    except Exception as e:  # ApiException, urllib3/socket/ssl errors: described below
+        what, remedy = describe(e, rbac_remedy(access, loaded.subject), timeout=timeout)
+        return CheckResult(name, Status.FAIL, f"{loaded.where}: {step}: {what}", remedy)
     finally:
         api.close()
     return CheckResult(
-        name, Status.OK, f"{where}: Kubernetes {version.git_version}, listing pods allowed",
+        name, Status.OK, f"{loaded.where}: Kubernetes {version.git_version}, listing {plural} allowed",
     )
 
 
-def _api_failure(
-    name: str, where: str, step: str, e: object, settings: KubeSettings, subject: str | None,
-) -> CheckResult:
-    status = getattr(e, "status", None)
-    message = _api_message(e)
-    if status == 401:
-        remedy = (
-            "the pod's token was rejected: restart the pod for a fresh token and check that its "
-            "ServiceAccount exists" if settings.auth_type == "serviceAccount" else
-            "the kubeconfig's credentials were rejected: refresh them (`kubectl get --raw "
-            "/version` with the same kubeconfig must work)"
-        )
-        return CheckResult(name, Status.FAIL, f"{where}: {step}: 401 Unauthorized ({message})", remedy)
-    if status == 403:
-        who = subject or "the kubeconfig's user"
-        as_flag = f" --as={subject}" if subject else ""
-        return CheckResult(
-            name, Status.FAIL, f"{where}: {step}: 403 Forbidden ({message})",
-            f"RBAC: grant get/list/watch on pods, namespaces, services, nodes and replicasets to "
-            f"{who} (apply flowtel's ClusterRole and ClusterRoleBinding from deploy/); verify with "
-            f"`kubectl auth can-i list pods --all-namespaces{as_flag}`",
-        )
-    return CheckResult(
-        name, Status.FAIL, f"{where}: {step}: HTTP {status} ({message})",
-        "the API server answered with an error: see its message and the API server's logs",
-    )
+def _list_one(api: object, plural: str, timeout: float) -> None:
+    """One item of a core-group list: the cheapest proof that listing is allowed."""
+    from kubernetes import client
+
+    assert isinstance(api, client.ApiClient)
+    core = client.CoreV1Api(api)
+    calls: dict[str, Callable[..., object]] = {"pods": core.list_pod_for_all_namespaces, "namespaces": core.list_namespace,
+             "nodes": core.list_node, "services": core.list_service_for_all_namespaces}
+    calls.get(plural, core.list_pod_for_all_namespaces)(limit=1, _request_timeout=timeout)
 
 
 # --- running and reporting --------------------------------------------------------------
@@ -947,35 +842,117 @@ def _guarded(name: str, check: Callable[[], CheckResult | list[CheckResult]]) ->
     return result if isinstance(result, list) else [result]
 
 
-def run_checks(*, kubernetes: KubeSettings | None = None, root: str = "/") -> list[CheckResult]:
-    """Every check, in the order an operator fixes things.
+def requirements_of(
+    config: AgentConfig, factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+) -> list[Needed]:
+    """What the components a config runs declare (their factories' ``preflight``), each
+    requirement once, with the components that need it, in config order."""
+    if factories is None:
+        factories = config.factories
+    used: dict[Kind, list[str]] = {kind: [] for kind in Kind}
+    for spec in config.pipelines.values():
+        for cid in (*spec.receivers, *spec.processors, *spec.exporters):
+            for kind in (Kind.RECEIVER, Kind.PROCESSOR, Kind.EXPORTER, Kind.CONNECTOR):
+                if cid in config.components[kind] and cid not in used[kind]:
+                    used[kind].append(cid)
+    used[Kind.EXTENSION] = list(config.extensions)
+    by: dict[Requirement, list[str]] = {}
+    for kind, ids in used.items():
+        for cid in ids:
+            factory = factories[kind][component_type(cid)]
+            for requirement in factory.preflight(config.component(kind, cid)):
+                by.setdefault(requirement, []).append(f"{kind.value}.{cid}")
+    return [Needed(requirement, tuple(names)) for requirement, names in by.items()]
+
+
+def _of(needed: Sequence[Needed], kind: type[Requirement]) -> list[Needed]:
+    return [n for n in needed if isinstance(n.requirement, kind)]
+
+
+def _needed_by(needed: Sequence[Needed]) -> str:
+    return ", ".join(dict.fromkeys(name for n in needed for name in n.by))
+
+
+def run_checks(
+    config: AgentConfig | None = None, *, root: str = "/",
+    factories: Mapping[Kind, Mapping[str, Factory]] | None = None,
+) -> list[CheckResult]:
+    """The checks the config's components need (by default the config `flowtel run` would
+    use), in the order an operator fixes things.
 
     `root` relocates the file-based checks (/proc, /sys, /lib/modules, /usr/src); the bcc
     checks always probe this machine's interpreter and kernel.
     """
     tree = Root(root)
     results: list[CheckResult] = []
+    if factories is None:
+        from flowtel.registry import factories_by_kind
+
+        factories = factories_by_kind()
+    if config is None:
+        try:
+            config = load_config(None, factories=factories)
+        except ConfigError as e:
+            return [CheckResult("config", Status.FAIL, str(e),
+                                "fix the default config, or name the agent's config with --config FILE")]
+    needed = _guarded_requirements(config, factories, results)
+    return results + check_requirements(needed, tree)
+
+
+def check_requirements(needed: Sequence[Needed], tree: Root) -> list[CheckResult]:
+    """The kernel check, then one check per kind of requirement ``needed`` holds."""
+    results: list[CheckResult] = []
     results += _guarded("kernel", lambda: check_kernel(tree))
-    results += _guarded("BTF", lambda: check_btf(tree))
-    bcc = _guarded("bcc", lambda: check_bcc(tree))
-    headers = _guarded("kernel headers", lambda: check_kernel_headers(tree))
-    results += bcc + headers
-    if bcc[0].status is Status.OK and headers[0].status is Status.OK:
-        results += _guarded("bcc compile", check_bcc_compile)
-    else:
-        results.append(CheckResult(
-            "bcc compile", Status.FAIL, "not attempted: needs bcc and kernel headers",
-            "fix the bcc and kernel headers checks above, then rerun flowtel doctor",
-        ))
-    results += _guarded("tracefs", lambda: check_tracefs(tree))
-    results += _guarded("tracepoints", lambda: check_tracepoints(tree))
-    results += _guarded("bpffs", lambda: check_bpffs(tree))
-    results += _guarded("capabilities", lambda: check_capabilities(tree))
+    btf = _of(needed, Btf)
+    if btf:
+        needs = [n.requirement for n in btf if isinstance(n.requirement, Btf)]
+        results += _guarded("BTF", lambda: check_btf(tree, needs))
+    if _of(needed, BccCompile):
+        bcc = _guarded("bcc", lambda: check_bcc(tree))
+        headers = _guarded("kernel headers", lambda: check_kernel_headers(tree))
+        results += bcc + headers
+        if bcc[0].status is Status.OK and headers[0].status is Status.OK:
+            results += _guarded("bcc compile", check_bcc_compile)
+        else:
+            results.append(CheckResult(
+                "bcc compile", Status.FAIL, "not attempted: needs bcc and kernel headers",
+                "fix the bcc and kernel headers checks above, then rerun flowtel doctor",
+            ))
+    tracepoints = [n.requirement for n in _of(needed, Tracepoint) if isinstance(n.requirement, Tracepoint)]
+    if _of(needed, Tracefs) or tracepoints:
+        results += _guarded("tracefs", lambda: check_tracefs(tree))
+    if tracepoints:
+        results += _guarded("tracepoints", lambda: check_tracepoints(tree, tracepoints))
+    if _of(needed, Bpffs):
+        results += _guarded("bpffs", lambda: check_bpffs(tree))
+    extra_caps = [n.requirement for n in _of(needed, Capabilities) if isinstance(n.requirement, Capabilities)]
+    if _of(needed, BpfPrivileges) or extra_caps:
+        bpf = bool(_of(needed, BpfPrivileges))
+        results += _guarded("capabilities", lambda: check_capabilities(tree, bpf=bpf, extra=extra_caps))
+    executables = [n.requirement for n in _of(needed, Executable) if isinstance(n.requirement, Executable)]
+    if executables:
+        results += _guarded("executables", lambda: check_executables(tree, executables))
     results += _guarded("kprobes", lambda: check_kprobes(tree))
-    if kubernetes is not None:
-        settings = kubernetes
-        results += _guarded("kubernetes", lambda: check_kubernetes(settings, tree))
+    for n in _of(needed, KubernetesAccess):
+        access = n.requirement
+        assert isinstance(access, KubernetesAccess)
+        results += _guarded("kubernetes", lambda: check_kubernetes(access, tree))
     return results
+
+
+def _guarded_requirements(
+    config: AgentConfig, factories: Mapping[Kind, Mapping[str, Factory]] | None, results: list[CheckResult],
+) -> list[Needed]:
+    try:
+        needed = requirements_of(config, factories)
+    except Exception as e:  # a component's preflight that raises costs its line, not the report
+        results.append(CheckResult("config", Status.FAIL, f"{config.source}: cannot list what its components "
+                                   f"need: {type(e).__name__}: {e}", "report it to flowtel with this output"))
+        return []
+    results.append(CheckResult(
+        "config", Status.OK,
+        f"{config.source}: checking what {_needed_by(needed) or 'its components'} need"))
+    return needed
 
 
 _TAGS = {Status.OK: "[ OK ]", Status.WARN: "[WARN]", Status.FAIL: "[FAIL]"}
@@ -1005,18 +982,24 @@ def format_report(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def kube_settings_from_config(config: "AgentConfig") -> KubeSettings | None:
-    """The Kubernetes access a config asks for: any component with an ``auth_type`` setting."""
-    for section in config.components.values():
-        for component in section.values():
-            auth_type = getattr(component, "auth_type", None)
-            if auth_type:
-                return KubeSettings(auth_type=str(auth_type), kubeconfig=getattr(component, "kubeconfig", None))
-    return None
+def main(config: AgentConfig | None = None, *, root: str = "/") -> int:
+    return _report(run_checks(config, root=root))
 
 
-def main(kubernetes: KubeSettings | None = None, *, root: str = "/") -> int:
-    results = run_checks(kubernetes=kubernetes, root=root)
+def main_dnsproxy(*, kube: bool, kubeconfig: str | None, pin_dir: str, root: str = "/") -> int:
+    """`flowtel doctor --dnsproxy`: what the DNS proxy started with these flags needs."""
+    return _report(run_dnsproxy_checks(kube=kube, kubeconfig=kubeconfig, pin_dir=pin_dir, root=root))
+
+
+def run_dnsproxy_checks(*, kube: bool, kubeconfig: str | None, pin_dir: str, root: str = "/") -> list[CheckResult]:
+    from dnsproxy.preflight import preflight
+
+    needed = [Needed(r, ("dnsproxy",)) for r in dict.fromkeys(preflight(kube=kube, kubeconfig=kubeconfig, pin_dir=pin_dir))]
+    head = CheckResult("dnsproxy", Status.OK, "checking what `flowtel dnsproxy` with these flags needs")
+    return [head] + check_requirements(needed, Root(root))
+
+
+def _report(results: list[CheckResult]) -> int:
     print(format_report(results), flush=True)
     return 1 if any(r.status is Status.FAIL for r in results) else 0
 

@@ -128,7 +128,7 @@ class FlowFilter:
     event_type: list[str] = field(default_factory=list)
 
     def copy(self) -> FlowFilter:
-        return FlowFilter(**{name: list(getattr(self, name)) for name in self.__slots__})  # type: ignore[attr-defined]
+        return FlowFilter(**{name: list(getattr(self, name)) for name in self.__slots__})
 
 
 Predicate = Callable[[Flow], bool]

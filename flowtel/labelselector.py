@@ -47,7 +47,7 @@ def parse_selector(selector: str) -> list[Requirement]:
         if m is None or not part.strip():
             raise ValueError(f"invalid label selector {selector!r}: cannot parse {part.strip()!r}")
         if m.group("neg"):
-            key, op, values = m.group("nkey"), "!exists", frozenset()
+            key, op, values = m.group("nkey"), "!exists", frozenset[str]()
         elif m.group("op"):
             key, values = m.group("key"), frozenset([m.group("val")])
             op = "!=" if m.group("op") == "!=" else "="

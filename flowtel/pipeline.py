@@ -13,18 +13,24 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from flowtel.component import (
     Component,
     Connector,
+    ConnectorFactory,
+    Consumer,
     CreateSettings,
     Exporter,
+    ExporterFactory,
     Extension,
+    ExtensionFactory,
     Factory,
     Kind,
     Processor,
+    ProcessorFactory,
     Receiver,
+    ReceiverFactory,
     Status,
     Telemetry,
 )
@@ -249,9 +255,7 @@ class Service:
         loss_report_interval: float = DEFAULT_LOSS_REPORT_INTERVAL,
     ) -> None:
         if factories is None:
-            from flowtel.registry import factories_by_kind
-
-            factories = factories_by_kind()
+            factories = config.factories  # the ones the config was validated against
         self.config = config
         self.telemetry = Telemetry()
         self.node_name = node_name
@@ -280,6 +284,31 @@ class Service:
     def _factory(self, kind: Kind, cid: str) -> Factory:
         return self._factories[kind][component_type(cid)]
 
+    def _create_processor(self, cid: str) -> Processor:
+        factory = self._factory(Kind.PROCESSOR, cid)
+        assert isinstance(factory, ProcessorFactory), factory  # registered under its kind
+        return factory.create(self._settings(cid), self.config.component(Kind.PROCESSOR, cid))
+
+    def _create_connector(self, cid: str, next_consumer: Consumer) -> Connector:
+        factory = self._factory(Kind.CONNECTOR, cid)
+        assert isinstance(factory, ConnectorFactory), factory
+        return factory.create(self._settings(cid), self.config.component(Kind.CONNECTOR, cid), next_consumer)
+
+    def _create_exporter(self, cid: str) -> Exporter:
+        factory = self._factory(Kind.EXPORTER, cid)
+        assert isinstance(factory, ExporterFactory), factory
+        return factory.create(self._settings(cid), self.config.component(Kind.EXPORTER, cid))
+
+    def _create_receiver(self, cid: str, next_consumer: Consumer) -> Receiver:
+        factory = self._factory(Kind.RECEIVER, cid)
+        assert isinstance(factory, ReceiverFactory), factory
+        return factory.create(self._settings(cid), self.config.component(Kind.RECEIVER, cid), next_consumer)
+
+    def _create_extension(self, cid: str) -> Extension:
+        factory = self._factory(Kind.EXTENSION, cid)
+        assert isinstance(factory, ExtensionFactory), factory
+        return factory.create(self._settings(cid), self.config.component(Kind.EXTENSION, cid))
+
     def _build(self) -> None:
         cfg = self.config
         fanouts: dict[str, _FanOut] = {}
@@ -297,9 +326,7 @@ class Service:
             procs = []
             for proc_id in spec.processors:
                 # Processors keep per-pipeline state, as in the Collector: one instance each.
-                proc = self._factory(Kind.PROCESSOR, proc_id).create(
-                    self._settings(proc_id), cfg.component(Kind.PROCESSOR, proc_id)
-                )
+                proc = self._create_processor(proc_id)
                 self.processors[(pid, proc_id)] = proc
                 procs.append(proc)
             self._pipelines[pid] = _BuiltPipeline(spec, q, procs)
@@ -311,26 +338,22 @@ class Service:
                 if eid in cfg.components[Kind.CONNECTOR]:
                     conn = self.connectors.get(eid)
                     if conn is None:
-                        conn = self._factory(Kind.CONNECTOR, eid).create(
-                            self._settings(eid), cfg.component(Kind.CONNECTOR, eid), fanouts.setdefault(eid, _FanOut())
-                        )
+                        conn = self._create_connector(eid, fanouts.setdefault(eid, _FanOut()))
                         self.connectors[eid] = conn
                     built.exporter_queues.append(exporter_queue(eid, conn.consume))
                 else:
                     exp = self.exporters.get(eid)
                     if exp is None:
-                        exp = self._factory(Kind.EXPORTER, eid).create(self._settings(eid), cfg.component(Kind.EXPORTER, eid))
+                        exp = self._create_exporter(eid)
                         self.exporters[eid] = exp
                     built.exporter_queues.append(exporter_queue(eid, exp.consume))
             self._pipeline_workers.append(_Worker(f"pipeline/{pid}", built.queue, built.process, self.telemetry))
 
         for rid, fanout in fanouts.items():
             if rid in cfg.components[Kind.RECEIVER] and rid not in self.receivers:
-                self.receivers[rid] = self._factory(Kind.RECEIVER, rid).create(
-                    self._settings(rid), cfg.component(Kind.RECEIVER, rid), fanout
-                )
+                self.receivers[rid] = self._create_receiver(rid, fanout)
         for xid in cfg.extensions:
-            ext = self._factory(Kind.EXTENSION, xid).create(self._settings(xid), cfg.component(Kind.EXTENSION, xid))
+            ext = self._create_extension(xid)
             self.extensions[xid] = ext
             for built in self._pipelines.values():
                 if built.spec.signal in ext.taps:
@@ -393,7 +416,7 @@ class Service:
             if id(ext) in started:
                 self._safe(ext.not_ready, ext)
 
-        def stop(components: Mapping[object, Component], *methods: str) -> None:
+        def stop(components: Mapping[Any, Component], *methods: str) -> None:
             for component in components.values():
                 if id(component) in started:
                     component.report_status(Status.STOPPING)

@@ -54,15 +54,15 @@ class LazyFactories(dict):  # type: ignore[type-arg]  # dict[str, Factory], valu
         if value is None:
             value = _load(self._modules[ctype], self._kind, ctype)
             super().__setitem__(ctype, value)
-        return value  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]  # the dict holds Factory or None (not loaded yet)
 
-    def get(self, ctype: str, default: Factory | None = None) -> Factory | None:  # type: ignore[override]
+    def get(self, ctype: str, default: Factory | None = None) -> Factory | None:  # type: ignore[override]  # loads what it returns; same keys and values as a dict
         return self[ctype] if ctype in self else default
 
-    def values(self) -> list[Factory]:  # type: ignore[override]
+    def values(self) -> list[Factory]:  # type: ignore[override]  # loads what it returns; same keys and values as a dict
         return [self[k] for k in self]
 
-    def items(self) -> list[tuple[str, Factory]]:  # type: ignore[override]
+    def items(self) -> list[tuple[str, Factory]]:  # type: ignore[override]  # loads what it returns; same keys and values as a dict
         return [(k, self[k]) for k in self]
 
     def __iter__(self) -> Iterator[str]:

@@ -229,7 +229,7 @@ class ServiceGraph:
 
     def snapshot(self) -> list[tuple[EdgeKey, EdgeStats]]:
         with self._lock:
-            return [(k, EdgeStats(**{n: getattr(s, n) for n in EdgeStats.__slots__}))  # type: ignore[attr-defined]
+            return [(k, EdgeStats(**{n: getattr(s, n) for n in EdgeStats.__slots__}))
                     for k, s in self._edges.items()]
 
     def __len__(self) -> int:

@@ -114,7 +114,7 @@ class HubbleMetricsConnector(Connector):
             return
         batch = self.points()
         if batch:
-            self.next_consumer.consume(batch)  # type: ignore[arg-type]
+            self.next_consumer.consume(batch)  # type: ignore[arg-type]  # a list is invariant: list[MetricPoint] is a batch of records all the same
 
     def shutdown(self) -> None:
         self._stop.set()

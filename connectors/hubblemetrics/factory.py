@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from connectors.hubblemetrics.config import HubbleMetricsConfig
 from connectors.hubblemetrics.connector import HubbleMetricsConnector
-from flowtel.component import Consumer, CreateSettings, Factory, Kind
+from flowtel.component import ConnectorFactory, Consumer, CreateSettings
 
 
 def create(settings: CreateSettings, config: HubbleMetricsConfig, next_consumer: Consumer) -> HubbleMetricsConnector:
@@ -11,5 +11,4 @@ def create(settings: CreateSettings, config: HubbleMetricsConfig, next_consumer:
 
 
 # Takes logs (flows) and feeds metrics pipelines.
-FACTORY = Factory(type="hubblemetrics", kind=Kind.CONNECTOR, config_class=HubbleMetricsConfig, create=create,
-                  signals=("logs", "metrics"))
+FACTORY = ConnectorFactory(type="hubblemetrics", config_class=HubbleMetricsConfig, create=create, consumes="logs", emits="metrics")

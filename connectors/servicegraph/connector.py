@@ -98,7 +98,7 @@ class ServiceGraphConnector(Connector):
                 return
             batch = points(self.graph.snapshot(), time.time_ns())
             if batch:
-                self.next_consumer.consume(batch)  # type: ignore[arg-type]
+                self.next_consumer.consume(batch)  # type: ignore[arg-type]  # a list is invariant: list[MetricPoint] is a batch of records all the same
 
     def shutdown(self) -> None:
         self._stop.set()

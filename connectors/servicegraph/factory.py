@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from connectors.servicegraph.config import ServiceGraphConfig
 from connectors.servicegraph.connector import ServiceGraphConnector
-from flowtel.component import Consumer, CreateSettings, Factory, Kind
+from flowtel.component import ConnectorFactory, Consumer, CreateSettings
 
 
 def create(settings: CreateSettings, config: ServiceGraphConfig, next_consumer: Consumer) -> ServiceGraphConnector:
@@ -11,5 +11,4 @@ def create(settings: CreateSettings, config: ServiceGraphConfig, next_consumer: 
 
 
 # A connector takes logs (flows) and feeds metrics pipelines: both signals are valid places.
-FACTORY = Factory(type="servicegraph", kind=Kind.CONNECTOR, config_class=ServiceGraphConfig, create=create,
-                  signals=("logs", "metrics"))
+FACTORY = ConnectorFactory(type="servicegraph", config_class=ServiceGraphConfig, create=create, consumes="logs", emits="metrics")

@@ -13,7 +13,16 @@ from connectors.servicegraph.config import ServiceGraphConfig
 from connectors.servicegraph.connector import ServiceGraphConnector
 from connectors.servicegraph.factory import FACTORY
 from flowtel import mapformat
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind, Receiver, Telemetry
+from flowtel.component import (
+    ComponentConfig,
+    CreateSettings,
+    Exporter,
+    ExporterFactory,
+    Kind,
+    Receiver,
+    ReceiverFactory,
+    Telemetry,
+)
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import MetricKind, MetricPoint, Record, TcpFlagCounts, TrafficDirection, replace
@@ -285,9 +294,9 @@ class _Points(Exporter):
 
 def test_connector_in_a_service_turns_flows_into_metrics() -> None:
     factories = factories_by_kind()
-    factories[Kind.RECEIVER]["replay"] = Factory("replay", Kind.RECEIVER, _Cfg, lambda s, c, n: _Replay(s, n),
+    factories[Kind.RECEIVER]["replay"] = ReceiverFactory("replay", _Cfg, lambda s, c, n: _Replay(s, n),
                                                  ("logs",))
-    factories[Kind.EXPORTER]["points"] = Factory("points", Kind.EXPORTER, _Cfg, lambda s, c: _Points(s), ("metrics",))
+    factories[Kind.EXPORTER]["points"] = ExporterFactory("points", _Cfg, lambda s, c: _Points(s), signals=("metrics",))
     config = parse_config({
         "receivers": {"replay": {}},
         "connectors": {"servicegraph": {"metrics_flush_interval": "1h"}},

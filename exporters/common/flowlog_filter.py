@@ -60,7 +60,7 @@ from flowtel.records import Flow, Record
 from flowtel.recordtables import PROTOCOL_NAMES
 
 # Hubble's FlowFilter fields that flowtel.flowfilter implements.
-FILTER_FIELDS: tuple[str, ...] = tuple(FlowFilter.__slots__)  # type: ignore[attr-defined]
+FILTER_FIELDS: tuple[str, ...] = tuple(FlowFilter.__slots__)
 
 # Hubble FlowFilter fields (flow.proto) flowtel cannot match on; named in the error.
 _HUBBLE_ONLY = (
@@ -201,7 +201,7 @@ class FlowFilterConfig(ComponentConfig):
     def _values(cls, values: list[str], info: ValidationInfo) -> list[str]:
         # Compiled here, so a bad value stops the config load with its key path.
         try:
-            compile_filter(FlowFilter(**{info.field_name: values}))  # type: ignore[arg-type]
+            compile_filter(FlowFilter(**{info.field_name: values}))  # type: ignore[arg-type]  # field_name is one of FlowFilter's fields (the validator's)
         except FilterError as exc:
             raise ValueError(str(exc)) from None
         return values

@@ -2,7 +2,7 @@
 
 The OTLP exporters hand opentelemetry-exporter-otlp's ``OTLPMetricExporter`` classes
 (gRPC and HTTP) a :class:`MetricsData`, exactly what an SDK ``MetricReader`` hands them.
-The SDK's own instruments do not produce it here (see :mod:`exporters.common.series` for
+The SDK's own instruments do not produce it here (see :mod:`flowtel.lib.metrics.series` for
 why the store is the reader); this module only maps the store's snapshot onto
 ``Metric``/``Sum``/``Gauge``/``Histogram`` and their data points.
 
@@ -53,7 +53,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.series import FamilySnapshot, HistogramValue, Temporality
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue, Temporality
 from flowtel.records import MetricKind
 
 SDK_TEMPORALITY = {"cumulative": AggregationTemporality.CUMULATIVE, "delta": AggregationTemporality.DELTA}
@@ -128,21 +128,21 @@ def _metric(family: FamilySnapshot, part: Sequence[tuple[Mapping[str, str], obje
             temporality: AggregationTemporality, now_ns: int) -> Metric:
     data: Sum | Gauge | Histogram
     if family.kind is MetricKind.SUM:
-        data = Sum(data_points=[NumberDataPoint(attributes, start_ns, now_ns, number(value))  # type: ignore[arg-type]
+        data = Sum(data_points=[NumberDataPoint(attributes, start_ns, now_ns, number(value))  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says
                                 for attributes, value, start_ns in part],
                    aggregation_temporality=temporality, is_monotonic=True)
     elif family.kind is MetricKind.HISTOGRAM:
-        data = Histogram(data_points=[_histogram_point(attributes, value, start_ns, now_ns)  # type: ignore[arg-type]
+        data = Histogram(data_points=[_histogram_point(attributes, value, start_ns, now_ns)  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says
                                       for attributes, value, start_ns in part],
                          aggregation_temporality=temporality)
     else:
-        data = Gauge(data_points=[NumberDataPoint(attributes, 0, now_ns, number(value))  # type: ignore[arg-type]
+        data = Gauge(data_points=[NumberDataPoint(attributes, 0, now_ns, number(value))  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says
                                   for attributes, value, _start in part])
     return Metric(name=family.name, description=family.description, unit=family.unit, data=data)
 
 
 def _histogram_point(attributes: Mapping[str, str], value: HistogramValue, start_ns: int,
                      now_ns: int) -> HistogramDataPoint:
-    return HistogramDataPoint(attributes=attributes, start_time_unix_nano=start_ns, time_unix_nano=now_ns,  # type: ignore[arg-type]
+    return HistogramDataPoint(attributes=attributes, start_time_unix_nano=start_ns, time_unix_nano=now_ns,
                               count=value.count, sum=value.sum, bucket_counts=value.bucket_counts,
-                              explicit_bounds=value.bounds, min=_UNKNOWN, max=_UNKNOWN)  # type: ignore[arg-type]
+                              explicit_bounds=value.bounds, min=_UNKNOWN, max=_UNKNOWN)  # type: ignore[arg-type]  # the part's points are all histograms or all numbers, as its kind says

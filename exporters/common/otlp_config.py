@@ -7,7 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from exporters.common.flowlog_filter import FlowLogFilterConfig
 from exporters.common.otlp_encoding import LogBody
-from exporters.common.series import Temporality
+from flowtel.lib.metrics.series import Temporality
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import Duration
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from importlib.metadata import PackageNotFoundError, version
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
@@ -131,14 +131,14 @@ def any_value_to_python(value: AnyValue) -> object:
     return getattr(value, which)
 
 
-def _add_str(attributes: object, key: str, value: str) -> None:
-    kv: KeyValue = attributes.add()  # type: ignore[attr-defined]
+def _add_str(attributes: Any, key: str, value: str) -> None:
+    kv: KeyValue = attributes.add()  # a protobuf repeated field (its container type is private)
     kv.key = key
     kv.value.string_value = value
 
 
-def _add_int(attributes: object, key: str, value: int) -> None:
-    kv: KeyValue = attributes.add()  # type: ignore[attr-defined]
+def _add_int(attributes: Any, key: str, value: int) -> None:
+    kv: KeyValue = attributes.add()  # a protobuf repeated field (its container type is private)
     kv.key = key
     kv.value.int_value = value
 
@@ -179,7 +179,7 @@ def flow_attributes(flow: Flow) -> dict[str, str | int]:
     return out
 
 
-def flow_severity(flow: Flow) -> tuple[int, str]:
+def flow_severity(flow: Flow) -> tuple[SeverityNumber.ValueType, str]:
     """(OTLP severity number, text): WARN for verdicts DROPPED and ERROR, else INFO."""
     if flow.verdict in _WARN_VERDICTS:
         return SeverityNumber.SEVERITY_NUMBER_WARN, "WARN"

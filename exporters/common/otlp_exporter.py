@@ -21,7 +21,7 @@ from exporters.common.otlp_config import OtlpExporterConfig
 from exporters.common.otlp_encoding import FLOWTEL_VERSION, OtlpEncoder, resource_attributes
 from exporters.common.sending import Request, SendingQueue, Transport
 from exporters.common.selftelemetry import telemetry_points
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import MetricPoint, Record
 
@@ -72,7 +72,7 @@ class OtlpExporter(Exporter):
         if isinstance(batch[0], MetricPoint):
             if not all(isinstance(r, MetricPoint) for r in batch):
                 raise TypeError("a batch mixes metric points and flow-log records")
-            result = self._store.update(batch)  # type: ignore[arg-type]
+            result = self._store.update(batch)  # type: ignore[arg-type]  # every record was checked to be a MetricPoint just above
             self._telemetry.add(cid, "series_refused", result.refused)
             self._telemetry.add(cid, "records_dropped", result.refused)
             return

@@ -13,7 +13,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from exporters.common.metrics_data import to_metrics_data
-from exporters.common.series import HistogramValue, SeriesStore
+from flowtel.lib.metrics.series import HistogramValue, SeriesStore
 from flowtel.histogram import Histogram, bucket_index, check_bounds
 from flowtel.records import MetricKind, MetricPoint
 

@@ -10,7 +10,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from exporters.common.metrics_data import number, to_metrics_data
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from flowtel.records import MetricKind, MetricPoint
 
 RESOURCE = Resource({"service.name": "flowtel", "k8s.node.name": "node-1"})

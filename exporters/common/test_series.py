@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from flowtel.config import load_config
+from flowtel.registry import factories_by_kind
 from flowtel.records import MetricKind, MetricPoint
 
 
@@ -74,6 +75,6 @@ def test_delta_baselines_and_counter_reset() -> None:
 
 def test_the_example_config_loads() -> None:
     path = Path(__file__).resolve().parents[2] / "config" / "otlp-prometheus.yaml"
-    config = load_config(path)
+    config = load_config(path, factories=factories_by_kind())
     assert config.pipelines["metrics"].exporters == ("otlp", "prometheus")
     assert config.pipelines["logs"].exporters == ("otlp",)

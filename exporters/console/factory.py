@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from exporters.console.config import ConsoleConfig
 from exporters.console.exporter import ConsoleExporter
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ExporterFactory
 
 
 def create(settings: CreateSettings, config: ConsoleConfig) -> ConsoleExporter:
     return ConsoleExporter(settings, config)
 
 
-FACTORY = Factory(type="console", kind=Kind.EXPORTER, config_class=ConsoleConfig, create=create, signals=("logs",))
+FACTORY = ExporterFactory(type="console", config_class=ConsoleConfig, create=create, signals=("logs",))

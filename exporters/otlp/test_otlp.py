@@ -19,7 +19,15 @@ from exporters.otlp.config import OtlpGrpcConfig
 from exporters.otlp.exporter import OtlpGrpcExporter
 from exporters.otlp.factory import FACTORY
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
-from flowtel.component import ComponentConfig, Consumer, CreateSettings, Factory, Kind, Receiver, Telemetry
+from flowtel.component import (
+    ComponentConfig,
+    Consumer,
+    CreateSettings,
+    Kind,
+    Receiver,
+    ReceiverFactory,
+    Telemetry,
+)
 from flowtel.config import parse_config
 from flowtel.errors import StartError
 from flowtel.pipeline import Service
@@ -575,7 +583,7 @@ class _Source(Receiver):
 
 def test_the_agent_flushes_metrics_and_logs_to_otlp_when_it_stops(server: GrpcOtlpServer) -> None:
     factories = factories_by_kind()
-    factories[Kind.RECEIVER]["src"] = Factory("src", Kind.RECEIVER, _Cfg, _Source)
+    factories[Kind.RECEIVER]["src"] = ReceiverFactory("src", _Cfg, _Source)
     config = parse_config({
         "receivers": {"src": {}},
         "exporters": {"otlp": {"endpoint": server.endpoint, "tls": {"insecure": True}}},

@@ -38,6 +38,7 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.sdk.metrics.export import MetricsData
 from opentelemetry.sdk._logs.export import LogRecordExportResult
 from opentelemetry.sdk.metrics.export import MetricExportResult
 
@@ -120,7 +121,7 @@ class _Observed:
     def _initialize_channel_and_stub(self) -> None:
         # The SDK calls this from __init__ and again after UNAVAILABLE (a fresh channel):
         # keep one _Calls across both, pointing at the current stub.
-        super()._initialize_channel_and_stub()  # type: ignore[misc]
+        super()._initialize_channel_and_stub()  # type: ignore[misc]  # the SDK's private method, untyped
         calls = self.__dict__.get("calls")
         if calls is None:
             calls = self.calls = _Calls()
@@ -135,10 +136,10 @@ class _MetricExporter(_Observed, OTLPMetricExporter):
 class _LogExporter(_Observed, OTLPLogExporter):
     """The SDK's log exporter, given requests flowtel already encoded."""
 
-    def _translate_data(self, data: ExportLogsServiceRequest) -> ExportLogsServiceRequest:  # type: ignore[override]
+    def _translate_data(self, data: ExportLogsServiceRequest) -> ExportLogsServiceRequest:  # type: ignore[override]  # the SDK types it for its SDK records; flowtel hands it encoded requests
         return data
 
-    def _count_data(self, data: ExportLogsServiceRequest) -> int:  # type: ignore[override]
+    def _count_data(self, data: ExportLogsServiceRequest) -> int:  # type: ignore[override]  # the SDK types it for its SDK records; flowtel hands it encoded requests
         return sum(len(sl.log_records) for rl in data.resource_logs for sl in rl.scope_logs)
 
 
@@ -186,11 +187,11 @@ class GrpcTransport:
         calls = exporter.calls
         calls.reset()
         try:
-            if request.signal == "metrics":
-                ok = self._metrics.export(request.payload) is MetricExportResult.SUCCESS  # type: ignore[arg-type]
+            if isinstance(request.payload, MetricsData):
+                ok = self._metrics.export(request.payload) is MetricExportResult.SUCCESS
             else:
-                payload = ExportLogsServiceRequest.FromString(request.payload)  # type: ignore[arg-type]
-                ok = self._logs.export(payload) is LogRecordExportResult.SUCCESS  # type: ignore[arg-type]
+                payload = ExportLogsServiceRequest.FromString(request.payload)
+                ok = self._logs.export(payload) is LogRecordExportResult.SUCCESS
         except Exception as exc:  # e.g. the SDK's encoder refusing a point: this request can never succeed
             return SendResult(ok=False, retryable=False, attempts=max(1, calls.count),
                               message=f"the SDK exporter failed: {type(exc).__name__}: {exc}")
@@ -217,8 +218,8 @@ class GrpcTransport:
 
 def judge(error: grpc.RpcError) -> SendResult:
     """A failed call, judged as the Collector's otlp exporter judges it."""
-    code = error.code()  # type: ignore[attr-defined]
-    message = f"{code.name}: {error.details()}"  # type: ignore[attr-defined]
+    code = error.code()
+    message = f"{code.name}: {error.details()}"
     throttle = _retry_delay(error)
     if code in RETRYABLE:
         return SendResult(ok=False, retryable=True, throttle=throttle, message=message)
@@ -231,7 +232,7 @@ def _retry_delay(error: grpc.RpcError) -> float | None:
     """The RetryInfo delay from the status details (``grpc-status-details-bin``, where the
     Collector and grpc-go servers put it), if the server sent one."""
     try:
-        trailers = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+        trailers = error.trailing_metadata() or ()
     except Exception:
         return None
     for key, value in trailers:

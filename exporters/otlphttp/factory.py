@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from exporters.otlphttp.config import OtlpHttpConfig
 from exporters.otlphttp.exporter import OtlpHttpExporter
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ExporterFactory
 
 
 def create(settings: CreateSettings, config: OtlpHttpConfig) -> OtlpHttpExporter:
     return OtlpHttpExporter(settings, config)
 
 
-FACTORY = Factory(type="otlphttp", kind=Kind.EXPORTER, config_class=OtlpHttpConfig, create=create)
+FACTORY = ExporterFactory(type="otlphttp", config_class=OtlpHttpConfig, create=create)

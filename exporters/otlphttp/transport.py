@@ -47,7 +47,8 @@ from exporters.otlphttp.config import OtlpHttpConfig
 from flowtel.errors import StartError
 
 RETRYABLE = frozenset({429, 502, 503, 504})
-_RESPONSES = {"metrics": ExportMetricsServiceResponse, "logs": ExportLogsServiceResponse}
+_RESPONSES: dict[str, type[ExportMetricsServiceResponse] | type[ExportLogsServiceResponse]] = {
+    "metrics": ExportMetricsServiceResponse, "logs": ExportLogsServiceResponse}
 # The SDK's HTTP exporters log every failed and retried call; during an outage that is a
 # line a second. The sending queue already reports losses (rate-limited), so the SDK's own
 # lines are rate-limited the same way: each message template once every 10 s.
@@ -200,9 +201,9 @@ class HttpTransport:
         observed = self._observed[request.signal]
         observed.reset()
         if request.signal == "metrics":
-            ok = self._metrics.export(request.payload) is MetricExportResult.SUCCESS  # type: ignore[arg-type]
+            ok = self._metrics.export(request.payload) is MetricExportResult.SUCCESS  # type: ignore[arg-type]  # metrics requests carry MetricsData
         else:
-            ok = self._logs.export_serialized(request.payload)  # type: ignore[arg-type]
+            ok = self._logs.export_serialized(request.payload)  # type: ignore[arg-type]  # logs requests carry serialized bytes
         attempts = max(1, observed.count)
         last = observed.last
         if ok:

@@ -5,9 +5,9 @@ import errno
 import gzip
 import logging
 
-from exporters.common.series import SeriesStore
+from flowtel.lib.metrics.series import SeriesStore
 from exporters.prometheus.config import PrometheusConfig, split_host_port
-from exporters.prometheus.exposition import CONTENT_TYPE, render
+from flowtel.lib.metrics.exposition import CONTENT_TYPE, render
 from flowtel.component import CreateSettings, Exporter
 from flowtel.errors import StartError
 from flowtel.lib.http import BoundedHTTPServer, Limits, Request, Response
@@ -64,7 +64,7 @@ class PrometheusExporter(Exporter):
         telemetry.add(cid, "records_in", len(batch))
         if not all(isinstance(r, MetricPoint) for r in batch):
             raise TypeError("the prometheus exporter takes metric points only (use it in metrics pipelines)")
-        result = self._store.update(batch)  # type: ignore[arg-type]
+        result = self._store.update(batch)  # type: ignore[arg-type]  # every record was checked to be a MetricPoint just above
         telemetry.add(cid, "series_refused", result.refused)
         telemetry.add(cid, "records_dropped", result.refused)
 

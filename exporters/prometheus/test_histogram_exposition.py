@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from exporters.common.series import FamilySnapshot, HistogramValue
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue
 from exporters.prometheus.config import PrometheusConfig
 from exporters.prometheus.exporter import PrometheusExporter
-from exporters.prometheus.exposition import render
+from flowtel.lib.metrics.exposition import render
 from flowtel.histogram import DNS_LATENCY_BOUNDS, Histogram
 from flowtel.records import MetricKind
 from tests.support.exporting import settings

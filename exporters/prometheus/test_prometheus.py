@@ -13,10 +13,10 @@ from typing import Iterator
 import pytest
 from pydantic import ValidationError
 
-from exporters.common.series import FamilySnapshot
+from flowtel.lib.metrics.series import FamilySnapshot
 from exporters.prometheus.config import PrometheusConfig
 from exporters.prometheus.exporter import PrometheusExporter
-from exporters.prometheus.exposition import render
+from flowtel.lib.metrics.exposition import render
 from exporters.prometheus.factory import FACTORY
 from flowtel.component import Kind, Telemetry
 from flowtel.errors import StartError

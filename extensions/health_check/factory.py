@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from extensions.health_check.config import HealthCheckConfig
 from extensions.health_check.extension import HealthCheckExtension
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ExtensionFactory
 
 
 def create(settings: CreateSettings, config: HealthCheckConfig) -> HealthCheckExtension:
@@ -11,4 +11,4 @@ def create(settings: CreateSettings, config: HealthCheckConfig) -> HealthCheckEx
 
 
 # Extensions sit in no pipeline: signals is empty.
-FACTORY = Factory(type="health_check", kind=Kind.EXTENSION, config_class=HealthCheckConfig, create=create, signals=())
+FACTORY = ExtensionFactory(type="health_check", config_class=HealthCheckConfig, create=create)

@@ -18,9 +18,10 @@ from flowtel.component import (
     Consumer,
     CreateSettings,
     Exporter,
+    ExporterFactory,
     Kind,
-    Factory,
     Receiver,
+    ReceiverFactory,
     Status,
     StatusEvent,
     Telemetry,
@@ -149,10 +150,10 @@ class Sink(Exporter):
 
 
 FACTORIES = {
-    Kind.RECEIVER: {"src": Factory("src", Kind.RECEIVER, Cfg, Src)},
+    Kind.RECEIVER: {"src": ReceiverFactory("src", Cfg, Src)},
     Kind.PROCESSOR: {},
     Kind.CONNECTOR: {},
-    Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, ComponentConfig, lambda s, c: Sink(s))},
+    Kind.EXPORTER: {"sink": ExporterFactory("sink", ComponentConfig, lambda s, c: Sink(s))},
     Kind.EXTENSION: {"health_check": HEALTH_CHECK},
 }
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from extensions.ui.config import UiConfig
 from extensions.ui.extension import UiExtension
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ExtensionFactory
 
 
 def create(settings: CreateSettings, config: UiConfig) -> UiExtension:
     return UiExtension(settings, config)
 
 
-FACTORY = Factory(type="ui", kind=Kind.EXTENSION, config_class=UiConfig, create=create, signals=("logs",))
+FACTORY = ExtensionFactory(type="ui", config_class=UiConfig, create=create, signals=("logs",))

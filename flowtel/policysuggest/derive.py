@@ -64,7 +64,7 @@ from flowtel.records import (
 )
 from flowtel.recordtables import DNS_RCODE_NAMES, ICMP_PROTOCOLS, PORTED_PROTOCOLS, PROTOCOL_NAMES
 from flowtel.servicegraph import source_is_client
-from processors.k8sattributes.identity import is_identity_label
+from flowtel.lib.identity import is_identity_label
 
 KIND = "CiliumNetworkPolicy"
 # Cilium's own labels on an endpoint (namespace labels, service account, cluster): policies
@@ -608,8 +608,8 @@ class _Rule:
 def _dns_rules(obs: _Observed, options: Options, warnings: list[str]) -> list[_Rule]:
     """One rule per kind of server (pods, addresses) and set of protocols asked over."""
     groups: dict[tuple[str, frozenset[str]], list[Destination]] = {}
-    for server, protos in obs.dns_servers.items():
-        groups.setdefault((server.kind, frozenset(protos)), []).append(server)
+    for server, asked_over in obs.dns_servers.items():
+        groups.setdefault((server.kind, frozenset(asked_over)), []).append(server)
     rules = []
     for (kind, protos), servers in sorted(groups.items(), key=lambda kv: (kv[0][0], sorted(kv[0][1]), sorted(kv[1]))):
         servers.sort()

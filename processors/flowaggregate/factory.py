@@ -1,7 +1,7 @@
 """Factory of the ``flowaggregate`` processor."""
 from __future__ import annotations
 
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ProcessorFactory
 from processors.flowaggregate.config import FlowAggregateConfig
 from processors.flowaggregate.processor import FlowAggregateProcessor
 
@@ -11,4 +11,4 @@ def create(settings: CreateSettings, config: FlowAggregateConfig) -> FlowAggrega
 
 
 # Only flows are aggregated, so logs pipelines only.
-FACTORY = Factory(type="flowaggregate", kind=Kind.PROCESSOR, config_class=FlowAggregateConfig, create=create, signals=("logs",))
+FACTORY = ProcessorFactory(type="flowaggregate", config_class=FlowAggregateConfig, create=create, signals=("logs",))

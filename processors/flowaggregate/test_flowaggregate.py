@@ -6,7 +6,17 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from flowtel.component import ComponentConfig, Consumer, CreateSettings, Exporter, Factory, Kind, Receiver, Telemetry
+from flowtel.component import (
+    ComponentConfig,
+    Consumer,
+    CreateSettings,
+    Exporter,
+    ExporterFactory,
+    Kind,
+    Receiver,
+    ReceiverFactory,
+    Telemetry,
+)
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.lib.hubble.convert import flow_json
@@ -174,9 +184,9 @@ class Sink(Exporter):
 
 
 FACTORIES = {
-    Kind.RECEIVER: {"src": Factory("src", Kind.RECEIVER, Cfg, Src)},
+    Kind.RECEIVER: {"src": ReceiverFactory("src", Cfg, Src)},
     Kind.PROCESSOR: {"flowaggregate": FACTORY},
-    Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, Cfg, Sink)},
+    Kind.EXPORTER: {"sink": ExporterFactory("sink", Cfg, Sink)},
     Kind.CONNECTOR: {},
     Kind.EXTENSION: {},
 }
@@ -225,7 +235,7 @@ class Feed(Receiver):
 
 
 def test_window_closes_on_time_with_no_further_input() -> None:
-    factories = {**FACTORIES, Kind.RECEIVER: {"feed": Factory("feed", Kind.RECEIVER, Cfg, Feed)}}
+    factories = {**FACTORIES, Kind.RECEIVER: {"feed": ReceiverFactory("feed", Cfg, Feed)}}
     cfg = {
         "receivers": {"feed": {"count": 4}},
         "processors": {"flowaggregate": {"window": "1s"}},

@@ -1,7 +1,8 @@
 """Factory of the ``k8sattributes`` processor."""
 from __future__ import annotations
 
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ProcessorFactory
+from processors.k8sattributes.access import preflight
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.processor import K8sAttributesProcessor
 
@@ -11,4 +12,4 @@ def create(settings: CreateSettings, config: K8sAttributesConfig) -> K8sAttribut
 
 
 # Only flows have addresses to name, so logs pipelines only.
-FACTORY = Factory(type="k8sattributes", kind=Kind.PROCESSOR, config_class=K8sAttributesConfig, create=create, signals=("logs",))
+FACTORY = ProcessorFactory(type="k8sattributes", config_class=K8sAttributesConfig, create=create, signals=("logs",), preflight=preflight)

@@ -24,9 +24,11 @@ from flowtel.errors import StartError
 from processors.k8sattributes.addresses import PrefixTable
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.extract import Extractor
-from processors.k8sattributes.internal.kube import client as kube_client
-from processors.k8sattributes.internal.kube.health import ApiHealth
-from processors.k8sattributes.internal.kube.informer import Informer, WatchOptions, wait_synced
+from flowtel.lib.kube import client as kube_client
+from flowtel.lib.kube.health import ApiHealth, rbac_remedy
+from flowtel.lib.kube.informer import Informer, WatchOptions, wait_synced
+from processors.k8sattributes.access import kube_access
+from processors.k8sattributes.internal.kube.listers import listers
 from processors.k8sattributes.internal.kube.objects import (
     KUBERNETES_SERVICE,
     EndpointSliceMeta,
@@ -49,6 +51,8 @@ from processors.k8sattributes.pod_association import PodAssociation
 from processors.k8sattributes.workload import OwnerResolver
 
 log = logging.getLogger("flowtel.processor.k8sattributes")
+# What the processor does while the API server fails.
+MEANWHILE = "Records keep flowing with what is already known (addresses not yet known are reserved:world)"
 
 KUBERNETES_SLICES = "kubernetes.io/service-name=kubernetes"
 
@@ -102,12 +106,14 @@ class KubeSource:
         if cfg.mode == "node" and not self.node_name:
             raise StartError(self.component, "mode node needs this node's name, and it is empty",
                              "set NODE_NAME from the Downward API (fieldRef spec.nodeName) in the DaemonSet")
-        assert cfg.auth_type is not None
+        access = kube_access(cfg, self.component)
+        assert access is not None  # a kubernetes source has an auth_type (config validation)
         # One pooled connection per informer (each holds a watch open), and room for relists.
-        self._api = kube_client.connect(self.component, cfg.auth_type, cfg.kubeconfig, cfg.context, pool_size=12)
+        self._api = kube_client.connect(access, pool_size=12)
         server = kube_client.server_of(self._api)
-        self.health = ApiHealth(self.component, server, self._on_health)
-        calls = kube_client.listers(self._api)
+        self.health = ApiHealth(self.component, server, self._on_health, meanwhile=MEANWHILE,
+                                rbac_remedy=rbac_remedy(access), logger=log)
+        calls = listers(self._api)
         options = WatchOptions(
             request_timeout=cfg.request_timeout,
             watch_timeout=cfg.watch_timeout,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Protocol
 
 from flowtel.records import Endpoint, Workload, frozen_extensions
-from processors.k8sattributes import identity
+from flowtel.lib import identity
 from processors.k8sattributes.extract import Extractor
 from processors.k8sattributes.internal.kube.objects import PodMeta
 from processors.k8sattributes.workload import KIND_ATTRIBUTES, Chain

@@ -14,6 +14,7 @@ share them.
 """
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -25,6 +26,10 @@ from flowtel.records import Flow, Record
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.extract import Extractor, Rule
 from processors.k8sattributes.metadata import MetadataSource, ViewBuilder
+
+
+def _gauge(source: MetadataSource, name: str) -> float:
+    return float(source.gauges().get(name, 0.0))
 
 
 def build_extractor(config: K8sAttributesConfig) -> Extractor:
@@ -80,7 +85,7 @@ class K8sAttributesProcessor(Processor):
                 shared = _shared[self._key] = _Shared(source, 0)
                 telemetry = self.settings.telemetry
                 for name in source.gauges():
-                    telemetry.register_gauge(self.settings.id, name, lambda s=source, n=name: s.gauges().get(n, 0.0))
+                    telemetry.register_gauge(self.settings.id, name, functools.partial(_gauge, source, name))
             shared.users += 1
             self.source = shared.source
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from flowtel import doctor
+from flowtel.preflight import KubernetesAccess
 from flowtel.config import ConfigError, load_config, parse_config
 from flowtel.registry import factories_by_kind
 from processors.k8sattributes.config import K8sAttributesConfig
@@ -45,15 +46,21 @@ def test_testdata_config_loads_through_the_registry() -> None:
 def test_doctor_checks_kubernetes_for_api_configs_only() -> None:
     factories = factories_by_kind()
 
-    def settings(proc: dict[str, Any]) -> doctor.KubeSettings | None:
+    def settings(proc: dict[str, Any]) -> tuple[str, str | None] | None:
         cfg = parse_config({
             "receivers": {"ebpf": {}}, "processors": {"k8sattributes": proc}, "exporters": {"console": {}},
             "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "processors": ["k8sattributes"], "exporters": ["console"]}}},
         }, "t.yaml", factories=factories, environ={})
-        return doctor.kube_settings_from_config(cfg)
+        access = [n for n in doctor.requirements_of(cfg, factories) if isinstance(n.requirement, KubernetesAccess)]
+        if not access:
+            return None
+        assert [n.by for n in access] == [("processors.k8sattributes",)]
+        req = access[0].requirement
+        assert isinstance(req, KubernetesAccess) and ("", "pods") in req.resources
+        return req.auth_type, req.kubeconfig
 
-    assert settings({}) == doctor.KubeSettings("serviceAccount", None)
-    assert settings({"auth_type": "kubeConfig", "kubeconfig": "/k"}) == doctor.KubeSettings("kubeConfig", "/k")
+    assert settings({}) == ("serviceAccount", None)
+    assert settings({"auth_type": "kubeConfig", "kubeconfig": "/k"}) == ("kubeConfig", "/k")
     assert settings({"source": "static", "static": {"path": "/f"}}) is None
 
 

@@ -15,7 +15,7 @@ from flowtel.errors import StartError
 from flowtel.records import Flow, Verdict
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.conftest import FAST, wait_until
-from processors.k8sattributes.internal.kube import client as kube_client
+from flowtel.lib.kube import client as kube_client
 from processors.k8sattributes.kube_source import KubeSource
 from processors.k8sattributes.processor import K8sAttributesProcessor
 from tests.kubeapi import FakeApiServer

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from processors.k8sattributes import identity
+from flowtel.lib import identity
 from processors.k8sattributes.addresses import PrefixTable
 from processors.k8sattributes.extract import Extractor, Rule
 from processors.k8sattributes.internal.kube.objects import (

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any, Iterator
 
-from bcc.libbcc import lib  # type: ignore[import-untyped]
+from bcc.libbcc import lib
 
 from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
 from flowtel.lib.bpf.layout import struct_for
@@ -84,12 +84,12 @@ class DnsMaps:
 
     def __init__(self, bpf: Any, counter_index: dict[str, int]) -> None:
         self._aggs = [_Batch(bpf["dns_agg_0"]), _Batch(bpf["dns_agg_1"])]
-        expected_key = [f for f in AggKey.__slots__]  # type: ignore[attr-defined]
+        expected_key = [f for f in AggKey.__slots__]
         if self._aggs[0].key_names != expected_key or self._aggs[0].leaf_names != ["messages", "first_ns", "last_ns"]:
             raise RuntimeError(f"bpf/flowtel.h struct dns_agg_key {self._aggs[0].key_names} does not match "
                                f"AggKey {expected_key}")
         self._pending = _Batch(bpf["dns_pending"])
-        expected_pending = [f for f in Expired.__slots__ if f not in ("ts_ns", "name_hash", "qtype", "hook")]  # type: ignore[attr-defined]
+        expected_pending = [f for f in Expired.__slots__ if f not in ("ts_ns", "name_hash", "qtype", "hook")]
         if self._pending.key_names != expected_pending:
             raise RuntimeError(f"bpf/flowtel.h struct dns_pending_key {self._pending.key_names} does not match")
         self._active = bpf["dns_active"]

@@ -91,11 +91,11 @@ class _Decoder:
     def __init__(self, event_type: type[ctypes.Structure]) -> None:
         hdr_type: Any = {f[0]: f[1] for f in event_type._fields_}["hdr"]
         self._hdr, names = struct_for(hdr_type)
-        self.payload_offset = event_type.payload.offset  # type: ignore[attr-defined]
+        self.payload_offset = event_type.payload.offset
         if self._hdr.size != self.payload_offset:
             raise RuntimeError("struct dns_event: payload does not follow the header directly")
         index = {n: i for i, n in enumerate(names)}
-        wanted = [f for f in DnsEvent.__slots__ if f not in ("payload", "__weakref__")]  # type: ignore[attr-defined]
+        wanted = [f for f in DnsEvent.__slots__ if f not in ("payload", "__weakref__")]
         missing = [f for f in wanted if f not in index]
         if missing:
             raise RuntimeError(f"bpf/flowtel.h struct dns_event_hdr lacks {missing}")

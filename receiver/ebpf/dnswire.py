@@ -72,7 +72,7 @@ class DnsMessage:
 @functools.lru_cache(maxsize=1024)
 def type_text(rdtype: int) -> str:
     """A record type's mnemonic (``A``, ``AAAA``, ``TYPE65280`` for unknown ones)."""
-    return dns.rdatatype.to_text(rdtype)  # type: ignore[arg-type]
+    return dns.rdatatype.to_text(rdtype)  # type: ignore[arg-type]  # to_text takes any int (unknown types print as TYPEnnn)
 
 
 @functools.lru_cache(maxsize=8192)

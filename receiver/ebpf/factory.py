@@ -1,8 +1,9 @@
 """Factory of the ``ebpf`` receiver (bcc is imported only when one is created)."""
 from __future__ import annotations
 
-from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from flowtel.component import Consumer, CreateSettings, Receiver, ReceiverFactory
 from receiver.ebpf.config import EbpfReceiverConfig
+from receiver.ebpf.preflight import preflight
 
 
 def create(settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: Consumer) -> Receiver:
@@ -11,4 +12,4 @@ def create(settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: 
     return EbpfReceiver(settings, config, next_consumer)
 
 
-FACTORY = Factory(type="ebpf", kind=Kind.RECEIVER, config_class=EbpfReceiverConfig, create=create, signals=("logs", "metrics"))
+FACTORY = ReceiverFactory(type="ebpf", config_class=EbpfReceiverConfig, create=create, signals=("logs", "metrics"), preflight=preflight)

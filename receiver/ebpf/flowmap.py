@@ -63,7 +63,7 @@ class FlowMaps:
     def __init__(self, bpf: Any) -> None:
         self._counters = bpf["counters"]
         self._buffer: DoubleBuffer[RawFlow] = DoubleBuffer(
-            bpf, "flows", "flow_active", RawFlow, RawFlow.__slots__,  # type: ignore[attr-defined]
+            bpf, "flows", "flow_active", RawFlow, RawFlow.__slots__,
             self._counter, CNT_FLOWS_CREATED)
         self.max_entries = self._buffer.max_entries
         self._evicted_total = 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, TcpFlagCounts, Verdict
+from flowtel.records import Flow, LostEvents, Record, TcpFlagCounts, Verdict
 import bpf as bpf_sources
 from flowtel.lib.bpf.tcattach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
@@ -144,7 +144,8 @@ class EbpfReceiver(Receiver):
                 f"cannot attach tc programs: {exc}",
                 "flowtel needs CAP_NET_ADMIN and CAP_BPF (run as root, or add them to the DaemonSet)",
             ) from None
-        self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(self._attach.attached()))
+        attach = self._attach
+        self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(attach.attached()))
         self._thread = threading.Thread(target=self._run, name="flowtel-ebpf-drain", daemon=True)
         self._thread.start()
         if self._dns is not None:
@@ -172,7 +173,7 @@ class EbpfReceiver(Receiver):
     def _drain_once(self, *, writers_stopped: bool) -> None:
         assert self._maps is not None
         result = self._maps.drain(writers_stopped=writers_stopped)
-        records: list[Flow | LostEvents] = self._to_flows(result.flows)
+        records: list[Record] = [*self._to_flows(result.flows)]
         now = time.time_ns()
         node = self.settings.node_name
         telemetry = self.settings.telemetry
@@ -192,7 +193,7 @@ class EbpfReceiver(Receiver):
             self.next_consumer.consume(records)
         # A batch holds one signal: the node counters go as their own metrics batch.
         if consumer_wants(self.next_consumer, "metrics"):
-            self.next_consumer.consume(forward_points(self.node_totals(), now))  # type: ignore[arg-type]
+            self.next_consumer.consume(forward_points(self.node_totals(), now))  # type: ignore[arg-type]  # a list is invariant: list[MetricPoint] is a batch of records all the same
 
     def _to_flows(self, raws: list[RawFlow]) -> list[Flow | LostEvents]:
         assert self._attach is not None

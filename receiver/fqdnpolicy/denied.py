@@ -134,7 +134,7 @@ class DeniedMapReader:
         idx = self._stats_index
         out: dict[bytes, Stats] = {}
         for i, v in enumerate(self._stats_struct.iter_unpack(values)):
-            out[keys[i * ksz:(i + 1) * ksz]] = tuple(v[j] for j in idx)  # type: ignore[assignment]
+            out[keys[i * ksz:(i + 1) * ksz]] = tuple(v[j] for j in idx)
         return out
 
     def decode_key(self, raw: bytes) -> tuple[str, str, int, int, int, int, int]:

@@ -1,8 +1,9 @@
 """Factory of the ``fqdnpolicy`` receiver (bcc is imported only when one starts)."""
 from __future__ import annotations
 
-from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from flowtel.component import Consumer, CreateSettings, Receiver, ReceiverFactory
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
+from receiver.fqdnpolicy.preflight import preflight
 
 
 def create(settings: CreateSettings, config: FqdnPolicyReceiverConfig, next_consumer: Consumer) -> Receiver:
@@ -11,5 +12,5 @@ def create(settings: CreateSettings, config: FqdnPolicyReceiverConfig, next_cons
     return FqdnPolicyReceiver(settings, config, next_consumer)
 
 
-FACTORY = Factory(type="fqdnpolicy", kind=Kind.RECEIVER, config_class=FqdnPolicyReceiverConfig, create=create,
-                  signals=("logs",))
+FACTORY = ReceiverFactory(type="fqdnpolicy", config_class=FqdnPolicyReceiverConfig, create=create,
+                            signals=("logs",), preflight=preflight)

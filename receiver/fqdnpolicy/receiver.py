@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from flowtel.component import Consumer, CreateSettings, Receiver, Status
 from flowtel.errors import StartError
-from flowtel.records import EventKind, Flow, LostEvents, TrafficDirection, Verdict
+from flowtel.records import EventKind, Flow, LostEvents, Record, TrafficDirection, Verdict
 from receiver.fqdnpolicy import pinned
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
 from receiver.fqdnpolicy.denied import (CNT_DENIED_CREATED, CNT_EVENTS_LOST, DROP_REASON, MAP_COUNTERS, MAP_DENIED,
@@ -204,7 +204,7 @@ class FqdnPolicyReceiver(Receiver):
         result = maps.diff.update(snapshot, created, maps.reader.decode_key)
         now = time.time_ns()
         node = self.settings.node_name
-        records: list[Flow | LostEvents] = list(self._to_flows(result.deltas))
+        records: list[Record] = list(self._to_flows(result.deltas))
         if result.evicted:
             telemetry.add(cid, "entries_evicted", result.evicted)
             records.append(LostEvents(now, LOST_DENIED_MAP_FULL, result.evicted, node))
@@ -218,7 +218,7 @@ class FqdnPolicyReceiver(Receiver):
             records.append(LostEvents(now, LOST_DENIED_UPDATE_FAILED, lost, node))
         if records:
             telemetry.add(cid, "records_out", len(records))
-            self.next_consumer.consume(records)  # type: ignore[arg-type]
+            self.next_consumer.consume(records)
         if self._state in ("error", "mismatch"):
             self.report_status(Status.OK)
             self._state = "attached"

@@ -1,8 +1,9 @@
 """Factory of the ``procfs`` receiver."""
 from __future__ import annotations
 
-from flowtel.component import Consumer, CreateSettings, Factory, Kind, Receiver
+from flowtel.component import Consumer, CreateSettings, Receiver, ReceiverFactory
 from receiver.procfs.config import ProcfsReceiverConfig
+from receiver.procfs.preflight import preflight
 
 
 def create(settings: CreateSettings, config: ProcfsReceiverConfig, next_consumer: Consumer) -> Receiver:
@@ -11,4 +12,5 @@ def create(settings: CreateSettings, config: ProcfsReceiverConfig, next_consumer
     return ProcfsReceiver(settings, config, next_consumer)
 
 
-FACTORY = Factory(type="procfs", kind=Kind.RECEIVER, config_class=ProcfsReceiverConfig, create=create, signals=("metrics",))
+FACTORY = ReceiverFactory(type="procfs", config_class=ProcfsReceiverConfig, create=create, signals=("metrics",),
+                          preflight=preflight)

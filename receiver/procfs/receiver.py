@@ -151,7 +151,7 @@ class ProcfsReceiver(Receiver):
             return
         self.settings.telemetry.add(self.settings.id, "records_out", len(points))
         if points:
-            self.next_consumer.consume(points)
+            self.next_consumer.consume([*points])  # a list[Record]: the consumer takes any record
 
     # -- one poll ------------------------------------------------------------------------
 

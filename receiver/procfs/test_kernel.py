@@ -14,7 +14,7 @@ import pytest
 
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import MetricPoint
-from flowtel.testbed import Pod, Testbed, send_ping
+from testbed import Pod, Testbed, send_ping
 from receiver.procfs.config import ProcfsReceiverConfig
 from receiver.procfs.receiver import ProcfsReceiver
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind, Telemetry
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind, Telemetry
 from flowtel.config import ConfigError, parse_config
 from flowtel.errors import StartError
 from flowtel.pipeline import Service
@@ -181,7 +181,7 @@ def _config(receivers: dict) -> dict:
 
 def _config_error(receiver_cfg: dict) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        parse_config(_config({"procfs": receiver_cfg}), "agent.yaml", environ={})
+        parse_config(_config({"procfs": receiver_cfg}), "agent.yaml", environ={}, factories=factories_by_kind())
     return info.value
 
 
@@ -207,7 +207,7 @@ def test_registered_for_metrics_pipelines_only() -> None:
     bad = _config({"procfs": {}})
     bad["service"]["pipelines"] = {"logs": {"receivers": ["procfs"], "exporters": ["file"]}}
     with pytest.raises(ConfigError, match="does not support logs pipelines"):
-        parse_config(bad, "agent.yaml", environ={})
+        parse_config(bad, "agent.yaml", environ={}, factories=factories_by_kind())
 
 
 # -- in a Service --------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_service_delivers_points_on_the_interval_and_at_shutdown() -> None:
     factories = {
         Kind.RECEIVER: {"procfs": FACTORY},
         Kind.PROCESSOR: {},
-        Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, _SinkConfig, _Sink, signals=("metrics",))},
+        Kind.EXPORTER: {"sink": ExporterFactory("sink", _SinkConfig, _Sink, signals=("metrics",))},
         Kind.CONNECTOR: {},
         Kind.EXTENSION: {},
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.testbed import Testbed, send_tcp
+from testbed import Testbed, send_tcp
 from tests.deploy.manifests import REPO, container, find, render
 
 pytestmark = pytest.mark.kernel

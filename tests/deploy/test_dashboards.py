@@ -329,7 +329,7 @@ class LiveAgent:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
-    from flowtel.testbed import Testbed, send_tcp, send_udp
+    from testbed import Testbed, send_tcp, send_udp
 
     tmp = tmp_path_factory.mktemp("live")
     Testbed.cleanup_stale()

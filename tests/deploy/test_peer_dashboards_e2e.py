@@ -379,7 +379,7 @@ class Run:
 def traffic(client: Any, server: Any, dns: Any) -> None:
     """TCP, UDP, ICMP (IPv4 and IPv6, TCP over both), DNS (answered, NXDOMAIN, unanswered),
     closed ports (RST, NO_SOCKET), nftables drops in and out, retransmissions."""
-    from flowtel.testbed import send_ping, send_tcp, send_udp
+    from testbed import send_ping, send_tcp, send_udp
 
     for _ in range(2):
         client.exec(["dig", "+time=1", "+tries=1", f"@{dns.ipv4}", "api.shop.test"], check=False)
@@ -407,7 +407,7 @@ for _ in range(5): u.sendto(b"x" * 64, ("{server.ipv4}", 7778))
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
-    from flowtel.testbed import Testbed
+    from testbed import Testbed
     from tests.kubeapi import FakeApiServer
     from tests.kubeapi import objects as o
 

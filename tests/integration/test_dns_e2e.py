@@ -27,13 +27,13 @@ from typing import Any
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Factory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.histogram import bucket_index
 from flowtel.records import MetricKind, MetricPoint, Record
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 from receiver.ebpf import dnsmaps
 from tests import dnsfuzz
 
@@ -74,7 +74,7 @@ class MemoryExporter(Exporter):
 def _factories() -> dict[Kind, dict[str, Factory]]:
     out = factories_by_kind()
     out[Kind.EXPORTER] = {**out[Kind.EXPORTER],
-                          "memory": Factory("memory", Kind.EXPORTER, _MemoryConfig, MemoryExporter)}
+                          "memory": ExporterFactory("memory", _MemoryConfig, MemoryExporter)}
     return out
 
 

@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import Flow, LostEvents, Record
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import Testbed
+from testbed import Testbed
 
 pytestmark = pytest.mark.kernel
 
@@ -52,7 +52,7 @@ class _Memory(Exporter):
 
 def test_evictions_are_counted_and_interface_totals_stay_exact() -> None:
     factories = factories_by_kind()
-    factories[Kind.EXPORTER]["memory"] = Factory("memory", Kind.EXPORTER, ComponentConfig, _Memory, ("logs",))
+    factories[Kind.EXPORTER]["memory"] = ExporterFactory("memory", ComponentConfig, _Memory, signals=("logs",))
     Testbed.cleanup_stale()
     with Testbed() as bed:
         a, b = bed.add_pod("sender"), bed.add_pod("sink")

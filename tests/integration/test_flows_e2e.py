@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.testbed import Testbed, send_ping, send_tcp, send_udp
+from testbed import Testbed, send_ping, send_tcp, send_udp
 
 pytestmark = pytest.mark.kernel
 

@@ -30,7 +30,7 @@ from flowtel.component import Status
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import capture, send_udp
+from testbed import capture, send_udp
 from tests.integration.test_fqdn_policy_e2e import Bed, Proxy, bed, connect, dig  # noqa: F401 - bed is a fixture
 from tests.support.otlp_receiver import free_port
 

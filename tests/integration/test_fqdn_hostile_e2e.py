@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 from tests.integration.test_fqdn_drops_e2e import Agent, scrape, series
 from tests.integration.test_fqdn_policy_e2e import Proxy, connect, dig
 from tests.support.otlp_receiver import free_port

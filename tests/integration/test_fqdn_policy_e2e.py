@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from dnsproxy.datapath import Datapath, uninstall
-from flowtel.testbed import Pod, Testbed, capture
+from testbed import Pod, Testbed, capture
 
 pytestmark = pytest.mark.kernel
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 from tests.integration.test_fqdn_policy_e2e import WEB_PORT, Proxy, connect, datapath_view  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.kernel

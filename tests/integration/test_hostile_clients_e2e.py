@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from flowtel.testbed import Pod, Testbed
+from testbed import Pod, Testbed
 from tests.integration.test_fqdn_policy_e2e import dig
 from tests.support.otlp_receiver import free_port
 

@@ -13,12 +13,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind
+from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import MetricPoint, Record
 from flowtel.registry import factories_by_kind
-from flowtel.testbed import Pod, Testbed, send_tcp
+from testbed import Pod, Testbed, send_tcp
 
 pytestmark = pytest.mark.kernel
 
@@ -48,7 +48,7 @@ class MemoryExporter(Exporter):
 def start_agent(glob: str) -> Service:
     factories = factories_by_kind()
     factories[Kind.EXPORTER] = {**factories[Kind.EXPORTER],
-                                "memory": Factory("memory", Kind.EXPORTER, _MemoryConfig, MemoryExporter)}
+                                "memory": ExporterFactory("memory", _MemoryConfig, MemoryExporter)}
     context = "sourceContext=ip;destinationContext=ip"
     cfg = parse_config({
         "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms"}},

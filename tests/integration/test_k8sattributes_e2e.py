@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from flowtel.testbed import Pod, Testbed, send_tcp, send_udp
+from testbed import Pod, Testbed, send_tcp, send_udp
 from tests.kubeapi import FakeApiServer
 from tests.kubeapi import objects as o
 

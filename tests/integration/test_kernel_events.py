@@ -1,6 +1,6 @@
 """Drops and TCP health from kernel tracepoints, against the kernel's own truth.
 
-Pods are network namespaces (flowtel.testbed). The tracepoints are global: they also see every
+Pods are network namespaces (testbed). The tracepoints are global: they also see every
 other drop and TCP socket on this machine, including those of concurrent test runs, so each
 test counts only records of its own addresses and ports, and compares them exactly with what
 it caused or with the kernel's per-namespace counters (/proc/net/snmp read inside the pod).
@@ -24,7 +24,7 @@ import pytest
 
 from flowtel.component import Telemetry
 from flowtel.records import EventKind, Flow, LostEvents, MetricKind, MetricPoint, Verdict
-from flowtel.testbed import Pod, Testbed, send_ping, send_tcp
+from testbed import Pod, Testbed, send_ping, send_tcp
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig, decode
 
 pytestmark = pytest.mark.kernel

@@ -27,7 +27,7 @@ import pytest
 from flowtel.cli import main
 from flowtel.lib.hubble.convert import flow_json as flow_to_dict
 from flowtel.lib.hubble.parse import flow_from_json as flow_from_dict
-from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
+from testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
 
 pytestmark = pytest.mark.kernel
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.testbed import Testbed, send_udp
+from testbed import Testbed, send_udp
 from tests.integration.test_flows_e2e import filter_ids
 from tests.support.otlp_receiver import GrpcOtlpServer, any_to_python, free_port
 

@@ -19,7 +19,7 @@ import pytest
 
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import Flow, Record, Verdict
-from flowtel.testbed import Testbed
+from testbed import Testbed
 from receiver.ebpf.config import EbpfReceiverConfig
 from receiver.ebpf.receiver import EbpfReceiver
 

@@ -31,7 +31,7 @@ import yaml
 
 from dnsproxy.datapath import Datapath
 from flowtel.lib.policy import parse_policy
-from flowtel.testbed import Testbed, send_tcp
+from testbed import Testbed, send_tcp
 from tests.integration.test_fqdn_policy_e2e import REPO, WEB_PORT, Proxy, connect, dig
 
 pytestmark = pytest.mark.kernel

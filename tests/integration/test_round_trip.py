@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtel.testbed import Testbed, send_tcp
+from testbed import Testbed, send_tcp
 
 pytestmark = pytest.mark.kernel
 

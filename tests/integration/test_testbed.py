@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from flowtel.testbed import (
+from testbed import (
     DNS_PROBE_NAME,
     GUARD_ROUTE_PROTO,
     LinkStats,
@@ -264,7 +264,7 @@ def test_close_removes_everything(bed: Testbed) -> None:
 
 _CHILD = r"""
 import json, sys
-from flowtel.testbed import Testbed
+from testbed import Testbed
 tb = Testbed()
 pod = tb.add_pod("orphan", ipv6=True)
 sink = tb.start_udp_sink(pod, 7001)
@@ -308,7 +308,7 @@ def test_cleanup_stale_removes_dead_runs_only() -> None:
 
 
 def test_unprivileged_use_names_the_remedy() -> None:
-    code = "from flowtel.testbed import Testbed\nTestbed()"
+    code = "from testbed import Testbed\nTestbed()"
     res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
                           sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30)

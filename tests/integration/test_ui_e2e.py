@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from flowtel.cli import main
-from flowtel.testbed import Pod, Testbed, send_ping, send_tcp, send_udp
+from testbed import Pod, Testbed, send_ping, send_tcp, send_udp
 from tests.support.chromium_cdp import Browser
 
 pytestmark = pytest.mark.kernel

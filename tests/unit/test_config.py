@@ -7,6 +7,7 @@ import pytest
 
 from flowtel.component import Kind
 from flowtel.config import ConfigError, load_config
+from flowtel.registry import factories_by_kind
 
 GOOD = """
 receivers:
@@ -35,14 +36,14 @@ def write(tmp_path: Path, text: str) -> Path:
 def load_error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> ConfigError:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_config(path, environ=environ or {})
+        load_config(path, environ=environ or {}, factories=factories_by_kind())
     err = info.value
     assert str(path) in str(err), "the message must name the file"
     return err
 
 
 def test_good_config_is_typed_and_env_expanded(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, GOOD), environ={"FLOWTEL_TEST_DIR": "/tmp/x"})
+    cfg = load_config(write(tmp_path, GOOD), environ={"FLOWTEL_TEST_DIR": "/tmp/x"}, factories=factories_by_kind())
     ebpf = cfg.component(Kind.RECEIVER, "ebpf")
     assert ebpf.interfaces == ["veth*", "eth0"]
     assert ebpf.collection_interval == 5.0
@@ -54,7 +55,7 @@ def test_good_config_is_typed_and_env_expanded(tmp_path: Path) -> None:
 
 
 def test_env_var_overrides_default_and_is_typed(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, GOOD), environ={"FLOWTEL_TEST_DIR": "/d", "FLOWTEL_TEST_SIZE": "3"})
+    cfg = load_config(write(tmp_path, GOOD), environ={"FLOWTEL_TEST_DIR": "/d", "FLOWTEL_TEST_SIZE": "3"}, factories=factories_by_kind())
     assert cfg.component(Kind.EXPORTER, "file/flows").max_size_mb == 3
 
 
@@ -66,7 +67,7 @@ def test_missing_env_var_names_key_path(tmp_path: Path) -> None:
 
 def test_dollar_escape(tmp_path: Path) -> None:
     text = GOOD.replace("${env:FLOWTEL_TEST_DIR}/flows.log", "/tmp/$$HOME/flows.log")
-    cfg = load_config(write(tmp_path, text), environ={})
+    cfg = load_config(write(tmp_path, text), environ={}, factories=factories_by_kind())
     assert cfg.component(Kind.EXPORTER, "file/flows").path == "/tmp/$HOME/flows.log"
 
 
@@ -135,7 +136,7 @@ def test_invalid_yaml_reports_line(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(tmp_path / "nope.yaml")
+        load_config(tmp_path / "nope.yaml", factories=factories_by_kind())
     assert "nope.yaml" in str(info.value) and "cannot read" in str(info.value)
 
 
@@ -145,7 +146,7 @@ def test_bad_component_id(tmp_path: Path) -> None:
 
 
 def test_bundled_default_config_is_valid() -> None:
-    cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "flowtel.yaml", environ={})
+    cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "flowtel.yaml", environ={}, factories=factories_by_kind())
     assert "ebpf" in cfg.components[Kind.RECEIVER]
     assert cfg.pipelines["logs"].exporters == ("file", "hubblemetrics")
     assert cfg.pipelines["metrics"].receivers == ("ebpf", "procfs", "hubblemetrics")
@@ -198,7 +199,7 @@ service:
     metrics: &p {receivers: [procfs], exporters: [prometheus]}
     metrics/2: {<<: *p}
 """)
-    cfg = load_config(path, environ={})
+    cfg = load_config(path, environ={}, factories=factories_by_kind())
     assert set(cfg.pipelines) == {"metrics", "metrics/2"}
 
 
@@ -218,11 +219,11 @@ def test_deep_nesting_and_huge_files_are_config_errors(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# " + b"x" * (5 * 1024 * 1024) + b"\n")
     with pytest.raises(ConfigError, match="larger than 4 MiB"):
-        load_config(big, environ={})
+        load_config(big, environ={}, factories=factories_by_kind())
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"a: \xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        load_config(bad, environ={})
+        load_config(bad, environ={}, factories=factories_by_kind())
 
 
 def test_flowtel_run_with_an_alias_bomb_or_a_recursive_alias_exits_with_a_config_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import pytest
 from flowtel.component import Kind
 from flowtel.config import ConfigError, parse_config
 from flowtel.histogram import DNS_LATENCY_BOUNDS, bucket_index
+from flowtel.registry import factories_by_kind
 from receiver.ebpf.config import DnsConfig
 from receiver.ebpf.dnsring import cflags, latency_bucket_expr
 
@@ -16,8 +17,7 @@ def load(dns: object) -> object:
     return parse_config(
         {"receivers": {"ebpf": {"dns": dns}}, "exporters": {"console": {}},
          "service": {"pipelines": {"logs": {"receivers": ["ebpf"], "exporters": ["console"]}}}},
-        "flowtel.yaml", environ={},
-    ).component(Kind.RECEIVER, "ebpf").dns  # type: ignore[attr-defined]
+        "flowtel.yaml", environ={}, factories=factories_by_kind()).component(Kind.RECEIVER, "ebpf").dns  # type: ignore[attr-defined]
 
 
 def test_defaults_and_durations() -> None:

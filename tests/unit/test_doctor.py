@@ -14,16 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from flowtel.preflight import Btf, Capabilities, Executable, KubernetesAccess, Tracepoint
+from processors.k8sattributes.access import kube_access
+from processors.k8sattributes.config import K8sAttributesConfig
+from receiver.ebpf.config import EbpfReceiverConfig
+from receiver.ebpf.preflight import preflight as ebpf_preflight
+
 from flowtel.doctor import (
     CheckResult,
-    KubeSettings,
     Root,
     Status,
-    TRACEPOINTS,
     check_bcc,
     check_bpffs,
     check_btf,
     check_capabilities,
+    check_executables,
     check_kernel,
     check_kernel_headers,
     check_kprobes,
@@ -35,6 +40,18 @@ from flowtel.doctor import (
     parse_cap_eff,
     run_checks,
 )
+
+# The tracepoints the ebpf receiver declares (its default config: every kernel event).
+TRACEPOINTS = [r for r in ebpf_preflight(EbpfReceiverConfig()) if isinstance(r, Tracepoint)]
+BTF_NEEDED = [r for r in ebpf_preflight(EbpfReceiverConfig()) if isinstance(r, Btf)]
+
+
+def KubeSettings(auth_type: str, kubeconfig: str | None = None) -> KubernetesAccess:
+    """The k8sattributes processor's access for these settings, as its factory declares it."""
+    access = kube_access(K8sAttributesConfig.model_validate({"auth_type": auth_type, "kubeconfig": kubeconfig}))
+    assert access is not None
+    return access
+
 
 RELEASE = "6.18.44-fc-v669"
 KDIR = f"/lib/modules/{RELEASE}"
@@ -80,15 +97,14 @@ class FakeNode:
 
     def tracefs(self, base: str = "/sys/kernel/tracing", skip: tuple[str, ...] = (),
                 kfree_skb_reason: bool = True) -> None:
-        for tracepoint in TRACEPOINTS:
-            if tracepoint in skip:
+        for tp in TRACEPOINTS:
+            if tp.name in skip:
                 continue
-            category, event = tracepoint.split(":")
-            fields = "\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n"
-            if tracepoint == "skb:kfree_skb" and kfree_skb_reason:
-                fields += "\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;\n"
-            self.write(f"{base}/events/{category}/{event}/format",
-                       f"name: {event}\nID: 1\nformat:\n{fields}")
+            fields = "".join(f"\tfield:__u64 {name};\toffset:{8 + 8 * i};\tsize:8;\tsigned:0;\n"
+                             for i, name in enumerate(tp.fields)
+                             if kfree_skb_reason or (tp.event, name) != ("kfree_skb", "reason"))
+            self.write(f"{base}/events/{tp.category}/{tp.event}/format",
+                       f"name: {tp.event}\nID: 1\nformat:\n{fields}")
 
     def status(self, cap_eff: str) -> None:
         self.write("/proc/self/status",
@@ -239,14 +255,16 @@ def test_kernel_version_gate(tmp_path: Path) -> None:
     assert check_kernel(FakeNode(tmp_path / "c", release="5.8.0").root).status is Status.OK
 
 
-def test_btf_missing_is_a_warning_not_a_failure(node: FakeNode) -> None:
+def test_btf_missing_fails_when_a_component_requires_it(node: FakeNode) -> None:
     node.kernel_config(CONFIG_DEBUG_INFO_BTF="n")
-    result = check_btf(node.root)
-    assert result.status is Status.WARN
+    result = check_btf(node.root, BTF_NEEDED)
+    assert result.status is Status.FAIL  # the receiver's kernel events do not start without it
     assert "CONFIG_DEBUG_INFO_BTF" in result.detail
+    optional = check_btf(node.root, [Btf("drop attribution", required=False)])
+    assert optional.status is Status.WARN and "drop attribution is lost" in optional.detail
 
     node.write("/sys/kernel/btf/vmlinux", "\0" * 4096)
-    assert check_btf(node.root).status is Status.OK
+    assert check_btf(node.root, BTF_NEEDED).status is Status.OK
 
 
 def test_kprobes_are_information_only(node: FakeNode) -> None:
@@ -270,7 +288,7 @@ def test_tracefs_missing_fails_with_mount_command(node: FakeNode) -> None:
     assert result.status is Status.FAIL
     assert "mount -t tracefs tracefs /sys/kernel/tracing" in result.remedy
     assert "hostPath" in result.remedy
-    assert [r.status for r in check_tracepoints(node.root)] == [Status.WARN]
+    assert [r.status for r in check_tracepoints(node.root, TRACEPOINTS)] == [Status.FAIL]
 
 
 def test_tracefs_under_debugfs_counts(node: FakeNode) -> None:
@@ -282,27 +300,27 @@ def test_tracefs_under_debugfs_counts(node: FakeNode) -> None:
 
 def test_every_tracepoint_present_is_ok(node: FakeNode) -> None:
     node.tracefs()
-    results = check_tracepoints(node.root)
-    assert [r.name for r in results] == list(TRACEPOINTS)
+    results = check_tracepoints(node.root, TRACEPOINTS)
+    assert [r.name for r in results] == [tp.name for tp in TRACEPOINTS]
     assert all(r.status is Status.OK for r in results)
 
 
-def test_missing_tracepoint_warns_naming_it_and_its_feature(node: FakeNode) -> None:
+def test_missing_tracepoint_fails_naming_it_and_its_feature(node: FakeNode) -> None:
     node.tracefs(skip=("tcp:tcp_retransmit_skb",))
 
-    by_name = {r.name: r for r in check_tracepoints(node.root)}
+    by_name = {r.name: r for r in check_tracepoints(node.root, TRACEPOINTS)}
 
     missing = by_name["tcp:tcp_retransmit_skb"]
-    assert missing.status is Status.WARN
+    assert missing.status is Status.FAIL  # as in the receiver, which does not start without it
     assert "tcp_retransmit_skb" in missing.detail and "retransmission" in missing.detail
     assert all(r.status is Status.OK for n, r in by_name.items() if n != "tcp:tcp_retransmit_skb")
 
 
-def test_kfree_skb_without_reason_warns(node: FakeNode) -> None:
+def test_kfree_skb_without_reason_fails(node: FakeNode) -> None:
     node.tracefs(kfree_skb_reason=False)
-    result = {r.name: r for r in check_tracepoints(node.root)}["skb:kfree_skb"]
-    assert result.status is Status.WARN
-    assert "reason" in result.detail
+    result = {r.name: r for r in check_tracepoints(node.root, TRACEPOINTS)}["skb:kfree_skb"]
+    assert result.status is Status.FAIL  # the receiver requires the field (tracefs require())
+    assert "no field reason" in result.detail and "5.17" in result.detail
 
 
 # --- bpffs --------------------------------------------------------------------------------
@@ -342,6 +360,40 @@ def test_bpffs_mounted_is_ok(node: FakeNode) -> None:
 # --- capabilities --------------------------------------------------------------------------
 
 
+def test_capabilities_a_component_declares_are_checked_too(node: FakeNode) -> None:
+    netns = [Capabilities(("CAP_SYS_ADMIN",), "entering the netns namespaces")]
+    node.write("/proc/sys/kernel/osrelease", RELEASE + "\n")
+    node.status("000000c000001000")  # BPF, PERFMON, NET_ADMIN; no SYS_ADMIN
+    assert check_capabilities(node.root).status is Status.OK
+    result = check_capabilities(node.root, extra=netns)
+    assert result.status is Status.FAIL and "CAP_SYS_ADMIN (entering the netns namespaces)" in result.detail
+    assert "SYS_ADMIN" in result.remedy
+    only = check_capabilities(node.root, bpf=False, extra=netns)  # procfs alone: no BPF needed
+    assert only.status is Status.FAIL and only.detail.endswith("missing CAP_SYS_ADMIN (entering the netns namespaces)")
+    node.status("0000000000200000")  # SYS_ADMIN only
+    assert check_capabilities(node.root, bpf=False, extra=netns).status is Status.OK
+
+
+def test_executables_are_found_where_debian_puts_them(node: FakeNode) -> None:
+    needs = [Executable("nft", "nftables", "the DNS redirect")]
+    missing = check_executables(node.root, needs)[0]
+    assert missing.status is Status.FAIL and missing.remedy.startswith("apt-get install nftables")
+    node.write("/usr/sbin/nft")
+    found = check_executables(node.root, needs)[0]
+    assert found.status is Status.OK and found.detail.startswith("/usr/sbin/nft")
+
+
+def test_sys_admin_stands_in_for_bpf_in_declared_capabilities(node: FakeNode) -> None:
+    node.write("/proc/sys/kernel/osrelease", RELEASE + "\n")
+    node.status("0000000000201400")  # SYS_ADMIN, NET_ADMIN, NET_BIND_SERVICE
+    proxy = [Capabilities(("CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"), "the proxy")]
+    assert check_capabilities(node.root, bpf=False, extra=proxy).status is Status.OK
+    node.status("0000000000001000")  # NET_ADMIN only
+    result = check_capabilities(node.root, bpf=False, extra=proxy)
+    assert result.status is Status.FAIL
+    assert "CAP_BPF (the proxy)" in result.detail and "CAP_NET_BIND_SERVICE (the proxy)" in result.detail
+
+
 def test_parse_cap_eff_reads_the_effective_set() -> None:
     text = "CapPrm:\t0000000000000001\nCapEff:\t000001fffeffffff\n"
     mask = parse_cap_eff(text)
@@ -353,7 +405,7 @@ def test_parse_cap_eff_reads_the_effective_set() -> None:
 @pytest.mark.parametrize(
     ("cap_eff", "status", "expected"),
     [
-        ("000001ffffffffff", Status.OK, "CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_RESOURCE"),
+        ("000001ffffffffff", Status.OK, "CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_RESOURCE"),
         ("000001fffeffffff", Status.OK, "CAP_SYS_RESOURCE not needed on >= 5.11"),
         ("0000000000000000", Status.FAIL, "missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
         # Docker's default set: no NET_ADMIN, no BPF, no SYS_ADMIN.
@@ -627,7 +679,8 @@ def test_forbidden_pods_give_an_rbac_remedy(
 
     assert result.status is Status.FAIL
     assert "403" in result.detail and "cannot list resource" in result.detail
-    assert "ClusterRole" in result.remedy and "kubectl auth can-i list pods" in result.remedy
+    assert "ClusterRole" in result.remedy and "deploy/base/rbac.yaml" in result.remedy
+    assert "kubectl auth can-i list pods" in result.remedy
 
 
 def test_rejected_credentials(node: FakeNode, tmp_path: Path, api_server: ApiServer) -> None:

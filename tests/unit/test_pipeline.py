@@ -7,14 +7,18 @@ import time
 from flowtel.component import (
     ComponentConfig,
     Connector,
+    ConnectorFactory,
     Consumer,
-    Extension,
     CreateSettings,
     Exporter,
-    Factory,
+    ExporterFactory,
+    Extension,
+    ExtensionFactory,
     Kind,
     Processor,
+    ProcessorFactory,
     Receiver,
+    ReceiverFactory,
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
@@ -120,14 +124,14 @@ class Tap(Extension):
 
 
 FACTORIES = {
-    Kind.RECEIVER: {"src": Factory("src", Kind.RECEIVER, Cfg, Src)},
+    Kind.RECEIVER: {"src": ReceiverFactory("src", Cfg, Src)},
     Kind.PROCESSOR: {
-        "tag": Factory("tag", Kind.PROCESSOR, Cfg, lambda s, c: Tag(s)),
-        "hold": Factory("hold", Kind.PROCESSOR, Cfg, lambda s, c: Hold(s)),
+        "tag": ProcessorFactory("tag", Cfg, lambda s, c: Tag(s)),
+        "hold": ProcessorFactory("hold", Cfg, lambda s, c: Hold(s)),
     },
-    Kind.EXPORTER: {"sink": Factory("sink", Kind.EXPORTER, Cfg, Sink)},
-    Kind.CONNECTOR: {"count": Factory("count", Kind.CONNECTOR, Cfg, Count)},
-    Kind.EXTENSION: {"tap": Factory("tap", Kind.EXTENSION, Cfg, lambda s, c: Tap(s))},
+    Kind.EXPORTER: {"sink": ExporterFactory("sink", Cfg, Sink)},
+    Kind.CONNECTOR: {"count": ConnectorFactory("count", Cfg, Count, consumes="logs", emits="logs")},
+    Kind.EXTENSION: {"tap": ExtensionFactory("tap", Cfg, lambda s, c: Tap(s))},
 }
 
 
@@ -240,7 +244,7 @@ def test_start_failure_shuts_down_what_started() -> None:
             raise RuntimeError("no kernel")
 
     factories = dict(FACTORIES)
-    factories[Kind.RECEIVER] = {"src": Factory("src", Kind.RECEIVER, Cfg, Boom)}
+    factories[Kind.RECEIVER] = {"src": ReceiverFactory("src", Cfg, Boom)}
     cfg = parse_config(
         {"receivers": {"src": {}}, "exporters": {"sink": {}}, "service": {"pipelines": {"logs": {"receivers": ["src"], "exporters": ["sink"]}}}},
         "t.yaml",
@@ -350,7 +354,7 @@ class Ticking(Processor):
 
 def test_processor_ticks_go_through_later_processors_and_survive_a_failure() -> None:
     factories = {**FACTORIES, Kind.PROCESSOR: {**FACTORIES[Kind.PROCESSOR],
-                                               "ticking": Factory("ticking", Kind.PROCESSOR, Cfg, lambda s, c: Ticking(s))}}
+                                               "ticking": ProcessorFactory("ticking", Cfg, lambda s, c: Ticking(s))}}
     cfg = {
         "receivers": {"src": {}},
         "processors": {"ticking": {}, "tag": {}},

@@ -78,7 +78,7 @@ class Btf:
         if kind == "PTR":
             return 8  # BTF has no pointer size; flowtel's programs run on 64-bit kernels
         if kind == "ARRAY":
-            return self._size(self._resolve(t["type_id"])) * t["nr_elems"]
+            return self._size(self._resolve(t["type_id"])) * int(t["nr_elems"])
         return int(t.get("size", 0))
 
     def _find(self, struct: dict[str, Any], name: str, base: int) -> tuple[dict[str, Any], int] | None:

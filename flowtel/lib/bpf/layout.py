@@ -41,13 +41,14 @@ def struct_for(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[str,
     fmt = ["="]
     names: list[str] = []
     pos = 0
-    for name, ftype in ctype._fields_:  # type: ignore[attr-defined]
+    for field in ctype._fields_:
+        name, ftype = field[0], field[1]  # (name, type) or (name, type, bit width)
         offset = getattr(ctype, name).offset
         if offset > pos:
             fmt.append(f"{offset - pos}x")
         size = ctypes.sizeof(ftype)
         if issubclass(ftype, ctypes.Array):
-            elem = ftype._type_  # type: ignore[attr-defined]
+            elem = getattr(ftype, "_type_")  # an Array's element type; ctypes' stubs do not narrow by issubclass
             if ctypes.sizeof(elem) != 1:
                 raise TypeError(f"{ctype.__name__}.{name}: only byte arrays are supported")
             fmt.append(f"{size}s")

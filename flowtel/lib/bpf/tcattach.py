@@ -24,7 +24,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from cachetools import TTLCache
 from pyroute2 import IPRoute
@@ -200,12 +200,12 @@ class TcAttachManager:
             self._detach_all()
             self._ipr.close()
 
-    def _link_added(self, msg: object) -> None:
-        name = msg.get_attr("IFLA_IFNAME")  # type: ignore[attr-defined]
-        index = msg["index"]  # type: ignore[index]
+    def _link_added(self, msg: Any) -> None:  # a pyroute2 netlink message (untyped)
+        name = msg.get_attr("IFLA_IFNAME")
+        index = msg["index"]
         kind = ""
         try:
-            kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""  # type: ignore[attr-defined]
+            kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""
         except Exception:
             kind = ""
         if not name:

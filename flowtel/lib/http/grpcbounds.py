@@ -26,8 +26,12 @@ class GRPCLimits:
     workers: int = 68  # one per concurrent call (streams hold theirs) and a few more
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 def server_options(limits: GRPCLimits) -> list[tuple[str, Any]]:
-    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    ms = _ms
     return [
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.max_connection_idle_ms", ms(limits.idle_timeout)),

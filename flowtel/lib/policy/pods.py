@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -97,7 +97,7 @@ def load_node_addresses(path: str | Path, node: str) -> tuple[list[str], list[st
     return remote, api
 
 
-def _addresses(raw: list, where: str) -> list[str]:
+def _addresses(raw: list[Any], where: str) -> list[str]:
     out = []
     for ip in raw:
         try:

@@ -189,7 +189,7 @@ class PolicySet:
         key = (pod.key, qname, resolver, port, protocol)
         hit = self._dns_cache.get(key, False)
         if hit is not False:
-            return hit  # type: ignore[return-value]
+            return hit
         verdict = self._dns_verdict(pod, qname, resolver, port, protocol)
         if len(self._dns_cache) >= _CACHE_ENTRIES:
             self._dns_cache.clear()
@@ -208,7 +208,7 @@ class PolicySet:
             self._bindings[key] = binding
         if binding is None:
             return None
-        any_name, selectors = binding  # type: ignore[misc]
+        any_name, selectors = binding  # type: ignore[misc]  # False (not cached) was replaced above
         return any_name or any(s.matches(qname) for s in selectors)
 
     def _dns_binding(self, pod: Pod, resolver: str, port: int,
@@ -227,11 +227,11 @@ class PolicySet:
             bindings = [self._dns_binding(pod, b, sp.target_port, protocol) for b in sorted(backends)]
             if any(b is None for b in bindings):
                 return None
-            if all(b[0] for b in bindings):  # type: ignore[index]
+            if all(b[0] for b in bindings):  # type: ignore[index]  # no None left: checked just above
                 return True, ()
             # A name must be allowed whichever backend answers: the backends' rules that do not
             # allow every name each add their selectors, and a name must match each of them.
-            return False, (_Every(tuple(_AnyOf(tuple(b[1])) for b in bindings if not b[0])),)  # type: ignore[index]
+            return False, (_Every(tuple(_AnyOf(tuple(b[1])) for b in bindings if not b[0])),)  # type: ignore[index]  # no None left
         try:
             addr = ipaddress.ip_address(resolver)
         except ValueError:
@@ -296,7 +296,7 @@ class PolicySet:
                 out.update(r.to_endpoints)
                 for svc in self._selected_services(r):
                     if svc.backend_selector() is not None:
-                        out.add(svc.backend_selector())  # type: ignore[arg-type]
+                        out.add(svc.backend_selector())  # type: ignore[arg-type]  # not None: checked above
                 if any(e in ("world", "world-ipv4", "world-ipv6", "cluster") for e in r.to_entities):
                     out.add(EVERY_ENDPOINT)
         if self._policed:
@@ -476,4 +476,4 @@ def _host_network(ip: str) -> IPNetwork:
 
 
 def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
-    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]  # versions compared first

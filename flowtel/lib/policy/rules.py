@@ -146,7 +146,7 @@ def parse_egress_rule(raw: Any, where: str, namespace: str | None, notes: list[s
         net = _parse_network(c["cidr"], f"{w}.cidr")
         excepts = tuple(_parse_network(e, f"{w}.except[{j}]") for j, e in enumerate(c.get("except") or []))
         for e in excepts:
-            if e.version != net.version or not e.subnet_of(net):  # type: ignore[arg-type]
+            if e.version != net.version or not e.subnet_of(net):  # type: ignore[arg-type]  # versions compared first
                 raise PolicyError(f"{w}.except: allow CIDR prefix {net} does not contain exclude CIDR prefix {e}")
         cidrs.append(CidrRule(net, excepts))
     entities = []

@@ -35,7 +35,7 @@ TCP_PROGRAMS = {
 
 # Fields each program reads, checked up front so a kernel without one gets a message
 # naming it instead of a compiler error.
-_REQUIRED_FIELDS = {
+REQUIRED_FIELDS = {
     "kfree_skb": ("skbaddr", "location", "protocol", "reason"),
     "inet_sock_set_state": ("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
                             "saddr", "daddr", "saddr_v6", "daddr_v6"),
@@ -117,7 +117,7 @@ def read_kernel_facts(config: KernelEventsConfig, tracefs_root: str | None = Non
     root = tracefs_root or tracefs.tracefs_root()
     for category, event in programs.values():
         fmt = tracefs.read_format(category, event, root)
-        fmt.require(*_REQUIRED_FIELDS[event])
+        fmt.require(*REQUIRED_FIELDS[event])
         formats[event] = fmt
     paths = {**(_DROP_OFFSETS if config.drops.enabled else {}), **(_TCP_OFFSETS if config.tcp.enabled else {})}
     offsets: dict[str, int] = {}

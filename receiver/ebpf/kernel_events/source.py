@@ -145,7 +145,7 @@ class KernelEvents:
             self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
         if self._wants_logs and self.config.drops.enabled and self.config.drops.events:
             self._drops = DoubleBuffer(self._bpf, "drop_flows", "drop_active", decode.RawDrop,
-                                       decode.RawDrop.__slots__,  # type: ignore[attr-defined]
+                                       decode.RawDrop.__slots__,
                                        self._counter, decode.CNT_DROP_FLOWS_CREATED)
             self._drop_decoder = decode.DropDecoder(self._names, self._node,
                                                     host_netns=os.stat("/proc/self/ns/net").st_ino,

@@ -37,7 +37,7 @@ class _Shared:
 
     def __call__(self, value: V) -> V:
         with self._lock:
-            return self._values.setdefault(value, value)  # type: ignore[no-any-return]
+            return self._values.setdefault(value, value)
 
 
 _share = _Shared(65536)

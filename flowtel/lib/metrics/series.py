@@ -186,12 +186,14 @@ class SeriesStore:
                     self._size += 1
                 elif histogram:
                     hist = HistogramValue.of(point)
-                    if hist.went_back_from(series.value) or point.start_time_ns > series.start_ns:  # type: ignore[arg-type]
+                    assert isinstance(series.value, HistogramValue)  # a family is histograms or numbers
+                    if hist.went_back_from(series.value) or point.start_time_ns > series.start_ns:
                         series.start_ns = point.start_time_ns or point.time_ns
                         series.sent_histogram = None
                     series.value = hist
                     series.updated = now
                 else:
+                    assert not isinstance(series.value, HistogramValue)
                     if family.kind is MetricKind.SUM and (point.value < series.value
                                                           or point.start_time_ns > series.start_ns):
                         # The source's counter restarted (went backwards, or the source says it
@@ -235,12 +237,14 @@ class SeriesStore:
                 if delta and family.kind is MetricKind.HISTOGRAM:
                     for s in family.series.values():
                         start = s.sent_ns if s.sent_ns > s.start_ns else s.start_ns
-                        points.append((s.attributes, s.value.minus(s.sent_histogram), start))  # type: ignore[union-attr]
-                        s.sent_histogram = s.value  # type: ignore[assignment]
+                        assert isinstance(s.value, HistogramValue)
+                        points.append((s.attributes, s.value.minus(s.sent_histogram), start))
+                        s.sent_histogram = s.value
                         s.sent_ns = now_ns
                 elif delta and family.kind is MetricKind.SUM:
                     for s in family.series.values():
                         start = s.sent_ns if s.sent_ns > s.start_ns else s.start_ns
+                        assert not isinstance(s.value, HistogramValue)
                         points.append((s.attributes, s.value - s.sent_value, start))
                         s.sent_value = s.value
                         s.sent_ns = now_ns

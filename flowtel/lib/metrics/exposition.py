@@ -20,7 +20,7 @@ import math
 import re
 from typing import Iterable, Mapping
 
-from exporters.common.series import FamilySnapshot, HistogramValue
+from flowtel.lib.metrics.series import FamilySnapshot, HistogramValue
 from flowtel.records import MetricKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -101,10 +101,10 @@ def render(families: Iterable[FamilySnapshot], telemetry: Mapping[tuple[str, str
         lines.append(f"# TYPE {name} {kind}")
         if family.kind is MetricKind.HISTOGRAM:
             for attributes, value, _start in family.points:
-                _histogram_lines(lines, name, attributes, value)  # type: ignore[arg-type]
+                _histogram_lines(lines, name, attributes, value)  # type: ignore[arg-type]  # a family's points are all histograms or all numbers, as its kind says
             continue
         for attributes, value, _start in family.points:
-            lines.append(f"{name}{_labels(attributes)} {format_value(value)}")  # type: ignore[arg-type]
+            lines.append(f"{name}{_labels(attributes)} {format_value(value)}")  # type: ignore[arg-type]  # a family's points are all histograms or all numbers, as its kind says
     if telemetry:
         by_name: dict[str, list[tuple[str, float, bool]]] = {}
         for (component, counter), value in telemetry.items():

@@ -22,7 +22,6 @@ by stripping) and retries a 410 itself, which hides the relist this loop must co
 from __future__ import annotations
 
 import json
-import logging
 import random
 import socket
 import threading
@@ -33,9 +32,8 @@ from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
 from kubernetes.client import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from processors.k8sattributes.internal.kube.health import ApiHealth
+from flowtel.lib.kube.health import ApiHealth
 
-log = logging.getLogger("flowtel.processor.k8sattributes")
 
 T = TypeVar("T")
 
@@ -46,14 +44,15 @@ class Keyed(Protocol):
 
 
 K = TypeVar("K", bound=Keyed)
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
-class Handler(Protocol[T]):
-    def on_add(self, obj: T) -> None: ...
+class Handler(Protocol[T_contra]):
+    def on_add(self, obj: T_contra) -> None: ...
 
-    def on_update(self, old: T, new: T) -> None: ...
+    def on_update(self, old: T_contra, new: T_contra) -> None: ...
 
-    def on_delete(self, obj: T) -> None: ...
+    def on_delete(self, obj: T_contra) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +75,7 @@ class Backoff:
     def next(self) -> float:
         delay = min(self.maximum, self.initial * (2 ** self._attempt))
         self._attempt = min(self._attempt + 1, 62)
-        return delay * random.uniform(0.8, 1.2)
+        return float(delay * random.uniform(0.8, 1.2))
 
     def reset(self) -> None:
         self._attempt = 0
@@ -147,7 +146,7 @@ class Informer(Generic[K]):
                 watched = True
                 self._watch()
             except ResourceVersionTooOld as exc:
-                log.info("%s: %s: %s; listing again", self._health.component, self.name, exc)
+                self._health.logger.info("%s: %s: %s; listing again", self._health.component, self.name, exc)
                 need_list = True
                 if self._events_since_list == 0 and self._listed:
                     # 410 again right after a list: the server is unsettled; do not hammer it.

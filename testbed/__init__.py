@@ -267,7 +267,7 @@ class Sent:
     datagrams: int | None = None  # UDP only: TCP segmentation is the kernel's business
 
 
-class SinkProcess(subprocess.Popen):  # type: ignore[type-arg]
+class SinkProcess(subprocess.Popen):
     """A sink server; it appends one JSON object per line to ``report_path``.
 
     TCP sink records: ``{"event": "closed", "peer": ip, "peer_port": n, "bytes": n}``, written
@@ -736,7 +736,7 @@ class Testbed:
             for route in routes:
                 dst, metric = route.get("dst", ""), route.get("metric")
                 try:
-                    inside = ipaddress.ip_network(dst).subnet_of(supernet)  # type: ignore[arg-type]
+                    inside = ipaddress.ip_network(dst).subnet_of(supernet)  # type: ignore[arg-type]  # another version raises TypeError, caught
                 except (ValueError, TypeError):
                     continue
                 if not inside or not metric or _pid_alive(int(metric)):

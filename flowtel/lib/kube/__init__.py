@@ -1,0 +1,1 @@
+"""Kubernetes API access shared by components: connect, informers, health and remedies."""
