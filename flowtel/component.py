@@ -111,7 +111,9 @@ class Processor(Component):
 
     @abc.abstractmethod
     def process(self, batch: list[Record]) -> list[Record]:
-        """Return the batch to pass on (the same list, changed in place, is fine)."""
+        """Return the batch to pass on. Records are immutable: a processor that changes one
+        returns a new record (``flowtel.records.replace``) in its place; the list itself may be
+        the one it was given."""
 
     def flush(self) -> list[Record]:
         """Records still held (e.g. an open aggregation window). Called at shutdown after the

@@ -9,6 +9,8 @@ and ``notin`` are satisfied by an endpoint that lacks the key.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import re2
 
 # (source or "" for any, key, operator, values)
@@ -61,7 +63,7 @@ def parse_selector(selector: str) -> list[Requirement]:
     return reqs
 
 
-def parse_labels(labels: list[str]) -> list[Label]:
+def parse_labels(labels: Sequence[str]) -> list[Label]:
     out = []
     for label in labels:
         keyval, _, value = label.partition("=")

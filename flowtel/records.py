@@ -126,7 +126,7 @@ class FrozenDict(dict[str, Any]):
     def _refuse(self, *_args: Any, **_kwargs: Any) -> Any:
         raise TypeError("records are immutable: build a new mapping (frozen_extensions) and a new record")
 
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]  # every mutator refuses
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # every mutator refuses
 
     def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; a frozen one is not
         return hash(tuple(self.items())) if self else 0
@@ -149,7 +149,7 @@ def frozen_extensions(values: Mapping[str, Any]) -> FrozenDict:
     if not values:
         return NO_EXTENSIONS
     if values.__class__ is FrozenDict:
-        return values  # type: ignore[return-value]  # already frozen all the way down
+        return values  # already frozen all the way down
     return FrozenDict({str(k): _freeze(v) for k, v in values.items()})
 
 
@@ -430,7 +430,8 @@ def message_count(flow: Flow) -> int:
     """How many L7 messages (Hubble flow events) an L7 record stands for: 1, or its count."""
     ext = flow.extensions
     if ext and ext.get(EXTENSION_AGGREGATED):
-        return int(ext.get(EXTENSION_COUNT, 1))
+        count = ext.get(EXTENSION_COUNT, 1)
+        return int(count) if isinstance(count, (int, float, str)) else 1
     return 1
 
 

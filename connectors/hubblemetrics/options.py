@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
+
 from flowtel.records import Endpoint, Flow, TrafficDirection
 
 # Hubble's identifiers (pkg/hubble/metrics/api/context.go), and flowtel's ``workload``
@@ -97,7 +99,7 @@ def pod_short(name: str) -> str:
     return name
 
 
-def reserved_identity(labels: list[str]) -> str:
+def reserved_identity(labels: Sequence[str]) -> str:
     """Hubble's ``reserved-identity``: ``reserved:kube-apiserver`` when present (it wins over
     host, remote-node or world), else the first ``reserved:`` label."""
     if KUBE_APISERVER in labels:
@@ -110,7 +112,7 @@ def _with_namespace(ep: Endpoint, name: str) -> str:
     return f"{ep.namespace}/{name}" if ep.namespace else name
 
 
-def _context_value(kind: str, ep: Endpoint | None, ip: str, names: list[str]) -> str:
+def _context_value(kind: str, ep: Endpoint | None, ip: str, names: Sequence[str]) -> str:
     if kind == "ip":
         return ip
     if kind == "dns":
@@ -222,7 +224,7 @@ class ContextOptions:
         return tuple(out)
 
 
-def _first(kinds: Chain, ep: Endpoint | None, ip: str, names: list[str]) -> str:
+def _first(kinds: Chain, ep: Endpoint | None, ip: str, names: Sequence[str]) -> str:
     for kind in kinds:
         value = _context_value(kind, ep, ip, names)
         if value:

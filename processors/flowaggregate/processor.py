@@ -130,15 +130,15 @@ class FlowAggregateProcessor(Processor):
             if not isinstance(r, Flow) or not self._wanted(r):
                 out.append(r)
                 continue
-            key = flow_key(r)  # type: ignore[arg-type]  # _wanted() let only Flow records through
+            key = flow_key(r)
             agg = aggs.get(key)
             if agg is None:
                 if len(aggs) >= self.config.max_keys:
                     overflow += 1
                     out.append(r)
                     continue
-                agg = aggs[key] = _Agg(r)  # type: ignore[arg-type]  # _wanted() let only Flow records through
-            agg.add(r)  # type: ignore[arg-type]  # _wanted() let only Flow records through
+                agg = aggs[key] = _Agg(r)
+            agg.add(r)
             taken += 1
         tel, cid = self.settings.telemetry, self.settings.id
         tel.add(cid, "records_aggregated", taken)

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowtel.component import ComponentConfig, Consumer, CreateSettings, Exporter, Factory, Kind, Receiver
+from flowtel.component import (
+    ComponentConfig,
+    Consumer,
+    CreateSettings,
+    Exporter,
+    ExporterFactory,
+    Kind,
+    Receiver,
+    ReceiverFactory,
+)
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.records import EventKind, Flow, Verdict, frozen_extensions, replace
@@ -64,8 +73,8 @@ def test_one_receiver_two_logs_pipelines_one_with_k8sattributes_are_isolated(tmp
     static = tmp_path / "static.yaml"
     static.write_text(STATIC)
     factories = {kind: dict(by_type) for kind, by_type in factories_by_kind().items()}
-    factories[Kind.RECEIVER]["emit"] = Factory("emit", Kind.RECEIVER, _Cfg, _Emit)
-    factories[Kind.EXPORTER]["keep"] = Factory("keep", Kind.EXPORTER, _Cfg, _Keep)
+    factories[Kind.RECEIVER]["emit"] = ReceiverFactory("emit", _Cfg, _Emit)
+    factories[Kind.EXPORTER]["keep"] = ExporterFactory("keep", _Cfg, _Keep)
     config = parse_config(yaml.safe_load(f"""
 receivers: {{emit: {{}}}}
 processors:

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 from flowtel.records import MetricKind, MetricPoint
 
@@ -120,7 +120,7 @@ class FamilySnapshot:
     kind: MetricKind
     unit: str
     description: str
-    points: list[tuple[dict[str, str], float | HistogramValue, int]]
+    points: list[tuple[Mapping[str, str], float | HistogramValue, int]]
 
 
 @dataclass(slots=True)
@@ -233,7 +233,7 @@ class SeriesStore:
         out = []
         with self._lock:
             for family in self._families.values():
-                points: list[tuple[dict[str, str], float | HistogramValue, int]] = []
+                points: list[tuple[Mapping[str, str], float | HistogramValue, int]] = []
                 if delta and family.kind is MetricKind.HISTOGRAM:
                     for s in family.series.values():
                         start = s.sent_ns if s.sent_ns > s.start_ns else s.start_ns
