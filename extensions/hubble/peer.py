@@ -11,20 +11,27 @@ name become dashes), so Relay verifies each agent as it verifies Cilium's. Witho
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import grpc
 
+from extensions.hubble import kube
+from extensions.hubble.config import PeersConfig
+from flowtel.component import Telemetry
+from flowtel.errors import StartError
 from flowtel.lib.hubble.api.peer import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger("flowtel.extensions.hubble")
 
 DEFAULT_CLUSTER = "default"
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 # A subscriber that falls this far behind is disconnected; Relay reconnects and gets a fresh
 # snapshot, which is exact, where a queue with holes would not be.
 MAX_PENDING = 4096
@@ -199,3 +206,40 @@ class PodPeers:
 
     def on_delete(self, pod: AgentPod) -> None:
         self.registry.delete(pod.key)
+
+
+def own_namespace() -> str:
+    """This pod's namespace: $POD_NAMESPACE (downward API), else the service account's."""
+    ns = os.environ.get("POD_NAMESPACE", "")
+    if ns:
+        return ns
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def watch_agent_pods(owner: str, cfg: PeersConfig, registry: PeerRegistry, *, port: int, tls: bool,
+                     telemetry: Telemetry, on_health: Callable[[str | None], None]) -> "kube.Informer[AgentPod]":
+    """Start the informer that keeps ``registry`` equal to the cluster's agent pods."""
+    namespace = cfg.namespace or own_namespace()
+    if not namespace:
+        raise StartError(owner, "peers: the agents' namespace is unknown",
+                         f"set extensions.{owner}.peers.namespace, or POD_NAMESPACE from the downward API "
+                         "(deploy/ does)")
+    if not port:
+        raise StartError(owner, "peers: a unix socket endpoint has no port other agents could dial",
+                         f"set extensions.{owner}.peers.port to the agents' TCP port")
+    api = kube.connect(owner, cfg.auth_type, cfg.kubeconfig, cfg.context, pool_size=2)
+    health = kube.ApiHealth(owner, kube.server_of(api), on_health,
+                            meanwhile="Peer/Notify keeps answering with the agents last seen", logger=log)
+    options = kube.WatchOptions(request_timeout=cfg.request_timeout, watch_timeout=cfg.watch_timeout,
+                                page_size=500, backoff_initial=1.0, backoff_max=30.0)
+    informer: kube.Informer[AgentPod] = kube.Informer(
+        "agent-pods", kube.listers(api)["pods"], strip_pod, PodPeers(registry, port, cfg.cluster_name, tls),
+        options, health=health, count=functools.partial(telemetry.add, owner),
+        list_kwargs={"label_selector": cfg.label_selector, "field_selector": f"metadata.namespace={namespace}"},
+    )
+    informer.start()
+    return informer
