@@ -47,7 +47,7 @@ from exporters.common.otlp_encoding import (
 )
 from exporters.common.series import FamilySnapshot, SeriesStore
 from exporters.prometheus.exposition import render
-from flowtel import hubble
+from flowtel.lib.hubble import convert
 from flowtel.records import MetricKind, MetricPoint
 
 BATCH = 8192  # data points per request: the chunking is not what is measured
@@ -183,7 +183,7 @@ def measure_logs(reps: int) -> LogResult:
             number_, text = flow_severity(flow)
             records.append(ReadableLogRecord(
                 LogRecord(timestamp=flow.time_ns, observed_timestamp=now, severity_text=text,
-                          severity_number=SeverityNumber(number_), body=hubble.flow_to_dict(flow),
+                          severity_number=SeverityNumber(number_), body=convert.flow_json(flow),
                           attributes=flow_attributes(flow), event_name="flowtel.flow"),
                 resource=resource, instrumentation_scope=scope))
         sdk_payload = encode_logs(records).SerializeToString()

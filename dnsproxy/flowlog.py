@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from flowtel.hubble import flow_to_dict
+from flowtel.lib.hubble.convert import envelope
 from flowtel.records import Flow
 
 log = logging.getLogger("flowtel.dnsproxy")
@@ -106,5 +106,4 @@ class FlowLogWriter:
 
 def encode_flow(flow: Flow) -> str:
     """One line of the file exporter's envelope: ``{"flow": …, "node_name": …, "time": …}``."""
-    body = flow_to_dict(flow)
-    return json.dumps({"flow": body, "node_name": flow.node_name, "time": body.get("time")}) + "\n"
+    return json.dumps(envelope(flow), separators=(",", ":")) + "\n"

@@ -45,7 +45,10 @@ from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F40
 from dnsproxy.wire import (Answer, BoundedCache, Query, QuestionKey, answer_ips, header_only_formerr,  # noqa: F401
                            parse_answer, parse_query)
 from flowtel.histogram import Histogram
-from flowtel.records import DnsInfo, Endpoint, Flow, FlowType, TrafficDirection, Verdict
+from flowtel.records import DnsInfo, Endpoint, EventKind, Flow, TrafficDirection, Verdict, frozen_extensions
+
+# Marks the records of the proxy's own flow log (its DNS answers): read-only, shared by all of them.
+_FROM_DNSPROXY = frozen_extensions({"dnsproxy": True})
 
 log = logging.getLogger("flowtel.dnsproxy")
 
@@ -360,7 +363,7 @@ class DnsProxy:
         if pod is None:
             return None
         return Endpoint(namespace=pod.namespace, pod_name=pod.name,
-                        labels=[f"k8s:{k}={v}" for k, v in sorted(pod.labels.items())])
+                        labels=tuple(f"k8s:{k}={v}" for k, v in sorted(pod.labels.items())))
 
     def _dns_flow(self, client_ip: str, query: Query, rcode: int, ips: tuple[str, ...], ttl: int,
                   cnames: tuple[str, ...], verdict: Verdict, latency_ns: int,
@@ -373,12 +376,12 @@ class DnsProxy:
         self._write(Flow(
             time_ns=time.time_ns(), node_name=self.config.node_name, verdict=verdict,
             ip_version=ipaddress.ip_address(client_ip).version, src_ip=listen_ip, dst_ip=client_ip,
-            protocol=17, src_port=53, flow_type=FlowType.L7, traffic_direction=TrafficDirection.EGRESS,
+            protocol=17, src_port=53, kind=EventKind.DNS_RESPONSE, traffic_direction=TrafficDirection.EGRESS,
             is_reply=True, drop_reason=DROP_REASON if verdict == Verdict.DROPPED else "",
-            l7=DnsInfo(query=query.qname, qtypes=[query.qtype], rcode=rcode, ips=list(ips), ttl=ttl,
-                       cnames=list(cnames), observation_source="proxy"),
-            l7_type="RESPONSE", latency_ns=latency_ns, destination=self._endpoint(client_ip),
-            extensions={"dnsproxy": True}))
+            l7=DnsInfo(query=query.qname, qtypes=(query.qtype,), rcode=rcode, ips=tuple(ips), ttl=ttl,
+                       cnames=tuple(cnames), observation_source="proxy"),
+            latency_ns=latency_ns, destination=self._endpoint(client_ip),
+            extensions=_FROM_DNSPROXY))
 
     def on_drop(self, ev: DropEvent) -> None:
         """A datapath event: a flow with verdict DROPPED (or AUDIT) and reason POLICY_DENIED."""
@@ -390,7 +393,7 @@ class DnsProxy:
             src_ip=ev.src_ip, dst_ip=ev.dst_ip, protocol=ev.protocol, src_port=ev.src_port, dst_port=ev.dst_port,
             ethertype=0x0800 if ev.family == 4 else 0x86DD, traffic_direction=TrafficDirection.EGRESS,
             is_reply=False, ifindex=ev.ifindex, packets=ev.packets, bytes=ev.length, tcp_flags=ev.tcp_flags,
-            drop_reason=DROP_REASON, source=self._endpoint(ev.src_ip)))
+            kind=EventKind.DROP, drop_reason=DROP_REASON, source=self._endpoint(ev.src_ip)))
 
     # -- serving -----------------------------------------------------------------------------
 

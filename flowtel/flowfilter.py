@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from flowtel.labelselector import Requirement, parse_labels, parse_selector, selector_matches
+from flowtel.lib.hubble.convert import flow_json
 from flowtel.records import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
@@ -515,14 +516,9 @@ def _event_types(values: Sequence[str]) -> list[tuple[int, int | None]]:
 
 
 def event_type(flow: Flow) -> tuple[int, int]:
-    """The flow's Cilium ``event_type`` (type, sub_type), as :func:`flowtel.hubble.flow_to_dict` emits it."""
-    if flow.flow_type == FlowType.L7:
-        return _TYPE_L7, 0
-    if flow.verdict == Verdict.DROPPED:
-        return _TYPE_DROP, 0
-    if flow.traffic_direction == TrafficDirection.EGRESS:
-        return _TYPE_TRACE, _SUBTYPE_FROM_ENDPOINT
-    return _TYPE_TRACE, _SUBTYPE_TO_ENDPOINT
+    """The flow's Cilium ``event_type`` (type, sub_type), read from its wire form (one derivation)."""
+    ev = flow_json(flow)["event_type"]
+    return ev["type"], ev.get("sub_type", 0)
 
 
 def _event_type_pred(types: list[tuple[int, int | None]]) -> Predicate:

@@ -19,10 +19,11 @@ from typing import IO, Any, Iterator, Sequence
 from urllib.parse import urlencode
 
 from extensions.flows.config import DEFAULT_ENDPOINT, split_endpoint
-from flowtel import hubble, mapformat
+from flowtel import mapformat
+from flowtel.lib.hubble import printer
 from flowtel.errors import UsageError
 from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, Filters, build_filters
-from flowtel.hubble_parse import FlowJSONError, parse_time_arg, record_from_envelope
+from flowtel.lib.hubble.parse import FlowJSONError, parse_time_arg, record_from_envelope
 from flowtel.records import Flow, LostEvents, Record
 
 DEFAULT_LAST = 20  # what `hubble observe` shows when neither --last, --since nor --follow is given
@@ -186,27 +187,27 @@ class Printer:
             self.out.write(raw.rstrip("\n") + "\n")
             return
         if isinstance(record, LostEvents):
-            self.err.write(hubble.lost_compact_line(record) + "\n")
+            self.err.write(printer.lost_compact_line(record) + "\n")
             return
         if not isinstance(record, Flow):
             return
         if self.output == "compact":
-            self.out.write(hubble.compact_line(record, self.color) + "\n")
+            self.out.write(printer.compact_line(record, self.color) + "\n")
         elif self.output == "dict":
             if self._blocks:
-                self.out.write(hubble.DICT_SEPARATOR + "\n")
-            self.out.write(hubble.dict_block(record) + "\n")
+                self.out.write(printer.DICT_SEPARATOR + "\n")
+            self.out.write(printer.dict_block(record) + "\n")
             self._blocks += 1
         else:
-            self._rows.append(hubble.table_fields(record))
+            self._rows.append(printer.table_fields(record))
             if self.follow:
                 self.flush()
 
     def flush(self) -> None:
         """Print buffered table rows, aligned as Go's tabwriter (padding 3) aligns them."""
         if self.output == "table" and (self._rows or not self._header_done):
-            rows = ([hubble.TABLE_HEADER] if not self._header_done else []) + self._rows
-            widths = self._widths or [0] * len(hubble.TABLE_HEADER)
+            rows = ([printer.TABLE_HEADER] if not self._header_done else []) + self._rows
+            widths = self._widths or [0] * len(printer.TABLE_HEADER)
             for row in rows:
                 widths = [max(w, len(c)) for w, c in zip(widths, row)]
             self._widths = widths

@@ -1,22 +1,56 @@
-"""Record types that travel through the pipeline.
+"""Record types that travel through the pipeline, and the kind each record is.
 
 Everything the kernel reports becomes a :class:`Flow`, Hubble's own model: an aggregated
-L3/L4 flow, a DNS request or response (L7), a drop, a TCP event. One type keeps every
-processor and exporter uniform; optional parts stay ``None`` until something fills them.
-Records are slotted dataclasses because receivers create tens of thousands per interval.
+L3/L4 packet flow, a DNS request, response or unanswered query (L7), a drop, a TCP socket
+event. What a flow *is* lives in one typed field, :attr:`Flow.kind` (an :class:`EventKind`);
+nothing downstream reads it from ``extensions`` keys or guesses it from other fields.
+
+Records are immutable: frozen slotted dataclasses whose sequences are tuples and whose
+mappings are read-only. The fan-out hands the same record to every pipeline, so a
+processor that wants a different record builds a new one (:func:`dataclasses.replace`)
+and cached parts (an enrichment cache's :class:`Endpoint`) are shared, never copied.
+The per-record tables (protocol names, TCP flags, DNS rcodes, Cilium's event types and
+drop reasons) live next to these types, in :mod:`flowtel.recordtables`.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping, Union
+
+# -- protocol numbers and TCP flag bits (IANA; the TCP header's flags byte, as bpf/flowtel.h) --
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+IPPROTO_SCTP = 132
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_PSH = 0x08
+TCP_ACK = 0x10
+TCP_URG = 0x20
+TCP_ECE = 0x40
+TCP_CWR = 0x80
+
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
 
 
 class Verdict(enum.StrEnum):
+    """Cilium's ``flow.Verdict`` names (only the ones flowtel produces or parses)."""
+
+    VERDICT_UNKNOWN = "VERDICT_UNKNOWN"
     FORWARDED = "FORWARDED"
     DROPPED = "DROPPED"
-    AUDIT = "AUDIT"
     ERROR = "ERROR"
+    AUDIT = "AUDIT"
+    REDIRECTED = "REDIRECTED"
+    TRACED = "TRACED"
+    TRANSLATED = "TRANSLATED"
 
 
 class TrafficDirection(enum.StrEnum):
@@ -28,80 +62,168 @@ class TrafficDirection(enum.StrEnum):
 
 
 class FlowType(enum.StrEnum):
+    """Cilium's ``flow.FlowType``: what :attr:`Flow.flow_type` derives from the kind."""
+
     L3_L4 = "L3_L4"
     L7 = "L7"
+    SOCK = "SOCK"
 
 
-# IANA protocol numbers used in records and their names as Hubble prints them.
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_ICMPV6 = 58
-IPPROTO_SCTP = 132
+class EventKind(enum.Enum):
+    """What one record stands for. Every producer names it; every consumer reads it here.
 
-# TCP flag bits exactly as in the TCP header's flags byte (and in bpf/flowtel.h).
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_PSH = 0x08
-TCP_ACK = 0x10
-TCP_URG = 0x20
-TCP_ECE = 0x40
-TCP_CWR = 0x80
+    ``PACKET`` records count packets (``packets``/``bytes`` over an interval); every other
+    flow kind is one event. TCP kinds are socket events, not packets (their packets were
+    already counted by a ``PACKET`` record); ``DNS_UNANSWERED`` is a query whose answer
+    never came, not a second request.
+    """
 
-TCP_FLAG_NAMES: tuple[tuple[int, str], ...] = (
-    (TCP_SYN, "SYN"),
-    (TCP_ACK, "ACK"),
-    (TCP_FIN, "FIN"),
-    (TCP_RST, "RST"),
-    (TCP_PSH, "PSH"),
-    (TCP_URG, "URG"),
-    (TCP_ECE, "ECE"),
-    (TCP_CWR, "CWR"),
-)
+    PACKET = "packet"
+    DROP = "drop"
+    DNS_REQUEST = "dns_request"
+    DNS_RESPONSE = "dns_response"
+    DNS_UNANSWERED = "dns_unanswered"
+    TCP_ESTABLISHED = "established"
+    TCP_CLOSED = "closed"
+    TCP_RETRANSMIT = "retransmit"
+    TCP_RESET_SENT = "reset_sent"
+    TCP_RESET_RECEIVED = "reset_received"
+    LOST_EVENTS = "lost_events"
+
+    @property
+    def is_dns(self) -> bool:
+        return self in _DNS_KINDS
+
+    @property
+    def is_tcp_event(self) -> bool:
+        return self in TCP_EVENT_KINDS
+
+    @property
+    def tcp_event(self) -> str:
+        """``extensions.tcp_event`` for a TCP kind (``retransmit``, ``reset_sent``, …), else ``""``."""
+        return self.value if self in TCP_EVENT_KINDS else ""
 
 
-@dataclass(slots=True)
+_DNS_KINDS = frozenset({EventKind.DNS_REQUEST, EventKind.DNS_RESPONSE, EventKind.DNS_UNANSWERED})
+TCP_EVENT_KINDS = frozenset({EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED, EventKind.TCP_RETRANSMIT,
+                             EventKind.TCP_RESET_SENT, EventKind.TCP_RESET_RECEIVED})
+TCP_EVENT_BY_NAME: Mapping[str, EventKind] = MappingProxyType({k.value: k for k in TCP_EVENT_KINDS})
+
+# Values an ``extensions`` entry may hold: what a google.protobuf.Struct can carry.
+ExtValue = Union[str, int, float, bool, None, tuple["ExtValue", ...], Mapping[str, "ExtValue"]]
+
+
+class FrozenDict(dict[str, Any]):
+    """A dict that refuses changes: records' mappings (``extensions``, endpoint attributes).
+
+    A dict subclass rather than a mapping proxy so that JSON and OTLP encoders take it as the
+    dict it is, at no conversion cost; hashable, so it can be a dataclass default.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise TypeError("records are immutable: build a new mapping (frozen_extensions) and a new record")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]  # every mutator refuses
+
+    def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; a frozen one is not
+        return hash(tuple(self.items())) if self else 0
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, _memo: Any) -> FrozenDict:
+        return self if not self else FrozenDict({k: _freeze(v) for k, v in self.items()})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+
+NO_EXTENSIONS: FrozenDict = FrozenDict()
+
+
+def frozen_extensions(values: Mapping[str, Any]) -> FrozenDict:
+    """A read-only copy of ``values`` for :attr:`Flow.extensions` (lists become tuples)."""
+    if not values:
+        return NO_EXTENSIONS
+    if values.__class__ is FrozenDict:
+        return values  # type: ignore[return-value]  # already frozen all the way down
+    return FrozenDict({str(k): _freeze(v) for k, v in values.items()})
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return frozen_extensions(value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     name: str
     kind: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One end of a flow, as Hubble's ``Endpoint`` message. Filled by processors."""
+    """One end of a flow, as Hubble's ``Endpoint`` message. Made by processors, shared:
+    an enrichment cache hands the same object to every record of the same pod."""
 
     identity: int = 0
     namespace: str = ""
     pod_name: str = ""
-    labels: list[str] = field(default_factory=list)
-    workloads: list[Workload] = field(default_factory=list)
+    labels: tuple[str, ...] = ()
+    workloads: tuple[Workload, ...] = ()
     cluster_name: str = ""
-    # OTel semantic-convention attributes for this end (k8s.pod.name, …).
-    attributes: dict[str, str] = field(default_factory=dict)
+    # OTel semantic-convention attributes for this end (k8s.pod.name, …); read-only.
+    attributes: Mapping[str, str] = NO_EXTENSIONS
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class DnsInfo:
     """``l7.dns`` of a Hubble flow."""
 
     query: str
-    qtypes: list[str] = field(default_factory=list)
+    qtypes: tuple[str, ...] = ()
     rcode: int = 0
-    ips: list[str] = field(default_factory=list)
+    ips: tuple[str, ...] = ()
     ttl: int = 0
-    cnames: list[str] = field(default_factory=list)
-    rrtypes: list[str] = field(default_factory=list)
+    cnames: tuple[str, ...] = ()
+    rrtypes: tuple[str, ...] = ()
     observation_source: str = "ebpf"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class TcpFlagCounts:
+    """Packets of an aggregated TCP flow that carried each flag Hubble counts
+    (``extensions.tcp_flags``: ``{"SYN": n, "SYN-ACK": n, "FIN": n, "RST": n}``)."""
+
+    syn: int = 0
+    syn_ack: int = 0
+    fin: int = 0
+    rst: int = 0
+
+    def __add__(self, other: TcpFlagCounts) -> TcpFlagCounts:
+        return TcpFlagCounts(self.syn + other.syn, self.syn_ack + other.syn_ack,
+                             self.fin + other.fin, self.rst + other.rst)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"SYN": self.syn, "SYN-ACK": self.syn_ack, "FIN": self.fin, "RST": self.rst}
+
+
+@dataclass(frozen=True, slots=True)
 class Flow:
     """One Hubble-shaped flow record.
 
-    ``time_ns`` is wall-clock nanoseconds. For aggregated L3/L4 flows ``packets`` and
-    ``bytes`` are the interval's counts (Retina puts them in ``extensions``), and
-    ``tcp_flags`` is the union of the flags seen.
+    ``time_ns`` is wall-clock nanoseconds. For ``PACKET`` (and aggregated ``DROP``) records
+    ``packets`` and ``bytes`` are the interval's counts (Retina puts them in ``extensions``),
+    ``tcp_flags`` is the union of the flags seen and ``tcp_flag_counts`` the packets per
+    flag. ``drop_reason`` is the kernel's (or flowtel's datapath's) reason name; the Cilium
+    ``DropReason`` it maps to comes from :func:`flowtel.recordtables.cilium_drop_reason`.
+    ``extensions`` holds flowtel-only detail of the kind (read-only; see
+    :func:`frozen_extensions`). Only the first seven fields are required.
     """
 
     time_ns: int
@@ -113,35 +235,73 @@ class Flow:
     protocol: int  # IANA number; 0 when not IP
     src_port: int = 0  # ICMP: type
     dst_port: int = 0  # ICMP: code
-    flow_type: FlowType = FlowType.L3_L4
+    kind: EventKind = EventKind.PACKET
     traffic_direction: TrafficDirection = TrafficDirection.UNKNOWN
     is_reply: bool | None = None
-    ethertype: int = 0x0800
+    ethertype: int = ETHERTYPE_IPV4
     ifindex: int = 0
     ifname: str = ""
     packets: int = 0
     bytes: int = 0
     tcp_flags: int = 0
-    tcp_flag_counts: dict[str, int] | None = None
+    tcp_flag_counts: TcpFlagCounts | None = None
     drop_reason: str = ""
     l7: DnsInfo | None = None
-    l7_type: str = ""  # REQUEST | RESPONSE
     latency_ns: int = 0
     source: Endpoint | None = None
     destination: Endpoint | None = None
-    source_names: list[str] = field(default_factory=list)
-    destination_names: list[str] = field(default_factory=list)
-    extensions: dict[str, Any] = field(default_factory=dict)
+    source_names: tuple[str, ...] = ()
+    destination_names: tuple[str, ...] = ()
+    extensions: Mapping[str, ExtValue] = NO_EXTENSIONS
+    # The record's Hubble wire form, built once on first use and shared by every JSON/gRPC
+    # consumer (flowtel.lib.hubble.convert). A memo of the fields above, not part of them.
+    _wire: Any = field(default=None, init=False, compare=False, repr=False, hash=False)
+
+    @property
+    def flow_type(self) -> FlowType:
+        kind = self.kind
+        if kind in _DNS_KINDS:
+            return FlowType.L7
+        if kind in TCP_EVENT_KINDS:
+            return FlowType.SOCK
+        return FlowType.L3_L4
+
+    @property
+    def l7_type(self) -> str:
+        """Hubble's ``l7.type``: ``REQUEST``, ``RESPONSE``, or ``""`` (not L7, or unanswered)."""
+        kind = self.kind
+        if kind is EventKind.DNS_REQUEST:
+            return "REQUEST"
+        if kind is EventKind.DNS_RESPONSE:
+            return "RESPONSE"
+        return ""
+
+    @property
+    def is_packets(self) -> bool:
+        """Whether the record counts packets (an aggregated flow or a drop), not an event about them."""
+        return self.kind is EventKind.PACKET or self.kind is EventKind.DROP
+
+    @property
+    def tcp_event(self) -> str:
+        return self.kind.tcp_event
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LostEvents:
-    """Records that never reached an output, by where they were lost (``hubble_lost_events_total``)."""
+    """Records that never reached an output, by where they were lost (``hubble_lost_events_total``).
+
+    ``source`` is flowtel's precise name (``FLOW_MAP_FULL``, ``QUEUE_FULL:exporter``, …);
+    :func:`flowtel.recordtables.cilium_lost_source` maps it onto Cilium's enum.
+    """
 
     time_ns: int
     source: str
     count: int
     node_name: str = ""
+
+    @property
+    def kind(self) -> EventKind:
+        return EventKind.LOST_EVENTS
 
 
 class MetricKind(enum.StrEnum):
@@ -153,7 +313,7 @@ class MetricKind(enum.StrEnum):
     HISTOGRAM = "histogram"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class MetricPoint:
     """One data point of a metric family, as receivers read it (node counters, kernel maps).
 
@@ -163,14 +323,15 @@ class MetricPoint:
     (explicit bucket upper bounds, strictly increasing; bucket ``i`` holds values in
     ``(bounds[i-1], bounds[i]]``, the last one everything above ``bounds[-1]``),
     ``bucket_counts`` (per bucket, ``len(bounds) + 1`` of them, as OTLP) and ``count``
-    (their total). SUM and GAUGE points leave those three empty.
+    (their total). SUM and GAUGE points leave those three empty. ``attributes`` is
+    read-only once the point is made.
     """
 
     name: str  # e.g. "networkobservability_drop_count"
     value: float
     kind: MetricKind
     time_ns: int
-    attributes: dict[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = field(default_factory=dict)
     unit: str = ""
     description: str = ""
     bounds: tuple[float, ...] = ()

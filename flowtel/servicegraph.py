@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
-from flowtel.hubble import format_time
+from flowtel.lib.hubble.timefmt import format_time
+from flowtel.recordtables import PROTOCOL_NAMES
 from flowtel.records import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
@@ -36,8 +37,8 @@ from flowtel.records import (
     TCP_ACK,
     TCP_SYN,
     Endpoint,
+    EventKind,
     Flow,
-    FlowType,
     Record,
     TrafficDirection,
     Verdict,
@@ -45,8 +46,6 @@ from flowtel.records import (
 
 Granularity = Literal["workload", "pod"]
 
-_PROTOCOL_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP",
-                   IPPROTO_ICMP: "ICMPv4", IPPROTO_ICMPV6: "ICMPv6"}
 _PORTED = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP)
 _ICMP_ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
 _ICMP_ECHO_REPLY = {IPPROTO_ICMP: 0, IPPROTO_ICMPV6: 129}
@@ -117,17 +116,16 @@ def source_is_client(flow: Flow) -> bool:
     """Whether the flow's source is the client of the exchange (see the module docstring)."""
     if flow.is_reply is not None:
         return not flow.is_reply
-    if flow.flow_type == FlowType.L7 and flow.l7_type:
-        return flow.l7_type != "RESPONSE"
+    if flow.kind is EventKind.DNS_REQUEST or flow.kind is EventKind.DNS_UNANSWERED:
+        return True
+    if flow.kind is EventKind.DNS_RESPONSE:
+        return False
     proto = flow.protocol
     if proto == IPPROTO_TCP:
         counts = flow.tcp_flag_counts
-        if counts:
-            if counts.get("SYN"):
-                return True
-            if counts.get("SYN-ACK"):
-                return False
-        elif flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+        if counts is not None and (counts.syn or counts.syn_ack):
+            return bool(counts.syn)
+        if counts is None and flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
             return True
     if proto in _ICMP_ECHO_REQUEST:
         if flow.src_port == _ICMP_ECHO_REQUEST[proto]:
@@ -148,7 +146,7 @@ def edge_of(flow: Flow, granularity: Granularity = "workload") -> EdgeKey:
     if flow.l7 is not None:
         protocol = "DNS"
     else:
-        protocol = _PROTOCOL_NAMES.get(flow.protocol, "IPv6" if flow.ip_version == 6 else "IPv4")
+        protocol = PROTOCOL_NAMES.get(flow.protocol, "IPv6" if flow.ip_version == 6 else "IPv4")
     port = ""
     if flow.protocol in _PORTED:
         port = str(flow.dst_port if client_is_src else flow.src_port)
@@ -157,13 +155,13 @@ def edge_of(flow: Flow, granularity: Granularity = "workload") -> EdgeKey:
 
 def _tuple(flow: Flow) -> tuple[Any, ...]:
     return (flow.src_ip, flow.dst_ip, flow.protocol, flow.src_port, flow.dst_port,
-            flow.flow_type, flow.l7_type, flow.verdict)
+            flow.kind, flow.verdict)
 
 
 def _preferred(flow: Flow) -> TrafficDirection:
     # A DNS response is kept where the client received it: its latency there is what the
     # client waited, where the server's side would show only the server's own time.
-    if flow.flow_type == FlowType.L7 and flow.l7_type == "RESPONSE":
+    if flow.kind is EventKind.DNS_RESPONSE:
         return TrafficDirection.INGRESS
     return TrafficDirection.EGRESS
 
@@ -240,15 +238,15 @@ class ServiceGraph:
 
 def _count(stats: EdgeStats, flow: Flow) -> None:
     stats.flows += 1
-    if flow.flow_type != FlowType.L7:
+    if flow.is_packets:
         stats.bytes += flow.bytes
         stats.packets += flow.packets
     if flow.verdict == Verdict.DROPPED:
         stats.dropped += flow.packets or 1
-    if flow.l7 is not None and flow.l7_type == "RESPONSE" and flow.latency_ns > 0:
+    if flow.l7 is not None and flow.kind is EventKind.DNS_RESPONSE and flow.latency_ns > 0:
         stats.dns_latency_ns_sum += flow.latency_ns
         stats.dns_latency_count += 1
-    rtt = flow.extensions.get("handshake_rtt_ns") if flow.extensions else None
+    rtt = flow.extensions.get("handshake_rtt_ns")
     if isinstance(rtt, int) and not isinstance(rtt, bool) and rtt > 0:
         stats.handshake_rtt_ns_sum += rtt
         stats.handshake_rtt_count += 1

@@ -9,21 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from flowtel.records import (
-    IPPROTO_ICMP,
-    IPPROTO_ICMPV6,
-    IPPROTO_SCTP,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    Flow,
-    FlowType,
-    LostEvents,
-)
+from flowtel.records import Flow, LostEvents
+from flowtel.recordtables import PROTOCOL_NAMES, counts_as_hubble_flow, flow_events
 
 Emit = Callable[[str, tuple[str, ...], float], None]
 
-PROTOCOL_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_ICMP: "ICMPv4", IPPROTO_ICMPV6: "ICMPv6",
-                  IPPROTO_SCTP: "SCTP"}
+__all__ = ["Emit", "Handler", "MetricInfo", "flow_events", "flow_protocol", "is_packet_flow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,25 +38,12 @@ class Handler:
 
 def flow_protocol(flow: Flow) -> str:
     """Hubble's ``FlowProtocol``: the L7 protocol for L7 flows, else the L4 protocol name."""
-    if flow.flow_type is FlowType.L7:
+    if flow.kind.is_dns:
         return "DNS" if flow.l7 is not None else "Unknown L7"
     return PROTOCOL_NAMES.get(flow.protocol, "Unknown L4")
 
 
 def is_packet_flow(flow: Flow) -> bool:
-    """Whether the record stands for packets Hubble would have seen as flow events.
-
-    TCP event records (retransmit, resets, flowtel's kernel tracepoints) and the extra record
-    of an unanswered DNS query describe packets already counted elsewhere: counting them
-    again would make rates differ from Hubble's.
-    """
-    ext = flow.extensions
-    return "tcp_event" not in ext and not ext.get("dns_unanswered")
-
-
-def flow_events(flow: Flow) -> int:
-    """How many Hubble flow events the record stands for: an aggregated L3/L4 record holds
-    ``packets`` packets, each of which Hubble reports as one flow; DNS and drop records are one each."""
-    if flow.flow_type is FlowType.L3_L4 and flow.packets > 0:
-        return flow.packets
-    return 1
+    """Whether Hubble would have counted the record as flow events (not a TCP socket event,
+    not the record of an unanswered DNS query): :func:`flowtel.recordtables.counts_as_hubble_flow`."""
+    return counts_as_hubble_flow(flow)

@@ -56,7 +56,8 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 
 from flowtel.component import ComponentConfig
 from flowtel.flowfilter import FilterError, Filters, FlowFilter, compile_filter
-from flowtel.records import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Flow, Record
+from flowtel.records import Flow, Record
+from flowtel.recordtables import PROTOCOL_NAMES
 
 # Hubble's FlowFilter fields that flowtel.flowfilter implements.
 FILTER_FIELDS: tuple[str, ...] = tuple(FlowFilter.__slots__)  # type: ignore[attr-defined]
@@ -259,8 +260,7 @@ class FieldMask:
 
 _ATTRIBUTE_CACHE_SIZE = 4096
 # The key of a flow's protocol in the Hubble object's ``l4``.
-_L4_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP", IPPROTO_ICMP: "ICMPv4",
-             IPPROTO_ICMPV6: "ICMPv6"}
+_L4_NAMES = PROTOCOL_NAMES
 # Attributes that repeat one field of the flow object, by that field's path.
 _FLOW_ATTRIBUTES = {
     "source.address": "IP.source",

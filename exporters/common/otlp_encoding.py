@@ -12,7 +12,7 @@ flow.
 Flow-log records, one per :class:`Flow`:
 
 - body: the object ``hubble observe -o json`` prints under ``"flow"``
-  (:func:`flowtel.hubble.flow_to_dict`), as an OTLP map (``kvlist``) so Collector
+  (:func:`flowtel.lib.hubble.convert.flow_json`), as an OTLP map (``kvlist``) so Collector
   processors and backends can address fields (``body["verdict"]``) without parsing; or,
   with ``log_body: json``, the same object as one compact JSON string;
 - attributes: ``source.address``, ``source.port``, ``destination.address``,
@@ -42,7 +42,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.sdk.resources import OTELResourceDetector
 
 from exporters.common.flowlog_filter import FieldMask
-from flowtel import hubble
+from flowtel.lib.hubble import convert
 from flowtel.records import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
@@ -192,7 +192,7 @@ def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int,
     pb.observed_time_unix_nano = observed_ns
     pb.severity_number, pb.severity_text = flow_severity(flow)
     pb.event_name = "flowtel.flow"
-    obj = hubble.flow_to_dict(flow)
+    obj = convert.flow_json(flow)
     if body_mask is not None:
         obj = body_mask(obj)
     if body == "map":
@@ -216,7 +216,7 @@ def _fill_lost(pb: LogRecord, lost: LostEvents, body: LogBody, observed_ns: int)
     pb.severity_number = SeverityNumber.SEVERITY_NUMBER_WARN
     pb.severity_text = "WARN"
     pb.event_name = "flowtel.lost_events"
-    obj = hubble.lost_to_dict(lost)
+    obj = convert.lost_json(lost)
     if body == "map":
         fill_any_value(pb.body, obj)
     else:

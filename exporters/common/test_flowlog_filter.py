@@ -14,7 +14,7 @@ from exporters.common.otlp_encoding import OtlpEncoder, any_value_to_python
 from exporters.file.factory import FACTORY
 from exporters.otlp.config import OtlpGrpcConfig
 from exporters.otlp.exporter import OtlpGrpcExporter
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import Kind
 from flowtel.config import ConfigError, parse_config
 from flowtel.records import Endpoint, Flow, Workload
@@ -74,7 +74,7 @@ def test_hubble_event_type_objects_and_numeric_ports_are_accepted() -> None:
 
 def masked(paths: list[str], name: str) -> dict[str, Any]:
     flt = FlowLogFilter(FlowLogFilterConfig(field_mask=paths))
-    return flt.mask(hubble.flow_to_dict(sample_flows()[name]))
+    return flt.mask(hubble.flow_json(sample_flows()[name]))
 
 
 def test_field_mask_keeps_only_the_paths_including_nested_ones() -> None:
@@ -90,11 +90,11 @@ def test_field_mask_keeps_only_the_paths_including_nested_ones() -> None:
         "l7": {"dns": {"query": "www.example.com."}}}
     # a whole object wins over a path inside it, in either order
     assert masked(["source.namespace", "source"], "F2") == masked(["source"], "F2") == {
-        "source": hubble.flow_to_dict(sample_flows()["F2"])["source"]}
+        "source": hubble.flow_json(sample_flows()["F2"])["source"]}
 
 
 def test_empty_mask_keeps_everything() -> None:
-    flow = hubble.flow_to_dict(sample_flows()["F3"])
+    flow = hubble.flow_json(sample_flows()["F3"])
     assert FlowLogFilter(FlowLogFilterConfig()).mask(flow) == flow
 
 
@@ -188,7 +188,7 @@ def test_field_mask_governs_the_otlp_attributes(paths: list[str], kept: set[str]
     full, _ = encoded_attributes([], _named_flow())
     assert all(attributes[k] == full[k] for k in kept)  # kept ones unchanged
     # The body is the masked object (an empty map is OTLP's empty value).
-    assert (body or {}) == FlowLogFilter(FlowLogFilterConfig(field_mask=paths)).mask(hubble.flow_to_dict(_named_flow()))
+    assert (body or {}) == FlowLogFilter(FlowLogFilterConfig(field_mask=paths)).mask(hubble.flow_json(_named_flow()))
 
 
 def test_attribute_rules_follow_the_flows_protocol() -> None:

@@ -6,7 +6,7 @@ import sys
 from typing import TextIO
 
 from exporters.console.config import ConsoleConfig
-from flowtel import hubble
+from flowtel.lib.hubble import convert, printer
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import Record
 
@@ -22,9 +22,9 @@ class ConsoleExporter(Exporter):
 
     def _lines(self, batch: list[Record]) -> list[str]:
         if self.config.verbosity == "json":
-            return [_encode(hubble.record_envelope(r)) for r in batch]
+            return [_encode(convert.record_envelope(r)) for r in batch]
         color = self.config.color
-        return [hubble.record_compact_line(r, color) for r in batch]
+        return [printer.record_compact_line(r, color) for r in batch]
 
     def consume(self, batch: list[Record]) -> None:
         if not batch:

@@ -1,4 +1,4 @@
-"""The console exporter and the compact line format it prints (flowtel.hubble.compact_line)."""
+"""The console exporter and the compact line format it prints (flowtel.printer.compact_line)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from exporters.console.config import ConsoleConfig
 from exporters.console.exporter import ConsoleExporter
 from exporters.console.factory import FACTORY
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import CreateSettings, Kind, Telemetry
 from flowtel.records import (
     TCP_ACK,
@@ -102,14 +102,14 @@ class CountingStream(io.StringIO):
 
 
 def test_compact_tcp_aggregated_flow_reads_like_hubble() -> None:
-    assert hubble.compact_line(tcp_flow()) == (
+    assert printer.compact_line(tcp_flow()) == (
         f"{STAMP}: shop/frontend-7c9d:41234 (ID:0) -> shop/payments-0:80 (ID:0) "
         "to-endpoint FORWARDED (TCP Flags: SYN, ACK) pkts=3 bytes=180 on veth1a2b INGRESS"
     )
 
 
 def test_compact_reply_flips_arrow_and_ends() -> None:
-    line = hubble.compact_line(tcp_flow(is_reply=True, tcp_flags=TCP_ACK | TCP_FIN,
+    line = printer.compact_line(tcp_flow(is_reply=True, tcp_flags=TCP_ACK | TCP_FIN,
                                         traffic_direction=TrafficDirection.EGRESS))
     # The client stays on the left, as hubble prints replies.
     assert line.startswith(f"{STAMP}: shop/payments-0:80 (ID:0) <- shop/frontend-7c9d:41234 (ID:0) ")
@@ -118,92 +118,92 @@ def test_compact_reply_flips_arrow_and_ends() -> None:
 
 
 def test_compact_unknown_reply_state_uses_hubbles_double_arrow() -> None:
-    line = hubble.compact_line(tcp_flow(is_reply=None))
+    line = printer.compact_line(tcp_flow(is_reply=None))
     assert " (ID:0) <> shop/payments-0:80 " in line
 
 
 def test_compact_without_pods_uses_addresses_and_brackets_ipv6() -> None:
-    line = hubble.compact_line(tcp_flow(ip_version=6, src_ip="fd00::5", dst_ip="fd00::9",
+    line = printer.compact_line(tcp_flow(ip_version=6, src_ip="fd00::5", dst_ip="fd00::9",
                                         source=None, destination=None))
     assert f"{STAMP}: [fd00::5]:41234 (ID:0) -> [fd00::9]:80 (ID:0) " in line
 
 
 def test_compact_prefers_dns_names_over_addresses_when_no_pod() -> None:
-    line = hubble.compact_line(tcp_flow(destination=None, destination_names=["api.example.com"],
+    line = printer.compact_line(tcp_flow(destination=None, destination_names=["api.example.com"],
                                         dst_port=443))
     assert "-> api.example.com:443 (ID:0) " in line
 
 
 def test_compact_reserved_identity_by_name() -> None:
-    line = hubble.compact_line(tcp_flow(destination=Endpoint(identity=2), dst_ip="1.1.1.1"))
+    line = printer.compact_line(tcp_flow(destination=Endpoint(identity=2), dst_ip="1.1.1.1"))
     assert "-> 1.1.1.1:80 (world) " in line
 
 
 def test_compact_drop_shows_reason_before_verdict() -> None:
-    line = hubble.compact_line(tcp_flow(verdict=Verdict.DROPPED, drop_reason="NETFILTER_DROP",
+    line = printer.compact_line(tcp_flow(verdict=Verdict.DROPPED, drop_reason="NETFILTER_DROP",
                                         tcp_flags=TCP_SYN, is_reply=None, packets=1, bytes=60))
     assert "(ID:0) NETFILTER_DROP DROPPED (TCP Flags: SYN) pkts=1 bytes=60" in line
 
 
 def test_compact_icmp_has_no_ports_and_gopacket_names() -> None:
     echo = tcp_flow(protocol=1, src_port=8, dst_port=0, tcp_flags=0, packets=0, bytes=0)
-    assert hubble.compact_line(echo) == (
+    assert printer.compact_line(echo) == (
         f"{STAMP}: shop/frontend-7c9d (ID:0) -> shop/payments-0 (ID:0) "
         "to-endpoint FORWARDED (ICMPv4 EchoRequest) on veth1a2b INGRESS"
     )
     unreachable = tcp_flow(protocol=58, ip_version=6, src_port=1, dst_port=4, tcp_flags=0)
-    assert "(ICMPv6 DestinationUnreachable(PortUnreachable))" in hubble.compact_line(unreachable)
-    assert hubble.summary(tcp_flow(protocol=1, src_port=5, dst_port=9)) == "ICMPv4 Redirect(Code: 9)"
-    assert hubble.summary(tcp_flow(protocol=1, src_port=42, dst_port=1)) == "ICMPv4 42(1)"
-    assert hubble.summary(tcp_flow(protocol=1, src_port=0, dst_port=0)) == "ICMPv4 EchoReply"
+    assert "(ICMPv6 DestinationUnreachable(PortUnreachable))" in printer.compact_line(unreachable)
+    assert _summary.summary(tcp_flow(protocol=1, src_port=5, dst_port=9)) == "ICMPv4 Redirect(Code: 9)"
+    assert _summary.summary(tcp_flow(protocol=1, src_port=42, dst_port=1)) == "ICMPv4 42(1)"
+    assert _summary.summary(tcp_flow(protocol=1, src_port=0, dst_port=0)) == "ICMPv4 EchoReply"
 
 
 def test_summaries_for_other_protocols() -> None:
-    assert hubble.summary(tcp_flow(protocol=17)) == "UDP"
-    assert hubble.summary(tcp_flow(protocol=132)) == "SCTP"
-    assert hubble.summary(tcp_flow(protocol=47)) == "IPv4"
-    assert hubble.summary(tcp_flow(protocol=47, ip_version=6)) == "IPv6"
-    assert hubble.summary(tcp_flow(tcp_flags=0)) == "TCP"
+    assert _summary.summary(tcp_flow(protocol=17)) == "UDP"
+    assert _summary.summary(tcp_flow(protocol=132)) == "SCTP"
+    assert _summary.summary(tcp_flow(protocol=47)) == "IPv4"
+    assert _summary.summary(tcp_flow(protocol=47, ip_version=6)) == "IPv6"
+    assert _summary.summary(tcp_flow(tcp_flags=0)) == "TCP"
     all_flags = TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN | 0x08 | 0x20 | 0x40 | 0x80
-    assert hubble.summary(tcp_flow(tcp_flags=all_flags)) == "TCP Flags: SYN, ACK, RST, FIN, PSH, URG, ECE, CWR"
+    assert _summary.summary(tcp_flow(tcp_flags=all_flags)) == "TCP Flags: SYN, ACK, RST, FIN, PSH, URG, ECE, CWR"
 
 
 def test_compact_non_ip_frame() -> None:
     arp = tcp_flow(ip_version=0, src_ip="", dst_ip="", protocol=0, src_port=0, dst_port=0,
                    ethertype=0x0806, source=None, destination=None, is_reply=None, packets=2,
                    bytes=84, tcp_flags=0, traffic_direction=TrafficDirection.EGRESS)
-    assert hubble.compact_line(arp) == (
+    assert printer.compact_line(arp) == (
         f"{STAMP}: N/A (ID:0) <> N/A (ID:0) from-endpoint FORWARDED (ARP) pkts=2 bytes=84 on veth1a2b EGRESS"
     )
-    assert hubble.summary(tcp_flow(ip_version=0, ethertype=0x88B5, protocol=0)) == "Ethernet 0x88b5"
+    assert _summary.summary(tcp_flow(ip_version=0, ethertype=0x88B5, protocol=0)) == "Ethernet 0x88b5"
 
 
 def test_compact_dns_request_and_responses() -> None:
     request = dns_flow("REQUEST", DnsInfo(query="example.com.", qtypes=["A"]))
-    assert hubble.compact_line(request) == (
+    assert printer.compact_line(request) == (
         f"{STAMP}: 10.1.0.5:40000 (ID:0) -> 10.0.0.10:53 (ID:0) "
         "dns-request ebpf FORWARDED (DNS Query example.com. A)"
     )
     answer = dns_flow("RESPONSE", DnsInfo(query="example.com.", qtypes=["A"], ips=["1.2.3.4", "5.6.7.8"],
                                           ttl=300), src_ip="10.0.0.10", dst_ip="10.1.0.5",
                       src_port=53, dst_port=40000, latency_ns=1_500_000)
-    line = hubble.compact_line(answer)
+    line = printer.compact_line(answer)
     assert f"{STAMP}: 10.1.0.5:40000 (ID:0) <- 10.0.0.10:53 (ID:0) dns-response ebpf FORWARDED " in line
     assert line.endswith('(DNS Answer "1.2.3.4,5.6.7.8" TTL: 300 (Query example.com. A))')
 
     cname = dns_flow("RESPONSE", DnsInfo(query="www.example.com.", qtypes=["A"], ips=["1.2.3.4"],
                                          cnames=["edge.example.net."], ttl=60, observation_source="proxy"))
-    assert hubble.summary(cname) == (
+    assert _summary.summary(cname) == (
         'DNS Answer "1.2.3.4" CNAMEs: "edge.example.net." TTL: 60 (Proxy www.example.com. A)'
     )
     nx = dns_flow("RESPONSE", DnsInfo(query="nope.example.", qtypes=["AAAA"], rcode=3))
-    assert hubble.summary(nx) == "DNS Answer RCode: Non-Existent Domain TTL: 0 (Query nope.example. AAAA)"
+    assert _summary.summary(nx) == "DNS Answer RCode: Non-Existent Domain TTL: 0 (Query nope.example. AAAA)"
     refused = dns_flow("RESPONSE", DnsInfo(query="x.", qtypes=["A"], rcode=5))
-    assert hubble.summary(refused) == "DNS Answer RCode: Query Refused TTL: 0 (Query x. A)"
+    assert _summary.summary(refused) == "DNS Answer RCode: Query Refused TTL: 0 (Query x. A)"
 
 
 def test_compact_tcp_event_names_the_event() -> None:
-    line = hubble.compact_line(tcp_flow(extensions={"tcp_event": "reset_sent"}, tcp_flags=TCP_RST,
+    line = printer.compact_line(tcp_flow(extensions={"tcp_event": "reset_sent"}, tcp_flags=TCP_RST,
                                         packets=0, bytes=0))
     assert "(ID:0) tcp-reset_sent FORWARDED (TCP Flags: RST) on veth1a2b INGRESS" in line
     assert "pkts=" not in line
@@ -211,24 +211,24 @@ def test_compact_tcp_event_names_the_event() -> None:
 
 def test_compact_timestamp_pads_the_day_like_go() -> None:
     t = 1730854923_004000000  # 2024-11-06T01:02:03.004Z
-    assert hubble.compact_line(tcp_flow(time_ns=t)).startswith("Nov  6 01:02:03.004: ")
+    assert printer.compact_line(tcp_flow(time_ns=t)).startswith("Nov  6 01:02:03.004: ")
 
 
 def test_compact_escapes_control_characters_from_the_network() -> None:
     evil = dns_flow("REQUEST", DnsInfo(query="a\x1b[2J\nb.", qtypes=["A"]))
-    line = hubble.compact_line(evil)
+    line = printer.compact_line(evil)
     assert "\x1b" not in line and "\n" not in line
     assert "DNS Query a\\x1b[2J\\x0ab. A" in line
 
 
 def test_compact_colors_like_hubble_only_when_asked() -> None:
-    plain = hubble.compact_line(tcp_flow())
+    plain = printer.compact_line(tcp_flow())
     assert "\x1b" not in plain
-    colored = hubble.compact_line(tcp_flow(), color=True)
+    colored = printer.compact_line(tcp_flow(), color=True)
     assert "\x1b[32mFORWARDED\x1b[0m" in colored
     assert "\x1b[36mshop/frontend-7c9d\x1b[0m:\x1b[33m41234\x1b[0m" in colored
     assert "\x1b[35m(ID:0)\x1b[0m" in colored
-    dropped = hubble.compact_line(tcp_flow(verdict=Verdict.DROPPED, drop_reason="NO_SOCKET"), color=True)
+    dropped = printer.compact_line(tcp_flow(verdict=Verdict.DROPPED, drop_reason="NO_SOCKET"), color=True)
     assert "\x1b[31mDROPPED\x1b[0m" in dropped
     # Stripping the escapes gives back the plain line.
     assert re.sub(r"\x1b\[\d+m", "", colored) == plain
@@ -236,7 +236,7 @@ def test_compact_colors_like_hubble_only_when_asked() -> None:
 
 def test_lost_events_line() -> None:
     lost = LostEvents(time_ns=T0, source="PERF_EVENT_RING_BUFFER", count=17, node_name="node-1")
-    assert hubble.lost_compact_line(lost) == f"{STAMP}: EVENTS LOST: PERF_EVENT_RING_BUFFER 17"
+    assert printer.lost_compact_line(lost) == f"{STAMP}: EVENTS LOST: PERF_EVENT_RING_BUFFER 17"
 
 
 # --- the exporter -----------------------------------------------------------------------
@@ -253,8 +253,8 @@ def test_exporter_writes_one_line_per_record_in_one_write_per_batch() -> None:
     lines = stream.getvalue().split("\n")
     assert lines[-1] == ""  # every line is terminated
     assert lines[:-1] == [
-        hubble.compact_line(first),
-        hubble.compact_line(second),
+        printer.compact_line(first),
+        printer.compact_line(second),
         f"{STAMP}: EVENTS LOST: ring 2",
     ]
     assert ":41235 (ID:0)" in lines[1]
@@ -290,7 +290,7 @@ def test_exporter_defaults_to_stdout(capsys: pytest.CaptureFixture[str]) -> None
     exporter = ConsoleExporter(settings(), ConsoleConfig())
     exporter.consume([tcp_flow()])
     exporter.flush()
-    assert capsys.readouterr().out == hubble.compact_line(tcp_flow()) + "\n"
+    assert capsys.readouterr().out == printer.compact_line(tcp_flow()) + "\n"
 
 
 def test_exporter_rejects_records_that_are_not_flow_logs_without_writing() -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 from exporters.common.flowlog_filter import FlowLogFilter
 from exporters.file.config import FileConfig
 from exporters.file.rotation import RotatingFile
-from flowtel import hubble
+from flowtel.lib.hubble import convert
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import Record
 
@@ -74,7 +74,7 @@ class FileExporter(Exporter):
         # Encode everything before touching the file: a record that cannot be encoded
         # fails the batch without leaving part of it written.
         mask = self._filter.mask_envelope
-        lines = [(_encode(mask(hubble.record_envelope(r))) + "\n").encode() for r in selected]
+        lines = [(_encode(mask(convert.record_envelope(r))) + "\n").encode() for r in selected]
         with self._lock:
             # Reopens after an earlier failure, so the exporter recovers once the cause is fixed.
             self._guard(lambda: self._file.write_lines(lines))

@@ -298,7 +298,7 @@ def ports_in(path: Path) -> list[int]:
 
 
 def line_length() -> int:
-    from flowtel import hubble
+    from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 
     return len(json.dumps(hubble.record_envelope(numbered(1)[0]), separators=(",", ":"))) + 1
 

@@ -16,7 +16,7 @@ from exporters.common import otlp_exporter
 from exporters.otlp.config import OtlpGrpcConfig
 from exporters.otlp.exporter import OtlpGrpcExporter
 from exporters.otlp.factory import FACTORY
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import ComponentConfig, Consumer, CreateSettings, Factory, Kind, Receiver, Telemetry
 from flowtel.config import parse_config
 from flowtel.errors import StartError
@@ -219,7 +219,7 @@ def test_flow_logs_carry_the_hubble_flow_as_body_and_otel_attributes(server: Grp
     assert len(records) == 4
     resource, first = records[0]
     assert resource["service.name"] == "flowtel" and resource["k8s.node.name"] == NODE
-    assert any_to_python(first.body) == hubble.flow_to_dict(forwarded)
+    assert any_to_python(first.body) == hubble.flow_json(forwarded)
     assert first.time_unix_nano == T0
     assert (first.severity_number, first.severity_text, first.event_name) == (9, "INFO", "flowtel.flow")
     assert log_attributes(first) == {
@@ -259,7 +259,7 @@ def test_log_body_json_is_the_compact_hubble_object(server: GrpcOtlpServer) -> N
         exporter.shutdown()
     (_, record), = server.recorder.log_records()
     body = record.body.string_value
-    assert json.loads(body) == hubble.flow_to_dict(pod_flow()) and '": ' not in body  # compact separators
+    assert json.loads(body) == hubble.flow_json(pod_flow()) and '": ' not in body  # compact separators
 
 
 def test_flow_log_filters_and_field_mask_apply_to_logs_only(server: GrpcOtlpServer) -> None:

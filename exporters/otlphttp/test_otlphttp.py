@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from exporters.otlphttp.config import OtlpHttpConfig
 from exporters.otlphttp.exporter import OtlpHttpExporter
 from exporters.otlphttp.factory import FACTORY
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import Kind, Telemetry
 from flowtel.errors import StartError
 from flowtel.records import MetricKind, MetricPoint
@@ -65,8 +65,8 @@ def test_metrics_and_logs_arrive_on_their_paths_gzipped_with_headers(server: Htt
         ("networkobservability_tcp_state", "gauge", 2, "", (("state", "TIME_WAIT"),)),
     ]
     records = server.recorder.log_records()
-    assert [any_to_python(r.body) for _, r in records] == [hubble.flow_to_dict(pod_flow()),
-                                                           hubble.flow_to_dict(pod_flow(1))]
+    assert [any_to_python(r.body) for _, r in records] == [hubble.flow_json(pod_flow()),
+                                                           hubble.flow_json(pod_flow(1))]
     assert records[0][0]["k8s.node.name"] == NODE
     assert telemetry.get("otlphttp", "records_sent") == 4 and telemetry.get("otlphttp", "requests_sent") == 2
 

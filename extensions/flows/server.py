@@ -23,9 +23,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from extensions.flows.hub import FlowHub, Query, TooManyFollowers
-from flowtel import hubble
+from flowtel.lib.hubble import convert
 from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, build_filters
-from flowtel.hubble_parse import parse_time_arg
+from flowtel.lib.hubble.parse import parse_time_arg
 from flowtel.records import Record
 
 log = logging.getLogger("flowtel.extensions.flows")
@@ -80,7 +80,7 @@ def parse_query(raw: str, now_ns: int | None = None) -> Query:
 def _lines(records: list[Record]) -> bytes:
     if not records:
         return b""
-    return ("\n".join(_encode(hubble.record_envelope(r)) for r in records) + "\n").encode()
+    return ("\n".join(_encode(convert.record_envelope(r)) for r in records) + "\n").encode()
 
 
 class FlowHTTPServer(ThreadingHTTPServer):

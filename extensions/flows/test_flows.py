@@ -19,10 +19,10 @@ from extensions.flows.extension import FlowsExtension
 from extensions.flows.factory import FACTORY
 from extensions.flows.hub import LOST_SOURCE_SLOW_CLIENT
 from extensions.flows.server import parse_query
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import CreateSettings, Kind, Telemetry
 from flowtel.errors import StartError
-from flowtel.hubble_parse import parse_rfc3339
+from flowtel.lib.hubble.parse import parse_rfc3339
 from flowtel.records import Record
 from tests.flowsamples import T0, lost, sample_flows
 
@@ -57,7 +57,7 @@ def lines(body: str) -> list[dict[str, Any]]:
 
 def names_of(body: str) -> list[str]:
     """Sample-flow names of the flows in a response, by their unique timestamps."""
-    by_time = {hubble.format_time(f.time_ns): n for n, f in sample_flows().items()}
+    by_time = {timefmt.format_time(f.time_ns): n for n, f in sample_flows().items()}
     return [by_time[env["time"]] for env in lines(body) if "flow" in env]
 
 
@@ -82,7 +82,7 @@ def test_filters_are_applied_by_the_server_in_order(ext: FlowsExtension) -> None
 
 def test_since_and_until(ext: FlowsExtension) -> None:
     ext.consume(list(sample_flows().values()))
-    since = hubble.format_time(T0 + 7_000_000_000)
+    since = timefmt.format_time(T0 + 7_000_000_000)
     assert names_of(get(ext, f"/flows?since={since}")[1]) == ["F7", "F8", "F9"]
     until = "2024-11-26T12:45:47+01:00"  # T0 + 2 s
     assert names_of(get(ext, f"/flows?until={urllib.request.quote(until)}")[1]) == ["F1", "F2"]
@@ -192,7 +192,7 @@ def test_follow_streams_new_matching_flows_after_history(ext: FlowsExtension) ->
         wait_followers(ext, 1)
         ext.consume([flows["F4"], flows["F5"], flows["F6"], flows["F7"]])
         got = stream.read_until(lambda g: len(g) >= 2)
-        assert [e["flow"]["time"] for e in got] == [hubble.format_time(flows[n].time_ns) for n in ("F2", "F6")]
+        assert [e["flow"]["time"] for e in got] == [timefmt.format_time(flows[n].time_ns) for n in ("F2", "F6")]
     finally:
         stream.close()
     wait_followers(ext, 0)  # a client that left is noticed and unregistered
@@ -223,7 +223,7 @@ def test_a_follower_that_cannot_keep_up_is_told_how_many_it_lost() -> None:
         got = stream.read_until(lambda g: sum(1 for e in g if "flow" in e) >= 10)
         lost_lines = [e["lost_events"] for e in got if "lost_events" in e]
         assert lost_lines == [{"source": LOST_SOURCE_SLOW_CLIENT, "num_events_lost": "15"}]
-        assert [e["flow"]["time"] for e in got if "flow" in e] == [hubble.format_time(T0 + i) for i in range(10)]
+        assert [e["flow"]["time"] for e in got if "flow" in e] == [timefmt.format_time(T0 + i) for i in range(10)]
         # The report comes before the flows that follow the gap.
         assert "lost_events" in got[0]
         assert telemetry.get("flows", "follower_records_lost") == 15

@@ -15,7 +15,7 @@ import pytest
 from extensions.ui.config import UiConfig
 from extensions.ui.extension import STATIC_DIR, UiExtension
 from extensions.ui.factory import FACTORY
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import CreateSettings, Kind, Telemetry
 from tests.flowsamples import sample_flows
 

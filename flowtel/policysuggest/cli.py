@@ -15,7 +15,7 @@ from typing import IO, Iterator
 from urllib.parse import urlencode
 
 from extensions.flows.config import DEFAULT_ENDPOINT
-from flowtel.hubble_parse import FlowJSONError, parse_time_arg, record_from_envelope
+from flowtel.lib.hubble.parse import FlowJSONError, parse_time_arg, record_from_envelope
 from flowtel.errors import UsageError
 from flowtel.observe import connect_flow_api
 from flowtel.policysuggest.render import to_json, to_yaml

@@ -44,7 +44,7 @@ from typing import Any, Iterable
 # The policy subset flowtel enforces: its API version, namespace label and the port ranges
 # the datapath keeps per destination.
 from dnsproxy.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
-from flowtel.hubble import DNS_RCODE_NAMES, format_time
+from flowtel.lib.hubble.timefmt import format_time
 from flowtel.labelselector import Requirement, parse_labels, parse_selector, selector_matches
 from flowtel.records import (
     IPPROTO_ICMP,
@@ -53,13 +53,14 @@ from flowtel.records import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     Endpoint,
+    EventKind,
     Flow,
-    FlowType,
     LostEvents,
     Record,
     TrafficDirection,
     Verdict,
 )
+from flowtel.recordtables import DNS_RCODE_NAMES, ICMP_PROTOCOLS, PORTED_PROTOCOLS, PROTOCOL_NAMES
 from flowtel.servicegraph import source_is_client
 from processors.k8sattributes.identity import is_identity_label
 
@@ -69,12 +70,10 @@ KIND = "CiliumNetworkPolicy"
 # only, so a selector using them would never select anything there.
 _CILIUM_LABEL_PREFIX = "io.cilium.k8s."
 ANNOTATION_PREFIX = "policy.flowtel.io/"
-# receiver/ebpf/dns.py EXTENSION_UNANSWERED: the flow repeating a query that got no answer.
-EXTENSION_UNANSWERED = "dns_unanswered"
 DNS_PORT = 53
 
-_PROTOCOL_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP"}
-_UNPORTED_NAMES = {IPPROTO_ICMP: "ICMPv4", IPPROTO_ICMPV6: "ICMPv6"}
+_PROTOCOL_NAMES = {p: PROTOCOL_NAMES[p] for p in PORTED_PROTOCOLS}
+_UNPORTED_NAMES = {p: PROTOCOL_NAMES[p] for p in ICMP_PROTOCOLS}
 # Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit.
 _MATCH_NAME = re.compile(r"^([-a-zA-Z0-9_]+[.]?)+$")
 _MAX_NAME = 253
@@ -289,7 +288,8 @@ def _normalize(name: str) -> str:
 
 
 def _allowed_verdicts(options: Options) -> frozenset[Verdict]:
-    verdicts = {Verdict.FORWARDED, Verdict.AUDIT}
+    # ERROR: a DNS query that got no answer (reported, never allowed on its own).
+    verdicts = {Verdict.FORWARDED, Verdict.AUDIT, Verdict.ERROR}
     if options.include_dropped:
         verdicts.add(Verdict.DROPPED)
     return frozenset(verdicts)
@@ -322,7 +322,7 @@ def _observe(records: Iterable[Record], selection: Selection, options: Options) 
         if flow.l7 is not None:
             _observe_dns(obs, flow, src_selected, dst_selected)
             continue
-        if (not src_selected or flow.flow_type != FlowType.L3_L4 or "tcp_event" in flow.extensions
+        if (not src_selected or not flow.is_packets
                 or flow.traffic_direction == TrafficDirection.INGRESS or not source_is_client(flow)):
             continue
         if not _is_address(flow.dst_ip):
@@ -346,7 +346,7 @@ def _observe(records: Iterable[Record], selection: Selection, options: Options) 
 def _observe_dns(obs: _Observed, flow: Flow, src_selected: bool, dst_selected: bool) -> None:
     dns = flow.l7
     assert dns is not None
-    response = flow.l7_type == "RESPONSE" or (not flow.l7_type and bool(flow.is_reply))
+    response = flow.kind is EventKind.DNS_RESPONSE
     if response:
         if not dst_selected:
             return
@@ -379,7 +379,7 @@ def _observe_dns(obs: _Observed, flow: Flow, src_selected: bool, dst_selected: b
                 obs.answers.setdefault(_canonical(ip), set()).add(name)
             else:
                 obs.skip("DNS answer address is not an IP address")
-    elif flow.extensions.get(EXTENSION_UNANSWERED):
+    elif flow.kind is EventKind.DNS_UNANSWERED:
         # The receiver's second copy of a query that got no answer: not a query of its own.
         entry.rcodes.add("unanswered")
     else:

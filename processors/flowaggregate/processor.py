@@ -2,8 +2,10 @@
 
 Keyed as ACNS container network logs aggregate: source and destination identity
 (namespace/pod/workload, or the IP when the end is not a pod), destination port, protocol,
-verdict, traffic direction and drop reason. Each window emits one Flow per key with the
-sums in ``extensions`` (``packets``, ``bytes``, ``flows``, ``window_start``, ``window_end``).
+verdict, traffic direction, drop reason and record kind. Each window emits one new Flow per
+key: packets, bytes and per-flag counts summed, flags united, ``extensions.flows`` (records
+merged), ``window_start`` and ``window_end``; fields of one connection that the merged
+records disagree on (source port, interface, DNS answer, …) are cleared.
 
 Windows follow the agent's clock (records are assigned to the window open when they
 arrive) and are aligned to multiples of ``window`` since the epoch. A window is emitted
@@ -16,11 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from flowtel.component import CreateSettings, Processor
-from flowtel.records import Endpoint, Flow, FlowType, Record, Verdict
+from flowtel.lib.hubble.timefmt import format_time
+from flowtel.records import Endpoint, EventKind, Flow, Record, TcpFlagCounts, frozen_extensions
 from processors.flowaggregate.config import FlowAggregateConfig
+
+# Fields of one connection or message that the key does not fix: an aggregate keeps each
+# only while every merged record agrees on it, else clears it to the default (a source
+# port of 0, an unknown reply flag, no interface, …) rather than show one record's value.
+_PER_RECORD: tuple[str, ...] = ("src_port", "is_reply", "ifindex", "ifname", "ethertype", "l7", "latency_ns",
+                                "source_names", "destination_names", "extensions")
+_CLEARED: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Flow) if f.name in _PER_RECORD}
+_DIFFERS = object()
 
 
 def _identity(ep: Endpoint | None, ip: str) -> tuple[str, str, str, str]:
@@ -39,13 +50,12 @@ def flow_key(f: Flow) -> tuple[Hashable, ...]:
         f.verdict,
         f.traffic_direction,
         f.drop_reason,
-        f.flow_type,
-        f.l7_type,
+        f.kind,
     )
 
 
 class _Agg:
-    __slots__ = ("first", "packets", "bytes", "flows", "tcp_flags")
+    __slots__ = ("first", "packets", "bytes", "flows", "tcp_flags", "flag_counts", "same")
 
     def __init__(self, first: Flow) -> None:
         self.first = first
@@ -53,12 +63,34 @@ class _Agg:
         self.bytes = 0
         self.flows = 0
         self.tcp_flags = 0
+        self.flag_counts: TcpFlagCounts | None = None
+        self.same = [getattr(first, name) for name in _PER_RECORD]
 
     def add(self, f: Flow) -> None:
-        self.packets += f.packets or int(f.extensions.get("packets", 0))
-        self.bytes += f.bytes or int(f.extensions.get("bytes", 0))
+        self.packets += f.packets
+        self.bytes += f.bytes
         self.flows += 1
         self.tcp_flags |= f.tcp_flags
+        counts = f.tcp_flag_counts
+        if counts is not None:
+            self.flag_counts = counts if self.flag_counts is None else self.flag_counts + counts
+        same = self.same
+        for i, name in enumerate(_PER_RECORD):
+            if same[i] is not _DIFFERS and getattr(f, name) != same[i]:
+                same[i] = _DIFFERS
+
+    def record(self, start: int, end: int) -> Flow:
+        kept = {name: (_CLEARED[name] if value is _DIFFERS else value) for name, value in zip(_PER_RECORD, self.same)}
+        kept["extensions"] = frozen_extensions({
+            **kept["extensions"],
+            "flows": self.flows,
+            # RFC 3339 strings: extensions are a google.protobuf.Struct, whose numbers are
+            # doubles that cannot hold nanosecond timestamps exactly.
+            "window_start": format_time(start),
+            "window_end": format_time(end),
+        })
+        return dataclasses.replace(self.first, time_ns=end, packets=self.packets, bytes=self.bytes,
+                                   tcp_flags=self.tcp_flags, tcp_flag_counts=self.flag_counts, **kept)
 
 
 class FlowAggregateProcessor(Processor):
@@ -77,11 +109,14 @@ class FlowAggregateProcessor(Processor):
     def _wanted(self, r: Record) -> bool:
         if not isinstance(r, Flow):
             return False
-        if r.flow_type is FlowType.L7:
-            return self.config.dns and r.l7 is not None
-        if r.verdict is Verdict.DROPPED:
+        kind = r.kind
+        if kind is EventKind.PACKET:
+            return self.config.l4
+        if kind is EventKind.DROP:
             return self.config.drops
-        return self.config.l4
+        if kind.is_dns:
+            return self.config.dns
+        return False  # TCP socket events are events, not packets: they pass through
 
     def process(self, batch: list[Record]) -> list[Record]:
         now = self._clock()
@@ -93,18 +128,18 @@ class FlowAggregateProcessor(Processor):
         aggs = self._aggs
         overflow = taken = 0
         for r in batch:
-            if not self._wanted(r):
+            if not isinstance(r, Flow) or not self._wanted(r):
                 out.append(r)
                 continue
-            key = flow_key(r)  # type: ignore[arg-type]
+            key = flow_key(r)
             agg = aggs.get(key)
             if agg is None:
                 if len(aggs) >= self.config.max_keys:
                     overflow += 1
                     out.append(r)
                     continue
-                agg = aggs[key] = _Agg(r)  # type: ignore[arg-type]
-            agg.add(r)  # type: ignore[arg-type]
+                agg = aggs[key] = _Agg(r)
+            agg.add(r)
             taken += 1
         tel, cid = self.settings.telemetry, self.settings.id
         tel.add(cid, "records_aggregated", taken)
@@ -119,18 +154,7 @@ class FlowAggregateProcessor(Processor):
         if start is None or not aggs:
             return []
         end = start + self._window_ns
-        out: list[Record] = []
-        for agg in aggs.values():
-            f = dataclasses.replace(agg.first, time_ns=end, packets=agg.packets, bytes=agg.bytes, tcp_flags=agg.tcp_flags)
-            f.extensions = {
-                **agg.first.extensions,
-                "packets": agg.packets,
-                "bytes": agg.bytes,
-                "flows": agg.flows,
-                "window_start": start,
-                "window_end": end,
-            }
-            out.append(f)
+        out: list[Record] = [agg.record(start, end) for agg in aggs.values()]
         self.settings.telemetry.add(self.settings.id, "windows_emitted")
         return out
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Mapping, Protocol
 
-from flowtel.records import Endpoint, Workload
+from flowtel.records import Endpoint, Workload, frozen_extensions
 from processors.k8sattributes import identity
 from processors.k8sattributes.extract import Extractor
 from processors.k8sattributes.internal.kube.objects import PodMeta
@@ -57,35 +57,38 @@ class EndpointView:
     labels: tuple[str, ...] = ()
     workloads: tuple[Workload, ...] = ()
     cluster_name: str = ""
-    attributes: dict[str, str] = field(default_factory=dict)  # read-only: copied onto records
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    # The record-side Endpoint, built once: records are immutable, so every record of
+    # this pod shares the same object instead of a copy each.
+    shared: Endpoint = field(init=False, compare=False, repr=False)
 
-    def endpoint(self) -> Endpoint:
-        # Lists and the dict are copied so that a later stage changing one record cannot
-        # change every record of this pod; Workload objects are shared and read-only.
-        return Endpoint(
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", frozen_extensions(self.attributes))
+        object.__setattr__(self, "shared", Endpoint(
             identity=self.identity,
             namespace=self.namespace,
             pod_name=self.pod_name,
-            labels=list(self.labels),
-            workloads=list(self.workloads),
+            labels=self.labels,
+            workloads=self.workloads,
             cluster_name=self.cluster_name,
-            attributes=self.attributes.copy(),
-        )
+            attributes=self.attributes,
+        ))
 
-    def fill(self, ep: Endpoint) -> None:
-        """Put this view on an endpoint an earlier stage created; what it set stays unless named here."""
-        ep.identity = self.identity
-        if self.namespace:
-            ep.namespace = self.namespace
-        if self.pod_name:
-            ep.pod_name = self.pod_name
-        if self.labels:
-            ep.labels = list(self.labels)
-        if self.workloads:
-            ep.workloads = list(self.workloads)
-        if self.cluster_name:
-            ep.cluster_name = self.cluster_name
-        ep.attributes.update(self.attributes)
+    def endpoint(self) -> Endpoint:
+        return self.shared
+
+    def merged(self, ep: Endpoint) -> Endpoint:
+        """A new endpoint: ``ep`` (from an earlier stage) with this view put on it; what
+        ``ep`` set stays unless this view names it."""
+        return Endpoint(
+            identity=self.identity,
+            namespace=self.namespace or ep.namespace,
+            pod_name=self.pod_name or ep.pod_name,
+            labels=self.labels or ep.labels,
+            workloads=self.workloads or ep.workloads,
+            cluster_name=self.cluster_name or ep.cluster_name,
+            attributes=frozen_extensions({**ep.attributes, **self.attributes}) if self.attributes else ep.attributes,
+        )
 
 
 def _workloads(chain: Chain) -> tuple[Workload, ...]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from flowtel.component import CreateSettings, Processor, Status
@@ -109,23 +109,25 @@ class K8sAttributesProcessor(Processor):
         lookup = source.lookup
         counts: dict[str, int] = {}
         now = time.time()
+        out: list[Record] = []
+        append = out.append
         for record in batch:
-            if record.__class__ is not Flow or not record.ip_version:
-                continue  # metric points, lost-event records and non-IP frames have no ends to name
-            when = record.time_ns * 1e-9 if record.time_ns > 0 else now
-            view = lookup(record.src_ip, when)
-            counts[view.kind] = counts.get(view.kind, 0) + 1
-            if record.source is None:
-                record.source = view.endpoint()
-            else:
-                view.fill(record.source)
-            view = lookup(record.dst_ip, when)
-            counts[view.kind] = counts.get(view.kind, 0) + 1
-            if record.destination is None:
-                record.destination = view.endpoint()
-            else:
-                view.fill(record.destination)
+            if not isinstance(record, Flow) or not record.ip_version:
+                append(record)  # metric points, lost-event records and non-IP frames have no ends to name
+                continue
+            flow = record
+            when = flow.time_ns * 1e-9 if flow.time_ns > 0 else now
+            src = lookup(flow.src_ip, when)
+            dst = lookup(flow.dst_ip, when)
+            counts[src.kind] = counts.get(src.kind, 0) + 1
+            counts[dst.kind] = counts.get(dst.kind, 0) + 1
+            # Records are shared with other pipelines: a new record, with the cached endpoints.
+            append(replace(
+                flow,
+                source=src.shared if flow.source is None else src.merged(flow.source),
+                destination=dst.shared if flow.destination is None else dst.merged(flow.destination),
+            ))
         telemetry = self.settings.telemetry
         for kind, n in counts.items():
             telemetry.add(self.settings.id, f"resolved_{kind}", n)
-        return batch
+        return out

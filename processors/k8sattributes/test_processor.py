@@ -12,7 +12,7 @@ from typing import Any, Callable
 import kubernetes.client.models
 import pytest
 
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import Telemetry
 from flowtel.records import Endpoint, Flow, LostEvents, MetricKind, MetricPoint, Verdict, Workload
 from processors.k8sattributes.conftest import wait_until
@@ -82,7 +82,7 @@ def test_both_ends_named_as_hubble_and_otel(shop: FakeApiServer, make_processor:
         "annotations": [{"key": "owner", "tag_name": "service.owner"}],
     })
     src, dst = ends(p, "10.0.1.5", "10.0.2.7")
-    body = hubble.flow_to_dict(flow("10.0.1.5", "10.0.2.7", source=src, destination=dst))
+    body = hubble.flow_json(flow("10.0.1.5", "10.0.2.7", source=src, destination=dst))
     assert body["source"] == {
         "identity": src.identity,
         "namespace": "shop",
@@ -115,7 +115,7 @@ def test_both_ends_named_as_hubble_and_otel(shop: FakeApiServer, make_processor:
     assert not any("statefulset.kubernetes.io" in lbl or "controller-revision-hash" in lbl for lbl in dst.labels)
     assert dst.attributes["k8s.statefulset.name"] == "payments" and dst.attributes["k8s.node.name"] == "node-2"
     # The compact line names both ends by namespace/pod.
-    line = hubble.compact_line(flow("10.0.1.5", "10.0.2.7", source=src, destination=dst))
+    line = printer.compact_line(flow("10.0.1.5", "10.0.2.7", source=src, destination=dst))
     assert "shop/frontend-7c9d6b-abcde:40000" in line and "shop/payments-0:80" in line
 
 
@@ -205,7 +205,7 @@ def test_reserved_identities(shop: FakeApiServer, make_processor: Make) -> None:
     # In another node's pod CIDR but no pod: not world, unknown, with the node that owns it.
     _, unknown = ends(p, "10.0.1.5", "10.0.2.200")
     assert unknown.identity == 0 and unknown.labels == [] and unknown.attributes == {"k8s.node.name": "node-2"}
-    assert hubble.compact_line(flow("10.0.1.5", "1.1.1.1", source=src, destination=world)).count("(world)") == 1
+    assert printer.compact_line(flow("10.0.1.5", "1.1.1.1", source=src, destination=world)).count("(world)") == 1
 
 
 def test_ip_reuse_and_deleted_pod_grace(shop: FakeApiServer, make_processor: Make) -> None:

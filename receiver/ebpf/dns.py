@@ -5,7 +5,7 @@ records; reading the ring buffer is :mod:`receiver.ebpf.dnsring`'s job. Each DNS
 becomes one flow: a ``REQUEST`` per query, a ``RESPONSE`` per answer (with the latency from
 its request, by kernel timestamps), both from the interface and hook where they were seen,
 as Hubble reports them per endpoint. A query with no response within the timeout yields one
-more flow, its copy with ``extensions.dns_unanswered: true``.
+more flow of kind ``DNS_UNANSWERED`` (verdict ERROR, no ``l7.type`` on the wire).
 
 TCP (RFC 7766 framing): a segment is read from its start, and every message whose length
 prefix starts in it is parsed. A message that runs past its segment is parsed from what
@@ -25,7 +25,7 @@ from flowtel.records import (
     IPPROTO_TCP,
     DnsInfo,
     Flow,
-    FlowType,
+    EventKind,
     MetricKind,
     MetricPoint,
     Verdict,
@@ -45,7 +45,6 @@ METRIC_RESPONSES = "networkobservability_dns_response_count"
 METRIC_UNANSWERED = "flowtel_dns_unanswered_total"
 METRIC_PARSE_ERRORS = "flowtel_dns_parse_errors_total"
 METRIC_LATENCY = "flowtel_dns_latency_seconds"
-EXTENSION_UNANSWERED = "dns_unanswered"
 
 
 @dataclass(slots=True)
@@ -214,9 +213,9 @@ class DnsTracker:
             else:
                 latency = ev.ts_ns - pending.ts_ns
                 self.latency.observe(latency / 1e9)
-            info = DnsInfo(query=msg.query, qtypes=msg.qtypes, rcode=msg.rcode, ips=msg.ips, ttl=msg.ttl,
-                           cnames=msg.cnames, rrtypes=msg.rrtypes)
-            return self._flow(ev, True, info, iface, ev.ts_ns + offset, latency)
+            info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes), rcode=msg.rcode, ips=tuple(msg.ips),
+                           ttl=msg.ttl, cnames=tuple(msg.cnames), rrtypes=tuple(msg.rrtypes))
+            return self._flow(ev, EventKind.DNS_RESPONSE, info, iface, ev.ts_ns + offset, latency)
         key = (ev.ifindex, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.protocol, msg.id)
         counts.requests += 1
         result = self.pending.add(key, ev.ts_ns, _Query(ev, msg.query, msg.qtypes))
@@ -224,29 +223,31 @@ class DnsTracker:
             counts.retransmits += 1
         elif result is AddResult.FULL:
             counts.pending_full += 1
-        info = DnsInfo(query=msg.query, qtypes=list(msg.qtypes))
-        return self._flow(ev, False, info, iface, ev.ts_ns + offset, 0)
+        info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes))
+        return self._flow(ev, EventKind.DNS_REQUEST, info, iface, ev.ts_ns + offset, 0)
 
-    def _flow(self, ev: DnsEvent, is_reply: bool, info: DnsInfo, iface: Interface | None, time_ns: int,
+    def _flow(self, ev: DnsEvent, kind: EventKind, info: DnsInfo, iface: Interface | None, time_ns: int,
               latency_ns: int) -> Flow:
+        is_reply = kind is EventKind.DNS_RESPONSE
         return Flow(
             time_ns=time_ns,
             node_name=self.node_name,
-            verdict=Verdict.FORWARDED,
+            # An unanswered query is an error of the exchange, as Cilium's proxy reports one
+            # whose upstream failed: nobody can take it for a second request.
+            verdict=Verdict.ERROR if kind is EventKind.DNS_UNANSWERED else Verdict.FORWARDED,
             ip_version=ev.family,
             src_ip=_ip(ev.family, ev.saddr),
             dst_ip=_ip(ev.family, ev.daddr),
             protocol=ev.protocol,
             src_port=ev.sport,
             dst_port=ev.dport,
-            flow_type=FlowType.L7,
+            kind=kind,
             traffic_direction=traffic_direction(iface, ev.hook),
-            is_reply=is_reply,
+            is_reply=is_reply if kind is not EventKind.DNS_UNANSWERED else None,
             ethertype=0x86DD if ev.family == 6 else 0x0800,
             ifindex=ev.ifindex,
             ifname=iface.name if iface is not None else "",
             l7=info,
-            l7_type="RESPONSE" if is_reply else "REQUEST",
             latency_ns=latency_ns,
         )
 
@@ -276,10 +277,9 @@ class DnsTracker:
         out: list[Flow] = []
         for p in expired:
             q = p.item
-            info = DnsInfo(query=q.query, qtypes=list(q.qtypes))
-            flow = self._flow(q.event, False, info, self._interface_of(q.event.ifindex), p.ts_ns + timeout + offset, 0)
-            flow.extensions = {EXTENSION_UNANSWERED: True}
-            out.append(flow)
+            info = DnsInfo(query=q.query, qtypes=tuple(q.qtypes))
+            out.append(self._flow(q.event, EventKind.DNS_UNANSWERED, info, self._interface_of(q.event.ifindex),
+                                  p.ts_ns + timeout + offset, 0))
         return out
 
     def metric_points(self, now_ns: int) -> list[MetricPoint]:

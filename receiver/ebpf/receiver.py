@@ -10,7 +10,7 @@ import time
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, Verdict
+from flowtel.records import Flow, LostEvents, TcpFlagCounts, Verdict
 import bpf as bpf_sources
 from receiver.ebpf.attach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
@@ -198,11 +198,9 @@ class EbpfReceiver(Receiver):
                 packets=r.packets,
                 bytes=r.bytes,
                 tcp_flags=r.tcp_flags,
+                tcp_flag_counts=TcpFlagCounts(r.syn, r.synack, r.fin, r.rst) if r.protocol == 6 else None,
+                is_reply=is_reply(r.protocol, src, r.sport, dst, r.dport, r.syn, r.synack) if r.family else None,
             )
-            if r.protocol == 6:
-                flow.tcp_flag_counts = {"SYN": r.syn, "SYN-ACK": r.synack, "FIN": r.fin, "RST": r.rst}
-            if r.family:
-                flow.is_reply = is_reply(r.protocol, src, r.sport, dst, r.dport, r.syn, r.synack)
             append(flow)
         return out
 

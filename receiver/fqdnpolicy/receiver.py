@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from flowtel.component import Consumer, CreateSettings, Receiver, Status
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, TrafficDirection, Verdict
+from flowtel.records import EventKind, Flow, LostEvents, TrafficDirection, Verdict
 from receiver.fqdnpolicy import pinned
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
 from receiver.fqdnpolicy.denied import (CNT_DENIED_CREATED, CNT_EVENTS_LOST, DROP_REASON, MAP_COUNTERS, MAP_DENIED,
@@ -241,7 +241,7 @@ class FqdnPolicyReceiver(Receiver):
                 ip_version=d.family, src_ip=d.src_ip, dst_ip=d.dst_ip, protocol=d.protocol,
                 src_port=d.src_port, dst_port=d.dst_port, traffic_direction=TrafficDirection.EGRESS,
                 is_reply=False, ethertype=0x86DD if d.family == 6 else 0x0800, ifindex=d.ifindex, ifname=name,
-                packets=d.packets, bytes=d.bytes, tcp_flags=d.tcp_flags, drop_reason=DROP_REASON,
+                packets=d.packets, bytes=d.bytes, tcp_flags=d.tcp_flags, kind=EventKind.DROP, drop_reason=DROP_REASON,
             ))
         return out
 

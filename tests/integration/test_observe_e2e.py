@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from flowtel.cli import main
-from flowtel.hubble import flow_to_dict
-from flowtel.hubble_parse import flow_from_dict
+from flowtel.lib.hubble.convert import flow_json as flow_to_dict
+from flowtel.lib.hubble.parse import flow_from_json as flow_from_dict
 from flowtel.testbed import LinkStats, Pod, Testbed, send_ping, send_tcp, send_udp
 
 pytestmark = pytest.mark.kernel

@@ -12,7 +12,8 @@ import pytest
 from flowtel.histogram import DNS_LATENCY_BOUNDS
 from flowtel.records import FlowType, MetricKind, TrafficDirection
 from receiver.ebpf.attach import Interface
-from receiver.ebpf.dns import EXTENSION_UNANSWERED, DnsEvent, DnsTracker
+from flowtel.records import EventKind, Verdict
+from receiver.ebpf.dns import DnsEvent, DnsTracker
 from receiver.ebpf.dnswire import MalformedMessage, parse_message, split_tcp
 from tests import dnsfuzz
 
@@ -121,7 +122,7 @@ def test_ipv6_and_tcp_exchange() -> None:
     ])
     assert [f.l7_type for f in flows] == ["REQUEST", "RESPONSE"]
     assert flows[1].src_ip == "fd00:f7::3" and flows[1].ip_version == 6 and flows[1].protocol == TCP
-    assert flows[1].l7.ips == ["2001:db8::1"] and flows[1].latency_ns == 20  # type: ignore[union-attr]
+    assert flows[1].l7.ips == ("2001:db8::1",) and flows[1].latency_ns == 20  # type: ignore[union-attr]
 
 
 def test_unanswered_request_is_reported_once_per_observation_point_after_the_timeout() -> None:
@@ -131,9 +132,10 @@ def test_unanswered_request_is_reported_once_per_observation_point_after_the_tim
                event(q, ts=1 * S + 7, ifindex=4, hook=EGRESS, reply=False)])
     assert t.expire(3 * S - 1) == []
     out = t.expire(3 * S + 7)
-    assert [(f.ifname, f.l7_type, f.extensions) for f in out] == [
-        ("vethclient", "REQUEST", {EXTENSION_UNANSWERED: True}),
-        ("vethserver", "REQUEST", {EXTENSION_UNANSWERED: True}),
+    # Not a second request: its own kind, verdict ERROR and no reply flag.
+    assert [(f.ifname, f.kind, f.verdict, f.is_reply, f.l7_type) for f in out] == [
+        ("vethclient", EventKind.DNS_UNANSWERED, Verdict.ERROR, None, ""),
+        ("vethserver", EventKind.DNS_UNANSWERED, Verdict.ERROR, None, ""),
     ]
     assert out[0].time_ns == 3 * S + OFFSET and out[0].l7.query == "slow.example."  # type: ignore[union-attr]
     assert t.counts.unanswered == 2 and len(t.pending) == 0

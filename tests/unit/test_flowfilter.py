@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.flowfilter import FilterError, build_filters, event_type
 from flowtel.observe import add_observe_arguments
 from tests.flowsamples import lost, sample_flows
@@ -158,5 +158,5 @@ def test_unknown_flag_in_wire_form_is_refused() -> None:
 
 def test_event_type_agrees_with_the_json_flowtel_emits() -> None:
     for name, flow in sample_flows().items():
-        d = hubble.flow_to_dict(flow)["event_type"]
+        d = hubble.flow_json(flow)["event_type"]
         assert event_type(flow) == (d["type"], d.get("sub_type", 0)), name

@@ -5,19 +5,19 @@ import json
 
 import pytest
 
-from flowtel import hubble
-from flowtel.hubble_parse import FlowJSONError, flow_from_dict, parse_rfc3339, record_from_envelope
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
+from flowtel.lib.hubble.parse import FlowJSONError, flow_from_json as flow_from_dict, parse_rfc3339, record_from_envelope
 from tests.flowsamples import T0, lost, sample_flows
 
 
 @pytest.mark.parametrize("name", list(sample_flows()))
 def test_round_trip_is_exact(name: str) -> None:
     flow = sample_flows()[name]
-    d = json.loads(json.dumps(hubble.flow_to_dict(flow)))
+    d = json.loads(json.dumps(hubble.flow_json(flow)))
     back = flow_from_dict(d)
-    assert hubble.flow_to_dict(back) == d
-    assert hubble.compact_line(back) == hubble.compact_line(flow)
-    assert hubble.table_fields(back) == hubble.table_fields(flow)
+    assert hubble.flow_json(back) == d
+    assert printer.compact_line(back) == printer.compact_line(flow)
+    assert printer.table_fields(back) == printer.table_fields(flow)
 
 
 def test_envelopes_decode_to_records() -> None:
@@ -44,7 +44,7 @@ def test_not_a_flow_is_an_error() -> None:
 ])
 def test_parse_rfc3339(text: str, ns: int) -> None:
     assert parse_rfc3339(text) == ns
-    assert parse_rfc3339(hubble.format_time(ns)) == ns
+    assert parse_rfc3339(timefmt.format_time(ns)) == ns
 
 
 def test_parse_rfc3339_refuses_other_text() -> None:
@@ -54,15 +54,15 @@ def test_parse_rfc3339_refuses_other_text() -> None:
 
 def test_table_and_dict_formats() -> None:
     flows = sample_flows()
-    assert hubble.table_fields(flows["F1"]) == (
+    assert printer.table_fields(flows["F1"]) == (
         "Nov 26 11:45:46.000", "shop/frontend-7c9d:41000", "shop/payments-0:8080", "from-endpoint", "FORWARDED",
         "TCP Flags: SYN")
     # Replies keep their recorded ends in the table (only the compact line swaps them).
-    assert hubble.table_fields(flows["F2"])[1:3] == ("shop/payments-0:8080", "shop/frontend-7c9d:41000")
-    assert hubble.table_fields(flows["F3"])[3:5] == ("NETFILTER_DROP", "DROPPED")
-    assert hubble.table_fields(flows["F6"])[2] == "www.example.com:443"
-    assert hubble.table_fields(flows["F9"])[1] == "api.internal.test:5000"
-    assert hubble.dict_block(flows["F4"]) == (
+    assert printer.table_fields(flows["F2"])[1:3] == ("shop/payments-0:8080", "shop/frontend-7c9d:41000")
+    assert printer.table_fields(flows["F3"])[3:5] == ("NETFILTER_DROP", "DROPPED")
+    assert printer.table_fields(flows["F6"])[2] == "www.example.com:443"
+    assert printer.table_fields(flows["F9"])[1] == "api.internal.test:5000"
+    assert printer.dict_block(flows["F4"]) == (
         "  TIMESTAMP: Nov 26 11:45:49.000\n"
         "     SOURCE: shop/frontend-7c9d:50000\n"
         "DESTINATION: kube-system/coredns-abc:53\n"

@@ -15,10 +15,11 @@ import pytest
 
 from extensions.flows.config import FlowsConfig
 from extensions.flows.extension import FlowsExtension
-from flowtel import hubble, mapformat
+from flowtel import mapformat
+from flowtel.lib.hubble import convert as hubble, printer
 from flowtel.cli import main
 from flowtel.component import CreateSettings, Telemetry
-from flowtel.hubble_parse import flow_from_dict
+from flowtel.lib.hubble.parse import flow_from_json as flow_from_dict
 from tests.flowsamples import T0, lost, sample_flows
 
 
@@ -51,7 +52,7 @@ def test_json_prints_hubble_envelopes_exactly(ext: FlowsExtension, capsys: pytes
     assert out.splitlines() == expected
     for line in out.splitlines()[:-1]:
         flow = json.loads(line)["flow"]
-        assert hubble.flow_to_dict(flow_from_dict(flow)) == flow
+        assert hubble.flow_json(flow_from_dict(flow)) == flow
 
 
 def test_compact_is_the_shared_compact_line(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,8 +60,8 @@ def test_compact_is_the_shared_compact_line(ext: FlowsExtension, capsys: pytest.
     assert code == 0
     flows = list(sample_flows().values())
     # The newest three records: F8, F9 and the lost-events report (on stderr, as a notice).
-    assert out.splitlines() == [hubble.compact_line(f) for f in flows[-2:]]
-    assert err.splitlines() == [hubble.lost_compact_line(lost())]
+    assert out.splitlines() == [printer.compact_line(f) for f in flows[-2:]]
+    assert err.splitlines() == [printer.lost_compact_line(lost())]
 
 
 def test_default_is_the_last_twenty(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,7 +75,7 @@ def test_filters_reach_the_server_in_order(ext: FlowsExtension, capsys: pytest.C
                     "--namespace", "shop", "--not", "--verdict", "DROPPED", "--protocol", "tcp")
     times = [json.loads(line)["time"] for line in out.splitlines() if '"flow"' in line]
     flows = sample_flows()
-    assert times == [hubble.format_time(flows[n].time_ns) for n in ("F1", "F2", "F6")]
+    assert times == [timefmt.format_time(flows[n].time_ns) for n in ("F1", "F2", "F6")]
 
 
 def test_table_and_dict(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,16 +91,16 @@ def test_table_and_dict(ext: FlowsExtension, capsys: pytest.CaptureFixture[str])
     _, out, _ = run(capsys, "observe", "--server", ext.endpoint, "--all", "-o", "dict", "--protocol", "dns")
     blocks = out.rstrip("\n").split("\n------------\n")
     flows = sample_flows()
-    assert blocks == [hubble.dict_block(flows["F4"]), hubble.dict_block(flows["F5"])]
+    assert blocks == [printer.dict_block(flows["F4"]), printer.dict_block(flows["F5"])]
 
 
 def test_since_duration_and_time(ext: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "observe", "--server", ext.endpoint, "--since", "10m", "-o", "json")
     assert out == ""  # the samples are from 2024
     _, out, _ = run(capsys, "observe", "--server", ext.endpoint, "-o", "json", "--since",
-                    hubble.format_time(T0 + 9_000_000_000))
+                    timefmt.format_time(T0 + 9_000_000_000))
     assert [json.loads(line)["time"] for line in out.splitlines()] == [
-        hubble.format_time(T0 + 9_000_000_000), hubble.format_time(lost().time_ns)]
+        timefmt.format_time(T0 + 9_000_000_000), timefmt.format_time(lost().time_ns)]
 
 
 def test_follow_receives_flows_that_arrive_after_it_started(ext: FlowsExtension, tmp_path: Path) -> None:
@@ -129,9 +130,9 @@ def test_input_file_filters_here(ext: FlowsExtension, tmp_path: Path, capsys: py
     _, out, _ = run(capsys, "observe", "--input-file", str(log), "--all", "--to-fqdn", "*.example.com", "-o", "json")
     flows = sample_flows()
     assert [json.loads(line)["time"] for line in out.splitlines()] == [
-        hubble.format_time(flows[n].time_ns) for n in ("F4", "F5", "F6")]
+        timefmt.format_time(flows[n].time_ns) for n in ("F4", "F5", "F6")]
     _, out, _ = run(capsys, "observe", "--input-file", str(log), "--last", "1", "--color", "never")
-    assert out == hubble.compact_line(flows["F9"]) + "\n"
+    assert out == printer.compact_line(flows["F9"]) + "\n"
 
 
 def test_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,7 @@ from dnsproxy import policy as proxy_policy
 from extensions.flows.config import FlowsConfig
 from extensions.flows.extension import FlowsExtension
 from extensions.flows.factory import FACTORY
-from flowtel import hubble
+from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.cli import main
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.policysuggest import Options, Selection, SuggestError, suggest, to_json, to_yaml

@@ -6,21 +6,12 @@ from __future__ import annotations
 from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions, take_flag
 from flowtel.records import Flow, Verdict
+from flowtel.recordtables import rcode_name
 
 QUERIES = "hubble_dns_queries_total"
 RESPONSES = "hubble_dns_responses_total"
 RESPONSE_TYPES = "hubble_dns_response_types_total"
 POLICY_DENIED = "Policy denied"
-# Hubble's words for DNS response codes (reference/metric-compat.md), not the mnemonics.
-RCODE_NAMES = {
-    0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain", 4: "Not Implemented",
-    5: "Query Refused", 6: "Name Exists when it should not", 7: "RR Set Exists when it should not",
-    8: "RR Set that should exist does not", 9: "Not Authorized", 10: "Name not contained in zone",
-}
-
-
-def rcode_name(rcode: int) -> str:
-    return RCODE_NAMES.get(rcode, str(rcode))
 
 
 class DnsHandler(Handler):
@@ -42,7 +33,7 @@ class DnsHandler(Handler):
         # The unanswered-query record repeats a request already counted.
         if dns is None or not is_packet_flow(flow):
             return
-        if self.ignore_aaaa and dns.qtypes == ["AAAA"]:
+        if self.ignore_aaaa and dns.qtypes == ("AAAA",):
             return
         qtypes = ",".join(dns.qtypes)
         extra = (dns.query,) if self.include_query else ()

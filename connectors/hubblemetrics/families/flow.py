@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
-from flowtel.records import Flow, FlowType, TrafficDirection, Verdict
+from flowtel.records import Flow, TrafficDirection, Verdict
 
 NAME = "hubble_flows_processed_total"
 
 
 def observation_point(flow: Flow) -> str:
-    """Hubble's trace ``subtype`` name. As in flowtel's Hubble JSON (flowtel/hubble.py), the
+    """Hubble's trace ``subtype`` name. As in flowtel's Hubble JSON (flowtel/lib/hubble/convert.py), the
     observation point follows from the pod's direction: EGRESS was seen leaving the pod
     (``from-endpoint``), INGRESS entering it (``to-endpoint``)."""
     if flow.traffic_direction is TrafficDirection.EGRESS:
@@ -28,7 +28,7 @@ class FlowHandler(Handler):
     def process(self, flow: Flow, emit: Emit) -> None:
         if not is_packet_flow(flow):
             return
-        if flow.flow_type is FlowType.L7:
+        if flow.kind.is_dns:
             kind, subtype = "L7", "DNS" if flow.l7 is not None else ""
         elif flow.verdict == Verdict.DROPPED:
             kind, subtype = "Drop", ""

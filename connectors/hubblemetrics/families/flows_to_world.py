@@ -34,7 +34,7 @@ class FlowsToWorldHandler(Handler):
             return
         n: float = flow_events(flow)
         if self.syn_only and flow.protocol == IPPROTO_TCP:
-            n = (flow.tcp_flag_counts or {}).get("SYN", 0)
+            n = flow.tcp_flag_counts.syn if flow.tcp_flag_counts is not None else 0
             if not n:
                 return
         own = (flow_protocol(flow), str(flow.verdict), *((str(flow.dst_port),) if self.port else ()))

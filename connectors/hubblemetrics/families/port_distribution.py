@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
-from flowtel.records import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Flow, FlowType, Verdict
+from flowtel.records import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, EventKind, Flow, Verdict
 
 NAME = "hubble_port_distribution_total"
 _PORTED = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP"}
@@ -18,7 +18,7 @@ class PortDistributionHandler(Handler):
     def process(self, flow: Flow, emit: Emit) -> None:
         # Hubble counts forwarded L3/L4 non-reply flows; a record whose reply bit is unknown
         # (None) is counted, as Hubble does when is_reply is unset.
-        if (flow.verdict != Verdict.FORWARDED or flow.flow_type is not FlowType.L3_L4 or flow.is_reply
+        if (flow.verdict != Verdict.FORWARDED or flow.kind is not EventKind.PACKET or flow.is_reply
                 or not is_packet_flow(flow)):
             return
         protocol = _PORTED.get(flow.protocol)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
 from flowtel.records import IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Flow, Verdict
+from flowtel.recordtables import HUBBLE_METRIC_TCP_FLAGS as FLAGS
 
 NAME = "hubble_tcp_flags_total"
-FLAGS = ("FIN", "SYN", "SYN-ACK", "RST")  # Hubble's order of checks
 
 
 def _union_counts(bits: int) -> dict[str, int]:
@@ -28,7 +28,7 @@ class TcpHandler(Handler):
     def process(self, flow: Flow, emit: Emit) -> None:
         if flow.protocol != IPPROTO_TCP or flow.verdict != Verdict.FORWARDED or not is_packet_flow(flow):
             return
-        counts = flow.tcp_flag_counts if flow.tcp_flag_counts is not None else _union_counts(flow.tcp_flags)
+        counts = flow.tcp_flag_counts.as_dict() if flow.tcp_flag_counts is not None else _union_counts(flow.tcp_flags)
         family = "IPv6" if flow.ip_version == 6 else "IPv4"
         context = None
         for flag in FLAGS:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, Histogram
-from flowtel.records import Flow, MetricKind, MetricPoint, TCP_RST, Verdict
+from flowtel.records import TCP_RST, EventKind, Flow, MetricKind, MetricPoint, Verdict, frozen_extensions
 from receiver.ebpf.layout import struct_for
 
 # struct kernel_event kinds and flags (bpf/flowtel.h).
@@ -26,12 +26,13 @@ KIND_TCP_RESET_RECV = 6
 FLAG_LIFETIME = 0x01
 DROP_DIRECTIONS = ("ingress", "egress")  # FLOWTEL_DROP_INGRESS, FLOWTEL_DROP_EGRESS
 
+# The record kind of each kernel event kind (its name is ``extensions.tcp_event`` on the wire).
 TCP_EVENTS = {
-    KIND_TCP_ESTABLISHED: "established",
-    KIND_TCP_CLOSED: "closed",
-    KIND_TCP_RETRANSMIT: "retransmit",
-    KIND_TCP_RESET_SENT: "reset_sent",
-    KIND_TCP_RESET_RECV: "reset_received",
+    KIND_TCP_ESTABLISHED: EventKind.TCP_ESTABLISHED,
+    KIND_TCP_CLOSED: EventKind.TCP_CLOSED,
+    KIND_TCP_RETRANSMIT: EventKind.TCP_RETRANSMIT,
+    KIND_TCP_RESET_SENT: EventKind.TCP_RESET_SENT,
+    KIND_TCP_RESET_RECV: EventKind.TCP_RESET_RECEIVED,
 }
 
 METRIC_HANDSHAKE_RTT = "flowtel_tcp_handshake_rtt_seconds"
@@ -198,13 +199,14 @@ class EventDecoder:
             packets=1,
             bytes=length,
             tcp_flags=tcp_flags,
+            kind=EventKind.DROP,
             drop_reason=self._names.drop_reason(reason),
-            extensions=ext,
+            extensions=frozen_extensions(ext),
         )
 
     def _tcp(self, when: int, kind: int, version: int, src: str, dst: str, sport: int, dport: int, state: int,
              value_ns: int, length: int, error: int, reason: int, flags: int) -> Flow:
-        ext: dict[str, object] = {"tcp_event": TCP_EVENTS[kind]}
+        ext: dict[str, object] = {}
         if state:
             ext["tcp_state"] = self._names.tcp_state(state)
         if kind == KIND_TCP_ESTABLISHED and value_ns:
@@ -222,16 +224,18 @@ class EventDecoder:
         return Flow(
             time_ns=when,
             node_name=self._node,
-            verdict=Verdict.FORWARDED,
+            # A socket event, not a packet: observed, with no verdict of its own.
+            verdict=Verdict.TRACED,
             ip_version=version,
             src_ip=src,
             dst_ip=dst,
             protocol=6,
+            kind=TCP_EVENTS[kind],
             src_port=sport,
             dst_port=dport,
             ethertype=0x86DD if version == 6 else 0x0800,
             tcp_flags=TCP_RST if resets else 0,
-            extensions=ext,
+            extensions=frozen_extensions(ext),
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from flowtel.component import Consumer, Telemetry, consumer_wants
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, MetricPoint, Record
+from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
 from receiver.ebpf import btf as btf_mod
 from receiver.ebpf import tracefs
 from receiver.ebpf.kernel_events import decode, program
@@ -49,7 +49,7 @@ def _host_ifname(index: int) -> str:
         return ""  # gone since the drop
 
 
-_CONNECTION_EVENTS = ("established", "closed")
+_CONNECTION_EVENTS = (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED)
 
 
 class KernelEvents:
@@ -189,7 +189,7 @@ class KernelEvents:
         offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         flows = self._decoder.decode(b"".join(good), offset)
         if not self._connection_flows:  # read for the RTT histogram only
-            flows = [f for f in flows if f.extensions.get("tcp_event") not in _CONNECTION_EVENTS]
+            flows = [f for f in flows if f.kind not in _CONNECTION_EVENTS]
         return flows
 
     def _run(self) -> None:
