@@ -15,6 +15,7 @@ def all_factories() -> list[Factory]:
     from exporters.prometheus.factory import FACTORY as prometheus_exporter
     from extensions.flows.factory import FACTORY as flows_extension
     from extensions.health_check.factory import FACTORY as health_check_extension
+    from extensions.hubble.factory import FACTORY as hubble_extension
     from extensions.ui.factory import FACTORY as ui_extension
     from processors.flowaggregate.factory import FACTORY as flowaggregate_processor
     from processors.k8sattributes.factory import FACTORY as k8sattributes_processor
@@ -37,6 +38,7 @@ def all_factories() -> list[Factory]:
         hubblemetrics_connector,
         flows_extension,
         health_check_extension,
+        hubble_extension,
         ui_extension,
     ]
 

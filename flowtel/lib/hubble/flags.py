@@ -15,6 +15,10 @@ flowtel's ``hubble`` extension or Hubble Relay — or applies them to a flow-log
 - Pod names are ``[namespace/]prefix``; ``--namespace NS`` restricts the pod filters (or,
   alone, matches any pod in NS) on the source in one filter and the destination in the
   other.
+- ``--to-fqdn``/``--fqdn`` also match the DNS lookups of the name (flowtel's habit: the
+  lookup of a name is traffic towards it). In Hubble's terms: every filter with a
+  ``destination_fqdn`` gets a twin with the same fields and, instead, a ``dns_query``
+  expression for the same names, so any Hubble server (Relay included) evaluates it.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from flowtel.lib.hubble.api.flow import flow_pb2
-from flowtel.lib.hubble.filters import FilterError, compile_filters, parse_namespaced_name
+from flowtel.lib.hubble.filters import FilterError, compile_filters, fqdn_regex, parse_namespaced_name
 
 # Flags that take a value, in the order `flowtel observe --help` lists them.
 FILTER_FLAGS: tuple[str, ...] = (
@@ -149,12 +153,25 @@ def build_filters(pairs: Iterable[tuple[str, str]]) -> tuple[list[flow_pb2.FlowF
         _check_namespace_conflicts(tracker)
     if negate:
         raise FilterError("--not must be followed by a filter flag")
-    whitelist, blacklist = allow.materialize(), deny.materialize()
+    whitelist, blacklist = _with_lookups(allow.materialize()), _with_lookups(deny.materialize())
     try:
         compile_filters(whitelist, blacklist)  # every value checked here, before connecting
     except FilterError as exc:
         raise FilterError(f"invalid filter: {exc}") from None
     return whitelist, blacklist
+
+
+def _with_lookups(filters: list[flow_pb2.FlowFilter]) -> list[flow_pb2.FlowFilter]:
+    out = list(filters)
+    for ff in filters:
+        if ff.destination_fqdn and not ff.dns_query:
+            twin = flow_pb2.FlowFilter()
+            twin.CopyFrom(ff)
+            del twin.destination_fqdn[:]
+            # The query as the DNS message has it: any case, with its trailing dot.
+            twin.dns_query.extend("(?i)" + fqdn_regex(p)[:-1] + "[.]?$" for p in ff.destination_fqdn)
+            out.append(twin)
+    return out
 
 
 def _check_conflicts(changed: list[str]) -> None:
