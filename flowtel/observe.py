@@ -31,6 +31,7 @@ from flowtel.lib.hubble.filters import FilterError, Filters, compile_filters
 from flowtel.lib.hubble.flags import FILTER_FLAGS, NOT_FLAG, build_filters
 from flowtel.lib.hubble.parse import parse_time_arg, record_from_envelope
 from flowtel.lib.hubble import printer
+from flowtel.lib.hubble.jsonlines import response_dict, response_json
 from flowtel.lib.hubble.store import response_time_ns
 from flowtel.records import Flow, LostEvents, Record
 from flowtel.servicegraph import ServiceGraph, graph_to_dict
@@ -165,14 +166,9 @@ def flows_request(args: argparse.Namespace, now_ns: int | None = None) -> observ
 # --- printing ---------------------------------------------------------------------------
 
 
-def response_json(resp: observer_pb2.GetFlowsResponse) -> str:
-    """One line of ``-o json``: the response's proto3 JSON mapping with Cilium's field names."""
-    return json.dumps(json_format.MessageToDict(resp, preserving_proto_field_name=True), separators=(",", ":"))
-
-
 def response_record(resp: observer_pb2.GetFlowsResponse) -> Record | None:
     """The record the printers take, decoded from the response's JSON form."""
-    return record_from_envelope(json_format.MessageToDict(resp, preserving_proto_field_name=True))
+    return record_from_envelope(response_dict(resp))
 
 
 @dataclass(slots=True)

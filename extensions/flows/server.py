@@ -23,10 +23,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from extensions.flows.hub import FlowHub, Query, TooManyFollowers
-from flowtel.lib.hubble import convert
-from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, build_filters
+from flowtel.lib.hubble.api.observer import observer_pb2
+from flowtel.lib.hubble.filters import FilterError, compile_filters
+from flowtel.lib.hubble.flags import FILTER_FLAGS, NOT_FLAG, build_filters
+from flowtel.lib.hubble.jsonlines import response_json
 from flowtel.lib.hubble.parse import parse_time_arg
-from flowtel.records import Record
 
 log = logging.getLogger("flowtel.extensions.flows")
 
@@ -48,39 +49,45 @@ def parse_time(value: str, now_ns: int) -> int:
 
 
 def parse_query(raw: str, now_ns: int | None = None) -> Query:
-    """A :class:`Query` from ``/flows``'s query string; :class:`BadRequest` names the problem."""
+    """A :class:`Query` from ``/flows``'s query string; :class:`BadRequest` names the problem.
+    Filters are hubble observe's flags, built into Cilium FlowFilters and compiled by the one
+    filter implementation (flowtel.lib.hubble)."""
     now = time.time_ns() if now_ns is None else now_ns
-    q = Query()
+    last: int | None = None
+    since_ns = until_ns = None
+    follow = False
     pairs: list[tuple[str, str]] = []
     for key, value in parse_qsl(raw, keep_blank_values=True):
         if key == "last":
             if not value.isdigit():
                 raise BadRequest(f"last: expected a number of flows, got {value!r}")
-            q.last = int(value)
+            last = int(value)
         elif key == "since":
-            q.since_ns = parse_time(value, now)
+            since_ns = parse_time(value, now)
         elif key == "until":
-            q.until_ns = parse_time(value, now)
+            until_ns = parse_time(value, now)
         elif key == "follow":
-            q.follow = value.lower() in _TRUE
+            follow = value.lower() in _TRUE
         elif key == NOT_FLAG or key in FILTER_FLAGS:
             pairs.append((key, value))
         else:
             raise BadRequest(f"unknown parameter {key!r}; expected {', '.join(_QUERY_KEYS)}, not, or a filter: "
                              + ", ".join(FILTER_FLAGS))
-    if q.follow and q.until_ns is not None:
+    if follow and until_ns is not None:
         raise BadRequest("until cannot be combined with follow")
     try:
-        q.filters = build_filters(pairs)
+        filters = compile_filters(*build_filters(pairs))
     except FilterError as exc:
         raise BadRequest(str(exc)) from None
-    return q
+    # No `last` and no `since`: the whole ring, or with follow only new flows (as before).
+    number = last if last is not None else (0 if follow and since_ns is None else None)
+    return Query(filters, number, False, since_ns, until_ns, follow)
 
 
-def _lines(records: list[Record]) -> bytes:
-    if not records:
+def _lines(responses: list[observer_pb2.GetFlowsResponse]) -> bytes:
+    if not responses:
         return b""
-    return ("\n".join(_encode(convert.record_envelope(r)) for r in records) + "\n").encode()
+    return ("\n".join(response_json(r) for r in responses) + "\n").encode()
 
 
 class FlowHTTPServer(ThreadingHTTPServer):
@@ -186,8 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(_lines(history))
             while not self.server.stopping.is_set():
                 records, lost, closed = follower.take(POLL_SECONDS)
-                if lost:
-                    records.insert(0, hub.lost_record(lost))
+                if lost:  # after the flows it kept, where the gap is (as GetFlows)
+                    records.append(hub.lost_record(lost))
                 if records:
                     self.wfile.write(_lines(records))
                 elif closed or self._client_gone():

@@ -148,6 +148,7 @@ def build_filters(pairs: Iterable[tuple[str, str]]) -> tuple[list[flow_pb2.FlowF
             _check_conflicts(tracker.changed)
         try:
             _set(tracker, name, value)
+            _check_value(name, value)
         except FilterError as exc:
             raise FilterError(f"--{name}: {exc}") from None
         _check_namespace_conflicts(tracker)
@@ -159,6 +160,19 @@ def build_filters(pairs: Iterable[tuple[str, str]]) -> tuple[list[flow_pb2.FlowF
     except FilterError as exc:
         raise FilterError(f"invalid filter: {exc}") from None
     return whitelist, blacklist
+
+
+def _check_value(name: str, value: str) -> None:
+    """Compile the flag alone, so a bad value is reported at its flag (as Hubble CLI does)."""
+    if name in ("namespace", "from-namespace", "to-namespace"):
+        return
+    alone = _Tracker()
+    _set(alone, name, value)
+    try:
+        compile_filters(alone.materialize())
+    except FilterError as exc:
+        # "whitelist[0].source_ip: invalid IP address ..." -> "invalid IP address ..."
+        raise FilterError(str(exc).split(": ", 1)[-1]) from None
 
 
 def _with_lookups(filters: list[flow_pb2.FlowFilter]) -> list[flow_pb2.FlowFilter]:
