@@ -1,5 +1,5 @@
-"""`flowtel observe` and `flowtel map` against `flowtel run` with the flows extension, on
-the real kernel: three pods, known traffic, every address/port/protocol/type filter checked
+"""`flowtel observe` and `flowtel map` against `flowtel run` with the hubble extension
+(gRPC), on the real kernel: three pods, known traffic, every address/port/protocol/type filter checked
 against an independent reading of the flows, byte counts against the kernel's counters.
 
 Pod, namespace and label filters need Kubernetes attributes on the flows: test_ui_e2e.py
@@ -46,7 +46,8 @@ class Agent:
     web: Pod
     api: Pod
     db: Pod
-    server: str
+    server: str  # the hubble extension (gRPC): what observe and map talk to
+    http: str  # the flows extension: the HTTP view of the same store, read here independently
     proc: subprocess.Popen[bytes]
     stderr: Path
     web_before: LinkStats
@@ -83,7 +84,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         web, api, db = (bed.add_pod(n) for n in ("web", "api", "db"))
         bed.start_tcp_sink(api, 8080)
         bed.start_udp_sink(db, 9000)
-        server = f"127.0.0.1:{free_port()}"
+        http, server = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         config = tmp / "flowtel.yaml"
         config.write_text(f"""
 receivers:
@@ -98,9 +99,11 @@ exporters:
     path: {tmp / "flows.log"}
 extensions:
   flows:
+    endpoint: "{http}"
+  hubble:
     endpoint: "{server}"
 service:
-  extensions: [flows]
+  extensions: [flows, hubble]
   pipelines:
     logs:
       receivers: [ebpf]
@@ -111,13 +114,13 @@ service:
                                 stdout=subprocess.DEVNULL, stderr=stderr.open("w"), cwd=REPO,
                                 env={**os.environ, "NODE_NAME": "test-node"})
         try:
-            _wait(lambda: _healthy(server), "the flow API", proc, stderr)
+            _wait(lambda: _healthy(http), "the flow API", proc, stderr)
             _wait(lambda: all(_attached(p.host_ifname) for p in (web, api, db)), "tc attach", proc, stderr)
             web_before = bed.link_stats(web)
             send_tcp(web, api.ipv4, 8080, TCP_BYTES)
             send_udp(web, db.ipv4, 9000, UDP_COUNT, UDP_SIZE, interval=0.002)
             assert send_ping(api, db.ipv4, PINGS, interval=0.02).received == PINGS
-            yield Agent(bed, web, api, db, server, proc, stderr, web_before)
+            yield Agent(bed, web, api, db, server, http, proc, stderr, web_before)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -142,7 +145,7 @@ def packets(flows: list[dict[str, Any]]) -> int:
 def everything(agent: Agent) -> list[dict[str, Any]]:
     """Every flow in the agent's ring once all the traffic has been drained into it."""
     def complete() -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"http://{agent.server}/flows", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{agent.http}/flows", timeout=5) as resp:
             return [json.loads(line)["flow"] for line in resp.read().decode().splitlines() if '"flow"' in line]
 
     def done() -> bool:

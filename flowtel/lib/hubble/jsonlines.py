@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf import struct_pb2  # noqa: F401  # registers google.protobuf.Struct, the type extensions wrap
 
 from flowtel.lib.hubble.api.observer import observer_pb2
 
