@@ -397,9 +397,10 @@ def test_overlays_differ_from_the_base_where_they_say(name: str) -> None:
     mine = agent_config(render(name))
     assert mine["receivers"] == base["receivers"]
     assert mine["connectors"] == base["connectors"]
-    if name == "hubble-relay":  # the same outputs, plus the Hubble API
+    if name == "hubble-relay":  # the same outputs; the Hubble API on the node's address with mTLS
         assert mine["exporters"] == base["exporters"]
-        assert set(mine["extensions"]) == set(base["extensions"]) | {"hubble"}
+        assert set(mine["extensions"]) == set(base["extensions"])
+        assert mine["extensions"]["hubble"] != base["extensions"]["hubble"]
     else:
         assert mine["exporters"] != base["exporters"]
     for pipeline in ("logs", "metrics"):

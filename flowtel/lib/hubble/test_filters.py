@@ -222,3 +222,14 @@ def test_flag_errors(pairs: list[tuple[str, str]], message: str) -> None:
     with pytest.raises(FilterError) as info:
         build_filters(pairs)
     assert message in str(info.value)
+
+
+def test_to_fqdn_also_matches_lookups_through_a_hubble_native_twin() -> None:
+    white, _ = build_filters([("to-fqdn", "*.example.com"), ("protocol", "udp")])
+    assert _json(white) == [
+        {"destinationFqdn": ["*.example.com"], "protocol": ["udp"]},
+        {"protocol": ["udp"], "dnsQuery": ["(?i)^[-a-zA-Z0-9_.]*[.]example[.]com[.]?$"]},
+    ]
+    lookup = flow(l7={"dns": {"query": "API.Example.com."}}, l4={"UDP": {"destination_port": 53}})
+    assert compile_filters(white).matches_flow(lookup)
+    assert not compile_filters(white).matches_flow(flow(l7={"dns": {"query": "example.com."}}, l4={"UDP": {}}))
