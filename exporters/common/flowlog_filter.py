@@ -182,7 +182,7 @@ def _normalize(key: str, value: Any) -> Any:
     return value
 
 
-_ENUMS = {"verdict": flow_pb2.Verdict, "traffic_direction": flow_pb2.TrafficDirection,
+_ENUMS: dict[str, Any] = {"verdict": flow_pb2.Verdict, "traffic_direction": flow_pb2.TrafficDirection,
           "drop_reason_desc": flow_pb2.DropReason, "ip_version": flow_pb2.IPVersion}
 
 
@@ -234,8 +234,12 @@ def _check(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
-FlowFilterConfig = create_model(  # type: ignore[call-overload]
-    "FlowFilterConfig", __base__=_FlowFilterBase,
+def _proto(ff: Any) -> flow_pb2.FlowFilter:
+    return ff.to_proto()  # type: ignore[no-any-return]
+
+
+FlowFilterConfig: Any = create_model(  # type: ignore[call-overload]
+    "FlowFilterConfig", __base__=_FlowFilterBase,  # every FlowFilter field, each checked alone
     __validators__={"_values": field_validator(*FILTER_FIELDS)(_check)},
     **{name: (Any, Field(default=None)) for name in FILTER_FIELDS},
 )
@@ -357,8 +361,8 @@ class FlowLogFilter:
     def __init__(self, config: FlowLogFilterConfig) -> None:
         self._filters: Filters | None = None
         if config.allow_list or config.deny_list:
-            self._filters = compile_filters([f.to_proto() for f in config.allow_list],
-                                            [f.to_proto() for f in config.deny_list])
+            self._filters = compile_filters([_proto(f) for f in config.allow_list],
+                                            [_proto(f) for f in config.deny_list])
         # Callable on a flow object like a method; the OTLP encoder also asks it which
         # attributes to send.
         self.mask = FieldMask(config.field_mask)

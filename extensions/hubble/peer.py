@@ -58,7 +58,7 @@ class Peer:
     address: str
     tls_server_name: str | None
 
-    def notification(self, kind: int) -> peer_pb2.ChangeNotification:
+    def notification(self, kind: "peer_pb2.ChangeNotificationType") -> peer_pb2.ChangeNotification:
         cn = peer_pb2.ChangeNotification(name=self.name, address=self.address, type=kind)
         if self.tls_server_name is not None:
             cn.tls.server_name = self.tls_server_name

@@ -41,7 +41,7 @@ class Connection:
     server_name: str = ""
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--server", default=os.environ.get("FLOWTEL_SERVER", DEFAULT_SERVER), metavar="ADDRESS",
         help=f"a Hubble API: an agent's hubble extension or Hubble Relay, HOST:PORT or unix:///PATH "

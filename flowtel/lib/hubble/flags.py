@@ -23,7 +23,7 @@ flowtel's ``hubble`` extension or Hubble Relay — or applies them to a flow-log
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.filters import FilterError, compile_filters, fqdn_regex, parse_namespaced_name
@@ -114,7 +114,7 @@ class _Tracker:
         return [left] if left == right else [left, right]
 
 
-def _apply_namespaces(pods: "flow_pb2.RepeatedScalarContainer[str]", namespaces: list[str]) -> None:
+def _apply_namespaces(pods: Any, namespaces: list[str]) -> None:  # a repeated string field
     # No pod filter means "any pod": the empty prefix, which then gets each namespace.
     values = list(pods) or [""]
     out: list[str] = []
@@ -211,7 +211,7 @@ def _check_namespace_conflicts(t: _Tracker) -> None:
 _EITHER_END = {"pod": "pod", "ip": "ip", "port": "port", "label": "label", "fqdn": "fqdn", "identity": "identity"}
 
 
-def _enum(enum: "flow_pb2.EnumTypeWrapper", value: str, what: str) -> int:
+def _enum(enum: Any, value: str, what: str) -> int:  # a generated enum (EnumTypeWrapper)
     try:
         return enum.Value(value.upper())  # type: ignore[no-any-return]
     except ValueError:
@@ -253,6 +253,7 @@ def _set(t: _Tracker, name: str, value: str) -> None:
         return
     if base == "pod" and parse_namespaced_name(value) == ("", ""):
         raise FilterError(f"invalid filter, must be [namespace/][<name>], got {value!r}")
+    sides: tuple[tuple[str, str], ...]
     if name in _EITHER_END:
         sides = (("left", "source_"), ("right", "destination_"))
     elif name.startswith("from-"):
