@@ -3,8 +3,8 @@
 The ring, the follow streams with their bounded per-client queues and counted losses,
 and the selection (``last``, ``since``, ``until``, filters) are the ``hubble`` extension's
 own: :class:`flowtel.lib.hubble.store.FlowStore` and :mod:`flowtel.lib.hubble.filters`.
-Records enter as Cilium ``GetFlowsResponse`` messages (``convert.to_response``), so the
-HTTP view serves byte for byte what ``GetFlows`` serves. The hub adds the service graph
+Records become Cilium ``GetFlowsResponse`` messages (``convert.to_response``) when first
+read, so the HTTP view serves what ``GetFlows`` serves. The hub adds the service graph
 the ``/map`` endpoint draws.
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ class FlowHub:
         self.node_name = node_name
         self.graph = graph
         self.store = FlowStore(node_name=node_name, capacity=buffer_size, follower_capacity=client_buffer_size,
-                               max_followers=max_followers)
+                               max_followers=max_followers, convert=convert.to_response,
+                               time_of=lambda r: r.time_ns)
         self._telemetry = telemetry
         telemetry.register_gauge(owner, "ring_size", lambda: self.store.stats()["num_flows"])
         telemetry.register_gauge(owner, "followers", lambda: self.store.stats()["followers"])
@@ -47,7 +48,7 @@ class FlowHub:
     def add(self, batch: Sequence[Record]) -> None:
         if not batch:
             return
-        lost = self.store.add([convert.to_response(r) for r in batch])
+        lost = self.store.add(batch)  # encoded when first read, as the hubble extension's
         self._telemetry.add(self.owner, "records_in", len(batch))
         self._telemetry.add(self.owner, "follower_records_lost", lost)
         self.graph.add(batch)

@@ -32,14 +32,20 @@ def _version() -> str:
         return "flowtel"
 
 
+def _time_ns(record: Record) -> int:
+    return record.time_ns
+
+
 class HubbleExtension(Extension):
     taps = ("logs",)
 
     def __init__(self, settings: CreateSettings, config: HubbleConfig) -> None:
         super().__init__(settings)
         self.config = config
+        # Records go into the ring as they are; each becomes its Cilium message when first read.
         self.store = FlowStore(node_name=settings.node_name, capacity=config.buffer_size,
-                               follower_capacity=config.follower_buffer_size, max_followers=config.max_followers)
+                               follower_capacity=config.follower_buffer_size, max_followers=config.max_followers,
+                               convert=convert.to_response, time_of=_time_ns)
         cluster = config.peers.cluster_name if config.peers is not None else DEFAULT_CLUSTER
         self.cluster = cluster
         self.node = NodeInfo(settings.node_name, _version(),
@@ -96,9 +102,8 @@ class HubbleExtension(Extension):
         self.report_status(Status.RECOVERABLE_ERROR if error else Status.OK, error)
 
     def consume(self, batch: list[Record]) -> None:
-        responses = [convert.to_response(r) for r in batch]
-        lost = self.store.add(responses)
-        self.settings.telemetry.add(self.settings.id, "flows_in", len(responses))
+        lost = self.store.add(batch)
+        self.settings.telemetry.add(self.settings.id, "flows_in", len(batch))
         if lost:
             self.settings.telemetry.add(self.settings.id, "follower_flows_lost", lost)
 

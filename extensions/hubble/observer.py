@@ -67,7 +67,8 @@ def parse_request(req: observer_pb2.GetFlowsRequest, capacity: int) -> tuple[Que
         raise InvalidRequest(str(exc)) from None
     number: int | None
     if req.number == 0:
-        number = 0 if req.follow else None
+        # follow alone: only new flows; with since (or without follow): all that match
+        number = 0 if req.follow and since is None else None
     else:
         number = min(req.number, capacity)  # more than the ring holds is the whole ring
     return Query(filters, number, req.first, since, until, req.follow), mask

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -138,7 +140,7 @@ def observe(capsys: pytest.CaptureFixture[str], agent: Agent, *argv: str) -> lis
 
 
 def packets(flows: list[dict[str, Any]]) -> int:
-    return sum(f["extensions"]["packets"] for f in flows)
+    return sum(f["extensions"]["value"]["packets"] for f in flows)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +224,7 @@ def test_udp_filter_counts_equal_what_was_sent(agent: Agent, everything: list[di
     # Sent out of web's veth (EGRESS) and delivered into db's (INGRESS): each datagram once per side.
     assert packets(by_direction["EGRESS"]) == UDP_COUNT
     assert packets(by_direction["INGRESS"]) == UDP_COUNT
-    assert sum(f["extensions"]["bytes"] for f in got) == 2 * UDP_COUNT * (ETH_IP_UDP + UDP_SIZE)
+    assert sum(f["extensions"]["value"]["bytes"] for f in got) == 2 * UDP_COUNT * (ETH_IP_UDP + UDP_SIZE)
     assert {f["interface"]["name"] for f in by_direction["EGRESS"]} == {agent.web.host_ifname}
 
 
@@ -254,23 +256,33 @@ def test_json_lines_are_hubble_flows(agent: Agent, everything: list[dict[str, An
 def test_follow_receives_flows_that_arrive_after_it_started(agent: Agent, everything: list[dict[str, Any]],
                                                             tmp_path: Path) -> None:
     err = tmp_path / "observe.err"
+    # --since a moment ago: the stream starts with what arrived since then, so the traffic
+    # below is seen however long the client takes to connect on a loaded machine.
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     proc = subprocess.Popen(
         [sys.executable, "-m", "flowtel.cli", "observe", "--server", agent.server, "--follow", "-o", "json",
-         "--from-ip", agent.api.ipv4, "--protocol", "udp"],
+         "--since", since, "--from-ip", agent.api.ipv4, "--protocol", "udp"],
         stdout=subprocess.PIPE, stderr=err.open("w"), text=True, cwd=REPO,
     )
     try:
-        time.sleep(1.0)  # connected and following before the traffic starts
+        time.sleep(1.0)
         assert proc.poll() is None, err.read_text()
         sent = send_udp(agent.api, agent.db.ipv4, 9000, 5, 100)
         seen = 0
         assert proc.stdout is not None
-        deadline = time.monotonic() + 15
+        lines: queue.Queue[str] = queue.Queue()  # a reader thread: readline never blocks the deadline
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
         while seen < 10 and time.monotonic() < deadline:
-            flow = json.loads(proc.stdout.readline())["flow"]
-            assert flow["IP"]["source"] == agent.api.ipv4 and flow["l4"]["UDP"]["source_port"] == sent.src_port
-            seen += flow["extensions"]["packets"]
-        assert seen == 10  # 5 datagrams, each on api's and db's veth
+            try:
+                flow = json.loads(lines.get(timeout=1.0))["flow"]
+            except queue.Empty:
+                continue
+            if flow["l4"]["UDP"]["source_port"] != sent.src_port:
+                continue  # earlier datagrams of this module (since is a second back)
+            assert flow["IP"]["source"] == agent.api.ipv4
+            seen += flow["extensions"]["value"]["packets"]
+        assert seen == 10, err.read_text()  # 5 datagrams, each on api's and db's veth
     finally:
         proc.terminate()
         proc.wait(10)

@@ -6,6 +6,10 @@ for a reader: a follower that does not keep up loses flows from its own queue, c
 and is told how many in a ``lost_events`` response (source ``HUBBLE_RING_BUFFER``, as
 Hubble reports a reader that fell behind its ring) right after the flows it kept.
 
+Records are kept as they come and turned into their Cilium message only when a reader
+needs it (``convert``; once per record, kept with it): the pipeline pays a deque append,
+not an encoding, for flows nobody asks for; ``--last 20`` encodes about 20.
+
 Selection is Hubble's ``GetFlows``: the last ``number`` matching flows (the first, with
 ``first``) between ``since`` and ``until``; ``number`` 0 without ``follow`` means all of
 them, and a ``number`` larger than the ring is the whole ring. Filters are
@@ -17,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.api.observer import observer_pb2
@@ -49,25 +53,50 @@ def _in_window(t: int, q: Query) -> bool:
     return (q.since_ns is None or t >= q.since_ns) and (q.until_ns is None or t <= q.until_ns)
 
 
-def _wanted(resp: GetFlowsResponse, t: int, q: Query) -> bool:
-    return _in_window(t, q) and q.filters.matches(resp)
+class _Entry:
+    """One ring slot: the arrival's time, what arrived, and its message once built."""
+
+    __slots__ = ("t", "item", "resp")
+
+    def __init__(self, t: int, item: Any, resp: GetFlowsResponse | None) -> None:
+        self.t = t
+        self.item = item
+        self.resp = resp
+
+
+Convert = Callable[[Any], GetFlowsResponse]
+
+
+def _message(e: _Entry, convert: Convert | None) -> GetFlowsResponse:
+    resp = e.resp
+    if resp is None:
+        assert convert is not None
+        resp = e.resp = convert(e.item)  # a race builds it twice at worst: the same message
+    return resp
+
+
+def _wanted(e: _Entry, q: Query, convert: Convert | None) -> bool:
+    if not _in_window(e.t, q):
+        return False
+    return q.filters.empty or q.filters.matches(_message(e, convert))
 
 
 class Follower:
     """One follow stream: a bounded queue filled by the store, drained by the reader."""
 
-    def __init__(self, query: Query, capacity: int) -> None:
+    def __init__(self, query: Query, capacity: int, convert: Convert | None = None) -> None:
         self.query = query
         self.capacity = capacity
+        self._convert = convert
         self.lost = 0  # flows dropped from this queue and not yet reported to the reader
         self._queue: deque[GetFlowsResponse] = deque()
         self._cond = threading.Condition()
         self._closed = False
 
-    def offer(self, batch: Sequence[tuple[int, GetFlowsResponse]]) -> int:
+    def offer(self, batch: Sequence[_Entry]) -> int:
         """Queue what the reader asked for; returns how many it lost. Takes only this
         follower's own short lock, never waits for the reader."""
-        wanted = [r for t, r in batch if _wanted(r, t, self.query)]
+        wanted = [_message(e, self._convert) for e in batch if _wanted(e, self.query, self._convert)]
         if not wanted:
             return 0
         with self._cond:
@@ -101,13 +130,18 @@ class TooManyFollowers(Exception):
 
 
 class FlowStore:
-    def __init__(self, *, node_name: str, capacity: int, follower_capacity: int, max_followers: int) -> None:
+    def __init__(self, *, node_name: str, capacity: int, follower_capacity: int, max_followers: int,
+                 convert: Convert | None = None, time_of: Callable[[Any], int] | None = None) -> None:
+        """``add`` takes GetFlowsResponse messages, or with ``convert`` (and ``time_of``, the
+        item's wall-clock ns) anything ``convert`` turns into one when it is first read."""
+        self._convert = convert
+        self._time_of = time_of if time_of is not None else response_time_ns
         self.node_name = node_name
         self.capacity = capacity
         self.follower_capacity = follower_capacity
         self.max_followers = max_followers
         self.started_ns = time.monotonic_ns()
-        self._ring: deque[tuple[int, GetFlowsResponse]] = deque(maxlen=capacity)
+        self._ring: deque[_Entry] = deque(maxlen=capacity)
         self._followers: list[Follower] = []
         self._lock = threading.Lock()
         self._seen = 0
@@ -117,9 +151,10 @@ class FlowStore:
 
     # --- writing ---------------------------------------------------------------------
 
-    def add(self, responses: Iterable[GetFlowsResponse]) -> int:
+    def add(self, items: Iterable[Any]) -> int:
         """Add flows (and lost-events notices); returns how many follower slots were lost."""
-        batch = [(response_time_ns(r), r) for r in responses]
+        time_of, converted = self._time_of, self._convert is None
+        batch = [_Entry(time_of(r), r, r if converted else None) for r in items]
         if not batch:
             return 0
         lost = 0
@@ -139,28 +174,27 @@ class FlowStore:
                 self._rate.append((now_s, len(batch)))
             while self._rate and self._rate[0][0] < now_s - 60:
                 self._rate.popleft()
-            for _, r in batch:
-                if r.WhichOneof("response_types") == "flow":
-                    for ep in (r.flow.source, r.flow.destination):
-                        if ep.namespace:
-                            self._namespaces[(ep.cluster_name, ep.namespace)] = now_ns
+            for e in batch:
+                for ep in _endpoints(e.item):
+                    if ep.namespace:
+                        self._namespaces[(ep.cluster_name, ep.namespace)] = now_ns
         return lost
 
     # --- reading ---------------------------------------------------------------------
 
-    def _snapshot(self) -> list[tuple[int, GetFlowsResponse]]:
+    def _snapshot(self) -> list[_Entry]:
         with self._lock:
             return list(self._ring)
 
-    @staticmethod
-    def select(ring: Sequence[tuple[int, GetFlowsResponse]], q: Query) -> list[GetFlowsResponse]:
+    def select(self, ring: Sequence[_Entry], q: Query) -> list[GetFlowsResponse]:
         if q.number == 0:
             return []
         out: list[GetFlowsResponse] = []
+        convert = self._convert
         items = ring if q.first or q.number is None else reversed(ring)
-        for t, r in items:
-            if _wanted(r, t, q):
-                out.append(r)
+        for e in items:
+            if _wanted(e, q, convert):
+                out.append(_message(e, convert))
                 if q.number is not None and len(out) >= q.number:
                     break
         if not (q.first or q.number is None):
@@ -173,7 +207,8 @@ class FlowStore:
     def follow(self, q: Query) -> tuple[list[GetFlowsResponse], Follower]:
         """History (as :meth:`query`; none when ``number`` is 0) and a follower registered
         atomically with it."""
-        follower = Follower(Query(q.filters, None, False, q.since_ns, q.until_ns, True), self.follower_capacity)
+        follower = Follower(Query(q.filters, None, False, q.since_ns, q.until_ns, True), self.follower_capacity,
+                            self._convert)
         with self._lock:
             if len(self._followers) >= self.max_followers:
                 raise TooManyFollowers(
@@ -225,3 +260,14 @@ class FlowStore:
             followers, self._followers = self._followers, []
         for follower in followers:
             follower.close()
+
+
+def _endpoints(item: Any) -> tuple[Any, ...]:
+    """Both ends of a flow, as a record (``source``/``destination``) or a message."""
+    if isinstance(item, GetFlowsResponse):
+        if item.WhichOneof("response_types") != "flow":
+            return ()
+        return item.flow.source, item.flow.destination
+    if not hasattr(item, "destination"):  # a lost-events record (its ``source`` is a name)
+        return ()
+    return tuple(ep for ep in (item.source, item.destination) if ep is not None)
