@@ -68,7 +68,9 @@ def _summarise(flow_log: Path, pods: list[Pod], before: dict[str, LinkStats], af
             if not flow:
                 continue
             records += 1
-            ext = flow.get("extensions", {})
+            ext = flow.get("extensions", {}).get("value", {})  # a google.protobuf.Struct in an Any
+            if "tcp_event" in ext or flow.get("verdict") != "FORWARDED":
+                continue  # socket events and drops are not the forwarded traffic the kernel counts
             iface = flow.get("interface", {}).get("name", "")
             t = totals[(iface, flow.get("traffic_direction", ""))]
             t[0] += int(ext.get("packets", 0))

@@ -5,19 +5,23 @@ L3/L4 packet flow, a DNS request, response or unanswered query (L7), a drop, a T
 event. What a flow *is* lives in one typed field, :attr:`Flow.kind` (an :class:`EventKind`);
 nothing downstream reads it from ``extensions`` keys or guesses it from other fields.
 
-Records are immutable: frozen slotted dataclasses whose sequences are tuples and whose
-mappings are read-only. The fan-out hands the same record to every pipeline, so a
-processor that wants a different record builds a new one (:func:`dataclasses.replace`)
-and cached parts (an enrichment cache's :class:`Endpoint`) are shared, never copied.
+Records are immutable: :class:`Flow` is a named tuple, the rest frozen slotted
+dataclasses; their sequences are tuples and their mappings read-only (:class:`FrozenDict`).
+The fan-out hands the same record to every pipeline, so a processor that wants a different
+record builds a new one (:func:`replace`) and cached parts (an enrichment cache's
+:class:`Endpoint`) are shared, never copied.
 The per-record tables (protocol names, TCP flags, DNS rcodes, Cilium's event types and
 drop reasons) live next to these types, in :mod:`flowtel.recordtables`.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, NamedTuple, TypeVar, Union
+
+_R = TypeVar("_R")
 
 # -- protocol numbers and TCP flag bits (IANA; the TCP header's flags byte, as bpf/flowtel.h) --
 
@@ -90,24 +94,21 @@ class EventKind(enum.Enum):
     TCP_RESET_RECEIVED = "reset_received"
     LOST_EVENTS = "lost_events"
 
-    @property
-    def is_dns(self) -> bool:
-        return self in _DNS_KINDS
-
-    @property
-    def is_tcp_event(self) -> bool:
-        return self in TCP_EVENT_KINDS
-
-    @property
-    def tcp_event(self) -> str:
-        """``extensions.tcp_event`` for a TCP kind (``retransmit``, ``reset_sent``, …), else ``""``."""
-        return self.value if self in TCP_EVENT_KINDS else ""
+    # Set once per member below (plain attributes: read per record, so no property calls
+    # and no Enum hashing on the hot path).
+    is_dns: bool
+    is_tcp_event: bool
+    tcp_event: str  # ``extensions.tcp_event`` for a TCP kind (``retransmit``, …), else ""
 
 
 _DNS_KINDS = frozenset({EventKind.DNS_REQUEST, EventKind.DNS_RESPONSE, EventKind.DNS_UNANSWERED})
 TCP_EVENT_KINDS = frozenset({EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED, EventKind.TCP_RETRANSMIT,
                              EventKind.TCP_RESET_SENT, EventKind.TCP_RESET_RECEIVED})
 TCP_EVENT_BY_NAME: Mapping[str, EventKind] = MappingProxyType({k.value: k for k in TCP_EVENT_KINDS})
+for _kind in EventKind:
+    _kind.is_dns = _kind in _DNS_KINDS
+    _kind.is_tcp_event = _kind in TCP_EVENT_KINDS
+    _kind.tcp_event = _kind.value if _kind.is_tcp_event else ""
 
 # Values an ``extensions`` entry may hold: what a google.protobuf.Struct can carry.
 ExtValue = Union[str, int, float, bool, None, tuple["ExtValue", ...], Mapping[str, "ExtValue"]]
@@ -179,6 +180,8 @@ class Endpoint:
     cluster_name: str = ""
     # OTel semantic-convention attributes for this end (k8s.pod.name, …); read-only.
     attributes: Mapping[str, str] = NO_EXTENSIONS
+    # Its Hubble JSON once built (flowtel.lib.hubble.convert): a memo, not a field.
+    json_memo: Any = field(default=None, init=False, compare=False, repr=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,19 +216,32 @@ class TcpFlagCounts:
         return {"SYN": self.syn, "SYN-ACK": self.syn_ack, "FIN": self.fin, "RST": self.rst}
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """One Hubble-shaped flow record.
+class WireMemo:
+    """Where a record keeps its Hubble wire form once built (flowtel.lib.hubble.convert).
 
-    ``time_ns`` is wall-clock nanoseconds. For ``PACKET`` (and aggregated ``DROP``) records
-    ``packets`` and ``bytes`` are the interval's counts (Retina puts them in ``extensions``),
-    ``tcp_flags`` is the union of the flags seen and ``tcp_flag_counts`` the packets per
-    flag. ``drop_reason`` is the kernel's (or flowtel's datapath's) reason name; the Cilium
-    ``DropReason`` it maps to comes from :func:`flowtel.recordtables.cilium_drop_reason`.
-    ``extensions`` holds flowtel-only detail of the kind (read-only; see
-    :func:`frozen_extensions`). Only the first seven fields are required.
+    A memo of the record's fields, not one of them: it compares equal to any other memo,
+    so two records with the same fields are equal whether or not either was encoded yet.
     """
 
+    __slots__ = ("form",)
+
+    def __init__(self) -> None:
+        self.form: Any = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WireMemo)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "…"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WireMemo, ())  # a copy or unpickled record encodes afresh
+
+
+class _FlowFields(NamedTuple):
     time_ns: int
     node_name: str
     verdict: Verdict
@@ -253,16 +269,48 @@ class Flow:
     source_names: tuple[str, ...] = ()
     destination_names: tuple[str, ...] = ()
     extensions: Mapping[str, ExtValue] = NO_EXTENSIONS
-    # The record's Hubble wire form, built once on first use and shared by every JSON/gRPC
-    # consumer (flowtel.lib.hubble.convert). A memo of the fields above, not part of them.
-    _wire: Any = field(default=None, init=False, compare=False, repr=False, hash=False)
+    # Filled by the constructor with a fresh WireMemo; never pass one.
+    wire_memo: WireMemo = None  # type: ignore[assignment]  # replaced by a fresh memo in Flow.__new__
+
+
+class Flow(_FlowFields):
+    """One Hubble-shaped flow record: an immutable named tuple.
+
+    ``time_ns`` is wall-clock nanoseconds. For ``PACKET`` (and aggregated ``DROP``) records
+    ``packets`` and ``bytes`` are the interval's counts (Retina puts them in ``extensions``),
+    ``tcp_flags`` is the union of the flags seen and ``tcp_flag_counts`` the packets per
+    flag. ``drop_reason`` is the kernel's (or flowtel's datapath's) reason name; the Cilium
+    ``DropReason`` it maps to comes from :func:`flowtel.recordtables.cilium_drop_reason`.
+    ``extensions`` holds flowtel-only detail of the kind (read-only; see
+    :func:`frozen_extensions`). Only the first seven fields are required; build a changed
+    copy with :func:`replace`.
+
+    A named tuple rather than a frozen dataclass: it is as cheap to build as a mutable
+    slotted dataclass (a frozen one costs ~4x, measured), and receivers build tens of
+    thousands per interval.
+    """
+
+    __slots__ = ()
+
+    def _replace(self, **changes: Any) -> Flow:
+        values = list(self)
+        index = _FLOW_INDEX
+        for name, value in changes.items():
+            values[index[name]] = value  # KeyError: not a field of Flow
+        values[-1] = WireMemo()  # a changed record has a wire form of its own
+        return tuple.__new__(Flow, values)
+
+    def with_endpoints(self, source: Endpoint | None, destination: Endpoint | None) -> Flow:
+        """The record with both ends named (what enrichment does to every record, so it is
+        one tuple build rather than a general replace)."""
+        return tuple.__new__(Flow, (*self[:_SOURCE], source, destination, *self[_SOURCE + 2:-1], WireMemo()))
 
     @property
     def flow_type(self) -> FlowType:
         kind = self.kind
-        if kind in _DNS_KINDS:
+        if kind.is_dns:
             return FlowType.L7
-        if kind in TCP_EVENT_KINDS:
+        if kind.is_tcp_event:
             return FlowType.SOCK
         return FlowType.L3_L4
 
@@ -284,6 +332,34 @@ class Flow:
     @property
     def tcp_event(self) -> str:
         return self.kind.tcp_event
+
+
+def _flow_new() -> Any:
+    # The constructor, generated once: keyword defaults as declared, a fresh memo each.
+    names = _FlowFields._fields
+    defaults = _FlowFields._field_defaults
+    params = [f"{n}=_defaults[{n!r}]" if n in defaults else n for n in names[:-1]]
+    values = ", ".join(names[:-1])
+    src = (f"def __new__(cls, {', '.join(params)}, wire_memo=None):\n"
+           f"    return _tuple_new(cls, ({values}, _WireMemo() if wire_memo is None else wire_memo))\n")
+    namespace: dict[str, Any] = {"_defaults": defaults, "_tuple_new": tuple.__new__, "_WireMemo": WireMemo}
+    exec(src, namespace)  # noqa: S102  # generated from the field list above, no outside input
+    return namespace["__new__"]
+
+
+_FLOW_INDEX = {name: i for i, name in enumerate(_FlowFields._fields[:-1])}
+_SOURCE = _FLOW_INDEX["source"]
+assert _FLOW_INDEX["destination"] == _SOURCE + 1
+Flow.__new__ = _flow_new()  # type: ignore[method-assign]  # keeps NamedTuple's signature
+FLOW_FIELDS: tuple[str, ...] = _FlowFields._fields[:-1]
+FLOW_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(_FlowFields._field_defaults))
+
+
+def replace(record: _R, **changes: Any) -> _R:
+    """A copy of ``record`` with ``changes``: records are immutable, so this is how to change one."""
+    if isinstance(record, Flow):
+        return record._replace(**changes)  # type: ignore[return-value]  # Flow in, Flow out
+    return dataclasses.replace(record, **changes)  # type: ignore[type-var]  # the other records are dataclasses
 
 
 @dataclass(frozen=True, slots=True)

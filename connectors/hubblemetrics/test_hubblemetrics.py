@@ -2,7 +2,6 @@
 values as reference/metric-compat.md gives them, the context options, expiry and the bound."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 from pydantic import ValidationError
@@ -13,7 +12,7 @@ from connectors.hubblemetrics.factory import FACTORY
 from connectors.hubblemetrics.options import OptionError, parse_metric, pod_short
 from connectors.hubblemetrics.series import SeriesStore
 from flowtel.component import CreateSettings, Kind, Telemetry
-from flowtel.records import DnsInfo, Flow, MetricKind, MetricPoint, Record
+from flowtel.records import DnsInfo, EventKind, Flow, MetricKind, MetricPoint, Record, TcpFlagCounts, Verdict, replace
 from tests.flowsamples import lost, sample_flows
 
 
@@ -78,8 +77,8 @@ def test_flow_counts_packets_with_hubble_labels() -> None:
 
 def test_tcp_event_and_unanswered_records_are_not_counted_again() -> None:
     f = sample_flows()
-    event = dataclasses.replace(f["F1"], extensions={"tcp_event": "retransmit"})
-    unanswered = dataclasses.replace(f["F4"], extensions={"dns_unanswered": True})
+    event = replace(f["F1"], kind=EventKind.TCP_RETRANSMIT, verdict=Verdict.TRACED)
+    unanswered = replace(f["F4"], kind=EventKind.DNS_UNANSWERED, verdict=Verdict.ERROR, is_reply=None)
     points = run(["flow", "tcp", "dns"], [event, unanswered])
     assert points == []
 
@@ -92,7 +91,8 @@ def test_label_order_labels_context_then_source_then_destination_then_own() -> N
     assert list(p.attributes.items()) == [
         ("source_pod", "client-1"), ("source_namespace", "default"), ("traffic_direction", "egress"),
         ("source", "default/client-1"), ("destination", "frontend"),
-        ("reason", "NETFILTER_DROP"), ("protocol", "TCP")]
+        # Cilium's DropReason on the wire: NETFILTER_DROP has no equivalent in Cilium's enum.
+        ("reason", "DROP_REASON_UNKNOWN"), ("protocol", "TCP")]
     assert (p.name, p.value, p.kind) == ("hubble_drop_total", 2, MetricKind.SUM)
 
 
@@ -122,10 +122,9 @@ def test_destination_dns_context_and_pod_short() -> None:
 
 
 def test_tcp_counts_flag_packets_not_the_union() -> None:
-    f1 = sample_flows()["F1"]
-    f1.tcp_flag_counts = {"SYN": 3, "SYN-ACK": 0, "FIN": 2, "RST": 1}
+    f1 = replace(sample_flows()["F1"], tcp_flag_counts=TcpFlagCounts(syn=3, fin=2, rst=1))
     f2 = sample_flows()["F2"]  # no counts: the union SYN|ACK, once
-    f9 = dataclasses.replace(sample_flows()["F1"], ip_version=6, tcp_flag_counts={"SYN": 1})
+    f9 = replace(sample_flows()["F1"], ip_version=6, tcp_flag_counts=TcpFlagCounts(syn=1))
     got = series(run(["tcp:sourceContext=pod;destinationContext=pod"], [f1, f2, f9, sample_flows()["F3"]]),
                  "hubble_tcp_flags_total")
     fp, pf = (("source", "shop/frontend-7c9d"), ("destination", "shop/payments-0")), \
@@ -140,14 +139,13 @@ def test_tcp_counts_flag_packets_not_the_union() -> None:
 
 
 def dns_response(rcode: int, qtypes: list[str], ips: list[str], rrtypes: list[str]) -> Flow:
-    f = sample_flows()["F5"]
-    f.l7 = DnsInfo(query="x.example.", qtypes=qtypes, rcode=rcode, ips=ips, rrtypes=rrtypes)
-    return f
+    return replace(sample_flows()["F5"], l7=DnsInfo(query="x.example.", qtypes=tuple(qtypes), rcode=rcode,
+                                                   ips=tuple(ips), rrtypes=tuple(rrtypes)))
 
 
 def test_dns_families_rcode_words_and_query_label() -> None:
     f = sample_flows()
-    denied = dataclasses.replace(f["F4"], verdict="DROPPED")
+    denied = replace(f["F4"], verdict=Verdict.DROPPED)
     records: list[Record] = [f["F4"], denied, f["F5"], dns_response(3, ["A"], [], []),
                              dns_response(0, ["AAAA"], ["::1", "::2"], ["AAAA", "AAAA"])]
     points = run(["dns:query;sourceContext=pod"], records)
@@ -224,7 +222,7 @@ def test_max_series_bounds_growth_and_counts_overflow() -> None:
     capture = Capture()
     conn = HubbleMetricsConnector(CreateSettings("hubblemetrics", "n", telemetry),
                                   HubbleMetricsConfig(metrics=["port-distribution"], max_series=2), capture)
-    conn.consume([dataclasses.replace(f["F1"], dst_port=port) for port in range(1000, 1010)])
+    conn.consume([replace(f["F1"], dst_port=port) for port in range(1000, 1010)])
     conn.consume([f["F1"]])  # an existing series still counts
     conn.flush()
     assert len(capture.got) == 2

@@ -16,7 +16,7 @@ from flowtel import mapformat
 from flowtel.component import ComponentConfig, CreateSettings, Exporter, Factory, Kind, Receiver, Telemetry
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import MetricKind, MetricPoint, Record, TrafficDirection
+from flowtel.records import MetricKind, MetricPoint, Record, TcpFlagCounts, TrafficDirection, replace
 from flowtel.registry import factories_by_kind
 from flowtel.servicegraph import ServiceGraph, graph_to_dict, source_is_client
 from tests.flowsamples import lost, sample_flows
@@ -73,8 +73,8 @@ def test_pod_granularity_names_pods() -> None:
 
 
 def test_a_packet_seen_at_both_veths_of_a_batch_counts_once() -> None:
-    sent = dataclasses.replace(sample_flows()["F1"], traffic_direction=TrafficDirection.EGRESS)
-    arrived = dataclasses.replace(sent, traffic_direction=TrafficDirection.INGRESS, ifname="veth-pay")
+    sent = replace(sample_flows()["F1"], traffic_direction=TrafficDirection.EGRESS)
+    arrived = replace(sent, traffic_direction=TrafficDirection.INGRESS, ifname="veth-pay")
     graph = ServiceGraph()
     graph.add([arrived, sent])
     assert [s.bytes for _, s in graph.snapshot()] == [74]
@@ -86,17 +86,17 @@ def test_a_packet_seen_at_both_veths_of_a_batch_counts_once() -> None:
 @pytest.mark.parametrize("change, client_is_src", [
     ({"is_reply": False}, True),
     ({"is_reply": True}, False),
-    ({"is_reply": None, "tcp_flag_counts": {"SYN": 0, "SYN-ACK": 1}, "src_port": 80, "dst_port": 50000}, False),
+    ({"is_reply": None, "tcp_flag_counts": TcpFlagCounts(syn_ack=1), "src_port": 80, "dst_port": 50000}, False),
     ({"is_reply": None, "tcp_flag_counts": None, "tcp_flags": 0x02, "src_port": 50000, "dst_port": 80}, True),
     ({"is_reply": None, "tcp_flag_counts": None, "tcp_flags": 0x10, "src_port": 80, "dst_port": 50000}, False),
     ({"is_reply": None, "tcp_flag_counts": None, "tcp_flags": 0x10, "src_port": 50000, "dst_port": 80}, True),
 ])
 def test_client_side(change: dict[str, object], client_is_src: bool) -> None:
-    assert source_is_client(dataclasses.replace(sample_flows()["F1"], **change)) is client_is_src  # type: ignore[arg-type]
+    assert source_is_client(replace(sample_flows()["F1"], **change)) is client_is_src  # type: ignore[arg-type]
 
 
 def test_icmp_echo_reply_has_the_server_as_source() -> None:
-    reply = dataclasses.replace(sample_flows()["F7"], src_port=0, src_ip="10.0.0.2", dst_ip="10.0.1.1")
+    reply = replace(sample_flows()["F7"], src_port=0, src_ip="10.0.0.2", dst_ip="10.0.1.1")
     assert source_is_client(reply) is False
 
 
@@ -307,9 +307,9 @@ def test_connector_in_a_service_turns_flows_into_metrics() -> None:
 
 
 def test_a_dns_response_seen_twice_keeps_the_clients_latency() -> None:
-    at_server = dataclasses.replace(sample_flows()["F5"], traffic_direction=TrafficDirection.EGRESS,
+    at_server = replace(sample_flows()["F5"], traffic_direction=TrafficDirection.EGRESS,
                                     latency_ns=300_000)
-    at_client = dataclasses.replace(sample_flows()["F5"], traffic_direction=TrafficDirection.INGRESS,
+    at_client = replace(sample_flows()["F5"], traffic_direction=TrafficDirection.INGRESS,
                                     latency_ns=2_000_000)
     graph = ServiceGraph()
     graph.add([at_server, at_client])

@@ -603,10 +603,11 @@ KQL_FLOWS = """AppTraces
          SrcWorkload = tostring(flow.source.workloads[0].name),
          DstNamespace = tostring(flow.destination.namespace), DstPod = tostring(flow.destination.pod_name),
          DstWorkload = tostring(flow.destination.workloads[0].name),
-         Verdict = tostring(flow.verdict), DropReason = tostring(flow.drop_reason_desc),
+         Verdict = tostring(flow.verdict),
+         DropReason = coalesce(tostring(flow.extensions.value.drop_reason), tostring(flow.drop_reason_desc)),
          Direction = tostring(flow.traffic_direction), Summary = tostring(flow.Summary),
          Query = tostring(flow.l7.dns.query), RCode = toint(flow.l7.dns.rcode),
-         Packets = tolong(flow.extensions.packets), Bytes = tolong(flow.extensions.bytes)
+         Packets = tolong(flow.extensions.value.packets), Bytes = tolong(flow.extensions.value.bytes)
 | where (SrcNamespace matches regex "^({namespace})$" and SrcWorkload matches regex "^({workload})$")
      or (DstNamespace matches regex "^({namespace})$" and DstWorkload matches regex "^({workload})$")"""
 

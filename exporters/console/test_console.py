@@ -21,7 +21,7 @@ from flowtel.records import (
     DnsInfo,
     Endpoint,
     Flow,
-    FlowType,
+    EventKind,
     LostEvents,
     Record,
     TrafficDirection,
@@ -74,9 +74,8 @@ def dns_flow(l7_type: str, dns: DnsInfo, **kw: object) -> Flow:
         protocol=17,
         src_port=40000,
         dst_port=53,
-        flow_type=FlowType.L7,
+        kind=EventKind.DNS_RESPONSE if l7_type == "RESPONSE" else EventKind.DNS_REQUEST,
         l7=dns,
-        l7_type=l7_type,
         is_reply=l7_type == "RESPONSE",
     )
     fields.update(kw)
@@ -179,33 +178,33 @@ def test_compact_non_ip_frame() -> None:
 
 
 def test_compact_dns_request_and_responses() -> None:
-    request = dns_flow("REQUEST", DnsInfo(query="example.com.", qtypes=["A"]))
+    request = dns_flow("REQUEST", DnsInfo(query="example.com.", qtypes=("A",)))
     assert printer.compact_line(request) == (
         f"{STAMP}: 10.1.0.5:40000 (ID:0) -> 10.0.0.10:53 (ID:0) "
         "dns-request ebpf FORWARDED (DNS Query example.com. A)"
     )
-    answer = dns_flow("RESPONSE", DnsInfo(query="example.com.", qtypes=["A"], ips=["1.2.3.4", "5.6.7.8"],
+    answer = dns_flow("RESPONSE", DnsInfo(query="example.com.", qtypes=("A",), ips=["1.2.3.4", "5.6.7.8"],
                                           ttl=300), src_ip="10.0.0.10", dst_ip="10.1.0.5",
                       src_port=53, dst_port=40000, latency_ns=1_500_000)
     line = printer.compact_line(answer)
     assert f"{STAMP}: 10.1.0.5:40000 (ID:0) <- 10.0.0.10:53 (ID:0) dns-response ebpf FORWARDED " in line
     assert line.endswith('(DNS Answer "1.2.3.4,5.6.7.8" TTL: 300 (Query example.com. A))')
 
-    cname = dns_flow("RESPONSE", DnsInfo(query="www.example.com.", qtypes=["A"], ips=["1.2.3.4"],
+    cname = dns_flow("RESPONSE", DnsInfo(query="www.example.com.", qtypes=("A",), ips=["1.2.3.4"],
                                          cnames=["edge.example.net."], ttl=60, observation_source="proxy"))
     assert _summary.summary(cname) == (
         'DNS Answer "1.2.3.4" CNAMEs: "edge.example.net." TTL: 60 (Proxy www.example.com. A)'
     )
-    nx = dns_flow("RESPONSE", DnsInfo(query="nope.example.", qtypes=["AAAA"], rcode=3))
+    nx = dns_flow("RESPONSE", DnsInfo(query="nope.example.", qtypes=("AAAA",), rcode=3))
     assert _summary.summary(nx) == "DNS Answer RCode: Non-Existent Domain TTL: 0 (Query nope.example. AAAA)"
-    refused = dns_flow("RESPONSE", DnsInfo(query="x.", qtypes=["A"], rcode=5))
+    refused = dns_flow("RESPONSE", DnsInfo(query="x.", qtypes=("A",), rcode=5))
     assert _summary.summary(refused) == "DNS Answer RCode: Query Refused TTL: 0 (Query x. A)"
 
 
 def test_compact_tcp_event_names_the_event() -> None:
-    line = printer.compact_line(tcp_flow(extensions={"tcp_event": "reset_sent"}, tcp_flags=TCP_RST,
-                                        packets=0, bytes=0))
-    assert "(ID:0) tcp-reset_sent FORWARDED (TCP Flags: RST) on veth1a2b INGRESS" in line
+    line = printer.compact_line(tcp_flow(kind=EventKind.TCP_RESET_SENT, verdict=Verdict.TRACED, tcp_flags=TCP_RST,
+                                         packets=0, bytes=0))
+    assert "(ID:0) tcp-reset_sent TRACED (TCP reset sent) on veth1a2b INGRESS" in line
     assert "pkts=" not in line
 
 
@@ -215,7 +214,7 @@ def test_compact_timestamp_pads_the_day_like_go() -> None:
 
 
 def test_compact_escapes_control_characters_from_the_network() -> None:
-    evil = dns_flow("REQUEST", DnsInfo(query="a\x1b[2J\nb.", qtypes=["A"]))
+    evil = dns_flow("REQUEST", DnsInfo(query="a\x1b[2J\nb.", qtypes=("A",)))
     line = printer.compact_line(evil)
     assert "\x1b" not in line and "\n" not in line
     assert "DNS Query a\\x1b[2J\\x0ab. A" in line
@@ -275,7 +274,8 @@ def test_exporter_json_verbosity_writes_hubble_envelopes() -> None:
     assert first["flow"]["Summary"] == "TCP Flags: SYN, ACK"
     assert first["flow"]["l4"] == {"TCP": {"source_port": 41234, "destination_port": 80,
                                            "flags": {"SYN": True, "ACK": True}}}
-    assert second == {"lost_events": {"source": "ring", "num_events_lost": "2"},
+    # flowtel's own source names map onto Cilium's LostEventSource (a kernel-side loss here).
+    assert second == {"lost_events": {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "2"},
                       "node_name": "node-1", "time": "2024-11-26T11:45:45.123456789Z"}
     assert ", " not in stream.getvalue().split('"Summary"')[0]  # compact separators
 

@@ -2,7 +2,6 @@
 follow streams, slow followers' losses, the map, errors."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import threading
@@ -26,6 +25,7 @@ from flowtel.lib.hubble.parse import parse_rfc3339
 from flowtel.records import Record
 from flowtel.lib.hubble.api.observer import observer_pb2
 from google.protobuf import json_format
+from flowtel.records import Record, replace
 from tests.flowsamples import T0, lost, sample_flows
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -222,7 +222,7 @@ def test_a_follower_that_cannot_keep_up_is_told_how_many_it_lost() -> None:
     try:
         wait_followers(ext, 1)
         template = sample_flows()["F1"]
-        batch = [dataclasses.replace(template, time_ns=T0 + i) for i in range(25)]
+        batch = [replace(template, time_ns=T0 + i) for i in range(25)]
         ext.consume(batch)  # one batch larger than the client's queue: 15 cannot be queued
         got = stream.read_until(lambda g: any("lost_events" in e for e in g))
         lost_lines = [e["lost_events"] for e in got if "lost_events" in e]
@@ -247,7 +247,7 @@ def test_a_stalled_follower_never_blocks_the_pipeline_and_learns_its_losses() ->
         # ~12 MB of JSON for a client that reads nothing: far beyond the socket buffers.
         batches: list[list[Record]] = []
         for b in range(120):
-            batch: list[Record] = [dataclasses.replace(template, time_ns=T0 + b * 1000 + i) for i in range(200)]
+            batch: list[Record] = [replace(template, time_ns=T0 + b * 1000 + i) for i in range(200)]
             batch.append(udp)  # filtered out by the server: neither queued nor counted as lost
             batches.append(batch)
         for batch in batches:  # each record's wire form once, outside the timing (as the agent's

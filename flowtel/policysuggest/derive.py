@@ -288,8 +288,7 @@ def _normalize(name: str) -> str:
 
 
 def _allowed_verdicts(options: Options) -> frozenset[Verdict]:
-    # ERROR: a DNS query that got no answer (reported, never allowed on its own).
-    verdicts = {Verdict.FORWARDED, Verdict.AUDIT, Verdict.ERROR}
+    verdicts = {Verdict.FORWARDED, Verdict.AUDIT}
     if options.include_dropped:
         verdicts.add(Verdict.DROPPED)
     return frozenset(verdicts)
@@ -317,7 +316,9 @@ def _observe(records: Iterable[Record], selection: Selection, options: Options) 
                     obs.workloads.add((ep.workloads[0].kind, ep.workloads[0].name))
             elif ep.namespace == selection.namespace:
                 obs.others[ep.pod_name] = stable_labels(ep)
-        if flow.verdict not in verdicts or flow.ip_version not in (4, 6):
+        # An unanswered DNS query has verdict ERROR: it is read (and reported), never allowed.
+        unanswered = flow.kind is EventKind.DNS_UNANSWERED
+        if (flow.verdict not in verdicts and not unanswered) or flow.ip_version not in (4, 6):
             continue
         if flow.l7 is not None:
             _observe_dns(obs, flow, src_selected, dst_selected)

@@ -16,13 +16,12 @@ runs ``process``, ``tick`` and ``flush`` concurrently, so the window needs no lo
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Hashable
 
 from flowtel.component import CreateSettings, Processor
 from flowtel.lib.hubble.timefmt import format_time
-from flowtel.records import Endpoint, EventKind, Flow, Record, TcpFlagCounts, frozen_extensions
+from flowtel.records import FLOW_DEFAULTS, Endpoint, EventKind, Flow, Record, TcpFlagCounts, frozen_extensions, replace
 from processors.flowaggregate.config import FlowAggregateConfig
 
 # Fields of one connection or message that the key does not fix: an aggregate keeps each
@@ -30,7 +29,7 @@ from processors.flowaggregate.config import FlowAggregateConfig
 # port of 0, an unknown reply flag, no interface, …) rather than show one record's value.
 _PER_RECORD: tuple[str, ...] = ("src_port", "is_reply", "ifindex", "ifname", "ethertype", "l7", "latency_ns",
                                 "source_names", "destination_names", "extensions")
-_CLEARED: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Flow) if f.name in _PER_RECORD}
+_CLEARED: dict[str, Any] = {name: FLOW_DEFAULTS[name] for name in _PER_RECORD}
 _DIFFERS = object()
 
 
@@ -89,7 +88,7 @@ class _Agg:
             "window_start": format_time(start),
             "window_end": format_time(end),
         })
-        return dataclasses.replace(self.first, time_ns=end, packets=self.packets, bytes=self.bytes,
+        return replace(self.first, time_ns=end, packets=self.packets, bytes=self.bytes,
                                    tcp_flags=self.tcp_flags, tcp_flag_counts=self.flag_counts, **kept)
 
 

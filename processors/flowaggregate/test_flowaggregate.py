@@ -9,7 +9,9 @@ from pydantic import ValidationError
 from flowtel.component import ComponentConfig, Consumer, CreateSettings, Exporter, Factory, Kind, Receiver, Telemetry
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import DnsInfo, Endpoint, Flow, FlowType, LostEvents, Verdict, Workload
+from flowtel.lib.hubble.convert import flow_json
+from flowtel.lib.hubble.parse import parse_rfc3339
+from flowtel.records import DnsInfo, Endpoint, EventKind, Flow, LostEvents, TcpFlagCounts, Verdict, Workload, frozen_extensions
 from processors.flowaggregate.config import FlowAggregateConfig
 from processors.flowaggregate.factory import FACTORY
 from processors.flowaggregate.processor import FlowAggregateProcessor
@@ -53,22 +55,31 @@ def test_same_key_merged_with_sums() -> None:
     clock = Clock(100 * S)
     proc, tel = make(clock, window=30)
     # Different source ports, same key: merged.
-    assert proc.process([flow(sport=1, packets=2, nbytes=200, extensions={"x": 1}), flow(sport=2, packets=3, nbytes=300)]) == []
-    assert proc.process([flow(sport=3, packets=5, nbytes=500)]) == []
+    x = frozen_extensions({"x": 1})
+    assert proc.process([flow(sport=1, packets=2, nbytes=200, extensions=x, ifname="veth1", tcp_flags=0x02,
+                              tcp_flag_counts=TcpFlagCounts(syn=1)),
+                         flow(sport=2, packets=3, nbytes=300, extensions=x, ifname="veth1", tcp_flags=0x10,
+                              tcp_flag_counts=TcpFlagCounts(syn=0))]) == []
+    assert proc.process([flow(sport=3, packets=5, nbytes=500, extensions=x, ifname="veth2", tcp_flags=0x11,
+                              tcp_flag_counts=TcpFlagCounts(fin=2))]) == []
     clock.t = 120 * S  # window [90 s, 120 s) closed
     out = proc.process([])
     assert len(out) == 1
     f = out[0]
     assert (f.packets, f.bytes) == (10, 1000)
-    assert f.extensions == {"x": 1, "packets": 10, "bytes": 1000, "flows": 3, "window_start": 90 * S, "window_end": 120 * S}
-    assert f.time_ns == 120 * S and f.src_port == 1 and f.dst_port == 80
+    # Sums of what was merged; what all agree on stays, what they disagree on is cleared.
+    assert f.extensions == {"x": 1, "flows": 3, "window_start": "1970-01-01T00:01:30Z", "window_end": "1970-01-01T00:02:00Z"}
+    assert f.tcp_flags == 0x13 and f.tcp_flag_counts == TcpFlagCounts(syn=1, fin=2)
+    assert f.time_ns == 120 * S and f.src_port == 0 and f.dst_port == 80 and f.ifname == ""
+    ext = flow_json(f)["extensions"]["value"]
+    assert (ext["packets"], ext["bytes"], ext["flows"], ext["tcp_flags"]["SYN"], ext["tcp_flags"]["FIN"]) == (10, 1000, 3, 1, 2)
     assert tel.get("flowaggregate", "records_aggregated") == 3
 
 
 def test_distinct_keys_kept_apart() -> None:
     clock = Clock(0)
     proc, _ = make(clock)
-    pod = lambda name: Endpoint(namespace="ns", pod_name=name, workloads=[Workload(name="web", kind="Deployment")])
+    pod = lambda name: Endpoint(namespace="ns", pod_name=name, workloads=(Workload(name="web", kind="Deployment"),))
     batch = [
         flow(dport=80), flow(dport=443), flow(protocol=17), flow(dst="10.0.0.3"),
         flow(traffic_direction="EGRESS"),
@@ -91,16 +102,18 @@ def test_window_boundaries() -> None:
     assert proc.process([flow()]) == []
     clock.t = 30 * S  # the window closed: emitted, and the new batch opens [30 s, 60 s)
     out = proc.process([flow(packets=7)])
-    assert [(f.extensions["flows"], f.extensions["window_start"], f.extensions["window_end"]) for f in out] == [(2, 0, 30 * S)]
+    assert [(f.extensions["flows"], f.extensions["window_start"], f.extensions["window_end"]) for f in out] == [
+        (2, "1970-01-01T00:00:00Z", "1970-01-01T00:00:30Z")]
     clock.t = 95 * S  # a batch long after: the held window keeps its own bounds
     out = proc.process([])
-    assert [(f.packets, f.extensions["window_start"], f.extensions["window_end"]) for f in out] == [(7, 30 * S, 60 * S)]
+    assert [(f.packets, f.extensions["window_start"], f.extensions["window_end"]) for f in out] == [
+        (7, "1970-01-01T00:00:30Z", "1970-01-01T00:01:00Z")]
     assert proc.flush() == []
 
 
 def test_drops_distinct_by_reason_and_verdict() -> None:
     proc, _ = make(Clock(0))
-    d = lambda reason: flow(verdict=Verdict.DROPPED, drop_reason=reason)
+    d = lambda reason: flow(verdict=Verdict.DROPPED, kind=EventKind.DROP, drop_reason=reason)
     proc.process([d("POLICY_DENIED"), d("POLICY_DENIED"), d("CT_MAP_INSERTION_FAILED"), flow()])
     out = sorted(proc.flush(), key=lambda f: (f.verdict, f.drop_reason))
     assert [(f.verdict, f.drop_reason, f.extensions["flows"]) for f in out] == [
@@ -112,12 +125,12 @@ def test_drops_distinct_by_reason_and_verdict() -> None:
 
 def test_drops_pass_through_when_disabled() -> None:
     proc, _ = make(Clock(0), drops=False)
-    d = flow(verdict=Verdict.DROPPED, drop_reason="POLICY_DENIED")
+    d = flow(verdict=Verdict.DROPPED, kind=EventKind.DROP, drop_reason="POLICY_DENIED")
     assert proc.process([d, flow()]) == [d]
 
 
 def test_dns_passes_through_unless_configured() -> None:
-    dns = lambda: flow(dport=53, protocol=17, flow_type=FlowType.L7, l7=DnsInfo(query="a.example."), l7_type="REQUEST")
+    dns = lambda: flow(dport=53, protocol=17, kind=EventKind.DNS_REQUEST, l7=DnsInfo(query="a.example."))
     lost = LostEvents(0, "QUEUE_FULL:x", 3)
     proc, _ = make(Clock(0))
     batch = [dns(), dns(), lost]
@@ -181,7 +194,7 @@ def test_shutdown_flush_delivers_last_window_through_service() -> None:
     svc.shutdown()
     got = [r for r in svc.exporters["sink"].got if isinstance(r, Flow)]
     assert len(got) == 1
-    assert (got[0].extensions["flows"], got[0].extensions["packets"], got[0].extensions["bytes"]) == (5, 5, 50)
+    assert (got[0].extensions["flows"], got[0].packets, got[0].bytes) == (5, 5, 50)
 
 
 def test_tick_emits_an_ended_window_without_further_input() -> None:
@@ -195,7 +208,7 @@ def test_tick_emits_an_ended_window_without_further_input() -> None:
     assert proc.tick() == []  # [90 s, 120 s) still open
     clock.t = 120 * S
     [f] = proc.tick()
-    assert (f.packets, f.extensions["flows"], f.extensions["window_end"]) == (5, 2, 120 * S)
+    assert (f.packets, f.extensions["flows"], f.extensions["window_end"]) == (5, 2, "1970-01-01T00:02:00Z")
     assert proc.tick() == [] and proc.flush() == []
     assert tel.get("flowaggregate", "windows_emitted") == 1
 
@@ -230,10 +243,11 @@ def test_window_closes_on_time_with_no_further_input() -> None:
         got = [r for r in sink.got if isinstance(r, Flow)]
         assert len(got) == 1, "the window was not emitted while the agent ran"
         f = got[0]
-        assert (f.extensions["flows"], f.extensions["packets"]) == (4, 4)
-        assert f.extensions["window_end"] - f.extensions["window_start"] == S
+        assert (f.extensions["flows"], f.packets) == (4, 4)
+        start, end = (parse_rfc3339(str(f.extensions[k])) for k in ("window_start", "window_end"))
+        assert end - start == S and f.time_ns == end
         # Emitted after the window's end, within the tick interval (0.1 s) and queueing.
-        assert f.extensions["window_end"] <= seen_ns < f.extensions["window_end"] + S // 2
+        assert end <= seen_ns < end + S // 2
     finally:
         svc.shutdown()
     assert len([r for r in svc.exporters["sink"].got if isinstance(r, Flow)]) == 1  # nothing held back twice

@@ -1,8 +1,8 @@
-"""What an address resolves to, ready to be copied onto a flow's endpoint.
+"""What an address resolves to, ready to be put on a flow as its endpoint.
 
 An :class:`EndpointView` is computed once per pod (or service, node, reserved address)
-and shared by every record that names it; putting it on a record is a few attribute
-copies. Both metadata sources (the Kubernetes API and the static file) build views with
+with its immutable :class:`~flowtel.records.Endpoint`, which every record naming that pod
+shares (``EndpointView.shared``). Both metadata sources (the Kubernetes API and the static file) build views with
 the same :class:`ViewBuilder`, so their output cannot drift apart.
 """
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The ``k8sattributes`` processor: who is talking to whom, on both ends of every flow.
 
 ``process`` runs on the pipeline thread and only reads caches: two lookups per flow (one
-per address), each a dict hit or two, and a copy of a precomputed view onto the record.
+per address), each a dict hit or two, and a new record carrying the two cached, shared
+:class:`~flowtel.records.Endpoint` objects (records are immutable and shared with other
+pipelines, so the input record is never changed and nothing is copied per record).
 The caches are filled by the metadata source's own threads (informers for the API, a file
 read at start for ``static``), so a slow or absent API server never slows the pipeline:
 records pass through with what is known.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from flowtel.component import CreateSettings, Processor, Status
@@ -122,10 +124,9 @@ class K8sAttributesProcessor(Processor):
             counts[src.kind] = counts.get(src.kind, 0) + 1
             counts[dst.kind] = counts.get(dst.kind, 0) + 1
             # Records are shared with other pipelines: a new record, with the cached endpoints.
-            append(replace(
-                flow,
-                source=src.shared if flow.source is None else src.merged(flow.source),
-                destination=dst.shared if flow.destination is None else dst.merged(flow.destination),
+            append(flow.with_endpoints(
+                src.shared if flow.source is None else src.merged(flow.source),
+                dst.shared if flow.destination is None else dst.merged(flow.destination),
             ))
         telemetry = self.settings.telemetry
         for kind, n in counts.items():

@@ -39,8 +39,8 @@ def count(p: K8sAttributesProcessor, name: str) -> int:
 
 def name_of(p: K8sAttributesProcessor, ip: str) -> str:
     f = Flow(time.time_ns(), "node-1", Verdict.FORWARDED, 4, ip, "8.8.8.8", 17, 1, 53)
-    p.process([f])
-    assert f.source is not None
+    (f,) = p.process([f])
+    assert isinstance(f, Flow) and f.source is not None
     return f"{f.source.namespace}/{f.source.pod_name}" if f.source.pod_name else f"identity:{f.source.identity}"
 
 

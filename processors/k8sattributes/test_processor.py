@@ -7,6 +7,7 @@ import gc
 import json
 import sys
 import time
+from dataclasses import FrozenInstanceError
 from typing import Any, Callable
 
 import kubernetes.client.models
@@ -14,7 +15,7 @@ import pytest
 
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import Telemetry
-from flowtel.records import Endpoint, Flow, LostEvents, MetricKind, MetricPoint, Verdict, Workload
+from flowtel.records import Endpoint, Flow, LostEvents, MetricKind, MetricPoint, Verdict, Workload, frozen_extensions, replace
 from processors.k8sattributes.conftest import wait_until
 from processors.k8sattributes.kube_source import KubeSource
 from processors.k8sattributes.processor import K8sAttributesProcessor
@@ -31,8 +32,11 @@ def flow(src: str, dst: str, *, t: float | None = None, **kw: Any) -> Flow:
 
 def enrich(p: K8sAttributesProcessor, *flows: Flow) -> list[Flow]:
     out = p.process(list(flows))
-    assert out == list(flows)
-    return list(flows)
+    # New records (the inputs are shared and immutable), the same but for the endpoints.
+    assert len(out) == len(flows)
+    for new, old in zip(out, flows):
+        assert isinstance(new, Flow) and replace(new, source=old.source, destination=old.destination) == old
+    return out  # type: ignore[return-value]  # every record out is a Flow (checked above)
 
 
 def ends(p: K8sAttributesProcessor, src: str, dst: str, t: float | None = None) -> tuple[Endpoint, Endpoint]:
@@ -111,7 +115,7 @@ def test_both_ends_named_as_hubble_and_otel(shop: FakeApiServer, make_processor:
         "k8s.namespace.labels.team": "payments",
         "service.owner": "web-team",
     }
-    assert dst.pod_name == "payments-0" and dst.workloads == [Workload("payments", "StatefulSet")]
+    assert dst.pod_name == "payments-0" and list(dst.workloads) == [Workload("payments", "StatefulSet")]
     assert not any("statefulset.kubernetes.io" in lbl or "controller-revision-hash" in lbl for lbl in dst.labels)
     assert dst.attributes["k8s.statefulset.name"] == "payments" and dst.attributes["k8s.node.name"] == "node-2"
     # The compact line names both ends by namespace/pod.
@@ -125,10 +129,10 @@ def test_workload_kinds(shop: FakeApiServer, make_processor: Make) -> None:
     _, cron = ends(p, "8.8.8.8", "10.0.2.11")
     _, bare = ends(p, "8.8.8.8", "10.0.1.77")
     _, v6 = ends(p, "fd00:1::1", "fd00:2::7")
-    assert ds.workloads == [Workload("agent", "DaemonSet")] and ds.attributes["k8s.daemonset.name"] == "agent"
-    assert cron.workloads == [Workload("report", "CronJob")]
+    assert list(ds.workloads) == [Workload("agent", "DaemonSet")] and ds.attributes["k8s.daemonset.name"] == "agent"
+    assert list(cron.workloads) == [Workload("report", "CronJob")]
     assert cron.attributes["k8s.cronjob.name"] == "report" and cron.attributes["k8s.job.name"] == "report-28843200"
-    assert bare.pod_name == "debug" and bare.workloads == []  # a bare pod has no workload, as in Hubble
+    assert bare.pod_name == "debug" and list(bare.workloads) == []  # a bare pod has no workload, as in Hubble
     assert v6.pod_name == "payments-0"  # every podIP, IPv6 too
 
 
@@ -137,8 +141,8 @@ def test_owner_watches_off_resolve_from_names(shop: FakeApiServer, make_processo
     assert "replicasets" not in source_of(p).informers and "jobs" not in source_of(p).informers
     assert not [r for r in shop.requests if "replicasets" in r.path or "jobs" in r.path]
     src, dst = ends(p, "10.0.1.5", "10.0.2.11")
-    assert src.workloads == [Workload("frontend", "Deployment")]
-    assert dst.workloads == [Workload("report", "CronJob")]
+    assert list(src.workloads) == [Workload("frontend", "Deployment")]
+    assert list(dst.workloads) == [Workload("report", "CronJob")]
 
 
 def test_replicaset_watch_follows_owner_changes(shop: FakeApiServer, make_processor: Make) -> None:
@@ -147,9 +151,9 @@ def test_replicaset_watch_follows_owner_changes(shop: FakeApiServer, make_proces
     shop.create("pods", o.pod("canary-rs-1", "shop", ip="10.0.1.40", labels={"pod-template-hash": "zz"},
                               owner=("ReplicaSet", "canary-rs")))
     p = make_processor()
-    assert ends(p, "10.0.1.40", "8.8.8.8")[0].workloads == [Workload("checkout", "Deployment")]
+    assert list(ends(p, "10.0.1.40", "8.8.8.8")[0].workloads) == [Workload("checkout", "Deployment")]
     shop.patch("replicasets", "canary-rs", lambda rs: rs["metadata"]["ownerReferences"][0].update(name="checkout-v2"), "shop")
-    wait_until(lambda: ends(p, "10.0.1.40", "8.8.8.8")[0].workloads == [Workload("checkout-v2", "Deployment")],
+    wait_until(lambda: list(ends(p, "10.0.1.40", "8.8.8.8")[0].workloads) == [Workload("checkout-v2", "Deployment")],
                what="the new owner")
 
 
@@ -164,7 +168,7 @@ def test_precedence_pod_then_service_then_node(shop: FakeApiServer, make_process
     shop.delete("services", "clash", "shop")
     shop.delete("pods", "clash-pod", "shop")
     p2 = make_processor(deleted_pod_grace=0)
-    wait_until(lambda: ends(p2, "10.0.9.9", "8.8.8.8")[0].labels == ["reserved:remote-node"], what="the node")
+    wait_until(lambda: list(ends(p2, "10.0.9.9", "8.8.8.8")[0].labels) == ["reserved:remote-node"], what="the node")
 
 
 def test_service_cluster_ip(shop: FakeApiServer, make_processor: Make) -> None:
@@ -180,31 +184,31 @@ def test_host_network_pods_resolve_to_their_node(shop: FakeApiServer, make_proce
     p = make_processor()
     host, remote = ends(p, "192.168.0.1", "192.168.0.2")
     # 192.168.0.2 is node-2 (and the API server): never kube-proxy-b or node-exporter-b.
-    assert host.pod_name == "" and host.identity == 1 and host.labels == ["reserved:host"]
+    assert host.pod_name == "" and host.identity == 1 and list(host.labels) == ["reserved:host"]
     assert host.attributes == {"k8s.node.name": "node-1"}
     assert remote.pod_name == "" and remote.identity == 7
-    assert remote.labels == ["reserved:kube-apiserver", "reserved:remote-node"]
+    assert list(remote.labels) == ["reserved:kube-apiserver", "reserved:remote-node"]
     assert ends(p, "203.0.113.1", "8.8.8.8")[0].identity == 1  # any address of this node is the host
 
 
 def test_reserved_identities(shop: FakeApiServer, make_processor: Make) -> None:
     p = make_processor()
     src, world = ends(p, "10.0.1.5", "1.1.1.1")
-    assert world.identity == 2 and world.labels == ["reserved:world"] and world.attributes == {}
+    assert world.identity == 2 and list(world.labels) == ["reserved:world"] and world.attributes == {}
     _, api_svc = ends(p, "10.0.1.5", "10.96.0.1")
-    assert api_svc.identity == 7 and api_svc.labels == ["reserved:kube-apiserver"]
+    assert api_svc.identity == 7 and list(api_svc.labels) == ["reserved:kube-apiserver"]
     assert api_svc.attributes["k8s.service.name"] == "kubernetes"
     _, api_ep = ends(p, "10.0.1.5", "198.51.100.10")
-    assert api_ep.identity == 7 and api_ep.labels == ["reserved:kube-apiserver"]
+    assert api_ep.identity == 7 and list(api_ep.labels) == ["reserved:kube-apiserver"]
     # The API server's addresses are watched: a new one is kube-apiserver, a removed one world.
     shop.patch("endpointslices", "kubernetes", lambda s: s.update(endpoints=[{"addresses": ["198.51.100.11"]}]))
     wait_until(lambda: ends(p, "10.0.1.5", "198.51.100.11")[1].identity == 7, what="the new API address")
     assert ends(p, "10.0.1.5", "198.51.100.10")[1].identity == 2
     _, remote = ends(p, "10.0.1.5", "192.168.0.2")
-    assert remote.identity == 6 and remote.labels == ["reserved:remote-node"]
+    assert remote.identity == 6 and list(remote.labels) == ["reserved:remote-node"]
     # In another node's pod CIDR but no pod: not world, unknown, with the node that owns it.
     _, unknown = ends(p, "10.0.1.5", "10.0.2.200")
-    assert unknown.identity == 0 and unknown.labels == [] and unknown.attributes == {"k8s.node.name": "node-2"}
+    assert unknown.identity == 0 and list(unknown.labels) == [] and unknown.attributes == {"k8s.node.name": "node-2"}
     assert printer.compact_line(flow("10.0.1.5", "1.1.1.1", source=src, destination=world)).count("(world)") == 1
 
 
@@ -259,20 +263,22 @@ def test_other_records_pass_untouched_and_existing_endpoints_are_filled(shop: Fa
     p = make_processor()
     lost = LostEvents(1, "FLOW_MAP_FULL", 3)
     point = MetricPoint("m", 1.0, MetricKind.SUM, 1)
-    arp = flow("", "")
-    arp.ip_version, arp.ethertype = 0, 0x0806
-    given = flow("10.0.1.5", "8.8.8.8", source=Endpoint(attributes={"custom": "kept"}))
+    arp = replace(flow("", ""), ip_version=0, ethertype=0x0806)
+    given = flow("10.0.1.5", "8.8.8.8", source=Endpoint(attributes=frozen_extensions({"custom": "kept"})))
     out = p.process([lost, point, arp, given])
-    assert out == [lost, point, arp, given]
-    assert arp.source is None and arp.destination is None
-    assert given.source is not None and given.source.pod_name == "frontend-7c9d6b-abcde"
-    assert given.source.attributes["custom"] == "kept" and given.source.attributes["k8s.pod.name"] == "frontend-7c9d6b-abcde"
-    # Records do not share mutable parts: changing one leaves the next untouched.
+    assert out[:3] == [lost, point, arp] and all(a is b for a, b in zip(out[:3], [lost, point, arp]))
+    assert given.source is not None and given.source.pod_name == ""  # the input record is unchanged
+    named = out[3]
+    assert isinstance(named, Flow) and named.source is not None and named.source.pod_name == "frontend-7c9d6b-abcde"
+    assert named.source.attributes["custom"] == "kept" and named.source.attributes["k8s.pod.name"] == "frontend-7c9d6b-abcde"
+    # Records share their cached endpoint, which nobody can change.
     a, _ = ends(p, "10.0.1.5", "8.8.8.8")
-    a.labels.append("mutated")
-    a.attributes["mutated"] = "yes"
     b, _ = ends(p, "10.0.1.5", "8.8.8.8")
-    assert "mutated" not in b.labels and "mutated" not in b.attributes
+    assert a is b
+    with pytest.raises(FrozenInstanceError):
+        a.labels = ()  # type: ignore[misc]  # the point: refused
+    with pytest.raises(TypeError):
+        a.attributes["mutated"] = "yes"  # type: ignore[index]  # the point: refused
 
 
 def test_cached_objects_are_small_dataclasses(shop: FakeApiServer, make_processor: Make) -> None:

@@ -27,8 +27,8 @@ def static_processor(path: Path | str, node_name: str = "node-1") -> K8sAttribut
 
 def ends(p: K8sAttributesProcessor, src: str, dst: str) -> tuple[Endpoint, Endpoint]:
     f = Flow(time.time_ns(), "node-1", Verdict.FORWARDED, 4, src, dst, 6, 1, 2)
-    p.process([f])
-    assert f.source is not None and f.destination is not None
+    (f,) = p.process([f])
+    assert isinstance(f, Flow) and f.source is not None and f.destination is not None
     return f.source, f.destination
 
 
@@ -50,7 +50,7 @@ def test_static_and_api_sources_give_the_same_endpoints(api: FakeApiServer, make
             assert ends(from_file, src, dst) == ends(from_api, src, dst), (src, dst)
         # The API's own ClusterIP: the API source also names the service; identity and labels agree.
         a, b = ends(from_file, "10.0.1.5", "10.96.0.1")[1], ends(from_api, "10.0.1.5", "10.96.0.1")[1]
-        assert (a.identity, a.labels) == (b.identity, b.labels) == (7, ["reserved:kube-apiserver"])
+        assert (a.identity, a.labels) == (b.identity, b.labels) == (7, ("reserved:kube-apiserver",))
     finally:
         from_file.shutdown()
 
@@ -61,9 +61,9 @@ def test_cidrs_longest_prefix_and_exact_addresses_first() -> None:
         assert ends(p, "10.50.9.9", "10.50.3.4")[0].pod_name == "legacy-vms"
         assert ends(p, "10.50.9.9", "10.50.3.4")[1].pod_name == "legacy-db"  # the /24 beats the /16
         host, remote = ends(p, "192.168.0.2", "192.168.0.1")  # this agent is node-2 now
-        assert host.labels == ["reserved:host", "reserved:kube-apiserver"] and host.identity == 1
-        assert remote.labels == ["reserved:remote-node"]
-        assert ends(p, "10.0.1.5", "8.8.8.8")[1].labels == ["reserved:world"]
+        assert list(host.labels) == ["reserved:host", "reserved:kube-apiserver"] and host.identity == 1
+        assert list(remote.labels) == ["reserved:remote-node"]
+        assert list(ends(p, "10.0.1.5", "8.8.8.8")[1].labels) == ["reserved:world"]
     finally:
         p.shutdown()
 

@@ -8,7 +8,6 @@ wire form parses back to the same record.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import threading
@@ -21,6 +20,7 @@ from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.api.observer import observer_pb2
 from flowtel.lib.hubble.parse import FlowJSONError, record_from_envelope
 from flowtel.records import (
+    replace,
     TCP_RST,
     DnsInfo,
     EventKind,
@@ -106,7 +106,7 @@ def test_envelope_line_parses_strictly_and_is_the_canonical_mapping(name: str) -
     # And it reads back as the same record, printing the same again (uuid included).
     back = record_from_envelope(json.loads(line))
     assert isinstance(back, Flow)
-    assert dataclasses.replace(back) == flow
+    assert replace(back) == flow
     assert convert.flow_json(back) == convert.flow_json(flow)
 
 
@@ -186,7 +186,7 @@ def test_response_message_matches_the_json() -> None:
 
 def test_wire_form_is_built_once_and_shared_across_threads() -> None:
     flow = KINDS["F6"]
-    fresh = dataclasses.replace(flow)
+    fresh = replace(flow)
     seen: list[str] = []
     threads = [threading.Thread(target=lambda: seen.append(convert.flow_json(fresh)["uuid"])) for _ in range(8)]
     for t in threads:
@@ -195,7 +195,7 @@ def test_wire_form_is_built_once_and_shared_across_threads() -> None:
         t.join()
     assert len(set(seen)) == 1 and convert.flow_json(fresh) is convert.flow_json(fresh)
     # A changed record is a new record, with a wire form (and uuid) of its own.
-    assert convert.flow_json(dataclasses.replace(fresh, packets=99))["uuid"] != seen[0]
+    assert convert.flow_json(replace(fresh, packets=99))["uuid"] != seen[0]
 
 
 def test_a_line_with_a_field_ciliums_schema_lacks_is_refused() -> None:

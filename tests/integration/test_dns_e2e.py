@@ -12,6 +12,8 @@ each unanswered query two unanswered flows, each malformed packet two parse erro
 """
 from __future__ import annotations
 
+from tests.support.flowlog import read_flow_log
+
 import json
 import random
 import re
@@ -115,11 +117,10 @@ class InProcessAgent:
             self.service.shutdown()
 
     def flows(self) -> list[dict[str, Any]]:
-        return [json.loads(line)["flow"] for line in self.flow_log.read_text().splitlines()
-                if "flow" in json.loads(line)]
+        return [env["flow"] for env in read_flow_log(self.flow_log) if "flow" in env]
 
     def lost(self) -> list[dict[str, Any]]:
-        return [env["lost_events"] for env in map(json.loads, self.flow_log.read_text().splitlines())
+        return [env["lost_events"] for env in read_flow_log(self.flow_log)
                 if "lost_events" in env]
 
 
@@ -151,7 +152,16 @@ def client_of(flow: dict[str, Any]) -> tuple[str, str, int]:
 
 
 def unanswered(flow: dict[str, Any]) -> bool:
-    return bool(flow.get("extensions", {}).get("dns_unanswered"))
+    """An unanswered query's flow: marked in extensions and, for a consumer that ignores them,
+    verdict ERROR with neither an l7.type nor is_reply (never a second REQUEST)."""
+    marked = bool(flow.get("extensions", {}).get("dns_unanswered"))
+    shaped = flow["verdict"] == "ERROR" and "type" not in flow["l7"] and "is_reply" not in flow
+    assert marked == shaped, flow
+    return marked
+
+
+def l7_type(flow: dict[str, Any]) -> str:
+    return flow["l7"].get("type", "UNKNOWN_L7_TYPE")  # protojson omits the enum's zero
 
 
 # A DNS server answering by the first label of the name, over UDP and TCP: refused.* →
@@ -345,14 +355,15 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
         ip = client.ipv4 if "." in q["server"] else client.ipv6
         got = by_query.get((q["proto"], ip, q["sport"], q["name"] + ".", (q["qtype"],)), [])
         server_pod = next(p for p in (dnsmasq_pod, rcode_pod, silent) if q["server"] in (p.ipv4, p.ipv6))
-        kinds = Counter((f["interface"]["name"], f["l7"]["type"], unanswered(f)) for f in got)
+        kinds = Counter((f["interface"]["name"], l7_type(f), unanswered(f)) for f in got)
         if q["rcode"] is None:
             assert kinds == {(client.host_ifname, "REQUEST", False): 1, (server_pod.host_ifname, "REQUEST", False): 1,
-                             (client.host_ifname, "REQUEST", True): 1, (server_pod.host_ifname, "REQUEST", True): 1}, q
+                             (client.host_ifname, "UNKNOWN_L7_TYPE", True): 1,
+                             (server_pod.host_ifname, "UNKNOWN_L7_TYPE", True): 1}, q
             continue
         assert kinds == {(client.host_ifname, "REQUEST", False): 1, (server_pod.host_ifname, "REQUEST", False): 1,
                          (client.host_ifname, "RESPONSE", False): 1, (server_pod.host_ifname, "RESPONSE", False): 1}, q
-        seen = {(f["interface"]["name"], f["l7"]["type"]): f for f in got}
+        seen = {(f["interface"]["name"], l7_type(f)): f for f in got}
         assert seen[(client.host_ifname, "REQUEST")]["traffic_direction"] == "EGRESS"
         assert seen[(server_pod.host_ifname, "REQUEST")]["traffic_direction"] == "INGRESS"
         at_client = seen[(client.host_ifname, "RESPONSE")]
@@ -378,11 +389,11 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
     # dnsmasq's own log: the queries it received are the REQUEST flows on its veth.
     at_dnsmasq = Counter((f["l7"]["dns"]["qtypes"][0], f["l7"]["dns"]["query"].rstrip("."))
                          for f in flows if f["interface"]["name"] == dnsmasq_pod.host_ifname
-                         and f["l7"]["type"] == "REQUEST")
+                         and l7_type(f) == "REQUEST")
     assert at_dnsmasq == Counter((t, n) for t, n, _ in logged)
 
     answered = [q for q in sent if q["rcode"] is not None]
-    responses_by_rcode = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if f["l7"]["type"] == "RESPONSE")
+    responses_by_rcode = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if l7_type(f) == "RESPONSE")
     assert responses_by_rcode == {rc: 2 * n for rc, n in Counter(q["rcode"] for q in answered).items()}
     dns_metrics = {k: v for k, v in agent.metrics.last_values().items()
                    if not k.startswith("networkobservability_forward_")  # node counters: not this test's
@@ -397,7 +408,7 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
     # Every matched response's latency is in the histogram, in the bucket its flow's latency falls in.
     latency = agent.metrics.last_point("flowtel_dns_latency_seconds")
     measured = [int(f["l7"]["latency_ns"]) / 1e9 for f in flows
-                if f["l7"]["type"] == "RESPONSE" and "latency_ns" in f["l7"]]
+                if l7_type(f) == "RESPONSE" and "latency_ns" in f["l7"]]
     assert len(measured) == 2 * len(answered)
     assert latency.kind == MetricKind.HISTOGRAM and latency.attributes == {}
     assert latency.count == len(measured)
@@ -460,7 +471,7 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
     flows = l7_flows(agent.flows())
     assert all(client_of(f)[0] == "UDP" and f["l4"]["UDP"].get("destination_port") == 53 for f in flows)
     requests = Counter((f["l7"]["dns"]["query"], f["interface"]["name"]) for f in flows
-                       if f["l7"]["type"] == "REQUEST" and not unanswered(f))
+                       if l7_type(f) == "REQUEST" and not unanswered(f))
     assert requests == {(name, ifname): 1 for name, _ in valid_ids
                         for ifname in (sender.host_ifname, target.host_ifname)}
     assert counts.requests == observation_points * len(valid_ids)

@@ -12,7 +12,8 @@ delta is exactly the test's frames), a packet capture for TCP SYNs, a UDP sink i
 """
 from __future__ import annotations
 
-import json
+from tests.support.flowlog import read_flow_log
+
 import os
 import re
 import shutil
@@ -96,7 +97,7 @@ class Agent:
     def flows(self) -> list[dict[str, Any]]:
         if not self.flow_log.exists():
             return []
-        return [json.loads(line)["flow"] for line in self.flow_log.read_text().splitlines() if line.strip()]
+        return [env["flow"] for env in read_flow_log(self.flow_log) if "flow" in env]
 
     def policy_flows(self, src: str, dst: str) -> list[dict[str, Any]]:
         return [f for f in self.flows() if f.get("IP", {}).get("source") == src

@@ -7,6 +7,8 @@ client's SYNs, the pinned counters and allow map, and the proxy's flow log.
 """
 from __future__ import annotations
 
+from tests.support.flowlog import read_flow_log
+
 import json
 import os
 import shutil
@@ -188,7 +190,8 @@ class Proxy:
     def flows(self) -> list[dict[str, Any]]:
         if not self.flow_log.exists():
             return []
-        return [json.loads(line)["flow"] for line in self.flow_log.read_text().splitlines() if line.strip()]
+        # The proxy's own flow log, every line parsed strictly as Cilium's GetFlowsResponse.
+        return [env["flow"] for env in read_flow_log(self.flow_log) if "flow" in env]
 
     def wait_flow(self, pred: Any, timeout: float = 5) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

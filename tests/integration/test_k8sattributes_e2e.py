@@ -8,7 +8,8 @@ within its grace period and not after it; a new pod reusing the address gets the
 """
 from __future__ import annotations
 
-import json
+from tests.support.flowlog import read_flow_log
+
 import os
 import signal
 import subprocess
@@ -101,7 +102,7 @@ service:
                 self.proc.kill()
 
     def flows(self) -> list[dict[str, Any]]:
-        return [env["flow"] for env in map(json.loads, self.flow_log.read_text().splitlines()) if "flow" in env]
+        return [env["flow"] for env in read_flow_log(self.flow_log) if "flow" in env]
 
 
 def who(end: dict[str, Any]) -> str:

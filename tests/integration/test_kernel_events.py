@@ -9,6 +9,8 @@ programs are detached first (the lost-events test).
 """
 from __future__ import annotations
 
+from tests.support.flowlog import check_wire_form
+
 import json
 import os
 import subprocess
@@ -21,7 +23,7 @@ from typing import Callable, Iterator
 import pytest
 
 from flowtel.component import Telemetry
-from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict
+from flowtel.records import EventKind, Flow, LostEvents, MetricKind, MetricPoint, Verdict
 from flowtel.testbed import Pod, Testbed, send_ping, send_tcp
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
 
@@ -62,7 +64,10 @@ class Collector:
 
     def flows(self, pred: Callable[[Flow], bool], since: int = 0) -> list[Flow]:
         with self._lock:
-            return [r for r in self.records[since:] if isinstance(r, Flow) and pred(r)]
+            got = [r for r in self.records[since:] if isinstance(r, Flow) and pred(r)]
+        for flow in got:  # every record of real kernel events has a valid Hubble wire form
+            check_wire_form(flow)
+        return got
 
     def wait_flows(self, pred: Callable[[Flow], bool], count: int, since: int = 0, timeout: float = 10) -> list[Flow]:
         deadline = time.monotonic() + timeout
@@ -255,7 +260,7 @@ def test_resets_equal_the_kernel_counters(bed: Testbed, events: tuple[KernelEven
     linger_port = int(a.exec([sys.executable, "-c", _LINGER_ZERO, b.ipv4, "47011"]).stdout)
 
     def event(name: str) -> Callable[[Flow], bool]:
-        return lambda f: f.extensions.get("tcp_event") == name and {f.src_ip, f.dst_ip} == {a.ipv4, b.ipv4}
+        return lambda f: f.kind.tcp_event == name and {f.src_ip, f.dst_ip} == {a.ipv4, b.ipv4}
 
     sink.wait_flows(event("reset_sent"), 4, mark)
     sink.wait_flows(event("reset_received"), 4, mark)
@@ -306,7 +311,7 @@ def test_retransmissions_equal_tcp_retrans_segs(bed: Testbed, events: tuple[Kern
     assert delta_a > 0, "no loss was injected: the test proves nothing"
 
     def segments(src: str, sport: int, dst: str, dport: int) -> int:
-        flows = sink.flows(lambda f: f.extensions.get("tcp_event") == "retransmit" and f.src_ip == src
+        flows = sink.flows(lambda f: f.kind is EventKind.TCP_RETRANSMIT and f.src_ip == src
                            and f.src_port == sport and f.dst_ip == dst and f.dst_port == dport, mark)
         return sum(f.extensions["segments"] for f in flows)
 
@@ -331,7 +336,7 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
         return f.dst_ip in (a.ipv4, b.ipv4) and f.src_ip in (a.ipv4, b.ipv4) and port in (f.src_port, f.dst_port)
 
     def established(f: Flow) -> bool:
-        return ours(f) and f.extensions.get("tcp_event") == "established"
+        return ours(f) and f.kind is EventKind.TCP_ESTABLISHED
 
     opened = sink.wait_flows(established, 2 * n, mark)
     clients = [f for f in opened if f.src_ip == a.ipv4]
@@ -373,7 +378,7 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
     holder.wait(10)
 
     def closed(f: Flow) -> bool:
-        return ours(f) and f.extensions.get("tcp_event") == "closed"
+        return ours(f) and f.kind is EventKind.TCP_CLOSED
 
     gone = sink.wait_flows(closed, 2 * n, mark)
     assert len(gone) == 2 * n

@@ -7,6 +7,8 @@ checks them with the k8sattributes processor's static source.
 """
 from __future__ import annotations
 
+from tests.support.flowlog import parse_line
+
 import ipaddress
 import json
 import os
@@ -136,7 +138,7 @@ def observe(capsys: pytest.CaptureFixture[str], agent: Agent, *argv: str) -> lis
     code = main(["observe", "--server", agent.server, "--all", "-o", "json", *argv])
     out, err = capsys.readouterr()
     assert code == 0, err
-    return [json.loads(line)["flow"] for line in out.splitlines() if line.startswith('{"flow"')]
+    return [parse_line(line)["flow"] for line in out.splitlines() if line.startswith('{"flow"')]
 
 
 def packets(flows: list[dict[str, Any]]) -> int:
@@ -148,7 +150,8 @@ def everything(agent: Agent) -> list[dict[str, Any]]:
     """Every flow in the agent's ring once all the traffic has been drained into it."""
     def complete() -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"http://{agent.http}/flows", timeout=5) as resp:
-            return [json.loads(line)["flow"] for line in resp.read().decode().splitlines() if '"flow"' in line]
+            # The HTTP flow API's lines, parsed strictly too.
+            return [parse_line(line)["flow"] for line in resp.read().decode().splitlines() if '"flow"' in line]
 
     def done() -> bool:
         flows = complete()
@@ -242,6 +245,7 @@ def test_json_lines_are_hubble_flows(agent: Agent, everything: list[dict[str, An
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= len(everything) > 5
     for line in lines:
+        parse_line(line)  # strictly Cilium's GetFlowsResponse: no unknown fields, valid enums
         env = json.loads(line)
         assert set(env) == {"flow", "node_name", "time"}
         flow = env["flow"]
@@ -275,7 +279,7 @@ def test_follow_receives_flows_that_arrive_after_it_started(agent: Agent, everyt
         deadline = time.monotonic() + 30
         while seen < 10 and time.monotonic() < deadline:
             try:
-                flow = json.loads(lines.get(timeout=1.0))["flow"]
+                flow = parse_line(lines.get(timeout=1.0))["flow"]
             except queue.Empty:
                 continue
             if flow["l4"]["UDP"]["source_port"] != sent.src_port:

@@ -6,6 +6,8 @@ through the Hubble JSON that `flowtel run` writes, against what the client measu
 """
 from __future__ import annotations
 
+from tests.support.flowlog import read_flow_log
+
 import json
 import signal
 import subprocess
@@ -70,7 +72,7 @@ service:
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(30) == 0, log.read_text()
 
-        flows = [json.loads(line)["flow"] for line in flow_log.read_text().splitlines() if '"flow"' in line]
+        flows = [env["flow"] for env in read_flow_log(flow_log) if "flow" in env]
 
         def tcp(f: dict) -> dict:
             return f.get("l4", {}).get("TCP", {})

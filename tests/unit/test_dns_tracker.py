@@ -88,12 +88,12 @@ def test_exchange_seen_on_both_veths_gives_two_requests_and_two_matched_response
     req, resp = flows[0], flows[3]
     assert req.flow_type == FlowType.L7 and req.time_ns == 1000 + OFFSET
     assert (req.src_ip, req.src_port, req.dst_ip, req.dst_port, req.protocol) == ("10.0.0.1", 40000, "10.0.0.2", 53, UDP)
-    assert req.l7 is not None and req.l7.query == "web.example." and req.l7.qtypes == ["A"] and req.l7.rcode == 0
+    assert req.l7 is not None and req.l7.query == "web.example." and list(req.l7.qtypes) == ["A"] and req.l7.rcode == 0
     assert (resp.src_ip, resp.src_port, resp.dst_ip, resp.dst_port) == ("10.0.0.2", 53, "10.0.0.1", 40000)
     dns_info = resp.l7
     assert dns_info is not None
-    assert sorted(dns_info.ips) == ["192.0.2.1", "192.0.2.2"] and dns_info.cnames == ["lb.example."]
-    assert dns_info.ttl == 60 and dns_info.rrtypes == ["CNAME", "A", "A"] and dns_info.rcode == 0
+    assert sorted(dns_info.ips) == ["192.0.2.1", "192.0.2.2"] and list(dns_info.cnames) == ["lb.example."]
+    assert dns_info.ttl == 60 and list(dns_info.rrtypes) == ["CNAME", "A", "A"] and dns_info.rcode == 0
     c = t.counts
     assert (c.events, c.requests, c.responses, c.unmatched_responses, c.parse_errors) == (4, 2, 2, 0, 0)
     assert len(t.pending) == 0
@@ -177,7 +177,7 @@ def test_tcp_messages_split_and_pipelined_across_segments() -> None:
     flows = t.process(events)
     responses = [f for f in flows if f.l7_type == "RESPONSE"]
     assert [f.l7.query for f in responses] == ["big.example.", "small.example."]  # type: ignore[union-attr]
-    assert responses[1].l7.ips == ["203.0.113.7"]  # type: ignore[union-attr]
+    assert list(responses[1].l7.ips) == ["203.0.113.7"]  # type: ignore[union-attr]
     assert all(f.latency_ns > 0 for f in responses)
     c = t.counts
     assert (c.parse_errors, c.truncated, c.tcp_continuations) == (0, 1, 1)

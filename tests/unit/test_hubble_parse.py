@@ -29,10 +29,12 @@ def test_envelopes_decode_to_records() -> None:
 
 
 def test_not_a_flow_is_an_error() -> None:
-    with pytest.raises(FlowJSONError, match="not a Hubble flow"):
-        flow_from_dict({"verdict": "FORWARDED"})
+    with pytest.raises(FlowJSONError, match="not a Hubble GetFlowsResponse"):
+        record_from_envelope({"flow": {"verdict": "FORWARDED", "packets": 3}})  # not a field of flow.Flow
     with pytest.raises(FlowJSONError):
-        flow_from_dict({"time": "yesterday", "verdict": "FORWARDED"})
+        record_from_envelope({"flow": {"time": "yesterday", "verdict": "FORWARDED"}})
+    with pytest.raises(FlowJSONError):
+        record_from_envelope(["not", "an", "object"])  # type: ignore[arg-type]  # the point: refused
 
 
 @pytest.mark.parametrize("text, ns", [

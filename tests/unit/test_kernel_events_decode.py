@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, Histogram
-from flowtel.records import MetricKind, Verdict
+from flowtel.records import EventKind, MetricKind, Verdict
 from receiver.ebpf.kernel_events import KernelEventsConfig
 from receiver.ebpf.kernel_events import decode
 
@@ -170,11 +170,13 @@ def test_decoder(event_class: type[ctypes.Structure]) -> None:
     assert (arp.ip_version, arp.ethertype, arp.protocol, arp.drop_reason) == (0, 0x0806, 0, "NOT_SPECIFIED")
 
     assert (rst.ip_version, rst.src_ip, rst.dst_ip, rst.tcp_flags) == (4, "10.0.0.2", "10.0.0.1", 0x04)
-    assert rst.extensions == {"tcp_event": "reset_sent", "reset_reason": "TCP_ABORT_ON_LINGER"}
-    assert rst.verdict == Verdict.FORWARDED
-    assert rtx.extensions == {"tcp_event": "retransmit", "tcp_state": "ESTABLISHED", "segments": 3,
-                              "retransmit_error": "EPERM"}
-    assert est.extensions == {"tcp_event": "established", "tcp_state": "ESTABLISHED", "handshake_rtt_ns": 4200}
+    assert rst.kind is EventKind.TCP_RESET_SENT and rst.extensions == {"reset_reason": "TCP_ABORT_ON_LINGER"}
+    assert rst.verdict == Verdict.TRACED  # a socket event: observed, no verdict of its own
+    assert syn.kind is EventKind.DROP
+    assert rtx.kind is EventKind.TCP_RETRANSMIT
+    assert rtx.extensions == {"tcp_state": "ESTABLISHED", "segments": 3, "retransmit_error": "EPERM"}
+    assert est.kind is EventKind.TCP_ESTABLISHED
+    assert est.extensions == {"tcp_state": "ESTABLISHED", "handshake_rtt_ns": 4200}
     # The decoder's RTT histogram has the one measured handshake (4.2 µs: the first bucket).
     rtt = decode.tcp_points({}, decode.Counters((0,) * decode.CNT_MAX), NAMES, 1, dec.rtt)[-1]
     assert (rtt.name, rtt.count, rtt.value) == ("flowtel_tcp_handshake_rtt_seconds", 1, pytest.approx(4.2e-6))

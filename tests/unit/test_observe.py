@@ -25,6 +25,7 @@ from flowtel.component import CreateSettings, Telemetry
 from flowtel.lib.hubble.parse import flow_from_json as flow_from_dict
 from flowtel.lib.hubble.api.observer import observer_pb2
 from flowtel.observe import response_record, service_map
+from flowtel.records import replace
 from tests.flowsamples import T0, lost, sample_flows
 
 
@@ -48,6 +49,10 @@ def ext() -> Iterator[Served]:
     served = Served()
     yield served
     served.ext.shutdown()
+
+
+# The records the flow API serves: the same objects, so their wire forms (uuid included) match.
+SERVED = sample_flows()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -134,7 +139,7 @@ def test_follow_receives_flows_that_arrive_after_it_started(ext: Served, tmp_pat
         while ext.ext.store.stats()["followers"] == 0:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
             time.sleep(0.05)
-        new = dataclasses.replace(sample_flows()["F6"], time_ns=T0 + 60_000_000_000)
+        new = replace(sample_flows()["F6"], time_ns=T0 + 60_000_000_000)
         ext.consume([sample_flows()["F1"], new])
         assert proc.stdout is not None
         line = proc.stdout.readline()

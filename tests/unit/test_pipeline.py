@@ -18,7 +18,7 @@ from flowtel.component import (
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict
+from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Verdict, frozen_extensions, replace
 
 EVENTS: list[str] = []
 
@@ -55,9 +55,9 @@ class Tag(Processor):
         EVENTS.append(f"stop {self.settings.id}")
 
     def process(self, batch: list) -> list:
-        for r in batch:
-            r.extensions["tagged"] = True
-        return batch
+        # Records are immutable: a processor returns new ones.
+        return [replace(r, extensions=frozen_extensions({**r.extensions, "tagged": True})) if isinstance(r, Flow) else r
+                for r in batch]
 
 
 class Hold(Processor):

@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 from dnsproxy import policy as proxy_policy
-from extensions.flows.config import FlowsConfig
-from extensions.flows.extension import FlowsExtension
-from extensions.flows.factory import FACTORY
+from extensions.hubble.config import HubbleConfig
+from extensions.hubble.extension import HubbleExtension
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.cli import main
 from flowtel.component import CreateSettings, Telemetry
@@ -26,12 +25,14 @@ from flowtel.policysuggest import Options, Selection, SuggestError, suggest, to_
 from flowtel.policysuggest.render import scalar
 from flowtel.policysuggest.derive import collapse_names
 from flowtel.records import (
+    TcpFlagCounts,
+    replace,
     TCP_ACK,
     TCP_SYN,
     DnsInfo,
     Endpoint,
     Flow,
-    FlowType,
+    EventKind,
     LostEvents,
     Record,
     TrafficDirection,
@@ -49,11 +50,11 @@ def pod(name: str, ns: str = "shop", labels: dict[str, str] | None = None, workl
                       "k8s:io.cilium.k8s.policy.serviceaccount=default",
                       f"k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name={ns}"]
     kind, _, wname = workload.rpartition("/")
-    return Endpoint(identity=300, namespace=ns, pod_name=name, labels=sorted(hubble_labels),
-                    workloads=[Workload(wname, kind or "Deployment")] if workload else [])
+    return Endpoint(identity=300, namespace=ns, pod_name=name, labels=tuple(sorted(hubble_labels)),
+                    workloads=(Workload(wname, kind or "Deployment"),) if workload else ())
 
 
-WORLD = Endpoint(identity=2, labels=["reserved:world"])
+WORLD = Endpoint(identity=2, labels=("reserved:world",))
 WEB1 = pod("web-7c9d-aaaaa", labels={"app": "web", "version": "v1", "pod-template-hash": "7c9d"}, workload="web")
 WEB2 = pod("web-7c9d-bbbbb", labels={"app": "web", "version": "v2", "pod-template-hash": "7c9d"}, workload="web")
 DB = pod("db-0", labels={"app": "db"}, workload="StatefulSet/db")
@@ -68,14 +69,14 @@ def tcp(src: Endpoint, src_ip: str, dst: Endpoint | None, dst_ip: str, dport: in
     return Flow(time_ns=T0 + t * 1_000_000_000, node_name="node-1", verdict=verdict, ip_version=6 if ":" in dst_ip else 4,
                 src_ip=src_ip, dst_ip=dst_ip, protocol=protocol, src_port=sport, dst_port=dport,
                 traffic_direction=direction, is_reply=is_reply, tcp_flags=TCP_SYN | TCP_ACK, packets=4, bytes=300,
-                source=src, destination=dst or WORLD, destination_names=list(names), **kw)
+                source=src, destination=dst or WORLD, destination_names=tuple(names), **kw)
 
 
 def dns_query(client: Endpoint, client_ip: str, name: str, t: int = 0, *, server: Endpoint | None = DNS,
               server_ip: str = IP_DNS, protocol: int = 17, verdict: Verdict = Verdict.FORWARDED) -> Flow:
     return Flow(time_ns=T0 + t * 1_000_000_000, node_name="node-1", verdict=verdict, ip_version=4, src_ip=client_ip,
-                dst_ip=server_ip, protocol=protocol, src_port=50000, dst_port=53, flow_type=FlowType.L7,
-                l7_type="REQUEST", is_reply=False, traffic_direction=EGRESS, l7=DnsInfo(query=name + ".", qtypes=["A"]),
+                dst_ip=server_ip, protocol=protocol, src_port=50000, dst_port=53, kind=EventKind.DNS_REQUEST,
+                is_reply=False, traffic_direction=EGRESS, l7=DnsInfo(query=name + ".", qtypes=("A",)),
                 source=client, destination=server or WORLD)
 
 
@@ -83,8 +84,8 @@ def dns_answer(client: Endpoint, client_ip: str, name: str, ips: list[str], t: i
                server: Endpoint | None = DNS, server_ip: str = IP_DNS, protocol: int = 17) -> Flow:
     return Flow(time_ns=T0 + t * 1_000_000_000, node_name="node-1", verdict=Verdict.FORWARDED, ip_version=4,
                 src_ip=server_ip, dst_ip=client_ip, protocol=protocol, src_port=53, dst_port=50000,
-                flow_type=FlowType.L7, l7_type="RESPONSE", is_reply=True, traffic_direction=INGRESS,
-                l7=DnsInfo(query=name + ".", qtypes=["A"], ips=ips, rcode=rcode, ttl=30),
+                kind=EventKind.DNS_RESPONSE, is_reply=True, traffic_direction=INGRESS,
+                l7=DnsInfo(query=name + ".", qtypes=("A",), ips=tuple(ips), rcode=rcode, ttl=30),
                 source=server or WORLD, destination=client)
 
 
@@ -152,8 +153,8 @@ def test_external_address_by_name_without_name_and_ipv6() -> None:
 
 
 def test_ipv6_answers_match_whatever_the_spelling_and_unanswered_queries_count_once() -> None:
-    unanswered = dns_query(WEB1, IP_WEB1, "slow.example.com", t=3)
-    unanswered.extensions["dns_unanswered"] = True
+    unanswered = replace(dns_query(WEB1, IP_WEB1, "slow.example.com", t=3), kind=EventKind.DNS_UNANSWERED,
+                         verdict=Verdict.ERROR, is_reply=None)
     flows = [*resolve("v6.example.com", ["2001:DB8:0::10"]), tcp(WEB1, IP_WEB1, None, "2001:db8::10", 443),
              dns_query(WEB1, IP_WEB1, "slow.example.com", t=1), unanswered]
     s = suggest(flows, WEB)
@@ -214,12 +215,12 @@ def test_replies_peer_initiated_ingress_copies_and_other_pods_are_not_egress() -
         # db connected to web: web's answers are replies, by is_reply or by its SYN-ACK alone.
         tcp(DB, IP_DB, WEB1, IP_WEB1, 8080, direction=INGRESS),
         tcp(WEB1, IP_WEB1, DB, IP_DB, 40000, sport=8080, is_reply=True),
-        tcp(WEB1, IP_WEB1, DB, IP_DB, 40001, sport=8080, is_reply=None, tcp_flag_counts={"SYN": 0, "SYN-ACK": 1}),
+        tcp(WEB1, IP_WEB1, DB, IP_DB, 40001, sport=8080, is_reply=None, tcp_flag_counts=TcpFlagCounts(syn_ack=1)),
         # The INGRESS copy of web's own request, counted at the peer's interface.
         tcp(WEB1, IP_WEB1, DB, IP_DB, 9999, direction=INGRESS),
         # Another workload's egress, a TCP event and a non-IP frame.
         tcp(DB, IP_DB, None, "192.0.2.1", 443),
-        tcp(WEB1, IP_WEB1, None, "192.0.2.2", 443, extensions={"tcp_event": "retransmit"}),
+        tcp(WEB1, IP_WEB1, None, "192.0.2.2", 443, kind=EventKind.TCP_RETRANSMIT),
         Flow(time_ns=T0, node_name="n", verdict=Verdict.FORWARDED, ip_version=0, src_ip="", dst_ip="", protocol=0,
              traffic_direction=EGRESS, ethertype=0x0806, source=WEB1),
     ]
@@ -500,7 +501,7 @@ def test_cli_from_file_counts_unreadable_lines(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.parametrize("argv, code, message", [
     (["--from-file", "/nonexistent/flows.log", "--workload", "x"], 2, "cannot read /nonexistent/flows.log"),
     (["--from-file", "-", "--since", "yesterday", "--workload", "x"], 2, "--since"),
-    (["--server", "127.0.0.1:1", "--workload", "x"], 1, "cannot reach the flow API at 127.0.0.1:1"),
+    (["--server", "127.0.0.1:1", "--workload", "x"], 1, "cannot reach a Hubble API at 127.0.0.1:1"),
     (["--server", "nonsense", "--workload", "x"], 2, "--server"),
     (["--workload", "x", "--collapse", "1"], 2, "--collapse"),
     (["-n", "shop"], 2, "select the pods"),
@@ -511,15 +512,15 @@ def test_cli_errors(argv: list[str], code: int, message: str, capsys: pytest.Cap
 
 
 @pytest.fixture
-def agent_api() -> Iterator[FlowsExtension]:
-    ext = FACTORY.create(CreateSettings("flows", "node-1", Telemetry()), FlowsConfig(endpoint="127.0.0.1:0"))
-    assert isinstance(ext, FlowsExtension)
+def agent_api() -> Iterator[HubbleExtension]:
+    """The agent's Hubble API (gRPC), what `policy suggest --server` reads."""
+    ext = HubbleExtension(CreateSettings("hubble", "node-1", Telemetry()), HubbleConfig(endpoint="127.0.0.1:0"))
     ext.start()
     yield ext
     ext.shutdown()
 
 
-def test_cli_from_a_running_flow_api(agent_api: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_from_a_running_flow_api(agent_api: HubbleExtension, capsys: pytest.CaptureFixture[str]) -> None:
     agent_api.consume([*sample_flows().values(), *_mixed_flows(), LostEvents(T0, "PERF_EVENT_RING_BUFFER", 2)])
     assert main(["policy", "suggest", "--server", agent_api.endpoint, "-n", "shop", "--workload", "frontend"]) == 0
     out, err = capsys.readouterr()

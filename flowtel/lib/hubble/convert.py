@@ -10,7 +10,7 @@ prove the two identical for every kind of record. The message itself (:func:`to_
 is parsed from that dict, so there is one encoder.
 
 Each record's form is built once, on first use, and kept on the record
-(``Flow._wire``): every consumer of the same record (the file exporter, OTLP, the flow
+(``Flow.wire_memo``): every consumer of the same record (the file exporter, OTLP, the flow
 API's ring, ``hubble``'s gRPC server) shares it, and they all see the same ``uuid``.
 Dicts returned here are shared: treat them as read-only.
 
@@ -35,11 +35,11 @@ How flowtel's records map onto the message (the README's "Flows on Hubble's wire
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import threading
 from importlib import metadata
-from types import MappingProxyType
 from typing import Any, Mapping
 
 from google.protobuf import json_format
@@ -89,21 +89,24 @@ def _version() -> str:
         return "0.0.0+unknown"
 
 
-EMITTER: Mapping[str, str] = MappingProxyType({"name": EMITTER_NAME, "version": _version()})
+# Shared by every flow's JSON (read-only by contract, like every dict returned here).
+EMITTER: dict[str, str] = {"name": EMITTER_NAME, "version": _version()}
 
 _FLAG_NAMES = tuple(tuple(n for bit, n in TCP_FLAG_NAMES if b & bit) for b in range(256))
 # Shared by every flow with the same flags (JSON encoders need real dicts; read-only by contract).
 _FLAG_DICTS = tuple({n: True for n in names} for names in _FLAG_NAMES)
 
-# uuid4-shaped ids: 122 random bits from a generator seeded from the OS once (the ids must
-# be unique, not secret; uuid.uuid4() costs a system call per record).
-_rng = random.Random()
+# Flow ids in uuid4 form: 74 random bits drawn once per process (from the OS) and a 48-bit
+# counter. They must be unique, not secret; uuid.uuid4() per record costs ~10x more.
+_rng = random.SystemRandom()
+_UUID_HEAD = "%08x-%04x-4%03x-%x%03x-" % (_rng.getrandbits(32), _rng.getrandbits(16), _rng.getrandbits(12),
+                                          8 | _rng.getrandbits(2), _rng.getrandbits(12))
+_uuid_counter = itertools.count(_rng.getrandbits(40))
 _memo_lock = threading.Lock()
 
 
 def new_uuid() -> str:
-    h = "%032x" % ((_rng.getrandbits(128) & ~(0xF << 76) & ~(0x3 << 62)) | (0x4 << 76) | (0x2 << 62))
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return f"{_UUID_HEAD}{next(_uuid_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 class WireForm:
@@ -126,22 +129,22 @@ class WireForm:
 
 def wire_form(flow: Flow) -> WireForm:
     """The record's shared :class:`WireForm` (built on first use, by whichever thread asks)."""
-    form: WireForm | None = flow._wire
+    memo = flow.wire_memo
+    form: WireForm | None = memo.form
     if form is not None:
         return form
     built = WireForm(_flow_dict(flow))
     with _memo_lock:
-        form = flow._wire
+        form = memo.form
         if form is None:  # two threads may build it; one wins, so every consumer sees one uuid
-            object.__setattr__(flow, "_wire", built)
-            form = built
+            memo.form = form = built
     return form
 
 
 def flow_json(flow: Flow) -> dict[str, Any]:
     """The ``flow.Flow`` message's proto3 JSON mapping (proto field names): what
     ``hubble observe -o json`` prints under ``"flow"``. Shared: do not change it."""
-    form: WireForm | None = flow._wire
+    form: WireForm | None = flow.wire_memo.form
     return form.json if form is not None else wire_form(flow).json
 
 
@@ -184,7 +187,18 @@ def _l4(flow: Flow) -> dict[str, Any] | None:
 
 
 def endpoint_json(ep: Endpoint) -> dict[str, Any]:
-    """An ``Endpoint`` message; flowtel has no Cilium endpoint ``ID``, so none is emitted."""
+    """An ``Endpoint`` message; flowtel has no Cilium endpoint ``ID``, so none is emitted.
+
+    Built once per endpoint object: enrichment shares one object among every record of a pod.
+    """
+    memo: dict[str, Any] | None = ep.json_memo
+    if memo is None:
+        memo = _endpoint_json(ep)
+        object.__setattr__(ep, "json_memo", memo)  # a memo of the frozen fields, not a change
+    return memo
+
+
+def _endpoint_json(ep: Endpoint) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if ep.identity:
         out["identity"] = ep.identity
@@ -270,10 +284,12 @@ def _extensions(flow: Flow, kind: EventKind) -> dict[str, Any]:
 
 def _flow_dict(flow: Flow) -> dict[str, Any]:
     kind = flow.kind
+    is_dns = kind.is_dns
+    is_tcp_event = kind.is_tcp_event
     verdict = flow.verdict
-    out: dict[str, Any] = {"time": format_time(flow.time_ns), "uuid": new_uuid(), "emitter": dict(EMITTER)}
+    out: dict[str, Any] = {"time": format_time(flow.time_ns), "uuid": new_uuid(), "emitter": EMITTER}
     if verdict is not Verdict.VERDICT_UNKNOWN:
-        out["verdict"] = verdict.value
+        out["verdict"] = verdict._value_
     cilium_reason = ""
     if verdict is Verdict.DROPPED and flow.drop_reason:
         cilium_reason = cilium_drop_reason(flow.drop_reason)
@@ -294,14 +310,14 @@ def _flow_dict(flow: Flow) -> dict[str, Any]:
         out["source"] = endpoint_json(flow.source)
     if flow.destination is not None:
         out["destination"] = endpoint_json(flow.destination)
-    out["Type"] = flow.flow_type.value
+    out["Type"] = "L7" if is_dns else "SOCK" if is_tcp_event else "L3_L4"
     if flow.node_name:
         out["node_name"] = flow.node_name
     if flow.source_names:
         out["source_names"] = list(flow.source_names)
     if flow.destination_names:
         out["destination_names"] = list(flow.destination_names)
-    if kind.is_dns:
+    if is_dns:
         l7: dict[str, Any] = {}
         l7_type = flow.l7_type
         if l7_type:
@@ -317,9 +333,9 @@ def _flow_dict(flow: Flow) -> dict[str, Any]:
 
     direction = flow.traffic_direction
     observation_point = None
-    if kind.is_dns:
+    if is_dns:
         out["event_type"] = {"type": MESSAGE_TYPE_ACCESS_LOG}
-    elif kind.is_tcp_event:
+    elif is_tcp_event:
         out["event_type"] = {"type": MESSAGE_TYPE_TRACE_SOCK}
     elif verdict is Verdict.DROPPED:
         out["event_type"] = {"type": MESSAGE_TYPE_DROP, "sub_type": drop_sub_type(flow.drop_reason)}
@@ -334,7 +350,7 @@ def _flow_dict(flow: Flow) -> dict[str, Any]:
     else:
         out["event_type"] = {"type": MESSAGE_TYPE_TRACE}
     if direction is not TrafficDirection.UNKNOWN:
-        out["traffic_direction"] = direction.value
+        out["traffic_direction"] = direction._value_
     if observation_point is not None:
         out["trace_observation_point"] = observation_point
     if cilium_reason and cilium_reason != "DROP_REASON_UNKNOWN":

@@ -176,7 +176,7 @@ def flow_from_json(d: Mapping[str, Any]) -> Flow:
         extensions=frozen_extensions({k: v for k, v in ext.items() if k not in _DERIVED_KEYS}),
     )
     # The record prints exactly as it was read (uuid, emitter and all).
-    object.__setattr__(flow, "_wire", WireForm(dict(d)))
+    flow.wire_memo.form = WireForm(dict(d))
     return flow
 
 

@@ -126,9 +126,8 @@ def summary(flow: Flow) -> str:
     kind = flow.kind
     if flow.l7 is not None:
         return dns_summary(flow.l7, kind)
-    tcp_event = _TCP_EVENT_SUMMARY.get(kind)
-    if tcp_event is not None:
-        return tcp_event
+    if kind.is_tcp_event:
+        return _TCP_EVENT_SUMMARY[kind]
     if flow.ip_version == 0:
         name = ETHERTYPE_NAMES.get(flow.ethertype)
         return name if name is not None else f"Ethernet 0x{flow.ethertype:04x}"
