@@ -16,6 +16,8 @@ class HubbleMetricsConfig(ComponentConfig):
     interval: Duration = Field(default=10.0, gt=0, description="how often every series is emitted")
     # Without pod-deletion events a series cannot know its pod is gone; idle is the proxy.
     series_expiry: Duration = Field(default=300.0, ge=0, description="drop series with no update this long (0: never)")
+    # Cilium's and Hubble's dashboards fill their $cluster variable from this series.
+    version_info: bool = Field(default=True, description="emit cilium_version{version, revision, arch} = 1")
     max_series: int = Field(default=50_000, ge=1, le=5_000_000,
                             description="series kept; increments to new series beyond are counted, not kept")
 

@@ -14,8 +14,9 @@ import time
 from connectors.hubblemetrics.config import HubbleMetricsConfig
 from connectors.hubblemetrics.families import FAMILIES
 from connectors.hubblemetrics.handler import Handler, MetricInfo
-from connectors.hubblemetrics.options import OptionError, parse_context, parse_metric, reject_unknown
+from connectors.hubblemetrics.options import OptionError, parse_context, parse_metric, reject_unknown, split_metrics
 from connectors.hubblemetrics.series import SeriesStore
+from connectors.hubblemetrics.version_info import version_point
 from flowtel.component import Connector, Consumer, CreateSettings, consumer_wants
 from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Record
 
@@ -26,13 +27,22 @@ def build_handlers(metrics: list[str]) -> list[Handler]:
     """One handler per metric string; raises :class:`OptionError` naming the bad string."""
     handlers: list[Handler] = []
     seen: dict[str, str] = {}
-    for text in metrics:
+    families: dict[str, str] = {}
+    for text in split_metrics(metrics):
         spec = parse_metric(text)
         create = FAMILIES.get(spec.name)
         if create is None:
-            raise OptionError(f"{text!r}: unknown metric family {spec.name!r}; known: {', '.join(FAMILIES)}")
+            hint = ("; an entry is split at whitespace into metric strings, as Cilium's hubble-metrics value "
+                    "is: write each string without spaces" if any(len(e.split()) > 1 for e in metrics) else "")
+            raise OptionError(f"{text!r}: unknown metric family {spec.name!r}; known: {', '.join(FAMILIES)}{hint}")
+        if spec.name in families:
+            raise OptionError(f"{text!r}: family {spec.name!r} is already defined by {families[spec.name]!r}")
+        if {spec.name, *families} >= {"http", "httpV2"}:
+            raise OptionError(f"{text!r}: http and httpV2 cannot both be enabled (as in Hubble)")
+        families[spec.name] = text
         options = dict(spec.options)
-        handler = create(options, parse_context(options, spec.name))
+        context = parse_context(options, spec.name)
+        handler = create(options, context)
         reject_unknown(options, text)
         for info in handler.metrics:
             if info.name in seen:
@@ -47,6 +57,9 @@ class HubbleMetricsConnector(Connector):
         super().__init__(settings, next_consumer)
         self.config = config
         self.handlers = build_handlers(config.metrics)
+        for h in self.handlers:
+            if h.notice:
+                log.warning("hubblemetrics: %s", h.notice)
         self.infos: dict[str, MetricInfo] = {i.name: i for h in self.handlers for i in h.metrics}
         self.store = SeriesStore(config.max_series, config.series_expiry)
         self._lock = threading.Lock()
@@ -92,6 +105,8 @@ class HubbleMetricsConnector(Connector):
             info = self.infos[name]
             out.append(MetricPoint(name, value, MetricKind.SUM, t, dict(zip(info.label_names, labels)), "1",
                                    info.description))
+        if self.config.version_info:
+            out.append(version_point(t))
         return out
 
     def flush(self) -> None:

@@ -28,6 +28,8 @@ class Handler:
     """One metric family (a Hubble ``metrics:`` entry). Subclasses override what they count."""
 
     metrics: tuple[MetricInfo, ...] = ()
+    # Said once when the connector is built (e.g. a Hubble family flowtel has no data for).
+    notice: str | None = None
 
     def process(self, flow: Flow, emit: Emit) -> None:
         pass

@@ -55,6 +55,8 @@ class ProcfsMetrics(_Strict):
     udp_connection_stats: StatisticMetricSettings = Field(default_factory=StatisticMetricSettings)
     interface_stats: StatisticMetricSettings = Field(default_factory=StatisticMetricSettings)
     tcp_state: TcpStateSettings = Field(default_factory=TcpStateSettings)
+    # Retina's single address="AllIPs" series: TCP sockets with a remote address (all of them).
+    tcp_connection_remote: MetricSettings = Field(default_factory=MetricSettings)
     udp_active_sockets: MetricSettings = Field(default_factory=MetricSettings)
 
 

@@ -112,6 +112,13 @@ TCP_STATE = PREFIX + "tcp_state"
 TCP_STATE_DESCRIPTION = "TCP sockets per state, IPv4 and IPv6 (/proc/net/tcp, /proc/net/tcp6)"
 UNKNOWN_STATE = "UNKNOWN"
 
+TCP_CONNECTION_REMOTE = PREFIX + "tcp_connection_remote"
+TCP_CONNECTION_REMOTE_DESCRIPTION = ("TCP sockets by remote address; one series, address=\"AllIPs\", as Retina "
+                                     "reports it (/proc/net/tcp, /proc/net/tcp6)")
+# Retina (pkg/plugin/linuxutil) once labelled each remote address and now sums them all into
+# this one value, for cardinality: a pod can open sockets to any number of addresses.
+ALL_IPS = "AllIPs"
+
 UDP_ACTIVE_SOCKETS = PREFIX + "udp_active_sockets"
 UDP_ACTIVE_SOCKETS_DESCRIPTION = "Open UDP sockets, IPv4 and IPv6 (/proc/net/udp, /proc/net/udp6)"
 
@@ -224,6 +231,13 @@ def tcp_state_points(states: Counter[int], time_ns: int, attributes: Mapping[str
         out.append(MetricPoint(TCP_STATE, unknown, MetricKind.GAUGE, time_ns, {**attributes, "state": UNKNOWN_STATE},
                                unit="{socket}", description=TCP_STATE_DESCRIPTION))
     return out
+
+
+def tcp_connection_remote_point(states: Counter[int], time_ns: int, attributes: Mapping[str, str]) -> MetricPoint:
+    """Retina's ``tcp_connection_remote``: every TCP socket of the namespace (each has a remote
+    address, ``0.0.0.0:0`` for a listener, which Retina counts too), as one ``AllIPs`` series."""
+    return MetricPoint(TCP_CONNECTION_REMOTE, sum(states.values()), MetricKind.GAUGE, time_ns,
+                       {**attributes, "address": ALL_IPS}, unit="{socket}", description=TCP_CONNECTION_REMOTE_DESCRIPTION)
 
 
 def udp_active_sockets_point(count: int, time_ns: int, attributes: Mapping[str, str]) -> MetricPoint:

@@ -77,7 +77,9 @@ class ProcfsReceiver(Receiver):
         self._tcp_netlink = (
             metrics.tcp_state.enabled and metrics.tcp_state.source == "netlink" and config.proc_path == "/proc"
         )
-        if metrics.tcp_state.enabled and not self._tcp_netlink:
+        # tcp_connection_remote is a count of the same sockets tcp_state counts by state.
+        self._tcp_sockets = metrics.tcp_state.enabled or metrics.tcp_connection_remote.enabled
+        if self._tcp_sockets and not self._tcp_netlink:
             files |= {"tcp", "tcp6"}
         if metrics.udp_active_sockets.enabled:
             files |= {"udp", "udp6"}
@@ -234,7 +236,7 @@ class ProcfsReceiver(Receiver):
             interfaces, e = parse_net_dev(texts["dev"])
             errors += e
             points.extend(families.interface_points(interfaces, self._interface_filter, self._interface_selector, time_ns, attributes))
-        if self.config.metrics.tcp_state.enabled:
+        if self._tcp_sockets:
             states = reading.tcp_states
             if states is None and ("tcp" in texts or "tcp6" in texts):
                 states = Counter()
@@ -243,8 +245,10 @@ class ProcfsReceiver(Receiver):
                         counts, e = socket_states(texts[file])
                         states.update(counts)
                         errors += e
-            if states is not None:
+            if states is not None and self.config.metrics.tcp_state.enabled:
                 points.extend(families.tcp_state_points(states, time_ns, attributes))
+            if states is not None and self.config.metrics.tcp_connection_remote.enabled:
+                points.append(families.tcp_connection_remote_point(states, time_ns, attributes))
         if self.config.metrics.udp_active_sockets.enabled and ("udp" in texts or "udp6" in texts):
             sockets = 0
             for file in ("udp", "udp6"):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.kernel
 
 OFF = {"enabled": False}
 ALL_OFF = {name: OFF for name in ("tcp_connection_stats", "ip_connection_stats", "udp_connection_stats",
-                                  "interface_stats", "tcp_state", "udp_active_sockets")}
+                                  "interface_stats", "tcp_state", "tcp_connection_remote", "udp_active_sockets")}
 
 
 class _Discard:
@@ -211,7 +211,7 @@ def test_socket_gauges_of_a_pod_namespace_are_exact(bed: Testbed) -> None:
     pod = bed.pods["sockets"]
     subprocess.run(["ip", "-n", pod.netns, "link", "set", "lo", "up"], check=True)
     proc = _pod_process(pod, n=5, m=3)
-    gauges = {**ALL_OFF, "tcp_state": {}, "udp_active_sockets": {}}
+    gauges = {**ALL_OFF, "tcp_state": {}, "tcp_connection_remote": {}, "udp_active_sockets": {}}
     try:
         by_pid = f"/proc/{proc.pid}/ns/net"
         points = poll({"metrics": gauges, "netns": [pod.netns, by_pid]})  # tcp_state by sock_diag
@@ -227,6 +227,10 @@ def test_socket_gauges_of_a_pod_namespace_are_exact(bed: Testbed) -> None:
         udp = [p.value for p in points if p.name == "networkobservability_udp_active_sockets"
                and p.attributes.get("netns") == netns]
         assert udp == [3]
+        # Retina's AllIPs series: the 11 sockets the pod's process holds, whatever the address.
+        remote = [(p.attributes["address"], p.value) for p in points
+                  if p.name == "networkobservability_tcp_connection_remote" and p.attributes.get("netns") == netns]
+        assert remote == [("AllIPs", 11)]
     assert _states(from_files) == _states(points, pod.netns)
     # The node's own namespace is reported beside them, without a netns label.
     assert set(_states(points)) == set(_states(points, pod.netns))
@@ -360,7 +364,9 @@ def test_sock_diag_counts_replies_it_cannot_read_and_keeps_what_it_could(monkeyp
         yield odd
         raise NetlinkDataDecodeError(ValueError("short inet_diag_msg"))
 
-    with loopback_connections(2):
+    # Enough sockets that the IPv4 dump spans several messages: the cut one is still running
+    # in the kernel when the IPv6 dump is asked for (on a socket of its own, so not EBUSY).
+    with loopback_connections(300):
         full, _ = sockdiag.tcp_states()
         monkeypatch.setattr(DiagSocket, "nlm_request", cut)
         states, errors = sockdiag.tcp_states()

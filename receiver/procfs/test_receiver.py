@@ -61,12 +61,17 @@ def test_poll_of_a_proc_tree_gives_every_family(tmp_path: Path) -> None:
     rec = receiver({"proc_path": str(proc_tree(tmp_path))})
     fams = by_family(rec.poll_once())
     assert set(fams) == {"tcp_connection_stats", "ip_connection_stats", "udp_connection_stats",
-                         "interface_stats", "tcp_state", "udp_active_sockets"}
+                         "interface_stats", "tcp_state", "tcp_connection_remote", "udp_active_sockets"}
     ip = {p.attributes["statistic_name"]: p.value for p in fams["ip_connection_stats"]}
     assert ip["InOctets"] == 41448227065 and ip["Ip6InOctets"] == 248800
     states = {p.attributes["state"]: p.value for p in fams["tcp_state"]}
     assert states["ESTABLISHED"] == 12 and states["TIME_WAIT"] == 7 and states["LISTEN"] == 3
     assert [p.value for p in fams["udp_active_sockets"]] == [2]
+    # Retina's one series: every TCP socket, whatever its state or remote address.
+    [remote] = fams["tcp_connection_remote"]
+    assert remote.attributes == {"address": "AllIPs"} and remote.kind is MetricKind.GAUGE
+    assert remote.value == sum(p.value for p in fams["tcp_state"]) == sum(
+        len((TESTDATA / f).read_text().splitlines()) - 1 for f in ("tcp", "tcp6"))
     assert {p.attributes["interface_name"] for p in fams["interface_stats"]} == {"eth0", "ifb0", "ifb1"}
     assert all(p.kind is MetricKind.GAUGE for p in fams["tcp_state"] + fams["udp_active_sockets"])
     assert all(p.kind is MetricKind.SUM for f in ("tcp_connection_stats", "ip_connection_stats",
@@ -84,6 +89,7 @@ def test_disabled_families_and_selection(tmp_path: Path) -> None:
             "udp_connection_stats": {"enabled": False},
             "interface_stats": {"enabled": False},
             "tcp_state": {"enabled": False},
+            "tcp_connection_remote": {"enabled": False},
             "udp_active_sockets": {"enabled": False},
         },
     })
@@ -94,6 +100,15 @@ def test_disabled_families_and_selection(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith("TCP")]
     # Only the files the enabled families need are read: the missing ones are no error.
     assert rec.settings.telemetry.get("procfs", "read_errors") == 0
+
+
+def test_tcp_connection_remote_without_tcp_state(tmp_path: Path) -> None:
+    rec = receiver({"proc_path": str(proc_tree(tmp_path, ("tcp", "tcp6"))),
+                    "metrics": {"tcp_state": {"enabled": False}}})
+    fams = by_family(rec.poll_once())
+    assert "tcp_state" not in fams
+    assert [p.value for p in fams["tcp_connection_remote"]] == [
+        sum(len((TESTDATA / f).read_text().splitlines()) - 1 for f in ("tcp", "tcp6"))]
 
 
 def test_ipv4_only_node_is_logged_once_and_recovers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -33,7 +33,8 @@ def test_drop_points_by_reason_and_direction() -> None:
     assert by[("networkobservability_drop_count", "NO_SOCKET", "ingress")].value == 5
     assert by[("networkobservability_drop_bytes", "NO_SOCKET", "ingress")].value == 500
     assert by[("networkobservability_drop_bytes", "NO_SOCKET", "ingress")].unit == "By"
-    assert by[("networkobservability_drop_count", "NETFILTER_DROP", "egress")].value == 2
+    # A netfilter drop is filed as Retina files it (receiver/ebpf/retina_reasons.py).
+    assert by[("networkobservability_drop_count", "IPTABLE_RULE_DROP", "unknown")].value == 2
     assert by[("networkobservability_drop_count", "UNKNOWN_99", "ingress")].value == 1
     assert all(p.kind == MetricKind.SUM and p.time_ns == 7 for p in points)
     assert len(points) == 2 * 4

@@ -164,3 +164,51 @@ def test_type_filters_match_the_event_type_flowtel_emits() -> None:
     for name, flow in sample_flows().items():
         et = hubble.to_proto(flow).event_type
         assert name in select(f"--type {et.type}:{et.sub_type}"), name
+
+
+# --- hostile patterns -----------------------------------------------------------------------
+
+_WORST_CASE = """
+import sys, time
+from flowtel.lib.hubble import convert
+from flowtel.lib.hubble.filters import compile_filters
+from flowtel.lib.hubble.flags import build_filters
+from flowtel.records import replace
+from tests.flowsamples import sample_flows
+name = ".".join(["a" * 62] * 3) + ".example"
+flow = convert.to_proto(replace(sample_flows()["F4"], destination_names=(name,)))
+started = time.monotonic()
+for stars in (17, 40, 120):
+    filters = compile_filters(*build_filters([("to-fqdn", "*" * stars + "q"), ("to-fqdn", "*" * stars + ".example")]))
+    assert filters.matches_flow(flow)
+    assert not compile_filters(*build_filters([("to-fqdn", "*" * stars + "q")])).matches_flow(flow)
+print(time.monotonic() - started)
+"""
+
+
+def test_fqdn_patterns_match_in_linear_time() -> None:
+    # In a child process: a backtracking regex runs for hours on this input.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _WORST_CASE], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 5.0
+
+
+def test_fqdn_patterns_are_bounded_in_size() -> None:
+    with pytest.raises(FilterError, match="a value of 1025 characters, at most 1024"):
+        build_filters([("to-fqdn", "*" * 1025)])
+    build_filters([("to-fqdn", "*" * 1024)])
+
+
+def test_label_selectors_parse_in_linear_time() -> None:
+    import time
+
+    started = time.monotonic()
+    for _ in range(32):  # a request's worth of label filters, each as long as a value may be
+        with pytest.raises(FilterError):
+            build_filters([("label", "a" + " " * 1000 + "in" + " " * 10 + "(x")])
+    assert time.monotonic() - started < 0.5

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from connectors.hubblemetrics.families import dns, drop, flow, flows_to_world, icmp, lost_events, port_distribution, tcp
+from connectors.hubblemetrics.families import (
+    dns, drop, flow, flows_to_world, icmp, lost_events, port_distribution, tcp, unobserved,
+)
 from connectors.hubblemetrics.handler import Handler
 from connectors.hubblemetrics.options import ContextOptions
 
@@ -17,4 +19,6 @@ FAMILIES: dict[str, Callable[[dict[str, str], ContextOptions], Handler]] = {
     "port-distribution": port_distribution.create,
     "icmp": icmp.create,
     "flows-to-world": flows_to_world.create,
+    # Hubble's L7 families flowtel cannot fill: accepted, validated, no series (a warning).
+    **{name: unobserved.factory(name) for name in unobserved.NAMES},
 }

@@ -45,7 +45,9 @@ from flowtel.lib.hubble.api.observer import observer_pb2
 # make every flow cost milliseconds.
 MAX_FILTERS = 64  # per whitelist or blacklist
 MAX_VALUES = 256  # per field of one filter
-MAX_PATTERN = 1024  # characters of one pattern, selector, name or regex
+MAX_PATTERN = 1024  # characters of one pattern, selector or name
+MAX_REGEX = 4096  # characters of one regular expression (RE2: linear in it and in the text)
+_REGEX_FIELDS = frozenset({"dns_query", "http_path", "http_url"})
 # RE2's memory budget for one compiled expression (the DFA falls back to slower, still
 # linear, matching beyond it rather than failing).
 _RE2_MAX_MEM = 8 << 20
@@ -74,9 +76,10 @@ def _re2(pattern: str, what: str) -> "re2._Regexp":
 def _bounded(field: str, values: Sequence[object]) -> None:
     if len(values) > MAX_VALUES:
         raise FilterError(f"{field}: {len(values)} values, at most {MAX_VALUES} are accepted in one filter")
+    limit = MAX_REGEX if field in _REGEX_FIELDS else MAX_PATTERN
     for v in values:
-        if isinstance(v, str) and len(v) > MAX_PATTERN:
-            raise FilterError(f"{field}: a value of {len(v)} characters, at most {MAX_PATTERN} are accepted")
+        if isinstance(v, str) and len(v) > limit:
+            raise FilterError(f"{field}: a value of {len(v)} characters, at most {limit} are accepted")
 
 
 # --- pods, services ---------------------------------------------------------------------
@@ -166,6 +169,8 @@ _FQDN_VALID = re2.compile(r"^[-a-zA-Z0-9_.*]+$")
 def fqdn_regex(pattern: str) -> str:
     """Hubble's FQDN filter pattern as an anchored RE2 expression (FilterError if invalid)."""
     p = pattern.strip().lower().removesuffix(".")
+    while "**" in p:  # the same pattern, a shorter expression
+        p = p.replace("**", "*")
     if not _FQDN_VALID.match(p):
         raise FilterError(
             'invalid FQDN in filter: only alphanumeric ASCII characters, the hyphen "-", "." '

@@ -171,6 +171,8 @@ def test_bounds() -> None:
         compile_filters([], [ff(source_pod=[f"ns/p{i}" for i in range(MAX_VALUES + 1)])])
     with pytest.raises(FilterError, match="characters"):
         compile_filters([ff(dns_query=["a" * 5000])])
+    with pytest.raises(FilterError, match="characters"):
+        compile_filters([ff(source_pod=["a" * 1025])])
 
 
 def test_matching_is_linear_for_hostile_patterns() -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, Histogram
 from flowtel.records import TCP_RST, EventKind, Flow, MetricKind, MetricPoint, Verdict, frozen_extensions
 from receiver.ebpf.layout import struct_for
+from receiver.ebpf.retina_reasons import UNKNOWN_DIRECTION, retina_drop
 
 # struct kernel_event kinds and flags (bpf/flowtel.h).
 KIND_DROP = 1
@@ -256,12 +257,17 @@ def connection(names: Names, conn: ctypes.Structure) -> TcpConnection:
 
 
 def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now_ns: int) -> list[MetricPoint]:
-    """``networkobservability_drop_count`` / ``_drop_bytes`` {reason, direction}, cumulative."""
+    """``networkobservability_drop_count`` / ``_drop_bytes`` {reason, direction}, cumulative,
+    with Retina's reason and direction where Retina has a name for the same event."""
     out: list[MetricPoint] = []
     # Several raw values can share a name (unknown reasons): sum them.
     merged: dict[tuple[str, str], list[int]] = {}
-    for (reason, direction), (packets, nbytes) in stats.items():
-        key = (names.drop_reason(reason), DROP_DIRECTIONS[direction & 1])
+    for (raw_reason, raw_direction), (packets, nbytes) in stats.items():
+        # As Retina files it (receiver/ebpf/retina_reasons.py); a direction value the kernel
+        # side does not define is "unknown", never folded into ingress or egress.
+        kernel_direction = (DROP_DIRECTIONS[raw_direction] if 0 <= raw_direction < len(DROP_DIRECTIONS)
+                            else UNKNOWN_DIRECTION)
+        key = retina_drop(names.drop_reason(raw_reason), kernel_direction)
         acc = merged.setdefault(key, [0, 0])
         acc[0] += packets
         acc[1] += nbytes
