@@ -29,6 +29,7 @@ def server_options(cfg: HubbleConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", cfg.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.max_send_message_size),
+        ("grpc.max_metadata_size", 16 << 10),  # headers of a request (as flowtel.lib.http.grpcbounds)
         ("grpc.keepalive_time_ms", int(cfg.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
         ("grpc.max_connection_idle_ms", int(cfg.max_connection_idle * 1000)),

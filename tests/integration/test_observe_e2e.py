@@ -142,7 +142,7 @@ def observe(capsys: pytest.CaptureFixture[str], agent: Agent, *argv: str) -> lis
 
 
 def packets(flows: list[dict[str, Any]]) -> int:
-    return sum(f["extensions"]["value"]["packets"] for f in flows)
+    return sum(f["extensions"]["packets"] for f in flows)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_udp_filter_counts_equal_what_was_sent(agent: Agent, everything: list[di
     # Sent out of web's veth (EGRESS) and delivered into db's (INGRESS): each datagram once per side.
     assert packets(by_direction["EGRESS"]) == UDP_COUNT
     assert packets(by_direction["INGRESS"]) == UDP_COUNT
-    assert sum(f["extensions"]["value"]["bytes"] for f in got) == 2 * UDP_COUNT * (ETH_IP_UDP + UDP_SIZE)
+    assert sum(f["extensions"]["bytes"] for f in got) == 2 * UDP_COUNT * (ETH_IP_UDP + UDP_SIZE)
     assert {f["interface"]["name"] for f in by_direction["EGRESS"]} == {agent.web.host_ifname}
 
 
@@ -285,7 +285,7 @@ def test_follow_receives_flows_that_arrive_after_it_started(agent: Agent, everyt
             if flow["l4"]["UDP"]["source_port"] != sent.src_port:
                 continue  # earlier datagrams of this module (since is a second back)
             assert flow["IP"]["source"] == agent.api.ipv4
-            seen += flow["extensions"]["value"]["packets"]
+            seen += flow["extensions"]["packets"]
         assert seen == 10, err.read_text()  # 5 datagrams, each on api's and db's veth
     finally:
         proc.terminate()

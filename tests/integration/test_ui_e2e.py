@@ -284,9 +284,9 @@ def test_drops_reach_observe_as_hubble_drop_flows(agent: Agent, capsys: pytest.C
     for f in filtered:
         assert (end(f, "source"), end(f, "destination"), dst_port(f)) == (
             ("shop", "web-5d8f"), ("data", "db-7f6c"), DROPPED_PORT)
-        assert f["l4"]["TCP"]["flags"] == {"SYN": True} and f["extensions"]["value"]["drop_direction"] == "ingress"
+        assert f["l4"]["TCP"]["flags"] == {"SYN": True} and f["extensions"]["drop_direction"] == "ingress"
         assert f["destination"]["workloads"] == [{"name": "db", "kind": "Deployment"}]
-    assert sum(f["extensions"]["value"]["bytes"] for f in filtered) == agent.dropped_bytes
+    assert sum(f["extensions"]["bytes"] for f in filtered) == agent.dropped_bytes
     for f in drops:  # every drop between the pods names both ends and the kernel's reason
         assert f["extensions"]["drop_reason"] and end(f, "source")[1] and end(f, "destination")[1]
 

@@ -166,8 +166,13 @@ def _l4_ports(flow: Flow) -> tuple[int, int] | None:
 _FQDN_VALID = re2.compile(r"^[-a-zA-Z0-9_.*]+$")
 
 
+MAX_FQDN_PATTERN = 256  # longer than any DNS name (253) with room for wildcards
+
+
 def fqdn_regex(pattern: str) -> str:
     """Hubble's FQDN filter pattern as an anchored RE2 expression (FilterError if invalid)."""
+    if len(pattern) > MAX_FQDN_PATTERN:
+        raise FilterError(f"FQDN pattern too long: {len(pattern)} characters, at most {MAX_FQDN_PATTERN}")
     p = pattern.strip().lower().removesuffix(".")
     while "**" in p:  # the same pattern, a shorter expression
         p = p.replace("**", "*")
