@@ -7,7 +7,7 @@ and is told how many in a ``lost_events`` response (source ``HUBBLE_RING_BUFFER`
 Hubble reports a reader that fell behind its ring) right after the flows it kept.
 
 Records are kept as they come and turned into their Cilium message only when a reader
-needs it (``convert``; once per record, kept with it): the pipeline pays a deque append,
+needs it (``convert``; the record keeps its wire form once built): the pipeline pays a deque append,
 not an encoding, for flows nobody asks for; ``--last 20`` encodes about 20.
 
 Selection is Hubble's ``GetFlows``: the last ``number`` matching flows (the first, with
@@ -68,11 +68,12 @@ Convert = Callable[[Any], GetFlowsResponse]
 
 
 def _message(e: _Entry, convert: Convert | None) -> GetFlowsResponse:
-    resp = e.resp
-    if resp is None:
-        assert convert is not None
-        resp = e.resp = convert(e.item)  # a race builds it twice at worst: the same message
-    return resp
+    if e.resp is not None:
+        return e.resp
+    assert convert is not None
+    # Not kept here: the record keeps its own wire form (convert's memo), so a later read
+    # is a cheap copy and the ring does not hold every message twice.
+    return convert(e.item)
 
 
 def _wanted(e: _Entry, q: Query, convert: Convert | None) -> bool:
