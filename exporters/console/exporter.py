@@ -1,7 +1,6 @@
 """The ``console`` exporter: writes each flow-log record as one line to a text stream."""
 from __future__ import annotations
 
-import json
 import sys
 from typing import TextIO
 
@@ -10,7 +9,6 @@ from flowtel.lib.hubble import convert, printer
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import Record
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ConsoleExporter(Exporter):
@@ -22,7 +20,7 @@ class ConsoleExporter(Exporter):
 
     def _lines(self, batch: list[Record]) -> list[str]:
         if self.config.verbosity == "json":
-            return [_encode(convert.record_envelope(r)) for r in batch]
+            return [convert.envelope_line(r) for r in batch]
         color = self.config.color
         return [printer.record_compact_line(r, color) for r in batch]
 

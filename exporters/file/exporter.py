@@ -73,8 +73,11 @@ class FileExporter(Exporter):
             return
         # Encode everything before touching the file: a record that cannot be encoded
         # fails the batch without leaving part of it written.
-        mask = self._filter.mask_envelope
-        lines = [(_encode(mask(convert.record_envelope(r))) + "\n").encode() for r in selected]
+        if self._filter.mask.active:
+            mask = self._filter.mask_envelope
+            lines = [(_encode(mask(convert.record_envelope(r))) + "\n").encode() for r in selected]
+        else:  # the whole flow: its shared, once-encoded text
+            lines = [(convert.envelope_line(r) + "\n").encode() for r in selected]
         with self._lock:
             # Reopens after an earlier failure, so the exporter recovers once the cause is fixed.
             self._guard(lambda: self._file.write_lines(lines))

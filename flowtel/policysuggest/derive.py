@@ -45,7 +45,7 @@ import re2
 
 # The policy subset flowtel enforces: its API version, namespace label and the port ranges
 # the datapath keeps per destination.
-from dnsproxy.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
+from flowtel.lib.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
 from flowtel.lib.hubble.timefmt import format_time
 from flowtel.labelselector import Requirement, parse_labels, parse_selector, selector_matches
 from flowtel.records import (
@@ -76,9 +76,9 @@ DNS_PORT = 53
 
 _PROTOCOL_NAMES = {p: PROTOCOL_NAMES[p] for p in PORTED_PROTOCOLS}
 _UNPORTED_NAMES = {p: PROTOCOL_NAMES[p] for p in ICMP_PROTOCOLS}
-# Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit.
-# These run on names a workload queried (hostile input): RE2, linear in the name, as Go's
-# regexp is in Cilium (Python's re backtracks exponentially on this one: "a"*30 + "!").
+# Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit. These run on
+# names a workload queried (hostile input): RE2, linear in the name, as Go's regexp is in
+# Cilium (Python's re backtracks exponentially on this one: "a"*30 + "!").
 _MATCH_NAME = re2.compile(r"^([-a-zA-Z0-9_]+[.]?)+$")
 _MAX_NAME = 253
 _DNS1123_LABEL = re.compile(r"[^a-z0-9.-]+")

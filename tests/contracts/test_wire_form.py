@@ -205,3 +205,15 @@ def test_a_line_with_a_field_ciliums_schema_lacks_is_refused() -> None:
         record_from_envelope(bad)
     with pytest.raises(FlowJSONError):
         record_from_envelope({**env, "flow": {**env["flow"], "packets": 3}})
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_the_shared_line_is_the_envelope_encoded(name: str) -> None:
+    flow = KINDS[name]
+    line = convert.envelope_line(flow)
+    assert json.loads(line) == convert.envelope(flow)
+    assert line == json.dumps(convert.envelope(flow), separators=(",", ":"))
+    assert convert.envelope_line(flow) is not line and convert.wire_form(flow).text() is convert.wire_form(flow).text()
+    parse_strict(line)
+    lost_line = convert.envelope_line(lost())
+    assert json.loads(lost_line) == convert.lost_envelope(lost())

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dnsproxy import policy as proxy_policy
+from flowtel.lib import policy as proxy_policy
 from extensions.hubble.config import HubbleConfig
 from extensions.hubble.extension import HubbleExtension
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt

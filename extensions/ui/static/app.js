@@ -322,9 +322,11 @@ function ports(f) {
 }
 
 function flowType(f) {
-  if (f.l7) return `${f.l7.dns ? "dns" : "l7"}-${(f.l7.type || "unknown").toLowerCase()}`;
-  if (f.verdict === "DROPPED") return f.drop_reason_desc || "UNKNOWN";
-  if (f.extensions && f.extensions.tcp_event) return `tcp-${f.extensions.tcp_event}`;
+  // flowtel's details are in extensions, a google.protobuf.Struct inside an Any ({"@type", "value"}).
+  const ext = (f.extensions && f.extensions.value) || {};
+  if (f.l7) return `${f.l7.dns ? "dns" : "l7"}-${(f.l7.type || (ext.dns_unanswered ? "unanswered" : "unknown")).toLowerCase()}`;
+  if (f.verdict === "DROPPED") return ext.drop_reason || f.drop_reason_desc || "UNKNOWN";
+  if (ext.tcp_event) return `tcp-${ext.tcp_event}`;
   if (f.traffic_direction === "INGRESS") return "to-endpoint";
   if (f.traffic_direction === "EGRESS") return "from-endpoint";
   return "UNKNOWN";

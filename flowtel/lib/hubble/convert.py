@@ -36,6 +36,7 @@ How flowtel's records map onto the message (the README's "Flows on Hubble's wire
 from __future__ import annotations
 
 import itertools
+import json as _json
 import math
 import random
 import threading
@@ -110,13 +111,22 @@ def new_uuid() -> str:
 
 
 class WireForm:
-    """A record's Hubble forms, built once: its JSON mapping, and the message on demand."""
+    """A record's Hubble forms, built once: its JSON mapping, and on demand its compact JSON
+    text and the message."""
 
-    __slots__ = ("json", "_proto")
+    __slots__ = ("json", "_text", "_proto")
 
     def __init__(self, json: dict[str, Any]) -> None:
         self.json = json
+        self._text: str | None = None
         self._proto: flow_pb2.Flow | None = None
+
+    def text(self) -> str:
+        """The JSON mapping as compact JSON text (what every line-oriented consumer writes)."""
+        text = self._text
+        if text is None:
+            text = self._text = _compact(self.json)
+        return text
 
     def proto(self) -> flow_pb2.Flow:
         proto = self._proto
@@ -372,6 +382,20 @@ def _flow_dict(flow: Flow) -> dict[str, Any]:
 
 
 # -- envelopes (observer.GetFlowsResponse) ---------------------------------------------------
+
+_compact = _json.JSONEncoder(separators=(",", ":")).encode
+
+
+def envelope_line(record: Record) -> str:
+    """One ``GetFlowsResponse`` as compact JSON text, without the newline: the same text as
+    encoding :func:`record_envelope`, with a flow's body encoded once and shared by every
+    consumer that writes lines (file exporter, console, flow API)."""
+    if isinstance(record, Flow):
+        form = wire_form(record)
+        node = f',"node_name":{_compact(record.node_name)}' if record.node_name else ""
+        return f'{{"flow":{form.text()}{node},"time":"{form.json["time"]}"}}'
+    return _compact(record_envelope(record))
+
 
 def envelope(flow: Flow) -> dict[str, Any]:
     """Hubble's ``GetFlowsResponse`` JSON: what ``hubble observe -o json`` and its file
