@@ -1,34 +1,44 @@
-"""``flowtel observe`` and ``flowtel map``: clients of the flows extension's HTTP API.
+"""``flowtel observe`` and ``flowtel map``: clients of Hubble's Observer API.
 
-``observe`` is the ``hubble observe`` habit: the same flags, filter semantics
-(:mod:`flowtel.flowfilter`) and output formats (:mod:`flowtel.hubble`). Filters travel to
-the agent as the request's query, in command-line order, and are applied there, so a
-follow stream carries only what the user asked for. ``--input-file`` applies the same
-filters here to a flow-log file instead.
+``observe`` is the ``hubble observe`` habit: the same flags and output formats, talking
+gRPC to an agent's ``hubble`` extension or to Hubble Relay (``--server``), or reading a
+flow-log file (``--input-file``). Filters become Cilium ``FlowFilter`` messages
+(:mod:`flowtel.lib.hubble.flags`) that the server applies, so a follow stream carries only
+what the user asked for; for a file the same messages are applied here by the one filter
+implementation (:mod:`flowtel.lib.hubble.filters`). ``-o json`` prints each response's
+proto3 JSON mapping (Cilium's field names), one per line, as ``hubble observe -o json``.
+
+``map`` reads the server's ring through the same API and draws the service map of it.
 """
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Sequence
-from urllib.parse import urlencode
 
-from extensions.flows.config import DEFAULT_ENDPOINT, split_endpoint
+from google.protobuf import json_format
+
 from flowtel import mapformat
-from flowtel.lib.hubble import printer
 from flowtel.errors import UsageError
-from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, Filters, build_filters
-from flowtel.lib.hubble.parse import FlowJSONError, parse_time_arg, record_from_envelope
+from flowtel.lib.hubble.api.observer import observer_pb2
+from flowtel.lib.hubble.api.relay import relay_pb2
+from flowtel.lib.hubble.client import ClientError, ObserverClient, add_connection_arguments, connection_from_args
+from flowtel.lib.hubble.filters import FilterError, Filters, compile_filters
+from flowtel.lib.hubble.flags import FILTER_FLAGS, NOT_FLAG, build_filters
+from flowtel.lib.hubble.parse import parse_time_arg, record_from_envelope
+from flowtel.lib.hubble import printer
+from flowtel.lib.hubble.jsonlines import response_dict, response_json
+from flowtel.lib.hubble.store import response_time_ns
 from flowtel.records import Flow, LostEvents, Record
+from flowtel.servicegraph import ServiceGraph, graph_to_dict
 
-DEFAULT_LAST = 20  # what `hubble observe` shows when neither --last, --since nor --follow is given
-CONNECT_TIMEOUT = 5.0
+DEFAULT_LAST = 20  # what `hubble observe` shows when neither --last, --first, --since nor --follow is given
 OUTPUTS = ("compact", "json", "table", "dict")
+ALL = 2**64 - 1  # `hubble observe --all`: more than any ring holds
 
 _FILTER_HELP = {
     "namespace": "flows from or to a pod in this namespace",
@@ -48,12 +58,18 @@ _FILTER_HELP = {
     "to-port": "flows to this L4 port",
     "fqdn": "flows from or to this DNS name (wildcards: *.example.com)",
     "from-fqdn": "flows from this DNS name",
-    "to-fqdn": "flows to this DNS name, DNS lookups of it included",
+    "to-fqdn": "flows to this DNS name",
     "protocol": "tcp, udp, sctp, icmp, icmpv4, icmpv6 or dns",
     "verdict": "FORWARDED, DROPPED, AUDIT, ERROR, …",
     "type": "event type: trace (alias l3_l4), drop, l7, policy-verdict; trace:to-endpoint, trace:from-endpoint",
+    "traffic-direction": "ingress or egress",
+    "node-name": "flows observed on this node ([cluster/]name, wildcards allowed)",
+    "drop-reason-desc": "drops with this Cilium drop reason (e.g. POLICY_DENIED)",
+    "identity": "flows from or to this security identity",
+    "from-identity": "flows from this security identity",
+    "to-identity": "flows to this security identity",
+    "uuid": "the flow with this UUID",
 }
-
 
 # What `flowtel observe` and `flowtel map` raise for the CLI to print.
 ObserveError = UsageError
@@ -72,24 +88,19 @@ class _FilterAction(argparse.Action):
         pairs.append((name, "" if name == NOT_FLAG else str(values)))
 
 
-def _add_server(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--server", default=os.environ.get("FLOWTEL_SERVER", DEFAULT_ENDPOINT), metavar="HOST:PORT",
-        help=f"the agent's flows extension (default: $FLOWTEL_SERVER or {DEFAULT_ENDPOINT})",
-    )
-
-
 def add_observe_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_server(parser)
-    parser.add_argument("--last", type=int, metavar="N", help=f"the last N matching flows (default {DEFAULT_LAST} unless --since or --follow)")
-    parser.add_argument("--all", action="store_true", help="every matching flow in the agent's ring")
+    add_connection_arguments(parser)
+    parser.add_argument("--last", type=int, metavar="N",
+                        help=f"the last N matching flows (default {DEFAULT_LAST} unless --first, --since or --follow)")
+    parser.add_argument("--first", type=int, metavar="N", help="the first N matching flows in the server's ring")
+    parser.add_argument("--all", action="store_true", help="every matching flow in the server's ring")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing flows as they arrive")
     parser.add_argument("--since", metavar="TIME", help="flows since an RFC 3339 time or a duration ago (5m, 1h)")
     parser.add_argument("--until", metavar="TIME", help="flows until an RFC 3339 time or a duration ago")
     parser.add_argument("-o", "--output", choices=OUTPUTS, default="compact", help="output format (default compact)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colors in compact output")
     parser.add_argument("--input-file", metavar="FILE",
-                        help="read flows from a flow-log file of Hubble JSON lines ('-' for stdin) instead of the agent")
+                        help="read flows from a flow-log file of Hubble JSON lines ('-' for stdin) instead of a server")
     group = parser.add_argument_group("filters", "Repeated values of one flag OR, different flags AND, as in Hubble")
     group.add_argument("--not", dest="filter_not", nargs=0, action=_FilterAction, help="negate the next filter")
     for name in FILTER_FLAGS:
@@ -99,77 +110,70 @@ def add_observe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_server(parser)
+    add_connection_arguments(parser)
     parser.add_argument("-o", "--output", choices=("dot", "mermaid", "json"), default="dot", help="output format (default dot)")
     parser.add_argument("--namespace", action="append", default=[], help="only edges with an end in this namespace (repeatable)")
+    parser.add_argument("--granularity", choices=("workload", "pod"), default="workload",
+                        help="map nodes are workloads (falling back to pods) or always pods")
 
 
-# --- talking to the agent ---------------------------------------------------------------
+# --- the request ------------------------------------------------------------------------
 
 
-def connect_flow_api(server: str, path: str, timeout: float | None, *,
-                     hint: str = "Point --server at its endpoint.") -> http.client.HTTPResponse:
-    """GET ``path`` from the agent's flow API (NDJSON); raises :class:`ObserveError` with a
-    message a user can act on when the agent is unreachable or refuses the request."""
+def _time_arg(flag: str, value: str | None, now_ns: int) -> int | None:
+    if value is None:
+        return None
     try:
-        host, port = split_endpoint(server)
+        return parse_time_arg(value, now_ns)
     except ValueError as exc:
-        raise ObserveError(f"--server: {exc}", 2) from None
-    conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+        raise ObserveError(f"{flag}: {exc}", 2) from None
+
+
+def flows_request(args: argparse.Namespace, now_ns: int | None = None) -> observer_pb2.GetFlowsRequest:
+    """The ``GetFlowsRequest`` for the parsed observe arguments (ObserveError if invalid)."""
+    now = time.time_ns() if now_ns is None else now_ns
+    for flag in ("last", "first"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise ObserveError(f"--{flag}: expected a number of flows >= 0", 2)
+    if args.first is not None and (args.last is not None or args.all):
+        raise ObserveError("--first cannot be combined with --last or --all", 2)
+    if args.first is not None and args.follow:
+        raise ObserveError("--first cannot be combined with --follow", 2)
+    if args.follow and args.until:
+        raise ObserveError("--until cannot be combined with --follow", 2)
     try:
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(timeout)
-        conn.request("GET", path, headers={"Accept": "application/x-ndjson"})
-        resp = conn.getresponse()
-    except OSError as exc:
-        raise ObserveError(
-            f"cannot reach the flow API at {server}: {exc.strerror or exc}. Is the agent running with the "
-            f"flows extension (service.extensions: [flows])? {hint}"
-        ) from None
-    if resp.status != 200:
-        body = resp.read().decode(errors="replace")
-        try:
-            message = json.loads(body)["error"]
-        except (ValueError, KeyError, TypeError):
-            message = body.strip() or resp.reason
-        raise ObserveError(f"the agent refused the request ({resp.status}): {message}", 2 if resp.status == 400 else 1)
-    return resp
-
-
-def flows_path(args: argparse.Namespace) -> str:
-    """``/flows?…`` for the parsed observe arguments (filters in their command-line order)."""
-    params: list[tuple[str, str]] = []
-    last = args.last
-    if last is None and not (args.all or args.follow or args.since):
-        last = DEFAULT_LAST
-    if last is not None and not args.all:
-        params.append(("last", str(last)))
-    if args.since:
-        params.append(("since", args.since))
-    if args.until:
-        params.append(("until", args.until))
-    if args.follow:
-        params.append(("follow", "1"))
-    params.extend(args.filter_pairs or ())
-    return "/flows?" + urlencode(params) if params else "/flows"
-
-
-def fetch_map(server: str, namespaces: Sequence[str] = ()) -> dict[str, Any]:
-    path = "/map" + ("?" + urlencode([("namespace", ns) for ns in namespaces]) if namespaces else "")
-    resp = connect_flow_api(server, path, 30.0)
-    try:
-        return json.loads(resp.read())
-    except ValueError as exc:
-        raise ObserveError(f"the agent sent a map that is not JSON: {exc}") from None
+        whitelist, blacklist = build_filters(args.filter_pairs or ())
+    except FilterError as exc:
+        raise ObserveError(str(exc), 2) from None
+    req = observer_pb2.GetFlowsRequest(whitelist=whitelist, blacklist=blacklist, follow=args.follow)
+    since, until = _time_arg("--since", args.since, now), _time_arg("--until", args.until, now)
+    if since is not None:
+        req.since.FromNanoseconds(since)
+    if until is not None:
+        req.until.FromNanoseconds(until)
+    if args.first is not None:
+        req.first, req.number = True, args.first
+    elif args.all:
+        req.number = ALL
+    elif args.last is not None:
+        req.number = args.last
+    elif not (args.follow or args.since):
+        req.number = DEFAULT_LAST
+    return req
 
 
 # --- printing ---------------------------------------------------------------------------
 
 
+def response_record(resp: observer_pb2.GetFlowsResponse) -> Record | None:
+    """The record the printers take, decoded from the response's JSON form."""
+    return record_from_envelope(response_dict(resp))
+
+
 @dataclass(slots=True)
 class Printer:
-    """Writes records in one of :data:`OUTPUTS`; lost-event notices go to ``err`` except in JSON."""
+    """Writes responses in one of :data:`OUTPUTS`; lost-event notices go to ``err`` except in JSON."""
 
     output: str
     out: IO[str]
@@ -181,11 +185,17 @@ class Printer:
     _header_done: bool = False
     _blocks: int = 0
 
-    def line(self, raw: str, record: Record | None) -> None:
-        """One received JSON line (printed as is for ``json``) and its decoded record."""
+    def response(self, resp: observer_pb2.GetFlowsResponse, raw: str | None = None) -> None:
         if self.output == "json":
-            self.out.write(raw.rstrip("\n") + "\n")
+            self.out.write((raw.rstrip("\n") if raw is not None else response_json(resp)) + "\n")
             return
+        kind = resp.WhichOneof("response_types")
+        if kind == "node_status":  # from Hubble Relay: nodes connecting or leaving
+            ns = resp.node_status
+            state = relay_pb2.NodeState.Name(ns.state_change)
+            self.err.write(f"{state}: {', '.join(ns.node_names)} {ns.message}".rstrip() + "\n")
+            return
+        record = response_record(resp)
         if isinstance(record, LostEvents):
             self.err.write(printer.lost_compact_line(record) + "\n")
             return
@@ -225,83 +235,76 @@ def _color(choice: str, stream: IO[str]) -> bool:
     return choice == "always"
 
 
-def _decode(raw: str) -> Record | None:
+# --- reading a file ---------------------------------------------------------------------
+
+
+def parse_line(raw: str, where: str) -> observer_pb2.GetFlowsResponse:
+    """A flow-log line, parsed strictly as Cilium's GetFlowsResponse (ObserveError if not)."""
     try:
-        return record_from_envelope(json.loads(raw))
-    except (ValueError, FlowJSONError) as exc:
-        raise ObserveError(f"cannot read a flow line: {exc}: {raw[:200]!r}") from None
+        return json_format.Parse(raw, observer_pb2.GetFlowsResponse())
+    except json_format.ParseError as exc:
+        raise ObserveError(f"{where}: not a Hubble flow (observer.GetFlowsResponse JSON): {exc}: {raw[:200]!r}") from None
 
 
-def _time_arg(flag: str, value: str | None, now_ns: int) -> int | None:
-    if value is None:
-        return None
+def select_from_file(lines: Iterator[str], req: observer_pb2.GetFlowsRequest, filters: Filters,
+                     name: str) -> list[tuple[str, observer_pb2.GetFlowsResponse]]:
+    """What a server would answer ``req`` with, had it these lines in its ring."""
+    since = req.since.ToNanoseconds() if req.HasField("since") else None
+    until = req.until.ToNanoseconds() if req.HasField("until") else None
+    selected: list[tuple[str, observer_pb2.GetFlowsResponse]] = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        resp = parse_line(raw, f"{name} line {number}")
+        t = response_time_ns(resp)
+        if (since is not None and t < since) or (until is not None and t > until) or not filters.matches(resp):
+            continue
+        selected.append((raw, resp))
+        if req.first and req.number and len(selected) >= req.number:
+            break
+    if not req.first and req.number:
+        selected = selected[-req.number:]
+    return selected
+
+
+def _from_file(args: argparse.Namespace, req: observer_pb2.GetFlowsRequest, out: Printer) -> None:
+    filters = compile_filters(req.whitelist, req.blacklist)
+    name = "stdin" if args.input_file == "-" else args.input_file
     try:
-        return parse_time_arg(value, now_ns)
-    except ValueError as exc:
-        raise ObserveError(f"{flag}: {exc}", 2) from None
-
-
-def _from_file(args: argparse.Namespace, filters: Filters, printer: Printer) -> None:
-    now = time.time_ns()
-    since, until = _time_arg("--since", args.since, now), _time_arg("--until", args.until, now)
-    stream = sys.stdin if args.input_file == "-" else open(args.input_file)
-    selected: list[tuple[str, Record]] = []
+        stream = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
+    except OSError as exc:
+        raise ObserveError(f"--input-file: cannot read {args.input_file}: {exc.strerror or exc}", 2) from None
     with stream:
-        for raw in stream:
-            if not raw.strip():
-                continue
-            record = _decode(raw)
-            if record is None or not filters.matches(record):
-                continue
-            if (since is not None and record.time_ns < since) or (until is not None and record.time_ns > until):
-                continue
-            selected.append((raw, record))
-    last = args.last if args.last is not None else (None if args.all or args.since else DEFAULT_LAST)
-    if last is not None:
-        selected = selected[-last:] if last else []
-    for raw, record in selected:
-        printer.line(raw, record)
+        for raw, resp in select_from_file(iter(stream), req, filters, name):
+            out.response(resp, raw)
 
 
-def _stream_lines(resp: http.client.HTTPResponse) -> Iterator[str]:
-    while True:
-        raw = resp.readline()
-        if not raw:
-            return
-        yield raw.decode()
+# --- the commands -----------------------------------------------------------------------
 
 
 def observe(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     """Run ``flowtel observe``; returns the exit status. Raises :class:`ObserveError`."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        # Built here too, so a bad flag is reported before any connection is made.
-        filters = build_filters(args.filter_pairs or ())
-    except FilterError as exc:
-        raise ObserveError(str(exc), 2) from None
-    if args.last is not None and args.last < 0:
-        raise ObserveError("--last: expected a number of flows >= 0", 2)
     if args.follow and args.input_file:
-        raise ObserveError("--follow reads from the agent; it cannot be combined with --input-file", 2)
-    if args.follow and args.until:
-        raise ObserveError("--until cannot be combined with --follow", 2)
-    now = time.time_ns()
-    _time_arg("--since", args.since, now)
-    _time_arg("--until", args.until, now)
-    printer = Printer(args.output, out, err, color=_color(args.color, out), follow=args.follow)
+        raise ObserveError("--follow reads from a server; it cannot be combined with --input-file", 2)
+    req = flows_request(args)  # every flag checked before any connection is made
+    printer_ = Printer(args.output, out, err, color=_color(args.color, out), follow=args.follow)
     try:
         if args.input_file:
-            _from_file(args, filters, printer)
+            _from_file(args, req, printer_)
         else:
-            resp = connect_flow_api(args.server, flows_path(args), None if args.follow else 60.0)
-            for raw in _stream_lines(resp):
-                printer.line(raw, None if args.output == "json" else _decode(raw))
-                if args.follow and args.output != "table":
-                    out.flush()
-        printer.flush()
+            conn = connection_from_args(args)
+            with ObserverClient(conn) as client:
+                for resp in client.get_flows(req, timeout=None if args.follow else 60.0):
+                    printer_.response(resp)
+                    if args.follow and args.output != "table":
+                        out.flush()
+        printer_.flush()
+    except ClientError as exc:
+        raise ObserveError(str(exc), exc.code) from None
     except KeyboardInterrupt:
-        printer.flush()
+        printer_.flush()
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             return 0  # `flowtel observe | head`: the reader had enough
@@ -309,10 +312,32 @@ def observe(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] |
     return 0
 
 
+def fetch_records(args: argparse.Namespace, req: observer_pb2.GetFlowsRequest,
+                  timeout: float = 60.0) -> Iterator[Record]:
+    """Records of the flows a server answers ``req`` with (for map and policy suggest)."""
+    try:
+        with ObserverClient(connection_from_args(args)) as client:
+            for resp in client.get_flows(req, timeout=timeout):
+                record = response_record(resp)
+                if record is not None:
+                    yield record
+    except ClientError as exc:
+        raise ObserveError(str(exc), exc.code) from None
+
+
+def service_map(records: Iterator[Record], granularity: str, namespaces: Sequence[str] = ()) -> dict[str, Any]:
+    graph = ServiceGraph(granularity=granularity, expire_after=0, max_edges=1_000_000)  # type: ignore[arg-type]
+    graph.add(records)
+    return graph_to_dict(graph.snapshot(), namespaces=namespaces, overflow=graph.overflow)
+
+
 def print_map(args: argparse.Namespace, out: IO[str] | None = None) -> int:
-    """Run ``flowtel map``; returns the exit status. Raises :class:`ObserveError`."""
+    """Run ``flowtel map``: the service map of the flows in the server's ring."""
     out = out or sys.stdout
-    graph = fetch_map(args.server, args.namespace)
+    req = observer_pb2.GetFlowsRequest(number=ALL)
+    if args.namespace:
+        req.whitelist.extend(build_filters([("namespace", ns) for ns in args.namespace])[0])
+    graph = service_map(fetch_records(args, req), args.granularity, args.namespace)
     if args.output == "json":
         out.write(json.dumps(graph, indent=2) + "\n")
     elif args.output == "mermaid":
@@ -320,4 +345,3 @@ def print_map(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     else:
         out.write(mapformat.to_dot(graph))
     return 0
-

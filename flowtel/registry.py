@@ -28,6 +28,7 @@ _REGISTRY: tuple[tuple[Kind, str, str], ...] = (
     (Kind.CONNECTOR, "hubblemetrics", "connectors.hubblemetrics.factory"),
     (Kind.EXTENSION, "flows", "extensions.flows.factory"),
     (Kind.EXTENSION, "health_check", "extensions.health_check.factory"),
+    (Kind.EXTENSION, "hubble", "extensions.hubble.factory"),
     (Kind.EXTENSION, "ui", "extensions.ui.factory"),
 )
 

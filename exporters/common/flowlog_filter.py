@@ -3,12 +3,15 @@
 Shared by the ``file``, ``otlp`` and ``otlphttp`` exporters. The config keys follow
 Hubble's exporter (``allowList``, ``denyList``, ``fieldMask``) in flowtel's snake_case:
 
-- ``allow_list`` / ``deny_list``: lists of filter objects with Hubble's ``FlowFilter``
-  field names, each a list of strings, e.g. ``{source_pod: ["kube-system/"]}`` or
-  ``{verdict: [DROPPED]}``. Values of one field OR, fields of one object AND, objects of
-  one list OR. A flow is exported when it matches some allow object (or the allow list is
-  empty) and no deny object. Matching is :mod:`flowtel.flowfilter`'s, the same code as
-  ``flowtel observe``; lost-events records always pass, as they do there.
+- ``allow_list`` / ``deny_list``: lists of Cilium ``FlowFilter`` objects in their JSON form,
+  as Hubble's exporter takes them, e.g. ``{source_pod: ["kube-system/"]}``,
+  ``{verdict: [DROPPED]}`` or ``{event_type: [{type: 1}]}`` (every FlowFilter field; ports
+  may be written as numbers, event types also as ``drop``/``l7``/``trace:to-endpoint``).
+  Values of one field OR, fields of one object AND, objects of one list OR. A flow is
+  exported when it matches some allow object (or the allow list is empty) and no deny
+  object. Matching is :mod:`flowtel.lib.hubble.filters`, the one filter implementation
+  (Hubble's gRPC API, ``flowtel observe``); lost-events records always pass, as they do
+  there.
 - ``field_mask``: dotted paths into the Hubble flow JSON (``time``, ``source.namespace``,
   ``IP.source``, ``l4``); only those paths are kept. Empty keeps everything. A path names a
   whole sub-object (``l4``) or a field inside it; lists of objects (``source.workloads``)
@@ -52,24 +55,21 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Sequence
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from google.protobuf import json_format
+from pydantic import AfterValidator, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from flowtel.component import ComponentConfig
-from flowtel.flowfilter import FilterError, Filters, FlowFilter, compile_filter
+from flowtel.lib.hubble import convert
+from flowtel.lib.hubble.api.flow import flow_pb2
+from flowtel.lib.hubble.filters import FilterError, Filters, compile_filters
+from flowtel.lib.hubble.flags import MESSAGE_TYPES, TRACE_OBSERVATION_POINTS
 from flowtel.records import Flow, Record
 from flowtel.recordtables import PROTOCOL_NAMES
 
-# Hubble's FlowFilter fields that flowtel.flowfilter implements.
-FILTER_FIELDS: tuple[str, ...] = tuple(FlowFilter.__slots__)
-
-# Hubble FlowFilter fields (flow.proto) flowtel cannot match on; named in the error.
-_HUBBLE_ONLY = (
-    "uuid", "source_ip_xlated", "source_service", "destination_service", "source_workload",
-    "destination_workload", "source_cluster_name", "destination_cluster_name", "traffic_direction",
-    "drop_reason_desc", "interface", "http_status_code", "reply", "dns_query", "source_identity",
-    "destination_identity", "http_method", "http_path", "http_url", "http_header", "tcp_flags",
-    "node_name", "node_labels", "ip_version", "trace_id", "experimental",
-)
+# Cilium's FlowFilter fields, all of which the filters evaluate.
+FILTER_FIELDS: tuple[str, ...] = tuple(f.name for f in flow_pb2.FlowFilter.DESCRIPTOR.fields)
+_STRING_FIELDS = frozenset(f.name for f in flow_pb2.FlowFilter.DESCRIPTOR.fields
+                           if f.type == f.TYPE_STRING)
 # Names people reach for from `flowtel observe` flags; the error says the Hubble way.
 _HINTS = {
     "namespace": "a namespace is a pod prefix in Hubble's filters: source_pod: ['NS/'] or destination_pod: ['NS/']",
@@ -144,37 +144,63 @@ def _check_path(path: str) -> str:
     return path
 
 
-def _to_strings(value: Any) -> Any:
-    """Hubble's JSON has lists of strings; YAML users write ports as numbers."""
-    if isinstance(value, list):
-        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else _event_type_text(v) for v in value]
+def _event_type(value: Any) -> Any:
+    """``drop``, ``trace:to-endpoint``, ``4:5`` or Hubble's ``{type, sub_type}`` (a sub_type
+    given means match it) as the EventTypeFilter JSON."""
+    if isinstance(value, str):
+        head, _, sub = value.partition(":")
+        type_ = MESSAGE_TYPES.get(head.lower(), int(head) if head.isdigit() else None)
+        if type_ is None:
+            raise ValueError(f"event_type: {value!r} is not a type name ({', '.join(MESSAGE_TYPES)}) nor a number")
+        if not sub:
+            return {"type": type_}
+        sub_type = TRACE_OBSERVATION_POINTS.get(sub, int(sub) if sub.isdigit() else None)
+        if sub_type is None:
+            raise ValueError(f"event_type: {sub!r} is not a sub-type name nor a number")
+        return {"type": type_, "match_sub_type": True, "sub_type": sub_type}
+    if isinstance(value, dict) and "sub_type" in value and "match_sub_type" not in value:
+        return {**value, "match_sub_type": True}
     return value
 
 
-def _event_type_text(value: Any) -> Any:
-    # Hubble's event_type filter is {type, sub_type}; flowfilter takes "type[:sub_type]".
-    if isinstance(value, dict) and set(value) <= {"type", "sub_type"} and "type" in value:
-        sub = value.get("sub_type")
-        return f"{value['type']}" if sub is None else f"{value['type']}:{sub}"
+def _normalize(key: str, value: Any) -> Any:
+    if key != "experimental" and not isinstance(value, list):
+        raise ValueError(f"expected a list of values, got {value!r}")
+    if key in _STRING_FIELDS:
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    if key == "event_type":
+        return [_event_type(v) for v in value]
+    enum = _ENUMS.get(key)
+    if enum is not None:
+        out = []
+        for v in value:
+            name = v.upper() if isinstance(v, str) and key != "ip_version" else v
+            if isinstance(name, str) and name not in enum.keys():
+                raise ValueError(f"invalid value {v!r}; known: {', '.join(enum.keys())}")
+            out.append(name)
+        return out
     return value
 
 
-class FlowFilterConfig(ComponentConfig):
-    """One Hubble ``FlowFilter`` object: fields AND, values of a field OR."""
+_ENUMS: dict[str, Any] = {"verdict": flow_pb2.Verdict, "traffic_direction": flow_pb2.TrafficDirection,
+          "drop_reason_desc": flow_pb2.DropReason, "ip_version": flow_pb2.IPVersion}
 
-    source_pod: list[str] = Field(default_factory=list, description="[namespace/]pod-name-prefix; 'ns/' is any pod in ns")
-    destination_pod: list[str] = Field(default_factory=list, description="[namespace/]pod-name-prefix")
-    source_ip: list[str] = Field(default_factory=list, description="address or CIDR")
-    destination_ip: list[str] = Field(default_factory=list, description="address or CIDR")
-    source_port: list[str] = Field(default_factory=list, description="0-65535")
-    destination_port: list[str] = Field(default_factory=list, description="0-65535")
-    source_label: list[str] = Field(default_factory=list, description="label selector, e.g. k8s:app=frontend")
-    destination_label: list[str] = Field(default_factory=list, description="label selector")
-    source_fqdn: list[str] = Field(default_factory=list, description="name pattern, * wildcard")
-    destination_fqdn: list[str] = Field(default_factory=list, description="name pattern, * wildcard")
-    protocol: list[str] = Field(default_factory=list, description="tcp, udp, sctp, icmp, icmpv4, icmpv6, dns, …")
-    verdict: list[str] = Field(default_factory=list, description="FORWARDED, DROPPED, …")
-    event_type: list[str] = Field(default_factory=list, description="drop, trace, l7, … or type[:sub_type]")
+
+def _parse_field(key: str, value: Any) -> flow_pb2.FlowFilter:
+    ff = flow_pb2.FlowFilter()
+    try:
+        json_format.ParseDict({key: _normalize(key, value)}, ff)
+    except json_format.ParseError as exc:
+        raise ValueError(str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)) from None
+    try:
+        compile_filters([ff])
+    except FilterError as exc:
+        raise ValueError(str(exc).removeprefix("whitelist[0].").removeprefix(f"{key}: ")) from None
+    return ff
+
+
+class _FlowFilterBase(ComponentConfig):
+    """One Cilium ``FlowFilter`` object (its JSON form): fields AND, values of a field OR."""
 
     @model_validator(mode="before")
     @classmethod
@@ -186,28 +212,37 @@ class FlowFilterConfig(ComponentConfig):
                 continue
             if key in _HINTS:
                 raise ValueError(f"unknown filter field {key!r}: {_HINTS[key]}")
-            why = "is a Hubble filter field flowtel does not support" if key in _HUBBLE_ONLY else "is not a filter field"
-            raise ValueError(f"{key!r} {why}; supported: {', '.join(FILTER_FIELDS)}")
-        return {k: _to_strings(v) for k, v in data.items()}
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "FlowFilterConfig":
-        if not any(getattr(self, name) for name in FILTER_FIELDS):
+            close = difflib.get_close_matches(key, FILTER_FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key!r} is not a Hubble FlowFilter field{hint}; fields: {', '.join(FILTER_FIELDS)}")
+        if not data:
             raise ValueError("an empty filter object matches every flow; give at least one field")
-        return self
+        return data
 
-    @field_validator(*FILTER_FIELDS)
-    @classmethod
-    def _values(cls, values: list[str], info: ValidationInfo) -> list[str]:
-        # Compiled here, so a bad value stops the config load with its key path.
-        try:
-            compile_filter(FlowFilter(**{info.field_name: values}))  # type: ignore[arg-type]  # field_name is one of FlowFilter's fields (the validator's)
-        except FilterError as exc:
-            raise ValueError(str(exc)) from None
-        return values
+    def to_proto(self) -> flow_pb2.FlowFilter:
+        out = flow_pb2.FlowFilter()
+        for key in FILTER_FIELDS:
+            value = getattr(self, key)
+            if value is not None:
+                out.MergeFrom(_parse_field(key, value))
+        return out
 
-    def to_flow_filter(self) -> FlowFilter:
-        return FlowFilter(**{name: list(getattr(self, name)) for name in FILTER_FIELDS})
+
+def _check(value: Any, info: ValidationInfo) -> Any:
+    # Parsed and compiled here, so a bad value stops the config load with its key path.
+    _parse_field(info.field_name, value)  # type: ignore[arg-type]
+    return value
+
+
+def _proto(ff: Any) -> flow_pb2.FlowFilter:
+    return ff.to_proto()  # type: ignore[no-any-return]
+
+
+FlowFilterConfig: Any = create_model(  # type: ignore[call-overload]
+    "FlowFilterConfig", __base__=_FlowFilterBase,  # every FlowFilter field, each checked alone
+    __validators__={"_values": field_validator(*FILTER_FIELDS)(_check)},
+    **{name: (Any, Field(default=None)) for name in FILTER_FIELDS},
+)
 
 
 FieldPath = Annotated[str, AfterValidator(_check_path)]
@@ -216,9 +251,10 @@ FieldPath = Annotated[str, AfterValidator(_check_path)]
 class FlowLogFilterConfig(ComponentConfig):
     """The keys a flow-log exporter's config gets by inheriting from this class."""
 
-    allow_list: list[FlowFilterConfig] = Field(
+
+    allow_list: list[FlowFilterConfig] = Field(  # type: ignore[valid-type]
         default_factory=list, description="export only flows matching one of these filters (empty: all)")
-    deny_list: list[FlowFilterConfig] = Field(
+    deny_list: list[FlowFilterConfig] = Field(  # type: ignore[valid-type]
         default_factory=list, description="do not export flows matching any of these filters")
     field_mask: list[FieldPath] = Field(
         default_factory=list, description="keep only these paths of the Hubble flow JSON (empty: all)")
@@ -325,8 +361,8 @@ class FlowLogFilter:
     def __init__(self, config: FlowLogFilterConfig) -> None:
         self._filters: Filters | None = None
         if config.allow_list or config.deny_list:
-            self._filters = Filters([f.to_flow_filter() for f in config.allow_list],
-                                    [f.to_flow_filter() for f in config.deny_list])
+            self._filters = compile_filters([_proto(f) for f in config.allow_list],
+                                            [_proto(f) for f in config.deny_list])
         # Callable on a flow object like a method; the OTLP encoder also asks it which
         # attributes to send.
         self.mask = FieldMask(config.field_mask)
@@ -343,8 +379,9 @@ class FlowLogFilter:
         """The records to export; lost events always pass."""
         if self._filters is None:
             return list(batch)
-        matches = self._filters.matches
-        return [r for r in batch if not isinstance(r, Flow) or matches(r)]
+        matches = self._filters.matches_flow
+        # On the flow's Cilium message (built once per record and shared by every output).
+        return [r for r in batch if not isinstance(r, Flow) or matches(convert.to_proto(r))]
 
     def mask_envelope(self, envelope: dict[str, Any]) -> dict[str, Any]:
         """A ``GetFlowsResponse`` envelope with its ``flow`` masked; other envelopes unchanged."""

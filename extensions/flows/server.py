@@ -1,8 +1,8 @@
 """The flow API's requests: ``GET /flows``, ``GET /map``, ``GET /healthz`` (and the UI's files).
 
-Responses to ``/flows`` are JSON lines, one Hubble envelope each (``{"flow": …}`` or
-``{"lost_events": …}``), exactly what ``hubble observe -o json`` and the file exporter
-write. A follow response streams until the client leaves or the agent stops. The request
+Responses to ``/flows`` are JSON lines, one Cilium ``GetFlowsResponse`` each (``{"flow": …}``
+or ``{"lost_events": …}``) in its proto3 JSON form, what ``hubble observe -o json`` and the
+file exporter write; selection and filters are the hubble extension's (flowtel.lib.hubble). A follow response streams until the client leaves or the agent stops. The request
 query is the ``flowtel observe`` command line: ``?last=20&follow=1&namespace=shop&not&port=53``
 (filter parameters in order, ``not`` negating the next one).
 
@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from extensions.flows.hub import FlowHub, Follower, Query, TooManyFollowers
-from flowtel.lib.hubble import convert
-from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, build_filters
-from flowtel.lib.hubble.parse import parse_time_arg
 from flowtel.lib.http import HTTPError, Request, Response, ascii_int, ascii_only, bad_request, json_response
 from flowtel.lib.http.request import parse_query as split_query
-from flowtel.records import Record
+from flowtel.lib.hubble.api.observer import observer_pb2
+from flowtel.lib.hubble.filters import FilterError, compile_filters
+from flowtel.lib.hubble.flags import FILTER_FLAGS, NOT_FLAG, build_filters
+from flowtel.lib.hubble.jsonlines import response_json
+from flowtel.lib.hubble.parse import parse_time_arg
 
 _QUERY_KEYS = ("last", "since", "until", "follow")
 _TRUE = ("1", "true", "yes", "")
@@ -55,20 +56,22 @@ def parse_time(name: str, value: str, now_ns: int) -> int:
 def query_from_pairs(pairs: Sequence[tuple[str, str]], now_ns: int | None = None) -> Query:
     """A :class:`Query` from decoded ``/flows`` parameters; :class:`HTTPError` (400) names the problem."""
     now = time.time_ns() if now_ns is None else now_ns
-    q = Query()
+    last: int | None = None
+    since_ns = until_ns = None
+    follow = False
     filters: list[tuple[str, str]] = []
     for key, value in pairs:
         if key == "last":
-            q.last = ascii_int("last", value, maximum=MAX_LAST)
+            last = ascii_int("last", value, maximum=MAX_LAST)
         elif key == "since":
-            q.since_ns = parse_time("since", value, now)
+            since_ns = parse_time("since", value, now)
         elif key == "until":
-            q.until_ns = parse_time("until", value, now)
+            until_ns = parse_time("until", value, now)
         elif key == "follow":
             lowered = value.lower()
             if lowered not in _TRUE and lowered not in _FALSE:
                 raise bad_request(f"follow: expected 1/true/yes or 0/false/no, got {value!r}")
-            q.follow = lowered in _TRUE
+            follow = lowered in _TRUE
         elif key == NOT_FLAG or key in FILTER_FLAGS:
             filters.append((key, value))
         else:
@@ -76,13 +79,16 @@ def query_from_pairs(pairs: Sequence[tuple[str, str]], now_ns: int | None = None
                               + ", ".join(FILTER_FLAGS))
     if len(filters) > MAX_FILTERS:
         raise bad_request(f"at most {MAX_FILTERS} filter parameters in one request, got {len(filters)}")
-    if q.follow and q.until_ns is not None:
+    if follow and until_ns is not None:
         raise bad_request("until cannot be combined with follow")
     try:
-        q.filters = build_filters(filters)
+        # hubble observe's flags as Cilium FlowFilters, compiled by the one implementation.
+        compiled = compile_filters(*build_filters(filters))
     except FilterError as exc:
         raise bad_request(str(exc)) from None
-    return q
+    # No `last` and no `since`: the whole ring, or with follow only new flows.
+    number = last if last is not None else (0 if follow and since_ns is None else None)
+    return Query(compiled, number, False, since_ns, until_ns, follow)
 
 
 def parse_query(raw: str, now_ns: int | None = None) -> Query:
@@ -90,10 +96,10 @@ def parse_query(raw: str, now_ns: int | None = None) -> Query:
     return query_from_pairs(split_query(raw), now_ns)
 
 
-def _lines(records: list[Record]) -> bytes:
-    if not records:
+def _lines(responses: list[observer_pb2.GetFlowsResponse]) -> bytes:
+    if not responses:
         return b""
-    return ("\n".join(convert.envelope_line(r) for r in records) + "\n").encode()
+    return ("\n".join(response_json(r) for r in responses) + "\n").encode()
 
 
 class FlowAPI:
@@ -136,14 +142,15 @@ class FlowAPI:
             raise HTTPError(503, str(exc), {"Retry-After": "5"}) from None
         return Response(200, self._stream(history, follower, request), "application/x-ndjson")
 
-    def _stream(self, history: list[Record], follower: Follower, request: Request) -> Iterator[bytes]:
+    def _stream(self, history: list[observer_pb2.GetFlowsResponse], follower: Follower,
+                request: Request) -> Iterator[bytes]:
         hub = self.hub
         try:
             yield _lines(history)
             while not self.stopping.is_set():
                 records, lost, closed = follower.take(POLL_SECONDS)
-                if lost:
-                    records.insert(0, hub.lost_record(lost))
+                if lost:  # after the flows it kept, where the gap is (as GetFlows)
+                    records.append(hub.lost_record(lost))
                 if records:
                     yield _lines(records)
                 elif closed or request.client_gone():

@@ -64,7 +64,7 @@ def test_api_is_the_flow_api_under_api(ui: UiExtension) -> None:
     assert "shop/frontend" in {n["id"] for n in graph["nodes"]}
     assert json.loads(get(ui, "/api/healthz")[2])["status"] == "ok"
     status, _, body = get(ui, "/api/flows?verdict=NOPE")
-    assert status == 400 and "invalid --verdict" in json.loads(body)["error"]
+    assert status == 400 and "--verdict: invalid verdict" in json.loads(body)["error"]
 
 
 @pytest.mark.parametrize("path", ["/../config.py", "/%2e%2e/config.py", "/static/../../flowtel/cli.py", "/nope.js"])

@@ -1,23 +1,27 @@
-"""``flowtel policy suggest``: read flows (a running agent's flow API, or a file), print the policy.
+"""``flowtel policy suggest``: read flows (a Hubble API — an agent or Hubble Relay — or a
+file), print the policy.
 
-From the agent, the selection travels as the flow API's own filters (``namespace``, ``pod``,
-``label``, ``since``, ``until``), so only the namespace's flows cross the wire; the exact
-selection (workload, replies, verdicts) is made here, the same way for a file.
+From a server, the selection travels as Hubble ``FlowFilter``s (the pods' namespace, pod
+prefix or labels, ``since``, ``until``) in a ``GetFlows`` request for the whole ring, so
+only the namespace's flows cross the wire; the exact selection (workload, replies,
+verdicts) is made here, the same way for a file.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import IO, Iterator
-from urllib.parse import urlencode
 
-from extensions.flows.config import DEFAULT_ENDPOINT
+from google.protobuf import json_format
+
 from flowtel.lib.hubble.parse import FlowJSONError, parse_time_arg, record_from_envelope
 from flowtel.errors import UsageError
-from flowtel.observe import connect_flow_api
+from flowtel.lib.hubble.client import ClientError, ObserverClient, add_connection_arguments, connection_from_args
+from flowtel.lib.hubble.filters import FilterError
+from flowtel.lib.hubble.flags import build_filters
+from flowtel.lib.hubble.api.observer import observer_pb2
 from flowtel.policysuggest.render import to_json, to_yaml
 from flowtel.policysuggest.derive import Options, Selection, SuggestError, suggest
 from flowtel.records import Flow, Record
@@ -32,8 +36,7 @@ CommandError = UsageError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("where the flows come from")
-    source.add_argument("--server", default=os.environ.get("FLOWTEL_SERVER", DEFAULT_ENDPOINT), metavar="HOST:PORT",
-                        help=f"a running agent's flows extension (default: $FLOWTEL_SERVER or {DEFAULT_ENDPOINT})")
+    add_connection_arguments(source)
     source.add_argument("--from-file", metavar="FILE",
                         help="Hubble JSON flows, one per line (the file exporter's flow log, `flowtel observe -o json`, "
                              "the DNS proxy's --flow-log; '-' for stdin) instead of the agent")
@@ -97,35 +100,32 @@ class _Reader:
         return (self.since_ns is None or t >= self.since_ns) and (self.until_ns is None or t <= self.until_ns)
 
 
-def _query(args: argparse.Namespace) -> str:
-    params: list[tuple[str, str]] = []
-    if args.since:
-        params.append(("since", args.since))
-    if args.until:
-        params.append(("until", args.until))
-    # The flow API's Hubble filters: flows with an end among the selected pods (both
-    # directions, so DNS answers to them come too).
+def flows_request(args: argparse.Namespace, since_ns: int | None, until_ns: int | None) -> observer_pb2.GetFlowsRequest:
+    """The whole ring's flows with an end among the selected pods (both directions, so DNS
+    answers to them come too)."""
     if args.pod:
-        params.append(("pod", f"{args.namespace}/{args.pod}"))
+        pairs = [("pod", f"{args.namespace}/{args.pod}")]
     else:
-        params.append(("namespace", args.namespace))
-        if args.label:
-            params.append(("label", args.label))
-    return "/flows?" + urlencode(params)
-
-
-def _agent_lines(server: str, path: str) -> Iterator[str]:
-    resp = connect_flow_api(server, path, READ_TIMEOUT, hint="Point --server at it, or use --from-file.")
+        pairs = [("namespace", args.namespace)] + ([("label", args.label)] if args.label else [])
     try:
-        while True:
-            raw = resp.readline()
-            if not raw:
-                return
-            yield raw.decode(errors="replace")
-    except OSError as exc:
-        raise CommandError(f"reading flows from the flow API at {server} failed: {exc.strerror or exc}") from None
-    finally:
-        resp.close()
+        whitelist, _ = build_filters(pairs)
+    except FilterError as exc:
+        raise CommandError(str(exc), 2) from None
+    req = observer_pb2.GetFlowsRequest(number=2**64 - 1, whitelist=whitelist)
+    if since_ns is not None:
+        req.since.FromNanoseconds(since_ns)
+    if until_ns is not None:
+        req.until.FromNanoseconds(until_ns)
+    return req
+
+
+def _server_lines(args: argparse.Namespace, req: observer_pb2.GetFlowsRequest) -> Iterator[str]:
+    try:
+        with ObserverClient(connection_from_args(args)) as client:
+            for resp in client.get_flows(req, timeout=READ_TIMEOUT):
+                yield json.dumps(json_format.MessageToDict(resp, preserving_proto_field_name=True))
+    except ClientError as exc:
+        raise CommandError(f"{exc} (or use --from-file)", exc.code) from None
 
 
 def run(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | Non
     since, until = _time("--since", args.since, now), _time("--until", args.until, now)
     try:
         selection = Selection(args.namespace, workload=args.workload, pod=args.pod, label=args.label)
-        source = ("stdin" if args.from_file == "-" else f"file {args.from_file}") if args.from_file else f"agent {args.server}"
+        source = ("stdin" if args.from_file == "-" else f"file {args.from_file}") if args.from_file else f"server {args.server}"
         options = Options(collapse=args.collapse, include_dropped=args.include_dropped, name=args.name, source=source)
     except SuggestError as exc:
         raise CommandError(str(exc), 2) from None
@@ -150,7 +150,8 @@ def run(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | Non
             with stream:
                 suggestion = suggest(reader.records(iter(stream)), selection, options)
         else:
-            suggestion = suggest(reader.records(_agent_lines(args.server, _query(args))), selection, options)
+            suggestion = suggest(reader.records(_server_lines(args, flows_request(args, since, until))),
+                                 selection, options)
     except SuggestError as exc:
         raise CommandError(str(exc)) from None
     if reader.bad_lines:

@@ -19,6 +19,7 @@ KUSTOMIZATIONS = {
     "collector-sidecar": DEPLOY / "overlays" / "collector-sidecar",
     "collector-gateway": DEPLOY / "overlays" / "collector-gateway",
     "prometheus-only": DEPLOY / "overlays" / "prometheus-only",
+    "hubble-relay": DEPLOY / "overlays" / "hubble-relay",
 }
 OVERLAYS = [name for name in KUSTOMIZATIONS if name != "base"]
 # The Kubernetes releases the manifests are validated against: the oldest supported (the

@@ -95,6 +95,8 @@ def test_the_manifests_found_are_the_expected_ones() -> None:
         "deploy/base/dnsproxy/daemonset.yaml", "deploy/base/dnsproxy/rbac.yaml",
         "deploy/base/dnsproxy/serviceaccount.yaml",
         "deploy/overlays/collector-gateway/gateway.yaml",
+        "deploy/overlays/hubble-relay/hubble-peer.yaml", "deploy/overlays/hubble-relay/hubble-relay.yaml",
+        "deploy/overlays/hubble-relay/hubble-ui.yaml",
         "deploy/cleanup/dnsproxy-cleanup.yaml",
     }
 
@@ -418,6 +420,11 @@ def test_overlays_differ_from_the_base_where_they_say(name: str) -> None:
     mine = agent_config(render(name))
     assert mine["receivers"] == base["receivers"]
     assert mine["connectors"] == base["connectors"]
-    assert mine["exporters"] != base["exporters"]
+    if name == "hubble-relay":  # the same outputs; the Hubble API on the node's address with mTLS
+        assert mine["exporters"] == base["exporters"]
+        assert set(mine["extensions"]) == set(base["extensions"])
+        assert mine["extensions"]["hubble"] != base["extensions"]["hubble"]
+    else:
+        assert mine["exporters"] != base["exporters"]
     for pipeline in ("logs", "metrics"):
         assert mine["service"]["pipelines"][pipeline]["receivers"] == base["service"]["pipelines"][pipeline]["receivers"]

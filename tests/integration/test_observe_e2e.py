@@ -1,5 +1,5 @@
-"""`flowtel observe` and `flowtel map` against `flowtel run` with the flows extension, on
-the real kernel: three pods, known traffic, every address/port/protocol/type filter checked
+"""`flowtel observe` and `flowtel map` against `flowtel run` with the hubble extension
+(gRPC), on the real kernel: three pods, known traffic, every address/port/protocol/type filter checked
 against an independent reading of the flows, byte counts against the kernel's counters.
 
 Pod, namespace and label filters need Kubernetes attributes on the flows: test_ui_e2e.py
@@ -12,10 +12,12 @@ from tests.support.flowlog import parse_line
 import ipaddress
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -48,7 +50,8 @@ class Agent:
     web: Pod
     api: Pod
     db: Pod
-    server: str
+    server: str  # the hubble extension (gRPC): what observe and map talk to
+    http: str  # the flows extension: the HTTP view of the same store, read here independently
     proc: subprocess.Popen[bytes]
     stderr: Path
     web_before: LinkStats
@@ -85,7 +88,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         web, api, db = (bed.add_pod(n) for n in ("web", "api", "db"))
         bed.start_tcp_sink(api, 8080)
         bed.start_udp_sink(db, 9000)
-        server = f"127.0.0.1:{free_port()}"
+        http, server = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         config = tmp / "flowtel.yaml"
         config.write_text(f"""
 receivers:
@@ -100,9 +103,11 @@ exporters:
     path: {tmp / "flows.log"}
 extensions:
   flows:
+    endpoint: "{http}"
+  hubble:
     endpoint: "{server}"
 service:
-  extensions: [flows]
+  extensions: [flows, hubble]
   pipelines:
     logs:
       receivers: [ebpf]
@@ -113,13 +118,13 @@ service:
                                 stdout=subprocess.DEVNULL, stderr=stderr.open("w"), cwd=REPO,
                                 env={**os.environ, "NODE_NAME": "test-node"})
         try:
-            _wait(lambda: _healthy(server), "the flow API", proc, stderr)
+            _wait(lambda: _healthy(http), "the flow API", proc, stderr)
             _wait(lambda: all(_attached(p.host_ifname) for p in (web, api, db)), "tc attach", proc, stderr)
             web_before = bed.link_stats(web)
             send_tcp(web, api.ipv4, 8080, TCP_BYTES)
             send_udp(web, db.ipv4, 9000, UDP_COUNT, UDP_SIZE, interval=0.002)
             assert send_ping(api, db.ipv4, PINGS, interval=0.02).received == PINGS
-            yield Agent(bed, web, api, db, server, proc, stderr, web_before)
+            yield Agent(bed, web, api, db, server, http, proc, stderr, web_before)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -144,7 +149,7 @@ def packets(flows: list[dict[str, Any]]) -> int:
 def everything(agent: Agent) -> list[dict[str, Any]]:
     """Every flow in the agent's ring once all the traffic has been drained into it."""
     def complete() -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"http://{agent.server}/flows", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{agent.http}/flows", timeout=5) as resp:
             # The HTTP flow API's lines, parsed strictly too.
             return [parse_line(line)["flow"] for line in resp.read().decode().splitlines() if '"flow"' in line]
 
@@ -255,31 +260,33 @@ def test_json_lines_are_hubble_flows(agent: Agent, everything: list[dict[str, An
 def test_follow_receives_flows_that_arrive_after_it_started(agent: Agent, everything: list[dict[str, Any]],
                                                             tmp_path: Path) -> None:
     err = tmp_path / "observe.err"
+    # --since a moment ago: the stream starts with what arrived since then, so the traffic
+    # below is seen however long the client takes to connect on a loaded machine.
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     proc = subprocess.Popen(
         [sys.executable, "-m", "flowtel.cli", "observe", "--server", agent.server, "--follow", "-o", "json",
-         "--from-ip", agent.api.ipv4, "--protocol", "udp"],
+         "--since", since, "--from-ip", agent.api.ipv4, "--protocol", "udp"],
         stdout=subprocess.PIPE, stderr=err.open("w"), text=True, cwd=REPO,
     )
     try:
-        # Connected and following before the traffic starts (a follow starts from now): the
-        # agent counts its followers; a fixed sleep loses the race on a loaded machine.
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, err.read_text()
-            with urllib.request.urlopen(f"http://{agent.server}/healthz", timeout=5) as resp:
-                if json.load(resp)["followers"] >= 1:
-                    break
-            assert time.monotonic() < deadline, "flowtel observe --follow never connected"
-            time.sleep(0.05)
+        time.sleep(1.0)
+        assert proc.poll() is None, err.read_text()
         sent = send_udp(agent.api, agent.db.ipv4, 9000, 5, 100)
         seen = 0
         assert proc.stdout is not None
-        deadline = time.monotonic() + 15
+        lines: queue.Queue[str] = queue.Queue()  # a reader thread: readline never blocks the deadline
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
         while seen < 10 and time.monotonic() < deadline:
-            flow = parse_line(proc.stdout.readline())["flow"]
-            assert flow["IP"]["source"] == agent.api.ipv4 and flow["l4"]["UDP"]["source_port"] == sent.src_port
+            try:
+                flow = parse_line(lines.get(timeout=1.0))["flow"]
+            except queue.Empty:
+                continue
+            if flow["l4"]["UDP"]["source_port"] != sent.src_port:
+                continue  # earlier datagrams of this module (since is a second back)
+            assert flow["IP"]["source"] == agent.api.ipv4
             seen += flow["extensions"]["packets"]
-        assert seen == 10  # 5 datagrams, each on api's and db's veth
+        assert seen == 10, err.read_text()  # 5 datagrams, each on api's and db's veth
     finally:
         proc.terminate()
         proc.wait(10)

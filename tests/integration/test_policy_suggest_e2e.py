@@ -66,10 +66,12 @@ def _attached(ifname: str) -> bool:
 
 
 class Agent:
-    """`flowtel run` with the ebpf receiver, static k8sattributes, a file exporter and the flows API."""
+    """`flowtel run` with the ebpf receiver, static k8sattributes, a file exporter, the hubble
+    extension (what `flowtel policy suggest --server` reads) and the flows API (its HTTP view)."""
 
     def __init__(self, tb: Testbed, tmp: Path, metadata: Path) -> None:
         self.server = f"127.0.0.1:{_free_port()}"
+        self.hubble = f"127.0.0.1:{_free_port()}"
         self.flow_log = tmp / "agent-flows.log"
         self.stderr = tmp / "agent.stderr"
         config = tmp / "agent.yaml"
@@ -79,8 +81,8 @@ class Agent:
                                    "kernel_events": {"drops": {"enabled": False}, "tcp": {"enabled": False}}}},
             "processors": {"k8sattributes": {"source": "static", "static": {"path": str(metadata)}}},
             "exporters": {"file": {"path": str(self.flow_log)}},
-            "extensions": {"flows": {"endpoint": self.server}},
-            "service": {"extensions": ["flows"],
+            "extensions": {"flows": {"endpoint": self.server}, "hubble": {"endpoint": self.hubble}},
+            "service": {"extensions": ["flows", "hubble"],
                         "pipelines": {"logs": {"receivers": ["ebpf"], "processors": ["k8sattributes"],
                                                "exporters": ["file"]}}},
         }))
@@ -196,7 +198,7 @@ def test_suggested_policy_allows_what_the_workload_did_and_nothing_else(bed: Bed
         time.sleep(1.2)  # two more drains: the connections' last segments settle
 
         # 2. Suggest, from the running agent.
-        res = suggest_cli("--server", agent.server, "--namespace", "default", "--workload", "client")
+        res = suggest_cli("--server", agent.hubble, "--namespace", "default", "--workload", "client")
         assert res.returncode == 0, res.stderr
         from_agent = res.stdout
     finally:

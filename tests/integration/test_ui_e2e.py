@@ -159,6 +159,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         metadata = tmp / "k8s-metadata.yaml"
         metadata.write_text(yaml.safe_dump(_static_metadata(pods)))
         flows_server, ui, health = (f"127.0.0.1:{free_port()}" for _ in range(3))
+        # `flowtel observe` talks to the hubble extension (gRPC); the ui serves the same store's view.
         # A large ring: node-wide drops from other tests must not push this test's flows out.
         config = tmp / "flowtel.yaml"
         config.write_text(yaml.safe_dump({
@@ -166,10 +167,10 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
                                    "kernel_events": {"poll_interval": "100ms"}}},
             "processors": {"k8sattributes": {"source": "static", "static": {"path": str(metadata)}}},
             "exporters": {"file": {"path": str(tmp / "flows.log")}},
-            "extensions": {"flows": {"endpoint": flows_server, "buffer_size": 50_000},
+            "extensions": {"hubble": {"endpoint": flows_server, "buffer_size": 50_000},
                            "ui": {"endpoint": ui, "buffer_size": 50_000},
                            "health_check": {"endpoint": health}},
-            "service": {"extensions": ["health_check", "flows", "ui"], "pipelines": {"logs": {
+            "service": {"extensions": ["health_check", "hubble", "ui"], "pipelines": {"logs": {
                 "receivers": ["ebpf"], "processors": ["k8sattributes"], "exporters": ["file"]}}},
         }))
         stderr = tmp / "agent.stderr"

@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 from flowtel.lib import policy as proxy_policy
-from extensions.flows.config import FlowsConfig
-from extensions.flows.extension import FlowsExtension
-from extensions.flows.factory import FACTORY
+from extensions.hubble.config import HubbleConfig
+from extensions.hubble.extension import HubbleExtension
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.cli import main
 from flowtel.component import CreateSettings, Telemetry
@@ -502,7 +501,7 @@ def test_cli_from_file_counts_unreadable_lines(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.parametrize("argv, code, message", [
     (["--from-file", "/nonexistent/flows.log", "--workload", "x"], 2, "cannot read /nonexistent/flows.log"),
     (["--from-file", "-", "--since", "yesterday", "--workload", "x"], 2, "--since"),
-    (["--server", "127.0.0.1:1", "--workload", "x"], 1, "cannot reach the flow API at 127.0.0.1:1"),
+    (["--server", "127.0.0.1:1", "--workload", "x"], 1, "cannot reach a Hubble API at 127.0.0.1:1"),
     (["--server", "nonsense", "--workload", "x"], 2, "--server"),
     (["--workload", "x", "--collapse", "1"], 2, "--collapse"),
     (["-n", "shop"], 2, "select the pods"),
@@ -513,15 +512,15 @@ def test_cli_errors(argv: list[str], code: int, message: str, capsys: pytest.Cap
 
 
 @pytest.fixture
-def agent_api() -> Iterator[FlowsExtension]:
-    ext = FACTORY.create(CreateSettings("flows", "node-1", Telemetry()), FlowsConfig(endpoint="127.0.0.1:0"))
-    assert isinstance(ext, FlowsExtension)
+def agent_api() -> Iterator[HubbleExtension]:
+    """The agent's Hubble API (gRPC), what `policy suggest --server` reads."""
+    ext = HubbleExtension(CreateSettings("hubble", "node-1", Telemetry()), HubbleConfig(endpoint="127.0.0.1:0"))
     ext.start()
     yield ext
     ext.shutdown()
 
 
-def test_cli_from_a_running_flow_api(agent_api: FlowsExtension, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_from_a_running_flow_api(agent_api: HubbleExtension, capsys: pytest.CaptureFixture[str]) -> None:
     agent_api.consume([*sample_flows().values(), *_mixed_flows(), LostEvents(T0, "PERF_EVENT_RING_BUFFER", 2)])
     assert main(["policy", "suggest", "--server", agent_api.endpoint, "-n", "shop", "--workload", "frontend"]) == 0
     out, err = capsys.readouterr()

@@ -1,5 +1,7 @@
 """Filter flags over a fixed set of flows: each flag, OR within a flag, AND across flags,
---not, and Hubble's namespace, conflict and validation rules (flowtel.flowfilter)."""
+--not, and Hubble's namespace, conflict and validation rules: the flags become Cilium
+FlowFilters (flowtel.lib.hubble.flags), evaluated by flowtel.lib.hubble.filters on each
+flow's Cilium message."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +10,8 @@ import shlex
 import pytest
 
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
-from flowtel.flowfilter import FilterError, build_filters, event_type
+from flowtel.lib.hubble.filters import FilterError, compile_filters
+from flowtel.lib.hubble.flags import build_filters
 from flowtel.observe import add_observe_arguments
 from tests.flowsamples import lost, sample_flows
 
@@ -23,8 +26,8 @@ def pairs(argv: str) -> list[tuple[str, str]]:
 
 def select(argv: str) -> list[str]:
     """The sample flows `flowtel observe ARGV` shows, parsed by the real command line."""
-    filters = build_filters(pairs(argv))
-    return [name for name, flow in sample_flows().items() if filters.matches(flow)]
+    filters = compile_filters(*build_filters(pairs(argv)))
+    return [name for name, flow in sample_flows().items() if filters.matches_flow(hubble.to_proto(flow))]
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -115,7 +118,7 @@ def test_either_end_flags_combine_per_end_as_hubble() -> None:
 
 def test_lost_events_always_pass() -> None:
     for argv in ("--verdict DROPPED", "--not --namespace shop", "--pod nothing/here"):
-        assert build_filters(pairs(argv)).matches(lost())
+        assert compile_filters(*build_filters(pairs(argv))).matches(hubble.to_response(lost()))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -127,11 +130,11 @@ def test_lost_events_always_pass() -> None:
     ("--namespace a --pod b/x", "namespace conflict: 'a' does not contain 'b/x'"),
     ("--not --not --ip 1.1.1.1", "consecutive --not"),
     ("--ip 1.1.1.1 --not", "--not must be followed by a filter"),
-    ("--port 70000", "--port: invalid port '70000'"),
+    ("--port 70000", "--port: invalid port filter '70000'"),
     ("--to-port http", "--to-port: invalid port"),
     ("--ip 1.2.3", "--ip: invalid IP address in filter: '1.2.3'"),
     ("--from-ip 10.0.0.0/33", "invalid CIDR"),
-    ("--verdict MAYBE", "invalid --verdict value: 'MAYBE'"),
+    ("--verdict MAYBE", "--verdict: invalid verdict 'MAYBE'"),
     ("--protocol gre", "unknown protocol: 'gre'"),
     ("--type bogus", "unable to parse type 'bogus'"),
     ("--type trace:sideways", "unable to parse event sub-type 'sideways'"),
@@ -156,32 +159,35 @@ def test_unknown_flag_in_wire_form_is_refused() -> None:
         build_filters([("workload", "x")])
 
 
-def test_event_type_agrees_with_the_json_flowtel_emits() -> None:
+def test_type_filters_match_the_event_type_flowtel_emits() -> None:
+    # Each sample is matched by the --type of the event_type its Cilium message carries.
     for name, flow in sample_flows().items():
-        d = hubble.flow_json(flow)["event_type"]
-        assert event_type(flow) == (d["type"], d.get("sub_type", 0)), name
+        et = hubble.to_proto(flow).event_type
+        assert name in select(f"--type {et.type}:{et.sub_type}"), name
 
 
 # --- hostile patterns -----------------------------------------------------------------------
 
 _WORST_CASE = """
 import sys, time
-from flowtel.flowfilter import build_filters
+from flowtel.lib.hubble import convert
+from flowtel.lib.hubble.filters import compile_filters
+from flowtel.lib.hubble.flags import build_filters
+from flowtel.records import replace
 from tests.flowsamples import sample_flows
-from flowtel.records import DnsInfo, replace
 name = ".".join(["a" * 62] * 3) + ".example"
-flow = replace(sample_flows()["F4"], destination_names=(name,))
+flow = convert.to_proto(replace(sample_flows()["F4"], destination_names=(name,)))
 started = time.monotonic()
 for stars in (17, 40, 120):
-    filters = build_filters([("to-fqdn", "*" * stars + "q"), ("to-fqdn", "*" * stars + ".example")])
-    assert filters.matches(flow)
-    assert not build_filters([("to-fqdn", "*" * stars + "q")]).matches(flow)
+    filters = compile_filters(*build_filters([("to-fqdn", "*" * stars + "q"), ("to-fqdn", "*" * stars + ".example")]))
+    assert filters.matches_flow(flow)
+    assert not compile_filters(*build_filters([("to-fqdn", "*" * stars + "q")])).matches_flow(flow)
 print(time.monotonic() - started)
 """
 
 
 def test_fqdn_patterns_match_in_linear_time() -> None:
-    # In a child process: the backtracking regex these replaced runs for hours on this input.
+    # In a child process: a backtracking regex runs for hours on this input.
     import subprocess
     import sys
     from pathlib import Path
@@ -202,7 +208,7 @@ def test_label_selectors_parse_in_linear_time() -> None:
     import time
 
     started = time.monotonic()
-    for _ in range(32):  # a request's worth of label filters, each as long as a parameter may be
+    for _ in range(32):  # a request's worth of label filters, each as long as a value may be
         with pytest.raises(FilterError):
             build_filters([("label", "a" + " " * 1000 + "in" + " " * 10 + "(x")])
     assert time.monotonic() - started < 0.5

@@ -1,0 +1,13 @@
+"""Factory of the ``hubble`` extension."""
+from __future__ import annotations
+
+from extensions.hubble.config import HubbleConfig
+from extensions.hubble.extension import HubbleExtension
+from flowtel.component import CreateSettings, Factory, Kind
+
+
+def create(settings: CreateSettings, config: HubbleConfig) -> HubbleExtension:
+    return HubbleExtension(settings, config)
+
+
+FACTORY = Factory(type="hubble", kind=Kind.EXTENSION, config_class=HubbleConfig, create=create, signals=("logs",))
