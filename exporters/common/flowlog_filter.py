@@ -235,7 +235,7 @@ def _check(value: Any, info: ValidationInfo) -> Any:
 
 
 def _proto(ff: Any) -> flow_pb2.FlowFilter:
-    return ff.to_proto()  # type: ignore[no-any-return]
+    return ff.to_proto()
 
 
 FlowFilterConfig: Any = create_model(  # type: ignore[call-overload]
@@ -252,9 +252,9 @@ class FlowLogFilterConfig(ComponentConfig):
     """The keys a flow-log exporter's config gets by inheriting from this class."""
 
 
-    allow_list: list[FlowFilterConfig] = Field(  # type: ignore[valid-type]
+    allow_list: list[FlowFilterConfig] = Field(
         default_factory=list, description="export only flows matching one of these filters (empty: all)")
-    deny_list: list[FlowFilterConfig] = Field(  # type: ignore[valid-type]
+    deny_list: list[FlowFilterConfig] = Field(
         default_factory=list, description="do not export flows matching any of these filters")
     field_mask: list[FieldPath] = Field(
         default_factory=list, description="keep only these paths of the Hubble flow JSON (empty: all)")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from extensions.hubble.config import HubbleConfig
 from extensions.hubble.extension import HubbleExtension
-from flowtel.component import CreateSettings, Factory, Kind
+from flowtel.component import CreateSettings, ExtensionFactory
 
 
 def create(settings: CreateSettings, config: HubbleConfig) -> HubbleExtension:
     return HubbleExtension(settings, config)
 
 
-FACTORY = Factory(type="hubble", kind=Kind.EXTENSION, config_class=HubbleConfig, create=create, signals=("logs",))
+FACTORY = ExtensionFactory(type="hubble", config_class=HubbleConfig, create=create, signals=("logs",))

@@ -232,12 +232,14 @@ def watch_agent_pods(owner: str, cfg: PeersConfig, registry: PeerRegistry, *, po
         raise StartError(owner, "peers: a unix socket endpoint has no port other agents could dial",
                          f"set extensions.{owner}.peers.port to the agents' TCP port")
     api = kube.connect(owner, cfg.auth_type, cfg.kubeconfig, cfg.context, pool_size=2)
+    remedy = kube.rbac_remedy(kube.access(owner, cfg.auth_type, cfg.kubeconfig, cfg.context))
     health = kube.ApiHealth(owner, kube.server_of(api), on_health,
-                            meanwhile="Peer/Notify keeps answering with the agents last seen", logger=log)
+                            meanwhile="Peer/Notify keeps answering with the agents last seen", rbac_remedy=remedy,
+                            logger=log)
     options = kube.WatchOptions(request_timeout=cfg.request_timeout, watch_timeout=cfg.watch_timeout,
                                 page_size=500, backoff_initial=1.0, backoff_max=30.0)
     informer: kube.Informer[AgentPod] = kube.Informer(
-        "agent-pods", kube.listers(api)["pods"], strip_pod, PodPeers(registry, port, cfg.cluster_name, tls),
+        "agent-pods", kube.pods_lister(api), strip_pod, PodPeers(registry, port, cfg.cluster_name, tls),
         options, health=health, count=functools.partial(telemetry.add, owner),
         list_kwargs={"label_selector": cfg.label_selector, "field_selector": f"metadata.namespace={namespace}"},
     )

@@ -213,7 +213,7 @@ _EITHER_END = {"pod": "pod", "ip": "ip", "port": "port", "label": "label", "fqdn
 
 def _enum(enum: Any, value: str, what: str) -> int:  # a generated enum (EnumTypeWrapper)
     try:
-        return enum.Value(value.upper())  # type: ignore[no-any-return]
+        return enum.Value(value.upper())
     except ValueError:
         raise FilterError(f"invalid {what} {value!r}; known: {', '.join(enum.keys())}") from None
 
