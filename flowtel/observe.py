@@ -326,7 +326,7 @@ def fetch_records(args: argparse.Namespace, req: observer_pb2.GetFlowsRequest,
 
 
 def service_map(records: Iterator[Record], granularity: str, namespaces: Sequence[str] = ()) -> dict[str, Any]:
-    graph = ServiceGraph(granularity=granularity, expire_after=0, max_edges=1_000_000)  # type: ignore[arg-type]
+    graph = ServiceGraph(granularity=granularity, expire_after=0, max_edges=1_000_000)  # type: ignore[arg-type]  # granularity: the CLI's choices are Granularity's values
     graph.add(records)
     return graph_to_dict(graph.snapshot(), namespaces=namespaces, overflow=graph.overflow)
 

@@ -230,7 +230,7 @@ class _FlowFilterBase(ComponentConfig):
 
 def _check(value: Any, info: ValidationInfo) -> Any:
     # Parsed and compiled here, so a bad value stops the config load with its key path.
-    _parse_field(info.field_name, value)  # type: ignore[arg-type]
+    _parse_field(info.field_name, value)  # type: ignore[arg-type]  # field_name: set for field validators
     return value
 
 
@@ -238,7 +238,7 @@ def _proto(ff: Any) -> flow_pb2.FlowFilter:
     return ff.to_proto()
 
 
-FlowFilterConfig: Any = create_model(  # type: ignore[call-overload]
+FlowFilterConfig: Any = create_model(  # type: ignore[call-overload]  # fields built from the proto's descriptor
     "FlowFilterConfig", __base__=_FlowFilterBase,  # every FlowFilter field, each checked alone
     __validators__={"_values": field_validator(*FILTER_FIELDS)(_check)},
     **{name: (Any, Field(default=None)) for name in FILTER_FIELDS},

@@ -100,7 +100,7 @@ class GrpcServer:
         self.server = grpc.server(self._pool, options=server_options(cfg),
                                   maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         for add, servicer in servicers:
-            add(servicer, self.server)  # type: ignore[operator]
+            add(servicer, self.server)  # type: ignore[operator]  # the generated add_*Servicer_to_server functions
         creds = credentials(owner, cfg.tls) if cfg.tls is not None else None
         if self.kind == "unix":
             prepare_unix_socket(owner, self.host)

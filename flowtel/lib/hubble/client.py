@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import grpc
+from flowtel.lib.hubble.api.observer import observer_pb2
 
-from flowtel.lib.hubble.api.observer import observer_pb2, observer_pb2_grpc
+if TYPE_CHECKING:
+    import grpc
 
 DEFAULT_SERVER = "127.0.0.1:4244"  # the hubble extension's default endpoint (Hubble's port)
 CONNECT_TIMEOUT = 5.0
@@ -85,6 +86,10 @@ def _read(path: str, flag: str) -> bytes:
 
 
 def channel(conn: Connection) -> grpc.Channel:
+    # grpc (and the generated stubs, which import it) load when a command connects, not for
+    # its --help: the client commands stay light (tests/contracts/test_cli_imports.py).
+    import grpc
+
     target = _target(conn.server)
     options: list[tuple[str, object]] = [("grpc.max_receive_message_length", MAX_MESSAGE)]
     if not conn.tls:
@@ -98,6 +103,8 @@ def channel(conn: Connection) -> grpc.Channel:
 
 
 def rpc_error(conn: Connection, exc: grpc.RpcError) -> ClientError:
+    import grpc
+
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -120,6 +127,8 @@ class ObserverClient:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        from flowtel.lib.hubble.api.observer import observer_pb2_grpc
+
         self._channel = channel(conn)
         self.stub = observer_pb2_grpc.ObserverStub(self._channel)
 
@@ -133,6 +142,8 @@ class ObserverClient:
         self._channel.close()
 
     def wait_ready(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        import grpc
+
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -143,6 +154,8 @@ class ObserverClient:
 
     def get_flows(self, request: observer_pb2.GetFlowsRequest,
                   timeout: float | None = None) -> Iterator[observer_pb2.GetFlowsResponse]:
+        import grpc
+
         self.wait_ready()
         call = self.stub.GetFlows(request, timeout=timeout)
         try:
@@ -155,6 +168,8 @@ class ObserverClient:
             call.cancel()
 
     def server_status(self, timeout: float = 10.0) -> observer_pb2.ServerStatusResponse:
+        import grpc
+
         self.wait_ready()
         try:
             return self.stub.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=timeout)
