@@ -18,6 +18,7 @@ declare -A PKG_FOR=(
   [/usr/bin/dig]=dnsutils
   [/usr/bin/tcpdump]=tcpdump
   [/usr/bin/iperf3]=iperf3
+  [/usr/bin/dnsperf]=dnsperf
   [/usr/sbin/nft]=nftables
   [/usr/bin/nstat]=iproute2
   [/usr/sbin/tc]=iproute2
