@@ -42,16 +42,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
 import yaml  # type: ignore[import-untyped]
 
-from bench.datapath_table import (FLOWTEL, NONE, OBSERVERS, TCPDUMP, WORKLOADS, Sample, iperf3_tcp_bits_per_second,
-                                  iperf3_udp_received_per_second, parse_conn_client, parse_dnsperf, proc_stat_ticks,
-                                  render, summarize, tcpdump_drops)
+from bench.datapath_table import (FLOWTEL, NONE, OBSERVERS, TCPDUMP, WORKLOADS, Check, DnsperfResult, Sample,
+                                  iperf3_tcp_bits_per_second, iperf3_udp_received_per_second, parse_conn_client,
+                                  parse_dnsperf, proc_stat_ticks, prometheus_sums, render, render_checks, summarize,
+                                  tcpdump_drops)
 from bench.startup import Agent, free_port, rss_mb
-from flowtel.testbed import Pod, Testbed, require_tool
+from flowtel.testbed import LinkStats, Pod, Testbed, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "config" / "flowtel.yaml"
@@ -111,21 +113,23 @@ def cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
-def shipped_config(bed: Testbed, workdir: Path) -> Path:
-    """config/flowtel.yaml, changed only where a shared machine requires (module docstring)."""
+def shipped_config(bed: Testbed, workdir: Path) -> tuple[Path, str | None]:
+    """config/flowtel.yaml, changed only where a shared machine requires (module docstring);
+    returns it and the prometheus exporter's endpoint (None if the shipped config has none)."""
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     cfg["receivers"]["ebpf"]["interfaces"] = [bed.interface_glob]
     if "fqdnpolicy" in cfg["receivers"]:
         cfg["receivers"]["fqdnpolicy"]["pin_dir"] = str(workdir / "no-dnsproxy-pins")
     cfg["exporters"]["file"]["path"] = str(workdir / "flows.log")
+    prometheus = None
     if "prometheus" in cfg["exporters"]:
-        cfg["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
+        prometheus = cfg["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
     for name, ext in (cfg.get("extensions") or {}).items():
         if isinstance(ext, dict) and "endpoint" in ext:
             ext["endpoint"] = f"127.0.0.1:{free_port()}"
     path = workdir / "flowtel.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return path, prometheus
 
 
 class Observer:
@@ -158,10 +162,17 @@ class Flowtel(Observer):
         self.agent: Agent | None = None
         self.idle_cores = 0.0
         self.rss_samples: list[float] = []
+        self.dns_queries_sent = 0
+        self.prometheus: str | None = None
+        self.links0: dict[str, LinkStats] = {}
 
     def __enter__(self) -> "Flowtel":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.agent = Agent(shipped_config(self.bed, self.workdir), self.workdir / "agent.log").start()
+        config, self.prometheus = shipped_config(self.bed, self.workdir)
+        # The quiet testbed sends nothing by itself: what the veths count from here on is the
+        # workloads' traffic, all of which flowtel must see.
+        self.links0 = {name: self.bed.link_stats(pod) for name, pod in self.bed.pods.items()}
+        self.agent = Agent(config, self.workdir / "agent.log").start()
         try:
             for pod in self.bed.pods.values():
                 self.agent.wait_attached(pod)
@@ -195,6 +206,26 @@ class Flowtel(Observer):
         assert self.agent is not None
         self.rss_samples.append(rss_mb(self.agent.pid))
         return idle_cores * self.tail
+
+
+    def counts(self, r: int) -> Check | None:
+        """After the last workload: one more interval for the metric pipeline's own interval
+        (hubblemetrics, the exporter), then flowtel's counters against the veths' and dnsperf's."""
+        if self.prometheus is None:
+            return None
+        time.sleep(self.tail)
+        self.check()
+        with urllib.request.urlopen(f"http://{self.prometheus}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        got = prometheus_sums(text, ["networkobservability_forward_count", "networkobservability_dns_request_count",
+                                     "hubble_lost_events_total"])
+        fwd = {d: prometheus_sums("\n".join(line for line in text.splitlines() if f'direction="{d}"' in line),
+                                  ["networkobservability_forward_count"]).get("networkobservability_forward_count", 0.0)
+               for d in ("ingress", "egress")}
+        delta = [self.bed.link_stats(pod) - self.links0[name] for name, pod in self.bed.pods.items()]
+        return Check(r, fwd["ingress"], sum(d.rx_packets for d in delta), fwd["egress"], sum(d.tx_packets for d in delta),
+                     got.get("networkobservability_dns_request_count", 0.0), self.dns_queries_sent,
+                     got.get("hubble_lost_events_total", 0.0))
 
 
 class Tcpdump(Observer):
@@ -260,6 +291,7 @@ class Bed:
         self.queries.write_text("".join(f"{n} A\n" for n in names))
         # Many short connections: the client's ephemeral ports must not run out (per netns).
         self.client.exec(["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
+        self.last_dnsperf: DnsperfResult | None = None
         time.sleep(0.5)  # iperf3 -s binds asynchronously
 
     def iperf3(self, args: list[str], seconds: float) -> dict:
@@ -284,7 +316,8 @@ class Bed:
         if workload == "dns":
             res = self.client.exec([require_tool("dnsperf"), "-s", self.dns.ipv4, "-d", str(self.queries),
                                     "-l", str(seconds)], timeout=seconds + 60)
-            return parse_dnsperf(res.stdout).qps
+            self.last_dnsperf = parse_dnsperf(res.stdout)
+            return self.last_dnsperf.qps
         if workload == "conn":
             res = self.client.exec([sys.executable, "-c", CONN_CLIENT, self.server.ipv4, str(CONN_PORT), str(seconds)],
                                    timeout=seconds + 60)
@@ -306,6 +339,7 @@ class Run:
         self.rss_mb: list[float] = []
         self.tcpdump_drops: list[tuple[int, int]] = []
         self.loadavg: list[float] = []
+        self.checks: list[Check] = []
 
 
 def run(rounds: int = 5, seconds: float = 5.0, *, settle: float = 8.0, idle: float = 10.5, tail: float = 11.0,
@@ -338,9 +372,13 @@ def run(rounds: int = 5, seconds: float = 5.0, *, settle: float = 8.0, idle: flo
                         c1 = obs.cpu()
                         cores = None if c0 is None or c1 is None else max(0.0, c1 - c0 - idle_share) / wall
                         out.samples.append(Sample(w, name, r, value, cores))
+                        if isinstance(obs, Flowtel) and w == "dns" and bed.last_dnsperf is not None:
+                            obs.dns_queries_sent += bed.last_dnsperf.sent
                         log(f"round {r + 1}/{rounds} {name:8} {w:6} {value:14,.0f}"
                             + ("" if cores is None else f"  observer {cores:.3f} cores"))
                         time.sleep(1.0)  # sockets of the last workload close before the next
+                    if isinstance(obs, Flowtel) and (check := obs.counts(r)) is not None:
+                        out.checks.append(check)
                 if isinstance(obs, Flowtel):
                     out.rss_mb.extend(obs.rss_samples)
                     log(f"round {r + 1}/{rounds} flowtel idle {idle_cores:.4f} cores, RSS {max(obs.rss_samples, default=0):.0f} MB")
@@ -359,6 +397,10 @@ def report(res: Run) -> str:
         rec = sum(r for r, _ in res.tcpdump_drops)
         drop = sum(d for _, d in res.tcpdump_drops)
         text += f"\ntcpdump: {drop:,} of {rec:,} packets dropped by the kernel before capture ({drop / max(rec, 1):.1%})."
+    if res.checks:
+        text += ("\n\nWhat flowtel counted (its prometheus endpoint, after the workloads) against the kernel's "
+                 "counters of the same veths and dnsperf's own count (each query crosses two observed veths):\n\n"
+                 + render_checks(res.checks) + "\n")
     if res.loadavg:
         text += f"\nload average (1 min) at the start of each condition: {min(res.loadavg):.2f}–{max(res.loadavg):.2f}."
     return text

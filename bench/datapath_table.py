@@ -138,6 +138,51 @@ def tcpdump_drops(stderr: str) -> tuple[int, int] | None:
     return int(rec.group(1)), int(drop.group(1))
 
 
+def prometheus_sums(text: str, names: Iterable[str]) -> dict[str, float]:
+    """The sum over all series of each metric in ``names`` from Prometheus text exposition
+    (``name{labels} value [timestamp]``); a name with no series is absent."""
+    wanted = set(names)
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name, rest = line.split("{", 1)
+            rest = rest[rest.rindex("}") + 1:]
+        else:
+            name, _, rest = line.partition(" ")
+        if name in wanted:
+            out[name] = out.get(name, 0.0) + float(rest.split()[0])
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What flowtel counted in one condition against the kernel's and the clients' own counts."""
+
+    round: int
+    forward_ingress: float  # networkobservability_forward_count{direction=ingress}
+    link_rx_packets: int  # Σ rx_packets of the host-side veths (what the pods sent), ip -s link
+    forward_egress: float
+    link_tx_packets: int
+    dns_requests: float  # networkobservability_dns_request_count
+    dns_queries_sent: int  # dnsperf's "Queries sent"
+    lost_events: float  # hubble_lost_events_total
+
+
+def render_checks(checks: list[Check]) -> str:
+    out = ["| round | forward_count ingress / Σ veth rx_packets | forward_count egress / Σ veth tx_packets "
+           "| dns_request_count / dnsperf queries sent | hubble_lost_events_total |",
+           "|---|---|---|---|---|"]
+    for c in checks:
+        def ratio(a: float, b: float) -> str:
+            return f"{a:,.0f} / {b:,.0f} = {a / b:.4f}" if b else f"{a:,.0f} / 0"
+        out.append(f"| {c.round + 1} | {ratio(c.forward_ingress, c.link_rx_packets)} "
+                   f"| {ratio(c.forward_egress, c.link_tx_packets)} | {ratio(c.dns_requests, c.dns_queries_sent)} "
+                   f"| {c.lost_events:,.0f} |")
+    return "\n".join(out)
+
+
 # -- the table -----------------------------------------------------------------------------
 
 def summarize(samples: Iterable[Sample]) -> list[Row]:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from bench.datapath_table import (FLOWTEL, NONE, TCPDUMP, Sample, iperf3_tcp_bits_per_second,
+from bench.datapath_table import (FLOWTEL, NONE, TCPDUMP, Check, Sample, iperf3_tcp_bits_per_second,
                                   iperf3_udp_received_per_second, parse_conn_client, parse_dnsperf, proc_stat_ticks,
-                                  render, summarize, tcpdump_drops)
+                                  prometheus_sums, render, render_checks, summarize, tcpdump_drops)
 
 IPERF3_TCP = json.loads("""{"start": {}, "intervals": [], "end": {
  "sum_sent": {"start": 0, "end": 1.000339, "seconds": 1.000339, "bytes": 1622671360,
@@ -132,3 +132,23 @@ def test_render_says_which_targets_are_missed() -> None:
     assert "0.1 k/s" in udp and "0.99 (0.56–0.99)" in udp and "**no**" not in udp
     assert "idle: 0.0200 cores (target ≤ 0.01: **no**)" in text
     assert "250 MB" in text
+
+
+def test_prometheus_sums_add_every_series_of_a_name() -> None:
+    text = """# HELP networkobservability_forward_count Total forwarded packets
+# TYPE networkobservability_forward_count counter
+networkobservability_forward_count{direction="ingress"} 149759
+networkobservability_forward_count{direction="egress"} 10 1700000000000
+hubble_lost_events_total{source="PERF_EVENT_RING_BUFFER",note="a } in a value"} 5
+hubble_lost_events_total{source="OBSERVER_EVENTS_QUEUE"} 2.5
+networkobservability_forward_count_created 1.7e9
+"""
+    got = prometheus_sums(text, ["networkobservability_forward_count", "hubble_lost_events_total", "absent"])
+    assert got == {"networkobservability_forward_count": 149769.0, "hubble_lost_events_total": 7.5}
+
+
+def test_checks_table_shows_counted_over_truth() -> None:
+    text = render_checks([Check(0, 149759, 149759, 100, 200, 20413, 16624, 25863)])
+    row = text.splitlines()[-1]
+    assert row.startswith("| 1 | 149,759 / 149,759 = 1.0000 | 100 / 200 = 0.5000 | 20,413 / 16,624 = 1.2279 | 25,863 |")
+    assert "/ 0 |" in render_checks([Check(1, 5, 0, 0, 0, 0, 0, 0)])
