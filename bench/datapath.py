@@ -28,7 +28,8 @@ of the rounds, quoted as ratios to no observer of the same run. The observer's C
 from /proc/PID/stat (utime + stime of the process and its descendants). flowtel aggregates in
 the kernel and drains every collection interval (10 s as shipped), so the work a workload
 causes may land after it ends: flowtel's CPU for a workload is measured from its start to
-``--tail`` seconds after its end, minus the idle rate over that tail, per second of workload.
+``--tail`` seconds after its end, minus the idle rate over that tail, per second of workload
+(marked as a lower bound when the agent was still busy over the tail's last 2 s).
 Idle is measured over ``--idle`` seconds (at least one interval) after attach.
 
 Run with ``make bench`` or ``python -m bench.datapath [--rounds 5] [--seconds 5]`` as root.
@@ -146,11 +147,10 @@ class Observer:
     def cpu(self) -> float | None:
         return None
 
-    def settle_cores(self, idle_cores: float) -> float:
-        return 0.0
-
-    def detail(self) -> str:
-        return ""
+    def settle_cores(self, idle_cores: float) -> tuple[float, bool]:
+        """Wait for the work a workload left behind; return the idle share of the CPU over
+        that wait and whether the observer was still busy at its end."""
+        return 0.0, False
 
 
 class Flowtel(Observer):
@@ -199,13 +199,18 @@ class Flowtel(Observer):
         assert self.agent is not None
         return cpu_seconds(self.agent.pid)
 
-    def settle_cores(self, idle_cores: float) -> float:
-        """Wait out the tail (the drain of the workload's interval); return its idle share."""
-        time.sleep(self.tail)
-        self.check()
+    def settle_cores(self, idle_cores: float) -> tuple[float, bool]:
+        """Wait out the tail (the drain of the workload's interval); return its idle share, and
+        whether the agent still used > 0.1 cores over the tail's last 2 s (then the work the
+        workload caused outlasted the tail and the figure is a lower bound)."""
         assert self.agent is not None
+        time.sleep(max(0.0, self.tail - 2.0))
+        c0, t0 = cpu_seconds(self.agent.pid), time.monotonic()
+        time.sleep(min(2.0, self.tail))
+        busy = (cpu_seconds(self.agent.pid) - c0) / (time.monotonic() - t0) > max(0.1, 5 * idle_cores)
+        self.check()
         self.rss_samples.append(rss_mb(self.agent.pid))
-        return idle_cores * self.tail
+        return idle_cores * self.tail, busy
 
 
     def counts(self, r: int) -> Check | None:
@@ -368,14 +373,15 @@ def run(rounds: int = 5, seconds: float = 5.0, *, settle: float = 8.0, idle: flo
                         c0, t0 = obs.cpu(), time.monotonic()
                         value = bed.run(w, seconds)
                         wall = time.monotonic() - t0
-                        idle_share = obs.settle_cores(idle_cores)
+                        idle_share, busy = obs.settle_cores(idle_cores)
                         c1 = obs.cpu()
                         cores = None if c0 is None or c1 is None else max(0.0, c1 - c0 - idle_share) / wall
-                        out.samples.append(Sample(w, name, r, value, cores))
+                        out.samples.append(Sample(w, name, r, value, cores, busy_after_tail=busy))
                         if isinstance(obs, Flowtel) and w == "dns" and bed.last_dnsperf is not None:
                             obs.dns_queries_sent += bed.last_dnsperf.sent
                         log(f"round {r + 1}/{rounds} {name:8} {w:6} {value:14,.0f}"
-                            + ("" if cores is None else f"  observer {cores:.3f} cores"))
+                            + ("" if cores is None else f"  observer {cores:.3f} cores")
+                            + ("  (still busy after the tail)" if busy else ""))
                         time.sleep(1.0)  # sockets of the last workload close before the next
                     if isinstance(obs, Flowtel) and (check := obs.counts(r)) is not None:
                         out.checks.append(check)

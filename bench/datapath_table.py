@@ -45,7 +45,7 @@ class Sample:
     round: int
     value: float  # the workload's rate: bits/s, datagrams/s, queries/s, connections/s
     observer_cores: float | None = None  # observer's CPU seconds per second (None: no observer)
-    detail: str = ""  # e.g. tcpdump's "packets dropped by kernel"
+    busy_after_tail: bool = False  # the observer was still working when its CPU was last read
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,7 @@ class Row:
     spread: Mapping[str, tuple[float, float]]  # observer -> (min, max) of the per-round ratios
     flowtel_vs_tcpdump: float
     cores: Mapping[str, float]  # observer -> median CPU seconds per second
+    cores_lower_bound: Mapping[str, bool]  # observer -> some sample was still busy after the tail
     rounds: int
 
 
@@ -200,6 +201,7 @@ def summarize(samples: Iterable[Sample]) -> list[Row]:
         ratio: dict[str, float] = {}
         spread: dict[str, tuple[float, float]] = {}
         cores: dict[str, float] = {}
+        lower: dict[str, bool] = {}
         for o, ss in by_obs.items():
             if not ss:
                 continue
@@ -210,9 +212,10 @@ def summarize(samples: Iterable[Sample]) -> list[Row]:
             cs = [s.observer_cores for s in ss if s.observer_cores is not None]
             if cs:
                 cores[o] = statistics.median(cs)
+                lower[o] = any(s.busy_after_tail for s in ss)
         f, t = ratio.get(FLOWTEL), ratio.get(TCPDUMP)
         rows.append(Row(w, base, ratio, spread, f / t if f is not None and t else float("nan"), cores,
-                        len(by_obs[NONE])))
+                        lower, len(by_obs[NONE])))
     return rows
 
 
@@ -245,13 +248,16 @@ def render(rows: list[Row], *, idle_cores: float | None, rss_mb: float | None) -
         out.append(
             f"| {r.workload.title} | 1.00 ({r.base / r.workload.scale:.3g} {r.workload.unit}) "
             f"| {_ratio_cell(r, FLOWTEL)} | {_ratio_cell(r, TCPDUMP)} | {r.flowtel_vs_tcpdump:.2f} "
-            f"| {'–' if fc is None else f'{fc:.3f}'} "
+            f"| {'–' if fc is None else ('≥ ' if r.cores_lower_bound.get(FLOWTEL) else '') + f'{fc:.3f}'} "
             f"| {'–' if TCPDUMP not in r.cores else f'{r.cores[TCPDUMP]:.3f}'} | {met} |"
         )
     rounds = max((r.rounds for r in rows), default=0)
     out.append("")
     out.append(f"Medians of {rounds} alternating rounds; in brackets the lowest and highest ratio a single round gave "
                "(observer / no observer of the same round).")
+    if any(r.cores_lower_bound.get(FLOWTEL) for r in rows):
+        out.append("≥: in some round the agent was still busy at the end of the time charged to the workload "
+                   "(the work outlasted it), so its CPU is a lower bound.")
     if idle_cores is not None:
         out.append(f"flowtel agent CPU idle: {idle_cores:.4f} cores "
                    f"(target ≤ {IDLE_CPU_TARGET}: {_met(idle_cores <= IDLE_CPU_TARGET)}).")

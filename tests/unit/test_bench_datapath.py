@@ -104,7 +104,7 @@ def _samples() -> list[Sample]:
     out = []
     for r, (n, f, t) in enumerate([(100, 99, 80), (110, 100, 88), (90, 50, 72)]):
         out.append(Sample("udp64", NONE, r, n))
-        out.append(Sample("udp64", FLOWTEL, r, f, observer_cores=0.01 * (r + 1)))
+        out.append(Sample("udp64", FLOWTEL, r, f, observer_cores=0.01 * (r + 1), busy_after_tail=r == 2))
         out.append(Sample("udp64", TCPDUMP, r, t, observer_cores=0.2))
     return out
 
@@ -119,6 +119,7 @@ def test_summary_is_ratio_of_medians_with_per_round_spread() -> None:
     assert row.flowtel_vs_tcpdump == pytest.approx(0.99 / 0.80)
     assert row.cores[FLOWTEL] == pytest.approx(0.02)
     assert row.cores[TCPDUMP] == pytest.approx(0.2)
+    assert row.cores_lower_bound == {FLOWTEL: True, TCPDUMP: False}
 
 
 def test_render_says_which_targets_are_missed() -> None:
@@ -130,6 +131,7 @@ def test_render_says_which_targets_are_missed() -> None:
     udp = next(line for line in lines if line.startswith("| UDP 64-byte"))
     assert "10 Gbit/s" in tcp and "0.90 (0.90–0.90)" in tcp and tcp.count("**no**") == 3
     assert "0.1 k/s" in udp and "0.99 (0.56–0.99)" in udp and "**no**" not in udp
+    assert "| ≥ 0.020 |" in udp and "lower bound" in text and "| 0.200 |" in udp
     assert "idle: 0.0200 cores (target ≤ 0.01: **no**)" in text
     assert "250 MB" in text
 
