@@ -22,6 +22,14 @@ _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?$")
 # ${env:NAME} or ${env:NAME:-default}; "$$" escapes a literal "$".
 _ENV_RE = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# A config is a few KiB (a ConfigMap holds at most 1 MiB): anything far larger is a mistake.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# Alias expansion limits, as Go's yaml.v3 (decode.go allowedAliasRatio), which the
+# Collector's config loader uses, plus an absolute bound on the expanded document.
+_ALIAS_RATIO_LOW = 400_000
+_ALIAS_RATIO_HIGH = 4_000_000
+_MAX_DECODED = _ALIAS_RATIO_HIGH
+
 DEFAULT_CONFIG_CANDIDATES = (
     Path("/etc/flowtel/config.yaml"),
     Path(__file__).resolve().parent.parent / "config" / "flowtel.yaml",
@@ -84,17 +92,97 @@ def load_config(
     file = Path(path) if path is not None else default_config_path()
     source = str(file)
     try:
-        text = file.read_text()
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read the file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, "", f"the file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; "
+                                      "is it the right file?")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "", f"not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        data = _load_yaml(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, "", f"not valid YAML{at}: {problem}") from None
     return parse_config(data, source, factories=factories, environ=environ)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with the node graph checked before anything is built from it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_aliases(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        # PyYAML composes and constructs recursively: thousands of nested brackets.
+        raise ConfigError(source, "", "nested too deeply (thousands of levels); a config is a few levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def allowed_alias_ratio(decoded: int) -> float:
+    """The share of decoded nodes that may come from alias expansion: Go's yaml.v3 rule
+    (99% for documents up to 400,000 nodes, scaling down to 10% at 4,000,000)."""
+    if decoded <= _ALIAS_RATIO_LOW:
+        return 0.99
+    if decoded >= _ALIAS_RATIO_HIGH:
+        return 0.10
+    return 0.99 - 0.89 * (decoded - _ALIAS_RATIO_LOW) / (_ALIAS_RATIO_HIGH - _ALIAS_RATIO_LOW)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_aliases(root: yaml.Node, source: str) -> None:
+    """Refuse a recursive alias and excessive aliasing (a "billion laughs" document) in the
+    composed node graph, where an alias is a second reference to the same node, before
+    the document is built: PyYAML shares aliased objects, but everything that walks the
+    config afterwards (``${env:…}`` expansion, validation) pays for the expanded tree."""
+    size: dict[int, int] = {}  # id(node) -> nodes in its expansion, itself included
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[key] > _MAX_DECODED:
+                break
+            continue
+        if key in size:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                mark = child.start_mark
+                raise ConfigError(source, "", f"recursive alias at line {mark.line + 1}, column {mark.column + 1}: "
+                                              "an anchor's value refers to itself; a config must be a tree")
+            if id(child) not in size:
+                stack.append((child, False))
+    decoded = size.get(id(root), _MAX_DECODED + 1)
+    aliased = decoded - len(size)
+    if decoded > _MAX_DECODED or (aliased > 100 and decoded > 1000
+                                  and aliased / decoded > allowed_alias_ratio(decoded)):
+        shown = (f"more than {_MAX_DECODED:,} nodes" if decoded > _MAX_DECODED
+                 else f"{decoded:,} nodes, {aliased / decoded:.0%} of them through aliases")
+        raise ConfigError(source, "", f"excessive aliasing: the document expands to {shown}; write the values "
+                                      "out or use fewer nested aliases")
 
 
 def parse_config(

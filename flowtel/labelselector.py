@@ -9,13 +9,15 @@ and ``notin`` are satisfied by an endpoint that lacks the key.
 """
 from __future__ import annotations
 
-import re
+import re2
 
 # (source or "" for any, key, operator, values)
 Requirement = tuple[str, str, str, frozenset[str]]
 Label = tuple[str, str, str]  # (source, key, value)
 
-_REQUIREMENT = re.compile(
+# RE2: selectors come from requests (flow filters); Python's re is quadratic on this one
+# ("a" + " " * 1000 + "in" ...: 50 ms each, holding the GIL).
+_REQUIREMENT = re2.compile(
     r"^\s*(?:(?P<neg>!)\s*(?P<nkey>[^\s=!,()]+)"
     r"|(?P<key>[^\s=!,()]+)\s*(?:(?P<op>==|=|!=)\s*(?P<val>[^\s,()]*)"
     r"|\s+(?P<setop>in|notin)\s*\((?P<set>[^)]*)\))?)\s*$"

@@ -9,7 +9,7 @@ from typing import Callable
 
 from exporters.common.flowlog_filter import FlowLogFilter
 from exporters.file.config import FileConfig
-from exporters.file.rotation import RotatingFile
+from exporters.file.rotation import RotatingFile, UnsafeFileError
 from flowtel import hubble
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import Record
@@ -101,5 +101,7 @@ class FileExporter(Exporter):
         reason = exc.strerror or str(exc)
         culprit = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(self.path) else ""
         message = f"exporter {self.settings.id}: cannot write flow logs to {self.path}: {reason}{culprit}"
-        remedy = _REMEDIES.get(exc.errno) if exc.errno is not None else None
+        # An unsafe target's message says what to do itself.
+        unsafe = isinstance(exc, UnsafeFileError)
+        remedy = _REMEDIES.get(exc.errno) if exc.errno is not None and not unsafe else None
         return f"{message}; {remedy}" if remedy else message

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from flowtel.component import ComponentConfig
 from flowtel.configtypes import Duration
+from flowtel.lib.http import HTTPServerSettings
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -16,7 +16,7 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class PrometheusConfig(ComponentConfig):
+class PrometheusConfig(HTTPServerSettings):
     endpoint: str = Field(default="0.0.0.0:9965", description="address to serve /metrics on (port 0: any free port)")
     series_ttl: Duration = Field(default=300.0, description="drop a series without a new point for this long; 0 never")
     cardinality_limit: int = Field(default=100_000, ge=1, description="series per metric name; new ones beyond are refused and counted")

@@ -4,16 +4,13 @@ from __future__ import annotations
 import errno
 import gzip
 import logging
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from exporters.common.series import SeriesStore
 from exporters.prometheus.config import PrometheusConfig, split_host_port
 from exporters.prometheus.exposition import CONTENT_TYPE, render
 from flowtel.component import CreateSettings, Exporter
 from flowtel.errors import StartError
+from flowtel.lib.http import BoundedHTTPServer, Limits, Request, Response
 from flowtel.records import MetricPoint, Record
 
 log = logging.getLogger("flowtel.exporters.prometheus")
@@ -24,8 +21,7 @@ class PrometheusExporter(Exporter):
         super().__init__(settings)
         self.config = config
         self._store = SeriesStore(settings.id, config.cardinality_limit, config.series_ttl)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BoundedHTTPServer | None = None
         settings.telemetry.register_gauge(settings.id, "series", lambda: len(self._store))
 
     @property
@@ -33,14 +29,14 @@ class PrometheusExporter(Exporter):
         """The (host, port) actually bound: with port 0 in the config, the one the kernel chose."""
         if self._server is None:
             raise RuntimeError("the exporter is not started")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._server.address
 
     def start(self) -> None:
         host, port = split_host_port(self.config.endpoint)
-        server_class = _IPv6Server if ":" in host else _Server
         try:
-            self._server = server_class((host, port), _MetricsHandler)
+            self._server = BoundedHTTPServer(
+                component=self.settings.id, telemetry=self.settings.telemetry, host=host, port=port,
+                handler=self._handle, limits=Limits.from_settings(self.config, threads=2))
         except OSError as exc:
             remedy = (
                 "another process (a second agent, node-exporter, …) holds that port: stop it or choose "
@@ -50,10 +46,15 @@ class PrometheusExporter(Exporter):
             )
             raise StartError(self.settings.id, f"cannot serve on {self.config.endpoint}: {exc.strerror or exc}",
                              remedy) from exc
-        self._server.render = self.page
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"flowtel-{self.settings.id}",
-                                        daemon=True)
-        self._thread.start()
+        self._server.start(f"flowtel-{self.settings.id}")
+
+    def _handle(self, request: Request) -> Response:
+        if request.path != "/metrics":
+            return Response(404, b"flowtel serves Prometheus metrics on /metrics\n", "text/plain; charset=utf-8")
+        body = self.page().encode()  # a failure is a 500, logged once by the server
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(200, gzip.compress(body, 1), CONTENT_TYPE, {"Content-Encoding": "gzip"})
+        return Response(200, body, CONTENT_TYPE)
 
     def consume(self, batch: list[Record]) -> None:
         if not batch:
@@ -82,45 +83,5 @@ class PrometheusExporter(Exporter):
 
     def shutdown(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    render: Callable[[], str]
-
-
-class _IPv6Server(_Server):
-    address_family = socket.AF_INET6
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._send(404, b"flowtel serves Prometheus metrics on /metrics\n", "text/plain; charset=utf-8")
-            return
-        try:
-            body = self.server.render().encode()
-        except Exception:
-            log.exception("rendering /metrics failed")
-            self._send(500, b"internal error rendering metrics; see the agent's log\n", "text/plain; charset=utf-8")
-            return
-        gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-        self._send(200, gzip.compress(body, 1) if gzipped else body, CONTENT_TYPE, gzipped)
-
-    def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if gzipped:
-            self.send_header("Content-Encoding", "gzip")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
-        log.debug("%s " + format, self.address_string(), *args)

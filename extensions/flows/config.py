@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import Duration
+from flowtel.lib.http import BrowserFacingSettings
 
 DEFAULT_ENDPOINT = "127.0.0.1:4245"
 
@@ -31,7 +32,7 @@ class ServiceMapConfig(ComponentConfig):
     max_edges: int = Field(default=10_000, ge=1, le=1_000_000)
 
 
-class FlowsConfig(ComponentConfig):
+class FlowsConfig(BrowserFacingSettings):
     # Loopback by default: the API is unauthenticated and shows every flow of the node.
     endpoint: str = Field(default=DEFAULT_ENDPOINT, description="HOST:PORT the flow API listens on")
     buffer_size: int = Field(default=4095, ge=1, le=1_000_000, description="flows kept in the ring")
@@ -47,3 +48,11 @@ class FlowsConfig(ComponentConfig):
     def _endpoint(cls, value: str) -> str:
         split_endpoint(value)
         return value
+
+    @model_validator(mode="after")
+    def _room_beside_followers(self) -> FlowsConfig:
+        # Each follow stream holds a connection for as long as it runs.
+        if self.max_connections <= self.max_followers:
+            raise ValueError(f"max_connections ({self.max_connections}) must be larger than max_followers "
+                             f"({self.max_followers}), or a full set of follow streams locks every other client out")
+        return self

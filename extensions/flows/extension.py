@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
-import threading
+from pathlib import Path
 
 from extensions.flows.config import FlowsConfig, split_endpoint
 from extensions.flows.hub import FlowHub
-from extensions.flows.server import FlowHTTPServer
+from extensions.flows.server import FlowAPI
 from flowtel.component import CreateSettings, Extension
 from flowtel.errors import StartError
+from flowtel.lib.http import BoundedHTTPServer, Limits
 from flowtel.records import Record
 from flowtel.servicegraph import ServiceGraph
 
@@ -28,15 +29,21 @@ def hub_from_config(settings: CreateSettings, config: FlowsConfig) -> FlowHub:
     )
 
 
-def bind(settings: CreateSettings, endpoint: str, hub: FlowHub, **kw: object) -> FlowHTTPServer:
-    """The HTTP server on ``endpoint``, or a StartError that says how to free or change it."""
-    host, port = split_endpoint(endpoint)
+# Workers beside the follow streams (each holds one while it runs) for every other request.
+SPARE_WORKERS = 4
+
+
+def bind(settings: CreateSettings, config: FlowsConfig, api: FlowAPI) -> BoundedHTTPServer:
+    """The HTTP server on the config's endpoint, or a StartError that says how to free or change it."""
+    host, port = split_endpoint(config.endpoint)
     try:
-        return FlowHTTPServer((host, port), hub, **kw)  # type: ignore[arg-type]
+        return BoundedHTTPServer(
+            component=settings.id, telemetry=settings.telemetry, host=host, port=port, handler=api,
+            limits=Limits.from_settings(config, threads=config.max_followers + SPARE_WORKERS), browser=config)
     except OSError as exc:
         raise StartError(
             settings.id,
-            f"cannot listen on {endpoint}: {exc.strerror or exc}",
+            f"cannot listen on {config.endpoint}: {exc.strerror or exc}",
             f"set extensions.{settings.id}.endpoint to a free HOST:PORT, or stop what holds it "
             f"(`ss -ltnp 'sport = :{port}'` shows it; another flowtel agent on this node?)",
         ) from None
@@ -49,24 +56,30 @@ class FlowsExtension(Extension):
         super().__init__(settings)
         self.config = config
         self.hub = hub_from_config(settings, config)
-        self.server: FlowHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self.server: BoundedHTTPServer | None = None
+        self.api: FlowAPI | None = None
 
     @property
     def endpoint(self) -> str:
         """Where it listens (the bound port when the config says port 0)."""
         return self.server.endpoint if self.server is not None else self.config.endpoint
 
+    def _serve(self, api_prefix: str = "", static_dir: Path | None = None) -> None:
+        self.api = FlowAPI(self.hub, api_prefix=api_prefix, static_dir=static_dir)
+        self.server = bind(self.settings, self.config, self.api)
+        self.server.start(f"flowtel-{self.settings.id}")
+
     def start(self) -> None:
-        self.server = bind(self.settings, self.config.endpoint, self.hub)
-        self._thread = self.server.serve_in_thread(f"flowtel-{self.settings.id}")
+        self._serve()
         log.info("%s: flow API on http://%s (/flows, /map, /healthz)", self.settings.id, self.endpoint)
 
     def consume(self, batch: list[Record]) -> None:
         self.hub.add(batch)
 
     def shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stopping.set()
+        self.hub.close()  # ends the follow streams, which frees their workers
         if self.server is not None:
             self.server.stop()
-        if self._thread is not None:
-            self._thread.join(5)
+            self.server = None

@@ -1,80 +1,95 @@
-"""The flow API over HTTP: ``GET /flows``, ``GET /map``, ``GET /healthz``.
+"""The flow API's requests: ``GET /flows``, ``GET /map``, ``GET /healthz`` (and the UI's files).
 
 Responses to ``/flows`` are JSON lines, one Hubble envelope each (``{"flow": …}`` or
 ``{"lost_events": …}``), exactly what ``hubble observe -o json`` and the file exporter
-write. A follow response stays open and streams; the server ends it at shutdown and
-notices a client that went away within a second. The request query is the
-``flowtel observe`` command line: ``?last=20&follow=1&namespace=shop&not&port=53``
+write. A follow response streams until the client leaves or the agent stops. The request
+query is the ``flowtel observe`` command line: ``?last=20&follow=1&namespace=shop&not&port=53``
 (filter parameters in order, ``not`` negating the next one).
+
+This module is request handling only (parameters in, a :class:`Response` out); connections,
+limits, Host/Origin checks and timeouts are :mod:`flowtel.lib.http`'s, and what the
+answers contain is the hub's.
 """
 from __future__ import annotations
 
 import json
-import logging
 import mimetypes
-import select
-import socket
 import threading
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import Iterator, Sequence
 
-from extensions.flows.hub import FlowHub, Query, TooManyFollowers
+from extensions.flows.hub import FlowHub, Follower, Query, TooManyFollowers
 from flowtel import hubble
 from flowtel.flowfilter import FILTER_FLAGS, NOT_FLAG, FilterError, build_filters
 from flowtel.hubble_parse import parse_time_arg
+from flowtel.lib.http import HTTPError, Request, Response, ascii_int, ascii_only, bad_request, json_response
+from flowtel.lib.http.request import parse_query as split_query
 from flowtel.records import Record
-
-log = logging.getLogger("flowtel.extensions.flows")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _QUERY_KEYS = ("last", "since", "until", "follow")
 _TRUE = ("1", "true", "yes", "")
+_FALSE = ("0", "false", "no")
 POLL_SECONDS = 1.0  # how often an idle follow stream checks for shutdown or a gone client
+MAX_LAST = 1_000_000  # no ring is larger (FlowsConfig.buffer_size)
+MAX_FILTERS = 32  # filter parameters in one request
+# Times as nanoseconds since the epoch fit an int64 (Hubble's Timestamp range, 0001-9999).
+_MIN_NS, _MAX_NS = -62_135_596_800 * 10**9, 253_402_300_799 * 10**9
+_STATIC_CSP = "default-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+
+BadRequest = HTTPError  # what parse_query raises (a 400); kept for callers of this module
 
 
-class BadRequest(Exception):
-    pass
-
-
-def parse_time(value: str, now_ns: int) -> int:
+def parse_time(name: str, value: str, now_ns: int) -> int:
+    ascii_only(name, value)
+    if len(value) > 64:
+        raise bad_request(f"{name}: expected an RFC 3339 time or a duration such as 5m, got {value[:64]!r}…")
     try:
-        return parse_time_arg(value, now_ns)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+        ns = parse_time_arg(value, now_ns)
+    except (ValueError, OverflowError) as exc:
+        raise bad_request(f"{name}: {exc}") from None
+    if not _MIN_NS <= ns <= _MAX_NS:
+        raise bad_request(f"{name}: {value!r} is outside the years 0001-9999")
+    return ns
+
+
+def query_from_pairs(pairs: Sequence[tuple[str, str]], now_ns: int | None = None) -> Query:
+    """A :class:`Query` from decoded ``/flows`` parameters; :class:`HTTPError` (400) names the problem."""
+    now = time.time_ns() if now_ns is None else now_ns
+    q = Query()
+    filters: list[tuple[str, str]] = []
+    for key, value in pairs:
+        if key == "last":
+            q.last = ascii_int("last", value, maximum=MAX_LAST)
+        elif key == "since":
+            q.since_ns = parse_time("since", value, now)
+        elif key == "until":
+            q.until_ns = parse_time("until", value, now)
+        elif key == "follow":
+            lowered = value.lower()
+            if lowered not in _TRUE and lowered not in _FALSE:
+                raise bad_request(f"follow: expected 1/true/yes or 0/false/no, got {value!r}")
+            q.follow = lowered in _TRUE
+        elif key == NOT_FLAG or key in FILTER_FLAGS:
+            filters.append((key, value))
+        else:
+            raise bad_request(f"unknown parameter {key!r}; expected {', '.join(_QUERY_KEYS)}, not, or a filter: "
+                              + ", ".join(FILTER_FLAGS))
+    if len(filters) > MAX_FILTERS:
+        raise bad_request(f"at most {MAX_FILTERS} filter parameters in one request, got {len(filters)}")
+    if q.follow and q.until_ns is not None:
+        raise bad_request("until cannot be combined with follow")
+    try:
+        q.filters = build_filters(filters)
+    except FilterError as exc:
+        raise bad_request(str(exc)) from None
+    return q
 
 
 def parse_query(raw: str, now_ns: int | None = None) -> Query:
-    """A :class:`Query` from ``/flows``'s query string; :class:`BadRequest` names the problem."""
-    now = time.time_ns() if now_ns is None else now_ns
-    q = Query()
-    pairs: list[tuple[str, str]] = []
-    for key, value in parse_qsl(raw, keep_blank_values=True):
-        if key == "last":
-            if not value.isdigit():
-                raise BadRequest(f"last: expected a number of flows, got {value!r}")
-            q.last = int(value)
-        elif key == "since":
-            q.since_ns = parse_time(value, now)
-        elif key == "until":
-            q.until_ns = parse_time(value, now)
-        elif key == "follow":
-            q.follow = value.lower() in _TRUE
-        elif key == NOT_FLAG or key in FILTER_FLAGS:
-            pairs.append((key, value))
-        else:
-            raise BadRequest(f"unknown parameter {key!r}; expected {', '.join(_QUERY_KEYS)}, not, or a filter: "
-                             + ", ".join(FILTER_FLAGS))
-    if q.follow and q.until_ns is not None:
-        raise BadRequest("until cannot be combined with follow")
-    try:
-        q.filters = build_filters(pairs)
-    except FilterError as exc:
-        raise BadRequest(str(exc)) from None
-    return q
+    """A :class:`Query` from ``/flows``'s raw query string."""
+    return query_from_pairs(split_query(raw), now_ns)
 
 
 def _lines(records: list[Record]) -> bytes:
@@ -83,148 +98,77 @@ def _lines(records: list[Record]) -> bytes:
     return ("\n".join(_encode(hubble.record_envelope(r)) for r in records) + "\n").encode()
 
 
-class FlowHTTPServer(ThreadingHTTPServer):
-    """Serves one hub; with ``static_dir`` also files under ``/`` and the API under ``api_prefix``."""
+class FlowAPI:
+    """The handler of one server: ``hub``'s API at ``api_prefix`` (and with ``static_dir``,
+    that folder's files at ``/``)."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], hub: FlowHub, *, api_prefix: str = "",
-                 static_dir: Path | None = None) -> None:
+    def __init__(self, hub: FlowHub, *, api_prefix: str = "", static_dir: Path | None = None) -> None:
         self.hub = hub
         self.api_prefix = api_prefix
         self.static_dir = static_dir
         self.stopping = threading.Event()
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
-        super().__init__(address, _Handler)
 
-    @property
-    def endpoint(self) -> str:
-        host, port = self.server_address[:2]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-    def serve_in_thread(self, name: str) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.hub.close()
-        self.shutdown()
-        self.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FlowHTTPServer
-    server_version = "flowtel"
-    # HTTP/1.0: a streamed body ends when the server closes the connection, which every
-    # client (curl, urllib, a browser's fetch) reads without chunked decoding.
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        path = url.path
-        prefix = self.server.api_prefix
+    def __call__(self, request: Request) -> Response:
+        path = request.path
+        prefix = self.api_prefix
         if prefix and path.startswith(prefix + "/"):
             path = path[len(prefix):]
         elif prefix:
-            self._static(path)
-            return
-        try:
-            if path == "/flows":
-                self._flows(url.query)
-            elif path == "/map":
-                namespaces = [v for k, v in parse_qsl(url.query) if k == "namespace"]
-                self._json(HTTPStatus.OK, self.server.hub.service_map(namespaces))
-            elif path == "/healthz":
-                self._json(HTTPStatus.OK, self.server.hub.status())
-            else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r}; try /flows, /map or /healthz"})
-        except BadRequest as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-        except TooManyFollowers as exc:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            return self._static(path)
+        if path == "/flows":
+            return self._flows(request)
+        if path == "/map":
+            for key, _ in request.query:
+                if key != "namespace":
+                    raise bad_request(f"unknown parameter {key!r}; /map takes namespace")
+            return json_response(200, self.hub.service_map(request.values("namespace")))
+        if path == "/healthz":
+            if request.query:
+                raise bad_request("/healthz takes no parameters")
+            return json_response(200, self.hub.status())
+        return json_response(404, {"error": f"no such path {path[:100]!r}; try /flows, /map or /healthz"})
 
-    def _json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        data = (json.dumps(body, indent=None) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _start_stream(self) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-
-    def _flows(self, raw_query: str) -> None:
-        hub = self.server.hub
-        q = parse_query(raw_query)
+    def _flows(self, request: Request) -> Response:
+        q = query_from_pairs(request.query)
         if not q.follow:
-            body = _lines(hub.query(q))
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        history, follower = hub.follow(q)
+            return Response(200, _lines(self.hub.query(q)), "application/x-ndjson")
         try:
-            self._start_stream()
-            self.wfile.write(_lines(history))
-            while not self.server.stopping.is_set():
+            history, follower = self.hub.follow(q)
+        except TooManyFollowers as exc:
+            raise HTTPError(503, str(exc), {"Retry-After": "5"}) from None
+        return Response(200, self._stream(history, follower, request), "application/x-ndjson")
+
+    def _stream(self, history: list[Record], follower: Follower, request: Request) -> Iterator[bytes]:
+        hub = self.hub
+        try:
+            yield _lines(history)
+            while not self.stopping.is_set():
                 records, lost, closed = follower.take(POLL_SECONDS)
                 if lost:
                     records.insert(0, hub.lost_record(lost))
                 if records:
-                    self.wfile.write(_lines(records))
-                elif closed or self._client_gone():
+                    yield _lines(records)
+                elif closed or request.client_gone():
                     return
         finally:
             hub.unfollow(follower)
 
-    def _client_gone(self) -> bool:
-        # A follow client sends nothing after its request, so a readable socket means EOF
-        # (or a reset): the only way to learn it left while no flows match its filter.
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return False
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
-
-    def _static(self, path: str) -> None:
-        root = self.server.static_dir
+    def _static(self, path: str) -> Response:
+        root = self.static_dir
         if root is None:
-            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-            return
+            return json_response(404, {"error": "not found"})
         name = "index.html" if path in ("", "/") else path.lstrip("/")
         file = (root / name).resolve()
         # Only files inside the packaged asset folder: no path walks out of it.
         if root.resolve() not in file.parents or not file.is_file():
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such file {path!r}"})
-            return
+            return json_response(404, {"error": f"no such file {path[:100]!r}"})
         data = file.read_bytes()
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype == "application/javascript":
+        if ctype.startswith("text/") or ctype in ("application/javascript", "text/javascript"):
             ctype += "; charset=utf-8"
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self'; img-src 'self' data:")
-        self.end_headers()
-        self.wfile.write(data)
+        return Response(200, data, ctype, {
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": _STATIC_CSP,
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer",
+        })

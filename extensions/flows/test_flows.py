@@ -140,7 +140,7 @@ class Stream:
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.connect((host, port))
-        self.sock.sendall(f"GET /flows?{query} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        self.sock.sendall(f"GET /flows?{query} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
         self.buf = b""
         self.body_started = False
         self.got: list[dict[str, Any]] = []

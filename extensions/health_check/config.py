@@ -3,16 +3,19 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from flowtel.component import ComponentConfig
+from flowtel.lib.http import HTTPServerSettings
 
-DEFAULT_ENDPOINT = "0.0.0.0:13133"
+# Loopback, as the Collector's default (localhost:13133) is since its "localhost by
+# default" change: the kubelet probes a hostNetwork pod on 127.0.0.1 (probes' `host`),
+# and nothing else on the network needs the agent's health.
+DEFAULT_ENDPOINT = "127.0.0.1:13133"
 
 
 def split_endpoint(text: str) -> tuple[str, int]:
     """``(host, port)`` from ``HOST:PORT`` or ``[IPv6]:PORT``; ValueError says what is wrong."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:13133), got {text!r}")
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:13133), got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
@@ -20,9 +23,8 @@ def split_endpoint(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class HealthCheckConfig(ComponentConfig):
-    # All interfaces by default, as the Collector's did for years: the kubelet probes the pod's
-    # IP, which for a hostNetwork DaemonSet is the node's. Port 0 takes any free port (tests).
+class HealthCheckConfig(HTTPServerSettings):
+    # Port 0 takes any free port (tests).
     endpoint: str = Field(default=DEFAULT_ENDPOINT, description="HOST:PORT to serve the health endpoints on")
     path: str = Field(default="/", description="readiness: 200 once started and every receiver is healthy")
     liveness_path: str = Field(default="/livez", description="liveness: 200 unless a component failed for good")

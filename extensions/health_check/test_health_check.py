@@ -33,9 +33,9 @@ from flowtel.pipeline import Service
 # --- config -----------------------------------------------------------------------------
 
 
-def test_config_defaults_are_the_collectors() -> None:
+def test_config_defaults_are_the_collectors_loopback() -> None:
     cfg = HealthCheckConfig()
-    assert (cfg.endpoint, cfg.path, cfg.liveness_path) == ("0.0.0.0:13133", "/", "/livez")
+    assert (cfg.endpoint, cfg.path, cfg.liveness_path) == ("127.0.0.1:13133", "/", "/livez")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from extensions.flows.extension import FlowsExtension, bind
+from extensions.flows.extension import FlowsExtension
 from extensions.ui.config import UiConfig
 
 log = logging.getLogger("flowtel.extensions.ui")
@@ -22,6 +22,5 @@ class UiExtension(FlowsExtension):
     config: UiConfig
 
     def start(self) -> None:
-        self.server = bind(self.settings, self.config.endpoint, self.hub, api_prefix="/api", static_dir=STATIC_DIR)
-        self._thread = self.server.serve_in_thread(f"flowtel-{self.settings.id}")
+        self._serve(api_prefix="/api", static_dir=STATIC_DIR)
         log.info("%s: web UI on http://%s/", self.settings.id, self.endpoint)

@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import re2
+
 # The policy subset flowtel enforces: its API version, namespace label and the port ranges
 # the datapath keeps per destination.
 from dnsproxy.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
@@ -75,10 +77,14 @@ DNS_PORT = 53
 
 _PROTOCOL_NAMES = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_SCTP: "SCTP"}
 _UNPORTED_NAMES = {IPPROTO_ICMP: "ICMPv4", IPPROTO_ICMPV6: "ICMPv6"}
-# Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit.
-_MATCH_NAME = re.compile(r"^([-a-zA-Z0-9_]+[.]?)+$")
+# Cilium's FQDN patterns (api/v1/policy/api/fqdn.go) and DNS's length limit. These run on
+# names a workload queried (hostile input): RE2, linear in the name, as Go's regexp is in
+# Cilium (Python's re backtracks exponentially on this one: "a"*30 + "!").
+_MATCH_NAME = re2.compile(r"^([-a-zA-Z0-9_]+[.]?)+$")
 _MAX_NAME = 253
 _DNS1123_LABEL = re.compile(r"[^a-z0-9.-]+")
+# A Kubernetes object name (DNS-1123 subdomain).
+_OBJECT_NAME = re2.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class SuggestError(ValueError):
@@ -519,8 +525,7 @@ def _when(ns: int) -> str:
 
 
 def _valid_object_name(name: str) -> bool:
-    return (0 < len(name) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", name)
-            is not None)
+    return 0 < len(name) <= 253 and _OBJECT_NAME.fullmatch(name) is not None
 
 
 def _policy_name(selection: Selection, obs: _Observed, options: Options) -> str:

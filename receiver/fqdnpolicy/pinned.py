@@ -13,6 +13,14 @@ from dataclasses import dataclass
 
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+# UAPI BPF_F_RDONLY (BPF_OBJ_GET file_flags): the fd can look up, never update or delete.
+BPF_F_RDONLY = 1 << 3
+
+
+class _ObjGetOpts(ctypes.Structure):
+    """libbpf's ``struct bpf_obj_get_opts`` as of libbpf 1.0 (``sz``, ``file_flags``)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("file_flags", ctypes.c_uint32)]
 
 
 class _MapInfo(ctypes.Structure):
@@ -39,17 +47,22 @@ class MapMismatch(RuntimeError):
 def _lib() -> ctypes.CDLL:
     from bcc.libbcc import lib  # the system's python3-bpfcc (its libbpf resolves bpf_obj_get)
 
-    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-    lib.bpf_obj_get.restype = ctypes.c_int
+    lib.bpf_obj_get_opts.argtypes = [ctypes.c_char_p, ctypes.POINTER(_ObjGetOpts)]
+    lib.bpf_obj_get_opts.restype = ctypes.c_int
     lib.bpf_obj_get_info.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_obj_get_info.restype = ctypes.c_int
     return lib
 
 
 def open_pinned(path: str) -> int | None:
-    """A new fd of the map pinned at ``path``, or None when nothing is pinned there."""
+    """A new read-only fd of the map pinned at ``path``, or None when nothing is pinned there.
+
+    Read-only: the agent only reads the proxy's maps, so a bug (or an attacker in the
+    agent) cannot change the policy's allow-list through these fds; the kernel refuses
+    updates and deletes on them (EPERM)."""
     lib = _lib()
-    fd = lib.bpf_obj_get(path.encode())
+    opts = _ObjGetOpts(ctypes.sizeof(_ObjGetOpts), BPF_F_RDONLY)
+    fd = lib.bpf_obj_get_opts(path.encode(), ctypes.byref(opts))
     if fd >= 0:
         return int(fd)
     err = ctypes.get_errno() or -fd

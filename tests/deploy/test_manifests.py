@@ -159,7 +159,8 @@ def test_agent_mounts_what_ebpf_needs_read_only_where_it_can() -> None:
     assert host["/sys/kernel/tracing"] == "/sys/kernel/tracing"
     assert host["/host/lib/modules"] == "/lib/modules"
     assert host["/usr/src"] == "/usr/src"
-    for path in ("/sys/kernel/tracing", "/host/lib/modules", "/usr/src", "/etc/flowtel"):
+    # bpffs too: the agent only opens the DNS proxy's pins (read-only fds), never pins.
+    for path in ("/sys/fs/bpf", "/sys/kernel/tracing", "/host/lib/modules", "/usr/src", "/etc/flowtel"):
         assert mounts[path].get("readOnly") is True, path
     # The entrypoint links headers into /lib/modules: a writable emptyDir, not the host's.
     assert "emptyDir" in volumes[mounts["/lib/modules"]["name"]]
@@ -177,14 +178,36 @@ def test_agent_env_probes_and_resources() -> None:
     # The probes use the health_check extension as the mounted config configures it.
     health = agent_config(docs)["extensions"]["health_check"]
     assert ports["health"] == int(health["endpoint"].rsplit(":", 1)[1])
+    # Health on loopback only; the kubelet (node network namespace, hostNetwork pod) probes 127.0.0.1.
+    assert health["endpoint"].rsplit(":", 1)[0] == "127.0.0.1"
     for probe in ("startupProbe", "readinessProbe"):
-        assert agent[probe]["httpGet"] == {"path": health.get("path", "/"), "port": "health"}
-    assert agent["livenessProbe"]["httpGet"] == {"path": health.get("liveness_path", "/livez"), "port": "health"}
+        assert agent[probe]["httpGet"] == {"host": "127.0.0.1", "path": health.get("path", "/"), "port": "health"}
+    assert agent["livenessProbe"]["httpGet"] == {
+        "host": "127.0.0.1", "path": health.get("liveness_path", "/livez"), "port": "health"}
     res = agent["resources"]
     assert set(res) == {"requests", "limits"} and {"cpu", "memory"} <= set(res["requests"]) & set(res["limits"])
     # ~200 MB resident measured with bcc's LLVM loaded: the request must cover it.
     assert res["requests"]["memory"] == "256Mi" and res["limits"]["memory"] == "512Mi"
     assert pod_spec(ds)["serviceAccountName"] == find(docs, "ServiceAccount", "flowtel")["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_every_variant_serves_health_on_loopback_and_mounts_bpffs_read_only(name: str) -> None:
+    docs = render(name)
+    spec = pod_spec(find(docs, "DaemonSet", "flowtel"))
+    agent = container(find(docs, "DaemonSet", "flowtel"), "flowtel")
+    cfg = agent_config(docs)
+    assert cfg["extensions"]["health_check"]["endpoint"] == "127.0.0.1:13133"
+    # Nothing the agent serves that a browser can reach listens beyond loopback.
+    for ext in ("flows", "ui"):
+        if ext in cfg.get("extensions", {}):
+            assert cfg["extensions"][ext]["endpoint"].startswith("127.0.0.1:"), (name, ext)
+    for c in spec["containers"]:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in c:
+                assert c[probe]["httpGet"].get("host") == "127.0.0.1", (name, c["name"], probe)
+    bpffs = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/sys/fs/bpf")
+    assert bpffs.get("readOnly") is True
 
 
 def test_container_args_use_the_mounted_config() -> None:

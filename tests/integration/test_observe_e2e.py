@@ -257,8 +257,16 @@ def test_follow_receives_flows_that_arrive_after_it_started(agent: Agent, everyt
         stdout=subprocess.PIPE, stderr=err.open("w"), text=True, cwd=REPO,
     )
     try:
-        time.sleep(1.0)  # connected and following before the traffic starts
-        assert proc.poll() is None, err.read_text()
+        # Connected and following before the traffic starts (a follow starts from now): the
+        # agent counts its followers; a fixed sleep loses the race on a loaded machine.
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, err.read_text()
+            with urllib.request.urlopen(f"http://{agent.server}/healthz", timeout=5) as resp:
+                if json.load(resp)["followers"] >= 1:
+                    break
+            assert time.monotonic() < deadline, "flowtel observe --follow never connected"
+            time.sleep(0.05)
         sent = send_udp(agent.api, agent.db.ipv4, 9000, 5, 100)
         seen = 0
         assert proc.stdout is not None

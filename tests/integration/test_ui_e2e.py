@@ -37,6 +37,7 @@ import yaml
 
 from flowtel.cli import main
 from flowtel.testbed import Pod, Testbed, send_ping, send_tcp, send_udp
+from tests.support.chromium_cdp import Browser
 
 pytestmark = pytest.mark.kernel
 
@@ -293,6 +294,26 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _open_and_apply(url: str, profile: Path, *, offered: str, shown: str) -> str:
+    """Open a link in Chromium, check that its namespace/filter is offered but not run, click
+    Apply as a user would, and return the page once it shows the applied view."""
+    browser = Browser(CHROMIUM, profile, url)
+    try:
+        browser.wait_for("document.getElementById('status').textContent.startsWith('updated')")
+        banner = browser.evaluate("[document.getElementById('pending').hidden,"
+                                  " document.getElementById('pending-text').textContent,"
+                                  " document.getElementById('flow-count').textContent]")
+        assert banner[0] is False and banner[1] == offered, banner
+        assert shown not in banner[2], f"the link's view ran before any click: {banner}"
+        browser.click("pending-apply")
+        browser.wait_for(f"document.getElementById('flow-count').textContent.includes({json.dumps(shown)})")
+        time.sleep(2.5)  # one more refresh of the applied view: the map's details follow it
+        browser.wait_for(f"document.getElementById('flow-count').textContent.includes({json.dumps(shown)})")
+        return browser.dom()
+    finally:
+        browser.close()
+
+
 def test_ui_draws_workloads_edges_and_the_dropped_flow(agent: Agent, tmp_path: Path) -> None:
     if not os.access(CHROMIUM, os.X_OK):
         message = "needs Debian's chromium (scripts/setup.sh installs it)"
@@ -307,15 +328,17 @@ def test_ui_draws_workloads_edges_and_the_dropped_flow(agent: Agent, tmp_path: P
 
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
-    ours = urllib.parse.quote(f"--ip {agent.network}")
+    ours = f"--ip {agent.network}"
     try:
         # The whole map; the flow table filtered (the filter box, kept in the URL fragment)
         # to the testbed's pods, because other tests' drops are in the node's newest flows.
-        dom = _chromium("--dump-dom", f"http://{agent.ui}/#filter={ours}", profile=tmp_path / "profile-dom").stdout
+        # A filter from a link is only offered until the user applies it (a click).
+        dom = _open_and_apply(f"http://{agent.ui}/#filter={urllib.parse.quote(ours)}", tmp_path / "profile-dom",
+                              offered=f"filter {ours}", shown=f"filter {ours}")
         # The view a user gets from picking namespace "data" and clicking the dropped edge,
         # opened through the link the page keeps in its URL fragment.
-        picked = _chromium("--dump-dom", f"http://{agent.ui}/#namespace=data&edge=shop/web,data/db,DROPPED",
-                           profile=tmp_path / "profile-picked").stdout
+        picked = _open_and_apply(f"http://{agent.ui}/#namespace=data&edge=shop/web,data/db,DROPPED",
+                                 tmp_path / "profile-picked", offered="namespace data", shown="namespace data")
         artifacts = Path(os.environ.get("FLOWTEL_TEST_ARTIFACTS", REPO / "test-artifacts"))
         artifacts.mkdir(parents=True, exist_ok=True)
         shot = artifacts / "ui-service-map.png"

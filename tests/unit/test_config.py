@@ -150,3 +150,100 @@ def test_bundled_default_config_is_valid() -> None:
     assert cfg.pipelines["logs"].exporters == ("file", "hubblemetrics")
     assert cfg.pipelines["metrics"].receivers == ("ebpf", "procfs", "hubblemetrics")
     assert cfg.pipelines["metrics"].exporters == ("prometheus",)
+
+
+# --- hostile YAML ---------------------------------------------------------------------------
+
+
+def _laughs(levels: int, width: int = 9) -> str:
+    lines = ["a: &a [" + ",".join(['"lol"'] * width) + "]"]
+    names = "abcdefghijklmnop"
+    for prev, name in zip(names, names[1:levels]):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_a_config_error_before_it_expands(tmp_path: Path) -> None:
+    import time
+
+    text = _laughs(9)
+    assert len(text.encode()) < 700  # the size of the issue's 609-byte bomb: 9^9 nodes expanded
+    started = time.monotonic()
+    err = load_error(tmp_path, text)
+    assert time.monotonic() - started < 5
+    assert "excessive aliasing" in err.message and err.source.endswith("flowtel.yaml")
+
+
+def test_aliasing_within_yaml_v3s_ratio_is_accepted_and_beyond_it_refused(tmp_path: Path) -> None:
+    from flowtel.config import _check_aliases, allowed_alias_ratio
+    import yaml
+
+    assert allowed_alias_ratio(1000) == 0.99 and allowed_alias_ratio(4_000_000) == 0.10
+    assert abs(allowed_alias_ratio(2_200_000) - 0.545) < 1e-9
+    # 3 levels of 9: 729 leaves, under yaml.v3's 1000-node floor: fine.
+    _check_aliases(yaml.compose(_laughs(3)), "x.yaml")
+    # 5 levels: 74,738 nodes (root, keys, 10 + 91 + 820 + 7381 + 66430), all but 20 of them through aliases: refused, as yaml.v3 refuses it.
+    with pytest.raises(ConfigError, match="excessive aliasing: the document expands to 74,738 nodes, 100% of them through aliases"):
+        _check_aliases(yaml.compose(_laughs(5)), "x.yaml")
+
+
+def test_ordinary_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+receivers:
+  procfs: &common {collection_interval: 5s}
+exporters:
+  prometheus: {endpoint: "127.0.0.1:0"}
+service:
+  pipelines:
+    metrics: &p {receivers: [procfs], exporters: [prometheus]}
+    metrics/2: {<<: *p}
+""")
+    cfg = load_config(path, environ={})
+    assert set(cfg.pipelines) == {"metrics", "metrics/2"}
+
+
+@pytest.mark.parametrize("text", [
+    "a: &a [*a]\n",
+    "receivers: &r\n  ebpf: *r\nservice: {}\n",
+    "x: &x {y: {z: [1, *x]}}\n",
+])
+def test_a_recursive_alias_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    err = load_error(tmp_path, text)
+    assert "recursive alias at line" in err.message and "refers to itself" in err.message
+    assert str(err).startswith(f"config error in {tmp_path / 'flowtel.yaml'}")
+
+
+def test_deep_nesting_and_huge_files_are_config_errors(tmp_path: Path) -> None:
+    assert "nested too deeply" in load_error(tmp_path, "a: " + "[" * 50_000 + "]" * 50_000 + "\n").message
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# " + b"x" * (5 * 1024 * 1024) + b"\n")
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
+        load_config(big, environ={})
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"a: \xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad, environ={})
+
+
+def test_flowtel_run_with_an_alias_bomb_or_a_recursive_alias_exits_with_a_config_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    levels = ["a: &a [" + ",".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\n")
+    assert bomb.stat().st_size < 700  # the issue's 609-byte class: 9^9 nodes when expanded
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("receivers: &r\n  ebpf: *r\nservice: {}\n")
+    for path, message in ((bomb, "excessive aliasing"), (recursive, "recursive alias")):
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "flowtel.cli", "run", "--config", str(path)], cwd=repo,
+                              capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - started < 30
+        assert proc.returncode != 0
+        assert f"config error in {path}" in proc.stderr and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr

@@ -160,3 +160,49 @@ def test_event_type_agrees_with_the_json_flowtel_emits() -> None:
     for name, flow in sample_flows().items():
         d = hubble.flow_to_dict(flow)["event_type"]
         assert event_type(flow) == (d["type"], d.get("sub_type", 0)), name
+
+
+# --- hostile patterns -----------------------------------------------------------------------
+
+_WORST_CASE = """
+import dataclasses, sys, time
+from flowtel.flowfilter import build_filters
+from tests.flowsamples import sample_flows
+from flowtel.records import DnsInfo
+name = ".".join(["a" * 62] * 3) + ".example"
+flow = dataclasses.replace(sample_flows()["F4"], destination_names=[name])
+started = time.monotonic()
+for stars in (17, 40, 120):
+    filters = build_filters([("to-fqdn", "*" * stars + "q"), ("to-fqdn", "*" * stars + ".example")])
+    assert filters.matches(flow)
+    assert not build_filters([("to-fqdn", "*" * stars + "q")]).matches(flow)
+print(time.monotonic() - started)
+"""
+
+
+def test_fqdn_patterns_match_in_linear_time() -> None:
+    # In a child process: the backtracking regex these replaced runs for hours on this input.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _WORST_CASE], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 5.0
+
+
+def test_fqdn_patterns_are_bounded_in_size() -> None:
+    with pytest.raises(FilterError, match="FQDN pattern too long: 257 characters, at most 256"):
+        build_filters([("to-fqdn", "*" * 257)])
+    build_filters([("to-fqdn", "*" * 256)])
+
+
+def test_label_selectors_parse_in_linear_time() -> None:
+    import time
+
+    started = time.monotonic()
+    for _ in range(32):  # a request's worth of label filters, each as long as a parameter may be
+        with pytest.raises(FilterError):
+            build_filters([("label", "a" + " " * 1000 + "in" + " " * 10 + "(x")])
+    assert time.monotonic() - started < 0.5

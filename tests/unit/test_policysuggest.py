@@ -542,3 +542,27 @@ def test_cli_help_names_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--server", "--from-file", "--since", "--until", "--namespace", "--workload", "--pod", "--label",
                  "--output", "--name", "--collapse", "--include-dropped"):
         assert flag in text
+
+
+_HOSTILE_NAMES = """
+import time
+from flowtel.policysuggest import derive
+started = time.monotonic()
+# Python's re backtracks exponentially on these against Cilium's matchName pattern.
+for name in ("a" * 40 + "!", "a-" * 100 + "!", "a." * 120 + "-!", "a" * 253):
+    derive._valid_name(name)
+assert derive._valid_name("a" * 40 + "!") is False and derive._valid_name("www.example.com") is True
+assert derive._valid_object_name("a" * 200 + "-") is False and derive._valid_object_name("web-1.shop") is True
+print(time.monotonic() - started)
+"""
+
+
+def test_names_a_workload_queried_are_checked_in_linear_time() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _HOSTILE_NAMES], cwd=repo, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 5.0

@@ -9,7 +9,9 @@ const TABLE_ROWS = 200;
 const NODE_W = 180, NODE_H = 44, COL_W = 320, ROW_H = 90, PAD = 30, BACK_ARC = 50;
 
 const $ = (id) => document.getElementById(id);
-const state = { namespace: "", filter: "", map: null, selected: null, timer: null };
+// namespace and filter are what the page applies; pending is what a link asked for and
+// the user has not applied yet (see readHash).
+const state = { namespace: "", filter: "", pending: null, map: null, selected: null, timer: null };
 
 function el(name, attrs = {}, text) {
   const node = document.createElementNS(SVG, name);
@@ -254,14 +256,44 @@ function updateNamespaces(namespaces) {
 }
 
 // The view lives in the URL fragment (#namespace=…&filter=…&edge=client,server,VERDICT), so
-// a view can be linked to and survives a reload.
+// a view can be linked to and survives a reload. A namespace or filter from a link is only
+// offered, never run: anyone can send a link (or frame the page), and a filter makes the
+// agent work for every flow it holds. The user applies it with a click (or by typing it).
 function readHash() {
   const h = new URLSearchParams(location.hash.slice(1));
-  state.namespace = h.get("namespace") || "";
-  state.filter = h.get("filter") || "";
+  const wanted = { namespace: h.get("namespace") || "", filter: h.get("filter") || "" };
   const edge = (h.get("edge") || "").split(",");
   state.selected = edge.length === 3 ? { client: edge[0], server: edge[1], dropped: edge[2] === "DROPPED" } : null;
+  state.pending = wanted.namespace !== state.namespace || wanted.filter !== state.filter ? wanted : null;
+  showPending();
+}
+
+function showPending() {
+  const p = state.pending;
+  $("pending").hidden = !p;
+  if (!p) return;
+  const parts = [];
+  if (p.namespace !== state.namespace) parts.push(p.namespace ? `namespace ${p.namespace}` : "all namespaces");
+  if (p.filter !== state.filter) parts.push(p.filter ? `filter ${p.filter}` : "no filter");
+  $("pending-text").textContent = parts.join(", ");
+}
+
+function applyPending() {
+  const p = state.pending;
+  if (!p) return;
+  state.namespace = p.namespace;
+  state.filter = p.filter;
   $("filter").value = state.filter;
+  state.pending = null;
+  showPending();
+  writeHash();
+  refresh();
+}
+
+function ignorePending() {
+  state.pending = null;
+  showPending();
+  writeHash();
 }
 
 function writeHash() {
@@ -308,7 +340,8 @@ function timeKey(t) {
   return t.replace(/:(\d{2})(?:\.(\d+))?Z$/, (_, sec, frac) => `:${sec}.${(frac || "").padEnd(9, "0")}Z`);
 }
 
-function drawFlows(lines) {
+// view: the namespace and filter these lines were asked for (state may have moved on since).
+function drawFlows(lines, view) {
   const body = $("flows").tBodies[0];
   const rows = [];
   // Newest first by flow time: records reach the ring per drain, not in time order.
@@ -334,7 +367,10 @@ function drawFlows(lines) {
     rows.push(row);
   }
   body.replaceChildren(...rows);
-  $("flow-count").textContent = `(${rows.length} newest)`;
+  const shown = [`${rows.length} newest`];
+  if (view.namespace) shown.push(`namespace ${view.namespace}`);
+  if (view.filter) shown.push(`filter ${view.filter}`);
+  $("flow-count").textContent = `(${shown.join(", ")})`;
 }
 
 // --- refresh loop ------------------------------------------------------------------
@@ -342,16 +378,17 @@ function drawFlows(lines) {
 async function refresh() {
   const status = $("status");
   try {
-    const params = new URLSearchParams([["last", String(TABLE_ROWS)], ...filterParams(state.filter)]);
-    if (state.namespace) params.append("namespace", state.namespace);
-    const mapQuery = state.namespace ? `?namespace=${encodeURIComponent(state.namespace)}` : "";
+    const view = { namespace: state.namespace, filter: state.filter };
+    const params = new URLSearchParams([["last", String(TABLE_ROWS)], ...filterParams(view.filter)]);
+    if (view.namespace) params.append("namespace", view.namespace);
+    const mapQuery = view.namespace ? `?namespace=${encodeURIComponent(view.namespace)}` : "";
     const [mapText, flowText] = await Promise.all([getJSON(`api/map${mapQuery}`), getJSON(`api/flows?${params}`)]);
     const graph = JSON.parse(mapText);
     state.map = graph;
     updateNamespaces(graph.namespaces);
     drawMap(graph);
     refreshDetails(graph);
-    drawFlows(flowText.split("\n").filter((l) => l));
+    drawFlows(flowText.split("\n").filter((l) => l), view);
     $("error").hidden = true;
     status.textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
@@ -366,8 +403,10 @@ function schedule() {
   if ($("live").checked) state.timer = setTimeout(async () => { await refresh(); schedule(); }, REFRESH_MS);
 }
 
-$("namespace").addEventListener("change", (e) => { state.namespace = e.target.value; writeHash(); refresh(); });
-$("filter").addEventListener("change", (e) => { state.filter = e.target.value; writeHash(); refresh(); });
+$("namespace").addEventListener("change", (e) => { state.namespace = e.target.value; state.pending = null; showPending(); writeHash(); refresh(); });
+$("filter").addEventListener("change", (e) => { state.filter = e.target.value; state.pending = null; showPending(); writeHash(); refresh(); });
+$("pending-apply").addEventListener("click", applyPending);
+$("pending-ignore").addEventListener("click", ignorePending);
 $("live").addEventListener("change", schedule);
 $("details-close").addEventListener("click", () => { state.selected = null; $("details").hidden = true; writeHash(); });
 window.addEventListener("hashchange", () => { readHash(); refresh(); });
