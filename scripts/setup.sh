@@ -18,6 +18,7 @@ declare -A PKG_FOR=(
   [/usr/bin/dig]=dnsutils
   [/usr/bin/tcpdump]=tcpdump
   [/usr/bin/iperf3]=iperf3
+  # dnsperf: the DNS workload of bench/datapath.py (make bench).
   [/usr/bin/dnsperf]=dnsperf
   [/usr/sbin/nft]=nftables
   [/usr/bin/nstat]=iproute2
