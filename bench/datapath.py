@@ -114,11 +114,11 @@ def cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
-def shipped_config(bed: Testbed, workdir: Path) -> tuple[Path, str | None]:
+def shipped_config(interface_glob: str, workdir: Path, source: Path = SHIPPED_CONFIG) -> tuple[Path, str | None]:
     """config/flowtel.yaml, changed only where a shared machine requires (module docstring);
     returns it and the prometheus exporter's endpoint (None if the shipped config has none)."""
-    cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
-    cfg["receivers"]["ebpf"]["interfaces"] = [bed.interface_glob]
+    cfg = yaml.safe_load(source.read_text())
+    cfg["receivers"]["ebpf"]["interfaces"] = [interface_glob]
     if "fqdnpolicy" in cfg["receivers"]:
         cfg["receivers"]["fqdnpolicy"]["pin_dir"] = str(workdir / "no-dnsproxy-pins")
     cfg["exporters"]["file"]["path"] = str(workdir / "flows.log")
@@ -168,7 +168,7 @@ class Flowtel(Observer):
 
     def __enter__(self) -> "Flowtel":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config, self.prometheus = shipped_config(self.bed, self.workdir)
+        config, self.prometheus = shipped_config(self.bed.interface_glob, self.workdir)
         # The quiet testbed sends nothing by itself: what the veths count from here on is the
         # workloads' traffic, all of which flowtel must see.
         self.links0 = {name: self.bed.link_stats(pod) for name, pod in self.bed.pods.items()}

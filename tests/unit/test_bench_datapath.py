@@ -3,9 +3,13 @@ clients' real output (iperf3 3.12 JSON and dnsperf 2.10 text, captured on this m
 to the fields read) and the medians/ratios of the table. The benchmark itself is not a test."""
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml  # type: ignore[import-untyped]
 
 from bench.datapath_table import (FLOWTEL, NONE, TCPDUMP, Check, Sample, iperf3_tcp_bits_per_second,
                                   iperf3_udp_received_per_second, parse_conn_client, parse_dnsperf, proc_stat_ticks,
@@ -154,3 +158,36 @@ def test_checks_table_shows_counted_over_truth() -> None:
     row = text.splitlines()[-1]
     assert row.startswith("| 1 | 149,759 / 149,759 = 1.0000 | 100 / 200 = 0.5000 | 20,413 / 16,624 = 1.2279 | 25,863 |")
     assert "/ 0 |" in render_checks([Check(1, 5, 0, 0, 0, 0, 0, 0)])
+
+
+def test_the_bench_runs_the_shipped_config_with_only_the_shared_machine_changes(tmp_path: Path) -> None:
+    """bench/datapath.py claims to measure config/flowtel.yaml as shipped: the rewritten file
+    must validate as an agent config and differ only in interfaces, the flow log, endpoints
+    and the fqdnpolicy pin directory."""
+    from bench.datapath import SHIPPED_CONFIG, shipped_config
+    from flowtel.config import load_config
+
+    path, prometheus = shipped_config("ftb1234p*", tmp_path)
+    load_config(path)  # raises ConfigError naming the key on anything the agent would reject
+    shipped, bench = yaml.safe_load(SHIPPED_CONFIG.read_text()), yaml.safe_load(path.read_text())
+    assert bench["receivers"]["ebpf"]["interfaces"] == ["ftb1234p*"]
+    assert Path(bench["exporters"]["file"]["path"]).parent == tmp_path
+    assert prometheus == bench["exporters"]["prometheus"]["endpoint"]
+    endpoints = [prometheus] + [e["endpoint"] for e in bench["extensions"].values() if "endpoint" in e]
+    assert all(e.startswith("127.0.0.1:") and e not in ("127.0.0.1:9965", "127.0.0.1:4245") for e in endpoints)
+    assert Path(bench["receivers"]["fqdnpolicy"]["pin_dir"]).parent == tmp_path
+
+    def without_changes(cfg: dict[str, Any]) -> dict[str, Any]:
+        cfg = copy.deepcopy(cfg)
+        for keys in (("receivers", "ebpf", "interfaces"), ("receivers", "fqdnpolicy", "pin_dir"),
+                     ("exporters", "file", "path"), ("exporters", "prometheus", "endpoint")):
+            node = cfg
+            for k in keys[:-1]:
+                node = node[k]
+            node.pop(keys[-1])
+        for ext in cfg.get("extensions", {}).values():
+            if isinstance(ext, dict):
+                ext.pop("endpoint", None)
+        return cfg
+
+    assert without_changes(bench) == without_changes(shipped)
