@@ -37,6 +37,7 @@ Run with ``make bench`` or ``python -m bench.datapath [--rounds 5] [--seconds 5]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -433,9 +434,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds after each workload charged to it (≥ the collection interval)")
     parser.add_argument("--idle", type=float, default=10.5, help="seconds of idle measured (≥ the collection interval)")
     parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
+    parser.add_argument("--samples", type=Path, help="also write every sample and check as JSON here")
     args = parser.parse_args(argv)
     res = run(args.rounds, args.seconds, idle=args.idle, tail=args.tail, workloads=tuple(args.workloads.split(",")))
     print(report(res), flush=True)
+    if args.samples is not None:
+        args.samples.write_text(json.dumps({
+            "samples": [dataclasses.asdict(s) for s in res.samples], "checks": [dataclasses.asdict(c) for c in res.checks],
+            "idle_cores": res.idle_cores, "rss_mb": res.rss_mb, "tcpdump_drops": res.tcpdump_drops,
+            "loadavg": res.loadavg}, indent=1) + "\n")
     return 0
 
 
