@@ -10,6 +10,10 @@ queries per second on a shared machine. The proxy runs as deployed by default: n
 ``--upstream``, each query forwarded to the resolver the client asked (read from the
 transparent socket). ``--flow-log`` runs the proxy without and with ``--flow-log`` instead,
 alternating ``--rounds`` pairs, and reports what the flow log costs as ratios of the medians.
+``--baseline REF`` runs the code of git revision REF (exported with ``git archive`` into a
+temporary directory, nothing written to the repository) alternating with this tree's,
+``--rounds`` pairs in the same run, and reports this tree's queries/s and CPU per query as
+ratios of the medians to REF's: what a change costs, measured on the same loaded machine.
 Not a test: numbers.
 """
 from __future__ import annotations
@@ -100,6 +104,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def _measure(tmp: str, pods: tuple[Pod, Pod, Pod], args: argparse.Namespace, flow_log: str | None,
+             code: Path | None = None,
              ) -> tuple[dict[str, tuple[dict[str, Any], dict[str, Any]]], dict[str, float], dict[str, Any]]:
     """One proxy's life: start it (with ``--flow-log`` if given), load it over both families, stop
     and uninstall it. Returns (direct, proxied) per family, the proxy's CPU seconds per family
@@ -121,7 +126,8 @@ def _measure(tmp: str, pods: tuple[Pod, Pod, Pod], args: argparse.Namespace, flo
              "--status-interval", "0.5", "--metrics-listen=", "--health-listen=",  # no port clashes
              *(("--flow-log", flow_log) if flow_log else ()),
              *(f"--{k.replace('_', '-')}={v}" for k, v in tproxy.items())],
-            stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+            # `python -m` puts the working directory first on sys.path: the code of `code` runs.
+            stdout=out, stderr=subprocess.STDOUT, cwd=code or Path(__file__).resolve().parents[1])
     results, proxy_cpu = {}, {}
     try:
         deadline = time.monotonic() + 90
@@ -173,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow-log", action="store_true",
                     help="run the proxy twice in this run, without and with --flow-log (alternating, --rounds "
                          "times), and report the flow log's cost as ratios")
-    ap.add_argument("--rounds", type=int, default=2, help="with --flow-log: pairs of runs (default 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --flow-log or --baseline: pairs of runs (default 2)")
+    ap.add_argument("--baseline", metavar="REF",
+                    help="also run git revision REF's proxy, alternating with this tree's (--rounds pairs), and "
+                         "report this tree's queries/s and CPU per query relative to REF's")
     args = ap.parse_args(argv)
+    if args.baseline and args.flow_log:
+        ap.error("--baseline and --flow-log are separate comparisons: pass one")
+    repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp, Testbed() as tb:
         pods = tuple(tb.add_pod(n, ipv6=True) for n in ("dns", "client", "direct"))
         dns_pod = pods[0]
@@ -185,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
             {"name": p.name, "namespace": "default", "ips": [p.ipv4, p.ipv6], "labels": {"app": p.name}}
             for p in pods]}))
         try:
-            if not args.flow_log:
+            if args.baseline:
+                base_dir = Path(tmp) / "baseline"
+                base_dir.mkdir()
+                archive = subprocess.run(["git", "-C", str(repo), "archive", args.baseline], check=True,
+                                         capture_output=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(base_dir)], input=archive, check=True)
+                runs = {"baseline": [], "current": []}
+                for _ in range(args.rounds):
+                    for mode, code in (("baseline", base_dir), ("current", None)):
+                        runs[mode].append(_measure(tmp, pods, args, None, code))  # type: ignore[arg-type]
+            elif not args.flow_log:
                 results, proxy_cpu, proxy_status = _measure(tmp, pods, args, None)  # type: ignore[arg-type]
             else:
                 runs: dict[str, list[Any]] = {"off": [], "on": []}
@@ -200,7 +222,22 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
     report: dict[str, Any] = {"queries": args.queries, "parallel": args.parallel, "duration_s": args.duration}
-    if not args.flow_log:
+    med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+    if args.baseline:
+        report["baseline"] = args.baseline
+        for fam in ("ipv4", "ipv6"):
+            per = {mode: [_family_report(args, *r[0][fam], r[1][fam]) for r in runs[mode]] for mode in runs}
+            qps = {mode: sorted(f["proxied"]["qps"] for f in per[mode]) for mode in per}
+            direct = {mode: sorted(f["direct"]["qps"] for f in per[mode]) for mode in per}
+            cpu = {mode: sorted(f["proxy_cpu_us_per_query"] for f in per[mode]) for mode in per}
+            lat = {mode: sorted(f["added_latency_median_ms"] for f in per[mode]) for mode in per}
+            report[fam] = {
+                "qps": qps, "direct_qps": direct, "proxy_cpu_us_per_query": cpu, "added_latency_median_ms": lat,
+                "qps_ratio_current_to_baseline": med(qps["current"]) / med(qps["baseline"]),
+                "cpu_per_query_ratio_current_to_baseline": med(cpu["current"]) / med(cpu["baseline"]),
+            }
+        report["proxy_status"] = runs["current"][-1][2]
+    elif not args.flow_log:
         for fam, (direct_r, proxied_r) in results.items():
             report[fam] = _family_report(args, direct_r, proxied_r, proxy_cpu[fam])
         report["proxy_status"] = proxy_status  # proves the client's load went through the proxy
@@ -212,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
             qps = {mode: sorted(f["proxied"]["qps"] for f in per[mode]) for mode in per}
             cpu = {mode: sorted(f["proxy_cpu_us_per_query"] for f in per[mode]) for mode in per}
             lat = {mode: sorted(f["added_latency_median_ms"] for f in per[mode]) for mode in per}
-            med = lambda xs: xs[len(xs) // 2]  # noqa: E731
             report[fam] = {
                 "qps": qps, "proxy_cpu_us_per_query": cpu, "added_latency_median_ms": lat,
                 "qps_ratio_flow_log_to_none": med(qps["on"]) / med(qps["off"]),

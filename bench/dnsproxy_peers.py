@@ -106,7 +106,7 @@ def _serve(pods: int, conn: Any) -> None:
 def measure(pods: int, datapath: bool = False) -> dict[str, float]:
     """One size, in this process (run it in a fresh one)."""
     from dnsproxy.kube import KubeSource
-    from dnsproxy.policy import EndpointIndex, PolicySet
+    from flowtel.lib.policy import EndpointIndex, PolicySet
 
     def synced(kubeconfig: str, on_change: Any = None) -> tuple[KubeSource, float]:
         src = KubeSource.connect(kubeconfig, NODE, on_change=on_change)

@@ -235,14 +235,25 @@ struct fqdn_cidr_key {
     __u8  dst[16];
 };
 
+/* fqdn_cidr_val.deny */
+#define FLOWTEL_FQDN_CIDR_ALLOW   0
+#define FLOWTEL_FQDN_CIDR_EXCEPT  1  /* an `except` hole (or no rule): no CIDR allowance; learned names may still allow */
+#define FLOWTEL_FQDN_CIDR_DENY    2  /* egressDeny: overrides every allowance, learned names and DNS included */
+
 struct fqdn_cidr_val {
-    __u8  deny;          /* an `except` hole: longest match wins, so it overrides the CIDR */
+    __u8  deny;          /* FLOWTEL_FQDN_CIDR_*: longest match wins, so a hole overrides the CIDR */
     __u8  pad[7];
     struct fqdn_l4 l4;
 };
 
-/* fqdn_ct (LRU): a connection the pod did not open (a peer reached it), keyed from the pod's
- * side, so its replies are not policed as new egress. */
+/* fqdn_ct (LRU): a connection a peer opened to the pod (its replies are not new egress);
+ * fqdn_conn (LRU, same key and value): one the pod opened to a learned FQDN address (it stays
+ * open past the answer's TTL, as Cilium's conntrack keeps it). Keyed from the pod's side; the
+ * value is when it last carried
+ * a packet from the pod, and an entry idle longer than Cilium's conntrack lifetimes no longer
+ * allows anything. */
+#define FLOWTEL_FQDN_CT_TCP_IDLE_S  21600  /* Cilium's --bpf-ct-timeout-regular-tcp */
+#define FLOWTEL_FQDN_CT_ANY_IDLE_S  60     /* Cilium's --bpf-ct-timeout-regular-any */
 struct fqdn_ct_key {
     __u8  pod[16];
     __u8  peer[16];

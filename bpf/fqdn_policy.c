@@ -2,11 +2,18 @@
  *
  * ftfqdn_from_pod runs on the veth's tc ingress (packets the pod sends) and decides:
  *   - source not in fqdn_endpoints: not policed, pass;
- *   - DNS (UDP/TCP to port 53): pass, the host's nftables TPROXY rule delivers it to the dnsproxy;
- *   - reply of a connection a peer opened to the pod (fqdn_ct): pass;
- *   - (pod, dst) in fqdn_allow and not past until_ns, port covered: pass;
- *   - longest (pod, dst/prefix) match in fqdn_cidr, not an except hole, port covered: pass;
+ *   - a connection in fqdn_ct (a peer opened it, or the pod opened it to a learned address)
+ *     not idle past Cilium's conntrack lifetime: pass, and its idle clock restarts;
+ *   - longest (pod, dst/prefix) match in fqdn_cidr is an egressDeny destination: denied;
+ *   - DNS (UDP/TCP to port 53): pass only to a destination and port fqdn_cidr allows (the DNS
+ *     rule's L3 and L4 part: the resolvers the policy names); the host's nftables TPROXY rule
+ *     then delivers it to the dnsproxy. DNS to any other address is denied here, never proxied;
+ *   - (pod, dst) in fqdn_allow and not past until_ns, port covered: pass, and the connection
+ *     is recorded in fqdn_ct so it outlives the TTL;
+ *   - fqdn_cidr's match is an allowance (not a hole), port covered: pass;
  *   - otherwise: counted in fqdn_denied, and TC_ACT_SHOT (enforce) or pass (audit).
+ * ICMP and ICMPv6 packets carry their type where other packets carry the destination port, so
+ * `icmps` rules are port ranges of those protocols.
  * ftfqdn_to_pod runs on tc egress (packets delivered to the pod) and records connections a
  * peer opens to the pod, so the pod's answers are not mistaken for new egress.
  *
@@ -38,6 +45,9 @@ BPF_TABLE_PINNED("hash", struct fqdn_endpoint_key, struct fqdn_endpoint, fqdn_en
 BPF_TABLE_PINNED("lpm_trie", struct fqdn_cidr_key, struct fqdn_cidr_val, fqdn_cidr, 65536,
                  FQDN_PIN_DIR "/fqdn_cidr", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct fqdn_ct_key, __u64, fqdn_ct, 65536, FQDN_PIN_DIR "/fqdn_ct");
+/* Connections policed pods opened to learned FQDN addresses: a map of their own, so a pod
+ * opening many cannot evict the entries of connections peers opened (fqdn_ct). */
+BPF_TABLE_PINNED("lru_hash", struct fqdn_ct_key, __u64, fqdn_conn, 65536, FQDN_PIN_DIR "/fqdn_conn");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, fqdn_counters, FLOWTEL_FQDN_CNT_MAX,
                  FQDN_PIN_DIR "/fqdn_counters");
 BPF_TABLE_PINNED("lru_hash", struct fqdn_denied_key, struct fqdn_denied_stats, fqdn_denied, FQDN_MAX_DENIED,
@@ -107,6 +117,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
             p->sport = bpf_ntohs(udp.source);
             p->dport = bpf_ntohs(udp.dest);
         }
+    } else if (p->protocol == IPPROTO_ICMP || p->protocol == IPPROTO_ICMPV6) {
+        __u8 type = 0;
+        if (bpf_skb_load_bytes(skb, l4off, &type, 1) == 0)
+            p->dport = type;  /* the ICMP type stands in for the port (icmps rules) */
     }
     return 0;
 }
@@ -182,35 +196,30 @@ int ftfqdn_from_pod(struct __sk_buff *skb)
     if (!ep)
         return TC_ACT_UNSPEC;
 
-    if ((p.protocol == IPPROTO_UDP || p.protocol == IPPROTO_TCP) && p.dport == 53) {
-        count(FLOWTEL_FQDN_CNT_ALLOWED_DNS);
-        return TC_ACT_UNSPEC;
-    }
-
+    __u64 now = bpf_ktime_get_ns();
     struct fqdn_ct_key ck = {};
     __builtin_memcpy(ck.pod, p.saddr, 16);
     __builtin_memcpy(ck.peer, p.daddr, 16);
     ck.pod_port = p.sport;
     ck.peer_port = p.dport;
     ck.protocol = p.protocol;
-    if (fqdn_ct.lookup(&ck)) {
-        count(FLOWTEL_FQDN_CNT_ALLOWED_REPLY);
-        return TC_ACT_UNSPEC;
-    }
-
-    struct fqdn_allow_key ak = {};
-    __builtin_memcpy(ak.pod, p.saddr, 16);
-    __builtin_memcpy(ak.dst, p.daddr, 16);
-    struct fqdn_allow_val *av = fqdn_allow.lookup(&ak);
-    if (av) {
-        if (bpf_ktime_get_ns() <= av->until_ns) {
-            if (l4_allows(&av->l4, &p)) {
-                count(FLOWTEL_FQDN_CNT_ALLOWED_FQDN);
-                return TC_ACT_UNSPEC;
-            }
-        } else {
-            count(FLOWTEL_FQDN_CNT_EXPIRED);
+    __u64 idle = (p.protocol == IPPROTO_TCP ? FLOWTEL_FQDN_CT_TCP_IDLE_S : FLOWTEL_FQDN_CT_ANY_IDLE_S) * 1000000000ULL;
+    __u64 *seen = fqdn_ct.lookup(&ck);
+    if (seen) {
+        if (now - *seen <= idle) {
+            *seen = now;
+            count(FLOWTEL_FQDN_CNT_ALLOWED_REPLY);
+            return TC_ACT_UNSPEC;
         }
+        fqdn_ct.delete(&ck);  /* idle past its lifetime: a new connection, decided afresh */
+    }
+    int conn_open = 0;
+    seen = fqdn_conn.lookup(&ck);
+    if (seen) {
+        if (now - *seen <= idle)
+            conn_open = 1;  /* allowed below unless an egressDeny now covers it */
+        else
+            fqdn_conn.delete(&ck);
     }
 
     struct fqdn_cidr_key lk = {};
@@ -225,11 +234,44 @@ int ftfqdn_from_pod(struct __sk_buff *skb)
         __builtin_memcpy(lk.dst, p.daddr, 16);
     }
     struct fqdn_cidr_val *cv = fqdn_cidr.lookup(&lk);
-    if (cv && !cv->deny && l4_allows(&cv->l4, &p)) {
+    int cidr_allows = cv && cv->deny == FLOWTEL_FQDN_CIDR_ALLOW && l4_allows(&cv->l4, &p);
+    if (cv && cv->deny == FLOWTEL_FQDN_CIDR_DENY)
+        goto denied;
+    if (conn_open) {
+        fqdn_conn.update(&ck, &now);
+        count(FLOWTEL_FQDN_CNT_ALLOWED_FQDN);
+        return TC_ACT_UNSPEC;
+    }
+
+    if ((p.protocol == IPPROTO_UDP || p.protocol == IPPROTO_TCP) && p.dport == 53) {
+        if (!cidr_allows)
+            goto denied;  /* a resolver the pod's DNS rules do not name: never reaches the proxy */
+        count(FLOWTEL_FQDN_CNT_ALLOWED_DNS);
+        return TC_ACT_UNSPEC;
+    }
+
+    struct fqdn_allow_key ak = {};
+    __builtin_memcpy(ak.pod, p.saddr, 16);
+    __builtin_memcpy(ak.dst, p.daddr, 16);
+    struct fqdn_allow_val *av = fqdn_allow.lookup(&ak);
+    if (av) {
+        if (now <= av->until_ns) {
+            if (l4_allows(&av->l4, &p)) {
+                count(FLOWTEL_FQDN_CNT_ALLOWED_FQDN);
+                fqdn_conn.update(&ck, &now);  /* the connection outlives the TTL while it is used */
+                return TC_ACT_UNSPEC;
+            }
+        } else {
+            count(FLOWTEL_FQDN_CNT_EXPIRED);
+        }
+    }
+
+    if (cidr_allows) {
         count(FLOWTEL_FQDN_CNT_ALLOWED_CIDR);
         return TC_ACT_UNSPEC;
     }
 
+denied:;
     int audit = ep->mode == FLOWTEL_FQDN_MODE_AUDIT;
     count(audit ? FLOWTEL_FQDN_CNT_AUDIT : FLOWTEL_FQDN_CNT_DROPPED);
     count_denied(skb, &p, audit ? FLOWTEL_FQDN_VERDICT_AUDIT : FLOWTEL_FQDN_VERDICT_DROPPED);

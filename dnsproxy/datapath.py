@@ -32,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 import bpf as bpf_sources
 from dnsproxy import redirect
-from dnsproxy.policy import L4, CidrEntry
+from flowtel.lib.policy import L4, CidrEntry
 from receiver.fqdnpolicy.denied import DeniedDiff, DeniedLayout, DeniedMapReader
 
 log = logging.getLogger("flowtel.dnsproxy.datapath")
@@ -284,7 +284,8 @@ class Datapath:
         ctypes.memmove(key.pod, raw[0], 16)
         ctypes.memmove(key.dst, raw[1], 16)
         val = self.cidr.Leaf()
-        val.deny = 1 if e.l4 is None else 0
+        # FLOWTEL_FQDN_CIDR_DENY / _EXCEPT / _ALLOW (bpf/flowtel.h)
+        val.deny = 2 if e.deny else (1 if e.l4 is None else 0)
         self._fill_l4(val.l4, e.l4 or L4(False))
         self.cidr[key] = val
 
@@ -417,7 +418,7 @@ class Datapath:
             log.error("not looking for filters an earlier proxy left: %s", exc)
             return
         for index, parent, prog_id in _policy_filters(self.ipr):
-            if index not in ifindexes and programs.get(prog_id, set()) & owned:
+            if index not in ifindexes and prog_id is not None and programs.get(prog_id, set()) & owned:
                 _del_filter(self.ipr, index, parent)
 
     def _attach(self, index: int) -> None:
@@ -461,7 +462,7 @@ class Datapath:
 
 
 def _l4_of(raw: Any) -> L4:
-    from dnsproxy.policy import PortRange
+    from flowtel.lib.policy import PortRange
 
     if raw.any_port:
         return L4(True)

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from flowtel.hubble import flow_to_dict
 from flowtel.records import Flow
@@ -34,7 +34,7 @@ class FlowLogWriter:
     """Appends flows to ``path`` from a writer thread; :meth:`write` never blocks on the file."""
 
     def __init__(self, path: str, *, max_queued: int = MAX_QUEUED, flush_interval_s: float = FLUSH_INTERVAL_S,
-                 encode: Callable[[Flow], str] | None = None) -> None:
+                 encode: Callable[[Flow], str] | None = None, autostart: bool = True) -> None:
         self.path = path
         # Unbuffered: each batch is one write of its own, and a failed one leaves nothing behind
         # in a buffer to come out later. Opened here: a bad path stops the start.
@@ -48,8 +48,19 @@ class FlowLogWriter:
         self.written = 0
         self._error_log_next = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dnsproxy-flowlog", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if autostart:
+            self.start()
+
+    def start(self, supervisor: Any = None) -> None:
+        """Start the writer thread (once); through ``supervisor`` (dnsproxy/supervise.py) when given."""
+        if self._thread is not None:
+            return
+        if supervisor is not None:
+            self._thread = supervisor.start("dnsproxy-flowlog", self._run)
+        else:
+            self._thread = threading.Thread(target=self._run, name="dnsproxy-flowlog", daemon=True)
+            self._thread.start()
 
     def write(self, flow: Flow) -> None:
         """Queue one flow (any thread). Full queue: counted as lost, never waited for."""
@@ -97,7 +108,10 @@ class FlowLogWriter:
     def close(self) -> None:
         """Write what is queued, then close the file."""
         self._stop.set()
-        self._thread.join(10)
+        if self._thread is not None:
+            self._thread.join(10)
+        else:
+            self._drain()
         try:
             self._file.close()
         except OSError as exc:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from dnsproxy.bounded import BoundedHandler, BoundedHTTPServer, ServerLimits
+from dnsproxy.supervise import Supervisor
 
 log = logging.getLogger("flowtel.dnsproxy")
 
@@ -25,16 +27,19 @@ Check = Callable[[], tuple[bool, dict[str, Any]]]
 # Beside the proxy's metrics (9967); clear of the agent's (9965, 13133) and the Collector
 # sidecar's (13134) ports, which share the node's network namespace with it.
 DEFAULT_HEALTH_PORT = 9968
+# The kubelet opens one connection per probe; a few scripts may poll too. Anything beyond is
+# refused at once, and a slow client is cut after 5 s.
+HEALTH_LIMITS = ServerLimits(max_connections=32, max_per_client=16, idle_timeout_s=5.0, request_timeout_s=5.0)
 
 
 class HealthServer:
     """Serves each path's check: (healthy, details) -> 200 or 503 with the details as JSON."""
 
-    def __init__(self, host: str, port: int, checks: dict[str, Check]) -> None:
+    def __init__(self, host: str, port: int, checks: dict[str, Check], limits: ServerLimits = HEALTH_LIMITS) -> None:
         self.checks = checks
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(BoundedHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -56,17 +61,18 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-                pass  # the kubelet probes every few seconds: no log line per probe
-
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = BoundedHTTPServer("health", (host, port), Handler, limits)
+        self.counters = self._httpd.counters
         self.address: tuple[str, int] = self._httpd.server_address[:2]  # type: ignore[assignment]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="dnsproxy-health", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            self._thread = supervisor.start("dnsproxy-health", self._httpd.serve_forever, poll_interval=0.2)
+        else:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                            name="dnsproxy-health", daemon=True)
+            self._thread.start()
         log.info("health endpoint on http://%s:%d (/healthz, /readyz)", *self.address)
 
     def shutdown(self) -> None:

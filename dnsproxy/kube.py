@@ -7,13 +7,13 @@ reconnect with backoff, relist on 410 Gone) keep their stores current:
   (``$NODE_NAME``), and every pod of the cluster may be a ``toEndpoints`` destination, as
   Cilium resolves those selectors against every identity. Each pod is kept as a few shared
   references (name, namespace, node, addresses, a label set shared by replicas), and fed one
-  at a time into a :class:`~dnsproxy.policy.EndpointIndex`, so a peer's change costs its own
+  at a time into a :class:`~flowtel.lib.policy.EndpointIndex`, so a peer's change costs its own
   identity's update, not a rebuild;
 - ``namespaces``: their labels become the pod's ``io.cilium.k8s.namespace.labels.<key>``
   labels, as Cilium gives them to endpoints, so selectors on namespace labels work (for
   peers too);
 - ``ciliumnetworkpolicies`` and ``ciliumclusterwidenetworkpolicies`` (``cilium.io/v2``), each
-  object parsed by :func:`dnsproxy.policy.parse_policy`, the same parser files go through.
+  object parsed by :func:`flowtel.lib.policy.parse_policy`, the same parser files go through.
   An object that does not parse stays in the store as an error naming it
   (``CiliumNetworkPolicy ns/name``), so it is reported, counted and replaced by its next
   version; the other policies keep applying.
@@ -40,7 +40,8 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 from cachetools import LRUCache
 from kubernetes import client as k8s
 
-from dnsproxy.policy import KINDS, EndpointIndex, Labels, Policy, PolicyError, Pod, cilium_labels, parse_policy
+from flowtel.lib.policy import (KINDS, EndpointIndex, Labels, Policy, PolicyError, Pod, Service, cilium_labels,
+                                parse_policy, service_from_spec)
 from flowtel.errors import StartError
 from processors.k8sattributes.internal.kube import client as kube_client
 from processors.k8sattributes.internal.kube.health import ApiHealth
@@ -52,7 +53,7 @@ COMPONENT = "dnsproxy"
 CILIUM_GROUP = "cilium.io"
 CILIUM_VERSION = "v2"
 RBAC_REMEDY = (
-    "grant the proxy's ServiceAccount list/watch on pods and namespaces, and on "
+    "grant the proxy's ServiceAccount list/watch on pods, namespaces and services, and on "
     "ciliumnetworkpolicies and ciliumclusterwidenetworkpolicies (cilium.io) "
     "(deploy/base/dnsproxy/rbac.yaml); check with "
     "`kubectl auth can-i watch ciliumnetworkpolicies.cilium.io --all-namespaces --as=system:serviceaccount:NS:NAME`"
@@ -171,6 +172,26 @@ def strip_policy(kind: str, raw: Mapping[str, Any]) -> PolicyObject:
         return PolicyObject(key, ref, None, str(exc))
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceObject:
+    key: str
+    service: Service | None  # None: a Service the model cannot read (logged, left out)
+
+
+def strip_service(raw: Mapping[str, Any]) -> ServiceObject:
+    """A Service: its ClusterIPs, ports and selector (what a ClusterIP reaches, see
+    flowtel/lib/policy/services.py)."""
+    meta = raw.get("metadata") or {}
+    name, namespace = str(meta.get("name", "")), str(meta.get("namespace") or "default")
+    try:
+        svc = service_from_spec(name, namespace, raw.get("spec") or {}, meta.get("labels") or {},
+                                f"Service {namespace}/{name}")
+    except PolicyError as exc:
+        log.warning("%s; its ClusterIP allows nothing", exc)
+        svc = None
+    return ServiceObject(f"{namespace}/{name}", svc)
+
+
 # -- the source ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +203,7 @@ class KubeState:
     errors: list[str]
     pods: list[Pod]  # this node's
     endpoints: EndpointIndex  # every node's pods, kept current (not a copy): toEndpoints' destinations
+    services: tuple[Service, ...] = ()
 
 
 O = TypeVar("O", bound=Keyed)
@@ -285,6 +307,7 @@ class KubeSource:
         self._namespaces = _Namespaces(self)
         self._cnps: _Store[PolicyObject] = _Store(self)
         self._ccnps: _Store[PolicyObject] = _Store(self)
+        self._services: _Store[ServiceObject] = _Store(self)
         cnp, ccnp = KINDS
         specs: list[tuple[str, Callable[..., Any], Callable[[Mapping[str, Any]], Any], Any, dict[str, str]]] = [
             # Every node's: toEndpoints selects peers anywhere in the cluster (this node's are
@@ -292,6 +315,8 @@ class KubeSource:
             # cluster-wide one: this node's pods would be listed, watched and held twice.
             ("pods", core.list_pod_for_all_namespaces, strip_pod, self._pods, {}),
             ("namespaces", core.list_namespace, strip_namespace, self._namespaces, {}),
+            # ClusterIPs: the datapath sees them before kube-proxy's DNAT (the cluster DNS Service).
+            ("services", core.list_service_for_all_namespaces, strip_service, self._services, {}),
             ("ciliumnetworkpolicies",
              functools.partial(custom.list_cluster_custom_object, CILIUM_GROUP, CILIUM_VERSION, "ciliumnetworkpolicies"),
              functools.partial(strip_policy, cnp), self._cnps, {}),
@@ -355,9 +380,10 @@ class KubeSource:
             version = self._version
             pods = [self._pod(p) for p in self._local.values()]
             policy_objects = sorted([*self._cnps.items.values(), *self._ccnps.items.values()], key=lambda p: p.ref)
+            services = tuple(o.service for _, o in sorted(self._services.items.items()) if o.service is not None)
         policies = [o.policy for o in policy_objects if o.policy is not None]
         errors = [o.error for o in policy_objects if o.error is not None]
-        return KubeState(version, policies, errors, pods, self.endpoints)
+        return KubeState(version, policies, errors, pods, self.endpoints, services)
 
     @property
     def cluster_pods(self) -> int:

@@ -14,9 +14,10 @@ import errno
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
+from dnsproxy.bounded import CLIENT_ERROR_KINDS, BoundedHandler, BoundedHTTPServer, ServerLimits
+from dnsproxy.wire import REJECT_REASONS
 from exporters.common.series import FamilySnapshot, HistogramValue
 from exporters.prometheus.exposition import CONTENT_TYPE, render
 from flowtel.errors import StartError
@@ -35,6 +36,8 @@ UPSTREAM_LATENCY_BOUNDS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 PREFIX = "flowtel_dnsproxy_"
+# A Prometheus or two scrape it; a scrape that takes longer than 30 s is cut.
+METRICS_LIMITS = ServerLimits(max_connections=16, max_per_client=8, idle_timeout_s=10.0, request_timeout_s=30.0)
 
 
 def families(points: Iterable[MetricPoint]) -> list[FamilySnapshot]:
@@ -63,13 +66,19 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
 
     st = proxy.stats_snapshot()
     queries, errors, malformed, learned = st.queries, st.upstream_error_kinds, st.malformed, st.learned_ips
-    for verdict in ("allowed", "refused", "audit"):
+    for verdict in ("allowed", "refused", "audit", "resolver_denied"):
         for protocol in ("udp", "tcp"):
             add("queries_total", queries.get((verdict, protocol), 0), MetricKind.SUM,
                 "DNS queries from policed and unpoliced pods by the proxy's decision: allowed (forwarded), "
-                "refused (no rules.dns pattern allows the name), audit (not allowed, forwarded by --audit)",
-                verdict=verdict, protocol=protocol)
+                "refused (no rules.dns pattern allows the name), audit (not allowed, forwarded by --audit), "
+                "resolver_denied (sent to a resolver, port or protocol no DNS rule of the pod allows: dropped, "
+                "never forwarded)", verdict=verdict, protocol=protocol)
     add("malformed_queries_total", malformed, MetricKind.SUM, "queries that were not DNS messages (FORMERR or no answer)")
+    for reason in REJECT_REASONS:
+        add("queries_rejected_total", st.rejected.get(reason, 0), MetricKind.SUM,
+            "messages never forwarded for their shape: response (QR set; dropped), opcode (not QUERY; REFUSED), "
+            "question_count (not exactly one question; FORMERR), records (answer, authority or additional "
+            "records other than EDNS; FORMERR), malformed (not DNS; FORMERR or dropped)", reason=reason)
     for kind in ("timeout", "network", "malformed", "no_upstream"):
         add("upstream_errors_total", errors.get(kind, 0), MetricKind.SUM,
             "allowed queries answered SERVFAIL because the upstream failed: timeout, network (refused, "
@@ -85,9 +94,9 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
     add("learned_ips", datapath.live_allowances, MetricKind.GAUGE,
         "(pod, destination) allowances in the allow map not past their TTL and grace, as of the last clean-up")
     add("policies", len(proxy.policy.policies), MetricKind.GAUGE,
-        "policies in effect (accepted) and rejected with an error", state="accepted")
+        "policies in effect (accepted), rejected with an error, and accepted but degraded (fields flowtel cannot evaluate, denied instead)", state="accepted")
     add("policies", len(proxy.policy_errors), MetricKind.GAUGE,
-        "policies in effect (accepted) and rejected with an error", state="rejected")
+        "policies in effect (accepted), rejected with an error, and accepted but degraded (fields flowtel cannot evaluate, denied instead)", state="rejected")
     add("policed_pods", len(proxy.policy.policed_pods()), MetricKind.GAUGE, "pods selected by an egress policy")
     add("policed_interfaces", len(datapath.attached), MetricKind.GAUGE,
         "host-side veths the enforcement program is attached to")
@@ -105,6 +114,18 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
             add("flow_log_lost_total", lost, MetricKind.SUM,
                 "flows not written to the --flow-log file: queue_full (the writer fell behind; the query path "
                 "never waits for it), write_error (the file failed)", reason=reason)
+    for counters in getattr(runner, "server_counters", lambda: [])():
+        for kind in CLIENT_ERROR_KINDS:
+            add("server_client_errors_total", counters.errors.get(kind, 0), MetricKind.SUM,
+                "connections of the proxy's TCP DNS, health and metrics servers ended by the client or the bounds: "
+                "rejected (over the connection cap), reset, timeout (idle or slow past the deadline), error",
+                server=counters.name, kind=kind)
+        add("server_connections", counters.open, MetricKind.GAUGE, "open connections per server", server=counters.name)
+    for ref in sorted(proxy.policy.degraded):
+        add("policy_degraded", 1, MetricKind.GAUGE, "policies with fields flowtel cannot evaluate (denied instead); "
+            "the log and the status line name each field", policy=ref)
+    add("policies", len(proxy.policy.degraded), MetricKind.GAUGE,
+        "policies in effect (accepted), rejected with an error, and accepted but degraded (fields flowtel cannot evaluate, denied instead)", state="degraded")
     add("denied_entries_created_total", datapath.denied_created(), MetricKind.SUM,
         "entries created in the datapath's fqdn_denied map (one per pod, interface, destination, port, "
         "protocol and verdict; an LRU, so a rate well above the drop flows' means evictions)")
@@ -114,11 +135,12 @@ def proxy_points(runner: Any, now_ns: int | None = None) -> list[MetricPoint]:
 class MetricsServer:
     """``GET /metrics``: the proxy's metrics as Prometheus text (format 0.0.4)."""
 
-    def __init__(self, host: str, port: int, collect: Callable[[], list[MetricPoint]]) -> None:
+    def __init__(self, host: str, port: int, collect: Callable[[], list[MetricPoint]],
+                 limits: ServerLimits = METRICS_LIMITS) -> None:
         self.collect = collect
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(BoundedHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -140,16 +162,13 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-                pass  # one line per scrape would drown the proxy's own log
-
         try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
+            self._httpd = BoundedHTTPServer("metrics", (host, port), Handler, limits)
         except OSError as exc:
             why = ("another process holds that port: stop it or pass another --metrics-listen (empty: no metrics)"
                    if exc.errno == errno.EADDRINUSE else "pass an address of this host in --metrics-listen")
             raise StartError("dnsproxy", f"cannot serve metrics on {host}:{port}: {exc.strerror}", why) from None
-        self._httpd.daemon_threads = True
+        self.counters = self._httpd.counters
         self._thread: threading.Thread | None = None
 
     @property
@@ -157,7 +176,10 @@ class MetricsServer:
         host, port = self._httpd.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> None:
+    def start(self, supervisor: Any = None) -> None:
+        if supervisor is not None:  # dnsproxy/supervise.py: a dead metrics server fails /healthz
+            self._thread = supervisor.start("dnsproxy-metrics", self._httpd.serve_forever)
+            return
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="dnsproxy-metrics", daemon=True)
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", *self.address)

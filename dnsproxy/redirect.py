@@ -221,9 +221,9 @@ def remove(*, nft_table: str, address_label: str, listen6: str | None = None, ma
     Returns what was removed."""
     removed = []
     nft = nft_binary()
-    for family in ("inet", "ip"):
-        if subprocess.run([nft, "delete", "table", family, nft_table], capture_output=True).returncode == 0:
-            removed.append(f"nft table {family} {nft_table}")
+    for nft_family in ("inet", "ip"):
+        if subprocess.run([nft, "delete", "table", nft_family, nft_table], capture_output=True).returncode == 0:
+            removed.append(f"nft table {nft_family} {nft_table}")
     c = RedirectConfig(nft_table, address_label, DEFAULT_LISTEN, default_listen6(DEFAULT_LISTEN),
                        mark=mark, route_table=route_table, rule_priority=rule_priority)
     # The rules and routes are shared by every proxy using this mark (one per node, but tests

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -9,21 +10,52 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
+from typing import Any
 
 import dns.rcode
 
 from dnsproxy.datapath import (DEFAULT_ADDRESS_LABEL, DEFAULT_NFT_TABLE, DEFAULT_PIN_DIR, MODE_AUDIT, MODE_ENFORCE,
                                Datapath, uninstall)
+from dnsproxy.bounded import ServerCounters
 from dnsproxy.health import DEFAULT_HEALTH_PORT, HealthServer
+from dnsproxy.supervise import Supervisor
 from dnsproxy.metrics import DEFAULT_METRICS_PORT, MetricsServer, proxy_points
 from dnsproxy.kube import KubeSource
-from dnsproxy.policy import CidrEntry, EndpointIndex, PolicyError, PolicySet, load_pods, load_policy_dir
+from flowtel.lib.policy import (CidrEntry, EndpointIndex, NodeAddresses, PolicyError, PolicySet, load_pods,
+                                load_node_addresses, load_policy_dir, load_services)
 from dnsproxy.redirect import (DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY, DEFAULT_TPROXY_MARK, Redirect,
                                RedirectConfig, default_listen6, host_has_ipv6)
 from dnsproxy.server import DnsProxy, ProxyConfig, snapshot
 from flowtel.errors import StartError
 
 log = logging.getLogger("flowtel.dnsproxy")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_of(url: str) -> str:
+    host = urllib.parse.urlsplit(url).hostname
+    return host or ""
+
+
+def _host_addresses(ipr: Any) -> list[str]:
+    """The host's addresses (IPv4 and global IPv6), loopback and link-local left out."""
+    out = []
+    for msg in ipr.get_addr():
+        addr = msg.get_attr("IFA_ADDRESS")
+        if not addr:
+            continue
+        ip = ipaddress.ip_address(addr)
+        if not (ip.is_loopback or ip.is_link_local):
+            out.append(str(ip))
+    return out
 
 
 def _hostport(text: str, default_port: int) -> tuple[str, int]:
@@ -54,8 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen6", help="IPv6 address of the proxy's sockets (default: fd62:2c24:1612:53::/64 plus the --listen address's 32 bits, put on the loopback); empty: no IPv6 (policed pods' IPv6 DNS is then dropped)")
     p.add_argument("--reject", choices=("refused", "nxdomain"), default="refused", help="answer to a denied name (default refused)")
     p.add_argument("--upstream-timeout", type=float, default=2.0, help="seconds (default 2)")
-    p.add_argument("--min-ttl", type=int, default=0, help="learned IPs stay allowed at least this many seconds")
-    p.add_argument("--grace", type=float, default=0.0, help="seconds an IP stays allowed after its TTL (open connections)")
+    p.add_argument("--min-ttl", type=int, default=3600, help="learned IPs stay allowed at least this many seconds (default 3600, Cilium's tofqdns-min-ttl)")
+    p.add_argument("--grace", type=float, default=0.0, help="seconds an IP stays allowed after its TTL for new connections (default 0, Cilium's tofqdns-idle-connection-grace-period); open connections stay open while used")
+    p.add_argument("--kube-apiserver", default="", help="comma-separated addresses of the toEntities kube-apiserver entity (default with --kube: the kubernetes Service's ClusterIP from $KUBERNETES_SERVICE_HOST and the API server's address)")
+    p.add_argument("--services", help="without --kube: Services file (services: [{metadata: {name, namespace, labels}, spec: {clusterIP, ports, selector}}], or `kubectl get svc -A -o yaml`); a ClusterIP is allowed when every backend is (the cluster DNS Service IP for a DNS rule selecting kube-dns); reloaded on change")
+    p.add_argument("--remote-node-addresses", default="", help="comma-separated addresses of the other nodes (toEntities remote-node and cluster); default: none known, so remote-node allows nothing")
     p.add_argument("--audit", action="store_true", help="report denied traffic as AUDIT instead of dropping it")
     p.add_argument("--metrics-listen", default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
                    help=f"HOST:PORT of the proxy's Prometheus /metrics (default 127.0.0.1:{DEFAULT_METRICS_PORT}; empty: none)")
@@ -100,7 +135,9 @@ class Runner:
             upstream_timeout_s=args.upstream_timeout, min_ttl_s=args.min_ttl, grace_s=args.grace,
             audit=args.audit, flow_log=args.flow_log)
         self.datapath = Datapath(args.pin_dir, nft_table=args.nft_table, address_label=args.address_label)
-        self.proxy = DnsProxy(self.config, self.datapath)
+        # Every loop and server thread: one that dies fails /healthz and ends the process.
+        self.supervisor = Supervisor(on_death=lambda _name: self._wake.set())
+        self.proxy = DnsProxy(self.config, self.datapath, self.supervisor)
         self._snapshot: tuple[object, ...] | None = None
         self._kube_version: int | None = None
         self._serving = False
@@ -122,6 +159,13 @@ class Runner:
         self._next_status = 0.0
         self._unrouted: set[str] = set()
         self._first_sync = True  # sweep filters an earlier proxy left on interfaces once
+        self._degraded_logged: set[tuple[str, tuple[str, ...]]] = set()
+        self._own_addresses = {a for a in (listen[0], listen6[0] if listen6 else "") if a}
+        for text in (args.kube_apiserver, args.remote_node_addresses):
+            for a in (x.strip() for x in text.split(",")):
+                if a and not _is_ip(a):
+                    raise StartError("dnsproxy", f"{a!r} is not an IP address",
+                                     "give --kube-apiserver and --remote-node-addresses comma-separated IP addresses")
 
     def sync(self) -> None:
         """Policies and pods → endpoints, CIDR entries, attachments and the DNS redirect.
@@ -178,7 +222,7 @@ class Runner:
     def refresh(self) -> None:
         """Take the policy sources into the proxy when they changed (files: size/mtime; the
         Kubernetes API: a watch event since the last round)."""
-        snap = snapshot([p for p in (self.config.policies_dir, self.config.pods_file) if p])
+        snap = snapshot([p for p in (self.config.policies_dir, self.config.pods_file, self.args.services) if p])
         kube_version = self.kube.version if self.kube is not None else None
         if snap == self._snapshot and kube_version == self._kube_version:
             return
@@ -198,7 +242,9 @@ class Runner:
         for err in errors:
             if err not in known:  # once per rejected version, not once per watch event
                 log.error("policy rejected: %s", err)
-        policy = PolicySet(policies, state.pods, node=self.kube.node_name, endpoints=state.endpoints)
+        policy = PolicySet(policies, state.pods, node=self.kube.node_name, endpoints=state.endpoints,
+                           nodes=self.node_addresses(), services=state.services)
+        self._report_degraded(policy)
         # Errors first: the handlers read only `policy`, one reference swapped atomically.
         self.proxy.policy_errors = errors
         self.proxy.policy = policy
@@ -221,13 +267,52 @@ class Runner:
         except PolicyError as exc:
             log.error("%s; keeping the previous pods", exc)
             pods, endpoints = previous.pods, previous.endpoints
-        policy = PolicySet(result.policies, pods, node=self.node_name, endpoints=endpoints)
+        services = previous.services
+        if self.args.services:
+            try:
+                services = tuple(load_services(self.args.services))
+            except PolicyError as exc:
+                log.error("%s; keeping the previous services", exc)
+        policy = PolicySet(result.policies, pods, node=self.node_name, endpoints=endpoints, nodes=self.node_addresses(),
+                           services=services)
+        self._report_degraded(policy)
         # Errors first: the handlers read only `policy`, one reference swapped atomically.
         self.proxy.policy_errors = result.errors
         self.proxy.policy = policy
         log.info("loaded %d policies (%d rejected); %d of %d pods on %s policed; %d peers on other nodes",
                  len(result.policies), len(result.errors), len(policy.policed_pods()), len(policy.pods),
                  self.node_name or "this node", len(endpoints) - len(policy.pods))
+
+    def node_addresses(self) -> NodeAddresses:
+        """What the entities host, remote-node and kube-apiserver are on this node: the host's
+        own addresses (the proxy runs in the host's network namespace; the proxy's listen
+        addresses left out), and the configured or discovered others."""
+        host = sorted(a for a in _host_addresses(self.datapath.ipr) if a not in self._own_addresses)
+        api = [a.strip() for a in self.args.kube_apiserver.split(",") if a.strip()]
+        if not api and self.kube is not None:
+            api = [a for a in (os.environ.get("KUBERNETES_SERVICE_HOST", ""), _host_of(self.kube.server)) if _is_ip(a)]
+        remote = [a.strip() for a in self.args.remote_node_addresses.split(",") if a.strip()]
+        if self.config.pods_file and self.node_name:
+            # The pods file's nodes and kube_apiserver keys (processors/k8sattributes' shape).
+            try:
+                file_remote, file_api = load_node_addresses(self.config.pods_file, self.node_name)
+            except PolicyError as exc:
+                log.error("%s", exc)
+                file_remote, file_api = [], []
+            remote = remote or file_remote
+            api = api or file_api
+        return NodeAddresses(tuple(host), tuple(dict.fromkeys(remote)), tuple(dict.fromkeys(api)))
+
+    def _report_degraded(self, policy: PolicySet) -> None:
+        """Log each degraded policy's notes once per version of it (not once per reload round)."""
+        seen = set()
+        for ref, notes in sorted(policy.degraded.items()):
+            key = (ref, notes)
+            seen.add(key)
+            if key not in self._degraded_logged:
+                for note in notes:
+                    log.warning("policy degraded (denied instead of evaluated): %s: %s", ref, note)
+        self._degraded_logged = seen
 
     def _wait_first_sync(self) -> None:
         """Block until every informer listed once: serving with half the policies would answer
@@ -247,9 +332,9 @@ class Runner:
     def run(self) -> int:
         self.redirect.install_base()
         if self.health is not None:
-            self.health.start()
+            self.health.start(self.supervisor)
         if self.metrics is not None:
-            self.metrics.start()
+            self.metrics.start(self.supervisor)
         if self.kube is not None:
             self.kube.start()
             self._wait_first_sync()
@@ -259,14 +344,23 @@ class Runner:
         self.sync()
         self.proxy.serve()
         self.datapath.open_events(self.proxy.on_drop)
-        events = threading.Thread(target=self._poll_events, name="dnsproxy-events", daemon=True)
-        events.start()
+        events = self.supervisor.start("dnsproxy-events", self._poll_events)
         self._serving = True
         log.info("dnsproxy ready")
+        status = 0
         while not self.stop.is_set():
             self._wake.wait(self.args.reload_interval)
             self._wake.clear()  # before refresh() reads the version: no event is missed
             if self.stop.is_set():
+                break
+            dead = self.supervisor.dead()
+            if dead:
+                # Not restarted in place: a loop that died once may die again on the same input,
+                # and a fresh process starts from a clean state over the same pinned datapath.
+                log.error("exiting: %s died (%s); the kubelet restarts the proxy and enforcement continues meanwhile",
+                          ", ".join(sorted(dead)), "; ".join(f"{k}: {v}" for k, v in sorted(dead.items())))
+                status = 1
+                self.stop.set()
                 break
             self._last_round = time.monotonic()
             try:
@@ -280,9 +374,10 @@ class Runner:
             except Exception:  # the proxy must keep answering whatever one round hit
                 log.exception("reload round failed")
         self.proxy.shutdown()
-        return self._shutdown(events)
+        return self._shutdown(events) or status
 
     def _shutdown(self, events: threading.Thread | None) -> int:
+        self.supervisor.stopping = True
         if events is not None:
             events.join(2)
         if self.kube is not None:
@@ -299,9 +394,18 @@ class Runner:
         self._wake.set()
 
     def _liveness(self) -> tuple[bool, dict[str, object]]:
-        # A round every reload interval; a wedged loop (not a slow one) fails after 30 s.
+        # A round every reload interval; a wedged loop (not a slow one) fails after 30 s; a dead
+        # thread (the UDP loop, a TCP server, the event poller, ...) fails at once.
         stalled = time.monotonic() - self._last_round
-        return stalled < max(30.0, 10 * self.args.reload_interval), {"last_round_s_ago": round(stalled, 1)}
+        threads_ok, details = self.supervisor.check()
+        details["last_round_s_ago"] = round(stalled, 1)
+        return stalled < max(30.0, 10 * self.args.reload_interval) and threads_ok, details
+
+    def server_counters(self) -> list[ServerCounters]:
+        """Client errors and open connections of every bounded server (for /metrics)."""
+        out = self.proxy.server_counters()
+        out += [s.counters for s in (self.health, self.metrics) if s is not None]
+        return out
 
     def _readiness(self) -> tuple[bool, dict[str, object]]:
         details: dict[str, object] = {"serving": self._serving}
@@ -317,6 +421,9 @@ class Runner:
             "malformed": st.malformed, "learned_ips": st.learned_ips,
             "added_latency_avg_ms": round(st.latency_ns_sum / st.latency_count / 1e6, 3) if st.latency_count else 0.0,
             "policies_rejected": len(self.proxy.policy_errors), "policed_interfaces": len(self.datapath.attached),
+            "policies_degraded": sorted(self.proxy.policy.degraded),
+            "queries_rejected": dict(st.rejected), "queries_resolver_denied": st.resolver_denied,
+            "dead_threads": self.supervisor.dead(),
             "datapath": self.datapath.counters(),
             **({"flow_log_lost": sum(self.proxy.flow_log.lost_total().values())}
                if self.proxy.flow_log is not None else {}),

@@ -35,15 +35,17 @@ from typing import Any, Protocol
 import dns.exception
 import dns.rcode
 
+from dnsproxy.bounded import BoundedThreadingMixIn, ServerCounters, ServerLimits, error_kind
 from dnsproxy.datapath import VERDICT_AUDIT, DropEvent
 from dnsproxy.flowlog import FlowLogWriter
 from dnsproxy.metrics import ADDED_LATENCY_BOUNDS, UPSTREAM_LATENCY_BOUNDS
-from dnsproxy.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir
+from dnsproxy.supervise import Supervisor
+from flowtel.lib.policy import L4, Pod, PolicyError, PolicySet, load_pods, load_policy_dir, load_services
 from dnsproxy.udp import UdpLoop, make_transparent, udp_listen_socket
 # Re-exported: these lived here before dnsproxy/udp.py and dnsproxy/wire.py, and are imported from here.
 from dnsproxy.udp import orig_dst as _orig_dst, pktinfo as _pktinfo  # noqa: F401
-from dnsproxy.wire import (Answer, BoundedCache, Query, QuestionKey, answer_ips, header_only_formerr,  # noqa: F401
-                           parse_answer, parse_query)
+from dnsproxy.wire import (REJECT_REASONS, Answer, BadQuery, BoundedCache, Query, QuestionKey,  # noqa: F401
+                           answer_ips, header_only_formerr, header_only_response, parse_answer, parse_query)
 from flowtel.histogram import Histogram
 from flowtel.records import DnsInfo, Endpoint, Flow, FlowType, TrafficDirection, Verdict
 
@@ -73,7 +75,12 @@ class ProxyConfig:
     # UDP queries waiting for their upstream at once (each holds a socket); beyond it the loop
     # stops reading new queries until answers come back, and they wait in the socket's buffer.
     max_in_flight: int = 4096
+    # DNS over TCP: a thread per connection, so connections are capped (in all and per pod) and
+    # each must send its next message within idle_timeout_s and all of it within request_timeout_s.
+    tcp_limits: ServerLimits = field(default_factory=lambda: ServerLimits(
+        max_connections=256, max_per_client=16, idle_timeout_s=10.0, request_timeout_s=5.0))
     node_name: str = field(default_factory=socket.gethostname)
+    services_file: str = ""  # --services (without --kube)
 
 
 @dataclass
@@ -84,6 +91,10 @@ class Stats:
     refused: int = 0
     upstream_errors: int = 0
     malformed: int = 0
+    # Queries not forwarded because of their shape (dnsproxy/wire.py REJECT_REASONS), per reason,
+    # and queries to a resolver no DNS rule of the pod allows (dropped, never forwarded).
+    rejected: dict[str, int] = field(default_factory=dict)
+    resolver_denied: int = 0
     learned_ips: int = 0
     latency_ns_sum: int = 0  # time the proxy added per forwarded query (upstream wait included)
     latency_count: int = 0
@@ -110,10 +121,13 @@ class Forward:
     allowed: bool  # False: not allowed, forwarded because of --audit
     l4: L4 | None  # ports the answer's addresses open (None: no toFQDNs rule matches the name)
     started_ns: int
+    view: PolicySet | None = None  # the policy view that decided: whose pods learn the answer
     asked_ns: int = 0  # when it left for the upstream
 
 
-Decision = tuple[Pod | None, bool, bool, L4 | None]  # pod, policed, allowed, ports learned addresses open
+# pod, policed, verdict (True: allowed, False: name refused, None: resolver not allowed), ports
+# learned addresses open
+Decision = tuple[Pod | None, bool, bool | None, L4 | None]
 # Decisions kept per policy view; a view is replaced as a whole on every reload, which drops them.
 DECISION_CACHE_ENTRIES = 4096
 # Failures of a reachable upstream (timeouts, errors) are logged at most this often (seconds),
@@ -123,18 +137,19 @@ FAILURE_LOG_INTERVAL_S = 5.0
 
 
 class DnsProxy:
-    def __init__(self, config: ProxyConfig, learner: Learner | None) -> None:
+    def __init__(self, config: ProxyConfig, learner: Learner | None, supervisor: Supervisor | None = None) -> None:
         self.config = config
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.learner = learner
         self.stats = Stats()
         self._lock = threading.Lock()
         self._stats_lock = threading.Lock()  # the UDP loop and the TCP handlers both count; `+=` is not atomic
         self.policy = PolicySet([], [])
         self.policy_errors: list[str] = []
-        self._decisions: tuple[PolicySet | None, BoundedCache[tuple[str, QuestionKey], Decision]] = (
+        self._decisions: tuple[PolicySet | None, BoundedCache[tuple[Any, ...], Decision]] = (
             None, BoundedCache(DECISION_CACHE_ENTRIES))
         # Written by a thread of its own (dnsproxy/flowlog.py): the query path only queues a record.
-        self.flow_log = FlowLogWriter(config.flow_log) if config.flow_log else None
+        self.flow_log = FlowLogWriter(config.flow_log, autostart=False) if config.flow_log else None
         self._servers: list[socketserver.BaseServer] = []
         self._udp_loop: UdpLoop | None = None
         # The proxy's own addresses: a query to one of them was not redirected, and forwarding it
@@ -157,7 +172,13 @@ class DnsProxy:
         except PolicyError as exc:
             log.error("%s; keeping the previous pods", exc)
             pods = self.policy.pods
-        policy = PolicySet(result.policies, pods)
+        services = self.policy.services
+        if self.config.services_file:
+            try:
+                services = tuple(load_services(self.config.services_file))
+            except PolicyError as exc:
+                log.error("%s; keeping the previous services", exc)
+        policy = PolicySet(result.policies, pods, services=services)
         with self._lock:
             self.policy, self.policy_errors = policy, result.errors
         log.info("loaded %d policies (%d rejected); %d of %d pods policed", len(result.policies),
@@ -194,12 +215,28 @@ class DnsProxy:
         started = time.monotonic_ns()
         try:
             query = parse_query(wire)
+        except BadQuery as exc:
+            # Never forwarded: a response (dropped: answering would start a reflection loop),
+            # another opcode (REFUSED), other than one question or records riding along (FORMERR).
+            self._rejected(exc.reason)
+            return None if exc.rcode is None else header_only_response(wire, exc.rcode)
         except dns.exception.DNSException:
             self._count(malformed=1)
+            self._rejected("malformed")
             return header_only_formerr(wire)  # as a resolver would, so the client does not wait
-        if query.question is None:
+        if query.question is None:  # parse_query admits exactly one question; kept for safety
             return query.rcode_response(wire[:2], dns.rcode.FORMERR)
-        pod, policed, allowed, l4 = self._decide(client_ip, query.question)
+        view = self.policy
+        pod, policed, verdict, l4 = self._decide(view, client_ip, query.question, orig_dst, tcp)
+        if verdict is None and not self.config.audit:
+            # A resolver (or port, or protocol) no DNS rule of the pod allows: the datapath drops
+            # these before they reach the proxy; one that still arrives (a rule just changed) is
+            # dropped here too, never forwarded, never answered.
+            self._count(resolver_denied=1)
+            self._decided("resolver_denied", tcp)
+            self._dns_flow(client_ip, query, self.config.refuse_rcode, (), 0, (), Verdict.DROPPED, 0, orig_dst)
+            return None
+        allowed = verdict is True
         if not allowed and not self.config.audit:
             self._count(refused=1)
             self._decided("refused", tcp)
@@ -213,7 +250,7 @@ class DnsProxy:
             log.warning("no upstream for %s from %s: it was sent to the proxy's own address %s, not redirected; "
                         "set --upstream to answer such queries", query.qname, client_ip, orig_dst[0] if orig_dst else "?")
             return query.rcode_response(wire[:2], dns.rcode.SERVFAIL)
-        return Forward(wire, query, client_ip, tcp, orig_dst, target, pod, policed, allowed, l4, started)
+        return Forward(wire, query, client_ip, tcp, orig_dst, target, pod, policed, allowed, l4, started, view=view)
 
     def match(self, fwd: Forward, upstream_wire: bytes) -> Answer | None:
         """The upstream's answer to ``fwd`` read from ``upstream_wire``, or None if the datagram
@@ -227,11 +264,17 @@ class DnsProxy:
     def finish(self, fwd: Forward, upstream_wire: bytes, answer: Answer) -> bytes:
         """The upstream answered: learn its addresses for the pod, then release it."""
         upstream_ns = time.monotonic_ns() - fwd.asked_ns
-        if fwd.policed and self.learner is not None and fwd.l4 is not None and answer.ips:
-            # Before the answer leaves: the pod's first SYN must find its address allowed.
-            self.learner.learn(list(fwd.pod.ips), list(answer.ips),  # type: ignore[union-attr]
-                               max(answer.ttl, self.config.min_ttl_s), self.config.grace_s, fwd.l4)
-            self._count(learned_ips=len(answer.ips))
+        if fwd.policed and fwd.allowed and self.learner is not None and answer.ips:
+            # Before the answer leaves: the pod's first SYN must find its address allowed. Every
+            # policed pod whose toFQDNs select the name learns it, as Cilium shares addresses by
+            # selector across the node; only answers of allowed resolvers to allowed questions.
+            view = fwd.view or self.policy
+            ttl = max(answer.ttl, self.config.min_ttl_s)
+            learners = view.fqdn_learners(fwd.query.question[0]) if fwd.query.question else ()
+            for pod_ips, l4 in learners:
+                self.learner.learn(list(pod_ips), list(answer.ips), ttl, self.config.grace_s, l4)
+            if learners:
+                self._count(learned_ips=len(answer.ips))
         added = time.monotonic_ns() - fwd.started_ns
         st = self.stats
         with self._stats_lock:
@@ -252,24 +295,30 @@ class DnsProxy:
                           str(exc) or type(exc).__name__)
         return fwd.query.rcode_response(fwd.wire[:2], dns.rcode.SERVFAIL)
 
-    def _decide(self, client_ip: str, question: QuestionKey) -> Decision:
-        """Policy for (client, name), computed once per policy view: a pod asks the same names
-        again and again, and the view is immutable until the next reload swaps it."""
-        policy = self.policy  # one reference, swapped atomically by reloads
+    def _decide(self, policy: PolicySet, client_ip: str, question: QuestionKey, orig_dst: tuple[str, int] | None,
+                tcp: bool) -> Decision:
+        """Policy for (client, name, resolver, protocol), computed once per policy view: a pod
+        asks the same names of the same resolver again and again, and the view is immutable
+        until the next reload swaps it."""
         view, cache = self._decisions
         if view is not policy:
             cache = BoundedCache(DECISION_CACHE_ENTRIES)
             self._decisions = (policy, cache)
-        key = (client_ip, question)
+        key = (client_ip, question, orig_dst, tcp)
         hit = cache.get(key)
         if hit is not None:
             return hit
         qname = question[0]
         pod = policy.pod_by_ip(client_ip)
         policed = pod is not None and policy.is_policed(pod)
-        allowed = not policed or policy.dns_allowed(pod, qname)  # type: ignore[arg-type]
+        verdict: bool | None = True
+        if policed:
+            # A query without its original destination (not redirected) names no resolver a rule
+            # could allow: the proxy's own address stands for it, which no rule selects.
+            resolver, port = orig_dst if orig_dst is not None else (self.config.listen[0], self.config.listen[1])
+            verdict = policy.dns_verdict(pod, qname, resolver, port, 6 if tcp else 17)  # type: ignore[arg-type]
         l4 = policy.fqdn_l4(pod, qname) if policed else None  # type: ignore[arg-type]
-        decision = (pod, policed, allowed, l4)
+        decision = (pod, policed, verdict, l4)
         cache.put(key, decision)
         return decision
 
@@ -291,6 +340,10 @@ class DnsProxy:
             for name, delta in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
 
+    def _rejected(self, reason: str) -> None:
+        with self._stats_lock:
+            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+
     def _decided(self, verdict: str, tcp: bool) -> None:
         key = (verdict, "tcp" if tcp else "udp")
         with self._stats_lock:
@@ -304,7 +357,8 @@ class DnsProxy:
         """A consistent copy of the counters (the histograms are shared: they lock themselves)."""
         with self._stats_lock:
             return dataclasses.replace(self.stats, queries=dict(self.stats.queries),
-                                       upstream_error_kinds=dict(self.stats.upstream_error_kinds))
+                                       upstream_error_kinds=dict(self.stats.upstream_error_kinds),
+                                       rejected=dict(self.stats.rejected))
 
     def _target(self, orig_dst: tuple[str, int] | None) -> tuple[str, int] | None:
         """Where to forward: the configured upstream, else the resolver the pod asked unless that
@@ -403,26 +457,37 @@ class DnsProxy:
         proxy = self
         listens = [a for a in (self.config.listen, self.config.listen6) if a]
 
+        limits = self.config.tcp_limits
+
         class Tcp(socketserver.BaseRequestHandler):
+            server: TcpServer
+
             def handle(self) -> None:
                 conn: socket.socket = self.request
-                conn.settimeout(10)
                 # A redirected connection keeps the resolver the pod asked as its local address.
                 orig = conn.getsockname()[:2]
                 try:
                     while True:  # several queries may share one connection (RFC 7766)
-                        head = _recv_exact(conn, 2)
+                        # Idle between messages up to idle_timeout_s; then the whole message,
+                        # length prefix included, within message_timeout_s however it drips.
+                        first = _recv_until(conn, 1, time.monotonic() + limits.idle_timeout_s, idle=True)
+                        if not first:
+                            return  # closed between messages: a normal end
+                        deadline = time.monotonic() + limits.request_timeout_s
+                        head = first + _recv_until(conn, 1, deadline)
                         (n,) = struct.unpack("!H", head)
-                        resp = proxy.handle(_recv_exact(conn, n), self.client_address[0], tcp=True, orig_dst=orig)
+                        resp = proxy.handle(_recv_until(conn, n, deadline), self.client_address[0], tcp=True,
+                                            orig_dst=orig)
                         if resp is None:
                             return
+                        conn.settimeout(limits.request_timeout_s)
                         conn.sendall(struct.pack("!H", len(resp)) + resp)
-                except (OSError, EOFError):
-                    return
+                except (OSError, EOFError) as exc:
+                    self.server.counters.count(error_kind(exc))
 
-        class TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-            daemon_threads = True
+        class TcpServer(BoundedThreadingMixIn, socketserver.TCPServer):
             allow_reuse_address = True
+            request_queue_size = 128
 
             def server_bind(self) -> None:
                 make_transparent(self.socket)
@@ -432,22 +497,31 @@ class DnsProxy:
         for host, port in listens:
             v6 = ":" in host
             family = socket.AF_INET6 if v6 else socket.AF_INET
-            server = type("TcpServer", (TcpServer,), {"address_family": family})((host, port), Tcp)
+            server = type("TcpServer", (TcpServer,), {"address_family": family})((host, port), Tcp, False)
+            server.init_bounds(f"dns-tcp{'6' if v6 else ''}", limits)
+            try:
+                server.server_bind()
+                server.server_activate()
+            except OSError:
+                server.server_close()
+                raise
             self._servers.append(server)
-            t = threading.Thread(target=server.serve_forever, name=f"dnsproxy-tcp{'6' if v6 else ''}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._threads.append(self.supervisor.start(f"dnsproxy-tcp{'6' if v6 else ''}", server.serve_forever))
             sock = udp_listen_socket(host, port)
             udp.append((sock, (host, port)))
         self._udp_loop = UdpLoop(self, udp, self.config.upstream_timeout_s, self.config.max_in_flight)
-        t = threading.Thread(target=self._udp_loop.run, name="dnsproxy-udp", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.append(self.supervisor.start("dnsproxy-udp", self._udp_loop.run))
+        if self.flow_log is not None:
+            self.flow_log.start(self.supervisor)
         upstream = "%s:%d" % self.config.upstream if self.config.upstream else "the resolver each query was sent to"
         log.info("DNS proxy listening on %s (UDP, TCP), forwarding to %s",
                  ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listens), upstream)
 
+    def server_counters(self) -> list[ServerCounters]:
+        return [s.counters for s in self._servers if isinstance(s, BoundedThreadingMixIn)]
+
     def shutdown(self) -> None:
+        self.supervisor.stopping = True
         if self._udp_loop is not None:
             self._udp_loop.stop()
         for t in self._threads:
@@ -467,6 +541,24 @@ def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "network"
     return "malformed"
+
+
+def _recv_until(s: socket.socket, n: int, deadline: float, idle: bool = False) -> bytes:
+    """``n`` bytes by ``deadline`` (TimeoutError past it). With ``idle``, a connection closed
+    before the first byte returns b"" (the client is done) instead of raising EOFError."""
+    buf = b""
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client sent too slowly")
+        s.settimeout(left)
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            if idle and not buf:
+                return b""
+            raise EOFError("connection closed")
+        buf += chunk
+    return buf
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:

@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from dnsproxy.datapath import Datapath, _l4_of, _ip_text, uninstall
-from dnsproxy.policy import L4, CidrEntry, PortRange
+from flowtel.lib.policy import L4, CidrEntry, PortRange
 
 pytestmark = pytest.mark.kernel
 

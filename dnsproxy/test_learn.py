@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from dnsproxy.datapath import Datapath, uninstall
-from dnsproxy.policy import L4, PortRange
+from flowtel.lib.policy import L4, PortRange
 
 pytestmark = pytest.mark.kernel
 

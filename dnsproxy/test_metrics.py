@@ -92,6 +92,7 @@ def test_metrics_count_what_the_proxy_decided(tmp_path: Path, upstream: tuple[st
     assert ask("blocked.test") == dns.rcode.REFUSED
     assert ask("blocked.test", tcp=True) == dns.rcode.REFUSED
     assert proxy.handle(b"\x00\x01garbage-not-dns", "10.0.0.1", tcp=False) is not None  # FORMERR
+    assert proxy.handle(b"\x00\x02\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03abc", "10.0.0.1", tcp=False) is not None
     proxy.config.upstream = ("127.0.0.1", _closed_port())
     assert ask("c.allowed.test") == dns.rcode.SERVFAIL  # ICMP port unreachable: a network error
 
@@ -108,6 +109,7 @@ def test_metrics_count_what_the_proxy_decided(tmp_path: Path, upstream: tuple[st
     assert 'flowtel_dnsproxy_queries_total{protocol="tcp",verdict="refused"} 1' in lines
     assert 'flowtel_dnsproxy_queries_total{protocol="udp",verdict="audit"} 0' in lines
     assert "flowtel_dnsproxy_malformed_queries_total 1" in lines
+    assert 'flowtel_dnsproxy_queries_rejected_total{reason="malformed"} 1' in lines
     assert 'flowtel_dnsproxy_upstream_errors_total{kind="network"} 1' in lines
     assert 'flowtel_dnsproxy_upstream_errors_total{kind="timeout"} 0' in lines
     # Two answered queries: both latency histograms hold exactly those.

@@ -23,7 +23,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 
-from dnsproxy.policy import normalize_name
+from flowtel.lib.policy import normalize_name
 
 # Messages longer than this are parsed every time (not kept): bounds the caches' memory at
 # about CACHE_ENTRIES × this, and covers every ordinary UDP exchange (RFC 9715's 1232 bytes).
@@ -63,6 +63,40 @@ class BoundedCache(Generic[K, V]):
         return len(self._data)
 
 
+class BadQuery(Exception):
+    """A DNS message the proxy does not forward: not a single-question standard query.
+
+    ``rcode`` is what the pod is answered (None: nothing, e.g. for a response, which answering
+    would turn into a reflection loop); ``reason`` names it in the proxy's counters."""
+
+    def __init__(self, reason: str, rcode: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rcode = rcode
+
+
+# Reasons a query is rejected, as counted (flowtel_dnsproxy_queries_rejected_total{reason}).
+REJECT_REASONS = ("response", "opcode", "question_count", "records", "malformed")
+_QR = 0x8000
+
+
+def check_header(wire: bytes) -> None:
+    """What the header alone tells: a response (QR set), another opcode than QUERY, or a
+    count that a query cannot have. Cheap, before any parsing: Cilium's DNS proxy (miekg/dns's
+    DefaultMsgAcceptFunc) rejects the same before its handler runs."""
+    if len(wire) < 12:
+        raise BadQuery("malformed", None)
+    flags, qd, an, ns = struct.unpack("!HHHH", wire[2:10])
+    if flags & _QR:
+        raise BadQuery("response", None)
+    if (flags >> 11) & 0xF != dns.opcode.QUERY:
+        raise BadQuery("opcode", dns.rcode.REFUSED)
+    if qd != 1:
+        raise BadQuery("question_count", dns.rcode.FORMERR)
+    if an or ns:
+        raise BadQuery("records", dns.rcode.FORMERR)
+
+
 QuestionKey = tuple[str, int, int]  # normalized name, rdtype, rdclass: what an answer must echo
 
 
@@ -86,7 +120,7 @@ class Query:
         if wire is None:
             with self._lock:  # make_response reads the shared message; build each variant once
                 resp = dns.message.make_response(self.message)
-                resp.set_rcode(rcode)
+                resp.set_rcode(dns.rcode.Rcode(rcode))
                 wire = self._responses[rcode] = resp.to_wire()
         return qid + wire[2:]
 
@@ -126,12 +160,18 @@ def _question_key(msg: dns.message.Message) -> QuestionKey | None:
 
 
 def parse_query(wire: bytes) -> Query:
-    """The query in ``wire`` (``dns.exception.DNSException`` if it is not a DNS message)."""
+    """The query in ``wire``: one question, opcode QUERY, QR clear, no answer or authority
+    records, at most an OPT record besides (:class:`BadQuery` otherwise;
+    ``dns.exception.DNSException`` if it is not a DNS message at all). Only such a message is
+    ever forwarded, so what the policy checked (the one question) is all the resolver sees."""
+    check_header(wire)
     key = wire[2:]
     hit = _queries.get(key)
     if hit is not None:
         return hit
     msg = dns.message.from_wire(wire)
+    if msg.additional or msg.tsig is not None:  # only EDNS (OPT, kept apart by dnspython) may ride along
+        raise BadQuery("records", dns.rcode.FORMERR)
     if msg.question:
         qname, qtype = msg.question[0].name.to_text(), dns.rdatatype.to_text(msg.question[0].rdtype)
     else:
@@ -158,6 +198,15 @@ def parse_answer(wire: bytes) -> Answer:
     return answer
 
 
+def header_only_response(wire: bytes, rcode: int) -> bytes | None:
+    """An answer of ``rcode`` with the query's ID and opcode and no sections (a message
+    refused for its shape is not parsed further, so nothing of it is echoed back)."""
+    if len(wire) < 12:
+        return None
+    qid, flags = struct.unpack("!HH", wire[:4])
+    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7800) | (flags & 0x0100) | rcode, 0, 0, 0, 0)
+
+
 def header_only_formerr(wire: bytes) -> bytes | None:
     """FORMERR for bytes that are not a DNS message but have a header's worth (so the client
     does not wait for an answer); None for fewer than 12 bytes (nothing to answer to)."""
@@ -178,7 +227,8 @@ def answer_ips(resp: dns.message.Message, qname: str) -> tuple[list[str], int, l
             cnames[owner] = (normalize_name(rrset[0].target.to_text()), rrset.ttl)
         elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             addrs.setdefault(owner, []).extend((r.address, rrset.ttl) for r in rrset)
-    name, ttl, chain, seen = normalize_name(qname), None, [], set()
+    name, ttl, chain = normalize_name(qname), None, []
+    seen: set[str] = set()
     while name in cnames and name not in seen and len(seen) < 16:
         seen.add(name)
         name, cttl = cnames[name]

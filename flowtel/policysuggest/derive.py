@@ -45,7 +45,7 @@ import re2
 
 # The policy subset flowtel enforces: its API version, namespace label and the port ranges
 # the datapath keeps per destination.
-from dnsproxy.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
+from flowtel.lib.policy import API_VERSION, MAX_PORTS, NAMESPACE_LABEL
 from flowtel.hubble import DNS_RCODE_NAMES, format_time
 from flowtel.labelselector import Requirement, parse_labels, parse_selector, selector_matches
 from flowtel.records import (

@@ -19,7 +19,7 @@ NAME = "flowtel-dnsproxy"
 # Verified with the e2e policy test under a bounded capability set (see daemonset.yaml).
 CAPABILITIES = {"BPF", "NET_ADMIN", "NET_BIND_SERVICE", "SYS_RESOURCE"}
 # The API group of each resource an informer of dnsproxy/kube.py watches.
-GROUPS = {"pods": "", "namespaces": "", "ciliumnetworkpolicies": "cilium.io",
+GROUPS = {"pods": "", "namespaces": "", "services": "", "ciliumnetworkpolicies": "cilium.io",
           "ciliumclusterwidenetworkpolicies": "cilium.io"}
 
 

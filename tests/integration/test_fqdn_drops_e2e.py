@@ -160,7 +160,7 @@ def test_denied_packets_are_policy_denied_drop_flows_and_metrics(bed: Bed, tmp_p
         queries = {dict(lab)["verdict"] + "/" + dict(lab)["protocol"]: v
                    for lab, v in series(page, "flowtel_dnsproxy_queries_total").items()}
         assert queries == {"allowed/udp": 1, "allowed/tcp": 0, "refused/udp": 1, "refused/tcp": 1,
-                           "audit/udp": 0, "audit/tcp": 0}
+                           "audit/udp": 0, "audit/tcp": 0, "resolver_denied/udp": 0, "resolver_denied/tcp": 0}
         assert page[("flowtel_dnsproxy_policies", (("state", "rejected"),))] == 1
         assert page[("flowtel_dnsproxy_policies", (("state", "accepted"),))] == 1
         assert page[("flowtel_dnsproxy_added_latency_seconds_count", ())] == 1

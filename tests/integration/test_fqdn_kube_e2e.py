@@ -41,7 +41,8 @@ FOLLOW_S = 3.0  # the proxy follows a watch event well within this (measured: te
 
 
 CLIENT_SPEC = yaml.safe_load(POLICY)["spec"]  # *.short.test and allowed.example.test, DNS via the dns pod
-BROKEN_SPEC = {"endpointSelector": {}, "egress": [{"toEntities": ["world"]}]}
+# Cilium rejects it too: one kind of L3 selector per rule.
+BROKEN_SPEC = {"endpointSelector": {}, "egress": [{"toEntities": ["world"], "toCIDR": ["10.0.0.0/8"]}]}
 
 
 class KubeProxy(Proxy):
@@ -173,7 +174,7 @@ def test_policies_and_labels_from_the_api_are_enforced(bed: Bed, cluster: Cluste
     took = follow(lambda: policed_ips(view) == {bed.client.ipv4}, "policy created")
     print(f"policy created -> pod policed in the kernel: {took * 1000:.0f} ms")
     rejected = [line for line in proxy.log.read_text().splitlines() if "policy rejected" in line]
-    assert len(rejected) == 1 and "default/broken-policy" in rejected[0] and "toEntities" in rejected[0], rejected
+    assert len(rejected) == 1 and "default/broken-policy" in rejected[0] and "combining toCIDR and toEntities" in rejected[0], rejected
     assert_policed(bed, view)
     assert proxy.status()["policies_rejected"] == 1
 
@@ -358,7 +359,8 @@ def test_to_endpoints_selects_a_pod_on_another_node(bed: Bed, cluster: Cluster, 
         took = follow(lambda: remote not in allowed_destinations(view, client), "peer deleted")
         print(f"peer deleted -> entry removed: {took * 1000:.0f} ms")
         assert_denied(bed, view, proxy, remote)
-        assert allowed_destinations(view, client) == {bed.dns.ipv4}  # the DNS rule's endpoint stays
+        # The DNS rule's endpoints stay (the policy file's DNS rule selects both resolver pods).
+        assert allowed_destinations(view, client) == {bed.dns.ipv4, bed.dns_short.ipv4}
     finally:
         try:
             api.delete("pods", "remote-db")

@@ -68,7 +68,7 @@ metadata: {name: client-egress, namespace: default}
 spec:
   endpointSelector: {matchLabels: {app: client}}
   egress:
-  - toEndpoints: [{matchLabels: {app: dns}}]
+  - toEndpoints: [{matchLabels: {app: dns}}, {matchLabels: {app: dns-short}}]
     toPorts:
     - ports: [{port: "53", protocol: ANY}]
       rules:
@@ -83,7 +83,7 @@ kind: CiliumNetworkPolicy
 metadata: {name: broken-policy, namespace: default}
 spec:
   endpointSelector: {}
-  egress: [{toEntities: [world]}]
+  egress: [{toEntities: [world], toCIDR: [10.0.0.0/8]}]  # Cilium rejects it too: one L3 kind per rule
 """
 
 
@@ -153,7 +153,10 @@ class Proxy:
                      # No fixed loopback ports: another proxy (a concurrent run, a node's own) may
                      # hold the defaults. A test that scrapes or probes passes its own in `extra`
                      # (argparse: the later flag wins).
-                     "--metrics-listen=", "--health-listen=", *extra]
+                     "--metrics-listen=", "--health-listen=",
+                     # These tests watch TTLs of seconds expire: no minimum (the default is
+                     # Cilium's 3600 s). A test that wants one passes it in `extra`.
+                     "--min-ttl", "0", *extra]
         if audit:
             self.argv.append("--audit")
         self.bed = bed
@@ -235,7 +238,7 @@ def test_enforcement_end_to_end(bed: Bed, proxy: Proxy, datapath_view: Any) -> N
     before = view.counters()
 
     # The broken policy is rejected by name; the good one is enforced anyway.
-    assert "broken-policy" in proxy.log.read_text() and "toEntities" in proxy.log.read_text()
+    assert "broken-policy" in proxy.log.read_text() and "combining toCIDR and toEntities" in proxy.log.read_text()
 
     # Allowed name: answered through the proxy although the client asks the dns pod directly.
     bed.dns_log.write_text("")

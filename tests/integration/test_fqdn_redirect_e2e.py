@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -81,6 +82,13 @@ class Bed:
         self.policies = tmp / "policies"
         self.policies.mkdir()
         (self.policies / "client.yaml").write_text(POLICY)
+        self.service_ip = str(tb.ipv4_network.network_address + 250)  # no pod has it: a ClusterIP stand-in
+        self.services_file = tmp / "services.yaml"
+        self.services_file.write_text(yaml.safe_dump({"services": [{
+            "metadata": {"name": "kube-dns", "namespace": "default"},
+            "spec": {"clusterIP": self.service_ip, "selector": {"role": "dns"},
+                     "ports": [{"port": 53, "protocol": "UDP", "targetPort": 53},
+                               {"port": 53, "protocol": "TCP", "targetPort": 53}]}}]}))
         self.pods_file = tmp / "pods.yaml"
         self.pods_file.write_text(yaml.safe_dump({"pods": [
             {"name": p.name, "namespace": "default", "ips": [p.ipv4, p.ipv6],
@@ -104,7 +112,10 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
 @pytest.fixture(scope="module")
 def proxy(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """One proxy for the module (its start compiles the datapath: seconds), with no --upstream."""
-    p = Proxy(bed, tmp_path_factory.mktemp("fqdnredirect-proxy"), upstream=None)  # type: ignore[arg-type]
+    # The cluster DNS Service (test_service_ip_resolver_behind_kube_proxy_dnat): its ClusterIP
+    # is a resolver the DNS rule allows because it allows every backend (role=dns).
+    p = Proxy(bed, tmp_path_factory.mktemp("fqdnredirect-proxy"), upstream=None,  # type: ignore[arg-type]
+              extra=("--services", str(bed.services_file)))
     yield p
     p.close()
 
@@ -183,16 +194,18 @@ def test_ipv6_dns_is_redirected_and_forwarded_to_the_resolver_asked(bed: Bed, pr
 
 
 def test_query_to_the_proxy_itself_is_answered_without_a_loop(bed: Bed, proxy: Proxy) -> None:
-    """No redirect, or a redirect to the proxy's own address: there is no resolver to forward
-    to; SERVFAIL at once (a loop would time out), counted as an upstream error."""
+    """No redirect (an unpoliced pod asking the proxy's address): there is no resolver to
+    forward to; SERVFAIL at once (a loop would time out), counted as an upstream error. A
+    policed pod's DNS to the proxy's address is dropped in the datapath: no DNS rule names it
+    (as Cilium drops DNS to a resolver the DNS rule does not select)."""
     listen = _listen(proxy)
     before = proxy.log.read_text().count("no upstream for")
     t0 = time.monotonic()
     assert dig(bed.free, listen, NAME)[0] == "SERVFAIL"  # not redirected: an unpoliced pod
-    assert dig(bed.client, listen, NAME, tcp=True)[0] == "SERVFAIL"  # redirected to itself
     assert time.monotonic() - t0 < 2
+    assert dig(bed.client, listen, NAME, tcp=True)[0] == "TIMEOUT"  # dropped, never proxied
     deadline = time.monotonic() + 5
-    while proxy.log.read_text().count("no upstream for") < before + 2:
+    while proxy.log.read_text().count("no upstream for") < before + 1:
         assert time.monotonic() < deadline, proxy.log.read_text()[-2000:]
         time.sleep(0.05)
 
@@ -226,7 +239,7 @@ def test_service_ip_resolver_behind_kube_proxy_dnat(bed: Bed, proxy: Proxy) -> N
     """The cluster DNS Service IP, DNATed to a resolver pod as kube-proxy does (nat prerouting,
     after the redirect's mangle-priority rule): the proxy reads and asks the endpoint, and the
     pod gets the answer from the Service IP it asked (dig rejects any other source)."""
-    svc = str(bed.tb.ipv4_network.network_address + 250)  # no pod has it: a ClusterIP stand-in
+    svc = bed.service_ip
     table = f"ftsvc{os.getpid()}"
     subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
         f"table ip {table} {{\n"
@@ -275,7 +288,11 @@ def test_uninstall_removes_the_redirect(bed: Bed, proxy: Proxy) -> None:
         assert present in before, (present, before)
     proxy.close()
     after = state()
-    for gone in (proxy.nft_table, "lookup 61904", "local default dev lo", f"inet {listen}/", f"inet6 {listen6}/"):
+    # The policy rule and route are shared: they stay while another proxy on this machine (a
+    # concurrent test run's) still has its table, by design.
+    others = [t for t in re.findall(r"table inet (ftdnsproxy_\S+)", after) if t != proxy.nft_table]
+    shared = () if others else ("lookup 61904", "local default dev lo")
+    for gone in (proxy.nft_table, *shared, f"inet {listen}/", f"inet6 {listen6}/"):
         assert gone not in after, (gone, after)
     # And the policed client's DNS is plain again: straight to the resolver it asked.
     bed.clear_logs()

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from dnsproxy.datapath import Datapath
-from dnsproxy.policy import parse_policy
+from flowtel.lib.policy import parse_policy
 from flowtel.testbed import Testbed, send_tcp
 from tests.integration.test_fqdn_policy_e2e import REPO, WEB_PORT, Proxy, connect, dig
 

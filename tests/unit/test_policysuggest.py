@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dnsproxy import policy as proxy_policy
+from flowtel.lib import policy as proxy_policy
 from extensions.flows.config import FlowsConfig
 from extensions.flows.extension import FlowsExtension
 from extensions.flows.factory import FACTORY
