@@ -1,9 +1,15 @@
 """Memory: resident memory of a real ``flowtel run``, idle and under sustained load.
 
-Each case starts a fresh agent (its own process, as a DaemonSet would) with the bundled
-default config (ebpf receiver with DNS, file exporter, flows extension) pointed at the
-veths of a testbed of pods, waits until it is attached and has drained a few intervals,
-then samples its VmRSS every 0.5 s:
+Each case starts a fresh agent (its own process, as a DaemonSet would), waits until it is
+attached and has drained a few intervals, then samples its VmRSS every 0.5 s:
+
+- ``shipped config``: config/flowtel.yaml itself (ebpf with DNS and kernel events, procfs,
+  fqdnpolicy, hubblemetrics, file and prometheus exporters, flows extension), only pointed at
+  the testbed's veths, a temporary flow log and free ports;
+- ``shipped config + k8sattributes, N pods from the API``: the same with the k8sattributes
+  processor (kubeConfig) on both pipelines' flows, watching the stand-in API server
+  (tests/kubeapi, in its own process) that holds N pods with their namespaces, nodes,
+  ReplicaSets and services (bench/k8sattributes.py's cluster): the issue's "10k pods cached";
 
 - ``idle``: no traffic at all for ``--seconds``;
 - ``idle + k8sattributes static N pods``: the same with the k8sattributes processor naming
@@ -19,6 +25,10 @@ trivial program (DESIGN.md: ≈ 150 MB, LLVM/clang in process), i.e. the floor o
 bcc-based Python agent. Ratios are against it; the issue's target is ≤ 200 MB resident
 with 10k pods cached.
 
+Then the cost of each part, in fresh interpreters that add one part at a time (``parts``):
+the interpreter, flowtel's core, the shipped config's components, bcc, and the agent's one
+compiled module.
+
 Run with ``make bench`` or ``python -m bench.memory [--seconds 20] [--flows 10000]``.
 """
 from __future__ import annotations
@@ -33,8 +43,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.startup import BASELINE_CODE, UDP_PORT, Agent, agent_config, rss_mb, start_sender
-from flowtel.testbed import Testbed
+import yaml
+
+from bench.startup import BASELINE_CODE, UDP_PORT, Agent, agent_config, free_port, rss_mb, start_sender
+from flowtel.testbed import Pod, Testbed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_MB = 200.0
 DNS_FLOOD_CODE = r"""
@@ -96,6 +110,78 @@ def _static_pods(path: Path, n: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def shipped_config(bed: Testbed, workdir: Path, kubeconfig: str | None = None) -> Path:
+    """config/flowtel.yaml as shipped, pointed at the testbed and free ports; with a kubeconfig,
+    plus k8sattributes on the logs pipeline."""
+    cfg = yaml.safe_load((ROOT / "config" / "flowtel.yaml").read_text())
+    cfg["receivers"]["ebpf"]["interfaces"] = [bed.interface_glob]
+    cfg["receivers"]["fqdnpolicy"]["pin_dir"] = str(workdir / "no-proxy-here")  # waits for the maps
+    cfg["exporters"]["file"]["path"] = str(workdir / "flows.log")
+    cfg["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
+    cfg["extensions"]["flows"]["endpoint"] = f"127.0.0.1:{free_port()}"
+    if kubeconfig:
+        cfg.setdefault("processors", {})["k8sattributes"] = {"auth_type": "kubeConfig", "kubeconfig": kubeconfig}
+        cfg["service"]["pipelines"]["logs"]["processors"] = ["k8sattributes"]
+    path = workdir / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# One part more per step; each step's RSS is measured in a fresh interpreter (this one's Python,
+# as the DaemonSet runs it), after gc and malloc_trim.
+_PARTS_CODE = r"""
+import ctypes, gc, importlib, sys
+def rss():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+step = int(sys.argv[1])
+if step >= 1:
+    import flowtel.cli, flowtel.config, flowtel.pipeline
+if step >= 2:
+    from flowtel.component import Kind
+    from flowtel.registry import factories_by_kind
+    f = factories_by_kind()
+    for kind, ctype in [(Kind.RECEIVER, "ebpf"), (Kind.RECEIVER, "procfs"), (Kind.RECEIVER, "fqdnpolicy"),
+                        (Kind.CONNECTOR, "hubblemetrics"), (Kind.EXPORTER, "file"), (Kind.EXPORTER, "prometheus"),
+                        (Kind.EXTENSION, "flows")]:
+        f[kind][ctype]
+    import receiver.ebpf.receiver, receiver.fqdnpolicy.receiver, receiver.procfs.receiver
+    import exporters.prometheus.exporter, exporters.file.exporter, extensions.flows.extension
+if step >= 3:
+    import processors.k8sattributes.processor, processors.k8sattributes.kube_source, kubernetes
+if step >= 4:
+    import bcc
+if step >= 5:
+    from flowtel.component import CreateSettings, Telemetry
+    from receiver.ebpf.config import EbpfReceiverConfig
+    from receiver.ebpf.receiver import EbpfReceiver
+    class Sink:
+        def wants(self, s): return True
+        def consume(self, b): pass
+    r = EbpfReceiver(CreateSettings("ebpf", "n", Telemetry()), EbpfReceiverConfig(interfaces=["flowtel-none-*"]), Sink())
+    r.start()
+    value = rss()
+    r.shutdown()
+    print(value)
+    raise SystemExit
+print(rss())
+"""
+PARTS = ("Python interpreter", "flowtel core (config, pipeline, CLI)", "shipped config's components",
+         "k8sattributes + Kubernetes client", "bcc (libbcc, LLVM/clang libraries)",
+         "the agent's one eBPF module compiled and loaded (tc, DNS, kernel events)")
+
+
+def parts() -> list[tuple[str, float]]:
+    """RSS after each cumulative step, MB."""
+    out = []
+    for step, name in enumerate(PARTS):
+        res = subprocess.run([sys.executable, "-c", _PARTS_CODE, str(step)], check=True, capture_output=True,
+                             text=True, cwd=ROOT)
+        out.append((name, float(res.stdout.strip().splitlines()[-1])))
+    return out
+
+
 def _sample(agent: Agent, seconds: float) -> list[float]:
     out = []
     end = time.monotonic() + seconds
@@ -114,7 +200,8 @@ def run(seconds: float = 20.0, flows: int = 10_000, static_pods: int = 10_000) -
         client, server, dns = bed.add_pod("client"), bed.add_pod("server"), bed.add_pod("dns")
         bed.start_udp_sink(server, UDP_PORT)
         bed.start_dnsmasq(dns, hosts={f"q{i}.bench.local": ["198.51.100.1"] for i in range(50)})
-        variants: list[tuple[str, str, bool]] = [("idle (default config)", "", False)]
+        cases += _shipped_cases(bed, client, Path(tmp), seconds, static_pods)
+        variants: list[tuple[str, str, bool]] = [("idle (minimal config: ebpf, file, flows)", "", False)]
         if static_pods:
             try:
                 import processors.k8sattributes.static_source  # noqa: F401
@@ -149,6 +236,35 @@ def run(seconds: float = 20.0, flows: int = 10_000, static_pods: int = 10_000) -
     return cases, base
 
 
+def _shipped_cases(bed: Testbed, client: Pod, tmp: Path, seconds: float, pods: int) -> list[Case]:
+    from bench.k8sattributes import _serve
+    from bench.kubeapi import start_server
+
+    out: list[Case] = []
+    runs: list[tuple[str, str | None]] = [("idle, shipped config", None)]
+    server = conn = None
+    if pods:
+        server, conn, kubeconfig = start_server(_serve, pods)
+        runs.append((f"idle, shipped config + k8sattributes, {pods // 1000}k pods from the API", kubeconfig))
+    try:
+        for i, (name, kubeconfig) in enumerate(runs):
+            workdir = tmp / f"shipped{i}"
+            workdir.mkdir()
+            agent = Agent(shipped_config(bed, workdir, kubeconfig), workdir / "agent.log").start()
+            try:
+                agent.wait_attached(client)
+                time.sleep(15 if kubeconfig else 3)  # the informers' initial lists, the first drains
+                out.append(Case(name, _sample(agent, seconds)))
+            finally:
+                agent.stop()
+    finally:
+        if conn is not None:
+            conn.send("stop")
+        if server is not None:
+            server.join(10)
+    return out
+
+
 def report(res: tuple[list[Case], float]) -> str:
     cases, base = res
     lines = [f"{'case':46} {'median MB':>10} {'peak MB':>8} {'vs bcc baseline':>16} {'vs 200 MB':>10}",
@@ -156,6 +272,12 @@ def report(res: tuple[list[Case], float]) -> str:
     for c in cases:
         lines.append(f"{c.name:46} {c.median:10.1f} {c.peak:8.1f} {c.peak / base:16.2f} {c.peak / TARGET_MB:10.2f}")
     lines.append(f"load average during the run: {os.getloadavg()[0]:.2f}")
+    lines.append("")
+    lines.append(f"{'part (cumulative, fresh interpreter)':72} {'RSS MB':>7} {'+MB':>6}")
+    prev = 0.0
+    for name, mb in parts():
+        lines.append(f"{name:72} {mb:7.1f} {mb - prev:6.1f}")
+        prev = mb
     return "\n".join(lines)
 
 

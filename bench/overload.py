@@ -109,7 +109,12 @@ def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
             dns = receiver.dns
             res["alive"] = {"dns_reader": dns.alive, "drain_thread": receiver._thread.is_alive(),
                             "threads": threading.active_count()}
-            res["ring_written"], res["ring_lost"] = dns.kernel_counts()
+            kernel = dns.kernel_counts()
+            # Since DNS is counted in the kernel (bpf/dns.h), the ring carries samples: one lost
+            # or skipped costs detail, not a count.
+            res["ring_written"] = kernel["SAMPLES"] + kernel["SEGMENTS"]
+            res["ring_lost"] = kernel["SAMPLES_LOST"] + kernel["SEGMENTS_LOST"]
+            res["ring_skipped"] = kernel["SAMPLES_SKIPPED"]
             links = {}
             for n, p in pods.items():
                 d = after_link[n] - before_link[n]
@@ -126,6 +131,7 @@ def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
         # After shutdown: a flood leaves user space behind by a whole ring's worth of records.
         res["parsed"] = dns.tracker.counts.events
         res["parse_errors"] = dns.tracker.counts.parse_errors
+        res["dns_requests"] = dns.tracker.counts.requests
         res["queue_dropped"] = sum(v for (c, k), v in service.telemetry.snapshot().items() if k == "records_dropped")
         lost: dict[str, int] = {}
         with open(flow_log) as f:
@@ -142,7 +148,7 @@ def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     base, fl = r["baseline"], r["flowtel"]
-    seen = r["ring_written"] + r["ring_lost"]
+    seen = r["ring_written"] + r["ring_lost"] + r["ring_skipped"]
     expected = fl["dns_sent"] * 2
     lost_out = r["lost_in_output"].get("DNS_RING_BUFFER_FULL", 0)
     queue_out = sum(v for k, v in r["lost_in_output"].items() if k.startswith("QUEUE_FULL"))
@@ -161,14 +167,14 @@ def report(r: dict[str, Any]) -> str:
                      f"egress {l['flowtel_egress']:>10,} vs {l['ip_tx']:>10,} + {l['ip_tx_dropped']:,} {'==' if ok_out else '!='}"
                      f"   (rx_dropped {l['ip_rx_dropped']:,})")
     lines += [
-        f"DNS: sent × 2 observation points = {expected:,}; seen by the tc programs (ring written + lost) = {seen:,} "
-        f"(difference {expected - seen:,}: dropped by the kernel before tc, see rx/tx_dropped)",
-        f"     ring written {r['ring_written']:,} = read by user space {r['parsed']:,} "
-        f"{'==' if r['ring_written'] == r['parsed'] else '!='}; ring lost (kernel) {r['ring_lost']:,} = "
-        f"LostEvents DNS_RING_BUFFER_FULL in output {lost_out:,} {'==' if r['ring_lost'] == lost_out else '!='}",
-        f"     parsed + LostEvents = {r['parsed'] + lost_out:,} vs seen {seen:,} "
-        f"{'==' if r['parsed'] + lost_out == seen else '!='}; user-space share read / seen = {r['parsed'] / max(1, seen):.2f}; "
-        f"parse errors {r['parse_errors']:,}",
+        f"DNS: sent × 2 observation points = {expected:,}; seen by the tc programs (samples written + lost + "
+        f"over budget) = {seen:,} (difference {expected - seen:,}: dropped by the kernel before tc, see rx/tx_dropped)",
+        f"     counted as requests (kernel aggregates) {r['dns_requests']:,} {'==' if r['dns_requests'] == seen else '!='} seen; "
+        f"samples written {r['ring_written']:,} = read by user space {r['parsed']:,} "
+        f"{'==' if r['ring_written'] == r['parsed'] else '!='}; samples lost to a full ring {r['ring_lost']:,}, "
+        f"over the sample budget {r['ring_skipped']:,} (detail only); LostEvents DNS_RING_BUFFER_FULL "
+        f"(TCP segments) {lost_out:,}",
+        f"     user-space share read / seen = {r['parsed'] / max(1, seen):.2f}; parse errors {r['parse_errors']:,}",
         f"     DNS flows in output {r['dns_flows_in_output']:,}; pipeline queue drops {r['queue_dropped']:,} "
         f"(LostEvents QUEUE_FULL* in output {queue_out:,} {'==' if queue_out == r['queue_dropped'] else '!='}); other lost: "
         f"{ {k: v for k, v in r['lost_in_output'].items() if k != 'DNS_RING_BUFFER_FULL' and not k.startswith('QUEUE_FULL')} }",

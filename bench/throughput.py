@@ -56,7 +56,7 @@ class _Interfaces:
     """Stands in for the attach manager: ifindex → the host-side veth it would have attached."""
 
     def __init__(self) -> None:
-        from receiver.ebpf.attach import Interface
+        from flowtel.lib.bpf.tcattach import Interface
 
         self._ifaces = {100 + i: Interface(100 + i, f"lxc{i:04x}", "veth") for i in range(NODE_PODS)}
 

@@ -1,7 +1,7 @@
 /* flowtel.h — the one definition of every struct that crosses the kernel/user boundary.
  *
  * User space never keeps a copy of these layouts: bcc turns the map key/value types into
- * ctypes classes, and receiver/ebpf/layout.py derives binary unpack formats from those.
+ * ctypes classes, and flowtel/lib/bpf/layout.py derives binary unpack formats from those.
  * Only UAPI types are used, so the layout does not depend on the kernel headers in use.
  */
 #ifndef FLOWTEL_H
@@ -41,12 +41,9 @@ struct flow_stats {
     __u8  pad[7];
 };
 
-/* Per-interface, per-hook totals (cumulative; exact even when the flow map overflows). */
-struct iface_key {
-    __u32 ifindex;
-    __u32 hook;
-};
-
+/* Per-interface, per-hook totals (cumulative; exact even when the flow map overflows), one
+ * per-CPU array element per (slot, hook): index slot * 2 + hook, where the slot is the one the
+ * loader assigned to the interface (passed to the program as the tc filter's classid, slot + 1). */
 struct iface_stats {
     __u64 packets;
     __u64 bytes;
@@ -56,22 +53,38 @@ struct iface_stats {
 #define FLOWTEL_CNT_FLOWS_CREATED_0   0  /* new entries inserted into flow map 0 */
 #define FLOWTEL_CNT_FLOWS_CREATED_1   1  /* ... into flow map 1 */
 #define FLOWTEL_CNT_FLOW_UPDATE_FAIL  2  /* packets not counted in a flow: insert failed */
-#define FLOWTEL_CNT_IFACE_UPDATE_FAIL 3  /* packets not counted in interface totals */
-#define FLOWTEL_CNT_DNS_EVENTS        4  /* DNS packets written to the dns_events ring buffer */
-#define FLOWTEL_CNT_DNS_LOST          5  /* DNS packets lost: the ring buffer was full */
+#define FLOWTEL_CNT_IFACE_UPDATE_FAIL 3  /* packets not counted in interface totals: no slot */
+#define FLOWTEL_CNT_DNS_EVENTS        4  /* unused (bpf/dns.h counts in dns_counters) */
+#define FLOWTEL_CNT_DNS_LOST          5  /* unused (bpf/dns.h counts in dns_counters) */
 #define FLOWTEL_CNT_MAX               6
 
-/* ---- DNS capture (tc_flow.c) -------------------------------------------------------
- * DNS packets (UDP or TCP with a configured port on either side) are copied, metadata and
- * a bounded payload prefix, into the dns_events ring buffer; user space parses and matches
- * them (receiver/ebpf/dns*.py). One record per packet per interface and hook.
+/* ---- DNS (bpf/dns.h, included by tc_flow.c) ---------------------------------------
+ * UDP DNS messages are parsed in the kernel (header and first question) and counted per
+ * (interface, hook, addresses, server port, query name hash, qtype, rcode, QR) in a double-
+ * buffered hash map; requests are matched to responses in a bounded pending map for the
+ * latency histogram and the unanswered count. Only a budgeted sample of messages reaches the
+ * ring buffer (for names, answers and per-message flows at low rates). TCP segments on DNS
+ * ports are still copied whole to user space, which frames and matches them.
  */
 #ifndef FLOWTEL_DNS_CAPTURE
-#define FLOWTEL_DNS_CAPTURE 512  /* payload bytes copied per packet; a power of two (see tc_flow.c) */
+#define FLOWTEL_DNS_CAPTURE 512  /* payload bytes sent per sample; a power of two (see dns.h) */
 #endif
+#define FLOWTEL_DNS_PARSE   512  /* payload bytes the kernel reads to parse the question: 12 + 255 + 4 fit */
+#define FLOWTEL_DNS_BUF     (FLOWTEL_DNS_CAPTURE > FLOWTEL_DNS_PARSE ? FLOWTEL_DNS_CAPTURE : FLOWTEL_DNS_PARSE)
+#define FLOWTEL_DNS_NAME_MAX 255 /* wire length of a name, root label included (RFC 1035 2.3.4) */
+
+/* dns_event_hdr.kind */
+#define FLOWTEL_DNS_EV_SEGMENT 0 /* a TCP segment: user space frames, parses, matches and counts it */
+#define FLOWTEL_DNS_EV_MESSAGE 1 /* a sample of a UDP message the kernel has counted already */
+
+/* dns_event_hdr.status and dns_agg_key.status */
+#define FLOWTEL_DNS_OK        0  /* header and first question read */
+#define FLOWTEL_DNS_MALFORMED 1  /* no readable header and first question: counted as a parse error */
 
 struct dns_event_hdr {
     __u64 ts_ns;         /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 latency_ns;    /* MESSAGE, a response matched to its request in the kernel: the request's age; else 0 */
+    __u64 name_hash;     /* MESSAGE: FNV-1a 64 of the first question's name (wire form, lower case); 0: none */
     __u8  saddr[16];     /* IPv4 in the first 4 bytes */
     __u8  daddr[16];
     __u32 ifindex;
@@ -80,18 +93,99 @@ struct dns_event_hdr {
     __u16 sport;         /* host byte order */
     __u16 dport;
     __u16 cap_len;       /* payload bytes that follow the header in the record */
+    __u16 qtype;         /* MESSAGE: the first question's type */
+    __u16 server_port;   /* MESSAGE: dns_agg_key.port */
     __u8  family;        /* 4 or 6 */
     __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
     __u8  hook;          /* FLOWTEL_HOOK_* */
-    __u8  pad[3];
+    __u8  kind;          /* FLOWTEL_DNS_EV_* */
+    __u8  slot;          /* MESSAGE: the aggregation buffer (dns_agg_<slot>) that counted it */
+    __u8  status;        /* MESSAGE: FLOWTEL_DNS_OK or FLOWTEL_DNS_MALFORMED */
+    __u8  is_response;   /* MESSAGE: the header's QR bit */
+    __u8  rcode;         /* MESSAGE: the header's RCODE (4 bits; EDNS extended bits are user space's) */
+    __u8  pad[6];
 };
 
-/* A ring buffer record is the header and its first cap_len payload bytes, not the whole struct. */
+/* A ring buffer record is the header and its first cap_len payload bytes, not the whole struct.
+ * The per-CPU scratch copy is FLOWTEL_DNS_BUF long so the parser can read a whole question. */
 struct dns_event {
     struct dns_event_hdr hdr;
-    __u8  payload[FLOWTEL_DNS_CAPTURE];  /* from the UDP payload / TCP segment payload (with the length prefix) */
+    __u8  payload[FLOWTEL_DNS_BUF];  /* from the UDP payload / TCP segment payload (with the length prefix) */
 };
-/* ---- end of DNS capture ---------------------------------------------------------- */
+
+/* dns_agg_0 / dns_agg_1: UDP DNS messages per interval. Addresses are the packet's. */
+struct dns_agg_key {
+    __u8  saddr[16];     /* IPv4 in the first 4 bytes */
+    __u8  daddr[16];
+    __u64 name_hash;     /* as dns_event_hdr.name_hash; 0 when malformed or no question */
+    __u32 ifindex;
+    __u16 qtype;
+    __u16 port;          /* the server's port (the configured DNS port of the two), host byte order */
+    __u8  family;
+    __u8  hook;          /* FLOWTEL_HOOK_* */
+    __u8  is_response;
+    __u8  rcode;
+    __u8  status;        /* FLOWTEL_DNS_OK or FLOWTEL_DNS_MALFORMED */
+    __u8  pad[7];
+};
+
+struct dns_agg_val {
+    __u64 messages;
+    __u64 first_ns;
+    __u64 last_ns;
+};
+
+/* dns_pending: UDP requests waiting for their response, per observation point. A hash map,
+ * not an LRU: a request that does not fit is counted (PENDING_FULL), never evicted silently.
+ * The kernel removes an entry when its response arrives within the timeout; user space
+ * removes the ones that timed out and counts them as unanswered (whoever deletes it owns it). */
+struct dns_pending_key {
+    __u8  client[16];
+    __u8  server[16];
+    __u32 ifindex;
+    __u16 client_port;
+    __u16 server_port;
+    __u16 id;
+    __u8  family;
+    __u8  pad[1];
+};
+
+struct dns_pending_val {
+    __u64 ts_ns;         /* the request's bpf_ktime_get_ns (the first one, if retransmitted) */
+    __u64 name_hash;
+    __u16 qtype;
+    __u8  hook;
+    __u8  pad[5];
+};
+
+/* Per-CPU latency histogram of matched UDP exchanges (one entry; cumulative). */
+#define FLOWTEL_DNS_LAT_MAX_BUCKETS 32
+struct dns_latency {
+    __u64 buckets[FLOWTEL_DNS_LAT_MAX_BUCKETS];  /* bucket i: bound[i-1] < ns <= bound[i]; then overflow */
+    __u64 sum_ns;
+    __u64 count;
+};
+
+/* Per-CPU sample budget: credit in nanoseconds, one sample costs FLOWTEL_DNS_SAMPLE_COST_NS. */
+struct dns_budget {
+    __u64 credit_ns;
+    __u64 last_ns;
+};
+
+/* Indexes of the per-CPU dns_counters array (cumulative). */
+#define FLOWTEL_DNS_CNT_SAMPLES          0  /* samples written to the ring */
+#define FLOWTEL_DNS_CNT_SAMPLES_LOST     1  /* samples not written: ring full (counts stay exact) */
+#define FLOWTEL_DNS_CNT_SAMPLES_SKIPPED  2  /* messages over the sample budget (counted only) */
+#define FLOWTEL_DNS_CNT_UNKEYED_REQUESTS 3  /* counted messages that found no room in dns_agg_*: */
+#define FLOWTEL_DNS_CNT_UNKEYED_RESPONSES 4 /* ... in node totals only */
+#define FLOWTEL_DNS_CNT_UNKEYED_MALFORMED 5
+#define FLOWTEL_DNS_CNT_RETRANSMITS      6  /* requests whose exchange was pending already */
+#define FLOWTEL_DNS_CNT_PENDING_FULL     7  /* requests not tracked: dns_pending full */
+#define FLOWTEL_DNS_CNT_UNMATCHED        8  /* responses with no pending request (or after the timeout) */
+#define FLOWTEL_DNS_CNT_SEGMENTS         9  /* TCP segments written to the ring */
+#define FLOWTEL_DNS_CNT_SEGMENTS_LOST   10  /* TCP segments lost: ring full (user space cannot count them) */
+#define FLOWTEL_DNS_CNT_MAX             11
+/* ---- end of DNS ------------------------------------------------------------------- */
 
 /* ==== kernel events (bpf/kernel_events.c): packet drops and TCP health ==================
  * Tracepoint programs; none of these structs depends on a kernel struct layout (the few
@@ -102,7 +196,8 @@ struct dns_event {
 #define FLOWTEL_DROP_INGRESS 0   /* the packet had been received by this network namespace */
 #define FLOWTEL_DROP_EGRESS  1   /* locally sent, or being forwarded out of another device */
 
-/* Per-CPU drop counters: one entry per (reason, direction). */
+/* Per-CPU drop counters: one entry per (reason, direction). Exact even when the drop flow
+ * maps overflow (as iface_stats are for flows). */
 struct drop_key {
     __u32 reason;        /* enum skb_drop_reason; named from the kfree_skb tracefs format */
     __u32 direction;     /* FLOWTEL_DROP_* */
@@ -111,6 +206,34 @@ struct drop_key {
 struct drop_stats {
     __u64 packets;       /* skbs freed with this reason (a GSO skb counts once) */
     __u64 bytes;         /* skb->len at the drop point */
+};
+
+/* Drops aggregated per flow, drained on an interval from a double buffer as the tc flow maps
+ * are (drop_flows_<drop_active[0]>): a flood of drops costs user space one record per distinct
+ * key and interval, whatever its rate. Addresses and ports are the packet's. */
+struct drop_flow_key {
+    __u8  saddr[16];     /* IPv4 in the first 4 bytes */
+    __u8  daddr[16];
+    __u64 location;      /* kernel address where the skb was freed */
+    __u32 reason;        /* enum skb_drop_reason */
+    __u32 netns;         /* inode number of the device's (or sending socket's) namespace; 0 unknown */
+    __u32 ifindex;       /* skb->dev->ifindex, within that namespace; 0 unknown */
+    __u16 sport;         /* host byte order; ICMP: type */
+    __u16 dport;         /* ICMP: code */
+    __u16 ethertype;     /* skb->protocol, host byte order */
+    __u8  family;        /* 4, 6, or 0 (not IP / unreadable) */
+    __u8  protocol;      /* IANA L4 protocol */
+    __u8  direction;     /* FLOWTEL_DROP_* */
+    __u8  pad[3];
+};
+
+struct drop_flow_stats {
+    __u64 packets;
+    __u64 bytes;         /* skb->len at the drop point */
+    __u64 first_ns;      /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 last_ns;
+    __u8  tcp_flags;     /* union of the flags bytes of the TCP segments dropped */
+    __u8  pad[7];
 };
 
 /* Kinds of struct kernel_event. */
@@ -176,7 +299,12 @@ struct tcp_conn {
 #define FLOWTEL_KEV_CNT_RESETS_RECEIVED  5
 #define FLOWTEL_KEV_CNT_RTT_SUM_NS       6  /* client handshake RTTs: sum ... */
 #define FLOWTEL_KEV_CNT_RTT_COUNT        7  /* ... and count */
-#define FLOWTEL_KEV_CNT_MAX              8
+#define FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 8  /* new entries inserted into drop_flows_0 */
+#define FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_1 9  /* ... into drop_flows_1 */
+#define FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL 10 /* drops not counted in a drop flow: insert failed */
+#define FLOWTEL_KEV_CNT_RTT_HIST         11 /* 11 + i: client handshake RTTs in bucket i */
+#define FLOWTEL_KEV_RTT_BUCKETS          16 /* index = FLOWTEL_RTT_BUCKET(ns), an expression the loader sets from the histogram bounds */
+#define FLOWTEL_KEV_CNT_MAX              27
 /* ==== end of kernel events ============================================================== */
 
 /* ==== FQDN egress policy (bpf/fqdn_policy.c, dnsproxy/) ==================================

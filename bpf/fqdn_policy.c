@@ -62,6 +62,12 @@ static __always_inline void count(__u32 idx)
         *v += 1;
 }
 
+#include "packet.h"
+#define FLOWTEL_PARSE_FN flowtel_tc_parse
+#define FLOWTEL_PARSE_CTX struct __sk_buff *
+#define FLOWTEL_PARSE_LOAD flowtel_tc_load
+#include "packet.h"
+
 struct pkt {
     __u8  saddr[16];
     __u8  daddr[16];
@@ -72,55 +78,29 @@ struct pkt {
     __u8  tcp_flags;
 };
 
-/* 0 on success; -1 for frames that are not IP (never policed: ARP must keep working). */
+/* 0 on success; -1 for frames that are not IP (never policed: ARP must keep working) and for
+ * IP headers the stack itself refuses (bad version or IHL, truncated: ip_rcv/ipv6_rcv drop
+ * them, so passing them lets nothing through). Headers are parsed by bpf/packet.h, as in every
+ * flowtel program (IPv6 extension headers are walked to the transport header, up to
+ * FLOWTEL_IPV6_EXT_MAX; past them the protocol is the last header reached, which no rule's
+ * protocol matches). Ports are TCP's and UDP's; a non-first fragment, or another protocol, is
+ * policed on addresses alone (port 0); ICMP and ICMPv6 carry their type as the port (icmps). */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
-    __u16 ethertype = bpf_ntohs(skb->protocol);
-    __u32 l4off;
-
-    if (ethertype == ETH_P_IP) {
-        struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-            return -1;
-        p->family = 4;
-        __builtin_memcpy(p->saddr, &ip.saddr, 4);
-        __builtin_memcpy(p->daddr, &ip.daddr, 4);
-        p->protocol = ip.protocol;
-        /* A non-first fragment carries no ports: policed on addresses alone (port 0). */
-        if (ip.frag_off & bpf_htons(0x1FFF))
-            return 0;
-        l4off = ETH_HLEN + ip.ihl * 4;
-    } else if (ethertype == ETH_P_IPV6) {
-        struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
-            return -1;
-        p->family = 6;
-        __builtin_memcpy(p->saddr, &ip6.saddr, 16);
-        __builtin_memcpy(p->daddr, &ip6.daddr, 16);
-        p->protocol = ip6.nexthdr;  /* extension headers: ports stay 0 */
-        l4off = ETH_HLEN + sizeof(ip6);
-    } else {
+    struct flowtel_packet fp = {};
+    flowtel_tc_parse(skb, bpf_ntohs(skb->protocol), ETH_HLEN, &fp);
+    if (!fp.family)
         return -1;
-    }
-    if (p->protocol == IPPROTO_TCP) {
-        struct tcphdr tcp;
-        if (bpf_skb_load_bytes(skb, l4off, &tcp, sizeof(tcp)) == 0) {
-            p->sport = bpf_ntohs(tcp.source);
-            p->dport = bpf_ntohs(tcp.dest);
-            __u8 flags = 0;
-            bpf_skb_load_bytes(skb, l4off + 13, &flags, 1);
-            p->tcp_flags = flags;
-        }
-    } else if (p->protocol == IPPROTO_UDP) {
-        struct udphdr udp;
-        if (bpf_skb_load_bytes(skb, l4off, &udp, sizeof(udp)) == 0) {
-            p->sport = bpf_ntohs(udp.source);
-            p->dport = bpf_ntohs(udp.dest);
-        }
-    } else if (p->protocol == IPPROTO_ICMP || p->protocol == IPPROTO_ICMPV6) {
-        __u8 type = 0;
-        if (bpf_skb_load_bytes(skb, l4off, &type, 1) == 0)
-            p->dport = type;  /* the ICMP type stands in for the port (icmps rules) */
+    __builtin_memcpy(p->saddr, fp.saddr, 16);
+    __builtin_memcpy(p->daddr, fp.daddr, 16);
+    p->family = fp.family;
+    p->protocol = fp.protocol;
+    if (fp.protocol == IPPROTO_TCP || fp.protocol == IPPROTO_UDP) {
+        p->sport = fp.sport;
+        p->dport = fp.dport;
+        p->tcp_flags = fp.tcp_flags;
+    } else if (fp.has_icmp) {
+        p->dport = fp.icmp_type;  /* the ICMP type stands in for the port (icmps rules) */
     }
     return 0;
 }

@@ -1,9 +1,12 @@
 /* kernel_events.c — packet drops (skb:kfree_skb) and TCP health (sock/tcp tracepoints).
  *
- * Counts in the kernel (drops by reason and direction, retransmitted segments, resets, TCP
- * sockets by state, handshake RTT sum/count) and, where a record per occurrence is wanted,
- * writes one struct kernel_event to the kernel_events ring buffer. A full ring buffer is
- * counted (FLOWTEL_KEV_CNT_RINGBUF_FULL), never silent.
+ * Counts in the kernel (drops by reason and direction, drops per flow in double-buffered maps
+ * drained like the tc flow maps, retransmitted segments, resets, TCP sockets by state, the
+ * handshake RTT histogram) and, for TCP events a record per occurrence is wanted for
+ * (established, closed, retransmit, reset), writes one struct kernel_event to the
+ * kernel_events ring buffer, waking the reader only every FLOWTEL_WAKEUP_EVERY events (the
+ * reader takes them in batches). A full ring buffer is counted (FLOWTEL_KEV_CNT_RINGBUF_FULL),
+ * never silent. No drop crosses to user space one by one.
  *
  * Nothing here depends on the layout of the headers bcc compiles against:
  * - tracepoint records are read through struct flowtel_tp_<event>, which the loader
@@ -18,9 +21,11 @@
  * Other compile-time constants (set by the loader):
  * - FLOWTEL_DROPS, FLOWTEL_TCP (0/1): compile the drop / TCP programs (the loader generates
  *   only the enabled tracepoints' structs);
- * - FLOWTEL_DROP_EVENTS, FLOWTEL_TCP_EVENTS, FLOWTEL_TCP_CONN_EVENTS (0/1): emit events
- *   besides counting;
- * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_MAX_CONNECTIONS: sizes;
+ * - FLOWTEL_DROP_FLOWS (0/1): count drops per flow (for drop flow records) besides by reason;
+ * - FLOWTEL_TCP_EVENTS, FLOWTEL_TCP_CONN_EVENTS (0/1): emit events besides counting;
+ * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_MAX_CONNECTIONS,
+ *   FLOWTEL_MAX_DROP_FLOWS: sizes;
+ * - FLOWTEL_RTT_BUCKET(ns): an expression, the handshake RTT histogram bucket of ns;
  * - FLOWTEL_DROP_REASON_MIN: the first reason that is a drop (SKB_NOT_DROPPED_YET and
  *   SKB_CONSUMED sort before it); FLOWTEL_TCPS_*: TCP state values;
  * - FLOWTEL_DROP_IGNORED(r): an expression, true for the reasons the config ignores;
@@ -34,16 +39,15 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/asm-generic/errno.h>
 #include "flowtel.h"
+#include "packet.h"
 
 #define FLOWTEL_AF_INET6 10
-#define FLOWTEL_IPPROTO_ICMPV6 58
 
 BPF_RINGBUF_OUTPUT(kernel_events, FLOWTEL_RINGBUF_PAGES);
 /* Never read or written by the programs: bcc gives user space a ctypes class for each map's
  * value type, and a ring buffer has none, so this one carries struct kernel_event's layout. */
 BPF_ARRAY(kernel_event_layout, struct kernel_event, 1);
 BPF_PERCPU_ARRAY(kev_counters, __u64, FLOWTEL_KEV_CNT_MAX);
-BPF_TABLE("percpu_hash", struct drop_key, struct drop_stats, drop_stats, 4096);
 /* Signed: a socket can leave a state on another CPU than the one it entered it on. */
 BPF_PERCPU_ARRAY(tcp_states, __s64, FLOWTEL_TCP_STATE_SLOTS);
 BPF_HASH(tcp_conns, __u64, struct tcp_conn, FLOWTEL_MAX_CONNECTIONS);
@@ -88,87 +92,20 @@ static __always_inline struct kernel_event *new_event(__u8 kind)
 /* ---- drops ------------------------------------------------------------------------ */
 #if FLOWTEL_DROPS
 
-/* Addresses, ports and TCP flags of the packet, from skb->head + skb->network_header.
- * The L4 header is found from the IP header itself rather than skb->transport_header,
- * which is not yet set where early receive-path drops happen. */
-static __always_inline void parse_packet(struct kernel_event *ev, char *skb)
-{
-    char *head = 0;
-    __u16 nh = 0;
-    if (bpf_probe_read_kernel(&head, sizeof(head), skb + FLOWTEL_OFF_SKB_HEAD) < 0 || !head)
-        return;
-    if (bpf_probe_read_kernel(&nh, sizeof(nh), skb + FLOWTEL_OFF_SKB_NETWORK_HEADER) < 0)
-        return;
-    char *l3 = head + nh;
-    char *l4 = 0;
-    __u8 proto = 0;
+/* Every drop is counted twice, both in the kernel: by (reason, direction) in drop_stats, for
+ * the node metrics (a few entries, never full), and per flow in the double-buffered drop flow
+ * maps, which user space drains on an interval into drop flow records (no event per drop). */
+BPF_TABLE("percpu_hash", struct drop_key, struct drop_stats, drop_stats, 4096);
+BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_0, FLOWTEL_MAX_DROP_FLOWS);
+BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_1, FLOWTEL_MAX_DROP_FLOWS);
+BPF_ARRAY(drop_active, __u32, 1);
 
-    if (ev->ethertype == ETH_P_IP) {
-        struct iphdr ip;
-        if (bpf_probe_read_kernel(&ip, sizeof(ip), l3) < 0 || ip.version != 4 || ip.ihl < 5)
-            return;  /* the network header is not set at this drop point */
-        ev->family = 4;
-        __builtin_memcpy(ev->saddr, &ip.saddr, 4);
-        __builtin_memcpy(ev->daddr, &ip.daddr, 4);
-        proto = ip.protocol;
-        ev->protocol = proto;
-        if (ip.frag_off & bpf_htons(0x1fff))
-            return;  /* a later fragment: no L4 header */
-        l4 = l3 + ip.ihl * 4;
-    } else if (ev->ethertype == ETH_P_IPV6) {
-        struct ipv6hdr ip6;
-        if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) < 0 || ip6.version != 6)
-            return;
-        ev->family = 6;
-        __builtin_memcpy(ev->saddr, &ip6.saddr, 16);
-        __builtin_memcpy(ev->daddr, &ip6.daddr, 16);
-        proto = ip6.nexthdr;
-        l4 = l3 + sizeof(ip6);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (proto != IPPROTO_HOPOPTS && proto != IPPROTO_ROUTING &&
-                proto != IPPROTO_DSTOPTS && proto != IPPROTO_FRAGMENT)
-                break;
-            __u8 ext[4];
-            if (bpf_probe_read_kernel(ext, sizeof(ext), l4) < 0)
-                return;
-            if (proto == IPPROTO_FRAGMENT) {
-                if (((ext[2] << 8) | ext[3]) & 0xfff8) {
-                    ev->protocol = ext[0];
-                    return;  /* not the first fragment */
-                }
-                l4 += 8;
-            } else {
-                l4 += (ext[1] + 1) * 8;
-            }
-            proto = ext[0];
-        }
-        ev->protocol = proto;
-    } else {
-        return;
-    }
-
-    if (proto == IPPROTO_TCP) {
-        __u8 tcp[14];
-        if (bpf_probe_read_kernel(tcp, sizeof(tcp), l4) < 0)
-            return;
-        ev->sport = (tcp[0] << 8) | tcp[1];
-        ev->dport = (tcp[2] << 8) | tcp[3];
-        ev->tcp_flags = tcp[13];
-    } else if (proto == IPPROTO_UDP || proto == IPPROTO_UDPLITE || proto == IPPROTO_SCTP) {
-        __u8 ports[4];
-        if (bpf_probe_read_kernel(ports, sizeof(ports), l4) < 0)
-            return;
-        ev->sport = (ports[0] << 8) | ports[1];
-        ev->dport = (ports[2] << 8) | ports[3];
-    } else if (proto == IPPROTO_ICMP || proto == FLOWTEL_IPPROTO_ICMPV6) {
-        __u8 tc[2];
-        if (bpf_probe_read_kernel(tc, sizeof(tc), l4) < 0)
-            return;
-        ev->sport = tc[0];
-        ev->dport = tc[1];
-    }
-}
+/* The L3 header is found at skb->head + skb->network_header, and the L4 header from the IP
+ * header itself rather than skb->transport_header, which is not yet set where early
+ * receive-path drops happen. */
+#define FLOWTEL_PARSE_FN flowtel_kernel_parse
+#define FLOWTEL_PARSE_LOAD flowtel_kernel_load
+#include "packet.h"
 
 /* Direction: a packet counts as INGRESS while it is still on the device it arrived on
  * (skb_iif, set on receive, equals skb->dev: the receive path, local delivery included),
@@ -176,38 +113,41 @@ static __always_inline void parse_packet(struct kernel_event *ev, char *skb)
  * device. A pod's packet crossing a veth is received anew by the peer namespace, so a drop
  * in the pod's own stack of traffic to the pod is INGRESS there, and one of traffic the
  * pod sends, before it leaves the pod, is EGRESS. */
+
 /* An echo reply that reached icmp_rcv with no ICMP datagram ("ping") socket waiting for
  * it. A raw-socket ping (iputils as root) has already received its copy by then, and the
  * kernel still frees the original as NO_SOCKET: every such ping would look like a drop. */
-static __always_inline int unclaimed_echo_reply(char *skb, __u16 ethertype)
+static __always_inline int echo_reply(const struct flowtel_packet *p)
 {
-    char *head = 0;
-    __u16 nh = 0;
-    if (bpf_probe_read_kernel(&head, sizeof(head), skb + FLOWTEL_OFF_SKB_HEAD) < 0 || !head)
+    if (!p->has_icmp)
         return 0;
-    if (bpf_probe_read_kernel(&nh, sizeof(nh), skb + FLOWTEL_OFF_SKB_NETWORK_HEADER) < 0)
-        return 0;
-    char *l3 = head + nh;
-    __u8 type = 0xff;
-    if (ethertype == ETH_P_IP) {
-        struct iphdr ip;
-        if (bpf_probe_read_kernel(&ip, sizeof(ip), l3) < 0 || ip.version != 4 || ip.ihl < 5 ||
-            ip.protocol != IPPROTO_ICMP || (ip.frag_off & bpf_htons(0x1fff)))
-            return 0;
-        if (bpf_probe_read_kernel(&type, 1, l3 + ip.ihl * 4) < 0)
-            return 0;
-        return type == 0;    /* ICMP_ECHOREPLY */
+    if (p->family == 4)
+        return p->protocol == IPPROTO_ICMP && p->icmp_type == 0;                /* ICMP_ECHOREPLY */
+    return p->protocol == FLOWTEL_IPPROTO_ICMPV6 && p->icmp_type == 129;        /* ICMPV6_ECHO_REPLY */
+}
+
+static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags)
+{
+    __u32 zero = 0;
+    __u32 *active = drop_active.lookup(&zero);
+    __u32 slot = (active && *active == 1) ? 1 : 0;
+    struct drop_flow_stats *st = slot ? drop_flows_1.lookup(key) : drop_flows_0.lookup(key);
+    if (!st) {
+        struct drop_flow_stats init = {};
+        init.first_ns = bpf_ktime_get_ns();
+        int rc = slot ? drop_flows_1.insert(key, &init) : drop_flows_0.insert(key, &init);
+        if (rc == 0)
+            count(FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 + slot, 1);
+        st = slot ? drop_flows_1.lookup(key) : drop_flows_0.lookup(key);
+        if (!st) {
+            count(FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL, 1);
+            return;
+        }
     }
-    if (ethertype == ETH_P_IPV6) {
-        struct ipv6hdr ip6;
-        if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) < 0 || ip6.version != 6 ||
-            ip6.nexthdr != FLOWTEL_IPPROTO_ICMPV6)
-            return 0;
-        if (bpf_probe_read_kernel(&type, 1, l3 + sizeof(ip6)) < 0)
-            return 0;
-        return type == 129; /* ICMPV6_ECHO_REPLY */
-    }
-    return 0;
+    __sync_fetch_and_add(&st->packets, 1);
+    __sync_fetch_and_add(&st->bytes, len);
+    st->last_ns = bpf_ktime_get_ns();
+    st->tcp_flags |= tcp_flags;  /* a racing OR may lose a bit; packets and bytes are exact */
 }
 
 int flowtel_drop(struct flowtel_tp_kfree_skb *args)
@@ -218,7 +158,13 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     if (FLOWTEL_DROP_IGNORED(reason))
         return 0;  /* a reason the config says is not a network drop (e.g. SOCKET_CLOSE) */
     char *skb = (char *)args->skbaddr;
-    if ((int)reason == FLOWTEL_DROP_NO_SOCKET && unclaimed_echo_reply(skb, args->protocol))
+    struct flowtel_packet p = {};
+    char *head = 0;
+    __u16 nh = 0;
+    if (bpf_probe_read_kernel(&head, sizeof(head), skb + FLOWTEL_OFF_SKB_HEAD) == 0 && head &&
+        bpf_probe_read_kernel(&nh, sizeof(nh), skb + FLOWTEL_OFF_SKB_NETWORK_HEADER) == 0)
+        flowtel_kernel_parse(head + nh, args->protocol, 0, &p);
+    if ((int)reason == FLOWTEL_DROP_NO_SOCKET && echo_reply(&p))
         return 0;
     __u32 len = 0;
     __s32 iif = 0, ifindex = 0;
@@ -233,31 +179,28 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     }
     __u32 direction = (iif && (!ifindex || ifindex == iif)) ? FLOWTEL_DROP_INGRESS : FLOWTEL_DROP_EGRESS;
 
-    struct drop_key key = {.reason = reason, .direction = direction};
-    struct drop_stats *st = drop_stats.lookup(&key);
-    if (!st) {
+    struct drop_key dk = {.reason = reason, .direction = direction};
+    struct drop_stats *ds = drop_stats.lookup(&dk);
+    if (!ds) {
         struct drop_stats zero = {};
-        drop_stats.update(&key, &zero);
-        st = drop_stats.lookup(&key);
+        drop_stats.update(&dk, &zero);
+        ds = drop_stats.lookup(&dk);
     }
-    if (st) {
-        st->packets += 1;
-        st->bytes += len;
+    if (ds) {
+        ds->packets += 1;
+        ds->bytes += len;
     } else {
         count(FLOWTEL_KEV_CNT_DROP_MAP_FULL, 1);
     }
 
-    if (!FLOWTEL_DROP_EVENTS)
+    if (!FLOWTEL_DROP_FLOWS)
         return 0;
-    struct kernel_event *ev = new_event(FLOWTEL_KEV_DROP);
-    if (!ev)
-        return 0;
-    ev->reason = reason;
-    ev->len = len;
-    ev->direction = direction;
-    ev->ifindex = ifindex;
-    ev->location = args->location;
-    ev->ethertype = args->protocol;
+    struct drop_flow_key key = {};
+    key.reason = reason;
+    key.direction = direction;
+    key.ifindex = ifindex;
+    key.location = args->location;
+    key.ethertype = args->protocol;
     /* The namespace: of the device, or before the output path sets one (netfilter's
      * OUTPUT hook), of the sending socket. */
     char *net = 0;
@@ -269,9 +212,16 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
             bpf_probe_read_kernel(&net, sizeof(net), sk + FLOWTEL_OFF_SOCK_NET);
     }
     if (net)
-        bpf_probe_read_kernel(&ev->netns, sizeof(ev->netns), net + FLOWTEL_OFF_NET_INUM);
-    parse_packet(ev, skb);
-    submit(ev);
+        bpf_probe_read_kernel(&key.netns, sizeof(key.netns), net + FLOWTEL_OFF_NET_INUM);
+    if (p.family) {
+        key.family = p.family;
+        key.protocol = p.protocol;
+        __builtin_memcpy(key.saddr, p.saddr, 16);
+        __builtin_memcpy(key.daddr, p.daddr, 16);
+        key.sport = p.has_icmp ? p.icmp_type : p.sport;
+        key.dport = p.has_icmp ? p.icmp_code : p.dport;
+    }
+    count_drop_flow(&key, len, p.protocol == IPPROTO_TCP ? p.tcp_flags : 0);
     return 0;
 }
 
@@ -331,6 +281,8 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
             return 0;
         }
         state_add(newstate, 1);
+        if (newstate != FLOWTEL_TCPS_ESTABLISHED)
+            return 0;  /* the common first sight (SYN_SENT, SYN_RECV): no second lookup */
         c = tcp_conns.lookup(&sk);
         if (!c)
             return 0;
@@ -372,6 +324,8 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
         rtt = now - c->syn_sent_ns;
         count(FLOWTEL_KEV_CNT_RTT_SUM_NS, rtt);
         count(FLOWTEL_KEV_CNT_RTT_COUNT, 1);
+        /* The histogram's buckets too: the metric needs no event per connection. */
+        count(FLOWTEL_KEV_CNT_RTT_HIST + (FLOWTEL_RTT_BUCKET(rtt)), 1);
     }
     if (!FLOWTEL_TCP_CONN_EVENTS)
         return 0;

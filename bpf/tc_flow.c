@@ -1,16 +1,26 @@
 /* tc_flow.c — per-flow packet/byte/TCP-flag counters on tc clsact ingress and egress.
  *
  * Aggregates in the kernel: user space drains the counters on an interval, never per packet.
- * Two flow maps are used as a double buffer: the program writes to flow_maps[flow_active[0]];
- * user space flips the index, waits for in-flight programs to finish, then
- * drains the other map with no concurrent writer, so no increment can be lost to a delete.
+ * Two flow maps are used as a double buffer: the program writes to flows_<flow_active[0]>;
+ * user space flips the index, waits for in-flight programs to finish, then drains the other
+ * map with no concurrent writer, so no increment can be lost to a delete. The flag is one
+ * array read (inlined by the verifier) and picks the map directly: no map-in-map lookup.
  *
- * DNS packets are also copied into a ring buffer for user space to parse (see the DNS
- * capture section below).
+ * Per-interface totals live in a per-CPU array indexed by the slot the loader assigned to the
+ * interface when it attached the filter; the slot arrives in skb->tc_classid (cls_bpf sets it
+ * to the filter's classid, slot + 1, before running the program), so counting a packet is an
+ * array access, and slots of removed links are reused (flowtel/lib/bpf/ifaceslots.py).
  *
- * Compile-time constants (set by the loader): FLOWTEL_MAX_FLOWS; for DNS: FLOWTEL_DNS (0/1),
- * FLOWTEL_IS_DNS_PORT(p) (an expression of the configured ports), FLOWTEL_DNS_CAPTURE,
- * FLOWTEL_DNS_RING_PAGES.
+ * Headers are read with direct packet access while they are in the skb's linear part
+ * (packet.h). DNS is counted and matched in the kernel too, with samples for user space
+ * (bpf/dns.h).
+ *
+ * Flow times need no better than a tick: on kernels that have it (5.11+, FLOWTEL_COARSE_NS=1)
+ * they come from the coarse clock, measured here at ~20-40 ns less per packet; DNS timestamps
+ * (latency) always use the precise one, read in dns_observe only for DNS packets.
+ *
+ * Compile-time constants (set by the loader): FLOWTEL_MAX_FLOWS, FLOWTEL_IFACE_SLOTS,
+ * FLOWTEL_COARSE_NS (0/1); FLOWTEL_DNS (0/1) and, when 1, the constants bpf/dns.h lists.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -19,13 +29,24 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 #include "flowtel.h"
+#include "packet.h"
+#define FLOWTEL_PARSE_FN flowtel_tc_parse
+#define FLOWTEL_PARSE_CTX struct __sk_buff *
+#define FLOWTEL_PARSE_LOAD flowtel_tc_load
+#include "packet.h"
+
+#if FLOWTEL_COARSE_NS
+#define flowtel_flow_time() bpf_ktime_get_coarse_ns()  /* CLOCK_MONOTONIC_COARSE: same clock, tick resolution */
+#else
+#define flowtel_flow_time() bpf_ktime_get_ns()
+#endif
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_0, FLOWTEL_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_1, FLOWTEL_MAX_FLOWS);
 BPF_ARRAY(flow_active, __u32, 1);
-/* flow_maps[i] = flows_i, filled by the loader; map-in-map lets one code path serve both. */
-BPF_ARRAY_OF_MAPS(flow_maps, "flows_0", 2);
-BPF_TABLE("percpu_hash", struct iface_key, struct iface_stats, iface_totals, 4096);
+/* Index slot * 2 + hook; cumulative, never reset: a slot's counts stay in the node's totals
+ * after its link is gone (user space keeps a baseline per assignment for per-link views). */
+BPF_PERCPU_ARRAY(iface_counters, struct iface_stats, FLOWTEL_IFACE_SLOTS * 2);
 BPF_PERCPU_ARRAY(counters, __u64, FLOWTEL_CNT_MAX);
 
 static __always_inline void count_event(__u32 idx)
@@ -35,177 +56,62 @@ static __always_inline void count_event(__u32 idx)
         *v += 1;
 }
 
-/* Where parse() found the transport header, for the DNS capture. */
+/* Where the parser found the transport header, for the DNS capture. */
 struct l4_info {
     __u32 off;  /* offset of the TCP/UDP header; 0 when the ports were not read */
     __u32 end;  /* offset just past the IP packet per its header (excludes Ethernet padding) */
 };
 
-/* Parse what the key needs. Uses bpf_skb_load_bytes so non-linear skbs (GSO, veth
- * with paged data) are read correctly. At tc, offset 0 is the Ethernet header. */
+/* The flow key of a packet (packet.h does the parsing). At tc, offset 0 is the Ethernet header. */
 static __always_inline void parse(struct __sk_buff *skb, struct flow_key *key, __u8 *flags,
                                   struct l4_info *l4)
 {
+    struct flowtel_packet p = {};
     __u16 ethertype = bpf_ntohs(skb->protocol);
-    __u32 l4off = 0;
-    __u8 proto = 0;
-
     key->ethertype = ethertype;
-    if (ethertype == ETH_P_IP) {
-        struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-            return;
-        key->family = 4;
-        __builtin_memcpy(key->saddr, &ip.saddr, 4);
-        __builtin_memcpy(key->daddr, &ip.daddr, 4);
-        proto = ip.protocol;
-        key->protocol = proto;
-        l4->end = ETH_HLEN + bpf_ntohs(ip.tot_len);
-        /* Later fragments carry no L4 header. */
-        if (ip.frag_off & bpf_htons(0x1fff))
-            return;
-        l4off = ETH_HLEN + ip.ihl * 4;
-    } else if (ethertype == ETH_P_IPV6) {
-        struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
-            return;
-        key->family = 6;
-        __builtin_memcpy(key->saddr, &ip6.saddr, 16);
-        __builtin_memcpy(key->daddr, &ip6.daddr, 16);
-        proto = ip6.nexthdr;
-        l4off = ETH_HLEN + sizeof(ip6);
-        l4->end = l4off + bpf_ntohs(ip6.payload_len);
-        /* Walk a bounded number of extension headers to find the transport header. */
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (proto != IPPROTO_HOPOPTS && proto != IPPROTO_ROUTING &&
-                proto != IPPROTO_DSTOPTS && proto != IPPROTO_FRAGMENT)
-                break;
-            __u8 ext[8];
-            if (bpf_skb_load_bytes(skb, l4off, ext, sizeof(ext)) < 0)
-                return;
-            if (proto == IPPROTO_FRAGMENT) {
-                proto = ext[0];
-                key->protocol = proto;
-                if (((ext[2] << 8) | ext[3]) & 0xfff8)  /* not the first fragment */
-                    return;
-                l4off += 8;
-            } else {
-                proto = ext[0];
-                l4off += (ext[1] + 1) * 8;
-            }
-        }
-        key->protocol = proto;
-    } else {
+    flowtel_tc_parse(skb, ethertype, ETH_HLEN, &p);
+    if (!p.family)
         return;
+    key->family = p.family;
+    key->protocol = p.protocol;
+    __builtin_memcpy(key->saddr, p.saddr, 16);
+    __builtin_memcpy(key->daddr, p.daddr, 16);
+    if (p.has_icmp) {  /* ICMP: the key's ports carry type and code */
+        key->sport = p.icmp_type;
+        key->dport = p.icmp_code;
+    } else {
+        key->sport = p.sport;
+        key->dport = p.dport;
     }
-
-    if (proto == IPPROTO_TCP) {
-        __u8 tcp[14];
-        if (bpf_skb_load_bytes(skb, l4off, tcp, sizeof(tcp)) < 0)
-            return;
-        key->sport = (tcp[0] << 8) | tcp[1];
-        key->dport = (tcp[2] << 8) | tcp[3];
-        *flags = tcp[13];
-        l4->off = l4off;
-    } else if (proto == IPPROTO_UDP || proto == IPPROTO_SCTP || proto == IPPROTO_UDPLITE) {
-        __u8 ports[4];
-        if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) < 0)
-            return;
-        key->sport = (ports[0] << 8) | ports[1];
-        key->dport = (ports[2] << 8) | ports[3];
-        l4->off = l4off;
-    } else if (proto == IPPROTO_ICMP || proto == 58 /* IPPROTO_ICMPV6 */) {
-        __u8 tc[2];
-        if (bpf_skb_load_bytes(skb, l4off, tc, sizeof(tc)) < 0)
-            return;
-        key->sport = tc[0];
-        key->dport = tc[1];
-    }
+    if (p.protocol == IPPROTO_TCP)
+        *flags = p.tcp_flags;
+    l4->off = p.l4off;
+    l4->end = p.end;
 }
 
-/* ---- DNS capture ------------------------------------------------------------------
- * A packet to or from a configured port over UDP or TCP goes to user space as one ring
- * buffer record: struct dns_event_hdr followed by up to FLOWTEL_DNS_CAPTURE payload bytes
- * (for TCP, the segment payload, length prefix included). Every other packet pays only the
- * port compare in account(). The record is assembled in a per-CPU scratch buffer (tc runs
- * with migration disabled and does not nest on a CPU) so that bpf_ringbuf_output can send
- * just the bytes captured: typical DNS messages are far shorter than the capture limit,
- * and a fixed-size reserve would waste most of the ring.
- */
-#if FLOWTEL_DNS
-BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);
-BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1);
+/* DNS (bpf/dns.h): parsed, counted and matched in the kernel; samples to user space. */
+#include "dns.h"
 
-static __always_inline void dns_capture(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
-                                        const struct l4_info *l4, __u64 now)
+static __always_inline void count_interface(struct __sk_buff *skb, __u8 hook, __u64 len)
 {
-    __u32 zero = 0;
-    struct dns_event *ev = dns_scratch.lookup(&zero);
-    if (!ev)
-        return;
-    __u32 skb_len = skb->len;
-    /* A zero or oversized IP length (jumbograms, BIG TCP) says nothing: use the skb's. */
-    __u32 end = (l4->end > l4->off && l4->end <= skb_len) ? l4->end : skb_len;
-    __u32 off, orig;
-    __u32 seq = 0;
-    if (key->protocol == IPPROTO_UDP) {
-        __u8 udp[8];
-        if (bpf_skb_load_bytes(skb, l4->off, udp, sizeof(udp)) < 0)
-            return;
-        __u32 ulen = (udp[4] << 8) | udp[5];
-        off = l4->off + 8;
-        /* The UDP length, not the skb, says where the message ends: a first fragment holds
-         * only part of it, and user space must know the capture is short. */
-        orig = ulen > 8 ? ulen - 8 : 0;
+    /* classid 0 (no slot: all were taken) wraps to a huge index and is counted as a failure. */
+    __u32 idx = (skb->tc_classid - 1) * 2 + hook;
+    struct iface_stats *is = 0;
+    if (skb->tc_classid && skb->tc_classid <= FLOWTEL_IFACE_SLOTS)
+        is = iface_counters.lookup(&idx);
+    if (is) {
+        is->packets += 1;  /* per-CPU value: no atomics needed */
+        is->bytes += len;
     } else {
-        __u8 tcp[13];
-        if (bpf_skb_load_bytes(skb, l4->off, tcp, sizeof(tcp)) < 0)
-            return;
-        seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
-        off = l4->off + (tcp[12] >> 4) * 4;
-        orig = end > off ? end - off : 0;
-        if (orig == 0)
-            return;  /* SYN, ACK, FIN without data: no DNS message */
+        count_event(FLOWTEL_CNT_IFACE_UPDATE_FAIL);
     }
-    __u32 avail = skb_len > off ? skb_len - off : 0;
-    __u32 want = orig < avail ? orig : avail;
-    if (want > FLOWTEL_DNS_CAPTURE)
-        want = FLOWTEL_DNS_CAPTURE;
-    __u32 n = 0;
-    if (want > 0) {
-        /* Same value for want in [1, FLOWTEL_DNS_CAPTURE], and a form that any verifier
-         * (5.8 onwards) can bound without tracking the comparisons above: this is why the
-         * capture size is a power of two. */
-        n = ((want - 1) & (FLOWTEL_DNS_CAPTURE - 1)) + 1;
-        if (bpf_skb_load_bytes(skb, off, ev->payload, n) < 0)
-            n = 0;  /* sent anyway with no payload: user space counts it as unparsable */
-    }
-    ev->hdr.ts_ns = now;
-    __builtin_memcpy(ev->hdr.saddr, key->saddr, 16);
-    __builtin_memcpy(ev->hdr.daddr, key->daddr, 16);
-    ev->hdr.ifindex = key->ifindex;
-    ev->hdr.orig_len = orig;
-    ev->hdr.tcp_seq = seq;
-    ev->hdr.sport = key->sport;
-    ev->hdr.dport = key->dport;
-    ev->hdr.cap_len = n;
-    ev->hdr.family = key->family;
-    ev->hdr.protocol = key->protocol;
-    ev->hdr.hook = hook;
-    if (dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + n, 0) == 0)
-        count_event(FLOWTEL_CNT_DNS_EVENTS);
-    else
-        count_event(FLOWTEL_CNT_DNS_LOST);
 }
-#endif
-/* ---- end of DNS capture ---------------------------------------------------------- */
 
 static __always_inline int account(struct __sk_buff *skb, __u8 hook)
 {
     struct flow_key key = {};
     __u8 flags = 0;
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = flowtel_flow_time();
     __u64 len = skb->len;
 
     key.ifindex = skb->ifindex;
@@ -213,41 +119,22 @@ static __always_inline int account(struct __sk_buff *skb, __u8 hook)
     struct l4_info l4 = {};
     parse(skb, &key, &flags, &l4);
 #if FLOWTEL_DNS
-    if ((FLOWTEL_IS_DNS_PORT(key.dport) || FLOWTEL_IS_DNS_PORT(key.sport)) && l4.off &&
-        (key.protocol == IPPROTO_UDP || key.protocol == IPPROTO_TCP))
-        dns_capture(skb, &key, hook, &l4, now);
+    dns_observe(skb, &key, hook, l4.off, l4.end);
 #endif
-
-    struct iface_key ik = {.ifindex = skb->ifindex, .hook = hook};
-    struct iface_stats *is = iface_totals.lookup(&ik);
-    if (!is) {
-        struct iface_stats zero = {};
-        iface_totals.update(&ik, &zero);
-        is = iface_totals.lookup(&ik);
-    }
-    if (is) {
-        is->packets += 1;  /* per-CPU value: no atomics needed */
-        is->bytes += len;
-    } else {
-        count_event(FLOWTEL_CNT_IFACE_UPDATE_FAIL);
-    }
+    count_interface(skb, hook, len);
 
     __u32 zero_idx = 0;
     __u32 *active = flow_active.lookup(&zero_idx);
     __u32 slot = (active && *active == 1) ? 1 : 0;
-    void *flows = flow_maps.lookup(&slot);
-    if (!flows) {
-        count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
-        return TC_ACT_UNSPEC;
-    }
-    struct flow_stats *st = bpf_map_lookup_elem(flows, &key);
+    struct flow_stats *st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
     if (!st) {
         struct flow_stats init = {};
         init.first_ns = now;
-        /* BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
-        if (bpf_map_update_elem(flows, &key, &init, BPF_NOEXIST) == 0)
+        /* insert is BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
+        int rc = slot ? flows_1.insert(&key, &init) : flows_0.insert(&key, &init);
+        if (rc == 0)
             count_event(FLOWTEL_CNT_FLOWS_CREATED_0 + slot);
-        st = bpf_map_lookup_elem(flows, &key);
+        st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
         if (!st) {
             count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
             return TC_ACT_UNSPEC;

@@ -94,7 +94,36 @@ def cmd_dnsproxy(args: argparse.Namespace) -> int:
     return dnsproxy_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand ``argv`` invokes, if it names one (None: no argv, or help for all)."""
+    if argv is None:
+        return None
+    args = argv
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--log-level":
+            i += 2
+            continue
+        if a.startswith("-"):
+            if a in ("-h", "--help"):
+                return None
+            i += 1
+            continue
+        return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser: every command's arguments, or with ``argv`` naming a command only that
+    command's, so that the others' (dnsproxy's pull the Kubernetes client, pyroute2 and
+    dnspython) are not imported into a process that does not run them, e.g. the agent
+    (``flowtel run``)."""
+    wanted = _command(argv)
+
+    def full(name: str) -> bool:
+        return wanted is None or wanted == name
+
     parser = argparse.ArgumentParser(prog="flowtel", description="Kubernetes network observability as an OpenTelemetry pipeline")
     parser.add_argument("--log-level", default=os.environ.get("FLOWTEL_LOG_LEVEL", "info"), help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,22 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=float, default=2.0, help="flow collection interval in seconds (default 2)")
     demo.set_defaults(func=cmd_demo)
 
-    from flowtel.observe import add_map_arguments, add_observe_arguments
-
     observe = sub.add_parser("observe", help="print flows from a running agent, as `hubble observe` does")
-    add_observe_arguments(observe)
-    observe.set_defaults(func=cmd_observe)
-
     service_map = sub.add_parser("map", help="print the service dependency map of a running agent")
-    add_map_arguments(service_map)
+    if full("observe") or full("map"):
+        from flowtel.observe import add_map_arguments, add_observe_arguments
+
+        add_observe_arguments(observe)
+        add_map_arguments(service_map)
+    observe.set_defaults(func=cmd_observe)
     service_map.set_defaults(func=cmd_map)
-    from dnsproxy.run import add_arguments as add_dnsproxy_arguments
 
     proxy = sub.add_parser("dnsproxy", help="run the FQDN-filtering DNS proxy and its enforcement datapath")
-    add_dnsproxy_arguments(proxy)
-    proxy.set_defaults(func=cmd_dnsproxy)
+    if full("dnsproxy"):
+        from dnsproxy.run import add_arguments as add_dnsproxy_arguments
 
-    from flowtel.policysuggest.cli import add_arguments as add_suggest_arguments
+        add_dnsproxy_arguments(proxy)
+    proxy.set_defaults(func=cmd_dnsproxy)
 
     policy = sub.add_parser("policy", help="work with CiliumNetworkPolicy egress policies")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -136,13 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the least-privilege cilium.io/v2 CiliumNetworkPolicy that allows the egress a "
                     "workload made (its DNS lookups, the names, pods and addresses it connected to), from a "
                     "running agent's flows or a flow-log file. See docs/policy-suggest.md.")
-    add_suggest_arguments(suggest)
+    if full("policy"):
+        from flowtel.policysuggest.cli import add_arguments as add_suggest_arguments
+
+        add_suggest_arguments(suggest)
     suggest.set_defaults(func=cmd_policy_suggest)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     _setup_logging(args.log_level)
     return int(args.func(args))
 

@@ -183,6 +183,19 @@ class MetricPoint:
 
 Record = Flow | LostEvents | MetricPoint
 
+# An L7 record that stands for several messages (the ebpf receiver's DNS at high rates, see
+# receiver/ebpf/README.md) says so in ``extensions``: {"aggregated": true, "count": N}.
+EXTENSION_AGGREGATED = "aggregated"
+EXTENSION_COUNT = "count"
+
+
+def message_count(flow: Flow) -> int:
+    """How many L7 messages (Hubble flow events) an L7 record stands for: 1, or its count."""
+    ext = flow.extensions
+    if ext and ext.get(EXTENSION_AGGREGATED):
+        return int(ext.get(EXTENSION_COUNT, 1))
+    return 1
+
 
 def signal_of(record: Record) -> str:
     """The pipeline signal a record travels: ``metrics`` or ``logs``."""

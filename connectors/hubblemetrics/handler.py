@@ -18,6 +18,7 @@ from flowtel.records import (
     Flow,
     FlowType,
     LostEvents,
+    message_count,
 )
 
 Emit = Callable[[str, tuple[str, ...], float], None]
@@ -67,7 +68,10 @@ def is_packet_flow(flow: Flow) -> bool:
 
 def flow_events(flow: Flow) -> int:
     """How many Hubble flow events the record stands for: an aggregated L3/L4 record holds
-    ``packets`` packets, each of which Hubble reports as one flow; DNS and drop records are one each."""
+    ``packets`` packets, each of which Hubble reports as one flow; a DNS record is one message, or
+    ``extensions.count`` of them when aggregated; a drop record is one."""
     if flow.flow_type is FlowType.L3_L4 and flow.packets > 0:
         return flow.packets
+    if flow.flow_type is FlowType.L7:
+        return message_count(flow)
     return 1

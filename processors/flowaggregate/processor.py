@@ -19,7 +19,7 @@ import time
 from typing import Callable, Hashable
 
 from flowtel.component import CreateSettings, Processor
-from flowtel.records import Endpoint, Flow, FlowType, Record, Verdict
+from flowtel.records import Endpoint, Flow, FlowType, Record, Verdict, message_count
 from processors.flowaggregate.config import FlowAggregateConfig
 
 
@@ -57,7 +57,7 @@ class _Agg:
     def add(self, f: Flow) -> None:
         self.packets += f.packets or int(f.extensions.get("packets", 0))
         self.bytes += f.bytes or int(f.extensions.get("bytes", 0))
-        self.flows += 1
+        self.flows += message_count(f)  # an aggregated DNS record stands for several
         self.tcp_flags |= f.tcp_flags
 
 

@@ -23,10 +23,17 @@ class DnsConfig(ComponentConfig):
     # A query with no response within this time is reported as unanswered.
     timeout: Duration = 5.0
     max_pending: int = Field(65536, ge=16, le=4_194_304)
-    # Payload bytes the kernel copies per packet (a power of two: see bpf/tc_flow.c).
+    # Payload bytes sent to user space per sample or TCP segment (a power of two: see bpf/dns.h).
     capture_bytes: int = Field(512, ge=64, le=8192)
-    # Kernel-to-user ring buffer; a burst larger than it is lost (and counted).
+    # Kernel-to-user ring buffer for samples and TCP segments; a burst larger than it is
+    # counted (samples: counts stay exact; TCP segments: lost).
     ring_buffer_kb: int = Field(2048, ge=64, le=262_144)
+    # UDP messages per second and CPU that reach user space one by one (as samples); the rest
+    # are counted in the kernel and reported aggregated. User space's DNS cost is bounded by it.
+    sample_rate: int = Field(500, ge=10, le=1_000_000)
+    # Aggregation keys (interface, addresses, name, qtype, rcode, …) per interval and buffer;
+    # messages beyond them are in the node totals only (counted as a loss of detail).
+    max_aggregates: int = Field(16384, ge=256, le=1_048_576)
 
     @field_validator("ports")
     @classmethod
@@ -65,6 +72,9 @@ class EbpfReceiverConfig(ComponentConfig):
     collection_interval: CollectionInterval = 10.0
     max_flows: int = Field(65536, ge=1024, le=4_194_304)
     tc_priority: int = Field(1, ge=1, le=65535)
+    # Interfaces attached at the same time that get exact per-interface totals (counter slots,
+    # reused when links go away, so this bounds live interfaces, not those over the node's life).
+    max_interfaces: int = Field(4096, ge=16, le=65536)
     dns: DnsConfig = Field(default_factory=DnsConfig)
     kernel_events: KernelEventsConfig = Field(default_factory=KernelEventsConfig)
 

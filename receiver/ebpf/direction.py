@@ -1,10 +1,11 @@
 """Traffic direction from the pod's point of view (Hubble's), for every tc-path record."""
 from __future__ import annotations
 
+from flowtel.lib.bpf.constants import HEADER
+from flowtel.lib.bpf.tcattach import Interface
 from flowtel.records import TrafficDirection
-from receiver.ebpf.attach import Interface
 
-HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
+HOOK_INGRESS = HEADER.HOOK_INGRESS
 
 
 def traffic_direction(iface: Interface | None, hook: int) -> TrafficDirection:

@@ -1,28 +1,39 @@
-"""DNS packets seen by the tc programs → Hubble-shaped L7 flows, matched and counted.
+"""DNS seen by the tc programs → Hubble-shaped L7 flows and exact counts.
 
-Pure logic: :class:`DnsTracker` takes decoded kernel events (:class:`DnsEvent`) and returns
-records; reading the ring buffer is :mod:`receiver.ebpf.dnsring`'s job. Each DNS message
-becomes one flow: a ``REQUEST`` per query, a ``RESPONSE`` per answer (with the latency from
-its request, by kernel timestamps), both from the interface and hook where they were seen,
-as Hubble reports them per endpoint. A query with no response within the timeout yields one
-more flow, its copy with ``extensions.dns_unanswered: true``.
+Pure logic: :class:`DnsTracker` takes decoded kernel events (:class:`DnsEvent`) and what
+the DNS maps held (:mod:`receiver.ebpf.dnsmaps`) and returns records; reading the kernel is
+:mod:`receiver.ebpf.dnsring`'s job.
 
-TCP (RFC 7766 framing): a segment is read from its start, and every message whose length
-prefix starts in it is parsed. A message that runs past its segment is parsed from what
-its first segment holds (header and question at least, answers while whole) and counted
-as truncated; the segments that carry the rest are recognised by their sequence numbers
-and skipped, and a message that starts after them in the same segment is found again.
+UDP (the kernel counts, bpf/dns.h): every message is counted in the kernel per aggregation
+key (interface, hook, addresses, server port, name hash, qtype, rcode, QR) and matched to its
+request there; user space sees a budgeted *sample* of messages (``kind`` MESSAGE). A sampled
+message becomes its own ``REQUEST``/``RESPONSE`` flow (latency from the kernel). When the
+interval's buffer is drained, each key's messages that were not sampled become one
+aggregated flow per key, with ``extensions.aggregated: true`` and ``extensions.count``: so
+every message is in exactly one flow, and counts from flows equal the kernel's at any rate.
+Requests that timed out in the kernel's pending map come back from its sweep as unanswered.
+
+TCP (RFC 7766 framing, ``kind`` SEGMENT: user space counts): a segment is read from its start,
+and every message whose length prefix starts in it is parsed. A message that runs past its
+segment is parsed from what its first segment holds (header and question at least, answers
+while whole) and counted as truncated; the segments that carry the rest are recognised by
+their sequence numbers and skipped, and a message that starts after them is found again.
+TCP exchanges are matched here (:mod:`receiver.ebpf.dnsmatch`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from flowtel.histogram import DNS_LATENCY_BOUNDS, Histogram
 from flowtel.records import (
+    EXTENSION_AGGREGATED,
+    EXTENSION_COUNT,
     IPPROTO_TCP,
+    IPPROTO_UDP,
     DnsInfo,
     Flow,
     FlowType,
@@ -30,10 +41,12 @@ from flowtel.records import (
     MetricPoint,
     Verdict,
 )
-from receiver.ebpf.attach import Interface
+from flowtel.lib.bpf.constants import HEADER
+from flowtel.lib.bpf.tcattach import Interface
+from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
 from receiver.ebpf.dnsmatch import AddResult, Pending, PendingTable
 from receiver.ebpf.direction import traffic_direction
-from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message, split_tcp
+from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message, split_tcp, type_text
 
 _SEQ_MOD = 1 << 32
 _SEQ_HALF = 1 << 31
@@ -46,6 +59,19 @@ METRIC_UNANSWERED = "flowtel_dns_unanswered_total"
 METRIC_PARSE_ERRORS = "flowtel_dns_parse_errors_total"
 METRIC_LATENCY = "flowtel_dns_latency_seconds"
 EXTENSION_UNANSWERED = "dns_unanswered"
+EXTENSION_QUERY_HASH = "query_hash"
+# bpf/flowtel.h: dns_event_hdr.kind and .status
+KIND_SEGMENT = HEADER.DNS_EV_SEGMENT
+KIND_MESSAGE = HEADER.DNS_EV_MESSAGE
+STATUS_OK = HEADER.DNS_OK
+# Unanswered requests of one interval reported one flow each, at most; beyond it, one
+# aggregated flow per (interface, client, server, name, qtype).
+MAX_UNANSWERED_FLOWS = 1024
+# Names (by their kernel hash) and the last answer of each key, remembered for aggregated
+# flows: bounded (a few MB at most), oldest forgotten first. A forgotten name is learned
+# again from its next sample; until then its aggregate carries the hash.
+MAX_NAMES = 16384
+MAX_ANSWERS = 4096
 
 
 @dataclass(slots=True)
@@ -63,18 +89,35 @@ class DnsEvent:
     dport: int
     tcp_seq: int
     orig_len: int  # DNS payload bytes in the packet
-    payload: bytes  # the captured prefix of them
+    payload: bytes = b""  # the captured prefix of them
+    # What the kernel decided about a UDP message (kind MESSAGE); all 0 for a TCP segment.
+    kind: int = KIND_SEGMENT
+    latency_ns: int = 0  # a response the kernel matched: its request's age
+    name_hash: int = 0
+    qtype: int = 0
+    server_port: int = 0
+    slot: int = 0
+    status: int = STATUS_OK
+    is_response: int = 0
+    rcode: int = 0
+
+    def agg_key(self) -> AggKey:
+        """The kernel's aggregation key of this message (struct dns_agg_key)."""
+        return AggKey(self.saddr, self.daddr, self.name_hash, self.ifindex, self.qtype, self.server_port, self.family,
+                      self.hook, self.is_response, self.rcode, self.status)
 
 
 @dataclass(slots=True)
 class DnsCounts:
     """Cumulative counters since the tracker was created."""
 
-    events: int = 0  # packets received from the kernel
-    requests: int = 0  # REQUEST flows (one per query per observation point)
+    events: int = 0  # records received from the kernel (samples and TCP segments)
+    requests: int = 0  # DNS requests (one per query per observation point), sampled or not
     responses: int = 0
     unanswered: int = 0
     parse_errors: int = 0  # packets with no readable DNS message (at most one per packet)
+    aggregated: int = 0  # messages reported in aggregated flows (not sampled)
+    reclassified: int = 0  # sampled messages the kernel counted that dnspython rejects
     truncated: int = 0  # messages read from an incomplete capture
     unmatched_responses: int = 0  # no pending request: late, or asked before we looked
     retransmits: int = 0  # requests whose exchange was pending already
@@ -97,6 +140,45 @@ def _ip(family: int, raw: bytes) -> str:
     if family == 4:
         return socket.inet_ntop(socket.AF_INET, raw[:4])
     return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def dns_flow(node_name: str, *, family: int, saddr: bytes, daddr: bytes, protocol: int, sport: int, dport: int,
+             ifindex: int, hook: int, iface: Interface | None, is_reply: bool, info: DnsInfo, time_ns: int,
+             latency_ns: int, extensions: dict[str, object] | None = None) -> Flow:
+    """The one place a DNS flow record is built (Hubble's L7 shape)."""
+    return Flow(
+        time_ns=time_ns,
+        node_name=node_name,
+        verdict=Verdict.FORWARDED,
+        ip_version=family,
+        src_ip=_ip(family, saddr),
+        dst_ip=_ip(family, daddr),
+        protocol=protocol,
+        src_port=sport,
+        dst_port=dport,
+        flow_type=FlowType.L7,
+        traffic_direction=traffic_direction(iface, hook),
+        is_reply=is_reply,
+        ethertype=0x86DD if family == 6 else 0x0800,
+        ifindex=ifindex,
+        ifname=iface.name if iface is not None else "",
+        l7=info,
+        l7_type="RESPONSE" if is_reply else "REQUEST",
+        latency_ns=latency_ns,
+        extensions=dict(extensions) if extensions else {},
+    )
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(table: dict[K, V], key: K, value: V, bound: int) -> None:
+    """Insert into a bounded dict, forgetting the oldest entry when it is full."""
+    table.pop(key, None)
+    if len(table) >= bound:
+        del table[next(iter(table))]
+    table[key] = value
 
 
 class DnsTracker:
@@ -123,8 +205,18 @@ class DnsTracker:
         # message starts, ts_ns of the segment that said so)
         self._tcp_next: dict[tuple[int, int, bytes, int, bytes, int], tuple[int, int]] = {}
         self.last_parse_error = ""
-        # Latency of every response matched to its request (at the same observation point).
+        # Latency of every TCP response matched to its request here (at the same observation
+        # point); UDP exchanges are timed in the kernel's histogram.
         self.latency = Histogram(DNS_LATENCY_BOUNDS)
+        # Per aggregation buffer (slot): samples seen of each kernel key, and how many of them
+        # dnspython rejected although the kernel read their header and question.
+        self._sampled: tuple[dict[AggKey, int], dict[AggKey, int]] = ({}, {})
+        self._rejected: tuple[dict[AggKey, int], dict[AggKey, int]] = ({}, {})
+        # name hash -> (query, qtypes) and key -> last answer, for aggregated flows.
+        self._names: dict[int, tuple[str, list[str]]] = {}
+        self._answers: dict[AggKey, DnsMessage] = {}
+        # Pending-map keys of sampled requests dnspython rejected (not unanswered when they expire).
+        self._rejected_requests: dict[tuple[bytes, bytes, int, int, int, int, int], None] = {}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -140,7 +232,10 @@ class DnsTracker:
         counts = self.counts
         for ev in events:
             counts.events += 1
-            if ev.protocol == IPPROTO_TCP:
+            if ev.kind == KIND_MESSAGE:
+                msg = self._sample(ev)
+                messages = [msg] if msg is not None else []
+            elif ev.protocol == IPPROTO_TCP:
                 messages = self._tcp_messages(ev)
             else:
                 messages = self._udp_messages(ev)
@@ -151,8 +246,165 @@ class DnsTracker:
             if iface is None and ev.ifindex not in ifaces:
                 iface = ifaces[ev.ifindex] = self._interface_of(ev.ifindex)
             for msg in messages:
-                out.append(self._on_message(ev, msg, iface, offset))
+                if ev.kind == KIND_MESSAGE:
+                    out.append(self._sampled_flow(ev, msg, iface, offset))
+                else:
+                    out.append(self._on_message(ev, msg, iface, offset))
         return out
+
+    def _sample(self, ev: DnsEvent) -> DnsMessage | None:
+        """A sampled UDP message the kernel has counted: parsed for its flow, never counted again."""
+        key = ev.agg_key()
+        sampled = self._sampled[ev.slot & 1]
+        sampled[key] = sampled.get(key, 0) + 1
+        complete = len(ev.payload) >= ev.orig_len
+        wire = ev.payload[: ev.orig_len] if complete else ev.payload
+        try:
+            msg = parse_message(wire, complete)
+        except MalformedMessage as exc:
+            self.last_parse_error = str(exc)
+            if ev.status == STATUS_OK and not complete:
+                # The capture (capture_bytes) ended before what dnspython needs, though the
+                # kernel read the question from its longer buffer: the message is fine, only
+                # its sample is short. It is reported in its key's aggregate.
+                sampled[key] -= 1
+                return None
+            if ev.status == STATUS_OK:
+                # The kernel read its header and question; the records are bad. It counts as a
+                # parse error, not as a message (reconcile() takes it out of the kernel's count).
+                rejected = self._rejected[ev.slot & 1]
+                rejected[key] = rejected.get(key, 0) + 1
+                if not ev.is_response and len(wire) >= 2:
+                    # Nor is it a request waiting for an answer: its pending entry is ignored.
+                    pk = (ev.saddr, ev.daddr, ev.ifindex, ev.sport, ev.dport, (wire[0] << 8) | wire[1], ev.family)
+                    _remember(self._rejected_requests, pk, None, MAX_NAMES)
+            return None
+        if ev.status != STATUS_OK:
+            # The kernel's verdict stands (it counted a parse error); dnspython was lenient
+            # where the kernel is strict (e.g. a compression pointer in the first question).
+            return None
+        if not complete:
+            self.counts.truncated += 1
+        if ev.name_hash and ev.name_hash not in self._names:
+            _remember(self._names, ev.name_hash, (msg.query, msg.qtypes), MAX_NAMES)
+        if msg.is_response:
+            _remember(self._answers, key, msg, MAX_ANSWERS)
+        return msg
+
+    def _sampled_flow(self, ev: DnsEvent, msg: DnsMessage, iface: Interface | None, offset: int) -> Flow:
+        info = DnsInfo(query=msg.query, qtypes=list(msg.qtypes), rcode=msg.rcode, ips=msg.ips, ttl=msg.ttl,
+                       cnames=msg.cnames, rrtypes=msg.rrtypes) if msg.is_response else \
+            DnsInfo(query=msg.query, qtypes=list(msg.qtypes))
+        return dns_flow(self.node_name, family=ev.family, saddr=ev.saddr, daddr=ev.daddr, protocol=ev.protocol,
+                        sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, hook=ev.hook, iface=iface,
+                        is_reply=msg.is_response, info=info, time_ns=ev.ts_ns + offset, latency_ns=ev.latency_ns)
+
+    # -- the kernel's aggregates ----------------------------------------------------------
+
+    def reconcile(self, slot: int, aggregates: list[Aggregate]) -> list[Flow]:
+        """Count one drained aggregation buffer and report what was not sampled.
+
+        Call it once the buffer can no longer be written and every sample it produced has
+        been processed. Each key's messages minus its samples become one aggregated flow.
+        """
+        sampled, rejected = self._sampled[slot & 1], self._rejected[slot & 1]
+        counts = self.counts
+        offset = self._wall_offset_ns()
+        out: list[Flow] = []
+        for agg in aggregates:
+            key = agg.key
+            if key.status != STATUS_OK:
+                counts.parse_errors += agg.messages
+                sampled.pop(key, None)
+                continue
+            bad = rejected.pop(key, 0)
+            good = agg.messages - bad
+            counts.parse_errors += bad
+            counts.reclassified += bad
+            if key.is_response:
+                counts.responses += good
+            else:
+                counts.requests += good
+            rest = agg.messages - sampled.pop(key, 0)
+            if rest > 0:
+                counts.aggregated += rest
+                out.append(self._aggregated_flow(key, rest, agg.last_ns + offset))
+        # Samples of messages the kernel had no room to key are in its node totals already.
+        sampled.clear()
+        rejected.clear()
+        return out
+
+    def count_unkeyed(self, requests: int, responses: int, malformed: int) -> None:
+        """Messages the kernel counted in its node totals only (its aggregation map was full)."""
+        self.counts.requests += requests
+        self.counts.responses += responses
+        self.counts.parse_errors += malformed
+
+    def _name(self, name_hash: int) -> tuple[str, list[str]] | None:
+        return self._names.get(name_hash) if name_hash else None
+
+    def _aggregated_flow(self, key: AggKey, count: int, time_ns: int) -> Flow:
+        named = self._name(key.name_hash)
+        qtypes = [type_text(key.qtype)] if key.name_hash else []
+        query = named[0] if named is not None else ""
+        info = DnsInfo(query=query, qtypes=qtypes, rcode=key.rcode)
+        last = self._answers.get(key) if key.is_response else None
+        if last is not None:  # the answer last sampled for this name, qtype and rcode
+            info = DnsInfo(query=query, qtypes=qtypes, rcode=last.rcode, ips=list(last.ips), ttl=last.ttl,
+                           cnames=list(last.cnames), rrtypes=list(last.rrtypes))
+        extensions: dict[str, object] = {EXTENSION_AGGREGATED: True, EXTENSION_COUNT: count}
+        if named is None and key.name_hash:
+            extensions[EXTENSION_QUERY_HASH] = f"{key.name_hash:016x}"
+        # The server's port on its side; the clients' ports are many, so 0.
+        sport, dport = (key.port, 0) if key.is_response else (0, key.port)
+        return dns_flow(self.node_name, family=key.family, saddr=key.saddr, daddr=key.daddr,
+                        protocol=IPPROTO_UDP, sport=sport, dport=dport, ifindex=key.ifindex, hook=key.hook,
+                        iface=self._interface_of(key.ifindex), is_reply=bool(key.is_response), info=info,
+                        time_ns=time_ns, latency_ns=0, extensions=extensions)
+
+    def kernel_unanswered(self, expired: list[Expired]) -> list[Flow]:
+        """Flows for UDP requests the kernel's pending map held past the timeout: one each
+        (as its request, timed when the wait ran out), or aggregated beyond MAX_UNANSWERED_FLOWS."""
+        if self._rejected_requests:
+            rejected = self._rejected_requests
+            kept = []
+            for e in expired:
+                k = (e.client, e.server, e.ifindex, e.client_port, e.server_port, e.id, e.family)
+                if k in rejected:
+                    del rejected[k]
+                else:
+                    kept.append(e)
+            expired = kept
+        if not expired:
+            return []
+        self.counts.unanswered += len(expired)
+        offset = self._wall_offset_ns()
+        timeout = self.pending.timeout_ns
+        out: list[Flow] = []
+        grouped: dict[tuple[int, int, bytes, bytes, int, int, int, int], list[Expired]] = {}
+        for i, e in enumerate(expired):
+            if i < MAX_UNANSWERED_FLOWS:
+                out.append(self._unanswered_flow(e, e.client_port, e.ts_ns + timeout + offset, None))
+            else:
+                group = (e.ifindex, e.hook, e.client, e.server, e.server_port, e.family, e.name_hash, e.qtype)
+                grouped.setdefault(group, []).append(e)
+        for members in grouped.values():
+            last = max(e.ts_ns for e in members)
+            out.append(self._unanswered_flow(members[0], 0, last + timeout + offset, len(members)))
+        return out
+
+    def _unanswered_flow(self, e: Expired, client_port: int, time_ns: int, count: int | None) -> Flow:
+        named = self._name(e.name_hash)
+        info = DnsInfo(query=named[0] if named else "", qtypes=[type_text(e.qtype)] if e.name_hash else [])
+        extensions: dict[str, object] = {EXTENSION_UNANSWERED: True}
+        if count is not None:
+            extensions.update({EXTENSION_AGGREGATED: True, EXTENSION_COUNT: count})
+        if named is None and e.name_hash:
+            extensions[EXTENSION_QUERY_HASH] = f"{e.name_hash:016x}"
+        return dns_flow(self.node_name, family=e.family, saddr=e.client, daddr=e.server, protocol=IPPROTO_UDP,
+                        sport=client_port, dport=e.server_port, ifindex=e.ifindex, hook=e.hook,
+                        iface=self._interface_of(e.ifindex), is_reply=False, info=info, time_ns=time_ns,
+                        latency_ns=0, extensions=extensions)
 
     def _parse_error(self, reason: str) -> None:
         self.counts.parse_errors += 1
@@ -229,26 +481,9 @@ class DnsTracker:
 
     def _flow(self, ev: DnsEvent, is_reply: bool, info: DnsInfo, iface: Interface | None, time_ns: int,
               latency_ns: int) -> Flow:
-        return Flow(
-            time_ns=time_ns,
-            node_name=self.node_name,
-            verdict=Verdict.FORWARDED,
-            ip_version=ev.family,
-            src_ip=_ip(ev.family, ev.saddr),
-            dst_ip=_ip(ev.family, ev.daddr),
-            protocol=ev.protocol,
-            src_port=ev.sport,
-            dst_port=ev.dport,
-            flow_type=FlowType.L7,
-            traffic_direction=traffic_direction(iface, ev.hook),
-            is_reply=is_reply,
-            ethertype=0x86DD if ev.family == 6 else 0x0800,
-            ifindex=ev.ifindex,
-            ifname=iface.name if iface is not None else "",
-            l7=info,
-            l7_type="RESPONSE" if is_reply else "REQUEST",
-            latency_ns=latency_ns,
-        )
+        return dns_flow(self.node_name, family=ev.family, saddr=ev.saddr, daddr=ev.daddr, protocol=ev.protocol,
+                        sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, hook=ev.hook, iface=iface,
+                        is_reply=is_reply, info=info, time_ns=time_ns, latency_ns=latency_ns)
 
     # -- time -----------------------------------------------------------------------------
 
@@ -277,15 +512,29 @@ class DnsTracker:
         for p in expired:
             q = p.item
             info = DnsInfo(query=q.query, qtypes=list(q.qtypes))
-            flow = self._flow(q.event, False, info, self._interface_of(q.event.ifindex), p.ts_ns + timeout + offset, 0)
-            flow.extensions = {EXTENSION_UNANSWERED: True}
-            out.append(flow)
+            out.append(dns_flow(self.node_name, family=q.event.family, saddr=q.event.saddr, daddr=q.event.daddr,
+                                protocol=q.event.protocol, sport=q.event.sport, dport=q.event.dport,
+                                ifindex=q.event.ifindex, hook=q.event.hook,
+                                iface=self._interface_of(q.event.ifindex), is_reply=False, info=info,
+                                time_ns=p.ts_ns + timeout + offset, latency_ns=0,
+                                extensions={EXTENSION_UNANSWERED: True}))
         return out
 
-    def metric_points(self, now_ns: int) -> list[MetricPoint]:
+    def metric_points(self, now_ns: int, kernel_latency: KernelLatency | None = None) -> list[MetricPoint]:
         """Node-level cumulative counters and the latency histogram (no labels: per-pod detail
-        is in the flows)."""
+        is in the flows): UDP timed in the kernel plus TCP timed here."""
         c = self.counts
+        latency = self.latency.point(METRIC_LATENCY, now_ns, unit="s",
+                                     description="Latency of DNS responses matched to their request (kernel "
+                                                 "timestamps, each observation point counts)")
+        if kernel_latency is not None:
+            n = len(latency.bucket_counts)
+            latency = dataclasses.replace(
+                latency,
+                value=latency.value + kernel_latency.sum_ns / 1e9,
+                count=latency.count + kernel_latency.count,
+                bucket_counts=tuple(a + b for a, b in zip(latency.bucket_counts, kernel_latency.bucket_counts[:n])),
+            )
         return [
             MetricPoint(METRIC_REQUESTS, float(c.requests), MetricKind.SUM, now_ns,
                         description="DNS requests observed (each observation point counts)"),
@@ -295,7 +544,5 @@ class DnsTracker:
                         description="DNS requests with no response within the timeout"),
             MetricPoint(METRIC_PARSE_ERRORS, float(c.parse_errors), MetricKind.SUM, now_ns,
                         description="DNS-port packets that held no readable DNS message"),
-            self.latency.point(METRIC_LATENCY, now_ns, unit="s",
-                               description="Latency of DNS responses matched to their request (kernel timestamps, "
-                                           "each observation point counts)"),
+            latency,
         ]

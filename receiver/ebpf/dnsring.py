@@ -1,14 +1,17 @@
-"""Reading DNS packets from the kernel's ``dns_events`` ring buffer (bpf/tc_flow.c).
+"""The DNS reader: samples and TCP segments from the ``dns_events`` ring buffer, and the
+kernel's DNS maps every interval (bpf/dns.h).
 
 One thread polls the ring buffer (``ring_buffer_poll``); the callback only copies each
-record's bytes, and the batch is decoded, parsed and matched after the poll returns, so
-the kernel's buffer is emptied as fast as Python can. The record layout is bcc's ctypes
-class of ``struct dns_event`` (the leaf type of the ``dns_scratch`` map), so there is no
-hand-kept copy of it here.
+record's bytes, and the batch is decoded, parsed and turned into flows after the poll
+returns. The record layout is bcc's ctypes class of ``struct dns_event`` (the leaf type of
+the ``dns_scratch`` map), so there is no hand-kept copy of it here.
 
-Every interval the reader emits what it counted: loss (``LostEvents``: ring buffer full in
-the kernel, pending table full in user space) to the logs pipelines, and the DNS counters
-as metric points to the metrics pipelines, if any.
+Every interval the same thread flips the kernel's aggregation buffer, reads the ring to its
+end (so every sample of the old buffer has been seen), drains the old buffer and reports
+what was not sampled as aggregated flows, removes the requests that timed out in the
+kernel's pending map (unanswered flows), and emits what it counted: loss (``LostEvents``)
+to the logs pipelines, and the DNS counters and latency histogram as metric points to the
+metrics pipelines, if any.
 """
 from __future__ import annotations
 
@@ -25,13 +28,20 @@ from typing import Any
 import bpf as bpf_sources
 from flowtel.component import Consumer, CreateSettings, consumer_wants
 from flowtel.records import LostEvents, Record
+from flowtel.histogram import DNS_LATENCY_BOUNDS
+from receiver.ebpf.config import DnsConfig
 from receiver.ebpf.dns import DnsEvent, DnsTracker
-from receiver.ebpf.layout import struct_for
+from flowtel.lib.bpf.layout import struct_for
+from receiver.ebpf.dnsmaps import DnsMaps
 
 log = logging.getLogger("flowtel.receiver.ebpf.dns")
 
-LOST_DNS_RING_BUFFER_FULL = "DNS_RING_BUFFER_FULL"
-LOST_DNS_PENDING_TABLE_FULL = "DNS_PENDING_TABLE_FULL"
+LOST_DNS_RING_BUFFER_FULL = "DNS_RING_BUFFER_FULL"  # TCP segments: their messages are not counted
+LOST_DNS_PENDING_TABLE_FULL = "DNS_PENDING_TABLE_FULL"  # requests not matched (counted all the same)
+LOST_DNS_AGGREGATE_MAP_FULL = "DNS_AGGREGATE_MAP_FULL"  # messages in node totals only, in no flow
+# bpf/flowtel.h FLOWTEL_DNS_CNT_* names, read by header_define
+_KERNEL_COUNTERS = ("SAMPLES", "SAMPLES_LOST", "SAMPLES_SKIPPED", "UNKEYED_REQUESTS", "UNKEYED_RESPONSES",
+                    "UNKEYED_MALFORMED", "RETRANSMITS", "PENDING_FULL", "UNMATCHED", "SEGMENTS", "SEGMENTS_LOST")
 POLL_TIMEOUT_MS = 100
 # A packet's timestamp is taken a few microseconds before its record is committed to the
 # ring; requests are expired only this long after the last poll began, so a response that
@@ -48,14 +58,30 @@ def header_define(name: str) -> int:
     return int(m.group(1))
 
 
-def cflags(ports: list[int], capture_bytes: int, ring_bytes: int) -> dict[str, int | str]:
-    """The compile-time constants tc_flow.c needs for DNS capture."""
+def latency_bucket_expr(bounds_s: tuple[float, ...]) -> str:
+    """A C expression of ``ns`` giving its bucket for ``bounds_s`` (upper bounds inclusive)."""
+    if len(bounds_s) + 1 > header_define("FLOWTEL_DNS_LAT_MAX_BUCKETS"):
+        raise ValueError("too many DNS latency buckets for struct dns_latency")
+    expr = str(len(bounds_s))
+    for i in reversed(range(len(bounds_s))):
+        expr = f"((ns)<={round(bounds_s[i] * 1e9)}ULL?{i}:{expr})"
+    return expr
+
+
+def cflags(config: DnsConfig) -> dict[str, int | str]:
+    """The compile-time constants bpf/dns.h needs."""
     page = os.sysconf("SC_PAGE_SIZE")
     return {
         "FLOWTEL_DNS": 1,
-        "FLOWTEL_IS_DNS_PORT(p)": "(" + "||".join(f"((p)=={int(p)})" for p in ports) + ")",
-        "FLOWTEL_DNS_CAPTURE": capture_bytes,
-        "FLOWTEL_DNS_RING_PAGES": max(1, ring_bytes // page),
+        "FLOWTEL_IS_DNS_PORT(p)": "(" + "||".join(f"((p)=={int(p)})" for p in config.ports) + ")",
+        "FLOWTEL_DNS_CAPTURE": config.capture_bytes,
+        # Two rings of half the size each: dns_events (repeat samples, TCP) and dns_names.
+        "FLOWTEL_DNS_RING_PAGES": max(1, config.ring_buffer_kb * 1024 // 2 // page),
+        "FLOWTEL_DNS_MAX_AGGREGATES": config.max_aggregates,
+        "FLOWTEL_DNS_MAX_PENDING": config.max_pending,
+        "FLOWTEL_DNS_TIMEOUT_NS": f"{int(config.timeout * 1e9)}ULL",
+        "FLOWTEL_DNS_SAMPLE_COST_NS": f"{1_000_000_000 // config.sample_rate}ULL",
+        "FLOWTEL_DNS_LAT_BUCKET(ns)": latency_bucket_expr(DNS_LATENCY_BOUNDS),
     }
 
 
@@ -63,28 +89,28 @@ class _Decoder:
     """``struct dns_event`` records → :class:`DnsEvent`, by the layout bcc derived from C."""
 
     def __init__(self, event_type: type[ctypes.Structure]) -> None:
-        hdr_type = dict(event_type._fields_)["hdr"]  # type: ignore[attr-defined]
+        hdr_type: Any = {f[0]: f[1] for f in event_type._fields_}["hdr"]
         self._hdr, names = struct_for(hdr_type)
         self.payload_offset = event_type.payload.offset  # type: ignore[attr-defined]
         if self._hdr.size != self.payload_offset:
             raise RuntimeError("struct dns_event: payload does not follow the header directly")
         index = {n: i for i, n in enumerate(names)}
-        wanted = [f for f in DnsEvent.__slots__ if f != "payload"]  # type: ignore[attr-defined]
+        wanted = [f for f in DnsEvent.__slots__ if f not in ("payload", "__weakref__")]  # type: ignore[attr-defined]
         missing = [f for f in wanted if f not in index]
         if missing:
             raise RuntimeError(f"bpf/flowtel.h struct dns_event_hdr lacks {missing}")
-        self._order = [index[f] for f in wanted]
+        self._fields = [(f, index[f]) for f in wanted]
         self._cap_len = index["cap_len"]
 
     def decode(self, record: bytes) -> DnsEvent:
         values = self._hdr.unpack_from(record)
         start = self.payload_offset
         payload = record[start : start + values[self._cap_len]]
-        return DnsEvent(*[values[i] for i in self._order], payload)
+        return DnsEvent(**{f: values[i] for f, i in self._fields}, payload=payload)
 
 
 class DnsRing:
-    """The reader thread of one loaded ``tc_flow.c`` with DNS capture compiled in."""
+    """The reader thread of one loaded ``tc_flow.c`` with DNS compiled in."""
 
     def __init__(
         self,
@@ -103,25 +129,26 @@ class DnsRing:
         leaf = bpf["dns_scratch"].Leaf
         # A per-CPU map's Leaf is an array of the C type, one per CPU.
         self._decoder = _Decoder(leaf._type_ if issubclass(leaf, ctypes.Array) else leaf)
-        self._counters = bpf["counters"]
-        self._cnt_lost = header_define("FLOWTEL_CNT_DNS_LOST")
-        self._cnt_events = header_define("FLOWTEL_CNT_DNS_EVENTS")
+        self.maps = DnsMaps(bpf, {n: header_define(f"FLOWTEL_DNS_CNT_{n}") for n in _KERNEL_COUNTERS})
         self._raw: list[bytes] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lost_reported = 0
+        # Kernel counters as of the last report (telemetry may be read after the maps are gone).
+        self._kernel: dict[str, int] = dict.fromkeys(_KERNEL_COUNTERS, 0)
         self._pending_full_reported = 0
         self._last_warning: dict[str, float] = {}
         self._warned_total: dict[str, int] = {}
         self._wants_logs = consumer_wants(next_consumer, "logs")
         self._wants_metrics = consumer_wants(next_consumer, "metrics")
         bpf["dns_events"].open_ring_buffer(self._on_record)
+        bpf["dns_names"].open_ring_buffer(self._on_record)
         telemetry, cid = settings.telemetry, settings.id
         for field in dataclasses.fields(tracker.counts):
             telemetry.register_gauge(cid, f"dns_{field.name}", functools.partial(getattr, tracker.counts, field.name))
         telemetry.register_gauge(cid, "dns_pending", lambda: len(tracker.pending))
-        # As of the last report: telemetry may be read after the maps are gone.
-        telemetry.register_gauge(cid, "dns_ring_lost", lambda: self._lost_reported)
+        for name in _KERNEL_COUNTERS:
+            telemetry.register_gauge(cid, f"dns_kernel_{name.lower()}", functools.partial(self._kernel.__getitem__, name))
+        telemetry.register_gauge(cid, "dns_ring_lost", lambda: self._kernel["SEGMENTS_LOST"])
 
     def _on_record(self, _ctx: Any, data: int, size: int) -> int:
         # Runs inside ring_buffer_poll for every record: copy and return, nothing else.
@@ -138,10 +165,12 @@ class DnsRing:
             try:
                 horizon = time.monotonic_ns() - COMMIT_SLACK_NS
                 self._bpf.ring_buffer_poll(POLL_TIMEOUT_MS)
+                # Samples are written without a wakeup (bpf/dns.h): read what is there.
+                self._bpf.ring_buffer_consume()
                 self._handle(horizon)
                 if time.monotonic() >= next_report:
                     next_report += self._report_interval
-                    self._report()
+                    self._interval(writers_stopped=False)
             except Exception:
                 # A bug must not end DNS observation for the agent's life; it is counted and
                 # logged, at most once a minute.
@@ -165,16 +194,15 @@ class DnsRing:
                 log.error("DNS reader thread did not stop within 10s")
 
     def final_drain(self) -> None:
-        """After the programs are detached: read what is left, report, forget pending requests.
+        """After the programs are detached: read what is left, drain both buffers, report,
+        forget pending requests.
 
         Requests still waiting have not timed out, so they are not reported as unanswered.
         """
-        self._bpf.ring_buffer_consume()
-        self._handle(None)
+        self._interval(writers_stopped=True)
         left = self.tracker.pending.clear()
         if left:
-            log.info("DNS: %d requests still waiting for a response at shutdown were not reported", left)
-        self._report()
+            log.info("DNS: %d TCP requests still waiting for a response at shutdown were not reported", left)
 
     def _handle(self, horizon: int | None) -> None:
         raw, self._raw = self._raw, []
@@ -182,41 +210,70 @@ class DnsRing:
         records: list[Record] = list(self.tracker.process([decode(r) for r in raw]))
         if horizon is not None:
             records.extend(self.tracker.expire(horizon))
+        self._emit(records)
+
+    def _emit(self, records: list[Record]) -> None:
         if records and self._wants_logs:
             self._settings.telemetry.add(self._settings.id, "records_out", len(records))
             self._next.consume(records)
 
-    def kernel_counts(self) -> tuple[int, int]:
-        """(records written to the ring, records lost to a full ring), cumulative, from the kernel."""
-        return self._counter(self._cnt_events), self._counter(self._cnt_lost)
+    def _interval(self, *, writers_stopped: bool) -> None:
+        """Drain the kernel's aggregates without losing a message, expire, and report."""
+        maps = self.maps
+        if writers_stopped:
+            slots = [1 - maps.active, maps.active]
+        else:
+            slots = [maps.flip()]  # waits for programs that chose the old buffer
+        # Every sample counted in the old buffer is in the ring now: read them all first.
+        self._bpf.ring_buffer_consume()
+        self._handle(None if writers_stopped else time.monotonic_ns() - COMMIT_SLACK_NS)
+        records: list[Record] = []
+        for slot in slots:
+            records.extend(self.tracker.reconcile(slot, maps.drain(slot)))
+        if not writers_stopped:
+            # A request is unanswered once the timeout has passed; the kernel matches only
+            # responses younger than it, so nothing it could still match is removed here.
+            deadline = time.monotonic_ns() - self.tracker.pending.timeout_ns
+            records.extend(self.tracker.kernel_unanswered(maps.expire(deadline)))
+        self._emit(records)
+        self._report()
 
-    def _counter(self, index: int) -> int:
-        return int(self._counters.sum(ctypes.c_int(index)).value)
+    def kernel_counts(self) -> dict[str, int]:
+        """The kernel's cumulative DNS counters (FLOWTEL_DNS_CNT_*, by name without the prefix)."""
+        return {name: self.maps.counter(name) for name in _KERNEL_COUNTERS}
 
     def _report(self) -> None:
         now = time.time_ns()
         node = self._settings.node_name
         counts = self.tracker.counts
         lost_records: list[Record] = []
-
-        lost = self._counter(self._cnt_lost)
-        if lost > self._lost_reported:
-            lost_records.append(LostEvents(now, LOST_DNS_RING_BUFFER_FULL, lost - self._lost_reported, node))
-            self._lost_reported = lost
-        if counts.pending_full > self._pending_full_reported:
-            new_full = counts.pending_full - self._pending_full_reported
+        kernel = self.kernel_counts()
+        prev = dict(self._kernel)
+        self._kernel.update(kernel)
+        delta = {k: kernel[k] - prev.get(k, 0) for k in kernel}
+        self.tracker.count_unkeyed(delta["UNKEYED_REQUESTS"], delta["UNKEYED_RESPONSES"], delta["UNKEYED_MALFORMED"])
+        if delta["SEGMENTS_LOST"] > 0:
+            lost_records.append(LostEvents(now, LOST_DNS_RING_BUFFER_FULL, delta["SEGMENTS_LOST"], node))
+        unkeyed = delta["UNKEYED_REQUESTS"] + delta["UNKEYED_RESPONSES"] + delta["UNKEYED_MALFORMED"]
+        if unkeyed > 0:
+            lost_records.append(LostEvents(now, LOST_DNS_AGGREGATE_MAP_FULL, unkeyed, node))
+        new_full = counts.pending_full - self._pending_full_reported + delta["PENDING_FULL"]
+        if new_full > 0:
             lost_records.append(LostEvents(now, LOST_DNS_PENDING_TABLE_FULL, new_full, node))
             self._pending_full_reported = counts.pending_full
-        self._warn("ring", lost, "DNS ring buffer full: %d DNS packets lost since the last warning "
-                   "(raise dns.ring_buffer_kb)")
-        self._warn("pending", counts.pending_full, "DNS pending table full: %d requests not matched "
-                   "since the last warning (raise dns.max_pending)")
+        self._warn("ring", kernel["SEGMENTS_LOST"], "DNS ring buffer full: %d DNS TCP segments lost since the last "
+                   "warning (raise dns.ring_buffer_kb)")
+        self._warn("unkeyed", kernel["UNKEYED_REQUESTS"] + kernel["UNKEYED_RESPONSES"] + kernel["UNKEYED_MALFORMED"],
+                   "DNS aggregation map full: %d DNS messages counted in node totals only since the last warning "
+                   "(raise dns.max_aggregates)")
+        self._warn("pending", counts.pending_full + kernel["PENDING_FULL"], "DNS pending table full: %d requests "
+                   "not matched since the last warning (raise dns.max_pending)")
         self._warn("parse", counts.parse_errors, "%d packets on DNS ports held no readable DNS message "
                    "since the last warning (last: %s)", self.tracker.last_parse_error)
         if lost_records and self._wants_logs:
             self._next.consume(lost_records)
         if self._wants_metrics:
-            self._next.consume(list(self.tracker.metric_points(now)))
+            self._next.consume(list(self.tracker.metric_points(now, self.maps.latency())))
 
     def _warn(self, kind: str, total: int, msg: str, *args: object) -> None:
         # Rate-limited per kind: a flood of bad packets must not become a flood of log lines.

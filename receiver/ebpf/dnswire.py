@@ -70,7 +70,8 @@ class DnsMessage:
 
 
 @functools.lru_cache(maxsize=1024)
-def _type_text(rdtype: int) -> str:
+def type_text(rdtype: int) -> str:
+    """A record type's mnemonic (``A``, ``AAAA``, ``TYPE65280`` for unknown ones)."""
     return dns.rdatatype.to_text(rdtype)  # type: ignore[arg-type]
 
 
@@ -92,18 +93,21 @@ def parse_message(wire: bytes, complete: bool) -> DnsMessage:
     Raises :class:`MalformedMessage` when the header or the first question is unreadable,
     or, for a complete message, when dnspython finds any part of it malformed.
     """
-    # A message between two pods on one node is seen at both veths with the same bytes:
-    # dnspython's parse (tens of µs) is done once and the result copied.
-    m = _parse_cached(wire, complete)
-    return DnsMessage(m.id, m.is_response, m.rcode, m.query, list(m.qtypes), list(m.ips), list(m.cnames),
-                      list(m.rrtypes), m.ttl, m.partial)
-
-
-@functools.lru_cache(maxsize=512)
-def _parse_cached(wire: bytes, complete: bool) -> DnsMessage:
     n = len(wire)
     if n < DNS_HEADER_LEN:
         raise MalformedMessage(f"{n} bytes: shorter than a DNS header")
+    # The cache keys on the message without its ID: a resolver's stream of queries for one
+    # name, their answers, and one message seen at two veths differ only there, so dnspython
+    # (tens of µs) runs once per distinct message and the result is copied with this ID.
+    m = _parse_cached(wire[2:], complete)
+    return DnsMessage((wire[0] << 8) | wire[1], m.is_response, m.rcode, m.query, list(m.qtypes), list(m.ips),
+                      list(m.cnames), list(m.rrtypes), m.ttl, m.partial)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(wire_after_id: bytes, complete: bool) -> DnsMessage:
+    # Any ID parses the same; 0 stands in (the caller puts the real one back).
+    wire = b"\x00\x00" + wire_after_id
     try:
         m = dns.message.from_wire(wire, keyring=False, one_rr_per_rrset=True, ignore_trailing=True,
                                   continue_on_error=not complete)
@@ -115,7 +119,7 @@ def _parse_cached(wire: bytes, complete: bool) -> DnsMessage:
     out = DnsMessage(id=m.id, is_response=bool(m.flags & _QR), rcode=int(m.rcode()), partial=not complete)
     if m.question:
         out.query = _name_text(m.question[0].name)
-        out.qtypes = [_type_text(q.rdtype) for q in m.question]
+        out.qtypes = [type_text(q.rdtype) for q in m.question]
     for i, rrset in enumerate(m.answer):  # one record per rrset
         rdtype = rrset.rdtype
         if rdtype in _ADDRESS_TYPES:
@@ -123,7 +127,7 @@ def _parse_cached(wire: bytes, complete: bool) -> DnsMessage:
                 out.ips.extend(rd.address for rd in rrset)
         elif rdtype == _CNAME:
             out.cnames.extend(_name_text(rd.target) for rd in rrset)
-        out.rrtypes.append(_type_text(rdtype))
+        out.rrtypes.append(type_text(rdtype))
         out.ttl = rrset.ttl if i == 0 else min(out.ttl, rrset.ttl)
     return out
 

@@ -9,21 +9,22 @@ uplink for Retina's exact numbers.
 """
 from __future__ import annotations
 
+from flowtel.lib.bpf.constants import HEADER
 from flowtel.records import MetricKind, MetricPoint
 
-HOOK_INGRESS = 0  # FLOWTEL_HOOK_INGRESS in bpf/flowtel.h
+HOOK_INGRESS = HEADER.HOOK_INGRESS
 FORWARD_COUNT = "networkobservability_forward_count"
 FORWARD_BYTES = "networkobservability_forward_bytes"
 
 
-def forward_points(totals: dict[tuple[int, int], tuple[int, int]], now_ns: int) -> list[MetricPoint]:
-    """Cumulative packets and bytes by direction, from ``{(ifindex, hook): (packets, bytes)}``.
+def forward_points(totals: dict[int, tuple[int, int]], now_ns: int) -> list[MetricPoint]:
+    """Cumulative packets and bytes by direction, from the node's ``{hook: (packets, bytes)}``.
 
     Both directions are always emitted (0 until traffic), so a dashboard's rate() has a series
     from the first scrape on.
     """
     sums = {"ingress": [0, 0], "egress": [0, 0]}
-    for (_, hook), (packets, nbytes) in totals.items():
+    for hook, (packets, nbytes) in totals.items():
         s = sums["ingress" if hook == HOOK_INGRESS else "egress"]
         s[0] += packets
         s[1] += nbytes

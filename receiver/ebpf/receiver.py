@@ -1,24 +1,28 @@
 """The ``ebpf`` receiver: tc programs on matching interfaces, flow counters drained on an interval,
-and DNS packets read from a ring buffer (receiver/ebpf/dns*.py)."""
+DNS packets read from a ring buffer (receiver/ebpf/dns*.py), and the kernel-events tracepoints
+(receiver/ebpf/kernel_events), all compiled into one bcc module: one LLVM per agent."""
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import threading
 import time
+from typing import Any
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
 from flowtel.records import Flow, LostEvents, Verdict
 import bpf as bpf_sources
-from receiver.ebpf.attach import Interface, Program, TcAttachManager
+from flowtel.lib.bpf.tcattach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
 from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dns import DnsTracker
 from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
-from receiver.ebpf.flowmap import FlowMaps, RawFlow, interface_totals
+from flowtel.lib.bpf.tcattach import SlotAllocator
+from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
 from receiver.ebpf.reply import ReplyInference
 from receiver.ebpf.nodemetrics import forward_points
@@ -26,8 +30,18 @@ from receiver.ebpf.nodemetrics import forward_points
 log = logging.getLogger("flowtel.receiver.ebpf")
 
 
+def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    """Whether the running kernel (``uname -r``) is at least ``major.minor``."""
+    parts = (release or os.uname().release).split(".")
+    try:
+        return (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
 LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
 LOST_FLOW_UPDATE_FAILED = "FLOW_MAP_UPDATE_FAILED"
+LOST_INTERFACE_SLOTS_FULL = "INTERFACE_SLOTS_FULL"
 
 
 @functools.lru_cache(maxsize=65536)
@@ -49,8 +63,10 @@ class EbpfReceiver(Receiver):
     def __init__(self, settings: CreateSettings, config: EbpfReceiverConfig, next_consumer: Consumer) -> None:
         super().__init__(settings, next_consumer)
         self.config = config
-        self._bpf = None
+        self._bpf: Any = None
         self._maps: FlowMaps | None = None
+        self._ifaces: InterfaceCounters | None = None
+        self._slots = SlotAllocator(config.max_interfaces)
         self._attach: TcAttachManager | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,20 +85,38 @@ class EbpfReceiver(Receiver):
                 "(a virtualenv needs --system-site-packages); the PyPI package 'bcc' is unrelated",
             ) from None
         dns = self.config.dns
-        defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": self.config.max_flows, "FLOWTEL_DNS": 0}
+        defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": self.config.max_flows, "FLOWTEL_DNS": 0,
+                                         "FLOWTEL_IFACE_SLOTS": self.config.max_interfaces,
+                                         "FLOWTEL_COARSE_NS": int(kernel_at_least(5, 11))}
         if dns.enabled:
-            defines.update(dns_cflags(dns.ports, dns.capture_bytes, dns.ring_buffer_kb * 1024))
+            defines.update(dns_cflags(dns))
+        # Drops and TCP health come from tracepoints, compiled into the same module.
+        self._kernel_events = KernelEvents(
+            self.config.kernel_events,
+            self.settings.node_name,
+            self.settings.telemetry,
+            self.next_consumer,
+            component_id=self.settings.id,
+        )
+        text = bpf_sources.source("tc_flow.c")
+        cflags = bpf_sources.cflags(**defines)
+        events = self._kernel_events.prepare()  # StartError with a remedy if the kernel lacks a part
+        if events is not None:
+            text += "\n" + events[0]
+            cflags += [f for f in events[1] if f not in cflags]
         try:
-            self._bpf = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+            self._bpf = BPF(text=text, cflags=cflags)
             ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
             egress = self._bpf.load_func("flowtel_tc_egress", BPF.SCHED_CLS)
         except Exception as exc:
+            self._bpf = None
             raise StartError(
                 self.settings.id,
-                f"cannot compile or load the tc programs: {exc}",
+                f"cannot compile or load the eBPF programs: {exc}",
                 "run `flowtel doctor`: it checks kernel headers, bcc, BTF and privileges and says what to install",
             ) from None
         self._maps = FlowMaps(self._bpf)
+        self._ifaces = InterfaceCounters(self._bpf, self.config.max_interfaces)
         # Set up before the programs are attached: the ring is read from the first DNS packet on.
         if dns.enabled:
             tracker = DnsTracker(
@@ -99,6 +133,8 @@ class EbpfReceiver(Receiver):
             Program(ingress.fd, ingress.name.decode() if isinstance(ingress.name, bytes) else ingress.name),
             Program(egress.fd, egress.name.decode() if isinstance(egress.name, bytes) else egress.name),
             priority=self.config.tc_priority,
+            slots=self._slots,
+            on_slot=self._ifaces.assigned,
         )
         try:
             self._attach.start()
@@ -113,16 +149,8 @@ class EbpfReceiver(Receiver):
         self._thread.start()
         if self._dns is not None:
             self._dns.start()
-        # Drops and TCP health come from tracepoints: their own programs, in their own bcc module.
-        self._kernel_events = KernelEvents(
-            self.config.kernel_events,
-            self.settings.node_name,
-            self.settings.telemetry,
-            self.next_consumer,
-            component_id=self.settings.id,
-        )
         try:
-            self._kernel_events.start()
+            self._kernel_events.start(self._bpf)
         except BaseException:
             self.shutdown()
             raise
@@ -155,12 +183,16 @@ class EbpfReceiver(Receiver):
         if result.update_failures:
             telemetry.add(self.settings.id, "flow_update_failures", result.update_failures)
             records.append(LostEvents(now, LOST_FLOW_UPDATE_FAILED, result.update_failures, node))
+        if result.iface_failures:
+            # Packets of interfaces that got no counter slot (all max_interfaces in use).
+            telemetry.add(self.settings.id, "interface_total_failures", result.iface_failures)
+            records.append(LostEvents(now, LOST_INTERFACE_SLOTS_FULL, result.iface_failures, node))
         telemetry.add(self.settings.id, "records_out", len(records))
         if records:
             self.next_consumer.consume(records)
         # A batch holds one signal: the node counters go as their own metrics batch.
         if consumer_wants(self.next_consumer, "metrics"):
-            self.next_consumer.consume(forward_points(self.interface_totals(), now))  # type: ignore[arg-type]
+            self.next_consumer.consume(forward_points(self.node_totals(), now))  # type: ignore[arg-type]
 
     def _to_flows(self, raws: list[RawFlow]) -> list[Flow | LostEvents]:
         assert self._attach is not None
@@ -207,10 +239,18 @@ class EbpfReceiver(Receiver):
         return out
 
     def interface_totals(self) -> dict[tuple[int, int], tuple[int, int]]:
-        """Cumulative kernel-side (packets, bytes) per (ifindex, hook), exact even on map overflow."""
-        if self._bpf is None:
+        """Kernel-side (packets, bytes) per (ifindex, hook) of each attached interface since it was
+        attached, exact even on flow map overflow."""
+        if self._ifaces is None:
             return {}
-        return interface_totals(self._bpf)
+        return self._ifaces.interface_totals(self._slots.assigned())
+
+    def node_totals(self) -> dict[int, tuple[int, int]]:
+        """Cumulative (packets, bytes) per hook over every interface ever attached (removed ones
+        included), exact even on flow map overflow."""
+        if self._ifaces is None:
+            return {}
+        return self._ifaces.node_totals()
 
     @property
     def attach_manager(self) -> TcAttachManager | None:

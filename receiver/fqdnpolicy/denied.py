@@ -12,7 +12,7 @@ disturbing one another: each keeps its previous read and reports the difference.
   with a concurrent insertion can only under-count for one read, never report a false loss.
 
 This module is pure logic plus the batch-lookup syscall; layouts come from bcc's ctypes
-classes of ``bpf/flowtel.h`` (see :func:`receiver.ebpf.layout.struct_for`), never a copy.
+classes of ``bpf/flowtel.h`` (see :func:`flowtel.lib.bpf.layout.struct_for`), never a copy.
 """
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from receiver.ebpf.layout import struct_for
+from flowtel.lib.bpf.constants import HEADER
+from flowtel.lib.bpf.layout import struct_for
 
 MAP_DENIED = "fqdn_denied"
 MAP_DENIED_CREATED = "fqdn_denied_created"
 MAP_COUNTERS = "fqdn_counters"
-VERDICT_DROPPED, VERDICT_AUDIT = 1, 2  # FLOWTEL_FQDN_VERDICT_* in bpf/flowtel.h
-CNT_DENIED_CREATED = 0  # FLOWTEL_FQDN_DENIED_CNT_CREATED
-CNT_EVENTS_LOST = 6  # FLOWTEL_FQDN_CNT_EVENTS_LOST: denied packets the map could not take
+VERDICT_DROPPED, VERDICT_AUDIT = HEADER.FQDN_VERDICT_DROPPED, HEADER.FQDN_VERDICT_AUDIT
+CNT_DENIED_CREATED = HEADER.FQDN_DENIED_CNT_CREATED
+CNT_EVENTS_LOST = HEADER.FQDN_CNT_EVENTS_LOST  # denied packets the map could not take
 # Cilium's drop reason for traffic a network policy denies (flow.proto DropReason 133).
 DROP_REASON = "POLICY_DENIED"
 

@@ -265,7 +265,7 @@ FLOWTEL_HOST_MODULES_DIR={tmp_path}/empty-host FLOWTEL_BUNDLED_HEADERS_DIR={bund
   exec sh {ENTRYPOINT} {sys.executable} -c '
 import bpf
 from bcc import BPF
-b = BPF(text=bpf.source("tc_flow.c"), cflags=bpf.cflags(FLOWTEL_MAX_FLOWS=1024))
+b = BPF(text=bpf.source("tc_flow.c"), cflags=bpf.cflags(FLOWTEL_MAX_FLOWS=1024, FLOWTEL_IFACE_SLOTS=16))
 b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
 print("compiled and loaded")
 '

@@ -32,6 +32,7 @@ from flowtel.histogram import bucket_index
 from flowtel.records import MetricKind, MetricPoint, Record
 from flowtel.registry import factories_by_kind
 from flowtel.testbed import Pod, Testbed
+from receiver.ebpf import dnsmaps
 from tests import dnsfuzz
 
 pytestmark = pytest.mark.kernel
@@ -209,6 +210,12 @@ import dns.message, dns.rdatatype
 SO_TIMESTAMPNS = 35  # Linux; not exported by Python's socket module
 queries = json.load(open(sys.argv[1]))
 out = []
+# The kernel switches receive timestamps on through a deferred work item when the first
+# socket asks (net_enable_timestamp): a socket held open from here and a short wait make
+# sure the answers below are stamped.
+holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+holder.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+time.sleep(0.2)
 def recv_exactly(s, n):
     buf, rx = b"", None
     while len(buf) < n:
@@ -412,7 +419,9 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
                                                                            agents: list) -> None:
     sender, target = bed.add_pod("fuzzer"), bed.add_pod("target")
     bed.start_tcp_sink(target, 53)  # a TCP peer, so that malformed DNS over TCP is carried too
-    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    # Every message sampled: the kernel reads header and question, dnspython the rest, and
+    # this test checks both verdicts one message at a time (test_dns_full_rate is the other regime).
+    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s", "sample_rate": 1_000_000})
     agents.append(agent)
     agent.wait_attached([sender, target])
 
@@ -446,8 +455,11 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
     while dns_ring.tracker.counts.parse_errors < expected_errors and time.monotonic() < deadline:
         time.sleep(0.1)
     assert dns_ring.alive  # the agent is still up and reading
-    written, lost = dns_ring.kernel_counts()
+    kernel = dns_ring.kernel_counts()
+    written = kernel["SAMPLES"] + kernel["SEGMENTS"]
+    lost = kernel["SAMPLES_LOST"] + kernel["SEGMENTS_LOST"]
     assert lost == 0, f"the ring buffer overflowed ({lost} lost): the test's pacing is too fast for this machine"
+    assert kernel["SAMPLES_SKIPPED"] == 0
     time.sleep(0.6)  # one more metrics interval
     agent.stop()
     assert agent.receiver.dns.tracker.counts.events == written  # every record written was read
@@ -495,3 +507,158 @@ while pos < len(data):
         sent["tcp"] += 1
 print(json.dumps(sent))
 """
+
+
+def _dnsperf(pod: Pod, server: str, queries: Path, *, seconds: float, extra: list[str]) -> dict[str, Any]:
+    """Run dnsperf in ``pod`` and return its own statistics: sent, completed, lost, rcodes."""
+    res = pod.exec(["dnsperf", "-s", server, "-d", str(queries), "-l", str(seconds), *extra],
+                   timeout=seconds + 60)
+    out = res.stdout
+
+    def number(label: str) -> int:
+        m = re.search(rf"^\s*{label}:\s+(\d+)", out, re.M)
+        assert m is not None, out
+        return int(m.group(1))
+
+    rcodes: dict[str, int] = {}
+    m = re.search(r"^\s*Response codes:\s+(.*)$", out, re.M)
+    if m is not None:
+        rcodes = {name: int(n) for name, n in re.findall(r"([A-Z]+) (\d+) \(", m.group(1))}
+    return {"sent": number("Queries sent"), "completed": number("Queries completed"),
+            "lost": number("Queries lost"), "rcodes": rcodes, "output": out[out.find("Statistics:"):]}
+
+
+class _HubbleAgent(InProcessAgent):
+    """The ebpf receiver → file exporter and the hubblemetrics connector (dns family)."""
+
+    def __init__(self, tmp: Path, glob: str, dns: dict[str, Any]) -> None:
+        self.flow_log = tmp / "flows.log"
+        factories = _factories()
+        cfg = parse_config(
+            {
+                "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms", "dns": dns,
+                                        "kernel_events": {"drops": {"enabled": False}, "tcp": {"enabled": False}}}},
+                "connectors": {"hubblemetrics": {"metrics": ["dns"]}},
+                "exporters": {"file": {"path": str(self.flow_log), "max_size_mb": 500}, "memory": {}},
+                "service": {"pipelines": {
+                    "logs": {"receivers": ["ebpf"], "exporters": ["file", "hubblemetrics"]},
+                    "metrics": {"receivers": ["ebpf", "hubblemetrics"], "exporters": ["memory"]},
+                }},
+            },
+            "test_dns_e2e",
+            factories=factories,
+            environ={},
+        )
+        self.service = Service(cfg, node_name="test-node", factories=factories)
+        self.service.start()
+        self.receiver = self.service.receivers["ebpf"]
+        self.metrics: MemoryExporter = self.service.exporters["memory"]  # type: ignore[assignment]
+        self._stopped = False
+
+    def hubble_sums(self, name: str, label: str) -> Counter:
+        """The last value of each series of ``name``, summed by one label."""
+        last: dict[tuple, MetricPoint] = {}
+        with self.metrics._lock:
+            for r in self.metrics.records:
+                if isinstance(r, MetricPoint) and r.name == name:
+                    last[tuple(sorted(r.attributes.items()))] = r
+        out: Counter = Counter()
+        for p in last.values():
+            out[p.attributes[label]] += int(p.value)
+        return out
+
+
+def _fnv1a(name: str) -> int:
+    """FNV-1a 64 over a name's wire form without the root label (bpf/dns.h's name hash)."""
+    h = 0xCBF29CE484222325
+    for label in name.lower().rstrip(".").split("."):
+        for byte in bytes([len(label)]) + label.encode():
+            h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def _messages(flow: dict[str, Any]) -> int:
+    ext = flow.get("extensions", {})
+    return int(ext["count"]) if ext.get("aggregated") else 1
+
+
+def test_dns_at_full_dnsperf_rate_counts_exactly_with_the_sample_ring_overflowing(
+        bed: Testbed, tmp_path: Path, agents: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dnsperf as fast as dnsmasq answers, and queries to a pod where nothing answers: every
+    count equals dnsperf's own statistics and the veths' kernel counters, while the sample
+    ring is far too small for the rate (its overflow is counted and costs no count)."""
+    # Maps read in chunks much smaller than what they hold here (thousands of keys and
+    # pending queries), so that reading across chunks is part of what is checked.
+    monkeypatch.setattr(dnsmaps, "CHUNK_ENTRIES", 128)
+    client = bed.add_pod("perf")
+    server = bed.add_pod("dnsmasq")
+    silent = bed.add_pod("silent")
+    bed.start_dnsmasq(server, hosts={"web.test": ["198.51.100.10"]})
+    bed.start_udp_sink(silent, 53)  # reads every query, answers none
+    agent = _HubbleAgent(tmp_path, bed.interface_glob,
+                         {"timeout": f"{DNS_TIMEOUT_S}s", "sample_rate": 1_000_000, "ring_buffer_kb": 64})
+    agents.append(agent)
+    agent.wait_attached([client, server, silent])
+
+    queries = tmp_path / "queries.txt"
+    # NOERROR with an answer, NOERROR without one (NODATA), NXDOMAIN, and many names.
+    queries.write_text("".join(f"web.test A\nweb.test AAAA\nnx{i}.test A\n" for i in range(200)))
+    before = {p.name: bed.link_stats(p) for p in (client, server, silent)}
+    # -t 5: every answer dnsmasq sends arrives well inside dnsperf's timeout.
+    perf = _dnsperf(client, server.ipv4, queries, seconds=3, extra=["-c", "4", "-q", "100", "-t", "5"])
+    quiet = _dnsperf(client, silent.ipv4, queries, seconds=1, extra=["-Q", "2000", "-q", "2000", "-t", "1"])
+    time.sleep(DNS_TIMEOUT_S + 1.5)  # the agent's sweep reports the last unanswered queries
+    after = {p.name: bed.link_stats(p) for p in (client, server, silent)}
+    dns_ring = agent.receiver.dns
+    kernel = dns_ring.kernel_counts()
+    agent.stop()
+
+    sent = perf["sent"] + quiet["sent"]
+    answered = perf["completed"]
+    # Queries dnsmasq had no time for (its socket overflowed) are unanswered too.
+    no_answer = quiet["sent"] + perf["lost"]
+    assert quiet["completed"] == 0 and perf["sent"] == answered + perf["lost"], perf["output"]
+    assert answered > 20_000, f"dnsperf did only {answered} queries: {perf['output']}"
+    # The kernel's own counters of the veths (rx: sent by the pod): nothing else crossed them.
+    delta = {name: after[name] - before[name] for name in after}
+    assert delta["perf"].rx_packets == sent and delta["perf"].tx_packets == answered
+    assert delta["dnsmasq"].tx_packets == perf["sent"] and delta["dnsmasq"].rx_packets == answered
+    assert delta["silent"].tx_packets == quiet["sent"] and delta["silent"].rx_packets == 0
+
+    # The regime this test is about: samples lost to a full ring, and counts exact anyway.
+    assert kernel["SAMPLES_LOST"] > 0, kernel
+    assert kernel["PENDING_FULL"] == 0 and kernel["UNMATCHED"] == 0, kernel
+    assert [lost for lost in agent.lost() if lost["source"] != "DNS_RING_BUFFER_FULL"] == []
+
+    points = 2  # the client's veth and the server's
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == points * sent
+    assert values["networkobservability_dns_response_count"] == points * answered
+    assert values["flowtel_dns_unanswered_total"] == points * no_answer
+    assert values["flowtel_dns_parse_errors_total"] == 0
+    latency = agent.metrics.last_point("flowtel_dns_latency_seconds")
+    assert latency.count == points * answered == sum(latency.bucket_counts)
+
+    rcode_words = {"NOERROR": "No Error", "NXDOMAIN": "Non-Existent Domain"}
+    want_rcodes = Counter({rcode_words[k]: points * n for k, n in perf["rcodes"].items()})
+    assert agent.hubble_sums("hubble_dns_responses_total", "rcode") == want_rcodes
+    assert sum(agent.hubble_sums("hubble_dns_queries_total", "rcode").values()) == points * sent
+
+    # The flows: every message in exactly one, sampled or aggregated (extensions.count).
+    flows = l7_flows(agent.flows())
+    requests = sum(_messages(f) for f in flows if f["l7"]["type"] == "REQUEST" and not unanswered(f))
+    lost_flows = sum(_messages(f) for f in flows if unanswered(f))
+    by_rcode = Counter()
+    for f in flows:
+        if f["l7"]["type"] == "RESPONSE":
+            by_rcode[f["l7"]["dns"].get("rcode", 0)] += _messages(f)
+    assert requests == points * sent and lost_flows == points * no_answer
+    assert by_rcode == {{"NOERROR": 0, "NXDOMAIN": 3}[k]: points * n for k, n in perf["rcodes"].items()}
+    aggregated = [f for f in flows if f.get("extensions", {}).get("aggregated")]
+    # Named from a sample of the name, or (its samples all lost to the tiny ring so far) by the
+    # kernel's hash of it, which is FNV-1a 64 of the lower-case wire name.
+    hashes = {f"{_fnv1a(n):016x}": n + "." for n in {line.split()[0] for line in queries.read_text().splitlines()}}
+    assert aggregated
+    for f in aggregated:
+        query = f["l7"]["dns"].get("query") or hashes.get(f["extensions"].get("query_hash", ""))
+        assert query in hashes.values(), f

@@ -3,7 +3,7 @@
 3000 UDP datagrams, each from its own source port, make 3000 distinct flows on each of two
 veths (6000 keys) within one collection interval, against a map of 1024 entries: the LRU
 evicts, and every evicted flow must come back as a ``FLOW_MAP_FULL`` lost-events count.
-The kernel-side interface totals (``iface_totals``) do not depend on the flow map and must
+The kernel-side interface totals (per-CPU, per interface slot) do not depend on the flow map and must
 still equal ``ip -s link`` exactly.
 """
 from __future__ import annotations

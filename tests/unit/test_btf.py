@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from receiver.ebpf import btf as btf_mod
+from flowtel.lib.bpf import btf as btf_mod
 
 # struct outer { int a; union { struct { char pad[3]; unsigned short x; }; long y; }; int z:4; possible_t p; }
 SYNTHETIC = {

@@ -11,7 +11,7 @@ import pytest
 
 from flowtel.histogram import DNS_LATENCY_BOUNDS
 from flowtel.records import FlowType, MetricKind, TrafficDirection
-from receiver.ebpf.attach import Interface
+from flowtel.lib.bpf.tcattach import Interface
 from receiver.ebpf.dns import EXTENSION_UNANSWERED, DnsEvent, DnsTracker
 from receiver.ebpf.dnswire import MalformedMessage, parse_message, split_tcp
 from tests import dnsfuzz

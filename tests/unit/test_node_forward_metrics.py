@@ -1,8 +1,7 @@
-"""networkobservability_forward_count/_bytes from the kernel's per-interface totals: the sum
-by direction (node's view), and the drain sending them only to a consumer that takes metrics."""
+"""networkobservability_forward_count/_bytes from the kernel's per-interface totals summed by
+hook (the node's view, removed interfaces included), and the drain sending them only to a
+consumer that takes metrics."""
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 
@@ -13,15 +12,15 @@ from receiver.ebpf.flowmap import DrainResult
 from receiver.ebpf.nodemetrics import forward_points
 from receiver.ebpf.receiver import EbpfReceiver
 
-# (ifindex, hook): hook 0 is tc ingress (into the node), 1 tc egress (out of it).
-TOTALS = {(7, 0): (10, 1000), (7, 1): (4, 400), (9, 0): (1, 60), (9, 1): (20, 3000)}
+# hook: 0 is tc ingress (into the node), 1 tc egress (out of it).
+TOTALS = {0: (11, 1060), 1: (24, 3400)}
 
 
 def by_name(points: list[MetricPoint]) -> dict[tuple[str, str], float]:
     return {(p.name, p.attributes["direction"]): p.value for p in points}
 
 
-def test_forward_points_sum_interfaces_by_direction() -> None:
+def test_forward_points_by_direction() -> None:
     points = forward_points(TOTALS, 123)
     assert by_name(points) == {
         ("networkobservability_forward_count", "ingress"): 11,
@@ -64,10 +63,7 @@ def test_drain_sends_forward_points_when_metrics_are_wanted(monkeypatch: pytest.
     receiver._attach = object()  # type: ignore[assignment]
     receiver._bpf = object()  # type: ignore[assignment]
 
-    def totals(_bpf: Any) -> dict[tuple[int, int], tuple[int, int]]:
-        return TOTALS
-
-    monkeypatch.setattr("receiver.ebpf.receiver.interface_totals", totals)
+    monkeypatch.setattr(receiver, "node_totals", lambda: TOTALS)
     receiver._drain_once(writers_stopped=False)
     if expect_points:
         [batch] = sink.batches

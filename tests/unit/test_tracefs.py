@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.ebpf import tracefs
+from flowtel.lib.bpf import tracefs
 from receiver.ebpf.kernel_events import program
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tracefs"

@@ -1,9 +1,10 @@
 """``dns``: hubble_dns_queries_total, hubble_dns_responses_total {rcode, qtypes, ips_returned}
 and hubble_dns_response_types_total {type, qtypes}; option ``query`` appends a ``query`` label,
-``ignoreAAAA`` skips messages whose only question is AAAA. One count per DNS message."""
+``ignoreAAAA`` skips messages whose only question is AAAA. One count per DNS message (an aggregated
+record counts as its ``extensions.count`` messages)."""
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, is_packet_flow
+from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions, take_flag
 from flowtel.records import Flow, Verdict
 
@@ -47,14 +48,15 @@ class DnsHandler(Handler):
         qtypes = ",".join(dns.qtypes)
         extra = (dns.query,) if self.include_query else ()
         context = self.ctx.values(flow)
+        n = flow_events(flow)
         if flow.verdict == Verdict.DROPPED:
-            emit(QUERIES, (*context, POLICY_DENIED, qtypes, "0", *extra), 1)
+            emit(QUERIES, (*context, POLICY_DENIED, qtypes, "0", *extra), n)
         elif not flow.is_reply:
-            emit(QUERIES, (*context, "", qtypes, "0", *extra), 1)
+            emit(QUERIES, (*context, "", qtypes, "0", *extra), n)
         else:
-            emit(RESPONSES, (*context, rcode_name(dns.rcode), qtypes, str(len(dns.ips)), *extra), 1)
+            emit(RESPONSES, (*context, rcode_name(dns.rcode), qtypes, str(len(dns.ips)), *extra), n)
             for rrtype in dns.rrtypes:
-                emit(RESPONSE_TYPES, (*context, rrtype, qtypes, *extra), 1)
+                emit(RESPONSE_TYPES, (*context, rrtype, qtypes, *extra), n)
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from flowtel.lib.bpf.constants import HEADER
 from flowtel.lib.policy.errors import PolicyError
 from flowtel.lib.policy.names import FqdnSelector, parse_fqdn_selector
 from flowtel.lib.policy.selectors import only
 
-MAX_PORTS = 8  # FLOWTEL_FQDN_MAX_PORTS in bpf/flowtel.h
+MAX_PORTS = HEADER.FQDN_MAX_PORTS
 CILIUM_MAX_PORTS = 40  # maxPorts in Cilium's rule validation
 CILIUM_MAX_ICMP_FIELDS = 40  # maxICMPFields
 DNS_PORT = 53

@@ -17,8 +17,13 @@ DEFAULT_IGNORED_REASONS = ("SOCKET_CLOSE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB", "
 
 class DropsConfig(ComponentConfig):
     enabled: bool = True
-    # One flow record per dropped packet (verdict DROPPED) besides the per-reason counters.
+    # Drop flow records (verdict DROPPED) besides the per-reason counters: drops aggregated in
+    # the kernel per (addresses, ports, protocol, interface, namespace, direction, reason,
+    # kernel location), one record per distinct key and collection interval with its counts.
     events: bool = True
+    # Distinct drop flows per collection interval (each of two kernel maps); beyond it the
+    # kernel map evicts and that is counted (lost events, source DROP_FLOW_MAP_FULL).
+    max_flows: int = Field(16_384, ge=64, le=1_048_576)
     # Reasons (names as the kernel's skb:kfree_skb format prints them) neither counted nor
     # reported; [] reports every reason. Names this kernel lacks are skipped with a warning.
     ignore_reasons: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORED_REASONS))
@@ -50,7 +55,7 @@ class TcpConfig(ComponentConfig):
 class KernelEventsConfig(ComponentConfig):
     drops: DropsConfig = Field(default_factory=DropsConfig)
     tcp: TcpConfig = Field(default_factory=TcpConfig)
-    # Kernel-to-user ring buffer shared by drop and TCP events; a burst larger than it is
+    # Kernel-to-user ring buffer of TCP events (drops never cross one by one); a burst larger than it is
     # lost and counted (lost events, source KERNEL_EVENTS_RING_BUFFER).
     ring_buffer_kb: int = Field(1024, ge=4, le=262_144)
     # How often cumulative counters are read into metric points.

@@ -12,20 +12,23 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS, Histogram
+from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS
+from flowtel.lib.bpf.constants import HEADER
+from flowtel.lib.bpf.layout import struct_for
 from flowtel.records import Flow, MetricKind, MetricPoint, TCP_RST, Verdict
-from receiver.ebpf.layout import struct_for
 from receiver.ebpf.retina_reasons import UNKNOWN_DIRECTION, retina_drop
 
-# struct kernel_event kinds and flags (bpf/flowtel.h).
-KIND_DROP = 1
-KIND_TCP_ESTABLISHED = 2
-KIND_TCP_CLOSED = 3
-KIND_TCP_RETRANSMIT = 4
-KIND_TCP_RESET_SENT = 5
-KIND_TCP_RESET_RECV = 6
-FLAG_LIFETIME = 0x01
-DROP_DIRECTIONS = ("ingress", "egress")  # FLOWTEL_DROP_INGRESS, FLOWTEL_DROP_EGRESS
+# struct kernel_event kinds and flags, counter indexes: from bpf/flowtel.h itself.
+KIND_DROP = HEADER.KEV_DROP
+KIND_TCP_ESTABLISHED = HEADER.KEV_TCP_ESTABLISHED
+KIND_TCP_CLOSED = HEADER.KEV_TCP_CLOSED
+KIND_TCP_RETRANSMIT = HEADER.KEV_TCP_RETRANSMIT
+KIND_TCP_RESET_SENT = HEADER.KEV_TCP_RESET_SENT
+KIND_TCP_RESET_RECV = HEADER.KEV_TCP_RESET_RECV
+FLAG_LIFETIME = HEADER.KEV_F_LIFETIME
+# Indexed by FLOWTEL_DROP_INGRESS / FLOWTEL_DROP_EGRESS.
+DROP_DIRECTIONS = tuple(name.lower() for name, _ in sorted(
+    ((n, v) for n, v in HEADER.with_prefix("DROP_").items() if n in ("INGRESS", "EGRESS")), key=lambda nv: nv[1]))
 
 TCP_EVENTS = {
     KIND_TCP_ESTABLISHED: "established",
@@ -37,23 +40,28 @@ TCP_EVENTS = {
 
 METRIC_HANDSHAKE_RTT = "flowtel_tcp_handshake_rtt_seconds"
 
-# Indexes of kev_counters (FLOWTEL_KEV_CNT_* in bpf/flowtel.h).
-CNT_RINGBUF_FULL = 0
-CNT_DROP_MAP_FULL = 1
-CNT_CONN_TABLE_FULL = 2
-CNT_RETRANS_SEGS = 3
-CNT_RESETS_SENT = 4
-CNT_RESETS_RECEIVED = 5
-CNT_RTT_SUM_NS = 6
-CNT_RTT_COUNT = 7
-CNT_MAX = 8
+CNT_RINGBUF_FULL = HEADER.KEV_CNT_RINGBUF_FULL
+CNT_DROP_MAP_FULL = HEADER.KEV_CNT_DROP_MAP_FULL
+CNT_CONN_TABLE_FULL = HEADER.KEV_CNT_CONN_TABLE_FULL
+CNT_RETRANS_SEGS = HEADER.KEV_CNT_RETRANS_SEGS
+CNT_RESETS_SENT = HEADER.KEV_CNT_RESETS_SENT
+CNT_RESETS_RECEIVED = HEADER.KEV_CNT_RESETS_RECEIVED
+CNT_RTT_SUM_NS = HEADER.KEV_CNT_RTT_SUM_NS
+CNT_RTT_COUNT = HEADER.KEV_CNT_RTT_COUNT
+CNT_DROP_FLOWS_CREATED = (HEADER.KEV_CNT_DROP_FLOWS_CREATED_0, HEADER.KEV_CNT_DROP_FLOWS_CREATED_1)
+CNT_DROP_FLOW_UPDATE_FAIL = HEADER.KEV_CNT_DROP_FLOW_UPDATE_FAIL
+CNT_RTT_HIST = HEADER.KEV_CNT_RTT_HIST
+CNT_MAX = HEADER.KEV_CNT_MAX
 
 # LostEvents sources, by the counter that measures them.
 LOST_SOURCES = {
     CNT_RINGBUF_FULL: "KERNEL_EVENTS_RING_BUFFER",
     CNT_DROP_MAP_FULL: "DROP_STATS_MAP_FULL",
     CNT_CONN_TABLE_FULL: "TCP_CONNECTION_TABLE_FULL",
+    CNT_DROP_FLOW_UPDATE_FAIL: "DROP_FLOW_UPDATE_FAILED",
 }
+# Drop flows the LRU evicted before a drain (counted by the double buffer, not a counter).
+LOST_DROP_FLOW_MAP_FULL = "DROP_FLOW_MAP_FULL"
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _NOT_TRACKED_STATES = {"CLOSE", "NEW_SYN_RECV"}  # never held by a tracked socket
@@ -116,30 +124,88 @@ class Counters:
         return self.values[index]
 
 
-class EventDecoder:
-    """Turns ``struct kernel_event`` bytes into flow records.
+@dataclass(slots=True)
+class RawDrop:
+    """One drained entry of the drop flow maps: struct drop_flow_key then drop_flow_stats."""
 
-    ``ifname(index)`` names an interface of the agent's own network namespace and
-    ``symbol(address)`` names a kernel code address; both are supplied by the caller.
-    """
+    saddr: bytes
+    daddr: bytes
+    location: int
+    reason: int
+    netns: int
+    ifindex: int
+    sport: int
+    dport: int
+    ethertype: int
+    family: int
+    protocol: int
+    direction: int
+    packets: int
+    bytes: int
+    first_ns: int
+    last_ns: int
+    tcp_flags: int
 
-    def __init__(
-        self,
-        event_ctype: type[ctypes.Structure],
-        names: Names,
-        node_name: str,
-        *,
-        host_netns: int,
-        ifname: Callable[[int], str],
-        symbol: Callable[[int], str],
-    ) -> None:
-        self._struct, fields = struct_for(event_ctype)
-        self.size = self._struct.size
+
+class DropDecoder:
+    """Drained drop flow entries into drop flow records (verdict DROPPED, counts in ``packets``
+    and ``bytes``). ``ifname(index)`` names an interface of the agent's own network namespace
+    and ``symbol(address)`` a kernel code address; both are supplied by the caller."""
+
+    def __init__(self, names: Names, node_name: str, *, host_netns: int, ifname: Callable[[int], str],
+                 symbol: Callable[[int], str]) -> None:
         self._names = names
         self._node = node_name
         self._host_netns = host_netns
         self._ifname = ifname
         self._symbol = symbol
+
+    def decode(self, drops: Iterable[RawDrop], wall_offset_ns: int) -> list[Flow]:
+        out: list[Flow] = []
+        for d in drops:
+            version, src = _address(d.family, d.saddr)
+            _, dst = _address(d.family, d.daddr)
+            ext: dict[str, object] = {"drop_direction": DROP_DIRECTIONS[d.direction & 1]}
+            symbol = self._symbol(d.location) if d.location else ""
+            if symbol:
+                ext["drop_location"] = symbol
+            if d.netns:
+                ext["netns_inode"] = d.netns
+            # An ifindex means something only within its namespace: the flow's interface fields
+            # are the node's, so one of a pod's namespace goes to extensions instead.
+            host = d.netns == self._host_netns
+            if d.ifindex and not host:
+                ext["netns_ifindex"] = d.ifindex
+            out.append(Flow(
+                time_ns=d.last_ns + wall_offset_ns,
+                node_name=self._node,
+                verdict=Verdict.DROPPED,
+                ip_version=version,
+                src_ip=src,
+                dst_ip=dst,
+                protocol=d.protocol if version else 0,
+                src_port=d.sport,
+                dst_port=d.dport,
+                ethertype=d.ethertype or (0x86DD if version == 6 else 0x0800),
+                ifindex=d.ifindex if host else 0,
+                ifname=self._ifname(d.ifindex) if host and d.ifindex else "",
+                packets=d.packets,
+                bytes=d.bytes,
+                tcp_flags=d.tcp_flags,
+                drop_reason=self._names.drop_reason(d.reason),
+                extensions=ext,
+            ))
+        return out
+
+
+class EventDecoder:
+    """Turns ``struct kernel_event`` bytes (TCP events) into flow records."""
+
+    def __init__(self, event_ctype: type[ctypes.Structure], names: Names, node_name: str) -> None:
+        self._struct, fields = struct_for(event_ctype)
+        self.size = self._struct.size
+        self._names = names
+        self._node = node_name
         idx = {n: i for i, n in enumerate(fields)}
         want = ("time_ns", "value_ns", "location", "saddr", "daddr", "reason", "len", "netns", "ifindex",
                 "error", "sport", "dport", "ethertype", "kind", "family", "protocol", "direction", "state",
@@ -148,60 +214,19 @@ class EventDecoder:
         if missing:
             raise RuntimeError(f"struct kernel_event in bpf/flowtel.h lacks {missing}")
         self._idx = tuple(idx[n] for n in want)
-        # Client-side handshake RTTs of the ESTABLISHED events decoded (the kernel counts only
-        # their sum and count; the buckets come from the events).
-        self.rtt = Histogram(TCP_HANDSHAKE_RTT_BOUNDS)
 
     def decode(self, data: bytes, wall_offset_ns: int) -> list[Flow]:
-        """Records of the events in ``data`` (whole events back to back)."""
+        """Records of the TCP events in ``data`` (whole events back to back)."""
         out: list[Flow] = []
         for t in self._struct.iter_unpack(data):
             (time_ns, value_ns, location, saddr, daddr, reason, length, netns, ifindex, error, sport, dport,
              ethertype, kind, family, protocol, direction, state, tcp_flags, flags) = (t[i] for i in self._idx)
-            version, src = _address(family, saddr)
-            _, dst = _address(family, daddr)
-            when = time_ns + wall_offset_ns
-            if kind == KIND_DROP:
-                out.append(self._drop(when, version, src, dst, protocol, sport, dport, ethertype, reason, length,
-                                      netns, ifindex, direction, tcp_flags, location))
-            elif kind in TCP_EVENTS:
-                out.append(self._tcp(when, kind, version, src, dst, sport, dport, state, value_ns, length,
-                                     error, reason, flags))
+            if kind in TCP_EVENTS:
+                version, src = _address(family, saddr)
+                _, dst = _address(family, daddr)
+                out.append(self._tcp(time_ns + wall_offset_ns, kind, version, src, dst, sport, dport, state,
+                                     value_ns, length, error, reason, flags))
         return out
-
-    def _drop(self, when: int, version: int, src: str, dst: str, protocol: int, sport: int, dport: int,
-              ethertype: int, reason: int, length: int, netns: int, ifindex: int, direction: int,
-              tcp_flags: int, location: int) -> Flow:
-        ext: dict[str, object] = {"drop_direction": DROP_DIRECTIONS[direction & 1]}
-        symbol = self._symbol(location) if location else ""
-        if symbol:
-            ext["drop_location"] = symbol
-        if netns:
-            ext["netns_inode"] = netns
-        # An ifindex means something only within its namespace: the flow's interface fields
-        # are the node's, so one of a pod's namespace goes to extensions instead.
-        host = netns == self._host_netns
-        if ifindex and not host:
-            ext["netns_ifindex"] = ifindex
-        return Flow(
-            time_ns=when,
-            node_name=self._node,
-            verdict=Verdict.DROPPED,
-            ip_version=version,
-            src_ip=src,
-            dst_ip=dst,
-            protocol=protocol if version else 0,
-            src_port=sport,
-            dst_port=dport,
-            ethertype=ethertype or (0x86DD if version == 6 else 0x0800),
-            ifindex=ifindex if host else 0,
-            ifname=self._ifname(ifindex) if host and ifindex else "",
-            packets=1,
-            bytes=length,
-            tcp_flags=tcp_flags,
-            drop_reason=self._names.drop_reason(reason),
-            extensions=ext,
-        )
 
     def _tcp(self, when: int, kind: int, version: int, src: str, dst: str, sport: int, dport: int, state: int,
              value_ns: int, length: int, error: int, reason: int, flags: int) -> Flow:
@@ -210,7 +235,6 @@ class EventDecoder:
             ext["tcp_state"] = self._names.tcp_state(state)
         if kind == KIND_TCP_ESTABLISHED and value_ns:
             ext["handshake_rtt_ns"] = value_ns
-            self.rtt.observe(value_ns / 1e9)
         elif kind == KIND_TCP_CLOSED and flags & FLAG_LIFETIME:
             ext["lifetime_ns"] = value_ns
         elif kind == KIND_TCP_RETRANSMIT:
@@ -267,8 +291,8 @@ def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now
         acc = merged.setdefault(key, [0, 0])
         acc[0] += packets
         acc[1] += nbytes
-    for (reason, direction), (packets, nbytes) in sorted(merged.items()):
-        attrs = {"reason": reason, "direction": direction}
+    for (reason_name, direction_name), (packets, nbytes) in sorted(merged.items()):
+        attrs = {"reason": reason_name, "direction": direction_name}
         out.append(MetricPoint("networkobservability_drop_count", packets, MetricKind.SUM, now_ns, attrs,
                                description="Packets dropped by the kernel, by drop reason and direction"))
         out.append(MetricPoint("networkobservability_drop_bytes", nbytes, MetricKind.SUM, now_ns, dict(attrs), "By",
@@ -276,10 +300,18 @@ def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now
     return out
 
 
-def tcp_points(states: dict[int, int], counters: Counters, names: Names, now_ns: int,
-               rtt: Histogram | None = None) -> list[MetricPoint]:
+def rtt_point(counters: Counters, now_ns: int) -> MetricPoint:
+    """The client handshake RTT histogram, counted in the kernel (buckets, sum, count)."""
+    n = len(TCP_HANDSHAKE_RTT_BOUNDS) + 1
+    buckets = tuple(counters[CNT_RTT_HIST + i] for i in range(n))
+    return MetricPoint(METRIC_HANDSHAKE_RTT, counters[CNT_RTT_SUM_NS] / 1e9, MetricKind.HISTOGRAM, now_ns, {},
+                       "s", "Client-side TCP handshake RTTs (SYN_SENT to ESTABLISHED)",
+                       bounds=TCP_HANDSHAKE_RTT_BOUNDS, bucket_counts=buckets, count=sum(buckets))
+
+
+def tcp_points(states: dict[int, int], counters: Counters, names: Names, now_ns: int) -> list[MetricPoint]:
     """Node-level TCP metrics: sockets by state, retransmitted segments, resets, and the
-    handshake RTT histogram when ``rtt`` (the decoder's, fed by ESTABLISHED events) is given."""
+    handshake RTT histogram."""
     out = [
         # Not networkobservability_tcp_state: that is receiver/procfs's snapshot of the node's
         # own namespace (ACNS's meaning). This one spans every namespace (pods included) but
@@ -294,9 +326,7 @@ def tcp_points(states: dict[int, int], counters: Counters, names: Names, now_ns:
     for event, index in (("reset_sent", CNT_RESETS_SENT), ("reset_received", CNT_RESETS_RECEIVED)):
         out.append(MetricPoint("flowtel_tcp_reset_count", counters[index], MetricKind.SUM, now_ns,
                                {"event": event}, description="TCP resets sent and received"))
-    if rtt is not None:
-        out.append(rtt.point(METRIC_HANDSHAKE_RTT, now_ns, unit="s",
-                             description="Client-side TCP handshake RTTs (SYN_SENT to ESTABLISHED)"))
+    out.append(rtt_point(counters, now_ns))
     return out
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import bpf as bpf_sources
-from receiver.ebpf import btf as btf_mod
-from receiver.ebpf import tracefs
+from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS
+from flowtel.lib.bpf.constants import HEADER
+from flowtel.lib.bpf import btf as btf_mod
+from flowtel.lib.bpf import tracefs
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
 log = logging.getLogger("flowtel.receiver.ebpf.kernel_events")
@@ -162,13 +164,19 @@ def programs_for(config: KernelEventsConfig) -> dict[str, tuple[str, str]]:
     return out
 
 
-def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool,
-          rtt_events: bool = False) -> tuple[str, list[str]]:
+def rtt_bucket_expression(bounds: tuple[float, ...] = TCP_HANDSHAKE_RTT_BOUNDS) -> str:
+    """A C expression of ``ns``: the histogram bucket of an RTT of ``ns`` nanoseconds (bucket i
+    holds bounds[i-1] < v <= bounds[i], as flowtel.histogram's), i.e. how many bounds it exceeds."""
+    if len(bounds) + 1 > HEADER.KEV_RTT_BUCKETS:
+        raise ValueError(f"{len(bounds)} RTT bounds do not fit FLOWTEL_KEV_RTT_BUCKETS")
+    return "(" + " + ".join(f"((ns) > {round(b * 1e9)}ULL)" for b in bounds) + ")"
+
+
+def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tuple[str, list[str]]:
     """Program text (generated tracepoint structs + ``kernel_events.c``) and compiler flags.
 
-    ``events`` false (nothing consumes records) compiles the event paths out: counters only.
-    ``rtt_events`` compiles the connection events in regardless (the handshake RTT histogram
-    is made from the ESTABLISHED events); their flows are then dropped unless wanted.
+    ``events`` false (nothing consumes records) compiles the event paths and the drop flow
+    maps out: counters only. The handshake RTT histogram is counted in the kernel either way.
     """
     structs = [tracefs.c_struct(fmt, f"flowtel_tp_{name}") for name, fmt in facts.formats.items()]
     by_name = {name: value for value, name in facts.tcp_states.items()}
@@ -176,10 +184,11 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool,
     defines: dict[str, int | str] = {
         "FLOWTEL_DROPS": int(config.drops.enabled),
         "FLOWTEL_TCP": int(config.tcp.enabled),
-        "FLOWTEL_DROP_EVENTS": int(events and config.drops.events),
+        "FLOWTEL_DROP_FLOWS": int(events and config.drops.events),
+        # Unused without drop flow records: the smallest maps (LRU maps are preallocated).
+        "FLOWTEL_MAX_DROP_FLOWS": config.drops.max_flows if events and config.drops.events else 1,
         "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
-        "FLOWTEL_TCP_CONN_EVENTS": int((events and config.tcp.connection_events)
-                                       or (rtt_events and config.tcp.enabled)),
+        "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
         "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
         "FLOWTEL_MAX_CONNECTIONS": config.tcp.max_connections,
@@ -187,10 +196,27 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool,
         "FLOWTEL_DROP_IGNORED(r)": ignored_reasons_expression(facts.drop_reasons, config.drops.ignore_reasons),
         "FLOWTEL_DROP_NO_SOCKET": (-1 if config.drops.report_unclaimed_echo_replies
                                    else by_reason.get("NO_SOCKET", -1)),
+        "FLOWTEL_RTT_BUCKET(ns)": rtt_bucket_expression(),
         **facts.offsets,
         **{f"FLOWTEL_TCPS_{s}": by_name.get(s, 0) for s in _TCP_STATE_MACROS},
     }
     return "\n".join(structs) + "\n" + bpf_sources.source(SOURCE), bpf_sources.cflags(**defines)
+
+
+def attach(b: Any, programs: dict[str, tuple[str, str]]) -> None:
+    """Attach each program of the loaded module ``b`` to its tracepoint (all or none)."""
+    done: list[str] = []
+    try:
+        for fn, (category, event) in programs.items():
+            b.attach_tracepoint(tp=f"{category}:{event}", fn_name=fn)
+            done.append(f"{category}:{event}")
+    except BaseException:
+        for tp in done:
+            try:
+                b.detach_tracepoint(tp)
+            except Exception:
+                pass
+        raise
 
 
 def load_and_attach(text: str, cflags: list[str], programs: dict[str, tuple[str, str]]) -> Any:
@@ -199,8 +225,7 @@ def load_and_attach(text: str, cflags: list[str], programs: dict[str, tuple[str,
 
     b = BPF(text=text, cflags=cflags)
     try:
-        for fn, (category, event) in programs.items():
-            b.attach_tracepoint(tp=f"{category}:{event}", fn_name=fn)
+        attach(b, programs)
     except BaseException:
         b.cleanup()
         raise

@@ -1,11 +1,18 @@
 """The kernel-events source: drops and TCP health, hosted by the ``ebpf`` receiver.
 
-It owns one bcc program (``bpf/kernel_events.c``) and one thread. The thread waits on the
-ring buffer (at most ``poll_interval``), turns the events into flow records and passes them
-on at once; every ``collection_interval`` it reads the kernel's cumulative counters into
-metric points and reports newly lost events. Records of each signal go in their own batch,
-and a signal no pipeline consumes is not produced (with no logs pipeline, the programs are
-compiled without their event paths and only count).
+It owns the tracepoint programs of ``bpf/kernel_events.c`` and one thread. The receiver
+compiles them into its own bcc module, beside the tc programs (one LLVM per agent:
+:meth:`KernelEvents.prepare` gives the source, :meth:`KernelEvents.start` attaches within the
+module it is given); alone (tests, benches) the source compiles its own.
+
+Nothing crosses per drop: drops are counted per flow in the kernel's double-buffered drop flow
+maps, drained every ``collection_interval`` into drop flow records. TCP events that are wanted
+as records (established, closed, retransmit, reset) come through a ring buffer the kernel
+announces only every few events; the thread takes them at most ``poll_interval`` late, in
+batches. Every ``collection_interval`` it also reads the kernel's cumulative counters into
+metric points and reports newly lost events. Records of each signal go in their own batch, and
+a signal no pipeline consumes is not produced (with no logs pipeline, the programs are compiled
+without their event paths and drop flow maps, and only count).
 """
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ from typing import Any, Sequence
 
 from flowtel.component import Consumer, Telemetry, consumer_wants
 from flowtel.errors import StartError
+from flowtel.lib.bpf import btf as btf_mod
+from flowtel.lib.bpf import tracefs
+from flowtel.lib.bpf.doublebuffer import DoubleBuffer
+from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import Flow, LostEvents, MetricPoint, Record
-from receiver.ebpf import btf as btf_mod
-from receiver.ebpf import tracefs
 from receiver.ebpf.kernel_events import decode, program
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
@@ -49,9 +58,6 @@ def _host_ifname(index: int) -> str:
         return ""  # gone since the drop
 
 
-_CONNECTION_EVENTS = ("established", "closed")
-
-
 class KernelEvents:
     """Drops (``skb:kfree_skb``) and TCP health (state changes, retransmissions, resets)."""
 
@@ -70,53 +76,80 @@ class KernelEvents:
         self._consumer = consumer
         self._id = component_id
         self._bpf: Any = None
-        self._programs: dict[str, tuple[str, str]] = {}
+        self._owns_bpf = False
+        self._programs: dict[str, tuple[str, str]] | None = None
         self._names = decode.Names()
         self._decoder: decode.EventDecoder | None = None
+        self._ring: RingReader | None = None
+        self._drops: DoubleBuffer[decode.RawDrop] | None = None
+        self._drop_decoder: decode.DropDecoder | None = None
         self._pending: list[bytes] = []
         self._lost_seen: dict[int, int] = {}
+        self._last_counters = decode.Counters((0,) * decode.CNT_MAX)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wants_logs = consumer_wants(consumer, "logs")
         self._wants_metrics = consumer_wants(consumer, "metrics")
-        # The handshake RTT histogram is made from ESTABLISHED events, so a metrics pipeline
-        # needs the connection events read even when no logs pipeline wants their flows.
-        self._rtt_events = self._wants_metrics and config.tcp.enabled
-        self._connection_flows = self._wants_logs and config.tcp.connection_events
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Compile and attach the programs, then start the thread; a :class:`StartError` if the
-        kernel cannot do it. With drops and TCP both disabled, does nothing."""
+    def prepare(self) -> tuple[str, list[str]] | None:
+        """The program text and compiler flags for this kernel (None when drops and TCP are both
+        disabled); a :class:`StartError` if the kernel lacks what they need."""
         if not self.config.enabled:
-            return
+            return None
         try:
             facts = program.read_kernel_facts(self.config)
         except (tracefs.TracefsError, btf_mod.BtfError) as exc:
             raise StartError(self._id, f"kernel events: {exc}", _REMEDY_KERNEL) from None
         self._names = decode.Names(facts.drop_reasons, facts.tcp_states, facts.reset_reasons)
-        text, cflags = program.build(facts, self.config, events=self._wants_logs, rtt_events=self._rtt_events)
         self._programs = program.programs_for(self.config)
+        return program.build(facts, self.config, events=self._wants_logs)
+
+    def start(self, bpf: Any = None) -> None:
+        """Attach the programs, then start the thread; a :class:`StartError` if the kernel cannot
+        do it. ``bpf``: the module :meth:`prepare`'s source was compiled into (None: compile one
+        of its own). With drops and TCP both disabled, does nothing."""
+        if not self.config.enabled:
+            return
+        if bpf is None:
+            built = self.prepare()
+            assert built is not None and self._programs is not None
+            try:
+                bpf = program.load_and_attach(*built, self._programs)
+            except Exception as exc:
+                raise StartError(self._id, f"cannot compile or attach the kernel-event programs: {exc}",
+                                 _REMEDY_KERNEL) from None
+            self._owns_bpf = True
+        else:
+            if self._programs is None:
+                raise RuntimeError("KernelEvents.prepare() must give the source before start(bpf)")
+            try:
+                program.attach(bpf, self._programs)
+            except Exception as exc:
+                raise StartError(self._id, f"cannot attach the kernel-event programs: {exc}", _REMEDY_KERNEL) from None
+        self._bpf = bpf
         try:
-            self._bpf = program.load_and_attach(text, cflags, self._programs)
-        except Exception as exc:
-            raise StartError(self._id, f"cannot compile or attach the kernel-event programs: {exc}",
-                             _REMEDY_KERNEL) from None
-        if self._wants_logs or self._rtt_events:
-            ring = self._bpf["kernel_events"]
-            self._decoder = decode.EventDecoder(
-                self._bpf["kernel_event_layout"].Leaf,
-                self._names,
-                self._node,
-                host_netns=os.stat("/proc/self/ns/net").st_ino,
-                ifname=_host_ifname,
-                symbol=_kernel_symbol,
-            )
-            ring.open_ring_buffer(self._on_event)
+            self._open_readers()
+        except BaseException:
+            self.stop()
+            raise
         self._thread = threading.Thread(target=self._run, name="flowtel-kernel-events", daemon=True)
         self._thread.start()
         log.info("kernel events attached: %s", ", ".join(f"{c}:{e}" for c, e in self._programs.values()))
+
+    def _open_readers(self) -> None:
+        tcp = self.config.tcp
+        if self._wants_logs and tcp.enabled and (tcp.events or tcp.connection_events):
+            self._decoder = decode.EventDecoder(self._bpf["kernel_event_layout"].Leaf, self._names, self._node)
+            self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
+        if self._wants_logs and self.config.drops.enabled and self.config.drops.events:
+            self._drops = DoubleBuffer(self._bpf, "drop_flows", "drop_active", decode.RawDrop,
+                                       decode.RawDrop.__slots__,  # type: ignore[attr-defined]
+                                       self._counter, decode.CNT_DROP_FLOWS_CREATED)
+            self._drop_decoder = decode.DropDecoder(self._names, self._node,
+                                                    host_netns=os.stat("/proc/self/ns/net").st_ino,
+                                                    ifname=_host_ifname, symbol=_kernel_symbol)
 
     def stop(self) -> None:
         """Detach, then report what is still buffered and the final counters."""
@@ -127,14 +160,21 @@ class KernelEvents:
         if self._bpf is None:
             return
         try:
-            for category, event in self._programs.values():
-                self._bpf.detach_tracepoint(f"{category}:{event}")
-            if self._decoder is not None:
-                self._bpf.ring_buffer_consume()
+            for category, event in (self._programs or {}).values():
+                try:
+                    self._bpf.detach_tracepoint(f"{category}:{event}")
+                except Exception:
+                    pass  # not attached (a failed start)
+            if self._ring is not None:
+                self._ring.consume()
                 self._emit(self._take_records())
-            self._collect()
+            self._collect(writers_stopped=True)
         finally:
-            self._bpf.cleanup()
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
+            if self._owns_bpf:
+                self._bpf.cleanup()
             self._bpf = None
 
     # -- reading (safe from any thread) --------------------------------------------------------
@@ -149,10 +189,7 @@ class KernelEvents:
         if self.config.drops.enabled:
             points += decode.drop_points(self._drop_stats(), self._names, now)
         if self.config.tcp.enabled:
-            # The histogram is whole only when every ESTABLISHED event is read.
-            complete = self._rtt_events or self._connection_flows
-            rtt = self._decoder.rtt if self._decoder is not None and complete else None
-            points += decode.tcp_points(self._tcp_states(), counters, self._names, now, rtt)
+            points += decode.tcp_points(self._tcp_states(), counters, self._names, now)
         return points
 
     def tcp_connections(self) -> list[decode.TcpConnection]:
@@ -164,33 +201,27 @@ class KernelEvents:
     # -- the thread's work -----------------------------------------------------------------------
 
     def _poll(self, timeout: float) -> list[Flow]:
-        """Wait up to ``timeout`` seconds for events; the records of those that arrived."""
-        if self._decoder is None:
+        """Wait up to ``timeout`` seconds for TCP events; the records of those that arrived."""
+        if self._ring is None:
             self._stop.wait(timeout)
             return []
-        self._bpf.ring_buffer_poll(max(0, int(timeout * 1000)))
+        self._ring.poll(max(0, int(timeout * 1000)))
         # The kernel does not announce every event (see submit() in kernel_events.c): a poll
         # that timed out leaves those in the buffer, so take them explicitly.
-        self._bpf.ring_buffer_consume()
+        self._ring.consume()
         return self._take_records()
-
-    def _on_event(self, _ctx: Any, data: int, size: int) -> int:
-        self._pending.append(ctypes.string_at(data, size))
-        return 0
 
     def _take_records(self) -> list[Flow]:
         if not self._pending or self._decoder is None:
             return []
-        pending, self._pending = self._pending, []
+        pending = self._pending[:]
+        del self._pending[:]  # the reader's callback appends to this very list
         size = self._decoder.size
         good = [p for p in pending if len(p) == size]
         if len(good) != len(pending):
             self._telemetry.add(self._id, "kernel_events_malformed", len(pending) - len(good))
         offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        flows = self._decoder.decode(b"".join(good), offset)
-        if not self._connection_flows:  # read for the RTT histogram only
-            flows = [f for f in flows if f.extensions.get("tcp_event") not in _CONNECTION_EVENTS]
-        return flows
+        return self._decoder.decode(b"".join(good), offset)
 
     def _run(self) -> None:
         interval = self.config.collection_interval
@@ -206,19 +237,39 @@ class KernelEvents:
                 log.exception("reading kernel events failed")
                 self._stop.wait(1.0)
 
-    def _collect(self) -> None:
-        counters = self._counters()
+    def _collect(self, *, writers_stopped: bool = False) -> None:
+        """Drain the drop flows, report new losses, and emit the metric points."""
         now = time.time_ns()
-        lost: list[Record] = []
+        records: list[Record] = []
+        if self._drops is not None and self._drop_decoder is not None:
+            drained = self._drops.drain(writers_stopped=writers_stopped)
+            offset = now - time.monotonic_ns()
+            records += self._drop_decoder.decode(drained.entries, offset)
+            if drained.evicted:
+                self._telemetry.add(self._id, "kernel_events_lost", drained.evicted)
+                records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, drained.evicted, self._node))
+                log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
+                            "kernel_events.drops.max_flows)", drained.evicted)
+        counters = self._last_counters = self._counters()
         for source, count in decode.lost_deltas(counters, self._lost_seen):
             self._telemetry.add(self._id, "kernel_events_lost", count)
-            lost.append(LostEvents(now, source, count, self._node))
+            records.append(LostEvents(now, source, count, self._node))
             log.warning("kernel events: %d lost (%s)", count, source)
-        self._emit(lost)
+        self._emit(records)
         if self._wants_metrics:
             points: list[Record] = list(self.metrics())
             if points:
                 self._consumer.consume(points)
+
+    def counters(self) -> decode.Counters:
+        """The kernel's cumulative counters (``decode.CNT_*``): now, or after :meth:`stop` as the
+        final collection read them."""
+        if self._bpf is None:
+            return self._last_counters
+        return self._counters()
+
+    def _counter(self, index: int) -> int:
+        return int(self._bpf["kev_counters"].sum(ctypes.c_int(index)).value)
 
     def _emit(self, records: Sequence[Record]) -> None:
         if records and self._wants_logs:

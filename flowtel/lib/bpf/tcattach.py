@@ -5,6 +5,14 @@ A netlink subscription (RTM_NEWLINK / RTM_DELLINK) attaches to interfaces as the
 subscription is a plain socket parsed by pyroute2's marshal, and the IPRoute used for tc
 lives on that thread (pyroute2's sync API is bound to the thread that made it). Filters are recognised as ours by their
 handle and program name, so filters left by a killed agent are replaced, never stacked.
+
+Each attached interface gets a counter slot (:class:`SlotAllocator`), passed to the program as
+the filter's classid (slot + 1; cls_bpf stores it in ``skb->tc_classid`` before the program
+runs), so per-interface counters are an array element, not a hash entry. A slot is freed when
+its link goes away and reused first-freed-first, so any number of links over the node's life
+need only as many slots as exist at once. With every slot taken an interface is still attached
+(classid 0): its packets are counted in flows, and the program counts those missing from the
+interface totals.
 """
 from __future__ import annotations
 
@@ -14,15 +22,16 @@ import errno
 import select
 import socket
 import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cachetools import TTLCache
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-log = logging.getLogger("flowtel.receiver.ebpf.attach")
+log = logging.getLogger("flowtel.flowtel.lib.bpf.tcattach")
 
 INGRESS_PARENT = "ffff:fff2"  # clsact ingress hook
 EGRESS_PARENT = "ffff:fff3"  # clsact egress hook
@@ -47,6 +56,38 @@ class Interface:
     name: str
     kind: str  # "veth", "bridge", "" for physical devices, …
     created_clsact: bool = False
+    slot: int | None = None  # counter slot (classid - 1); None: none was free
+
+
+class SlotAllocator:
+    """Counter slots ``0 .. size-1`` for attached interfaces, reused first-freed-first (a
+    program still finishing on a removed link then cannot count into a slot just reused)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: deque[int] = deque(range(size))
+        self._by_index: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def assign(self, index: int) -> int | None:
+        with self._lock:
+            if index in self._by_index:
+                return self._by_index[index]
+            if not self._free:
+                return None
+            slot = self._by_index[index] = self._free.popleft()
+            return slot
+
+    def release(self, index: int) -> None:
+        with self._lock:
+            slot = self._by_index.pop(index, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def assigned(self) -> dict[int, int]:
+        """{ifindex: slot} now."""
+        with self._lock:
+            return dict(self._by_index)
 
 
 class TcAttachManager:
@@ -59,8 +100,15 @@ class TcAttachManager:
         egress: Program,
         *,
         priority: int = 1,
+        slots: SlotAllocator | None = None,
+        on_slot: Callable[[int], None] | None = None,
     ) -> None:
+        """``slots``: counter slots to give interfaces (None: every filter gets classid 1);
+        ``on_slot(slot)`` runs when a slot is given to a new interface, before its filters exist."""
         self.globs = tuple(globs)
+        self.slots = slots
+        self._on_slot = on_slot
+        self._slots_full_logged = False
         self.ingress = ingress
         self.egress = egress
         self.priority = priority
@@ -167,9 +215,25 @@ class TcAttachManager:
             self._known[index] = iface
             if index in self._attached or not self.matches(name):
                 return
+        classid = 1
+        if self.slots is not None:
+            iface.slot = self.slots.assign(index)
+            if iface.slot is None:
+                classid = 0
+                if not self._slots_full_logged:
+                    self._slots_full_logged = True
+                    log.warning("all %d interface counter slots are in use: %s (and later ones) are not in "
+                                "the interface totals until links go away (raise max_interfaces); counted as "
+                                "lost events", self.slots.size, name)
+            else:
+                classid = iface.slot + 1
+                if self._on_slot is not None:
+                    self._on_slot(iface.slot)
         try:
-            iface.created_clsact = self._attach(index)
+            iface.created_clsact = self._attach(index, classid)
         except NetlinkError as exc:
+            if self.slots is not None:
+                self.slots.release(index)
             if exc.code in (_ENODEV, _ENOENT):
                 return  # gone again before we got to it
             log.error("cannot attach tc programs to %s (index %d): %s", name, index, exc)
@@ -184,10 +248,12 @@ class TcAttachManager:
             known = self._known.pop(index, None)
             if known is not None:
                 self._gone[index] = known
+        if self.slots is not None:
+            self.slots.release(index)
         if iface is not None:
             log.info("interface %s (index %d) went away; its tc programs went with it", iface.name, index)
 
-    def _attach(self, index: int) -> bool:
+    def _attach(self, index: int, classid: int) -> bool:
         assert self._ipr is not None
         created = False
         try:
@@ -206,7 +272,7 @@ class TcAttachManager:
                 fd=prog.fd,
                 name=prog.name,
                 parent=parent,
-                classid=1,
+                classid=classid,
                 direct_action=True,
                 prio=self.priority,
             )

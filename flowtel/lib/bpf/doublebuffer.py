@@ -1,0 +1,109 @@
+"""Draining a pair of kernel maps that a program writes one at a time, without losing an increment.
+
+The program writes to ``<name>_<active[0]>`` (one array read picks the map; no map-in-map). A
+drain flips the index, waits for programs that already picked the old map to finish (tc and
+tracepoint programs run to completion within microseconds; the wait is generous), then empties
+the old map with ``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` while nothing writes to it. So every
+increment counted in the kernel is reported exactly once.
+
+Entries the LRU evicted before a drain are counted: the kernel counts insertions per map (two
+per-CPU counters), user space counts what it drained; the difference is what the maps lost.
+Used for the tc flow maps (bpf/tc_flow.c) and the drop flow maps (bpf/kernel_events.c).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from flowtel.lib.bpf.batch import read_batch
+from flowtel.lib.bpf.layout import struct_for
+
+FLIP_GRACE_S = 0.02
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Drained(Generic[T]):
+    entries: list[T]
+    evicted: int  # entries the LRU dropped before this drain (their counts are lost)
+
+
+class DoubleBuffer(Generic[T]):
+    """The two maps ``{name}_0``/``{name}_1`` and flag ``active`` of one loaded bcc module.
+
+    ``make(*key_fields, *value_fields)`` builds one entry from the struct fields in header
+    order, ``pad`` fields left out; ``fields`` names them and is checked against the header so
+    that a changed struct is an error at start, not a garbled record. ``counter(i)`` is the
+    sum over CPUs of the kernel's counter ``i``; ``created`` the two insertion counters.
+    """
+
+    def __init__(self, bpf: Any, name: str, active: str, make: Callable[..., T], fields: Sequence[str],
+                 counter: Callable[[int], int], created: tuple[int, int]) -> None:
+        self._maps = [bpf[f"{name}_0"], bpf[f"{name}_1"]]
+        self._name = name
+        self._active_table = bpf[active]
+        self._counter = counter
+        self._created = created
+        self._make = make
+        table = self._maps[0]
+        self._key_struct, key_names = struct_for(table.Key)
+        self._leaf_struct, leaf_names = struct_for(table.Leaf)
+        self._key_fields = [i for i, n in enumerate(key_names) if n != "pad"]
+        self._leaf_fields = [i for i, n in enumerate(leaf_names) if n != "pad"]
+        got = [key_names[i] for i in self._key_fields] + [leaf_names[i] for i in self._leaf_fields]
+        if got != list(fields):
+            raise RuntimeError(f"bpf/flowtel.h structs of {name} {got} do not match {list(fields)}")
+        self.max_entries = table.max_entries
+        # Buffers for one whole map, allocated once: drains must not churn memory.
+        self._keys = (table.Key * self.max_entries)()
+        self._values = (table.Leaf * self.max_entries)()
+        self._drained_total = [0, 0]
+        self._lock = threading.Lock()
+        self._set_active(0)
+
+    def _set_active(self, slot: int) -> None:
+        self._active_table[ctypes.c_int(0)] = ctypes.c_uint32(slot)
+        self._active = slot
+
+    def drain(self, *, writers_stopped: bool = False) -> Drained[T]:
+        """Everything counted since the last drain, removed from the kernel.
+
+        With ``writers_stopped`` (programs detached) both maps are emptied without a flip.
+        """
+        with self._lock:
+            if writers_stopped:
+                time.sleep(FLIP_GRACE_S)
+                slots = [1 - self._active, self._active]
+            else:
+                old = self._active
+                self._set_active(1 - old)
+                time.sleep(FLIP_GRACE_S)
+                slots = [old]
+            out: list[T] = []
+            evicted = 0
+            for slot in slots:
+                self._drained_total[slot] += self._drain_slot(slot, out)
+                lost = self._counter(self._created[slot]) - self._drained_total[slot]
+                if lost > 0:
+                    # Counted once: later drains compare against the new baseline.
+                    self._drained_total[slot] += lost
+                    evicted += lost
+            return Drained(out, evicted)
+
+    def _drain_slot(self, slot: int, out: list[T]) -> int:
+        table = self._maps[slot]
+        ksz = ctypes.sizeof(table.Key)
+        vsz = ctypes.sizeof(table.Leaf)
+        total = read_batch(table.get_fd(), self._keys, ksz, self._values, vsz, self.max_entries,
+                           delete=True, name=f"{self._name}_{slot}")
+        if total:
+            kbuf = memoryview(self._keys).cast("B")[: ksz * total]
+            vbuf = memoryview(self._values).cast("B")[: vsz * total]
+            kf, vf, make = self._key_fields, self._leaf_fields, self._make
+            for k, v in zip(self._key_struct.iter_unpack(kbuf), self._leaf_struct.iter_unpack(vbuf)):
+                out.append(make(*[k[i] for i in kf], *[v[i] for i in vf]))
+        return total

@@ -1,0 +1,59 @@
+"""What the kernel's DNS maps hold (bpf/flowtel.h), as immutable Python values.
+
+Kept apart from the map access (:mod:`receiver.ebpf.dnsmaps`, which needs bcc) so that the
+pure logic in :mod:`receiver.ebpf.dns` and its tests do not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class AggKey:
+    """``struct dns_agg_key`` (padding removed), hashable: it keys user space's tallies."""
+
+    saddr: bytes
+    daddr: bytes
+    name_hash: int
+    ifindex: int
+    qtype: int
+    port: int
+    family: int
+    hook: int
+    is_response: int
+    rcode: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    key: AggKey
+    messages: int
+    first_ns: int
+    last_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """A request that got no response within the timeout (``dns_pending`` key and value)."""
+
+    client: bytes
+    server: bytes
+    ifindex: int
+    client_port: int
+    server_port: int
+    id: int
+    family: int
+    ts_ns: int
+    name_hash: int
+    qtype: int
+    hook: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLatency:
+    """The kernel's cumulative latency histogram, summed over CPUs."""
+
+    bucket_counts: tuple[int, ...]
+    sum_ns: int
+    count: int

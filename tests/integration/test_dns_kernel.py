@@ -1,0 +1,168 @@
+"""The kernel's DNS parser and matcher (bpf/dns.h) on crafted packets, run by the kernel
+itself (BPF_PROG_TEST_RUN on the real tc program): what it counts under which key, what it
+calls malformed, and how it pairs a response with its request.
+
+The expectations are RFC 1035's rules (label lengths ≤ 63, a name ≤ 255 bytes on the wire,
+label types 01 and 10 reserved, the first name cannot be a pointer) and FNV-1a 64 over the
+lower-case wire name, computed here independently of the C code.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any, Iterator
+
+import pytest
+
+import bpf as bpf_sources
+from receiver.ebpf.config import DnsConfig
+from receiver.ebpf.dnsring import cflags, header_define
+
+pytestmark = pytest.mark.kernel
+
+CLIENT, SERVER = bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2])
+OK, MALFORMED = header_define("FLOWTEL_DNS_OK"), header_define("FLOWTEL_DNS_MALFORMED")
+
+
+class _TestRunOpts(ctypes.Structure):
+    # libbpf's struct bpf_test_run_opts
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+def fnv1a(wire_name: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in wire_name.lower():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def wire(name: str) -> bytes:
+    """A name in wire form, root label included."""
+    out = b""
+    for label in name.rstrip(".").split("."):
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\x00"
+
+
+def message(qname: bytes, *, qid: int = 0x1111, flags: int = 0x0100, qdcount: int = 1, qtype: int = 1,
+            tail: bytes | None = None) -> bytes:
+    question = qname + struct.pack("!HH", qtype, 1) if tail is None else qname + tail
+    return struct.pack("!HHHHHH", qid, flags, qdcount, 0, 0, 0) + question
+
+
+def frame(payload: bytes, *, reply: bool, port: int = 40000) -> bytes:
+    """Ethernet + IPv4 + UDP around a DNS payload (client port ``port``, server port 53)."""
+    src, dst, sport, dport = (SERVER, CLIENT, 53, port) if reply else (CLIENT, SERVER, port, 53)
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, dst) + udp
+    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + ip
+
+
+@pytest.fixture(scope="module")
+def prog() -> Iterator[Any]:
+    from bcc import BPF  # type: ignore[import-untyped]
+    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
+    defines.update(cflags(DnsConfig.model_validate({"sample_rate": 1_000_000})))
+    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+    fn = b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
+    yield b, fn
+    b.cleanup()
+
+
+def run(prog: Any, packet: bytes) -> None:
+    from bcc.libbcc import lib  # type: ignore[import-untyped]
+    _, fn = prog
+    buf = ctypes.create_string_buffer(packet, len(packet))
+    out = ctypes.create_string_buffer(len(packet) + 256)
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(buf), data_size_in=len(packet),
+                        data_out=ctypes.addressof(out), data_size_out=len(out), repeat=1)
+    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+    assert lib.bpf_prog_test_run_opts(fn.fd, ctypes.byref(opts)) == 0, ctypes.get_errno()
+    assert opts.retval == 0xFFFFFFFF  # TC_ACT_UNSPEC: an observer
+
+
+def take_keys(prog: Any) -> dict[tuple[int, int, int, int, int], int]:
+    """(status, is_response, rcode, qtype, name_hash) -> messages, from the active buffer, emptied."""
+    b, _ = prog
+    table = b["dns_agg_0"]
+    out = {(k.status, k.is_response, k.rcode, k.qtype, k.name_hash): v.messages for k, v in table.items()}
+    table.clear()
+    return out
+
+
+def counter(prog: Any, name: str) -> int:
+    b, _ = prog
+    return int(b["dns_counters"].sum(ctypes.c_int(header_define(f"FLOWTEL_DNS_CNT_{name}"))).value)
+
+
+L63 = "a" * 63
+NAME_255 = ".".join([L63, L63, L63, "b" * 61])  # 3 × 64 + 62 + root = 255 bytes on the wire
+NAME_256 = ".".join([L63, L63, L63, "b" * 62])
+
+CASES = [
+    # (what, DNS payload, expected (status, is_response, rcode, qtype, name hash))
+    ("mixed case hashes as lower case", message(wire("Web.EXAMPLE.")), (OK, 0, 0, 1, fnv1a(wire("web.example")[:-1]))),
+    ("AAAA", message(wire("web.example."), qtype=28), (OK, 0, 0, 28, fnv1a(wire("web.example")[:-1]))),
+    ("a 63-byte label", message(wire(L63 + ".x.")), (OK, 0, 0, 1, fnv1a(wire(L63 + ".x")[:-1]))),
+    ("a 255-byte name", message(wire(NAME_255)), (OK, 0, 0, 1, fnv1a(wire(NAME_255)[:-1]))),
+    ("the root name", message(b"\x00", qtype=2), (OK, 0, 0, 2, fnv1a(b""))),
+    ("no question (qdcount 0)", message(b"", qdcount=0, tail=b""), (OK, 0, 0, 0, 0)),
+    ("an NXDOMAIN response", message(wire("nx.example."), flags=0x8183), (OK, 1, 3, 1, fnv1a(wire("nx.example")[:-1]))),
+    ("a 256-byte name", message(wire(NAME_256)), (MALFORMED, 0, 0, 0, 0)),
+    ("label length 64 (type 01)", message(b"\x40" + b"a" * 64 + b"\x00"), (MALFORMED, 0, 0, 0, 0)),
+    ("label type 10", message(b"\x80abc\x00"), (MALFORMED, 0, 0, 0, 0)),
+    ("a pointer as the first name", message(b"\xc0\x0c"), (MALFORMED, 0, 0, 0, 0)),
+    ("question cut in qtype", message(wire("web.example."), tail=b"\x00"), (MALFORMED, 0, 0, 0, 0)),
+    ("name runs past the message", message(b"\x05ab", tail=b""), (MALFORMED, 0, 0, 0, 0)),
+    ("shorter than a header", b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00", (MALFORMED, 0, 0, 0, 0)),
+    ("empty", b"", (MALFORMED, 0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("what, payload, key", CASES, ids=[c[0] for c in CASES])
+def test_each_message_is_counted_under_the_key_rfc_1035_gives_it(prog: Any, what: str, payload: bytes,
+                                                                 key: tuple[int, int, int, int, int]) -> None:
+    take_keys(prog)
+    run(prog, frame(payload, reply=bool(key[1]), port=41000 + CASES.index((what, payload, key))))
+    assert take_keys(prog) == {key: 1}, what
+
+
+def test_a_response_is_matched_to_its_request_once_and_retransmissions_keep_the_first(prog: Any) -> None:
+    b, _ = prog
+    b["dns_pending"].clear()
+    lat = lambda: sum(cpu.count for cpu in b["dns_latency"][ctypes.c_int(0)])  # noqa: E731
+    before_lat, before_rt, before_un = lat(), counter(prog, "RETRANSMITS"), counter(prog, "UNMATCHED")
+    q = message(wire("pair.example."), qid=0x2222)
+    r = message(wire("pair.example."), qid=0x2222, flags=0x8180)
+    run(prog, frame(q, reply=False, port=42000))
+    run(prog, frame(q, reply=False, port=42000))  # the client asks again: one exchange
+    assert counter(prog, "RETRANSMITS") == before_rt + 1 and len(b["dns_pending"]) == 1
+    run(prog, frame(message(wire("pair.example."), qid=0x2223, flags=0x8180), reply=True, port=42000))  # other id
+    run(prog, frame(r, reply=True, port=42001))  # other client port
+    assert lat() == before_lat and counter(prog, "UNMATCHED") == before_un + 2
+    run(prog, frame(r, reply=True, port=42000))
+    assert lat() == before_lat + 1 and len(b["dns_pending"]) == 0
+    run(prog, frame(r, reply=True, port=42000))  # a duplicate answer matches nothing
+    assert lat() == before_lat + 1 and counter(prog, "UNMATCHED") == before_un + 3
+    assert sum(take_keys(prog).values()) == 6  # every message counted, matched or not
+
+
+def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -> None:
+    from bcc import BPF  # type: ignore[import-untyped]
+    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
+    defines.update(cflags(DnsConfig.model_validate({"max_pending": 16})))
+    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+    try:
+        small = (b, b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS))
+        for i in range(20):
+            run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))
+        assert len(b["dns_pending"]) == 16
+        assert counter(small, "PENDING_FULL") == 4 and counter(small, "RETRANSMITS") == 0
+        assert sum(take_keys(small).values()) == 20
+    finally:
+        b.cleanup()
