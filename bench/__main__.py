@@ -7,9 +7,16 @@ from bench import bpf_runtime, datapath, dnsproxy, dnsproxy_peers, exporters, k8
 from bench import memory, overload, startup, throughput
 
 
-def main() -> int:
-    print("== datapath overhead (iperf3 between two pods; ratio = observer / no observer) ==", flush=True)
+def main(argv: list[str]) -> int:
+    """All benchmarks, or only the datapath table with ``datapath`` (``make bench BENCH=datapath``)."""
+    print("== datapath cost: iperf3 TCP and UDP flood, dnsperf, connection rate between pods;"
+          " ratio = observer / no observer, observer CPU in cores ==", flush=True)
     print(datapath.report(datapath.run()), flush=True)
+    if argv == ["datapath"]:
+        return 0
+    if argv:
+        print(f"unknown benchmark selection {argv!r}: use no argument (all) or 'datapath'", file=sys.stderr)
+        return 2
     print("== kernel cost per run of each flowtel program (kernel.bpf_stats_enabled) ==", flush=True)
     bpf_runtime.main()
     print("== k8sattributes: lookups/s and resident memory by cached pods (bench/k8sattributes.md) ==", flush=True)
@@ -32,4 +39,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -18,7 +18,8 @@ declare -A PKG_FOR=(
   [/usr/bin/dig]=dnsutils
   [/usr/bin/tcpdump]=tcpdump
   [/usr/bin/iperf3]=iperf3
-  # dnsperf drives the full-rate DNS end-to-end test (tests/integration/test_dns_e2e.py).
+  # dnsperf drives the full-rate DNS end-to-end test (tests/integration/test_dns_e2e.py) and
+  # the DNS workload of bench/datapath.py (make bench).
   [/usr/bin/dnsperf]=dnsperf
   [/usr/sbin/nft]=nftables
   [/usr/bin/nstat]=iproute2
