@@ -32,7 +32,7 @@ from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.api.observer import observer_pb2, observer_pb2_grpc
 from flowtel.lib.hubble.api.peer import peer_pb2, peer_pb2_grpc
 from flowtel.lib.hubble.api.relay import relay_pb2
-from flowtel.testbed import Pod, Testbed, send_ping, send_tcp, send_udp
+from testbed import Pod, Testbed, send_ping, send_tcp, send_udp
 from tests.kubeapi import FakeApiServer
 from tests.kubeapi import objects as o
 
