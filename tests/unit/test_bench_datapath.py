@@ -166,9 +166,10 @@ def test_the_bench_runs_the_shipped_config_with_only_the_shared_machine_changes(
     and the fqdnpolicy pin directory."""
     from bench.datapath import SHIPPED_CONFIG, shipped_config
     from flowtel.config import load_config
+    from flowtel.registry import factories_by_kind
 
     path, prometheus = shipped_config("ftb1234p*", tmp_path)
-    load_config(path)  # raises ConfigError naming the key on anything the agent would reject
+    load_config(path, factories=factories_by_kind())  # raises ConfigError naming the key on anything the agent would reject
     shipped, bench = yaml.safe_load(SHIPPED_CONFIG.read_text()), yaml.safe_load(path.read_text())
     assert bench["receivers"]["ebpf"]["interfaces"] == ["ftb1234p*"]
     assert Path(bench["exporters"]["file"]["path"]).parent == tmp_path

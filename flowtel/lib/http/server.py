@@ -113,6 +113,11 @@ class _Channel(HTTPChannel):
             # waitress answers these itself (400, 413, 431) with a plain-text body.
             self.server.count(CLIENT_ERRORS)
             log.debug("%s: %s from %s", self.server.component, request.error.reason, self.addr)
+            if not hasattr(request, "path"):
+                # waitress logs a client that leaves while its error answer is written with
+                # task.request.path, which a request that failed to parse never got: the
+                # AttributeError then escapes as a traceback per such client.
+                request.path = ""
         super().service()
 
     def handle_error(self) -> None:  # an exception in the event loop for this channel
