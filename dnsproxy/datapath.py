@@ -33,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 import bpf as bpf_sources
 from dnsproxy import redirect
 from flowtel.lib.policy import L4, CidrEntry
-from receiver.fqdnpolicy.denied import DeniedDiff, DeniedLayout, DeniedMapReader
+from flowtel.lib.bpf.denied import DeniedDiff, DeniedLayout, DeniedMapReader
 
 log = logging.getLogger("flowtel.dnsproxy.datapath")
 

@@ -1,7 +1,7 @@
 """The ``fqdnpolicy`` receiver: packets the FQDN egress datapath denied, as Hubble drop flows.
 
 Every ``collection_interval`` it opens the dnsproxy's pinned maps by path, reads the kernel's
-cumulative denied-packet counts (receiver/fqdnpolicy/denied.py) and emits, per entry that
+cumulative denied-packet counts (flowtel/lib/bpf/denied.py) and emits, per entry that
 counted packets since the previous read, one Flow: verdict DROPPED (AUDIT in audit mode),
 drop_reason POLICY_DENIED, traffic_direction EGRESS, the pod's veth, packet and byte counts.
 Entries the kernel's LRU evicted before a read are reported as lost events.
@@ -25,7 +25,7 @@ from flowtel.errors import StartError
 from flowtel.records import EventKind, Flow, LostEvents, Record, TrafficDirection, Verdict
 from receiver.fqdnpolicy import pinned
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
-from receiver.fqdnpolicy.denied import (CNT_DENIED_CREATED, CNT_EVENTS_LOST, DROP_REASON, MAP_COUNTERS, MAP_DENIED,
+from flowtel.lib.bpf.denied import (CNT_DENIED_CREATED, CNT_EVENTS_LOST, DROP_REASON, MAP_COUNTERS, MAP_DENIED,
                                         MAP_DENIED_CREATED, VERDICT_AUDIT, DeniedDelta, DeniedDiff, DeniedLayout,
                                         DeniedMapReader, compiled_layout, cpu_count_possible)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
-from receiver.fqdnpolicy.denied import DeniedDiff
+from flowtel.lib.bpf.denied import DeniedDiff
 
 
 def decode(raw: bytes) -> tuple[str, str, int, int, int, int, int]:
