@@ -1,7 +1,7 @@
 """The pure half of bench/datapath.py: parse the clients' outputs and /proc, and turn the
 samples of one run into the table (medians of alternating rounds, ratios in the same run).
 
-No I/O here, so tests/unit/test_bench_datapath.py can check every parser and the arithmetic
+No I/O here, so bench/test_datapath_table.py can check every parser and the arithmetic
 against fixed inputs (real iperf3 3.12 JSON and dnsperf 2.10 output).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ exporters (opentelemetry-proto messages built in place with ``add()``), kept her
 yardstick: ``sdk/direct`` is what the SDK data model and encoder cost on top of it.
 
 Logs: one pod-to-pod flow with its Hubble body as an OTLP map, 2000 records per batch,
-serialized request; ``flowtel`` is :class:`exporters.common.otlp_encoding.OtlpEncoder` (what
+serialized request; ``flowtel`` is :class:`flowtel.lib.exporterhelper.otlp_encoding.OtlpEncoder` (what
 the otlp exporters send), ``sdk`` is the same record through the SDK's log data model
 (``LogRecord`` + ``ReadableLogRecord`` + ``encode_logs``), as its ``OTLPLogExporter`` needs.
 
@@ -37,8 +37,8 @@ from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.metrics_data import number, to_metrics_data
-from exporters.common.otlp_encoding import (
+from flowtel.lib.exporterhelper.metrics_data import number, to_metrics_data
+from flowtel.lib.exporterhelper.otlp_encoding import (
     FLOWTEL_VERSION,
     OtlpEncoder,
     flow_attributes,

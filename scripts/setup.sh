@@ -21,7 +21,7 @@ declare -A PKG_FOR=(
   # dnsperf drives the full-rate DNS end-to-end test (tests/integration/test_dns_e2e.py) and
   # the DNS workload of bench/datapath.py (make bench).
   [/usr/bin/dnsperf]=dnsperf
-  # The C preprocessor checks bpf/flowtel.h against the constants Python reads (tests/unit/test_bpf_constants.py).
+  # The C preprocessor checks bpf/flowtel.h against the constants Python reads (tests/contracts/test_header_constants.py).
   [/usr/bin/cpp]=cpp
   [/usr/sbin/nft]=nftables
   [/usr/bin/nstat]=iproute2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from exporters.common.flowlog_filter import FlowLogFilterConfig
+from flowtel.lib.exporterhelper.flowlog_filter import FlowLogFilterConfig
 
 
 class FileConfig(FlowLogFilterConfig):

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from exporters.common.flowlog_filter import FlowLogFilter
+from flowtel.lib.exporterhelper.flowlog_filter import FlowLogFilter
 from exporters.file.config import FileConfig
 from exporters.file.rotation import RotatingFile, UnsafeFileError
 from flowtel.lib.hubble import convert

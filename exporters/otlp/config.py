@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from exporters.common.otlp_config import OtlpExporterConfig
+from flowtel.lib.exporterhelper.otlp_config import OtlpExporterConfig
 
 
 class OtlpGrpcConfig(OtlpExporterConfig):

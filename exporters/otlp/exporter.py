@@ -1,7 +1,7 @@
 """The ``otlp`` exporter: OTLP over gRPC."""
 from __future__ import annotations
 
-from exporters.common.otlp_exporter import OtlpExporter
+from flowtel.lib.exporterhelper.otlp_exporter import OtlpExporter
 from exporters.otlp.config import OtlpGrpcConfig
 from exporters.otlp.transport import GrpcTransport
 from flowtel.component import CreateSettings

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from exporters.common import otlp_exporter
+from flowtel.lib.exporterhelper import otlp_exporter
 from exporters.otlp.config import OtlpGrpcConfig
 from exporters.otlp.exporter import OtlpGrpcExporter
 from exporters.otlp.factory import FACTORY
@@ -290,7 +290,7 @@ def test_flow_log_filters_and_field_mask_apply_to_logs_only(server: GrpcOtlpServ
     assert [json.loads(r.body.string_value) for r in records] == [
         {"verdict": "FORWARDED", "destination": {"pod_name": name}}
         for name in ("payments-0", "frontend-7c9d", "frontend-7c9d", "payments-0")]  # F1, F2, F5, F7
-    # Attributes follow the mask: only the one repeating a kept field (exporters/common/flowlog_filter.py).
+    # Attributes follow the mask: only the one repeating a kept field (flowtel/lib/exporterhelper/flowlog_filter.py).
     assert log_attributes(records[0]) == {"destination.k8s.pod.name": "payments-0"}
     assert telemetry.get("otlp", "records_filtered") == 5
     assert telemetry.get("otlp", "records_in") == 10

@@ -1,7 +1,7 @@
 """OTLP over gRPC through opentelemetry-exporter-otlp's gRPC exporter classes.
 
 Metrics go through the SDK's ``OTLPMetricExporter`` (it encodes the ``MetricsData`` with
-the SDK's encoder); flow logs, encoded by flowtel (:mod:`exporters.common.otlp_encoding`,
+the SDK's encoder); flow logs, encoded by flowtel (:mod:`flowtel.lib.exporterhelper.otlp_encoding`,
 several times cheaper per record than the SDK's log data model), go through the SDK's
 ``OTLPLogExporter`` with its translation step given the ready request. Both therefore share
 one implementation of the channel, TLS credentials, metadata, gzip, deadlines and the
@@ -25,7 +25,7 @@ exporter judges it: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, ABORTED, OUT_OF_R
 DATA_LOSS are transient; RESOURCE_EXHAUSTED is transient only with a RetryInfo
 (throttling; without one it is e.g. a message over the size limit), whose delay the
 sending queue waits; every other code is permanent. flowtel's sending queue
-(:mod:`exporters.common.sending`) retries transient failures around these calls.
+(:mod:`flowtel.lib.exporterhelper.sending`) retries transient failures around these calls.
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ from opentelemetry.sdk.metrics.export import MetricsData
 from opentelemetry.sdk._logs.export import LogRecordExportResult
 from opentelemetry.sdk.metrics.export import MetricExportResult
 
-from exporters.common.otlp_encoding import FLOWTEL_VERSION
-from exporters.common.sending import Request, SendResult
-from exporters.common.metrics_data import preferred_temporality
+from flowtel.lib.exporterhelper.otlp_encoding import FLOWTEL_VERSION
+from flowtel.lib.exporterhelper.sending import Request, SendResult
+from flowtel.lib.exporterhelper.metrics_data import preferred_temporality
 from exporters.otlp.config import OtlpGrpcConfig
 from flowtel.errors import StartError
 

@@ -5,7 +5,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from exporters.common.otlp_config import OtlpExporterConfig
+from flowtel.lib.exporterhelper.otlp_config import OtlpExporterConfig
 
 
 def _check_url(value: str, key: str) -> str:

@@ -1,7 +1,7 @@
 """The ``otlphttp`` exporter: OTLP/HTTP with protobuf bodies."""
 from __future__ import annotations
 
-from exporters.common.otlp_exporter import OtlpExporter
+from flowtel.lib.exporterhelper.otlp_exporter import OtlpExporter
 from exporters.otlphttp.config import OtlpHttpConfig
 from exporters.otlphttp.transport import HttpTransport
 from flowtel.component import CreateSettings

@@ -1,7 +1,7 @@
 """OTLP/HTTP (protobuf bodies) through opentelemetry-exporter-otlp's HTTP exporter classes.
 
 Metrics go through the SDK's ``OTLPMetricExporter`` (it encodes the ``MetricsData`` with
-the SDK's encoder); flow logs, encoded by flowtel (:mod:`exporters.common.otlp_encoding`,
+the SDK's encoder); flow logs, encoded by flowtel (:mod:`flowtel.lib.exporterhelper.otlp_encoding`,
 several times cheaper per record than the SDK's log data model), go through the SDK's
 ``OTLPLogExporter``'s HTTP client as ready request bodies. Both share the SDK's handling of
 gzip, headers, keep-alive connections (a requests ``Session``) and in-call retries.
@@ -40,9 +40,9 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 from opentelemetry.sdk.metrics.export import MetricExportResult
 
-from exporters.common.metrics_data import preferred_temporality
-from exporters.common.otlp_encoding import FLOWTEL_VERSION
-from exporters.common.sending import Request, SendResult
+from flowtel.lib.exporterhelper.metrics_data import preferred_temporality
+from flowtel.lib.exporterhelper.otlp_encoding import FLOWTEL_VERSION
+from flowtel.lib.exporterhelper.sending import Request, SendResult
 from exporters.otlphttp.config import OtlpHttpConfig
 from flowtel.errors import StartError
 

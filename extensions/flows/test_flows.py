@@ -13,11 +13,12 @@ from typing import Any, Iterator
 import pytest
 from pydantic import ValidationError
 
-from extensions.flows.config import FlowsConfig, split_endpoint
+from extensions.flows.config import FlowsConfig
+from flowtel.lib.flowapi import split_endpoint
 from extensions.flows.extension import FlowsExtension
 from extensions.flows.factory import FACTORY
-from extensions.flows.hub import LOST_SOURCE_SLOW_CLIENT
-from extensions.flows.server import parse_query
+from flowtel.lib.flowapi.hub import LOST_SOURCE_SLOW_CLIENT
+from flowtel.lib.flowapi.server import parse_query
 from flowtel.lib.hubble import convert as hubble, printer, summary as _summary, timefmt
 from flowtel.component import CreateSettings, Kind, Telemetry
 from flowtel.errors import StartError

@@ -1,12 +1,12 @@
-"""Config of the ``ui`` extension: the flows extension's settings with the UI's own port."""
+"""Config of the ``ui`` extension: the flow API's settings with the UI's own port."""
 from __future__ import annotations
 
 from pydantic import Field
 
-from extensions.flows.config import FlowsConfig
+from flowtel.lib.flowapi import FlowAPISettings
 
 DEFAULT_ENDPOINT = "127.0.0.1:12000"
 
 
-class UiConfig(FlowsConfig):
+class UiConfig(FlowAPISettings):
     endpoint: str = Field(default=DEFAULT_ENDPOINT, description="HOST:PORT the web UI listens on")

@@ -1,6 +1,6 @@
 """The ui extension over HTTP (no browser): assets, the API under /api, isolation.
 
-The page itself is exercised in a real headless Chromium by tests/integration/test_ui_e2e.py.
+The page itself is exercised in a real headless Chromium by extensions/ui/test_ui_e2e.py.
 """
 from __future__ import annotations
 

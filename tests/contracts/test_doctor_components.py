@@ -3,7 +3,7 @@
 receiver judge the same tracefs tree, and agree: what the doctor passes the receiver reads,
 and a missing tracepoint or field fails both.
 
-The tree is built from real format files of Linux 6.18 (tests/fixtures/tracefs).
+The tree is built from real format files of Linux 6.18 (flowtel/lib/bpf/testdata/tracefs).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from receiver.ebpf.kernel_events import program
 from receiver.ebpf.preflight import preflight as ebpf_preflight
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "fixtures" / "tracefs"
+FIXTURES = ROOT / "flowtel" / "lib" / "bpf" / "testdata" / "tracefs"
 REQUIREMENT_TYPES = (BccCompile, Btf, Tracefs, Tracepoint, Bpffs, BpfPrivileges, Capabilities, Executable,
                      KubernetesAccess)
 

@@ -58,6 +58,8 @@ def test_the_contracts_break_on_a_component_importing_another_or_core_importing_
         ("flowtel.pipeline", "flowtel.registry"),  # core -> the registry (and so every component)
         ("flowtel.lib.kube.client", "processors.k8sattributes.config"),  # shared library -> component
         ("exporters.file.exporter", "testbed"),  # component -> test tooling
+        ("extensions.ui.extension", "extensions.flows.extension"),  # component -> a sibling of its kind
+        ("exporters.otlp.exporter", "exporters.otlphttp.transport"),
     ):
         graph = _graph()
         graph.add_import(importer=importer, imported=imported)
@@ -67,6 +69,27 @@ def test_the_contracts_break_on_a_component_importing_another_or_core_importing_
     graph = _graph()
     graph.add_import(importer="flowtel.observe", imported="processors.k8sattributes.processor")
     assert not clients.check(graph, verbose=False).kept
+
+
+def _component_folders() -> set[str]:
+    """Every component of the product: a folder with a factory, under a kind's folder (and the
+    dnsproxy, a component of its own process)."""
+    found = {"dnsproxy"}
+    for kind in ("receiver", "processors", "connectors", "exporters", "extensions"):
+        found |= {f"{kind}.{d.name}" for d in (ROOT / kind).iterdir() if (d / "factory.py").is_file()}
+    return found
+
+
+def test_the_components_layer_lists_every_component_folder_and_nothing_shared() -> None:
+    # A new component folder not in the list would escape the independence check, and a
+    # folder without a factory under a kind (shared code) belongs in flowtel/lib instead.
+    layer = next(c for c in _settings()["contracts"] if c["id"] == "layers")["layers"][4]
+    listed = {name.strip() for name in layer.split("|")}
+    assert listed == _component_folders()
+    for kind in ("receiver", "processors", "connectors", "exporters", "extensions"):
+        shared = [d.name for d in (ROOT / kind).iterdir()
+                  if d.is_dir() and d.name != "__pycache__" and not (d / "factory.py").is_file()]
+        assert not shared, f"{kind}/{shared}: shared code lives in flowtel/lib, a component has a factory"
 
 
 def test_tests_beside_a_component_may_drive_it_through_the_registry() -> None:

@@ -366,7 +366,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
             # In the server pod only: UDP to 7777 is dropped by netfilter, and one in five
             # non-SYN TCP packets to 8090 is lost, so the client retransmits. veth passes GSO
             # super-packets whole: at most 4 segments each keeps them many enough that some
-            # are lost (as in tests/integration/test_kernel_events.py).
+            # are lost (as in receiver/ebpf/kernel_events/test_kernel_events.py).
             server.exec(["nft", "-f", "-"], input="""table inet flowtel_test {
     chain input {
         type filter hook input priority 0;

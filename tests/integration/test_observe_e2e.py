@@ -96,7 +96,7 @@ receivers:
     interfaces: ["{bed.interface_glob}"]
     collection_interval: 500ms
     # Node-wide drops and TCP events (other tests' traffic) would add edges this test
-    # cannot predict; tests/integration/test_kernel_events.py covers them.
+    # cannot predict; receiver/ebpf/kernel_events/test_kernel_events.py covers them.
     kernel_events: {{drops: {{enabled: false}}, tcp: {{enabled: false}}}}
 exporters:
   file:

@@ -3,7 +3,7 @@
 Every ``#define FLOWTEL_<NAME> <integer>`` of the header is an attribute of :data:`HEADER`
 (``HEADER.CNT_FLOW_UPDATE_FAIL``, without the prefix). A name the header does not define is
 an AttributeError at import of the module that uses it, so a renamed constant cannot go
-unnoticed; tests/unit/test_bpf_constants.py checks the values against the C preprocessor's.
+unnoticed; tests/contracts/test_header_constants.py checks the values against the C preprocessor's.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ attribute set), the latest value, and every collection reports all live series, 
 SDK periodic reader does with observable instruments.
 
 The store is flowtel's metric *reader*: each collection becomes the SDK's ``MetricsData``
-(:mod:`exporters.common.metrics_data`) and goes out through opentelemetry-exporter-otlp's
+(:mod:`flowtel.lib.exporterhelper.metrics_data`) and goes out through opentelemetry-exporter-otlp's
 exporter classes. Why not the SDK's MeterProvider instruments in front of them (read in
 opentelemetry-sdk 1.45 source):
 

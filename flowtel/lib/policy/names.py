@@ -6,7 +6,7 @@ hold the GIL for longer than one pass over a 253-byte name. Sizes are bounded as
 CRD bounds them (255 characters) and validated with the CRD's own patterns, run through RE2
 as well (the CRD's ``^([-a-zA-Z0-9_]+[.]?)+$`` backtracks exponentially in Python's ``re``).
 
-Semantics (Cilium's ``pkg/fqdn/matchpattern``; tables in tests/unit/test_lib_policy_names.py):
+Semantics (Cilium's ``pkg/fqdn/matchpattern``; tables in flowtel/lib/policy/test_names.py):
 
 - names compare lowercase, with the trailing dot removed (``API.Example.COM.`` = ``api.example.com``);
 - ``*`` matches zero or more characters of one label (``[-a-z0-9_]``), never a dot; runs of

@@ -15,12 +15,12 @@ import time
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.flowlog_filter import FlowLogFilter
-from exporters.common.metrics_data import to_metrics_data
-from exporters.common.otlp_config import OtlpExporterConfig
-from exporters.common.otlp_encoding import FLOWTEL_VERSION, OtlpEncoder, resource_attributes
-from exporters.common.sending import Request, SendingQueue, Transport
-from exporters.common.selftelemetry import telemetry_points
+from flowtel.lib.exporterhelper.flowlog_filter import FlowLogFilter
+from flowtel.lib.exporterhelper.metrics_data import to_metrics_data
+from flowtel.lib.exporterhelper.otlp_config import OtlpExporterConfig
+from flowtel.lib.exporterhelper.otlp_encoding import FLOWTEL_VERSION, OtlpEncoder, resource_attributes
+from flowtel.lib.exporterhelper.sending import Request, SendingQueue, Transport
+from flowtel.lib.exporterhelper.selftelemetry import telemetry_points
 from flowtel.lib.metrics.series import SeriesStore
 from flowtel.component import CreateSettings, Exporter
 from flowtel.records import MetricPoint, Record

@@ -1,6 +1,6 @@
 """Parsing tracefs format files: field layouts, enum tables, the generated C structs.
 
-Fixtures are real format files of Linux 6.18 (tests/fixtures/tracefs/README.md).
+Fixtures are real format files of Linux 6.18 (testdata/tracefs/README.md).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from flowtel.lib.bpf import tracefs
 from receiver.ebpf.kernel_events import program
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tracefs"
+FIXTURES = Path(__file__).resolve().parent / "testdata" / "tracefs"
 
 
 def fixture(category: str, event: str) -> tracefs.TracepointFormat:

@@ -29,7 +29,7 @@ from testbed import (
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ETH_IPV4_ICMP_ECHO = 14 + 20 + 8 + 56  # frame of a ping(8)-sized echo request or reply
 ETH_IPV6_ICMP_ECHO = 14 + 40 + 8 + 56
 

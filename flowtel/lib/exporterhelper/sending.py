@@ -37,7 +37,7 @@ from typing import Protocol, Union
 
 from opentelemetry.sdk.metrics.export import MetricsData
 
-from exporters.common.otlp_config import QueueConfig, RetryConfig
+from flowtel.lib.exporterhelper.otlp_config import QueueConfig, RetryConfig
 from flowtel.component import Telemetry
 
 log = logging.getLogger("flowtel.exporters.sending")

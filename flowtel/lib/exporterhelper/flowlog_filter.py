@@ -235,7 +235,8 @@ def _check(value: Any, info: ValidationInfo) -> Any:
 
 
 def _proto(ff: Any) -> flow_pb2.FlowFilter:
-    return ff.to_proto()
+    proto: flow_pb2.FlowFilter = ff.to_proto()  # FlowFilterConfig is built at run time (Any)
+    return proto
 
 
 FlowFilterConfig: Any = create_model(  # type: ignore[call-overload]  # fields built from the proto's descriptor
@@ -279,7 +280,8 @@ class FieldMask:
         """The Hubble flow object (``flow_to_dict``) with only the masked paths; itself without a mask."""
         if self._tree is None:
             return flow_obj
-        return _apply(self._tree, flow_obj)
+        masked: dict[str, Any] = _apply(self._tree, flow_obj)
+        return masked
 
     def keeps_attribute(self, key: str, protocol: int) -> bool:
         """Whether a flow record of IP ``protocol`` may carry the OTLP attribute ``key``."""

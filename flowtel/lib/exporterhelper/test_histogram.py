@@ -12,7 +12,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, H
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.metrics_data import to_metrics_data
+from flowtel.lib.exporterhelper.metrics_data import to_metrics_data
 from flowtel.lib.metrics.series import HistogramValue, SeriesStore
 from flowtel.histogram import Histogram, bucket_index, check_bounds
 from flowtel.records import MetricKind, MetricPoint

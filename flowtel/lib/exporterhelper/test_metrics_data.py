@@ -9,7 +9,7 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, Gauge, Metr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from exporters.common.metrics_data import number, to_metrics_data
+from flowtel.lib.exporterhelper.metrics_data import number, to_metrics_data
 from flowtel.lib.metrics.series import SeriesStore
 from flowtel.records import MetricKind, MetricPoint
 

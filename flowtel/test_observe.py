@@ -133,7 +133,7 @@ def test_follow_receives_flows_that_arrive_after_it_started(ext: Served, tmp_pat
     err = (tmp_path / "err").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "flowtel.cli", "observe", "--server", ext.endpoint, "--follow",
                              "-o", "json", "--to-port", "443"], stdout=subprocess.PIPE, stderr=err, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[1])
     try:
         deadline = time.monotonic() + 20
         while ext.ext.store.stats()["followers"] == 0:

@@ -146,7 +146,7 @@ def test_bad_component_id(tmp_path: Path) -> None:
 
 
 def test_bundled_default_config_is_valid() -> None:
-    cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "flowtel.yaml", environ={}, factories=factories_by_kind())
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "flowtel.yaml", environ={}, factories=factories_by_kind())
     assert "ebpf" in cfg.components[Kind.RECEIVER]
     assert cfg.pipelines["logs"].exporters == ("file", "hubblemetrics")
     assert cfg.pipelines["metrics"].receivers == ("ebpf", "procfs", "hubblemetrics")
@@ -231,7 +231,7 @@ def test_flowtel_run_with_an_alias_bomb_or_a_recursive_alias_exits_with_a_config
     import sys
     import time
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     levels = ["a: &a [" + ",".join(['"lol"'] * 9) + "]"]
     for prev, name in zip("abcdefgh", "bcdefghi"):
         levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")

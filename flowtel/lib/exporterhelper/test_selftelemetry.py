@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
-from exporters.common.otlp_exporter import OtlpExporter
-from exporters.common.sending import Request, SendResult
+from flowtel.lib.exporterhelper.otlp_exporter import OtlpExporter
+from flowtel.lib.exporterhelper.sending import Request, SendResult
 from exporters.otlp.config import OtlpGrpcConfig
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import MetricKind, MetricPoint

@@ -10,8 +10,8 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from pydantic import ValidationError
 
-from exporters.common.flowlog_filter import FlowLogFilter, FlowLogFilterConfig
-from exporters.common.otlp_encoding import OtlpEncoder, any_value_to_python
+from flowtel.lib.exporterhelper.flowlog_filter import FlowLogFilter, FlowLogFilterConfig
+from flowtel.lib.exporterhelper.otlp_encoding import OtlpEncoder, any_value_to_python
 from exporters.file.factory import FACTORY
 from exporters.otlp.config import OtlpGrpcConfig
 from exporters.otlp.exporter import OtlpGrpcExporter

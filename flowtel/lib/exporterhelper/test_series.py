@@ -74,7 +74,7 @@ def test_delta_baselines_and_counter_reset() -> None:
 
 
 def test_the_example_config_loads() -> None:
-    path = Path(__file__).resolve().parents[2] / "config" / "otlp-prometheus.yaml"
+    path = Path(__file__).resolve().parents[3] / "config" / "otlp-prometheus.yaml"
     config = load_config(path, factories=factories_by_kind())
     assert config.pipelines["metrics"].exporters == ("otlp", "prometheus")
     assert config.pipelines["logs"].exporters == ("otlp",)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from extensions.flows.hub import FlowHub, Follower, Query, TooManyFollowers
+from flowtel.lib.flowapi.hub import FlowHub, Follower, Query, TooManyFollowers
 from flowtel.lib.http import HTTPError, Request, Response, ascii_int, ascii_only, bad_request, json_response
 from flowtel.lib.http.request import parse_query as split_query
 from flowtel.lib.hubble.api.observer import observer_pb2

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from exporters.common.flowlog_filter import FlowLogFilterConfig
-from exporters.common.otlp_encoding import LogBody
+from flowtel.lib.exporterhelper.flowlog_filter import FlowLogFilterConfig
+from flowtel.lib.exporterhelper.otlp_encoding import LogBody
 from flowtel.lib.metrics.series import Temporality
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import Duration

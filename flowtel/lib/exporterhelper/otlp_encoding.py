@@ -1,7 +1,7 @@
 """Flow-log records to OTLP log requests, built in place on opentelemetry-proto's messages.
 
 Metrics do not come through here: they leave as the SDK's ``MetricsData``
-(:mod:`exporters.common.metrics_data`) through opentelemetry-exporter-otlp's exporters.
+(:mod:`flowtel.lib.exporterhelper.metrics_data`) through opentelemetry-exporter-otlp's exporters.
 Logs are encoded here, and the ready request is handed to the SDK's ``OTLPLogExporter``
 classes for sending, because building the messages directly (``add()`` on repeated fields)
 costs a fraction of going through the SDK's log data model (``LogRecord`` +
@@ -22,7 +22,7 @@ Flow-log records, one per :class:`Flow`:
   Kubernetes attributes prefixed with its side: ``source.k8s.pod.name``,
   ``destination.k8s.namespace.name``, … (from the endpoint's OTel attributes, plus its
   namespace and pod name when those are not already there); a ``field_mask`` keeps only
-  the attributes whose body field it keeps (table in :mod:`exporters.common.flowlog_filter`);
+  the attributes whose body field it keeps (table in :mod:`flowtel.lib.exporterhelper.flowlog_filter`);
 - severity INFO, or WARN for verdicts DROPPED and ERROR; time = the flow's time;
   event name ``flowtel.flow``.
 
@@ -41,7 +41,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, SeverityNumber
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.sdk.resources import OTELResourceDetector
 
-from exporters.common.flowlog_filter import FieldMask
+from flowtel.lib.exporterhelper.flowlog_filter import FieldMask
 from flowtel.lib.hubble import convert
 from flowtel.records import (
     IPPROTO_ICMP,
@@ -236,7 +236,7 @@ class OtlpEncoder:
         self.max_batch_size = max_batch_size
         self.log_body: LogBody = log_body
         # The field mask: applied to each flow's Hubble object and to the attributes derived
-        # from its fields (exporters/common/flowlog_filter.py).
+        # from its fields (flowtel/lib/exporterhelper/flowlog_filter.py).
         self.body_mask = body_mask
 
     def logs(self, records: Sequence[Record], observed_ns: int) -> Iterator[tuple[bytes, int]]:
