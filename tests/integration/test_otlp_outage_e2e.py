@@ -41,6 +41,7 @@ pytestmark = pytest.mark.kernel
 
 BIG_OUTAGE = 30.0
 TINY_OUTAGE = 10.0
+TINY_RECOVERY = 5.0
 UDP_PORT = 9447
 DATAGRAMS = 3  # per second, from one fresh source port
 
@@ -72,6 +73,10 @@ class Run:
     stderr: Path
     outage_ports: list[int] = field(default_factory=list)  # sent while otlp/big's backend was down
     tiny_outage_ports: list[int] = field(default_factory=list)
+    # Sent in the first seconds after otlp/tiny's backend returned: its queue is still full of
+    # outage records being retried (up to max_interval apart, on a loaded machine longer), so a
+    # batch arriving then may overflow it too, and is counted like the others.
+    tiny_recovery_ports: list[int] = field(default_factory=list)
     big_down: tuple[int, int] = (0, 0)  # wall clock ns
     file_flows: list[dict] = field(default_factory=list)
     telemetry: str = ""
@@ -172,6 +177,10 @@ def run(tmp_path_factory: pytest.TempPathFactory):
                     tick(r.tiny_outage_ports)
                 tiny.start()  # same port
                 r.outage_ports.extend(r.tiny_outage_ports)
+                back = time.monotonic()
+                while time.monotonic() - back < TINY_RECOVERY:
+                    tick(r.tiny_recovery_ports)
+                r.outage_ports.extend(r.tiny_recovery_ports)
                 while time.monotonic() - down < BIG_OUTAGE:
                     tick(r.outage_ports)
                 big.start()  # same port
@@ -282,4 +291,5 @@ def test_beyond_the_queue_bound_the_loss_is_counted_exactly(run: Run) -> None:
     assert overflow == missing  # all of it queue overflow, none given up by retries
     # The lost records are from the outage: everything sent before or after it arrived.
     lost_ports = {port for port, _ in udp_packets_by_port([json.loads(k) for k in (written - delivered)])}
-    assert lost_ports <= set(run.tiny_outage_ports), lost_ports
+    assert lost_ports <= set(run.tiny_outage_ports) | set(run.tiny_recovery_ports), lost_ports
+    assert lost_ports & set(run.tiny_outage_ports), lost_ports
