@@ -72,7 +72,7 @@ class TcpConfig(ComponentConfig):
 class KernelEventsConfig(ComponentConfig):
     drops: DropsConfig = Field(default_factory=DropsConfig)
     tcp: TcpConfig = Field(default_factory=TcpConfig)
-    # Kernel-to-user ring buffer of TCP events (drops never cross one by one); a burst larger than it is
+    # Kernel-to-user ring buffer of TCP events and drop samples (drops are aggregated); a burst larger than it is
     # lost and counted (lost events, source KERNEL_EVENTS_RING_BUFFER).
     ring_buffer_kb: int = Field(1024, ge=4, le=262_144)
     # How often cumulative counters are read into metric points.
