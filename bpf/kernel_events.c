@@ -135,7 +135,7 @@ static __always_inline int echo_reply(const struct flowtel_packet *p)
     return p->protocol == FLOWTEL_IPPROTO_ICMPV6 && p->icmp_type == 129;        /* ICMPV6_ECHO_REPLY */
 }
 
-static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags)
+static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags, __u64 now)
 {
     __u32 zero = 0;
     __u32 *active = drop_active.lookup(&zero);
@@ -143,7 +143,7 @@ static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len
     struct drop_flow_stats *st = slot ? drop_flows_1.lookup(key) : drop_flows_0.lookup(key);
     if (!st) {
         struct drop_flow_stats init = {};
-        init.first_ns = bpf_ktime_get_ns();
+        init.first_ns = now;
         int rc = slot ? drop_flows_1.insert(key, &init) : drop_flows_0.insert(key, &init);
         if (rc == 0)
             count(FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 + slot, 1);
@@ -155,7 +155,7 @@ static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len
     }
     __sync_fetch_and_add(&st->packets, 1);
     __sync_fetch_and_add(&st->bytes, len);
-    st->last_ns = bpf_ktime_get_ns();
+    st->last_ns = now;
     st->tcp_flags |= tcp_flags;  /* a racing OR may lose a bit; packets and bytes are exact */
 }
 
@@ -184,9 +184,8 @@ static __always_inline int drop_take_budget(__u64 now)
  * (user space marks it a sample and counts it nowhere). Over the budget: counted as
  * suppressed; ring full: counted by new_event as every lost event is. */
 static __always_inline void sample_drop(struct drop_flow_key *key, const struct flowtel_packet *p, char *l3,
-                                        __u32 len)
+                                        __u32 len, __u64 now)
 {
-    __u64 now = bpf_ktime_get_ns();
     if (!drop_take_budget(now)) {
         count(FLOWTEL_KEV_CNT_DROP_SAMPLES_SUPPRESSED, 1);
         return;
@@ -293,10 +292,11 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
         key.sport = p.has_icmp ? p.icmp_type : p.sport;
         key.dport = p.has_icmp ? p.icmp_code : p.dport;
     }
+    __u64 now = bpf_ktime_get_ns();  /* one clock read for the flow's times and the sample's */
     if (FLOWTEL_DROP_FLOWS)
-        count_drop_flow(&key, len, p.protocol == IPPROTO_TCP ? p.tcp_flags : 0);
+        count_drop_flow(&key, len, p.protocol == IPPROTO_TCP ? p.tcp_flags : 0, now);
 #if FLOWTEL_DROP_SAMPLES
-    sample_drop(&key, &p, head + nh, len);  /* reads there only if the parser found a TCP header */
+    sample_drop(&key, &p, head + nh, len, now);  /* reads there only if the parser found a TCP header */
 #endif
     return 0;
 }

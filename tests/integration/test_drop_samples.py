@@ -7,7 +7,9 @@ runs included), so the budget bound is checked on all samples, and "ours" only a
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,10 +20,12 @@ import pytest
 from connectors.hubblemetrics.config import HubbleMetricsConfig
 from connectors.hubblemetrics.connector import HubbleMetricsConnector
 from flowtel.component import CreateSettings, Telemetry
-from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record, Verdict
+from flowtel.records import TCP_SYN, EventKind, Flow, LostEvents, MetricPoint, Record, Verdict
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig, decode
-from testbed import Testbed
-from tests.integration.test_kernel_events import _FLOOD, _FULL_SOCKET, Collector, udp_mib, udp_sendto
+from receiver.ebpf.kernel_events.config import MAX_DROP_EVENTS_PER_SECOND
+from testbed import Testbed, capture
+from tests.integration.test_kernel_events import (_CONNECT_REFUSED, _FLOOD, _FULL_SOCKET, Collector, udp_mib,
+                                                  udp_sendto)
 
 pytestmark = pytest.mark.kernel
 
@@ -57,9 +61,9 @@ def hubble_drops(records: list[Flow]) -> float:
 
 
 def test_drop_samples_are_bounded_per_cpu_and_counts_stay_exact(bed: Testbed) -> None:
-    sink = Collector()
+    sink, telemetry = Collector(), Telemetry()
     ke = KernelEvents(KernelEventsConfig(collection_interval=0.5, poll_interval=0.05, tcp={"enabled": False},
-                                         drops={"events_per_second": BUDGET}), "test-node", Telemetry(), sink)
+                                         drops={"events_per_second": BUDGET}), "test-node", telemetry, sink)
     a, b = bed.add_pod("smp-a"), bed.add_pod("smp-b")
     port = 47300
     server = b.popen([sys.executable, "-c", _FULL_SOCKET, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -108,6 +112,13 @@ def test_drop_samples_are_bounded_per_cpu_and_counts_stay_exact(bed: Testbed) ->
         if isinstance(p, MetricPoint) and p.name == "networkobservability_drop_count":
             final[tuple(sorted(p.attributes.items()))] = p.value  # cumulative: the last one holds
     assert sum(final.values()) == counters[decode.CNT_DROP_SAMPLES] + counters[decode.CNT_DROP_SAMPLES_SUPPRESSED]
+    # The same counts as self-telemetry (flowtel_component_drop_samples{,_suppressed}) and metrics.
+    snapshot = telemetry.snapshot()
+    assert snapshot[("ebpf", "drop_samples")] == counters[decode.CNT_DROP_SAMPLES]
+    assert snapshot[("ebpf", "drop_samples_suppressed")] == counters[decode.CNT_DROP_SAMPLES_SUPPRESSED]
+    last = {p.name: p.value for p in sink.records if isinstance(p, MetricPoint)}
+    assert last["flowtel_drop_samples_suppressed_total"] == counters[decode.CNT_DROP_SAMPLES_SUPPRESSED]
+    assert last["flowtel_drop_samples_total"] == counters[decode.CNT_DROP_SAMPLES]
     assert not any(isinstance(r, LostEvents) for r in sink.records)
 
     # Counts stay exact: the aggregated drop flows count every drop, the sampled ones included,
@@ -146,3 +157,37 @@ def test_no_samples_by_default(bed: Testbed) -> None:
     counters = ke.counters()
     assert counters[decode.CNT_DROP_SAMPLES] == counters[decode.CNT_DROP_SAMPLES_SUPPRESSED] == 0
     assert not any(p.name.startswith("flowtel_drop_samples") for p in sink.records if isinstance(p, MetricPoint))
+
+
+def test_a_tcp_drop_sample_is_that_segment(bed: Testbed) -> None:
+    """SYNs to a closed port, each dropped (NO_SOCKET) in the receiving pod: each sample carries
+    that SYN's sequence number and flags as tcpdump saw the segment on the pod's veth, and a
+    time within milliseconds of it."""
+    sink = Collector()
+    # The largest budget: the drops of a concurrent flood elsewhere on the node spend it too.
+    ke = KernelEvents(KernelEventsConfig(collection_interval=0.5, poll_interval=0.05, tcp={"enabled": False},
+                                         drops={"events_per_second": MAX_DROP_EVENTS_PER_SECOND}),
+                      "test-node", Telemetry(), sink)
+    ke.start()
+    try:
+        a, b = bed.add_pod("tsmp-a"), bed.add_pod("tsmp-b")
+        port = 47320
+        with capture(b, filter_expr=f"tcp dst port {port}") as lines:
+            refused = json.loads(a.exec([sys.executable, "-c", _CONNECT_REFUSED, b.ipv4, str(port), "3"]).stdout)
+        sink.wait_flows(lambda f: f.kind is EventKind.DROP_SAMPLE and f.dst_port == port and f.src_ip == a.ipv4, 3)
+    finally:
+        ke.stop()
+    seen: dict[int, tuple[int, int]] = {}  # source port -> (seq, time ns) of its SYN
+    for line in lines:
+        m = re.search(rf"{re.escape(a.ipv4)}\.(\d+) > {re.escape(b.ipv4)}\.{port}: Flags \[S\], seq (\d+)", line)
+        if m:
+            seen[int(m.group(1))] = (int(m.group(2)), round(float(line.split()[0]) * 1e9))
+    assert sorted(seen) == sorted(refused)
+    samples = sink.flows(lambda f: f.kind is EventKind.DROP_SAMPLE and f.dst_port == port and f.src_ip == a.ipv4)
+    # All three, unless the budget was spent on other drops (then counted as suppressed).
+    assert samples and {s.src_port for s in samples} <= set(refused) and len({s.src_port for s in samples}) == len(samples)
+    assert len(samples) == 3 or ke.counters()[decode.CNT_DROP_SAMPLES_SUPPRESSED] > 0
+    for s in samples:
+        seq, when = seen[s.src_port]
+        assert (s.drop_reason, s.protocol, s.tcp_flags, s.extensions["tcp_seq"]) == ("NO_SOCKET", 6, TCP_SYN, seq)
+        assert abs(s.time_ns - when) < 50_000_000  # two clocks (tcpdump's, CLOCK_MONOTONIC + offset)
