@@ -236,6 +236,17 @@ struct drop_flow_stats {
     __u8  pad[7];
 };
 
+/* Per-CPU budget of drop samples (one struct kernel_event of kind FLOWTEL_KEV_DROP per drop,
+ * on top of the counting above, for the exact time and detail of individual drops): a token
+ * bucket of credit in nanoseconds, refilled at one per nanosecond up to
+ * FLOWTEL_DROP_SAMPLE_BUDGET_NS (events_per_second samples' worth, about one second); a sample
+ * costs FLOWTEL_DROP_SAMPLE_COST_NS (1 s / drops.events_per_second, rounded up). So a CPU
+ * emits at most events_per_second * (seconds + 1) samples in any span of seconds. */
+struct drop_sample_budget {
+    __u64 credit_ns;
+    __u64 last_ns;
+};
+
 /* Kinds of struct kernel_event. */
 #define FLOWTEL_KEV_DROP            1
 #define FLOWTEL_KEV_TCP_ESTABLISHED 2
@@ -246,13 +257,15 @@ struct drop_flow_stats {
 
 /* kernel_event.flags */
 #define FLOWTEL_KEV_F_LIFETIME      0x01  /* TCP_CLOSED: value_ns is the whole life (birth was seen) */
+#define FLOWTEL_KEV_F_TCP_SEQ       0x02  /* DROP: value_ns is the dropped TCP segment's sequence number */
 
 /* One event in the kernel_events ring buffer. Addresses and ports are the local socket's
  * (TCP events) or the packet's (drops); for TCP, src is the local end. */
 struct kernel_event {
     __u64 time_ns;       /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
     __u64 value_ns;      /* ESTABLISHED: client handshake RTT (0: passive side or unknown);
-                            CLOSED: time since the first state change seen */
+                            CLOSED: time since the first state change seen;
+                            DROP (a sample): the TCP sequence number, if FLOWTEL_KEV_F_TCP_SEQ */
     __u64 location;      /* DROP: kernel address where the skb was freed */
     __u8  saddr[16];     /* IPv4 in the first 4 bytes */
     __u8  daddr[16];
@@ -304,7 +317,9 @@ struct tcp_conn {
 #define FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL 10 /* drops not counted in a drop flow: insert failed */
 #define FLOWTEL_KEV_CNT_RTT_HIST         11 /* 11 + i: client handshake RTTs in bucket i */
 #define FLOWTEL_KEV_RTT_BUCKETS          16 /* index = FLOWTEL_RTT_BUCKET(ns), an expression the loader sets from the histogram bounds */
-#define FLOWTEL_KEV_CNT_MAX              27
+#define FLOWTEL_KEV_CNT_DROP_SAMPLES     27 /* drop samples written to the ring (the drops are counted above anyway) */
+#define FLOWTEL_KEV_CNT_DROP_SAMPLES_SUPPRESSED 28 /* drops over the sample budget: counted, not sampled (not lost) */
+#define FLOWTEL_KEV_CNT_MAX              29
 /* ==== end of kernel events ============================================================== */
 
 /* ==== FQDN egress policy (bpf/fqdn_policy.c, dnsproxy/) ==================================

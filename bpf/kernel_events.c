@@ -6,7 +6,10 @@
  * (established, closed, retransmit, reset), writes one struct kernel_event to the
  * kernel_events ring buffer, waking the reader only every FLOWTEL_WAKEUP_EVERY events (the
  * reader takes them in batches). A full ring buffer is counted (FLOWTEL_KEV_CNT_RINGBUF_FULL),
- * never silent. No drop crosses to user space one by one.
+ * never silent. No drop crosses to user space one by one, except as a sample: with
+ * drops.events_per_second set, each CPU also writes up to that many drops per second to the
+ * ring as events of their own (exact time, TCP sequence number, length, location), after
+ * counting them as every drop is; drops over the budget are counted as suppressed.
  *
  * Nothing here depends on the layout of the headers bcc compiles against:
  * - tracepoint records are read through struct flowtel_tp_<event>, which the loader
@@ -22,6 +25,9 @@
  * - FLOWTEL_DROPS, FLOWTEL_TCP (0/1): compile the drop / TCP programs (the loader generates
  *   only the enabled tracepoints' structs);
  * - FLOWTEL_DROP_FLOWS (0/1): count drops per flow (for drop flow records) besides by reason;
+ * - FLOWTEL_DROP_SAMPLES (0/1), FLOWTEL_DROP_SAMPLE_COST_NS, FLOWTEL_DROP_SAMPLE_BUDGET_NS: also
+ *   emit individual drops as events, within a per-CPU token bucket of that capacity where one
+ *   costs that much (drops.events_per_second; 0 compiles the path out);
  * - FLOWTEL_TCP_EVENTS, FLOWTEL_TCP_CONN_EVENTS (0/1): emit events besides counting;
  * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_MAX_CONNECTIONS,
  *   FLOWTEL_MAX_DROP_FLOWS: sizes;
@@ -99,6 +105,9 @@ BPF_TABLE("percpu_hash", struct drop_key, struct drop_stats, drop_stats, 4096);
 BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_0, FLOWTEL_MAX_DROP_FLOWS);
 BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_1, FLOWTEL_MAX_DROP_FLOWS);
 BPF_ARRAY(drop_active, __u32, 1);
+#if FLOWTEL_DROP_SAMPLES
+BPF_PERCPU_ARRAY(drop_sample_budget, struct drop_sample_budget, 1);
+#endif
 
 /* The L3 header is found at skb->head + skb->network_header, and the L4 header from the IP
  * header itself rather than skb->transport_header, which is not yet set where early
@@ -126,7 +135,7 @@ static __always_inline int echo_reply(const struct flowtel_packet *p)
     return p->protocol == FLOWTEL_IPPROTO_ICMPV6 && p->icmp_type == 129;        /* ICMPV6_ECHO_REPLY */
 }
 
-static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags)
+static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags, __u64 now)
 {
     __u32 zero = 0;
     __u32 *active = drop_active.lookup(&zero);
@@ -134,7 +143,7 @@ static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len
     struct drop_flow_stats *st = slot ? drop_flows_1.lookup(key) : drop_flows_0.lookup(key);
     if (!st) {
         struct drop_flow_stats init = {};
-        init.first_ns = bpf_ktime_get_ns();
+        init.first_ns = now;
         int rc = slot ? drop_flows_1.insert(key, &init) : drop_flows_0.insert(key, &init);
         if (rc == 0)
             count(FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 + slot, 1);
@@ -146,9 +155,71 @@ static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len
     }
     __sync_fetch_and_add(&st->packets, 1);
     __sync_fetch_and_add(&st->bytes, len);
-    st->last_ns = bpf_ktime_get_ns();
+    st->last_ns = now;
     st->tcp_flags |= tcp_flags;  /* a racing OR may lose a bit; packets and bytes are exact */
 }
+
+#if FLOWTEL_DROP_SAMPLES
+/* Whether this CPU may send a sample now (and if so, pay for it). The bucket starts full:
+ * last_ns 0 gives a credit of the whole uptime, capped. */
+static __always_inline int drop_take_budget(__u64 now)
+{
+    __u32 zero = 0;
+    struct drop_sample_budget *b = drop_sample_budget.lookup(&zero);
+    if (!b)
+        return 0;
+    __u64 credit = b->credit_ns + (now - b->last_ns);
+    if (credit > FLOWTEL_DROP_SAMPLE_BUDGET_NS)
+        credit = FLOWTEL_DROP_SAMPLE_BUDGET_NS;
+    b->last_ns = now;
+    if (credit < FLOWTEL_DROP_SAMPLE_COST_NS) {
+        b->credit_ns = credit;
+        return 0;
+    }
+    b->credit_ns = credit - FLOWTEL_DROP_SAMPLE_COST_NS;
+    return 1;
+}
+
+/* One drop as an event of its own, already counted by drop_stats and the drop flow maps
+ * (user space marks it a sample and counts it nowhere). Over the budget: counted as
+ * suppressed; ring full: counted by new_event as every lost event is. */
+static __always_inline void sample_drop(struct drop_flow_key *key, const struct flowtel_packet *p, char *l3,
+                                        __u32 len, __u64 now)
+{
+    if (!drop_take_budget(now)) {
+        count(FLOWTEL_KEV_CNT_DROP_SAMPLES_SUPPRESSED, 1);
+        return;
+    }
+    struct kernel_event *ev = new_event(FLOWTEL_KEV_DROP);
+    if (!ev)
+        return;
+    ev->time_ns = now;
+    ev->location = key->location;
+    ev->reason = key->reason;
+    ev->len = len;
+    ev->netns = key->netns;
+    ev->ifindex = key->ifindex;
+    ev->sport = key->sport;
+    ev->dport = key->dport;
+    ev->ethertype = key->ethertype;
+    ev->family = key->family;
+    ev->protocol = key->protocol;
+    ev->direction = key->direction;
+    __builtin_memcpy(ev->saddr, key->saddr, 16);
+    __builtin_memcpy(ev->daddr, key->daddr, 16);
+    if (p->protocol == IPPROTO_TCP && p->l4off) {
+        ev->tcp_flags = p->tcp_flags;
+        /* Only a sample pays for this read: the parser stops at the flags. */
+        __be32 seq = 0;
+        if (bpf_probe_read_kernel(&seq, sizeof(seq), l3 + p->l4off + 4) == 0) {
+            ev->value_ns = bpf_ntohl(seq);
+            ev->flags |= FLOWTEL_KEV_F_TCP_SEQ;
+        }
+    }
+    submit(ev);
+    count(FLOWTEL_KEV_CNT_DROP_SAMPLES, 1);
+}
+#endif
 
 int flowtel_drop(struct flowtel_tp_kfree_skb *args)
 {
@@ -193,7 +264,7 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
         count(FLOWTEL_KEV_CNT_DROP_MAP_FULL, 1);
     }
 
-    if (!FLOWTEL_DROP_FLOWS)
+    if (!FLOWTEL_DROP_FLOWS && !FLOWTEL_DROP_SAMPLES)
         return 0;
     struct drop_flow_key key = {};
     key.reason = reason;
@@ -221,7 +292,12 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
         key.sport = p.has_icmp ? p.icmp_type : p.sport;
         key.dport = p.has_icmp ? p.icmp_code : p.dport;
     }
-    count_drop_flow(&key, len, p.protocol == IPPROTO_TCP ? p.tcp_flags : 0);
+    __u64 now = bpf_ktime_get_ns();  /* one clock read for the flow's times and the sample's */
+    if (FLOWTEL_DROP_FLOWS)
+        count_drop_flow(&key, len, p.protocol == IPPROTO_TCP ? p.tcp_flags : 0, now);
+#if FLOWTEL_DROP_SAMPLES
+    sample_drop(&key, &p, head + nh, len, now);  /* reads there only if the parser found a TCP header */
+#endif
     return 0;
 }
 

@@ -79,11 +79,14 @@ class EventKind(enum.Enum):
     ``PACKET`` records count packets (``packets``/``bytes`` over an interval); every other
     flow kind is one event. TCP kinds are socket events, not packets (their packets were
     already counted by a ``PACKET`` record); ``DNS_UNANSWERED`` is a query whose answer
-    never came, not a second request.
+    never came, not a second request; ``DROP_SAMPLE`` is one drop sent on its own for its
+    detail (``drops.events_per_second``), a drop that a ``DROP`` record counts already:
+    nothing counts it again (``extensions.drop_sample: true`` on the wire).
     """
 
     PACKET = "packet"
     DROP = "drop"
+    DROP_SAMPLE = "drop_sample"
     DNS_REQUEST = "dns_request"
     DNS_RESPONSE = "dns_response"
     DNS_UNANSWERED = "dns_unanswered"

@@ -185,7 +185,9 @@ def flow_events(flow: Flow) -> int:
 def counts_as_hubble_flow(flow: Flow) -> bool:
     """Whether Hubble would have seen this record as flow events of its own.
 
-    TCP socket events and the record of an unanswered DNS query describe packets already
-    counted by other records: counting them again would make rates differ from Hubble's.
+    TCP socket events, the record of an unanswered DNS query and a drop sample describe
+    packets already counted by other records: counting them again would make rates differ
+    from Hubble's (and a sampled drop count twice).
     """
-    return not flow.kind.is_tcp_event and flow.kind is not EventKind.DNS_UNANSWERED
+    kind = flow.kind
+    return not kind.is_tcp_event and kind is not EventKind.DNS_UNANSWERED and kind is not EventKind.DROP_SAMPLE

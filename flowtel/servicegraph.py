@@ -167,8 +167,9 @@ def _preferred(flow: Flow) -> TrafficDirection:
 
 
 def countable(batch: Iterable[Record]) -> list[Flow]:
-    """The IP flows of a batch, each packet once (see "Counting once" above)."""
-    flows = [r for r in batch if isinstance(r, Flow) and r.ip_version != 0]
+    """The IP flows of a batch, each packet once (see "Counting once" above). Drop samples are
+    left out: the drop records of the same interval count those drops already."""
+    flows = [r for r in batch if isinstance(r, Flow) and r.ip_version != 0 and r.kind is not EventKind.DROP_SAMPLE]
     kept = {_tuple(f) for f in flows if f.traffic_direction == _preferred(f)}
     if not kept:
         return flows

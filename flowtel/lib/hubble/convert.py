@@ -24,6 +24,8 @@ How flowtel's records map onto the message (the README's "Flows on Hubble's wire
   omitted, otherwise), ``event_type {type: 1, sub_type: <its number>}``, the kernel's exact
   reason in ``extensions.drop_reason``. ``AUDIT`` drops (would-be denials) are policy
   verdict events, ``event_type {type: 5}``.
+- ``DROP_SAMPLE`` (one drop emitted on its own, ``drops.events_per_second``): as a drop,
+  with ``extensions.drop_sample: true`` and no packet counts (a drop flow counts it).
 - DNS: ``Type: L7``, ``event_type {type: 129}``, ``l7 {type: REQUEST|RESPONSE, latency_ns,
   dns}``. An unanswered query has verdict ``ERROR`` (as Cilium's proxy reports a query
   whose upstream failed), no ``l7.type`` and no ``is_reply``, and
@@ -287,6 +289,10 @@ def _extensions(flow: Flow, kind: EventKind) -> dict[str, Any]:
         ext["tcp_event"] = kind.value
     elif kind is EventKind.DNS_UNANSWERED:
         ext["dns_unanswered"] = True
+    elif kind is EventKind.DROP_SAMPLE:
+        # One drop on its own, also counted by a drop flow record: no packets/bytes here, so a
+        # consumer summing Retina's counts in extensions does not count it twice.
+        ext["drop_sample"] = True
     if flow.ip_version == 0:
         ext["ethertype"] = f"0x{flow.ethertype:04x}"
     return ext

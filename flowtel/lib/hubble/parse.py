@@ -38,7 +38,7 @@ _RFC3339 = re.compile(
 )
 _TCP_FLAG_BITS = {name: bit for bit, name in TCP_FLAG_NAMES}
 # Extension keys the converter derives from record fields, not copied from ``extensions``.
-_DERIVED_KEYS = frozenset({"packets", "bytes", "tcp_flags", "drop_reason", "tcp_event", "dns_unanswered",
+_DERIVED_KEYS = frozenset({"packets", "bytes", "tcp_flags", "drop_reason", "tcp_event", "dns_unanswered", "drop_sample",
                            "ethertype"})
 
 
@@ -114,7 +114,7 @@ def _kind(d: Mapping[str, Any], ext: Mapping[str, Any]) -> EventKind:
         return EventKind.DNS_UNANSWERED
     verdict = d.get("verdict", "")
     if verdict == "DROPPED" or verdict == "AUDIT" or d.get("event_type", {}).get("type") == MESSAGE_TYPE_DROP:
-        return EventKind.DROP
+        return EventKind.DROP_SAMPLE if ext.get("drop_sample") is True else EventKind.DROP
     return EventKind.PACKET
 
 
@@ -161,8 +161,9 @@ def flow_from_json(d: Mapping[str, Any]) -> Flow:
         ethertype=ethertype,
         ifindex=int(iface.get("index", 0)),
         ifname=iface.get("name", ""),
-        packets=_int(ext.get("packets")),
-        bytes=_int(ext.get("bytes")),
+        # A drop sample is one packet of skb_len bytes (not counts: see EventKind.DROP_SAMPLE).
+        packets=1 if kind is EventKind.DROP_SAMPLE else _int(ext.get("packets")),
+        bytes=_int(ext.get("skb_len")) if kind is EventKind.DROP_SAMPLE else _int(ext.get("bytes")),
         tcp_flags=tcp_flags,
         tcp_flag_counts=TcpFlagCounts(_int(counts.get("SYN")), _int(counts.get("SYN-ACK")), _int(counts.get("FIN")),
                                       _int(counts.get("RST"))) if isinstance(counts, Mapping) else None,

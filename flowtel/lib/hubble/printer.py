@@ -109,6 +109,8 @@ def compact_line(flow: Flow, color: bool = False) -> str:
     )
     if flow.is_packets and (flow.packets or flow.bytes):
         line += f" pkts={flow.packets} bytes={flow.bytes}"
+    elif flow.kind is EventKind.DROP_SAMPLE:
+        line += " sample"  # one of the drops a drop flow line counts, not one more
     if flow.ifname or flow.ifindex:
         line += f" on {_safe(flow.ifname) if flow.ifname else f'ifindex {flow.ifindex}'}"
         if flow.traffic_direction != TrafficDirection.UNKNOWN:

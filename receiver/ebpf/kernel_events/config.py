@@ -13,6 +13,9 @@ from flowtel.configtypes import CollectionInterval, Duration
 # when an application closes its socket, Unix-domain sockets, bulk purges of socket queues.
 # Retina and Hubble do not count them; reporting them would bury real drops.
 DEFAULT_IGNORED_REASONS = ("SOCKET_CLOSE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB", "QUEUE_PURGE")
+# A sample costs user space tens of microseconds; beyond this the budget would let a drop flood
+# take most of a core again, which is what aggregating drops in the kernel avoids.
+MAX_DROP_EVENTS_PER_SECOND = 10_000
 
 
 class DropsConfig(ComponentConfig):
@@ -24,12 +27,26 @@ class DropsConfig(ComponentConfig):
     # Distinct drop flows per collection interval (each of two kernel maps); beyond it the
     # kernel map evicts and that is counted (lost events, source DROP_FLOW_MAP_FULL).
     max_flows: int = Field(16_384, ge=64, le=1_048_576)
+    # Individual drops each CPU may also emit as events of their own per second (0: none): a
+    # sample of drops with their exact time and detail (TCP flags and sequence number, length,
+    # kernel location), as Hubble's per-packet drop events, on top of the counts. A token
+    # bucket per CPU in the kernel enforces it (at most this many * (seconds + 1) per CPU in
+    # any span); drops over it are counted (flowtel_drop_samples_suppressed_total), not lost.
+    events_per_second: int = 0
     # Reasons (names as the kernel's skb:kfree_skb format prints them) neither counted nor
     # reported; [] reports every reason. Names this kernel lacks are skipped with a warning.
     ignore_reasons: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORED_REASONS))
     # NO_SOCKET for an ICMP/ICMPv6 echo reply no ping socket claimed: a raw-socket ping has
     # already got its copy, so by default it is not a drop.
     report_unclaimed_echo_replies: bool = False
+
+    @field_validator("events_per_second")
+    @classmethod
+    def _sample_rate(cls, value: int) -> int:
+        if not 0 <= value <= MAX_DROP_EVENTS_PER_SECOND:
+            raise ValueError(f"events_per_second is drop events per CPU per second: 0 (off) to "
+                             f"{MAX_DROP_EVENTS_PER_SECOND}, got {value}")
+        return value
 
     @field_validator("ignore_reasons")
     @classmethod
@@ -55,7 +72,7 @@ class TcpConfig(ComponentConfig):
 class KernelEventsConfig(ComponentConfig):
     drops: DropsConfig = Field(default_factory=DropsConfig)
     tcp: TcpConfig = Field(default_factory=TcpConfig)
-    # Kernel-to-user ring buffer of TCP events (drops never cross one by one); a burst larger than it is
+    # Kernel-to-user ring buffer of TCP events and drop samples (drops are aggregated); a burst larger than it is
     # lost and counted (lost events, source KERNEL_EVENTS_RING_BUFFER).
     ring_buffer_kb: int = Field(1024, ge=4, le=262_144)
     # How often cumulative counters are read into metric points.

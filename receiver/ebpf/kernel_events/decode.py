@@ -26,6 +26,7 @@ KIND_TCP_RETRANSMIT = HEADER.KEV_TCP_RETRANSMIT
 KIND_TCP_RESET_SENT = HEADER.KEV_TCP_RESET_SENT
 KIND_TCP_RESET_RECV = HEADER.KEV_TCP_RESET_RECV
 FLAG_LIFETIME = HEADER.KEV_F_LIFETIME
+FLAG_TCP_SEQ = HEADER.KEV_F_TCP_SEQ
 # Indexed by FLOWTEL_DROP_INGRESS / FLOWTEL_DROP_EGRESS.
 DROP_DIRECTIONS = tuple(name.lower() for name, _ in sorted(
     ((n, v) for n, v in HEADER.with_prefix("DROP_").items() if n in ("INGRESS", "EGRESS")), key=lambda nv: nv[1]))
@@ -40,6 +41,8 @@ TCP_EVENTS = {
 }
 
 METRIC_HANDSHAKE_RTT = "flowtel_tcp_handshake_rtt_seconds"
+METRIC_DROP_SAMPLES = "flowtel_drop_samples_total"
+METRIC_DROP_SAMPLES_SUPPRESSED = "flowtel_drop_samples_suppressed_total"
 
 CNT_RINGBUF_FULL = HEADER.KEV_CNT_RINGBUF_FULL
 CNT_DROP_MAP_FULL = HEADER.KEV_CNT_DROP_MAP_FULL
@@ -52,6 +55,8 @@ CNT_RTT_COUNT = HEADER.KEV_CNT_RTT_COUNT
 CNT_DROP_FLOWS_CREATED = (HEADER.KEV_CNT_DROP_FLOWS_CREATED_0, HEADER.KEV_CNT_DROP_FLOWS_CREATED_1)
 CNT_DROP_FLOW_UPDATE_FAIL = HEADER.KEV_CNT_DROP_FLOW_UPDATE_FAIL
 CNT_RTT_HIST = HEADER.KEV_CNT_RTT_HIST
+CNT_DROP_SAMPLES = HEADER.KEV_CNT_DROP_SAMPLES
+CNT_DROP_SAMPLES_SUPPRESSED = HEADER.KEV_CNT_DROP_SAMPLES_SUPPRESSED
 CNT_MAX = HEADER.KEV_CNT_MAX
 
 # LostEvents sources, by the counter that measures them.
@@ -162,52 +167,68 @@ class DropDecoder:
         self._symbol = symbol
 
     def decode(self, drops: Iterable[RawDrop], wall_offset_ns: int) -> list[Flow]:
-        out: list[Flow] = []
-        for d in drops:
-            version, src = _address(d.family, d.saddr)
-            _, dst = _address(d.family, d.daddr)
-            ext: dict[str, object] = {"drop_direction": DROP_DIRECTIONS[d.direction & 1]}
-            symbol = self._symbol(d.location) if d.location else ""
-            if symbol:
-                ext["drop_location"] = symbol
-            if d.netns:
-                ext["netns_inode"] = d.netns
-            # An ifindex means something only within its namespace: the flow's interface fields
-            # are the node's, so one of a pod's namespace goes to extensions instead.
-            host = d.netns == self._host_netns
-            if d.ifindex and not host:
-                ext["netns_ifindex"] = d.ifindex
-            out.append(Flow(
-                time_ns=d.last_ns + wall_offset_ns,
-                node_name=self._node,
-                verdict=Verdict.DROPPED,
-                ip_version=version,
-                src_ip=src,
-                dst_ip=dst,
-                protocol=d.protocol if version else 0,
-                src_port=d.sport,
-                dst_port=d.dport,
-                ethertype=d.ethertype or (0x86DD if version == 6 else 0x0800),
-                ifindex=d.ifindex if host else 0,
-                ifname=self._ifname(d.ifindex) if host and d.ifindex else "",
-                packets=d.packets,
-                bytes=d.bytes,
-                tcp_flags=d.tcp_flags,
-                kind=EventKind.DROP,
-                drop_reason=self._names.drop_reason(d.reason),
-                extensions=frozen_extensions(ext),
-            ))
-        return out
+        return [self.flow(d.family, d.saddr, d.daddr, d.sport, d.dport, d.protocol, d.ethertype, d.netns,
+                          d.ifindex, d.direction, d.reason, d.location, d.packets, d.bytes, d.tcp_flags,
+                          d.last_ns + wall_offset_ns)
+                for d in drops]
+
+    def flow(self, family: int, saddr: bytes, daddr: bytes, sport: int, dport: int, protocol: int,
+             ethertype: int, netns: int, ifindex: int, direction: int, reason: int, location: int,
+             packets: int, nbytes: int, tcp_flags: int, time_ns: int, *, sample: bool = False,
+             tcp_seq: int | None = None) -> Flow:
+        """One drop flow record, or (``sample``) the record of one drop sent on its own: kind
+        ``DROP_SAMPLE``, one packet, its exact time, ``skb_len`` and TCP sequence number in
+        ``extensions``; a drop flow record counts that drop as well."""
+        version, src = _address(family, saddr)
+        _, dst = _address(family, daddr)
+        ext: dict[str, object] = {"drop_direction": DROP_DIRECTIONS[direction & 1]}
+        symbol = self._symbol(location) if location else ""
+        if symbol:
+            ext["drop_location"] = symbol
+        if netns:
+            ext["netns_inode"] = netns
+        # An ifindex means something only within its namespace: the flow's interface fields
+        # are the node's, so one of a pod's namespace goes to extensions instead.
+        host = netns == self._host_netns
+        if ifindex and not host:
+            ext["netns_ifindex"] = ifindex
+        if sample:
+            ext["skb_len"] = nbytes
+            if tcp_seq is not None:
+                ext["tcp_seq"] = tcp_seq
+        return Flow(
+            time_ns=time_ns,
+            node_name=self._node,
+            verdict=Verdict.DROPPED,
+            ip_version=version,
+            src_ip=src,
+            dst_ip=dst,
+            protocol=protocol if version else 0,
+            src_port=sport,
+            dst_port=dport,
+            ethertype=ethertype or (0x86DD if version == 6 else 0x0800),
+            ifindex=ifindex if host else 0,
+            ifname=self._ifname(ifindex) if host and ifindex else "",
+            packets=packets,
+            bytes=nbytes,
+            tcp_flags=tcp_flags,
+            kind=EventKind.DROP_SAMPLE if sample else EventKind.DROP,
+            drop_reason=self._names.drop_reason(reason),
+            extensions=frozen_extensions(ext),
+        )
 
 
 class EventDecoder:
-    """Turns ``struct kernel_event`` bytes (TCP events) into flow records."""
+    """Turns ``struct kernel_event`` bytes (TCP events, and drop samples when given ``drops``,
+    the decoder that names drops) into flow records."""
 
-    def __init__(self, event_ctype: type[ctypes.Structure], names: Names, node_name: str) -> None:
+    def __init__(self, event_ctype: type[ctypes.Structure], names: Names, node_name: str,
+                 drops: DropDecoder | None = None) -> None:
         self._struct, fields = struct_for(event_ctype)
         self.size = self._struct.size
         self._names = names
         self._node = node_name
+        self._drops = drops
         idx = {n: i for i, n in enumerate(fields)}
         want = ("time_ns", "value_ns", "location", "saddr", "daddr", "reason", "len", "netns", "ifindex",
                 "error", "sport", "dport", "ethertype", "kind", "family", "protocol", "direction", "state",
@@ -228,6 +249,11 @@ class EventDecoder:
                 _, dst = _address(family, daddr)
                 out.append(self._tcp(time_ns + wall_offset_ns, kind, version, src, dst, sport, dport, state,
                                      value_ns, length, error, reason, flags))
+            elif kind == KIND_DROP and self._drops is not None:
+                out.append(self._drops.flow(
+                    family, saddr, daddr, sport, dport, protocol, ethertype, netns, ifindex, direction, reason,
+                    location, 1, length, tcp_flags, time_ns + wall_offset_ns, sample=True,
+                    tcp_seq=value_ns if flags & FLAG_TCP_SEQ else None))
         return out
 
     def _tcp(self, when: int, kind: int, version: int, src: str, dst: str, sport: int, dport: int, state: int,
@@ -302,6 +328,16 @@ def drop_points(stats: dict[tuple[int, int], tuple[int, int]], names: Names, now
         out.append(MetricPoint("networkobservability_drop_bytes", nbytes, MetricKind.SUM, now_ns, dict(attrs), "By",
                                "Bytes (skb length at the drop) dropped by the kernel, by reason and direction"))
     return out
+
+
+def drop_sample_points(counters: Counters, now_ns: int) -> list[MetricPoint]:
+    """Drop samples sent and those the per-CPU budget held back (counted drops all the same)."""
+    return [
+        MetricPoint(METRIC_DROP_SAMPLES, counters[CNT_DROP_SAMPLES], MetricKind.SUM, now_ns,
+                    description="Drops sent on their own as samples (drops.events_per_second); also counted in drop flows"),
+        MetricPoint(METRIC_DROP_SAMPLES_SUPPRESSED, counters[CNT_DROP_SAMPLES_SUPPRESSED], MetricKind.SUM, now_ns,
+                    description="Drops not sampled because the per-CPU sample budget was spent; counted in drop flows"),
+    ]
 
 
 def rtt_point(counters: Counters, now_ns: int) -> MetricPoint:

@@ -187,6 +187,11 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         "FLOWTEL_DROP_FLOWS": int(events and config.drops.events),
         # Unused without drop flow records: the smallest maps (LRU maps are preallocated).
         "FLOWTEL_MAX_DROP_FLOWS": config.drops.max_flows if events and config.drops.events else 1,
+        # Compiled in, not a map the loader writes: at the default (0) the sample path does not
+        # exist and costs a drop nothing, and the rate only changes with the config (a restart).
+        "FLOWTEL_DROP_SAMPLES": int(drop_samples(config, events=events)),
+        "FLOWTEL_DROP_SAMPLE_COST_NS": drop_sample_cost_ns(config.drops.events_per_second),
+        "FLOWTEL_DROP_SAMPLE_BUDGET_NS": drop_sample_cost_ns(config.drops.events_per_second) * config.drops.events_per_second,
         "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
         "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
@@ -201,6 +206,20 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         **{f"FLOWTEL_TCPS_{s}": by_name.get(s, 0) for s in _TCP_STATE_MACROS},
     }
     return "\n".join(structs) + "\n" + bpf_sources.source(SOURCE), bpf_sources.cflags(**defines)
+
+
+def drop_samples(config: KernelEventsConfig, *, events: bool) -> bool:
+    """Whether the drop program emits drop samples: asked for, and something consumes records."""
+    return events and config.drops.enabled and config.drops.events_per_second > 0
+
+
+def drop_sample_cost_ns(events_per_second: int) -> int:
+    """What one drop sample costs in the kernel's per-CPU token bucket: 1 s / rate rounded up,
+    so that a CPU never exceeds the rate (0: off, never taken). The bucket holds ``rate`` times
+    this (a burst of exactly ``rate`` samples, then ``rate`` a second at most)."""
+    if events_per_second <= 0:
+        return 0
+    return -(-1_000_000_000 // events_per_second)
 
 
 def attach(b: Any, programs: dict[str, tuple[str, str]]) -> None:

@@ -6,7 +6,9 @@ compiles them into its own bcc module, beside the tc programs (one LLVM per agen
 module it is given); alone (tests, benches) the source compiles its own.
 
 Nothing crosses per drop: drops are counted per flow in the kernel's double-buffered drop flow
-maps, drained every ``collection_interval`` into drop flow records. TCP events that are wanted
+maps, drained every ``collection_interval`` into drop flow records. Only with
+``drops.events_per_second`` set do some drops also come one by one, as samples within a per-CPU
+budget the kernel enforces, through the ring buffer below. TCP events that are wanted
 as records (established, closed, retransmit, reset) come through a ring buffer the kernel
 announces only every few events; the thread takes them at most ``poll_interval`` late, in
 batches. Every ``collection_interval`` it also reads the kernel's cumulative counters into
@@ -139,17 +141,28 @@ class KernelEvents:
         log.info("kernel events attached: %s", ", ".join(f"{c}:{e}" for c, e in self._programs.values()))
 
     def _open_readers(self) -> None:
-        tcp = self.config.tcp
-        if self._wants_logs and tcp.enabled and (tcp.events or tcp.connection_events):
-            self._decoder = decode.EventDecoder(self._bpf["kernel_event_layout"].Leaf, self._names, self._node)
-            self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
-        if self._wants_logs and self.config.drops.enabled and self.config.drops.events:
-            self._drops = DoubleBuffer(self._bpf, "drop_flows", "drop_active", decode.RawDrop,
-                                       decode.RawDrop.__slots__,
-                                       self._counter, decode.CNT_DROP_FLOWS_CREATED)
+        tcp, drops = self.config.tcp, self.config.drops
+        samples = program.drop_samples(self.config, events=self._wants_logs)
+        if (self._wants_logs and drops.enabled and drops.events) or samples:
             self._drop_decoder = decode.DropDecoder(self._names, self._node,
                                                     host_netns=os.stat("/proc/self/ns/net").st_ino,
                                                     ifname=_host_ifname, symbol=_kernel_symbol)
+        if (self._wants_logs and tcp.enabled and (tcp.events or tcp.connection_events)) or samples:
+            self._decoder = decode.EventDecoder(self._bpf["kernel_event_layout"].Leaf, self._names, self._node,
+                                                self._drop_decoder if samples else None)
+            self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
+        if self._wants_logs and drops.enabled and drops.events:
+            self._drops = DoubleBuffer(self._bpf, "drop_flows", "drop_active", decode.RawDrop,
+                                       decode.RawDrop.__slots__,
+                                       self._counter, decode.CNT_DROP_FLOWS_CREATED)
+        if samples:
+            # Self-telemetry (flowtel_component_drop_samples{,_suppressed}), as of the last collection.
+            for name, index in (("drop_samples", decode.CNT_DROP_SAMPLES),
+                                ("drop_samples_suppressed", decode.CNT_DROP_SAMPLES_SUPPRESSED)):
+                self._telemetry.register_gauge(self._id, name, functools.partial(self._last_count, index))
+
+    def _last_count(self, index: int) -> float:
+        return float(self._last_counters[index])
 
     def stop(self) -> None:
         """Detach, then report what is still buffered and the final counters."""
@@ -188,6 +201,8 @@ class KernelEvents:
         points: list[MetricPoint] = []
         if self.config.drops.enabled:
             points += decode.drop_points(self._drop_stats(), self._names, now)
+            if program.drop_samples(self.config, events=self._wants_logs):
+                points += decode.drop_sample_points(counters, now)
         if self.config.tcp.enabled:
             points += decode.tcp_points(self._tcp_states(), counters, self._names, now)
         return points
