@@ -1,7 +1,7 @@
 """Drop samples (``drops.events_per_second``): the config, what the loader compiles, decoding a
 sample from real ``struct kernel_event`` bytes, and that nothing downstream counts a sample as
 one more drop (hubblemetrics, the service graph, flowaggregate, the Hubble wire form and back).
-The kernel end to end (budget bound, counts still exact) is tests/integration/test_drop_samples.py.
+The kernel end to end (budget bound, counts still exact) is receiver/ebpf/kernel_events/test_drop_samples_kernel.py.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from flowtel.records import TCP_SYN, EventKind, Flow, LostEvents, MetricPoint, R
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig, decode
 from receiver.ebpf.kernel_events.config import MAX_DROP_EVENTS_PER_SECOND
 from testbed import Testbed, capture
-from tests.integration.test_kernel_events import (_CONNECT_REFUSED, _FLOOD, _FULL_SOCKET, Collector, udp_mib,
+from receiver.ebpf.kernel_events.test_kernel_events import (_CONNECT_REFUSED, _FLOOD, _FULL_SOCKET, Collector, udp_mib,
                                                   udp_sendto)
 
 pytestmark = pytest.mark.kernel
