@@ -145,8 +145,8 @@ def test_prometheus_sums_add_every_series_of_a_name() -> None:
 # TYPE networkobservability_forward_count counter
 networkobservability_forward_count{direction="ingress"} 149759
 networkobservability_forward_count{direction="egress"} 10 1700000000000
-hubble_lost_events_total{source="PERF_EVENT_RING_BUFFER",note="a } in a value"} 5
-hubble_lost_events_total{source="OBSERVER_EVENTS_QUEUE"} 2.5
+hubble_lost_events_total{source="perf_event_ring_buffer",note="a } in a value"} 5
+hubble_lost_events_total{source="observer_events_queue"} 2.5
 networkobservability_forward_count_created 1.7e9
 """
     got = prometheus_sums(text, ["networkobservability_forward_count", "hubble_lost_events_total", "absent"])

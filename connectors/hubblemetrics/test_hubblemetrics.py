@@ -13,10 +13,10 @@ from connectors.hubblemetrics.options import LABELS_CONTEXT, OptionError, parse_
 from connectors.hubblemetrics.series import SeriesStore
 from flowtel.component import CreateSettings, Kind, Telemetry
 from flowtel.records import (
-    DnsInfo, Endpoint, EventKind, Flow, MetricKind, MetricPoint, Record, TcpFlagCounts, TrafficDirection, Verdict,
+    DnsInfo, Endpoint, EventKind, Flow, LostEvents, MetricKind, MetricPoint, Record, TcpFlagCounts, TrafficDirection, Verdict,
     Workload, replace,
 )
-from tests.flowsamples import lost, sample_flows
+from tests.flowsamples import T0, lost, sample_flows
 
 
 class Capture:
@@ -179,11 +179,27 @@ def test_dns_ignore_aaaa_and_no_query_label() -> None:
     assert series(points, "hubble_dns_response_types_total") == {}
 
 
+def test_lost_events_source_is_hubbles_value_and_flowtels_exact_one_beside_it() -> None:
+    # Hubble's dashboards and alerts select on the lower-case LostEventSource names.
+    records: list[Record] = [LostEvents(T0, source, n, "node-1") for source, n in (
+        ("FLOW_MAP_FULL", 1), ("FQDN_DENIED_MAP_FULL", 2), ("QUEUE_FULL:otlp", 4), ("EXPORT_FAILED:otlp", 8),
+        ("HUBBLE_RING_BUFFER", 16))]
+    points = run(["lost-events"], records)
+    assert series(points, "hubble_lost_events_total") == {
+        (("source", "perf_event_ring_buffer"),): 3, (("source", "observer_events_queue"),): 12,
+        (("source", "hubble_ring_buffer"),): 16}
+    assert series(points, "flowtel_lost_events_total") == {
+        (("source", "FLOW_MAP_FULL"),): 1, (("source", "FQDN_DENIED_MAP_FULL"),): 2, (("source", "QUEUE_FULL:otlp"),): 4,
+        (("source", "EXPORT_FAILED:otlp"),): 8, (("source", "HUBBLE_RING_BUFFER"),): 16}
+
+
 def test_lost_events_port_distribution_icmp_flows_to_world() -> None:
     f = sample_flows()
     points = run(["lost-events", "port-distribution", "icmp", "flows-to-world:port"],
                  [lost(), lost(), *f.values()])
-    assert series(points, "hubble_lost_events_total") == {(("source", "PERF_EVENT_RING_BUFFER"),): 6}
+    # Hubble's label value (its LostEventSource, lower case), flowtel's exact source beside it.
+    assert series(points, "hubble_lost_events_total") == {(("source", "perf_event_ring_buffer"),): 6}
+    assert series(points, "flowtel_lost_events_total") == {(("source", lost().source),): 6}
     assert series(points, "hubble_port_distribution_total") == {
         (("protocol", "TCP"), ("port", "8080")): 1,   # F1; F2 is a reply, F3 dropped
         (("protocol", "TCP"), ("port", "443")): 10,

@@ -291,7 +291,7 @@ def test_entries_evicted_from_a_full_map_are_lost_events(bed: Bed, tmp_path: Pat
         def accounted() -> tuple[float, float]:
             page = scrape(agent.url)
             drops = sum(series(page, "hubble_drop_total", reason="POLICY_DENIED", protocol="UDP").values())
-            lost = sum(series(page, "hubble_lost_events_total", source="FQDN_DENIED_MAP_FULL").values())
+            lost = sum(series(page, "flowtel_lost_events_total", source="FQDN_DENIED_MAP_FULL").values())
             return drops, lost
 
         agent.wait("every datagram counted as a drop or lost", lambda: sum(accounted()) == ports)
