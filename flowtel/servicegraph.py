@@ -21,10 +21,11 @@ exception: the copy the client received is kept, with the latency the client saw
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from flowtel.lib.hubble.timefmt import format_time
 from flowtel.recordtables import PROTOCOL_NAMES
@@ -102,6 +103,10 @@ class EdgeStats:
     touched: float = 0.0
 
 
+# Every field of an EdgeStats, in order, read in one C call (a snapshot copies each edge).
+_stats_values = operator.attrgetter(*EdgeStats.__slots__)
+
+
 def node_of(ep: Endpoint | None, ip: str, names: Sequence[str], granularity: Granularity = "workload") -> Node:
     if ep is not None and ep.pod_name:
         if granularity == "workload" and ep.workloads and ep.workloads[0].name:
@@ -138,9 +143,35 @@ def source_is_client(flow: Flow) -> bool:
     return True
 
 
-def edge_of(flow: Flow, granularity: Granularity = "workload") -> EdgeKey:
-    src = node_of(flow.source, flow.src_ip, flow.source_names, granularity)
-    dst = node_of(flow.destination, flow.dst_ip, flow.destination_names, granularity)
+class NodeCache:
+    """:func:`node_of` once per endpoint object: enrichment shares one :class:`Endpoint`
+    among every record of a pod, so a graph sees few distinct ones. Keyed by identity (an
+    endpoint's own hash walks all its fields); each entry holds the endpoint, so its id
+    stays its own while cached. Bounded: cleared when full, refilled by the next flows."""
+
+    def __init__(self, max_size: int = 65536) -> None:
+        self.max_size = max_size
+        self._by_id: dict[tuple[int, str], tuple[Endpoint, Node]] = {}
+
+    def __call__(self, ep: Endpoint | None, ip: str, names: Sequence[str],
+                 granularity: Granularity = "workload") -> Node:
+        if ep is None or not ep.pod_name:
+            return node_of(ep, ip, names, granularity)  # named by address or DNS name: per flow
+        key = (id(ep), granularity)
+        hit = self._by_id.get(key)
+        if hit is not None and hit[0] is ep:
+            return hit[1]
+        node = node_of(ep, ip, names, granularity)
+        if len(self._by_id) >= self.max_size:
+            self._by_id.clear()
+        self._by_id[key] = (ep, node)
+        return node
+
+
+def edge_of(flow: Flow, granularity: Granularity = "workload",
+            node: Callable[[Endpoint | None, str, Sequence[str], Granularity], Node] = node_of) -> EdgeKey:
+    src = node(flow.source, flow.src_ip, flow.source_names, granularity)
+    dst = node(flow.destination, flow.dst_ip, flow.destination_names, granularity)
     client_is_src = source_is_client(flow)
     client, server = (src, dst) if client_is_src else (dst, src)
     if flow.l7 is not None:
@@ -195,6 +226,7 @@ class ServiceGraph:
         self.max_edges = max_edges
         self.overflow = 0
         self._edges: dict[EdgeKey, EdgeStats] = {}
+        self._nodes = NodeCache()
         self._lock = threading.Lock()
 
     def add(self, batch: Iterable[Record]) -> None:
@@ -205,8 +237,9 @@ class ServiceGraph:
         now = time.monotonic()
         with self._lock:
             edges = self._edges
+            nodes = self._nodes
             for flow in flows:
-                key = edge_of(flow, granularity)
+                key = edge_of(flow, granularity, nodes)
                 stats = edges.get(key)
                 if stats is None:
                     if len(edges) >= self.max_edges:
@@ -229,8 +262,7 @@ class ServiceGraph:
 
     def snapshot(self) -> list[tuple[EdgeKey, EdgeStats]]:
         with self._lock:
-            return [(k, EdgeStats(**{n: getattr(s, n) for n in EdgeStats.__slots__}))
-                    for k, s in self._edges.items()]
+            return [(k, EdgeStats(*_stats_values(s))) for k, s in self._edges.items()]
 
     def __len__(self) -> int:
         return len(self._edges)
