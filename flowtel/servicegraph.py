@@ -170,6 +170,11 @@ class NodeCache:
 
 def edge_of(flow: Flow, granularity: Granularity = "workload",
             node: Callable[[Endpoint | None, str, Sequence[str], Granularity], Node] = node_of) -> EdgeKey:
+    return EdgeKey(*_edge_parts(flow, granularity, node))
+
+
+def _edge_parts(flow: Flow, granularity: Granularity,
+                node: Callable[[Endpoint | None, str, Sequence[str], Granularity], Node]) -> tuple[Node, Node, str, str, str]:
     src = node(flow.source, flow.src_ip, flow.source_names, granularity)
     dst = node(flow.destination, flow.dst_ip, flow.destination_names, granularity)
     client_is_src = source_is_client(flow)
@@ -181,7 +186,7 @@ def edge_of(flow: Flow, granularity: Granularity = "workload",
     port = ""
     if flow.protocol in _PORTED:
         port = str(flow.dst_port if client_is_src else flow.src_port)
-    return EdgeKey(client, server, protocol, port, str(flow.verdict))
+    return client, server, protocol, port, str(flow.verdict)
 
 
 def _tuple(flow: Flow) -> tuple[Any, ...]:
@@ -225,7 +230,9 @@ class ServiceGraph:
         self.expire_after = expire_after
         self.max_edges = max_edges
         self.overflow = 0
-        self._edges: dict[EdgeKey, EdgeStats] = {}
+        # By the edge's fields as a tuple of strings (hashed in C; an EdgeKey's generated
+        # hash runs Python for it and both nodes): the key and its stats.
+        self._edges: dict[tuple[str, ...], tuple[EdgeKey, EdgeStats]] = {}
         self._nodes = NodeCache()
         self._lock = threading.Lock()
 
@@ -239,13 +246,16 @@ class ServiceGraph:
             edges = self._edges
             nodes = self._nodes
             for flow in flows:
-                key = edge_of(flow, granularity, nodes)
-                stats = edges.get(key)
-                if stats is None:
+                client, server, protocol, port, verdict = parts = _edge_parts(flow, granularity, nodes)
+                key = (client.name, client.namespace, client.kind, server.name, server.namespace, server.kind,
+                       protocol, port, verdict)
+                entry = edges.get(key)
+                if entry is None:
                     if len(edges) >= self.max_edges:
                         self.overflow += 1
                         continue
-                    stats = edges[key] = EdgeStats(first_seen_ns=flow.time_ns)
+                    entry = edges[key] = (EdgeKey(*parts), EdgeStats(first_seen_ns=flow.time_ns))
+                stats = entry[1]
                 _count(stats, flow)
                 stats.touched = now
 
@@ -255,14 +265,14 @@ class ServiceGraph:
             return 0
         cutoff = (time.monotonic() if now is None else now) - self.expire_after
         with self._lock:
-            stale = [k for k, s in self._edges.items() if s.touched < cutoff]
+            stale = [k for k, (_, s) in self._edges.items() if s.touched < cutoff]
             for k in stale:
                 del self._edges[k]
         return len(stale)
 
     def snapshot(self) -> list[tuple[EdgeKey, EdgeStats]]:
         with self._lock:
-            return [(k, EdgeStats(*_stats_values(s))) for k, s in self._edges.items()]
+            return [(k, EdgeStats(*_stats_values(s))) for k, s in self._edges.values()]
 
     def __len__(self) -> int:
         return len(self._edges)
