@@ -42,8 +42,30 @@ class UnknownShape(Exception):
     """The mapping holds something this builder was not written for (then ParseDict runs)."""
 
 
+# Endpoint messages, serialized, by their JSON mapping's identity: convert builds that
+# mapping once per endpoint object and shares it among every record of the pod, so the
+# message is built once too and merged from bytes (one C call) into each flow. Each entry
+# holds the mapping, so its id stays its own while cached; bounded, cleared when full.
+_endpoint_bytes: dict[int, tuple[dict[str, Any], bytes]] = {}
+_ENDPOINT_CACHE_MAX = 65536
+
+
 def _endpoint(msg: flow_pb2.Endpoint, d: dict[str, Any]) -> None:
     msg.SetInParent()  # present even when empty ({} in the JSON)
+    hit = _endpoint_bytes.get(id(d))
+    if hit is not None and hit[0] is d:
+        msg.MergeFromString(hit[1])
+        return
+    built = flow_pb2.Endpoint()
+    _endpoint_fields(built, d)
+    if len(_endpoint_bytes) >= _ENDPOINT_CACHE_MAX:
+        _endpoint_bytes.clear()
+    data = built.SerializeToString()
+    _endpoint_bytes[id(d)] = (d, data)
+    msg.MergeFromString(data)
+
+
+def _endpoint_fields(msg: flow_pb2.Endpoint, d: dict[str, Any]) -> None:
     for key, value in d.items():
         if key == "labels":
             msg.labels.extend(value)
