@@ -321,6 +321,40 @@ def _extensions(flow: Flow, kind: EventKind) -> dict[str, Any]:
     return ext
 
 
+# Parts that many records share, built once (read-only by contract, like EMITTER).
+_EVENT_ACCESS_LOG: dict[str, int] = {"type": MESSAGE_TYPE_ACCESS_LOG}
+_EVENT_TRACE_SOCK: dict[str, int] = {"type": MESSAGE_TYPE_TRACE_SOCK}
+_EVENT_POLICY_VERDICT: dict[str, int] = {"type": MESSAGE_TYPE_POLICY_VERDICT}
+_EVENT_FROM_ENDPOINT: dict[str, int] = {"type": MESSAGE_TYPE_TRACE, "sub_type": TRACE_FROM_ENDPOINT}
+_EVENT_TRACE: dict[str, int] = {"type": MESSAGE_TYPE_TRACE}
+_drop_event_types: dict[str, dict[str, int]] = {}
+_interfaces: dict[tuple[int, str], dict[str, Any]] = {}
+
+
+def _drop_event_type(reason: str) -> dict[str, int]:
+    et = _drop_event_types.get(reason)
+    if et is None:
+        et = {"type": MESSAGE_TYPE_DROP, "sub_type": drop_sub_type(reason)}
+        if len(_drop_event_types) < 4096:  # reasons are a small fixed set; the bound is for hostile input
+            _drop_event_types[reason] = et
+    return et
+
+
+def _interface_json(ifindex: int, ifname: str) -> dict[str, Any]:
+    key = (ifindex, ifname)
+    iface = _interfaces.get(key)
+    if iface is None:
+        iface = {}
+        if ifindex:
+            iface["index"] = ifindex
+        if ifname:
+            iface["name"] = ifname
+        if len(_interfaces) >= 65536:
+            _interfaces.clear()  # interfaces churn (pods come and go): start again rather than grow
+        _interfaces[key] = iface
+    return iface
+
+
 def _flow_dict(flow: Flow) -> dict[str, Any]:
     kind = flow.kind
     is_dns = kind.is_dns
@@ -373,21 +407,21 @@ def _flow_dict(flow: Flow) -> dict[str, Any]:
     direction = flow.traffic_direction
     observation_point = None
     if is_dns:
-        out["event_type"] = {"type": MESSAGE_TYPE_ACCESS_LOG}
+        out["event_type"] = _EVENT_ACCESS_LOG
     elif is_tcp_event:
-        out["event_type"] = {"type": MESSAGE_TYPE_TRACE_SOCK}
+        out["event_type"] = _EVENT_TRACE_SOCK
     elif verdict is Verdict.DROPPED:
-        out["event_type"] = {"type": MESSAGE_TYPE_DROP, "sub_type": drop_sub_type(flow.drop_reason)}
+        out["event_type"] = _drop_event_type(flow.drop_reason)
     elif verdict is Verdict.AUDIT:
-        out["event_type"] = {"type": MESSAGE_TYPE_POLICY_VERDICT}
+        out["event_type"] = _EVENT_POLICY_VERDICT
     elif direction is TrafficDirection.EGRESS:
-        out["event_type"] = {"type": MESSAGE_TYPE_TRACE, "sub_type": TRACE_FROM_ENDPOINT}
+        out["event_type"] = _EVENT_FROM_ENDPOINT
         observation_point = "FROM_ENDPOINT"
     elif direction is TrafficDirection.INGRESS:
-        out["event_type"] = {"type": MESSAGE_TYPE_TRACE}  # sub_type TO_ENDPOINT is 0: omitted
+        out["event_type"] = _EVENT_TRACE  # sub_type TO_ENDPOINT is 0: omitted
         observation_point = "TO_ENDPOINT"
     else:
-        out["event_type"] = {"type": MESSAGE_TYPE_TRACE}
+        out["event_type"] = _EVENT_TRACE
     if direction is not TrafficDirection.UNKNOWN:
         out["traffic_direction"] = direction._value_
     if observation_point is not None:
@@ -397,12 +431,7 @@ def _flow_dict(flow: Flow) -> dict[str, Any]:
     if is_reply is not None:
         out["is_reply"] = is_reply
     if flow.ifindex or flow.ifname:
-        iface: dict[str, Any] = {}
-        if flow.ifindex:
-            iface["index"] = flow.ifindex
-        if flow.ifname:
-            iface["name"] = flow.ifname
-        out["interface"] = iface
+        out["interface"] = _interface_json(flow.ifindex, flow.ifname)
     out["Summary"] = summary(flow)
     ext = _extensions(flow, kind)
     if ext:
