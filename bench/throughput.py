@@ -16,11 +16,15 @@ time of this thread, so other processes on a shared machine cost wall time, not 
 - ``+exporter``: the ``file`` exporter encoding every record as Hubble JSON, its write
   replaced by a null sink (so disk speed is not measured).
 
+The process runs with the agent's garbage-collector settings (:mod:`flowtel.gcpolicy`, what
+``flowtel run`` applies once started) unless ``--gc default`` asks for CPython's defaults;
+``--gc both`` measures both in the same run, interleaved per input size.
+
 Each stage row is cumulative (decode, then decode + k8sattributes, …); its ratio is against
 the ``decode`` row of the same run and size, and against the issue's target of 100,000 flow
 records per second per core end to end. Medians of ``--reps`` runs per cell.
 
-Run with ``make bench`` or ``python -m bench.throughput [--sizes 10000,100000] [--reps 5]``.
+Run with ``make bench`` or ``python -m bench.throughput [--sizes 10000,100000] [--reps 5] [--gc agent|default|both]``.
 """
 from __future__ import annotations
 
@@ -241,9 +245,24 @@ class Cell:
     stage: str
     records: int
     per_s: float  # median records per CPU-second
+    gc: str = "agent"  # the GC settings it ran with: "agent" (flowtel.gcpolicy) or "default" (CPython's)
 
 
-def run(sizes: tuple[int, ...] = (10_000, 100_000), reps: int = 5) -> tuple[list[Cell], list[str]]:
+_DEFAULT_GC = gc.get_threshold()
+
+
+def _set_gc(mode: str) -> None:
+    if mode == "agent":
+        from flowtel import gcpolicy
+
+        gcpolicy.settle()
+    else:
+        gc.unfreeze()
+        gc.set_threshold(*_DEFAULT_GC)
+
+
+def run(sizes: tuple[int, ...] = (10_000, 100_000), reps: int = 5,
+        gc_modes: tuple[str, ...] = ("agent",)) -> tuple[list[Cell], list[str]]:
     from flowtel.component import CreateSettings, Telemetry
     from receiver.ebpf.config import EbpfReceiverConfig
     from receiver.ebpf.dns import DnsTracker
@@ -271,15 +290,17 @@ def run(sizes: tuple[int, ...] = (10_000, 100_000), reps: int = 5) -> tuple[list
                     return tracker.process(events)
             # Warm-up (caches of addresses and endpoint views fill as in a running agent).
             _time_chain(make_input, decode, stages, len(stages))
-            for upto in range(len(stages) + 1):
-                times = []
-                n = 0
-                for _ in range(reps):
-                    t, n = _time_chain(make_input, decode, stages, upto)
-                    times.append(t)
-                med = statistics.median(times)
-                cells.append(Cell(kind, size, "decode" if upto == 0 else stages[upto - 1].name, n,
-                                  n / med if med > 0 else float("inf")))
+            for mode in gc_modes:
+                _set_gc(mode)
+                for upto in range(len(stages) + 1):
+                    times = []
+                    n = 0
+                    for _ in range(reps):
+                        t, n = _time_chain(make_input, decode, stages, upto)
+                        times.append(t)
+                    med = statistics.median(times)
+                    cells.append(Cell(kind, size, "decode" if upto == 0 else stages[upto - 1].name, n,
+                                      n / med if med > 0 else float("inf"), mode))
     for c in components:
         c.shutdown()
     return cells, notes
@@ -287,13 +308,14 @@ def run(sizes: tuple[int, ...] = (10_000, 100_000), reps: int = 5) -> tuple[list
 
 def report(result: tuple[list[Cell], list[str]]) -> str:
     cells, notes = result
-    lines = [f"{'input':6} {'records/interval':>16} {'stage':15} {'records/s/core':>15} {'vs decode':>10} {'vs 100k target':>15}"]
-    base: dict[tuple[str, int], float] = {}
+    lines = [f"{'input':6} {'records/interval':>16} {'gc':7} {'stage':15} {'records/s/core':>15} {'vs decode':>10} "
+             f"{'vs 100k target':>15}"]
+    base: dict[tuple[str, int, str], float] = {}
     for c in cells:
         if c.stage == "decode":
-            base[(c.kind, c.size)] = c.per_s
-        lines.append(f"{c.kind:6} {c.records:16,} {c.stage:15} {c.per_s:15,.0f} {c.per_s / base[(c.kind, c.size)]:10.2f} "
-                     f"{c.per_s / TARGET_PER_CORE:15.2f}")
+            base[(c.kind, c.size, c.gc)] = c.per_s
+        lines.append(f"{c.kind:6} {c.records:16,} {c.gc:7} {c.stage:15} {c.per_s:15,.0f} "
+                     f"{c.per_s / base[(c.kind, c.size, c.gc)]:10.2f} {c.per_s / TARGET_PER_CORE:15.2f}")
     lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)
 
@@ -302,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000", help="distinct flows (or DNS events) per interval")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--gc", choices=("agent", "default", "both"), default="agent",
+                        help="garbage-collector settings: the agent's (flowtel.gcpolicy), CPython's, or both in one run")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    print(report(run(sizes, args.reps)), flush=True)
+    modes = ("default", "agent") if args.gc == "both" else (args.gc,)
+    print(report(run(sizes, args.reps, modes)), flush=True)
     return 0
 
 

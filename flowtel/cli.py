@@ -34,7 +34,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, factories=factories_by_kind())
         service = Service(config, node_name=node_name())
         logging.getLogger("flowtel").info("starting with %s on node %s", config.source, service.node_name)
-        service.run_until_signal()
+        from flowtel import gcpolicy
+
+        service.run_until_signal(after_start=gcpolicy.settle)
     except ConfigError as exc:
         print(f"flowtel: {exc}", file=sys.stderr)
         return 2

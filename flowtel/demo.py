@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from flowtel import gcpolicy
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.registry import factories_by_kind
@@ -174,8 +175,12 @@ def run_demo(*, duration: float = 60.0, interval: float = 2.0) -> int:
                 traffic.join(30)
             time.sleep(0.2)  # the last replies are still on their way through the veths
 
+        def after_start() -> None:
+            gcpolicy.settle()  # the agent's GC settings, as `flowtel run` applies them
+            traffic.start()
+
         # Traffic starts once the programs are attached, and stops before they detach.
-        service.run_until_signal(duration=duration, after_start=traffic.start, before_shutdown=stop_traffic)
+        service.run_until_signal(duration=duration, after_start=after_start, before_shutdown=stop_traffic)
         after = {p.name: bed.link_stats(p) for p in pods}
         print(_summarise(flow_log, pods, before, after, sent), flush=True)
     sys.stdout.flush()

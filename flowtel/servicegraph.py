@@ -21,10 +21,11 @@ exception: the copy the client received is kept, with the latency the client saw
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from flowtel.lib.hubble.timefmt import format_time
 from flowtel.recordtables import PROTOCOL_NAMES
@@ -102,6 +103,10 @@ class EdgeStats:
     touched: float = 0.0
 
 
+# Every field of an EdgeStats, in order, read in one C call (a snapshot copies each edge).
+_stats_values = operator.attrgetter(*EdgeStats.__slots__)
+
+
 def node_of(ep: Endpoint | None, ip: str, names: Sequence[str], granularity: Granularity = "workload") -> Node:
     if ep is not None and ep.pod_name:
         if granularity == "workload" and ep.workloads and ep.workloads[0].name:
@@ -138,9 +143,40 @@ def source_is_client(flow: Flow) -> bool:
     return True
 
 
-def edge_of(flow: Flow, granularity: Granularity = "workload") -> EdgeKey:
-    src = node_of(flow.source, flow.src_ip, flow.source_names, granularity)
-    dst = node_of(flow.destination, flow.dst_ip, flow.destination_names, granularity)
+class NodeCache:
+    """:func:`node_of` once per endpoint object: enrichment shares one :class:`Endpoint`
+    among every record of a pod, so a graph sees few distinct ones. Keyed by identity (an
+    endpoint's own hash walks all its fields); each entry holds the endpoint, so its id
+    stays its own while cached. Bounded: cleared when full, refilled by the next flows."""
+
+    def __init__(self, max_size: int = 65536) -> None:
+        self.max_size = max_size
+        self._by_id: dict[tuple[int, str], tuple[Endpoint, Node]] = {}
+
+    def __call__(self, ep: Endpoint | None, ip: str, names: Sequence[str],
+                 granularity: Granularity = "workload") -> Node:
+        if ep is None or not ep.pod_name:
+            return node_of(ep, ip, names, granularity)  # named by address or DNS name: per flow
+        key = (id(ep), granularity)
+        hit = self._by_id.get(key)
+        if hit is not None and hit[0] is ep:
+            return hit[1]
+        node = node_of(ep, ip, names, granularity)
+        if len(self._by_id) >= self.max_size:
+            self._by_id.clear()
+        self._by_id[key] = (ep, node)
+        return node
+
+
+def edge_of(flow: Flow, granularity: Granularity = "workload",
+            node: Callable[[Endpoint | None, str, Sequence[str], Granularity], Node] = node_of) -> EdgeKey:
+    return EdgeKey(*_edge_parts(flow, granularity, node))
+
+
+def _edge_parts(flow: Flow, granularity: Granularity,
+                node: Callable[[Endpoint | None, str, Sequence[str], Granularity], Node]) -> tuple[Node, Node, str, str, str]:
+    src = node(flow.source, flow.src_ip, flow.source_names, granularity)
+    dst = node(flow.destination, flow.dst_ip, flow.destination_names, granularity)
     client_is_src = source_is_client(flow)
     client, server = (src, dst) if client_is_src else (dst, src)
     if flow.l7 is not None:
@@ -150,7 +186,7 @@ def edge_of(flow: Flow, granularity: Granularity = "workload") -> EdgeKey:
     port = ""
     if flow.protocol in _PORTED:
         port = str(flow.dst_port if client_is_src else flow.src_port)
-    return EdgeKey(client, server, protocol, port, str(flow.verdict))
+    return client, server, protocol, port, str(flow.verdict)
 
 
 def _tuple(flow: Flow) -> tuple[Any, ...]:
@@ -195,7 +231,10 @@ class ServiceGraph:
         self.expire_after = expire_after
         self.max_edges = max_edges
         self.overflow = 0
-        self._edges: dict[EdgeKey, EdgeStats] = {}
+        # By the edge's fields as a tuple of strings (hashed in C; an EdgeKey's generated
+        # hash runs Python for it and both nodes): the key and its stats.
+        self._edges: dict[tuple[str, ...], tuple[EdgeKey, EdgeStats]] = {}
+        self._nodes = NodeCache()
         self._lock = threading.Lock()
 
     def add(self, batch: Iterable[Record]) -> None:
@@ -206,14 +245,18 @@ class ServiceGraph:
         now = time.monotonic()
         with self._lock:
             edges = self._edges
+            nodes = self._nodes
             for flow in flows:
-                key = edge_of(flow, granularity)
-                stats = edges.get(key)
-                if stats is None:
+                client, server, protocol, port, verdict = parts = _edge_parts(flow, granularity, nodes)
+                key = (client.name, client.namespace, client.kind, server.name, server.namespace, server.kind,
+                       protocol, port, verdict)
+                entry = edges.get(key)
+                if entry is None:
                     if len(edges) >= self.max_edges:
                         self.overflow += 1
                         continue
-                    stats = edges[key] = EdgeStats(first_seen_ns=flow.time_ns)
+                    entry = edges[key] = (EdgeKey(*parts), EdgeStats(first_seen_ns=flow.time_ns))
+                stats = entry[1]
                 _count(stats, flow)
                 stats.touched = now
 
@@ -223,15 +266,14 @@ class ServiceGraph:
             return 0
         cutoff = (time.monotonic() if now is None else now) - self.expire_after
         with self._lock:
-            stale = [k for k, s in self._edges.items() if s.touched < cutoff]
+            stale = [k for k, (_, s) in self._edges.items() if s.touched < cutoff]
             for k in stale:
                 del self._edges[k]
         return len(stale)
 
     def snapshot(self) -> list[tuple[EdgeKey, EdgeStats]]:
         with self._lock:
-            return [(k, EdgeStats(**{n: getattr(s, n) for n in EdgeStats.__slots__}))
-                    for k, s in self._edges.items()]
+            return [(k, EdgeStats(*_stats_values(s))) for k, s in self._edges.values()]
 
     def __len__(self) -> int:
         return len(self._edges)

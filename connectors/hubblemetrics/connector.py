@@ -84,14 +84,19 @@ class HubbleMetricsConnector(Connector):
     def consume(self, batch: list[Record]) -> None:
         handlers = self.handlers
         with self._lock:
-            emit = self.store.add
-            for record in batch:
-                if isinstance(record, Flow):
-                    for h in handlers:
-                        h.process(record, emit)
-                elif isinstance(record, LostEvents):
-                    for h in handlers:
-                        h.process_lost(record, emit)
+            store = self.store
+            emit = store.add
+            store.batch_time = time.monotonic()
+            try:
+                for record in batch:
+                    if isinstance(record, Flow):
+                        for h in handlers:
+                            h.process(record, emit)
+                    elif isinstance(record, LostEvents):
+                        for h in handlers:
+                            h.process_lost(record, emit)
+            finally:
+                store.batch_time = None
         self.settings.telemetry.add(self.settings.id, "records_in", len(batch))
 
     def points(self, now_ns: int | None = None) -> list[MetricPoint]:

@@ -206,6 +206,9 @@ class ContextOptions:
     labels_context: tuple[str, ...] = ()
     source: SideContext = SideContext()
     destination: SideContext = SideContext()
+    # Label values by what they depend on (see values); filled per flow, bounded.
+    _memo: dict[tuple[object, ...], tuple[Endpoint | None, Endpoint | None, tuple[str, ...]]] = field(
+        default_factory=dict, init=False, compare=False, repr=False, hash=False)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -213,7 +216,31 @@ class ContextOptions:
                 *(("destination",) if self.destination else ()))
 
     def values(self, flow: Flow) -> tuple[str, ...]:
-        """Label values in ``label_names`` order."""
+        """Label values in ``label_names`` order.
+
+        They depend only on the two endpoints, the direction, and (for ``ip``/``dns``
+        contexts, or an end without an endpoint) the addresses and names. Enrichment shares
+        one endpoint object among every record of a pod, so the values are computed once per
+        (endpoints, direction, …) and the same tuple is handed out: a dict hit per flow
+        instead of a chain walk and string building per label."""
+        src, dst = flow.source, flow.destination
+        key: tuple[object, ...] = (id(src), id(dst), flow.traffic_direction._value_,
+                                   flow.src_ip, flow.dst_ip, flow.source_names, flow.destination_names)
+        memo = self._memo
+        try:
+            hit = memo.get(key)
+        except TypeError:  # names given as a list (records declare tuples): nothing to key on
+            return self._compute(flow)
+        # The entry holds the endpoints themselves: an id is only theirs while they live.
+        if hit is not None and hit[0] is src and hit[1] is dst:
+            return hit[2]
+        values = self._compute(flow)
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()  # a new working set (pods churned): start again rather than grow
+        memo[key] = (src, dst, values)
+        return values
+
+    def _compute(self, flow: Flow) -> tuple[str, ...]:
         out = [_labels_context_value(n, flow) for n in self.labels_context]
         if self.source:
             out.append(_first(self.source.chain(flow.traffic_direction), flow.source, flow.src_ip,
@@ -222,6 +249,9 @@ class ContextOptions:
             out.append(_first(self.destination.chain(flow.traffic_direction), flow.destination, flow.dst_ip,
                               flow.destination_names))
         return tuple(out)
+
+
+_MEMO_MAX = 65536
 
 
 def _first(kinds: Chain, ep: Endpoint | None, ip: str, names: Sequence[str]) -> str:

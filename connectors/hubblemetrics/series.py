@@ -14,6 +14,8 @@ class SeriesStore:
         self._series: dict[tuple[str, tuple[str, ...]], list[float]] = {}
         self.overflow = 0  # increments refused because the bound was reached
         self.expired = 0
+        # Set by the connector for the length of one batch: one clock read per batch, not per increment.
+        self.batch_time: float | None = None
 
     def __len__(self) -> int:
         return len(self._series)
@@ -21,7 +23,7 @@ class SeriesStore:
     def add(self, name: str, labels: tuple[str, ...], value: float, now: float | None = None) -> None:
         key = (name, labels)
         entry = self._series.get(key)
-        t = time.monotonic() if now is None else now
+        t = now if now is not None else self.batch_time if self.batch_time is not None else time.monotonic()
         if entry is None:
             if len(self._series) >= self.max_series:
                 self.overflow += 1

@@ -32,7 +32,8 @@ def points(edges: list[tuple[EdgeKey, EdgeStats]], now_ns: int) -> list[MetricPo
 
     def emit(suffix: str, value: float, labels: dict[str, str]) -> None:
         unit, description = FAMILIES[suffix]
-        out.append(MetricPoint(PREFIX + suffix, value, MetricKind.SUM, now_ns, dict(labels), unit, description))
+        # One labels dict per edge, shared by its points (a point's attributes are read-only).
+        out.append(MetricPoint(PREFIX + suffix, value, MetricKind.SUM, now_ns, labels, unit, description))
 
     for key, s in edges:
         labels = key.labels()

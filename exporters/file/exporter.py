@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import threading
 from pathlib import Path
 from typing import Callable
@@ -15,8 +14,6 @@ from flowtel.component import CreateSettings, Exporter
 from flowtel.records import Record
 
 _MIB = 1024 * 1024
-# Built once: json.dumps with arguments constructs a new encoder on every call.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 _NO_ACCESS = (
     "give the agent write access there (file ownership/mode, the pod's securityContext, "
@@ -75,9 +72,10 @@ class FileExporter(Exporter):
         # fails the batch without leaving part of it written.
         if self._filter.mask.active:
             mask = self._filter.mask_envelope
-            lines = [(_encode(mask(convert.record_envelope(r))) + "\n").encode() for r in selected]
+            lines = [convert.encode_json(mask(convert.record_envelope(r))) + b"\n" for r in selected]
         else:  # the whole flow: its shared, once-encoded text
-            lines = [(convert.envelope_line(r) + "\n").encode() for r in selected]
+            envelope = convert.envelope_bytes
+            lines = [envelope(r) + b"\n" for r in selected]
         with self._lock:
             # Reopens after an earlier failure, so the exporter recovers once the cause is fixed.
             self._guard(lambda: self._file.write_lines(lines))

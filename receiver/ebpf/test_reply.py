@@ -39,3 +39,30 @@ def test_bounded() -> None:
     for port in range(40000, 40100):
         r.is_reply(6, "a", port, "b", 80, syn=1)
     assert len(r) == 10
+
+
+def test_handshakes_expire_after_their_ttl_and_refresh_on_a_new_one() -> None:
+    now = [0.0]
+    r = ReplyInference(ttl_s=10.0, clock=lambda: now[0])
+    r.is_reply(6, "10.0.0.1", 1000, "10.0.0.2", 2000, syn=1)  # ports say nothing by themselves (both low)
+    now[0] = 5.0
+    r.is_reply(6, "10.0.0.3", 1000, "10.0.0.2", 2000, syn=1)
+    r.is_reply(6, "10.0.0.5", 1000, "10.0.0.2", 2000, syn=1)  # never looked up again: expires at 15
+    assert r.is_reply(6, "10.0.0.2", 2000, "10.0.0.1", 1000) is True
+    now[0] = 10.0  # the first handshake's time is up
+    assert r.is_reply(6, "10.0.0.2", 2000, "10.0.0.1", 1000) is None
+    assert r.is_reply(6, "10.0.0.2", 2000, "10.0.0.3", 1000) is True
+    r.is_reply(6, "10.0.0.3", 1000, "10.0.0.2", 2000, syn=1)  # seen again: refreshed
+    now[0] = 15.0
+    r.is_reply(6, "10.0.0.4", 1000, "10.0.0.2", 2000, syn=1)  # an insert drops what expired (.5)
+    assert len(r) == 2
+    assert r.is_reply(6, "10.0.0.2", 2000, "10.0.0.3", 1000) is True
+
+
+def test_bounded_keeps_the_newest() -> None:
+    r = ReplyInference(max_connections=3)
+    for port in range(40000, 40010):
+        r.is_reply(6, "a", port, "b", 80, syn=1)
+    assert len(r) == 3
+    assert r.is_reply(6, "b", 80, "a", 40009) is True and r.is_reply(6, "b", 80, "a", 40000) is True  # ports' answer
+    assert r.is_reply(6, "a", 1000, "b", 2000, syn=1) is False and len(r) == 3

@@ -24,9 +24,19 @@ class FlowHandler(Handler):
         self.ctx = ctx
         self.metrics = (MetricInfo(NAME, "Total number of flows processed",
                                    (*ctx.label_names, "protocol", "type", "subtype", "verdict")),)
+        # Full label tuples by (context values, what the family's own labels depend on): the
+        # context tuple is shared per endpoint pair, so most flows are one dict hit.
+        self._labels: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def process(self, flow: Flow, emit: Emit) -> None:
         if not is_packet_flow(flow):
+            return
+        context = self.ctx.values(flow)
+        key = (id(context), flow.protocol, flow.kind._value_, flow.verdict._value_, flow.traffic_direction._value_,
+               flow.l7 is None)
+        hit = self._labels.get(key)
+        if hit is not None and hit[0] is context:
+            emit(NAME, hit[1], flow_events(flow))
             return
         if flow.kind.is_dns:
             kind, subtype = "L7", "DNS" if flow.l7 is not None else ""
@@ -34,7 +44,10 @@ class FlowHandler(Handler):
             kind, subtype = "Drop", ""
         else:
             kind, subtype = "Trace", observation_point(flow)
-        labels = (*self.ctx.values(flow), flow_protocol(flow), kind, subtype, str(flow.verdict))
+        labels = (*context, flow_protocol(flow), kind, subtype, str(flow.verdict))
+        if len(self._labels) >= 65536:
+            self._labels.clear()  # a new working set: start again rather than grow
+        self._labels[key] = (context, labels)  # holds the context tuple, so its id stays its own
         emit(NAME, labels, flow_events(flow))
 
 
