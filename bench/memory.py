@@ -4,7 +4,7 @@ Each case starts a fresh agent (its own process, as a DaemonSet would), waits un
 attached and has drained a few intervals, then samples its VmRSS every 0.5 s:
 
 - ``shipped config``: config/flowtel.yaml itself (ebpf with DNS and kernel events, procfs,
-  fqdnpolicy, hubblemetrics, file and prometheus exporters, flows extension), only pointed at
+  fqdnpolicy, hubblemetrics, file and prometheus exporters, hubble extension), only pointed at
   the testbed's veths, a temporary flow log and free ports;
 - ``shipped config + k8sattributes, N pods from the API``: the same with the k8sattributes
   processor (kubeConfig) on both pipelines' flows, watching the stand-in API server
@@ -118,7 +118,11 @@ def shipped_config(bed: Testbed, workdir: Path, kubeconfig: str | None = None) -
     cfg["receivers"]["fqdnpolicy"]["pin_dir"] = str(workdir / "no-proxy-here")  # waits for the maps
     cfg["exporters"]["file"]["path"] = str(workdir / "flows.log")
     cfg["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
-    cfg["extensions"]["flows"]["endpoint"] = f"127.0.0.1:{free_port()}"
+    for name in cfg.get("service", {}).get("extensions", []):  # hubble (and health_check where configured)
+        ext = cfg["extensions"].setdefault(name, {}) or {}
+        cfg["extensions"][name] = ext
+        if "endpoint" in ext:
+            ext["endpoint"] = f"127.0.0.1:{free_port()}"
     if kubeconfig:
         cfg.setdefault("processors", {})["k8sattributes"] = {"auth_type": "kubeConfig", "kubeconfig": kubeconfig}
         cfg["service"]["pipelines"]["logs"]["processors"] = ["k8sattributes"]
@@ -144,10 +148,10 @@ if step >= 2:
     f = factories_by_kind()
     for kind, ctype in [(Kind.RECEIVER, "ebpf"), (Kind.RECEIVER, "procfs"), (Kind.RECEIVER, "fqdnpolicy"),
                         (Kind.CONNECTOR, "hubblemetrics"), (Kind.EXPORTER, "file"), (Kind.EXPORTER, "prometheus"),
-                        (Kind.EXTENSION, "flows")]:
+                        (Kind.EXTENSION, "hubble")]:
         f[kind][ctype]
     import receiver.ebpf.receiver, receiver.fqdnpolicy.receiver, receiver.procfs.receiver
-    import exporters.prometheus.exporter, exporters.file.exporter, extensions.flows.extension
+    import exporters.prometheus.exporter, exporters.file.exporter, extensions.hubble.extension
 if step >= 3:
     import processors.k8sattributes.processor, processors.k8sattributes.kube_source, kubernetes
 if step >= 4:
