@@ -21,6 +21,7 @@ from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dns import DnsTracker
 from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
+from flowtel.lib.bpf.release import release_compiler_memory
 from flowtel.lib.bpf.tcattach import SlotAllocator
 from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
@@ -155,6 +156,9 @@ class EbpfReceiver(Receiver):
         except BaseException:
             self.shutdown()
             raise
+        # The agent's one compile is done (nothing else in it compiles): LLVM's freed heap and
+        # its code pages go back to the kernel, about half of what the compile left resident.
+        release_compiler_memory()
 
     def _interface(self, ifindex: int) -> Interface | None:
         return self._attach.interface(ifindex) if self._attach is not None else None

@@ -72,7 +72,7 @@ def struct_for(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[str,
 
 # The UAPI integer types the header's structs use, as ctypes types (natural alignment, as clang
 # lays them out for the BPF target on every architecture flowtel supports: x86-64, arm64).
-_HEADER_TYPES: dict[str, type] = {
+_HEADER_TYPES: dict[str, type[ctypes._SimpleCData[int]]] = {
     "__u8": ctypes.c_uint8, "__s8": ctypes.c_int8,
     "__u16": ctypes.c_uint16, "__s16": ctypes.c_int16,
     "__u32": ctypes.c_uint32, "__s32": ctypes.c_int32,
@@ -99,15 +99,16 @@ def header_struct(name: str, text: str | None = None) -> type[ctypes.Structure]:
     body = next((m.group(2) for m in _STRUCT.finditer(source) if m.group(1) == name), None)
     if body is None:
         raise LookupError(f"bpf/flowtel.h has no plain struct {name}")
-    fields: list[tuple[str, type]] = []
+    fields: list[tuple[str, type[ctypes._SimpleCData[int]] | type[ctypes.Array[ctypes._SimpleCData[int]]]]] = []
     for decl in filter(str.strip, body.split(";")):
         m = _MEMBER.match(decl)
         ctype = _HEADER_TYPES.get(m.group(1)) if m else None
         if m is None or ctype is None:
             raise TypeError(f"struct {name}: cannot lay out member {decl.strip()!r} without a compiler")
         count = m.group(3)
-        if count is not None:
-            n = int(count, 0) if count[0].isdigit() else getattr(HEADER, count.removeprefix("FLOWTEL_"))
-            ctype = ctype * n
-        fields.append((m.group(2), ctype))
+        if count is None:
+            fields.append((m.group(2), ctype))
+        else:
+            n = int(count, 0) if count[0].isdigit() else int(getattr(HEADER, count.removeprefix("FLOWTEL_")))
+            fields.append((m.group(2), ctype * n))
     return type(name, (ctypes.Structure,), {"_fields_": fields})
