@@ -161,7 +161,10 @@ if step >= 3:
     import exporters.prometheus.exporter, exporters.file.exporter, extensions.hubble.extension
 if step >= 4:
     from flowtel.component import CreateSettings, Telemetry
-    from flowtel.lib.bpf import release
+    try:
+        from flowtel.lib.bpf import release
+    except ImportError:  # a tree before the release (the "before" of a comparison)
+        release = None
     from receiver.ebpf.config import EbpfReceiverConfig
     import receiver.ebpf.receiver as ebpf
     ebpf.release_compiler_memory = lambda: None  # step 4 shows the compile's leftovers, step 5 their release
@@ -173,7 +176,8 @@ if step >= 4:
     if step == 4:
         print(rss(trim=False))
         raise SystemExit
-    release.release_compiler_memory()
+    if release is not None:
+        release.release_compiler_memory()
 if step >= 6:
     import processors.k8sattributes.processor, processors.k8sattributes.kube_source, kubernetes
 print(rss())
