@@ -53,6 +53,7 @@ from testbed import Pod, Testbed
 ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_MB = 200.0
+IDLE_CPU_SETTLE_S = 12.0  # after attach: one 10 s collection interval and the start's one-time work
 DNS_FLOOD_CODE = r"""
 import socket, struct, sys, time
 dst, rate = sys.argv[1], float(sys.argv[2])
@@ -83,7 +84,7 @@ while True:
 class Case:
     name: str
     samples: list[float]
-    cores: float | None = None  # the agent's CPU over the sampling window (idle cases)
+    cores: float | None = None  # the agent's CPU in the steady part of the window (shipped idle cases)
 
     @property
     def median(self) -> float:
@@ -199,13 +200,17 @@ def parts() -> list[tuple[str, float]]:
     return out
 
 
-def _sample(agent: Agent, seconds: float) -> list[float]:
+def _sample(agent: Agent, seconds: float, cpu: list[tuple[float, float]] | None = None,
+            cpu_from: float = 0.0) -> list[float]:
+    """RSS every 0.5 s for ``seconds``; with ``cpu``, also (time, CPU seconds) from ``cpu_from`` on."""
     out: list[float] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if not agent.alive():
             raise RuntimeError(f"flowtel run exited: {agent.log.read_text()[-2000:]}")
         out.append(rss_mb(agent.pid))
+        if cpu is not None and time.monotonic() >= cpu_from:
+            cpu.append((time.monotonic(), cpu_seconds(agent.pid)))
         time.sleep(0.5)
     return out
 
@@ -271,9 +276,13 @@ def _shipped_cases(bed: Testbed, client: Pod, tmp: Path, seconds: float, pods: i
             try:
                 agent.wait_attached(client)
                 time.sleep(15 if kubeconfig else 3)  # the informers' initial lists, the first drains
-                c0, t0 = cpu_seconds(agent.pid), time.monotonic()
-                samples = _sample(agent, seconds)
-                out.append(Case(name, samples, (cpu_seconds(agent.pid) - c0) / (time.monotonic() - t0)))
+                # Idle CPU is the steady state: from one collection interval (plus the start's
+                # one-time work: the first drains, the kernel-symbol index) after attach.
+                cpu_from = time.monotonic() + (0 if kubeconfig else IDLE_CPU_SETTLE_S - 3)
+                cpu: list[tuple[float, float]] = []
+                samples = _sample(agent, seconds, cpu if seconds > IDLE_CPU_SETTLE_S else None, cpu_from)
+                cores = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0]) if len(cpu) > 1 else None
+                out.append(Case(name, samples, cores))
             finally:
                 agent.stop()
     finally:
