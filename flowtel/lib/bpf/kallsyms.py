@@ -10,7 +10,8 @@ modules change (a module loaded later has symbols the index lacks; ``/proc/modul
 cheaply).
 
 Lines are ``<16 hex digits> <type> <name>[\\t[module]]``. A name is the nearest code symbol
-at or below the address (what bcc answers); addresses hidden by ``kernel.kptr_restrict`` (all zero) name nothing.
+at or below the address (what bcc answers); addresses hidden by ``kernel.kptr_restrict``
+(all zero) name nothing.
 """
 from __future__ import annotations
 
