@@ -4,8 +4,8 @@ bcc's ``BPF.ksym`` loads every kernel symbol into a cache inside libbcc on first
 it for the process's life: about 13 MB resident here (120k symbols), for the few distinct
 drop locations (``skb:kfree_skb``'s ``location``) an agent ever names. This keeps the same
 symbols as three flat arrays instead (addresses, name offsets, one bytes blob of names:
-≈ 5.5 MB resident, ≈ 18 MB for the moment it is built), on the first lookup: ≈ 0.2 s, half
-of it the kernel formatting 120k lines. It is read once, and again only when the loaded
+≈ 5.5 MB resident, ≈ 18 MB for the moment it is built), at start (:func:`prime`) or on the
+first lookup: ≈ 0.2 s, half of it the kernel formatting 120k lines. It is read once, and again only when the loaded
 modules change (a module loaded later has symbols the index lacks; ``/proc/modules`` says so
 cheaply).
 
@@ -90,15 +90,24 @@ class KernelSymbols:
         except OSError:
             return _Index((), modules)
 
+    def _current(self) -> _Index:
+        modules = self._read(self._modules)
+        if self._index is None or self._index.modules != modules:
+            self._index = self._build(modules)
+        return self._index
+
+    def prime(self) -> None:
+        """Build the index now (at start, where its one-time cost belongs) rather than at the
+        first lookup."""
+        with self._lock:
+            self._current()
+
     def symbol(self, address: int) -> str:
         """The kernel function containing ``address``, or "" when it is unknown."""
         if address <= 0:
             return ""
         with self._lock:
-            modules = self._read(self._modules)
-            if self._index is None or self._index.modules != modules:
-                self._index = self._build(modules)
-            return self._index.lookup(address)
+            return self._current().lookup(address)
 
 
 _default = KernelSymbols()
@@ -107,3 +116,8 @@ _default = KernelSymbols()
 def symbol(address: int) -> str:
     """The kernel function containing ``address`` (``/proc/kallsyms``), or ""."""
     return _default.symbol(address)
+
+
+def prime() -> None:
+    """Build the process's index now (see :meth:`KernelSymbols.prime`)."""
+    _default.prime()

@@ -64,3 +64,10 @@ def test_equals_bcc_on_this_kernel() -> None:
     assert len(addresses) > 50
     assert [symbol(a) for a in addresses] == [BPF.ksym(a, show_module=False, show_offset=False).decode()
                                               for a in addresses]
+
+
+def test_prime_builds_the_index_once(tmp_path: Path) -> None:
+    syms = _symbols(tmp_path, _FILE)
+    syms.prime()
+    (tmp_path / "kallsyms").write_text("")  # same modules: the primed index answers
+    assert syms.symbol(0xffffffff81000350) == "second_fn"
