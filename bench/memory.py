@@ -4,7 +4,7 @@ Each case starts a fresh agent (its own process, as a DaemonSet would), waits un
 attached and has drained a few intervals, then samples its VmRSS every 0.5 s:
 
 - ``shipped config``: config/flowtel.yaml itself (ebpf with DNS and kernel events, procfs,
-  fqdnpolicy, hubblemetrics, file and prometheus exporters, flows extension), only pointed at
+  fqdnpolicy, hubblemetrics, file and prometheus exporters, hubble extension), only pointed at
   the testbed's veths, a temporary flow log and free ports;
 - ``shipped config + k8sattributes, N pods from the API``: the same with the k8sattributes
   processor (kubeConfig) on both pipelines' flows, watching the stand-in API server
@@ -26,8 +26,9 @@ bcc-based Python agent. Ratios are against it; the issue's target is ≤ 200 MB 
 with 10k pods cached.
 
 Then the cost of each part, in fresh interpreters that add one part at a time (``parts``):
-the interpreter, flowtel's core, the shipped config's components, bcc, and the agent's one
-compiled module.
+the interpreter, flowtel's core, bcc, the shipped config's components, the agent's one
+compiled module before and after the receiver gives the compiler's memory back, and the
+Kubernetes client. The 10k-pod cache is the difference between the two shipped cases.
 
 Run with ``make bench`` or ``python -m bench.memory [--seconds 20] [--flows 10000]``.
 """
@@ -45,12 +46,14 @@ from pathlib import Path
 
 import yaml
 
+from bench.datapath import cpu_seconds
 from bench.startup import BASELINE_CODE, UDP_PORT, Agent, agent_config, free_port, rss_mb, start_sender
 from testbed import Pod, Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_MB = 200.0
+IDLE_CPU_SETTLE_S = 12.0  # after attach: one 10 s collection interval and the start's one-time work
 DNS_FLOOD_CODE = r"""
 import socket, struct, sys, time
 dst, rate = sys.argv[1], float(sys.argv[2])
@@ -81,6 +84,7 @@ while True:
 class Case:
     name: str
     samples: list[float]
+    cores: float | None = None  # the agent's CPU in the steady part of the window (shipped idle cases)
 
     @property
     def median(self) -> float:
@@ -118,7 +122,11 @@ def shipped_config(bed: Testbed, workdir: Path, kubeconfig: str | None = None) -
     cfg["receivers"]["fqdnpolicy"]["pin_dir"] = str(workdir / "no-proxy-here")  # waits for the maps
     cfg["exporters"]["file"]["path"] = str(workdir / "flows.log")
     cfg["exporters"]["prometheus"]["endpoint"] = f"127.0.0.1:{free_port()}"
-    cfg["extensions"]["flows"]["endpoint"] = f"127.0.0.1:{free_port()}"
+    for name in cfg.get("service", {}).get("extensions", []):  # hubble (and health_check where configured)
+        ext = cfg["extensions"].setdefault(name, {}) or {}
+        cfg["extensions"][name] = ext
+        if "endpoint" in ext:
+            ext["endpoint"] = f"127.0.0.1:{free_port()}"
     if kubeconfig:
         cfg.setdefault("processors", {})["k8sattributes"] = {"auth_type": "kubeConfig", "kubeconfig": kubeconfig}
         cfg["service"]["pipelines"]["logs"]["processors"] = ["k8sattributes"]
@@ -128,48 +136,58 @@ def shipped_config(bed: Testbed, workdir: Path, kubeconfig: str | None = None) -
 
 
 # One part more per step; each step's RSS is measured in a fresh interpreter (this one's Python,
-# as the DaemonSet runs it), after gc and malloc_trim.
+# as the DaemonSet runs it), after gc (and malloc_trim, except for the step that shows what the
+# compile leaves before the receiver gives it back).
 _PARTS_CODE = r"""
 import ctypes, gc, importlib, sys
-def rss():
+def rss(trim=True):
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if trim:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
 step = int(sys.argv[1])
 if step >= 1:
     import flowtel.cli, flowtel.config, flowtel.pipeline
 if step >= 2:
+    import bcc
+if step >= 3:
     from flowtel.component import Kind
     from flowtel.registry import factories_by_kind
     f = factories_by_kind()
     for kind, ctype in [(Kind.RECEIVER, "ebpf"), (Kind.RECEIVER, "procfs"), (Kind.RECEIVER, "fqdnpolicy"),
                         (Kind.CONNECTOR, "hubblemetrics"), (Kind.EXPORTER, "file"), (Kind.EXPORTER, "prometheus"),
-                        (Kind.EXTENSION, "flows")]:
+                        (Kind.EXTENSION, "hubble")]:
         f[kind][ctype]
     import receiver.ebpf.receiver, receiver.fqdnpolicy.receiver, receiver.procfs.receiver
-    import exporters.prometheus.exporter, exporters.file.exporter, extensions.flows.extension
-if step >= 3:
-    import processors.k8sattributes.processor, processors.k8sattributes.kube_source, kubernetes
+    import exporters.prometheus.exporter, exporters.file.exporter, extensions.hubble.extension
 if step >= 4:
-    import bcc
-if step >= 5:
     from flowtel.component import CreateSettings, Telemetry
+    try:
+        from flowtel.lib.bpf import release
+    except ImportError:  # a tree before the release (the "before" of a comparison)
+        release = None
     from receiver.ebpf.config import EbpfReceiverConfig
-    from receiver.ebpf.receiver import EbpfReceiver
+    import receiver.ebpf.receiver as ebpf
+    ebpf.release_compiler_memory = lambda: None  # step 4 shows the compile's leftovers, step 5 their release
     class Sink:
         def wants(self, s): return True
         def consume(self, b): pass
-    r = EbpfReceiver(CreateSettings("ebpf", "n", Telemetry()), EbpfReceiverConfig(interfaces=["flowtel-none-*"]), Sink())
+    r = ebpf.EbpfReceiver(CreateSettings("ebpf", "n", Telemetry()), EbpfReceiverConfig(interfaces=["flowtel-none-*"]), Sink())
     r.start()
-    value = rss()
-    r.shutdown()
-    print(value)
-    raise SystemExit
+    if step == 4:
+        print(rss(trim=False))
+        raise SystemExit
+    if release is not None:
+        release.release_compiler_memory()
+if step >= 6:
+    import processors.k8sattributes.processor, processors.k8sattributes.kube_source, kubernetes
 print(rss())
 """
-PARTS = ("Python interpreter", "flowtel core (config, pipeline, CLI)", "shipped config's components",
-         "k8sattributes + Kubernetes client", "bcc (libbcc, LLVM/clang libraries)",
-         "the agent's one eBPF module compiled and loaded (tc, DNS, kernel events)")
+PARTS = ("Python interpreter", "flowtel core (config, pipeline, CLI)", "bcc imported (libbcc, LLVM/clang libraries mapped)",
+         "the shipped config's components (their modules)",
+         "the agent's one eBPF module compiled and loaded (tc, DNS, kernel events)",
+         "... after release_compiler_memory (freed heap, LLVM/clang code pages)",
+         "k8sattributes + Kubernetes client (modules only)")
 
 
 def parts() -> list[tuple[str, float]]:
@@ -182,13 +200,17 @@ def parts() -> list[tuple[str, float]]:
     return out
 
 
-def _sample(agent: Agent, seconds: float) -> list[float]:
-    out = []
+def _sample(agent: Agent, seconds: float, cpu: list[tuple[float, float]] | None = None,
+            cpu_from: float = 0.0) -> list[float]:
+    """RSS every 0.5 s for ``seconds``; with ``cpu``, also (time, CPU seconds) from ``cpu_from`` on."""
+    out: list[float] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if not agent.alive():
             raise RuntimeError(f"flowtel run exited: {agent.log.read_text()[-2000:]}")
         out.append(rss_mb(agent.pid))
+        if cpu is not None and time.monotonic() >= cpu_from:
+            cpu.append((time.monotonic(), cpu_seconds(agent.pid)))
         time.sleep(0.5)
     return out
 
@@ -254,7 +276,13 @@ def _shipped_cases(bed: Testbed, client: Pod, tmp: Path, seconds: float, pods: i
             try:
                 agent.wait_attached(client)
                 time.sleep(15 if kubeconfig else 3)  # the informers' initial lists, the first drains
-                out.append(Case(name, _sample(agent, seconds)))
+                # Idle CPU is the steady state: from one collection interval (plus the start's
+                # one-time work: the first drains, the kernel-symbol index) after attach.
+                cpu_from = time.monotonic() + (0 if kubeconfig else IDLE_CPU_SETTLE_S - 3)
+                cpu: list[tuple[float, float]] = []
+                samples = _sample(agent, seconds, cpu if seconds > IDLE_CPU_SETTLE_S else None, cpu_from)
+                cores = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0]) if len(cpu) > 1 else None
+                out.append(Case(name, samples, cores))
             finally:
                 agent.stop()
     finally:
@@ -267,10 +295,11 @@ def _shipped_cases(bed: Testbed, client: Pod, tmp: Path, seconds: float, pods: i
 
 def report(res: tuple[list[Case], float]) -> str:
     cases, base = res
-    lines = [f"{'case':46} {'median MB':>10} {'peak MB':>8} {'vs bcc baseline':>16} {'vs 200 MB':>10}",
-             f"{'bcc trivial program (baseline)':46} {base:10.1f} {base:8.1f} {1.0:16.2f} {base / TARGET_MB:10.2f}"]
+    lines = [f"{'case':64} {'median MB':>10} {'peak MB':>8} {'vs bcc baseline':>16} {'vs 200 MB':>10} {'cores':>7}",
+             f"{'bcc trivial program (baseline)':64} {base:10.1f} {base:8.1f} {1.0:16.2f} {base / TARGET_MB:10.2f}"]
     for c in cases:
-        lines.append(f"{c.name:46} {c.median:10.1f} {c.peak:8.1f} {c.peak / base:16.2f} {c.peak / TARGET_MB:10.2f}")
+        cores = "" if c.cores is None else f"{c.cores:7.4f}"
+        lines.append(f"{c.name:64} {c.median:10.1f} {c.peak:8.1f} {c.peak / base:16.2f} {c.peak / TARGET_MB:10.2f} {cores}")
     lines.append(f"load average during the run: {os.getloadavg()[0]:.2f}")
     lines.append("")
     lines.append(f"{'part (cumulative, fresh interpreter)':72} {'RSS MB':>7} {'+MB':>6}")

@@ -34,6 +34,7 @@ import bpf as bpf_sources
 from dnsproxy import redirect
 from flowtel.lib.policy import L4, CidrEntry
 from flowtel.lib.bpf.denied import DeniedDiff, DeniedLayout, DeniedMapReader
+from flowtel.lib.bpf.release import release_compiler_memory
 
 log = logging.getLogger("flowtel.dnsproxy.datapath")
 
@@ -134,6 +135,8 @@ class Datapath:
         denied = self.bpf[b"fqdn_denied"]
         self._denied = DeniedMapReader(denied.get_fd(), DeniedLayout(denied.Key, denied.Leaf), denied.max_entries)
         self._denied_created = self.bpf[b"fqdn_denied_created"]
+        # The proxy's only compile is done: LLVM's freed heap and code pages go back (~100 MB).
+        release_compiler_memory()
         self._denied_diff: DeniedDiff | None = None
         self._denied_callback: Callable[[DropEvent], None] | None = None
         self._denied_next = 0.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from extensions.hubble.config import HubbleConfig, PeersConfig
-from extensions.hubble.kube import Informer
 from extensions.hubble.observer import NodeInfo, ObserverService
 from extensions.hubble.peer import (
     DEFAULT_CLUSTER, AgentPod, Peer, PeerRegistry, PeerService, dial_address, peer_name, tls_server_name,
@@ -20,6 +20,9 @@ from flowtel.lib.hubble.api.observer import observer_pb2_grpc
 from flowtel.lib.hubble.api.peer import peer_pb2_grpc
 from flowtel.lib.hubble.store import FlowStore
 from flowtel.records import Record
+
+if TYPE_CHECKING:  # the Kubernetes client loads only where `peers` is configured (~20 MB in every agent)
+    from extensions.hubble.kube import Informer
 
 log = logging.getLogger("flowtel.extensions.hubble")
 

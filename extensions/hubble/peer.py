@@ -18,15 +18,17 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import grpc
 
-from extensions.hubble import kube
 from extensions.hubble.config import PeersConfig
 from flowtel.component import Telemetry
 from flowtel.errors import StartError
 from flowtel.lib.hubble.api.peer import peer_pb2, peer_pb2_grpc
+
+if TYPE_CHECKING:
+    from extensions.hubble import kube
 
 log = logging.getLogger("flowtel.extensions.hubble")
 
@@ -223,6 +225,8 @@ def own_namespace() -> str:
 def watch_agent_pods(owner: str, cfg: PeersConfig, registry: PeerRegistry, *, port: int, tls: bool,
                      telemetry: Telemetry, on_health: Callable[[str | None], None]) -> "kube.Informer[AgentPod]":
     """Start the informer that keeps ``registry`` equal to the cluster's agent pods."""
+    from extensions.hubble import kube  # the Kubernetes client: only an agent with `peers` loads it
+
     namespace = cfg.namespace or own_namespace()
     if not namespace:
         raise StartError(owner, "peers: the agents' namespace is unknown",

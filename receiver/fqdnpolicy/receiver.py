@@ -27,7 +27,7 @@ from receiver.fqdnpolicy import pinned
 from receiver.fqdnpolicy.config import FqdnPolicyReceiverConfig
 from flowtel.lib.bpf.denied import (CNT_DENIED_CREATED, CNT_EVENTS_LOST, DROP_REASON, MAP_COUNTERS, MAP_DENIED,
                                         MAP_DENIED_CREATED, VERDICT_AUDIT, DeniedDelta, DeniedDiff, DeniedLayout,
-                                        DeniedMapReader, compiled_layout, cpu_count_possible)
+                                        DeniedMapReader, cpu_count_possible, header_layout)
 
 log = logging.getLogger("flowtel.receiver.fqdnpolicy")
 
@@ -68,14 +68,16 @@ class FqdnPolicyReceiver(Receiver):
 
     def start(self) -> None:
         try:
-            self._layout = compiled_layout()
+            import bcc.libbcc  # noqa: F401  # the map syscalls go through the system's libbcc (pinned.py)
         except ImportError as exc:
             raise StartError(self.settings.id, f"bcc is not importable ({exc})",
                              "install Debian's python3-bpfcc and run flowtel with the system Python "
                              "(a virtualenv needs --system-site-packages)") from None
-        except Exception as exc:
-            raise StartError(self.settings.id, f"cannot compile the layout of bpf/flowtel.h: {exc}",
-                             "run `flowtel doctor`: it checks kernel headers, bcc and privileges") from None
+        try:
+            self._layout = header_layout()  # from the header's text: this receiver compiles nothing
+        except (LookupError, TypeError, AttributeError) as exc:
+            raise StartError(self.settings.id, f"cannot lay out the fqdn_denied structs of bpf/flowtel.h: {exc}",
+                             "the installed bpf/flowtel.h is not the one this flowtel was built with; reinstall") from None
         self._ncpus = cpu_count_possible()
         telemetry = self.settings.telemetry
         telemetry.register_gauge(self.settings.id, "maps_attached", lambda: 1 if self._maps is not None else 0)

@@ -11,8 +11,9 @@ disturbing one another: each keeps its previous read and reports the difference.
   reader reports that as lost events. The created counter is read before the map, so a race
   with a concurrent insertion can only under-count for one read, never report a false loss.
 
-This module is pure logic plus the batch-lookup syscall; layouts come from bcc's ctypes
-classes of ``bpf/flowtel.h`` (see :func:`flowtel.lib.bpf.layout.struct_for`), never a copy.
+This module is pure logic plus the batch-lookup syscall; layouts come from ``bpf/flowtel.h``
+(bcc's ctypes classes where the process compiled the program, the header's text where it did
+not: :mod:`flowtel.lib.bpf.layout`), never a copy.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flowtel.lib.bpf.constants import HEADER
-from flowtel.lib.bpf.layout import struct_for
+from flowtel.lib.bpf.layout import header_struct, struct_for
 
 MAP_DENIED = "fqdn_denied"
 MAP_DENIED_CREATED = "fqdn_denied_created"
@@ -194,21 +195,9 @@ def cpu_count_possible() -> int:
     return n
 
 
-_PROBE = """#include "flowtel.h"
-BPF_HASH(fqdn_denied_layout, struct fqdn_denied_key, struct fqdn_denied_stats, 1);
-"""
-
-
-def compiled_layout() -> DeniedLayout:
-    """The layouts as bcc compiles them from bpf/flowtel.h, for a process that reads the pinned
-    map without loading bpf/fqdn_policy.c itself (the agent). Costs one small compile."""
-    from bcc import BPF
-
-    import bpf as bpf_sources
-
-    module = BPF(text=_PROBE.encode(), cflags=bpf_sources.cflags())  # bcc warns on str
-    try:
-        table = module[b"fqdn_denied_layout"]
-        return DeniedLayout(table.Key, table.Leaf)
-    finally:
-        module.cleanup()
+def header_layout() -> DeniedLayout:
+    """The layouts of ``bpf/flowtel.h``'s ``fqdn_denied`` structs read from the header's text, for a
+    process that reads the pinned map without loading bpf/fqdn_policy.c itself (the agent): no
+    compile, so the agent's one bcc module stays its only LLVM run. The receiver still checks the
+    sizes against the pinned map's own (a proxy built from another header is refused)."""
+    return DeniedLayout(header_struct("fqdn_denied_key"), header_struct("fqdn_denied_stats"))

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from flowtel.component import Consumer, Telemetry, consumer_wants
 from flowtel.errors import StartError
 from flowtel.lib.bpf import btf as btf_mod
+from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf import tracefs
 from flowtel.lib.bpf.doublebuffer import DoubleBuffer
 from flowtel.lib.bpf.ringbuf import RingReader
@@ -47,10 +48,8 @@ _REMEDY_KERNEL = (
 
 @functools.lru_cache(maxsize=4096)
 def _kernel_symbol(address: int) -> str:
-    from bcc import BPF
-
-    name = BPF.ksym(address, show_module=False, show_offset=False).decode(errors="replace")
-    return "" if name == "[unknown]" else name
+    # Not bcc's BPF.ksym: that keeps every kernel symbol resident (~13 MB) for a handful of names.
+    return kallsyms.symbol(address)
 
 
 def _host_ifname(index: int) -> str:
