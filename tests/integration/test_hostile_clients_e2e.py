@@ -294,8 +294,9 @@ def test_connections_beyond_the_cap_get_503_and_idle_ones_are_closed(
         print(json.dumps({"answers": answers, "closed": closed_after}))
     """
     agent.metric("flowtel_component_http_requests", "prometheus")  # warm up: the first scrape's allocations
-    rss_before, threads_before = agent.rss_kib(), agent.threads()
-    for port in (agent.metrics_port, agent.flows_port):
+    threads_before = agent.threads()
+    rss_after_round: list[int] = []
+    for port in (agent.metrics_port, agent.flows_port) * 2:
         with HealthWatch(agent.health) as watch:
             result = in_pod(pods["attacker"], script, agent.attack_ip, str(port), str(CAP), str(EXTRA))
         assert result["answers"] == ["HTTP/1.1 503 Service Unavailable"] * EXTRA
@@ -305,11 +306,16 @@ def test_connections_beyond_the_cap_get_503_and_idle_ones_are_closed(
         watch.assert_responsive()
         # No thread per connection (the old servers started one for each).
         assert agent.threads() == threads_before
-    # Memory bounded: 2 x (16 + 300) connections leave nothing behind. (The agent itself
-    # grows a little meanwhile, with its flow ring and series: the bound is generous.)
-    assert agent.rss_kib() - rss_before < 24 * 1024, (rss_before, agent.rss_kib())
-    assert agent.metric("flowtel_component_http_connections_rejected", "prometheus") == EXTRA
-    assert agent.metric("flowtel_component_http_connections_rejected", "flows") == EXTRA
+        rss_after_round.append(agent.rss_kib())
+    # Memory bounded: the connections leave nothing behind. The first round may raise the
+    # allocator's high-water mark (the agent gave its start-up heap back to the kernel, so
+    # the first 2 x (16 + 300) connections' buffers are new pages; glibc keeps them for
+    # reuse until the periodic trim); the same attack again must find them, not grow. (The
+    # agent itself grows a little meanwhile, with its flow ring and series.)
+    first, second = rss_after_round[1], rss_after_round[3]
+    assert second - first < 8 * 1024, rss_after_round
+    assert agent.metric("flowtel_component_http_connections_rejected", "prometheus") == 2 * EXTRA
+    assert agent.metric("flowtel_component_http_connections_rejected", "flows") == 2 * EXTRA
     assert agent.metric("flowtel_component_http_connections_timed_out", "flows") >= CAP
 
 
