@@ -21,6 +21,7 @@ from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dns import DnsTracker
 from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
+from receiver.ebpf.dnsring import install_program as install_dns_program
 from flowtel.lib.bpf.tcattach import SlotAllocator
 from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
@@ -108,6 +109,8 @@ class EbpfReceiver(Receiver):
             self._bpf = BPF(text=text, cflags=cflags)
             ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
             egress = self._bpf.load_func("flowtel_tc_egress", BPF.SCHED_CLS)
+            if dns.enabled:
+                install_dns_program(self._bpf)
         except Exception as exc:
             self._bpf = None
             raise StartError(
@@ -122,7 +125,6 @@ class EbpfReceiver(Receiver):
             tracker = DnsTracker(
                 node_name=self.settings.node_name,
                 timeout_ns=int(dns.timeout * 1e9),
-                max_pending=dns.max_pending,
                 interface_of=self._interface,
                 wall_offset_ns=_monotonic_to_wall_offset,
             )

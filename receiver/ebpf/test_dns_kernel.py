@@ -16,7 +16,7 @@ import pytest
 
 import bpf as bpf_sources
 from receiver.ebpf.config import DnsConfig
-from receiver.ebpf.dnsring import cflags, header_define
+from receiver.ebpf.dnsring import cflags, header_define, install_program
 
 pytestmark = pytest.mark.kernel
 
@@ -70,6 +70,7 @@ def prog() -> Iterator[Any]:
     defines.update(cflags(DnsConfig.model_validate({"sample_rate": 1_000_000})))
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     fn = b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
+    install_program(b)
     yield b, fn
     b.cleanup()
 
@@ -159,6 +160,7 @@ def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     try:
         small = (b, b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS))
+        install_program(b)
         for i in range(20):
             run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))
         assert len(b["dns_pending"]) == 16

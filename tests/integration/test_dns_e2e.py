@@ -467,8 +467,8 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
         time.sleep(0.1)
     assert dns_ring.alive  # the agent is still up and reading
     kernel = dns_ring.kernel_counts()
-    written = kernel["SAMPLES"] + kernel["SEGMENTS"]
-    lost = kernel["SAMPLES_LOST"] + kernel["SEGMENTS_LOST"]
+    written = kernel["SAMPLES"]
+    lost = kernel["SAMPLES_LOST"]
     assert lost == 0, f"the ring buffer overflowed ({lost} lost): the test's pacing is too fast for this machine"
     assert kernel["SAMPLES_SKIPPED"] == 0
     time.sleep(0.6)  # one more metrics interval
