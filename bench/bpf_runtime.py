@@ -146,7 +146,10 @@ class _TestRunOpts(ctypes.Structure):
 
 
 def _frames() -> dict[str, bytes]:
-    """Ethernet frames of a TCP ACK with 100 payload bytes, a 64-byte UDP datagram and a DNS query."""
+    """Ethernet frames of a TCP ACK with 100 payload bytes, a 64-byte UDP datagram, a DNS query
+    and a DNS response. Run again and again, the query is a retransmission (its pending insert
+    is refused) and the response matches nothing: the steady-state cost of DNS packets, with
+    the tail call into flowtel_dns (bpf/dns.h) included in the tc program's time."""
     eth = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
 
     def ip(proto: int, payload: bytes) -> bytes:
@@ -156,9 +159,13 @@ def _frames() -> dict[str, bytes]:
 
     tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 1, 5 << 4, 0x10, 65535, 0, 0) + b"x" * 100
     udp = struct.pack("!HHHH", 40000, 6001, 8 + 18, 0) + b"x" * 18
-    dns = struct.pack("!HHHH", 40000, 53, 8 + 29, 0) + struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + \
-        b"\x07example\x03com\x00\x00\x01\x00\x01"
-    return {"TCP 100 B": eth + ip(6, tcp), "UDP 64-byte frame": eth + ip(17, udp), "DNS query": eth + ip(17, dns)}
+    question = b"\x07example\x03com\x00\x00\x01\x00\x01"
+    dns = struct.pack("!HHHH", 40000, 53, 8 + 29, 0) + struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + question
+    answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + bytes([192, 0, 2, 1])
+    resp = struct.pack("!HHHH", 53, 40000, 8 + 29 + len(answer), 0) + \
+        struct.pack("!HHHHHH", 1, 0x8180, 1, 1, 0, 0) + question + answer
+    return {"TCP 100 B": eth + ip(6, tcp), "UDP 64-byte frame": eth + ip(17, udp), "DNS query": eth + ip(17, dns),
+            "DNS response": eth + ip(17, resp)}
 
 
 def test_run_ns(prog_fd: int, frame: bytes, repeat: int = 200_000) -> float:

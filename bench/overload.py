@@ -13,7 +13,7 @@ and from ``dnsc`` two unpaced Python senders of DNS queries (raw UDP, port 53) t
   (rx = ingress hook, tx + tx_dropped = egress hook: tc egress runs before the veth can drop);
 - **every lost DNS event counted**: packets the senders sent × 2 observation points (the
   sender's and the receiver's host-side veth) against DNS records read and parsed by user
-  space + ``LostEvents{DNS_RING_BUFFER_FULL}`` in the exported output; the kernel's own
+  space + ``LostEvents{DNS_TCP_UNPARSED}`` in the exported output; the kernel's own
   ring counters (written, lost) beside them; the pipeline's QUEUE_FULL losses too.
 
 Ratios: user-space share of DNS events (parsed / seen) and the flood's packet rate with
@@ -113,8 +113,8 @@ def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
             kernel = dns.kernel_counts()
             # Since DNS is counted in the kernel (bpf/dns.h), the ring carries samples: one lost
             # or skipped costs detail, not a count.
-            res["ring_written"] = kernel["SAMPLES"] + kernel["SEGMENTS"]
-            res["ring_lost"] = kernel["SAMPLES_LOST"] + kernel["SEGMENTS_LOST"]
+            res["ring_written"] = kernel["SAMPLES"]
+            res["ring_lost"] = kernel["SAMPLES_LOST"]
             res["ring_skipped"] = kernel["SAMPLES_SKIPPED"]
             links = {}
             for n, p in pods.items():
@@ -151,7 +151,7 @@ def report(r: dict[str, Any]) -> str:
     base, fl = r["baseline"], r["flowtel"]
     seen = r["ring_written"] + r["ring_lost"] + r["ring_skipped"]
     expected = fl["dns_sent"] * 2
-    lost_out = r["lost_in_output"].get("DNS_RING_BUFFER_FULL", 0)
+    lost_out = r["lost_in_output"].get("DNS_TCP_UNPARSED", 0)
     queue_out = sum(v for k, v in r["lost_in_output"].items() if k.startswith("QUEUE_FULL"))
     lines = [
         f"flood {r['seconds']:.0f} s: iperf3 UDP 64 B {fl['udp_pps']:,.0f} pkts/s with flowtel vs {base['udp_pps']:,.0f} "
@@ -173,12 +173,12 @@ def report(r: dict[str, Any]) -> str:
         f"     counted as requests (kernel aggregates) {r['dns_requests']:,} {'==' if r['dns_requests'] == seen else '!='} seen; "
         f"samples written {r['ring_written']:,} = read by user space {r['parsed']:,} "
         f"{'==' if r['ring_written'] == r['parsed'] else '!='}; samples lost to a full ring {r['ring_lost']:,}, "
-        f"over the sample budget {r['ring_skipped']:,} (detail only); LostEvents DNS_RING_BUFFER_FULL "
-        f"(TCP segments) {lost_out:,}",
+        f"over the sample budget {r['ring_skipped']:,} (detail only); LostEvents DNS_TCP_UNPARSED "
+        f"(TCP messages not counted) {lost_out:,}",
         f"     user-space share read / seen = {r['parsed'] / max(1, seen):.2f}; parse errors {r['parse_errors']:,}",
         f"     DNS flows in output {r['dns_flows_in_output']:,}; pipeline queue drops {r['queue_dropped']:,} "
         f"(LostEvents QUEUE_FULL* in output {queue_out:,} {'==' if queue_out == r['queue_dropped'] else '!='}); other lost: "
-        f"{ {k: v for k, v in r['lost_in_output'].items() if k != 'DNS_RING_BUFFER_FULL' and not k.startswith('QUEUE_FULL')} }",
+        f"{ {k: v for k, v in r['lost_in_output'].items() if k != 'DNS_TCP_UNPARSED' and not k.startswith('QUEUE_FULL')} }",
         f"load average: {os.getloadavg()[0]:.2f}",
     ]
     return "\n".join(lines)

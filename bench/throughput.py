@@ -149,8 +149,12 @@ def dns_events(n: int) -> list[Any]:
         q = dns_query(txid, qname)
         a = dns_answer(txid, qname, _pod_ip(x % CLUSTER_PODS))
         ts = now + x * 1000
-        out.append(DnsEvent(ts, 100 + local, 0, 4, 17, client, server, sport, 53, 0, len(q), q))
-        out.append(DnsEvent(ts + 300_000, 100 + local, 1, 4, 17, server, client, 53, sport, 0, len(a), a))
+        # As the kernel samples them (bpf/dns.h): counted there already, name and key given.
+        name_hash = hash(qname) & 0xFFFF_FFFF_FFFF_FFFF
+        out.append(DnsEvent(ts, 100 + local, 0, 4, 17, client, server, sport, 53, len(q), q, name_hash=name_hash,
+                            qtype=1, server_port=53))
+        out.append(DnsEvent(ts + 300_000, 100 + local, 1, 4, 17, server, client, 53, sport, len(a), a,
+                            latency_ns=300_000, name_hash=name_hash, qtype=1, server_port=53, is_response=1))
     return out
 
 
@@ -285,7 +289,7 @@ def run(sizes: tuple[int, ...] = (10_000, 100_000), reps: int = 5,
                     return dns_events(size)
 
                 def decode(events: list[Any]) -> list[Any]:
-                    tracker = DnsTracker(node_name="node-0", timeout_ns=2_000_000_000, max_pending=max(65536, size),
+                    tracker = DnsTracker(node_name="node-0", timeout_ns=2_000_000_000,
                                          interface_of=ifaces.interface, wall_offset_ns=_monotonic_to_wall_offset)
                     return tracker.process(events)
             # Warm-up (caches of addresses and endpoint views fill as in a running agent).

@@ -1,23 +1,36 @@
 /* dns.h — DNS on the tc path, aggregated in the kernel (included by tc_flow.c).
  *
  * One entry point, dns_observe(), called for every packet with its parsed flow key. A UDP
- * packet with a configured port on either side is parsed here: the 12-byte header and the
- * first question (a bounded walk of at most 255 name bytes, labels checked, no compression
- * pointer). Every message is then counted, whatever the rate:
- *   - per (interface, hook, addresses, server port, name hash, qtype, rcode, QR, status) in
- *     dns_agg_<slot>, a double buffer user space flips and drains every interval (the same
- *     no-loss scheme as the flow maps; the slot is chosen by one flag read, no map-in-map);
+ * datagram or a TCP segment with a configured port on either side is parsed here: the
+ * 12-byte header (read in place while the packet's linear part holds it) and the first
+ * question (a bounded walk of at most 255 name bytes, labels checked, no compression pointer,
+ * over a copy of at most 271 bytes).
+ * Every message is then counted, whatever the rate:
+ *   - per (interface, hook, addresses, server port, name hash, qtype, rcode, QR, status,
+ *     protocol) in dns_agg_<slot>, a double buffer user space flips and drains every interval
+ *     (the same no-loss scheme as the flow maps; the slot is chosen by one flag read);
  *   - requests wait in dns_pending (bounded; full is counted) until their response arrives
  *     within the timeout: its latency goes into a per-CPU histogram in the kernel; user space
  *     removes the requests that time out and counts them as unanswered.
- * User space gets a message's bytes only as a sample, within a per-CPU budget: the first
- * message of an aggregation key in an interval (a name, qtype and rcode not yet seen) may use
- * all of it, any other message only its upper half, and it has a ring of its own
- * (dns_names), so that names keep their samples under load. Samples carry what the kernel decided (slot, key fields, latency), so user space can
- * tell how many messages of each key it saw one by one and report the rest aggregated.
+ * User space gets a message's bytes only as a sample, and only for two reasons:
+ *   - the message is the first of its name, qtype, rcode and QR this interval (a per-interval
+ *     seen-set, dns_seen_<slot>, consulted only when a message creates an aggregation key):
+ *     user space learns the name and the answer from it. Bounded by the distinct names, not
+ *     the rate, and on a ring of its own (dns_names) so that names keep their samples under
+ *     load;
+ *   - the per-CPU budget (sample_rate a second, a second of burst) has room: the message is
+ *     then reported as its own flow (per-message flows at low rates).
+ * A name sample over the budget is kind NAME (it stays in its key's aggregate), else MESSAGE.
+ * Samples carry what the kernel decided (slot, key fields, latency), so user space can tell
+ * how many messages of each key it saw one by one and report the rest aggregated.
  *
- * TCP segments on DNS ports are copied to the ring as before (user space frames RFC 7766
- * streams and matches them): a lost segment is counted as such.
+ * TCP (RFC 7766: a 2-byte length before each message): the segment that starts a message is
+ * parsed like a datagram when it holds the message's header and question. Where the next
+ * message starts is remembered when a message runs past its segment (dns_tcp_next), so the
+ * segments that continue it are skipped, not misread. Not counted, but counted as such
+ * (FLOWTEL_DNS_CNT_TCP_UNPARSED, reported as a loss): a message whose header and question are
+ * not all in its first segment, and the messages after the first in one segment (pipelined
+ * queries; only their length prefixes are walked, to keep the stream in step).
  *
  * Compile-time constants (set by the loader, receiver/ebpf/dnsring.py): FLOWTEL_IS_DNS_PORT(p),
  * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES,
@@ -30,20 +43,72 @@
 
 #define FLOWTEL_FNV_OFFSET 0xcbf29ce484222325ULL
 #define FLOWTEL_FNV_PRIME  0x100000001b3ULL
-/* A budget of one second of samples; the upper half is for keys not yet seen this interval. */
+/* A budget of one second of samples. */
 #define FLOWTEL_DNS_BUDGET_NS     1000000000ULL
-#define FLOWTEL_DNS_NEW_KEY_RESERVE_NS (FLOWTEL_DNS_BUDGET_NS / 2)
+/* Header, the longest name and qtype/qclass: all the parser ever reads of a message. */
+#define FLOWTEL_DNS_QUESTION_MAX (12 + FLOWTEL_DNS_NAME_MAX + 4)
 
-BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);  /* repeat samples and TCP segments */
-BPF_RINGBUF_OUTPUT(dns_names, FLOWTEL_DNS_RING_PAGES);   /* samples of keys new this interval */
+BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);  /* per-message samples (within the budget) */
+BPF_RINGBUF_OUTPUT(dns_names, FLOWTEL_DNS_RING_PAGES);   /* samples of names first seen this interval */
 BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1);
 BPF_HASH(dns_agg_0, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
 BPF_HASH(dns_agg_1, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
+/* At most one entry per aggregation key of the same slot (inserted only when one is created),
+ * so it cannot fill before dns_agg_<slot> does. */
+BPF_HASH(dns_seen_0, struct dns_seen_key, __u8, FLOWTEL_DNS_MAX_AGGREGATES);
+BPF_HASH(dns_seen_1, struct dns_seen_key, __u8, FLOWTEL_DNS_MAX_AGGREGATES);
 BPF_ARRAY(dns_active, __u32, 1);
 BPF_HASH(dns_pending, struct dns_pending_key, struct dns_pending_val, FLOWTEL_DNS_MAX_PENDING);
+BPF_TABLE("lru_hash", struct dns_tcp_stream, __u32, dns_tcp_next, FLOWTEL_DNS_TCP_STREAMS);
 BPF_PERCPU_ARRAY(dns_latency, struct dns_latency, 1);
 BPF_PERCPU_ARRAY(dns_budget, struct dns_budget, 1);
 BPF_PERCPU_ARRAY(dns_counters, __u64, FLOWTEL_DNS_CNT_MAX);
+/* What the tc programs hand to flowtel_dns with the tail call (kernel-only). */
+struct dns_handoff {
+    struct flow_key key;
+    __u32 l4off;
+    __u32 end;
+    __u8  hook;
+};
+BPF_PERCPU_ARRAY(dns_handoff, struct dns_handoff, 1);
+BPF_PROG_ARRAY(dns_tail, 1);  /* [0]: flowtel_dns, installed by the loader */
+
+/* An offset as the verifier must see it for a packet pointer: bounded by a mask on the very
+ * register the pointer is computed from (the compiler cannot drop the mask: the barrier hides
+ * that the value is known to fit). Callers check off <= DNS_PKT_OFF_MAX themselves. */
+#define DNS_PKT_OFF_MAX 0x3fff
+static __always_inline __u32 dns_pkt_off(__u32 off)
+{
+    asm volatile("" : "+r"(off));
+    return off & DNS_PKT_OFF_MAX;
+}
+
+/* packet.h's flowtel_tc_load for DNS's offsets: in place below 16 KiB (headers and questions
+ * always are), the helper beyond. n is a compile-time constant. */
+#define dns_load(skb, off, dst, n) ({                                                          \
+        void *_data = (void *)(long)(skb)->data;                                               \
+        void *_end = (void *)(long)(skb)->data_end;                                            \
+        __u32 _off = (off);                                                                    \
+        void *_p = _data + dns_pkt_off(_off);                                                  \
+        int _rc;                                                                               \
+        if (_off <= DNS_PKT_OFF_MAX && _p + (n) <= _end) {                                     \
+            __builtin_memcpy((dst), _p, (n));                                                  \
+            _rc = 0;                                                                           \
+        } else {                                                                               \
+            _rc = bpf_skb_load_bytes((skb), _off, (dst), (n));                                 \
+        }                                                                                      \
+        _rc; })
+
+/* v as the verifier's precision tracking must see a helper's size argument: read back from map
+ * memory, so it is an unknown scalar bounded by the caller's mask, with no link to how v was
+ * computed. Without it the verifier needs v's exact range on every path that led to it, and
+ * the paths (UDP, TCP, lengths) multiply through the question walk past its limit. The store
+ * is to scratch the caller overwrites later; volatile keeps the compiler from skipping it. */
+static __always_inline __u32 dns_opaque(struct dns_event *ev, __u32 v)
+{
+    *(volatile __u32 *)&ev->hdr.orig_len = v;
+    return *(volatile __u32 *)&ev->hdr.orig_len;
+}
 
 static __always_inline void dns_count(__u32 idx)
 {
@@ -52,46 +117,96 @@ static __always_inline void dns_count(__u32 idx)
         *v += 1;  /* per-CPU: no atomics needed */
 }
 
-/* The first question of a message in buf[0, len): FLOWTEL_DNS_OK with its name hash, its
- * qtype and where it ends, or FLOWTEL_DNS_MALFORMED. One byte per iteration with a label
- * countdown (not nested loops) keeps the verifier's work linear in FLOWTEL_DNS_NAME_MAX. */
+/* The first question of a message of len bytes: FLOWTEL_DNS_OK with its name hash and qtype,
+ * or FLOWTEL_DNS_MALFORMED. One byte per iteration with a label countdown (not nested loops)
+ * keeps the verifier's work linear in FLOWTEL_DNS_NAME_MAX. DNS_BYTE(c, pos) reads the byte at
+ * pos (< FLOWTEL_DNS_QUESTION_MAX) of the message into c. */
+#define DNS_QUESTION_BODY                                                                       \
+    __u64 h = FLOWTEL_FNV_OFFSET;                                                               \
+    __u32 pos = 12;                                                                             \
+    __u32 rem = 0;   /* bytes left in the current label; 0: the next byte is a length */       \
+    __u8 c = 0;                                                                                 \
+    int done = 0;                                                                               \
+    for (int i = 0; i < FLOWTEL_DNS_NAME_MAX; i++) {                                            \
+        if (pos >= len)                                                                         \
+            return FLOWTEL_DNS_MALFORMED;                                                       \
+        DNS_BYTE(c, pos);                                                                       \
+        if (rem == 0) {                                                                         \
+            if (c == 0) {                                                                       \
+                done = 1;                                                                       \
+                break;                                                                          \
+            }                                                                                   \
+            /* a pointer (nothing precedes the first name) or a reserved label type */          \
+            if (c & 0xc0)                                                                       \
+                return FLOWTEL_DNS_MALFORMED;                                                   \
+            rem = c & 0x3f;                                                                     \
+        } else {                                                                                \
+            rem -= 1;                                                                           \
+            if (c >= 'A' && c <= 'Z')                                                           \
+                c += 'a' - 'A';  /* names compare without case: one key per name */             \
+        }                                                                                       \
+        h = (h ^ c) * FLOWTEL_FNV_PRIME;                                                        \
+        pos += 1;                                                                               \
+    }                                                                                           \
+    if (!done)                                                                                  \
+        return FLOWTEL_DNS_MALFORMED;  /* longer than 255 bytes */                              \
+    if (pos + 5 > len)                                                                          \
+        return FLOWTEL_DNS_MALFORMED;  /* qtype and qclass cut off */                           \
+    __u8 hi = 0, lo = 0;                                                                        \
+    DNS_BYTE(hi, pos + 1);                                                                      \
+    DNS_BYTE(lo, pos + 2);                                                                      \
+    *qtype = ((__u16)hi << 8) | lo;                                                             \
+    *hash = h;                                                                                  \
+    return FLOWTEL_DNS_OK;
+
+/* From a copy in buf (FLOWTEL_DNS_BUF bytes, a power of two). */
 static __always_inline int dns_question(const __u8 *buf, __u32 len, __u64 *hash, __u16 *qtype)
 {
-    __u64 h = FLOWTEL_FNV_OFFSET;
-    __u32 pos = 12;
-    __u32 rem = 0;   /* bytes left in the current label; 0: the next byte is a length */
-    int done = 0;
-    for (int i = 0; i < FLOWTEL_DNS_NAME_MAX; i++) {
-        if (pos >= len)
-            return FLOWTEL_DNS_MALFORMED;
-        __u8 c = buf[pos & (FLOWTEL_DNS_BUF - 1)];
-        if (rem == 0) {
-            if (c == 0) {
-                done = 1;
-                break;
-            }
-            if (c & 0xc0)  /* a pointer (nothing precedes the first name) or a reserved label type */
-                return FLOWTEL_DNS_MALFORMED;
-            rem = c & 0x3f;
-        } else {
-            rem -= 1;
-            if (c >= 'A' && c <= 'Z')
-                c += 'a' - 'A';  /* names compare without case: one key per name */
-        }
-        h = (h ^ c) * FLOWTEL_FNV_PRIME;
-        pos += 1;
-    }
-    if (!done)
-        return FLOWTEL_DNS_MALFORMED;  /* longer than 255 bytes */
-    if (pos + 5 > len)
-        return FLOWTEL_DNS_MALFORMED;  /* qtype and qclass cut off */
-    *qtype = ((__u16)buf[(pos + 1) & (FLOWTEL_DNS_BUF - 1)] << 8) | buf[(pos + 2) & (FLOWTEL_DNS_BUF - 1)];
-    *hash = h;
-    return FLOWTEL_DNS_OK;
+#define DNS_BYTE(c, p) ((c) = buf[(p) & (FLOWTEL_DNS_BUF - 1)])
+    DNS_QUESTION_BODY
+#undef DNS_BYTE
 }
 
-/* Whether a sample may be sent now (and if so, pay for it). */
-static __always_inline int dns_take_budget(__u64 now, int new_key)
+/* Header and first question of the message at packet offset off, of which avail bytes are in
+ * the packet: fills ak's status, QR, rcode, name hash and qtype, and the DNS id. */
+static __always_inline void dns_parse(struct __sk_buff *skb, __u32 off, __u32 avail, struct dns_agg_key *ak,
+                                      __u16 *id)
+{
+    ak->status = FLOWTEL_DNS_MALFORMED;
+    __u8 hdr[12];
+    if (avail < 12 || dns_load(skb, off, hdr, sizeof(hdr)) < 0)
+        return;
+    __u16 qdcount = ((__u16)hdr[4] << 8) | hdr[5];
+    __u64 hash = 0;
+    __u16 qtype = 0;
+    if (qdcount) {
+        /* The question is walked in a copy: a walk over the packet in place (a bounds check per
+         * byte) costs the verifier over a million instructions here, the copy ~40 ns. Only
+         * what a question can span is copied. */
+        __u32 len = avail < FLOWTEL_DNS_QUESTION_MAX ? avail : FLOWTEL_DNS_QUESTION_MAX;
+        __u32 zero = 0;
+        struct dns_event *ev = dns_scratch.lookup(&zero);
+        if (!ev)
+            return;
+        /* Same value for len in [1, FLOWTEL_DNS_BUF], and a form any verifier (5.8 on) can
+         * bound without tracking the comparisons above: why the sizes are powers of two. */
+        __u32 n = ((dns_opaque(ev, len) - 1) & (FLOWTEL_DNS_BUF - 1)) + 1;
+        if (bpf_skb_load_bytes(skb, off, ev->payload, n) < 0)
+            return;
+        if (dns_question(ev->payload, n, &hash, &qtype) != FLOWTEL_DNS_OK)
+            return;
+    }
+    /* qdcount 0 is legal (e.g. some NOTIFY forms): no name to key on. */
+    ak->status = FLOWTEL_DNS_OK;
+    ak->is_response = hdr[2] >> 7;
+    ak->rcode = hdr[3] & 0x0f;
+    ak->name_hash = hash;
+    ak->qtype = qtype;
+    *id = ((__u16)hdr[0] << 8) | hdr[1];
+}
+
+/* Whether a message may be sent as its own flow now (and if so, pay for it). */
+static __always_inline int dns_take_budget(__u64 now)
 {
     __u32 zero = 0;
     struct dns_budget *b = dns_budget.lookup(&zero);
@@ -101,8 +216,7 @@ static __always_inline int dns_take_budget(__u64 now, int new_key)
     if (credit > FLOWTEL_DNS_BUDGET_NS)
         credit = FLOWTEL_DNS_BUDGET_NS;
     b->last_ns = now;
-    __u64 floor = new_key ? 0 : FLOWTEL_DNS_NEW_KEY_RESERVE_NS;
-    if (credit < floor + FLOWTEL_DNS_SAMPLE_COST_NS) {
+    if (credit < FLOWTEL_DNS_SAMPLE_COST_NS) {
         b->credit_ns = credit;
         return 0;
     }
@@ -137,6 +251,21 @@ static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u
     return created;
 }
 
+/* Whether user space has had no message of this name, qtype, rcode and QR this interval
+ * (and now has: the caller samples it). */
+static __always_inline int dns_first_seen(const struct dns_agg_key *ak, __u32 slot)
+{
+    struct dns_seen_key sk = {};
+    sk.name_hash = ak->name_hash;
+    sk.qtype = ak->qtype;
+    sk.is_response = ak->is_response;
+    sk.rcode = ak->rcode;
+    sk.status = ak->status;
+    __u8 one = 1;
+    /* BPF_NOEXIST: of two CPUs, one is first. */
+    return (slot ? dns_seen_1.insert(&sk, &one) : dns_seen_0.insert(&sk, &one)) == 0;
+}
+
 static __always_inline void dns_latency_observe(__u64 ns)
 {
     __u32 zero = 0;
@@ -157,6 +286,7 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
     pk.ifindex = key->ifindex;
     pk.id = id;
     pk.family = key->family;
+    pk.protocol = key->protocol;
     if (!is_response) {
         __builtin_memcpy(pk.client, key->saddr, 16);
         __builtin_memcpy(pk.server, key->daddr, 16);
@@ -195,115 +325,81 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
     return lat;
 }
 
-/* A TCP segment on a DNS port: copied to the ring for user space's framing. */
-static __always_inline void dns_segment(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
-                                        __u32 l4off, __u32 end, __u64 now, struct dns_event *ev)
+/* The message's bytes to a ring: a per-message sample (MESSAGE, dns_events, or dns_names if it
+ * is also the first of its name) or a name sample (NAME, dns_names). Only here is the message
+ * copied, so a message that is not sampled costs no copy. */
+static __always_inline void dns_sample(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
+                                       __u32 off, __u32 msg_len, __u32 avail, __u64 now,
+                                       const struct dns_agg_key *ak, __u32 slot, __u64 latency, __u8 kind,
+                                       int first)
 {
-    __u8 tcp[13];
-    if (bpf_skb_load_bytes(skb, l4off, tcp, sizeof(tcp)) < 0)
+    __u32 zero = 0;
+    /* Assembled in a per-CPU scratch buffer (tc runs with migration disabled and does not
+     * nest on a CPU) so that bpf_ringbuf_output sends just the bytes captured. */
+    struct dns_event *ev = dns_scratch.lookup(&zero);
+    if (!ev)
         return;
-    __u32 seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
-    __u32 off = l4off + (tcp[12] >> 4) * 4;
-    __u32 orig = end > off ? end - off : 0;
-    if (orig == 0)
-        return;  /* SYN, ACK, FIN without data: no DNS message */
-    __u32 skb_len = skb->len;
-    __u32 avail = skb_len > off ? skb_len - off : 0;
-    __u32 want = orig < avail ? orig : avail;
-    if (want > FLOWTEL_DNS_CAPTURE)
-        want = FLOWTEL_DNS_CAPTURE;
-    __u32 n = 0;
-    if (want > 0) {
-        /* Same value for want in [1, FLOWTEL_DNS_CAPTURE], and a form any verifier (5.8 on)
-         * can bound without tracking the comparisons above: why the sizes are powers of two. */
-        n = ((want - 1) & (FLOWTEL_DNS_CAPTURE - 1)) + 1;
-        if (bpf_skb_load_bytes(skb, off, ev->payload, n) < 0)
-            n = 0;  /* sent anyway with no payload: user space counts it as unparsable */
+    __u32 cap = avail < FLOWTEL_DNS_CAPTURE ? avail : FLOWTEL_DNS_CAPTURE;
+    if (cap > 0) {
+        cap = ((dns_opaque(ev, cap) - 1) & (FLOWTEL_DNS_CAPTURE - 1)) + 1;
+        if (bpf_skb_load_bytes(skb, off, ev->payload, cap) < 0)
+            cap = 0;  /* sent anyway with no payload: user space counts it as short */
     }
     struct dns_event_hdr *h = &ev->hdr;
     h->ts_ns = now;
-    h->latency_ns = 0;
-    h->name_hash = 0;
-    h->qtype = 0;
-    h->server_port = 0;
-    h->slot = 0;
-    h->status = 0;
-    h->is_response = 0;
-    h->rcode = 0;
+    h->latency_ns = latency;
+    h->name_hash = ak->name_hash;
     __builtin_memcpy(h->saddr, key->saddr, 16);
     __builtin_memcpy(h->daddr, key->daddr, 16);
     h->ifindex = key->ifindex;
-    h->orig_len = orig;
-    h->tcp_seq = seq;
+    h->orig_len = msg_len;
     h->sport = key->sport;
     h->dport = key->dport;
-    h->cap_len = n;
+    h->cap_len = cap;
+    h->qtype = ak->qtype;
+    h->server_port = ak->port;
     h->family = key->family;
     h->protocol = key->protocol;
     h->hook = hook;
-    h->kind = FLOWTEL_DNS_EV_SEGMENT;
-    if (dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + n, 0) == 0)
-        dns_count(FLOWTEL_DNS_CNT_SEGMENTS);
+    h->kind = kind;
+    h->slot = slot;
+    h->status = ak->status;
+    h->is_response = ak->is_response;
+    h->rcode = ak->rcode;
+    /* No wakeup: the reader polls the rings every POLL_TIMEOUT_MS anyway, and waking it per
+     * sample would cost a context switch each. Names have a ring of their own, so that a
+     * reader that falls behind on per-message samples still learns every name. */
+    long err;
+    if (first)
+        err = dns_names.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, BPF_RB_NO_WAKEUP);
     else
-        dns_count(FLOWTEL_DNS_CNT_SEGMENTS_LOST);
+        err = dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, BPF_RB_NO_WAKEUP);
+    if (err == 0)
+        dns_count(FLOWTEL_DNS_CNT_SAMPLES);
+    else
+        dns_count(FLOWTEL_DNS_CNT_SAMPLES_LOST);
 }
 
-/* A UDP datagram on a DNS port: parsed, counted, matched, maybe sampled. */
-static __always_inline void dns_message(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
-                                        __u32 l4off, __u64 now, struct dns_event *ev)
+/* One message at packet offset off: msg_len bytes long (per the UDP header or the TCP length
+ * prefix), avail of them in this packet. Parsed, counted, matched, maybe sampled. With cut (a
+ * TCP message that continues in later segments), a message whose header and question cannot
+ * be read from this segment is not counted but returned as -1 (the caller reports it). */
+static __always_inline int dns_message(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
+                                       __u32 off, __u32 msg_len, __u32 avail, __u64 now, int cut)
 {
-    __u8 udp[8];
-    if (bpf_skb_load_bytes(skb, l4off, udp, sizeof(udp)) < 0)
-        return;
-    /* The UDP length, not the skb, says where the message ends: a first fragment holds only
-     * part of it, and user space must know the capture is short. */
-    __u32 ulen = (udp[4] << 8) | udp[5];
-    __u32 off = l4off + 8;
-    __u32 orig = ulen > 8 ? ulen - 8 : 0;
-    __u32 skb_len = skb->len;
-    __u32 avail = skb_len > off ? skb_len - off : 0;
-    __u32 want = orig < avail ? orig : avail;
-    if (want > FLOWTEL_DNS_BUF)
-        want = FLOWTEL_DNS_BUF;
-    __u32 n = 0;
-    if (want > 0) {
-        n = ((want - 1) & (FLOWTEL_DNS_BUF - 1)) + 1;
-        if (bpf_skb_load_bytes(skb, off, ev->payload, n) < 0)
-            n = 0;
-    }
-
     struct dns_agg_key ak = {};
     __builtin_memcpy(ak.saddr, key->saddr, 16);
     __builtin_memcpy(ak.daddr, key->daddr, 16);
     ak.ifindex = key->ifindex;
     ak.family = key->family;
+    ak.protocol = key->protocol;
     ak.hook = hook;
     ak.port = FLOWTEL_IS_DNS_PORT(key->dport) ? key->dport : key->sport;
-    ak.status = FLOWTEL_DNS_MALFORMED;
     __u16 id = 0;
-    __u8 *p = ev->payload;
-    if (n >= 12) {
-        id = ((__u16)p[0] << 8) | p[1];
-        ak.is_response = p[2] >> 7;
-        ak.rcode = p[3] & 0x0f;
-        __u16 qdcount = ((__u16)p[4] << 8) | p[5];
-        if (qdcount == 0) {
-            ak.status = FLOWTEL_DNS_OK;  /* legal (e.g. some NOTIFY forms): no name to key on */
-        } else {
-            __u16 qtype = 0;
-            __u64 hash = 0;
-            if (dns_question(p, n, &hash, &qtype) == FLOWTEL_DNS_OK) {
-                ak.status = FLOWTEL_DNS_OK;
-                ak.name_hash = hash;
-                ak.qtype = qtype;
-            }
-        }
-    }
-    if (ak.status != FLOWTEL_DNS_OK) {
-        /* Only what a parse error reports: nothing else of it is trusted. */
-        ak.is_response = 0;
-        ak.rcode = 0;
-    }
+    /* Only what a parse error reports is set when it fails: nothing else of it is trusted. */
+    dns_parse(skb, off, avail, &ak, &id);
+    if (cut && ak.status != FLOWTEL_DNS_OK)
+        return -1;
 
     __u32 zero = 0;
     __u32 *active = dns_active.lookup(&zero);
@@ -322,78 +418,178 @@ static __always_inline void dns_message(struct __sk_buff *skb, const struct flow
     if (ak.status == FLOWTEL_DNS_OK)
         latency = dns_match(key, hook, id, ak.is_response, ak.name_hash, ak.qtype, now);
 
-    if (!dns_take_budget(now, created)) {
+    int first = created > 0 && dns_first_seen(&ak, slot);
+    __u8 kind;
+    if (dns_take_budget(now))
+        kind = FLOWTEL_DNS_EV_MESSAGE;
+    else if (first)
+        kind = FLOWTEL_DNS_EV_NAME;
+    else {
         dns_count(FLOWTEL_DNS_CNT_SAMPLES_SKIPPED);
-        return;
+        return 0;
     }
-
-    __u32 cap = n;
-    if (cap > FLOWTEL_DNS_CAPTURE)
-        cap = FLOWTEL_DNS_CAPTURE;
-    if (cap > 0)
-        cap = ((cap - 1) & (FLOWTEL_DNS_CAPTURE - 1)) + 1;
-    struct dns_event_hdr *h = &ev->hdr;
-    h->ts_ns = now;
-    h->latency_ns = latency;
-    h->name_hash = ak.name_hash;
-    __builtin_memcpy(h->saddr, key->saddr, 16);
-    __builtin_memcpy(h->daddr, key->daddr, 16);
-    h->ifindex = key->ifindex;
-    h->orig_len = orig;
-    h->tcp_seq = 0;
-    h->sport = key->sport;
-    h->dport = key->dport;
-    h->cap_len = cap;
-    h->qtype = ak.qtype;
-    h->server_port = ak.port;
-    h->family = key->family;
-    h->protocol = key->protocol;
-    h->hook = hook;
-    h->kind = FLOWTEL_DNS_EV_MESSAGE;
-    h->slot = slot;
-    h->status = ak.status;
-    h->is_response = ak.is_response;
-    h->rcode = ak.rcode;
-    /* No wakeup: the reader polls the rings every POLL_TIMEOUT_MS anyway, and waking it per
-     * sample would cost a context switch each (TCP segments, which cannot be counted
-     * otherwise, do wake it). Keys not yet seen have a ring of their own, so that a reader
-     * that falls behind on repeats still learns every name. */
-    long err;
-    if (created)
-        err = dns_names.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, BPF_RB_NO_WAKEUP);
-    else
-        err = dns_events.ringbuf_output(ev, sizeof(struct dns_event_hdr) + cap, BPF_RB_NO_WAKEUP);
-    if (err == 0)
-        dns_count(FLOWTEL_DNS_CNT_SAMPLES);
-    else
-        dns_count(FLOWTEL_DNS_CNT_SAMPLES_LOST);
+    dns_sample(skb, key, hook, off, msg_len, avail, now, &ak, slot, latency, kind, first);
+    return 0;
 }
 
-/* The one call from tc_flow.c: l4off is the transport header's offset (0: not read), end
- * the offset just past the IP packet per its header. Timestamps here are the precise clock
- * (latency), read only once the packet is known to be DNS: flows use the coarse one. */
+/* Where a UDP datagram's message is: msg_len per the UDP header, avail of it in the packet. */
+static __always_inline int dns_udp(struct __sk_buff *skb, __u32 l4off, __u32 *off, __u32 *msg_len, __u32 *avail)
+{
+    __u8 udp[8];
+    if (dns_load(skb, l4off, udp, sizeof(udp)) < 0)
+        return -1;
+    /* The UDP length, not the skb, says where the message ends: a first fragment holds only
+     * part of it, and user space must know the capture is short. */
+    __u32 ulen = (udp[4] << 8) | udp[5];
+    *off = l4off + 8;
+    *msg_len = ulen > 8 ? ulen - 8 : 0;
+    __u32 skb_len = skb->len;
+    __u32 in_skb = skb_len > *off ? skb_len - *off : 0;
+    *avail = *msg_len < in_skb ? *msg_len : in_skb;
+    return 0;
+}
+
+/* Sequence arithmetic: a is after b (RFC 1982 for 32 bits). */
+#define DNS_SEQ_AFTER(a, b) ((__s32)((a) - (b)) > 0)
+
+/* Where in a TCP segment a message starts: -1 if none does (no payload, or all of it
+ * continues a message), else the message as dns_udp gives it, and what dns_tcp_frame needs.
+ * st is the stream's dns_tcp_next key. See the top of this file. */
+static __always_inline int dns_tcp(struct __sk_buff *skb, const struct flow_key *key, __u8 hook, __u32 l4off,
+                                   __u32 end, struct dns_tcp_stream *st, __u32 *seq, __u32 *data, __u32 *seg,
+                                   __u32 *start, __u32 *msg_len, __u32 *avail)
+{
+    __u8 tcp[13];
+    if (dns_load(skb, l4off, tcp, sizeof(tcp)) < 0)
+        return -1;
+    *seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
+    *data = l4off + (tcp[12] >> 4) * 4;
+    *seg = end > *data ? end - *data : 0;
+    if (*seg == 0)
+        return -1;  /* SYN, ACK, FIN without data: no DNS message */
+
+    __builtin_memcpy(st->saddr, key->saddr, 16);
+    __builtin_memcpy(st->daddr, key->daddr, 16);
+    st->ifindex = key->ifindex;
+    st->sport = key->sport;
+    st->dport = key->dport;
+    st->family = key->family;
+    st->hook = hook;
+    *start = 0;
+    __u32 *next = dns_tcp_next.lookup(st);
+    if (next) {
+        __u32 n = *next;
+        if (DNS_SEQ_AFTER(n, *seq)) {
+            if (!DNS_SEQ_AFTER(*seq + *seg, n)) {
+                dns_count(FLOWTEL_DNS_CNT_TCP_CONTINUATIONS);  /* all of it continues the message */
+                return -1;
+            }
+            *start = n - *seq;
+        }
+        /* else it starts at the next message, or after a gap we did not see: from 0 */
+        dns_tcp_next.delete(st);
+    }
+    __u8 prefix[2];
+    *msg_len = 0;
+    *avail = 0;
+    /* One byte of a length prefix leaves no message to read: msg_len 0, a parse error. */
+    if (*start + 2 <= *seg && dns_load(skb, *data + *start, prefix, sizeof(prefix)) == 0) {
+        *msg_len = ((__u32)prefix[0] << 8) | prefix[1];
+        __u32 in_seg = *seg - *start - 2;
+        /* A prefix under 12 cannot hold a header: read nothing, a parse error. */
+        *avail = *msg_len < 12 ? 0 : (*msg_len < in_seg ? *msg_len : in_seg);
+    }
+    return 0;
+}
+
+/* Keep the stream in step past the segment's first message, before it is parsed (nothing of
+ * the stream then stays live across the parse, so the verifier checks the parse once for UDP
+ * and TCP): a message running past the segment marks where the next one starts; messages
+ * after it in the segment are stepped over and counted as not parsed. */
+static __always_inline void dns_tcp_frame(struct __sk_buff *skb, struct dns_tcp_stream *st, __u32 seq, __u32 data,
+                                          __u32 seg, __u32 start, __u32 msg_len)
+{
+    if (msg_len < 12)
+        return;  /* framing after a malformed prefix is not trusted: nothing more is read */
+    __u32 pos = start + 2 + msg_len;  /* the next message in the segment */
+    __u8 prefix[2];
+    for (int i = 0; i < FLOWTEL_DNS_TCP_WALK; i++) {
+        if (pos >= seg)
+            break;
+        dns_count(FLOWTEL_DNS_CNT_TCP_UNPARSED);
+        if (pos + 2 > seg || dns_load(skb, data + pos, prefix, sizeof(prefix)) < 0)
+            return;  /* a prefix split by the segment: the stream's framing is lost from here */
+        pos += 2 + (((__u32)prefix[0] << 8) | prefix[1]);
+    }
+    if (pos < seg)
+        dns_count(FLOWTEL_DNS_CNT_TCP_UNPARSED);  /* more than FLOWTEL_DNS_TCP_WALK: the rest as one */
+    if (pos > seg) {
+        __u32 nx = seq + pos;
+        dns_tcp_next.update(st, &nx);
+    }
+}
+
+/* The DNS program proper, reached by a tail call from the tc programs (dns_observe): the
+ * verifier checks it once, from its own entry, instead of once for every way the packet
+ * parser can reach it (IPv4, IPv6 and its extension headers...), which took it past its
+ * million-instruction limit. The packet's flow key comes in a per-CPU handoff (tc runs with
+ * migration disabled and does not nest on a CPU). Timestamps here are the precise clock
+ * (latency), read only for DNS packets: flows use the coarse one. */
+int flowtel_dns(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct dns_handoff *ho = dns_handoff.lookup(&zero);
+    if (!ho)
+        return TC_ACT_UNSPEC;
+    struct flow_key kcopy = ho->key;
+    const struct flow_key *key = &kcopy;
+    __u8 hook = ho->hook;
+    __u32 l4off = ho->l4off, end = ho->end;
+    int tcp = key->protocol == IPPROTO_TCP;
+    __u32 off = 0, msg_len = 0, avail = 0, seq = 0, data = 0, seg = 0, start = 0;
+    struct dns_tcp_stream st = {};
+    int cut = 0;
+    if (tcp) {
+        __u32 skb_len = skb->len;
+        /* A zero or oversized IP length (jumbograms, BIG TCP) says nothing: use the skb's. */
+        __u32 stop = (end > l4off && end <= skb_len) ? end : skb_len;
+        if (dns_tcp(skb, key, hook, l4off, stop, &st, &seq, &data, &seg, &start, &msg_len, &avail) < 0)
+            return TC_ACT_UNSPEC;
+        off = data + start + 2;
+        cut = msg_len >= 12 && avail < msg_len;
+        dns_tcp_frame(skb, &st, seq, data, seg, start, msg_len);
+    } else if (dns_udp(skb, l4off, &off, &msg_len, &avail) < 0) {
+        return TC_ACT_UNSPEC;
+    }
+    /* The question is not all in the segment that starts the message: not counted (reported;
+     * the segments that carry the rest are skipped by dns_tcp_frame's mark). */
+    if (dns_message(skb, key, hook, off, msg_len, avail, bpf_ktime_get_ns(), cut) < 0)
+        dns_count(FLOWTEL_DNS_CNT_TCP_UNPARSED);
+    /* An observer: let later filters and the stack decide. */
+    return TC_ACT_UNSPEC;
+}
+
+/* The one call from tc_flow.c, last thing before it returns (a tail call does not come
+ * back): l4off is the transport header's offset (0: not read), end the offset just past the
+ * IP packet per its header. A non-DNS packet costs the port test. */
 static __always_inline void dns_observe(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
                                         __u32 l4off, __u32 end)
 {
     if (!l4off || !(FLOWTEL_IS_DNS_PORT(key->dport) || FLOWTEL_IS_DNS_PORT(key->sport)))
         return;
-    if (key->protocol != IPPROTO_UDP && key->protocol != IPPROTO_TCP)
+    if (key->protocol != IPPROTO_TCP && key->protocol != IPPROTO_UDP)
         return;
-    __u64 now = bpf_ktime_get_ns();
     __u32 zero = 0;
-    /* The record is assembled in a per-CPU scratch buffer (tc runs with migration disabled
-     * and does not nest on a CPU) so that bpf_ringbuf_output sends just the bytes captured. */
-    struct dns_event *ev = dns_scratch.lookup(&zero);
-    if (!ev)
+    struct dns_handoff *ho = dns_handoff.lookup(&zero);
+    if (!ho)
         return;
-    if (key->protocol == IPPROTO_UDP) {
-        dns_message(skb, key, hook, l4off, now, ev);
-    } else {
-        __u32 skb_len = skb->len;
-        /* A zero or oversized IP length (jumbograms, BIG TCP) says nothing: use the skb's. */
-        __u32 stop = (end > l4off && end <= skb_len) ? end : skb_len;
-        dns_segment(skb, key, hook, l4off, stop, now, ev);
-    }
+    ho->key = *key;
+    ho->hook = hook;
+    ho->l4off = l4off;
+    ho->end = end;
+    dns_tail.call(skb, 0);
+    /* Only if the loader did not install flowtel_dns: the message is not counted, but this is. */
+    dns_count(FLOWTEL_DNS_CNT_NOT_OBSERVED);
 }
 
 #endif /* FLOWTEL_DNS */

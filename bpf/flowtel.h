@@ -59,12 +59,12 @@ struct iface_stats {
 #define FLOWTEL_CNT_MAX               6
 
 /* ---- DNS (bpf/dns.h, included by tc_flow.c) ---------------------------------------
- * UDP DNS messages are parsed in the kernel (header and first question) and counted per
- * (interface, hook, addresses, server port, query name hash, qtype, rcode, QR) in a double-
- * buffered hash map; requests are matched to responses in a bounded pending map for the
- * latency histogram and the unanswered count. Only a budgeted sample of messages reaches the
- * ring buffer (for names, answers and per-message flows at low rates). TCP segments on DNS
- * ports are still copied whole to user space, which frames and matches them.
+ * DNS messages over UDP and TCP are parsed in the kernel (header and first question) and
+ * counted per (interface, hook, addresses, server port, query name hash, qtype, rcode, QR,
+ * protocol) in a double-buffered hash map; requests are matched to responses in a bounded
+ * pending map for the latency histogram and the unanswered count. Only samples of messages
+ * reach the ring buffers: the first of each name, qtype and rcode in an interval (for names
+ * and answers) and, within a per-CPU budget, others (per-message flows at low rates).
  */
 #ifndef FLOWTEL_DNS_CAPTURE
 #define FLOWTEL_DNS_CAPTURE 512  /* payload bytes sent per sample; a power of two (see dns.h) */
@@ -72,10 +72,13 @@ struct iface_stats {
 #define FLOWTEL_DNS_PARSE   512  /* payload bytes the kernel reads to parse the question: 12 + 255 + 4 fit */
 #define FLOWTEL_DNS_BUF     (FLOWTEL_DNS_CAPTURE > FLOWTEL_DNS_PARSE ? FLOWTEL_DNS_CAPTURE : FLOWTEL_DNS_PARSE)
 #define FLOWTEL_DNS_NAME_MAX 255 /* wire length of a name, root label included (RFC 1035 2.3.4) */
+#define FLOWTEL_DNS_TCP_STREAMS 16384 /* dns_tcp_next entries: TCP messages running past their segment at once */
+#define FLOWTEL_DNS_TCP_WALK 16  /* length prefixes after a segment's first message the kernel steps over */
 
-/* dns_event_hdr.kind */
-#define FLOWTEL_DNS_EV_SEGMENT 0 /* a TCP segment: user space frames, parses, matches and counts it */
-#define FLOWTEL_DNS_EV_MESSAGE 1 /* a sample of a UDP message the kernel has counted already */
+/* dns_event_hdr.kind (0 is no kind: a zeroed record is never taken for a sample) */
+#define FLOWTEL_DNS_EV_MESSAGE 1 /* a sample of a message the kernel has counted already: its own flow */
+#define FLOWTEL_DNS_EV_NAME    2 /* a message first of its dns_seen_key this interval, over the sample budget:
+                                  * it teaches user space the name and answer; it stays in its key's aggregate */
 
 /* dns_event_hdr.status and dns_agg_key.status */
 #define FLOWTEL_DNS_OK        0  /* header and first question read */
@@ -88,8 +91,7 @@ struct dns_event_hdr {
     __u8  saddr[16];     /* IPv4 in the first 4 bytes */
     __u8  daddr[16];
     __u32 ifindex;
-    __u32 orig_len;      /* DNS payload bytes in the packet: UDP per its header, TCP the segment's */
-    __u32 tcp_seq;       /* TCP: sequence number of the first payload byte; 0 for UDP */
+    __u32 orig_len;      /* the message's length: UDP per its header, TCP per its length prefix */
     __u16 sport;         /* host byte order */
     __u16 dport;
     __u16 cap_len;       /* payload bytes that follow the header in the record */
@@ -110,10 +112,10 @@ struct dns_event_hdr {
  * The per-CPU scratch copy is FLOWTEL_DNS_BUF long so the parser can read a whole question. */
 struct dns_event {
     struct dns_event_hdr hdr;
-    __u8  payload[FLOWTEL_DNS_BUF];  /* from the UDP payload / TCP segment payload (with the length prefix) */
+    __u8  payload[FLOWTEL_DNS_BUF];  /* the message from its first byte (over TCP: after its length prefix) */
 };
 
-/* dns_agg_0 / dns_agg_1: UDP DNS messages per interval. Addresses are the packet's. */
+/* dns_agg_0 / dns_agg_1: DNS messages per interval. Addresses are the packet's. */
 struct dns_agg_key {
     __u8  saddr[16];     /* IPv4 in the first 4 bytes */
     __u8  daddr[16];
@@ -126,7 +128,20 @@ struct dns_agg_key {
     __u8  is_response;
     __u8  rcode;
     __u8  status;        /* FLOWTEL_DNS_OK or FLOWTEL_DNS_MALFORMED */
-    __u8  pad[7];
+    __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
+    __u8  pad[6];
+};
+
+/* dns_seen_0 / dns_seen_1: what user space has been sent a message of in this interval (a
+ * per-interval seen-set beside dns_agg_<slot>, emptied with it): one name sample per name,
+ * qtype, rcode and QR, whatever the interfaces, hooks and addresses it was seen with. */
+struct dns_seen_key {
+    __u64 name_hash;
+    __u16 qtype;
+    __u8  is_response;
+    __u8  rcode;
+    __u8  status;
+    __u8  pad[3];
 };
 
 struct dns_agg_val {
@@ -135,7 +150,7 @@ struct dns_agg_val {
     __u64 last_ns;
 };
 
-/* dns_pending: UDP requests waiting for their response, per observation point. A hash map,
+/* dns_pending: requests waiting for their response, per observation point. A hash map,
  * not an LRU: a request that does not fit is counted (PENDING_FULL), never evicted silently.
  * The kernel removes an entry when its response arrives within the timeout; user space
  * removes the ones that timed out and counts them as unanswered (whoever deletes it owns it). */
@@ -147,7 +162,7 @@ struct dns_pending_key {
     __u16 server_port;
     __u16 id;
     __u8  family;
-    __u8  pad[1];
+    __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
 };
 
 struct dns_pending_val {
@@ -158,7 +173,21 @@ struct dns_pending_val {
     __u8  pad[5];
 };
 
-/* Per-CPU latency histogram of matched UDP exchanges (one entry; cumulative). */
+/* dns_tcp_next: where the next message of a TCP stream starts, for a stream whose last
+ * message ran past its segment (so that the segments continuing it are not read as messages).
+ * An LRU map: a stream that ends inside a message leaves its entry to be evicted. */
+struct dns_tcp_stream {
+    __u8  saddr[16];
+    __u8  daddr[16];
+    __u32 ifindex;
+    __u16 sport;
+    __u16 dport;
+    __u8  family;
+    __u8  hook;
+    __u8  pad[2];
+};
+
+/* Per-CPU latency histogram of matched exchanges (one entry; cumulative). */
 #define FLOWTEL_DNS_LAT_MAX_BUCKETS 32
 struct dns_latency {
     __u64 buckets[FLOWTEL_DNS_LAT_MAX_BUCKETS];  /* bucket i: bound[i-1] < ns <= bound[i]; then overflow */
@@ -175,16 +204,19 @@ struct dns_budget {
 /* Indexes of the per-CPU dns_counters array (cumulative). */
 #define FLOWTEL_DNS_CNT_SAMPLES          0  /* samples written to the ring */
 #define FLOWTEL_DNS_CNT_SAMPLES_LOST     1  /* samples not written: ring full (counts stay exact) */
-#define FLOWTEL_DNS_CNT_SAMPLES_SKIPPED  2  /* messages over the sample budget (counted only) */
+#define FLOWTEL_DNS_CNT_SAMPLES_SKIPPED  2  /* messages over the sample budget, names seen (counted only) */
 #define FLOWTEL_DNS_CNT_UNKEYED_REQUESTS 3  /* counted messages that found no room in dns_agg_*: */
 #define FLOWTEL_DNS_CNT_UNKEYED_RESPONSES 4 /* ... in node totals only */
 #define FLOWTEL_DNS_CNT_UNKEYED_MALFORMED 5
 #define FLOWTEL_DNS_CNT_RETRANSMITS      6  /* requests whose exchange was pending already */
 #define FLOWTEL_DNS_CNT_PENDING_FULL     7  /* requests not tracked: dns_pending full */
 #define FLOWTEL_DNS_CNT_UNMATCHED        8  /* responses with no pending request (or after the timeout) */
-#define FLOWTEL_DNS_CNT_SEGMENTS         9  /* TCP segments written to the ring */
-#define FLOWTEL_DNS_CNT_SEGMENTS_LOST   10  /* TCP segments lost: ring full (user space cannot count them) */
-#define FLOWTEL_DNS_CNT_MAX             11
+#define FLOWTEL_DNS_CNT_TCP_UNPARSED     9  /* TCP messages not counted: their header and question are not in
+                                              * the segment that starts them, or a message before them in the
+                                              * segment was (only the first of a segment is parsed) */
+#define FLOWTEL_DNS_CNT_TCP_CONTINUATIONS 10 /* TCP segments that only continue a message (nothing to count) */
+#define FLOWTEL_DNS_CNT_NOT_OBSERVED    11  /* DNS packets not parsed: flowtel_dns not installed (a loader bug) */
+#define FLOWTEL_DNS_CNT_MAX             12
 /* ---- end of DNS ------------------------------------------------------------------- */
 
 /* ==== kernel events (bpf/kernel_events.c): packet drops and TCP health ==================

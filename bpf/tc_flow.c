@@ -118,9 +118,6 @@ static __always_inline int account(struct __sk_buff *skb, __u8 hook)
     key.hook = hook;
     struct l4_info l4 = {};
     parse(skb, &key, &flags, &l4);
-#if FLOWTEL_DNS
-    dns_observe(skb, &key, hook, l4.off, l4.end);
-#endif
     count_interface(skb, hook, len);
 
     __u32 zero_idx = 0;
@@ -137,6 +134,9 @@ static __always_inline int account(struct __sk_buff *skb, __u8 hook)
         st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
         if (!st) {
             count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
+#if FLOWTEL_DNS
+            dns_observe(skb, &key, hook, l4.off, l4.end);  /* a tail call: last */
+#endif
             return TC_ACT_UNSPEC;
         }
     }
@@ -154,6 +154,9 @@ static __always_inline int account(struct __sk_buff *skb, __u8 hook)
         if (flags & 0x04)
             __sync_fetch_and_add(&st->rst, 1);
     }
+#if FLOWTEL_DNS
+    dns_observe(skb, &key, hook, l4.off, l4.end);  /* a tail call (bpf/dns.h): last */
+#endif
 
     /* An observer: let later filters and the stack decide (never TC_ACT_OK/SHOT). */
     return TC_ACT_UNSPEC;

@@ -30,7 +30,7 @@ class DnsConfig(ComponentConfig):
     ring_buffer_kb: int = Field(2048, ge=64, le=262_144)
     # UDP messages per second and CPU that reach user space one by one (as samples); the rest
     # are counted in the kernel and reported aggregated. User space's DNS cost is bounded by it.
-    sample_rate: int = Field(500, ge=10, le=1_000_000)
+    sample_rate: int = Field(100, ge=10, le=1_000_000)
     # Aggregation keys (interface, addresses, name, qtype, rcode, …) per interval and buffer;
     # messages beyond them are in the node totals only (counted as a loss of detail).
     max_aggregates: int = Field(16384, ge=256, le=1_048_576)

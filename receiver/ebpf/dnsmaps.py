@@ -3,7 +3,8 @@ the latency histogram and the counters, read without losing a count.
 
 The aggregation maps are drained as the flow maps are: flip ``dns_active``, wait for the
 programs that already chose the old map, then empty it with
-``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` while nothing writes to it. Pending requests are read
+``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` while nothing writes to it; its seen-set of names
+(``dns_seen_<slot>``) is emptied with it, so every name gets a sample again next interval. Pending requests are read
 in batches and the ones that timed out are deleted one by one: the kernel deletes an entry
 when it matches a response, so whoever deletes it owns it and nothing is counted twice.
 """
@@ -42,12 +43,15 @@ class _Batch:
         self.chunk = min(self.n, CHUNK_ENTRIES)
         self.keys = (table.Key * self.chunk)()
         self.values = (table.Leaf * self.chunk)()
-        self.key_struct, key_names = struct_for(table.Key)
-        self.leaf_struct, leaf_names = struct_for(table.Leaf)
-        self.key_fields = [i for i, n in enumerate(key_names) if not _is_pad(n)]
-        self.leaf_fields = [i for i, n in enumerate(leaf_names) if not _is_pad(n)]
-        self.key_names = [key_names[i] for i in self.key_fields]
-        self.leaf_names = [leaf_names[i] for i in self.leaf_fields]
+        self.key_names: list[str] = []
+        self.leaf_names: list[str] = []
+        if issubclass(table.Leaf, ctypes.Structure):  # else only emptied (the seen-sets' bytes)
+            self.key_struct, key_names = struct_for(table.Key)
+            self.leaf_struct, leaf_names = struct_for(table.Leaf)
+            self.key_fields = [i for i, n in enumerate(key_names) if not _is_pad(n)]
+            self.leaf_fields = [i for i, n in enumerate(leaf_names) if not _is_pad(n)]
+            self.key_names = [key_names[i] for i in self.key_fields]
+            self.leaf_names = [leaf_names[i] for i in self.leaf_fields]
 
     def chunks(self, delete: bool) -> Iterator[int]:
         """Read the map a chunk at a time (deleting what was read, with ``delete``): yields
@@ -88,6 +92,7 @@ class DnsMaps:
         if self._aggs[0].key_names != expected_key or self._aggs[0].leaf_names != ["messages", "first_ns", "last_ns"]:
             raise RuntimeError(f"bpf/flowtel.h struct dns_agg_key {self._aggs[0].key_names} does not match "
                                f"AggKey {expected_key}")
+        self._seen = [_Batch(bpf["dns_seen_0"]), _Batch(bpf["dns_seen_1"])]
         self._pending = _Batch(bpf["dns_pending"])
         expected_pending = [f for f in Expired.__slots__ if f not in ("ts_ns", "name_hash", "qtype", "hook")]
         if self._pending.key_names != expected_pending:
@@ -108,8 +113,12 @@ class DnsMaps:
         return old
 
     def drain(self, slot: int) -> list[Aggregate]:
+        """Empty one buffer (nothing may write to it: after :meth:`flip`) and its seen-set."""
         batch = self._aggs[slot]
-        return [Aggregate(AggKey(*k), *v) for n in batch.chunks(delete=True) for k, v in batch.rows(n)]
+        out = [Aggregate(AggKey(*k), *v) for n in batch.chunks(delete=True) for k, v in batch.rows(n)]
+        for _ in self._seen[slot].chunks(delete=True):
+            pass  # the entries themselves say nothing user space needs
+        return out
 
     def expire(self, deadline_ns: int) -> list[Expired]:
         """Remove and return the requests older than ``deadline_ns`` that nobody matched."""

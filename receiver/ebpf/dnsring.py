@@ -1,4 +1,4 @@
-"""The DNS reader: samples and TCP segments from the ``dns_events`` ring buffer, and the
+"""The DNS reader: samples from the ``dns_events`` and ``dns_names`` ring buffers, and the
 kernel's DNS maps every interval (bpf/dns.h).
 
 One thread polls the ring buffer (``ring_buffer_poll``); the callback only copies each
@@ -36,17 +36,16 @@ from receiver.ebpf.dnsmaps import DnsMaps
 
 log = logging.getLogger("flowtel.receiver.ebpf.dns")
 
-LOST_DNS_RING_BUFFER_FULL = "DNS_RING_BUFFER_FULL"  # TCP segments: their messages are not counted
+# TCP messages whose header and question were not in the segment that starts them (or came
+# after another message in one segment): the kernel could not count them.
+LOST_DNS_TCP_UNPARSED = "DNS_TCP_UNPARSED"
 LOST_DNS_PENDING_TABLE_FULL = "DNS_PENDING_TABLE_FULL"  # requests not matched (counted all the same)
 LOST_DNS_AGGREGATE_MAP_FULL = "DNS_AGGREGATE_MAP_FULL"  # messages in node totals only, in no flow
 # bpf/flowtel.h FLOWTEL_DNS_CNT_* names, read by header_define
 _KERNEL_COUNTERS = ("SAMPLES", "SAMPLES_LOST", "SAMPLES_SKIPPED", "UNKEYED_REQUESTS", "UNKEYED_RESPONSES",
-                    "UNKEYED_MALFORMED", "RETRANSMITS", "PENDING_FULL", "UNMATCHED", "SEGMENTS", "SEGMENTS_LOST")
+                    "UNKEYED_MALFORMED", "RETRANSMITS", "PENDING_FULL", "UNMATCHED", "TCP_UNPARSED",
+                    "TCP_CONTINUATIONS")
 POLL_TIMEOUT_MS = 100
-# A packet's timestamp is taken a few microseconds before its record is committed to the
-# ring; requests are expired only this long after the last poll began, so a response that
-# was on its way cannot be missed.
-COMMIT_SLACK_NS = 20_000_000
 WARN_EVERY_S = 60.0
 
 
@@ -75,7 +74,7 @@ def cflags(config: DnsConfig) -> dict[str, int | str]:
         "FLOWTEL_DNS": 1,
         "FLOWTEL_IS_DNS_PORT(p)": "(" + "||".join(f"((p)=={int(p)})" for p in config.ports) + ")",
         "FLOWTEL_DNS_CAPTURE": config.capture_bytes,
-        # Two rings of half the size each: dns_events (repeat samples, TCP) and dns_names.
+        # Two rings of half the size each: dns_events (per-message samples) and dns_names.
         "FLOWTEL_DNS_RING_PAGES": max(1, config.ring_buffer_kb * 1024 // 2 // page),
         "FLOWTEL_DNS_MAX_AGGREGATES": config.max_aggregates,
         "FLOWTEL_DNS_MAX_PENDING": config.max_pending,
@@ -83,6 +82,14 @@ def cflags(config: DnsConfig) -> dict[str, int | str]:
         "FLOWTEL_DNS_SAMPLE_COST_NS": f"{1_000_000_000 // config.sample_rate}ULL",
         "FLOWTEL_DNS_LAT_BUCKET(ns)": latency_bucket_expr(DNS_LATENCY_BOUNDS),
     }
+
+
+def install_program(bpf: Any) -> None:
+    """Load flowtel_dns and put it where the tc programs tail-call it (bpf/dns.h): until then
+    DNS packets are only counted as not observed."""
+    from bcc import BPF
+    fn = bpf.load_func("flowtel_dns", BPF.SCHED_CLS)
+    bpf["dns_tail"][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
 
 
 class _Decoder:
@@ -135,7 +142,6 @@ class DnsRing:
         self._thread: threading.Thread | None = None
         # Kernel counters as of the last report (telemetry may be read after the maps are gone).
         self._kernel: dict[str, int] = dict.fromkeys(_KERNEL_COUNTERS, 0)
-        self._pending_full_reported = 0
         self._last_warning: dict[str, float] = {}
         self._warned_total: dict[str, int] = {}
         self._wants_logs = consumer_wants(next_consumer, "logs")
@@ -145,10 +151,8 @@ class DnsRing:
         telemetry, cid = settings.telemetry, settings.id
         for field in dataclasses.fields(tracker.counts):
             telemetry.register_gauge(cid, f"dns_{field.name}", functools.partial(getattr, tracker.counts, field.name))
-        telemetry.register_gauge(cid, "dns_pending", lambda: len(tracker.pending))
         for name in _KERNEL_COUNTERS:
             telemetry.register_gauge(cid, f"dns_kernel_{name.lower()}", functools.partial(self._kernel.__getitem__, name))
-        telemetry.register_gauge(cid, "dns_ring_lost", lambda: self._kernel["SEGMENTS_LOST"])
 
     def _on_record(self, _ctx: Any, data: int, size: int) -> int:
         # Runs inside ring_buffer_poll for every record: copy and return, nothing else.
@@ -163,11 +167,10 @@ class DnsRing:
         next_report = time.monotonic() + self._report_interval
         while not self._stop.is_set():
             try:
-                horizon = time.monotonic_ns() - COMMIT_SLACK_NS
                 self._bpf.ring_buffer_poll(POLL_TIMEOUT_MS)
                 # Samples are written without a wakeup (bpf/dns.h): read what is there.
                 self._bpf.ring_buffer_consume()
-                self._handle(horizon)
+                self._handle()
                 if time.monotonic() >= next_report:
                     next_report += self._report_interval
                     self._interval(writers_stopped=False)
@@ -194,23 +197,16 @@ class DnsRing:
                 log.error("DNS reader thread did not stop within 10s")
 
     def final_drain(self) -> None:
-        """After the programs are detached: read what is left, drain both buffers, report,
-        forget pending requests.
+        """After the programs are detached: read what is left, drain both buffers, report.
 
         Requests still waiting have not timed out, so they are not reported as unanswered.
         """
         self._interval(writers_stopped=True)
-        left = self.tracker.pending.clear()
-        if left:
-            log.info("DNS: %d TCP requests still waiting for a response at shutdown were not reported", left)
 
-    def _handle(self, horizon: int | None) -> None:
+    def _handle(self) -> None:
         raw, self._raw = self._raw, []
         decode = self._decoder.decode
-        records: list[Record] = list(self.tracker.process([decode(r) for r in raw]))
-        if horizon is not None:
-            records.extend(self.tracker.expire(horizon))
-        self._emit(records)
+        self._emit(list(self.tracker.process([decode(r) for r in raw])))
 
     def _emit(self, records: list[Record]) -> None:
         if records and self._wants_logs:
@@ -226,14 +222,14 @@ class DnsRing:
             slots = [maps.flip()]  # waits for programs that chose the old buffer
         # Every sample counted in the old buffer is in the ring now: read them all first.
         self._bpf.ring_buffer_consume()
-        self._handle(None if writers_stopped else time.monotonic_ns() - COMMIT_SLACK_NS)
+        self._handle()
         records: list[Record] = []
         for slot in slots:
             records.extend(self.tracker.reconcile(slot, maps.drain(slot)))
         if not writers_stopped:
             # A request is unanswered once the timeout has passed; the kernel matches only
             # responses younger than it, so nothing it could still match is removed here.
-            deadline = time.monotonic_ns() - self.tracker.pending.timeout_ns
+            deadline = time.monotonic_ns() - self.tracker.timeout_ns
             records.extend(self.tracker.kernel_unanswered(maps.expire(deadline)))
         self._emit(records)
         self._report()
@@ -252,21 +248,20 @@ class DnsRing:
         self._kernel.update(kernel)
         delta = {k: kernel[k] - prev.get(k, 0) for k in kernel}
         self.tracker.count_unkeyed(delta["UNKEYED_REQUESTS"], delta["UNKEYED_RESPONSES"], delta["UNKEYED_MALFORMED"])
-        if delta["SEGMENTS_LOST"] > 0:
-            lost_records.append(LostEvents(now, LOST_DNS_RING_BUFFER_FULL, delta["SEGMENTS_LOST"], node))
+        if delta["TCP_UNPARSED"] > 0:
+            lost_records.append(LostEvents(now, LOST_DNS_TCP_UNPARSED, delta["TCP_UNPARSED"], node))
         unkeyed = delta["UNKEYED_REQUESTS"] + delta["UNKEYED_RESPONSES"] + delta["UNKEYED_MALFORMED"]
         if unkeyed > 0:
             lost_records.append(LostEvents(now, LOST_DNS_AGGREGATE_MAP_FULL, unkeyed, node))
-        new_full = counts.pending_full - self._pending_full_reported + delta["PENDING_FULL"]
-        if new_full > 0:
-            lost_records.append(LostEvents(now, LOST_DNS_PENDING_TABLE_FULL, new_full, node))
-            self._pending_full_reported = counts.pending_full
-        self._warn("ring", kernel["SEGMENTS_LOST"], "DNS ring buffer full: %d DNS TCP segments lost since the last "
-                   "warning (raise dns.ring_buffer_kb)")
+        if delta["PENDING_FULL"] > 0:
+            lost_records.append(LostEvents(now, LOST_DNS_PENDING_TABLE_FULL, delta["PENDING_FULL"], node))
+        self._warn("tcp", kernel["TCP_UNPARSED"], "%d DNS messages over TCP not counted since the last warning: "
+                   "their header and question were not in the segment that starts them, or another message "
+                   "preceded them in one segment")
         self._warn("unkeyed", kernel["UNKEYED_REQUESTS"] + kernel["UNKEYED_RESPONSES"] + kernel["UNKEYED_MALFORMED"],
                    "DNS aggregation map full: %d DNS messages counted in node totals only since the last warning "
                    "(raise dns.max_aggregates)")
-        self._warn("pending", counts.pending_full + kernel["PENDING_FULL"], "DNS pending table full: %d requests "
+        self._warn("pending", kernel["PENDING_FULL"], "DNS pending table full: %d requests "
                    "not matched since the last warning (raise dns.max_pending)")
         self._warn("parse", counts.parse_errors, "%d packets on DNS ports held no readable DNS message "
                    "since the last warning (last: %s)", self.tracker.last_parse_error)

@@ -23,6 +23,7 @@ class AggKey:
     is_response: int
     rcode: int
     status: int
+    protocol: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class Expired:
     server_port: int
     id: int
     family: int
+    protocol: int
     ts_ns: int
     name_hash: int
     qtype: int

@@ -16,15 +16,12 @@ per message over the unit tests' corpus (CPython 3.11, dnspython 2.9): a query o
 answer 25–60 µs, a response of two to four records 110–210 µs, a malformed packet ~20 µs,
 a 59-record answer ~1.9 ms (~1 ms for its 512-byte capture), against 1.4–6 µs (57 µs for 59 records) for the
 hand-written single-pass reader this replaced; the cost grows by ~30 µs per record. It is
-paid on the DNS ring buffer's reader thread, once per packet and observation point. That
+paid on the DNS ring buffer's reader thread, once per distinct sampled message (the kernel
+counts every message; user space parses only samples, bpf/dns.h). That
 buys one parser, maintained upstream, whose verdict on a malformed message is the
 reference one, instead of a copy that has to be kept in step with it.
 
-What is framing and not DNS parsing stays here: the RFC 7766 2-byte length prefix of DNS
-over TCP and where a message continues past its segment (:func:`split_tcp`).
-
-A capture shorter than the message (the kernel copies a bounded prefix; a TCP message can
-continue in later segments) is read with ``continue_on_error``: dnspython keeps what it read
+A capture shorter than the message (the kernel copies a bounded prefix) is read with ``continue_on_error``: dnspython keeps what it read
 before the capture ran out. The header and the first question are required; the answers
 are the records read whole (one whose data are malformed is skipped, as
 ``continue_on_error`` does).
@@ -129,43 +126,4 @@ def _parse_cached(wire_after_id: bytes, complete: bool) -> DnsMessage:
             out.cnames.extend(_name_text(rd.target) for rd in rrset)
         out.rrtypes.append(type_text(rdtype))
         out.ttl = rrset.ttl if i == 0 else min(out.ttl, rrset.ttl)
-    return out
-
-
-@dataclass(slots=True)
-class TcpSplit:
-    """The DNS messages framed in one TCP segment (see :func:`split_tcp`)."""
-
-    messages: list[tuple[bytes, bool]]  # (bytes captured, whole message captured)
-    continues_at: int | None = None  # payload offset where the next message starts, if past this segment
-    error: str = ""  # why framing stopped at a malformed prefix ("" if it did not)
-
-
-def split_tcp(payload: bytes, orig_len: int, start: int = 0) -> TcpSplit:
-    """Messages of a TCP segment payload (RFC 7766 framing: a 2-byte length before each).
-
-    ``payload`` is the captured prefix of a segment of ``orig_len`` bytes, and ``start`` the
-    offset of the first message in it. When the last message runs past the segment,
-    ``continues_at`` is the offset (greater than ``orig_len``) where the next one starts.
-    Framing stops with ``error`` at a length too short for a DNS message, or at a segment
-    that ends one byte into a length prefix.
-    """
-    out = TcpSplit([])
-    pos = start
-    while pos < orig_len:
-        if pos + 2 > orig_len:
-            out.error = "segment ends inside a TCP length prefix"
-            return out
-        if pos + 2 > len(payload):
-            return out  # the rest of the segment was not captured: nothing more to frame
-        length = (payload[pos] << 8) | payload[pos + 1]
-        if length < DNS_HEADER_LEN:
-            out.error = f"TCP length prefix {length}: shorter than a DNS header"
-            return out
-        body_end = pos + 2 + length
-        out.messages.append((payload[pos + 2 : body_end], body_end <= len(payload)))
-        if body_end > orig_len:
-            out.continues_at = body_end
-            return out
-        pos = body_end
     return out

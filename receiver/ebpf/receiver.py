@@ -23,6 +23,7 @@ from receiver.ebpf.dnsring import DnsRing
 from receiver.ebpf.dnsring import cflags as dns_cflags
 from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf.release import release_compiler_memory
+from receiver.ebpf.dnsring import install_program as install_dns_program
 from flowtel.lib.bpf.tcattach import SlotAllocator
 from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
@@ -110,6 +111,8 @@ class EbpfReceiver(Receiver):
             self._bpf = BPF(text=text, cflags=cflags)
             ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
             egress = self._bpf.load_func("flowtel_tc_egress", BPF.SCHED_CLS)
+            if dns.enabled:
+                install_dns_program(self._bpf)
         except Exception as exc:
             self._bpf = None
             raise StartError(
@@ -124,7 +127,6 @@ class EbpfReceiver(Receiver):
             tracker = DnsTracker(
                 node_name=self.settings.node_name,
                 timeout_ns=int(dns.timeout * 1e9),
-                max_pending=dns.max_pending,
                 interface_of=self._interface,
                 wall_offset_ns=_monotonic_to_wall_offset,
             )

@@ -3,6 +3,8 @@ requests → flows and counts, without a kernel (the events and map entries are 
 bpf/dns.h produces; tests/integration/test_dns_e2e.py checks the kernel side itself)."""
 from __future__ import annotations
 
+import random
+
 import dns.message
 import dns.rrset
 
@@ -14,6 +16,7 @@ from receiver.ebpf.dns import (
     EXTENSION_QUERY_HASH,
     EXTENSION_UNANSWERED,
     KIND_MESSAGE,
+    KIND_NAME,
     MAX_UNANSWERED_FLOWS,
     DnsEvent,
     DnsTracker,
@@ -32,7 +35,7 @@ A, AAAA = 1, 28
 
 
 def tracker() -> DnsTracker:
-    return DnsTracker(node_name="node-1", timeout_ns=5 * S, max_pending=1024, interface_of=IFACES.get,
+    return DnsTracker(node_name="node-1", timeout_ns=5 * S, interface_of=IFACES.get,
                       wall_offset_ns=lambda: OFFSET)
 
 
@@ -40,14 +43,14 @@ def sample(wire: bytes, *, reply: bool, slot: int = 0, ts: int = 1000, sport: in
            status: int = 0, rcode: int = 0, qtype: int = A, name_hash: int = HASH) -> DnsEvent:
     src, dst, sp, dp = (SERVER, CLIENT, 53, sport) if reply else (CLIENT, SERVER, sport, 53)
     return DnsEvent(ts_ns=ts, ifindex=3, hook=EGRESS if reply else INGRESS, family=4, protocol=17, saddr=src,
-                    daddr=dst, sport=sp, dport=dp, tcp_seq=0, orig_len=len(wire), payload=wire, kind=KIND_MESSAGE,
+                    daddr=dst, sport=sp, dport=dp, orig_len=len(wire), payload=wire, kind=KIND_MESSAGE,
                     latency_ns=latency, name_hash=name_hash, qtype=qtype, server_port=53, slot=slot, status=status,
                     is_response=int(reply), rcode=rcode)
 
 
 def key(*, reply: bool, rcode: int = 0, status: int = 0, qtype: int = A, name_hash: int = HASH) -> AggKey:
     src, dst = (SERVER, CLIENT) if reply else (CLIENT, SERVER)
-    return AggKey(src, dst, name_hash, 3, qtype, 53, 4, EGRESS if reply else INGRESS, int(reply), rcode, status)
+    return AggKey(src, dst, name_hash, 3, qtype, 53, 4, EGRESS if reply else INGRESS, int(reply), rcode, status, 17)
 
 
 def query(qid: int = 7) -> dns.message.Message:
@@ -112,8 +115,8 @@ def test_rejected_sampled_request_is_not_reported_unanswered() -> None:
     bad = bad[:2] + b"\x01\x00" + bad[4:]  # a request (QR 0) with a bad record
     qid = (bad[0] << 8) | bad[1]
     t.process([sample(bad, reply=False)])
-    expired = [Expired(CLIENT, SERVER, 3, 40000, 53, qid, 4, 1000, HASH, A, INGRESS),
-               Expired(CLIENT, SERVER, 3, 40001, 53, 9, 4, 1000, HASH, A, INGRESS)]
+    expired = [Expired(CLIENT, SERVER, 3, 40000, 53, qid, 4, 17, 1000, HASH, A, INGRESS),
+               Expired(CLIENT, SERVER, 3, 40001, 53, 9, 4, 17, 1000, HASH, A, INGRESS)]
     out = t.kernel_unanswered(expired)
     assert [f.src_port for f in out] == [40001] and t.counts.unanswered == 1
 
@@ -121,7 +124,7 @@ def test_rejected_sampled_request_is_not_reported_unanswered() -> None:
 def test_unanswered_one_flow_each_then_aggregated_and_unknown_names_carry_their_hash() -> None:
     t = tracker()
     n = MAX_UNANSWERED_FLOWS + 10
-    expired = [Expired(CLIENT, SERVER, 3, 1000 + i % 60000, 53, i & 0xFFFF, 4, 1000 + i, 0xABC, AAAA, INGRESS)
+    expired = [Expired(CLIENT, SERVER, 3, 1000 + i % 60000, 53, i & 0xFFFF, 4, 17, 1000 + i, 0xABC, AAAA, INGRESS)
                for i in range(n)]
     out = t.kernel_unanswered(expired)
     assert t.counts.unanswered == n
@@ -134,7 +137,7 @@ def test_unanswered_one_flow_each_then_aggregated_and_unknown_names_carry_their_
     assert sum(message_count(f) for f in out) == n
 
 
-def test_kernel_latency_histogram_adds_to_the_tcp_one() -> None:
+def test_the_latency_metric_is_the_kernel_histogram() -> None:
     t = tracker()
     buckets = tuple([0, 3] + [0] * 30)  # 3 exchanges in (0.5 ms, 1 ms]
     latency = [p for p in t.metric_points(0, KernelLatency(buckets, 2_400_000, 3)) if p.name.endswith("seconds")][0]
@@ -168,3 +171,32 @@ def test_a_sample_cut_short_by_the_capture_is_reported_in_its_aggregate_not_as_a
     out = t.reconcile(0, [Aggregate(key(reply=False), 1, 0, 0)])
     assert [f.extensions["count"] for f in out] == [1]
     assert (t.counts.requests, t.counts.parse_errors) == (1, 0)
+
+
+def test_a_name_sample_names_its_aggregates_and_is_counted_there_only() -> None:
+    """Over the budget the kernel sends the first message of a name, qtype and rcode each
+    interval as a NAME sample: no flow of its own, its name and answer on every aggregate of
+    the name (whatever interface or hook), and its message in the aggregate's count."""
+    t = tracker()
+    q = query()
+    req, resp = sample(q.to_wire(), reply=False), sample(answer(q), reply=True)
+    req.kind = resp.kind = KIND_NAME
+    assert t.process([req, resp]) == []
+    other_hook = AggKey(SERVER, CLIENT, HASH, 4, A, 53, 4, INGRESS, 1, 0, 0, 17)  # the server's veth
+    out = t.reconcile(0, [Aggregate(key(reply=False), 5, 0, 0), Aggregate(key(reply=True), 5, 0, 0),
+                          Aggregate(other_hook, 5, 0, 0)])
+    assert [f.extensions["count"] for f in out] == [5, 5, 5]
+    assert all(f.l7 is not None and f.l7.query == "web.example." for f in out)
+    assert [f.l7.ips for f in out if f.l7 is not None and f.is_reply] == [("192.0.2.1",), ("192.0.2.1",)]
+    assert (t.counts.requests, t.counts.responses, t.counts.names, t.counts.events) == (5, 10, 2, 2)
+
+
+def test_a_name_sample_dnspython_rejects_is_a_parse_error_not_a_message() -> None:
+    t = tracker()
+    bad = dnsfuzz.missing_answers(random.Random(7))  # header and question fine: the kernel's OK
+    ev = sample(bad, reply=True)  # a response whose answer count promises records it lacks
+    ev.kind = KIND_NAME
+    assert t.process([ev]) == [] and t.last_parse_error
+    out = t.reconcile(0, [Aggregate(key(reply=True), 3, 0, 0)])
+    assert [f.extensions["count"] for f in out] == [2]
+    assert (t.counts.responses, t.counts.parse_errors, t.counts.reclassified) == (2, 1, 1)

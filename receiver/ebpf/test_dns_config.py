@@ -23,7 +23,7 @@ def load(dns: object) -> object:
 def test_defaults_and_durations() -> None:
     d = load({})
     assert (d.enabled, d.ports, d.timeout, d.max_pending, d.capture_bytes) == (True, [53], 5.0, 65536, 512)
-    assert (d.sample_rate, d.max_aggregates) == (500, 16384)
+    assert (d.sample_rate, d.max_aggregates) == (100, 16384)
     d = load({"ports": [53, 5353], "timeout": "1500ms", "capture_bytes": 1024, "enabled": False})
     assert (d.ports, d.timeout, d.capture_bytes, d.enabled) == ([53, 5353], 1.5, 1024, False)
 

@@ -16,7 +16,7 @@ import pytest
 
 import bpf as bpf_sources
 from receiver.ebpf.config import DnsConfig
-from receiver.ebpf.dnsring import cflags, header_define
+from receiver.ebpf.dnsring import cflags, header_define, install_program
 
 pytestmark = pytest.mark.kernel
 
@@ -70,6 +70,7 @@ def prog() -> Iterator[Any]:
     defines.update(cflags(DnsConfig.model_validate({"sample_rate": 1_000_000})))
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     fn = b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
+    install_program(b)
     yield b, fn
     b.cleanup()
 
@@ -159,6 +160,7 @@ def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     try:
         small = (b, b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS))
+        install_program(b)
         for i in range(20):
             run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))
         assert len(b["dns_pending"]) == 16
@@ -166,3 +168,40 @@ def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -
         assert sum(take_keys(small).values()) == 20
     finally:
         b.cleanup()
+
+
+def tcp_frame(payload: bytes, *, seq: int, port: int) -> bytes:
+    """Ethernet + IPv4 + TCP (ACK|PSH, no options) from the client's ``port`` to port 53."""
+    tcp = struct.pack("!HHIIBBHHH", port, 53, seq, 1, 5 << 4, 0x18, 65535, 0, 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, CLIENT, SERVER) + tcp
+    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + ip
+
+
+def framed(msg: bytes) -> bytes:
+    return struct.pack("!H", len(msg)) + msg
+
+
+def test_tcp_counts_the_first_message_of_a_segment_and_skips_what_continues_a_message(prog: Any) -> None:
+    """RFC 7766 framing in the kernel: a segment's first message is counted; messages after it
+    in the segment are counted as not parsed; a message running past its segment marks where
+    the next starts, so the segment that continues it is skipped, not read as a message."""
+    take_keys(prog)
+    unparsed, cont = counter(prog, "TCP_UNPARSED"), counter(prog, "TCP_CONTINUATIONS")
+    name = wire("tcp.example.")
+    key = (OK, 0, 0, 1, fnv1a(name[:-1]))
+    one, two = framed(message(name, qid=1)), framed(message(name, qid=2))
+    run(prog, tcp_frame(one + two, seq=1000, port=44000))  # pipelined: the second is not parsed
+    assert take_keys(prog) == {key: 1}
+    assert counter(prog, "TCP_UNPARSED") == unparsed + 1
+
+    big = framed(message(name, qid=3) + bytes(300))  # 300 bytes of records after the question
+    run(prog, tcp_frame(big[:100], seq=5000, port=44001))  # header and question: counted
+    run(prog, tcp_frame(big[100:], seq=5100, port=44001))  # only the rest of it: skipped
+    run(prog, tcp_frame(framed(message(name, qid=4)), seq=5000 + len(big), port=44001))  # the next one
+    assert take_keys(prog) == {key: 2}
+    assert counter(prog, "TCP_CONTINUATIONS") == cont + 1 and counter(prog, "TCP_UNPARSED") == unparsed + 1
+
+    run(prog, tcp_frame(framed(message(name, qid=5))[:8], seq=9000, port=44002))  # question cut off
+    run(prog, tcp_frame(framed(message(name, qid=5))[8:], seq=9008, port=44002))
+    assert take_keys(prog) == {}
+    assert counter(prog, "TCP_UNPARSED") == unparsed + 2 and counter(prog, "TCP_CONTINUATIONS") == cont + 2

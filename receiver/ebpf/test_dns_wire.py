@@ -11,7 +11,7 @@ import dns.rrset
 import dns.tsigkeyring
 import pytest
 
-from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message, split_tcp
+from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message
 from tests import dnsfuzz
 
 
@@ -139,20 +139,3 @@ def test_every_fuzz_kind_is_rejected(kind) -> None:  # type: ignore[no-untyped-d
         wire = kind(rng)
         with pytest.raises(MalformedMessage):
             parse_message(wire, True)
-
-
-def test_tcp_framing() -> None:
-    m1, m2 = _samples()[0], _samples()[2]
-    stream = struct.pack("!H", len(m1)) + m1 + struct.pack("!H", len(m2)) + m2
-    whole = split_tcp(stream, len(stream))
-    assert whole.messages == [(m1, True), (m2, True)] and whole.continues_at is None and not whole.error
-    # The segment ends inside the second message; the capture ends inside the first.
-    seg = stream[: len(m1) + 10]
-    cut = split_tcp(seg[:20], len(seg))
-    assert cut.messages == [(m1[:18], False)] and cut.continues_at is None
-    part = split_tcp(seg, len(seg))
-    assert part.messages == [(m1, True), (m2[:6], False)] and part.continues_at == len(stream)
-    # Starting after the bytes of a message that began in an earlier segment.
-    assert split_tcp(stream, len(stream), start=2 + len(m1)).messages == [(m2, True)]
-    assert split_tcp(b"\x00\x05" + bytes(5), 7).error.startswith("TCP length prefix 5")
-    assert split_tcp(b"\x00", 1).error == "segment ends inside a TCP length prefix"
