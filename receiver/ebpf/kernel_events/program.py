@@ -175,8 +175,8 @@ def rtt_bucket_expression(bounds: tuple[float, ...] = TCP_HANDSHAKE_RTT_BOUNDS) 
 def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tuple[str, list[str]]:
     """Program text (generated tracepoint structs + ``kernel_events.c``) and compiler flags.
 
-    ``events`` false (nothing consumes records) compiles the event paths and the drop flow
-    maps out: counters only. The handshake RTT histogram is counted in the kernel either way.
+    ``events`` false (nothing consumes records) compiles the event paths out and leaves the
+    drop flow and connection flow maps one entry each: counters only. The handshake RTT histogram is counted in the kernel either way.
     """
     structs = [tracefs.c_struct(fmt, f"flowtel_tp_{name}") for name, fmt in facts.formats.items()]
     by_name = {name: value for value, name in facts.tcp_states.items()}
@@ -189,6 +189,8 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         "FLOWTEL_MAX_DROP_FLOWS": config.drops.max_flows if events and config.drops.events else 1,
         "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
         "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
+        "FLOWTEL_MAX_CONN_FLOWS": (config.tcp.max_connection_flows
+                                   if events and config.tcp.connection_events else 1),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
         "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
         "FLOWTEL_MAX_CONNECTIONS": config.tcp.max_connections,

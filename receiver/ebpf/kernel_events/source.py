@@ -5,11 +5,12 @@ compiles them into its own bcc module, beside the tc programs (one LLVM per agen
 :meth:`KernelEvents.prepare` gives the source, :meth:`KernelEvents.start` attaches within the
 module it is given); alone (tests, benches) the source compiles its own.
 
-Nothing crosses per drop: drops are counted per flow in the kernel's double-buffered drop flow
-maps, drained every ``collection_interval`` into drop flow records. TCP events that are wanted
-as records (established, closed, retransmit, reset) come through a ring buffer the kernel
-announces only every few events; the thread takes them at most ``poll_interval`` late, in
-batches. Every ``collection_interval`` it also reads the kernel's cumulative counters into
+Nothing crosses per drop or per connection: drops are counted per flow, and connections
+established and closed per (local and remote address, server port, role, event, state left),
+in the kernel's double-buffered maps, drained every ``collection_interval`` into drop flow and
+connection records. TCP events that are wanted as records one by one (retransmit, reset) come
+through a ring buffer the kernel announces only every few events; the thread takes them at
+most ``poll_interval`` late, in batches. Every ``collection_interval`` it also reads the kernel's cumulative counters into
 metric points and reports newly lost events. Records of each signal go in their own batch, and
 a signal no pipeline consumes is not produced (with no logs pipeline, the programs are compiled
 without their event paths and drop flow maps, and only count).
@@ -83,6 +84,8 @@ class KernelEvents:
         self._ring: RingReader | None = None
         self._drops: DoubleBuffer[decode.RawDrop] | None = None
         self._drop_decoder: decode.DropDecoder | None = None
+        self._conns: DoubleBuffer[decode.RawConn] | None = None
+        self._conn_decoder: decode.ConnDecoder | None = None
         self._pending: list[bytes] = []
         self._lost_seen: dict[int, int] = {}
         self._last_counters = decode.Counters((0,) * decode.CNT_MAX)
@@ -140,9 +143,13 @@ class KernelEvents:
 
     def _open_readers(self) -> None:
         tcp = self.config.tcp
-        if self._wants_logs and tcp.enabled and (tcp.events or tcp.connection_events):
+        if self._wants_logs and tcp.enabled and tcp.events:
             self._decoder = decode.EventDecoder(self._bpf["kernel_event_layout"].Leaf, self._names, self._node)
             self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
+        if self._wants_logs and tcp.enabled and tcp.connection_events:
+            self._conns = DoubleBuffer(self._bpf, "conn_flows", "conn_active", decode.RawConn,
+                                       decode.RawConn.__slots__, self._counter, decode.CNT_CONN_FLOWS_CREATED)
+            self._conn_decoder = decode.ConnDecoder(self._names, self._node)
         if self._wants_logs and self.config.drops.enabled and self.config.drops.events:
             self._drops = DoubleBuffer(self._bpf, "drop_flows", "drop_active", decode.RawDrop,
                                        decode.RawDrop.__slots__,
@@ -238,7 +245,7 @@ class KernelEvents:
                 self._stop.wait(1.0)
 
     def _collect(self, *, writers_stopped: bool = False) -> None:
-        """Drain the drop flows, report new losses, and emit the metric points."""
+        """Drain the drop and connection flows, report new losses, and emit the metric points."""
         now = time.time_ns()
         records: list[Record] = []
         if self._drops is not None and self._drop_decoder is not None:
@@ -250,6 +257,14 @@ class KernelEvents:
                 records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, drained.evicted, self._node))
                 log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
                             "kernel_events.drops.max_flows)", drained.evicted)
+        if self._conns is not None and self._conn_decoder is not None:
+            drained_conns = self._conns.drain(writers_stopped=writers_stopped)
+            records += self._conn_decoder.decode(drained_conns.entries, now - time.monotonic_ns())
+            if drained_conns.evicted:
+                self._telemetry.add(self._id, "kernel_events_lost", drained_conns.evicted)
+                records.append(LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, drained_conns.evicted, self._node))
+                log.warning("connection flow map full: %d connection flows evicted before the drain "
+                            "(raise kernel_events.tcp.max_connection_flows)", drained_conns.evicted)
         counters = self._last_counters = self._counters()
         for source, count in decode.lost_deltas(counters, self._lost_seen):
             self._telemetry.add(self._id, "kernel_events_lost", count)
