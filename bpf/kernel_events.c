@@ -25,7 +25,7 @@
  * - FLOWTEL_DROP_FLOWS (0/1): count drops per flow (for drop flow records) besides by reason;
  * - FLOWTEL_TCP_EVENTS (0/1): emit retransmit and reset events besides counting;
  * - FLOWTEL_TCP_CONN_EVENTS (0/1): count connection events per conn_flow_key;
- * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_MAX_CONNECTIONS,
+ * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_CONN_SLOTS (a power of two),
  *   FLOWTEL_MAX_DROP_FLOWS, FLOWTEL_MAX_CONN_FLOWS: sizes;
  * - FLOWTEL_RTT_BUCKET(ns): an expression, the handshake RTT histogram bucket of ns;
  * - FLOWTEL_DROP_REASON_MIN: the first reason that is a drop (SKB_NOT_DROPPED_YET and
@@ -52,7 +52,7 @@ BPF_ARRAY(kernel_event_layout, struct kernel_event, 1);
 BPF_PERCPU_ARRAY(kev_counters, __u64, FLOWTEL_KEV_CNT_MAX);
 /* Signed: a socket can leave a state on another CPU than the one it entered it on. */
 BPF_PERCPU_ARRAY(tcp_states, __s64, FLOWTEL_TCP_STATE_SLOTS);
-BPF_HASH(tcp_conns, __u64, struct tcp_conn, FLOWTEL_MAX_CONNECTIONS);
+BPF_ARRAY(tcp_conns, struct tcp_conn, FLOWTEL_CONN_SLOTS);  /* FLOWTEL_CONN_SLOTS: a power of two */
 BPF_PERCPU_ARRAY(kev_unannounced, __u32, 1);  /* events submitted since this CPU woke the reader */
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -342,6 +342,55 @@ static __always_inline __u8 role_of(__u32 oldstate, __u8 known)
     return known;
 }
 
+/* The first of a socket's FLOWTEL_CONN_WAYS slots: the high bits of a multiplicative hash
+ * (socket addresses are slab objects, alike in their low bits). */
+static __always_inline __u32 conn_home(__u64 sk)
+{
+    return (__u32)((sk * 0x9E3779B97F4A7C15ULL) >> 32) & (FLOWTEL_CONN_SLOTS - 1);
+}
+
+/* The socket's slot, or 0 if it is not tracked. Every way is looked at (a free slot does not end
+ * the search: slots are freed in any order). */
+static __always_inline struct tcp_conn *conn_find(__u64 sk)
+{
+    __u32 home = conn_home(sk);
+#pragma unroll
+    for (__u32 w = 0; w < FLOWTEL_CONN_WAYS; w++) {
+        __u32 idx = (home + w) & (FLOWTEL_CONN_SLOTS - 1);
+        struct tcp_conn *c = tcp_conns.lookup(&idx);
+        if (c && c->sk == sk)
+            return c;
+    }
+    return 0;
+}
+
+/* A free slot for the socket, claimed (sk set), or 0 if all its ways are taken. Another CPU may
+ * claim the same free slot at the same time: compare-and-swap gives it to one of them. */
+static __always_inline struct tcp_conn *conn_claim(__u64 sk)
+{
+    __u32 home = conn_home(sk);
+#pragma unroll
+    for (__u32 w = 0; w < FLOWTEL_CONN_WAYS; w++) {
+        __u32 idx = (home + w) & (FLOWTEL_CONN_SLOTS - 1);
+        struct tcp_conn *c = tcp_conns.lookup(&idx);
+        if (c && c->sk == 0 && __sync_val_compare_and_swap(&c->sk, 0, sk) == 0)
+            return c;
+    }
+    return 0;
+}
+
+/* Fills a claimed slot (sk already set) for a socket first seen entering ``state``. */
+static __always_inline void conn_init(struct tcp_conn *c, struct flowtel_tp_inet_sock_set_state *args,
+                                      __u64 now, __u8 state, __u8 born_seen, __u8 role)
+{
+    c->start_ns = now;
+    c->syn_sent_ns = state == FLOWTEL_TCPS_SYN_SENT ? now : 0;
+    COPY_TUPLE(c, args);
+    c->state = state;
+    c->born_seen = born_seen;
+    c->role = role;
+}
+
 /* Tracks TCP sockets from their first state change: counts by state (the tcp_state gauge),
  * handshake RTT (SYN_SENT -> ESTABLISHED on the same socket) and lifetime, and counts
  * ESTABLISHED and CLOSED per conn_flow_key. Runs on every state change of every TCP socket on
@@ -356,54 +405,44 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
     __u64 now;
 
     /* A birth (connect, listen, or a listener's new child, cloned from the listener's state):
-     * its socket cannot be in the table, whose entries go at CLOSE. */
-    if ((oldstate == FLOWTEL_TCPS_CLOSE || newstate == FLOWTEL_TCPS_SYN_RECV) && newstate != FLOWTEL_TCPS_CLOSE &&
-        newstate != FLOWTEL_TCPS_ESTABLISHED) {
-        now = bpf_ktime_get_ns();
-        struct tcp_conn init = {};
-        init.start_ns = now;
-        init.state = newstate;
-        init.born_seen = 1;
-        if (newstate == FLOWTEL_TCPS_SYN_SENT) {
-            init.syn_sent_ns = now;
-            init.role = FLOWTEL_TCP_ROLE_CLIENT;
-        } else if (newstate == FLOWTEL_TCPS_SYN_RECV) {
-            init.role = FLOWTEL_TCP_ROLE_SERVER;
-        }
-        COPY_TUPLE(&init, args);
-        int rc = tcp_conns.insert(&sk, &init);
-        if (rc == 0) {
-            state_add(newstate, 1);
-            return 0;
-        }
-        if (rc != -EEXIST) {
+     * its socket cannot be in the table, whose slots are freed at CLOSE, so no search. */
+    if ((oldstate == FLOWTEL_TCPS_CLOSE ||
+         (oldstate == FLOWTEL_TCPS_LISTEN && newstate == FLOWTEL_TCPS_SYN_RECV)) &&
+        newstate != FLOWTEL_TCPS_CLOSE && newstate != FLOWTEL_TCPS_ESTABLISHED) {
+        struct tcp_conn *c = conn_claim(sk);
+        if (!c) {
             count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
             return 0;
         }
-        /* Tracked already (a simultaneous open, SYN_SENT -> SYN_RECV): a transition. */
+        /* A listener's start is never reported (its close is no connection): no clock read. */
+        now = newstate == FLOWTEL_TCPS_LISTEN ? 0 : bpf_ktime_get_ns();
+        conn_init(c, args, now, newstate, 1,
+                  newstate == FLOWTEL_TCPS_SYN_SENT ? FLOWTEL_TCP_ROLE_CLIENT
+                  : newstate == FLOWTEL_TCPS_SYN_RECV ? FLOWTEL_TCP_ROLE_SERVER : FLOWTEL_TCP_ROLE_UNKNOWN);
+        state_add(newstate, 1);
+        return 0;
     }
 
-    struct tcp_conn *c = tcp_conns.lookup(&sk);
+    struct tcp_conn *c = conn_find(sk);
     if (!c) {
         if (newstate == FLOWTEL_TCPS_CLOSE)
             return 0;  /* a socket that existed before flowtel, now gone */
         /* First sight of a socket older than the programs. */
-        now = bpf_ktime_get_ns();
-        struct tcp_conn init = {};
-        init.start_ns = now;
-        init.state = newstate;
-        init.role = newstate == FLOWTEL_TCPS_ESTABLISHED ? role_of(oldstate, FLOWTEL_TCP_ROLE_UNKNOWN)
-                                                         : FLOWTEL_TCP_ROLE_UNKNOWN;
-        COPY_TUPLE(&init, args);
-        if (tcp_conns.update(&sk, &init) != 0) {
+        c = conn_claim(sk);
+        if (!c) {
             count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
             return 0;
         }
+        now = bpf_ktime_get_ns();
+        __u8 role = newstate == FLOWTEL_TCPS_ESTABLISHED ? role_of(oldstate, FLOWTEL_TCP_ROLE_UNKNOWN)
+                                                         : FLOWTEL_TCP_ROLE_UNKNOWN;
+        conn_init(c, args, now, newstate, 0, role);
+        c->syn_sent_ns = 0;  /* its SYN_SENT, if any, was not seen */
         state_add(newstate, 1);
         if (FLOWTEL_TCP_CONN_EVENTS && newstate == FLOWTEL_TCPS_ESTABLISHED) {
             struct conn_flow_key key = {};
             __u16 port;
-            conn_key(&key, args, init.role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
+            conn_key(&key, args, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
             count_conn(&key, now, 0, 0, port);
         }
         return 0;
@@ -419,7 +458,7 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
             conn_key(&key, args, c->role, FLOWTEL_KEV_TCP_CLOSED, left, &port);
             count_conn(&key, now, now - c->start_ns, c->born_seen, port);
         }
-        tcp_conns.delete(&sk);
+        c->sk = 0;  /* frees the slot: everything of it was read */
         return 0;
     }
     c->state = newstate;

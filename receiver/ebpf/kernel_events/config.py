@@ -51,8 +51,9 @@ class TcpConfig(ComponentConfig):
     # Distinct connection keys per collection interval (each of two kernel maps); beyond it the
     # kernel map evicts and that is counted (lost events, source TCP_CONNECTION_FLOW_MAP_FULL).
     max_connection_flows: int = Field(16_384, ge=64, le=1_048_576)
-    # Sockets tracked at once for the tcp_state gauge, RTT and lifetime; beyond it a socket
-    # is not tracked and that is counted (lost events, source TCP_CONNECTION_TABLE_FULL).
+    # Sockets tracked at once for the tcp_state gauge, RTT and lifetime (the kernel's table has
+    # this many slots, rounded up to a power of two); a socket that finds none of its 8 slots
+    # free is not tracked and that is counted (lost events, source TCP_CONNECTION_TABLE_FULL).
     max_connections: int = Field(262_144, ge=1024, le=4_194_304)
 
 

@@ -30,6 +30,7 @@ from flowtel.component import Consumer, Telemetry, consumer_wants
 from flowtel.errors import StartError
 from flowtel.lib.bpf import btf as btf_mod
 from flowtel.lib.bpf import tracefs
+from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.doublebuffer import DoubleBuffer
 from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
@@ -203,7 +204,12 @@ class KernelEvents:
         """Sockets the kernel tracks now (those the tcp_state gauge counts)."""
         if self._bpf is None or not self.config.tcp.enabled:
             return []
-        return [decode.connection(self._names, v) for _, v in self._bpf["tcp_conns"].items()]
+        table = self._bpf["tcp_conns"]
+        n = table.max_entries
+        keys, values = (table.Key * n)(), (table.Leaf * n)()
+        got = read_batch(table.get_fd(), keys, ctypes.sizeof(table.Key), values, ctypes.sizeof(table.Leaf), n,
+                         delete=False, name="tcp_conns")
+        return [decode.connection(self._names, v) for v in values[:got] if v.sk]  # sk 0: a free slot
 
     # -- the thread's work -----------------------------------------------------------------------
 
