@@ -287,17 +287,15 @@ struct drop_sample_budget {
 #define FLOWTEL_KEV_TCP_RESET_SENT  5
 #define FLOWTEL_KEV_TCP_RESET_RECV  6
 
-/* kernel_event.flags */
-#define FLOWTEL_KEV_F_LIFETIME      0x01  /* TCP_CLOSED: value_ns is the whole life (birth was seen) */
+/* kernel_event.flags (0x01 was TCP_CLOSED's lifetime flag: connection events are
+ * aggregated in conn_flows_* now and never cross one by one) */
 #define FLOWTEL_KEV_F_TCP_SEQ       0x02  /* DROP: value_ns is the dropped TCP segment's sequence number */
 
 /* One event in the kernel_events ring buffer. Addresses and ports are the local socket's
  * (TCP events) or the packet's (drops); for TCP, src is the local end. */
 struct kernel_event {
     __u64 time_ns;       /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
-    __u64 value_ns;      /* ESTABLISHED: client handshake RTT (0: passive side or unknown);
-                            CLOSED: time since the first state change seen;
-                            DROP (a sample): the TCP sequence number, if FLOWTEL_KEV_F_TCP_SEQ */
+    __u64 value_ns;      /* DROP (a sample): the TCP sequence number, if FLOWTEL_KEV_F_TCP_SEQ; else 0 */
     __u64 location;      /* DROP: kernel address where the skb was freed */
     __u8  saddr[16];     /* IPv4 in the first 4 bytes */
     __u8  daddr[16];
@@ -315,12 +313,25 @@ struct kernel_event {
     __u8  direction;     /* DROP: FLOWTEL_DROP_* */
     __u8  state;         /* TCP: state at the event (CLOSED: the state it left) */
     __u8  tcp_flags;     /* DROP of a TCP segment: its flags byte */
-    __u8  flags;         /* FLOWTEL_KEV_F_* */
+    __u8  flags;         /* unused (0) */
     __u8  pad[3];
 };
 
-/* A TCP socket seen changing state since the programs were attached (key: socket address). */
+/* tcp_conn.role and conn_flow_key.role: which end of the connection the local socket is. */
+#define FLOWTEL_TCP_ROLE_UNKNOWN 0  /* first seen after its handshake (older than the programs) */
+#define FLOWTEL_TCP_ROLE_CLIENT  1  /* active open: SYN_SENT -> ESTABLISHED */
+#define FLOWTEL_TCP_ROLE_SERVER  2  /* passive open: SYN_RECV -> ESTABLISHED */
+
+/* A TCP socket seen changing state since the programs were attached: one slot of the tcp_conns
+ * array, an open-addressed table (a socket lives in one of the FLOWTEL_CONN_WAYS slots from a
+ * hash of its address; sk 0 marks a free slot, claimed with compare-and-swap). An array rather
+ * than a hash map because its lookups are inlined and a slot needs no lock or allocation: a
+ * hash map's insert and delete cost ~320 ns per socket on this machine kind, measured.
+ * The tuple is written when the socket is first seen and again when it is established (a
+ * client's port is bound after SYN_SENT, a passive child's ends are set after SYN_RECV). */
+#define FLOWTEL_CONN_WAYS 8
 struct tcp_conn {
+    __u64 sk;            /* the socket's kernel address; 0: a free slot */
     __u64 start_ns;      /* first state change seen */
     __u64 syn_sent_ns;   /* when it entered SYN_SENT (client side), else 0 */
     __u8  saddr[16];
@@ -330,7 +341,37 @@ struct tcp_conn {
     __u8  family;        /* 4 or 6 */
     __u8  state;         /* current TCP state */
     __u8  born_seen;     /* 1 if its first state change was its birth (so lifetimes are whole) */
-    __u8  pad;
+    __u8  role;          /* FLOWTEL_TCP_ROLE_* */
+};
+
+/* Connection events (established, closed) aggregated in the kernel per interval, drained from
+ * a double buffer as the drop flow maps are (conn_flows_<conn_active[0]>): a connection-rate
+ * workload costs user space one record per distinct key and interval, not one per connection.
+ * The key leaves out what varies per short connection, the client's ephemeral port: a client's
+ * key has sport 0 (its own port), a server's dport 0 (its peer's); both ports are kept for a
+ * socket of unknown role (older than the programs: a bounded set). Local end = saddr/sport. */
+struct conn_flow_key {
+    __u8  saddr[16];     /* local address; IPv4 in the first 4 bytes */
+    __u8  daddr[16];     /* remote address */
+    __u16 sport;         /* local port, host byte order; 0 for a client */
+    __u16 dport;         /* remote port; 0 for a server */
+    __u8  family;        /* 4 or 6 */
+    __u8  role;          /* FLOWTEL_TCP_ROLE_* */
+    __u8  kind;          /* FLOWTEL_KEV_TCP_ESTABLISHED or FLOWTEL_KEV_TCP_CLOSED */
+    __u8  state;         /* CLOSED: the state the sockets left; ESTABLISHED: ESTABLISHED */
+};
+
+struct conn_flow_stats {
+    __u64 connections;   /* sockets counted (each end of a connection counts on its own key) */
+    __u64 rtt_sum_ns;    /* ESTABLISHED, client: handshake RTTs (SYN_SENT -> ESTABLISHED) ... */
+    __u64 rtt_count;     /* ... and how many */
+    __u64 lifetime_sum_ns; /* CLOSED: lifetimes of the sockets whose birth was seen ... */
+    __u64 lifetime_count;  /* ... and how many */
+    __u64 first_ns;      /* bpf_ktime_get_ns (CLOCK_MONOTONIC) of the first and last counted */
+    __u64 last_ns;
+    __u64 last_value_ns; /* the last one's RTT (ESTABLISHED) or lifetime (CLOSED), 0: none */
+    __u16 last_port;     /* the last one's port left out of the key (the client's), host order */
+    __u8  pad[6];
 };
 
 #define FLOWTEL_TCP_STATE_SLOTS 16  /* per-CPU signed counts of tracked sockets, by state */
@@ -338,7 +379,7 @@ struct tcp_conn {
 /* Indexes of the per-CPU kev_counters array. */
 #define FLOWTEL_KEV_CNT_RINGBUF_FULL     0  /* events not emitted: ring buffer full */
 #define FLOWTEL_KEV_CNT_DROP_MAP_FULL    1  /* drops not counted by reason: drop_stats full */
-#define FLOWTEL_KEV_CNT_CONN_TABLE_FULL  2  /* sockets not tracked: tcp_conns full */
+#define FLOWTEL_KEV_CNT_CONN_TABLE_FULL  2  /* sockets not tracked: no free slot of tcp_conns */
 #define FLOWTEL_KEV_CNT_RETRANS_SEGS     3  /* retransmitted segments */
 #define FLOWTEL_KEV_CNT_RESETS_SENT      4
 #define FLOWTEL_KEV_CNT_RESETS_RECEIVED  5
@@ -351,7 +392,10 @@ struct tcp_conn {
 #define FLOWTEL_KEV_RTT_BUCKETS          16 /* index = FLOWTEL_RTT_BUCKET(ns), an expression the loader sets from the histogram bounds */
 #define FLOWTEL_KEV_CNT_DROP_SAMPLES     27 /* drop samples written to the ring (the drops are counted above anyway) */
 #define FLOWTEL_KEV_CNT_DROP_SAMPLES_SUPPRESSED 28 /* drops over the sample budget: counted, not sampled (not lost) */
-#define FLOWTEL_KEV_CNT_MAX              29
+#define FLOWTEL_KEV_CNT_CONN_FLOWS_CREATED_0 29 /* new entries inserted into conn_flows_0 */
+#define FLOWTEL_KEV_CNT_CONN_FLOWS_CREATED_1 30 /* ... into conn_flows_1 */
+#define FLOWTEL_KEV_CNT_CONN_FLOW_UPDATE_FAIL 31 /* connection events not counted: insert failed */
+#define FLOWTEL_KEV_CNT_MAX              32
 /* ==== end of kernel events ============================================================== */
 
 /* ==== FQDN egress policy (bpf/fqdn_policy.c, dnsproxy/) ==================================

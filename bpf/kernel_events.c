@@ -1,15 +1,16 @@
 /* kernel_events.c — packet drops (skb:kfree_skb) and TCP health (sock/tcp tracepoints).
  *
- * Counts in the kernel (drops by reason and direction, drops per flow in double-buffered maps
- * drained like the tc flow maps, retransmitted segments, resets, TCP sockets by state, the
- * handshake RTT histogram) and, for TCP events a record per occurrence is wanted for
- * (established, closed, retransmit, reset), writes one struct kernel_event to the
- * kernel_events ring buffer, waking the reader only every FLOWTEL_WAKEUP_EVERY events (the
- * reader takes them in batches). A full ring buffer is counted (FLOWTEL_KEV_CNT_RINGBUF_FULL),
- * never silent. No drop crosses to user space one by one, except as a sample: with
- * drops.events_per_second set, each CPU also writes up to that many drops per second to the
- * ring as events of their own (exact time, TCP sequence number, length, location), after
- * counting them as every drop is; drops over the budget are counted as suppressed.
+ * Counts in the kernel (drops by reason and direction, drops per flow and connection events
+ * (established, closed) per conn_flow_key in double-buffered maps drained like the tc flow
+ * maps, retransmitted segments, resets, TCP sockets by state, the handshake RTT histogram)
+ * and, for TCP events a record per occurrence is wanted for (retransmit, reset), writes one
+ * struct kernel_event to the kernel_events ring buffer, waking the reader only every
+ * FLOWTEL_WAKEUP_EVERY events (the reader takes them in batches). A full ring buffer is
+ * counted (FLOWTEL_KEV_CNT_RINGBUF_FULL), never silent. No connection crosses to user space
+ * one by one, and no drop, except as a sample: with drops.events_per_second set, each CPU
+ * also writes up to that many drops per second to the ring as events of their own (exact
+ * time, TCP sequence number, length, location), after counting them as every drop is;
+ * drops over the budget are counted as suppressed.
  *
  * Nothing here depends on the layout of the headers bcc compiles against:
  * - tracepoint records are read through struct flowtel_tp_<event>, which the loader
@@ -28,9 +29,10 @@
  * - FLOWTEL_DROP_SAMPLES (0/1), FLOWTEL_DROP_SAMPLE_COST_NS, FLOWTEL_DROP_SAMPLE_BUDGET_NS: also
  *   emit individual drops as events, within a per-CPU token bucket of that capacity where one
  *   costs that much (drops.events_per_second; 0 compiles the path out);
- * - FLOWTEL_TCP_EVENTS, FLOWTEL_TCP_CONN_EVENTS (0/1): emit events besides counting;
- * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_MAX_CONNECTIONS,
- *   FLOWTEL_MAX_DROP_FLOWS: sizes;
+ * - FLOWTEL_TCP_EVENTS (0/1): emit retransmit and reset events besides counting;
+ * - FLOWTEL_TCP_CONN_EVENTS (0/1): count connection events per conn_flow_key;
+ * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_CONN_SLOTS (a power of two),
+ *   FLOWTEL_MAX_DROP_FLOWS, FLOWTEL_MAX_CONN_FLOWS: sizes;
  * - FLOWTEL_RTT_BUCKET(ns): an expression, the handshake RTT histogram bucket of ns;
  * - FLOWTEL_DROP_REASON_MIN: the first reason that is a drop (SKB_NOT_DROPPED_YET and
  *   SKB_CONSUMED sort before it); FLOWTEL_TCPS_*: TCP state values;
@@ -56,7 +58,7 @@ BPF_ARRAY(kernel_event_layout, struct kernel_event, 1);
 BPF_PERCPU_ARRAY(kev_counters, __u64, FLOWTEL_KEV_CNT_MAX);
 /* Signed: a socket can leave a state on another CPU than the one it entered it on. */
 BPF_PERCPU_ARRAY(tcp_states, __s64, FLOWTEL_TCP_STATE_SLOTS);
-BPF_HASH(tcp_conns, __u64, struct tcp_conn, FLOWTEL_MAX_CONNECTIONS);
+BPF_ARRAY(tcp_conns, struct tcp_conn, FLOWTEL_CONN_SLOTS);  /* FLOWTEL_CONN_SLOTS: a power of two */
 BPF_PERCPU_ARRAY(kev_unannounced, __u32, 1);  /* events submitted since this CPU woke the reader */
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -322,6 +324,12 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
         }                                                                  \
     } while (0)
 
+/* Connection events per interval (struct conn_flow_key): unused maps of one entry when no
+ * logs pipeline wants them (LRU maps are preallocated). */
+BPF_TABLE("lru_hash", struct conn_flow_key, struct conn_flow_stats, conn_flows_0, FLOWTEL_MAX_CONN_FLOWS);
+BPF_TABLE("lru_hash", struct conn_flow_key, struct conn_flow_stats, conn_flows_1, FLOWTEL_MAX_CONN_FLOWS);
+BPF_ARRAY(conn_active, __u32, 1);
+
 static __always_inline void state_add(__u32 state, __s64 delta)
 {
     if (state >= FLOWTEL_TCP_STATE_SLOTS)
@@ -331,70 +339,217 @@ static __always_inline void state_add(__u32 state, __s64 delta)
         *v += delta;
 }
 
-/* Tracks TCP sockets from their first state change: counts by state (the tcp_state
- * gauge), handshake RTT (SYN_SENT -> ESTABLISHED on the same socket) and lifetime. */
+/* One connection event into the active conn_flows map. ``value_ns`` (an RTT for ESTABLISHED, a
+ * lifetime for CLOSED) is summed when ``has_value``. The first event of a key in an interval is
+ * inserted already counted: no second lookup unless another CPU inserted it meanwhile. */
+static __always_inline void count_conn(struct conn_flow_key *key, __u64 now, __u64 value_ns, int has_value,
+                                       __u16 port)
+{
+    __u32 zero = 0;
+    __u32 *active = conn_active.lookup(&zero);
+    __u32 slot = (active && *active == 1) ? 1 : 0;
+    struct conn_flow_stats *st = slot ? conn_flows_1.lookup(key) : conn_flows_0.lookup(key);
+    if (!st) {
+        struct conn_flow_stats init = {};
+        init.connections = 1;
+        if (has_value) {
+            init.rtt_sum_ns = key->kind == FLOWTEL_KEV_TCP_ESTABLISHED ? value_ns : 0;
+            init.rtt_count = key->kind == FLOWTEL_KEV_TCP_ESTABLISHED;
+            init.lifetime_sum_ns = key->kind == FLOWTEL_KEV_TCP_CLOSED ? value_ns : 0;
+            init.lifetime_count = key->kind == FLOWTEL_KEV_TCP_CLOSED;
+        }
+        init.first_ns = now;
+        init.last_ns = now;
+        init.last_value_ns = has_value ? value_ns : 0;
+        init.last_port = port;
+        int rc = slot ? conn_flows_1.insert(key, &init) : conn_flows_0.insert(key, &init);
+        if (rc == 0) {
+            count(FLOWTEL_KEV_CNT_CONN_FLOWS_CREATED_0 + slot, 1);
+            return;
+        }
+        st = slot ? conn_flows_1.lookup(key) : conn_flows_0.lookup(key);
+        if (!st) {
+            count(FLOWTEL_KEV_CNT_CONN_FLOW_UPDATE_FAIL, 1);
+            return;
+        }
+    }
+    /* The map is shared by the CPUs: counts and sums are atomic, the "last" fields may race
+     * (they only describe an entry of one connection exactly). */
+    __sync_fetch_and_add(&st->connections, 1);
+    if (has_value) {
+        if (key->kind == FLOWTEL_KEV_TCP_ESTABLISHED) {
+            __sync_fetch_and_add(&st->rtt_sum_ns, value_ns);
+            __sync_fetch_and_add(&st->rtt_count, 1);
+        } else {
+            __sync_fetch_and_add(&st->lifetime_sum_ns, value_ns);
+            __sync_fetch_and_add(&st->lifetime_count, 1);
+        }
+    }
+    st->last_ns = now;
+    st->last_value_ns = has_value ? value_ns : 0;
+    st->last_port = port;
+}
+
+/* The aggregation key of a connection event from the tracepoint's tuple: the port that varies
+ * per connection (the client's) goes to ``*port`` instead. */
+static __always_inline void conn_key(struct conn_flow_key *key, struct flowtel_tp_inet_sock_set_state *args,
+                                     __u8 role, __u8 kind, __u8 state, __u16 *port)
+{
+    COPY_TUPLE(key, args);
+    key->role = role;
+    key->kind = kind;
+    key->state = state;
+    *port = 0;
+    if (role == FLOWTEL_TCP_ROLE_CLIENT) {
+        *port = key->sport;
+        key->sport = 0;
+    } else if (role == FLOWTEL_TCP_ROLE_SERVER) {
+        *port = key->dport;
+        key->dport = 0;
+    }
+}
+
+static __always_inline __u8 role_of(__u32 oldstate, __u8 known)
+{
+    if (oldstate == FLOWTEL_TCPS_SYN_SENT)
+        return FLOWTEL_TCP_ROLE_CLIENT;
+    if (oldstate == FLOWTEL_TCPS_SYN_RECV)
+        return FLOWTEL_TCP_ROLE_SERVER;
+    return known;
+}
+
+/* The first of a socket's FLOWTEL_CONN_WAYS slots: the high bits of a multiplicative hash
+ * (socket addresses are slab objects, alike in their low bits). */
+static __always_inline __u32 conn_home(__u64 sk)
+{
+    return (__u32)((sk * 0x9E3779B97F4A7C15ULL) >> 32) & (FLOWTEL_CONN_SLOTS - 1);
+}
+
+/* The socket's slot, or 0 if it is not tracked. Every way is looked at (a free slot does not end
+ * the search: slots are freed in any order). */
+static __always_inline struct tcp_conn *conn_find(__u64 sk)
+{
+    __u32 home = conn_home(sk);
+#pragma unroll
+    for (__u32 w = 0; w < FLOWTEL_CONN_WAYS; w++) {
+        __u32 idx = (home + w) & (FLOWTEL_CONN_SLOTS - 1);
+        struct tcp_conn *c = tcp_conns.lookup(&idx);
+        if (c && c->sk == sk)
+            return c;
+    }
+    return 0;
+}
+
+/* A free slot for the socket, claimed (sk set), or 0 if all its ways are taken. Another CPU may
+ * claim the same free slot at the same time: compare-and-swap gives it to one of them. */
+static __always_inline struct tcp_conn *conn_claim(__u64 sk)
+{
+    __u32 home = conn_home(sk);
+#pragma unroll
+    for (__u32 w = 0; w < FLOWTEL_CONN_WAYS; w++) {
+        __u32 idx = (home + w) & (FLOWTEL_CONN_SLOTS - 1);
+        struct tcp_conn *c = tcp_conns.lookup(&idx);
+        if (c && c->sk == 0 && __sync_val_compare_and_swap(&c->sk, 0, sk) == 0)
+            return c;
+    }
+    return 0;
+}
+
+/* Fills a claimed slot (sk already set) for a socket first seen entering ``state``. */
+static __always_inline void conn_init(struct tcp_conn *c, struct flowtel_tp_inet_sock_set_state *args,
+                                      __u64 now, __u8 state, __u8 born_seen, __u8 role)
+{
+    c->start_ns = now;
+    c->syn_sent_ns = state == FLOWTEL_TCPS_SYN_SENT ? now : 0;
+    COPY_TUPLE(c, args);
+    c->state = state;
+    c->born_seen = born_seen;
+    c->role = role;
+}
+
+/* Tracks TCP sockets from their first state change: counts by state (the tcp_state gauge),
+ * handshake RTT (SYN_SENT -> ESTABLISHED on the same socket) and lifetime, and counts
+ * ESTABLISHED and CLOSED per conn_flow_key. Runs on every state change of every TCP socket on
+ * the node, so each transition does only what it must: a birth inserts without a lookup, a
+ * transition in mid-life reads no clock, and only ESTABLISHED and CLOSE touch the tuple. */
 int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
 {
     if (args->protocol != IPPROTO_TCP)
         return 0;
     __u64 sk = args->skaddr;
     __u32 oldstate = args->oldstate, newstate = args->newstate;
-    __u64 now = bpf_ktime_get_ns();
-    struct tcp_conn *c = tcp_conns.lookup(&sk);
+    __u64 now;
 
-    if (!c) {
-        if (newstate == FLOWTEL_TCPS_CLOSE)
-            return 0;  /* a socket that existed before flowtel, now gone */
-        struct tcp_conn init = {};
-        init.start_ns = now;
-        init.state = newstate;
-        init.born_seen = oldstate == FLOWTEL_TCPS_CLOSE || newstate == FLOWTEL_TCPS_SYN_RECV;
-        if (newstate == FLOWTEL_TCPS_SYN_SENT)
-            init.syn_sent_ns = now;
-        COPY_TUPLE(&init, args);
-        if (tcp_conns.update(&sk, &init) != 0) {
+    /* A birth (connect, listen, or a listener's new child, cloned from the listener's state):
+     * its socket cannot be in the table, whose slots are freed at CLOSE, so no search. */
+    if ((oldstate == FLOWTEL_TCPS_CLOSE ||
+         (oldstate == FLOWTEL_TCPS_LISTEN && newstate == FLOWTEL_TCPS_SYN_RECV)) &&
+        newstate != FLOWTEL_TCPS_CLOSE && newstate != FLOWTEL_TCPS_ESTABLISHED) {
+        struct tcp_conn *c = conn_claim(sk);
+        if (!c) {
             count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
             return 0;
         }
+        /* A listener's start is never reported (its close is no connection): no clock read. */
+        now = newstate == FLOWTEL_TCPS_LISTEN ? 0 : bpf_ktime_get_ns();
+        conn_init(c, args, now, newstate, 1,
+                  newstate == FLOWTEL_TCPS_SYN_SENT ? FLOWTEL_TCP_ROLE_CLIENT
+                  : newstate == FLOWTEL_TCPS_SYN_RECV ? FLOWTEL_TCP_ROLE_SERVER : FLOWTEL_TCP_ROLE_UNKNOWN);
         state_add(newstate, 1);
-        if (newstate != FLOWTEL_TCPS_ESTABLISHED)
-            return 0;  /* the common first sight (SYN_SENT, SYN_RECV): no second lookup */
-        c = tcp_conns.lookup(&sk);
-        if (!c)
-            return 0;
-    } else {
-        state_add(c->state, -1);
-        /* The source port is bound after the SYN_SENT transition: keep the tuple fresh. */
-        if (args->sport)
-            COPY_TUPLE(c, args);
-        if (newstate == FLOWTEL_TCPS_CLOSE) {
-            __u8 left = c->state;
-            if (FLOWTEL_TCP_CONN_EVENTS && left != FLOWTEL_TCPS_LISTEN) {
-                struct kernel_event *ev = new_event(FLOWTEL_KEV_TCP_CLOSED);
-                if (ev) {
-                    ev->value_ns = now - c->start_ns;
-                    ev->state = left;
-                    ev->flags = c->born_seen ? FLOWTEL_KEV_F_LIFETIME : 0;
-                    ev->protocol = IPPROTO_TCP;
-                    ev->family = c->family;
-                    ev->sport = c->sport;
-                    ev->dport = c->dport;
-                    __builtin_memcpy(ev->saddr, c->saddr, 16);
-                    __builtin_memcpy(ev->daddr, c->daddr, 16);
-                    submit(ev);
-                }
-            }
-            tcp_conns.delete(&sk);
-            return 0;
-        }
-        c->state = newstate;
-        if (newstate == FLOWTEL_TCPS_SYN_SENT)
-            c->syn_sent_ns = now;
-        state_add(newstate, 1);
+        return 0;
     }
 
-    if (newstate != FLOWTEL_TCPS_ESTABLISHED)
+    struct tcp_conn *c = conn_find(sk);
+    if (!c) {
+        if (newstate == FLOWTEL_TCPS_CLOSE)
+            return 0;  /* a socket that existed before flowtel, now gone */
+        /* First sight of a socket older than the programs. */
+        c = conn_claim(sk);
+        if (!c) {
+            count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
+            return 0;
+        }
+        now = bpf_ktime_get_ns();
+        __u8 role = newstate == FLOWTEL_TCPS_ESTABLISHED ? role_of(oldstate, FLOWTEL_TCP_ROLE_UNKNOWN)
+                                                         : FLOWTEL_TCP_ROLE_UNKNOWN;
+        conn_init(c, args, now, newstate, 0, role);
+        c->syn_sent_ns = 0;  /* its SYN_SENT, if any, was not seen */
+        state_add(newstate, 1);
+        if (FLOWTEL_TCP_CONN_EVENTS && newstate == FLOWTEL_TCPS_ESTABLISHED) {
+            struct conn_flow_key key = {};
+            __u16 port;
+            conn_key(&key, args, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
+            count_conn(&key, now, 0, 0, port);
+        }
         return 0;
+    }
+
+    __u8 left = c->state;
+    state_add(left, -1);
+    if (newstate == FLOWTEL_TCPS_CLOSE) {
+        if (FLOWTEL_TCP_CONN_EVENTS && left != FLOWTEL_TCPS_LISTEN) {
+            now = bpf_ktime_get_ns();
+            struct conn_flow_key key = {};
+            __u16 port;
+            conn_key(&key, args, c->role, FLOWTEL_KEV_TCP_CLOSED, left, &port);
+            count_conn(&key, now, now - c->start_ns, c->born_seen, port);
+        }
+        c->sk = 0;  /* frees the slot: everything of it was read */
+        return 0;
+    }
+    c->state = newstate;
+    state_add(newstate, 1);
+    if (newstate == FLOWTEL_TCPS_SYN_SENT) {
+        c->syn_sent_ns = bpf_ktime_get_ns();
+        c->role = FLOWTEL_TCP_ROLE_CLIENT;
+    }
+    if (newstate != FLOWTEL_TCPS_ESTABLISHED)
+        return 0;  /* FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING: only the gauge changes */
+
+    now = bpf_ktime_get_ns();
+    COPY_TUPLE(c, args);  /* both ends are final now */
+    __u8 role = role_of(oldstate, c->role);
+    c->role = role;
     __u64 rtt = 0;
     if (oldstate == FLOWTEL_TCPS_SYN_SENT && c->syn_sent_ns) {
         rtt = now - c->syn_sent_ns;
@@ -403,16 +558,12 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
         /* The histogram's buckets too: the metric needs no event per connection. */
         count(FLOWTEL_KEV_CNT_RTT_HIST + (FLOWTEL_RTT_BUCKET(rtt)), 1);
     }
-    if (!FLOWTEL_TCP_CONN_EVENTS)
-        return 0;
-    struct kernel_event *ev = new_event(FLOWTEL_KEV_TCP_ESTABLISHED);
-    if (!ev)
-        return 0;
-    ev->value_ns = rtt;
-    ev->state = newstate;
-    ev->protocol = IPPROTO_TCP;
-    COPY_TUPLE(ev, args);
-    submit(ev);
+    if (FLOWTEL_TCP_CONN_EVENTS) {
+        struct conn_flow_key key = {};
+        __u16 port;
+        conn_key(&key, args, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
+        count_conn(&key, now, rtt, rtt != 0, port);
+    }
     return 0;
 }
 

@@ -25,7 +25,7 @@ import operator
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence, TypeGuard
 
 from flowtel.lib.hubble.timefmt import format_time
 from flowtel.recordtables import PROTOCOL_NAMES
@@ -279,6 +279,10 @@ class ServiceGraph:
         return len(self._edges)
 
 
+def _positive_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _count(stats: EdgeStats, flow: Flow) -> None:
     stats.flows += 1
     if flow.is_packets:
@@ -289,10 +293,14 @@ def _count(stats: EdgeStats, flow: Flow) -> None:
     if flow.l7 is not None and flow.kind is EventKind.DNS_RESPONSE and flow.latency_ns > 0:
         stats.dns_latency_ns_sum += flow.latency_ns
         stats.dns_latency_count += 1
-    rtt = flow.extensions.get("handshake_rtt_ns")
-    if isinstance(rtt, int) and not isinstance(rtt, bool) and rtt > 0:
-        stats.handshake_rtt_ns_sum += rtt
-        stats.handshake_rtt_count += 1
+    ext = flow.extensions
+    # Connection records are aggregated in the kernel: an RTT sum and how many it adds up.
+    rtt_sum, rtt_count = ext.get("handshake_rtt_ns_sum"), ext.get("handshake_rtt_count")
+    if rtt_sum is None:
+        rtt_sum, rtt_count = ext.get("handshake_rtt_ns"), 1
+    if _positive_int(rtt_sum) and _positive_int(rtt_count):
+        stats.handshake_rtt_ns_sum += rtt_sum
+        stats.handshake_rtt_count += rtt_count
     if flow.time_ns > stats.last_seen_ns:
         stats.last_seen_ns = flow.time_ns
     if flow.time_ns < stats.first_seen_ns:

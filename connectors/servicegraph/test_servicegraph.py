@@ -25,7 +25,17 @@ from flowtel.component import (
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import MetricKind, MetricPoint, Record, TcpFlagCounts, TrafficDirection, replace
+from flowtel.records import (
+    EventKind,
+    MetricKind,
+    MetricPoint,
+    Record,
+    TcpFlagCounts,
+    TrafficDirection,
+    Verdict,
+    frozen_extensions,
+    replace,
+)
 from flowtel.registry import factories_by_kind
 from flowtel.servicegraph import ServiceGraph, graph_to_dict, source_is_client
 from tests.flowsamples import lost, sample_flows
@@ -102,6 +112,20 @@ def test_a_packet_seen_at_both_veths_of_a_batch_counts_once() -> None:
 ])
 def test_client_side(change: dict[str, object], client_is_src: bool) -> None:
     assert source_is_client(replace(sample_flows()["F1"], **change)) is client_is_src  # type: ignore[arg-type]
+
+
+def test_aggregated_connection_records_add_their_rtt_sums() -> None:
+    # The kernel aggregates connections (receiver/ebpf/kernel_events): one record of 500
+    # client handshakes, its ephemeral port 0, the client side said by is_reply.
+    est = replace(sample_flows()["F1"], kind=EventKind.TCP_ESTABLISHED, verdict=Verdict.TRACED, src_port=0,
+                  packets=0, bytes=0, tcp_flags=0, tcp_flag_counts=None, traffic_direction=TrafficDirection.UNKNOWN,
+                  extensions=frozen_extensions({"connections": 500, "handshake_rtt_ns_sum": 50_000_000,
+                                                "handshake_rtt_count": 500}))
+    graph = ServiceGraph()
+    graph.add([est])
+    (edge,) = graph_to_dict(graph.snapshot())["edges"]
+    assert (edge["client"], edge["server"], edge["port"]) == ("shop/frontend", "shop/payments", "8080")
+    assert edge["tcp_handshake_rtt_seconds"] == {"sum": pytest.approx(0.05), "count": 500}
 
 
 def test_icmp_echo_reply_has_the_server_as_source() -> None:

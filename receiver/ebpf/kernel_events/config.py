@@ -61,11 +61,16 @@ class TcpConfig(ComponentConfig):
     enabled: bool = True
     # One flow record per retransmission and per reset sent or received.
     events: bool = True
-    # One flow record when a connection is established (with the client's handshake RTT)
-    # and one when it closes (with its lifetime).
+    # Connection records: sockets established and closed, aggregated in the kernel per
+    # (local and remote address, server port, role, event, state left) and interval, with
+    # their count, handshake RTT and lifetime sums (not one record per connection).
     connection_events: bool = True
-    # Sockets tracked at once for the tcp_state gauge, RTT and lifetime; beyond it a socket
-    # is not tracked and that is counted (lost events, source TCP_CONNECTION_TABLE_FULL).
+    # Distinct connection keys per collection interval (each of two kernel maps); beyond it the
+    # kernel map evicts and that is counted (lost events, source TCP_CONNECTION_FLOW_MAP_FULL).
+    max_connection_flows: int = Field(16_384, ge=64, le=1_048_576)
+    # Sockets tracked at once for the tcp_state gauge, RTT and lifetime (the kernel's table has
+    # this many slots, rounded up to a power of two); a socket that finds none of its 8 slots
+    # free is not tracked and that is counted (lost events, source TCP_CONNECTION_TABLE_FULL).
     max_connections: int = Field(262_144, ge=1024, le=4_194_304)
 
 

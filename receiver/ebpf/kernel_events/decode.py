@@ -25,7 +25,6 @@ KIND_TCP_CLOSED = HEADER.KEV_TCP_CLOSED
 KIND_TCP_RETRANSMIT = HEADER.KEV_TCP_RETRANSMIT
 KIND_TCP_RESET_SENT = HEADER.KEV_TCP_RESET_SENT
 KIND_TCP_RESET_RECV = HEADER.KEV_TCP_RESET_RECV
-FLAG_LIFETIME = HEADER.KEV_F_LIFETIME
 FLAG_TCP_SEQ = HEADER.KEV_F_TCP_SEQ
 # Indexed by FLOWTEL_DROP_INGRESS / FLOWTEL_DROP_EGRESS.
 DROP_DIRECTIONS = tuple(name.lower() for name, _ in sorted(
@@ -39,6 +38,9 @@ TCP_EVENTS = {
     KIND_TCP_RESET_SENT: EventKind.TCP_RESET_SENT,
     KIND_TCP_RESET_RECV: EventKind.TCP_RESET_RECEIVED,
 }
+
+# The kinds the ring buffer carries one by one.
+RING_TCP_EVENTS = frozenset({KIND_TCP_RETRANSMIT, KIND_TCP_RESET_SENT, KIND_TCP_RESET_RECV})
 
 METRIC_HANDSHAKE_RTT = "flowtel_tcp_handshake_rtt_seconds"
 METRIC_DROP_SAMPLES = "flowtel_drop_samples_total"
@@ -57,7 +59,13 @@ CNT_DROP_FLOW_UPDATE_FAIL = HEADER.KEV_CNT_DROP_FLOW_UPDATE_FAIL
 CNT_RTT_HIST = HEADER.KEV_CNT_RTT_HIST
 CNT_DROP_SAMPLES = HEADER.KEV_CNT_DROP_SAMPLES
 CNT_DROP_SAMPLES_SUPPRESSED = HEADER.KEV_CNT_DROP_SAMPLES_SUPPRESSED
+CNT_CONN_FLOWS_CREATED = (HEADER.KEV_CNT_CONN_FLOWS_CREATED_0, HEADER.KEV_CNT_CONN_FLOWS_CREATED_1)
+CNT_CONN_FLOW_UPDATE_FAIL = HEADER.KEV_CNT_CONN_FLOW_UPDATE_FAIL
 CNT_MAX = HEADER.KEV_CNT_MAX
+ROLE_CLIENT = HEADER.TCP_ROLE_CLIENT
+ROLE_SERVER = HEADER.TCP_ROLE_SERVER
+# extensions.tcp_role of a connection record, by FLOWTEL_TCP_ROLE_* (unknown: no entry).
+ROLE_NAMES = {ROLE_CLIENT: "client", ROLE_SERVER: "server"}
 
 # LostEvents sources, by the counter that measures them.
 LOST_SOURCES = {
@@ -65,9 +73,12 @@ LOST_SOURCES = {
     CNT_DROP_MAP_FULL: "DROP_STATS_MAP_FULL",
     CNT_CONN_TABLE_FULL: "TCP_CONNECTION_TABLE_FULL",
     CNT_DROP_FLOW_UPDATE_FAIL: "DROP_FLOW_UPDATE_FAILED",
+    CNT_CONN_FLOW_UPDATE_FAIL: "TCP_CONNECTION_FLOW_UPDATE_FAILED",
 }
 # Drop flows the LRU evicted before a drain (counted by the double buffer, not a counter).
 LOST_DROP_FLOW_MAP_FULL = "DROP_FLOW_MAP_FULL"
+# Connection flows likewise (tcp.max_connection_flows distinct keys in one interval exceeded).
+LOST_CONN_FLOW_MAP_FULL = "TCP_CONNECTION_FLOW_MAP_FULL"
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _NOT_TRACKED_STATES = {"CLOSE", "NEW_SYN_RECV"}  # never held by a tracked socket
@@ -218,9 +229,95 @@ class DropDecoder:
         )
 
 
+@dataclass(slots=True)
+class RawConn:
+    """One drained entry of the connection flow maps: struct conn_flow_key then conn_flow_stats."""
+
+    saddr: bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    family: int
+    role: int
+    kind: int
+    state: int
+    connections: int
+    rtt_sum_ns: int
+    rtt_count: int
+    lifetime_sum_ns: int
+    lifetime_count: int
+    first_ns: int
+    last_ns: int
+    last_value_ns: int
+    last_port: int
+
+
+class ConnDecoder:
+    """Drained connection flow entries into ``established`` / ``closed`` records, one per key
+    and interval: the local end as source, ``extensions.connections`` sockets counted, the sums
+    of their handshake RTTs and whole lifetimes with how many there were. An entry of one
+    connection is that connection exactly: its client port and its own RTT or lifetime."""
+
+    def __init__(self, names: Names, node_name: str) -> None:
+        self._names = names
+        self._node = node_name
+
+    def decode(self, conns: Iterable[RawConn], wall_offset_ns: int) -> list[Flow]:
+        out: list[Flow] = []
+        for c in conns:
+            kind = TCP_EVENTS.get(c.kind)
+            if kind is None or c.connections <= 0:
+                continue
+            version, src = _address(c.family, c.saddr)
+            _, dst = _address(c.family, c.daddr)
+            sport, dport = c.sport, c.dport
+            one = c.connections == 1
+            if one:  # the port the key left out, exact for the one connection
+                if c.role == ROLE_CLIENT:
+                    sport = c.last_port
+                elif c.role == ROLE_SERVER:
+                    dport = c.last_port
+            ext: dict[str, object] = {"connections": c.connections}
+            if c.state:
+                ext["tcp_state"] = self._names.tcp_state(c.state)
+            role = ROLE_NAMES.get(c.role)
+            if role:
+                ext["tcp_role"] = role
+            if c.kind == KIND_TCP_ESTABLISHED and c.rtt_count:
+                ext["handshake_rtt_ns_sum"] = c.rtt_sum_ns
+                ext["handshake_rtt_count"] = c.rtt_count
+                if one:
+                    ext["handshake_rtt_ns"] = c.rtt_sum_ns
+            elif c.kind == KIND_TCP_CLOSED and c.lifetime_count:
+                ext["lifetime_ns_sum"] = c.lifetime_sum_ns
+                ext["lifetime_count"] = c.lifetime_count
+                if one:
+                    ext["lifetime_ns"] = c.lifetime_sum_ns
+            if not one:
+                ext["first_time_ns"] = c.first_ns + wall_offset_ns
+            out.append(Flow(
+                time_ns=c.last_ns + wall_offset_ns,
+                node_name=self._node,
+                verdict=Verdict.TRACED,  # socket events, not packets
+                ip_version=version,
+                src_ip=src,
+                dst_ip=dst,
+                protocol=6,
+                kind=kind,
+                src_port=sport,
+                dst_port=dport,
+                # Which end the source is, known from the handshake: a client's record is
+                # not a reply, a server's is (so no consumer guesses it from port numbers).
+                is_reply=(False if c.role == ROLE_CLIENT else True if c.role == ROLE_SERVER else None),
+                ethertype=0x86DD if version == 6 else 0x0800,
+                extensions=frozen_extensions(ext),
+            ))
+        return out
+
+
 class EventDecoder:
-    """Turns ``struct kernel_event`` bytes (TCP events, and drop samples when given ``drops``,
-    the decoder that names drops) into flow records."""
+    """Turns ``struct kernel_event`` bytes (retransmit and reset events, and drop samples when
+    given ``drops``, the decoder that names drops) into flow records."""
 
     def __init__(self, event_ctype: type[ctypes.Structure], names: Names, node_name: str,
                  drops: DropDecoder | None = None) -> None:
@@ -244,11 +341,12 @@ class EventDecoder:
         for t in self._struct.iter_unpack(data):
             (time_ns, value_ns, location, saddr, daddr, reason, length, netns, ifindex, error, sport, dport,
              ethertype, kind, family, protocol, direction, state, tcp_flags, flags) = (t[i] for i in self._idx)
-            if kind in TCP_EVENTS:
+            # Connections established and closed never come as events (ConnDecoder's records).
+            if kind in RING_TCP_EVENTS:
                 version, src = _address(family, saddr)
                 _, dst = _address(family, daddr)
                 out.append(self._tcp(time_ns + wall_offset_ns, kind, version, src, dst, sport, dport, state,
-                                     value_ns, length, error, reason, flags))
+                                     length, error, reason))
             elif kind == KIND_DROP and self._drops is not None:
                 out.append(self._drops.flow(
                     family, saddr, daddr, sport, dport, protocol, ethertype, netns, ifindex, direction, reason,
@@ -257,15 +355,11 @@ class EventDecoder:
         return out
 
     def _tcp(self, when: int, kind: int, version: int, src: str, dst: str, sport: int, dport: int, state: int,
-             value_ns: int, length: int, error: int, reason: int, flags: int) -> Flow:
+             length: int, error: int, reason: int) -> Flow:
         ext: dict[str, object] = {}
         if state:
             ext["tcp_state"] = self._names.tcp_state(state)
-        if kind == KIND_TCP_ESTABLISHED and value_ns:
-            ext["handshake_rtt_ns"] = value_ns
-        elif kind == KIND_TCP_CLOSED and flags & FLAG_LIFETIME:
-            ext["lifetime_ns"] = value_ns
-        elif kind == KIND_TCP_RETRANSMIT:
+        if kind == KIND_TCP_RETRANSMIT:
             ext["segments"] = length
             if error:
                 ext["retransmit_error"] = errno.errorcode.get(-error, str(error))

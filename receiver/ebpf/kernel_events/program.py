@@ -172,11 +172,17 @@ def rtt_bucket_expression(bounds: tuple[float, ...] = TCP_HANDSHAKE_RTT_BOUNDS) 
     return "(" + " + ".join(f"((ns) > {round(b * 1e9)}ULL)" for b in bounds) + ")"
 
 
+def conn_slots(max_connections: int) -> int:
+    """Slots of the tcp_conns table: the power of two at or above ``max_connections`` (the
+    program masks a hash of the socket address into it)."""
+    return 1 << max(0, max_connections - 1).bit_length()
+
+
 def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tuple[str, list[str]]:
     """Program text (generated tracepoint structs + ``kernel_events.c``) and compiler flags.
 
-    ``events`` false (nothing consumes records) compiles the event paths and the drop flow
-    maps out: counters only. The handshake RTT histogram is counted in the kernel either way.
+    ``events`` false (nothing consumes records) compiles the event paths out and leaves the
+    drop flow and connection flow maps one entry each: counters only. The handshake RTT histogram is counted in the kernel either way.
     """
     structs = [tracefs.c_struct(fmt, f"flowtel_tp_{name}") for name, fmt in facts.formats.items()]
     by_name = {name: value for value, name in facts.tcp_states.items()}
@@ -194,9 +200,11 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         "FLOWTEL_DROP_SAMPLE_BUDGET_NS": drop_sample_cost_ns(config.drops.events_per_second) * config.drops.events_per_second,
         "FLOWTEL_TCP_EVENTS": int(events and config.tcp.events),
         "FLOWTEL_TCP_CONN_EVENTS": int(events and config.tcp.connection_events),
+        "FLOWTEL_MAX_CONN_FLOWS": (config.tcp.max_connection_flows
+                                   if events and config.tcp.connection_events else 1),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
         "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
-        "FLOWTEL_MAX_CONNECTIONS": config.tcp.max_connections,
+        "FLOWTEL_CONN_SLOTS": conn_slots(config.tcp.max_connections),
         "FLOWTEL_DROP_REASON_MIN": facts.drop_reason_min,
         "FLOWTEL_DROP_IGNORED(r)": ignored_reasons_expression(facts.drop_reasons, config.drops.ignore_reasons),
         "FLOWTEL_DROP_NO_SOCKET": (-1 if config.drops.report_unclaimed_echo_replies

@@ -5,13 +5,14 @@ compiles them into its own bcc module, beside the tc programs (one LLVM per agen
 :meth:`KernelEvents.prepare` gives the source, :meth:`KernelEvents.start` attaches within the
 module it is given); alone (tests, benches) the source compiles its own.
 
-Nothing crosses per drop: drops are counted per flow in the kernel's double-buffered drop flow
-maps, drained every ``collection_interval`` into drop flow records. Only with
-``drops.events_per_second`` set do some drops also come one by one, as samples within a per-CPU
-budget the kernel enforces, through the ring buffer below. TCP events that are wanted
-as records (established, closed, retransmit, reset) come through a ring buffer the kernel
-announces only every few events; the thread takes them at most ``poll_interval`` late, in
-batches. Every ``collection_interval`` it also reads the kernel's cumulative counters into
+Nothing crosses per drop or per connection: drops are counted per flow, and connections
+established and closed per (local and remote address, server port, role, event, state left),
+in the kernel's double-buffered maps, drained every ``collection_interval`` into drop flow and
+connection records. Only with ``drops.events_per_second`` set do some drops also come one by
+one, as samples within a per-CPU budget the kernel enforces, through the ring buffer below.
+TCP events that are wanted as records one by one (retransmit, reset) come through that ring
+buffer, which the kernel announces only every few events; the thread takes them at most
+``poll_interval`` late, in batches. Every ``collection_interval`` it also reads the kernel's cumulative counters into
 metric points and reports newly lost events. Records of each signal go in their own batch, and
 a signal no pipeline consumes is not produced (with no logs pipeline, the programs are compiled
 without their event paths and drop flow maps, and only count).
@@ -32,6 +33,7 @@ from flowtel.errors import StartError
 from flowtel.lib.bpf import btf as btf_mod
 from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf import tracefs
+from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.doublebuffer import DoubleBuffer
 from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
@@ -84,6 +86,8 @@ class KernelEvents:
         self._ring: RingReader | None = None
         self._drops: DoubleBuffer[decode.RawDrop] | None = None
         self._drop_decoder: decode.DropDecoder | None = None
+        self._conns: DoubleBuffer[decode.RawConn] | None = None
+        self._conn_decoder: decode.ConnDecoder | None = None
         self._pending: list[bytes] = []
         self._lost_seen: dict[int, int] = {}
         self._last_counters = decode.Counters((0,) * decode.CNT_MAX)
@@ -142,11 +146,15 @@ class KernelEvents:
     def _open_readers(self) -> None:
         tcp, drops = self.config.tcp, self.config.drops
         samples = program.drop_samples(self.config, events=self._wants_logs)
+        if self._wants_logs and tcp.enabled and tcp.connection_events:
+            self._conns = DoubleBuffer(self._bpf, "conn_flows", "conn_active", decode.RawConn,
+                                       decode.RawConn.__slots__, self._counter, decode.CNT_CONN_FLOWS_CREATED)
+            self._conn_decoder = decode.ConnDecoder(self._names, self._node)
         if (self._wants_logs and drops.enabled and drops.events) or samples:
             self._drop_decoder = decode.DropDecoder(self._names, self._node,
                                                     host_netns=os.stat("/proc/self/ns/net").st_ino,
                                                     ifname=_host_ifname, symbol=_kernel_symbol)
-        if (self._wants_logs and tcp.enabled and (tcp.events or tcp.connection_events)) or samples:
+        if (self._wants_logs and tcp.enabled and tcp.events) or samples:
             self._decoder = decode.EventDecoder(self._bpf["kernel_event_layout"].Leaf, self._names, self._node,
                                                 self._drop_decoder if samples else None)
             self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
@@ -210,7 +218,12 @@ class KernelEvents:
         """Sockets the kernel tracks now (those the tcp_state gauge counts)."""
         if self._bpf is None or not self.config.tcp.enabled:
             return []
-        return [decode.connection(self._names, v) for _, v in self._bpf["tcp_conns"].items()]
+        table = self._bpf["tcp_conns"]
+        n = table.max_entries
+        keys, values = (table.Key * n)(), (table.Leaf * n)()
+        got = read_batch(table.get_fd(), keys, ctypes.sizeof(table.Key), values, ctypes.sizeof(table.Leaf), n,
+                         delete=False, name="tcp_conns")
+        return [decode.connection(self._names, v) for v in values[:got] if v.sk]  # sk 0: a free slot
 
     # -- the thread's work -----------------------------------------------------------------------
 
@@ -252,7 +265,7 @@ class KernelEvents:
                 self._stop.wait(1.0)
 
     def _collect(self, *, writers_stopped: bool = False) -> None:
-        """Drain the drop flows, report new losses, and emit the metric points."""
+        """Drain the drop and connection flows, report new losses, and emit the metric points."""
         now = time.time_ns()
         records: list[Record] = []
         if self._drops is not None and self._drop_decoder is not None:
@@ -264,6 +277,14 @@ class KernelEvents:
                 records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, drained.evicted, self._node))
                 log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
                             "kernel_events.drops.max_flows)", drained.evicted)
+        if self._conns is not None and self._conn_decoder is not None:
+            drained_conns = self._conns.drain(writers_stopped=writers_stopped)
+            records += self._conn_decoder.decode(drained_conns.entries, now - time.monotonic_ns())
+            if drained_conns.evicted:
+                self._telemetry.add(self._id, "kernel_events_lost", drained_conns.evicted)
+                records.append(LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, drained_conns.evicted, self._node))
+                log.warning("connection flow map full: %d connection flows evicted before the drain "
+                            "(raise kernel_events.tcp.max_connection_flows)", drained_conns.evicted)
         counters = self._last_counters = self._counters()
         for source, count in decode.lost_deltas(counters, self._lost_seen):
             self._telemetry.add(self._id, "kernel_events_lost", count)

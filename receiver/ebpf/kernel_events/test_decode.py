@@ -204,22 +204,58 @@ def test_decoder(event_class: type[ctypes.Structure]) -> None:
                saddr=mapped + v4("10.0.0.2"), daddr=mapped + v4("10.0.0.1"), sport=80, dport=1234, reason=12),
         _event(event_class, kind=decode.KIND_TCP_RETRANSMIT, time_ns=104, family=4, protocol=6, saddr=v4("10.0.0.1"),
                daddr=v4("10.0.0.2"), sport=1234, dport=80, len=3, error=-1, state=1),
-        _event(event_class, kind=decode.KIND_TCP_ESTABLISHED, time_ns=105, family=4, value_ns=4200, state=1),
-        _event(event_class, kind=decode.KIND_TCP_CLOSED, time_ns=106, family=4, value_ns=9, state=1, flags=0),
-        _event(event_class, kind=decode.KIND_TCP_CLOSED, time_ns=107, family=4, value_ns=9, state=1,
-               flags=decode.FLAG_LIFETIME),
+        # Connections are aggregated in the kernel (ConnDecoder): never events, skipped.
+        _event(event_class, kind=decode.KIND_TCP_ESTABLISHED, time_ns=105, family=4, state=1),
         _event(event_class, kind=99, time_ns=108),  # a kind this version does not know: skipped
     ])
     flows = dec.decode(data, 1_000)
-    assert len(flows) == 5
-    rst, rtx, est, closed_part, closed_whole = flows
+    assert len(flows) == 2
+    rst, rtx = flows
 
     assert (rst.ip_version, rst.src_ip, rst.dst_ip, rst.tcp_flags) == (4, "10.0.0.2", "10.0.0.1", 0x04)
     assert rst.kind is EventKind.TCP_RESET_SENT and rst.extensions == {"reset_reason": "TCP_ABORT_ON_LINGER"}
     assert rst.verdict == Verdict.TRACED  # a socket event: observed, no verdict of its own
     assert rtx.kind is EventKind.TCP_RETRANSMIT
     assert rtx.extensions == {"tcp_state": "ESTABLISHED", "segments": 3, "retransmit_error": "EPERM"}
-    assert est.kind is EventKind.TCP_ESTABLISHED
-    assert est.extensions == {"tcp_state": "ESTABLISHED", "handshake_rtt_ns": 4200}
-    assert "lifetime_ns" not in closed_part.extensions  # its birth was not seen: no lifetime
-    assert closed_whole.extensions["lifetime_ns"] == 9
+
+
+def _conn(**values: object) -> decode.RawConn:
+    base: dict[str, object] = dict(
+        saddr=socket.inet_aton("10.0.0.1") + bytes(12), daddr=socket.inet_aton("10.0.0.2") + bytes(12),
+        sport=0, dport=80, family=4, role=decode.ROLE_CLIENT, kind=decode.KIND_TCP_ESTABLISHED, state=1,
+        connections=1, rtt_sum_ns=0, rtt_count=0, lifetime_sum_ns=0, lifetime_count=0, first_ns=10, last_ns=20,
+        last_value_ns=0, last_port=40000)
+    base.update(values)
+    return decode.RawConn(**base)  # type: ignore[arg-type]  # the test's values are of the fields' types
+
+
+def test_conn_decoder() -> None:
+    dec = decode.ConnDecoder(NAMES, "node-1")
+    flows = dec.decode([
+        # One client connection in the interval: exactly that connection (its port, its RTT).
+        _conn(rtt_sum_ns=4200, rtt_count=1, last_value_ns=4200),
+        # 500 of them: their count and sums, no client port.
+        _conn(connections=500, rtt_sum_ns=5_000_000, rtt_count=500, last_port=41000),
+        # The servers' closes, 3 of which were born while flowtel watched (whole lifetimes).
+        _conn(role=decode.ROLE_SERVER, kind=decode.KIND_TCP_CLOSED, sport=80, dport=0, state=10, connections=4,
+              lifetime_sum_ns=900, lifetime_count=3),
+        # A socket older than the programs: role unknown, both ports in the key.
+        _conn(role=0, kind=decode.KIND_TCP_CLOSED, sport=5555, dport=80, last_port=0),
+        _conn(connections=0),  # nothing counted: no record
+    ], 1_000)
+    assert len(flows) == 4
+    one, many, servers, old = flows
+    assert one.kind is EventKind.TCP_ESTABLISHED and one.verdict == Verdict.TRACED
+    assert (one.src_ip, one.src_port, one.dst_ip, one.dst_port, one.is_reply) == ("10.0.0.1", 40000, "10.0.0.2", 80, False)
+    assert one.extensions == {"connections": 1, "tcp_state": "ESTABLISHED", "tcp_role": "client",
+                              "handshake_rtt_ns_sum": 4200, "handshake_rtt_count": 1, "handshake_rtt_ns": 4200}
+    assert one.time_ns == 1_020
+    assert (many.src_port, many.dst_port) == (0, 80)
+    assert many.extensions == {"connections": 500, "tcp_state": "ESTABLISHED", "tcp_role": "client",
+                               "handshake_rtt_ns_sum": 5_000_000, "handshake_rtt_count": 500, "first_time_ns": 1_010}
+    assert servers.kind is EventKind.TCP_CLOSED and servers.is_reply is True
+    assert (servers.src_port, servers.dst_port) == (80, 0)
+    assert servers.extensions == {"connections": 4, "tcp_state": "LISTEN", "tcp_role": "server",
+                                  "lifetime_ns_sum": 900, "lifetime_count": 3, "first_time_ns": 1_010}
+    assert (old.src_port, old.dst_port, old.is_reply) == (5555, 80, None)
+    assert "tcp_role" not in old.extensions and "lifetime_ns" not in old.extensions  # birth not seen

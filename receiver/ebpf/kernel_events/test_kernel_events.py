@@ -355,18 +355,31 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
     def established(f: Flow) -> bool:
         return ours(f) and f.kind is EventKind.TCP_ESTABLISHED
 
-    opened = sink.wait_flows(established, 2 * n, mark)
+    # Aggregated in the kernel per (local, remote, server port, role) and interval: each side's
+    # records count n connections; one that counts a single connection is that connection.
+    def connections(flows: list[Flow]) -> int:
+        return sum(int(f.extensions["connections"]) for f in flows)
+
+    deadline = time.monotonic() + 10
+    while connections(sink.flows(established, mark)) < 2 * n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    opened = sink.flows(established, mark)
     clients = [f for f in opened if f.src_ip == a.ipv4]
     servers = [f for f in opened if f.src_ip == b.ipv4]
-    assert sorted(f.src_port for f in clients) == client_ports
-    assert sorted(f.dst_port for f in servers) == client_ports
+    assert connections(clients) == connections(servers) == n
+    assert all(f.extensions["tcp_role"] == "client" and f.is_reply is False and f.dst_port == port for f in clients)
+    assert all(f.extensions["tcp_role"] == "server" and f.is_reply is True and f.src_port == port for f in servers)
+    assert {f.src_port for f in clients if f.extensions["connections"] == 1} <= set(client_ports)
+    assert {f.dst_port for f in servers if f.extensions["connections"] == 1} <= set(client_ports)
+    assert all(f.src_port == 0 for f in clients if f.extensions["connections"] != 1)
     # Client side: SYN_SENT -> ESTABLISHED on a veth takes microseconds, and certainly < 50 ms.
-    rtts = [f.extensions["handshake_rtt_ns"] for f in clients]
-    assert all(0 < r < 50_000_000 for r in rtts), rtts
-    assert all("handshake_rtt_ns" not in f.extensions for f in servers)  # passive side: no RTT
+    assert sum(int(f.extensions["handshake_rtt_count"]) for f in clients) == n
+    rtt_sum = sum(int(f.extensions["handshake_rtt_ns_sum"]) for f in clients)
+    assert 0 < rtt_sum < n * 50_000_000, rtt_sum
+    assert all("handshake_rtt_ns_sum" not in f.extensions for f in servers)  # passive side: no RTT
     rtt_after = rtt_histogram(ke)
     assert rtt_after.count - rtt_before.count >= n
-    assert rtt_after.value - rtt_before.value >= sum(rtts) / 1e9 * 0.999
+    assert rtt_after.value - rtt_before.value >= rtt_sum / 1e9 * 0.999
     # Each measured RTT is counted in its bucket (< 50 ms: at most the 0.05 s one).
     grown = [after - before for after, before in zip(rtt_after.bucket_counts, rtt_before.bucket_counts)]
     assert sum(grown) == rtt_after.count - rtt_before.count
@@ -397,9 +410,15 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
     def closed(f: Flow) -> bool:
         return ours(f) and f.kind is EventKind.TCP_CLOSED
 
-    gone = sink.wait_flows(closed, 2 * n, mark)
-    assert len(gone) == 2 * n
-    assert all(0 < f.extensions["lifetime_ns"] < 30_000_000_000 for f in gone)
+    deadline = time.monotonic() + 10
+    while connections(sink.flows(closed, mark)) < 2 * n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gone = sink.flows(closed, mark)
+    assert connections(gone) == 2 * n
+    # Every one was born while the programs watched: whole lifetimes, each under 30 s.
+    assert all(f.extensions["lifetime_count"] == f.extensions["connections"] for f in gone)
+    assert all(0 < int(f.extensions["lifetime_ns_sum"]) < int(f.extensions["connections"]) * 30_000_000_000
+               for f in gone)
     left = [c for c in ke.tcp_connections() if port in (c.src_port, c.dst_port) and c.state == "ESTABLISHED"
             and c.dst_ip in (a.ipv4, b.ipv4)]
     assert left == []
@@ -594,3 +613,76 @@ def test_ignored_reasons_and_unclaimed_echo_replies(bed: Testbed, events: tuple[
         assert drop_totals(ke)[("IPTABLE_RULE_DROP", "unknown")] >= 4
     finally:
         second.stop()
+
+
+_ACCEPT_AND_CLOSE = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(4096)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.recv(16)
+    conn.close()
+"""
+
+_CONNECT_MANY = r"""
+import socket, sys
+dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(count):
+    s = socket.create_connection((dst, port), timeout=10)
+    s.sendall(b"x")
+    s.close()
+"""
+
+
+def test_short_connections_are_counted_in_the_kernel(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
+    """A connection-rate workload: every connection is counted, in O(distinct keys) records."""
+    ke, sink = events
+    a, b = bed.add_pod("cr-a"), bed.add_pod("cr-b")
+    port, n = 47040, 2000
+    server = b.popen([sys.executable, "-c", _ACCEPT_AND_CLOSE, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        mib_a, mib_b = tcp_mib(a), tcp_mib(b)
+        mark = sink.mark()
+        started = time.monotonic()
+        a.exec([sys.executable, "-c", _CONNECT_MANY, b.ipv4, str(port), str(n)], timeout=120)
+        elapsed = time.monotonic() - started
+        # Both ends have closed once the server side left LAST_ACK (the client's close is first).
+        deadline = time.monotonic() + 15
+        while b.exec(["ss", "-Htn", "state", "last-ack", "state", "close-wait"]).stdout.strip() \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        active = tcp_mib(a)["ActiveOpens"] - mib_a["ActiveOpens"]
+        passive = tcp_mib(b)["PassiveOpens"] - mib_b["PassiveOpens"]
+    finally:
+        server.kill()
+        server.wait(10)
+    assert active == passive == n  # the kernel's own count of each side's handshakes
+
+    def ours(f: Flow) -> bool:
+        return {f.src_ip, f.dst_ip} == {a.ipv4, b.ipv4} and port in (f.src_port, f.dst_port)
+
+    def total(kind: EventKind, src: str) -> int:
+        return sum(int(f.extensions["connections"]) for f in sink.flows(
+            lambda f: ours(f) and f.kind is kind and f.src_ip == src, mark))
+
+    want = {(kind, src): n for kind in (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED) for src in (a.ipv4, b.ipv4)}
+    deadline = time.monotonic() + 10
+    while {k: total(*k) for k in want} != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {k: total(*k) for k in want} == want
+    records = sink.flows(lambda f: ours(f) and f.kind.is_tcp_event, mark)
+    # One record per key (side, event, state left) and drain interval (0.5 s), not one per
+    # connection: a few states left per side, and the drains the workload spanned.
+    intervals = elapsed / 0.5 + 4
+    assert len(records) <= 2 * 2 * 3 * intervals < n / 4, (len(records), elapsed)
+    clients = [f for f in records if f.src_ip == a.ipv4 and f.kind is EventKind.TCP_ESTABLISHED]
+    assert sum(int(f.extensions["handshake_rtt_count"]) for f in clients) == n
+    closed = [f for f in records if f.kind is EventKind.TCP_CLOSED]
+    assert all(f.extensions["lifetime_count"] == f.extensions["connections"] for f in closed)
+    conn_losses = {decode.LOST_CONN_FLOW_MAP_FULL, decode.LOST_SOURCES[decode.CNT_CONN_FLOW_UPDATE_FAIL], "TCP_CONNECTION_TABLE_FULL"}
+    assert not [r for r in sink.records[mark:] if isinstance(r, LostEvents) and r.source in conn_losses]
