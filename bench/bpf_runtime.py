@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import Record
@@ -176,34 +177,27 @@ def _prog_id(fd: int) -> int:
     raise RuntimeError(f"fd {fd} is not a BPF program")
 
 
-def _floor(pods: list[Pod], parts: list[Part]) -> tuple[dict[str, int], list[dict[int, ProgStats]]]:
-    """The mix through programs that do nothing, attached where flowtel's are: what the hook,
-    bpf_stats' own accounting and a program's first touch of the packet cost, the floor under
-    any tc program's ns/run on this machine at this moment. Returns {hook: program id} and the
-    counters per part. Not named ``flowtel_``: the attach manager would take its filters for a
-    dead agent's."""
-    from bcc import BPF  # type: ignore[import-not-found]  # Debian's python3-bpfcc, no stubs
+def _floor(fns: dict[str, Any], pods: list[Pod], parts: list[Part]) -> tuple[dict[str, int], list[dict[int, ProgStats]]]:
+    """The mix through programs that do nothing (``fns``, by hook), attached where flowtel's
+    are: what the hook, the accounting's own clock reads and a program's first touch of the
+    packet cost, the floor under any tc program's ns/run on this machine at this moment.
+    Returns {hook: program id} and the counters per part. Not named ``flowtel_``: the attach
+    manager would take their filters for a dead agent's."""
     from pyroute2 import IPRoute
 
-    mod = BPF(text=_FLOOR_C)
-    try:
-        fns = {hook: mod.load_func(f"bench_floor_{hook}", BPF.SCHED_CLS) for hook in ("ingress", "egress")}
-        ids = {hook: _prog_id(fn.fd) for hook, fn in fns.items()}
-        with IPRoute() as ipr:
-            indexes = [ipr.link_lookup(ifname=p.host_ifname)[0] for p in pods]
-            try:
-                for index in indexes:
-                    ipr.tc("add", "clsact", index=index)
-                    for parent, hook in (("ffff:fff2", "ingress"), ("ffff:fff3", "egress")):
-                        ipr.tc("add-filter", "bpf", index=index, fd=fns[hook].fd, name=fns[hook].name,
-                               parent=parent, classid=1, direct_action=True)
-                snaps = _run_parts(parts, set(ids.values()))
-            finally:
-                for index in indexes:
-                    ipr.tc("del", "clsact", index=index)
-    finally:
-        mod.cleanup()
-    return ids, snaps
+    ids = {hook: _prog_id(fn.fd) for hook, fn in fns.items()}
+    with IPRoute() as ipr:
+        indexes = [ipr.link_lookup(ifname=p.host_ifname)[0] for p in pods]
+        try:
+            for index in indexes:
+                ipr.tc("add", "clsact", index=index)
+                for parent, hook in (("ffff:fff2", "ingress"), ("ffff:fff3", "egress")):
+                    ipr.tc("add-filter", "bpf", index=index, fd=fns[hook].fd, name=fns[hook].name,
+                           parent=parent, classid=1, direct_action=True)
+            return ids, _run_parts(parts, set(ids.values()))
+        finally:
+            for index in indexes:
+                ipr.tc("del", "clsact", index=index)
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -292,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             bed.start_udp_sink(b, 6002)
             parts = _traffic(bed, a, b)
             labels = [label for label, _ in parts]
-            floor_ids, floor_snaps = _floor([a, b], parts)
+            from bcc import BPF  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
+            floor_mod = BPF(text=_FLOOR_C)
+            floor_fns = {hook: floor_mod.load_func(f"bench_floor_{hook}", BPF.SCHED_CLS) for hook in ("ingress", "egress")}
+            floor_ids, floor_snaps = _floor(floor_fns, [a, b], parts)
             telemetry = Telemetry()
             receiver = EbpfReceiver(
                 CreateSettings("ebpf", "bench", telemetry),
@@ -307,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.05)
                 if attach is None or len(attach.attached()) < 2:
                     raise RuntimeError("flowtel's tc programs were not attached to both pods' veths within 10 s")
-                ids = _own_program_ids()
+                ids = _own_program_ids() - set(floor_ids.values())
                 started = time.monotonic()
                 snaps = _run_parts(parts, ids)
                 elapsed = time.monotonic() - started
@@ -320,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
                 assert attach is not None
                 # One program for both hooks, or one per hook (older builds): measure each once.
                 programs = list(dict.fromkeys(p.name for p in (attach.ingress, attach.egress)))
-                for prog in programs:
-                    fn = receiver._bpf.load_func(prog, 3)  # BPF.SCHED_CLS: bcc returns the loaded program
+                fds = {prog: receiver._bpf.load_func(prog, BPF.SCHED_CLS).fd for prog in programs}  # bcc returns the loaded program
+                fds["(empty)"] = floor_fns["ingress"].fd
+                for prog, fd in fds.items():
                     for label, frame in _frames().items():
-                        tight[(prog, label)] = test_run_ns(fn.fd, frame)
+                        tight[(prog, label)] = test_run_ns(fd, frame)
             finally:
                 receiver.shutdown()
+                floor_mod.cleanup()
     finally:
         if stats_fd >= 0:
             os.close(stats_fd)
@@ -365,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         packets = sum(r for r, _ in ours) // 2  # each packet crosses one ingress and one egress hook
         print(f"{label[:50]:<50} {packets:>7} " + " ".join(
             f"{(f'{v:.0f}' if v is not None else '-'):>18}" for v in row.values()))
-    print("\ntc programs in a tight loop (BPF_PROG_TEST_RUN, 200k runs, one flow; ns/run):")
+    print("\ntc programs in a tight loop (BPF_PROG_TEST_RUN, 200k runs, one flow; ns/run; "
+          "(empty): a program that only returns, the loop's own cost):")
     frames = list(_frames())
     print(f"{'program':<20} " + " ".join(f"{lab:>18}" for lab in frames))
-    for prog in programs:
+    for prog in fds:
         print(f"{prog:<20} " + " ".join(f"{tight[(prog, lab)]:>18.0f}" for lab in frames))
         for lab in frames:
             by_frame.setdefault(lab, {})[prog] = tight[(prog, lab)]
