@@ -139,25 +139,12 @@ int flowtel_tc(struct __sk_buff *skb)
     __u32 slot = (active && *active == 1) ? 1 : 0;
     struct flow_stats *st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
     if (!st) {
-        /* First sight: the entry is created holding this packet's counts, so a new flow costs
-         * one insert after the lookup, not an insert and a second lookup to add to it. The
-         * insert is BPF_NOEXIST: of two CPUs racing to create a flow one creates it (and counts
-         * the creation), the other finds it and adds to it below. */
         struct flow_stats init = {};
         init.first_ns = now;
-        init.last_ns = now;
-        init.packets = 1;
-        init.bytes = len;
-        init.tcp_flags = flags;  /* 0 unless TCP */
-        init.syn = (flags & 0x12) == 0x02;
-        init.synack = (flags & 0x12) == 0x12;
-        init.fin = flags & 0x01;
-        init.rst = (flags >> 2) & 0x01;
+        /* insert is BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
         int rc = slot ? flows_1.insert(&key, &init) : flows_0.insert(&key, &init);
-        if (rc == 0) {
+        if (rc == 0)
             count_event(FLOWTEL_CNT_FLOWS_CREATED_0 + slot);
-            return TC_ACT_UNSPEC;
-        }
         st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
         if (!st) {
             count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
@@ -167,7 +154,7 @@ int flowtel_tc(struct __sk_buff *skb)
     __sync_fetch_and_add(&st->packets, 1);
     __sync_fetch_and_add(&st->bytes, len);
     st->last_ns = now;
-    if (flags) {  /* only TCP has flags (parse) */
+    if (key.protocol == IPPROTO_TCP && flags) {
         if ((st->tcp_flags | flags) != st->tcp_flags)
             st->tcp_flags |= flags;  /* a racing OR may lose a bit; the counts below are exact */
         if ((flags & 0x12) == 0x02)
