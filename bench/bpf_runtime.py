@@ -1,23 +1,33 @@
 """Kernel time per run of each flowtel eBPF program, under known traffic through pods.
 
-Not a test: run as root, ``.venv/bin/python -m bench.bpf_runtime``. It switches on
-``kernel.bpf_stats_enabled`` (the kernel then accounts run count and run time per program),
-attaches flowtel's programs as the agent does (the ``ebpf`` receiver: its tc programs on the
-testbed's veths and the kernel-events tracepoints, one bcc module, with a logs and a metrics
-consumer as in the shipped config, so every event path is compiled in), sends a fixed mix of traffic between
-pods, prints ``run_time_ns / run_cnt`` per program from ``bpftool -j prog show``, and puts the
-sysctl back as it found it.
+Not a test: run as root, ``.venv/bin/python -m bench.bpf_runtime [--json PATH]``. It turns on
+the kernel's run-time accounting of BPF programs (``BPF_ENABLE_STATS``: reference-counted, so
+benches of other people on the machine neither end it nor are ended by it; the kernel then
+accounts run count and run time per program), attaches flowtel's programs as the agent does
+(the ``ebpf`` receiver: its tc program on the testbed's veths and the kernel-events
+tracepoints, one bcc module, with a logs and a metrics consumer as in the shipped config, so
+every event path is compiled in), sends a fixed mix of traffic between pods and prints
+``run_time_ns / run_cnt`` per program from ``bpftool -j prog show``, in total and for each
+part of the mix (bulk TCP, small UDP datagrams of one flow, ICMP, short connections, drops,
+resets, loss), so that the cost of a packet of a known flow is not averaged with the first
+packets of new flows.
+
+The same mix is first sent through tc programs that only return, attached where flowtel's
+go: their ns/run is the floor on this machine at this moment (the hook, the accounting's own
+two clock reads, the first touch of the program), against which flowtel's figure is read.
 
 tc programs run once per packet per hook on the testbed's veths only, so their ns/run is the
 cost per packet. That figure includes whatever the machine's load does to caches and the
 hypervisor's steal; so the tc programs are also run by the kernel itself in a tight loop on
 fixed packets (``BPF_PROG_TEST_RUN``, the same flow each time: the steady-state cost of a
-packet of a known flow), with ``bpf_stats`` off again (its accounting, two clock reads per
-run, would otherwise be a large part of what is measured). Tracepoints are global: they also run for whatever else this machine does
-meanwhile (and ``skb:kfree_skb`` only for drops), so their run counts include that.
+packet of a known flow), with the accounting off again (its two clock reads per run would
+otherwise be a large part of what is measured). Tracepoints are global: they also run for
+whatever else this machine does meanwhile (and ``skb:kfree_skb`` only for drops), so their
+run counts include that.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -25,7 +35,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import Record
@@ -106,32 +118,86 @@ def _connect_closed_port(pod: Pod, dst: str, port: int, count: int) -> None:
     pod.exec([sys.executable, "-c", code, dst, str(port), str(count)], timeout=120)
 
 
-def _traffic(bed: Testbed, a: Pod, b: Pod) -> list[str]:
-    """The fixed mix; returns a line per part for the report."""
-    done = []
-    bed.start_tcp_sink(b, 5001)
-    bed.start_tcp_sink(b, 5002)
-    bed.start_udp_sink(b, 6001)
-    send_tcp(a, b.ipv4, 5001, 50_000_000, timeout=120)
-    done.append("TCP bulk: 50 MB a->b (GSO on)")
-    send_udp(a, b.ipv4, 6001, 5000, 200, interval=0.0002)
-    done.append("UDP: 5000 x 200 B a->b")
-    send_ping(a, b.ipv4, 50, interval=0.01)
-    done.append("ICMP: 50 echo requests")
-    _connect_many(a, b.ipv4, 5001, 300)
-    done.append("TCP: 300 short connections (state changes)")
-    _sendto_closed_port(a, b.ipv4, 6999, 2000)
-    done.append("drops: 2000 UDP datagrams to a closed port")
-    _connect_closed_port(a, b.ipv4, 5999, 200)
-    done.append("resets: 200 connects to a closed port (SYN dropped, RST sent and received)")
-    a.exec(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "4"])
-    b.exec(["nft", "-f", "-"], input=(
-        "table inet flowtel_bench {\n chain input {\n  type filter hook input priority 0;\n"
-        "  tcp dport 5002 tcp flags & syn == 0 numgen random mod 10 == 0 drop\n }\n}\n"))
-    for _ in range(5):
-        send_tcp(a, b.ipv4, 5002, 1_000_000, timeout=120)
-    done.append("loss: 5 x 1 MB a->b with 10% of segments dropped by nftables (retransmissions)")
-    return done
+Part = tuple[str, Callable[[], object]]
+
+
+def _traffic(bed: Testbed, a: Pod, b: Pod) -> list[Part]:
+    """The fixed mix, one part per kind of traffic: the bench reads each program's counters
+    between parts, so that the cost of a packet of a known flow (bulk TCP, small UDP) is not
+    hidden in an average with the first packets of many short flows (which insert map entries).
+    Parts can be sent more than once (the floor run, then flowtel's)."""
+
+    def loss() -> None:
+        a.exec(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "4"])
+        # Declared, deleted and declared again in one transaction: a second run replaces the rule.
+        b.exec(["nft", "-f", "-"], input=(
+            "table inet flowtel_bench {}\ndelete table inet flowtel_bench\n"
+            "table inet flowtel_bench {\n chain input {\n  type filter hook input priority 0;\n"
+            "  tcp dport 5002 tcp flags & syn == 0 numgen random mod 10 == 0 drop\n }\n}\n"))
+        for _ in range(5):
+            send_tcp(a, b.ipv4, 5002, 1_000_000, timeout=120)
+        a.exec(["ip", "link", "set", "dev", "eth0", "gso_max_segs", "65535"])
+        b.exec(["nft", "delete", "table", "inet", "flowtel_bench"])
+
+    return [
+        ("TCP bulk: 50 MB a->b (GSO on)", lambda: send_tcp(a, b.ipv4, 5001, 50_000_000, timeout=120)),
+        ("UDP: 5000 x 200 B a->b", lambda: send_udp(a, b.ipv4, 6001, 5000, 200, interval=0.0002)),
+        ("UDP 64-byte frames: 20000 x 18 B a->b, one flow",
+         lambda: send_udp(a, b.ipv4, 6002, 20000, 18, interval=0.00002, timeout=120)),
+        ("ICMP: 50 echo requests", lambda: send_ping(a, b.ipv4, 50, interval=0.01)),
+        ("TCP: 300 short connections (state changes)", lambda: _connect_many(a, b.ipv4, 5001, 300)),
+        ("drops: 2000 UDP datagrams to a closed port", lambda: _sendto_closed_port(a, b.ipv4, 6999, 2000)),
+        ("resets: 200 connects to a closed port (SYN dropped, RST sent and received)",
+         lambda: _connect_closed_port(a, b.ipv4, 5999, 200)),
+        ("loss: 5 x 1 MB a->b with 10% of segments dropped by nftables (retransmissions)", loss),
+    ]
+
+
+_FLOOR_C = """
+#include <uapi/linux/pkt_cls.h>
+int bench_floor_ingress(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+int bench_floor_egress(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+"""
+
+
+def _run_parts(parts: list[Part], ids: set[int]) -> list[dict[int, ProgStats]]:
+    """Sends each part and reads the programs' counters before the first and after each."""
+    snaps = [_stats(ids)]
+    for _, send in parts:
+        send()
+        snaps.append(_stats(ids))
+    return snaps
+
+
+def _prog_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"fd {fd} is not a BPF program")
+
+
+def _floor(fns: dict[str, Any], pods: list[Pod], parts: list[Part]) -> tuple[dict[str, int], list[dict[int, ProgStats]]]:
+    """The mix through programs that do nothing (``fns``, by hook), attached where flowtel's
+    are: what the hook, the accounting's own clock reads and a program's first touch of the
+    packet cost, the floor under any tc program's ns/run on this machine at this moment.
+    Returns {hook: program id} and the counters per part. Not named ``flowtel_``: the attach
+    manager would take their filters for a dead agent's."""
+    from pyroute2 import IPRoute
+
+    ids = {hook: _prog_id(fn.fd) for hook, fn in fns.items()}
+    with IPRoute() as ipr:
+        indexes = [ipr.link_lookup(ifname=p.host_ifname)[0] for p in pods]
+        try:
+            for index in indexes:
+                ipr.tc("add", "clsact", index=index)
+                for parent, hook in (("ffff:fff2", "ingress"), ("ffff:fff3", "egress")):
+                    ipr.tc("add-filter", "bpf", index=index, fd=fns[hook].fd, name=fns[hook].name,
+                           parent=parent, classid=1, direct_action=True)
+            return ids, _run_parts(parts, set(ids.values()))
+        finally:
+            for index in indexes:
+                ipr.tc("del", "clsact", index=index)
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -183,21 +249,54 @@ def test_run_ns(prog_fd: int, frame: bytes, repeat: int = 200_000) -> float:
     return float(opts.duration)
 
 
-def main() -> int:
+def _enable_stats() -> int:
+    """Turns on the kernel's run-time accounting of BPF programs while the returned fd is open
+    (``BPF_ENABLE_STATS``, reference-counted): unlike writing the sysctl, this neither ends
+    another process's measurement nor is ended by one running at the same time."""
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    fd = int(lib.bpf_enable_stats(0))  # BPF_STATS_RUN_TIME
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    return fd
+
+
+def _sysctl_stats_on() -> bool:
+    with open(STATS_SYSCTL) as f:
+        return f.read().strip() != "0"
+
+
+def _delta(after: dict[int, ProgStats], before: dict[int, ProgStats], pid: int) -> tuple[int, int]:
+    """Runs and run time of program pid between two reads."""
+    p, q = after[pid], before.get(pid)
+    return p.run_cnt - (q.run_cnt if q else 0), p.run_time_ns - (q.run_time_ns if q else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bpf_runtime", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the figures (ns/run) to PATH as JSON")
+    json_path = parser.parse_args(argv).json
     if os.geteuid() != 0:
         print("run as root: the bench loads eBPF programs and creates network namespaces", file=sys.stderr)
         return 2
     from receiver.ebpf.config import EbpfReceiverConfig
     from receiver.ebpf.receiver import EbpfReceiver
 
-    with open(STATS_SYSCTL) as f:
-        old = f.read().strip()
     Testbed.cleanup_stale()
-    with open(STATS_SYSCTL, "w") as f:
-        f.write("1")
+    stats_fd = _enable_stats()
     try:
         with Testbed() as bed:
             a, b = bed.add_pod("bench-a"), bed.add_pod("bench-b")
+            bed.start_tcp_sink(b, 5001)
+            bed.start_tcp_sink(b, 5002)
+            bed.start_udp_sink(b, 6001)
+            bed.start_udp_sink(b, 6002)
+            parts = _traffic(bed, a, b)
+            labels = [label for label, _ in parts]
+            from bcc import BPF  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
+            floor_mod = BPF(text=_FLOOR_C)
+            floor_fns = {hook: floor_mod.load_func(f"bench_floor_{hook}", BPF.SCHED_CLS) for hook in ("ingress", "egress")}
+            floor_ids, floor_snaps = _floor(floor_fns, [a, b], parts)
             telemetry = Telemetry()
             receiver = EbpfReceiver(
                 CreateSettings("ebpf", "bench", telemetry),
@@ -210,43 +309,81 @@ def main() -> int:
                 attach = receiver.attach_manager
                 while attach is not None and len(attach.attached()) < 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
-                ids = _own_program_ids()
-                before = _stats(ids)
+                if attach is None or len(attach.attached()) < 2:
+                    raise RuntimeError("flowtel's tc programs were not attached to both pods' veths within 10 s")
+                ids = _own_program_ids() - set(floor_ids.values())
                 started = time.monotonic()
-                parts = _traffic(bed, a, b)
+                snaps = _run_parts(parts, ids)
                 elapsed = time.monotonic() - started
-                after = _stats(ids)
                 # Without bpf_stats: its accounting (two clock reads per run) would be most of
                 # what the tight loop measures.
-                with open(STATS_SYSCTL, "w") as f:
-                    f.write("0")
+                os.close(stats_fd)
+                stats_fd = -1
+                others = _sysctl_stats_on()
                 tight: dict[tuple[str, str], float] = {}
-                for hook in ("ingress", "egress"):
-                    fn = receiver._bpf.load_func(f"flowtel_tc_{hook}", 3)  # BPF.SCHED_CLS: the loaded program
+                assert attach is not None
+                # One program for both hooks, or one per hook (older builds): measure each once.
+                programs = list(dict.fromkeys(p.name for p in (attach.ingress, attach.egress)))
+                fds = {prog: receiver._bpf.load_func(prog, BPF.SCHED_CLS).fd for prog in programs}  # bcc returns the loaded program
+                fds["(empty)"] = floor_fns["ingress"].fd
+                for prog, fd in fds.items():
                     for label, frame in _frames().items():
-                        tight[(f"flowtel_tc_{hook}", label)] = test_run_ns(fn.fd, frame)
+                        tight[(prog, label)] = test_run_ns(fd, frame)
             finally:
                 receiver.shutdown()
+                floor_mod.cleanup()
     finally:
-        with open(STATS_SYSCTL, "w") as f:
-            f.write(old)
+        if stats_fd >= 0:
+            os.close(stats_fd)
 
-    print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs; traffic ({elapsed:.1f} s):")
-    for line in parts:
+    before, after = snaps[0], snaps[-1]
+    total: dict[str, float | None] = {}
+    by_part: dict[str, dict[str, float | None]] = {}
+    by_frame: dict[str, dict[str, float]] = {}
+    print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs; traffic ({elapsed:.1f} s), each part sent twice "
+          "(through empty tc programs, then through flowtel's):")
+    for line in labels:
         print(f"  - {line}")
     print(f"\n{'program':<20} {'type':<12} {'runs':>10} {'total ms':>10} {'ns/run':>8}")
     for pid in sorted(after, key=lambda i: after[i].name):
-        p, q = after[pid], before.get(pid)
-        runs = p.run_cnt - (q.run_cnt if q else 0)
-        ns = p.run_time_ns - (q.run_time_ns if q else 0)
-        per = f"{ns / runs:.0f}" if runs else "-"
-        print(f"{p.name:<20} {p.type:<12} {runs:>10} {ns / 1e6:>10.1f} {per:>8}")
-    print("\ntc programs in a tight loop (BPF_PROG_TEST_RUN, 200k runs, one flow; ns/run):")
-    labels = list(_frames())
-    print(f"{'program':<20} " + " ".join(f"{lab:>18}" for lab in labels))
-    for prog in ("flowtel_tc_ingress", "flowtel_tc_egress"):
-        print(f"{prog:<20} " + " ".join(f"{tight[(prog, lab)]:>18.0f}" for lab in labels))
-    print(f"\n{STATS_SYSCTL} restored to {old}")
+        runs, ns = _delta(after, before, pid)
+        print(f"{after[pid].name:<20} {after[pid].type:<12} {runs:>10} {ns / 1e6:>10.1f} "
+              f"{(f'{ns / runs:.0f}' if runs else '-'):>8}")
+        total[after[pid].name] = ns / runs if runs else None
+    for hook, pid in floor_ids.items():
+        runs, ns = _delta(floor_snaps[-1], floor_snaps[0], pid)
+        total[f"floor_{hook}"] = ns / runs if runs else None
+        print(f"{'(empty, ' + hook + ')':<20} {'sched_cls':<12} {runs:>10} {ns / 1e6:>10.1f} "
+              f"{(f'{ns / runs:.0f}' if runs else '-'):>8}")
+    tc = {pid: after[pid].name for pid in after if after[pid].type == "sched_cls"}
+    # Columns: each empty program, each flowtel tc program, and the mean over every tc run of
+    # each kind (comparable whether flowtel has one program for both hooks or one per hook).
+    cols = [f"empty {h}" for h in floor_ids] + ["empty, all"] + [tc[pid] for pid in sorted(tc, key=lambda i: tc[i])] + ["flowtel, all"]
+    print("\ntc ns/run by part of the mix (bpf_stats on; empty = a program that only returns, on the same veths):")
+    print(f"{'part':<50} {'packets':>7} " + " ".join(f"{c:>18}" for c in cols))
+    for i, label in enumerate(labels):
+        empty = [_delta(floor_snaps[i + 1], floor_snaps[i], pid) for pid in floor_ids.values()]
+        ours = [_delta(snaps[i + 1], snaps[i], pid) for pid in sorted(tc, key=lambda i: tc[i])]
+        figures = empty + [(sum(r for r, _ in empty), sum(n for _, n in empty))] + \
+            ours + [(sum(r for r, _ in ours), sum(n for _, n in ours))]
+        row = {c: (ns / runs if runs else None) for c, (runs, ns) in zip(cols, figures)}
+        by_part[label] = row
+        packets = sum(r for r, _ in ours) // 2  # each packet crosses one ingress and one egress hook
+        print(f"{label[:50]:<50} {packets:>7} " + " ".join(
+            f"{(f'{v:.0f}' if v is not None else '-'):>18}" for v in row.values()))
+    print("\ntc programs in a tight loop (BPF_PROG_TEST_RUN, 200k runs, one flow; ns/run; "
+          "(empty): a program that only returns, the loop's own cost):")
+    frames = list(_frames())
+    print(f"{'program':<20} " + " ".join(f"{lab:>18}" for lab in frames))
+    for prog in fds:
+        print(f"{prog:<20} " + " ".join(f"{tight[(prog, lab)]:>18.0f}" for lab in frames))
+        for lab in frames:
+            by_frame.setdefault(lab, {})[prog] = tight[(prog, lab)]
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"total": total, "parts": by_part, "tight": by_frame}, f)
+    if others:
+        print(f"(the tight loop ran with bpf_stats on all the same: {STATS_SYSCTL} is 1, someone else's)")
     return 0
 
 

@@ -41,9 +41,16 @@ struct flow_stats {
     __u8  pad[7];
 };
 
+/* The classid the loader gives each tc filter of bpf/tc_flow.c (one program at both hooks;
+ * cls_bpf hands it over as skb->tc_classid, which keeps 16 bits): (slot + 1) << 1 | hook,
+ * where slot is the interface's counter slot (slot part 0: no slot was free). So the counter
+ * index slot * 2 + hook is classid - 2, and a test run's classid 0 is ingress, no slot. */
+#define FLOWTEL_CLASSID_SLOT_SHIFT 1
+#define FLOWTEL_CLASSID_MAX_SLOTS  32767  /* (32767 + 1) << 1 | 1 = 0xffff */
+
 /* Per-interface, per-hook totals (cumulative; exact even when the flow map overflows), one
  * per-CPU array element per (slot, hook): index slot * 2 + hook, where the slot is the one the
- * loader assigned to the interface (passed to the program as the tc filter's classid, slot + 1). */
+ * loader assigned to the interface (in the tc filter's classid, FLOWTEL_CLASSID_*). */
 struct iface_stats {
     __u64 packets;
     __u64 bytes;

@@ -5,6 +5,7 @@ from pydantic import Field, field_validator
 
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import CollectionInterval, Duration, InterfaceGlobs
+from flowtel.lib.bpf.constants import HEADER
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
 # The port test is compiled into the tc program as one comparison per port: keep it short.
@@ -74,7 +75,8 @@ class EbpfReceiverConfig(ComponentConfig):
     tc_priority: int = Field(1, ge=1, le=65535)
     # Interfaces attached at the same time that get exact per-interface totals (counter slots,
     # reused when links go away, so this bounds live interfaces, not those over the node's life).
-    max_interfaces: int = Field(4096, ge=16, le=65536)
+    # Slot + 1 travels with the hook in the tc filter's 16-bit classid (FLOWTEL_CLASSID_* in bpf/flowtel.h).
+    max_interfaces: int = Field(4096, ge=16, le=HEADER.CLASSID_MAX_SLOTS)
     dns: DnsConfig = Field(default_factory=DnsConfig)
     kernel_events: KernelEventsConfig = Field(default_factory=KernelEventsConfig)
 

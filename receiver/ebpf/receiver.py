@@ -109,8 +109,7 @@ class EbpfReceiver(Receiver):
             cflags += [f for f in events[1] if f not in cflags]
         try:
             self._bpf = BPF(text=text, cflags=cflags)
-            ingress = self._bpf.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
-            egress = self._bpf.load_func("flowtel_tc_egress", BPF.SCHED_CLS)
+            tc = self._bpf.load_func("flowtel_tc", BPF.SCHED_CLS)  # both hooks (bpf/tc_flow.c)
             if dns.enabled:
                 install_dns_program(self._bpf)
         except Exception as exc:
@@ -132,10 +131,11 @@ class EbpfReceiver(Receiver):
             )
             self._dns = DnsRing(self._bpf, tracker, self.settings, self.next_consumer,
                                 report_interval=self.config.collection_interval)
+        program = Program(tc.fd, tc.name.decode() if isinstance(tc.name, bytes) else tc.name)
         self._attach = TcAttachManager(
             self.config.interfaces,
-            Program(ingress.fd, ingress.name.decode() if isinstance(ingress.name, bytes) else ingress.name),
-            Program(egress.fd, egress.name.decode() if isinstance(egress.name, bytes) else egress.name),
+            program,
+            program,
             priority=self.config.tc_priority,
             slots=self._slots,
             on_slot=self._ifaces.assigned,

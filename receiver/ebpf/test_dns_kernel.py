@@ -69,7 +69,7 @@ def prog() -> Iterator[Any]:
     defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
     defines.update(cflags(DnsConfig.model_validate({"sample_rate": 1_000_000})))
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
-    fn = b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
+    fn = b.load_func("flowtel_tc", BPF.SCHED_CLS)
     install_program(b)
     yield b, fn
     b.cleanup()
@@ -159,7 +159,7 @@ def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -
     defines.update(cflags(DnsConfig.model_validate({"max_pending": 16})))
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     try:
-        small = (b, b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS))
+        small = (b, b.load_func("flowtel_tc", BPF.SCHED_CLS))
         install_program(b)
         for i in range(20):
             run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))

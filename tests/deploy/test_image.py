@@ -266,7 +266,7 @@ FLOWTEL_HOST_MODULES_DIR={tmp_path}/empty-host FLOWTEL_BUNDLED_HEADERS_DIR={bund
 import bpf
 from bcc import BPF
 b = BPF(text=bpf.source("tc_flow.c"), cflags=bpf.cflags(FLOWTEL_MAX_FLOWS=1024, FLOWTEL_IFACE_SLOTS=16))
-b.load_func("flowtel_tc_ingress", BPF.SCHED_CLS)
+b.load_func("flowtel_tc", BPF.SCHED_CLS)
 print("compiled and loaded")
 '
 """

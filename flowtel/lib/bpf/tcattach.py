@@ -6,12 +6,14 @@ subscription is a plain socket parsed by pyroute2's marshal, and the IPRoute use
 lives on that thread (pyroute2's sync API is bound to the thread that made it). Filters are recognised as ours by their
 handle and program name, so filters left by a killed agent are replaced, never stacked.
 
-Each attached interface gets a counter slot (:class:`SlotAllocator`), passed to the program as
-the filter's classid (slot + 1; cls_bpf stores it in ``skb->tc_classid`` before the program
-runs), so per-interface counters are an array element, not a hash entry. A slot is freed when
-its link goes away and reused first-freed-first, so any number of links over the node's life
-need only as many slots as exist at once. With every slot taken an interface is still attached
-(classid 0): its packets are counted in flows, and the program counts those missing from the
+Each attached interface gets a counter slot (:class:`SlotAllocator`), passed to the program in
+the filter's classid (cls_bpf stores it in ``skb->tc_classid`` before the program runs) with
+the hook: ``(slot + 1) << 1 | hook`` (``FLOWTEL_CLASSID_*`` in bpf/flowtel.h; the kernel
+keeps 16 bits of it), so that one program can serve both hooks and
+per-interface counters are an array element, not a hash entry. A slot is freed when its link
+goes away and reused first-freed-first, so any number of links over the node's life need only
+as many slots as exist at once. With every slot taken an interface is still attached (slot
+part 0): its packets are counted in flows, and the program counts those missing from the
 interface totals.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ from cachetools import TTLCache
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from flowtel.lib.bpf.constants import HEADER
 
 log = logging.getLogger("flowtel.flowtel.lib.bpf.tcattach")
 
@@ -56,7 +60,7 @@ class Interface:
     name: str
     kind: str  # "veth", "bridge", "" for physical devices, …
     created_clsact: bool = False
-    slot: int | None = None  # counter slot (classid - 1); None: none was free
+    slot: int | None = None  # counter slot (the classid's slot part - 1); None: none was free
 
 
 class SlotAllocator:
@@ -103,7 +107,8 @@ class TcAttachManager:
         slots: SlotAllocator | None = None,
         on_slot: Callable[[int], None] | None = None,
     ) -> None:
-        """``slots``: counter slots to give interfaces (None: every filter gets classid 1);
+        """``ingress`` and ``egress`` may be the same program (the classid tells it the hook).
+        ``slots``: counter slots to give interfaces (None: every filter gets slot part 1);
         ``on_slot(slot)`` runs when a slot is given to a new interface, before its filters exist."""
         self.globs = tuple(globs)
         self.slots = slots
@@ -215,22 +220,22 @@ class TcAttachManager:
             self._known[index] = iface
             if index in self._attached or not self.matches(name):
                 return
-        classid = 1
+        slot_id = 1
         if self.slots is not None:
             iface.slot = self.slots.assign(index)
             if iface.slot is None:
-                classid = 0
+                slot_id = 0
                 if not self._slots_full_logged:
                     self._slots_full_logged = True
                     log.warning("all %d interface counter slots are in use: %s (and later ones) are not in "
                                 "the interface totals until links go away (raise max_interfaces); counted as "
                                 "lost events", self.slots.size, name)
             else:
-                classid = iface.slot + 1
+                slot_id = iface.slot + 1
                 if self._on_slot is not None:
                     self._on_slot(iface.slot)
         try:
-            iface.created_clsact = self._attach(index, classid)
+            iface.created_clsact = self._attach(index, slot_id)
         except NetlinkError as exc:
             if self.slots is not None:
                 self.slots.release(index)
@@ -253,7 +258,7 @@ class TcAttachManager:
         if iface is not None:
             log.info("interface %s (index %d) went away; its tc programs went with it", iface.name, index)
 
-    def _attach(self, index: int, classid: int) -> bool:
+    def _attach(self, index: int, slot_id: int) -> bool:
         assert self._ipr is not None
         created = False
         try:
@@ -262,7 +267,8 @@ class TcAttachManager:
         except NetlinkError as exc:
             if exc.code != _EEXIST:
                 raise
-        for parent, prog in ((INGRESS_PARENT, self.ingress), (EGRESS_PARENT, self.egress)):
+        hooks = ((INGRESS_PARENT, self.ingress, HEADER.HOOK_INGRESS), (EGRESS_PARENT, self.egress, HEADER.HOOK_EGRESS))
+        for parent, prog, hook in hooks:
             self._remove_stale(index, parent)
             self._ipr.tc(
                 "add-filter",
@@ -272,7 +278,7 @@ class TcAttachManager:
                 fd=prog.fd,
                 name=prog.name,
                 parent=parent,
-                classid=classid,
+                classid=(slot_id << HEADER.CLASSID_SLOT_SHIFT) | hook,
                 direct_action=True,
                 prio=self.priority,
             )
