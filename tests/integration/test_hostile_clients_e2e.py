@@ -312,8 +312,10 @@ def test_connections_beyond_the_cap_get_503_and_idle_ones_are_closed(
     # the first 2 x (16 + 300) connections' buffers are new pages; glibc keeps them for
     # reuse until the periodic trim); the same attack again must find them, not grow. (The
     # agent itself grows a little meanwhile, with its flow ring and series.)
+    # Measured: +3.5 MB alone, +13 MB inside the full suite (the agent's flow ring and series
+    # filling meanwhile); a buffer kept per connection would be ≥ 2 x 316 x 64 KiB ≈ 40 MB.
     first, second = rss_after_round[1], rss_after_round[3]
-    assert second - first < 8 * 1024, rss_after_round
+    assert second - first < 20 * 1024, rss_after_round
     assert agent.metric("flowtel_component_http_connections_rejected", "prometheus") == 2 * EXTRA
     assert agent.metric("flowtel_component_http_connections_rejected", "flows") == 2 * EXTRA
     assert agent.metric("flowtel_component_http_connections_timed_out", "flows") >= CAP
