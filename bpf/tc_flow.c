@@ -13,7 +13,7 @@
  * ingress of one and at egress of the other within microseconds on the same CPU; with one
  * program the second run finds its code (and the maps' metadata) in the cache the first run
  * loaded. With a program per hook each run paid for its own code: ingress, the first to run
- * for a forwarded packet, measured ~20-25 % more than egress (bench/bpf_runtime).
+ * for a forwarded packet, measured 15-21 % more than egress (bench/bpf_runtime).
  *
  * Per-interface totals live in a per-CPU array indexed by slot * 2 + hook, so counting a
  * packet is an array access, and slots of removed links are reused (flowtel/lib/bpf/tcattach.py).

@@ -110,6 +110,9 @@ class TcAttachManager:
         """``ingress`` and ``egress`` may be the same program (the classid tells it the hook).
         ``slots``: counter slots to give interfaces (None: every filter gets slot part 1);
         ``on_slot(slot)`` runs when a slot is given to a new interface, before its filters exist."""
+        if slots is not None and slots.size > HEADER.CLASSID_MAX_SLOTS:
+            # A larger slot + 1 would spill into the bits the kernel drops from the classid.
+            raise ValueError(f"at most {HEADER.CLASSID_MAX_SLOTS} counter slots fit in a tc classid, not {slots.size}")
         self.globs = tuple(globs)
         self.slots = slots
         self._on_slot = on_slot
