@@ -104,6 +104,11 @@ static __always_inline struct kernel_event *new_event(__u8 kind)
  * the node metrics (a few entries, never full), and per flow in the double-buffered drop flow
  * maps, which user space drains on an interval into drop flow records (no event per drop). */
 BPF_TABLE("percpu_hash", struct drop_key, struct drop_stats, drop_stats, 4096);
+/* The same counts for the reasons of the kernel's own enum (values below
+ * FLOWTEL_DROP_REASONS, read from the tracepoint's format): a per-CPU array indexed by
+ * reason * 2 + direction, whose lookup the verifier inlines, instead of hashing a key per drop.
+ * drop_stats keeps what the array cannot index (subsystem reasons, whose high bits are set). */
+BPF_PERCPU_ARRAY(drop_reasons, struct drop_stats, 2 * FLOWTEL_DROP_REASONS);
 BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_0, FLOWTEL_MAX_DROP_FLOWS);
 BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_1, FLOWTEL_MAX_DROP_FLOWS);
 BPF_ARRAY(drop_active, __u32, 1);
@@ -135,6 +140,33 @@ static __always_inline int echo_reply(const struct flowtel_packet *p)
     if (p->family == 4)
         return p->protocol == IPPROTO_ICMP && p->icmp_type == 0;                /* ICMP_ECHOREPLY */
     return p->protocol == FLOWTEL_IPPROTO_ICMPV6 && p->icmp_type == 129;        /* ICMPV6_ECHO_REPLY */
+}
+
+/* Members of the blocks read in one go (offsets from BTF, relative to the block's start). */
+#define SKB_MEMBER(dst, off) __builtin_memcpy((dst), sb + (off) - FLOWTEL_SKB_BLOCK_OFF, sizeof(*(dst)))
+#define NETDEV_MEMBER(dst, off) __builtin_memcpy((dst), db + (off) - FLOWTEL_NETDEV_BLOCK_OFF, sizeof(*(dst)))
+
+static __always_inline void count_drop_reason(__u32 reason, __u32 direction, __u32 len)
+{
+    struct drop_stats *ds;
+    if (reason < FLOWTEL_DROP_REASONS) {
+        __u32 idx = reason * 2 + direction;
+        ds = drop_reasons.lookup(&idx);
+    } else {
+        struct drop_key dk = {.reason = reason, .direction = direction};
+        ds = drop_stats.lookup(&dk);
+        if (!ds) {
+            struct drop_stats zero = {};
+            drop_stats.update(&dk, &zero);
+            ds = drop_stats.lookup(&dk);
+        }
+    }
+    if (ds) {
+        ds->packets += 1;  /* per-CPU values: no atomics needed */
+        ds->bytes += len;
+    } else {
+        count(FLOWTEL_KEV_CNT_DROP_MAP_FULL, 1);
+    }
 }
 
 static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags, __u64 now)
@@ -231,40 +263,45 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     if (FLOWTEL_DROP_IGNORED(reason))
         return 0;  /* a reason the config says is not a network drop (e.g. SOCKET_CLOSE) */
     char *skb = (char *)args->skbaddr;
-    struct flowtel_packet p = {};
-    char *head = 0;
+    /* The sk_buff members this program needs lie within FLOWTEL_SKB_BLOCK_LEN bytes of each
+     * other (the loader checks it from BTF): one read of that block instead of one per member,
+     * each read being a helper call with its own fault handling (~5 fewer per drop). */
+    char *head = 0, *dev = 0, *sk = 0;
     __u16 nh = 0;
-    if (bpf_probe_read_kernel(&head, sizeof(head), skb + FLOWTEL_OFF_SKB_HEAD) == 0 && head &&
-        bpf_probe_read_kernel(&nh, sizeof(nh), skb + FLOWTEL_OFF_SKB_NETWORK_HEADER) == 0)
+    __u32 len = 0;
+    __s32 iif = 0, ifindex = 0;
+    {   /* scoped: the block's stack is reused by what follows (the stack holds 512 bytes) */
+        char sb[FLOWTEL_SKB_BLOCK_LEN];
+        /* Unreadable: no device, no header, length 0 (as each member's own read failing did). */
+        if (bpf_probe_read_kernel(sb, sizeof(sb), skb + FLOWTEL_SKB_BLOCK_OFF) == 0) {
+            SKB_MEMBER(&head, FLOWTEL_OFF_SKB_HEAD);
+            SKB_MEMBER(&nh, FLOWTEL_OFF_SKB_NETWORK_HEADER);
+            SKB_MEMBER(&len, FLOWTEL_OFF_SKB_LEN);
+            SKB_MEMBER(&iif, FLOWTEL_OFF_SKB_IIF);
+            SKB_MEMBER(&dev, FLOWTEL_OFF_SKB_DEV);
+            SKB_MEMBER(&sk, FLOWTEL_OFF_SKB_SK);
+        }
+    }
+    struct flowtel_packet p = {};
+    if (head)
         flowtel_kernel_parse(head + nh, args->protocol, 0, &p);
     if ((int)reason == FLOWTEL_DROP_NO_SOCKET && echo_reply(&p))
         return 0;
-    __u32 len = 0;
-    __s32 iif = 0, ifindex = 0;
-    char *dev = 0;
-    bpf_probe_read_kernel(&len, sizeof(len), skb + FLOWTEL_OFF_SKB_LEN);
-    bpf_probe_read_kernel(&iif, sizeof(iif), skb + FLOWTEL_OFF_SKB_IIF);
-    bpf_probe_read_kernel(&dev, sizeof(dev), skb + FLOWTEL_OFF_SKB_DEV);
-    /* skb->dev shares a union with dev_scratch (UDP queues): a failed read leaves 0. */
-    if (dev && bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FLOWTEL_OFF_NETDEV_IFINDEX) < 0) {
-        dev = 0;
-        ifindex = 0;
+    /* skb->dev shares a union with dev_scratch (UDP queues): a failed read leaves 0. The
+     * device's ifindex and namespace are read together too (one block of net_device). */
+    char *net = 0;
+    if (dev) {
+        char db[FLOWTEL_NETDEV_BLOCK_LEN];
+        if (bpf_probe_read_kernel(db, sizeof(db), dev + FLOWTEL_NETDEV_BLOCK_OFF) == 0) {
+            NETDEV_MEMBER(&ifindex, FLOWTEL_OFF_NETDEV_IFINDEX);
+            NETDEV_MEMBER(&net, FLOWTEL_OFF_NETDEV_NET);
+        } else {
+            dev = 0;
+        }
     }
     __u32 direction = (iif && (!ifindex || ifindex == iif)) ? FLOWTEL_DROP_INGRESS : FLOWTEL_DROP_EGRESS;
 
-    struct drop_key dk = {.reason = reason, .direction = direction};
-    struct drop_stats *ds = drop_stats.lookup(&dk);
-    if (!ds) {
-        struct drop_stats zero = {};
-        drop_stats.update(&dk, &zero);
-        ds = drop_stats.lookup(&dk);
-    }
-    if (ds) {
-        ds->packets += 1;
-        ds->bytes += len;
-    } else {
-        count(FLOWTEL_KEV_CNT_DROP_MAP_FULL, 1);
-    }
+    count_drop_reason(reason, direction, len);
 
     if (!FLOWTEL_DROP_FLOWS && !FLOWTEL_DROP_SAMPLES)
         return 0;
@@ -276,14 +313,8 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     key.ethertype = args->protocol;
     /* The namespace: of the device, or before the output path sets one (netfilter's
      * OUTPUT hook), of the sending socket. */
-    char *net = 0;
-    if (dev) {
-        bpf_probe_read_kernel(&net, sizeof(net), dev + FLOWTEL_OFF_NETDEV_NET);
-    } else {
-        char *sk = 0;
-        if (bpf_probe_read_kernel(&sk, sizeof(sk), skb + FLOWTEL_OFF_SKB_SK) == 0 && sk)
-            bpf_probe_read_kernel(&net, sizeof(net), sk + FLOWTEL_OFF_SOCK_NET);
-    }
+    if (!dev && sk)
+        bpf_probe_read_kernel(&net, sizeof(net), sk + FLOWTEL_OFF_SOCK_NET);
     if (net)
         bpf_probe_read_kernel(&key.netns, sizeof(key.netns), net + FLOWTEL_OFF_NET_INUM);
     if (p.family) {

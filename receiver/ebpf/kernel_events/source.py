@@ -317,6 +317,11 @@ class KernelEvents:
 
     def _drop_stats(self) -> dict[tuple[int, int], tuple[int, int]]:
         out: dict[tuple[int, int], tuple[int, int]] = {}
+        # The kernel's own reasons by index (reason * 2 + direction), the rest by key.
+        for index, per_cpu in self._bpf["drop_reasons"].items():
+            packets = sum(v.packets for v in per_cpu)
+            if packets:
+                out[(index.value // 2, index.value % 2)] = (packets, sum(v.bytes for v in per_cpu))
         for key, per_cpu in self._bpf["drop_stats"].items():
             out[(key.reason, key.direction)] = (sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
         return out
