@@ -205,7 +205,7 @@ def rtt_bucket_expression(bounds: tuple[float, ...] = TCP_HANDSHAKE_RTT_BOUNDS) 
 
 def conn_slots(max_connections: int) -> int:
     """Slots of the tcp_conns table: the power of two at or above ``max_connections`` (the
-    program masks a hash of the socket address into it)."""
+    program masks a hash of the socket address into its sets of FLOWTEL_CONN_WAYS slots)."""
     return 1 << max(0, max_connections - 1).bit_length()
 
 

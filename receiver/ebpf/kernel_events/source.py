@@ -223,7 +223,8 @@ class KernelEvents:
         keys, values = (table.Key * n)(), (table.Leaf * n)()
         got = read_batch(table.get_fd(), keys, ctypes.sizeof(table.Key), values, ctypes.sizeof(table.Leaf), n,
                          delete=False, name="tcp_conns")
-        return [decode.connection(self._names, v) for v in values[:got] if v.sk]  # sk 0: a free slot
+        # Each value is a set of ways (struct tcp_conn_set); sk 0: a free way.
+        return [decode.connection(self._names, c) for v in values[:got] for c in v.way if c.sk]
 
     # -- the thread's work -----------------------------------------------------------------------
 
