@@ -171,19 +171,36 @@ static __always_inline void count_drop_reason(__u32 reason, __u32 direction, __u
     }
 }
 
+/* The entry of key in drop_flows_<slot>, looked up at two call sites the compiler may not merge
+ * into one call on a chosen map pointer: the verifier inlines a lookup only where the map is
+ * known, and a merged call goes through the generic helper's indirect call. The empty asm keeps
+ * each result in its own branch. */
+static __always_inline struct drop_flow_stats *drop_flow_lookup(__u32 slot, struct drop_flow_key *key)
+{
+    struct drop_flow_stats *st;
+    if (slot) {
+        st = drop_flows_1.lookup(key);
+        asm volatile("" : "+r"(st));
+    } else {
+        st = drop_flows_0.lookup(key);
+        asm volatile("" : "+r"(st));
+    }
+    return st;
+}
+
 static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags, __u64 now)
 {
     __u32 zero = 0;
     __u32 *active = drop_active.lookup(&zero);
     __u32 slot = (active && *active == 1) ? 1 : 0;
-    struct drop_flow_stats *st = slot ? drop_flows_1.lookup(key) : drop_flows_0.lookup(key);
+    struct drop_flow_stats *st = drop_flow_lookup(slot, key);
     if (!st) {
         struct drop_flow_stats init = {};
         init.first_ns = now;
         int rc = slot ? drop_flows_1.insert(key, &init) : drop_flows_0.insert(key, &init);
         if (rc == 0)
             count(FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 + slot, 1);
-        st = slot ? drop_flows_1.lookup(key) : drop_flows_0.lookup(key);
+        st = drop_flow_lookup(slot, key);
         if (!st) {
             count(FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL, 1);
             return;
@@ -372,6 +389,20 @@ static __always_inline void state_add(__u32 state, __s64 delta)
         *v += delta;
 }
 
+/* As drop_flow_lookup, for conn_flows_<slot>. */
+static __always_inline struct conn_flow_stats *conn_flow_lookup(__u32 slot, struct conn_flow_key *key)
+{
+    struct conn_flow_stats *st;
+    if (slot) {
+        st = conn_flows_1.lookup(key);
+        asm volatile("" : "+r"(st));
+    } else {
+        st = conn_flows_0.lookup(key);
+        asm volatile("" : "+r"(st));
+    }
+    return st;
+}
+
 /* One connection event into the active conn_flows map. ``value_ns`` (an RTT for ESTABLISHED, a
  * lifetime for CLOSED) is summed when ``has_value``. The first event of a key in an interval is
  * inserted already counted: no second lookup unless another CPU inserted it meanwhile. */
@@ -381,7 +412,7 @@ static __always_inline void count_conn(struct conn_flow_key *key, __u64 now, __u
     __u32 zero = 0;
     __u32 *active = conn_active.lookup(&zero);
     __u32 slot = (active && *active == 1) ? 1 : 0;
-    struct conn_flow_stats *st = slot ? conn_flows_1.lookup(key) : conn_flows_0.lookup(key);
+    struct conn_flow_stats *st = conn_flow_lookup(slot, key);
     if (!st) {
         struct conn_flow_stats init = {};
         init.connections = 1;
@@ -400,7 +431,7 @@ static __always_inline void count_conn(struct conn_flow_key *key, __u64 now, __u
             count(FLOWTEL_KEV_CNT_CONN_FLOWS_CREATED_0 + slot, 1);
             return;
         }
-        st = slot ? conn_flows_1.lookup(key) : conn_flows_0.lookup(key);
+        st = conn_flow_lookup(slot, key);
         if (!st) {
             count(FLOWTEL_KEV_CNT_CONN_FLOW_UPDATE_FAIL, 1);
             return;
