@@ -41,7 +41,7 @@ from typing import Any
 
 from flowtel.component import CreateSettings, Telemetry
 from flowtel.records import Record
-from testbed import Pod, Testbed, send_ping, send_tcp, send_udp
+from testbed import Pod, Testbed, require_tool, send_ping, send_tcp, send_udp
 
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
@@ -121,7 +121,29 @@ def _connect_closed_port(pod: Pod, dst: str, port: int, count: int) -> None:
 Part = tuple[str, Callable[[], object]]
 
 
-def _traffic(bed: Testbed, a: Pod, b: Pod) -> list[Part]:
+CONNECTIONS = 2000  # short connections of the connection-only part
+FLOOD_SECONDS = 3
+IPERF3_PORT = 5201  # inside b's own namespace
+
+
+def _udp_flood(a: Pod, b: Pod, seconds: float, refused: list[int]) -> None:
+    """``iperf3 -u -b 0 -l 64`` a->b, the datapath bench's UDP flood: b's socket overflows and
+    every datagram it refuses is a ``skb:kfree_skb`` drop (SOCKET_RCVBUFF) in b's softirq.
+    Appends how many b's sockets refused (UdpRcvbufErrors) to ``refused``."""
+    before = udp_rcvbuf_errors(b)
+    a.exec([require_tool("iperf3"), "-c", b.ipv4, "-p", str(IPERF3_PORT), "-u", "-b", "0", "-l", "64",
+            "-t", str(seconds), "-J"], timeout=seconds + 60)
+    refused.append(udp_rcvbuf_errors(b) - before)
+
+
+def udp_rcvbuf_errors(pod: Pod) -> int:
+    """UdpRcvbufErrors of the pod's namespace: the kernel's own count of datagrams its full
+    sockets refused."""
+    lines = [line.split() for line in pod.exec(["cat", "/proc/net/snmp"]).stdout.splitlines() if line.startswith("Udp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))["RcvbufErrors"]
+
+
+def _traffic(bed: Testbed, a: Pod, b: Pod, refused: list[int]) -> list[Part]:
     """The fixed mix, one part per kind of traffic: the bench reads each program's counters
     between parts, so that the cost of a packet of a known flow (bulk TCP, small UDP) is not
     hidden in an average with the first packets of many short flows (which insert map entries).
@@ -145,7 +167,10 @@ def _traffic(bed: Testbed, a: Pod, b: Pod) -> list[Part]:
         ("UDP 64-byte frames: 20000 x 18 B a->b, one flow",
          lambda: send_udp(a, b.ipv4, 6002, 20000, 18, interval=0.00002, timeout=120)),
         ("ICMP: 50 echo requests", lambda: send_ping(a, b.ipv4, 50, interval=0.01)),
-        ("TCP: 300 short connections (state changes)", lambda: _connect_many(a, b.ipv4, 5001, 300)),
+        (f"TCP: {CONNECTIONS} short connections, nothing else (state changes)",
+         lambda: _connect_many(a, b.ipv4, 5001, CONNECTIONS)),
+        (f"UDP flood: iperf3 -u -b 0 -l 64, {FLOOD_SECONDS} s a->b (drops at b's full socket)",
+         lambda: _udp_flood(a, b, FLOOD_SECONDS, refused)),
         ("drops: 2000 UDP datagrams to a closed port", lambda: _sendto_closed_port(a, b.ipv4, 6999, 2000)),
         ("resets: 200 connects to a closed port (SYN dropped, RST sent and received)",
          lambda: _connect_closed_port(a, b.ipv4, 5999, 200)),
@@ -291,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             bed.start_tcp_sink(b, 5002)
             bed.start_udp_sink(b, 6001)
             bed.start_udp_sink(b, 6002)
-            parts = _traffic(bed, a, b)
+            b.popen([require_tool("iperf3"), "-s", "-B", b.ipv4, "-p", str(IPERF3_PORT)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # iperf3 -s binds asynchronously
+            refused: list[int] = []
+            parts = _traffic(bed, a, b, refused)
             labels = [label for label, _ in parts]
             from bcc import BPF  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
             floor_mod = BPF(text=_FLOOR_C)
@@ -371,6 +400,31 @@ def main(argv: list[str] | None = None) -> int:
         packets = sum(r for r, _ in ours) // 2  # each packet crosses one ingress and one egress hook
         print(f"{label[:50]:<50} {packets:>7} " + " ".join(
             f"{(f'{v:.0f}' if v is not None else '-'):>18}" for v in row.values()))
+    # Tracepoints run for every socket and drop of the machine, not only the testbed's: their
+    # runs per part are printed beside ns/run so that a reader sees what else ran (a short
+    # connection is ~10 state changes, 5 per end; each datagram b refuses is one drop).
+    tps = {pid: after[pid].name for pid in after if after[pid].type == "tracepoint"}
+    tp_names = [tps[pid] for pid in sorted(tps, key=lambda i: tps[i])]
+    print("\ntracepoint programs by part of the mix (bpf_stats on; runs machine-wide, nothing subtracted; "
+          "runs / ns per run):")
+    print(f"{'part':<50} " + " ".join(f"{n:>22}" for n in tp_names))
+    by_tp: dict[str, dict[str, dict[str, float | None]]] = {}
+    for i, label in enumerate(labels):
+        cells = []
+        for pid in sorted(tps, key=lambda i: tps[i]):
+            runs, ns = _delta(snaps[i + 1], snaps[i], pid)
+            by_tp.setdefault(label, {})[tps[pid]] = {"runs": runs, "ns_per_run": ns / runs if runs else None}
+            cells.append(f"{runs} / {(f'{ns / runs:.0f}' if runs else '-')}")
+        print(f"{label[:50]:<50} " + " ".join(f"{c:>22}" for c in cells))
+    conn_label = next(lab for lab in labels if "short connections" in lab)
+    state_runs = by_tp.get(conn_label, {}).get("flowtel_state", {}).get("runs")
+    if state_runs:
+        print(f"  {conn_label[:40]}: flowtel_state ran {state_runs / CONNECTIONS:.1f} times per connection")
+    if refused:
+        flood_label = next(lab for lab in labels if "UDP flood" in lab)
+        drop_runs = by_tp.get(flood_label, {}).get("flowtel_drop", {}).get("runs")
+        print(f"  UDP flood through flowtel: b refused {refused[-1]} datagrams (UdpRcvbufErrors), "
+              f"flowtel_drop ran {drop_runs} times")
     print("\ntc programs in a tight loop (BPF_PROG_TEST_RUN, 200k runs, one flow; ns/run; "
           "(empty): a program that only returns, the loop's own cost):")
     frames = list(_frames())
@@ -381,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             by_frame.setdefault(lab, {})[prog] = tight[(prog, lab)]
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"total": total, "parts": by_part, "tight": by_frame}, f)
+            json.dump({"total": total, "parts": by_part, "tight": by_frame, "tracepoints": by_tp,
+                       "udp_flood_refused": refused[-1:]}, f)
     if others:
         print(f"(the tight loop ran with bpf_stats on all the same: {STATS_SYSCTL} is 1, someone else's)")
     return 0

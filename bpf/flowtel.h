@@ -330,10 +330,11 @@ struct kernel_event {
 #define FLOWTEL_TCP_ROLE_SERVER  2  /* passive open: SYN_RECV -> ESTABLISHED */
 
 /* A TCP socket seen changing state since the programs were attached: one slot of the tcp_conns
- * array, an open-addressed table (a socket lives in one of the FLOWTEL_CONN_WAYS slots from a
- * hash of its address; sk 0 marks a free slot, claimed with compare-and-swap). An array rather
- * than a hash map because its lookups are inlined and a slot needs no lock or allocation: a
- * hash map's insert and delete cost ~320 ns per socket on this machine kind, measured.
+ * array, a set-associative table (a socket lives in one of the FLOWTEL_CONN_WAYS slots of the set
+ * a hash of its address picks, one array element; sk 0 marks a free slot, claimed with
+ * compare-and-swap). An array rather than a hash map because its lookups are inlined and a slot
+ * needs no lock or allocation: a hash map's insert and delete cost ~320 ns per socket on this
+ * machine kind, measured. A set per element: one lookup per state change gives every way.
  * The tuple is written when the socket is first seen and again when it is established (a
  * client's port is bound after SYN_SENT, a passive child's ends are set after SYN_RECV). */
 #define FLOWTEL_CONN_WAYS 8
@@ -349,6 +350,10 @@ struct tcp_conn {
     __u8  state;         /* current TCP state */
     __u8  born_seen;     /* 1 if its first state change was its birth (so lifetimes are whole) */
     __u8  role;          /* FLOWTEL_TCP_ROLE_* */
+};
+
+struct tcp_conn_set {
+    struct tcp_conn way[FLOWTEL_CONN_WAYS];  /* 64 bytes each: a way is one cache line */
 };
 
 /* Connection events (established, closed) aggregated in the kernel per interval, drained from

@@ -58,6 +58,15 @@ _DROP_OFFSETS = {
     "FLOWTEL_OFF_SOCK_NET": ("sock.__sk_common.skc_net.net", 8),
     "FLOWTEL_OFF_NET_INUM": ("net.ns.inum", 4),
 }
+# Members read as one block per struct (one bpf_probe_read_kernel each, not one per member).
+_SKB_BLOCK = ("FLOWTEL_OFF_SKB_HEAD", "FLOWTEL_OFF_SKB_NETWORK_HEADER", "FLOWTEL_OFF_SKB_LEN",
+              "FLOWTEL_OFF_SKB_IIF", "FLOWTEL_OFF_SKB_DEV", "FLOWTEL_OFF_SKB_SK")
+_NETDEV_BLOCK = ("FLOWTEL_OFF_NETDEV_IFINDEX", "FLOWTEL_OFF_NETDEV_NET")
+# Bytes of the program's stack a block may take (of 512; the packet, key and event need the rest).
+MAX_BLOCK_BYTES = 256
+# Drop reasons of the kernel's own enum are small; subsystem reasons (mac80211, openvswitch)
+# carry the subsystem in bits 16 and up and are counted in a hash map instead of the array.
+_SUBSYS_SHIFT = 16
 _TCP_OFFSETS = {
     "FLOWTEL_OFF_SKB_CB": ("sk_buff.cb", None),
     "FLOWTEL_OFF_TCP_SKB_CB_GSO_SEGS": ("tcp_skb_cb.tcp_gso_segs", 2),
@@ -124,6 +133,9 @@ def read_kernel_facts(config: KernelEventsConfig, tracefs_root: str | None = Non
     if paths:
         btf = btf or btf_mod.load()
         offsets = {name: btf.offset(path, size) for name, (path, size) in paths.items()}
+        if config.drops.enabled:  # fails here, with the other kernel facts, rather than at compile time
+            read_block(offsets, _SKB_BLOCK, "FLOWTEL_SKB_BLOCK")
+            read_block(offsets, _NETDEV_BLOCK, "FLOWTEL_NETDEV_BLOCK")
     facts = KernelFacts(formats=formats, offsets=offsets)
     if "kfree_skb" in formats:
         reasons = formats["kfree_skb"].symbols.get("reason", {})
@@ -139,6 +151,25 @@ def read_kernel_facts(config: KernelEventsConfig, tracefs_root: str | None = Non
     if "tcp_send_reset" in formats:
         facts = replace(facts, reset_reasons=formats["tcp_send_reset"].symbols.get("reason", {}))
     return facts
+
+
+def read_block(offsets: dict[str, int], members: tuple[str, ...], prefix: str) -> dict[str, int]:
+    """``-D`` constants of one block read covering ``members`` (their offsets, from BTF, and
+    sizes from ``_DROP_OFFSETS``): ``{prefix}_OFF`` and ``{prefix}_LEN``, a multiple of 8. Raises
+    if this kernel's layout spreads them over more than ``MAX_BLOCK_BYTES``."""
+    start = min(offsets[m] for m in members)
+    end = max(offsets[m] + (_DROP_OFFSETS[m][1] or 0) for m in members)
+    length = (end - start + 7) // 8 * 8
+    if length > MAX_BLOCK_BYTES:
+        raise btf_mod.BtfError(f"{prefix}: this kernel's members {', '.join(members)} span {length} bytes, "
+                               f"more than the {MAX_BLOCK_BYTES} the drop program reads at once")
+    return {f"{prefix}_OFF": start, f"{prefix}_LEN": length}
+
+
+def drop_reason_slots(reasons: dict[int, str]) -> int:
+    """Reasons the drop_reasons array indexes: the kernel's own enum, below the subsystem bits."""
+    own = [v for v in reasons if v >> _SUBSYS_SHIFT == 0]
+    return max(own) + 1 if own else 1
 
 
 def ignored_reasons_expression(reasons: dict[int, str], ignore: list[str]) -> str:
@@ -174,7 +205,7 @@ def rtt_bucket_expression(bounds: tuple[float, ...] = TCP_HANDSHAKE_RTT_BOUNDS) 
 
 def conn_slots(max_connections: int) -> int:
     """Slots of the tcp_conns table: the power of two at or above ``max_connections`` (the
-    program masks a hash of the socket address into it)."""
+    program masks a hash of the socket address into its sets of FLOWTEL_CONN_WAYS slots)."""
     return 1 << max(0, max_connections - 1).bit_length()
 
 
@@ -210,7 +241,10 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
         "FLOWTEL_DROP_NO_SOCKET": (-1 if config.drops.report_unclaimed_echo_replies
                                    else by_reason.get("NO_SOCKET", -1)),
         "FLOWTEL_RTT_BUCKET(ns)": rtt_bucket_expression(),
+        "FLOWTEL_DROP_REASONS": drop_reason_slots(facts.drop_reasons),
         **facts.offsets,
+        **(read_block(facts.offsets, _SKB_BLOCK, "FLOWTEL_SKB_BLOCK")
+           | read_block(facts.offsets, _NETDEV_BLOCK, "FLOWTEL_NETDEV_BLOCK") if config.drops.enabled else {}),
         **{f"FLOWTEL_TCPS_{s}": by_name.get(s, 0) for s in _TCP_STATE_MACROS},
     }
     return "\n".join(structs) + "\n" + bpf_sources.source(SOURCE), bpf_sources.cflags(**defines)

@@ -223,7 +223,8 @@ class KernelEvents:
         keys, values = (table.Key * n)(), (table.Leaf * n)()
         got = read_batch(table.get_fd(), keys, ctypes.sizeof(table.Key), values, ctypes.sizeof(table.Leaf), n,
                          delete=False, name="tcp_conns")
-        return [decode.connection(self._names, v) for v in values[:got] if v.sk]  # sk 0: a free slot
+        # Each value is a set of ways (struct tcp_conn_set); sk 0: a free way.
+        return [decode.connection(self._names, c) for v in values[:got] for c in v.way if c.sk]
 
     # -- the thread's work -----------------------------------------------------------------------
 
@@ -317,6 +318,11 @@ class KernelEvents:
 
     def _drop_stats(self) -> dict[tuple[int, int], tuple[int, int]]:
         out: dict[tuple[int, int], tuple[int, int]] = {}
+        # The kernel's own reasons by index (reason * 2 + direction), the rest by key.
+        for index, per_cpu in self._bpf["drop_reasons"].items():
+            packets = sum(v.packets for v in per_cpu)
+            if packets:
+                out[(index.value // 2, index.value % 2)] = (packets, sum(v.bytes for v in per_cpu))
         for key, per_cpu in self._bpf["drop_stats"].items():
             out[(key.reason, key.direction)] = (sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
         return out
