@@ -27,19 +27,30 @@ struct flow_key {
     __u8  pad[3];
 };
 
-/* Counters of one flow for one drain interval. */
+/* Counters of one flow for one drain interval.
+ *
+ * Laid out for the cache, because under a flood every line a packet touches is likely cold
+ * (the stack's own copies evict it between packets): the kernel stores a hash map element as
+ * a 48-byte header, the key (48 bytes here) and then this value, in one preallocated array.
+ * What every packet of a known flow reads or writes (packets, bytes, last_ns, tcp_flags) is
+ * the first 32 bytes, which share the element's second 64-byte line with the end of the key;
+ * what only the first packet or a SYN/FIN/RST touches follows. The padding makes an element
+ * 192 bytes, three whole lines, so that every element starts on a line (at 160 bytes, every
+ * other one straddled a line more). FLOWTEL_FLOW_STATS_SIZE is checked at compile time. */
 struct flow_stats {
     __u64 packets;
     __u64 bytes;         /* skb->len at tc: includes the Ethernet header, as the link counters do */
-    __u64 first_ns;      /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
-    __u64 last_ns;
+    __u64 last_ns;       /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u8  tcp_flags;     /* union of the TCP flags byte of every segment */
+    __u8  pad[7];
+    __u64 first_ns;
     __u32 syn;           /* segments with SYN and not ACK */
     __u32 synack;
     __u32 fin;
     __u32 rst;
-    __u8  tcp_flags;     /* union of the TCP flags byte of every segment */
-    __u8  pad[7];
+    __u8  pad2[40];
 };
+#define FLOWTEL_FLOW_STATS_SIZE 96
 
 /* The classid the loader gives each tc filter of bpf/tc_flow.c (one program at both hooks;
  * cls_bpf hands it over as skb->tc_classid, which keeps 16 bits): (slot + 1) << 1 | hook,

@@ -77,6 +77,10 @@ static __always_inline __u64 flowtel_flow_time(void)
     return c->ns;
 }
 
+/* The cache-line layout of the flow maps' elements (flowtel.h, struct flow_stats) holds for
+ * these sizes only. */
+_Static_assert(sizeof(struct flow_key) == 48, "struct flow_key: 48 bytes, see struct flow_stats");
+_Static_assert(sizeof(struct flow_stats) == FLOWTEL_FLOW_STATS_SIZE, "struct flow_stats: see its comment");
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_0, FLOWTEL_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_1, FLOWTEL_MAX_FLOWS);
 BPF_ARRAY(flow_active, __u32, 1);

@@ -40,13 +40,13 @@ class RawFlow:
     hook: int
     packets: int
     bytes: int
-    first_ns: int
     last_ns: int
+    tcp_flags: int
+    first_ns: int
     syn: int
     synack: int
     fin: int
     rst: int
-    tcp_flags: int
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ class DoubleBuffer(Generic[T]):
     """The two maps ``{name}_0``/``{name}_1`` and flag ``active`` of one loaded bcc module.
 
     ``make(*key_fields, *value_fields)`` builds one entry from the struct fields in header
-    order, ``pad`` fields left out; ``fields`` names them and is checked against the header so
+    order, padding (fields named ``pad…``) left out; ``fields`` names them and is checked against the header so
     that a changed struct is an error at start, not a garbled record. ``counter(i)`` is the
     sum over CPUs of the kernel's counter ``i``; ``created`` the two insertion counters.
     """
@@ -52,8 +52,8 @@ class DoubleBuffer(Generic[T]):
         table = self._maps[0]
         self._key_struct, key_names = struct_for(table.Key)
         self._leaf_struct, leaf_names = struct_for(table.Leaf)
-        self._key_fields = [i for i, n in enumerate(key_names) if n != "pad"]
-        self._leaf_fields = [i for i, n in enumerate(leaf_names) if n != "pad"]
+        self._key_fields = [i for i, n in enumerate(key_names) if not n.startswith("pad")]
+        self._leaf_fields = [i for i, n in enumerate(leaf_names) if not n.startswith("pad")]
         got = [key_names[i] for i in self._key_fields] + [leaf_names[i] for i in self._leaf_fields]
         if got != list(fields):
             raise RuntimeError(f"bpf/flowtel.h structs of {name} {got} do not match {list(fields)}")
