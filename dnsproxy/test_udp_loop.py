@@ -32,7 +32,10 @@ pytestmark = pytest.mark.kernel
 
 NAMES = 40
 PER_CLIENT = 400
-TIMEOUT_S = 2.0  # the proxy's --upstream-timeout
+# The proxy's --upstream-timeout. A query held up behind the silent resolver's would wait for
+# (most of) it; on a loaded 2-CPU machine a query can also wait ~1 s for CPU alone (measured at
+# load 9: max 1.0 s with nothing held up), so the timeout is long enough to tell the two apart.
+TIMEOUT_S = 4.0
 
 POLICY = """
 apiVersion: cilium.io/v2
@@ -77,12 +80,21 @@ def send(s):
 for s in socks:
     for _ in range(4):
         send(s)
+def silent_answer():
+    msg = dns.message.from_wire(slow.recv(4096))
+    out["silent_rcode"] = dns.rcode.to_text(msg.rcode())
+    out["silent_s"] = time.monotonic() - t_start
+    out["answered_before_silent"] = out["answered"]
 while out["answered"] < count:
-    ready, _, _ = select.select(socks, [], [], 5)
+    watch = socks + ([slow] if slow is not None and "silent_s" not in out else [])
+    ready, _, _ = select.select(watch, [], [], 5)
     if not ready:
         out["lost"] = sum(len(p) for p in pending.values())
         break
     for s in ready:
+        if s is slow:
+            silent_answer()
+            continue
         wire = s.recv(4096)
         msg = dns.message.from_wire(wire)
         asked = pending[s].pop(msg.id, None)
@@ -102,11 +114,9 @@ while out["answered"] < count:
         if sent < count:
             send(s)
 out["load_s"] = time.monotonic() - t_start
-if slow is not None:
+if slow is not None and "silent_s" not in out:
     slow.settimeout(TIMEOUT + 3)
-    msg = dns.message.from_wire(slow.recv(4096))
-    out["silent_rcode"] = dns.rcode.to_text(msg.rcode())
-    out["silent_s"] = time.monotonic() - t_start
+    silent_answer()
 print(json.dumps(out))
 """.replace("TIMEOUT", repr(TIMEOUT_S))
 
@@ -182,7 +192,12 @@ def test_parallel_queries_from_several_pods_get_their_own_answers_learned_first(
             assert r["max_latency_s"] < TIMEOUT_S / 2, r
         silent = results[0]
         assert silent["silent_rcode"] == "SERVFAIL"
-        assert silent["silent_s"] >= TIMEOUT_S * 0.9 and silent["load_s"] < silent["silent_s"], silent
+        assert silent["silent_s"] >= TIMEOUT_S * 0.9, silent
+        # While the silent resolver's query was pending, this client's other queries went on:
+        # all of them answered before its SERVFAIL came, or (a loaded machine, a slower load)
+        # many windows of 16 in flight; a proxy held up behind it would have answered none.
+        assert (silent["load_s"] < silent["silent_s"]
+                or silent["answered_before_silent"] >= 4 * 16), silent
 
         # Every datagram to an answer's address passed as an FQDN allowance: none was sent
         # before the proxy had written its address into the allow map.

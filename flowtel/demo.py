@@ -47,6 +47,7 @@ def _traffic(client: Pod, server: Pod, dns: Pod, stop: threading.Event) -> dict[
     round_no = 0
     while not stop.is_set():
         round_no += 1
+        started = time.monotonic()
         try:
             send_tcp(client, server.ipv4, TCP_PORT, 64 * 1024 * (1 + round_no % 4))
             sent["tcp connections"] += 1
@@ -62,8 +63,23 @@ def _traffic(client: Pod, server: Pod, dns: Pod, stop: threading.Event) -> dict[
         except Exception as exc:  # the demo keeps going; the summary shows what was sent
             if not stop.is_set():
                 log.warning("traffic round %d failed: %s", round_no, exc)
-        stop.wait(1.0)
+        # A round a second from the start of one to the next, not a second between rounds: on
+        # a loaded machine a round alone takes seconds, and a short demo would show one round.
+        stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
     return sent
+
+
+def _wait_quiet(bed: Testbed, pods: list[Pod], *, still: float = 0.5, timeout: float = 10.0) -> None:
+    """Return once no pod's veth counters moved for ``still`` seconds (or after ``timeout``: the
+    summary then shows the difference rather than the demo hanging)."""
+    deadline = time.monotonic() + timeout
+    last = {p.name: bed.link_stats(p) for p in pods}
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < still and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = {p.name: bed.link_stats(p) for p in pods}
+        if now != last:
+            last, quiet_since = now, time.monotonic()
 
 
 def _summarise(flow_log: Path, pods: list[Pod], before: dict[str, LinkStats], after: dict[str, LinkStats], sent: dict[str, int]) -> str:
@@ -173,7 +189,10 @@ def run_demo(*, duration: float = 60.0, interval: float = 2.0) -> int:
             stop.set()
             if traffic.ident is not None:
                 traffic.join(30)
-            time.sleep(0.2)  # the last replies are still on their way through the veths
+            # The programs must see the last frames before they detach, or the summary differs
+            # from the kernel's counters: a connection's last ACK, a DNS answer that came after
+            # dig gave up (and the ICMP error for it). Wait until the veths' counters are still.
+            _wait_quiet(bed, pods)
 
         def after_start() -> None:
             gcpolicy.settle()  # the agent's GC settings, as `flowtel run` applies them

@@ -139,8 +139,14 @@ class Proxy:
     (all derived from the test process's pid, so concurrent runs do not collide)."""
 
     def __init__(self, bed: Bed, tmp: Path, *, upstream: str | None, audit: bool = False,
-                 extra: tuple[str, ...] = (), instance: int = 0, policies: Path | None = None) -> None:
+                 extra: tuple[str, ...] = (), instance: int = 0, policies: Path | None = None,
+                 route: tuple[int, int, int] | None = None) -> None:
         # `instance` > 0: a second proxy beside the first (its own pins, table, label, address).
+        # `route`: (tproxy mark, route table, rule priority) of its own instead of the defaults
+        # every proxy on the machine shares (for a test that deletes or checks them).
+        self.route = route
+        route_args = (("--tproxy-mark", hex(route[0]), "--route-table", str(route[1]), "--rule-priority",
+                       str(route[2])) if route else ())
         tag = f"t{os.getpid()}" + (f"i{instance}" if instance else "")
         self.pin_dir = f"/sys/fs/bpf/flowtel/dnsproxy-test-{tag}"
         self.nft_table = f"ftdnsproxy_{tag}"
@@ -158,11 +164,11 @@ class Proxy:
                      "--metrics-listen=", "--health-listen=",
                      # These tests watch TTLs of seconds expire: no minimum (the default is
                      # Cilium's 3600 s). A test that wants one passes it in `extra`.
-                     "--min-ttl", "0", *extra]
+                     "--min-ttl", "0", *route_args, *extra]
         if audit:
             self.argv.append("--audit")
         self.bed = bed
-        uninstall(self.pin_dir, nft_table=self.nft_table, address_label=self.label)
+        self.uninstall()
         self.proc: subprocess.Popen[Any] | None = None
         self.start()
 
@@ -205,9 +211,16 @@ class Proxy:
             assert time.monotonic() < deadline, f"no matching flow in {self.flows()}"
             time.sleep(0.05)
 
+    def uninstall(self) -> list[str]:
+        if self.route is None:
+            return uninstall(self.pin_dir, nft_table=self.nft_table, address_label=self.label)
+        mark, table, priority = self.route
+        return uninstall(self.pin_dir, nft_table=self.nft_table, address_label=self.label, tproxy_mark=mark,
+                         route_table=table, rule_priority=priority)
+
     def close(self) -> None:
         self.stop()
-        uninstall(self.pin_dir, nft_table=self.nft_table, address_label=self.label)
+        self.uninstall()
 
 
 @pytest.fixture

@@ -45,6 +45,19 @@ spec:
 
 NAME, DENIED = "api.allowed.test", "api.blocked.test"
 
+# The module's proxy has a tproxy mark, route table and rule priority of its own. The defaults
+# are shared by every proxy on the machine (a concurrent run's, a benchmark's): with them, such
+# a proxy could restore the rule this module deletes before this module's proxy saw it gone
+# (the restore check then waits in vain), or be mid-restore while the rule is checked, and this
+# module's deletion would black-hole that run's DNS meanwhile. The bits are clear of the
+# default (0x40), bench/dnsproxy.py's (0x20) and the CNIs' (see dnsproxy/redirect.py); two
+# concurrent runs may still draw the same bit, which test_uninstall_removes_the_redirect allows.
+_MARK_BITS = (0x1, 0x2, 0x4, 0x8, 0x10, 0x1000, 0x2000)
+MARK = _MARK_BITS[os.getpid() % len(_MARK_BITS)]
+ROUTE_TABLE = 0xF1D00000 + os.getpid() % 0x10000  # a table per run: its rule is this run's alone
+RULE_PRIORITY = 91 + os.getpid() % 400
+RULE = ("fwmark", f"{MARK:#x}/{MARK:#x}", "lookup", str(ROUTE_TABLE), "priority", str(RULE_PRIORITY))
+
 
 def dig(pod: Pod, server: str, name: str, qtype: str = "A", *, tcp: bool = False) -> tuple[str, list[str]]:
     """(rcode or TIMEOUT, the answer's addresses of ``qtype``) as the pod's dig saw them."""
@@ -115,9 +128,16 @@ def proxy(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]
     # The cluster DNS Service (test_service_ip_resolver_behind_kube_proxy_dnat): its ClusterIP
     # is a resolver the DNS rule allows because it allows every backend (role=dns).
     p = Proxy(bed, tmp_path_factory.mktemp("fqdnredirect-proxy"), upstream=None,  # type: ignore[arg-type]
-              extra=("--services", str(bed.services_file)))
-    yield p
-    p.close()
+              extra=("--services", str(bed.services_file)), route=(MARK, ROUTE_TABLE, RULE_PRIORITY))
+    try:
+        yield p
+    finally:
+        p.close()
+        # uninstall keeps the rules and routes while another table marks with the same bit (a
+        # concurrent run that drew it too); this run's table is its own, so remove it anyway.
+        for family in ("-4", "-6"):
+            subprocess.run(["ip", family, "rule", "del", *RULE], capture_output=True)
+            subprocess.run(["ip", family, "route", "flush", "table", str(ROUTE_TABLE)], capture_output=True)
 
 
 def _queried(log: Path, name: str, client: Pod) -> bool:
@@ -261,8 +281,7 @@ def test_policy_route_removed_under_the_proxy_is_restored(bed: Bed, proxy: Proxy
     """Without its rule the marked queries would be black-holed (the forward path drops a packet
     that already has a socket); the proxy puts it back within a reload round."""
     for family in ("-4", "-6"):
-        subprocess.run(["ip", family, "rule", "del", "fwmark", "0x40/0x40", "lookup", "61904", "priority", "90"],
-                       check=True)
+        subprocess.run(["ip", family, "rule", "del", *RULE], check=True)
     deadline = time.monotonic() + 5
     while proxy.log.read_text().count("restored the DNS redirect's") < 1:
         assert time.monotonic() < deadline, proxy.log.read_text()[-2000:]
@@ -280,18 +299,27 @@ def test_uninstall_removes_the_redirect(bed: Bed, proxy: Proxy) -> None:
     def state() -> str:
         return "\n".join(subprocess.run(argv, capture_output=True, text=True).stdout for argv in (
             ["nft", "list", "tables"], ["ip", "-4", "rule"], ["ip", "-6", "rule"],
-            ["ip", "-4", "route", "show", "table", "61904"], ["ip", "-6", "route", "show", "table", "61904"],
+            ["ip", "-4", "route", "show", "table", str(ROUTE_TABLE)],
+            ["ip", "-6", "route", "show", "table", str(ROUTE_TABLE)],
             ["ip", "addr", "show", "dev", "lo"]))
 
+    def others_marking() -> list[str]:
+        """Other proxies' tables that mark with this module's bit (a concurrent run that drew it)."""
+        ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        return [t for t, body in re.findall(r"^table inet (ftdnsproxy_\S+) \{(.*?)^\}", ruleset, re.M | re.S)
+                if t != proxy.nft_table and f"meta mark | {MARK:#010x}" in body]
+
     before = state()
-    for present in (proxy.nft_table, "fwmark 0x40/0x40 lookup 61904", "local default dev lo", listen, listen6):
+    others = others_marking()
+    rule = f"fwmark {MARK:#x}/{MARK:#x} lookup {ROUTE_TABLE}"
+    for present in (proxy.nft_table, rule, "local default dev lo", listen, listen6):
         assert present in before, (present, before)
     proxy.close()
     after = state()
-    # The policy rule and route are shared: they stay while another proxy on this machine (a
-    # concurrent test run's) still has its table, by design.
-    others = [t for t in re.findall(r"table inet (ftdnsproxy_\S+)", after) if t != proxy.nft_table]
-    shared = () if others else ("lookup 61904", "local default dev lo")
+    # The policy rule and route are kept while another proxy's table marks with the same bit (a
+    # concurrent run that drew it), by design: uninstall cannot tell which table it routes.
+    others += others_marking()
+    shared = () if others else (f"lookup {ROUTE_TABLE}", "local default dev lo")
     for gone in (proxy.nft_table, *shared, f"inet {listen}/", f"inet6 {listen6}/"):
         assert gone not in after, (gone, after)
     # And the policed client's DNS is plain again: straight to the resolver it asked.

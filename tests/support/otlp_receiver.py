@@ -37,6 +37,7 @@ class Received:
     request: object  # ExportMetricsServiceRequest | ExportLogsServiceRequest
     headers: dict[str, str]
     content_encoding: str = ""  # HTTP only: the request's Content-Encoding
+    received_ns: int = field(default_factory=time.time_ns)  # wall clock, when the server took it
 
 
 @dataclass
