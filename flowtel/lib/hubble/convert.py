@@ -75,7 +75,6 @@ from flowtel.records import (
     Record,
     TrafficDirection,
     Verdict,
-    WireMemo,
 )
 from flowtel.recordtables import (
     CILIUM_DROP_REASONS,
@@ -122,92 +121,62 @@ def new_uuid() -> str:
     return f"{_UUID_HEAD}{next(_uuid_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
+# The uuid as the text templates write it: the per-process head, then the serial (%012x).
+_UUID_TEXT = b'","uuid":"' + _UUID_HEAD.encode() + b"%012x"
+
+
 class WireForm:
-    """A record's Hubble forms, built once each, on demand: its compact JSON text (bytes, and
-    str for the consumers that want one), its JSON mapping and the message.
+    """A record's Hubble forms, each built once, on demand, by the functions below (which
+    have the record at hand): its compact JSON text (bytes, and str for the consumers that
+    want one), its JSON mapping and the message.
 
-    The text of a record comes from :func:`_flow_text` (parts that depend only on the
-    record's shape encoded once, per-record values spliced in), not from encoding the
-    mapping: most records are only ever written as text (file exporter, console, OTLP
-    string bodies), so the mapping is built only when something asks for it (the message,
-    a field mask, OTLP map bodies). Both carry this form's ``uuid`` and ``time``.
+    The text of a record comes from :func:`_flow_text` (the parts fixed by the record's
+    shape encoded once, per-record values spliced in), not from encoding the mapping: most
+    records are only ever written as text (file exporter, console, OTLP string bodies), so
+    the mapping is built only when something asks for it (the message, a field mask, OTLP
+    map bodies). Both carry this form's ``uuid`` and ``time``.
 
-    The form keeps the record's fields (a plain tuple, not the record: the record holds
-    the form, and a cycle would leave every record to the cyclic collector).
+    The form holds no reference to its record (the record holds the form: a cycle would
+    leave every record to the cyclic collector).
     """
 
-    __slots__ = ("uuid", "time", "_fields", "_json", "_bytes", "_text", "_proto")
+    __slots__ = ("serial", "time", "json", "given", "text_bytes", "text", "proto", "_uuid")
 
-    def __init__(self, json: dict[str, Any] | None = None, *, fields: tuple[Any, ...] | None = None) -> None:
-        """``json``: a mapping already made (a parsed record, printed as it was read); or
-        ``fields``: the record's fields without its memo, from which both forms are built."""
-        self._fields = fields
-        self._json = json
+    def __init__(self, json: dict[str, Any] | None = None, *, time_ns: int = 0) -> None:
+        """``json``: a mapping already made (a parsed record: it prints exactly as it was
+        read); otherwise a new flow id and the record's time (``time_ns``)."""
+        self.json = json
+        self.given = json is not None
+        self.text_bytes: bytes | None = None
+        self.text: str | None = None
+        self.proto: flow_pb2.Flow | None = None
         if json is not None:
-            self.uuid: str = json.get("uuid", "")
+            self.serial = 0
+            self._uuid: str | None = json.get("uuid", "")
             self.time: str = json.get("time", "")
         else:
-            assert fields is not None
-            self.uuid = new_uuid()
-            self.time = format_time(fields[0])
-        self._bytes: bytes | None = None
-        self._text: str | None = None
-        self._proto: flow_pb2.Flow | None = None
+            self.serial = next(_uuid_counter) & 0xFFFFFFFFFFFF
+            self._uuid = None
+            self.time = format_time(time_ns)
 
     @property
-    def json(self) -> dict[str, Any]:
-        """The ``flow.Flow`` message's proto3 JSON mapping (shared: read-only)."""
-        data = self._json
-        if data is None:
-            data = self._json = _flow_dict(_flow_of(self._fields), self.uuid, self.time)
-        return data
-
-    def text_bytes(self) -> bytes:
-        """The JSON mapping as compact UTF-8 JSON (what every line-oriented consumer writes)."""
-        data = self._bytes
-        if data is None:
-            fields = self._fields
-            if fields is None:
-                data = _encode(self.json)
-            else:
-                try:
-                    data = _flow_text(_flow_of(fields), self.uuid, self.time)
-                except orjson.JSONEncodeError:  # e.g. a lone surrogate in a name: what the stdlib writes
-                    data = _stdlib(self.json).encode()
-            self._bytes = data
-        return data
-
-    def text(self) -> str:
-        text = self._text
-        if text is None:
-            text = self._text = self.text_bytes().decode()
-        return text
-
-    def proto(self) -> flow_pb2.Flow:
-        proto = self._proto
-        if proto is None:
-            proto = self._proto = flow_message(self.json)
-        return proto
-
-
-_DETACHED = WireMemo()  # the memo of a record rebuilt from a form's fields: never written to
-
-
-def _flow_of(fields: tuple[Any, ...] | None) -> Flow:
-    assert fields is not None
-    return tuple.__new__(Flow, (*fields, _DETACHED))
+    def uuid(self) -> str:
+        uuid = self._uuid
+        if uuid is None:
+            uuid = self._uuid = f"{_UUID_HEAD}{self.serial:012x}"
+        return uuid
 
 
 def wire_form(flow: Flow) -> WireForm:
-    """The record's shared :class:`WireForm` (built on first use, by whichever thread asks)."""
+    """The record's shared :class:`WireForm` (made on first use, by whichever thread asks)."""
     memo = flow.wire_memo
     form: WireForm | None = memo.form
     if form is not None:
         return form
-    built = WireForm(fields=flow[:-1])
+    built = WireForm(time_ns=flow.time_ns)
     with _memo_lock:
         form = memo.form
-        if form is None:  # two threads may build it; one wins, so every consumer sees one uuid
+        if form is None:  # two threads may make it; one wins, so every consumer sees one uuid
             memo.form = form = built
     return form
 
@@ -215,12 +184,46 @@ def wire_form(flow: Flow) -> WireForm:
 def flow_json(flow: Flow) -> dict[str, Any]:
     """The ``flow.Flow`` message's proto3 JSON mapping (proto field names): what
     ``hubble observe -o json`` prints under ``"flow"``. Shared: do not change it."""
-    return wire_form(flow).json
+    form = wire_form(flow)
+    data = form.json
+    if data is None:
+        data = form.json = _flow_dict(flow, form.uuid, form.time)
+    return data
+
+
+def flow_text_bytes(flow: Flow) -> bytes:
+    """The JSON mapping as compact UTF-8 JSON (what every line-oriented consumer writes),
+    built once per record and shared."""
+    form = wire_form(flow)
+    data = form.text_bytes
+    if data is None:
+        if form.given:
+            data = _encode(flow_json(flow))
+        else:
+            try:
+                data = _flow_text(flow, form.serial, form.time)
+            except orjson.JSONEncodeError:  # e.g. a lone surrogate in a name: what the stdlib writes
+                data = _stdlib(flow_json(flow)).encode()
+        form.text_bytes = data
+    return data
+
+
+def flow_text(flow: Flow) -> str:
+    """:func:`flow_text_bytes` as text (built once per record)."""
+    form = wire_form(flow)
+    text = form.text
+    if text is None:
+        text = form.text = flow_text_bytes(flow).decode()
+    return text
 
 
 def to_proto(flow: Flow) -> flow_pb2.Flow:
     """The record as a ``flow.Flow`` message (shared: copy it before changing it)."""
-    return wire_form(flow).proto()
+    form = wire_form(flow)
+    proto = form.proto
+    if proto is None:
+        proto = form.proto = flow_message(flow_json(flow))
+    return proto
 
 
 # -- the JSON mapping ---------------------------------------------------------------------
@@ -699,7 +702,7 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
     elif kind is EventKind.DROP_SAMPLE:
         ext.append(b'"drop_sample":true')
     return b"".join((
-        b'{"time":"%s","uuid":"%s","emitter":', fixed(_EMITTER_TEXT), fixed(verdict_part),
+        b'{"time":"%s', _UUID_TEXT, b'","emitter":', fixed(_EMITTER_TEXT), fixed(verdict_part),
         b',"IP":{"source":%s,"destination":%s,"ipVersion":"', b"IPv6" if ip_version == 6 else b"IPv4", b'"}',
         b',"l4":', l4, b"}}",
         b',"source":%s' if has_src else b"", b',"destination":%s' if has_dst else b"",
@@ -715,7 +718,7 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
 _TEMPLATE_PROTOCOLS = frozenset(_L4_NAMES)
 
 
-def _flow_text(flow: Flow, uuid: str, time: str) -> bytes:
+def _flow_text(flow: Flow, serial: int, time: str) -> bytes:
     """:func:`_flow_dict`'s mapping as orjson encodes it, built from parts (see above).
 
     Most records (L3/L4 flows, drops, TCP events over TCP/UDP/SCTP, without names or
@@ -738,7 +741,7 @@ def _flow_text(flow: Flow, uuid: str, time: str) -> bytes:
             if len(_templates) >= _TEMPLATE_CACHE_MAX:
                 _templates.clear()
             _templates[key] = template
-        args: list[Any] = [time.encode(), uuid.encode(), _dumps(flow.src_ip), _dumps(flow.dst_ip)]
+        args: list[Any] = [time.encode(), serial, _dumps(flow.src_ip), _dumps(flow.dst_ip)]
         if sport:
             args.append(sport)
         if dport:
@@ -760,8 +763,7 @@ def _flow_text(flow: Flow, uuid: str, time: str) -> bytes:
     is_dns = kind.is_dns
     verdict = flow.verdict
     verdict_part, cilium_reason = _verdict_part(verdict, flow.drop_reason)
-    parts = [b'{"time":"', time.encode(), b'","uuid":"', uuid.encode(), b'","emitter":', _EMITTER_TEXT,
-             verdict_part]
+    parts = [b'{"time":"', time.encode(), _UUID_TEXT % serial, b'","emitter":', _EMITTER_TEXT, verdict_part]
     append = parts.append
     if flow.ip_version == 0:
         append(b',"ethernet":{}')
@@ -839,10 +841,31 @@ def envelope_bytes(record: Record) -> bytes:
     encoding :func:`record_envelope`, with a flow's body encoded once and shared by every
     consumer that writes lines (file exporter, console, flow API, OTLP string bodies)."""
     if isinstance(record, Flow):
-        form = wire_form(record)
-        node = b',"node_name":' + _encode(record.node_name) if record.node_name else b""
-        return b'{"flow":' + form.text_bytes() + node + b',"time":"' + form.time.encode() + b'"}'
+        return _ENVELOPE % (flow_text_bytes(record), _node_part(record.node_name), wire_form(record).time.encode())
     return _encode(record_envelope(record))
+
+
+def envelope_line_bytes(record: Record) -> bytes:
+    """:func:`envelope_bytes` and its newline, in one piece (what a line-oriented file gets)."""
+    if isinstance(record, Flow):
+        return _ENVELOPE_LINE % (flow_text_bytes(record), _node_part(record.node_name),
+                                 wire_form(record).time.encode())
+    return _encode(record_envelope(record)) + b"\n"
+
+
+_ENVELOPE = b'{"flow":%s%s,"time":"%s"}'
+_ENVELOPE_LINE = _ENVELOPE + b"\n"
+_node_parts: dict[str, bytes] = {}
+
+
+def _node_part(node_name: str) -> bytes:
+    part = _node_parts.get(node_name)
+    if part is None:
+        part = b',"node_name":' + _encode(node_name) if node_name else b""
+        if len(_node_parts) >= 1024:  # one node's name, in practice
+            _node_parts.clear()
+        _node_parts[node_name] = part
+    return part
 
 
 def envelope_line(record: Record) -> str:

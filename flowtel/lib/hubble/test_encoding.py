@@ -74,14 +74,17 @@ def test_the_text_is_the_mapping_encoded_byte_for_byte() -> None:
     for _ in range(2):
         for flow in _variants():
             form = convert.wire_form(flow)
-            assert form.text_bytes() == orjson.dumps(convert._flow_dict(flow, form.uuid, form.time)), flow
-            assert json.loads(form.text_bytes()) == form.json
+            text = convert.flow_text_bytes(flow)
+            assert text == orjson.dumps(convert._flow_dict(flow, form.uuid, form.time)), flow
+            assert json.loads(text) == convert.flow_json(flow)
+            assert convert.envelope_line_bytes(flow) == convert.envelope_bytes(flow) + b"\n"
 
 
 def test_the_mapping_is_built_only_when_asked_for_and_carries_the_same_ids() -> None:
     flow = sample_flows()["F1"]
     form = convert.wire_form(flow)
     line = json.loads(convert.envelope_bytes(flow))
-    assert form._json is None  # the file exporter's path never builds it
-    assert form.json["uuid"] == line["flow"]["uuid"] == form.uuid and form.json["time"] == line["time"]
+    assert form.json is None  # the file exporter's path never builds it
+    body = convert.flow_json(flow)
+    assert body["uuid"] == line["flow"]["uuid"] == form.uuid and body["time"] == line["time"]
     assert convert.to_proto(flow).uuid == form.uuid
