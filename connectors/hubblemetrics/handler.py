@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from connectors.hubblemetrics.options import ContextOptions
-from flowtel.records import Flow, LostEvents
+from flowtel.records import EventKind, Flow, LostEvents
 from flowtel.recordtables import PROTOCOL_NAMES, counts_as_hubble_flow, flow_events
 
 Emit = Callable[[str, tuple[str, ...], float], None]
@@ -33,6 +33,9 @@ class MetricInfo:
     label_names: tuple[str, ...]
 
 
+_PACKET, _DROP = EventKind.PACKET, EventKind.DROP
+
+
 class Batch:
     """The flows of one batch that Hubble counts as flow events (:func:`is_packet_flow`), with
     each one's event count (:func:`flow_events`) and, per context option set, its context
@@ -41,9 +44,20 @@ class Batch:
     __slots__ = ("flows", "events", "_contexts")
 
     def __init__(self, records: Sequence[Flow | LostEvents | object]) -> None:
-        flows: list[Flow] = [r for r in records if isinstance(r, Flow) and counts_as_hubble_flow(r)]
+        flows: list[Flow] = []
+        events: list[int] = []
+        for r in records:
+            if not isinstance(r, Flow):
+                continue
+            kind = r.kind
+            if kind is _PACKET or kind is _DROP:  # the common case inline: flow_events' first rule
+                flows.append(r)
+                events.append(r.packets if r.packets > 0 else 1)
+            elif counts_as_hubble_flow(r):
+                flows.append(r)
+                events.append(flow_events(r))
         self.flows = flows
-        self.events: list[int] = [flow_events(f) for f in flows]
+        self.events = events
         self._contexts: dict[ContextOptions, list[tuple[str, ...]]] = {}
 
     def contexts(self, ctx: ContextOptions) -> list[tuple[str, ...]]:
