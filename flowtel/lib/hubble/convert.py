@@ -140,7 +140,7 @@ class WireForm:
     leave every record to the cyclic collector).
     """
 
-    __slots__ = ("serial", "time", "json", "given", "text_bytes", "text", "proto", "_uuid")
+    __slots__ = ("serial", "time", "json", "given", "text_bytes", "text", "proto", "line", "_uuid")
 
     def __init__(self, json: dict[str, Any] | None = None, *, time_ns: int = 0) -> None:
         """``json``: a mapping already made (a parsed record: it prints exactly as it was
@@ -150,6 +150,7 @@ class WireForm:
         self.text_bytes: bytes | None = None
         self.text: str | None = None
         self.proto: flow_pb2.Flow | None = None
+        self.line: bytes | None = None  # the envelope line, when that was asked for first
         if json is not None:
             self.serial = 0
             self._uuid: str | None = json.get("uuid", "")
@@ -197,6 +198,11 @@ def flow_text_bytes(flow: Flow) -> bytes:
     form = wire_form(flow)
     data = form.text_bytes
     if data is None:
+        line = form.line
+        if line is not None:  # the file exporter made the envelope line first: the body is inside it
+            tail = len(_node_part(flow.node_name)) + len(_TIME_KEY) + len(form.time.encode()) + len(_LINE_END)
+            data = form.text_bytes = line[len(_FLOW_KEY):len(line) - tail]
+            return data
         if form.given:
             data = _encode(flow_json(flow))
         else:
@@ -515,6 +521,7 @@ _type_parts: dict[tuple[str, str], bytes] = {}
 _tail_parts: dict[tuple[Any, ...], bytes] = {}
 _interface_texts: dict[tuple[int, str], bytes] = {}
 _templates: dict[tuple[Any, ...], bytes] = {}
+_line_templates: dict[tuple[Any, ...], bytes] = {}
 _TEMPLATE_CACHE_MAX = 4096  # shapes, not flows: kinds × verdicts × flags × directions × nodes
 _strings: dict[str, bytes] = {}
 _FLAG_TEXTS = tuple(orjson.dumps(d) for d in _FLAG_DICTS)
@@ -718,13 +725,14 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
 _TEMPLATE_PROTOCOLS = frozenset(_L4_NAMES)
 
 
-def _flow_text(flow: Flow, serial: int, time: str) -> bytes:
-    """:func:`_flow_dict`'s mapping as orjson encodes it, built from parts (see above).
+def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
+    """:func:`_flow_dict`'s mapping as orjson encodes it, built from parts (see above); with
+    ``line``, inside its envelope line (what :func:`envelope_line_bytes` gives).
 
     Most records (L3/L4 flows, drops, TCP events over TCP/UDP/SCTP, without names or
     extensions of their own) are one shape's template filled with their values: the key
-    of what the text depends on, one dict hit, one format. The rest are assembled part by
-    part."""
+    of what the text depends on, one dict hit, one format (the envelope's template holds the
+    body's, so a file's line is one format too). The rest are assembled part by part."""
     kind = flow.kind
     if (not kind.is_dns and flow.protocol in _TEMPLATE_PROTOCOLS and not flow.extensions
             and not flow.source_names and not flow.destination_names and flow.ip_version):
@@ -735,13 +743,18 @@ def _flow_text(flow: Flow, serial: int, time: str) -> bytes:
         key = (kind._value_, flow.verdict, flow.drop_reason, flow.ip_version, flow.protocol, flow.tcp_flags,
                bool(sport), bool(dport), has_counts, counts is not None, src is not None, dst is not None,
                flow.traffic_direction, flow.is_reply, flow.node_name)
-        template = _templates.get(key)
+        cache = _line_templates if line else _templates
+        template = cache.get(key)
         if template is None:
             template = _template(flow, kind, key)
-            if len(_templates) >= _TEMPLATE_CACHE_MAX:
-                _templates.clear()
-            _templates[key] = template
-        args: list[Any] = [time.encode(), serial, _dumps(flow.src_ip), _dumps(flow.dst_ip)]
+            if line:
+                template = (_FLOW_KEY + template + _node_part(flow.node_name).replace(b"%", b"%%") + _TIME_KEY
+                            + b"%s" + _LINE_END)
+            if len(cache) >= _TEMPLATE_CACHE_MAX:
+                cache.clear()
+            cache[key] = template
+        time_text = time.encode()
+        args: list[Any] = [time_text, serial, _dumps(flow.src_ip), _dumps(flow.dst_ip)]
         if sport:
             args.append(sport)
         if dport:
@@ -759,7 +772,11 @@ def _flow_text(flow: Flow, serial: int, time: str) -> bytes:
             args.append(counts.syn_ack)
             args.append(counts.fin)
             args.append(counts.rst)
+        if line:
+            args.append(time_text)
         return template % tuple(args)
+    if line:
+        return _ENVELOPE_LINE % (_flow_text(flow, serial, time), _node_part(flow.node_name), time.encode())
     is_dns = kind.is_dns
     verdict = flow.verdict
     verdict_part, cilium_reason = _verdict_part(verdict, flow.drop_reason)
@@ -846,14 +863,28 @@ def envelope_bytes(record: Record) -> bytes:
 
 
 def envelope_line_bytes(record: Record) -> bytes:
-    """:func:`envelope_bytes` and its newline, in one piece (what a line-oriented file gets)."""
-    if isinstance(record, Flow):
-        return _ENVELOPE_LINE % (flow_text_bytes(record), _node_part(record.node_name),
-                                 wire_form(record).time.encode())
-    return _encode(record_envelope(record)) + b"\n"
+    """:func:`envelope_bytes` and its newline, in one piece (what a line-oriented file gets).
+    A flow's line is built once and kept; its body text, if asked for later, is cut from it."""
+    if not isinstance(record, Flow):
+        return _encode(record_envelope(record)) + b"\n"
+    form = wire_form(record)
+    line = form.line
+    if line is None:
+        if form.text_bytes is None and not form.given:
+            try:
+                line = _flow_text(record, form.serial, form.time, line=True)
+            except orjson.JSONEncodeError:
+                line = None  # the body's own fallback below
+        if line is None:
+            line = _ENVELOPE_LINE % (flow_text_bytes(record), _node_part(record.node_name), form.time.encode())
+        form.line = line
+    return line
 
 
-_ENVELOPE = b'{"flow":%s%s,"time":"%s"}'
+_FLOW_KEY = b'{"flow":'
+_TIME_KEY = b',"time":"'
+_LINE_END = b'"}\n'
+_ENVELOPE = _FLOW_KEY + b"%s%s" + _TIME_KEY + b'%s"}'
 _ENVELOPE_LINE = _ENVELOPE + b"\n"
 _node_parts: dict[str, bytes] = {}
 

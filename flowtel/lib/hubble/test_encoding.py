@@ -88,3 +88,15 @@ def test_the_mapping_is_built_only_when_asked_for_and_carries_the_same_ids() -> 
     body = convert.flow_json(flow)
     assert body["uuid"] == line["flow"]["uuid"] == form.uuid and body["time"] == line["time"]
     assert convert.to_proto(flow).uuid == form.uuid
+
+
+def test_the_line_made_first_holds_the_same_text() -> None:
+    # The file exporter asks for the envelope line first (one format from the line's template);
+    # a later consumer of the body (OTLP string bodies) gets it cut from that line.
+    for flow in _variants():
+        line = convert.envelope_line_bytes(flow)
+        form = convert.wire_form(flow)
+        text = convert.flow_text_bytes(flow)
+        assert text == orjson.dumps(convert._flow_dict(flow, form.uuid, form.time)), flow
+        assert line == convert.envelope_bytes(flow) + b"\n" and line is convert.envelope_line_bytes(flow)
+        assert json.loads(line) == convert.envelope(flow)
