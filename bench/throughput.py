@@ -14,7 +14,13 @@ time of this thread, so other processes on a shared machine cost wall time, not 
 - ``+connectors``: ``servicegraph`` (metrics flushed after every batch) and ``hubblemetrics``
   when that connector exists in this tree, each into a null consumer;
 - ``+exporter``: the ``file`` exporter encoding every record as Hubble JSON, its write
-  replaced by a null sink (so disk speed is not measured).
+  replaced by a null sink (so disk speed is not measured);
+- ``+hubble``: the ``hubble`` extension's flow store (``FlowStore.add``, what the shipped
+  config's ``service.extensions: [hubble]`` does with every record of the logs pipelines;
+  messages are built only when a reader asks, so none here).
+
+``--connectors shipped`` runs the connectors of ``config/flowtel.yaml`` instead (its
+``hubblemetrics`` families, no ``servicegraph``): the per-record cost of the shipped agent.
 
 The process runs with the agent's garbage-collector settings (:mod:`flowtel.gcpolicy`, what
 ``flowtel run`` applies once started) unless ``--gc default`` asks for CPython's defaults;
@@ -164,7 +170,20 @@ class Stage:
     fn: Callable[[list[Any]], list[Any]]
 
 
-def _build(workdir: Path) -> tuple[list[Stage], list[str], list[Any]]:
+def _shipped_metrics() -> list[str]:
+    import yaml
+
+    import flowtel
+
+    root = Path(flowtel.__file__).resolve().parent.parent  # the tree under test (this file may be a copy)
+    config = yaml.safe_load((root / "config" / "flowtel.yaml").read_text())
+    return list(config["connectors"]["hubblemetrics"]["metrics"])
+
+
+BENCH_METRICS = ["flow", "tcp", "drop:sourceContext=pod", "dns:query;sourceContext=pod;destinationContext=pod"]
+
+
+def _build(workdir: Path, connector_set: str = "bench") -> tuple[list[Stage], list[str], list[Any]]:
     """The stages after decode, each built by its factory from a config, and notes on what is absent."""
     from flowtel.component import CreateSettings, Telemetry
 
@@ -192,16 +211,17 @@ def _build(workdir: Path) -> tuple[list[Stage], list[str], list[Any]]:
     connectors: list[Any] = []
     from connectors.servicegraph.factory import FACTORY as sg
 
-    connectors.append(sg.create(settings("servicegraph"), sg.config_class.model_validate({"metrics_flush_interval": 0}),
-                                _NullConsumer()))
+    if connector_set == "bench":
+        connectors.append(sg.create(settings("servicegraph"),
+                                    sg.config_class.model_validate({"metrics_flush_interval": 0}), _NullConsumer()))
     try:
         from connectors.hubblemetrics.factory import FACTORY as hm  # type: ignore[import-not-found]
     except ImportError:
         notes.append("hubblemetrics: connector not in this tree yet; +connectors is servicegraph only")
     else:
         try:
-            cfg = hm.config_class.model_validate({"metrics": [
-                "flow", "tcp", "drop:sourceContext=pod", "dns:query;sourceContext=pod;destinationContext=pod"]})
+            metrics = BENCH_METRICS if connector_set == "bench" else _shipped_metrics()
+            cfg = hm.config_class.model_validate({"metrics": metrics})
             connectors.append(hm.create(settings("hubblemetrics"), cfg, _NullConsumer()))
         except Exception as exc:  # a connector under construction must not stop the bench
             notes.append(f"hubblemetrics: could not be built ({exc.__class__.__name__}: {exc}); skipped")
@@ -227,6 +247,16 @@ def _build(workdir: Path) -> tuple[list[Stage], list[str], list[Any]]:
 
     stages.append(Stage("+exporter", export))
     components.append(exporter)
+
+    from extensions.hubble.factory import FACTORY as hx
+
+    hubble = hx.create(settings("hubble"), hx.config_class.model_validate({}))  # not started: no server
+
+    def store(batch: list[Any]) -> list[Any]:
+        hubble.consume(batch)
+        return batch
+
+    stages.append(Stage("+hubble", store))
     return stages, notes, components
 
 
@@ -266,19 +296,20 @@ def _set_gc(mode: str) -> None:
 
 
 def run(sizes: tuple[int, ...] = (10_000, 100_000), reps: int = 5,
-        gc_modes: tuple[str, ...] = ("agent",)) -> tuple[list[Cell], list[str]]:
+        gc_modes: tuple[str, ...] = ("agent",), connector_set: str = "bench",
+        kinds: tuple[str, ...] = ("flows", "dns")) -> tuple[list[Cell], list[str]]:
     from flowtel.component import CreateSettings, Telemetry
     from receiver.ebpf.config import EbpfReceiverConfig
     from receiver.ebpf.dns import DnsTracker
     from receiver.ebpf.receiver import EbpfReceiver, _monotonic_to_wall_offset
 
     workdir = Path(tempfile.mkdtemp(prefix="flowtel-bench-"))
-    stages, notes, components = _build(workdir)
+    stages, notes, components = _build(workdir, connector_set)
     ifaces = _Interfaces()
     receiver = EbpfReceiver(CreateSettings("ebpf", "node-0", Telemetry()), EbpfReceiverConfig(), _NullConsumer())
     receiver._attach = ifaces  # what start() would have set; _to_flows only asks it for interfaces
     cells: list[Cell] = []
-    for kind in ("flows", "dns"):
+    for kind in kinds:
         for size in sizes:
             if kind == "flows":
                 inputs = raw_flows(size)
@@ -330,10 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gc", choices=("agent", "default", "both"), default="agent",
                         help="garbage-collector settings: the agent's (flowtel.gcpolicy), CPython's, or both in one run")
+    parser.add_argument("--connectors", choices=("bench", "shipped"), default="bench",
+                        help="servicegraph + four hubblemetrics families, or config/flowtel.yaml's connectors")
+    parser.add_argument("--kinds", default="flows,dns", help="inputs: flows, dns or both")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(","))
     modes = ("default", "agent") if args.gc == "both" else (args.gc,)
-    print(report(run(sizes, args.reps, modes)), flush=True)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    print(report(run(sizes, args.reps, modes, args.connectors, kinds)), flush=True)
     return 0
 
 

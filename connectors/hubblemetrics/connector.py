@@ -13,12 +13,12 @@ import time
 
 from connectors.hubblemetrics.config import HubbleMetricsConfig
 from connectors.hubblemetrics.families import FAMILIES
-from connectors.hubblemetrics.handler import Handler, MetricInfo
+from connectors.hubblemetrics.handler import Batch, Handler, MetricInfo
 from connectors.hubblemetrics.options import OptionError, parse_context, parse_metric, reject_unknown, split_metrics
 from connectors.hubblemetrics.series import SeriesStore
 from connectors.hubblemetrics.version_info import version_point
 from flowtel.component import Connector, Consumer, CreateSettings, consumer_wants
-from flowtel.records import Flow, LostEvents, MetricKind, MetricPoint, Record
+from flowtel.records import LostEvents, MetricKind, MetricPoint, Record
 
 log = logging.getLogger("flowtel.connector.hubblemetrics")
 
@@ -83,18 +83,18 @@ class HubbleMetricsConnector(Connector):
 
     def consume(self, batch: list[Record]) -> None:
         handlers = self.handlers
+        flows = Batch(batch)
+        lost = [r for r in batch if isinstance(r, LostEvents)]
         with self._lock:
             store = self.store
             emit = store.add
             store.batch_time = time.monotonic()
             try:
-                for record in batch:
-                    if isinstance(record, Flow):
-                        for h in handlers:
-                            h.process(record, emit)
-                    elif isinstance(record, LostEvents):
-                        for h in handlers:
-                            h.process_lost(record, emit)
+                for h in handlers:
+                    h.process_batch(flows, emit)
+                for record in lost:
+                    for h in handlers:
+                        h.process_lost(record, emit)
             finally:
                 store.batch_time = None
         self.settings.telemetry.add(self.settings.id, "records_in", len(batch))

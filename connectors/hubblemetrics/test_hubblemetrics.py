@@ -442,3 +442,41 @@ def test_cilium_version_series_for_the_dashboards_cluster_variable() -> None:
     # On by default; off, nothing but the families.
     assert HubbleMetricsConfig().version_info is True
     assert "cilium_version" not in {p.name for p in run(["flow"], [sample_flows()["F1"]])}
+
+
+def test_a_batch_counts_what_its_records_count_one_by_one() -> None:
+    # The families group a batch by their label keys and update each series once, with the
+    # counts summed: the series and values must be exactly those of feeding the records one
+    # at a time (Handler.process, the definition of each family), for every kind of record.
+    from tests.contracts.test_wire_form import every_kind
+
+    metrics = ["flow:sourceContext=pod|ip;destinationContext=pod|ip", "drop:sourceContext=pod",
+               "tcp:sourceContext=pod|ip;destinationContext=pod|ip", "dns:query;sourceContext=pod",
+               "icmp:sourceContext=pod|ip;destinationContext=pod|ip", "port-distribution", "lost-events",
+               "flows-to-world:port;any-drop"]
+    base = list(every_kind().values())
+    records: list[Record] = []
+    for i in range(6):  # repeats, so groups hold several records, with counts that differ
+        for j, f in enumerate(base):
+            records.append(replace(f, packets=f.packets + i * j, src_port=f.src_port + i % 2,
+                                   tcp_flag_counts=TcpFlagCounts(i, j % 2, i % 3, 1) if f.protocol == 6 and i else
+                                   f.tcp_flag_counts))
+        records.append(replace(base[0], protocol=1, src_port=8, dst_port=0, packets=i + 1))
+        for f in base[:4]:  # the same ends seen in the other direction, and as a reply
+            records.append(replace(f, traffic_direction=TrafficDirection.INGRESS, is_reply=bool(i % 2)))
+        records.append(LostEvents(T0, f"QUEUE_FULL:x{i % 2}", i + 1, "node-1"))
+
+    def series(points: list[MetricPoint]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(p.name, tuple(sorted(p.attributes.items()))): p.value for p in points}
+
+    batched = series(run(metrics, records))
+    one_by_one_conn = HubbleMetricsConnector(CreateSettings("hubblemetrics", "node-1", Telemetry()),
+                                             HubbleMetricsConfig(metrics=metrics, version_info=False), Capture())
+    for h in one_by_one_conn.handlers:
+        for r in records:
+            if isinstance(r, Flow):
+                h.process(r, one_by_one_conn.store.add)
+            elif isinstance(r, LostEvents):
+                h.process_lost(r, one_by_one_conn.store.add)
+    single = series(one_by_one_conn.points())
+    assert batched == single and len(batched) > 40

@@ -13,7 +13,7 @@ from typing import Any
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, Record, TcpFlagCounts, Verdict
+from flowtel.records import Flow, LostEvents, Record, packet_flow, tcp_flag_counts
 import bpf as bpf_sources
 from flowtel.lib.bpf.tcattach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
@@ -211,42 +211,32 @@ class EbpfReceiver(Receiver):
         assert self._attach is not None
         node = self.settings.node_name
         offset = _monotonic_to_wall_offset()
-        iface_cache: dict[int, Interface | None] = {}
+        # (interface name, direction) per (ifindex, hook): asked of the attach manager once per batch.
+        where: dict[tuple[int, int], tuple[str, Any]] = {}
+        interface = self._attach.interface
         is_reply = self._replies.is_reply
         out: list[Flow | LostEvents] = []
         append = out.append
         for r in raws:
-            iface = iface_cache.get(r.ifindex)
-            if iface is None and r.ifindex not in iface_cache:
-                iface = iface_cache[r.ifindex] = self._attach.interface(r.ifindex)
-            direction = traffic_direction(iface, r.hook)
-            if r.family == 4:
+            ifindex = r.ifindex
+            at = where.get((ifindex, r.hook))
+            if at is None:
+                iface = interface(ifindex)
+                at = where[(ifindex, r.hook)] = (iface.name if iface is not None else "",
+                                                  traffic_direction(iface, r.hook))
+            family, protocol = r.family, r.protocol
+            if family == 4:
                 src, dst = _ip4(r.saddr), _ip4(r.daddr)
-            elif r.family == 6:
+            elif family == 6:
                 src, dst = _ip6(r.saddr), _ip6(r.daddr)
             else:
                 src = dst = ""
-            flow = Flow(
-                time_ns=r.last_ns + offset,
-                node_name=node,
-                verdict=Verdict.FORWARDED,
-                ip_version=r.family,
-                src_ip=src,
-                dst_ip=dst,
-                protocol=r.protocol,
-                src_port=r.sport,
-                dst_port=r.dport,
-                traffic_direction=direction,
-                ethertype=r.ethertype,
-                ifindex=r.ifindex,
-                ifname=iface.name if iface is not None else "",
-                packets=r.packets,
-                bytes=r.bytes,
-                tcp_flags=r.tcp_flags,
-                tcp_flag_counts=TcpFlagCounts(r.syn, r.synack, r.fin, r.rst) if r.protocol == 6 else None,
-                is_reply=is_reply(r.protocol, src, r.sport, dst, r.dport, r.syn, r.synack) if r.family else None,
-            )
-            append(flow)
+            append(packet_flow(
+                r.last_ns + offset, node, family, src, dst, protocol, r.sport, r.dport, at[1],
+                is_reply(protocol, src, r.sport, dst, r.dport, r.syn, r.synack) if family else None,
+                r.ethertype, ifindex, at[0], r.packets, r.bytes, r.tcp_flags,
+                tcp_flag_counts(r.syn, r.synack, r.fin, r.rst) if protocol == 6 else None,
+            ))
         return out
 
     def interface_totals(self) -> dict[tuple[int, int], tuple[int, int]]:

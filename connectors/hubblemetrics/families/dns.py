@@ -4,7 +4,7 @@ and hubble_dns_response_types_total {type, qtypes}; option ``query`` appends a `
 record counts as its ``extensions.count`` messages)."""
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, is_packet_flow
+from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions, take_flag
 from flowtel.records import Flow, Verdict
 from flowtel.recordtables import rcode_name
@@ -48,6 +48,13 @@ class DnsHandler(Handler):
             emit(RESPONSES, (*context, rcode_name(dns.rcode), qtypes, str(len(dns.ips)), *extra), n)
             for rrtype in dns.rrtypes:
                 emit(RESPONSE_TYPES, (*context, rrtype, qtypes, *extra), n)
+
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        process = self.process
+        for flow in batch.flows:
+            if flow.l7 is not None:  # most records of a batch are not DNS: a compare each
+                process(flow, emit)
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

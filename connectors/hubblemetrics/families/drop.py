@@ -4,7 +4,9 @@ Cilium ``DropReason`` name the flow carries on the wire (``POLICY_DENIED``, …;
 ``networkobservability_drop_count`` and in the flow's ``extensions``."""
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
+from typing import Any
+
+from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
 from flowtel.records import Flow, Verdict
 from flowtel.recordtables import cilium_drop_reason
@@ -22,6 +24,24 @@ class DropHandler(Handler):
             return
         emit(NAME, (*self.ctx.values(flow), cilium_drop_reason(flow.drop_reason), flow_protocol(flow)),
              flow_events(flow))
+
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        # Summed per (context, reason, protocol) first: a flood of drops is one update per series.
+        groups: dict[tuple[object, ...], list[Any]] = {}
+        values = self.ctx.values  # per dropped flow only (memoized per endpoint pair)
+        for flow, n in zip(batch.flows, batch.events):
+            if flow.verdict != Verdict.DROPPED:
+                continue
+            context = values(flow)
+            key = (id(context), flow.drop_reason, flow.protocol, flow.kind._value_, flow.l7 is None)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [context, flow, n]
+            else:
+                group[2] += n
+        for context, flow, n in groups.values():
+            emit(NAME, (*context, cilium_drop_reason(flow.drop_reason), flow_protocol(flow)), n)
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

@@ -1,7 +1,9 @@
 """``flow``: hubble_flows_processed_total {protocol, type, subtype, verdict}."""
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
+from typing import Any
+
+from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
 from flowtel.records import Flow, TrafficDirection, Verdict
 
@@ -31,13 +33,29 @@ class FlowHandler(Handler):
     def process(self, flow: Flow, emit: Emit) -> None:
         if not is_packet_flow(flow):
             return
-        context = self.ctx.values(flow)
+        emit(NAME, self._labels_of(self.ctx.values(flow), flow), flow_events(flow))
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        # Grouped by what the labels depend on (the context tuple is shared per endpoint
+        # pair, so its id stands for it while the batch holds it): one series update per group.
+        groups: dict[tuple[object, ...], list[Any]] = {}
+        for flow, context, n in zip(batch.flows, batch.contexts(self.ctx), batch.events):
+            key = (id(context), flow.protocol, flow.kind._value_, flow.verdict._value_,
+                   flow.traffic_direction._value_, flow.l7 is None)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [context, flow, n]
+            else:
+                group[2] += n
+        for context, flow, n in groups.values():
+            emit(NAME, self._labels_of(context, flow), n)
+
+    def _labels_of(self, context: tuple[str, ...], flow: Flow) -> tuple[str, ...]:
         key = (id(context), flow.protocol, flow.kind._value_, flow.verdict._value_, flow.traffic_direction._value_,
                flow.l7 is None)
         hit = self._labels.get(key)
         if hit is not None and hit[0] is context:
-            emit(NAME, hit[1], flow_events(flow))
-            return
+            return hit[1]
         if flow.kind.is_dns:
             kind, subtype = "L7", "DNS" if flow.l7 is not None else ""
         elif flow.verdict == Verdict.DROPPED:
@@ -48,7 +66,7 @@ class FlowHandler(Handler):
         if len(self._labels) >= 65536:
             self._labels.clear()  # a new working set: start again rather than grow
         self._labels[key] = (context, labels)  # holds the context tuple, so its id stays its own
-        emit(NAME, labels, flow_events(flow))
+        return labels
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

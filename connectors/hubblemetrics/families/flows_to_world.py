@@ -3,7 +3,7 @@
 only a TCP connection's SYN, as Hubble's options."""
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
+from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions, take_flag
 from flowtel.records import IPPROTO_TCP, Flow, Verdict
 
@@ -39,6 +39,14 @@ class FlowsToWorldHandler(Handler):
                 return
         own = (flow_protocol(flow), str(flow.verdict), *((str(flow.dst_port),) if self.port else ()))
         emit(NAME, (*self.ctx.values(flow), *own), n)
+
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        process = self.process
+        for flow in batch.flows:
+            dst = flow.destination
+            if dst is not None and (dst.identity == WORLD_IDENTITY or "reserved:world" in dst.labels):
+                process(flow, emit)
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

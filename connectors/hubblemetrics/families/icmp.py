@@ -1,7 +1,9 @@
 """``icmp``: hubble_icmp_total {family, type}; ``type`` is the ICMP type's name where known."""
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, flow_events, is_packet_flow
+from typing import Any
+
+from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
 from flowtel.records import IPPROTO_ICMP, IPPROTO_ICMPV6, Flow
 
@@ -30,6 +32,29 @@ class IcmpHandler(Handler):
         else:
             return
         emit(NAME, (*self.ctx.values(flow), family, name), flow_events(flow))
+
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        # Summed per (context, family, type) first; most records are not ICMP and cost a compare.
+        groups: dict[tuple[int, int, int], list[Any]] = {}
+        values = self.ctx.values  # per ICMP flow only (memoized per endpoint pair)
+        for flow, n in zip(batch.flows, batch.events):
+            protocol = flow.protocol
+            if protocol != IPPROTO_ICMP and protocol != IPPROTO_ICMPV6:
+                continue
+            context = values(flow)
+            key = (id(context), protocol, flow.src_port)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [context, flow, n]
+            else:
+                group[2] += n
+        for context, flow, n in groups.values():
+            if flow.protocol == IPPROTO_ICMP:
+                family, name = "IPv4", ICMPV4_TYPES.get(flow.src_port, str(flow.src_port))
+            else:
+                family, name = "IPv6", ICMPV6_TYPES.get(flow.src_port, str(flow.src_port))
+            emit(NAME, (*context, family, name), n)
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

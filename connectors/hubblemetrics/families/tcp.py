@@ -6,7 +6,9 @@ without counts (older receivers) fall back to the union of flags, once each.
 """
 from __future__ import annotations
 
-from connectors.hubblemetrics.handler import Emit, Handler, MetricInfo, is_packet_flow
+from typing import Any
+
+from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
 from flowtel.records import IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Flow, Verdict
 from flowtel.recordtables import HUBBLE_METRIC_TCP_FLAGS as FLAGS
@@ -27,8 +29,9 @@ class TcpHandler(Handler):
         # Label tuples per flag, by (context values, family): built once per endpoint pair.
         self._labels: dict[tuple[int, int], tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {}
 
-    def _flag_labels(self, flow: Flow) -> dict[str, tuple[str, ...]]:
-        context = self.ctx.values(flow)
+    def _flag_labels(self, flow: Flow, context: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:
+        if context is None:
+            context = self.ctx.values(flow)
         key = (id(context), flow.ip_version)
         hit = self._labels.get(key)
         if hit is not None and hit[0] is context:
@@ -57,6 +60,38 @@ class TcpHandler(Handler):
                 if labels is None:
                     labels = self._flag_labels(flow)
                 emit(NAME, labels[flag], n)
+
+
+    def process_batch(self, batch: Batch, emit: Emit) -> None:
+        # Per-flag packet counts summed per (context, family) first: one update per series.
+        groups: dict[tuple[int, int], list[Any]] = {}
+        for flow, context in zip(batch.flows, batch.contexts(self.ctx)):
+            if flow.protocol != IPPROTO_TCP or flow.verdict != Verdict.FORWARDED:
+                continue
+            c = flow.tcp_flag_counts
+            if c is not None:
+                fin, syn, syn_ack, rst = c.fin, c.syn, c.syn_ack, c.rst
+            else:
+                u = _union_counts(flow.tcp_flags)
+                fin, syn, syn_ack, rst = u["FIN"], u["SYN"], u["SYN-ACK"], u["RST"]
+            if not (fin or syn or syn_ack or rst):
+                continue
+            key = (id(context), flow.ip_version)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [context, flow, fin, syn, syn_ack, rst]
+            else:
+                group[2] += fin
+                group[3] += syn
+                group[4] += syn_ack
+                group[5] += rst
+        for context, flow, fin, syn, syn_ack, rst in groups.values():
+            labels = self._flag_labels(flow, context)
+            counts = {"FIN": fin, "SYN": syn, "SYN-ACK": syn_ack, "RST": rst}
+            for flag in FLAGS:
+                n = counts[flag]
+                if n:
+                    emit(NAME, labels[flag], n)
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

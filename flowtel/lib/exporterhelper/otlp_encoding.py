@@ -198,7 +198,7 @@ def _fill_flow(pb: LogRecord, flow: Flow, body: LogBody, observed_ns: int,
     if body == "map":
         fill_any_value(pb.body, obj)
     elif body_mask is None:
-        pb.body.string_value = convert.wire_form(flow).text()  # the record's shared, once-encoded text
+        pb.body.string_value = convert.flow_text(flow)  # the record's shared, once-encoded text
     else:
         pb.body.string_value = _encode_json(obj)
     attrs = pb.attributes

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.api.observer import observer_pb2
 from flowtel.lib.hubble.filters import Filters
+from flowtel.records import Flow
 
 GetFlowsResponse = observer_pb2.GetFlowsResponse
 NAMESPACE_TTL_NS = 3600 * 10**9  # Hubble forgets a namespace not seen in flows for an hour
@@ -175,10 +176,25 @@ class FlowStore:
                 self._rate.append((now_s, len(batch)))
             while self._rate and self._rate[0][0] < now_s - 60:
                 self._rate.popleft()
+            # Once per distinct endpoint of the batch: enrichment shares one object per pod, so a
+            # batch of thousands of flows names a few hundred (keyed by id: their own hash
+            # walks every field; the batch holds them, so the ids are theirs meanwhile).
+            ends: dict[int, Any] = {}
             for e in batch:
-                for ep in _endpoints(e.item):
-                    if ep.namespace:
-                        self._namespaces[(ep.cluster_name, ep.namespace)] = now_ns
+                item = e.item
+                if item.__class__ is Flow:  # the common case inline
+                    src, dst = item.source, item.destination
+                    if src is not None:
+                        ends[id(src)] = src
+                    if dst is not None:
+                        ends[id(dst)] = dst
+                    continue
+                for ep in _endpoints(item):
+                    ends[id(ep)] = ep
+            namespaces = self._namespaces
+            for ep in ends.values():
+                if ep.namespace:
+                    namespaces[(ep.cluster_name, ep.namespace)] = now_ns
         return lost
 
     # --- reading ---------------------------------------------------------------------
