@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
+from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants, wait_consumed
 from flowtel.errors import StartError
 from flowtel.records import Flow, LostEvents, Record, TcpFlagCounts, Verdict
 import bpf as bpf_sources
@@ -45,6 +45,15 @@ def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
 LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
 LOST_FLOW_UPDATE_FAILED = "FLOW_MAP_UPDATE_FAILED"
 LOST_INTERFACE_SLOTS_FULL = "INTERFACE_SLOTS_FULL"
+# Flow records handed on at a time from one drain: each chunk is built once the previous one
+# went through the pipeline (or its wait ran out), so what an interval holds in memory is one
+# chunk (≈ 4 KB a record with its wire form), not every distinct flow of the interval (a
+# connection-rate workload: 100k+). The pipeline's own batches are no larger (MAX_BATCH_RECORDS).
+DRAIN_CHUNK_RECORDS = 8192
+# Of each collection interval, the share one drain may spend waiting for its chunks to be
+# consumed; past it the rest is handed on at once and the queues' bounds apply (counted drops),
+# so a stuck exporter cannot hold up the next drain.
+DRAIN_WAIT_SHARE = 0.5
 
 
 @functools.lru_cache(maxsize=65536)
@@ -184,11 +193,28 @@ class EbpfReceiver(Receiver):
 
     def _drain_once(self, *, writers_stopped: bool) -> None:
         assert self._maps is not None
-        result = self._maps.drain(writers_stopped=writers_stopped)
-        records: list[Record] = [*self._to_flows(result.flows)]
+        telemetry = self.settings.telemetry
+        deadline = time.monotonic() + self.config.collection_interval * DRAIN_WAIT_SHARE
+        handed = 0
+
+        def hand_on(raws: list[RawFlow]) -> None:
+            nonlocal handed
+            flows: list[Record] = [*self._to_flows(raws)]
+            del raws[:]  # the raw entries of this chunk are not needed once decoded
+            if not flows:
+                return
+            handed += len(flows)
+            self.next_consumer.consume(flows)
+            del flows
+            left = deadline - time.monotonic()
+            if left > 0 and not wait_consumed(self.next_consumer, left):
+                telemetry.add(self.settings.id, "drain_waits_timed_out")
+
+        result = self._maps.drain(writers_stopped=writers_stopped, sink=hand_on, chunk=DRAIN_CHUNK_RECORDS)
+        telemetry.add(self.settings.id, "records_out", handed)
+        records: list[Record] = []
         now = time.time_ns()
         node = self.settings.node_name
-        telemetry = self.settings.telemetry
         if result.evicted:
             telemetry.add(self.settings.id, "flows_evicted", result.evicted)
             records.append(LostEvents(now, LOST_FLOW_MAP_FULL, result.evicted, node))
