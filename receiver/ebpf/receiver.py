@@ -25,6 +25,7 @@ from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf.release import release_compiler_memory
 from receiver.ebpf.dnsring import install_program as install_dns_program
 from flowtel.lib.bpf.tcattach import SlotAllocator
+from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DRAIN_WAIT_SHARE
 from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
 from receiver.ebpf.reply import ReplyInference
@@ -45,15 +46,6 @@ def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
 LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
 LOST_FLOW_UPDATE_FAILED = "FLOW_MAP_UPDATE_FAILED"
 LOST_INTERFACE_SLOTS_FULL = "INTERFACE_SLOTS_FULL"
-# Flow records handed on at a time from one drain: each chunk is built once the previous one
-# went through the pipeline (or its wait ran out), so what an interval holds in memory is one
-# chunk (≈ 4 KB a record with its wire form), not every distinct flow of the interval (a
-# connection-rate workload: 100k+). The pipeline's own batches are no larger (MAX_BATCH_RECORDS).
-DRAIN_CHUNK_RECORDS = 8192
-# Of each collection interval, the share one drain may spend waiting for its chunks to be
-# consumed; past it the rest is handed on at once and the queues' bounds apply (counted drops),
-# so a stuck exporter cannot hold up the next drain.
-DRAIN_WAIT_SHARE = 0.5
 
 
 @functools.lru_cache(maxsize=65536)
@@ -203,12 +195,13 @@ class EbpfReceiver(Receiver):
             del raws[:]  # the raw entries of this chunk are not needed once decoded
             if not flows:
                 return
+            # The previous chunk first goes through the pipeline: one chunk in flight, one being
+            # built; a drain of one chunk never waits.
+            left = deadline - time.monotonic()
+            if handed and left > 0 and not wait_consumed(self.next_consumer, left):
+                telemetry.add(self.settings.id, "drain_waits_timed_out")
             handed += len(flows)
             self.next_consumer.consume(flows)
-            del flows
-            left = deadline - time.monotonic()
-            if left > 0 and not wait_consumed(self.next_consumer, left):
-                telemetry.add(self.settings.id, "drain_waits_timed_out")
 
         result = self._maps.drain(writers_stopped=writers_stopped, sink=hand_on, chunk=DRAIN_CHUNK_RECORDS)
         telemetry.add(self.settings.id, "records_out", handed)

@@ -2,7 +2,7 @@
 
 6000 distinct flows (3000 UDP datagrams from distinct source ports, seen on two veths) land in
 one interval; the drain hands them on in chunks of 1000 (the constant lowered for the test), each
-built only once the previous one went through the pipeline into the exporter. The exporter is
+handed on only once the previous one went through the pipeline into the exporter. The exporter is
 slow on purpose, so without the wait every chunk would pile up in the queues. Checked: no batch
 is larger than a chunk, the exporter never has a second chunk waiting behind the one it holds,
 and the flows' packets equal the veths' own counters (``ip -s link``) per interface and hook.
@@ -106,7 +106,7 @@ def test_drain_hands_on_chunk_by_chunk_and_stays_exact(monkeypatch: pytest.Monke
         assert len(flows) >= 2 * DATAGRAMS  # the sender's own flows, plus whatever else the veths carried
         assert max(exporter.batch_sizes) <= CHUNK
         assert sum(1 for n in exporter.batch_sizes if n == CHUNK) >= 2 * DATAGRAMS // CHUNK - 1
-        # The drain built each chunk after the previous one reached the exporter: never a
+        # The drain handed each chunk on after the previous one reached the exporter: never a
         # second chunk queued behind the one being exported.
         assert max(exporter.waiting_behind) < CHUNK, exporter.waiting_behind
         assert service.telemetry.snapshot().get(("ebpf", "drain_waits_timed_out"), 0) == 0

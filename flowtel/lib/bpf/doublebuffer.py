@@ -22,6 +22,15 @@ from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.layout import struct_for
 
 FLIP_GRACE_S = 0.02
+# Entries a drain hands on at a time (drain_chunks): each chunk is built once the previous one
+# went through the pipeline (or the wait ran out), so what an interval holds in memory is one
+# chunk (≈ 4 KB a flow record with its wire form), not every distinct key of the interval (a
+# connection-rate workload: 100k+). The pipeline's own batches are no larger (MAX_BATCH_RECORDS).
+DRAIN_CHUNK_RECORDS = 8192
+# Of each collection interval, the share one drain may spend waiting for its chunks to be
+# consumed; past it the rest is handed on at once and the queues' bounds apply (counted drops),
+# so a stuck exporter cannot hold up the next drain.
+DRAIN_WAIT_SHARE = 0.5
 
 T = TypeVar("T")
 
