@@ -20,6 +20,15 @@ attached and has drained a few intervals, then samples its VmRSS every 0.5 s:
   that many distinct flows per 10 s interval) plus DNS queries to a dnsmasq pod at about
   200/s, for ``--seconds``; the maximum and the final RSS are reported.
 
+- ``shipped config during <workload>`` (``--workloads conn,udp64``): bench/datapath.py's
+  workloads with their real clients, each against a fresh agent with the shipped config: RSS
+  before the workload, its peak from the workload's start to ``--tail`` seconds after its end
+  (the drains of the intervals it filled), and at the end of that tail. ``conn`` makes the
+  most distinct flows per interval (every connection is new flows on two veths and both
+  hooks): the case that sizes what one interval's drain holds in flight. With
+  ``--agent-tree DIR`` the same cases run alternately against another checkout's agent
+  (``DIR/.venv``), for a before/after in one session.
+
 Baseline, same run: a fresh interpreter that has imported bcc and compiled and loaded one
 trivial program (DESIGN.md: ≈ 150 MB, LLVM/clang in process), i.e. the floor of any
 bcc-based Python agent. Ratios are against it; the issue's target is ≤ 200 MB resident
@@ -258,6 +267,80 @@ def run(seconds: float = 20.0, flows: int = 10_000, static_pods: int = 10_000) -
     return cases, base
 
 
+@dataclass
+class WorkloadCase:
+    tree: str
+    workload: str
+    value: float  # the workload's own result (connections/s, datagrams/s, …)
+    before: float  # RSS once settled, before the workload
+    samples: list[float]  # RSS every 0.5 s from the workload's start to the end of the tail
+
+    @property
+    def peak(self) -> float:
+        return max(self.samples)
+
+
+def workload_cases(workloads: list[str], *, seconds: float = 5.0, tail: float = 25.0, rounds: int = 1,
+                   trees: list[Path | None] | None = None) -> list[WorkloadCase]:
+    """RSS of a fresh shipped-config agent over each workload and its tail (module docstring)."""
+    import threading
+
+    from bench.datapath import Bed, shipped_config as datapath_config
+
+    trees = trees or [None]
+    out: list[WorkloadCase] = []
+    Testbed.cleanup_stale()
+    with Testbed() as testbed, tempfile.TemporaryDirectory(prefix="flowtel-bench-memory-wl-") as tmp:
+        bed = Bed(testbed, Path(tmp))
+        n = 0
+        for _ in range(rounds):
+            for w in workloads:
+                for tree in trees:
+                    n += 1
+                    workdir = Path(tmp) / f"wl{n}"
+                    workdir.mkdir()
+                    config, _ = datapath_config(testbed.interface_glob, workdir)
+                    agent = Agent(config, workdir / "agent.log", tree=tree).start()
+                    try:
+                        for pod in testbed.pods.values():
+                            agent.wait_attached(pod)
+                        time.sleep(12)  # the first drains and the start's one-time work
+                        before = rss_mb(agent.pid)
+                        samples: list[float] = []
+                        stop = threading.Event()
+
+                        def sample() -> None:
+                            while not stop.wait(0.5):
+                                samples.append(rss_mb(agent.pid))
+
+                        t = threading.Thread(target=sample, daemon=True)
+                        t.start()
+                        value = bed.run(w, seconds)
+                        time.sleep(tail)
+                        stop.set()
+                        t.join()
+                        if not agent.alive():
+                            raise RuntimeError(f"flowtel run exited: {agent.log.read_text()[-2000:]}")
+                        out.append(WorkloadCase(str(tree or "this tree"), w, value, before, samples))
+                        print(f"{out[-1].tree:24} {w:6} before {before:6.1f} peak {out[-1].peak:6.1f} "
+                              f"end {samples[-1]:6.1f} MB ({value:,.0f}/s)", file=sys.stderr, flush=True)
+                    finally:
+                        agent.stop()
+    return out
+
+
+def workload_report(cases: list[WorkloadCase]) -> str:
+    lines = [f"{'agent':24} {'workload':8} {'rate/s':>10} {'before MB':>10} {'peak MB':>8} {'end MB':>8}   (medians of rounds)"]
+    keys = sorted({(c.tree, c.workload) for c in cases}, key=lambda k: (k[1], k[0]))
+    for tree, w in keys:
+        cs = [c for c in cases if (c.tree, c.workload) == (tree, w)]
+        lines.append(f"{tree:24} {w:8} {statistics.median(c.value for c in cs):10,.0f} "
+                     f"{statistics.median(c.before for c in cs):10.1f} {statistics.median(c.peak for c in cs):8.1f} "
+                     f"{statistics.median(c.samples[-1] for c in cs):8.1f}")
+    lines.append(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return "\n".join(lines)
+
+
 def _shipped_cases(bed: Testbed, client: Pod, tmp: Path, seconds: float, pods: int) -> list[Case]:
     from bench.k8sattributes import _serve
     from bench.kubeapi import start_server
@@ -315,7 +398,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--flows", type=int, default=10_000)
     parser.add_argument("--static-pods", type=int, default=10_000, help="0 to skip the k8sattributes case")
+    parser.add_argument("--workloads", default="", help="datapath workloads to sample RSS over, e.g. conn,udp64")
+    parser.add_argument("--workload-seconds", type=float, default=5.0)
+    parser.add_argument("--tail", type=float, default=25.0, help="seconds sampled after each workload")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the workload cases")
+    parser.add_argument("--agent-tree", type=Path, action="append", default=[],
+                        help="another checkout to run alternately with this one (its .venv); repeatable")
+    parser.add_argument("--only-workloads", action="store_true", help="skip the idle, pods and load cases")
     args = parser.parse_args(argv)
+    if args.workloads:
+        trees: list[Path | None] = [*args.agent_tree, None]
+        print(workload_report(workload_cases(args.workloads.split(","), seconds=args.workload_seconds, tail=args.tail,
+                                             rounds=args.rounds, trees=trees)), flush=True)
+        if args.only_workloads:
+            return 0
     print(report(run(args.seconds, args.flows, args.static_pods)), flush=True)
     return 0
 

@@ -113,17 +113,20 @@ service:
 class Agent:
     """``flowtel run --config`` as its own process."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, tree: Path | None = None) -> None:
         self.config = config
         self.log = log
+        # Another checkout's agent (its own .venv), to compare two builds in one session.
+        self.tree = tree
         self.t0 = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Agent":
         with open(self.log, "wb") as out:
             self.t0 = time.monotonic()
-            self.proc = subprocess.Popen([sys.executable, "-m", "flowtel.cli", "run", "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT)
+            python = str(self.tree / ".venv" / "bin" / "python") if self.tree is not None else sys.executable
+            self.proc = subprocess.Popen([python, "-m", "flowtel.cli", "run", "--config", str(self.config)],
+                                         stdout=out, stderr=subprocess.STDOUT, cwd=self.tree)
         return self
 
     @property

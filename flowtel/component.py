@@ -69,6 +69,19 @@ def consumer_wants(consumer: Consumer, signal: str) -> bool:
     return True if wants is None else bool(wants(signal))
 
 
+def wait_consumed(consumer: Consumer, timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until every batch handed to ``consumer`` so far has
+    gone through each stage it feeds: the pipelines' processors and their exporters' queues.
+
+    A receiver that hands on a large drain in chunks calls this between them, so one chunk at
+    a time is in flight instead of a whole interval's records. True once consumed; False on
+    timeout (the caller goes on: the queues' own bounds then drop and count). A consumer that
+    cannot tell (a test's list) is consumed at once.
+    """
+    wait = getattr(consumer, "wait_consumed", None)
+    return True if wait is None else bool(wait(timeout))
+
+
 @dataclass(slots=True)
 class CreateSettings:
     """What every component gets at creation besides its own config."""

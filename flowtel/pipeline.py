@@ -85,6 +85,9 @@ class BoundedQueue:
         self._closed = False
         self._busy = False
         self._last_warning = 0.0
+        # The queues this one's worker hands its batches to (a pipeline's exporter queues):
+        # what "consumed" waits for beyond this queue (_FanOut.wait_consumed).
+        self.downstream: list[BoundedQueue] = []
         telemetry.register_gauge(owner, "queue_size", lambda: self._size)
 
     def put(self, batch: list[Record]) -> bool:
@@ -209,6 +212,22 @@ class _FanOut:
     def wants(self, signal_name: str) -> bool:
         """Whether any pipeline takes this signal (receivers skip work nobody consumes)."""
         return signal_name in self.queues
+
+    def wait_consumed(self, timeout: float) -> bool:
+        """Wait until every pipeline fed from here, and each exporter (or connector) queue of
+        those pipelines, has handled what it was given (``flowtel.component.wait_consumed``).
+        A connector's own output (aggregated metric points) is not waited for."""
+        deadline = time.monotonic() + timeout
+        seen: set[int] = set()
+        for queues in self.queues.values():
+            for q in queues:
+                for stage in (q, *q.downstream):  # a pipeline's worker fills its exporter queues first
+                    if id(stage) in seen:
+                        continue
+                    seen.add(id(stage))
+                    if not stage.join(max(0.0, deadline - time.monotonic())):
+                        return False
+        return True
 
     def consume(self, batch: list[Record]) -> None:
         if not batch:
@@ -349,13 +368,14 @@ class Service:
 
         for pid, spec in cfg.pipelines.items():
             q = BoundedQueue(f"pipeline/{pid}", self._queue_records, self.telemetry)
-            procs = []
+            procs: list[Processor] = []
             for proc_id in spec.processors:
                 # Processors keep per-pipeline state, as in the Collector: one instance each.
                 proc = self._create_processor(proc_id)
                 self.processors[(pid, proc_id)] = proc
                 procs.append(proc)
             self._pipelines[pid] = _BuiltPipeline(spec, q, procs)
+            q.downstream = self._pipelines[pid].exporter_queues  # the same list, filled below
             for rid in spec.receivers:
                 fanouts.setdefault(rid, _FanOut()).add(spec.signal, q)
 

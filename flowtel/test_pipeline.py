@@ -19,6 +19,7 @@ from flowtel.component import (
     ProcessorFactory,
     Receiver,
     ReceiverFactory,
+    wait_consumed,
 )
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
@@ -377,3 +378,32 @@ def test_processor_ticks_go_through_later_processors_and_survive_a_failure() -> 
     ticks = svc.processors[("logs", "ticking")].ticks  # type: ignore[attr-defined]
     time.sleep(0.15)
     assert svc.processors[("logs", "ticking")].ticks == ticks  # type: ignore[attr-defined]  # no ticks after shutdown
+
+
+def test_wait_consumed_returns_once_every_exporter_has_handled_the_batch() -> None:
+    # What a chunked drain relies on: after wait_consumed, the batches handed on so far are in
+    # every exporter of every pipeline fed, the slow one and the tapping extension included.
+    svc = build(
+        {
+            "receivers": {"src": {}},
+            "processors": {"tag": {}},
+            "exporters": {"sink/slow": {"delay": 0.3}, "sink/fast": {}},
+            "extensions": {"tap": {}},
+            "service": {"extensions": ["tap"],
+                        "pipelines": {"logs": {"receivers": ["src"], "processors": ["tag"],
+                                               "exporters": ["sink/slow", "sink/fast"]}}},
+        }
+    )
+    svc.start()
+    try:
+        consumer = svc.receivers["src"].next_consumer
+        for chunk in range(3):
+            consumer.consume([flow(chunk * 10 + i) for i in range(10)])
+            assert wait_consumed(consumer, 10.0)
+            for got in (svc.exporters["sink/slow"].got, svc.exporters["sink/fast"].got, svc.extensions["tap"].got):
+                assert sorted(r.src_port for r in got if isinstance(r, Flow)) == list(range(chunk * 10 + 10))
+        # Bounded: a consumer that cannot finish in time says so instead of blocking.
+        consumer.consume([flow(99)])
+        assert not wait_consumed(consumer, 0.05)
+    finally:
+        svc.shutdown()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.constants import HEADER
@@ -79,16 +79,22 @@ class FlowMaps:
         self._seen[index] = value
         return delta
 
-    def drain(self, *, writers_stopped: bool = False) -> DrainResult:
+    def drain(self, *, writers_stopped: bool = False, sink: Callable[[list[RawFlow]], None] | None = None,
+              chunk: int = 8192) -> DrainResult:
         """Report and clear everything counted since the last drain.
 
         With ``writers_stopped`` (programs detached) both maps are emptied without a flip.
+        With ``sink`` the flows go to it in lists of at most ``chunk`` as they are decoded
+        (:meth:`DoubleBuffer.drain_chunks`) and the result's ``flows`` is empty.
         """
         with self._lock:
-            drained = self._buffer.drain(writers_stopped=writers_stopped)
-            self._evicted_total += drained.evicted
-            return DrainResult(drained.entries, drained.evicted, self._delta(CNT_FLOW_UPDATE_FAIL),
-                               self._delta(CNT_IFACE_UPDATE_FAIL))
+            if sink is None:
+                drained = self._buffer.drain(writers_stopped=writers_stopped)
+                flows, evicted = drained.entries, drained.evicted
+            else:
+                flows, evicted = [], self._buffer.drain_chunks(sink, chunk, writers_stopped=writers_stopped)
+            self._evicted_total += evicted
+            return DrainResult(flows, evicted, self._delta(CNT_FLOW_UPDATE_FAIL), self._delta(CNT_IFACE_UPDATE_FAIL))
 
     @property
     def evicted_total(self) -> int:

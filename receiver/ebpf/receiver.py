@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants
+from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants, wait_consumed
 from flowtel.errors import StartError
 from flowtel.records import Flow, LostEvents, Record, packet_flow, tcp_flag_counts
 import bpf as bpf_sources
@@ -25,6 +25,7 @@ from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf.release import release_compiler_memory
 from receiver.ebpf.dnsring import install_program as install_dns_program
 from flowtel.lib.bpf.tcattach import SlotAllocator
+from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DRAIN_WAIT_SHARE
 from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
 from receiver.ebpf.reply import ReplyInference
@@ -184,11 +185,29 @@ class EbpfReceiver(Receiver):
 
     def _drain_once(self, *, writers_stopped: bool) -> None:
         assert self._maps is not None
-        result = self._maps.drain(writers_stopped=writers_stopped)
-        records: list[Record] = [*self._to_flows(result.flows)]
+        telemetry = self.settings.telemetry
+        deadline = time.monotonic() + self.config.collection_interval * DRAIN_WAIT_SHARE
+        handed = 0
+
+        def hand_on(raws: list[RawFlow]) -> None:
+            nonlocal handed
+            flows: list[Record] = [*self._to_flows(raws)]
+            del raws[:]  # the raw entries of this chunk are not needed once decoded
+            if not flows:
+                return
+            # The previous chunk first goes through the pipeline: one chunk in flight, one being
+            # built; a drain of one chunk never waits.
+            left = deadline - time.monotonic()
+            if handed and left > 0 and not wait_consumed(self.next_consumer, left):
+                telemetry.add(self.settings.id, "drain_waits_timed_out")
+            handed += len(flows)
+            self.next_consumer.consume(flows)
+
+        result = self._maps.drain(writers_stopped=writers_stopped, sink=hand_on, chunk=DRAIN_CHUNK_RECORDS)
+        telemetry.add(self.settings.id, "records_out", handed)
+        records: list[Record] = []
         now = time.time_ns()
         node = self.settings.node_name
-        telemetry = self.settings.telemetry
         if result.evicted:
             telemetry.add(self.settings.id, "flows_evicted", result.evicted)
             records.append(LostEvents(now, LOST_FLOW_MAP_FULL, result.evicted, node))

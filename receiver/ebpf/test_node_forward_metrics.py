@@ -38,7 +38,7 @@ def test_no_traffic_still_gives_both_directions() -> None:
 
 
 class _Maps:
-    def drain(self, *, writers_stopped: bool) -> DrainResult:
+    def drain(self, *, writers_stopped: bool, sink: object = None, chunk: int = 0) -> DrainResult:
         return DrainResult([], 0, 0)
 
 

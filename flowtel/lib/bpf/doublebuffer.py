@@ -22,6 +22,15 @@ from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.layout import struct_for
 
 FLIP_GRACE_S = 0.02
+# Entries a drain hands on at a time (drain_chunks): each chunk is built once the previous one
+# went through the pipeline (or the wait ran out), so what an interval holds in memory is one
+# chunk (≈ 4 KB a flow record with its wire form), not every distinct key of the interval (a
+# connection-rate workload: 100k+). The pipeline's own batches are no larger (MAX_BATCH_RECORDS).
+DRAIN_CHUNK_RECORDS = 8192
+# Of each collection interval, the share one drain may spend waiting for its chunks to be
+# consumed; past it the rest is handed on at once and the queues' bounds apply (counted drops),
+# so a stuck exporter cannot hold up the next drain.
+DRAIN_WAIT_SHARE = 0.5
 
 T = TypeVar("T")
 
@@ -74,6 +83,22 @@ class DoubleBuffer(Generic[T]):
 
         With ``writers_stopped`` (programs detached) both maps are emptied without a flip.
         """
+        out: list[T] = []
+        evicted = self.drain_chunks(out.extend, len(self._keys), writers_stopped=writers_stopped)
+        return Drained(out, evicted)
+
+    def drain_chunks(self, sink: Callable[[list[T]], None], chunk: int, *, writers_stopped: bool = False) -> int:
+        """:meth:`drain`, handing the entries to ``sink`` in lists of at most ``chunk``; returns
+        the evicted count.
+
+        The kernel side is the same (one flip, each map emptied into this object's buffers in
+        one pass), so exactness does not depend on the chunking; only the Python objects are
+        built a chunk at a time, each after ``sink`` returned from the previous one. A sink that
+        waits until its chunk went through the pipeline bounds what one interval holds in
+        memory by the chunk, not by the number of distinct flows in the interval.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
         with self._lock:
             if writers_stopped:
                 time.sleep(FLIP_GRACE_S)
@@ -83,27 +108,31 @@ class DoubleBuffer(Generic[T]):
                 self._set_active(1 - old)
                 time.sleep(FLIP_GRACE_S)
                 slots = [old]
-            out: list[T] = []
             evicted = 0
             for slot in slots:
-                self._drained_total[slot] += self._drain_slot(slot, out)
+                self._drain_slot(slot, sink, chunk)
                 lost = self._counter(self._created[slot]) - self._drained_total[slot]
                 if lost > 0:
                     # Counted once: later drains compare against the new baseline.
                     self._drained_total[slot] += lost
                     evicted += lost
-            return Drained(out, evicted)
+            return evicted
 
-    def _drain_slot(self, slot: int, out: list[T]) -> int:
+    def _drain_slot(self, slot: int, sink: Callable[[list[T]], None], chunk: int) -> None:
         table = self._maps[slot]
         ksz = ctypes.sizeof(table.Key)
         vsz = ctypes.sizeof(table.Leaf)
         total = read_batch(table.get_fd(), self._keys, ksz, self._values, vsz, self.max_entries,
                            delete=True, name=f"{self._name}_{slot}")
+        # Counted as drained before the sink sees them: a sink that fails part-way loses
+        # entries it was handed (its caller counts the failure), they were not evicted.
+        self._drained_total[slot] += total
         if total:
             kbuf = memoryview(self._keys).cast("B")[: ksz * total]
             vbuf = memoryview(self._values).cast("B")[: vsz * total]
             kf, vf, make = self._key_fields, self._leaf_fields, self._make
-            for k, v in zip(self._key_struct.iter_unpack(kbuf), self._leaf_struct.iter_unpack(vbuf)):
-                out.append(make(*[k[i] for i in kf], *[v[i] for i in vf]))
-        return total
+            for start in range(0, total, chunk):
+                end = min(total, start + chunk)
+                keys = self._key_struct.iter_unpack(kbuf[ksz * start: ksz * end])
+                values = self._leaf_struct.iter_unpack(vbuf[vsz * start: vsz * end])
+                sink([make(*[k[i] for i in kf], *[v[i] for i in vf]) for k, v in zip(keys, values)])

@@ -278,7 +278,7 @@ class _EndpointForm:
         """The mapping as orjson encodes it (raises orjson.JSONEncodeError where it cannot)."""
         data = self._text
         if data is None:
-            data = self._text = _dumps(self.json)
+            data = self._text = _kept(_dumps(self.json))
         return data
 
 
@@ -532,7 +532,7 @@ def _string(value: str) -> bytes:
     """A short string that recurs (a summary, a drop reason) as JSON, encoded once."""
     data = _strings.get(value)
     if data is None:
-        data = _dumps(value)
+        data = _kept(_dumps(value))
         if len(_strings) >= _PART_CACHE_MAX:
             _strings.clear()
         _strings[value] = data
@@ -835,6 +835,17 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
 # before fails now.
 _dumps = orjson.dumps
 _stdlib = _json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _kept(data: bytes) -> bytes:
+    """A right-sized copy of orjson output that outlives the call.
+
+    orjson (3.12 on) returns bytes whose allocation is its growing write buffer, never shrunk:
+    ≥ 4 KB for a 240-byte flow, 8 KB for a 1.5 KB one (tracemalloc). A form cached on a record
+    lives as long as the record: in every queue it waits in and in the Hubble ring (4095
+    flows, 33 MB of such buffers measured in the agent). The copy costs ≈ 0.6 µs.
+    """
+    return bytes(memoryview(data))
 
 
 def _encode(obj: Any) -> bytes:

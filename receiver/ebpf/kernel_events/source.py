@@ -28,13 +28,13 @@ import threading
 import time
 from typing import Any, Sequence
 
-from flowtel.component import Consumer, Telemetry, consumer_wants
+from flowtel.component import Consumer, Telemetry, consumer_wants, wait_consumed
 from flowtel.errors import StartError
 from flowtel.lib.bpf import btf as btf_mod
 from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf import tracefs
 from flowtel.lib.bpf.batch import read_batch
-from flowtel.lib.bpf.doublebuffer import DoubleBuffer
+from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DRAIN_WAIT_SHARE, DoubleBuffer
 from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
 from receiver.ebpf.kernel_events import decode, program
@@ -269,23 +269,40 @@ class KernelEvents:
         """Drain the drop and connection flows, report new losses, and emit the metric points."""
         now = time.time_ns()
         records: list[Record] = []
+        offset = now - time.monotonic_ns()
+        # Drop and connection flows go on a chunk at a time, each once the previous one went
+        # through the pipeline (as the ebpf receiver's flow drain): a flood of distinct drops or
+        # a connection-rate workload holds two chunks in memory, not an interval. A collection
+        # of one chunk (the usual case) never waits, so the ring reads on this thread go on.
+        deadline = time.monotonic() + self.config.collection_interval * DRAIN_WAIT_SHARE
+        handed = 0
+
+        def hand_on(flows: list[Flow]) -> None:
+            nonlocal handed
+            left = deadline - time.monotonic()
+            if flows and handed and left > 0 and not wait_consumed(self._consumer, left):
+                self._telemetry.add(self._id, "drain_waits_timed_out")
+            handed += len(flows)
+            self._emit(flows)
+
         if self._drops is not None and self._drop_decoder is not None:
-            drained = self._drops.drain(writers_stopped=writers_stopped)
-            offset = now - time.monotonic_ns()
-            records += self._drop_decoder.decode(drained.entries, offset)
-            if drained.evicted:
-                self._telemetry.add(self._id, "kernel_events_lost", drained.evicted)
-                records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, drained.evicted, self._node))
+            drop_decoder = self._drop_decoder
+            evicted = self._drops.drain_chunks(lambda raws: hand_on(drop_decoder.decode(raws, offset)),
+                                               DRAIN_CHUNK_RECORDS, writers_stopped=writers_stopped)
+            if evicted:
+                self._telemetry.add(self._id, "kernel_events_lost", evicted)
+                records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, evicted, self._node))
                 log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
-                            "kernel_events.drops.max_flows)", drained.evicted)
+                            "kernel_events.drops.max_flows)", evicted)
         if self._conns is not None and self._conn_decoder is not None:
-            drained_conns = self._conns.drain(writers_stopped=writers_stopped)
-            records += self._conn_decoder.decode(drained_conns.entries, now - time.monotonic_ns())
-            if drained_conns.evicted:
-                self._telemetry.add(self._id, "kernel_events_lost", drained_conns.evicted)
-                records.append(LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, drained_conns.evicted, self._node))
+            conn_decoder = self._conn_decoder
+            evicted = self._conns.drain_chunks(lambda raws: hand_on(conn_decoder.decode(raws, offset)),
+                                               DRAIN_CHUNK_RECORDS, writers_stopped=writers_stopped)
+            if evicted:
+                self._telemetry.add(self._id, "kernel_events_lost", evicted)
+                records.append(LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, evicted, self._node))
                 log.warning("connection flow map full: %d connection flows evicted before the drain "
-                            "(raise kernel_events.tcp.max_connection_flows)", drained_conns.evicted)
+                            "(raise kernel_events.tcp.max_connection_flows)", evicted)
         counters = self._last_counters = self._counters()
         for source, count in decode.lost_deltas(counters, self._lost_seen):
             self._telemetry.add(self._id, "kernel_events_lost", count)
