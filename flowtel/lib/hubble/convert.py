@@ -204,7 +204,7 @@ def flow_text_bytes(flow: Flow) -> bytes:
             data = form.text_bytes = line[len(_FLOW_KEY):len(line) - tail]
             return data
         if form.given:
-            data = _encode(flow_json(flow))
+            data = _kept(_encode(flow_json(flow)))
         else:
             try:
                 data = _flow_text(flow, form.serial, form.time)
