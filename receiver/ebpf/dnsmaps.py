@@ -88,7 +88,7 @@ class DnsMaps:
 
     def __init__(self, bpf: Any, counter_index: dict[str, int]) -> None:
         self._aggs = [_Batch(bpf["dns_agg_0"]), _Batch(bpf["dns_agg_1"])]
-        expected_key = [f for f in AggKey.__slots__]
+        expected_key = list(AggKey._fields)
         if self._aggs[0].key_names != expected_key or self._aggs[0].leaf_names != ["messages", "first_ns", "last_ns"]:
             raise RuntimeError(f"bpf/flowtel.h struct dns_agg_key {self._aggs[0].key_names} does not match "
                                f"AggKey {expected_key}")

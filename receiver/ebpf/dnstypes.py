@@ -6,11 +6,16 @@ pure logic in :mod:`receiver.ebpf.dns` and its tests do not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class AggKey:
-    """``struct dns_agg_key`` (padding removed), hashable: it keys user space's tallies."""
+class AggKey(NamedTuple):
+    """``struct dns_agg_key`` (padding removed), hashable: it keys user space's tallies.
+
+    A named tuple, not a frozen dataclass: one is built per sample and per drained key, and
+    hashed into the tallies and the flow templates; a tuple is built and hashed in C (a
+    frozen dataclass of 12 fields costs ~3 µs to build and ~1 µs per hash, measured).
+    """
 
     saddr: bytes
     daddr: bytes
