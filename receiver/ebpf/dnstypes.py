@@ -31,16 +31,16 @@ class AggKey(NamedTuple):
     protocol: int
 
 
-@dataclass(frozen=True, slots=True)
-class Aggregate:
+class Aggregate(NamedTuple):
+    """One drained ``dns_agg_<slot>`` entry (a named tuple, as AggKey: one per key a drain)."""
+
     key: AggKey
     messages: int
     first_ns: int
     last_ns: int
 
 
-@dataclass(frozen=True, slots=True)
-class Expired:
+class Expired(NamedTuple):
     """A request that got no response within the timeout (``dns_pending`` key and value)."""
 
     client: bytes
