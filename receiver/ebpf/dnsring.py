@@ -24,7 +24,7 @@ import os
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import bpf as bpf_sources
 from flowtel.component import Consumer, CreateSettings, consumer_wants
@@ -110,8 +110,10 @@ class _Decoder:
         # DnsEvent's fields in its order, before and after payload, picked in C and passed by
         # position (keywords built per record cost ~5 µs of the reader's time, measured).
         split = wanted.index("kind")
-        self._before = operator.itemgetter(*(index[f] for f in wanted[:split]))
-        self._after = operator.itemgetter(*(index[f] for f in wanted[split:]))
+        self._before: Callable[[tuple[Any, ...]], tuple[Any, ...]] = operator.itemgetter(
+            *(index[f] for f in wanted[:split]))
+        self._after: Callable[[tuple[Any, ...]], tuple[Any, ...]] = operator.itemgetter(
+            *(index[f] for f in wanted[split:]))
         if [f for f in DnsEvent.__slots__ if f != "__weakref__"] != wanted[:split] + ["payload"] + wanted[split:]:
             raise RuntimeError("DnsEvent's fields are not in the order the decoder passes them")
         self._cap_len = index["cap_len"]
@@ -120,7 +122,7 @@ class _Decoder:
         values = self._hdr.unpack_from(record)
         start = self.payload_offset
         payload = record[start : start + values[self._cap_len]]
-        return DnsEvent(*self._before(values), payload, *self._after(values))
+        return DnsEvent(*(self._before(values) + (payload,) + self._after(values)))
 
 
 class DnsRing:
