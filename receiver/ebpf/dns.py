@@ -73,6 +73,11 @@ MAX_ANSWERS = 4096
 # Flow fields of each parsed message (shared by every message that differs only in its ID),
 # kept for the per-message flows: at most this many, then forgotten all at once.
 MAX_INFOS = 4096
+# A query with one question and no records (what stub resolvers send without EDNS): QDCOUNT 1,
+# AN/NS/ARCOUNT 0; opcode QUERY (the opcode's 4 bits in the third header byte).
+_ONE_QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+_OPCODE_MASK = 0x78
+DNS_BARE_QUERY_LEN = 12 + 1 + 4  # header, the root name, qtype and qclass
 
 
 @dataclass(slots=True)
@@ -213,6 +218,9 @@ class DnsTracker:
         # same object for every message that differs only in its ID; holding it keeps its id
         # unique.
         self._infos: dict[int, tuple[DnsMessage, DnsInfo]] = {}
+        # (name hash, qtype) -> l7 of a bare query (_bare_query): the kernel's hash and qtype
+        # say which, as they name aggregated flows.
+        self._query_infos: dict[tuple[int, int], DnsInfo] = {}
         # Pending-map keys of sampled requests dnspython rejected (not unanswered when they expire).
         self._rejected_requests: dict[tuple[bytes, bytes, int, int, int, int, int, int], None] = {}
 
@@ -230,13 +238,13 @@ class DnsTracker:
                 counts.names += 1
                 self._learn(ev)
                 continue
-            msg = self._sample(ev)
-            if msg is None:
+            info = self._sample(ev)
+            if info is None:
                 continue
             iface = ifaces.get(ev.ifindex)
             if iface is None and ev.ifindex not in ifaces:
                 iface = ifaces[ev.ifindex] = self._interface_of(ev.ifindex)
-            out.append(self._sampled_flow(ev, msg, iface, offset))
+            out.append(self._sampled_flow(ev, info, iface, offset))
         return out
 
     def _learn(self, ev: DnsEvent) -> None:
@@ -254,12 +262,39 @@ class DnsTracker:
                 pass  # the capture ended inside the name: the parse below says what it is
         self._parse(ev, ev.agg_key(), None)
 
-    def _sample(self, ev: DnsEvent) -> DnsMessage | None:
+    def _sample(self, ev: DnsEvent) -> DnsInfo | None:
         """A MESSAGE sample the kernel has counted: parsed for its flow, never counted again."""
         key = ev.agg_key()
         sampled = self._sampled[ev.slot & 1]
         sampled[key] = sampled.get(key, 0) + 1
-        return self._parse(ev, key, sampled)
+        info = self._bare_query(ev)
+        if info is not None:
+            return info
+        msg = self._parse(ev, key, sampled)
+        return None if msg is None else self._info_of(msg)
+
+    def _bare_query(self, ev: DnsEvent) -> DnsInfo | None:
+        """l7 of a whole QUERY request that holds its question and nothing else, without
+        dnspython: the kernel has checked all of it already (header, name, qtype and qclass
+        inside the message), so dnspython could only agree. None for any other message."""
+        p = ev.payload
+        if (ev.is_response or ev.status != STATUS_OK or not ev.name_hash or len(p) < ev.orig_len
+                or len(p) < DNS_BARE_QUERY_LEN or p[4:12] != _ONE_QUESTION_ONLY or p[2] & _OPCODE_MASK):
+            return None
+        ik = (ev.name_hash, ev.qtype)
+        info = self._query_infos.get(ik)
+        if info is None:
+            try:
+                query = question_name(p)
+            except MalformedMessage:
+                return None  # dnspython's parse says what it is
+            info = DnsInfo(query=query, qtypes=(type_text(ev.qtype),))
+            if len(self._query_infos) >= MAX_INFOS:
+                self._query_infos.clear()
+            self._query_infos[ik] = info
+        if ev.name_hash not in self._names:
+            _remember(self._names, ev.name_hash, info.query, MAX_NAMES)
+        return info
 
     def _parse(self, ev: DnsEvent, key: AggKey, sampled: dict[AggKey, int] | None) -> DnsMessage | None:
         complete = len(ev.payload) >= ev.orig_len
@@ -302,20 +337,23 @@ class DnsTracker:
             _remember(self._answers, (ev.name_hash, ev.qtype, ev.rcode), msg, MAX_ANSWERS)
         return msg
 
-    def _sampled_flow(self, ev: DnsEvent, msg: DnsMessage, iface: Interface | None, offset: int) -> Flow:
+    def _info_of(self, msg: DnsMessage) -> DnsInfo:
         held = self._infos.get(id(msg))
         if held is not None and held[0] is msg:
-            info = held[1]
-        else:
-            info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes), rcode=msg.rcode, ips=tuple(msg.ips),
-                           ttl=msg.ttl, cnames=tuple(msg.cnames), rrtypes=tuple(msg.rrtypes)) if msg.is_response \
-                else DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes))
-            if len(self._infos) >= MAX_INFOS:
-                self._infos.clear()
-            self._infos[id(msg)] = (msg, info)
+            return held[1]
+        info = DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes), rcode=msg.rcode, ips=tuple(msg.ips),
+                       ttl=msg.ttl, cnames=tuple(msg.cnames), rrtypes=tuple(msg.rrtypes)) if msg.is_response \
+            else DnsInfo(query=msg.query, qtypes=tuple(msg.qtypes))
+        if len(self._infos) >= MAX_INFOS:
+            self._infos.clear()
+        self._infos[id(msg)] = (msg, info)
+        return info
+
+    def _sampled_flow(self, ev: DnsEvent, info: DnsInfo, iface: Interface | None, offset: int) -> Flow:
+        # The header's QR bit, which the kernel read as dnspython does.
         return dns_flow(self.node_name, family=ev.family, saddr=ev.saddr, daddr=ev.daddr, protocol=ev.protocol,
                         sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, hook=ev.hook, iface=iface,
-                        kind=EventKind.DNS_RESPONSE if msg.is_response else EventKind.DNS_REQUEST, info=info,
+                        kind=EventKind.DNS_RESPONSE if ev.is_response else EventKind.DNS_REQUEST, info=info,
                         time_ns=ev.ts_ns + offset, latency_ns=ev.latency_ns)
 
     # -- the kernel's aggregates ----------------------------------------------------------
