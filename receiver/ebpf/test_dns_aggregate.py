@@ -200,3 +200,42 @@ def test_a_name_sample_dnspython_rejects_is_a_parse_error_not_a_message() -> Non
     out = t.reconcile(0, [Aggregate(key(reply=True), 3, 0, 0)])
     assert [f.extensions["count"] for f in out] == [2]
     assert (t.counts.responses, t.counts.parse_errors, t.counts.reclassified) == (2, 1, 1)
+
+
+def test_aggregated_flows_are_rebuilt_when_their_name_or_answer_changes() -> None:
+    """Each key's record is built once and reused drain after drain (only time and count
+    change), until the name or the answer it shows does."""
+    t = tracker()
+    unnamed = t.reconcile(0, [Aggregate(key(reply=True), 4, 0, 10)])[0]
+    assert unnamed.l7 is not None and unnamed.l7.query == "" and unnamed.extensions[EXTENSION_QUERY_HASH]
+    q = query()
+    name = sample(q.to_wire(), reply=False)
+    name.kind = KIND_NAME
+    t.process([name])  # a request: its name only
+    named = t.reconcile(1, [Aggregate(key(reply=True), 4, 0, 20)])[0]
+    assert named.l7 is not None and (named.l7.query, named.l7.ips) == ("web.example.", ())
+    assert EXTENSION_QUERY_HASH not in named.extensions
+    again = t.reconcile(0, [Aggregate(key(reply=True), 7, 0, 30)])[0]
+    assert again.l7 is named.l7 and (again.extensions["count"], again.time_ns) == (7, 30 + OFFSET)
+    resp = sample(answer(q), reply=True)
+    resp.kind = KIND_NAME
+    t.process([resp])
+    answered = t.reconcile(1, [Aggregate(key(reply=True), 2, 0, 40)])[0]
+    assert answered.l7 is not None and (answered.l7.ips, answered.l7.ttl) == (("192.0.2.1",), 60)
+    assert answered.wire_memo is not again.wire_memo  # each record encodes on its own
+
+
+def test_a_bare_query_is_reported_as_dnspython_reads_it_without_a_parse() -> None:
+    """A QUERY with its question and nothing else is all checked by the kernel: its flow
+    comes from the question alone, the same l7 as dnspython's (escapes included)."""
+    for name in ("Web.Example.", "we ird.a\\.b.example."):
+        q = dns.message.make_query(name, "AAAA", use_edns=False)
+        t = tracker()
+        (flow,) = t.process([sample(q.to_wire(), reply=False, qtype=AAAA)])
+        with_edns = dns.message.make_query(name, "AAAA", use_edns=0)  # an OPT record: dnspython reads it
+        (parsed,) = tracker().process([sample(with_edns.to_wire(), reply=False, qtype=AAAA)])
+        assert flow.l7 == parsed.l7 and flow.l7 is not None and flow.l7.qtypes == ("AAAA",)
+        assert (flow.l7_type, flow.src_port, flow.dst_port) == ("REQUEST", 40000, 53)
+        # It names the key's aggregate, and counts once there.
+        (agg,) = t.reconcile(0, [Aggregate(key(reply=False, qtype=AAAA), 3, 0, 0)])
+        assert agg.l7 is not None and agg.l7.query == flow.l7.query and agg.extensions["count"] == 2

@@ -11,7 +11,7 @@ import dns.rrset
 import dns.tsigkeyring
 import pytest
 
-from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message
+from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_message, parse_shared, question_name
 from tests import dnsfuzz
 
 
@@ -46,6 +46,26 @@ def test_valid_messages_give_the_fields_a_flow_shows() -> None:
         ips=["2001:db8::7"], rrtypes=["AAAA"], ttl=30)
     assert parse_message(nx, True) == DnsMessage(id=0x9ABC, is_response=True, rcode=3, query="nope.example.",
                                                  qtypes=["MX"])
+
+
+@pytest.mark.parametrize("name", ["Host1.Example.", "_sip._tcp.A-B.example.", ".", "a\\.b.example.",
+                                  "sp ace.example.", "x\\255y.example.", "at\\@sign.", "q\\\"uote.", "a" * 63 + "."])
+def test_question_name_alone_reads_as_the_whole_message_does(name: str) -> None:
+    wire = dns.message.make_query(name, "A", id=0x4321).to_wire()
+    assert question_name(wire) == parse_message(wire, True).query
+
+
+def test_question_name_of_a_cut_name_is_malformed() -> None:
+    wire = dns.message.make_query("long-label.example.", "A").to_wire()
+    with pytest.raises(MalformedMessage):
+        question_name(wire[:18])
+
+
+def test_messages_that_differ_only_in_their_id_share_one_parse() -> None:
+    a = dns.message.make_query("shared.example.", "A", id=1).to_wire()
+    b = dns.message.make_query("shared.example.", "A", id=2).to_wire()
+    assert parse_shared(a, True) is parse_shared(b, True) and parse_shared(a, True).id == 0
+    assert parse_message(b, True).id == 2
 
 
 def test_repeated_records_and_trailing_bytes() -> None:
