@@ -138,6 +138,9 @@ class Proxy:
     """`flowtel dnsproxy` as a child process with its own pin dir, nft table and listen address
     (all derived from the test process's pid, so concurrent runs do not collide)."""
 
+    # Subclasses that build their own argv (test_fqdn_kube_e2e.py) use the shared defaults.
+    route: tuple[int, int, int] | None = None
+
     def __init__(self, bed: Bed, tmp: Path, *, upstream: str | None, audit: bool = False,
                  extra: tuple[str, ...] = (), instance: int = 0, policies: Path | None = None,
                  route: tuple[int, int, int] | None = None) -> None:
