@@ -466,35 +466,7 @@ def _flow_dict(flow: Flow, uuid: str, time: str) -> dict[str, Any]:
             l7["dns"] = _dns_json(flow.l7)
         out["l7"] = l7
     is_reply = flow.is_reply if kind is not EventKind.DNS_UNANSWERED else None
-    if is_reply:
-        out["reply"] = True  # deprecated twin of is_reply that Hubble still fills
-
-    direction = flow.traffic_direction
-    observation_point = None
-    if is_dns:
-        out["event_type"] = _EVENT_ACCESS_LOG
-    elif is_tcp_event:
-        out["event_type"] = _EVENT_TRACE_SOCK
-    elif verdict is Verdict.DROPPED:
-        out["event_type"] = _drop_event_type(flow.drop_reason)
-    elif verdict is Verdict.AUDIT:
-        out["event_type"] = _EVENT_POLICY_VERDICT
-    elif direction is TrafficDirection.EGRESS:
-        out["event_type"] = _EVENT_FROM_ENDPOINT
-        observation_point = "FROM_ENDPOINT"
-    elif direction is TrafficDirection.INGRESS:
-        out["event_type"] = _EVENT_TRACE  # sub_type TO_ENDPOINT is 0: omitted
-        observation_point = "TO_ENDPOINT"
-    else:
-        out["event_type"] = _EVENT_TRACE
-    if direction is not TrafficDirection.UNKNOWN:
-        out["traffic_direction"] = direction._value_
-    if observation_point is not None:
-        out["trace_observation_point"] = observation_point
-    if cilium_reason and cilium_reason != "DROP_REASON_UNKNOWN":
-        out["drop_reason_desc"] = cilium_reason
-    if is_reply is not None:
-        out["is_reply"] = is_reply
+    out.update(_tail_members(kind, verdict, flow.drop_reason, cilium_reason, flow.traffic_direction, is_reply))
     if flow.ifindex or flow.ifname:
         out["interface"] = _interface_json(flow.ifindex, flow.ifname)
     out["Summary"] = summary(flow)
@@ -583,6 +555,41 @@ def _l4_text(flow: Flow, is_dns: bool) -> bytes:
     return b""
 
 
+def _tail_members(kind: EventKind, verdict: Verdict, drop_reason: str, cilium_reason: str,
+                  direction: TrafficDirection, is_reply: bool | None) -> dict[str, Any]:
+    """The flow's members from ``reply`` to ``is_reply``, in Hubble's order: one definition
+    for the mapping (:func:`_flow_dict`) and the text's cached part (:func:`_tail_part`)."""
+    out: dict[str, Any] = {}
+    if is_reply:
+        out["reply"] = True  # deprecated twin of is_reply that Hubble still fills
+    observation_point = None
+    if kind.is_dns:
+        out["event_type"] = _EVENT_ACCESS_LOG
+    elif kind.is_tcp_event:
+        out["event_type"] = _EVENT_TRACE_SOCK
+    elif verdict is Verdict.DROPPED:
+        out["event_type"] = _drop_event_type(drop_reason)
+    elif verdict is Verdict.AUDIT:
+        out["event_type"] = _EVENT_POLICY_VERDICT
+    elif direction is TrafficDirection.EGRESS:
+        out["event_type"] = _EVENT_FROM_ENDPOINT
+        observation_point = "FROM_ENDPOINT"
+    elif direction is TrafficDirection.INGRESS:
+        out["event_type"] = _EVENT_TRACE  # sub_type TO_ENDPOINT is 0: omitted
+        observation_point = "TO_ENDPOINT"
+    else:
+        out["event_type"] = _EVENT_TRACE
+    if direction is not TrafficDirection.UNKNOWN:
+        out["traffic_direction"] = direction._value_
+    if observation_point is not None:
+        out["trace_observation_point"] = observation_point
+    if cilium_reason and cilium_reason != "DROP_REASON_UNKNOWN":
+        out["drop_reason_desc"] = cilium_reason
+    if is_reply is not None:
+        out["is_reply"] = is_reply
+    return out
+
+
 def _tail_part(kind: EventKind, verdict: Verdict, drop_reason: str, cilium_reason: str,
                direction: TrafficDirection, is_reply: bool | None) -> bytes:
     """From ``reply`` to ``is_reply``: what follows from the record's kind, verdict,
@@ -590,34 +597,7 @@ def _tail_part(kind: EventKind, verdict: Verdict, drop_reason: str, cilium_reaso
     key = (kind, verdict, drop_reason, direction, is_reply)
     part = _tail_parts.get(key)
     if part is None:
-        out: dict[str, Any] = {}
-        if is_reply:
-            out["reply"] = True
-        observation_point = None
-        if kind.is_dns:
-            out["event_type"] = _EVENT_ACCESS_LOG
-        elif kind.is_tcp_event:
-            out["event_type"] = _EVENT_TRACE_SOCK
-        elif verdict is Verdict.DROPPED:
-            out["event_type"] = _drop_event_type(drop_reason)
-        elif verdict is Verdict.AUDIT:
-            out["event_type"] = _EVENT_POLICY_VERDICT
-        elif direction is TrafficDirection.EGRESS:
-            out["event_type"] = _EVENT_FROM_ENDPOINT
-            observation_point = "FROM_ENDPOINT"
-        elif direction is TrafficDirection.INGRESS:
-            out["event_type"] = _EVENT_TRACE
-            observation_point = "TO_ENDPOINT"
-        else:
-            out["event_type"] = _EVENT_TRACE
-        if direction is not TrafficDirection.UNKNOWN:
-            out["traffic_direction"] = direction._value_
-        if observation_point is not None:
-            out["trace_observation_point"] = observation_point
-        if cilium_reason and cilium_reason != "DROP_REASON_UNKNOWN":
-            out["drop_reason_desc"] = cilium_reason
-        if is_reply is not None:
-            out["is_reply"] = is_reply
+        out = _tail_members(kind, verdict, drop_reason, cilium_reason, direction, is_reply)
         part = b"," + _dumps(out)[1:-1]  # the members, spliced into the flow's object
         if len(_tail_parts) >= _PART_CACHE_MAX:
             _tail_parts.clear()
