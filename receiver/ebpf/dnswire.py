@@ -128,7 +128,9 @@ def question_name(wire: bytes) -> str:
         if length == 0:
             if not labels:
                 return "."
-            if _PLAIN_LABELS.fullmatch(b"".join(labels).lower()):  # no label holds a dot, either
+            # The wire length (labels + their length bytes + the root) within DNS's 255, as
+            # dnspython checks it; a longer name falls through to dnspython, which refuses it.
+            if pos + 1 - DNS_HEADER_LEN <= 255 and _PLAIN_LABELS.fullmatch(b"".join(labels).lower()):
                 return (b".".join(labels).lower() + b".").decode("ascii")
             break
         if length > 63 or pos + 1 + length > n:

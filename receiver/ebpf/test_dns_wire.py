@@ -159,3 +159,12 @@ def test_every_fuzz_kind_is_rejected(kind) -> None:  # type: ignore[no-untyped-d
         wire = kind(rng)
         with pytest.raises(MalformedMessage):
             parse_message(wire, True)
+
+
+def test_question_name_longer_than_dns_allows_is_malformed_as_dnspython_says() -> None:
+    # Five 63-byte labels of plain letters: 321 bytes on the wire, over DNS's 255. The fast
+    # path must not accept what dnspython refuses (a hostile pod sends what it likes).
+    labels = b"".join(bytes([63]) + b"a" * 63 for _ in range(5))
+    wire = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01"
+    with pytest.raises(MalformedMessage):
+        question_name(wire)
