@@ -6,6 +6,14 @@ subscription is a plain socket parsed by pyroute2's marshal, and the IPRoute use
 lives on that thread (pyroute2's sync API is bound to the thread that made it). Filters are recognised as ours by their
 handle and program name, so filters left by a killed agent are replaced, never stacked.
 
+The watch costs what the links we care about cost, not what the node's link churn costs: every
+event's fixed header (nlmsghdr + ifinfomsg) and its IFLA_IFNAME attribute are read straight from
+the socket's bytes (:func:`link_events`), and only a message for an interface that matches the
+globs, or that we already know, is decoded by pyroute2 (tens of µs each: on a node where other
+pods' veths come and go that decode was most of the agent's CPU). A RTM_DELLINK needs only its
+index. A buffer that does not parse as netlink is counted and answered with a re-list, as an
+overrun is.
+
 Each attached interface gets a counter slot (:class:`SlotAllocator`), passed to the program in
 the filter's classid (cls_bpf stores it in ``skb->tc_classid`` before the program runs) with
 the hook: ``(slot + 1) << 1 | hook`` (``FLOWTEL_CLASSID_*`` in bpf/flowtel.h; the kernel
@@ -23,10 +31,11 @@ import logging
 import errno
 import select
 import socket
+import struct
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from cachetools import TTLCache
 from pyroute2 import IPRoute
@@ -44,6 +53,79 @@ PROGRAM_PREFIX = "flowtel_"
 _ENOENT, _EEXIST, _ENODEV = 2, 17, 19
 _RTMGRP_LINK = 0x1
 _EVENT_RCVBUF = 4 << 20  # a burst of pods starting must not overflow the subscription
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # past net.core.rmem_max (212992 by default)
+_RECV_BUF = 1 << 20  # one datagram holds one event; a link with many VFs makes tens of kB
+_BURST = 256  # datagrams read per wake-up before the stop flag is looked at again
+
+# rtnetlink's fixed layouts (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h).
+_NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+_IFINFOMSG = struct.Struct("=BxHiII")  # ifi_family, pad, ifi_type, ifi_index, ifi_flags, ifi_change
+_RTATTR = struct.Struct("=HH")  # rta_len, rta_type
+_LINK_HDR = _NLMSGHDR.size + _IFINFOMSG.size
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+_IFLA_IFNAME = 3
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+# The kernel puts IFLA_IFNAME first (rtnl_fill_ifinfo); a name not among the first few
+# attributes is left to pyroute2's full decode rather than searched for.
+_NAME_WITHIN_ATTRS = 8
+
+
+class MalformedNetlink(ValueError):
+    """A buffer from the link subscription that is not a sequence of well-formed netlink messages."""
+
+
+class LinkEvent(NamedTuple):
+    """One rtnetlink message's fixed part: its type, and for RTM_NEWLINK / RTM_DELLINK the link's
+    ``ifi_index``, ``ifi_change`` and name (None: not found among the first attributes). ``start``/``end``
+    delimit the message in the buffer, for a full decode."""
+
+    type: int
+    ifindex: int
+    change: int
+    name: str | None
+    start: int
+    end: int
+
+
+def link_events(data: bytes | bytearray | memoryview) -> Iterator[LinkEvent]:
+    """The messages of one netlink datagram, header fields only (no attribute beyond the name is
+    decoded). Every length is checked against the buffer; :class:`MalformedNetlink` if one does
+    not fit (the rest of the datagram cannot be framed then)."""
+    view = memoryview(data)
+    size = len(view)
+    offset = 0
+    while offset < size:
+        if size - offset < _NLMSGHDR.size:
+            raise MalformedNetlink(f"{size - offset} bytes left at offset {offset}, short of a netlink header")
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(view, offset)
+        if length < _NLMSGHDR.size or length > size - offset:
+            raise MalformedNetlink(f"netlink message length {length} at offset {offset} of a {size}-byte buffer")
+        end = offset + length
+        if mtype != RTM_NEWLINK and mtype != RTM_DELLINK:
+            yield LinkEvent(mtype, 0, 0, None, offset, end)
+        elif length < _LINK_HDR:
+            raise MalformedNetlink(f"link message of {length} bytes at offset {offset}, short of an ifinfomsg")
+        else:
+            _family, _type, index, _flags, change = _IFINFOMSG.unpack_from(view, offset + _NLMSGHDR.size)
+            yield LinkEvent(mtype, index, change, _ifname(view, offset + _LINK_HDR, end), offset, end)
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+    return
+
+
+def _ifname(view: memoryview, offset: int, end: int) -> str | None:
+    """IFLA_IFNAME among the first attributes of ``view[offset:end]``; None if absent or malformed
+    there (the caller then lets pyroute2 decide)."""
+    for _ in range(_NAME_WITHIN_ATTRS):
+        if end - offset < _RTATTR.size:
+            return None
+        length, atype = _RTATTR.unpack_from(view, offset)
+        if length < _RTATTR.size or length > end - offset:
+            return None
+        if atype & _NLA_TYPE_MASK == _IFLA_IFNAME:
+            raw = bytes(view[offset + _RTATTR.size:offset + length])
+            return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        offset += (length + 3) & ~3  # RTA_ALIGN
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,13 +205,18 @@ class TcAttachManager:
         self._ipr: IPRoute | None = None  # created on, and used only by, the watch thread
         self._lock = threading.Lock()
         self._attached: dict[int, Interface] = {}
-        self._known: dict[int, Interface] = {}  # live interfaces, to name records
+        self._known: dict[int, Interface] = {}  # live interfaces that match or are attached, to name records
         # Interfaces that went away, so their last drained records are still named; bounded.
         self._gone: TTLCache[int, Interface] = TTLCache(maxsize=4096, ttl=300)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+        # Watch counters (read by tests and benchmarks; written by the watch thread only).
+        self.seen = 0  # RTM_NEWLINK / RTM_DELLINK events read from the subscription
+        self.decoded = 0  # of those, decoded in full by pyroute2 (re-lists not included)
+        self.resyncs = 0  # re-lists after an overrun or a malformed buffer
+        self.malformed = 0  # buffers that were not well-formed netlink (each also re-lists)
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, g) for g in self.globs)
@@ -153,7 +240,12 @@ class TcAttachManager:
 
     def _open_events(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _EVENT_RCVBUF)
+        try:
+            # With CAP_NET_ADMIN past net.core.rmem_max, which would otherwise cap the buffer at
+            # its default 208 kB: a few hundred link events, each overrun a full re-list.
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _EVENT_RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _EVENT_RCVBUF)
         sock.bind((0, _RTMGRP_LINK))
         return sock
 
@@ -181,32 +273,68 @@ class TcAttachManager:
             return
         self._ready.set()
         marshal = MarshalRtnl()
+        buf = bytearray(_RECV_BUF)
         try:
             while not self._stop.is_set():
                 try:
                     ready, _, _ = select.select([events], [], [], 0.5)
                     if not ready:
                         continue
-                    data = events.recv(1 << 20)
+                    # Everything queued, one datagram (one event) at a time, then select again.
+                    for _ in range(_BURST):
+                        try:
+                            size = events.recv_into(buf, _RECV_BUF, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            break
+                        self._handle(marshal, memoryview(buf)[:size])
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:
                         log.warning("netlink overrun: events were lost, re-listing interfaces")
-                        self._resync()
+                        self._relist()
                         continue
                     raise
-                try:
-                    for msg in marshal.parse(data):
-                        event = msg.get("event")
-                        if event == "RTM_NEWLINK":
-                            self._link_added(msg)
-                        elif event == "RTM_DELLINK":
-                            self._forget(msg["index"])
-                except Exception:  # a bad message must not end attachment for the agent's life
-                    log.exception("netlink watch: error handling a link event")
         finally:
             events.close()
             self._detach_all()
             self._ipr.close()
+
+    def _relist(self) -> None:
+        self.resyncs += 1
+        self._resync()
+
+    def _handle(self, marshal: MarshalRtnl, data: memoryview) -> None:
+        """One datagram of link events: deletions by index, additions decoded only if wanted."""
+        try:
+            for ev in link_events(data):
+                if ev.type == RTM_DELLINK or ev.type == RTM_NEWLINK:
+                    self.seen += 1
+                if ev.type == RTM_DELLINK:
+                    self._forget(ev.ifindex)
+                elif ev.type == RTM_NEWLINK and self._wants(ev.ifindex, ev.name):
+                    self.decoded += 1
+                    for msg in marshal.parse(bytes(data[ev.start:ev.end])):
+                        if msg.get("event") == "RTM_NEWLINK":
+                            self._link_added(msg)
+        except MalformedNetlink as exc:
+            # Events in it (or after the bad one) may be lost: count it, and re-list as after an overrun.
+            self.malformed += 1
+            log.warning("netlink watch: malformed link event buffer (%s), re-listing interfaces", exc)
+            self._relist()
+        except Exception:  # a bad message must not end attachment for the agent's life
+            log.exception("netlink watch: error handling a link event")
+
+    def _wants(self, index: int, name: str | None) -> bool:
+        """Whether a RTM_NEWLINK needs its full decode: a link that matches and is not attached
+        yet (new, renamed into the globs, or an attach to retry), or one we know by another name
+        (renamed). A known link under its known name (carrier, flags, stats changes) needs nothing.
+        ``ifi_change`` cannot stand in for this test: a rename is announced with ifi_change 0."""
+        if name is None:
+            return True  # no name where the kernel puts it: let pyroute2 read the whole message
+        with self._lock:
+            known = self._known.get(index)
+            if known is not None:
+                return known.name != name or (index not in self._attached and self.matches(name))
+        return self.matches(name)
 
     def _link_added(self, msg: Any) -> None:  # a pyroute2 netlink message (untyped)
         name = msg.get_attr("IFLA_IFNAME")
@@ -220,8 +348,14 @@ class TcAttachManager:
             return
         iface = Interface(index=index, name=name, kind=kind)
         with self._lock:
+            attached = index in self._attached
+            if not attached and not self.matches(name):
+                # Not ours: records never name it, and remembering every link of a churning
+                # node would evict, from the bounded _gone, the links whose records still drain.
+                self._known.pop(index, None)
+                return
             self._known[index] = iface
-            if index in self._attached or not self.matches(name):
+            if attached:
                 return
         slot_id = 1
         if self.slots is not None:
