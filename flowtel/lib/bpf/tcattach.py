@@ -56,6 +56,7 @@ _EVENT_RCVBUF = 4 << 20  # a burst of pods starting must not overflow the subscr
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # past net.core.rmem_max (212992 by default)
 _RECV_BUF = 1 << 20  # one datagram holds one event; a link with many VFs makes tens of kB
 _BURST = 256  # datagrams read per wake-up before the stop flag is looked at again
+_GATHER_S = 0.02  # after the first event of a burst, the wait for the rest before reading
 
 # rtnetlink's fixed layouts (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h).
 _NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
@@ -280,6 +281,9 @@ class TcAttachManager:
                     ready, _, _ = select.select([events], [], [], 0.5)
                     if not ready:
                         continue
+                    # Let a burst gather first: on a churning node a wake-up per event would
+                    # cost more than the events (a new pod waits this much longer, no more).
+                    self._stop.wait(_GATHER_S)
                     # Everything queued, one datagram (one event) at a time, then select again.
                     for _ in range(_BURST):
                         try:

@@ -1,0 +1,191 @@
+"""Link churn: what the tc attach manager's link watch costs while other links come and go.
+
+On a node, pods start and stop (their veths) and so do other agents' and tests' links; the
+attach manager hears of every one of them (RTM_NEWLINK / RTM_DELLINK). This bench runs a
+churn of veth pairs that the manager's globs do not match (``--rate`` pairs created and
+deleted per second, in batches of a tenth of that every 0.1 s, each batch up and then deleted
+as one link group), and meanwhile, in a fresh process, a ``TcAttachManager`` with flowtel's
+shipped-style globs (here ``<prefix>m*``, which nothing of the churn matches) and a trivial
+SCHED_CLS program, and measures over ``--seconds``:
+
+- ``watch CPU``: the watch thread's own CPU seconds per second (utime + stime from
+  ``/proc/self/task/<tid>/stat``), i.e. the agent's cost of the churn;
+- ``process CPU``: the whole process's (nothing else runs in it);
+- ``events`` and ``decoded``: link events the watch read and decoded in full with pyroute2
+  (where the tree's manager counts them).
+
+Baseline, same run: the same process from another checkout (``--baseline DIR``, default
+/work/main, with its own ``.venv``), alternating with this tree round by round (the order
+flips every round), medians of ``--rounds``. The churn keeps running across both, so both see
+the same load; the load average is printed.
+
+Run as root: ``python -m bench.linkchurn [--rounds 5] [--seconds 5] [--rate 100]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in the measured tree's own interpreter, importing its own flowtel.
+CHILD_CODE = r"""
+import json, os, sys, time
+from bcc import BPF
+from flowtel.lib.bpf.tcattach import Program, TcAttachManager
+seconds, glob = float(sys.argv[1]), sys.argv[2]
+bpf = BPF(text="int flowtel_bench_pass(struct __sk_buff *skb) { return 0; }")
+fn = bpf.load_func("flowtel_bench_pass", BPF.SCHED_CLS)
+prog = Program(fn.fd, "flowtel_bench_pass")
+m = TcAttachManager([glob], prog, prog)
+m.start()
+tick = os.sysconf("SC_CLK_TCK")
+def thread_cpu():
+    fields = open(f"/proc/self/task/{m._thread.native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+def process_cpu():
+    t = os.times()
+    return t.user + t.system
+time.sleep(1.0)  # the start's own work is not churn
+c0, p0, t0 = thread_cpu(), process_cpu(), time.monotonic()
+s0, d0 = getattr(m, "seen", 0), getattr(m, "decoded", 0)
+time.sleep(seconds)
+c1, p1, t1 = thread_cpu(), process_cpu(), time.monotonic()
+out = {"watch_cpu": (c1 - c0) / (t1 - t0), "process_cpu": (p1 - p0) / (t1 - t0),
+       "seen": getattr(m, "seen", 0) - s0 if hasattr(m, "seen") else None,
+       "decoded": getattr(m, "decoded", 0) - d0 if hasattr(m, "decoded") else None,
+       "resyncs": getattr(m, "resyncs", None), "attached": len(m.attached())}
+m.stop()
+print(json.dumps(out), flush=True)
+"""
+
+
+class Churn:
+    """``rate`` veth pairs per second created, brought up and deleted, on a thread."""
+
+    def __init__(self, prefix: str, rate: int) -> None:
+        self.prefix, self.per_tick = prefix, max(1, rate // 10)
+        self.pairs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="churn", daemon=True)
+        self.started = 0.0
+
+    def _group(self, n: int) -> int:
+        # Never 0 (every link's default group); distinct per bench process.
+        return 0x40000000 | (os.getpid() % 0x100000) << 5 | (n % 31 + 1)
+
+    def _run(self) -> None:
+        ip = subprocess.Popen(["ip", "-force", "-batch", "-"], stdin=subprocess.PIPE, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert ip.stdin is not None
+        n = 0
+        nxt = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                g = self._group(n)
+                names = [(f"{self.prefix}{n % 31}x{i}a", f"{self.prefix}{n % 31}x{i}b") for i in range(self.per_tick)]
+                ip.stdin.write("".join(f"link add {a} group {g} type veth peer name {b} group {g}\n" for a, b in names))
+                ip.stdin.write("".join(f"link set {x} up\n" for pair in names for x in pair))
+                ip.stdin.write(f"link del group {g}\n")
+                ip.stdin.flush()
+                self.pairs += self.per_tick
+                n += 1
+                nxt += 0.1
+                time.sleep(max(0.0, nxt - time.monotonic()))
+        finally:
+            ip.stdin.close()
+            ip.wait(30)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> float:
+        """Stops; the pairs per second achieved."""
+        self._stop.set()
+        self._thread.join(60)
+        return self.pairs / (time.monotonic() - self.started)
+
+
+def cleanup(prefix: str) -> None:
+    for name in os.listdir("/sys/class/net"):
+        if name.startswith(prefix) and name.endswith("a"):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+@dataclass
+class Results:
+    trees: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    seconds: float = 5.0
+    rate: float = 0.0
+    loadavg: list[float] = field(default_factory=list)
+
+
+def measure(tree: Path, seconds: float, glob: str) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run([str(tree / ".venv/bin/python"), "-c", CHILD_CODE, str(seconds), glob],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"{tree}: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run(rounds: int = 5, seconds: float = 5.0, rate: int = 100, baseline: Path = Path("/work/main")) -> Results:
+    prefix = f"fbl{os.getpid() % 100000}"
+    cleanup(prefix)
+    trees = {"this tree": ROOT, f"baseline ({baseline})": baseline}
+    res = Results(trees={name: [] for name in trees}, seconds=seconds)
+    churn = Churn(prefix + "c", rate)
+    churn.start()
+    try:
+        for r in range(rounds):
+            order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
+            for name, tree in order:
+                res.loadavg.append(os.getloadavg()[0])
+                res.trees[name].append(measure(tree, seconds, f"{prefix}m*"))
+    finally:
+        res.rate = churn.stop()
+        cleanup(prefix)
+    return res
+
+
+def report(res: Results) -> str:
+    lines = [f"{'tree':40} {'watch CPU':>10} {'process CPU':>12} {'events/s':>9} {'decoded/s':>10} {'ratio':>7}"]
+    medians = {name: statistics.median(r["watch_cpu"] for r in rs) for name, rs in res.trees.items()}
+    base = medians[[n for n in res.trees if n.startswith("baseline")][0]]
+    seconds = res.seconds
+    for name, rs in res.trees.items():
+        proc = statistics.median(r["process_cpu"] for r in rs)
+        seen = [r["seen"] for r in rs if r.get("seen") is not None]
+        dec = [r["decoded"] for r in rs if r.get("decoded") is not None]
+        ev = f"{statistics.median(seen) / seconds:9.0f}" if seen else f"{'-':>9}"
+        de = f"{statistics.median(dec) / seconds:10.1f}" if dec else f"{'-':>10}"
+        ratio = medians[name] / base if base else float("nan")
+        lines.append(f"{name:40} {medians[name]:10.4f} {proc:12.4f} {ev} {de} {ratio:7.3f}")
+    lines.append(f"CPU in cores (CPU seconds per second), medians of {len(next(iter(res.trees.values())))} "
+                 f"alternating rounds; churn achieved {res.rate:.0f} veth pairs/s created and deleted "
+                 f"(none matching the globs); load average (1 min) {min(res.loadavg):.2f}–{max(res.loadavg):.2f}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.linkchurn", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rate", type=int, default=100, help="veth pairs created and deleted per second")
+    parser.add_argument("--baseline", type=Path, default=Path("/work/main"), help="checkout to compare with")
+    args = parser.parse_args(argv)
+    print(report(run(args.rounds, args.seconds, args.rate, args.baseline)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
