@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from flowtel.cli import main
+from flowtel.lib.hubble.client import Connection, ObserverClient
 from testbed import Pod, Testbed, send_ping, send_tcp, send_udp
 from tests.support.chromium_cdp import Browser
 
@@ -163,8 +164,11 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         # A large ring: node-wide drops from other tests must not push this test's flows out.
         config = tmp / "flowtel.yaml"
         config.write_text(yaml.safe_dump({
+            # Drops are aggregated in the kernel and drained on the kernel events' own
+            # collection interval (10 s by default): that of the flows here too, so that the
+            # kernel's drops reach the rings well within the waits below at any load.
             "receivers": {"ebpf": {"interfaces": [bed.interface_glob], "collection_interval": "300ms",
-                                   "kernel_events": {"poll_interval": "100ms"}}},
+                                   "kernel_events": {"collection_interval": "300ms", "poll_interval": "100ms"}}},
             "processors": {"k8sattributes": {"source": "static", "static": {"path": str(metadata)}}},
             "exporters": {"file": {"path": str(tmp / "flows.log")}},
             "extensions": {"hubble": {"endpoint": flows_server, "buffer_size": 50_000},
@@ -210,7 +214,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
 
 def test_the_map_counts_the_kernels_drops_exactly(agent: Agent) -> None:
     """The dropped edge, from skb:kfree_skb events named by k8sattributes, equals nft's counter."""
-    time.sleep(0.5)  # a later event (there must be none) would have arrived by now
+    time.sleep(0.5)  # a later drop (there must be none) would have been drained by now (300 ms interval)
     drop = edge(service_map(agent.ui), "shop/web", "data/db", "DROPPED", str(DROPPED_PORT))
     assert drop is not None
     assert (drop["flows"], drop["packets"], drop["dropped"], drop["bytes"]) == (
@@ -258,14 +262,43 @@ POD_CASES: list[tuple[list[str], Callable[[dict[str, Any]], bool]]] = [
 ]
 
 
+def ring_counts(agent: Agent) -> tuple[int, int]:
+    """(flows in the ring, flows ever added) of the agent's Hubble ring."""
+    with ObserverClient(Connection(agent.flows_server)) as client:
+        status = client.server_status()
+    return status.num_flows, status.seen_flows
+
+
+def observe_twice(capsys: pytest.CaptureFixture[str], agent: Agent, argv: list[str],
+                  timeout: float = 60) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every flow of the testbed's pods, then those the filter ``argv`` selects, from a ring
+    that evicted nothing in between.
+
+    The ring is node-wide: other tests' drops enter it too, each kernel drain up to a drop
+    map's 16k distinct flows at once, and once it is full every arrival evicts the oldest
+    flow, i.e. this module's own first. An eviction between the two reads removes the head
+    of what the filter should answer, and the comparison would fail with the filter right.
+    So the pair is read again until the ring's counters show that it only grew meanwhile
+    (flows ever added grew by exactly as much as flows held)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held, added = ring_counts(agent)
+        everything = observe(capsys, agent)
+        got = observe(capsys, agent, *argv)
+        held_after, added_after = ring_counts(agent)
+        if added_after - added == held_after - held:
+            return everything, got
+        assert time.monotonic() < deadline, "the ring evicted flows during every pair of reads"
+
+
 @pytest.mark.parametrize("argv, expect", POD_CASES, ids=[" ".join(c[0]) for c in POD_CASES])
 def test_pod_namespace_and_label_filters(agent: Agent, capsys: pytest.CaptureFixture[str],
                                          argv: list[str], expect: Callable[[dict[str, Any]], bool]) -> None:
-    everything = observe(capsys, agent)
+    everything, got = observe_twice(capsys, agent, argv)
     expected = [f for f in everything if expect(f)]
     assert len(expected) < len(everything)
-    got = observe(capsys, agent, *argv)
-    # The ring only grows, so the answer starts with what the filter picks from the snapshot.
+    # The ring only grew between the reads, so the answer starts with what the filter picks
+    # from the first (and what arrived since, if anything, follows it).
     assert got[:len(expected)] == expected
     assert all(expect(f) for f in got)
     if argv != ["--pod", "web"]:
@@ -314,7 +347,10 @@ def _open_and_apply(url: str, profile: Path, *, offered: str, shown: str) -> str
         assert shown not in banner[2], f"the link's view ran before any click: {banner}"
         browser.click("pending-apply")
         browser.wait_for(f"document.getElementById('flow-count').textContent.includes({json.dumps(shown)})")
-        time.sleep(2.5)  # one more refresh of the applied view: the map's details follow it
+        # One more refresh of the applied view (the map's details follow it): the page sets its
+        # status only at the end of a refresh, so a mark put there now is gone when one ended.
+        browser.evaluate("document.getElementById('status').textContent = 'awaiting a refresh'")
+        browser.wait_for("document.getElementById('status').textContent.startsWith('updated')")
         browser.wait_for(f"document.getElementById('flow-count').textContent.includes({json.dumps(shown)})")
         return browser.dom()
     finally:
