@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from bench import bpf_runtime, datapath, dnsproxy, dnsproxy_peers, exporters, k8sattributes
-from bench import memory, overload, startup, throughput
+from bench import linkchurn, memory, overload, startup, throughput
 
 
 def main(argv: list[str]) -> int:
@@ -27,6 +27,9 @@ def main(argv: list[str]) -> int:
     print(startup.report(startup.run()), flush=True)
     print("== memory: agent resident memory idle and under load (ratio = / bcc trivial program) ==", flush=True)
     print(memory.report(memory.run()), flush=True)
+    print("== link churn: the tc attach manager's netlink watch while 100 veth pairs/s it does not match"
+          " come and go (cores; ratio = / the 0.05-core agent target) ==", flush=True)
+    print(linkchurn.report(linkchurn.run(rounds=3)), flush=True)
     print("== loss under overload: UDP 64 B flood + DNS query flood ==", flush=True)
     print(overload.report(overload.run()), flush=True)
     print("== metric export: series/s and cost per export cycle (ratio = / 1k series) ==", flush=True)

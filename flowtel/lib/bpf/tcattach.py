@@ -410,7 +410,8 @@ class TcAttachManager:
                 raise
         hooks = ((INGRESS_PARENT, self.ingress, HEADER.HOOK_INGRESS), (EGRESS_PARENT, self.egress, HEADER.HOOK_EGRESS))
         for parent, prog, hook in hooks:
-            self._remove_stale(index, parent)
+            if not created:  # a clsact qdisc we just made has no filters, a dead agent's or any
+                self._remove_stale(index, parent)
             self._ipr.tc(
                 "add-filter",
                 "bpf",
