@@ -151,6 +151,10 @@ class EbpfReceiver(Receiver):
             ) from None
         attach = self._attach
         self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(attach.attached()))
+        # Re-lists of the node's links after lost or malformed link events (each a full decode of
+        # every link): a rising count means the watch's socket cannot keep up.
+        self.settings.telemetry.register_gauge(self.settings.id, "link_relists", lambda: attach.resyncs)
+        self.settings.telemetry.register_gauge(self.settings.id, "link_events_malformed", lambda: attach.malformed)
         self._thread = threading.Thread(target=self._run, name="flowtel-ebpf-drain", daemon=True)
         self._thread.start()
         if self._dns is not None:

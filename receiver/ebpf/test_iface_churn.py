@@ -160,8 +160,9 @@ def test_no_free_slot_is_counted_as_lost() -> None:
     prefix = _prefix() + "f"
     _cleanup(prefix)
     sink = _Sink()
+    telemetry = Telemetry()
     receiver = EbpfReceiver(
-        CreateSettings("ebpf", "test-node", Telemetry()),
+        CreateSettings("ebpf", "test-node", telemetry),
         EbpfReceiverConfig(interfaces=[f"{prefix}*"], collection_interval=0.5, max_interfaces=16,
                            dns={"enabled": False},
                            kernel_events={"drops": {"enabled": False}, "tcp": {"enabled": False}}),
@@ -197,6 +198,10 @@ def test_no_free_slot_is_counted_as_lost() -> None:
         # Each slotless link saw exactly the frames the kernel counted on it; all were reported
         # (and the drain at shutdown adds none).
         missing_frames = missing()
+        # The kernel's link events all framed; the watch's health is in the agent's telemetry.
+        gauges = telemetry.snapshot()
+        assert gauges[("ebpf", "link_events_malformed")] == 0 and ("ebpf", "link_relists") in gauges
+        assert gauges[("ebpf", "interfaces_attached")] == 20
     finally:
         receiver.shutdown()
         _cleanup(prefix)

@@ -2,7 +2,7 @@
 
 A netlink subscription (RTM_NEWLINK / RTM_DELLINK) attaches to interfaces as they appear
 (a pod starting) and forgets them as they go. All netlink work happens on one thread: the
-subscription is a plain socket parsed by pyroute2's marshal, and the IPRoute used for tc
+subscription is a plain socket (its events parsed as below), and the IPRoute used for tc
 lives on that thread (pyroute2's sync API is bound to the thread that made it). Filters are recognised as ours by their
 handle and program name, so filters left by a killed agent are replaced, never stacked.
 
