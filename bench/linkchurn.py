@@ -14,6 +14,10 @@ SCHED_CLS program, and measures over ``--seconds``:
 - ``events`` and ``decoded``: link events the watch read and decoded in full with pyroute2
   (where the tree's manager counts them).
 
+With ``--agent``, the whole shipped agent instead (``flowtel run`` with config/flowtel.yaml of
+each tree, pointed at a two-pod testbed's veths, as bench/datapath.py runs it): its CPU (process
+and children) over ``--seconds`` with the churn paused (idle) and then running.
+
 Baseline, same run: the same process from another checkout (``--baseline DIR``, e.g. a
 clone of main with its own ``.venv``), alternating with this tree round by round (the order
 flips every round), medians of ``--rounds``. The churn keeps running across both, so both see
@@ -76,13 +80,22 @@ class Churn:
     def __init__(self, prefix: str, rate: int) -> None:
         self.prefix, self.per_tick = prefix, max(1, rate // 10)
         self.pairs = 0
+        self.active_s = 0.0  # time spent churning (not paused)
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="churn", daemon=True)
-        self.started = 0.0
 
     def _group(self, n: int) -> int:
         # Never 0 (every link's default group); distinct per bench process.
         return 0x40000000 | (os.getpid() % 0x100000) << 5 | (n % 31 + 1)
+
+    def pause(self, paused: bool) -> None:
+        """Hold (or resume) the churn between batches; returns once the thread has seen it."""
+        if paused:
+            self._paused.set()
+        else:
+            self._paused.clear()
+        time.sleep(0.3)
 
     def _run(self) -> None:
         ip = subprocess.Popen(["ip", "-force", "-batch", "-"], stdin=subprocess.PIPE, text=True,
@@ -90,8 +103,17 @@ class Churn:
         assert ip.stdin is not None
         n = 0
         nxt = time.monotonic()
+        last: float | None = None  # the previous unpaused batch, for the time churned
         try:
             while not self._stop.is_set():
+                if self._paused.is_set():
+                    time.sleep(0.1)
+                    nxt, last = time.monotonic(), None
+                    continue
+                now = time.monotonic()
+                if last is not None:
+                    self.active_s += now - last
+                last = now
                 g = self._group(n)
                 names = [(f"{self.prefix}{n % 31}x{i}a", f"{self.prefix}{n % 31}x{i}b") for i in range(self.per_tick)]
                 ip.stdin.write("".join(f"link add {a} group {g} type veth peer name {b} group {g}\n" for a, b in names))
@@ -107,14 +129,13 @@ class Churn:
             ip.wait(30)
 
     def start(self) -> None:
-        self.started = time.monotonic()
         self._thread.start()
 
     def stop(self) -> float:
-        """Stops; the pairs per second achieved."""
+        """Stops; the pairs per second achieved while churning."""
         self._stop.set()
         self._thread.join(60)
-        return self.pairs / (time.monotonic() - self.started)
+        return self.pairs / self.active_s if self.active_s else 0.0
 
 
 def cleanup(prefix: str) -> None:
@@ -161,6 +182,73 @@ def run(rounds: int = 5, seconds: float = 5.0, rate: int = 100, baseline: Path |
     return res
 
 
+def run_agents(rounds: int = 3, seconds: float = 5.0, rate: int = 100, baseline: Path | None = None) -> Results:
+    """The shipped agent of each tree, alternating: CPU idle (churn paused) and under churn."""
+    import tempfile
+
+    from bench.datapath import cpu_seconds, shipped_config
+    from bench.startup import Agent
+    from testbed import Testbed
+
+    prefix = f"fbl{os.getpid() % 100000}"
+    cleanup(prefix)
+    trees = {"this tree": ROOT}
+    if baseline is not None:
+        trees[f"baseline ({baseline})"] = baseline
+    res = Results(trees={name: [] for name in trees}, seconds=seconds)
+    churn = Churn(prefix + "c", rate)
+    churn.pause(True)
+    churn.start()
+
+    def cores(pid: int) -> float:
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(seconds)
+        return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+    try:
+        with Testbed() as bed, tempfile.TemporaryDirectory() as tmp:
+            pods = [bed.add_pod("churn-a"), bed.add_pod("churn-b")]
+            for r in range(rounds):
+                order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
+                for name, tree in order:
+                    work = Path(tmp) / f"{r}-{len(res.trees[name])}-{tree.name}"
+                    work.mkdir()
+                    config, _ = shipped_config(bed.interface_glob, work, tree / "config/flowtel.yaml")
+                    agent = Agent(config, work / "agent.log", tree=tree).start()
+                    try:
+                        for pod in pods:
+                            agent.wait_attached(pod)
+                        time.sleep(12.0)  # compile, attach and the first drains are not idle
+                        res.loadavg.append(os.getloadavg()[0])
+                        idle = cores(agent.pid)
+                        churn.pause(False)
+                        busy = cores(agent.pid)
+                        churn.pause(True)
+                        if not agent.alive():
+                            raise RuntimeError(f"{tree}: flowtel run exited: {agent.log.read_text()[-2000:]}")
+                    finally:
+                        agent.stop()
+                    res.trees[name].append({"watch_cpu": busy, "process_cpu": idle})
+    finally:
+        res.rate = churn.stop()
+        cleanup(prefix)
+    return res
+
+
+def agent_report(res: Results) -> str:
+    lines = [f"{'tree':40} {'agent idle':>11} {'agent under churn':>18} {'/ baseline':>11}"]
+    busy = {name: statistics.median(r["watch_cpu"] for r in rs) for name, rs in res.trees.items()}
+    baselines = [n for n in res.trees if n.startswith("baseline")]
+    for name, rs in res.trees.items():
+        idle = statistics.median(r["process_cpu"] for r in rs)
+        ratio = busy[name] / busy[baselines[0]] if baselines and busy[baselines[0]] else float("nan")
+        lines.append(f"{name:40} {idle:11.4f} {busy[name]:18.4f} {ratio:11.3f}")
+    lines.append(f"shipped agent's CPU in cores (process and children), medians of {len(next(iter(res.trees.values())))} "
+                 f"alternating rounds of {res.seconds:.0f} s; churn {res.rate:.0f} veth pairs/s while running "
+                 f"(none matching); load average (1 min) {min(res.loadavg):.2f}–{max(res.loadavg):.2f}.")
+    return "\n".join(lines)
+
+
 def report(res: Results) -> str:
     baselines = [n for n in res.trees if n.startswith("baseline")]
     ratio_of = "baseline" if baselines else "target"
@@ -189,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=int, default=100, help="veth pairs created and deleted per second")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout (with its .venv) to alternate with")
+    parser.add_argument("--agent", action="store_true", help="the whole shipped agent, idle and under the churn")
     args = parser.parse_args(argv)
-    print(report(run(args.rounds, args.seconds, args.rate, args.baseline)), flush=True)
+    if args.agent:
+        print(agent_report(run_agents(args.rounds, args.seconds, args.rate, args.baseline)), flush=True)
+    else:
+        print(report(run(args.rounds, args.seconds, args.rate, args.baseline)), flush=True)
     return 0
 
 
