@@ -66,7 +66,7 @@ def test_struct_for_flattens_a_nested_struct_in_place() -> None:
     layout, names = struct_for(outer)
     assert names == ("hook", "addr", "port", "proto", "pad", "packets")
     assert layout.size == ctypes.sizeof(outer) == 24  # key at 2 (its alignment), packets at 16
-    value = outer(7, inner(b"\x0a\x00\x00\x01", 53, 17), 12345)
+    value = outer(7, inner((ctypes.c_uint8 * 4)(10, 0, 0, 1), 53, 17), 12345)
     assert layout.unpack(bytes(value)) == (7, b"\x0a\x00\x00\x01", 53, 17, b"\x00", 12345)
 
 
