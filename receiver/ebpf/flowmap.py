@@ -188,6 +188,8 @@ class FlowMaps:
             more = pending.pop(_key(f), None)
             if more is not None:
                 _add(f, more)
+                if not pending:
+                    return  # at most ways x CPUs keys: most of a large drain needs no lookup
 
     def drain(self, *, writers_stopped: bool = False, sink: Callable[[list[RawFlow]], None] | None = None,
               chunk: int = 8192) -> DrainResult:
