@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             by_tp.setdefault(label, {})[tps[pid]] = {"runs": runs, "ns_per_run": ns / runs if runs else None}
             cells.append(f"{runs} / {(f'{ns / runs:.0f}' if runs else '-')}")
         print(f"{label[:50]:<50} " + " ".join(f"{c:>22}" for c in cells))
-    conn_label = next(lab for lab in labels if "short connections" in lab)
+    conn_label = next((lab for lab in labels if "short connections" in lab), "")  # none with --tight
     state_runs = by_tp.get(conn_label, {}).get("flowtel_state", {}).get("runs")
     if state_runs:
         print(f"  {conn_label[:40]}: flowtel_state ran {state_runs / CONNECTIONS:.1f} times per connection")

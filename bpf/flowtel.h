@@ -67,6 +67,38 @@ struct iface_stats {
     __u64 bytes;
 };
 
+/* The per-CPU "last flow" cache of bpf/tc_flow.c: what a packet of the flow an interface and hook
+ * saw last on this CPU adds, held here instead of in the flow map. Bulk traffic (a TCP stream,
+ * a UDP flood) is the same key packet after packet; a hit is a compare of the key and plain adds
+ * on a per-CPU line, where the flow map costs a hash of the 48-byte key, the map's bucket, the
+ * element's header line and locked adds: all cold under a flood (the stack's copies evict them
+ * between packets), ~100 ns of a TCP packet's ~190 (docs/performance.md §2). A packet of
+ * another key flushes the entry's counts into the flow map and takes the entry.
+ *
+ * Double-buffered with the flow maps: index buffer * FLOWTEL_FLOW_CACHE_WAYS + way, the way
+ * from the filter's classid (interface slot and hook, so interfaces share a way only when their
+ * slots are 32 apart). A program writes only the half of the active buffer; after a flip and
+ * the grace period user space reads the other half, adds its counts to the drained flows (an
+ * entry whose key is not in the drained map is a flow of its own), and zeroes it before that
+ * buffer is active again (receiver/ebpf/flowmap.py). ifindex 0 in the key: empty (tc always
+ * has an interface). Counts exact; first_ns/last_ns as the flow map's. */
+#define FLOWTEL_FLOW_CACHE_WAYS 64
+struct flow_cache_entry {
+    struct flow_key key;
+    __u64 packets;       /* not yet in the flow map */
+    __u64 bytes;
+    __u64 last_ns;
+    __u8  tcp_flags;
+    __u8  pad[7];
+    __u64 first_ns;      /* when this entry took the key */
+    __u32 syn;
+    __u32 synack;
+    __u32 fin;
+    __u32 rst;
+    __u8  pad2[24];
+};
+#define FLOWTEL_FLOW_CACHE_ENTRY_SIZE 128
+
 /* Indexes of the per-CPU counters array. */
 #define FLOWTEL_CNT_FLOWS_CREATED_0   0  /* new entries inserted into flow map 0 */
 #define FLOWTEL_CNT_FLOWS_CREATED_1   1  /* ... into flow map 1 */

@@ -84,16 +84,25 @@ _Static_assert(sizeof(struct flow_stats) == FLOWTEL_FLOW_STATS_SIZE, "struct flo
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_0, FLOWTEL_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows_1, FLOWTEL_MAX_FLOWS);
 BPF_ARRAY(flow_active, __u32, 1);
+/* The "last flow" cache (flowtel.h, struct flow_cache_entry): index buffer * WAYS + way. */
+_Static_assert(sizeof(struct flow_cache_entry) == FLOWTEL_FLOW_CACHE_ENTRY_SIZE, "struct flow_cache_entry");
+_Static_assert((FLOWTEL_FLOW_CACHE_WAYS & (FLOWTEL_FLOW_CACHE_WAYS - 1)) == 0, "ways: a power of 2");
+BPF_PERCPU_ARRAY(flow_cache, struct flow_cache_entry, FLOWTEL_FLOW_CACHE_WAYS * 2);
 /* Index slot * 2 + hook; cumulative, never reset: a slot's counts stay in the node's totals
  * after its link is gone (user space keeps a baseline per assignment for per-link views). */
 BPF_PERCPU_ARRAY(iface_counters, struct iface_stats, FLOWTEL_IFACE_SLOTS * 2);
 BPF_PERCPU_ARRAY(counters, __u64, FLOWTEL_CNT_MAX);
 
-static __always_inline void count_event(__u32 idx)
+static __always_inline void count_events(__u32 idx, __u64 n)
 {
     __u64 *v = counters.lookup(&idx);
     if (v)
-        *v += 1;
+        *v += n;
+}
+
+static __always_inline void count_event(__u32 idx)
+{
+    count_events(idx, 1);
 }
 
 /* Where the parser found the transport header, for the DNS capture. */
@@ -148,12 +157,58 @@ static __always_inline void count_interface(__u32 classid, __u64 len)
     }
 }
 
+/* Keys are compared as six 64-bit words: the key on the stack is 8-aligned (the verifier wants
+ * aligned stack reads), the cache entry's is a map value (no alignment demand). */
+static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+    const __u64 *x = (const __u64 *)a;
+    const __u64 *y = (const __u64 *)b;
+    return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
+            (x[5] ^ y[5])) == 0;
+}
+_Static_assert(sizeof(struct flow_key) == 6 * sizeof(__u64), "flow_key_eq compares six words");
+
+/* Moves a cache entry's counts into the active flow map (creating the flow if it is not there:
+ * its first packets, or the LRU evicted it). Locked adds: another CPU's cache may flush the
+ * same key at the same time. The flush is the only writer of the flow maps. */
+static __always_inline void flow_flush(__u32 slot, struct flow_cache_entry *c)
+{
+    struct flow_stats *st = slot ? flows_1.lookup(&c->key) : flows_0.lookup(&c->key);
+    if (!st) {
+        struct flow_stats init = {};
+        init.first_ns = c->first_ns;
+        /* insert is BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
+        int rc = slot ? flows_1.insert(&c->key, &init) : flows_0.insert(&c->key, &init);
+        if (rc == 0)
+            count_event(FLOWTEL_CNT_FLOWS_CREATED_0 + slot);
+        st = slot ? flows_1.lookup(&c->key) : flows_0.lookup(&c->key);
+        if (!st) {
+            count_events(FLOWTEL_CNT_FLOW_UPDATE_FAIL, c->packets);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&st->packets, c->packets);
+    __sync_fetch_and_add(&st->bytes, c->bytes);
+    if (c->last_ns > st->last_ns)
+        st->last_ns = c->last_ns;
+    if ((st->tcp_flags | c->tcp_flags) != st->tcp_flags)
+        st->tcp_flags |= c->tcp_flags;  /* a racing OR may lose a bit; the counts below are exact */
+    if (c->syn)
+        __sync_fetch_and_add(&st->syn, c->syn);
+    if (c->synack)
+        __sync_fetch_and_add(&st->synack, c->synack);
+    if (c->fin)
+        __sync_fetch_and_add(&st->fin, c->fin);
+    if (c->rst)
+        __sync_fetch_and_add(&st->rst, c->rst);
+}
+
 /* Runs at both hooks: the filter's classid says which (a test run, classid 0, is ingress). */
 int flowtel_tc(struct __sk_buff *skb)
 {
     __u32 classid = skb->tc_classid;
     __u8 hook = classid & 1;
-    struct flow_key key = {};
+    struct flow_key key __attribute__((aligned(8))) = {};
     __u8 flags = 0;
     __u64 now = flowtel_flow_time();
     __u64 len = skb->len;
@@ -167,37 +222,39 @@ int flowtel_tc(struct __sk_buff *skb)
     __u32 zero_idx = 0;
     __u32 *active = flow_active.lookup(&zero_idx);
     __u32 slot = (active && *active == 1) ? 1 : 0;
-    struct flow_stats *st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
-    if (!st) {
-        struct flow_stats init = {};
-        init.first_ns = now;
-        /* insert is BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
-        int rc = slot ? flows_1.insert(&key, &init) : flows_0.insert(&key, &init);
-        if (rc == 0)
-            count_event(FLOWTEL_CNT_FLOWS_CREATED_0 + slot);
-        st = slot ? flows_1.lookup(&key) : flows_0.lookup(&key);
-        if (!st) {
-            count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
-#if FLOWTEL_DNS
-            dns_observe(skb, &key, hook, l4.off, l4.end);  /* a tail call: last */
-#endif
-            return TC_ACT_UNSPEC;
+    __u32 way = slot * FLOWTEL_FLOW_CACHE_WAYS + (classid & (FLOWTEL_FLOW_CACHE_WAYS - 1));
+    struct flow_cache_entry *c = flow_cache.lookup(&way);
+    if (!c) {  /* cannot happen (the index is in range), but never uncounted */
+        count_event(FLOWTEL_CNT_FLOW_UPDATE_FAIL);
+    } else {
+        if (!flow_key_eq(&c->key, &key)) {
+            /* Another flow than this way's last on this CPU: its counts go to the map. */
+            if (c->packets)
+                flow_flush(slot, c);
+            __builtin_memcpy(&c->key, &key, sizeof(key));
+            c->packets = 0;
+            c->bytes = 0;
+            c->tcp_flags = 0;
+            c->first_ns = now;
+            c->syn = 0;
+            c->synack = 0;
+            c->fin = 0;
+            c->rst = 0;
         }
-    }
-    __sync_fetch_and_add(&st->packets, 1);
-    __sync_fetch_and_add(&st->bytes, len);
-    st->last_ns = now;
-    if (key.protocol == IPPROTO_TCP && flags) {
-        if ((st->tcp_flags | flags) != st->tcp_flags)
-            st->tcp_flags |= flags;  /* a racing OR may lose a bit; the counts below are exact */
-        if ((flags & 0x12) == 0x02)
-            __sync_fetch_and_add(&st->syn, 1);
-        if ((flags & 0x12) == 0x12)
-            __sync_fetch_and_add(&st->synack, 1);
-        if (flags & 0x01)
-            __sync_fetch_and_add(&st->fin, 1);
-        if (flags & 0x04)
-            __sync_fetch_and_add(&st->rst, 1);
+        c->packets += 1;  /* per-CPU, and tc programs do not nest on a CPU: no atomics */
+        c->bytes += len;
+        c->last_ns = now;
+        if (key.protocol == IPPROTO_TCP && flags) {
+            c->tcp_flags |= flags;
+            if ((flags & 0x12) == 0x02)
+                c->syn += 1;
+            if ((flags & 0x12) == 0x12)
+                c->synack += 1;
+            if (flags & 0x01)
+                c->fin += 1;
+            if (flags & 0x04)
+                c->rst += 1;
+        }
     }
 #if FLOWTEL_DNS
     dns_observe(skb, &key, hook, l4.off, l4.end);  /* a tail call (bpf/dns.h): last */

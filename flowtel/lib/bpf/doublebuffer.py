@@ -48,11 +48,16 @@ class DoubleBuffer(Generic[T]):
     order, padding (fields named ``pad…``) left out; ``fields`` names them and is checked against the header so
     that a changed struct is an error at start, not a garbled record. ``counter(i)`` is the
     sum over CPUs of the kernel's counter ``i``; ``created`` the two insertion counters.
+    ``quiet(slot)``, if given, runs once per drained buffer after the flip's grace, before the
+    map is read: when nothing writes to that buffer, so state the program keeps beside the map
+    for that buffer (bpf/tc_flow.c's per-CPU flow cache) can be read and reset.
     """
 
     def __init__(self, bpf: Any, name: str, active: str, make: Callable[..., T], fields: Sequence[str],
-                 counter: Callable[[int], int], created: tuple[int, int]) -> None:
+                 counter: Callable[[int], int], created: tuple[int, int],
+                 quiet: Callable[[int], None] | None = None) -> None:
         self._maps = [bpf[f"{name}_0"], bpf[f"{name}_1"]]
+        self._quiet = quiet
         self._name = name
         self._active_table = bpf[active]
         self._counter = counter
@@ -110,6 +115,8 @@ class DoubleBuffer(Generic[T]):
                 slots = [old]
             evicted = 0
             for slot in slots:
+                if self._quiet is not None:
+                    self._quiet(slot)
                 self._drain_slot(slot, sink, chunk)
                 lost = self._counter(self._created[slot]) - self._drained_total[slot]
                 if lost > 0:

@@ -37,11 +37,21 @@ _CODES = {
 def struct_for(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[str, ...]]:
     """A native-endian ``struct.Struct`` with one item per field, and the field names.
 
-    Byte arrays (``__u8 x[N]``) become one ``bytes`` item; padding between fields is
-    taken from the real offsets, so the result is exact for any layout bcc produced.
+    Byte arrays (``__u8 x[N]``) become one ``bytes`` item; a nested struct's fields are items
+    of their own, in place (named as in the nested struct); padding between fields is taken from
+    the real offsets, so the result is exact for any layout bcc produced.
     """
     fmt = ["="]
     names: list[str] = []
+    _flatten(ctype, fmt, names)
+    s = struct.Struct("".join(fmt))
+    if s.size != ctypes.sizeof(ctype):
+        raise TypeError(f"{ctype.__name__}: derived size {s.size} != ctypes size {ctypes.sizeof(ctype)}")
+    return s, tuple(names)
+
+
+def _flatten(ctype: type[ctypes.Structure], fmt: list[str], names: list[str]) -> None:
+    """Appends the format items and names of ``ctype``'s fields (its whole size, padding included)."""
     pos = 0
     for field in ctype._fields_:
         name, ftype = field[0], field[1]  # (name, type) or (name, type, bit width)
@@ -49,6 +59,10 @@ def struct_for(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[str,
         if offset > pos:
             fmt.append(f"{offset - pos}x")
         size = ctypes.sizeof(ftype)
+        if issubclass(ftype, ctypes.Structure):
+            _flatten(ftype, fmt, names)
+            pos = offset + size
+            continue
         if issubclass(ftype, ctypes.Array):
             elem = getattr(ftype, "_type_")  # an Array's element type; ctypes' stubs do not narrow by issubclass
             if ctypes.sizeof(elem) != 1:
@@ -64,10 +78,6 @@ def struct_for(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[str,
     total = ctypes.sizeof(ctype)
     if total > pos:
         fmt.append(f"{total - pos}x")
-    s = struct.Struct("".join(fmt))
-    if s.size != total:
-        raise TypeError(f"{ctype.__name__}: derived size {s.size} != ctypes size {total}")
-    return s, tuple(names)
 
 
 # The UAPI integer types the header's structs use, as ctypes types (natural alignment, as clang

@@ -58,6 +58,18 @@ def test_padding_follows_natural_alignment() -> None:
     assert struct_for(cls)[0].size == 24
 
 
+def test_struct_for_flattens_a_nested_struct_in_place() -> None:
+    # As bpf/flowtel.h's struct flow_cache_entry holds a struct flow_key, and bcc spells it.
+    inner = header_struct("k", "struct k { __u8 addr[4]; __u16 port; __u8 proto; __u8 pad[1]; };")
+    outer = type("outer", (ctypes.Structure,), {"_fields_": [("hook", ctypes.c_uint8), ("key", inner),
+                                                             ("packets", ctypes.c_uint64)]})
+    layout, names = struct_for(outer)
+    assert names == ("hook", "addr", "port", "proto", "pad", "packets")
+    assert layout.size == ctypes.sizeof(outer) == 24  # key at 2 (its alignment), packets at 16
+    value = outer(7, inner((ctypes.c_uint8 * 4)(10, 0, 0, 1), 53, 17), 12345)
+    assert layout.unpack(bytes(value)) == (7, b"\x0a\x00\x00\x01", 53, 17, b"\x00", 12345)
+
+
 @pytest.mark.kernel
 def test_every_readable_struct_equals_bccs_compiled_layout() -> None:
     from bcc import BPF
