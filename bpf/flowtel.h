@@ -350,7 +350,7 @@ struct kernel_event {
  * client's port is bound after SYN_SENT, a passive child's ends are set after SYN_RECV). */
 #define FLOWTEL_CONN_WAYS 8
 struct tcp_conn {
-    __u64 sk;            /* the socket: its address less a fixed base (flowtel_state); 0: a free slot */
+    __u64 sk;            /* the socket's kernel address; 0: a free slot */
     __u64 start_ns;      /* first state change seen */
     __u64 syn_sent_ns;   /* when it entered SYN_SENT (client side), else 0 */
     __u8  saddr[16];

@@ -52,9 +52,8 @@
 #define FLOWTEL_AF_INET6 10
 
 BPF_RINGBUF_OUTPUT(kernel_events, FLOWTEL_RINGBUF_PAGES);
-/* Never written by the programs: bcc gives user space a ctypes class for each map's value type,
- * and a ring buffer has none, so this one carries struct kernel_event's layout. flowtel_state
- * takes its element's address as a fixed base (see there). */
+/* Never read or written by the programs: bcc gives user space a ctypes class for each map's
+ * value type, and a ring buffer has none, so this one carries struct kernel_event's layout. */
 BPF_ARRAY(kernel_event_layout, struct kernel_event, 1);
 BPF_PERCPU_ARRAY(kev_counters, __u64, FLOWTEL_KEV_CNT_MAX);
 /* Signed: a socket can leave a state on another CPU than the one it entered it on. */
@@ -375,39 +374,6 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
         }                                                                  \
     } while (0)
 
-/* flowtel_state is a BTF tracepoint program (tp_btf, loaded by flowtel/lib/bpf/tpbtf.py): it gets
- * inet_sock_set_state's arguments (sk, oldstate, newstate) and reads the socket itself, at
- * offsets the loader takes from BTF. struct sock's members are plain loads (the verifier checks
- * them against the BTF type of sk, the JIT adds the fault handler); inet_sock's inet_sport lies
- * past struct sock, which the verifier refuses to load through a struct sock pointer, so it is
- * one bpf_probe_read_kernel, at birth, ESTABLISHED and CLOSE only. The values are those the
- * classic tracepoint's record holds: ports in host order, the source port inet_sport (a closing
- * socket may already have given skc_num back), addresses as TP_STORE_ADDRS stores them. */
-#define SK_FIELD(type, sk, off) (*(const type *)((sk) + (off)))
-#define SK_TUPLE(dst, sk) do {                                                        \
-        __be16 sport_ = 0;                                                            \
-        bpf_probe_read_kernel(&sport_, sizeof(sport_), (sk) + FLOWTEL_OFF_INET_SPORT); \
-        (dst)->sport = bpf_ntohs(sport_);                                             \
-        (dst)->dport = bpf_ntohs(SK_FIELD(__be16, sk, FLOWTEL_OFF_SK_DPORT));         \
-        if (SK_FIELD(__u16, sk, FLOWTEL_OFF_SK_FAMILY) == FLOWTEL_AF_INET6) {         \
-            (dst)->family = 6;                                                        \
-            SK_COPY16((dst)->saddr, sk, FLOWTEL_OFF_SK_V6_RCV_SADDR);                 \
-            SK_COPY16((dst)->daddr, sk, FLOWTEL_OFF_SK_V6_DADDR);                     \
-        } else {                                                                      \
-            (dst)->family = 4;                                                        \
-            *(__u32 *)(dst)->saddr = SK_FIELD(__u32, sk, FLOWTEL_OFF_SK_RCV_SADDR);   \
-            *(__u32 *)(dst)->daddr = SK_FIELD(__u32, sk, FLOWTEL_OFF_SK_DADDR);       \
-        }                                                                             \
-    } while (0)
-/* struct in6_addr as four 32-bit loads (its s6_addr32 view: each load one whole element). */
-#define SK_COPY16(dst, sk, off) do {                                                  \
-        __u32 *d_ = (__u32 *)(dst);                                                   \
-        d_[0] = SK_FIELD(__u32, sk, (off));                                           \
-        d_[1] = SK_FIELD(__u32, sk, (off) + 4);                                       \
-        d_[2] = SK_FIELD(__u32, sk, (off) + 8);                                       \
-        d_[3] = SK_FIELD(__u32, sk, (off) + 12);                                      \
-    } while (0)
-
 /* Connection events per interval (struct conn_flow_key): unused maps of one entry when no
  * logs pipeline wants them (LRU maps are preallocated). */
 BPF_TABLE("lru_hash", struct conn_flow_key, struct conn_flow_stats, conn_flows_0, FLOWTEL_MAX_CONN_FLOWS);
@@ -490,10 +456,10 @@ static __always_inline void count_conn(struct conn_flow_key *key, __u64 now, __u
 
 /* The aggregation key of a connection event from the tracepoint's tuple: the port that varies
  * per connection (the client's) goes to ``*port`` instead. */
-static __always_inline void conn_key(struct conn_flow_key *key, const char *sk,
+static __always_inline void conn_key(struct conn_flow_key *key, struct flowtel_tp_inet_sock_set_state *args,
                                      __u8 role, __u8 kind, __u8 state, __u16 *port)
 {
-    SK_TUPLE(key, sk);
+    COPY_TUPLE(key, args);
     key->role = role;
     key->kind = kind;
     key->state = state;
@@ -550,12 +516,12 @@ static __always_inline struct tcp_conn *conn_find(struct tcp_conn_set *set, __u6
 }
 
 /* Fills a claimed slot (sk already set) for a socket first seen entering ``state``. */
-static __always_inline void conn_init(struct tcp_conn *c, const char *sk,
+static __always_inline void conn_init(struct tcp_conn *c, struct flowtel_tp_inet_sock_set_state *args,
                                       __u64 now, __u8 state, __u8 born_seen, __u8 role)
 {
     c->start_ns = now;
     c->syn_sent_ns = state == FLOWTEL_TCPS_SYN_SENT ? now : 0;
-    SK_TUPLE(c, sk);
+    COPY_TUPLE(c, args);
     c->state = state;
     c->born_seen = born_seen;
     c->role = role;
@@ -570,22 +536,12 @@ static __always_inline void conn_init(struct tcp_conn *c, const char *sk,
  * CLOSE touch the tuple and the connection flow map (one call site, not inlined three times:
  * a smaller program is fewer instruction-cache misses, on a path that runs between the TCP
  * stack's own work). */
-int flowtel_state(__u64 *ctx)
+int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
 {
-    const char *skp = (const char *)ctx[0];  /* inet_sock_set_state(sk, oldstate, newstate) */
-    if (SK_FIELD(__u16, skp, FLOWTEL_OFF_SK_PROTOCOL) != IPPROTO_TCP)
+    if (args->protocol != IPPROTO_TCP)
         return 0;
-    /* The socket as a number, its key in tcp_conns: the verifier allows no arithmetic on the
-     * typed pointer (the hash multiplies), but gives a privileged program the difference of two
-     * pointers as a plain value. The base, the one element of an array, never moves while the
-     * programs are loaded, so the difference identifies the socket as its address did; it is
-     * never 0 (the element is no socket). A helper reading ctx[0] again as data cost more. */
-    __u32 zero = 0;
-    char *base = (char *)kernel_event_layout.lookup(&zero);
-    if (!base)
-        return 0;  /* cannot happen (a one-element array): the verifier wants the check */
-    __u64 sk = (__u64)skp - (__u64)base;
-    __u32 oldstate = (__u32)ctx[1], newstate = (__u32)ctx[2];
+    __u64 sk = args->skaddr;
+    __u32 oldstate = args->oldstate, newstate = args->newstate;
     struct tcp_conn_set *set = conn_set(sk);
     if (!set)
         return 0;  /* cannot happen (the index is masked): the verifier wants the check */
@@ -603,7 +559,7 @@ int flowtel_state(__u64 *ctx)
         }
         /* A listener's start is never reported (its close is no connection): no clock read. */
         now = newstate == FLOWTEL_TCPS_LISTEN ? 0 : bpf_ktime_get_ns();
-        conn_init(c, skp, now, newstate, 1,
+        conn_init(c, args, now, newstate, 1,
                   newstate == FLOWTEL_TCPS_SYN_SENT ? FLOWTEL_TCP_ROLE_CLIENT
                   : newstate == FLOWTEL_TCPS_SYN_RECV ? FLOWTEL_TCP_ROLE_SERVER : FLOWTEL_TCP_ROLE_UNKNOWN);
         state_add(newstate, 1);
@@ -627,12 +583,12 @@ int flowtel_state(__u64 *ctx)
         now = bpf_ktime_get_ns();
         __u8 role = newstate == FLOWTEL_TCPS_ESTABLISHED ? role_of(oldstate, FLOWTEL_TCP_ROLE_UNKNOWN)
                                                          : FLOWTEL_TCP_ROLE_UNKNOWN;
-        conn_init(c, skp, now, newstate, 0, role);
+        conn_init(c, args, now, newstate, 0, role);
         c->syn_sent_ns = 0;  /* its SYN_SENT, if any, was not seen */
         state_add(newstate, 1);
         if (!FLOWTEL_TCP_CONN_EVENTS || newstate != FLOWTEL_TCPS_ESTABLISHED)
             return 0;
-        conn_key(&key, skp, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
+        conn_key(&key, args, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
     } else if (newstate == FLOWTEL_TCPS_CLOSE) {
         __u8 left = c->state;
         state_add(left, -1);
@@ -641,7 +597,7 @@ int flowtel_state(__u64 *ctx)
             return 0;
         }
         now = bpf_ktime_get_ns();
-        conn_key(&key, skp, c->role, FLOWTEL_KEV_TCP_CLOSED, left, &port);
+        conn_key(&key, args, c->role, FLOWTEL_KEV_TCP_CLOSED, left, &port);
         value = now - c->start_ns;
         has_value = c->born_seen;
         c->sk = 0;  /* frees the slot: everything of it was read */
@@ -656,7 +612,7 @@ int flowtel_state(__u64 *ctx)
         if (newstate != FLOWTEL_TCPS_ESTABLISHED)
             return 0;  /* FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING: only the gauge changes */
         now = bpf_ktime_get_ns();
-        SK_TUPLE(c, skp);  /* both ends are final now */
+        COPY_TUPLE(c, args);  /* both ends are final now */
         __u8 role = role_of(oldstate, c->role);
         c->role = role;
         if (oldstate == FLOWTEL_TCPS_SYN_SENT && c->syn_sent_ns) {
@@ -669,7 +625,7 @@ int flowtel_state(__u64 *ctx)
         }
         if (!FLOWTEL_TCP_CONN_EVENTS)
             return 0;
-        conn_key(&key, skp, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
+        conn_key(&key, args, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
     }
     count_conn(&key, now, value, has_value, port);
     return 0;

@@ -51,11 +51,8 @@ class Btf:
     def __init__(self, types: Iterable[dict[str, Any]]) -> None:
         self._types: dict[int, dict[str, Any]] = {}
         self._named: dict[str, dict[str, Any]] = {}
-        self._typedefs: dict[str, int] = {}
         for t in types:
             self._types[t["id"]] = t
-            if t["kind"] == "TYPEDEF":
-                self._typedefs.setdefault(t["name"], t["id"])
             if t["kind"] in ("STRUCT", "UNION") and t.get("name", _ANON) != _ANON:
                 # Keep the complete definition if a forward-declared twin shares the name.
                 prev = self._named.get(t["name"])
@@ -99,12 +96,6 @@ class Btf:
                 if found is not None:
                     return found
         return None
-
-    def type_id(self, name: str, kind: str = "TYPEDEF") -> int | None:
-        """The id of the named type of that kind (only TYPEDEF is indexed), or None."""
-        if kind != "TYPEDEF":
-            raise ValueError(f"type_id looks up TYPEDEFs only, not {kind}")
-        return self._typedefs.get(name)
 
     def struct_size(self, name: str) -> int:
         t = self._named.get(name)

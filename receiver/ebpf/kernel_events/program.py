@@ -15,7 +15,7 @@ import bpf as bpf_sources
 from flowtel.histogram import TCP_HANDSHAKE_RTT_BOUNDS
 from flowtel.lib.bpf.constants import HEADER
 from flowtel.lib.bpf import btf as btf_mod
-from flowtel.lib.bpf import tpbtf, tracefs
+from flowtel.lib.bpf import tracefs
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
 log = logging.getLogger("flowtel.receiver.ebpf.kernel_events")
@@ -33,19 +33,12 @@ TCP_PROGRAMS = {
     "flowtel_rst_rx": ("tcp", "tcp_receive_reset"),
 }
 
-# Programs loaded as BTF tracepoints (tp_btf, flowtel/lib/bpf/tpbtf.py) rather than classic ones:
-# they read the tracepoint's arguments (the socket) instead of the record the kernel would build.
-# inet_sock_set_state runs ~10 times per short connection on every socket of the node: the record
-# (perf buffer, caller's registers, tuple copied, IPv6-mapped addresses) is work the classic
-# program cannot skip, and most of its runs need only the states and the socket's address.
-BTF_PROGRAMS = frozenset({"flowtel_state"})
-
 # Fields each program reads, checked up front so a kernel without one gets a message
 # naming it instead of a compiler error.
 REQUIRED_FIELDS = {
     "kfree_skb": ("skbaddr", "location", "protocol", "reason"),
-    # A BTF program: its format is read only for the names of the TCP states.
-    "inet_sock_set_state": ("oldstate", "newstate"),
+    "inet_sock_set_state": ("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                            "saddr", "daddr", "saddr_v6", "daddr_v6"),
     "tcp_retransmit_skb": ("skbaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6"),
     "tcp_retransmit_synack": ("sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6"),
     "tcp_send_reset": ("state", "saddr", "daddr"),
@@ -77,15 +70,6 @@ _SUBSYS_SHIFT = 16
 _TCP_OFFSETS = {
     "FLOWTEL_OFF_SKB_CB": ("sk_buff.cb", None),
     "FLOWTEL_OFF_TCP_SKB_CB_GSO_SEGS": ("tcp_skb_cb.tcp_gso_segs", 2),
-    # What flowtel_state reads of the socket (see SK_TUPLE in kernel_events.c).
-    "FLOWTEL_OFF_SK_PROTOCOL": ("sock.sk_protocol", 2),
-    "FLOWTEL_OFF_SK_FAMILY": ("sock.__sk_common.skc_family", 2),
-    "FLOWTEL_OFF_SK_DPORT": ("sock.__sk_common.skc_dport", 2),
-    "FLOWTEL_OFF_SK_RCV_SADDR": ("sock.__sk_common.skc_rcv_saddr", 4),
-    "FLOWTEL_OFF_SK_DADDR": ("sock.__sk_common.skc_daddr", 4),
-    "FLOWTEL_OFF_SK_V6_RCV_SADDR": ("sock.__sk_common.skc_v6_rcv_saddr", 16),
-    "FLOWTEL_OFF_SK_V6_DADDR": ("sock.__sk_common.skc_v6_daddr", 16),
-    "FLOWTEL_OFF_INET_SPORT": ("inet_sock.inet_sport", 2),
 }
 # TCP states the program compares against, by their names in inet_sock_set_state's format.
 _TCP_STATE_MACROS = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "CLOSE", "LISTEN")
@@ -114,7 +98,6 @@ class KernelFacts:
     drop_reason_min: int = 0
     tcp_states: dict[int, str] = field(default_factory=dict)  # 1 -> "ESTABLISHED"
     reset_reasons: dict[int, str] = field(default_factory=dict)
-    btf_ids: dict[str, int] = field(default_factory=dict)  # program -> its tp_btf attach target
 
 
 def drop_reason_min(reasons: dict[int, str]) -> int:
@@ -147,15 +130,13 @@ def read_kernel_facts(config: KernelEventsConfig, tracefs_root: str | None = Non
         formats[event] = fmt
     paths = {**(_DROP_OFFSETS if config.drops.enabled else {}), **(_TCP_OFFSETS if config.tcp.enabled else {})}
     offsets: dict[str, int] = {}
-    btf_ids: dict[str, int] = {}
     if paths:
         btf = btf or btf_mod.load()
         offsets = {name: btf.offset(path, size) for name, (path, size) in paths.items()}
-        btf_ids = {fn: tpbtf.typedef_id(btf, programs[fn][1]) for fn in BTF_PROGRAMS if fn in programs}
         if config.drops.enabled:  # fails here, with the other kernel facts, rather than at compile time
             read_block(offsets, _SKB_BLOCK, "FLOWTEL_SKB_BLOCK")
             read_block(offsets, _NETDEV_BLOCK, "FLOWTEL_NETDEV_BLOCK")
-    facts = KernelFacts(formats=formats, offsets=offsets, btf_ids=btf_ids)
+    facts = KernelFacts(formats=formats, offsets=offsets)
     if "kfree_skb" in formats:
         reasons = formats["kfree_skb"].symbols.get("reason", {})
         if not reasons:
@@ -283,51 +264,30 @@ def drop_sample_cost_ns(events_per_second: int) -> int:
     return -(-1_000_000_000 // events_per_second)
 
 
-class Attachments:
-    """The programs of one module attached to their tracepoints; :meth:`detach` undoes it."""
-
-    def __init__(self, b: Any) -> None:
-        self._b = b
-        self._classic: list[str] = []
-        self._btf: list[tpbtf.Attached] = []
-
-    def detach(self) -> None:
-        for tp in self._classic:
-            try:
-                self._b.detach_tracepoint(tp)
-            except Exception:
-                pass  # already gone with the module
-        for a in self._btf:
-            a.detach()
-        self._classic, self._btf = [], []
-
-
-def attach(b: Any, programs: dict[str, tuple[str, str]], btf_ids: dict[str, int]) -> Attachments:
-    """Attach each program of the loaded module ``b`` to its tracepoint (all or none): those of
-    ``btf_ids`` as BTF tracepoints (by that attach target), the others as classic ones."""
-    done = Attachments(b)
+def attach(b: Any, programs: dict[str, tuple[str, str]]) -> None:
+    """Attach each program of the loaded module ``b`` to its tracepoint (all or none)."""
+    done: list[str] = []
     try:
         for fn, (category, event) in programs.items():
-            if fn in btf_ids:
-                done._btf.append(tpbtf.attach(b, fn, event, btf_ids[fn]))
-            else:
-                b.attach_tracepoint(tp=f"{category}:{event}", fn_name=fn)
-                done._classic.append(f"{category}:{event}")
+            b.attach_tracepoint(tp=f"{category}:{event}", fn_name=fn)
+            done.append(f"{category}:{event}")
     except BaseException:
-        done.detach()
+        for tp in done:
+            try:
+                b.detach_tracepoint(tp)
+            except Exception:
+                pass
         raise
-    return done
 
 
-def load_and_attach(text: str, cflags: list[str], programs: dict[str, tuple[str, str]],
-                    btf_ids: dict[str, int]) -> tuple[Any, Attachments]:
+def load_and_attach(text: str, cflags: list[str], programs: dict[str, tuple[str, str]]) -> Any:
     """Compile with bcc and attach each program to its tracepoint; the ``BPF`` object."""
     from bcc import BPF
 
     b = BPF(text=text, cflags=cflags)
     try:
-        attached = attach(b, programs, btf_ids)
+        attach(b, programs)
     except BaseException:
         b.cleanup()
         raise
-    return b, attached
+    return b

@@ -89,8 +89,6 @@ class KernelEvents:
         self._conns: DoubleBuffer[decode.RawConn] | None = None
         self._conn_decoder: decode.ConnDecoder | None = None
         self._pending: list[bytes] = []
-        self._btf_ids: dict[str, int] = {}
-        self._attached: program.Attachments | None = None
         self._lost_seen: dict[int, int] = {}
         self._last_counters = decode.Counters((0,) * decode.CNT_MAX)
         self._stop = threading.Event()
@@ -111,7 +109,6 @@ class KernelEvents:
             raise StartError(self._id, f"kernel events: {exc}", _REMEDY_KERNEL) from None
         self._names = decode.Names(facts.drop_reasons, facts.tcp_states, facts.reset_reasons)
         self._programs = program.programs_for(self.config)
-        self._btf_ids = facts.btf_ids
         return program.build(facts, self.config, events=self._wants_logs)
 
     def start(self, bpf: Any = None) -> None:
@@ -124,7 +121,7 @@ class KernelEvents:
             built = self.prepare()
             assert built is not None and self._programs is not None
             try:
-                bpf, self._attached = program.load_and_attach(*built, self._programs, self._btf_ids)
+                bpf = program.load_and_attach(*built, self._programs)
             except Exception as exc:
                 raise StartError(self._id, f"cannot compile or attach the kernel-event programs: {exc}",
                                  _REMEDY_KERNEL) from None
@@ -133,7 +130,7 @@ class KernelEvents:
             if self._programs is None:
                 raise RuntimeError("KernelEvents.prepare() must give the source before start(bpf)")
             try:
-                self._attached = program.attach(bpf, self._programs, self._btf_ids)
+                program.attach(bpf, self._programs)
             except Exception as exc:
                 raise StartError(self._id, f"cannot attach the kernel-event programs: {exc}", _REMEDY_KERNEL) from None
         self._bpf = bpf
@@ -183,9 +180,11 @@ class KernelEvents:
         if self._bpf is None:
             return
         try:
-            if self._attached is not None:
-                self._attached.detach()
-                self._attached = None
+            for category, event in (self._programs or {}).values():
+                try:
+                    self._bpf.detach_tracepoint(f"{category}:{event}")
+                except Exception:
+                    pass  # not attached (a failed start)
             if self._ring is not None:
                 self._ring.consume()
                 self._emit(self._take_records())
