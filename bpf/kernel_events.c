@@ -63,6 +63,32 @@ BPF_PERCPU_ARRAY(tcp_states, __s64, FLOWTEL_TCP_STATE_SLOTS);
 BPF_ARRAY(tcp_conns, struct tcp_conn_set, FLOWTEL_CONN_SETS);
 BPF_PERCPU_ARRAY(kev_unannounced, __u32, 1);  /* events submitted since this CPU woke the reader */
 
+/* The clock of one CPU at tick resolution, for the first/last times of drop and connection
+ * flows where no exact interval is computed from them (as tc_flow.c's flow clock: kernel-only,
+ * so not in flowtel.h). bpf_jiffies64() is a load the verifier inlines; the clock helper (~20 ns
+ * here, a kvm-clock read) runs on a CPU's first such event of a jiffy. A time can lag by up to
+ * two ticks. Tracepoint programs do not nest on a CPU (the kernel skips a program attached to a
+ * tracepoint while another runs there), so the per-CPU entry needs no atomics. */
+struct kev_clock {
+    __u64 jiffies;
+    __u64 ns;
+};
+BPF_PERCPU_ARRAY(kev_clock, struct kev_clock, 1);
+
+static __always_inline __u64 kev_flow_time(void)
+{
+    __u32 zero = 0;
+    __u64 j = bpf_jiffies64();
+    struct kev_clock *c = kev_clock.lookup(&zero);
+    if (!c)
+        return bpf_ktime_get_ns();
+    if (c->jiffies != j || !c->ns) {
+        c->ns = bpf_ktime_get_ns();
+        c->jiffies = j;
+    }
+    return c->ns;
+}
+
 static __always_inline void count(__u32 idx, __u64 n)
 {
     __u64 *v = kev_counters.lookup(&idx);
@@ -243,10 +269,9 @@ static __always_inline void sample_drop(struct drop_flow_key *key, const struct 
         count(FLOWTEL_KEV_CNT_DROP_SAMPLES_SUPPRESSED, 1);
         return;
     }
-    struct kernel_event *ev = new_event(FLOWTEL_KEV_DROP);
+    struct kernel_event *ev = new_event(FLOWTEL_KEV_DROP);  /* its exact time: new_event reads the clock */
     if (!ev)
         return;
-    ev->time_ns = now;
     ev->location = key->location;
     ev->reason = key->reason;
     ev->len = len;
@@ -344,7 +369,7 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
         key.sport = p.has_icmp ? p.icmp_type : p.sport;
         key.dport = p.has_icmp ? p.icmp_code : p.dport;
     }
-    __u64 now = bpf_ktime_get_ns();  /* one clock read for the flow's times and the sample's */
+    __u64 now = kev_flow_time();  /* the flow's times and the sample budget's; a sample reads its own */
     if (FLOWTEL_DROP_FLOWS)
         count_drop_flow(&key, len, p.protocol == IPPROTO_TCP ? p.tcp_flags : 0, now);
 #if FLOWTEL_DROP_SAMPLES
@@ -611,11 +636,14 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
         }
         if (newstate != FLOWTEL_TCPS_ESTABLISHED)
             return 0;  /* FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING: only the gauge changes */
-        now = bpf_ktime_get_ns();
+        /* The exact clock only for a handshake RTT; otherwise (a server's end) the time is the
+         * connection flow's first/last only, and the tick clock serves. */
+        int rtt = oldstate == FLOWTEL_TCPS_SYN_SENT && c->syn_sent_ns;
+        now = rtt ? bpf_ktime_get_ns() : kev_flow_time();
         COPY_TUPLE(c, args);  /* both ends are final now */
         __u8 role = role_of(oldstate, c->role);
         c->role = role;
-        if (oldstate == FLOWTEL_TCPS_SYN_SENT && c->syn_sent_ns) {
+        if (rtt) {
             value = now - c->syn_sent_ns;
             has_value = value != 0;
             count(FLOWTEL_KEV_CNT_RTT_SUM_NS, value);
