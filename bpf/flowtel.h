@@ -168,10 +168,16 @@ struct dns_agg_val {
     __u64 last_ns;
 };
 
-/* dns_pending: requests waiting for their response, per observation point. A hash map,
- * not an LRU: a request that does not fit is counted (PENDING_FULL), never evicted silently.
- * The kernel removes an entry when its response arrives within the timeout; user space
- * removes the ones that timed out and counts them as unanswered (whoever deletes it owns it). */
+/* dns_pending: requests waiting for their response, per observation point. A set-associative
+ * array (no allocation, free list or bucket lock per message): a request hashes to one set of
+ * FLOWTEL_DNS_PENDING_WAYS ways, each one cache line, and claims a free way with a
+ * compare-and-swap on ts_ns (0: free). A request whose set is full is counted (PENDING_FULL),
+ * never evicted silently. A response finds its request in its set and frees it with a CAS
+ * while younger than the timeout; the requests that time out are freed and copied out by
+ * flowtel_dns_sweep, a program user space runs (BPF_PROG_TEST_RUN) on a chunk of sets at a
+ * time; user space reports them unanswered. Of the two CASes, whoever frees the way owns it. */
+#define FLOWTEL_DNS_PENDING_WAYS 4
+#define FLOWTEL_DNS_SWEEP_SETS 256   /* sets one run of flowtel_dns_sweep looks at */
 struct dns_pending_key {
     __u8  client[16];
     __u8  server[16];
@@ -183,12 +189,25 @@ struct dns_pending_key {
     __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
 };
 
-struct dns_pending_val {
-    __u64 ts_ns;         /* the request's bpf_ktime_get_ns (the first one, if retransmitted) */
+/* One way: 64 bytes, one cache line. */
+struct dns_pending {
+    __u64 ts_ns;         /* the request's bpf_ktime_get_ns (the first one, if retransmitted); 0: free */
     __u64 name_hash;
+    struct dns_pending_key key;
     __u16 qtype;
     __u8  hook;
-    __u8  pad[5];
+    __u8  pad[1];
+};
+
+struct dns_pending_set {
+    struct dns_pending way[FLOWTEL_DNS_PENDING_WAYS];
+};
+
+/* dns_sweep (one entry): what user space asks of flowtel_dns_sweep and what it answers. */
+struct dns_sweep_arg {
+    __u64 deadline_ns;   /* in: requests at or before it are expired (now - timeout) */
+    __u32 first_set;     /* in: the first of the FLOWTEL_DNS_SWEEP_SETS sets to look at */
+    __u32 expired;       /* out: requests freed, copied to dns_expired[0 .. expired) */
 };
 
 /* dns_tcp_next: where the next message of a TCP stream starts, for a stream whose last

@@ -4,9 +4,11 @@ the latency histogram and the counters, read without losing a count.
 The aggregation maps are drained as the flow maps are: flip ``dns_active``, wait for the
 programs that already chose the old map, then empty it with
 ``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` while nothing writes to it; its seen-set of names
-(``dns_seen_<slot>``) is emptied with it, so every name gets a sample again next interval. Pending requests are read
-in batches and the ones that timed out are deleted one by one: the kernel deletes an entry
-when it matches a response, so whoever deletes it owns it and nothing is counted twice.
+(``dns_seen_<slot>``) is emptied with it, so every name gets a sample again next interval.
+Pending requests live in a set-associative array the kernel frees with a compare-and-swap
+when it matches a response; the ones that timed out are freed by ``flowtel_dns_sweep``, a
+program run here with ``BPF_PROG_TEST_RUN`` over a chunk of sets at a time, which copies each
+to ``dns_expired`` before its CAS: whoever frees a request owns it, nothing is counted twice.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
+from bcc import BPF
 from bcc.libbcc import lib
 
 from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
@@ -24,6 +27,64 @@ from flowtel.lib.bpf.layout import struct_for
 
 FLIP_GRACE_S = 0.02
 CHUNK_ENTRIES = 4096
+
+
+class _TestRunOpts(ctypes.Structure):
+    """libbpf's struct bpf_test_run_opts (libbpf 1.x)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+class _Sweep:
+    """flowtel_dns_sweep (bpf/dns.h), run on a chunk of dns_pending's sets at a time."""
+
+    def __init__(self, bpf: Any, sweep_sets: int) -> None:
+        self.fd = bpf.load_func("flowtel_dns_sweep", BPF.SCHED_CLS).fd
+        self.sets = bpf["dns_pending"].max_entries
+        self.chunk = sweep_sets
+        self.arg_table = bpf["dns_sweep"]
+        self.arg = self.arg_table.Leaf()
+        self.zero = ctypes.c_int(0)
+        out = bpf["dns_expired"]
+        self.out_fd = out.get_fd()
+        self.out_keys = (out.Key * out.max_entries)()
+        self.out_values = (out.Leaf * out.max_entries)()
+        # A SCHED_CLS test run needs a packet (at least an Ethernet header); it reads none.
+        self.frame = ctypes.create_string_buffer(64)
+        self.frame_out = ctypes.create_string_buffer(64 + 256)
+        # A handle of its own on bcc's library: the argument types set here are then not
+        # shared with (or overwritten by) other users of bcc's ``lib``.
+        self.test_run = ctypes.CDLL(lib._name, use_errno=True).bpf_prog_test_run_opts
+        self.test_run.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+
+    def run(self, first_set: int, deadline_ns: int) -> int:
+        """Free the expired requests of one chunk; returns how many (in ``out_values``)."""
+        self.arg.deadline_ns = deadline_ns
+        self.arg.first_set = first_set
+        self.arg.expired = 0
+        self.arg_table[self.zero] = self.arg
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(self.frame),
+                            data_size_in=len(self.frame), data_out=ctypes.addressof(self.frame_out),
+                            data_size_out=len(self.frame_out), repeat=1)
+        if self.test_run(self.fd, ctypes.byref(opts)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"BPF_PROG_TEST_RUN of flowtel_dns_sweep: {os.strerror(err)}")
+        n = int(self.arg_table[self.zero].expired)
+        if n:
+            # An array's batch read starts at index 0: the first n entries, one system call.
+            out_batch = ctypes.c_uint32(0)
+            count = ctypes.c_uint32(n)
+            res = lib.bpf_lookup_batch(self.out_fd, None, ctypes.byref(out_batch), ctypes.byref(self.out_keys),
+                                       ctypes.byref(self.out_values), ctypes.byref(count))
+            err = ctypes.get_errno()
+            if (res != 0 and err != errno.ENOENT) or count.value < n:
+                raise OSError(err, f"batch read of 'dns_expired': {os.strerror(err)}")
+        return n
 
 
 def _picker(indexes: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
@@ -97,17 +158,19 @@ class _Batch:
 class DnsMaps:
     """The DNS maps of one loaded tc_flow.c. Used by one thread (the DNS reader)."""
 
-    def __init__(self, bpf: Any, counter_index: dict[str, int]) -> None:
+    def __init__(self, bpf: Any, counter_index: dict[str, int], sweep_sets: int) -> None:
         self._aggs = [_Batch(bpf["dns_agg_0"]), _Batch(bpf["dns_agg_1"])]
         expected_key = list(AggKey._fields)
         if self._aggs[0].key_names != expected_key or self._aggs[0].leaf_names != ["messages", "first_ns", "last_ns"]:
             raise RuntimeError(f"bpf/flowtel.h struct dns_agg_key {self._aggs[0].key_names} does not match "
                                f"AggKey {expected_key}")
         self._seen = [_Batch(bpf["dns_seen_0"]), _Batch(bpf["dns_seen_1"])]
-        self._pending = _Batch(bpf["dns_pending"])
+        self._sweep = _Sweep(bpf, sweep_sets)
+        pending = bpf["dns_expired"].Leaf
+        key_names = [f[0] for f in {f[0]: f[1] for f in pending._fields_}["key"]._fields_]
         expected_pending = [f for f in Expired._fields if f not in ("ts_ns", "name_hash", "qtype", "hook")]
-        if self._pending.key_names != expected_pending:
-            raise RuntimeError(f"bpf/flowtel.h struct dns_pending_key {self._pending.key_names} does not match")
+        if key_names != expected_pending:
+            raise RuntimeError(f"bpf/flowtel.h struct dns_pending_key {key_names} does not match")
         self._active = bpf["dns_active"]
         self._latency = bpf["dns_latency"]
         self._counters = bpf["dns_counters"]
@@ -133,20 +196,15 @@ class DnsMaps:
         return out
 
     def expire(self, deadline_ns: int) -> list[Expired]:
-        """Remove and return the requests older than ``deadline_ns`` that nobody matched."""
-        batch = self._pending
+        """Free and return the requests no younger than ``deadline_ns`` that nobody matched."""
+        sweep = self._sweep
         out: list[Expired] = []
-        ts_i = batch.leaf_names.index("ts_ns")
-        ksz = batch.ksz
-        # Deleting while walking: an entry deleted behind the batch cursor is not read again,
-        # and one the kernel adds meanwhile is young (not expired) anyway.
-        for n in batch.chunks(delete=False):
-            for i, (k, v) in enumerate(batch.rows(n)):
-                if v[ts_i] > deadline_ns:
-                    continue
-                # 0: we removed it, so its response did not come in time; else the kernel matched it.
-                if lib.bpf_delete_elem(batch.fd, ctypes.byref(batch.keys, ksz * i)) == 0:
-                    out.append(Expired(*k, *v))
+        for first in range(0, sweep.sets, sweep.chunk):
+            n = sweep.run(first, deadline_ns)
+            for e in sweep.out_values[:n]:
+                k = e.key
+                out.append(Expired(bytes(k.client), bytes(k.server), k.ifindex, k.client_port, k.server_port, k.id,
+                                   k.family, k.protocol, e.ts_ns, e.name_hash, e.qtype, e.hook))
         return out
 
     def latency(self) -> KernelLatency:
