@@ -8,7 +8,8 @@
  * Every message is then counted, whatever the rate:
  *   - per (interface, hook, addresses, server port, name hash, qtype, rcode, QR, status,
  *     protocol) in dns_agg_<slot>, a double buffer user space flips and drains every interval
- *     (the same no-loss scheme as the flow maps; the slot is chosen by one flag read);
+ *     (the same no-loss scheme as the flow maps; the slot is chosen by one flag read), found
+ *     through a set-associative index of way words (flowtel.h, struct dns_agg_set);
  *   - requests wait in dns_pending (a set-associative array; a full set is counted) until
  *     their response arrives within the timeout: its latency goes into a per-CPU histogram in
  *     the kernel; flowtel_dns_sweep, run by user space, frees the requests that time out and
@@ -34,7 +35,7 @@
  * queries; only their length prefixes are walked, to keep the stream in step).
  *
  * Compile-time constants (set by the loader, receiver/ebpf/dnsring.py): FLOWTEL_IS_DNS_PORT(p),
- * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES,
+ * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES, FLOWTEL_DNS_AGG_SETS,
  * FLOWTEL_DNS_PENDING_SETS, FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
  * FLOWTEL_DNS_LAT_BUCKET(ns) (the latency bucket of ns, from the histogram's bounds).
  */
@@ -52,8 +53,14 @@
 BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);  /* per-message samples (within the budget) */
 BPF_RINGBUF_OUTPUT(dns_names, FLOWTEL_DNS_RING_PAGES);   /* samples of names first seen this interval */
 BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1);
-BPF_HASH(dns_agg_0, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
-BPF_HASH(dns_agg_1, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
+/* FLOWTEL_DNS_AGG_SETS (a power of two, from the loader): twice max_aggregates in way words, so
+ * that sets seldom fill before the entries do. */
+BPF_ARRAY(dns_agg_0, struct dns_agg_entry, FLOWTEL_DNS_MAX_AGGREGATES);
+BPF_ARRAY(dns_agg_1, struct dns_agg_entry, FLOWTEL_DNS_MAX_AGGREGATES);
+BPF_ARRAY(dns_agg_ways_0, struct dns_agg_set, FLOWTEL_DNS_AGG_SETS);
+BPF_ARRAY(dns_agg_ways_1, struct dns_agg_set, FLOWTEL_DNS_AGG_SETS);
+BPF_ARRAY(dns_agg_next, __u64, 2);  /* [slot]: entries of dns_agg_<slot> handed out this interval (64-bit:
+                                      * the BPF target's CAS is on 64 bits) */
 /* At most one entry per aggregation key of the same slot (inserted only when one is created),
  * so it cannot fill before dns_agg_<slot> does. */
 BPF_HASH(dns_seen_0, struct dns_seen_key, __u8, FLOWTEL_DNS_MAX_AGGREGATES);
@@ -228,30 +235,90 @@ static __always_inline int dns_take_budget(__u64 now)
     return 1;
 }
 
-/* Count the message in the active aggregation buffer; returns 1 if it created the key. */
+static __always_inline int dns_agg_is(const struct dns_agg_key *a, const struct dns_agg_key *b)
+{
+    const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+    __u64 diff = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*a) / 8; i++)
+        diff |= x[i] ^ y[i];
+    return diff == 0;
+}
+
+static __always_inline struct dns_agg_entry *dns_agg_entry(__u32 slot, __u32 n)
+{
+    return slot ? dns_agg_1.lookup(&n) : dns_agg_0.lookup(&n);
+}
+
+/* Count the message in the active aggregation buffer; returns 1 if it created the key, -1 if
+ * there was no room (its set or the entries full). Of two CPUs racing to create a key, one
+ * wins the way word's CAS; the other then finds the key there (ways are claimed in order and
+ * never freed within an interval, so a key is in one way at most). */
 static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u64 now)
 {
-    struct dns_agg_val init = {.messages = 0, .first_ns = now, .last_ns = now};
-    struct dns_agg_val *v;
+    const __u32 *w32 = (const __u32 *)ak;
+    __u64 h = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*ak) / 4; i++)
+        h = (h ^ w32[i]) * 0x9e3779b97f4a7c15ULL;
+    __u32 si = (__u32)(h >> 32) & (FLOWTEL_DNS_AGG_SETS - 1);
+    __u64 tag = h >> (64 - (64 - FLOWTEL_DNS_AGG_ENTRY_BITS));  /* the top 40 bits */
+    struct dns_agg_set *set = slot ? dns_agg_ways_1.lookup(&si) : dns_agg_ways_0.lookup(&si);
+    if (!set)
+        return -1;
+    struct dns_agg_entry *e = 0;
     int created = 0;
-    /* insert is BPF_NOEXIST: of two CPUs racing to create a key, one creates it. */
-    if (slot) {
-        v = dns_agg_1.lookup(ak);
-        if (!v) {
-            created = dns_agg_1.insert(ak, &init) == 0;
-            v = dns_agg_1.lookup(ak);
+#pragma unroll
+    for (int w = 0; w < FLOWTEL_DNS_AGG_WAYS; w++) {
+        __u64 word = *(volatile __u64 *)&set->way[w];
+        if (word == 0) {
+            __u32 zero_slot = slot;
+            __u64 *next = dns_agg_next.lookup(&zero_slot);
+            if (!next)
+                return -1;
+            /* A CAS, not a fetch-and-add: bcc's clang targets a BPF version whose XADD returns
+             * nothing. Contended only by CPUs creating keys at the same instant. */
+            __u32 n = FLOWTEL_DNS_MAX_AGGREGATES;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                __u64 cur = *(volatile __u64 *)next;
+                if (cur >= FLOWTEL_DNS_MAX_AGGREGATES)
+                    break;  /* no entry left this interval (user space resets the count) */
+                if (__sync_val_compare_and_swap(next, cur, cur + 1) == cur) {
+                    n = (__u32)cur;
+                    break;
+                }
+            }
+            if (n >= FLOWTEL_DNS_MAX_AGGREGATES)
+                return -1;
+            struct dns_agg_entry *ne = dns_agg_entry(slot, n);
+            if (!ne)
+                return -1;
+            ne->key = *ak;
+            ne->messages = 0;
+            ne->first_ns = now;
+            ne->last_ns = now;
+            __u64 mine = (tag << FLOWTEL_DNS_AGG_ENTRY_BITS) | (n + 1);
+            __u64 old = __sync_val_compare_and_swap(&set->way[w], 0, mine);
+            if (old == 0) {
+                e = ne;
+                created = 1;
+                break;
+            }
+            word = old;  /* another CPU took the way first: ne stays with no messages (skipped) */
         }
-    } else {
-        v = dns_agg_0.lookup(ak);
-        if (!v) {
-            created = dns_agg_0.insert(ak, &init) == 0;
-            v = dns_agg_0.lookup(ak);
+        if ((word >> FLOWTEL_DNS_AGG_ENTRY_BITS) != tag)
+            continue;
+        struct dns_agg_entry *oe = dns_agg_entry(slot, (__u32)(word & ((1U << FLOWTEL_DNS_AGG_ENTRY_BITS) - 1)) - 1);
+        if (oe && dns_agg_is(&oe->key, ak)) {
+            e = oe;
+            break;
         }
     }
-    if (!v)
-        return -1;  /* the map is full */
-    __sync_fetch_and_add(&v->messages, 1);
-    v->last_ns = now;
+    if (!e)
+        return -1;  /* the set is full */
+    __sync_fetch_and_add(&e->messages, 1);
+    e->last_ns = now;
     return created;
 }
 

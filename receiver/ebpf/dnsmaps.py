@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import struct
 import operator
 import os
 import time
@@ -155,15 +156,106 @@ class _Batch:
         return [(pk(k), pv(v)) for k, v in zip(self.key_struct.iter_unpack(kbuf), self.leaf_struct.iter_unpack(vbuf))]
 
 
+def _entry_struct(leaf: type[ctypes.Structure]) -> tuple[Any, list[str]]:
+    """``struct dns_agg_entry`` as one ``struct.Struct``: its key's fields inlined (as
+    struct_for gives them), then its own; padding from the real offsets."""
+    fmt = ["="]
+    names: list[str] = []
+    pos = 0
+    for name, ftype in ((f[0], f[1]) for f in leaf._fields_):
+        offset = getattr(leaf, name).offset
+        if offset > pos:
+            fmt.append(f"{offset - pos}x")
+        if issubclass(ftype, ctypes.Structure):
+            sub, sub_names = struct_for(ftype)
+            fmt.append(sub.format.lstrip("="))
+            names.extend(f"{name}.{n}" for n in sub_names)
+        else:
+            sub, _ = struct_for(type("_One", (ctypes.Structure,), {"_fields_": [(name, ftype)]}))
+            fmt.append(sub.format.lstrip("="))
+            names.append(name)
+        pos = offset + ctypes.sizeof(ftype)
+    if ctypes.sizeof(leaf) > pos:
+        fmt.append(f"{ctypes.sizeof(leaf) - pos}x")
+    out = struct.Struct("".join(fmt))
+    if out.size != ctypes.sizeof(leaf):
+        raise TypeError(f"struct dns_agg_entry: derived size {out.size} != {ctypes.sizeof(leaf)}")
+    return out, names
+
+
+class _AggBuffer:
+    """One aggregation buffer (bpf/flowtel.h, struct dns_agg_entry): its entries in the order
+    the kernel created them, the way words that index them, and its entry count."""
+
+    def __init__(self, bpf: Any, slot: int) -> None:
+        self.slot = ctypes.c_int(slot)
+        self.entries = bpf[f"dns_agg_{slot}"]
+        self.next = bpf["dns_agg_next"]
+        ways = bpf[f"dns_agg_ways_{slot}"]
+        self.ways_fd = ways.get_fd()
+        self.sets = ways.max_entries
+        self.fd = self.entries.get_fd()
+        self.max = self.entries.max_entries
+        self.chunk = min(self.max, CHUNK_ENTRIES)
+        self.keys = (self.entries.Key * self.chunk)()
+        self.values = (self.entries.Leaf * self.chunk)()
+        self.esz = ctypes.sizeof(self.entries.Leaf)
+        self.struct, names = _entry_struct(self.entries.Leaf)
+        fields = [i for i, n in enumerate(names) if not _is_pad(n.rsplit(".", 1)[-1])]
+        self.names = [names[i] for i in fields]
+        self.pick = _picker(fields)
+        # Zeroing the way words: one batch update a chunk of sets, from buffers allocated once.
+        self.zero_chunk = min(self.sets, CHUNK_ENTRIES)
+        self.zero_keys = (ways.Key * self.zero_chunk)()
+        self.zero_values = (ways.Leaf * self.zero_chunk)()
+
+    def drain(self) -> list[tuple[Any, ...]]:
+        """The entries created this interval that hold messages, as tuples of the entry's
+        fields (key fields first); then the buffer is empty. Nothing may write to it."""
+        n = min(int(self.next[self.slot].value), self.max)
+        out: list[tuple[Any, ...]] = []
+        done = 0
+        in_batch = ctypes.c_uint32(0)
+        out_batch = ctypes.c_uint32(0)
+        count = ctypes.c_uint32(0)
+        while done < n:
+            count.value = min(self.chunk, n - done)
+            res = lib.bpf_lookup_batch(self.fd, None if done == 0 else ctypes.byref(in_batch),
+                                       ctypes.byref(out_batch), ctypes.byref(self.keys), ctypes.byref(self.values),
+                                       ctypes.byref(count))
+            err = ctypes.get_errno()
+            got = count.value
+            if res != 0 and err != errno.ENOENT:
+                raise OSError(err, f"batch read of {self.entries.name!r}: {os.strerror(err)}")
+            if got == 0:
+                break
+            buf = memoryview(self.values).cast("B")[: self.esz * got]
+            out.extend(self.pick(row) for row in self.struct.iter_unpack(buf))
+            done += got
+            in_batch.value = out_batch.value
+        for first in range(0, self.sets, self.zero_chunk):
+            m = min(self.zero_chunk, self.sets - first)
+            for i in range(m):
+                self.zero_keys[i] = first + i
+            cnt = ctypes.c_uint32(m)
+            if lib.bpf_update_batch(self.ways_fd, ctypes.byref(self.zero_keys), ctypes.byref(self.zero_values),
+                                    ctypes.byref(cnt)) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"zeroing the way words of {self.entries.name!r}: {os.strerror(err)}")
+        self.next[self.slot] = ctypes.c_uint64(0)
+        return out
+
+
 class DnsMaps:
     """The DNS maps of one loaded tc_flow.c. Used by one thread (the DNS reader)."""
 
     def __init__(self, bpf: Any, counter_index: dict[str, int], sweep_sets: int) -> None:
-        self._aggs = [_Batch(bpf["dns_agg_0"]), _Batch(bpf["dns_agg_1"])]
-        expected_key = list(AggKey._fields)
-        if self._aggs[0].key_names != expected_key or self._aggs[0].leaf_names != ["messages", "first_ns", "last_ns"]:
-            raise RuntimeError(f"bpf/flowtel.h struct dns_agg_key {self._aggs[0].key_names} does not match "
-                               f"AggKey {expected_key}")
+        self._aggs = [_AggBuffer(bpf, 0), _AggBuffer(bpf, 1)]
+        expected = [f"key.{f}" for f in AggKey._fields] + ["messages", "first_ns", "last_ns"]
+        if self._aggs[0].names != expected:
+            raise RuntimeError(f"bpf/flowtel.h struct dns_agg_entry {self._aggs[0].names} does not match "
+                               f"AggKey and Aggregate {expected}")
+        self._nkey = len(AggKey._fields)
         self._seen = [_Batch(bpf["dns_seen_0"]), _Batch(bpf["dns_seen_1"])]
         self._sweep = _Sweep(bpf, sweep_sets)
         pending = bpf["dns_expired"].Leaf
@@ -188,9 +280,9 @@ class DnsMaps:
 
     def drain(self, slot: int) -> list[Aggregate]:
         """Empty one buffer (nothing may write to it: after :meth:`flip`) and its seen-set."""
-        batch = self._aggs[slot]
-        make_key = AggKey._make
-        out = [Aggregate(make_key(k), *v) for n in batch.chunks(delete=True) for k, v in batch.rows(n)]
+        nk = self._nkey
+        # An entry with no messages is one a CPU lost the race to create: not a key.
+        out = [Aggregate(AggKey._make(row[:nk]), *row[nk:]) for row in self._aggs[slot].drain() if row[nk]]
         for _ in self._seen[slot].chunks(delete=True):
             pass  # the entries themselves say nothing user space needs
         return out

@@ -89,11 +89,18 @@ def run(prog: Any, packet: bytes) -> None:
 
 
 def take_keys(prog: Any) -> dict[tuple[int, int, int, int, int], int]:
-    """(status, is_response, rcode, qtype, name_hash) -> messages, from the active buffer, emptied."""
+    """(status, is_response, rcode, qtype, name_hash) -> messages, from the active buffer, emptied
+    (as the agent's drain does it)."""
+    from receiver.ebpf.dnsmaps import _AggBuffer
     b, _ = prog
-    table = b["dns_agg_0"]
-    out = {(k.status, k.is_response, k.rcode, k.qtype, k.name_hash): v.messages for k, v in table.items()}
-    table.clear()
+    out: dict[tuple[int, int, int, int, int], int] = {}
+    buf = _AggBuffer(b, 0)
+    names = buf.names
+    for row in buf.drain():
+        e = dict(zip(names, row))
+        if e["messages"]:
+            k = (e["key.status"], e["key.is_response"], e["key.rcode"], e["key.qtype"], e["key.name_hash"])
+            out[k] = out.get(k, 0) + e["messages"]
     return out
 
 
