@@ -245,15 +245,68 @@ static __always_inline int dns_agg_is(const struct dns_agg_key *a, const struct 
     return diff == 0;
 }
 
-static __always_inline struct dns_agg_entry *dns_agg_entry(__u32 slot, __u32 n)
+/* The entry of a way word in the buffer of slot. One call site per map (the verifier inlines
+ * an array lookup only where it knows the map). */
+static __always_inline struct dns_agg_entry *dns_agg_entry(__u32 slot, __u64 word)
 {
-    return slot ? dns_agg_1.lookup(&n) : dns_agg_0.lookup(&n);
+    __u32 n = (__u32)(word & ((1U << FLOWTEL_DNS_AGG_ENTRY_BITS) - 1)) - 1;
+    if (slot)
+        return dns_agg_1.lookup(&n);
+    return dns_agg_0.lookup(&n);
+}
+
+/* A new entry for ak in the buffer of slot, published in way w of set; the entry, or 0 with no
+ * room. Not inlined into the scan: creating a key is rare, and one copy of this keeps the
+ * program (and its instruction-cache footprint) small. */
+static __always_inline struct dns_agg_entry *dns_agg_create(struct dns_agg_set *set, __u32 w, __u64 tag,
+                                                           const struct dns_agg_key *ak, __u32 slot, __u64 now,
+                                                           int *created)
+{
+    __u32 zero_slot = slot;
+    __u64 *next = dns_agg_next.lookup(&zero_slot);
+    if (!next)
+        return 0;
+    /* A CAS, not a fetch-and-add: bcc's clang targets a BPF version whose XADD returns
+     * nothing. Contended only by CPUs creating keys at the same instant. */
+    __u64 n = FLOWTEL_DNS_MAX_AGGREGATES;
+    for (int t = 0; t < 4; t++) {
+        __u64 cur = *(volatile __u64 *)next;
+        if (cur >= FLOWTEL_DNS_MAX_AGGREGATES)
+            return 0;  /* no entry left this interval (user space resets the count) */
+        if (__sync_val_compare_and_swap(next, cur, cur + 1) == cur) {
+            n = cur;
+            break;
+        }
+    }
+    if (n >= FLOWTEL_DNS_MAX_AGGREGATES)
+        return 0;
+    __u64 mine = (tag << FLOWTEL_DNS_AGG_ENTRY_BITS) | (n + 1);
+    struct dns_agg_entry *e = dns_agg_entry(slot, mine);
+    if (!e)
+        return 0;
+    e->key = *ak;
+    e->messages = 0;
+    e->first_ns = now;
+    e->last_ns = now;
+    __u64 old = __sync_val_compare_and_swap(&set->way[w & (FLOWTEL_DNS_AGG_WAYS - 1)], 0, mine);
+    if (old == 0) {
+        *created = 1;
+        return e;
+    }
+    /* Another CPU took the way first (e stays with no messages: the drain skips it). If it
+     * created this key, count in its entry; if another key of the set, this message goes
+     * unkeyed (counted as such): two keys of one set created at the same instant. */
+    if ((old >> FLOWTEL_DNS_AGG_ENTRY_BITS) == tag) {
+        struct dns_agg_entry *oe = dns_agg_entry(slot, old);
+        if (oe && dns_agg_is(&oe->key, ak))
+            return oe;
+    }
+    return 0;
 }
 
 /* Count the message in the active aggregation buffer; returns 1 if it created the key, -1 if
- * there was no room (its set or the entries full). Of two CPUs racing to create a key, one
- * wins the way word's CAS; the other then finds the key there (ways are claimed in order and
- * never freed within an interval, so a key is in one way at most). */
+ * there was no room (its set or the entries full). Ways are claimed in order and never freed
+ * within an interval, so the scan stops at the first free way, and a key is in one way at most. */
 static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u64 now)
 {
     const __u32 *w32 = (const __u32 *)ak;
@@ -262,61 +315,32 @@ static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u
     for (int i = 0; i < sizeof(*ak) / 4; i++)
         h = (h ^ w32[i]) * 0x9e3779b97f4a7c15ULL;
     __u32 si = (__u32)(h >> 32) & (FLOWTEL_DNS_AGG_SETS - 1);
-    __u64 tag = h >> (64 - (64 - FLOWTEL_DNS_AGG_ENTRY_BITS));  /* the top 40 bits */
+    __u64 tag = h >> FLOWTEL_DNS_AGG_ENTRY_BITS;  /* the top 40 bits: a filter, the key is compared */
     struct dns_agg_set *set = slot ? dns_agg_ways_1.lookup(&si) : dns_agg_ways_0.lookup(&si);
     if (!set)
         return -1;
     struct dns_agg_entry *e = 0;
     int created = 0;
+    __u32 free_way = FLOWTEL_DNS_AGG_WAYS;
 #pragma unroll
     for (int w = 0; w < FLOWTEL_DNS_AGG_WAYS; w++) {
         __u64 word = *(volatile __u64 *)&set->way[w];
         if (word == 0) {
-            __u32 zero_slot = slot;
-            __u64 *next = dns_agg_next.lookup(&zero_slot);
-            if (!next)
-                return -1;
-            /* A CAS, not a fetch-and-add: bcc's clang targets a BPF version whose XADD returns
-             * nothing. Contended only by CPUs creating keys at the same instant. */
-            __u32 n = FLOWTEL_DNS_MAX_AGGREGATES;
-#pragma unroll
-            for (int t = 0; t < 4; t++) {
-                __u64 cur = *(volatile __u64 *)next;
-                if (cur >= FLOWTEL_DNS_MAX_AGGREGATES)
-                    break;  /* no entry left this interval (user space resets the count) */
-                if (__sync_val_compare_and_swap(next, cur, cur + 1) == cur) {
-                    n = (__u32)cur;
-                    break;
-                }
-            }
-            if (n >= FLOWTEL_DNS_MAX_AGGREGATES)
-                return -1;
-            struct dns_agg_entry *ne = dns_agg_entry(slot, n);
-            if (!ne)
-                return -1;
-            ne->key = *ak;
-            ne->messages = 0;
-            ne->first_ns = now;
-            ne->last_ns = now;
-            __u64 mine = (tag << FLOWTEL_DNS_AGG_ENTRY_BITS) | (n + 1);
-            __u64 old = __sync_val_compare_and_swap(&set->way[w], 0, mine);
-            if (old == 0) {
-                e = ne;
-                created = 1;
-                break;
-            }
-            word = old;  /* another CPU took the way first: ne stays with no messages (skipped) */
-        }
-        if ((word >> FLOWTEL_DNS_AGG_ENTRY_BITS) != tag)
-            continue;
-        struct dns_agg_entry *oe = dns_agg_entry(slot, (__u32)(word & ((1U << FLOWTEL_DNS_AGG_ENTRY_BITS) - 1)) - 1);
-        if (oe && dns_agg_is(&oe->key, ak)) {
-            e = oe;
+            free_way = w;
             break;
         }
+        if ((word >> FLOWTEL_DNS_AGG_ENTRY_BITS) == tag) {
+            struct dns_agg_entry *oe = dns_agg_entry(slot, word);
+            if (oe && dns_agg_is(&oe->key, ak)) {
+                e = oe;
+                break;
+            }
+        }
     }
+    if (!e && free_way < FLOWTEL_DNS_AGG_WAYS)
+        e = dns_agg_create(set, free_way, tag, ak, slot, now, &created);
     if (!e)
-        return -1;  /* the set is full */
+        return -1;  /* the set or the entries are full */
     __sync_fetch_and_add(&e->messages, 1);
     e->last_ns = now;
     return created;

@@ -103,29 +103,16 @@ def _is_pad(name: str) -> bool:
 
 
 class _Batch:
-    """Buffers and decoders for batch reads of one hash map (allocated once)."""
+    """Buffers for batch reads of one hash map (allocated once): the seen-sets, which are only
+    emptied (their entries say nothing user space needs)."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
         self.fd = table.get_fd()
-        self.n = table.max_entries
-        self.ksz = ctypes.sizeof(table.Key)
-        self.vsz = ctypes.sizeof(table.Leaf)
-        # Read in chunks: the agent's memory does not grow with max_pending / max_aggregates.
-        self.chunk = min(self.n, CHUNK_ENTRIES)
+        # Read in chunks: the agent's memory does not grow with max_aggregates.
+        self.chunk = min(table.max_entries, CHUNK_ENTRIES)
         self.keys = (table.Key * self.chunk)()
         self.values = (table.Leaf * self.chunk)()
-        self.key_names: list[str] = []
-        self.leaf_names: list[str] = []
-        if issubclass(table.Leaf, ctypes.Structure):  # else only emptied (the seen-sets' bytes)
-            self.key_struct, key_names = struct_for(table.Key)
-            self.leaf_struct, leaf_names = struct_for(table.Leaf)
-            self.key_fields = [i for i, n in enumerate(key_names) if not _is_pad(n)]
-            self.leaf_fields = [i for i, n in enumerate(leaf_names) if not _is_pad(n)]
-            self.key_names = [key_names[i] for i in self.key_fields]
-            self.leaf_names = [leaf_names[i] for i in self.leaf_fields]
-            self.pick_key = _picker(self.key_fields)
-            self.pick_leaf = _picker(self.leaf_fields)
 
     def chunks(self, delete: bool) -> Iterator[int]:
         """Read the map a chunk at a time (deleting what was read, with ``delete``): yields
@@ -149,14 +136,8 @@ class _Batch:
             in_batch.value = out_batch.value
             first = False
 
-    def rows(self, total: int) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
-        kbuf = memoryview(self.keys).cast("B")[: self.ksz * total]
-        vbuf = memoryview(self.values).cast("B")[: self.vsz * total]
-        pk, pv = self.pick_key, self.pick_leaf
-        return [(pk(k), pv(v)) for k, v in zip(self.key_struct.iter_unpack(kbuf), self.leaf_struct.iter_unpack(vbuf))]
 
-
-def _entry_struct(leaf: type[ctypes.Structure]) -> tuple[Any, list[str]]:
+def _entry_struct(leaf: type[ctypes.Structure]) -> tuple[struct.Struct, list[str]]:
     """``struct dns_agg_entry`` as one ``struct.Struct``: its key's fields inlined (as
     struct_for gives them), then its own; padding from the real offsets."""
     fmt = ["="]

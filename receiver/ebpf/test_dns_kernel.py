@@ -250,3 +250,29 @@ def test_the_sweep_frees_only_expired_requests_and_a_late_response_then_matches_
     run(prog, frame(message(wire("young.example."), qid=0x4444, flags=0x8180), reply=True, port=45001))
     assert sum(cpu.count for cpu in b["dns_latency"][ctypes.c_int(0)]) == lat + 1 and pending(b) == 0
     take_keys(prog)
+
+
+def test_full_aggregation_buffers_count_every_message_and_the_drain_makes_room_again() -> None:
+    """More keys than max_aggregates: each message is in a key or in UNKEYED_*, never lost;
+    the drain (entries by count, the way index zeroed) gives the next interval its room back."""
+    from bcc import BPF
+    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
+    defines.update(cflags(DnsConfig.model_validate({"max_aggregates": 256})))
+    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+    try:
+        small = (b, b.load_func("flowtel_tc", BPF.SCHED_CLS))
+        install_program(b)
+        names = [wire(f"n{i}.full.example.") for i in range(300)]
+        for i, name in enumerate(names):
+            run(small, frame(message(name, qid=i), reply=False, port=46000))
+        run(small, frame(message(names[0], qid=999), reply=False, port=46000))  # a known key: counted in it
+        keys = take_keys(small)
+        unkeyed = counter(small, "UNKEYED_REQUESTS")
+        assert len(keys) <= 256 and sum(keys.values()) + unkeyed == 301
+        assert keys[(OK, 0, 0, 1, fnv1a(names[0][:-1]))] == 2
+        assert unkeyed >= 300 - 256
+        run(small, frame(message(names[299], qid=1000), reply=False, port=46000))
+        assert take_keys(small) == {(OK, 0, 0, 1, fnv1a(names[299][:-1])): 1}  # room again
+        assert counter(small, "UNKEYED_REQUESTS") == unkeyed
+    finally:
+        b.cleanup()
