@@ -79,8 +79,9 @@ struct iface_stats {
 /* ---- DNS (bpf/dns.h, included by tc_flow.c) ---------------------------------------
  * DNS messages over UDP and TCP are parsed in the kernel (header and first question) and
  * counted per (interface, hook, addresses, server port, query name hash, qtype, rcode, QR,
- * protocol) in a double-buffered hash map; requests are matched to responses in a bounded
- * pending map for the latency histogram and the unanswered count. Only samples of messages
+ * protocol) in a double buffer of arrays behind a set-associative index; requests are
+ * matched to responses in a set-associative pending array for the latency histogram and the
+ * unanswered count. Only samples of messages
  * reach the ring buffers: the first of each name, qtype and rcode in an interval (for names
  * and answers) and, within a per-CPU budget, others (per-message flows at low rates).
  */
