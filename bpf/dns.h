@@ -8,10 +8,12 @@
  * Every message is then counted, whatever the rate:
  *   - per (interface, hook, addresses, server port, name hash, qtype, rcode, QR, status,
  *     protocol) in dns_agg_<slot>, a double buffer user space flips and drains every interval
- *     (the same no-loss scheme as the flow maps; the slot is chosen by one flag read);
- *   - requests wait in dns_pending (bounded; full is counted) until their response arrives
- *     within the timeout: its latency goes into a per-CPU histogram in the kernel; user space
- *     removes the requests that time out and counts them as unanswered.
+ *     (the same no-loss scheme as the flow maps; the slot is chosen by one flag read), found
+ *     through a set-associative index of way words (flowtel.h, struct dns_agg_set);
+ *   - requests wait in dns_pending (a set-associative array; a full set is counted) until
+ *     their response arrives within the timeout: its latency goes into a per-CPU histogram in
+ *     the kernel; flowtel_dns_sweep, run by user space, frees the requests that time out and
+ *     hands them over to be counted as unanswered.
  * User space gets a message's bytes only as a sample, and only for two reasons:
  *   - the message is the first of its name, qtype, rcode and QR this interval (a per-interval
  *     seen-set, dns_seen_<slot>, consulted only when a message creates an aggregation key):
@@ -33,8 +35,8 @@
  * queries; only their length prefixes are walked, to keep the stream in step).
  *
  * Compile-time constants (set by the loader, receiver/ebpf/dnsring.py): FLOWTEL_IS_DNS_PORT(p),
- * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES,
- * FLOWTEL_DNS_MAX_PENDING, FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
+ * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES, FLOWTEL_DNS_AGG_SETS,
+ * FLOWTEL_DNS_PENDING_SETS, FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
  * FLOWTEL_DNS_LAT_BUCKET(ns) (the latency bucket of ns, from the histogram's bounds).
  */
 #ifndef FLOWTEL_DNS_H
@@ -51,14 +53,23 @@
 BPF_RINGBUF_OUTPUT(dns_events, FLOWTEL_DNS_RING_PAGES);  /* per-message samples (within the budget) */
 BPF_RINGBUF_OUTPUT(dns_names, FLOWTEL_DNS_RING_PAGES);   /* samples of names first seen this interval */
 BPF_PERCPU_ARRAY(dns_scratch, struct dns_event, 1);
-BPF_HASH(dns_agg_0, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
-BPF_HASH(dns_agg_1, struct dns_agg_key, struct dns_agg_val, FLOWTEL_DNS_MAX_AGGREGATES);
+/* FLOWTEL_DNS_AGG_SETS (a power of two, from the loader): twice max_aggregates in way words, so
+ * that sets seldom fill before the entries do. */
+BPF_ARRAY(dns_agg_0, struct dns_agg_entry, FLOWTEL_DNS_MAX_AGGREGATES);
+BPF_ARRAY(dns_agg_1, struct dns_agg_entry, FLOWTEL_DNS_MAX_AGGREGATES);
+BPF_ARRAY(dns_agg_ways_0, struct dns_agg_set, FLOWTEL_DNS_AGG_SETS);
+BPF_ARRAY(dns_agg_ways_1, struct dns_agg_set, FLOWTEL_DNS_AGG_SETS);
+BPF_ARRAY(dns_agg_next, __u64, 2);  /* [slot]: entries of dns_agg_<slot> handed out this interval (64-bit:
+                                      * the BPF target's CAS is on 64 bits) */
 /* At most one entry per aggregation key of the same slot (inserted only when one is created),
  * so it cannot fill before dns_agg_<slot> does. */
 BPF_HASH(dns_seen_0, struct dns_seen_key, __u8, FLOWTEL_DNS_MAX_AGGREGATES);
 BPF_HASH(dns_seen_1, struct dns_seen_key, __u8, FLOWTEL_DNS_MAX_AGGREGATES);
 BPF_ARRAY(dns_active, __u32, 1);
-BPF_HASH(dns_pending, struct dns_pending_key, struct dns_pending_val, FLOWTEL_DNS_MAX_PENDING);
+/* FLOWTEL_DNS_PENDING_SETS (a power of two, from the loader): max_pending / ways, rounded up. */
+BPF_ARRAY(dns_pending, struct dns_pending_set, FLOWTEL_DNS_PENDING_SETS);
+BPF_ARRAY(dns_sweep, struct dns_sweep_arg, 1);
+BPF_ARRAY(dns_expired, struct dns_pending, FLOWTEL_DNS_SWEEP_SETS * FLOWTEL_DNS_PENDING_WAYS);
 BPF_TABLE("lru_hash", struct dns_tcp_stream, __u32, dns_tcp_next, FLOWTEL_DNS_TCP_STREAMS);
 BPF_PERCPU_ARRAY(dns_latency, struct dns_latency, 1);
 BPF_PERCPU_ARRAY(dns_budget, struct dns_budget, 1);
@@ -224,30 +235,114 @@ static __always_inline int dns_take_budget(__u64 now)
     return 1;
 }
 
-/* Count the message in the active aggregation buffer; returns 1 if it created the key. */
-static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u64 now)
+static __always_inline int dns_agg_is(const struct dns_agg_key *a, const struct dns_agg_key *b)
 {
-    struct dns_agg_val init = {.messages = 0, .first_ns = now, .last_ns = now};
-    struct dns_agg_val *v;
-    int created = 0;
-    /* insert is BPF_NOEXIST: of two CPUs racing to create a key, one creates it. */
-    if (slot) {
-        v = dns_agg_1.lookup(ak);
-        if (!v) {
-            created = dns_agg_1.insert(ak, &init) == 0;
-            v = dns_agg_1.lookup(ak);
-        }
-    } else {
-        v = dns_agg_0.lookup(ak);
-        if (!v) {
-            created = dns_agg_0.insert(ak, &init) == 0;
-            v = dns_agg_0.lookup(ak);
+    const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+    __u64 diff = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*a) / 8; i++)
+        diff |= x[i] ^ y[i];
+    return diff == 0;
+}
+
+/* The entry of a way word in the buffer of slot. One call site per map (the verifier inlines
+ * an array lookup only where it knows the map). */
+static __always_inline struct dns_agg_entry *dns_agg_entry(__u32 slot, __u64 word)
+{
+    __u32 n = (__u32)(word & ((1U << FLOWTEL_DNS_AGG_ENTRY_BITS) - 1)) - 1;
+    if (slot)
+        return dns_agg_1.lookup(&n);
+    return dns_agg_0.lookup(&n);
+}
+
+/* A new entry for ak in the buffer of slot, published in way w of set; the entry, or 0 with no
+ * room. Not inlined into the scan: creating a key is rare, and one copy of this keeps the
+ * program (and its instruction-cache footprint) small. */
+static __always_inline struct dns_agg_entry *dns_agg_create(struct dns_agg_set *set, __u32 w, __u64 tag,
+                                                           const struct dns_agg_key *ak, __u32 slot, __u64 now,
+                                                           int *created)
+{
+    __u32 zero_slot = slot;
+    __u64 *next = dns_agg_next.lookup(&zero_slot);
+    if (!next)
+        return 0;
+    /* A CAS, not a fetch-and-add: bcc's clang targets a BPF version whose XADD returns
+     * nothing. Contended only by CPUs creating keys at the same instant. */
+    __u64 n = FLOWTEL_DNS_MAX_AGGREGATES;
+    for (int t = 0; t < 4; t++) {
+        __u64 cur = *(volatile __u64 *)next;
+        if (cur >= FLOWTEL_DNS_MAX_AGGREGATES)
+            return 0;  /* no entry left this interval (user space resets the count) */
+        if (__sync_val_compare_and_swap(next, cur, cur + 1) == cur) {
+            n = cur;
+            break;
         }
     }
-    if (!v)
-        return -1;  /* the map is full */
-    __sync_fetch_and_add(&v->messages, 1);
-    v->last_ns = now;
+    if (n >= FLOWTEL_DNS_MAX_AGGREGATES)
+        return 0;
+    __u64 mine = (tag << FLOWTEL_DNS_AGG_ENTRY_BITS) | (n + 1);
+    struct dns_agg_entry *e = dns_agg_entry(slot, mine);
+    if (!e)
+        return 0;
+    e->key = *ak;
+    e->messages = 0;
+    e->first_ns = now;
+    e->last_ns = now;
+    __u64 old = __sync_val_compare_and_swap(&set->way[w & (FLOWTEL_DNS_AGG_WAYS - 1)], 0, mine);
+    if (old == 0) {
+        *created = 1;
+        return e;
+    }
+    /* Another CPU took the way first (e stays with no messages: the drain skips it). If it
+     * created this key, count in its entry; if another key of the set, this message goes
+     * unkeyed (counted as such): two keys of one set created at the same instant. */
+    if ((old >> FLOWTEL_DNS_AGG_ENTRY_BITS) == tag) {
+        struct dns_agg_entry *oe = dns_agg_entry(slot, old);
+        if (oe && dns_agg_is(&oe->key, ak))
+            return oe;
+    }
+    return 0;
+}
+
+/* Count the message in the active aggregation buffer; returns 1 if it created the key, -1 if
+ * there was no room (its set or the entries full). Ways are claimed in order and never freed
+ * within an interval, so the scan stops at the first free way, and a key is in one way at most. */
+static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u64 now)
+{
+    const __u32 *w32 = (const __u32 *)ak;
+    __u64 h = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*ak) / 4; i++)
+        h = (h ^ w32[i]) * 0x9e3779b97f4a7c15ULL;
+    __u32 si = (__u32)(h >> 32) & (FLOWTEL_DNS_AGG_SETS - 1);
+    __u64 tag = h >> FLOWTEL_DNS_AGG_ENTRY_BITS;  /* the top 40 bits: a filter, the key is compared */
+    struct dns_agg_set *set = slot ? dns_agg_ways_1.lookup(&si) : dns_agg_ways_0.lookup(&si);
+    if (!set)
+        return -1;
+    struct dns_agg_entry *e = 0;
+    int created = 0;
+    __u32 free_way = FLOWTEL_DNS_AGG_WAYS;
+#pragma unroll
+    for (int w = 0; w < FLOWTEL_DNS_AGG_WAYS; w++) {
+        __u64 word = *(volatile __u64 *)&set->way[w];
+        if (word == 0) {
+            free_way = w;
+            break;
+        }
+        if ((word >> FLOWTEL_DNS_AGG_ENTRY_BITS) == tag) {
+            struct dns_agg_entry *oe = dns_agg_entry(slot, word);
+            if (oe && dns_agg_is(&oe->key, ak)) {
+                e = oe;
+                break;
+            }
+        }
+    }
+    if (!e && free_way < FLOWTEL_DNS_AGG_WAYS)
+        e = dns_agg_create(set, free_way, tag, ak, slot, now, &created);
+    if (!e)
+        return -1;  /* the set or the entries are full */
+    __sync_fetch_and_add(&e->messages, 1);
+    e->last_ns = now;
     return created;
 }
 
@@ -278,7 +373,31 @@ static __always_inline void dns_latency_observe(__u64 ns)
     l->count += 1;
 }
 
-/* Request: start waiting. Response: match and time it. Returns the latency or 0. */
+/* The set of an exchange: a multiplicative hash of its key's words (client port and id vary
+ * per query, so one client's queries spread over the sets). Its high bits pick the set. */
+static __always_inline __u32 dns_pending_index(const struct dns_pending_key *pk)
+{
+    const __u32 *w = (const __u32 *)pk;
+    __u64 h = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*pk) / 4; i++)
+        h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL;
+    return (__u32)(h >> 32) & (FLOWTEL_DNS_PENDING_SETS - 1);
+}
+
+static __always_inline int dns_pending_is(const struct dns_pending_key *a, const struct dns_pending_key *b)
+{
+    const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+    __u32 diff = 0;
+#pragma unroll
+    for (int i = 0; i < sizeof(*a) / 4; i++)
+        diff |= x[i] ^ y[i];
+    return diff == 0;
+}
+
+/* Request: start waiting. Response: match and time it. Returns the latency or 0. Each costs
+ * one array lookup (inlined by the verifier) and reads of one set: 4 adjacent cache lines, no
+ * lock, no allocation (the hash map it replaces cost ~350-400 ns a message under dnsperf). */
 static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __u16 id, int is_response,
                                        __u64 name_hash, __u16 qtype, __u64 now)
 {
@@ -292,37 +411,100 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
         __builtin_memcpy(pk.server, key->daddr, 16);
         pk.client_port = key->sport;
         pk.server_port = key->dport;
-        struct dns_pending_val pv = {.ts_ns = now, .name_hash = name_hash, .qtype = qtype, .hook = hook};
-        long err = dns_pending.insert(&pk, &pv);
-        /* -EEXIST: pending already (a retransmission keeps the first, so the latency is the
-         * total wait); anything else (-E2BIG, -ENOMEM): no room. */
-        if (err == -17)
-            dns_count(FLOWTEL_DNS_CNT_RETRANSMITS);
-        else if (err != 0)
-            dns_count(FLOWTEL_DNS_CNT_PENDING_FULL);
+    } else {
+        __builtin_memcpy(pk.client, key->daddr, 16);
+        __builtin_memcpy(pk.server, key->saddr, 16);
+        pk.client_port = key->dport;
+        pk.server_port = key->sport;
+    }
+    __u32 idx = dns_pending_index(&pk);
+    struct dns_pending_set *set = dns_pending.lookup(&idx);
+    if (!set)
+        return 0;
+    if (!is_response) {
+        /* Pending already: a retransmission keeps the first, so the latency is the total wait. */
+#pragma unroll
+        for (int w = 0; w < FLOWTEL_DNS_PENDING_WAYS; w++) {
+            struct dns_pending *p = &set->way[w];
+            if (*(volatile __u64 *)&p->ts_ns && dns_pending_is(&p->key, &pk)) {
+                dns_count(FLOWTEL_DNS_CNT_RETRANSMITS);
+                return 0;
+            }
+        }
+        /* A free way is claimed by the CAS on its time, then filled: a response that raced
+         * with the fill would find a key that is not its own (it is not matched); a response
+         * arrives after the server has had the request, much later than the fill. */
+#pragma unroll
+        for (int w = 0; w < FLOWTEL_DNS_PENDING_WAYS; w++) {
+            struct dns_pending *p = &set->way[w];
+            if (*(volatile __u64 *)&p->ts_ns == 0 && __sync_val_compare_and_swap(&p->ts_ns, 0, now) == 0) {
+                p->name_hash = name_hash;
+                p->key = pk;
+                p->qtype = qtype;
+                p->hook = hook;
+                return 0;
+            }
+        }
+        dns_count(FLOWTEL_DNS_CNT_PENDING_FULL);  /* its set is full: not timed, counted */
         return 0;
     }
-    __builtin_memcpy(pk.client, key->daddr, 16);
-    __builtin_memcpy(pk.server, key->saddr, 16);
-    pk.client_port = key->dport;
-    pk.server_port = key->sport;
-    struct dns_pending_val *pv = dns_pending.lookup(&pk);
-    if (!pv) {
-        dns_count(FLOWTEL_DNS_CNT_UNMATCHED);
-        return 0;
+#pragma unroll
+    for (int w = 0; w < FLOWTEL_DNS_PENDING_WAYS; w++) {
+        struct dns_pending *p = &set->way[w];
+        __u64 ts = *(volatile __u64 *)&p->ts_ns;
+        if (!ts || !dns_pending_is(&p->key, &pk))
+            continue;
+        __u64 lat = now > ts ? now - ts : 0;
+        /* A late response leaves its request to the sweep, which reports it unanswered; of the
+         * response and the sweep, whoever frees the way (the CAS) owns the request. */
+        if (lat >= FLOWTEL_DNS_TIMEOUT_NS || __sync_val_compare_and_swap(&p->ts_ns, ts, 0) != ts)
+            break;
+        if (lat == 0)
+            lat = 1;  /* 0 means "not matched" to user space */
+        dns_latency_observe(lat);
+        return lat;
     }
-    __u64 ts = pv->ts_ns;
-    __u64 lat = now > ts ? now - ts : 0;
-    /* A late response leaves its request to user space's sweep, which reports it unanswered;
-     * of the kernel and the sweep, whoever deletes the entry owns it. */
-    if (lat >= FLOWTEL_DNS_TIMEOUT_NS || dns_pending.delete(&pk) != 0) {
-        dns_count(FLOWTEL_DNS_CNT_UNMATCHED);
+    dns_count(FLOWTEL_DNS_CNT_UNMATCHED);
+    return 0;
+}
+
+/* Frees the requests of FLOWTEL_DNS_SWEEP_SETS sets from dns_sweep's first_set that are no
+ * younger than its deadline, copying each to dns_expired first (an expired request is not
+ * written by anyone until it is freed: a response refuses it, a request claims only free
+ * ways). Run by user space with BPF_PROG_TEST_RUN (receiver/ebpf/dnsmaps.py), because only a
+ * program can free a way with the CAS that a response may be racing with. */
+int flowtel_dns_sweep(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct dns_sweep_arg *a = dns_sweep.lookup(&zero);
+    if (!a)
         return 0;
+    __u64 deadline = a->deadline_ns;
+    __u32 first = a->first_set;
+    __u32 n = 0;
+    for (__u32 i = 0; i < FLOWTEL_DNS_SWEEP_SETS; i++) {
+        __u32 idx = first + i;
+        struct dns_pending_set *set = dns_pending.lookup(&idx);
+        if (!set)
+            break;  /* past the last set */
+#pragma unroll
+        for (int w = 0; w < FLOWTEL_DNS_PENDING_WAYS; w++) {
+            struct dns_pending *p = &set->way[w];
+            __u64 ts = *(volatile __u64 *)&p->ts_ns;
+            if (!ts || ts > deadline)
+                continue;
+            __u32 o = n;
+            struct dns_pending *out = dns_expired.lookup(&o);
+            if (!out)
+                continue;
+            *out = *p;
+            out->ts_ns = ts;
+            if (__sync_val_compare_and_swap(&p->ts_ns, ts, 0) == ts)
+                n++;
+        }
     }
-    if (lat == 0)
-        lat = 1;  /* 0 means "not matched" to user space */
-    dns_latency_observe(lat);
-    return lat;
+    a->expired = n;
+    return 0;
 }
 
 /* The message's bytes to a ring: a per-message sample (MESSAGE, dns_events, or dns_names if it

@@ -111,8 +111,9 @@ struct flow_cache_entry {
 /* ---- DNS (bpf/dns.h, included by tc_flow.c) ---------------------------------------
  * DNS messages over UDP and TCP are parsed in the kernel (header and first question) and
  * counted per (interface, hook, addresses, server port, query name hash, qtype, rcode, QR,
- * protocol) in a double-buffered hash map; requests are matched to responses in a bounded
- * pending map for the latency histogram and the unanswered count. Only samples of messages
+ * protocol) in a double buffer of arrays behind a set-associative index; requests are
+ * matched to responses in a set-associative pending array for the latency histogram and the
+ * unanswered count. Only samples of messages
  * reach the ring buffers: the first of each name, qtype and rcode in an interval (for names
  * and answers) and, within a per-CPU budget, others (per-message flows at low rates).
  */
@@ -194,16 +195,38 @@ struct dns_seen_key {
     __u8  pad[3];
 };
 
-struct dns_agg_val {
+/* dns_agg_0 / dns_agg_1 hold a message's count in a struct dns_agg_entry, found through
+ * dns_agg_ways_<slot>: no hash map (whose bucket, pointer chase and key compare cost ~330 ns a
+ * message under dnsperf, measured by leaving the aggregation out). A key hashes to one set of
+ * FLOWTEL_DNS_AGG_WAYS way words, one cache line; a word is 0 (free) or
+ * (tag << FLOWTEL_DNS_AGG_ENTRY_BITS) | (entry + 1), the tag being high bits of the key's hash
+ * (a filter: the entry's key is compared in full). Entries are appended in the order keys are
+ * created (dns_agg_next[slot] counts them), so user space drains the first dns_agg_next ones
+ * and zeroes the way words; an entry with no messages is one a racing CPU created and lost
+ * (its way CAS failed) and is skipped. */
+#define FLOWTEL_DNS_AGG_WAYS 8
+#define FLOWTEL_DNS_AGG_ENTRY_BITS 24  /* entries + 1 < 2^24: max_aggregates <= 1 048 576 */
+struct dns_agg_set {
+    __u64 way[FLOWTEL_DNS_AGG_WAYS];
+};
+
+struct dns_agg_entry {
+    struct dns_agg_key key;
     __u64 messages;
     __u64 first_ns;
     __u64 last_ns;
 };
 
-/* dns_pending: requests waiting for their response, per observation point. A hash map,
- * not an LRU: a request that does not fit is counted (PENDING_FULL), never evicted silently.
- * The kernel removes an entry when its response arrives within the timeout; user space
- * removes the ones that timed out and counts them as unanswered (whoever deletes it owns it). */
+/* dns_pending: requests waiting for their response, per observation point. A set-associative
+ * array (no allocation, free list or bucket lock per message): a request hashes to one set of
+ * FLOWTEL_DNS_PENDING_WAYS ways, each one cache line, and claims a free way with a
+ * compare-and-swap on ts_ns (0: free). A request whose set is full is counted (PENDING_FULL),
+ * never evicted silently. A response finds its request in its set and frees it with a CAS
+ * while younger than the timeout; the requests that time out are freed and copied out by
+ * flowtel_dns_sweep, a program user space runs (BPF_PROG_TEST_RUN) on a chunk of sets at a
+ * time; user space reports them unanswered. Of the two CASes, whoever frees the way owns it. */
+#define FLOWTEL_DNS_PENDING_WAYS 4
+#define FLOWTEL_DNS_SWEEP_SETS 256   /* sets one run of flowtel_dns_sweep looks at */
 struct dns_pending_key {
     __u8  client[16];
     __u8  server[16];
@@ -215,12 +238,25 @@ struct dns_pending_key {
     __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
 };
 
-struct dns_pending_val {
-    __u64 ts_ns;         /* the request's bpf_ktime_get_ns (the first one, if retransmitted) */
+/* One way: 64 bytes, one cache line. */
+struct dns_pending {
+    __u64 ts_ns;         /* the request's bpf_ktime_get_ns (the first one, if retransmitted); 0: free */
     __u64 name_hash;
+    struct dns_pending_key key;
     __u16 qtype;
     __u8  hook;
-    __u8  pad[5];
+    __u8  pad[1];
+};
+
+struct dns_pending_set {
+    struct dns_pending way[FLOWTEL_DNS_PENDING_WAYS];
+};
+
+/* dns_sweep (one entry): what user space asks of flowtel_dns_sweep and what it answers. */
+struct dns_sweep_arg {
+    __u64 deadline_ns;   /* in: requests at or before it are expired (now - timeout) */
+    __u32 first_set;     /* in: the first of the FLOWTEL_DNS_SWEEP_SETS sets to look at */
+    __u32 expired;       /* out: requests freed, copied to dns_expired[0 .. expired) */
 };
 
 /* dns_tcp_next: where the next message of a TCP stream starts, for a stream whose last

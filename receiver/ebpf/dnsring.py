@@ -68,6 +68,25 @@ def latency_bucket_expr(bounds_s: tuple[float, ...]) -> str:
     return expr
 
 
+def pending_sets(max_pending: int) -> int:
+    """Sets of dns_pending (bpf/dns.h): a power of two, with room for ``max_pending`` requests."""
+    ways = header_define("FLOWTEL_DNS_PENDING_WAYS")
+    sets = 1
+    while sets * ways < max_pending:
+        sets *= 2
+    return sets
+
+
+def agg_sets(max_aggregates: int) -> int:
+    """Sets of dns_agg_ways_<slot> (bpf/flowtel.h): a power of two with twice ``max_aggregates``
+    way words, so that a set is seldom full before the entries are."""
+    ways = header_define("FLOWTEL_DNS_AGG_WAYS")
+    sets = 1
+    while sets * ways < 2 * max_aggregates:
+        sets *= 2
+    return sets
+
+
 def cflags(config: DnsConfig) -> dict[str, int | str]:
     """The compile-time constants bpf/dns.h needs."""
     page = os.sysconf("SC_PAGE_SIZE")
@@ -78,7 +97,8 @@ def cflags(config: DnsConfig) -> dict[str, int | str]:
         # Two rings of half the size each: dns_events (per-message samples) and dns_names.
         "FLOWTEL_DNS_RING_PAGES": max(1, config.ring_buffer_kb * 1024 // 2 // page),
         "FLOWTEL_DNS_MAX_AGGREGATES": config.max_aggregates,
-        "FLOWTEL_DNS_MAX_PENDING": config.max_pending,
+        "FLOWTEL_DNS_AGG_SETS": agg_sets(config.max_aggregates),
+        "FLOWTEL_DNS_PENDING_SETS": pending_sets(config.max_pending),
         "FLOWTEL_DNS_TIMEOUT_NS": f"{int(config.timeout * 1e9)}ULL",
         "FLOWTEL_DNS_SAMPLE_COST_NS": f"{1_000_000_000 // config.sample_rate}ULL",
         "FLOWTEL_DNS_LAT_BUCKET(ns)": latency_bucket_expr(DNS_LATENCY_BOUNDS),
@@ -145,7 +165,8 @@ class DnsRing:
         leaf = bpf["dns_scratch"].Leaf
         # A per-CPU map's Leaf is an array of the C type, one per CPU.
         self._decoder = _Decoder(leaf._type_ if issubclass(leaf, ctypes.Array) else leaf)
-        self.maps = DnsMaps(bpf, {n: header_define(f"FLOWTEL_DNS_CNT_{n}") for n in _KERNEL_COUNTERS})
+        self.maps = DnsMaps(bpf, {n: header_define(f"FLOWTEL_DNS_CNT_{n}") for n in _KERNEL_COUNTERS},
+                            header_define("FLOWTEL_DNS_SWEEP_SETS"))
         self._raw: list[bytes] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

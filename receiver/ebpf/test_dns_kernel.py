@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -88,11 +89,18 @@ def run(prog: Any, packet: bytes) -> None:
 
 
 def take_keys(prog: Any) -> dict[tuple[int, int, int, int, int], int]:
-    """(status, is_response, rcode, qtype, name_hash) -> messages, from the active buffer, emptied."""
+    """(status, is_response, rcode, qtype, name_hash) -> messages, from the active buffer, emptied
+    (as the agent's drain does it)."""
+    from receiver.ebpf.dnsmaps import _AggBuffer
     b, _ = prog
-    table = b["dns_agg_0"]
-    out = {(k.status, k.is_response, k.rcode, k.qtype, k.name_hash): v.messages for k, v in table.items()}
-    table.clear()
+    out: dict[tuple[int, int, int, int, int], int] = {}
+    buf = _AggBuffer(b, 0)
+    names = buf.names
+    for row in buf.drain():
+        e = dict(zip(names, row))
+        if e["messages"]:
+            k = (e["key.status"], e["key.is_response"], e["key.rcode"], e["key.qtype"], e["key.name_hash"])
+            out[k] = out.get(k, 0) + e["messages"]
     return out
 
 
@@ -133,21 +141,32 @@ def test_each_message_is_counted_under_the_key_rfc_1035_gives_it(prog: Any, what
     assert take_keys(prog) == {key: 1}, what
 
 
+def pending(b: Any) -> int:
+    """Requests waiting in dns_pending (ways whose time is set)."""
+    return sum(1 for s in b["dns_pending"].values() for w in s.way if w.ts_ns)
+
+
+def clear_pending(b: Any) -> None:
+    table = b["dns_pending"]
+    for i in range(len(table)):
+        table[ctypes.c_int(i)] = table.Leaf()
+
+
 def test_a_response_is_matched_to_its_request_once_and_retransmissions_keep_the_first(prog: Any) -> None:
     b, _ = prog
-    b["dns_pending"].clear()
+    clear_pending(b)
     lat = lambda: sum(cpu.count for cpu in b["dns_latency"][ctypes.c_int(0)])  # noqa: E731
     before_lat, before_rt, before_un = lat(), counter(prog, "RETRANSMITS"), counter(prog, "UNMATCHED")
     q = message(wire("pair.example."), qid=0x2222)
     r = message(wire("pair.example."), qid=0x2222, flags=0x8180)
     run(prog, frame(q, reply=False, port=42000))
     run(prog, frame(q, reply=False, port=42000))  # the client asks again: one exchange
-    assert counter(prog, "RETRANSMITS") == before_rt + 1 and len(b["dns_pending"]) == 1
+    assert counter(prog, "RETRANSMITS") == before_rt + 1 and pending(b) == 1
     run(prog, frame(message(wire("pair.example."), qid=0x2223, flags=0x8180), reply=True, port=42000))  # other id
     run(prog, frame(r, reply=True, port=42001))  # other client port
     assert lat() == before_lat and counter(prog, "UNMATCHED") == before_un + 2
     run(prog, frame(r, reply=True, port=42000))
-    assert lat() == before_lat + 1 and len(b["dns_pending"]) == 0
+    assert lat() == before_lat + 1 and pending(b) == 0
     run(prog, frame(r, reply=True, port=42000))  # a duplicate answer matches nothing
     assert lat() == before_lat + 1 and counter(prog, "UNMATCHED") == before_un + 3
     assert sum(take_keys(prog).values()) == 6  # every message counted, matched or not
@@ -163,7 +182,7 @@ def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -
         install_program(b)
         for i in range(20):
             run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))
-        assert len(b["dns_pending"]) == 16
+        assert pending(b) == 16
         assert counter(small, "PENDING_FULL") == 4 and counter(small, "RETRANSMITS") == 0
         assert sum(take_keys(small).values()) == 20
     finally:
@@ -205,3 +224,55 @@ def test_tcp_counts_the_first_message_of_a_segment_and_skips_what_continues_a_me
     run(prog, tcp_frame(framed(message(name, qid=5))[8:], seq=9008, port=44002))
     assert take_keys(prog) == {}
     assert counter(prog, "TCP_UNPARSED") == unparsed + 2 and counter(prog, "TCP_CONTINUATIONS") == cont + 2
+
+
+def test_the_sweep_frees_only_expired_requests_and_a_late_response_then_matches_nothing(prog: Any) -> None:
+    """flowtel_dns_sweep (run by DnsMaps.expire) hands over each timed-out request once, with
+    its key, and leaves young ones to their response."""
+    from receiver.ebpf.dnsmaps import DnsMaps
+    b, _ = prog
+    clear_pending(b)
+    maps = DnsMaps(b, {"SAMPLES": 0}, header_define("FLOWTEL_DNS_SWEEP_SETS"))
+    old = message(wire("late.example."), qid=0x3333)
+    run(prog, frame(old, reply=False, port=45000))
+    cut = time.monotonic_ns()
+    young = message(wire("young.example."), qid=0x4444)
+    run(prog, frame(young, reply=False, port=45001))
+    assert pending(b) == 2
+    expired = maps.expire(cut)
+    assert [(e.client, e.server, e.client_port, e.server_port, e.id, e.name_hash) for e in expired] == \
+        [(CLIENT + bytes(12), SERVER + bytes(12), 45000, 53, 0x3333, fnv1a(wire("late.example.")[:-1]))]
+    assert pending(b) == 1 and maps.expire(cut) == []  # handed over once
+    unmatched = counter(prog, "UNMATCHED")
+    run(prog, frame(message(wire("late.example."), qid=0x3333, flags=0x8180), reply=True, port=45000))
+    assert counter(prog, "UNMATCHED") == unmatched + 1  # its request is gone: not timed twice
+    lat = sum(cpu.count for cpu in b["dns_latency"][ctypes.c_int(0)])
+    run(prog, frame(message(wire("young.example."), qid=0x4444, flags=0x8180), reply=True, port=45001))
+    assert sum(cpu.count for cpu in b["dns_latency"][ctypes.c_int(0)]) == lat + 1 and pending(b) == 0
+    take_keys(prog)
+
+
+def test_full_aggregation_buffers_count_every_message_and_the_drain_makes_room_again() -> None:
+    """More keys than max_aggregates: each message is in a key or in UNKEYED_*, never lost;
+    the drain (entries by count, the way index zeroed) gives the next interval its room back."""
+    from bcc import BPF
+    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
+    defines.update(cflags(DnsConfig.model_validate({"max_aggregates": 256})))
+    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+    try:
+        small = (b, b.load_func("flowtel_tc", BPF.SCHED_CLS))
+        install_program(b)
+        names = [wire(f"n{i}.full.example.") for i in range(300)]
+        for i, name in enumerate(names):
+            run(small, frame(message(name, qid=i), reply=False, port=46000))
+        run(small, frame(message(names[0], qid=999), reply=False, port=46000))  # a known key: counted in it
+        keys = take_keys(small)
+        unkeyed = counter(small, "UNKEYED_REQUESTS")
+        assert len(keys) <= 256 and sum(keys.values()) + unkeyed == 301
+        assert keys[(OK, 0, 0, 1, fnv1a(names[0][:-1]))] == 2
+        assert unkeyed >= 300 - 256
+        run(small, frame(message(names[299], qid=1000), reply=False, port=46000))
+        assert take_keys(small) == {(OK, 0, 0, 1, fnv1a(names[299][:-1])): 1}  # room again
+        assert counter(small, "UNKEYED_REQUESTS") == unkeyed
+    finally:
+        b.cleanup()
