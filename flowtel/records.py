@@ -471,6 +471,33 @@ class MetricPoint:
     start_time_ns: int = 0
 
 
+def _frozen_slots_init(cls: type) -> Any:
+    """An ``__init__`` for a frozen slotted dataclass with the generated one's signature and
+    effect, storing through the slots' own descriptors: the generated one stores each field
+    with ``object.__setattr__(self, "name", value)``, which looks the name up on the type
+    each time (a MetricPoint: ≈ 4x the cost; connectors build thousands per flush)."""
+    params, body = [], []
+    namespace: dict[str, Any] = {}
+    for i, f in enumerate(dataclasses.fields(cls)):
+        namespace[f"_set{i}"] = getattr(cls, f.name).__set__
+        if f.default is not dataclasses.MISSING:
+            namespace[f"_default{i}"] = f.default
+            params.append(f"{f.name}=_default{i}")
+            body.append(f"    _set{i}(self, {f.name})")
+        elif f.default_factory is not dataclasses.MISSING:
+            namespace[f"_factory{i}"] = f.default_factory
+            params.append(f"{f.name}=_MISSING")
+            body.append(f"    _set{i}(self, _factory{i}() if {f.name} is _MISSING else {f.name})")
+        else:
+            params.append(f.name)
+            body.append(f"    _set{i}(self, {f.name})")
+    namespace["_MISSING"] = dataclasses.MISSING
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n", namespace)  # noqa: S102  # generated from the class's own fields
+    return namespace["__init__"]
+
+
+MetricPoint.__init__ = _frozen_slots_init(MetricPoint)  # type: ignore[method-assign]  # same signature, faster stores
+
 Record = Flow | LostEvents | MetricPoint
 
 # An L7 record that stands for several messages (the ebpf receiver's DNS at high rates, see
