@@ -770,6 +770,21 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
         dip = texts.get(dst_ip)
         if dip is None:
             dip = _ip_text(dst_ip)
+        iface = _interface_texts.get((ifindex, ifname))
+        if iface is None:
+            iface = _interface_text(ifindex, ifname)
+        if src is not None and dst is not None and sport and dport and has_counts and counts is not None:
+            # The common shape (a TCP flow between named ends) as one tuple, not a list grown
+            # value by value.
+            memo = src.json_memo
+            stext = memo._text if memo is not None and memo._text is not None else _endpoint_form(src).text()
+            memo = dst.json_memo
+            dtext = memo._text if memo is not None and memo._text is not None else _endpoint_form(dst).text()
+            if line:
+                return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
+                                   counts.syn, counts.syn_ack, counts.fin, counts.rst, time_text)
+            return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
+                               counts.syn, counts.syn_ack, counts.fin, counts.rst)
         args: list[Any] = [time_text, serial, sip, dip]
         if sport:
             args.append(sport)
@@ -781,8 +796,7 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
         if dst is not None:
             memo = dst.json_memo
             args.append(memo._text if memo is not None and memo._text is not None else _endpoint_form(dst).text())
-        iface = _interface_texts.get((ifindex, ifname))
-        args.append(iface if iface is not None else _interface_text(ifindex, ifname))
+        args.append(iface)
         if has_counts:
             args.append(packets)
             args.append(nbytes)
