@@ -932,11 +932,20 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
                     memo.form = fresh(next(_uuid_counter) & 0xFFFFFFFFFFFF, text)
     out: list[bytes] = []
     append = out.append
+    fill = _flow_text
     for r in records:
         if r.__class__ is Flow:
             form = r[-1].form
             line = form.line
-            append(line if line is not None else _form_line(r, form))
+            if line is None:
+                if form.text_bytes is None and not form.given:  # _form_line's common case inline
+                    try:
+                        line = form.line = fill(r, form.serial, form.time, True)
+                    except orjson.JSONEncodeError:
+                        line = _form_line(r, form)
+                else:
+                    line = _form_line(r, form)
+            append(line)
         else:
             append(envelope_line_bytes(r))
     return out

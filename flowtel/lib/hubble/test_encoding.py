@@ -118,6 +118,7 @@ def test_a_batch_of_lines_is_each_records_line_with_its_own_form() -> None:
         batch.append(replace(flow, time_ns=times[i % len(times)]))
         if i % 7 == 0:
             batch.append(LostEvents(times[i % len(times)], "QUEUE_FULL:file", 3, "node-0"))
+    batch.append(replace(batch[0], source=Endpoint(pod_name="lone \ud800 surrogate")))  # orjson refuses it
     convert.flow_text_bytes(batch[3])  # a text first: the line is made around it
     convert.envelope_line_bytes(batch[5])  # a line first: the batch shares it
     known = convert.wire_form(batch[5])
