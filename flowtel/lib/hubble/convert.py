@@ -921,14 +921,14 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
                     sec, nanos = divmod(r[0], 1_000_000_000)  # time_ns: the first field
                     if sec != prefix_sec:
                         prefix_sec, prefix = sec, format_time(sec * 1_000_000_000)[:-1]
-                    if nanos == 0:
+                    if nanos % 1_000:  # a kernel timestamp's usual case first: all nine digits
+                        text = "%s.%09dZ" % (prefix, nanos)
+                    elif nanos == 0:
                         text = prefix + "Z"
                     elif nanos % 1_000_000 == 0:
                         text = "%s.%03dZ" % (prefix, nanos // 1_000_000)
-                    elif nanos % 1_000 == 0:
-                        text = "%s.%06dZ" % (prefix, nanos // 1_000)
                     else:
-                        text = "%s.%09dZ" % (prefix, nanos)
+                        text = "%s.%06dZ" % (prefix, nanos // 1_000)
                     memo.form = fresh(next(_uuid_counter) & 0xFFFFFFFFFFFF, text)
     out: list[bytes] = []
     append = out.append
