@@ -65,8 +65,7 @@ class Batch:
         shipped config gives five families the same context)."""
         values = self._contexts.get(ctx)
         if values is None:
-            of = ctx.values
-            values = self._contexts[ctx] = [of(f) for f in self.flows]
+            values = self._contexts[ctx] = ctx.values_of(self.flows)
         return values
 
 

@@ -29,24 +29,34 @@ def points(edges: list[tuple[EdgeKey, EdgeStats]], now_ns: int) -> list[MetricPo
     """Cumulative points for every edge. Drop, DNS and RTT series appear only on edges that
     have such data, so a graph of plain TCP edges costs two series per edge, not seven."""
     out: list[MetricPoint] = []
-
-    def emit(suffix: str, value: float, labels: dict[str, str]) -> None:
-        unit, description = FAMILIES[suffix]
-        # One labels dict per edge, shared by its points (a point's attributes are read-only).
-        out.append(MetricPoint(PREFIX + suffix, value, MetricKind.SUM, now_ns, labels, unit, description))
-
+    append = out.append
+    point, total = MetricPoint, MetricKind.SUM
+    (requests, requests_unit, requests_help), (sent, sent_unit, sent_help) = _PLAIN
     for key, s in edges:
-        labels = key.labels()
-        emit("request_total", s.flows, labels)
-        emit("bytes_total", s.bytes, labels)
-        if s.dropped or key.verdict == "DROPPED":
-            emit("dropped_total", s.dropped, labels)
-        if s.dns_latency_count:
-            emit("dns_latency_seconds_sum", s.dns_latency_ns_sum / 1e9, labels)
-            emit("dns_latency_seconds_count", s.dns_latency_count, labels)
-        if s.handshake_rtt_count:
-            emit("tcp_handshake_rtt_seconds_sum", s.handshake_rtt_ns_sum / 1e9, labels)
-            emit("tcp_handshake_rtt_seconds_count", s.handshake_rtt_count, labels)
+        labels = key.labels()  # one dict per edge, shared by its points (read-only)
+        append(point(requests, s.flows, total, now_ns, labels, requests_unit, requests_help))
+        append(point(sent, s.bytes, total, now_ns, labels, sent_unit, sent_help))
+        if s.dropped or key.verdict == "DROPPED" or s.dns_latency_count or s.handshake_rtt_count:
+            for suffix, value in _rarer(key, s):
+                unit, description = FAMILIES[suffix]
+                append(point(PREFIX + suffix, value, total, now_ns, labels, unit, description))
+    return out
+
+
+_PLAIN = tuple((PREFIX + suffix, *FAMILIES[suffix]) for suffix in ("request_total", "bytes_total"))
+
+
+def _rarer(key: EdgeKey, s: EdgeStats) -> list[tuple[str, float]]:
+    """The series only some edges have: drops, DNS latency, handshake RTT."""
+    out: list[tuple[str, float]] = []
+    if s.dropped or key.verdict == "DROPPED":
+        out.append(("dropped_total", s.dropped))
+    if s.dns_latency_count:
+        out.append(("dns_latency_seconds_sum", s.dns_latency_ns_sum / 1e9))
+        out.append(("dns_latency_seconds_count", s.dns_latency_count))
+    if s.handshake_rtt_count:
+        out.append(("tcp_handshake_rtt_seconds_sum", s.handshake_rtt_ns_sum / 1e9))
+        out.append(("tcp_handshake_rtt_seconds_count", s.handshake_rtt_count))
     return out
 
 

@@ -348,3 +348,46 @@ def test_a_dns_response_seen_twice_keeps_the_clients_latency() -> None:
     graph.add([at_server, at_client])
     [(_, stats)] = graph.snapshot()
     assert (stats.flows, stats.dns_latency_ns_sum, stats.dns_latency_count) == (1, 2_000_000, 1)
+
+
+def test_a_batch_counts_as_its_records_one_by_one() -> None:
+    # ServiceGraph.add groups a batch by edge and updates each edge once with its group's
+    # sums; that must equal counting every record on its own with _count, over records of
+    # every kind (packets, drops with and without counts, DNS latencies, RTT sums and single
+    # RTTs, times out of order) spread over shared and distinct edges.
+    from flowtel.servicegraph import EdgeStats, _count, _edge_parts, countable, node_of
+
+    samples = list(sample_flows().values())
+    rtt_sum = frozen_extensions({"handshake_rtt_ns_sum": 9_000, "handshake_rtt_count": 3})
+    rtt_one = frozen_extensions({"handshake_rtt_ns": 700})
+    batch: list[Record] = []
+    for i in range(400):
+        flow = samples[i % len(samples)]
+        if not hasattr(flow, "src_ip"):
+            continue
+        change: dict[str, object] = {"time_ns": flow.time_ns + (i * 7919) % 5000 - 2500}
+        if i % 3 == 0:
+            change["packets"], change["bytes"] = i, i * 100
+        if i % 5 == 0 and flow.kind is EventKind.PACKET:
+            change["verdict"] = Verdict.DROPPED
+        if i % 11 == 0 and not flow.extensions:
+            change["extensions"] = rtt_sum if i % 2 else rtt_one
+        batch.append(replace(flow, **change))
+    graph = ServiceGraph(expire_after=0)
+    graph.add(batch)
+    graph.add(batch[:57])  # a second batch into existing edges
+    expected: dict[tuple[object, ...], EdgeStats] = {}
+    for flow in countable(batch) + countable(batch[:57]):
+        key = _edge_parts(flow, "workload", node_of)
+        stats = expected.get(key)
+        if stats is None:
+            stats = expected[key] = EdgeStats(first_seen_ns=flow.time_ns)
+        _count(stats, flow)
+    got = {(k.client, k.server, k.protocol, k.port, k.verdict): s for k, s in graph.snapshot()}
+    assert len(expected) > 5 and set(got) == set(expected)
+    totals = expected.values()
+    assert max(s.flows for s in totals) > 20  # groups, not one record per edge
+    assert all(sum(getattr(s, f) for s in totals) for f in ("dropped", "dns_latency_count", "handshake_rtt_count"))
+    for key, stats in expected.items():
+        stats.touched = got[key].touched
+        assert got[key] == stats, key

@@ -74,7 +74,7 @@ class FileExporter(Exporter):
             mask = self._filter.mask_envelope
             lines = [convert.encode_json(mask(convert.record_envelope(r))) + b"\n" for r in selected]
         else:  # the whole flow: its shared, once-encoded text
-            lines = list(map(convert.envelope_line_bytes, selected))
+            lines = convert.envelope_lines(selected)
         with self._lock:
             # Reopens after an earlier failure, so the exporter recovers once the cause is fixed.
             self._guard(lambda: self._file.write_lines(lines))

@@ -176,12 +176,19 @@ class KubeSource:
     # --- the hot path ---------------------------------------------------------------------
 
     def lookup(self, ip: str, when: float) -> EndpointView:
-        pod = self._pods.lookup(ip, when)
+        return self.lookup_span(ip, when)[0]
+
+    def lookup_span(self, ip: str, when: float) -> tuple[EndpointView, float, float]:
+        pod, lo, hi = self._pods.span(ip, when)
         if pod is not None:
             entry = self._views.get(pod.uid)
             if entry is not None and entry[1] is pod and entry[0] == self._generation:
-                return entry[2]
-            return self._pod_view(pod)
+                return entry[2], lo, hi
+            return self._pod_view(pod), lo, hi
+        # No pod holds the address (at ``when``, or ever: then the answer below holds for any time).
+        return self._other_view(ip), lo, hi
+
+    def _other_view(self, ip: str) -> EndpointView:
         view = self._service_views.get(ip)
         if view is not None:
             return view

@@ -123,6 +123,12 @@ class MetadataSource(Protocol):
         """The view of ``ip`` as of ``when`` (seconds since the epoch). Never blocks."""
         ...
 
+    def lookup_span(self, ip: str, when: float) -> tuple[EndpointView, float, float]:
+        """:meth:`lookup`, and the times ``[lo, hi]`` (``when`` among them) over which the
+        answer for ``ip`` is the same with the caches as they are now: the processor reuses
+        it for the batch's other records of the address in that span."""
+        ...
+
     def gauges(self) -> dict[str, float]: ...
 
 

@@ -25,6 +25,7 @@ which is one attribute written once.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -74,6 +75,23 @@ class PodAssociation:
                 if pod is not None:
                     return pod
         return None
+
+    def span(self, ip: str, when: float) -> tuple[PodMeta | None, float, float]:
+        """:meth:`lookup`, and the times ``[lo, hi]`` over which its answer for ``ip`` is the
+        same with the index as it is now (a caller may reuse it for records of that span):
+        always for an address no pod ever claimed, the claim's own window for the one pod
+        that claimed it; only ``when`` itself where several claims or none covers it."""
+        claims = self.by_ip.get(ip)
+        if not claims:
+            return None, -math.inf, math.inf
+        if len(claims) == 1:
+            c = claims[0]
+            lo, hi = c.start - CLOCK_SKEW_S, math.inf if c.end is None else c.end + self.grace
+            if lo <= when <= hi:
+                pod = self.pods.get(c.uid)
+                if pod is not None:
+                    return pod, lo, hi
+        return self.lookup(ip, when), when, when
 
     @property
     def deleted_count(self) -> int:

@@ -18,14 +18,15 @@ import functools
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from flowtel.component import CreateSettings, Processor, Status
-from flowtel.records import Flow, Record
+from flowtel.records import FLOW_FIELDS, Flow, Record, WireMemo, flow_fields
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.extract import Extractor, Rule
-from processors.k8sattributes.metadata import MetadataSource, ViewBuilder
+from processors.k8sattributes.metadata import EndpointView, MetadataSource, ViewBuilder
 
 
 def _gauge(source: MetadataSource, name: str) -> float:
@@ -113,27 +114,63 @@ class K8sAttributesProcessor(Processor):
         source = self.source
         if source is None:
             return batch
-        lookup = source.lookup
-        counts: dict[str, int] = {}
+        span = source.lookup_span
+        # Per distinct address of the batch: its view and the span of times it holds for
+        # (the source says; the whole interval for an address one pod holds), so most
+        # records cost two dict hits, not two lookups.
+        spans: dict[str, tuple[EndpointView, float, float]] = {}
+        kinds: list[str] = []
+        note = kinds.append
         now = time.time()
         out: list[Record] = []
         append = out.append
+        new, memo = tuple.__new__, WireMemo
         for record in batch:
-            if not isinstance(record, Flow) or not record.ip_version:
-                append(record)  # metric points, lost-event records and non-IP frames have no ends to name
+            if record.__class__ is not Flow or not record.ip_version:
+                if isinstance(record, Flow) and record.ip_version:
+                    append(self._named(record, now))  # a subclass of Flow: the general path
+                else:
+                    append(record)  # metric points, lost-event records and non-IP frames have no ends to name
                 continue
             flow = record
-            when = flow.time_ns * 1e-9 if flow.time_ns > 0 else now
-            src = lookup(flow.src_ip, when)
-            dst = lookup(flow.dst_ip, when)
-            counts[src.kind] = counts.get(src.kind, 0) + 1
-            counts[dst.kind] = counts.get(dst.kind, 0) + 1
-            # Records are shared with other pipelines: a new record, with the cached endpoints.
-            append(flow.with_endpoints(
-                src.shared if flow.source is None else src.merged(flow.source),
-                dst.shared if flow.destination is None else dst.merged(flow.destination),
-            ))
+            time_ns, src_ip, dst_ip, source, destination = _ends(flow)
+            when = time_ns * 1e-9 if time_ns > 0 else now
+            hit = spans.get(src_ip)
+            if hit is not None and hit[1] <= when <= hit[2]:
+                src = hit[0]
+            else:
+                hit = spans[src_ip] = span(src_ip, when)
+                src = hit[0]
+            hit = spans.get(dst_ip)
+            if hit is not None and hit[1] <= when <= hit[2]:
+                dst = hit[0]
+            else:
+                hit = spans[dst_ip] = span(dst_ip, when)
+                dst = hit[0]
+            note(src.kind)
+            note(dst.kind)
+            # Records are shared with other pipelines: a new record, with the cached endpoints
+            # (Flow.with_endpoints inline: one tuple build).
+            append(new(Flow, (*flow[:_SOURCE], src.shared if source is None else src.merged(source),
+                              dst.shared if destination is None else dst.merged(destination),
+                              *flow[_AFTER_ENDS:-1], memo())))
         telemetry = self.settings.telemetry
-        for kind, n in counts.items():
+        for kind, n in Counter(kinds).items():
             telemetry.add(self.settings.id, f"resolved_{kind}", n)
         return out
+
+    def _named(self, flow: Flow, now: float) -> Flow:
+        assert self.source is not None
+        when = flow.time_ns * 1e-9 if flow.time_ns > 0 else now
+        src = self.source.lookup(flow.src_ip, when)
+        dst = self.source.lookup(flow.dst_ip, when)
+        self.settings.telemetry.add(self.settings.id, f"resolved_{src.kind}")
+        self.settings.telemetry.add(self.settings.id, f"resolved_{dst.kind}")
+        return flow.with_endpoints(src.shared if flow.source is None else src.merged(flow.source),
+                                   dst.shared if flow.destination is None else dst.merged(flow.destination))
+
+
+_ends = flow_fields("time_ns", "src_ip", "dst_ip", "source", "destination")
+_SOURCE = FLOW_FIELDS.index("source")
+_AFTER_ENDS = _SOURCE + 2
+assert FLOW_FIELDS[_SOURCE + 1] == "destination"

@@ -26,6 +26,7 @@ server, then the longest pod CIDR, then ``reserved:world``. The file is read at 
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Annotated
 
 import pydantic
@@ -182,6 +183,9 @@ class StaticSource:
             return view
         view = self._cidrs.lookup(ip)
         return view if view is not None else fallback(ip)
+
+    def lookup_span(self, ip: str, when: float) -> tuple[EndpointView, float, float]:
+        return self.lookup(ip, when), -math.inf, math.inf  # a file read once: the same at any time
 
     def gauges(self) -> dict[str, float]:
         return dict(self._counts)

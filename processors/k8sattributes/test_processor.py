@@ -225,6 +225,11 @@ def test_ip_reuse_and_deleted_pod_grace(shop: FakeApiServer, make_processor: Mak
     shop.create("pods", o.pod("debug-2", "default", ip="10.0.1.77"))
     wait_until(lambda: ends(p, "10.0.1.77", "8.8.8.8")[0].pod_name == "debug-2", what="the new pod")
     assert ends(p, "10.0.1.77", "8.8.8.8", t=before)[0].pod_name == "debug"
+    # In one batch too (the processor reuses an address's answer only within its span):
+    # records alternate between the old pod's time and the new one's, each named by its own.
+    mixed = [flow("10.0.1.77", "8.8.8.8", t=before if i % 2 else None) for i in range(6)]
+    names = [f.source.pod_name for f in enrich(p, *mixed) if f.source is not None]
+    assert names == ["debug-2", "debug"] * 3
     # After the grace, the deleted pod leaves every cache.
     uid = next(u for u, pod in source_of(p)._pods.pods.items() if pod.name == "debug")
     wait_until(lambda: uid not in source_of(p)._pods.pods, timeout=5, what="the grace to end")

@@ -274,6 +274,31 @@ def test_claims_stay_bounded_under_churn() -> None:
     assert a.pods == {} and a.by_ip == {}
 
 
+def test_a_span_answers_as_lookup_at_every_time_it_covers() -> None:
+    # The processor reuses an address's answer for the batch's records within the span the
+    # index gives: at every time inside it lookup must give that answer, and the span must
+    # hold the time asked, for each claim history above (one pod, deleted, reused, none).
+    a = PodAssociation(grace=10)
+    a.upsert(meta("one", "10.0.0.1", 1000), now=1001)
+    p = meta("gone", "10.0.0.2", 1000)
+    a.upsert(p, now=1000)
+    a.remove(p, now=1100)
+    old, new = meta("old", "10.0.0.3", 1000), meta("new", "10.0.0.3", 1050)
+    a.upsert(old, now=1001)
+    a.remove(old, now=1100)
+    a.upsert(new, now=1101)
+    for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.9.9.9"):
+        for when in (990.0, 998.5, 1000.0, 1099.9, 1100.5, 1109.0, 1111.0, 5000.0):
+            pod, lo, hi = a.span(ip, when)
+            assert lo <= when <= hi and pod is a.lookup(ip, when), (ip, when)
+            for t in (lo, (lo + when) / 2 if lo > -1e300 else when - 1e6, when, (when + hi) / 2 if hi < 1e300 else when + 1e6, hi):
+                if -1e300 < t < 1e300:
+                    assert a.lookup(ip, t) is pod, (ip, when, t)
+    assert a.span("10.0.0.1", 1500)[1:] == (998.0, float("inf"))  # one pod: its whole claim
+    assert a.span("10.0.0.2", 1105)[1:] == (998.0, 1110.0)  # deleted: until its grace ends
+    assert a.span("10.0.0.3", 1105)[1:] == (1105, 1105)  # several claims: that time only
+
+
 # --- CIDRs --------------------------------------------------------------------------------
 
 

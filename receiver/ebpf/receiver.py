@@ -238,6 +238,7 @@ class EbpfReceiver(Receiver):
         where: dict[tuple[int, int], tuple[str, Any]] = {}
         interface = self._attach.interface
         is_reply = self._replies.is_reply
+        texts: dict[bytes, str] = {}
         out: list[Flow | LostEvents] = []
         append = out.append
         for r in raws:
@@ -249,7 +250,14 @@ class EbpfReceiver(Receiver):
                                                   traffic_direction(iface, r.hook))
             family, protocol = r.family, r.protocol
             if family == 4:
-                src, dst = _ip4(r.saddr), _ip4(r.daddr)
+                # Addresses recur (a node's pods, their peers): formatted once per batch.
+                saddr, daddr = r.saddr, r.daddr
+                src = texts.get(saddr)
+                if src is None:
+                    src = texts[saddr] = _ip4(saddr)
+                dst = texts.get(daddr)
+                if dst is None:
+                    dst = texts[daddr] = _ip4(daddr)
             elif family == 6:
                 src, dst = _ip6(r.saddr), _ip6(r.daddr)
             else:

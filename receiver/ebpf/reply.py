@@ -38,17 +38,30 @@ class ReplyInference:
         self._max = max_connections
         self._ttl = ttl_s
         self._clock = clock
+        # No entry expires before this (the first entry's deadline when last looked at: the
+        # first is the oldest, and a refresh only moves it later). A learn reads the first
+        # entry only once that time has come, not on every handshake (most flows of a busy
+        # node carry one).
+        self._next_expiry = float("inf")
 
     def _learn(self, key: Tuple) -> None:
         clients = self._clients
         now = self._clock()
         clients[key] = now + self._ttl
         clients.move_to_end(key)
+        if len(clients) > self._max:
+            clients.popitem(last=False)
+        if now < self._next_expiry:
+            if len(clients) == 1:
+                self._next_expiry = now + self._ttl
+            return
         while clients:
             oldest = next(iter(clients.values()))
-            if oldest > now and len(clients) <= self._max:
-                break
+            if oldest > now:
+                self._next_expiry = oldest
+                return
             clients.popitem(last=False)
+        self._next_expiry = float("inf")
 
     def _known(self, key: Tuple) -> bool:
         deadline = self._clients.get(key)

@@ -66,3 +66,33 @@ def test_bounded_keeps_the_newest() -> None:
     assert len(r) == 3
     assert r.is_reply(6, "b", 80, "a", 40009) is True and r.is_reply(6, "b", 80, "a", 40000) is True  # ports' answer
     assert r.is_reply(6, "a", 1000, "b", 2000, syn=1) is False and len(r) == 3
+
+
+def test_expiry_checked_lazily_keeps_what_an_eager_check_keeps() -> None:
+    # _learn looks at the oldest handshake only once its deadline has come: the handshakes
+    # remembered must be those an eager check on every learn keeps (refreshes, bound, lookups
+    # deleting expired ones, the map emptied and refilled), and the answers the same.
+    from collections import OrderedDict
+    import random
+
+    rng = random.Random(7)
+    now = [0.0]
+    r = ReplyInference(max_connections=50, ttl_s=10.0, clock=lambda: now[0])
+    eager: OrderedDict[tuple[str, int, str, int], float] = OrderedDict()
+    for step in range(20000):
+        now[0] += rng.choice((0.0, 0.01, 0.1, 1.0, 30.0 if step % 997 == 0 else 0.0))
+        port = rng.randrange(1000, 1120)
+        if rng.random() < 0.6:
+            r.is_reply(6, "a", port, "b", 2000, syn=1)
+            eager[("a", port, "b", 2000)] = now[0] + 10.0
+            eager.move_to_end(("a", port, "b", 2000))
+            while eager and (next(iter(eager.values())) <= now[0] or len(eager) > 50):
+                eager.popitem(last=False)
+        else:
+            deadline = eager.get(("a", port, "b", 2000))
+            expected = None if deadline is None or deadline <= now[0] else True
+            if deadline is not None and deadline <= now[0]:
+                del eager[("a", port, "b", 2000)]
+            assert r.is_reply(6, "b", 2000, "a", port) is expected  # both ports low: only a handshake says
+        live = {k for k, d in r._clients.items() if d > now[0]}
+        assert live == {k for k, d in eager.items() if d > now[0]}

@@ -5,7 +5,7 @@ from typing import Any
 
 from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
-from flowtel.records import Flow, TrafficDirection, Verdict
+from flowtel.records import Flow, TrafficDirection, Verdict, flow_fields
 
 NAME = "hubble_flows_processed_total"
 
@@ -40,8 +40,7 @@ class FlowHandler(Handler):
         # pair, so its id stands for it while the batch holds it): one series update per group.
         groups: dict[tuple[object, ...], list[Any]] = {}
         for flow, context, n in zip(batch.flows, batch.contexts(self.ctx), batch.events):
-            key = (id(context), flow.protocol, flow.kind._value_, flow.verdict._value_,
-                   flow.traffic_direction._value_, flow.l7 is None)
+            key = (id(context), _label_fields(flow), flow.l7 is None)
             group = groups.get(key)
             if group is None:
                 groups[key] = [context, flow, n]
@@ -67,6 +66,11 @@ class FlowHandler(Handler):
             self._labels.clear()  # a new working set: start again rather than grow
         self._labels[key] = (context, labels)  # holds the context tuple, so its id stays its own
         return labels
+
+
+# What the family's own labels depend on, read in one C call (kinds hash by identity and
+# the StrEnums as their strings, all in C).
+_label_fields = flow_fields("protocol", "kind", "verdict", "traffic_direction")
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

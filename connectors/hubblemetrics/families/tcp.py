@@ -10,7 +10,7 @@ from typing import Any
 
 from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, is_packet_flow
 from connectors.hubblemetrics.options import ContextOptions
-from flowtel.records import IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Flow, Verdict
+from flowtel.records import IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Flow, Verdict, flow_fields
 from flowtel.recordtables import HUBBLE_METRIC_TCP_FLAGS as FLAGS
 
 NAME = "hubble_tcp_flags_total"
@@ -65,10 +65,11 @@ class TcpHandler(Handler):
     def process_batch(self, batch: Batch, emit: Emit) -> None:
         # Per-flag packet counts summed per (context, family) first: one update per series.
         groups: dict[tuple[int, int], list[Any]] = {}
+        forwarded = Verdict.FORWARDED
         for flow, context in zip(batch.flows, batch.contexts(self.ctx)):
-            if flow.protocol != IPPROTO_TCP or flow.verdict != Verdict.FORWARDED:
+            protocol, verdict, c, ip_version = _tcp_fields(flow)
+            if protocol != IPPROTO_TCP or verdict != forwarded:
                 continue
-            c = flow.tcp_flag_counts
             if c is not None:
                 fin, syn, syn_ack, rst = c.fin, c.syn, c.syn_ack, c.rst
             else:
@@ -76,7 +77,7 @@ class TcpHandler(Handler):
                 fin, syn, syn_ack, rst = u["FIN"], u["SYN"], u["SYN-ACK"], u["RST"]
             if not (fin or syn or syn_ack or rst):
                 continue
-            key = (id(context), flow.ip_version)
+            key = (id(context), ip_version)
             group = groups.get(key)
             if group is None:
                 groups[key] = [context, flow, fin, syn, syn_ack, rst]
@@ -92,6 +93,9 @@ class TcpHandler(Handler):
                 n = counts[flag]
                 if n:
                     emit(NAME, labels[flag], n)
+
+
+_tcp_fields = flow_fields("protocol", "verdict", "tcp_flag_counts", "ip_version")
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

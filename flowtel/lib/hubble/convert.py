@@ -75,6 +75,7 @@ from flowtel.records import (
     Record,
     TrafficDirection,
     Verdict,
+    flow_fields,
 )
 from flowtel.recordtables import (
     CILIUM_DROP_REASONS,
@@ -166,6 +167,20 @@ class WireForm:
         if uuid is None:
             uuid = self._uuid = f"{_UUID_HEAD}{self.serial:012x}"
         return uuid
+
+
+_new_object = object.__new__
+
+
+def _fresh_form(serial: int, time: str) -> WireForm:
+    """``WireForm(time_ns=...)`` with its serial drawn and its time formatted by the caller
+    (a batch formats each second once): the same form, without the keyword call."""
+    form: WireForm = _new_object(WireForm)
+    form.json = form.text_bytes = form.text = form.proto = form.line = form._uuid = None
+    form.given = False
+    form.serial = serial
+    form.time = time
+    return form
 
 
 def wire_form(flow: Flow) -> WireForm:
@@ -703,6 +718,20 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
 
 
 _TEMPLATE_PROTOCOLS = frozenset(_L4_NAMES)
+# What _flow_text reads of every record, in one C call (a named tuple's attribute is a
+# descriptor call each; a flow's text reads 23 of them).
+_text_fields = flow_fields(
+    "kind", "verdict", "drop_reason", "ip_version", "protocol", "tcp_flags", "src_port", "dst_port", "packets",
+    "bytes", "tcp_flag_counts", "source", "destination", "traffic_direction", "is_reply", "node_name",
+    "extensions", "source_names", "destination_names", "src_ip", "dst_ip", "ifindex", "ifname")
+_ip_texts: dict[str, bytes] = {}
+
+
+def _ip_text(ip: str) -> bytes:
+    if len(_ip_texts) >= _PART_CACHE_MAX:
+        _ip_texts.clear()
+    text = _ip_texts[ip] = _kept(_dumps(ip))  # kept: a cached orjson result would hold its 4 KB buffer
+    return text
 
 
 def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
@@ -713,40 +742,64 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
     extensions of their own) are one shape's template filled with their values: the key
     of what the text depends on, one dict hit, one format (the envelope's template holds the
     body's, so a file's line is one format too). The rest are assembled part by part."""
-    kind = flow.kind
-    if (not kind.is_dns and flow.protocol in _TEMPLATE_PROTOCOLS and not flow.extensions
-            and not flow.source_names and not flow.destination_names and flow.ip_version):
-        src, dst, counts = flow.source, flow.destination, flow.tcp_flag_counts
-        sport, dport = flow.src_port, flow.dst_port
-        has_counts = (kind is EventKind.PACKET or kind is EventKind.DROP) and bool(flow.packets or flow.bytes)
-        # The kind by its value: EventKind is a plain Enum, whose hash runs in Python.
-        key = (kind._value_, flow.verdict, flow.drop_reason, flow.ip_version, flow.protocol, flow.tcp_flags,
-               bool(sport), bool(dport), has_counts, counts is not None, src is not None, dst is not None,
-               flow.traffic_direction, flow.is_reply, flow.node_name)
+    (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, sport, dport, packets, nbytes, counts, src, dst,
+     direction, is_reply, node_name, extensions, source_names, destination_names, src_ip, dst_ip, ifindex,
+     ifname) = _text_fields(flow)
+    if (protocol in _TEMPLATE_PROTOCOLS and not kind.is_dns and not extensions and not source_names
+            and not destination_names and ip_version):
+        has_counts = (kind is EventKind.PACKET or kind is EventKind.DROP) and (packets != 0 or nbytes != 0)
+        key = (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, sport != 0, dport != 0, has_counts,
+               counts is not None, src is not None, dst is not None, direction, is_reply, node_name)
         cache = _line_templates if line else _templates
         template = cache.get(key)
         if template is None:
             template = _template(flow, kind, key)
             if line:
-                template = (_FLOW_KEY + template + _node_part(flow.node_name).replace(b"%", b"%%") + _TIME_KEY
+                template = (_FLOW_KEY + template + _node_part(node_name).replace(b"%", b"%%") + _TIME_KEY
                             + b"%s" + _LINE_END)
             if len(cache) >= _TEMPLATE_CACHE_MAX:
                 cache.clear()
             cache[key] = template
         time_text = time.encode()
-        args: list[Any] = [time_text, serial, _dumps(flow.src_ip), _dumps(flow.dst_ip)]
+        # Addresses, endpoints and interfaces recur across flows: their texts come from
+        # caches (an orjson call each would cost more than the dict hit).
+        texts = _ip_texts
+        sip = texts.get(src_ip)
+        if sip is None:
+            sip = _ip_text(src_ip)
+        dip = texts.get(dst_ip)
+        if dip is None:
+            dip = _ip_text(dst_ip)
+        iface = _interface_texts.get((ifindex, ifname))
+        if iface is None:
+            iface = _interface_text(ifindex, ifname)
+        if src is not None and dst is not None and sport and dport and has_counts and counts is not None:
+            # The common shape (a TCP flow between named ends) as one tuple, not a list grown
+            # value by value.
+            memo = src.json_memo
+            stext = memo._text if memo is not None and memo._text is not None else _endpoint_form(src).text()
+            memo = dst.json_memo
+            dtext = memo._text if memo is not None and memo._text is not None else _endpoint_form(dst).text()
+            if line:
+                return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
+                                   counts.syn, counts.syn_ack, counts.fin, counts.rst, time_text)
+            return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
+                               counts.syn, counts.syn_ack, counts.fin, counts.rst)
+        args: list[Any] = [time_text, serial, sip, dip]
         if sport:
             args.append(sport)
         if dport:
             args.append(dport)
         if src is not None:
-            args.append(_endpoint_form(src).text())
+            memo = src.json_memo
+            args.append(memo._text if memo is not None and memo._text is not None else _endpoint_form(src).text())
         if dst is not None:
-            args.append(_endpoint_form(dst).text())
-        args.append(_interface_text(flow.ifindex, flow.ifname))
+            memo = dst.json_memo
+            args.append(memo._text if memo is not None and memo._text is not None else _endpoint_form(dst).text())
+        args.append(iface)
         if has_counts:
-            args.append(flow.packets)
-            args.append(flow.bytes)
+            args.append(packets)
+            args.append(nbytes)
         if counts is not None:
             args.append(counts.syn)
             args.append(counts.syn_ack)
@@ -853,6 +906,51 @@ def envelope_bytes(record: Record) -> bytes:
     return _encode(record_envelope(record))
 
 
+def envelope_lines(records: list[Record]) -> list[bytes]:
+    """:func:`envelope_line_bytes` of every record of a batch (the same bytes, the same
+    shared forms), with the per-record work a batch can share done once: one lock for the
+    forms the batch makes, and each time text from its second's prefix, formatted once per
+    distinct second."""
+    fresh = _fresh_form
+    prefix_sec, prefix = -1, ""
+    with _memo_lock:  # one acquisition: every form made here is the one each consumer sees
+        for r in records:
+            if r.__class__ is Flow:
+                memo = r[-1]  # wire_memo: the last field
+                if memo.form is None:
+                    sec, nanos = divmod(r[0], 1_000_000_000)  # time_ns: the first field
+                    if sec != prefix_sec:
+                        prefix_sec, prefix = sec, format_time(sec * 1_000_000_000)[:-1]
+                    if nanos % 1_000:  # a kernel timestamp's usual case first: all nine digits
+                        text = "%s.%09dZ" % (prefix, nanos)
+                    elif nanos == 0:
+                        text = prefix + "Z"
+                    elif nanos % 1_000_000 == 0:
+                        text = "%s.%03dZ" % (prefix, nanos // 1_000_000)
+                    else:
+                        text = "%s.%06dZ" % (prefix, nanos // 1_000)
+                    memo.form = fresh(next(_uuid_counter) & 0xFFFFFFFFFFFF, text)
+    out: list[bytes] = []
+    append = out.append
+    fill = _flow_text
+    for r in records:
+        if r.__class__ is Flow:
+            form = r[-1].form
+            line = form.line
+            if line is None:
+                if form.text_bytes is None and not form.given:  # _form_line's common case inline
+                    try:
+                        line = form.line = fill(r, form.serial, form.time, True)
+                    except orjson.JSONEncodeError:
+                        line = _form_line(r, form)
+                else:
+                    line = _form_line(r, form)
+            append(line)
+        else:
+            append(envelope_line_bytes(r))
+    return out
+
+
 def envelope_line_bytes(record: Record) -> bytes:
     """:func:`envelope_bytes` and its newline, in one piece (what a line-oriented file gets).
     A flow's line is built once and kept; its body text, if asked for later, is cut from it."""
@@ -860,15 +958,20 @@ def envelope_line_bytes(record: Record) -> bytes:
         return _encode(record_envelope(record)) + b"\n"
     form = wire_form(record)
     line = form.line
+    return line if line is not None else _form_line(record, form)
+
+
+def _form_line(record: Flow, form: WireForm) -> bytes:
+    """Builds (and keeps) the record's envelope line."""
+    line = None
+    if form.text_bytes is None and not form.given:
+        try:
+            line = _flow_text(record, form.serial, form.time, line=True)
+        except orjson.JSONEncodeError:
+            line = None  # the body's own fallback below
     if line is None:
-        if form.text_bytes is None and not form.given:
-            try:
-                line = _flow_text(record, form.serial, form.time, line=True)
-            except orjson.JSONEncodeError:
-                line = None  # the body's own fallback below
-        if line is None:
-            line = _ENVELOPE_LINE % (flow_text_bytes(record), _node_part(record.node_name), form.time.encode())
-        form.line = line
+        line = _ENVELOPE_LINE % (flow_text_bytes(record), _node_part(record.node_name), form.time.encode())
+    form.line = line
     return line
 
 

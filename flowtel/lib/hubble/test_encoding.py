@@ -3,6 +3,7 @@ per-shape templates and once-encoded endpoints."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import orjson
 
@@ -100,3 +101,38 @@ def test_the_line_made_first_holds_the_same_text() -> None:
         assert text == orjson.dumps(convert._flow_dict(flow, form.uuid, form.time)), flow
         assert line == convert.envelope_bytes(flow) + b"\n" and line is convert.envelope_line_bytes(flow)
         assert json.loads(line) == convert.envelope(flow)
+
+
+def test_a_batch_of_lines_is_each_records_line_with_its_own_form() -> None:
+    # The file exporter takes a batch's lines at once (one lock, each second formatted once):
+    # the same bytes as record by record, over every shape, every time precision (0/3/6/9
+    # fraction digits, across a second's boundary), records that already had a form or a
+    # text, and lost-event records between them.
+    from flowtel.records import LostEvents
+    from flowtel.lib.hubble.timefmt import format_time
+
+    base = 1_764_000_000 * 1_000_000_000
+    times = [base, base + 5_000_000, base + 5_000, base + 5, base + 999_999_999, base + 1_000_000_001]
+    batch: list[Any] = []
+    for i, flow in enumerate(_variants()):
+        batch.append(replace(flow, time_ns=times[i % len(times)]))
+        if i % 7 == 0:
+            batch.append(LostEvents(times[i % len(times)], "QUEUE_FULL:file", 3, "node-0"))
+    batch.append(replace(batch[0], source=Endpoint(pod_name="lone \ud800 surrogate")))  # orjson refuses it
+    convert.flow_text_bytes(batch[3])  # a text first: the line is made around it
+    convert.envelope_line_bytes(batch[5])  # a line first: the batch shares it
+    known = convert.wire_form(batch[5])
+    lines = convert.envelope_lines(batch)
+    assert len(lines) == len(batch)
+    uuids = set()
+    for record, line in zip(batch, lines):
+        assert line == convert.envelope_line_bytes(record)
+        assert json.loads(line) == convert.record_envelope(record)
+        if isinstance(record, Flow):
+            form = convert.wire_form(record)
+            assert form.time == format_time(record.time_ns) and line is form.line
+            assert convert.encode_json(convert._flow_dict(record, form.uuid, form.time)) == convert.flow_text_bytes(record)
+            uuids.add(form.uuid)
+    assert convert.wire_form(batch[5]) is known
+    assert len(uuids) == sum(isinstance(r, Flow) for r in batch)  # every flow its own id
+    assert convert.envelope_lines(batch) == lines  # and again, from the kept lines
