@@ -36,7 +36,7 @@
  *
  * Compile-time constants (set by the loader, receiver/ebpf/dnsring.py): FLOWTEL_IS_DNS_PORT(p),
  * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES, FLOWTEL_DNS_AGG_SETS,
- * FLOWTEL_DNS_PENDING_SETS, FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
+ * FLOWTEL_DNS_PENDING_SETS, FLOWTEL_DNS_SET_SEED (random per load), FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
  * FLOWTEL_DNS_LAT_BUCKET(ns) (the latency bucket of ns, from the histogram's bounds).
  */
 #ifndef FLOWTEL_DNS_H
@@ -310,7 +310,9 @@ static __always_inline struct dns_agg_entry *dns_agg_create(struct dns_agg_set *
 static __always_inline int dns_aggregate(struct dns_agg_key *ak, __u32 slot, __u64 now)
 {
     const __u32 *w32 = (const __u32 *)ak;
-    __u64 h = 0;
+    /* Seeded per load: a pod that could compute set indexes offline could craft names whose
+     * keys fill the set of another pod's key (whose messages would then go unkeyed). */
+    __u64 h = FLOWTEL_DNS_SET_SEED;
 #pragma unroll
     for (int i = 0; i < sizeof(*ak) / 4; i++)
         h = (h ^ w32[i]) * 0x9e3779b97f4a7c15ULL;
@@ -378,7 +380,7 @@ static __always_inline void dns_latency_observe(__u64 ns)
 static __always_inline __u32 dns_pending_index(const struct dns_pending_key *pk)
 {
     const __u32 *w = (const __u32 *)pk;
-    __u64 h = 0;
+    __u64 h = FLOWTEL_DNS_SET_SEED;  /* seeded per load, as dns_aggregate's */
 #pragma unroll
     for (int i = 0; i < sizeof(*pk) / 4; i++)
         h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL;

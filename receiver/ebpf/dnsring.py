@@ -22,6 +22,7 @@ import logging
 import operator
 import os
 import re
+import secrets
 import threading
 import time
 from typing import Any, Callable
@@ -99,6 +100,9 @@ def cflags(config: DnsConfig) -> dict[str, int | str]:
         "FLOWTEL_DNS_MAX_AGGREGATES": config.max_aggregates,
         "FLOWTEL_DNS_AGG_SETS": agg_sets(config.max_aggregates),
         "FLOWTEL_DNS_PENDING_SETS": pending_sets(config.max_pending),
+        # The set-index hashes' seed, new at every load (bpf/dns.h: what a pod cannot predict,
+        # it cannot aim at another pod's set).
+        "FLOWTEL_DNS_SET_SEED": f"{secrets.randbits(64)}ULL",
         "FLOWTEL_DNS_TIMEOUT_NS": f"{int(config.timeout * 1e9)}ULL",
         "FLOWTEL_DNS_SAMPLE_COST_NS": f"{1_000_000_000 // config.sample_rate}ULL",
         "FLOWTEL_DNS_LAT_BUCKET(ns)": latency_bucket_expr(DNS_LATENCY_BOUNDS),
