@@ -246,6 +246,10 @@ class Flowtel(Observer):
         self.check()
         with urllib.request.urlopen(f"http://{self.prometheus}/metrics", timeout=30) as resp:
             text = resp.read().decode()
+        # Which map, ring or queue lost events: Hubble's family folds every kernel source into one.
+        for line in text.splitlines():
+            if line.startswith("flowtel_lost_events_total{"):
+                print(f"round {r}: {line}", file=sys.stderr, flush=True)
         got = prometheus_sums(text, ["networkobservability_forward_count", "networkobservability_dns_request_count",
                                      "hubble_lost_events_total"])
         fwd = {d: prometheus_sums("\n".join(line for line in text.splitlines() if f'direction="{d}"' in line),

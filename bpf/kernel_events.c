@@ -577,7 +577,14 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
     if ((oldstate == FLOWTEL_TCPS_CLOSE ||
          (oldstate == FLOWTEL_TCPS_LISTEN && newstate == FLOWTEL_TCPS_SYN_RECV)) &&
         newstate != FLOWTEL_TCPS_CLOSE && newstate != FLOWTEL_TCPS_ESTABLISHED) {
-        struct tcp_conn *c = conn_claim(set, sk);
+        /* A slot that still holds this address is stale (its socket was freed without a CLOSE
+         * this program saw): take it over rather than claim a second one, or the socket's later
+         * transitions would find the stale slot first and leave the new one stale for ever. */
+        struct tcp_conn *c = conn_find(set, sk);
+        if (c)
+            state_add(c->state, -1);
+        else
+            c = conn_claim(set, sk);
         if (!c) {
             count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
             return 0;

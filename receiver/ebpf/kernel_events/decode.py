@@ -77,6 +77,9 @@ LOST_SOURCES = {
 }
 # Drop flows the LRU evicted before a drain (counted by the double buffer, not a counter).
 LOST_DROP_FLOW_MAP_FULL = "DROP_FLOW_MAP_FULL"
+# Tracepoint runs the kernel skipped because another tracing program ran on the CPU (its
+# bpf_prog_active): read from the programs' recursion_misses, not from a counter of ours.
+LOST_PROGRAM_MISSED = "KERNEL_EVENTS_PROGRAM_SKIPPED"
 # Connection flows likewise (tcp.max_connection_flows distinct keys in one interval exceeded).
 LOST_CONN_FLOW_MAP_FULL = "TCP_CONNECTION_FLOW_MAP_FULL"
 

@@ -35,6 +35,7 @@ from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf import tracefs
 from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DRAIN_WAIT_SHARE, DoubleBuffer
+from flowtel.lib.bpf import proginfo
 from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
 from receiver.ebpf.kernel_events import decode, program
@@ -90,6 +91,7 @@ class KernelEvents:
         self._conn_decoder: decode.ConnDecoder | None = None
         self._pending: list[bytes] = []
         self._lost_seen: dict[int, int] = {}
+        self._misses_seen = 0
         self._last_counters = decode.Counters((0,) * decode.CNT_MAX)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -304,6 +306,16 @@ class KernelEvents:
                 log.warning("connection flow map full: %d connection flows evicted before the drain "
                             "(raise kernel_events.tcp.max_connection_flows)", evicted)
         counters = self._last_counters = self._counters()
+        # Runs the kernel skipped (another tracing program was running on that CPU): their
+        # events are in no counter and no map, so this is the only place they are counted.
+        misses = self._program_misses()
+        if misses > self._misses_seen:
+            lost = misses - self._misses_seen
+            self._misses_seen = misses
+            self._telemetry.add(self._id, "kernel_events_lost", lost)
+            records.append(LostEvents(now, decode.LOST_PROGRAM_MISSED, lost, self._node))
+            log.warning("kernel events: %d tracepoint runs skipped by the kernel (another tracing "
+                        "program was running on the CPU)", lost)
         for source, count in decode.lost_deltas(counters, self._lost_seen):
             self._telemetry.add(self._id, "kernel_events_lost", count)
             records.append(LostEvents(now, source, count, self._node))
@@ -313,6 +325,15 @@ class KernelEvents:
             points: list[Record] = list(self.metrics())
             if points:
                 self._consumer.consume(points)
+
+    def program_misses(self) -> int:
+        """Runs of this source's programs the kernel skipped since they were loaded (each a
+        drop or TCP transition not seen), summed over the programs."""
+        return self._program_misses() if self._bpf is not None else self._misses_seen
+
+    def _program_misses(self) -> int:
+        funcs = getattr(self._bpf, "funcs", {})
+        return sum(proginfo.recursion_misses(funcs[fn].fd) for fn in (self._programs or {}) if fn in funcs)
 
     def counters(self) -> decode.Counters:
         """The kernel's cumulative counters (``decode.CNT_*``): now, or after :meth:`stop` as the

@@ -1,0 +1,119 @@
+"""Kernel events at a connection rate: 20 000 short connections between two pods as fast as
+two clients can make them, with the shipped kernel_events config (10 s interval, 1 MiB ring).
+
+Nothing per connection may cross to user space or be lost: every connection is counted on
+both sides in the kernel's connection-flow maps, equal to each namespace's own
+ActiveOpens/PassiveOpens and to the test's own count, and the source reports no lost events
+of any kind (the ring carries only retransmits and resets, which this workload has none of).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Iterator
+
+import pytest
+
+from flowtel.component import Telemetry
+from flowtel.records import EventKind, Flow, LostEvents
+from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
+from receiver.ebpf.kernel_events.test_kernel_events import _ACCEPT_AND_CLOSE, Collector, tcp_mib
+from testbed import Testbed
+
+pytestmark = pytest.mark.kernel
+
+CLIENTS, PER_CLIENT = 2, 10_000
+CONN_KINDS = (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED)
+PORT = 47050  # inside the server pod's own network namespace
+
+_CONNECT_MANY = r"""
+import socket, sys
+dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+done = 0
+for _ in range(count):
+    s = socket.create_connection((dst, port), timeout=10)
+    s.sendall(b"x")
+    s.close()
+    done += 1
+print(done)
+"""
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    Testbed.cleanup_stale()
+    with Testbed() as tb:
+        yield tb
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known, not yet fixed (issue 17 point 3, branch i20ring): under load a few dozen of 20 000 client "
+    "sockets stay in tcp_conns in FIN_WAIT1 and their CLOSE is never counted, with no counted loss and "
+    "no skipped program run; passes on a quiet machine"))
+def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
+    sink = Collector()
+    ke = KernelEvents(KernelEventsConfig(), "test-node", Telemetry(), sink)  # the shipped defaults
+    ke.start()
+    try:
+        a, b = bed.add_pod("rate-a"), bed.add_pod("rate-b")
+        # 20 000 connections from one address to one port leave as many TIME_WAIT ports.
+        a.exec(["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
+        # An orphaned socket (closed by its application first, on either end) whose ACK met its
+        # socket lock held, or came with the FIN, waits in FIN_WAIT2 for tcp_fin_timeout (60 s)
+        # before it closes; at this rate a few dozen do. 1 s here, so that every socket has
+        # closed when the test looks.
+        for pod in (a, b):
+            pod.exec(["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=1"])
+        server = b.popen([sys.executable, "-c", _ACCEPT_AND_CLOSE, str(PORT)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            mib_a, mib_b = tcp_mib(a), tcp_mib(b)
+            started = time.monotonic()
+            clients = [a.popen([sys.executable, "-c", _CONNECT_MANY, b.ipv4, str(PORT), str(PER_CLIENT)],
+                               stdout=subprocess.PIPE, text=True) for _ in range(CLIENTS)]
+            done = sum(int(c.communicate(timeout=180)[0]) for c in clients)
+            rate = done / (time.monotonic() - started)
+            deadline = time.monotonic() + 15  # until every socket of both ends has closed
+            while any(p.exec(["ss", "-Htn", "exclude", "time-wait", "exclude", "listening"]).stdout.strip()
+                      for p in (a, b)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            active = tcp_mib(a)["ActiveOpens"] - mib_a["ActiveOpens"]
+            passive = tcp_mib(b)["PassiveOpens"] - mib_b["PassiveOpens"]
+        finally:
+            server.kill()
+            server.wait(10)
+        n = CLIENTS * PER_CLIENT
+        assert done == active == passive == n, (done, active, passive)
+
+        def ours(f: Flow) -> bool:
+            return {f.src_ip, f.dst_ip} == {a.ipv4, b.ipv4} and PORT in (f.src_port, f.dst_port)
+
+        def totals() -> dict[tuple[EventKind, str], int]:
+            got: dict[tuple[EventKind, str], int] = {}
+            for f in sink.flows(lambda f: ours(f) and f.kind in CONN_KINDS):
+                key = (f.kind, f.src_ip)
+                got[key] = got.get(key, 0) + int(f.extensions["connections"])
+            return got
+
+        want = {(kind, src): n for kind in (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED) for src in (a.ipv4, b.ipv4)}
+        deadline = time.monotonic() + 2 * ke.config.collection_interval + 5
+        while totals() != want and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # Runs the kernel skipped (another tracing program on that CPU) would be the only
+        # loss that no map sees: say so if the counts differ.
+        tracked = Counter((c.src_ip, c.state) for c in ke.tcp_connections() if {c.src_ip, c.dst_ip} == {a.ipv4, b.ipv4})
+        assert totals() == want, (f"{rate:.0f} connections/s", f"{ke.program_misses()} runs skipped",
+                                  f"still tracked: {dict(tracked)}", totals())
+        records = sink.flows(lambda f: ours(f) and f.kind in CONN_KINDS)
+        rtts = sum(int(f.extensions["handshake_rtt_count"]) for f in records
+                   if f.src_ip == a.ipv4 and f.kind is EventKind.TCP_ESTABLISHED)
+        assert rtts == n
+        # Records per distinct key and interval, never per connection.
+        assert len(records) < 200, len(records)
+    finally:
+        ke.stop()
+    lost = [(r.source, r.count) for r in sink.records if isinstance(r, LostEvents)]
+    assert lost == [], (lost, f"{rate:.0f} connections/s")
+    assert ke.program_misses() == 0
