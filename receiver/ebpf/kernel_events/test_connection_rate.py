@@ -48,10 +48,6 @@ def bed() -> Iterator[Testbed]:
         yield tb
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, not yet fixed (issue 17 point 3, branch i20ring): under load a few dozen of 20 000 client "
-    "sockets stay in tcp_conns in FIN_WAIT1 and their CLOSE is never counted, with no counted loss and "
-    "no skipped program run; passes on a quiet machine"))
 def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
     sink = Collector()
     ke = KernelEvents(KernelEventsConfig(), "test-node", Telemetry(), sink)  # the shipped defaults
@@ -104,8 +100,16 @@ def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
         # Runs the kernel skipped (another tracing program on that CPU) would be the only
         # loss that no map sees: say so if the counts differ.
         tracked = Counter((c.src_ip, c.state) for c in ke.tcp_connections() if {c.src_ip, c.dst_ip} == {a.ipv4, b.ipv4})
-        assert totals() == want, (f"{rate:.0f} connections/s", f"{ke.program_misses()} runs skipped",
-                                  f"still tracked: {dict(tracked)}", totals())
+        got = totals()
+        why = (f"{rate:.0f} connections/s", f"{ke.program_misses()} runs skipped", f"still tracked: {dict(tracked)}", got)
+        # Exact: both ends' ESTABLISHED and the server's CLOSED. The client's CLOSED is short by
+        # 0-86 of 20 000 under machine load (sockets left in tcp_conns in FIN_WAIT1, no counted
+        # loss, no skipped run): a known, unexplained bug (issue 17 notes), bounded here so that
+        # anything else still fails; exact on a quiet machine.
+        client_closed = (EventKind.TCP_CLOSED, a.ipv4)
+        assert {k: v for k, v in got.items() if k != client_closed} == \
+            {k: v for k, v in want.items() if k != client_closed}, why
+        assert n - 200 <= got.get(client_closed, 0) <= n, why
         records = sink.flows(lambda f: ours(f) and f.kind in CONN_KINDS)
         rtts = sum(int(f.extensions["handshake_rtt_count"]) for f in records
                    if f.src_ip == a.ipv4 and f.kind is EventKind.TCP_ESTABLISHED)
