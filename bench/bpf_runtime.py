@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from flowtel.component import CreateSettings, Telemetry
+from flowtel.lib.bpf.testrun import prog_test_run
 from flowtel.records import Record
 from testbed import Pod, Testbed, require_tool, send_ping, send_tcp, send_udp
 
@@ -252,17 +253,6 @@ def _floor(fns: dict[str, Any], pods: list[Pod], parts: list[Part]) -> tuple[dic
         return ids, _run_parts(parts, set(ids.values()))
 
 
-class _TestRunOpts(ctypes.Structure):
-    """libbpf's struct bpf_test_run_opts (libbpf 1.x)."""
-
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
-
-
 def _frames() -> dict[str, bytes]:
     """Ethernet frames of a TCP ACK with 100 payload bytes, a 64-byte UDP datagram, a DNS query
     and a DNS response. Run again and again, the query is a retransmission (its pending insert
@@ -288,17 +278,7 @@ def _frames() -> dict[str, bytes]:
 
 def test_run_ns(prog_fd: int, frame: bytes, repeat: int = 200_000) -> float:
     """Mean ns per run of a SCHED_CLS program on ``frame``, measured by the kernel."""
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
-    buf = ctypes.create_string_buffer(frame, len(frame))
-    out = ctypes.create_string_buffer(len(frame) + 256)
-    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(buf, ctypes.c_void_p),
-                        data_out=ctypes.cast(out, ctypes.c_void_p), data_size_in=len(frame),
-                        data_size_out=len(out), repeat=repeat)
-    if lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return float(opts.duration)
+    return float(prog_test_run(prog_fd, frame, repeat).duration_ns)
 
 
 def _enable_stats() -> int:

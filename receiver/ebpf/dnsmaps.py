@@ -25,20 +25,11 @@ from bcc.libbcc import lib
 
 from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
 from flowtel.lib.bpf.layout import struct_for
+from flowtel.lib.bpf.testrun import prog_test_run
 
 FLIP_GRACE_S = 0.02
 CHUNK_ENTRIES = 4096
-
-
-class _TestRunOpts(ctypes.Structure):
-    """libbpf's struct bpf_test_run_opts (libbpf 1.x)."""
-
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
+_FRAME = bytes(64)
 
 
 class _Sweep:
@@ -55,13 +46,6 @@ class _Sweep:
         self.out_fd = out.get_fd()
         self.out_keys = (out.Key * out.max_entries)()
         self.out_values = (out.Leaf * out.max_entries)()
-        # A SCHED_CLS test run needs a packet (at least an Ethernet header); it reads none.
-        self.frame = ctypes.create_string_buffer(64)
-        self.frame_out = ctypes.create_string_buffer(64 + 256)
-        # A handle of its own on bcc's library: the argument types set here are then not
-        # shared with (or overwritten by) other users of bcc's ``lib``.
-        self.test_run = ctypes.CDLL(lib._name, use_errno=True).bpf_prog_test_run_opts
-        self.test_run.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
 
     def run(self, first_set: int, deadline_ns: int) -> int:
         """Free the expired requests of one chunk; returns how many (in ``out_values``)."""
@@ -69,12 +53,8 @@ class _Sweep:
         self.arg.first_set = first_set
         self.arg.expired = 0
         self.arg_table[self.zero] = self.arg
-        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(self.frame),
-                            data_size_in=len(self.frame), data_out=ctypes.addressof(self.frame_out),
-                            data_size_out=len(self.frame_out), repeat=1)
-        if self.test_run(self.fd, ctypes.byref(opts)) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"BPF_PROG_TEST_RUN of flowtel_dns_sweep: {os.strerror(err)}")
+        # A SCHED_CLS test run needs a packet (at least an Ethernet header); it reads none.
+        prog_test_run(self.fd, _FRAME)
         n = int(self.arg_table[self.zero].expired)
         if n:
             # An array's batch read starts at index 0: the first n entries, one system call.

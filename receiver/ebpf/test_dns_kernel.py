@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 import bpf as bpf_sources
+from flowtel.lib.bpf.testrun import prog_test_run
 from receiver.ebpf.config import DnsConfig
 from receiver.ebpf.dnsring import cflags, header_define, install_program
 
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.kernel
 
 CLIENT, SERVER = bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2])
 OK, MALFORMED = header_define("FLOWTEL_DNS_OK"), header_define("FLOWTEL_DNS_MALFORMED")
-
-
-class _TestRunOpts(ctypes.Structure):
-    # libbpf's struct bpf_test_run_opts
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
-                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
 
 
 def fnv1a(wire_name: bytes) -> int:
@@ -77,15 +68,8 @@ def prog() -> Iterator[Any]:
 
 
 def run(prog: Any, packet: bytes) -> None:
-    from bcc.libbcc import lib  # type: ignore[import-untyped]
     _, fn = prog
-    buf = ctypes.create_string_buffer(packet, len(packet))
-    out = ctypes.create_string_buffer(len(packet) + 256)
-    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(buf), data_size_in=len(packet),
-                        data_out=ctypes.addressof(out), data_size_out=len(out), repeat=1)
-    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
-    assert lib.bpf_prog_test_run_opts(fn.fd, ctypes.byref(opts)) == 0, ctypes.get_errno()
-    assert opts.retval == 0xFFFFFFFF  # TC_ACT_UNSPEC: an observer
+    assert prog_test_run(fn.fd, packet).retval == 0xFFFFFFFF  # TC_ACT_UNSPEC: an observer
 
 
 def take_keys(prog: Any) -> dict[tuple[int, int, int, int, int], int]:
