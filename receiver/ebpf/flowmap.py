@@ -221,6 +221,10 @@ class FlowMaps:
             self._evicted_total += evicted
             return DrainResult(flows, evicted, self._delta(CNT_FLOW_UPDATE_FAIL), self._delta(CNT_IFACE_UPDATE_FAIL))
 
+    def fill(self) -> int:
+        """Entries created in the active flow map since it was last drained (one counter read)."""
+        return self._buffer.fill()
+
     @property
     def evicted_total(self) -> int:
         return self._evicted_total

@@ -83,6 +83,21 @@ class DoubleBuffer(Generic[T]):
         self._active_table[ctypes.c_int(0)] = ctypes.c_uint32(slot)
         self._active = slot
 
+    @property
+    def active(self) -> int:
+        """The buffer the program writes now (0 or 1)."""
+        return self._active
+
+    def fill(self) -> int:
+        """Entries the program created in the active map since that map was last drained (LRU
+        evictions included): one read of a per-CPU counter, cheap enough to poll several times
+        a second. A caller that drains when this passes a share of ``max_entries`` bounds the
+        map's fill by design instead of by the collection interval. Read without the drain's
+        lock (a drain in progress changes the result by at most that drain): only the thread
+        that drains should ask."""
+        slot = self._active
+        return max(0, self._counter(self._created[slot]) - self._drained_total[slot])
+
     def drain(self, *, writers_stopped: bool = False) -> Drained[T]:
         """Everything counted since the last drain, removed from the kernel.
 
