@@ -193,3 +193,15 @@ def test_without_the_early_drain_the_same_workload_overflows() -> None:
     # Lost flows took their packets with them: the flows fall short of the link counters.
     assert not all(r.exact.values()), r.why
     assert r.handshakes != {"conn-c": (10_000, 10_000), "conn-s": (10_000, 10_000)}, r.why
+
+
+def test_drain_at_fill_is_off_or_a_sensible_share() -> None:
+    from pydantic import ValidationError
+
+    from receiver.ebpf.config import EbpfReceiverConfig
+
+    assert EbpfReceiverConfig().drain_at_fill == 0.5
+    assert EbpfReceiverConfig(drain_at_fill=0).drain_at_fill == 0
+    for bad in (0.01, 0.95, -0.1):  # a drain every few flows, or no room left for the poll's gap
+        with pytest.raises(ValidationError):
+            EbpfReceiverConfig(drain_at_fill=bad)
