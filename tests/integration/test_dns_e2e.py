@@ -126,13 +126,6 @@ class InProcessAgent:
 
 
 @pytest.fixture
-def bed():
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
-
-
-@pytest.fixture
 def agents():
     started: list[InProcessAgent] = []
     yield started

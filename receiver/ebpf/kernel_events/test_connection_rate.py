@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Iterator
 
 import pytest
 
 from flowtel.component import Telemetry
 from flowtel.records import EventKind, Flow, LostEvents
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
-from receiver.ebpf.kernel_events.test_kernel_events import _ACCEPT_AND_CLOSE, Collector, tcp_mib
+from tests.support.kernel_events import ACCEPT_AND_CLOSE, CONNECT_MANY, Collector, tcp_mib
 from testbed import Testbed
 
 pytestmark = pytest.mark.kernel
@@ -27,25 +26,6 @@ pytestmark = pytest.mark.kernel
 CLIENTS, PER_CLIENT = 2, 10_000
 CONN_KINDS = (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED)
 PORT = 47050  # inside the server pod's own network namespace
-
-_CONNECT_MANY = r"""
-import socket, sys
-dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-done = 0
-for _ in range(count):
-    s = socket.create_connection((dst, port), timeout=10)
-    s.sendall(b"x")
-    s.close()
-    done += 1
-print(done)
-"""
-
-
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
 
 
 def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
@@ -62,12 +42,12 @@ def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
         # closed when the test looks.
         for pod in (a, b):
             pod.exec(["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=1"])
-        server = b.popen([sys.executable, "-c", _ACCEPT_AND_CLOSE, str(PORT)], stdout=subprocess.PIPE, text=True)
+        server = b.popen([sys.executable, "-c", ACCEPT_AND_CLOSE, str(PORT)], stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             mib_a, mib_b = tcp_mib(a), tcp_mib(b)
             started = time.monotonic()
-            clients = [a.popen([sys.executable, "-c", _CONNECT_MANY, b.ipv4, str(PORT), str(PER_CLIENT)],
+            clients = [a.popen([sys.executable, "-c", CONNECT_MANY, b.ipv4, str(PORT), str(PER_CLIENT)],
                                stdout=subprocess.PIPE, text=True) for _ in range(CLIENTS)]
             done = sum(int(c.communicate(timeout=180)[0]) for c in clients)
             rate = done / (time.monotonic() - started)
