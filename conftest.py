@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from testbed import Testbed
 
 
 def _kernel_unavailable_reason() -> str | None:
@@ -57,3 +61,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"FLOWTEL_REQUIRE_KERNEL=1: a test may not skip on the CI machine: {reason}"
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    """A fresh testbed (pods in their own network namespaces) for one test, removed after it;
+    what a crashed earlier run left behind is removed first. A module needing another scope
+    or set-up defines its own ``bed``, which takes precedence."""
+    from testbed import Testbed  # test tooling: imported only by tests that use a testbed
+
+    Testbed.cleanup_stale()
+    with Testbed() as tb:
+        yield tb

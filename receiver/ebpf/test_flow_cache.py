@@ -10,16 +10,14 @@ each veth it crossed).
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, Record, TrafficDirection
-from flowtel.registry import factories_by_kind
+from flowtel.records import Flow, LostEvents, TrafficDirection
+from tests.support.memory_exporter import MemoryExporter, factories_with_memory
 from testbed import Testbed, require_tool
 
 pytestmark = pytest.mark.kernel
@@ -28,21 +26,9 @@ PORT = 5201  # in the server pod's own network namespace
 SECONDS = 2
 
 
-class _Memory(Exporter):
-    def __init__(self, settings: CreateSettings, config: ComponentConfig) -> None:
-        super().__init__(settings)
-        self.records: list[Record] = []
-        self._lock = threading.Lock()
-
-    def consume(self, batch: list[Record]) -> None:
-        with self._lock:
-            self.records.extend(batch)
-
-
 def test_bulk_flows_through_the_cache_equal_the_link_counters_across_flips() -> None:
     require_tool("iperf3")
-    factories = factories_by_kind()
-    factories[Kind.EXPORTER]["memory"] = ExporterFactory("memory", ComponentConfig, _Memory, signals=("logs",))
+    factories = factories_with_memory()
     Testbed.cleanup_stale()
     with Testbed() as bed:
         client, server = bed.add_pod("client"), bed.add_pod("server")
@@ -80,7 +66,7 @@ def test_bulk_flows_through_the_cache_equal_the_link_counters_across_flips() -> 
             service.shutdown(timeout=60)
 
         exporter = service.exporters["memory"]
-        assert isinstance(exporter, _Memory)
+        assert isinstance(exporter, MemoryExporter)
         assert not [r for r in exporter.records if isinstance(r, LostEvents)]
         flows = [r for r in exporter.records if isinstance(r, Flow)]
         for pod in (client, server):

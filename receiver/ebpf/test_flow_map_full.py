@@ -9,16 +9,14 @@ still equal ``ip -s link`` exactly.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, Record
-from flowtel.registry import factories_by_kind
+from flowtel.records import Flow, LostEvents
+from tests.support.memory_exporter import factories_with_memory
 from testbed import Testbed
 
 pytestmark = pytest.mark.kernel
@@ -39,20 +37,8 @@ for i in range(n):
 """
 
 
-class _Memory(Exporter):
-    def __init__(self, settings: CreateSettings, config: ComponentConfig) -> None:
-        super().__init__(settings)
-        self.records: list[Record] = []
-        self._lock = threading.Lock()
-
-    def consume(self, batch: list[Record]) -> None:
-        with self._lock:
-            self.records.extend(batch)
-
-
 def test_evictions_are_counted_and_interface_totals_stay_exact() -> None:
-    factories = factories_by_kind()
-    factories[Kind.EXPORTER]["memory"] = ExporterFactory("memory", ComponentConfig, _Memory, signals=("logs",))
+    factories = factories_with_memory()
     Testbed.cleanup_stale()
     with Testbed() as bed:
         a, b = bed.add_pod("sender"), bed.add_pod("sink")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Iterator
 
 import pytest
 
@@ -56,13 +55,6 @@ class _Sink:
     def flows(self) -> list[Flow]:
         with self._lock:
             return [r for r in self.records if isinstance(r, Flow)]
-
-
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
 
 
 def test_ipv6_extension_headers_parse_alike_at_tc_and_in_the_drop_tracepoint(bed: Testbed) -> None:

@@ -100,13 +100,6 @@ service:
         return self.proc.wait(30)
 
 
-@pytest.fixture
-def bed():
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
-
-
 def test_agent_runs_with_the_daemonsets_privileges_and_reports_health(bed: Testbed, tmp_path: Path) -> None:
     caps = daemonset_capabilities()
     available = [c for c in caps if bounding_set() >> CAP_BITS[c] & 1]

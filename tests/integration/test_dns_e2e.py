@@ -19,7 +19,6 @@ import random
 import re
 import struct
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,15 +26,14 @@ from typing import Any
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Factory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
 from flowtel.histogram import bucket_index
-from flowtel.records import MetricKind, MetricPoint, Record
-from flowtel.registry import factories_by_kind
+from flowtel.records import MetricKind, MetricPoint
 from testbed import Pod, Testbed
 from receiver.ebpf import dnsmaps
 from tests import dnsfuzz
+from tests.support.memory_exporter import MemoryExporter, factories_with_memory
 
 pytestmark = pytest.mark.kernel
 
@@ -46,44 +44,12 @@ CLIENT_WAIT_S = 0.3  # how long the client waits before it gives a query up as u
 LATENCY_SLACK_NS = 3_000_000
 
 
-class _MemoryConfig(ComponentConfig):
-    pass
-
-
-class MemoryExporter(Exporter):
-    """Keeps what it is given, for the test to read (metric points have no file format yet)."""
-
-    def __init__(self, settings: CreateSettings, config: _MemoryConfig) -> None:
-        super().__init__(settings)
-        self.records: list[Record] = []
-        self._lock = threading.Lock()
-
-    def consume(self, batch: list[Record]) -> None:
-        with self._lock:
-            self.records.extend(batch)
-
-    def last_values(self) -> dict[str, float]:
-        with self._lock:
-            return {r.name: r.value for r in self.records if isinstance(r, MetricPoint)}
-
-    def last_point(self, name: str) -> MetricPoint:
-        with self._lock:
-            return [r for r in self.records if isinstance(r, MetricPoint) and r.name == name][-1]
-
-
-def _factories() -> dict[Kind, dict[str, Factory]]:
-    out = factories_by_kind()
-    out[Kind.EXPORTER] = {**out[Kind.EXPORTER],
-                          "memory": ExporterFactory("memory", _MemoryConfig, MemoryExporter)}
-    return out
-
-
 class InProcessAgent:
     """The ebpf receiver → file exporter (logs) and memory exporter (metrics)."""
 
     def __init__(self, tmp: Path, glob: str, dns: dict[str, Any]) -> None:
         self.flow_log = tmp / "flows.log"
-        factories = _factories()
+        factories = factories_with_memory()
         cfg = parse_config(
             {
                 "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms", "dns": dns,
@@ -123,13 +89,6 @@ class InProcessAgent:
     def lost(self) -> list[dict[str, Any]]:
         return [env["lost_events"] for env in read_flow_log(self.flow_log)
                 if "lost_events" in env]
-
-
-@pytest.fixture
-def bed():
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
 
 
 @pytest.fixture
@@ -544,7 +503,7 @@ class _HubbleAgent(InProcessAgent):
 
     def __init__(self, tmp: Path, glob: str, dns: dict[str, Any]) -> None:
         self.flow_log = tmp / "flows.log"
-        factories = _factories()
+        factories = factories_with_memory()
         cfg = parse_config(
             {
                 "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms", "dns": dns,

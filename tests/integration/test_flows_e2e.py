@@ -26,13 +26,6 @@ pytestmark = pytest.mark.kernel
 ETH, IP4, UDP = 14, 20, 8
 
 
-@pytest.fixture
-def bed():
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
-
-
 def tc_filters(ifname: str, hook: str) -> list[str]:
     out = subprocess.run(["tc", "filter", "show", "dev", ifname, hook], capture_output=True, text=True).stdout
     # One line per filter instance ("... bpf chain 0 handle 0x... name ..."), not the chain header.

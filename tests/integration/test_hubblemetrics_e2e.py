@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -63,13 +63,6 @@ def start_agent(glob: str) -> Service:
     service = Service(cfg, node_name="test-node", factories=factories)
     service.start()
     return service
-
-
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
 
 
 def wait_attached(service: Service, pods: list[Pod]) -> None:

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import time
-from typing import Iterator
 
 import pytest
 
@@ -24,19 +23,11 @@ from flowtel.records import TCP_SYN, EventKind, Flow, LostEvents, MetricPoint, R
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig, decode
 from receiver.ebpf.kernel_events.config import MAX_DROP_EVENTS_PER_SECOND
 from testbed import Testbed, capture
-from receiver.ebpf.kernel_events.test_kernel_events import (_CONNECT_REFUSED, _FLOOD, _FULL_SOCKET, Collector, udp_mib,
-                                                  udp_sendto)
+from tests.support.kernel_events import CONNECT_REFUSED, FLOOD, FULL_SOCKET, Collector, udp_mib, udp_sendto
 
 pytestmark = pytest.mark.kernel
 
 BUDGET = 20  # drop samples per CPU per second
-
-
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
 
 
 class _Metrics:
@@ -66,7 +57,7 @@ def test_drop_samples_are_bounded_per_cpu_and_counts_stay_exact(bed: Testbed) ->
                                          drops={"events_per_second": BUDGET}), "test-node", telemetry, sink)
     a, b = bed.add_pod("smp-a"), bed.add_pod("smp-b")
     port = 47300
-    server = b.popen([sys.executable, "-c", _FULL_SOCKET, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    server = b.popen([sys.executable, "-c", FULL_SOCKET, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
@@ -74,7 +65,7 @@ def test_drop_samples_are_bounded_per_cpu_and_counts_stay_exact(bed: Testbed) ->
         attached, wall0 = time.monotonic(), time.time_ns()
         ke.start()
         try:
-            sent = int(a.exec([sys.executable, "-c", _FLOOD, b.ipv4, str(port), "2"], timeout=60).stdout)
+            sent = int(a.exec([sys.executable, "-c", FLOOD, b.ipv4, str(port), "2"], timeout=60).stdout)
             rcvbuf_errors = udp_mib(b)["RcvbufErrors"] - before["RcvbufErrors"]
         finally:
             ke.stop()  # detaches, then drains the ring and the drop flow maps: every record is in
@@ -173,7 +164,7 @@ def test_a_tcp_drop_sample_is_that_segment(bed: Testbed) -> None:
         a, b = bed.add_pod("tsmp-a"), bed.add_pod("tsmp-b")
         port = 47320
         with capture(b, filter_expr=f"tcp dst port {port}") as lines:
-            refused = json.loads(a.exec([sys.executable, "-c", _CONNECT_REFUSED, b.ipv4, str(port), "3"]).stdout)
+            refused = json.loads(a.exec([sys.executable, "-c", CONNECT_REFUSED, b.ipv4, str(port), "3"]).stdout)
         sink.wait_flows(lambda f: f.kind is EventKind.DROP_SAMPLE and f.dst_port == port and f.src_ip == a.ipv4, 3)
     finally:
         ke.stop()

@@ -9,13 +9,10 @@ programs are detached first (the lost-events test).
 """
 from __future__ import annotations
 
-from tests.support.flowlog import check_wire_form
-
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from typing import Callable, Iterator
@@ -26,56 +23,12 @@ from flowtel.component import Telemetry
 from flowtel.records import EventKind, Flow, LostEvents, MetricKind, MetricPoint, Verdict
 from testbed import Pod, Testbed, send_ping, send_tcp
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig, decode
+from tests.support.kernel_events import (ACCEPT_AND_CLOSE, CONNECT_MANY, CONNECT_REFUSED, FLOOD, FULL_SOCKET, Collector,
+                                        tcp_mib, udp_mib, udp_sendto)
 
 pytestmark = pytest.mark.kernel
 
 IP4, UDP = 20, 8
-
-
-class Collector:
-    """A consumer that keeps every batch; ``hold()`` makes the next batch block until released."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.records: list[object] = []
-        self._hold = threading.Event()
-        self.held = threading.Event()
-        self._release = threading.Event()
-
-    def consume(self, batch: list[object]) -> None:
-        if self._hold.is_set() and any(isinstance(r, Flow) for r in batch):
-            self._hold.clear()
-            self.held.set()
-            self._release.wait(30)
-        with self._lock:
-            self.records.extend(batch)
-
-    def hold(self) -> None:
-        self._release.clear()
-        self._hold.set()
-
-    def release(self) -> None:
-        self._release.set()
-
-    def mark(self) -> int:
-        """Where the records of what happens next begin (pod addresses repeat between tests)."""
-        with self._lock:
-            return len(self.records)
-
-    def flows(self, pred: Callable[[Flow], bool], since: int = 0) -> list[Flow]:
-        with self._lock:
-            got = [r for r in self.records[since:] if isinstance(r, Flow) and pred(r)]
-        for flow in got:  # every record of real kernel events has a valid Hubble wire form
-            check_wire_form(flow)
-        return got
-
-    def wait_flows(self, pred: Callable[[Flow], bool], count: int, since: int = 0, timeout: float = 10) -> list[Flow]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.flows(pred, since)
-            if len(got) >= count or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +40,6 @@ def events() -> Iterator[tuple[KernelEvents, Collector]]:
         yield ke, sink
     finally:
         ke.stop()
-
-
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
 
 
 def netns_inode(pod: Pod) -> int:
@@ -110,12 +56,6 @@ def nft_drop(pod: Pod, hook: str, match: str) -> None:
 }}
 """
     pod.exec(["nft", "-f", "-"], input=ruleset)
-
-
-def tcp_mib(pod: Pod) -> dict[str, int]:
-    """The Tcp: line of /proc/net/snmp as the pod's own network namespace counts it."""
-    lines = [line.split() for line in pod.exec(["cat", "/proc/net/snmp"]).stdout.splitlines() if line.startswith("Tcp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
 def drop_totals(ke: KernelEvents) -> Counter[tuple[str, str]]:
@@ -147,37 +87,6 @@ def rtt_histogram(ke: KernelEvents) -> MetricPoint:
     return point
 
 
-_UDP_SENDTO = r"""
-import socket, sys
-dst, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-refused = 0
-for _ in range(count):
-    try:
-        s.sendto(b"x" * size, (dst, port))
-    except PermissionError:  # dropped by netfilter on the way out
-        refused += 1
-print(s.getsockname()[1], refused)
-"""
-
-_CONNECT_REFUSED = r"""
-import json, socket, sys
-dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ports = []
-for _ in range(count):
-    s = socket.socket()
-    s.bind(("0.0.0.0", 0))  # keeps the port after the refusal, to report it
-    ports.append(s.getsockname()[1])
-    try:
-        s.connect((dst, port))
-        raise SystemExit("connected to a closed port?")
-    except ConnectionRefusedError:
-        pass
-    s.close()
-print(json.dumps(ports))
-"""
-
 _LINGER_ZERO = r"""
 import socket, struct, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
@@ -199,11 +108,6 @@ for c in conns:
 """
 
 
-def udp_sendto(pod: Pod, dst: str, port: int, count: int, size: int) -> tuple[int, int]:
-    out = pod.exec([sys.executable, "-c", _UDP_SENDTO, dst, str(port), str(count), str(size)]).stdout.split()
-    return int(out[0]), int(out[1])
-
-
 def test_drops_by_reason_equal_the_drops_caused(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
     ke, sink = events
     a, b = bed.add_pod("drop-a"), bed.add_pod("drop-b")
@@ -213,7 +117,7 @@ def test_drops_by_reason_equal_the_drops_caused(bed: Testbed, events: tuple[Kern
     mark = sink.mark()
 
     closed_port, _ = udp_sendto(a, b.ipv4, 47000, 5, 100)  # no socket: dropped by b's UDP
-    refused = json.loads(a.exec([sys.executable, "-c", _CONNECT_REFUSED, b.ipv4, "47003", "3"]).stdout)
+    refused = json.loads(a.exec([sys.executable, "-c", CONNECT_REFUSED, b.ipv4, "47003", "3"]).stdout)
     filtered_in, _ = udp_sendto(a, b.ipv4, 47001, 4, 200)  # dropped by b's input rule
     filtered_out, refused_out = udp_sendto(a, b.ipv4, 47002, 6, 300)  # dropped by a's output rule
     assert refused_out == 6
@@ -273,7 +177,7 @@ def test_resets_equal_the_kernel_counters(bed: Testbed, events: tuple[KernelEven
     sent_before = metric(ke, "flowtel_tcp_reset_count", event="reset_sent")
     mark = sink.mark()
 
-    refused = json.loads(a.exec([sys.executable, "-c", _CONNECT_REFUSED, b.ipv4, "47010", "3"]).stdout)
+    refused = json.loads(a.exec([sys.executable, "-c", CONNECT_REFUSED, b.ipv4, "47010", "3"]).stdout)
     linger_port = int(a.exec([sys.executable, "-c", _LINGER_ZERO, b.ipv4, "47011"]).stdout)
 
     def event(name: str) -> Callable[[Flow], bool]:
@@ -454,38 +358,6 @@ for port in range(first, first + count):
     s.sendto(b"x", (dst, port))  # no socket there: one NO_SOCKET drop per port
 """
 
-_FLOOD = r"""
-import socket, sys, time
-dst, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((dst, port))
-payload = b"x" * 18  # a 64-byte frame
-end = time.monotonic() + seconds
-sent = 0
-while time.monotonic() < end:
-    for _ in range(1000):
-        try:
-            s.send(payload)
-            sent += 1
-        except OSError:
-            pass
-print(sent)
-"""
-
-_FULL_SOCKET = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum: full at once
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-sys.stdin.read()  # never reads the socket; until the test closes stdin
-"""
-
-
-def udp_mib(pod: Pod) -> dict[str, int]:
-    lines = [line.split() for line in pod.exec(["cat", "/proc/net/snmp"]).stdout.splitlines() if line.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
-
 
 def test_drop_flood_counts_equal_udp_rcvbuf_errors_at_low_cost(bed: Testbed,
                                                                events: tuple[KernelEvents, Collector]) -> None:
@@ -496,14 +368,14 @@ def test_drop_flood_counts_equal_udp_rcvbuf_errors_at_low_cost(bed: Testbed,
     ke, sink = events
     a, b = bed.add_pod("flood-a"), bed.add_pod("flood-b")
     port = 47200
-    server = b.popen([sys.executable, "-c", _FULL_SOCKET, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    server = b.popen([sys.executable, "-c", FULL_SOCKET, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         before = udp_mib(b)
         mark = sink.mark()
         cpu0, wall0 = os.times(), time.monotonic()
-        sent = int(a.exec([sys.executable, "-c", _FLOOD, b.ipv4, str(port), "3"], timeout=60).stdout)
+        sent = int(a.exec([sys.executable, "-c", FLOOD, b.ipv4, str(port), "3"], timeout=60).stdout)
         cpu1, wall1 = os.times(), time.monotonic()
         rcvbuf_errors = udp_mib(b)["RcvbufErrors"] - before["RcvbufErrors"]
     finally:
@@ -608,41 +480,18 @@ def test_ignored_reasons_and_unclaimed_echo_replies(bed: Testbed, events: tuple[
         second.stop()
 
 
-_ACCEPT_AND_CLOSE = r"""
-import socket, sys
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
-srv.listen(4096)
-print("ready", flush=True)
-while True:
-    conn, _ = srv.accept()
-    conn.recv(16)
-    conn.close()
-"""
-
-_CONNECT_MANY = r"""
-import socket, sys
-dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for _ in range(count):
-    s = socket.create_connection((dst, port), timeout=10)
-    s.sendall(b"x")
-    s.close()
-"""
-
-
 def test_short_connections_are_counted_in_the_kernel(bed: Testbed, events: tuple[KernelEvents, Collector]) -> None:
     """A connection-rate workload: every connection is counted, in O(distinct keys) records."""
     ke, sink = events
     a, b = bed.add_pod("cr-a"), bed.add_pod("cr-b")
     port, n = 47040, 2000
-    server = b.popen([sys.executable, "-c", _ACCEPT_AND_CLOSE, str(port)], stdout=subprocess.PIPE, text=True)
+    server = b.popen([sys.executable, "-c", ACCEPT_AND_CLOSE, str(port)], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         mib_a, mib_b = tcp_mib(a), tcp_mib(b)
         mark = sink.mark()
         started = time.monotonic()
-        a.exec([sys.executable, "-c", _CONNECT_MANY, b.ipv4, str(port), str(n)], timeout=120)
+        a.exec([sys.executable, "-c", CONNECT_MANY, b.ipv4, str(port), str(n)], timeout=120)
         elapsed = time.monotonic() - started
         # Both ends have closed once the server side left LAST_ACK (the client's close is first).
         deadline = time.monotonic() + 15
