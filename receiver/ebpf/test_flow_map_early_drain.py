@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 import pytest
 
-from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, Record, TrafficDirection
-from flowtel.registry import factories_by_kind
+from flowtel.records import Flow, LostEvents, TrafficDirection
 from testbed import Testbed
+from tests.support.memory_exporter import MemoryExporter, factories_with_memory
 
 pytestmark = pytest.mark.kernel
 
@@ -59,17 +57,6 @@ print(count)
 """
 
 
-class _Memory(Exporter):
-    def __init__(self, settings: CreateSettings, config: ComponentConfig) -> None:
-        super().__init__(settings)
-        self.records: list[Record] = []
-        self._lock = threading.Lock()
-
-    def consume(self, batch: list[Record]) -> None:
-        with self._lock:
-            self.records.extend(batch)
-
-
 @dataclass
 class _Result:
     connections: int
@@ -85,8 +72,7 @@ class _Result:
 
 
 def _run(max_flows: int, drain_at_fill: float, connections: int) -> _Result:
-    factories = factories_by_kind()
-    factories[Kind.EXPORTER]["memory"] = ExporterFactory("memory", ComponentConfig, _Memory, signals=("logs",))
+    factories = factories_with_memory()
     Testbed.cleanup_stale()
     with Testbed() as bed:
         client, server = bed.add_pod("conn-c"), bed.add_pod("conn-s")
@@ -134,7 +120,9 @@ def _run(max_flows: int, drain_at_fill: float, connections: int) -> _Result:
             srv.kill()
             srv.wait(10)
 
-        records = service.exporters["memory"].records
+        exporter = service.exporters["memory"]
+        assert isinstance(exporter, MemoryExporter)
+        records = exporter.records
         flows = [r for r in records if isinstance(r, Flow)]
         lost: dict[str, int] = {}
         for r in records:
