@@ -38,7 +38,7 @@ class DropCache:
     """``drop_cache`` of one loaded module: two per-CPU entries, index = drop flow buffer."""
 
     def __init__(self, bpf: Any) -> None:
-        from bcc.utils import get_possible_cpus  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
+        from bcc.utils import get_possible_cpus
 
         self._table = bpf["drop_cache"]
         if self._table.max_entries != 2:
@@ -58,7 +58,7 @@ class DropCache:
 
     def take(self, slot: int) -> dict[DropKey, RawDrop]:
         """The counts buffer ``slot``'s entries hold, by drop key, and those entries zeroed."""
-        from bcc.libbcc import lib  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
+        from bcc.libbcc import lib
 
         fd = self._table.get_fd()
         index = ctypes.c_uint32(slot)
