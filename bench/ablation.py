@@ -3,7 +3,8 @@ observers that attach only parts of flowtel, alternating with no observer, in on
 
 Not a test: run as root, ``.venv/bin/python -m bench.ablation [--rounds 3] [--seconds 5]``.
 
-Conditions (each round runs every one, in an order that rotates from round to round):
+Conditions (each round runs every one, in an order that rotates from round to round, each
+between two runs with no observer: its ratio is to the mean of those two):
 
 - ``none``: nothing attached;
 - ``clsact``: the clsact qdisc on every host-side veth of the testbed, no filter;
@@ -22,7 +23,7 @@ agents from another checkout (its own .venv), for a before/after in the same run
 For the UDP flood, the server namespace's ``UdpRcvbufErrors`` (the kernel's count of datagrams
 its full sockets refused, each one ``skb:kfree_skb`` run) is read around every run and printed
 per datagram received: the drop tracepoint's share of the ratio is its ns/run times that.
-Values are medians of the rounds, as ratios to no observer of the same run.
+Values are medians of the rounds' ratios.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Sample:
     refused: int  # UdpRcvbufErrors in the server namespace over the run
     received: int  # datagrams the server received (udp64), else 0
     agent_cores: float | None
+    seq: int  # position in the run
 
 
 @contextlib.contextmanager
@@ -129,8 +131,13 @@ def run(rounds: int, seconds: float, conditions: tuple[str, ...], workloads: tup
         fns = {h: floor.load_func(f"bench_floor_{h}", BPF.SCHED_CLS) for h in ("ingress", "egress")}
         try:
             for r in range(rounds):
-                k = r % len(conditions)
-                for cond in conditions[k:] + conditions[:k]:
+                observed = [c for c in conditions if c != "none"]
+                k = r % len(observed)
+                # none, X, none, Y, ..., none: each condition is read against the baseline runs
+                # just before and after it, so that the machine's drift (other people's suites)
+                # moves both sides of a ratio alike.
+                order = [x for c in observed[k:] + observed[:k] for x in ("none", c)] + ["none"]
+                for cond in order:
                     loads.append(os.getloadavg()[0])
                     mode, _, where = cond.partition("@")
                     tree = baseline if where == "base" else None
@@ -153,7 +160,7 @@ def run(rounds: int, seconds: float, conditions: tuple[str, ...], workloads: tup
                             cores = None if c0 is None else (cpu_seconds(obs.pid) - c0) / wall
                             refused = udp_rcvbuf_errors(bed.server) - refused0
                             received = int(value * seconds) if w == "udp64" else 0
-                            samples.append(Sample(r, cond, w, value, refused, received, cores))
+                            samples.append(Sample(r, cond, w, value, refused, received, cores, len(samples)))
                             log(f"round {r + 1}/{rounds} {cond:24} {w:6} {value:16,.0f}"
                                 + (f"  refused {refused:,} ({refused / max(received, 1):.2f} per received)"
                                    if w == "udp64" else "")
@@ -164,30 +171,41 @@ def run(rounds: int, seconds: float, conditions: tuple[str, ...], workloads: tup
     return samples, loads
 
 
+def _ratios(samples: list[Sample], cond: str, w: str) -> list[float]:
+    """Each run of ``cond`` over the mean of the no-observer runs of ``w`` just before and after it."""
+    runs = sorted((s for s in samples if s.workload == w), key=lambda s: s.seq)
+    out = []
+    for i, s in enumerate(runs):
+        if s.condition != cond:
+            continue
+        near = [runs[j].value for j in (i - 1, i + 1) if 0 <= j < len(runs) and runs[j].condition == "none"]
+        if near and cond != "none":
+            out.append(s.value / statistics.mean(near))
+    return out
+
+
 def report(samples: list[Sample], loads: list[float]) -> str:
-    conditions = list(dict.fromkeys(s.condition for s in samples))
+    conditions = [c for c in dict.fromkeys(s.condition for s in samples) if c != "none"]
     workloads = list(dict.fromkeys(s.workload for s in samples))
-    base = {(s.round, s.workload): s.value for s in samples if s.condition == "none"}
     lines = ["| condition | " + " | ".join(f"{w} ratio (range)" for w in workloads)
              + " | udp64 refused per received | agent cores (udp64, tcp) |",
              "|---|" + "---|" * len(workloads) + "---|---|"]
-    for c in conditions:
+    for c in ["none"] + conditions:
         cells = []
         for w in workloads:
-            ratios = [s.value / base[(s.round, w)] for s in samples
-                      if s.condition == c and s.workload == w and base.get((s.round, w))]
-            cells.append(f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "-")
+            ratios = _ratios(samples, c, w)
+            cells.append("1.000" if c == "none" else
+                         f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "-")
         per = [s.refused / s.received for s in samples if s.condition == c and s.workload == "udp64" and s.received]
         cores = [statistics.median(v) if v else None for v in
                  ([s.agent_cores for s in samples if s.condition == c and s.workload == w and s.agent_cores is not None]
                   for w in ("udp64", "tcp"))]
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {statistics.median(per):.2f} |" if per else
-                     f"| {c} | " + " | ".join(cells) + " | - |")
-        lines[-1] += " " + ", ".join("-" if v is None else f"{v:.3f}" for v in cores) + " |"
+        lines.append(f"| {c} | " + " | ".join(cells) + (f" | {statistics.median(per):.2f} |" if per else " | - |")
+                     + " " + ", ".join("-" if v is None else f"{v:.3f}" for v in cores) + " |")
     absolute = {w: statistics.median([s.value for s in samples if s.condition == "none" and s.workload == w])
                 for w in workloads if any(s.condition == "none" and s.workload == w for s in samples)}
     lines.append("")
-    lines.append("no observer: " + ", ".join(
+    lines.append("no observer (median of its runs): " + ", ".join(
         f"{w} {v / 1e9:.1f} Gbit/s" if w == "tcp" else f"{w} {v / 1e3:.0f}k datagrams/s received"
         for w, v in absolute.items()) + f"; load average (1 min) {min(loads):.2f}–{max(loads):.2f}.")
     return "\n".join(lines)
