@@ -2,7 +2,8 @@
  *
  * Counts in the kernel (drops by reason and direction, drops per flow and connection events
  * (established, closed) per conn_flow_key in double-buffered maps drained like the tc flow
- * maps, retransmitted segments, resets, TCP sockets by state, the handshake RTT histogram)
+ * maps — drops through a per-CPU "last drop" cache in front of their maps, as tc_flow.c's
+ * last-flow cache —, retransmitted segments, resets, TCP sockets by state, the handshake RTT histogram)
  * and, for TCP events a record per occurrence is wanted for (retransmit, reset), writes one
  * struct kernel_event to the kernel_events ring buffer, waking the reader only every
  * FLOWTEL_WAKEUP_EVERY events (the reader takes them in batches). A full ring buffer is
