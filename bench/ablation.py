@@ -24,6 +24,12 @@ For the UDP flood, the server namespace's ``UdpRcvbufErrors`` (the kernel's coun
 its full sockets refused, each one ``skb:kfree_skb`` run) is read around every run and printed
 per datagram received: the drop tracepoint's share of the ratio is its ns/run times that.
 Values are medians of the rounds' ratios.
+
+Unpinned, the UDP flood is bistable on a 2-CPU machine: in some runs the server keeps up
+(almost no refused datagrams, ~115k/s received), in others it falls behind (a refused datagram
+for every 3-5 received, 50-70k/s), whatever is attached, depending on where the scheduler puts
+the client, the server and the softirq work. ``--pin`` puts the iperf3 client and server on
+separate CPUs (``iperf3 -A 0,1``) so that runs differ by what the observer costs, not by that.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ import yaml  # type: ignore[import-untyped]
 
 from bench.bpf_runtime import _FLOOR_C, udp_rcvbuf_errors
 from bench.datapath import Bed, cpu_seconds, shipped_config
+from bench.datapath_table import iperf3_tcp_bits_per_second, iperf3_udp_received_per_second
 from bench.startup import Agent
 from testbed import Pod, Testbed
 
@@ -114,8 +121,20 @@ def _agent(mode: str, bed: Testbed, workdir: Path, tree: Path | None, settle: fl
         agent.stop()
 
 
+def _workload(bed: Bed, w: str, seconds: float, pin: bool) -> float:
+    """One run of ``w``: as bench.datapath runs it, or with ``pin`` the iperf3 client on CPU 0
+    and its server on CPU 1 (``iperf3 -A 0,1``)."""
+    if not pin:
+        return bed.run(w, seconds)
+    if w == "tcp":
+        return iperf3_tcp_bits_per_second(bed.iperf3(["-A", "0,1"], seconds))
+    if w == "udp64":
+        return iperf3_udp_received_per_second(bed.iperf3(["-A", "0,1", "-u", "-b", "0", "-l", "64"], seconds))
+    raise ValueError(f"--pin is for the iperf3 workloads, not {w!r}")
+
+
 def run(rounds: int, seconds: float, conditions: tuple[str, ...], workloads: tuple[str, ...],
-        baseline: Path | None, settle: float,
+        baseline: Path | None, settle: float, pin: bool = False,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> tuple[list[Sample], list[float]]:
     from bcc import BPF  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
 
@@ -155,7 +174,7 @@ def run(rounds: int, seconds: float, conditions: tuple[str, ...], workloads: tup
                             refused0 = udp_rcvbuf_errors(bed.server)
                             c0 = cpu_seconds(obs.pid) if isinstance(obs, Agent) else None
                             t0 = time.monotonic()
-                            value = bed.run(w, seconds)
+                            value = _workload(bed, w, seconds, pin)
                             wall = time.monotonic() - t0
                             cores = None if c0 is None else (cpu_seconds(obs.pid) - c0) / wall
                             refused = udp_rcvbuf_errors(bed.server) - refused0
@@ -219,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--baseline-tree", type=Path, help="another checkout: adds its tracepoints_only and flowtel")
     parser.add_argument("--settle", type=float, default=4.0, help="seconds after an agent attached before measuring")
+    parser.add_argument("--pin", action="store_true",
+                        help="iperf3 client on CPU 0, server on CPU 1 (the unpinned UDP flood is bistable: see the docstring)")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -228,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_tree is not None:
         conditions += tuple(f"{c}@base" for c in ("tracepoints_only", "flowtel") if c in conditions)
     samples, loads = run(args.rounds, args.seconds, conditions, tuple(args.workloads.split(",")),
-                         args.baseline_tree, args.settle)
+                         args.baseline_tree, args.settle, args.pin)
     print(report(samples, loads), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(s) for s in samples], indent=1) + "\n")
