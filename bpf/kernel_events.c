@@ -175,6 +175,19 @@ static __always_inline int echo_reply(const struct flowtel_packet *p)
     return p->protocol == FLOWTEL_IPPROTO_ICMPV6 && p->icmp_type == 129;        /* ICMPV6_ECHO_REPLY */
 }
 
+/* The device of this CPU's last drop and what was read of it, valid for the tick it was read
+ * in (kernel-only, so not in flowtel.h). A net_device is freed only after RCU grace periods and
+ * its unregistration's waits, far longer than a tick, so within one tick the same address is
+ * the same device; a device moved to another namespace is attributed to its old one for the
+ * rest of that tick at most. Tracepoint programs do not nest on a CPU: no atomics. */
+struct drop_dev_memo {
+    __u64 dev;
+    __u64 jiffies;
+    __s32 ifindex;
+    __u32 netns;
+};
+BPF_PERCPU_ARRAY(drop_dev_memo, struct drop_dev_memo, 1);
+
 /* Members of the blocks read in one go (offsets from BTF, relative to the block's start). */
 #define SKB_MEMBER(dst, off) __builtin_memcpy((dst), sb + (off) - FLOWTEL_SKB_BLOCK_OFF, sizeof(*(dst)))
 #define NETDEV_MEMBER(dst, off) __builtin_memcpy((dst), db + (off) - FLOWTEL_NETDEV_BLOCK_OFF, sizeof(*(dst)))
@@ -377,15 +390,34 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     if ((int)reason == FLOWTEL_DROP_NO_SOCKET && echo_reply(&p))
         return 0;
     /* skb->dev shares a union with dev_scratch (UDP queues): a failed read leaves 0. The
-     * device's ifindex and namespace are read together too (one block of net_device). */
+     * device's ifindex and namespace are read together too (one block of net_device), and its
+     * namespace's inode with them; all three are kept for the rest of the tick (drop_dev_memo),
+     * so a flood's drops on one device skip both reads. */
     char *net = 0;
+    __u32 netns = 0;
     if (dev) {
-        char db[FLOWTEL_NETDEV_BLOCK_LEN];
-        if (bpf_probe_read_kernel(db, sizeof(db), dev + FLOWTEL_NETDEV_BLOCK_OFF) == 0) {
-            NETDEV_MEMBER(&ifindex, FLOWTEL_OFF_NETDEV_IFINDEX);
-            NETDEV_MEMBER(&net, FLOWTEL_OFF_NETDEV_NET);
+        __u32 zero = 0;
+        __u64 j = bpf_jiffies64();
+        struct drop_dev_memo *m = drop_dev_memo.lookup(&zero);
+        if (m && m->dev == (__u64)dev && m->jiffies == j) {
+            ifindex = m->ifindex;
+            netns = m->netns;
         } else {
-            dev = 0;
+            char db[FLOWTEL_NETDEV_BLOCK_LEN];
+            if (bpf_probe_read_kernel(db, sizeof(db), dev + FLOWTEL_NETDEV_BLOCK_OFF) == 0) {
+                NETDEV_MEMBER(&ifindex, FLOWTEL_OFF_NETDEV_IFINDEX);
+                NETDEV_MEMBER(&net, FLOWTEL_OFF_NETDEV_NET);
+                if ((FLOWTEL_DROP_FLOWS || FLOWTEL_DROP_SAMPLES) && net)
+                    bpf_probe_read_kernel(&netns, sizeof(netns), net + FLOWTEL_OFF_NET_INUM);
+                if (m) {
+                    m->dev = (__u64)dev;
+                    m->jiffies = j;
+                    m->ifindex = ifindex;
+                    m->netns = netns;
+                }
+            } else {
+                dev = 0;
+            }
         }
     }
     __u32 direction = (iif && (!ifindex || ifindex == iif)) ? FLOWTEL_DROP_INGRESS : FLOWTEL_DROP_EGRESS;
@@ -400,12 +432,14 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     key.ifindex = ifindex;
     key.location = args->location;
     key.ethertype = args->protocol;
-    /* The namespace: of the device, or before the output path sets one (netfilter's
-     * OUTPUT hook), of the sending socket. */
-    if (!dev && sk)
+    /* The namespace: of the device (read above), or before the output path sets one
+     * (netfilter's OUTPUT hook), of the sending socket. */
+    key.netns = netns;
+    if (!dev && sk) {
         bpf_probe_read_kernel(&net, sizeof(net), sk + FLOWTEL_OFF_SOCK_NET);
-    if (net)
-        bpf_probe_read_kernel(&key.netns, sizeof(key.netns), net + FLOWTEL_OFF_NET_INUM);
+        if (net)
+            bpf_probe_read_kernel(&key.netns, sizeof(key.netns), net + FLOWTEL_OFF_NET_INUM);
+    }
     if (p.family) {
         key.family = p.family;
         key.protocol = p.protocol;
