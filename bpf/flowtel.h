@@ -354,6 +354,23 @@ struct drop_flow_stats {
     __u8  pad[7];
 };
 
+/* The per-CPU "last drop" cache of flowtel_drop (bpf/kernel_events.c, drop_cache: one entry per
+ * drop flow buffer): a flood of one drop key (a full socket refusing datagram after datagram)
+ * adds to this CPU's entry, with no hash of the 64-byte key, no LRU touch and no atomics; the
+ * counts move into drop_flows_<buffer> when another key's drop arrives on the CPU, and a drain
+ * takes what is left (after the flip's grace, when nothing writes that buffer) and adds it to
+ * the drained drop flow of the same key. Fields after the key: drop_flow_stats's, in order. */
+struct drop_cache_entry {
+    struct drop_flow_key key;
+    __u64 packets;       /* not yet in the drop flow map */
+    __u64 bytes;
+    __u64 first_ns;      /* when this entry took the key */
+    __u64 last_ns;
+    __u8  tcp_flags;
+    __u8  pad2[7];
+};
+#define FLOWTEL_DROP_CACHE_ENTRY_SIZE 104
+
 /* Per-CPU budget of drop samples (one struct kernel_event of kind FLOWTEL_KEV_DROP per drop,
  * on top of the counting above, for the exact time and detail of individual drops): a token
  * bucket of credit in nanoseconds, refilled at one per nanosecond up to

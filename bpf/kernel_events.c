@@ -2,7 +2,8 @@
  *
  * Counts in the kernel (drops by reason and direction, drops per flow and connection events
  * (established, closed) per conn_flow_key in double-buffered maps drained like the tc flow
- * maps, retransmitted segments, resets, TCP sockets by state, the handshake RTT histogram)
+ * maps — drops through a per-CPU "last drop" cache in front of their maps, as tc_flow.c's
+ * last-flow cache —, retransmitted segments, resets, TCP sockets by state, the handshake RTT histogram)
  * and, for TCP events a record per occurrence is wanted for (retransmit, reset), writes one
  * struct kernel_event to the kernel_events ring buffer, waking the reader only every
  * FLOWTEL_WAKEUP_EVERY events (the reader takes them in batches). A full ring buffer is
@@ -140,6 +141,10 @@ BPF_PERCPU_ARRAY(drop_reasons, struct drop_stats, 2 * FLOWTEL_DROP_REASONS);
 BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_0, FLOWTEL_MAX_DROP_FLOWS);
 BPF_TABLE("lru_hash", struct drop_flow_key, struct drop_flow_stats, drop_flows_1, FLOWTEL_MAX_DROP_FLOWS);
 BPF_ARRAY(drop_active, __u32, 1);
+_Static_assert(sizeof(struct drop_flow_key) == 8 * sizeof(__u64), "drop_key_eq compares eight words");
+_Static_assert(sizeof(struct drop_cache_entry) == FLOWTEL_DROP_CACHE_ENTRY_SIZE, "struct drop_cache_entry");
+/* The "last drop" cache (flowtel.h, struct drop_cache_entry): index = the drop flow buffer. */
+BPF_PERCPU_ARRAY(drop_cache, struct drop_cache_entry, 2);
 #if FLOWTEL_DROP_SAMPLES
 BPF_PERCPU_ARRAY(drop_sample_budget, struct drop_sample_budget, 1);
 #endif
@@ -169,6 +174,19 @@ static __always_inline int echo_reply(const struct flowtel_packet *p)
         return p->protocol == IPPROTO_ICMP && p->icmp_type == 0;                /* ICMP_ECHOREPLY */
     return p->protocol == FLOWTEL_IPPROTO_ICMPV6 && p->icmp_type == 129;        /* ICMPV6_ECHO_REPLY */
 }
+
+/* The device of this CPU's last drop and what was read of it, valid for the tick it was read
+ * in (kernel-only, so not in flowtel.h). A net_device is freed only after RCU grace periods and
+ * its unregistration's waits, far longer than a tick, so within one tick the same address is
+ * the same device; a device moved to another namespace is attributed to its old one for the
+ * rest of that tick at most. Tracepoint programs do not nest on a CPU: no atomics. */
+struct drop_dev_memo {
+    __u64 dev;
+    __u64 jiffies;
+    __s32 ifindex;
+    __u32 netns;
+};
+BPF_PERCPU_ARRAY(drop_dev_memo, struct drop_dev_memo, 1);
 
 /* Members of the blocks read in one go (offsets from BTF, relative to the block's start). */
 #define SKB_MEMBER(dst, off) __builtin_memcpy((dst), sb + (off) - FLOWTEL_SKB_BLOCK_OFF, sizeof(*(dst)))
@@ -214,28 +232,68 @@ static __always_inline struct drop_flow_stats *drop_flow_lookup(__u32 slot, stru
     return st;
 }
 
+/* Moves a cache entry's counts into drop_flows_<slot> (creating the flow if it is not there).
+ * Locked adds: another CPU's cache may flush the same key at the same time. */
+static __always_inline void drop_flush(__u32 slot, struct drop_cache_entry *c)
+{
+    struct drop_flow_stats *st = drop_flow_lookup(slot, &c->key);
+    if (!st) {
+        struct drop_flow_stats init = {};
+        init.first_ns = c->first_ns;
+        /* insert is BPF_NOEXIST: of two CPUs racing to create a flow, one counts the creation. */
+        int rc = slot ? drop_flows_1.insert(&c->key, &init) : drop_flows_0.insert(&c->key, &init);
+        if (rc == 0)
+            count(FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 + slot, 1);
+        st = drop_flow_lookup(slot, &c->key);
+        if (!st) {
+            count(FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL, c->packets);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&st->packets, c->packets);
+    __sync_fetch_and_add(&st->bytes, c->bytes);
+    if (c->last_ns > st->last_ns)
+        st->last_ns = c->last_ns;
+    st->tcp_flags |= c->tcp_flags;  /* a racing OR may lose a bit; packets and bytes are exact */
+}
+
+/* Keys compared as eight 64-bit words (the key on the stack is 8-aligned: it holds a __u64). */
+static __always_inline int drop_key_eq(const struct drop_flow_key *a, const struct drop_flow_key *b)
+{
+    const __u64 *x = (const __u64 *)a;
+    const __u64 *y = (const __u64 *)b;
+    return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
+            (x[5] ^ y[5]) | (x[6] ^ y[6]) | (x[7] ^ y[7])) == 0;
+}
+
+/* One drop into this CPU's cache entry of the active buffer; a drop of another key than the
+ * entry's first moves the entry's counts to the map. A flood of one key (a full socket) so pays
+ * an array lookup, a compare and four plain stores per drop instead of a hash of the key, an LRU
+ * lookup and two locked adds on a line the CPUs share. The cache is per CPU and tracepoint
+ * programs do not nest on a CPU: plain adds. */
 static __always_inline void count_drop_flow(struct drop_flow_key *key, __u32 len, __u8 tcp_flags, __u64 now)
 {
     __u32 zero = 0;
     __u32 *active = drop_active.lookup(&zero);
     __u32 slot = (active && *active == 1) ? 1 : 0;
-    struct drop_flow_stats *st = drop_flow_lookup(slot, key);
-    if (!st) {
-        struct drop_flow_stats init = {};
-        init.first_ns = now;
-        int rc = slot ? drop_flows_1.insert(key, &init) : drop_flows_0.insert(key, &init);
-        if (rc == 0)
-            count(FLOWTEL_KEV_CNT_DROP_FLOWS_CREATED_0 + slot, 1);
-        st = drop_flow_lookup(slot, key);
-        if (!st) {
-            count(FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL, 1);
-            return;
-        }
+    struct drop_cache_entry *c = drop_cache.lookup(&slot);
+    if (!c) {  /* cannot happen (the index is in range), but never uncounted */
+        count(FLOWTEL_KEV_CNT_DROP_FLOW_UPDATE_FAIL, 1);
+        return;
     }
-    __sync_fetch_and_add(&st->packets, 1);
-    __sync_fetch_and_add(&st->bytes, len);
-    st->last_ns = now;
-    st->tcp_flags |= tcp_flags;  /* a racing OR may lose a bit; packets and bytes are exact */
+    if (!drop_key_eq(&c->key, key)) {
+        if (c->packets)
+            drop_flush(slot, c);
+        __builtin_memcpy(&c->key, key, sizeof(*key));
+        c->packets = 0;
+        c->bytes = 0;
+        c->tcp_flags = 0;
+        c->first_ns = now;
+    }
+    c->packets += 1;
+    c->bytes += len;
+    c->last_ns = now;
+    c->tcp_flags |= tcp_flags;
 }
 
 #if FLOWTEL_DROP_SAMPLES
@@ -332,15 +390,34 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     if ((int)reason == FLOWTEL_DROP_NO_SOCKET && echo_reply(&p))
         return 0;
     /* skb->dev shares a union with dev_scratch (UDP queues): a failed read leaves 0. The
-     * device's ifindex and namespace are read together too (one block of net_device). */
+     * device's ifindex and namespace are read together too (one block of net_device), and its
+     * namespace's inode with them; all three are kept for the rest of the tick (drop_dev_memo),
+     * so a flood's drops on one device skip both reads. */
     char *net = 0;
+    __u32 netns = 0;
     if (dev) {
-        char db[FLOWTEL_NETDEV_BLOCK_LEN];
-        if (bpf_probe_read_kernel(db, sizeof(db), dev + FLOWTEL_NETDEV_BLOCK_OFF) == 0) {
-            NETDEV_MEMBER(&ifindex, FLOWTEL_OFF_NETDEV_IFINDEX);
-            NETDEV_MEMBER(&net, FLOWTEL_OFF_NETDEV_NET);
+        __u32 zero = 0;
+        __u64 j = bpf_jiffies64();
+        struct drop_dev_memo *m = drop_dev_memo.lookup(&zero);
+        if (m && m->dev == (__u64)dev && m->jiffies == j) {
+            ifindex = m->ifindex;
+            netns = m->netns;
         } else {
-            dev = 0;
+            char db[FLOWTEL_NETDEV_BLOCK_LEN];
+            if (bpf_probe_read_kernel(db, sizeof(db), dev + FLOWTEL_NETDEV_BLOCK_OFF) == 0) {
+                NETDEV_MEMBER(&ifindex, FLOWTEL_OFF_NETDEV_IFINDEX);
+                NETDEV_MEMBER(&net, FLOWTEL_OFF_NETDEV_NET);
+                if ((FLOWTEL_DROP_FLOWS || FLOWTEL_DROP_SAMPLES) && net)
+                    bpf_probe_read_kernel(&netns, sizeof(netns), net + FLOWTEL_OFF_NET_INUM);
+                if (m) {
+                    m->dev = (__u64)dev;
+                    m->jiffies = j;
+                    m->ifindex = ifindex;
+                    m->netns = netns;
+                }
+            } else {
+                dev = 0;
+            }
         }
     }
     __u32 direction = (iif && (!ifindex || ifindex == iif)) ? FLOWTEL_DROP_INGRESS : FLOWTEL_DROP_EGRESS;
@@ -355,12 +432,14 @@ int flowtel_drop(struct flowtel_tp_kfree_skb *args)
     key.ifindex = ifindex;
     key.location = args->location;
     key.ethertype = args->protocol;
-    /* The namespace: of the device, or before the output path sets one (netfilter's
-     * OUTPUT hook), of the sending socket. */
-    if (!dev && sk)
+    /* The namespace: of the device (read above), or before the output path sets one
+     * (netfilter's OUTPUT hook), of the sending socket. */
+    key.netns = netns;
+    if (!dev && sk) {
         bpf_probe_read_kernel(&net, sizeof(net), sk + FLOWTEL_OFF_SOCK_NET);
-    if (net)
-        bpf_probe_read_kernel(&key.netns, sizeof(key.netns), net + FLOWTEL_OFF_NET_INUM);
+        if (net)
+            bpf_probe_read_kernel(&key.netns, sizeof(key.netns), net + FLOWTEL_OFF_NET_INUM);
+    }
     if (p.family) {
         key.family = p.family;
         key.protocol = p.protocol;

@@ -329,7 +329,8 @@ def test_connection_states_rtt_and_lifetime(bed: Testbed, events: tuple[KernelEv
 def test_lost_events_are_counted_exactly(bed: Testbed) -> None:
     # Its own source with the smallest drop flow maps and no drain before stop(): 300 distinct
     # drop flows into 64-entry maps. Each entry the kernel created is either drained into a
-    # record or counted as evicted (DROP_FLOW_MAP_FULL), exactly, once the programs are detached.
+    # record or counted as evicted (DROP_FLOW_MAP_FULL), exactly, once the programs are detached
+    # (besides a CPU's last key, which its cache may hold and no map ever did).
     sink = Collector()
     ke = KernelEvents(KernelEventsConfig(collection_interval=600, poll_interval=0.05, tcp={"enabled": False},
                                          drops={"max_flows": 64}), "test-node", Telemetry(), sink)
@@ -345,7 +346,9 @@ def test_lost_events_are_counted_exactly(bed: Testbed) -> None:
     assert {r.source for r in lost} == {"DROP_FLOW_MAP_FULL"}
     lost_total = sum(r.count for r in lost)
     assert lost_total >= 300 - 2 * 64  # at most the two maps' worth survive
-    assert len(records) + lost_total == created
+    # The last drop flow of each CPU may still be in its "last drop" cache (drop_cache) at stop,
+    # never inserted into a map: the final drain reports it from the cache, with no creation.
+    assert 0 <= len(records) + lost_total - created <= (os.cpu_count() or 1)
     ours = [r for r in records if r.dst_ip == b.ipv4 and 47100 <= r.dst_port < 47400]
     assert len(ours) < 300 and all(r.packets == 1 for r in ours)
 
