@@ -334,10 +334,12 @@ def _tc_runs(after: dict[int, ProgStats], before: dict[int, ProgStats]) -> dict[
 
 
 def floods(rounds: int, seconds: float, workloads: tuple[str, ...] = FLOOD_WORKLOADS,
-           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> list[FloodSample]:
+           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+           dns: dict[str, Any] | None = None) -> list[FloodSample]:
     """The datapath bench's real clients (``bench.datapath.Bed``: iperf3, dnsperf against
     dnsmasq) between its pods, with bpf_stats on, through empty tc programs and through
-    flowtel's in alternating order: ns/run of each program per flood, next to the floor."""
+    flowtel's in alternating order: ns/run of each program per flood, next to the floor.
+    ``dns``: settings of the receiver's ``dns`` section (e.g. table sizes), defaults otherwise."""
     from bcc import BPF  # type: ignore[import-untyped]  # Debian's python3-bpfcc, no stubs
 
     from bench.datapath import Bed
@@ -374,7 +376,8 @@ def floods(rounds: int, seconds: float, workloads: tuple[str, ...] = FLOOD_WORKL
                         floor_prog_ids = {_prog_id(fn.fd) for fn in floor_fns.values()}
                         receiver = EbpfReceiver(
                             CreateSettings("ebpf", "bench", Telemetry()),
-                            EbpfReceiverConfig(interfaces=[testbed.interface_glob], collection_interval=10.0),
+                            EbpfReceiverConfig.model_validate({"interfaces": [testbed.interface_glob],
+                                                               "collection_interval": 10.0, "dns": dns or {}}),
                             _Discard(),
                         )
                         receiver.start()
@@ -436,15 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="with --floods: alternating rounds")
     parser.add_argument("--seconds", type=float, default=5.0, help="with --floods: length of each flood")
     parser.add_argument("--workloads", default=",".join(FLOOD_WORKLOADS), help="with --floods")
+    parser.add_argument("--dns", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --floods: a setting of the receiver's dns section (repeatable), e.g. max_pending=4096")
     args = parser.parse_args(argv)
     json_path = args.json
     if os.geteuid() != 0:
         print("run as root: the bench loads eBPF programs and creates network namespaces", file=sys.stderr)
         return 2
     if args.floods:
-        samples = floods(args.rounds, args.seconds, tuple(args.workloads.split(",")))
+        dns_settings = {k: int(v) if v.isdigit() else v for k, v in (a.split("=", 1) for a in args.dns)}
+        samples = floods(args.rounds, args.seconds, tuple(args.workloads.split(",")), dns=dns_settings)
         print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-              f"{args.rounds} rounds of {args.seconds:g} s floods, medians; bpf_stats on:")
+              f"{args.rounds} rounds of {args.seconds:g} s floods, medians; bpf_stats on"
+              + (f"; dns {dns_settings}" if dns_settings else "") + ":")
         print(flood_report(samples))
         if json_path:
             with open(json_path, "w") as f:

@@ -19,15 +19,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Iterator
 
 import pytest
 
 from flowtel.component import Telemetry
 from flowtel.records import Flow, Verdict
 from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
-from receiver.ebpf.kernel_events.test_kernel_events import _FLOOD, _FULL_SOCKET, Collector, udp_mib
 from testbed import Testbed
+from tests.support.kernel_events import FLOOD, FULL_SOCKET, Collector, udp_mib
 
 pytestmark = pytest.mark.kernel
 
@@ -49,13 +48,6 @@ for _ in range(count):
 """
 
 
-@pytest.fixture
-def bed() -> Iterator[Testbed]:
-    Testbed.cleanup_stale()
-    with Testbed() as tb:
-        yield tb
-
-
 def test_drop_cache_counts_equal_the_kernel_counters_across_flips(bed: Testbed) -> None:
     sink = Collector()
     ke = KernelEvents(KernelEventsConfig(collection_interval=INTERVAL, poll_interval=0.05, tcp={"enabled": False}),
@@ -63,7 +55,7 @@ def test_drop_cache_counts_equal_the_kernel_counters_across_flips(bed: Testbed) 
     ke.start()
     try:
         a, b = bed.add_pod("dcache-a"), bed.add_pod("dcache-b")
-        server = b.popen([sys.executable, "-c", _FULL_SOCKET, str(FLOOD_PORT)], stdin=subprocess.PIPE,
+        server = b.popen([sys.executable, "-c", FULL_SOCKET, str(FLOOD_PORT)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
@@ -73,7 +65,7 @@ def test_drop_cache_counts_equal_the_kernel_counters_across_flips(bed: Testbed) 
             alternate = threading.Thread(target=lambda: a.exec(
                 [sys.executable, "-c", _ALTERNATE, b.ipv4, *map(str, CLOSED_PORTS), str(ALTERNATIONS)], timeout=120))
             alternate.start()
-            a.exec([sys.executable, "-c", _FLOOD, b.ipv4, str(FLOOD_PORT), "3"], timeout=60)
+            a.exec([sys.executable, "-c", FLOOD, b.ipv4, str(FLOOD_PORT), "3"], timeout=60)
             alternate.join(120)
             elapsed = time.monotonic() - t0
             after = udp_mib(b)
