@@ -133,9 +133,9 @@ class K8sAttributesProcessor(Processor):
                     append(record)  # metric points, lost-event records and non-IP frames have no ends to name
                 continue
             flow = record
-            (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port, kind,
+            (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port, event_kind,
              direction, is_reply, ethertype, ifindex, ifname, packets, nbytes, tcp_flags, flag_counts, drop_reason,
-             l7, latency_ns, source, destination, source_names, destination_names, extensions, _) = flow
+             l7, latency_ns, given_src, given_dst, source_names, destination_names, extensions, _) = flow
             when = time_ns * 1e-9 if time_ns > 0 else now
             hit = spans.get(src_ip)
             if hit is not None and hit[1] <= when <= hit[2]:
@@ -155,10 +155,10 @@ class K8sAttributesProcessor(Processor):
             # (Flow.with_endpoints inline: the fields unpacked above, one tuple built in place;
             # slices and ``*`` would build two slices and a list first).
             append(new(Flow, (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port,
-                              kind, direction, is_reply, ethertype, ifindex, ifname, packets, nbytes, tcp_flags,
-                              flag_counts, drop_reason, l7, latency_ns,
-                              src.shared if source is None else src.merged(source),
-                              dst.shared if destination is None else dst.merged(destination),
+                              event_kind, direction, is_reply, ethertype, ifindex, ifname, packets, nbytes,
+                              tcp_flags, flag_counts, drop_reason, l7, latency_ns,
+                              src.shared if given_src is None else src.merged(given_src),
+                              dst.shared if given_dst is None else dst.merged(given_dst),
                               source_names, destination_names, extensions, memo())))
         telemetry = self.settings.telemetry
         for kind, n in Counter(kinds).items():

@@ -947,9 +947,9 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
     for r, form in zip(records, made):
         if form is not None:  # made above, so not a parsed record's (a line another consumer made meanwhile is these bytes)
             try:
-                line = form.line = fill(r, form.serial, form.time, True)
+                line = form.line = fill(r, form.serial, form.time, True)  # type: ignore[arg-type]  # forms are made for flows only (the loop above)
             except orjson.JSONEncodeError:
-                line = _form_line(r, form)
+                line = _form_line(r, form)  # type: ignore[arg-type]  # as above
             append(line)
         elif r.__class__ is Flow:
             form = r[-1].form

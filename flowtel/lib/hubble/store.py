@@ -21,8 +21,9 @@ import operator
 import threading
 import time
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Final, Iterable, Sequence
 
 from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.api.observer import observer_pb2
@@ -55,31 +56,29 @@ def _in_window(t: int, q: Query) -> bool:
     return (q.since_ns is None or t >= q.since_ns) and (q.until_ns is None or t <= q.until_ns)
 
 
-class _Entry:
-    """One ring slot: the arrival's time, what arrived, and its message once built."""
-
-    __slots__ = ("t", "item", "resp")
-
-    def __init__(self, t: int, item: Any, resp: GetFlowsResponse | None) -> None:
-        self.t = t
-        self.item = item
-        self.resp = resp
+# One ring slot: (the arrival's wall-clock ns, what arrived, its message when it arrived as
+# one). A plain tuple: a batch's slots are made by C calls (zip), not a constructor per flow.
+_Entry = tuple[int, Any, "GetFlowsResponse | None"]
+_T: Final = 0
+_ITEM: Final = 1
+_RESP: Final = 2
 
 
 Convert = Callable[[Any], GetFlowsResponse]
 
 
 def _message(e: _Entry, convert: Convert | None) -> GetFlowsResponse:
-    if e.resp is not None:
-        return e.resp
+    resp = e[_RESP]
+    if resp is not None:
+        return resp
     assert convert is not None
     # Not kept here: the record keeps its own wire form (convert's memo), so a later read
     # is a cheap copy and the ring does not hold every message twice.
-    return convert(e.item)
+    return convert(e[_ITEM])
 
 
 def _wanted(e: _Entry, q: Query, convert: Convert | None) -> bool:
-    if not _in_window(e.t, q):
+    if not _in_window(e[_T], q):
         return False
     return q.filters.empty or q.filters.matches(_message(e, convert))
 
@@ -168,8 +167,8 @@ class FlowStore:
             # Without a follower only the ring's last ``capacity`` entries can outlive this call:
             # an interval of 10⁴–10⁵ flows would make (and at once drop) an entry for each.
             kept = items if self._followers or len(items) <= self.capacity else items[-self.capacity:]
-            time_of, converted = self._time_of, self._convert is None
-            batch = [_Entry(time_of(r), r, r if converted else None) for r in kept]
+            times = map(self._time_of, kept)
+            batch: list[_Entry] = list(zip(times, kept, kept if self._convert is None else repeat(None)))
             self._ring.extend(batch)
             self._seen += len(items)
             for follower in self._followers:
@@ -186,7 +185,7 @@ class FlowStore:
             # thousands of flows names a few hundred (keyed by id: their own hash walks every
             # field; the batch holds them, so the ids are theirs meanwhile). The common batch,
             # all flows, is read by C calls (map, zip) rather than a loop per record.
-            if all(r.__class__ is Flow for r in items):
+            if {*map(type, items)} == _FLOWS_ONLY:
                 sources = list(map(_source_of, items))
                 destinations = list(map(_destination_of, items))
                 ends: dict[int, Any] = dict(zip(map(id, sources), sources))
@@ -285,6 +284,7 @@ class FlowStore:
             follower.close()
 
 
+_FLOWS_ONLY = {Flow}
 _source_of = operator.itemgetter(FLOW_FIELDS.index("source"))
 _destination_of = operator.itemgetter(FLOW_FIELDS.index("destination"))
 
