@@ -386,10 +386,17 @@ def packet_flow(time_ns: int, node_name: str, ip_version: int, src_ip: str, dst_
     """A forwarded ``PACKET`` record (what a drain of the kernel's flow maps gives, tens of
     thousands per interval): the same record as ``Flow(...)`` with these keywords, built
     positionally, which costs a third of the keyword call."""
-    return tuple.__new__(Flow, (time_ns, node_name, Verdict.FORWARDED, ip_version, src_ip, dst_ip, protocol,
-                                src_port, dst_port, EventKind.PACKET, traffic_direction, is_reply, ethertype,
-                                ifindex, ifname, packets, bytes, tcp_flags, tcp_flag_counts, *_PACKET_TAIL,
-                                WireMemo()))
+    # The tail spelled out (what _PACKET_TAIL holds): one tuple built in place, where
+    # ``*_PACKET_TAIL`` builds a list first and converts it.
+    return _tuple_new(Flow, (time_ns, node_name, _FORWARDED, ip_version, src_ip, dst_ip, protocol,
+                             src_port, dst_port, _PACKET, traffic_direction, is_reply, ethertype,
+                             ifindex, ifname, packets, bytes, tcp_flags, tcp_flag_counts,
+                             "", None, 0, None, None, (), (), NO_EXTENSIONS, WireMemo()))
+
+
+_tuple_new = tuple.__new__
+_FORWARDED, _PACKET = Verdict.FORWARDED, EventKind.PACKET
+assert _PACKET_TAIL == ("", None, 0, None, None, (), (), NO_EXTENSIONS)
 
 
 _flag_counts: dict[tuple[int, int, int, int], TcpFlagCounts] = {}

@@ -3,6 +3,7 @@ Hubble's Observer and Peer gRPC services."""
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 from typing import TYPE_CHECKING
@@ -35,8 +36,8 @@ def _version() -> str:
         return "flowtel"
 
 
-def _time_ns(record: Record) -> int:
-    return record.time_ns
+# A record's wall-clock ns, read by a C call per record (every record type has time_ns).
+_time_ns = operator.attrgetter("time_ns")
 
 
 class HubbleExtension(Extension):

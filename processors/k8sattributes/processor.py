@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flowtel.component import CreateSettings, Processor, Status
-from flowtel.records import FLOW_FIELDS, Flow, Record, WireMemo, flow_fields
+from flowtel.records import FLOW_FIELDS, Flow, Record, WireMemo
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.extract import Extractor, Rule
 from processors.k8sattributes.metadata import EndpointView, MetadataSource, ViewBuilder
@@ -133,7 +133,9 @@ class K8sAttributesProcessor(Processor):
                     append(record)  # metric points, lost-event records and non-IP frames have no ends to name
                 continue
             flow = record
-            time_ns, src_ip, dst_ip, source, destination = _ends(flow)
+            (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port, event_kind,
+             direction, is_reply, ethertype, ifindex, ifname, packets, nbytes, tcp_flags, flag_counts, drop_reason,
+             l7, latency_ns, given_src, given_dst, source_names, destination_names, extensions, _) = flow
             when = time_ns * 1e-9 if time_ns > 0 else now
             hit = spans.get(src_ip)
             if hit is not None and hit[1] <= when <= hit[2]:
@@ -150,10 +152,14 @@ class K8sAttributesProcessor(Processor):
             note(src.kind)
             note(dst.kind)
             # Records are shared with other pipelines: a new record, with the cached endpoints
-            # (Flow.with_endpoints inline: one tuple build).
-            append(new(Flow, (*flow[:_SOURCE], src.shared if source is None else src.merged(source),
-                              dst.shared if destination is None else dst.merged(destination),
-                              *flow[_AFTER_ENDS:-1], memo())))
+            # (Flow.with_endpoints inline: the fields unpacked above, one tuple built in place;
+            # slices and ``*`` would build two slices and a list first).
+            append(new(Flow, (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port,
+                              event_kind, direction, is_reply, ethertype, ifindex, ifname, packets, nbytes,
+                              tcp_flags, flag_counts, drop_reason, l7, latency_ns,
+                              src.shared if given_src is None else src.merged(given_src),
+                              dst.shared if given_dst is None else dst.merged(given_dst),
+                              source_names, destination_names, extensions, memo())))
         telemetry = self.settings.telemetry
         for kind, n in Counter(kinds).items():
             telemetry.add(self.settings.id, f"resolved_{kind}", n)
@@ -170,7 +176,9 @@ class K8sAttributesProcessor(Processor):
                                    dst.shared if flow.destination is None else dst.merged(flow.destination))
 
 
-_ends = flow_fields("time_ns", "src_ip", "dst_ip", "source", "destination")
-_SOURCE = FLOW_FIELDS.index("source")
-_AFTER_ENDS = _SOURCE + 2
-assert FLOW_FIELDS[_SOURCE + 1] == "destination"
+# process unpacks a record by position: the field order it spells out.
+assert FLOW_FIELDS == (
+    "time_ns", "node_name", "verdict", "ip_version", "src_ip", "dst_ip", "protocol", "src_port", "dst_port", "kind",
+    "traffic_direction", "is_reply", "ethertype", "ifindex", "ifname", "packets", "bytes", "tcp_flags",
+    "tcp_flag_counts", "drop_reason", "l7", "latency_ns", "source", "destination", "source_names",
+    "destination_names", "extensions"), "Flow's fields changed: update K8sAttributesProcessor.process"

@@ -13,7 +13,7 @@ from typing import Any
 
 from flowtel.component import Consumer, CreateSettings, Receiver, consumer_wants, wait_consumed
 from flowtel.errors import StartError
-from flowtel.records import Flow, LostEvents, Record, packet_flow, tcp_flag_counts
+from flowtel.records import Flow, LostEvents, Record, TcpFlagCounts, packet_flow, tcp_flag_counts
 import bpf as bpf_sources
 from flowtel.lib.bpf.tcattach import Interface, Program, TcAttachManager
 from receiver.ebpf.config import EbpfReceiverConfig
@@ -253,20 +253,23 @@ class EbpfReceiver(Receiver):
         assert self._attach is not None
         node = self.settings.node_name
         offset = _monotonic_to_wall_offset()
-        # (interface name, direction) per (ifindex, hook): asked of the attach manager once per batch.
-        where: dict[tuple[int, int], tuple[str, Any]] = {}
+        # (interface name, direction) per (ifindex, hook), keyed ifindex * 2 + hook (an int
+        # hashes in C without a tuple built): asked of the attach manager once per batch.
+        where: dict[int, tuple[str, Any]] = {}
         interface = self._attach.interface
         is_reply = self._replies.is_reply
         texts: dict[bytes, str] = {}
+        # Shared per value (records.tcp_flag_counts), looked up here without its call per flow.
+        flag_counts: dict[tuple[int, int, int, int], TcpFlagCounts] = {}
         out: list[Flow | LostEvents] = []
         append = out.append
         for r in raws:
-            ifindex = r.ifindex
-            at = where.get((ifindex, r.hook))
+            ifindex, hook = r.ifindex, r.hook
+            at = where.get(ifindex * 2 + hook)
             if at is None:
                 iface = interface(ifindex)
-                at = where[(ifindex, r.hook)] = (iface.name if iface is not None else "",
-                                                  traffic_direction(iface, r.hook))
+                at = where[ifindex * 2 + hook] = (iface.name if iface is not None else "",
+                                                  traffic_direction(iface, hook))
             family, protocol = r.family, r.protocol
             if family == 4:
                 # Addresses recur (a node's pods, their peers): formatted once per batch.
@@ -281,11 +284,18 @@ class EbpfReceiver(Receiver):
                 src, dst = _ip6(r.saddr), _ip6(r.daddr)
             else:
                 src = dst = ""
+            syn, synack = r.syn, r.synack
+            if protocol == 6:
+                key = (syn, synack, r.fin, r.rst)
+                counts = flag_counts.get(key)
+                if counts is None:
+                    counts = flag_counts[key] = tcp_flag_counts(*key)
+            else:
+                counts = None
             append(packet_flow(
                 r.last_ns + offset, node, family, src, dst, protocol, r.sport, r.dport, at[1],
-                is_reply(protocol, src, r.sport, dst, r.dport, r.syn, r.synack) if family else None,
-                r.ethertype, ifindex, at[0], r.packets, r.bytes, r.tcp_flags,
-                tcp_flag_counts(r.syn, r.synack, r.fin, r.rst) if protocol == 6 else None,
+                is_reply(protocol, src, r.sport, dst, r.dport, syn, synack) if family else None,
+                r.ethertype, ifindex, at[0], r.packets, r.bytes, r.tcp_flags, counts,
             ))
         return out
 

@@ -4,6 +4,7 @@ Cilium ``DropReason`` name the flow carries on the wire (``POLICY_DENIED``, …;
 ``networkobservability_drop_count`` and in the flow's ``extensions``."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, flow_protocol, is_packet_flow
@@ -30,9 +31,7 @@ class DropHandler(Handler):
         # Summed per (context, reason, protocol) first: a flood of drops is one update per series.
         groups: dict[tuple[object, ...], list[Any]] = {}
         values = self.ctx.values  # per dropped flow only (memoized per endpoint pair)
-        for flow, n in zip(batch.flows, batch.events):
-            if flow.verdict != Verdict.DROPPED:
-                continue
+        for flow, n in batch.select(map(_DROPPED_EQ, map(_verdict, batch.flows))):
             context = values(flow)
             key = (id(context), flow.drop_reason, flow.protocol, flow.kind._value_, flow.l7 is None)
             group = groups.get(key)
@@ -42,6 +41,11 @@ class DropHandler(Handler):
                 group[2] += n
         for context, flow, n in groups.values():
             emit(NAME, (*context, cilium_drop_reason(flow.drop_reason), flow_protocol(flow)), n)
+
+
+# C calls over a batch (Batch.select): a verdict is a StrEnum, so its __eq__ is str's.
+_verdict = operator.attrgetter("verdict")
+_DROPPED_EQ = Verdict.DROPPED.__eq__
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

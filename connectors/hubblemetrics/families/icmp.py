@@ -1,6 +1,7 @@
 """``icmp``: hubble_icmp_total {family, type}; ``type`` is the ICMP type's name where known."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from connectors.hubblemetrics.handler import Batch, Emit, Handler, MetricInfo, flow_events, is_packet_flow
@@ -38,12 +39,9 @@ class IcmpHandler(Handler):
         # Summed per (context, family, type) first; most records are not ICMP and cost a compare.
         groups: dict[tuple[int, int, int], list[Any]] = {}
         values = self.ctx.values  # per ICMP flow only (memoized per endpoint pair)
-        for flow, n in zip(batch.flows, batch.events):
-            protocol = flow.protocol
-            if protocol != IPPROTO_ICMP and protocol != IPPROTO_ICMPV6:
-                continue
+        for flow, n in batch.select(map(_IS_ICMP, map(_protocol, batch.flows))):
             context = values(flow)
-            key = (id(context), protocol, flow.src_port)
+            key = (id(context), flow.protocol, flow.src_port)
             group = groups.get(key)
             if group is None:
                 groups[key] = [context, flow, n]
@@ -55,6 +53,11 @@ class IcmpHandler(Handler):
             else:
                 family, name = "IPv6", ICMPV6_TYPES.get(flow.src_port, str(flow.src_port))
             emit(NAME, (*context, family, name), n)
+
+
+# C calls over a batch (Batch.select): most records are not ICMP.
+_protocol = operator.attrgetter("protocol")
+_IS_ICMP = frozenset({IPPROTO_ICMP, IPPROTO_ICMPV6}).__contains__
 
 
 def create(options: dict[str, str], ctx: ContextOptions) -> Handler:

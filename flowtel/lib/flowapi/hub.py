@@ -9,6 +9,7 @@ the ``/map`` endpoint draws.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 from flowtel.component import Telemetry
@@ -40,7 +41,7 @@ class FlowHub:
         self.graph = graph
         self.store = FlowStore(node_name=node_name, capacity=buffer_size, follower_capacity=client_buffer_size,
                                max_followers=max_followers, convert=convert.to_response,
-                               time_of=lambda r: r.time_ns)
+                               time_of=operator.attrgetter("time_ns"))
         self._telemetry = telemetry
         telemetry.register_gauge(owner, "ring_size", lambda: self.store.stats()["num_flows"])
         telemetry.register_gauge(owner, "followers", lambda: self.store.stats()["followers"])

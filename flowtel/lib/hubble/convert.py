@@ -773,18 +773,23 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
         iface = _interface_texts.get((ifindex, ifname))
         if iface is None:
             iface = _interface_text(ifindex, ifname)
-        if src is not None and dst is not None and sport and dport and has_counts and counts is not None:
-            # The common shape (a TCP flow between named ends) as one tuple, not a list grown
-            # value by value.
+        if src is not None and dst is not None and sport and dport and has_counts:
+            # The common shapes (a TCP flow with its flag counts, a UDP one without, between
+            # named ends) as one tuple, not a list grown value by value.
             memo = src.json_memo
             stext = memo._text if memo is not None and memo._text is not None else _endpoint_form(src).text()
             memo = dst.json_memo
             dtext = memo._text if memo is not None and memo._text is not None else _endpoint_form(dst).text()
+            if counts is not None:
+                if line:
+                    return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets,
+                                       nbytes, counts.syn, counts.syn_ack, counts.fin, counts.rst, time_text)
+                return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
+                                   counts.syn, counts.syn_ack, counts.fin, counts.rst)
             if line:
                 return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
-                                   counts.syn, counts.syn_ack, counts.fin, counts.rst, time_text)
-            return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
-                               counts.syn, counts.syn_ack, counts.fin, counts.rst)
+                                   time_text)
+            return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes)
         args: list[Any] = [time_text, serial, sip, dip]
         if sport:
             args.append(sport)
@@ -913,8 +918,13 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
     distinct second."""
     fresh = _fresh_form
     prefix_sec, prefix = -1, ""
+    # Per record, the form made here (None: it had one, or is not a flow): the second loop
+    # fills those without asking the record again.
+    made: list[WireForm | None] = []
+    note = made.append
     with _memo_lock:  # one acquisition: every form made here is the one each consumer sees
         for r in records:
+            form = None
             if r.__class__ is Flow:
                 memo = r[-1]  # wire_memo: the last field
                 if memo.form is None:
@@ -929,23 +939,22 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
                         text = "%s.%03dZ" % (prefix, nanos // 1_000_000)
                     else:
                         text = "%s.%06dZ" % (prefix, nanos // 1_000)
-                    memo.form = fresh(next(_uuid_counter) & 0xFFFFFFFFFFFF, text)
+                    memo.form = form = fresh(next(_uuid_counter) & 0xFFFFFFFFFFFF, text)
+            note(form)
     out: list[bytes] = []
     append = out.append
     fill = _flow_text
-    for r in records:
-        if r.__class__ is Flow:
+    for r, form in zip(records, made):
+        if form is not None:  # made above, so not a parsed record's (a line another consumer made meanwhile is these bytes)
+            try:
+                line = form.line = fill(r, form.serial, form.time, True)  # type: ignore[arg-type]  # forms are made for flows only (the loop above)
+            except orjson.JSONEncodeError:
+                line = _form_line(r, form)  # type: ignore[arg-type]  # as above
+            append(line)
+        elif r.__class__ is Flow:
             form = r[-1].form
             line = form.line
-            if line is None:
-                if form.text_bytes is None and not form.given:  # _form_line's common case inline
-                    try:
-                        line = form.line = fill(r, form.serial, form.time, True)
-                    except orjson.JSONEncodeError:
-                        line = _form_line(r, form)
-                else:
-                    line = _form_line(r, form)
-            append(line)
+            append(line if line is not None else _form_line(r, form))
         else:
             append(envelope_line_bytes(r))
     return out

@@ -17,16 +17,18 @@ them, and a ``number`` larger than the ring is the whole ring. Filters are
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Final, Iterable, Sequence
 
 from flowtel.lib.hubble.api.flow import flow_pb2
 from flowtel.lib.hubble.api.observer import observer_pb2
 from flowtel.lib.hubble.filters import Filters
-from flowtel.records import Flow
+from flowtel.records import FLOW_FIELDS, Flow
 
 GetFlowsResponse = observer_pb2.GetFlowsResponse
 NAMESPACE_TTL_NS = 3600 * 10**9  # Hubble forgets a namespace not seen in flows for an hour
@@ -54,31 +56,29 @@ def _in_window(t: int, q: Query) -> bool:
     return (q.since_ns is None or t >= q.since_ns) and (q.until_ns is None or t <= q.until_ns)
 
 
-class _Entry:
-    """One ring slot: the arrival's time, what arrived, and its message once built."""
-
-    __slots__ = ("t", "item", "resp")
-
-    def __init__(self, t: int, item: Any, resp: GetFlowsResponse | None) -> None:
-        self.t = t
-        self.item = item
-        self.resp = resp
+# One ring slot: (the arrival's wall-clock ns, what arrived, its message when it arrived as
+# one). A plain tuple: a batch's slots are made by C calls (zip), not a constructor per flow.
+_Entry = tuple[int, Any, "GetFlowsResponse | None"]
+_T: Final = 0
+_ITEM: Final = 1
+_RESP: Final = 2
 
 
 Convert = Callable[[Any], GetFlowsResponse]
 
 
 def _message(e: _Entry, convert: Convert | None) -> GetFlowsResponse:
-    if e.resp is not None:
-        return e.resp
+    resp = e[_RESP]
+    if resp is not None:
+        return resp
     assert convert is not None
     # Not kept here: the record keeps its own wire form (convert's memo), so a later read
     # is a cheap copy and the ring does not hold every message twice.
-    return convert(e.item)
+    return convert(e[_ITEM])
 
 
 def _wanted(e: _Entry, q: Query, convert: Convert | None) -> bool:
-    if not _in_window(e.t, q):
+    if not _in_window(e[_T], q):
         return False
     return q.filters.empty or q.filters.matches(_message(e, convert))
 
@@ -155,9 +155,8 @@ class FlowStore:
 
     def add(self, items: Iterable[Any]) -> int:
         """Add flows (and lost-events notices); returns how many follower slots were lost."""
-        time_of, converted = self._time_of, self._convert is None
-        batch = [_Entry(time_of(r), r, r if converted else None) for r in items]
-        if not batch:
+        items = items if isinstance(items, list) else list(items)
+        if not items:
             return 0
         lost = 0
         now_s = int(time.monotonic())
@@ -165,32 +164,38 @@ class FlowStore:
         # Ring append and follower hand-off under one lock, so a follower registering
         # concurrently gets each flow exactly once: in its history or in its stream.
         with self._lock:
+            # Without a follower only the ring's last ``capacity`` entries can outlive this call:
+            # an interval of 10⁴–10⁵ flows would make (and at once drop) an entry for each.
+            kept = items if self._followers or len(items) <= self.capacity else items[-self.capacity:]
+            times = map(self._time_of, kept)
+            batch: list[_Entry] = list(zip(times, kept, kept if self._convert is None else repeat(None)))
             self._ring.extend(batch)
-            self._seen += len(batch)
+            self._seen += len(items)
             for follower in self._followers:
                 lost += follower.offer(batch)
             self._lost_to_followers += lost
             if self._rate and self._rate[-1][0] == now_s:
-                self._rate[-1] = (now_s, self._rate[-1][1] + len(batch))
+                self._rate[-1] = (now_s, self._rate[-1][1] + len(items))
             else:
-                self._rate.append((now_s, len(batch)))
+                self._rate.append((now_s, len(items)))
             while self._rate and self._rate[0][0] < now_s - 60:
                 self._rate.popleft()
-            # Once per distinct endpoint of the batch: enrichment shares one object per pod, so a
-            # batch of thousands of flows names a few hundred (keyed by id: their own hash
-            # walks every field; the batch holds them, so the ids are theirs meanwhile).
-            ends: dict[int, Any] = {}
-            for e in batch:
-                item = e.item
-                if item.__class__ is Flow:  # the common case inline
-                    src, dst = item.source, item.destination
-                    if src is not None:
-                        ends[id(src)] = src
-                    if dst is not None:
-                        ends[id(dst)] = dst
-                    continue
-                for ep in _endpoints(item):
-                    ends[id(ep)] = ep
+            # Once per distinct endpoint of the batch, of every flow (those the ring does not
+            # keep were seen too): enrichment shares one object per pod, so a batch of
+            # thousands of flows names a few hundred (keyed by id: their own hash walks every
+            # field; the batch holds them, so the ids are theirs meanwhile). The common batch,
+            # all flows, is read by C calls (map, zip) rather than a loop per record.
+            if {*map(type, items)} == _FLOWS_ONLY:
+                sources = list(map(_source_of, items))
+                destinations = list(map(_destination_of, items))
+                ends: dict[int, Any] = dict(zip(map(id, sources), sources))
+                ends.update(zip(map(id, destinations), destinations))
+                ends.pop(id(None), None)
+            else:
+                ends = {}
+                for item in items:
+                    for ep in _endpoints(item):
+                        ends[id(ep)] = ep
             namespaces = self._namespaces
             for ep in ends.values():
                 if ep.namespace:
@@ -277,6 +282,11 @@ class FlowStore:
             followers, self._followers = self._followers, []
         for follower in followers:
             follower.close()
+
+
+_FLOWS_ONLY = {Flow}
+_source_of = operator.itemgetter(FLOW_FIELDS.index("source"))
+_destination_of = operator.itemgetter(FLOW_FIELDS.index("destination"))
 
 
 def _endpoints(item: Any) -> tuple[Any, ...]:
