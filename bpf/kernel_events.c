@@ -48,6 +48,7 @@
 #include <uapi/asm-generic/errno.h>
 #include "flowtel.h"
 #include "packet.h"
+#include "tick_clock.h"
 
 #define FLOWTEL_AF_INET6 10
 
@@ -63,30 +64,14 @@ BPF_PERCPU_ARRAY(tcp_states, __s64, FLOWTEL_TCP_STATE_SLOTS);
 BPF_ARRAY(tcp_conns, struct tcp_conn_set, FLOWTEL_CONN_SETS);
 BPF_PERCPU_ARRAY(kev_unannounced, __u32, 1);  /* events submitted since this CPU woke the reader */
 
-/* The clock of one CPU at tick resolution, for the first/last times of drop and connection
- * flows where no exact interval is computed from them (as tc_flow.c's flow clock: kernel-only,
- * so not in flowtel.h). bpf_jiffies64() is a load the verifier inlines; the clock helper (~20 ns
- * here, a kvm-clock read) runs on a CPU's first such event of a jiffy. A time can lag by up to
- * two ticks. Tracepoint programs do not nest on a CPU (the kernel skips a program attached to a
- * tracepoint while another runs there), so the per-CPU entry needs no atomics. */
-struct kev_clock {
-    __u64 jiffies;
-    __u64 ns;
-};
-BPF_PERCPU_ARRAY(kev_clock, struct kev_clock, 1);
+/* The first/last times of drop and connection flows, where no exact interval is computed from
+ * them: the tick clock (bpf/tick_clock.h) in an entry of this program's own, apart from tc's. */
+BPF_PERCPU_ARRAY(kev_clock, struct flowtel_tick_clock, 1);
 
 static __always_inline __u64 kev_flow_time(void)
 {
     __u32 zero = 0;
-    __u64 j = bpf_jiffies64();
-    struct kev_clock *c = kev_clock.lookup(&zero);
-    if (!c)
-        return bpf_ktime_get_ns();
-    if (c->jiffies != j || !c->ns) {
-        c->ns = bpf_ktime_get_ns();
-        c->jiffies = j;
-    }
-    return c->ns;
+    return flowtel_tick_time(kev_clock.lookup(&zero), 0);
 }
 
 static __always_inline void count(__u32 idx, __u64 n)
