@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="with --floods: alternating rounds")
     parser.add_argument("--seconds", type=float, default=5.0, help="with --floods: length of each flood")
     parser.add_argument("--workloads", default=",".join(FLOOD_WORKLOADS), help="with --floods")
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="kernel_events tcp.max_connections (default: the shipped default), to show "
+                             "what the table's size does to flowtel_state")
     args = parser.parse_args(argv)
     json_path = args.json
     if os.geteuid() != 0:
@@ -476,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
             telemetry = Telemetry()
             receiver = EbpfReceiver(
                 CreateSettings("ebpf", "bench", telemetry),
-                EbpfReceiverConfig(interfaces=[bed.interface_glob], collection_interval=1.0),
+                EbpfReceiverConfig(interfaces=[bed.interface_glob], collection_interval=1.0,
+                                   **({"kernel_events": {"tcp": {"max_connections": args.max_connections}}}
+                                      if args.max_connections else {})),
                 _Discard(),
             )
             receiver.start()
