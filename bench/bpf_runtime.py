@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(FLOOD_WORKLOADS), help="with --floods")
     parser.add_argument("--dns", action="append", default=[], metavar="KEY=VALUE",
                         help="with --floods: a setting of the receiver's dns section (repeatable), e.g. max_pending=4096")
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="kernel_events tcp.max_connections (default: the shipped default), to show "
+                             "what the table's size does to flowtel_state")
     args = parser.parse_args(argv)
     json_path = args.json
     if os.geteuid() != 0:
@@ -483,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             telemetry = Telemetry()
             receiver = EbpfReceiver(
                 CreateSettings("ebpf", "bench", telemetry),
-                EbpfReceiverConfig(interfaces=[bed.interface_glob], collection_interval=1.0),
+                EbpfReceiverConfig(interfaces=[bed.interface_glob], collection_interval=1.0,
+                                   **({"kernel_events": {"tcp": {"max_connections": args.max_connections}}}
+                                      if args.max_connections else {})),
                 _Discard(),
             )
             receiver.start()

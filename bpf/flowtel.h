@@ -420,36 +420,52 @@ struct kernel_event {
     __u8  pad[3];
 };
 
-/* tcp_conn.role and conn_flow_key.role: which end of the connection the local socket is. */
+/* tcp_conn_set.info (FLOWTEL_CONN_ROLE_MASK) and conn_flow_key.role: which end of the connection the local socket is. */
 #define FLOWTEL_TCP_ROLE_UNKNOWN 0  /* first seen after its handshake (older than the programs) */
 #define FLOWTEL_TCP_ROLE_CLIENT  1  /* active open: SYN_SENT -> ESTABLISHED */
 #define FLOWTEL_TCP_ROLE_SERVER  2  /* passive open: SYN_RECV -> ESTABLISHED */
 
-/* A TCP socket seen changing state since the programs were attached: one slot of the tcp_conns
- * array, a set-associative table (a socket lives in one of the FLOWTEL_CONN_WAYS slots of the set
- * a hash of its address picks, one array element; sk 0 marks a free slot, claimed with
- * compare-and-swap). An array rather than a hash map because its lookups are inlined and a slot
- * needs no lock or allocation: a hash map's insert and delete cost ~320 ns per socket on this
- * machine kind, measured. A set per element: one lookup per state change gives every way.
- * The tuple is written when the socket is first seen and again when it is established (a
- * client's port is bound after SYN_SENT, a passive child's ends are set after SYN_RECV). */
-#define FLOWTEL_CONN_WAYS 8
-struct tcp_conn {
-    __u64 sk;            /* the socket's kernel address; 0: a free slot */
-    __u64 start_ns;      /* first state change seen */
-    __u64 syn_sent_ns;   /* when it entered SYN_SENT (client side), else 0 */
+/* TCP sockets seen changing state since the programs were attached: the tcp_conns array, a
+ * set-associative table (a socket lives in one of the FLOWTEL_CONN_WAYS ways of the set a hash of
+ * its address picks, one array element; sk 0 marks a free way, claimed with compare-and-swap).
+ * An array rather than a hash map because its lookups are inlined and a way needs no lock or
+ * allocation: a hash map's insert and delete cost ~320 ns per socket on this machine kind,
+ * measured. One lookup per state change gives every way of the set.
+ *
+ * A set is two cache lines, and holds only what a state change reads or writes: line 0 the
+ * ways' addresses (the search) and states (all a mid-life change touches: FIN_WAIT*, CLOSE_WAIT,
+ * LAST_ACK, CLOSING), line 1 their start times and role bits (births, ESTABLISHED, CLOSE). The
+ * array is mmapable only so that the kernel allocates its values page-aligned (user space does
+ * not map it): a plain array's values follow struct bpf_array's header (312 bytes on 6.18, so
+ * they start 56 bytes into a line), and every set would straddle three. Ways of 64 bytes with
+ * the tuple in them (before) made the search touch up to eight lines of a 16 MB table; the set's first line was flowtel_state's largest single
+ * cost. */
+#define FLOWTEL_CONN_WAYS 7
+#define FLOWTEL_CONN_ROLE_MASK 0x03  /* info: FLOWTEL_TCP_ROLE_* */
+#define FLOWTEL_CONN_BORN_SEEN 0x04  /* info: its first state change was its birth (lifetimes are whole) */
+#define FLOWTEL_CONN_SYN_SENT  0x08  /* info: it entered SYN_SENT at start_ns (the handshake RTT's start) */
+struct tcp_conn_set {
+    __u64 sk[FLOWTEL_CONN_WAYS];        /* the sockets' kernel addresses; 0: a free way */
+    __u8  state[FLOWTEL_CONN_WAYS];     /* current TCP state */
+    __u8  pad0;
+    __u64 start_ns[FLOWTEL_CONN_WAYS];  /* bpf_ktime_get_ns of its birth or first sight (0 for a
+                                         * listener: its start is never reported) */
+    __u8  info[FLOWTEL_CONN_WAYS];      /* FLOWTEL_CONN_ROLE_MASK | _BORN_SEEN | _SYN_SENT */
+    __u8  pad1;
+};
+
+/* Each way's ends, for inspection only (KernelEvents.tcp_connections): the tcp_conn_tuples
+ * array, indexed by set * FLOWTEL_CONN_WAYS + way, written and never read by the program (a
+ * store to a cold line does not stall it as a load does). Written when the socket is first seen
+ * and again when it is established (a client's port is bound after SYN_SENT, a passive child's
+ * ends are set after SYN_RECV); the connection flow keys come from the tracepoint itself. */
+struct tcp_conn_tuple {
     __u8  saddr[16];
     __u8  daddr[16];
     __u16 sport;
     __u16 dport;
     __u8  family;        /* 4 or 6 */
-    __u8  state;         /* current TCP state */
-    __u8  born_seen;     /* 1 if its first state change was its birth (so lifetimes are whole) */
-    __u8  role;          /* FLOWTEL_TCP_ROLE_* */
-};
-
-struct tcp_conn_set {
-    struct tcp_conn way[FLOWTEL_CONN_WAYS];  /* 64 bytes each: a way is one cache line */
+    __u8  pad[3];
 };
 
 /* Connection events (established, closed) aggregated in the kernel per interval, drained from

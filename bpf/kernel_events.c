@@ -32,7 +32,7 @@
  *   costs that much (drops.events_per_second; 0 compiles the path out);
  * - FLOWTEL_TCP_EVENTS (0/1): emit retransmit and reset events besides counting;
  * - FLOWTEL_TCP_CONN_EVENTS (0/1): count connection events per conn_flow_key;
- * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_CONN_SLOTS (a power of two),
+ * - FLOWTEL_RINGBUF_PAGES, FLOWTEL_WAKEUP_EVERY, FLOWTEL_CONN_SETS (sets of FLOWTEL_CONN_WAYS),
  *   FLOWTEL_MAX_DROP_FLOWS, FLOWTEL_MAX_CONN_FLOWS: sizes;
  * - FLOWTEL_RTT_BUCKET(ns): an expression, the handshake RTT histogram bucket of ns;
  * - FLOWTEL_DROP_REASON_MIN: the first reason that is a drop (SKB_NOT_DROPPED_YET and
@@ -49,6 +49,7 @@
 #include <uapi/asm-generic/errno.h>
 #include "flowtel.h"
 #include "packet.h"
+#include "tick_clock.h"
 
 #define FLOWTEL_AF_INET6 10
 
@@ -59,35 +60,21 @@ BPF_ARRAY(kernel_event_layout, struct kernel_event, 1);
 BPF_PERCPU_ARRAY(kev_counters, __u64, FLOWTEL_KEV_CNT_MAX);
 /* Signed: a socket can leave a state on another CPU than the one it entered it on. */
 BPF_PERCPU_ARRAY(tcp_states, __s64, FLOWTEL_TCP_STATE_SLOTS);
-/* FLOWTEL_CONN_SLOTS: a power of two; sets of FLOWTEL_CONN_WAYS slots. */
-#define FLOWTEL_CONN_SETS (FLOWTEL_CONN_SLOTS > FLOWTEL_CONN_WAYS ? FLOWTEL_CONN_SLOTS / FLOWTEL_CONN_WAYS : 1)
-BPF_ARRAY(tcp_conns, struct tcp_conn_set, FLOWTEL_CONN_SETS);
+/* Sets of FLOWTEL_CONN_WAYS sockets (flowtel.h): mmapable for page-aligned values, so that a set
+ * is two whole cache lines. The ways' tuples apart, written only (inspection). */
+_Static_assert(sizeof(struct tcp_conn_set) == 128, "struct tcp_conn_set: two cache lines");
+BPF_F_TABLE("array", int, struct tcp_conn_set, tcp_conns, FLOWTEL_CONN_SETS, BPF_F_MMAPABLE);
+BPF_ARRAY(tcp_conn_tuples, struct tcp_conn_tuple, FLOWTEL_CONN_SETS * FLOWTEL_CONN_WAYS);
 BPF_PERCPU_ARRAY(kev_unannounced, __u32, 1);  /* events submitted since this CPU woke the reader */
 
-/* The clock of one CPU at tick resolution, for the first/last times of drop and connection
- * flows where no exact interval is computed from them (as tc_flow.c's flow clock: kernel-only,
- * so not in flowtel.h). bpf_jiffies64() is a load the verifier inlines; the clock helper (~20 ns
- * here, a kvm-clock read) runs on a CPU's first such event of a jiffy. A time can lag by up to
- * two ticks. Tracepoint programs do not nest on a CPU (the kernel skips a program attached to a
- * tracepoint while another runs there), so the per-CPU entry needs no atomics. */
-struct kev_clock {
-    __u64 jiffies;
-    __u64 ns;
-};
-BPF_PERCPU_ARRAY(kev_clock, struct kev_clock, 1);
+/* The first/last times of drop and connection flows, where no exact interval is computed from
+ * them: the tick clock (bpf/tick_clock.h) in an entry of this program's own, apart from tc's. */
+BPF_PERCPU_ARRAY(kev_clock, struct flowtel_tick_clock, 1);
 
 static __always_inline __u64 kev_flow_time(void)
 {
     __u32 zero = 0;
-    __u64 j = bpf_jiffies64();
-    struct kev_clock *c = kev_clock.lookup(&zero);
-    if (!c)
-        return bpf_ktime_get_ns();
-    if (c->jiffies != j || !c->ns) {
-        c->ns = bpf_ktime_get_ns();
-        c->jiffies = j;
-    }
-    return c->ns;
+    return flowtel_tick_time(kev_clock.lookup(&zero), 0);
 }
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -586,93 +573,109 @@ static __always_inline __u8 role_of(__u32 oldstate, __u8 known)
     return known;
 }
 
-/* The socket's set of FLOWTEL_CONN_WAYS slots: the high bits of a multiplicative hash (socket
- * addresses are slab objects, alike in their low bits). One array lookup gives all its ways. */
-static __always_inline struct tcp_conn_set *conn_set(__u64 sk)
+/* The socket's set: a multiplicative hash of its address (slab objects, alike in their low bits),
+ * whose high 32 bits are mapped onto [0, FLOWTEL_CONN_SETS) by a multiply and shift, so the number
+ * of sets need not be a power of two. One array lookup gives all its ways. */
+static __always_inline struct tcp_conn_set *conn_set(__u64 sk, __u32 *idx)
 {
-    __u32 idx = (__u32)((sk * 0x9E3779B97F4A7C15ULL) >> 32) & (FLOWTEL_CONN_SETS - 1);
-    return tcp_conns.lookup(&idx);
+    __u64 h = (sk * 0x9E3779B97F4A7C15ULL) >> 32;
+    *idx = (__u32)((h * FLOWTEL_CONN_SETS) >> 32);
+    return tcp_conns.lookup(idx);
 }
 
-/* A free way of the set claimed for the socket (sk set), or 0 if all are taken. Another CPU may
+/* A free way of the set claimed for the socket (sk set), or -1 if all are taken. Another CPU may
  * claim the same free way at the same time: compare-and-swap gives it to one of them. */
-static __always_inline struct tcp_conn *conn_claim(struct tcp_conn_set *set, __u64 sk)
+static __always_inline int conn_claim(struct tcp_conn_set *set, __u64 sk)
 {
 #pragma unroll
-    for (__u32 w = 0; w < FLOWTEL_CONN_WAYS; w++) {
-        struct tcp_conn *c = &set->way[w];
-        if (c->sk == 0 && __sync_val_compare_and_swap(&c->sk, 0, sk) == 0)
-            return c;
+    for (int w = 0; w < FLOWTEL_CONN_WAYS; w++) {
+        if (set->sk[w] == 0 && __sync_val_compare_and_swap(&set->sk[w], 0, sk) == 0)
+            return w;
     }
-    return 0;
+    return -1;
 }
 
-/* The socket's way, or 0 if it is not tracked. Every way is looked at (a free way does not end
- * the search: ways are freed in any order). */
-static __always_inline struct tcp_conn *conn_find(struct tcp_conn_set *set, __u64 sk)
+/* The socket's way, or -1 if it is not tracked. Every way is looked at (a free way does not end
+ * the search: ways are freed in any order); all addresses are in the set's first line. */
+static __always_inline int conn_find(struct tcp_conn_set *set, __u64 sk)
 {
 #pragma unroll
-    for (__u32 w = 0; w < FLOWTEL_CONN_WAYS; w++) {
-        if (set->way[w].sk == sk)
-            return &set->way[w];
+    for (int w = 0; w < FLOWTEL_CONN_WAYS; w++) {
+        if (set->sk[w] == sk)
+            return w;
     }
-    return 0;
+    return -1;
 }
 
-/* Fills a claimed slot (sk already set) for a socket first seen entering ``state``. */
-static __always_inline void conn_init(struct tcp_conn *c, struct flowtel_tp_inet_sock_set_state *args,
-                                      __u64 now, __u8 state, __u8 born_seen, __u8 role)
+/* Writes the way's tuple (inspection only: the program never reads it back). */
+static __always_inline void conn_tuple(__u32 idx, int w, struct flowtel_tp_inet_sock_set_state *args)
 {
-    c->start_ns = now;
-    c->syn_sent_ns = state == FLOWTEL_TCPS_SYN_SENT ? now : 0;
-    COPY_TUPLE(c, args);
-    c->state = state;
-    c->born_seen = born_seen;
-    c->role = role;
+    __u32 slot = idx * FLOWTEL_CONN_WAYS + w;
+    struct tcp_conn_tuple *t = tcp_conn_tuples.lookup(&slot);
+    if (t)
+        COPY_TUPLE(t, args);
+}
+
+/* Fills a claimed way (sk already set) for a socket first seen entering ``state``. */
+static __always_inline void conn_init(struct tcp_conn_set *set, __u32 idx, int w,
+                                      struct flowtel_tp_inet_sock_set_state *args, __u64 now, __u8 state,
+                                      __u8 info)
+{
+    set->state[w] = state;
+    set->start_ns[w] = now;
+    set->info[w] = info;
+    conn_tuple(idx, w, args);
 }
 
 /* Tracks TCP sockets from their first state change: counts by state (the tcp_state gauge),
  * handshake RTT (SYN_SENT -> ESTABLISHED on the same socket) and lifetime, and counts
  * ESTABLISHED and CLOSED per conn_flow_key. Runs on every state change of every TCP socket on
  * the node (about ten per short connection, five per end), so each transition does only what
- * it must: one array lookup finds the socket's set, a birth claims a way without searching, a
- * transition in mid-life reads no clock and writes only the state, and only ESTABLISHED and
- * CLOSE touch the tuple and the connection flow map (one call site, not inlined three times:
- * a smaller program is fewer instruction-cache misses, on a path that runs between the TCP
- * stack's own work). */
+ * it must: one array lookup finds the socket's set, whose first cache line has every way's
+ * address and state; a transition in mid-life reads no clock and touches only that line; births,
+ * ESTABLISHED and CLOSE also touch the second (start time, role), write the tuple to a line the
+ * program never reads, and only ESTABLISHED and CLOSE touch the connection flow map (one call
+ * site, not inlined three times: a smaller program is fewer instruction-cache misses, on a path
+ * that runs between the TCP stack's own work). */
 int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
 {
     if (args->protocol != IPPROTO_TCP)
         return 0;
     __u64 sk = args->skaddr;
     __u32 oldstate = args->oldstate, newstate = args->newstate;
-    struct tcp_conn_set *set = conn_set(sk);
+    __u32 idx;
+    struct tcp_conn_set *set = conn_set(sk, &idx);
     if (!set)
-        return 0;  /* cannot happen (the index is masked): the verifier wants the check */
+        return 0;  /* cannot happen (the index is reduced into range): the verifier wants the check */
     __u64 now;
 
     /* A birth (connect, listen, or a listener's new child, cloned from the listener's state):
-     * its socket cannot be in the table, whose slots are freed at CLOSE, so no search. */
-    if ((oldstate == FLOWTEL_TCPS_CLOSE ||
+     * its socket cannot be in the table, whose ways are freed at CLOSE, so no search for it as a
+     * live socket. SYN_SENT is entered only from CLOSE; should a tracked socket enter it another
+     * way, it starts anew here too (its handshake is timed from then). */
+    if ((oldstate == FLOWTEL_TCPS_CLOSE || newstate == FLOWTEL_TCPS_SYN_SENT ||
          (oldstate == FLOWTEL_TCPS_LISTEN && newstate == FLOWTEL_TCPS_SYN_RECV)) &&
         newstate != FLOWTEL_TCPS_CLOSE && newstate != FLOWTEL_TCPS_ESTABLISHED) {
-        /* A slot that still holds this address is stale (its socket was freed without a CLOSE
+        /* A way that still holds this address is stale (its socket was freed without a CLOSE
          * this program saw): take it over rather than claim a second one, or the socket's later
-         * transitions would find the stale slot first and leave the new one stale for ever. */
-        struct tcp_conn *c = conn_find(set, sk);
-        if (c)
-            state_add(c->state, -1);
+         * transitions would find the stale way first and leave the new one stale for ever. */
+        int w = conn_find(set, sk);
+        if (w >= 0)
+            state_add(set->state[w], -1);
         else
-            c = conn_claim(set, sk);
-        if (!c) {
+            w = conn_claim(set, sk);
+        if (w < 0) {
             count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
             return 0;
         }
         /* A listener's start is never reported (its close is no connection): no clock read. */
         now = newstate == FLOWTEL_TCPS_LISTEN ? 0 : bpf_ktime_get_ns();
-        conn_init(c, args, now, newstate, 1,
-                  newstate == FLOWTEL_TCPS_SYN_SENT ? FLOWTEL_TCP_ROLE_CLIENT
-                  : newstate == FLOWTEL_TCPS_SYN_RECV ? FLOWTEL_TCP_ROLE_SERVER : FLOWTEL_TCP_ROLE_UNKNOWN);
+        __u8 info = FLOWTEL_CONN_BORN_SEEN;
+        if (newstate == FLOWTEL_TCPS_SYN_SENT)
+            info |= FLOWTEL_CONN_SYN_SENT | FLOWTEL_TCP_ROLE_CLIENT;
+        else if (newstate == FLOWTEL_TCPS_SYN_RECV)
+            info |= FLOWTEL_TCP_ROLE_SERVER;
+        conn_init(set, idx, w, args, now, newstate, info);
         state_add(newstate, 1);
         return 0;
     }
@@ -681,56 +684,53 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
     __u16 port;
     __u64 value = 0;
     int has_value = 0;
-    struct tcp_conn *c = conn_find(set, sk);
-    if (!c) {
+    int w = conn_find(set, sk);
+    if (w < 0) {
         if (newstate == FLOWTEL_TCPS_CLOSE)
             return 0;  /* a socket that existed before flowtel, now gone */
-        /* First sight of a socket older than the programs. */
-        c = conn_claim(set, sk);
-        if (!c) {
+        /* First sight of a socket older than the programs: no birth, no SYN_SENT seen. */
+        w = conn_claim(set, sk);
+        if (w < 0) {
             count(FLOWTEL_KEV_CNT_CONN_TABLE_FULL, 1);
             return 0;
         }
         now = bpf_ktime_get_ns();
         __u8 role = newstate == FLOWTEL_TCPS_ESTABLISHED ? role_of(oldstate, FLOWTEL_TCP_ROLE_UNKNOWN)
                                                          : FLOWTEL_TCP_ROLE_UNKNOWN;
-        conn_init(c, args, now, newstate, 0, role);
-        c->syn_sent_ns = 0;  /* its SYN_SENT, if any, was not seen */
+        conn_init(set, idx, w, args, now, newstate, role);
         state_add(newstate, 1);
         if (!FLOWTEL_TCP_CONN_EVENTS || newstate != FLOWTEL_TCPS_ESTABLISHED)
             return 0;
         conn_key(&key, args, role, FLOWTEL_KEV_TCP_ESTABLISHED, newstate, &port);
     } else if (newstate == FLOWTEL_TCPS_CLOSE) {
-        __u8 left = c->state;
+        __u8 left = set->state[w];
         state_add(left, -1);
         if (!FLOWTEL_TCP_CONN_EVENTS || left == FLOWTEL_TCPS_LISTEN) {
-            c->sk = 0;  /* frees the slot */
+            set->sk[w] = 0;  /* frees the way */
             return 0;
         }
+        __u8 info = set->info[w];
         now = bpf_ktime_get_ns();
-        conn_key(&key, args, c->role, FLOWTEL_KEV_TCP_CLOSED, left, &port);
-        value = now - c->start_ns;
-        has_value = c->born_seen;
-        c->sk = 0;  /* frees the slot: everything of it was read */
+        conn_key(&key, args, info & FLOWTEL_CONN_ROLE_MASK, FLOWTEL_KEV_TCP_CLOSED, left, &port);
+        value = now - set->start_ns[w];
+        has_value = (info & FLOWTEL_CONN_BORN_SEEN) != 0;
+        set->sk[w] = 0;  /* frees the way: everything of it was read */
     } else {
-        state_add(c->state, -1);
-        c->state = newstate;
+        state_add(set->state[w], -1);
+        set->state[w] = newstate;
         state_add(newstate, 1);
-        if (newstate == FLOWTEL_TCPS_SYN_SENT) {
-            c->syn_sent_ns = bpf_ktime_get_ns();
-            c->role = FLOWTEL_TCP_ROLE_CLIENT;
-        }
         if (newstate != FLOWTEL_TCPS_ESTABLISHED)
             return 0;  /* FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING: only the gauge changes */
         /* The exact clock only for a handshake RTT; otherwise (a server's end) the time is the
          * connection flow's first/last only, and the tick clock serves. */
-        int rtt = oldstate == FLOWTEL_TCPS_SYN_SENT && c->syn_sent_ns;
+        __u8 info = set->info[w];
+        int rtt = oldstate == FLOWTEL_TCPS_SYN_SENT && (info & FLOWTEL_CONN_SYN_SENT);
         now = rtt ? bpf_ktime_get_ns() : kev_flow_time();
-        COPY_TUPLE(c, args);  /* both ends are final now */
-        __u8 role = role_of(oldstate, c->role);
-        c->role = role;
+        conn_tuple(idx, w, args);  /* both ends are final now */
+        __u8 role = role_of(oldstate, info & FLOWTEL_CONN_ROLE_MASK);
+        set->info[w] = (info & ~FLOWTEL_CONN_ROLE_MASK) | role;
         if (rtt) {
-            value = now - c->syn_sent_ns;
+            value = now - set->start_ns[w];
             has_value = value != 0;
             count(FLOWTEL_KEV_CNT_RTT_SUM_NS, value);
             count(FLOWTEL_KEV_CNT_RTT_COUNT, 1);

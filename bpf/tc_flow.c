@@ -24,7 +24,7 @@
  *
  * Flow times need no better than a tick: on kernels that have it (5.11+, FLOWTEL_COARSE_NS=1)
  * they come from the coarse clock, measured here at ~20-40 ns less per packet than the precise
- * one; and even that clock is read once per tick and CPU, not per packet (flow_clock below):
+ * one; and even that clock is read once per tick and CPU, not per packet (bpf/tick_clock.h):
  * the helper call still cost ~18 ns of the program's ~75 in the tight loop. DNS timestamps
  * (latency) always use the precise clock, read in dns_observe only for DNS packets.
  *
@@ -44,37 +44,16 @@
 #define FLOWTEL_PARSE_LOAD flowtel_tc_load
 #include "packet.h"
 
-#if FLOWTEL_COARSE_NS
-#define flowtel_clock() bpf_ktime_get_coarse_ns()  /* CLOCK_MONOTONIC_COARSE: same clock, tick resolution */
-#else
-#define flowtel_clock() bpf_ktime_get_ns()
-#endif
+#include "tick_clock.h"
 
-/* The flow clock of one CPU: the time read during the current jiffy. Kernel-only (user space
- * never reads it), so it is not in flowtel.h. */
-struct flow_clock {
-    __u64 jiffies;
-    __u64 ns;
-};
-BPF_PERCPU_ARRAY(flow_clock, struct flow_clock, 1);
+/* Flow times: this program's own tick clock entry (bpf/tick_clock.h), on the coarse clock where
+ * the kernel has it. */
+BPF_PERCPU_ARRAY(flow_clock, struct flowtel_tick_clock, 1);
 
-/* CLOCK_MONOTONIC at tick resolution, for flow times. bpf_jiffies64() is a load of jiffies_64
- * (the verifier inlines it); the clock helper runs only on this CPU's first packet of a jiffy.
- * A flow's time can then lag by up to two ticks instead of one (a read between the jiffies
- * increment and the timekeeping update keeps the older value for that tick). tc programs do
- * not nest on a CPU, so the per-CPU entry needs no atomics. */
 static __always_inline __u64 flowtel_flow_time(void)
 {
     __u32 zero = 0;
-    __u64 j = bpf_jiffies64();
-    struct flow_clock *c = flow_clock.lookup(&zero);
-    if (!c)
-        return flowtel_clock();
-    if (c->jiffies != j || !c->ns) {
-        c->ns = flowtel_clock();
-        c->jiffies = j;
-    }
-    return c->ns;
+    return flowtel_tick_time(flow_clock.lookup(&zero), FLOWTEL_COARSE_NS);
 }
 
 /* The cache-line layout of the flow maps' elements (flowtel.h, struct flow_stats) holds for

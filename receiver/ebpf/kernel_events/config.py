@@ -69,9 +69,12 @@ class TcpConfig(ComponentConfig):
     # kernel map evicts and that is counted (lost events, source TCP_CONNECTION_FLOW_MAP_FULL).
     max_connection_flows: int = Field(16_384, ge=64, le=1_048_576)
     # Sockets tracked at once for the tcp_state gauge, RTT and lifetime (the kernel's table has
-    # this many slots, rounded up to a power of two); a socket that finds none of its 8 slots
-    # free is not tracked and that is counted (lost events, source TCP_CONNECTION_TABLE_FULL).
-    max_connections: int = Field(262_144, ge=1024, le=4_194_304)
+    # this many slots, in sets of 7, rounded up to a whole set); a socket that finds none of its
+    # set's 7 slots free is not tracked and that is counted (lost events, source
+    # TCP_CONNECTION_TABLE_FULL). Sized for a node's live sockets (listening and connected; not
+    # TIME_WAIT, which the table does not hold), with room: a smaller table is warmer in the
+    # cache, and each state change reads it (docs/performance.md, issue 17 point 3, fourth round).
+    max_connections: int = Field(65_536, ge=1024, le=4_194_304)
 
 
 class KernelEventsConfig(ComponentConfig):

@@ -63,6 +63,7 @@ CNT_CONN_FLOWS_CREATED = (HEADER.KEV_CNT_CONN_FLOWS_CREATED_0, HEADER.KEV_CNT_CO
 CNT_CONN_FLOW_UPDATE_FAIL = HEADER.KEV_CNT_CONN_FLOW_UPDATE_FAIL
 CNT_MAX = HEADER.KEV_CNT_MAX
 ROLE_CLIENT = HEADER.TCP_ROLE_CLIENT
+CONN_BORN_SEEN = HEADER.CONN_BORN_SEEN  # struct tcp_conn_set.info
 ROLE_SERVER = HEADER.TCP_ROLE_SERVER
 # extensions.tcp_role of a connection record, by FLOWTEL_TCP_ROLE_* (unknown: no entry).
 ROLE_NAMES = {ROLE_CLIENT: "client", ROLE_SERVER: "server"}
@@ -387,19 +388,20 @@ class EventDecoder:
         )
 
 
-def connection(names: Names, conn: ctypes.Structure) -> TcpConnection:
-    """A :class:`TcpConnection` from one ``struct tcp_conn`` (bcc's ctypes value)."""
-    version, src = _address(conn.family, bytes(conn.saddr))
-    _, dst = _address(conn.family, bytes(conn.daddr))
+def connection(names: Names, conn_set: ctypes.Structure, way: int, ends: ctypes.Structure) -> TcpConnection:
+    """A :class:`TcpConnection` from way ``way`` of one ``struct tcp_conn_set`` and its
+    ``struct tcp_conn_tuple`` (bcc's ctypes values)."""
+    version, src = _address(ends.family, bytes(ends.saddr))
+    _, dst = _address(ends.family, bytes(ends.daddr))
     return TcpConnection(
         ip_version=version,
         src_ip=src,
-        src_port=conn.sport,
+        src_port=ends.sport,
         dst_ip=dst,
-        dst_port=conn.dport,
-        state=names.tcp_state(conn.state),
-        start_ns=conn.start_ns,
-        born_seen=bool(conn.born_seen),
+        dst_port=ends.dport,
+        state=names.tcp_state(conn_set.state[way]),
+        start_ns=conn_set.start_ns[way],
+        born_seen=bool(conn_set.info[way] & CONN_BORN_SEEN),
     )
 
 

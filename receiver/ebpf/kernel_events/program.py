@@ -203,10 +203,10 @@ def rtt_bucket_expression(bounds: tuple[float, ...] = TCP_HANDSHAKE_RTT_BOUNDS) 
     return "(" + " + ".join(f"((ns) > {round(b * 1e9)}ULL)" for b in bounds) + ")"
 
 
-def conn_slots(max_connections: int) -> int:
-    """Slots of the tcp_conns table: the power of two at or above ``max_connections`` (the
-    program masks a hash of the socket address into its sets of FLOWTEL_CONN_WAYS slots)."""
-    return 1 << max(0, max_connections - 1).bit_length()
+def conn_sets(max_connections: int) -> int:
+    """Sets of the tcp_conns table: enough sets of FLOWTEL_CONN_WAYS ways for ``max_connections``
+    sockets (the program maps a hash of the socket address onto any number of sets)."""
+    return -(-max_connections // HEADER.CONN_WAYS)
 
 
 def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tuple[str, list[str]]:
@@ -235,7 +235,7 @@ def build(facts: KernelFacts, config: KernelEventsConfig, *, events: bool) -> tu
                                    if events and config.tcp.connection_events else 1),
         "FLOWTEL_RINGBUF_PAGES": max(1, config.ring_buffer_kb * 1024 // PAGE_SIZE),
         "FLOWTEL_WAKEUP_EVERY": wakeup_every(config.ring_buffer_kb * 1024, os.cpu_count() or 1),
-        "FLOWTEL_CONN_SLOTS": conn_slots(config.tcp.max_connections),
+        "FLOWTEL_CONN_SETS": conn_sets(config.tcp.max_connections),
         "FLOWTEL_DROP_REASON_MIN": facts.drop_reason_min,
         "FLOWTEL_DROP_IGNORED(r)": ignored_reasons_expression(facts.drop_reasons, config.drops.ignore_reasons),
         "FLOWTEL_DROP_NO_SOCKET": (-1 if config.drops.report_unclaimed_echo_replies

@@ -249,13 +249,21 @@ class KernelEvents:
         """Sockets the kernel tracks now (those the tcp_state gauge counts)."""
         if self._bpf is None or not self.config.tcp.enabled:
             return []
-        table = self._bpf["tcp_conns"]
-        n = table.max_entries
-        keys, values = (table.Key * n)(), (table.Leaf * n)()
-        got = read_batch(table.get_fd(), keys, ctypes.sizeof(table.Key), values, ctypes.sizeof(table.Leaf), n,
+        sets, tuples = self._bpf["tcp_conns"], self._bpf["tcp_conn_tuples"]
+        n = sets.max_entries
+        keys, values = (sets.Key * n)(), (sets.Leaf * n)()
+        got = read_batch(sets.get_fd(), keys, ctypes.sizeof(sets.Key), values, ctypes.sizeof(sets.Leaf), n,
                          delete=False, name="tcp_conns")
-        # Each value is a set of ways (struct tcp_conn_set); sk 0: a free way.
-        return [decode.connection(self._names, c) for v in values[:got] for c in v.way if c.sk]
+        m = tuples.max_entries
+        tkeys, ends = (tuples.Key * m)(), (tuples.Leaf * m)()
+        read_batch(tuples.get_fd(), tkeys, ctypes.sizeof(tuples.Key), ends, ctypes.sizeof(tuples.Leaf), m,
+                   delete=False, name="tcp_conn_tuples")
+        # Each value is a set of ways (struct tcp_conn_set), in index order from 0 (one batch of
+        # an array); sk 0: a free way. Its ends are at set * ways + way of tcp_conn_tuples, read a
+        # moment later: a socket that changed state meanwhile may show its new ends (inspection).
+        ways = len(values[0].sk) if got else 0
+        return [decode.connection(self._names, v, w, ends[i * ways + w])
+                for i, v in enumerate(values[:got]) for w in range(ways) if v.sk[w]]
 
     # -- the thread's work -----------------------------------------------------------------------
 
