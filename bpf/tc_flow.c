@@ -46,6 +46,10 @@
 
 #include "tick_clock.h"
 
+#ifndef FLOWTEL_COARSE_NS
+#define FLOWTEL_COARSE_NS 0  /* a loader that does not say: the precise clock, which every kernel has */
+#endif
+
 /* Flow times: this program's own tick clock entry (bpf/tick_clock.h), on the coarse clock where
  * the kernel has it. */
 BPF_PERCPU_ARRAY(flow_clock, struct flowtel_tick_clock, 1);
