@@ -24,7 +24,7 @@ from typing import Any, Callable
 from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.constants import HEADER
 from flowtel.lib.bpf.doublebuffer import DoubleBuffer
-from flowtel.lib.bpf.layout import struct_for
+from flowtel.lib.bpf.lastkey import LastKeyCache
 
 CNT_FLOWS_CREATED = (HEADER.CNT_FLOWS_CREATED_0, HEADER.CNT_FLOWS_CREATED_1)
 CNT_FLOW_UPDATE_FAIL = HEADER.CNT_FLOW_UPDATE_FAIL
@@ -83,78 +83,16 @@ def _add(into: RawFlow, more: RawFlow) -> None:
     into.rst += more.rst
 
 
-class FlowCache:
-    """The per-CPU "last flow" cache of ``tc_flow.c``: ``flow_cache``, two halves of
-    ``FLOW_CACHE_WAYS`` entries, one per flow buffer. Read and reset only while its buffer is
-    not active (after a flip's grace): the program writes the active half only."""
-
-    def __init__(self, bpf: Any) -> None:
-        from bcc.utils import get_possible_cpus
-
-        self._table = bpf["flow_cache"]
-        self.ways = HEADER.FLOW_CACHE_WAYS
-        if self._table.max_entries != 2 * self.ways:
-            raise RuntimeError(f"flow_cache has {self._table.max_entries} entries, expected {2 * self.ways}")
-        leaf = self._table.Leaf  # of a per-CPU map: an array of the struct, one per CPU
-        self._entry = getattr(leaf, "_type_", leaf)
-        self._struct, names = struct_for(self._entry)
-        self._fields = [i for i, n in enumerate(names) if not n.startswith("pad")]
-        got = [names[i] for i in self._fields]
-        if got != list(RawFlow.__slots__):
-            raise RuntimeError(f"bpf/flowtel.h struct flow_cache_entry {got} does not match {list(RawFlow.__slots__)}")
-        self._cpus = len(get_possible_cpus())
-        self._esz = (ctypes.sizeof(self._entry) + 7) // 8 * 8  # a per-CPU value is 8-aligned
-        self._vsz = self._esz * self._cpus
-        n = 2 * self.ways
-        self._keys = (ctypes.c_uint32 * n)()
-        self._values = ctypes.create_string_buffer(self._vsz * n)
-        self._zero = ctypes.create_string_buffer(self._vsz)
-
-    def take(self, slot: int) -> dict[FlowKey, RawFlow]:
-        """The counts the cache of buffer ``slot`` holds, by flow key, and that half zeroed."""
-        from bcc.libbcc import lib
-
-        n = 2 * self.ways
-        got = read_batch(self._table.get_fd(), self._keys, 4, self._values, self._vsz, n, delete=False,
-                         name="flow_cache")
-        if got != n:
-            raise OSError(f"flow_cache: read {got} of {n} entries")
-        raw = self._values.raw
-        out: dict[FlowKey, RawFlow] = {}
-        fd = self._table.get_fd()
-        for way in range(slot * self.ways, (slot + 1) * self.ways):
-            base = way * self._vsz
-            if raw[base: base + self._vsz].count(0) == self._vsz:
-                continue  # never used since it was last zeroed
-            for cpu in range(self._cpus):
-                items = self._struct.unpack_from(raw, base + cpu * self._esz)
-                flow = RawFlow(*[items[i] for i in self._fields])
-                if not flow.packets:
-                    continue
-                key = _key(flow)
-                have = out.get(key)
-                if have is None:
-                    out[key] = flow
-                else:
-                    _add(have, flow)
-            index = ctypes.c_uint32(way)
-            # The whole entry, key included: a stale key would let the next packet of that flow
-            # hit an entry whose first_ns is an old interval's.
-            if lib.bpf_update_elem(fd, ctypes.byref(index), self._zero, 0) != 0:
-                raise OSError(f"flow_cache: zeroing entry {way} failed")
-        return out
-
-
 class FlowMaps:
     """The double-buffered flow maps and the counters of one loaded ``tc_flow.c``."""
 
     def __init__(self, bpf: Any) -> None:
         self._counters = bpf["counters"]
-        self._cache = FlowCache(bpf)
-        self._pending: dict[FlowKey, RawFlow] = {}
+        # struct flow_cache_entry (flowtel.h): a flow key's fields, then flow_stats's, as RawFlow's.
+        cache = LastKeyCache(bpf, "flow_cache", HEADER.FLOW_CACHE_WAYS, RawFlow, RawFlow.__slots__, _key, _add)
         self._buffer: DoubleBuffer[RawFlow] = DoubleBuffer(
             bpf, "flows", "flow_active", RawFlow, RawFlow.__slots__,
-            self._counter, CNT_FLOWS_CREATED, quiet=self._take_cache)
+            self._counter, CNT_FLOWS_CREATED, cache=cache)
         self.max_entries = self._buffer.max_entries
         self._evicted_total = 0
         self._seen = {CNT_FLOW_UPDATE_FAIL: 0, CNT_IFACE_UPDATE_FAIL: 0}
@@ -169,28 +107,6 @@ class FlowMaps:
         self._seen[index] = value
         return delta
 
-    def _take_cache(self, slot: int) -> None:
-        """DoubleBuffer's quiet hook: buffer ``slot``'s cache counts, kept for :meth:`_merge`."""
-        for key, flow in self._cache.take(slot).items():
-            have = self._pending.get(key)
-            if have is None:
-                self._pending[key] = flow
-            else:
-                _add(have, flow)
-
-    def _merge(self, flows: list[RawFlow]) -> None:
-        """Adds the cache's counts to the drained flows of the same key (removing them from the
-        pending ones: what is left are flows only the cache holds)."""
-        pending = self._pending
-        if not pending:
-            return
-        for f in flows:
-            more = pending.pop(_key(f), None)
-            if more is not None:
-                _add(f, more)
-                if not pending:
-                    return  # at most ways x CPUs keys: most of a large drain needs no lookup
-
     def drain(self, *, writers_stopped: bool = False, sink: Callable[[list[RawFlow]], None] | None = None,
               chunk: int = 8192) -> DrainResult:
         """Report and clear everything counted since the last drain.
@@ -200,24 +116,12 @@ class FlowMaps:
         (:meth:`DoubleBuffer.drain_chunks`) and the result's ``flows`` is empty.
         """
         with self._lock:
-            self._pending = {}
             if sink is None:
                 drained = self._buffer.drain(writers_stopped=writers_stopped)
                 flows, evicted = drained.entries, drained.evicted
-                self._merge(flows)
-                flows.extend(self._pending.values())
             else:
                 flows = []
-
-                def merged(chunk_flows: list[RawFlow]) -> None:
-                    self._merge(chunk_flows)
-                    sink(chunk_flows)
-
-                evicted = self._buffer.drain_chunks(merged, chunk, writers_stopped=writers_stopped)
-                rest = list(self._pending.values())
-                for start in range(0, len(rest), chunk):
-                    sink(rest[start:start + chunk])
-            self._pending = {}
+                evicted = self._buffer.drain_chunks(sink, chunk, writers_stopped=writers_stopped)
             self._evicted_total += evicted
             return DrainResult(flows, evicted, self._delta(CNT_FLOW_UPDATE_FAIL), self._delta(CNT_IFACE_UPDATE_FAIL))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from flowtel.lib.bpf.batch import read_batch
+from flowtel.lib.bpf.lastkey import LastKeyCache
 from flowtel.lib.bpf.layout import struct_for
 
 FLIP_GRACE_S = 0.02
@@ -48,16 +49,17 @@ class DoubleBuffer(Generic[T]):
     order, padding (fields named ``pad…``) left out; ``fields`` names them and is checked against the header so
     that a changed struct is an error at start, not a garbled record. ``counter(i)`` is the
     sum over CPUs of the kernel's counter ``i``; ``created`` the two insertion counters.
-    ``quiet(slot)``, if given, runs once per drained buffer after the flip's grace, before the
-    map is read: when nothing writes to that buffer, so state the program keeps beside the map
-    for that buffer (bpf/tc_flow.c's per-CPU flow cache) can be read and reset.
+    ``cache``, if given, is the program's per-CPU "last key" cache beside the maps
+    (:mod:`flowtel.lib.bpf.lastkey`): a drained buffer's cache entries are read and reset after
+    the flip's grace (when nothing writes that buffer), their counts added to the drained
+    entries of the same key, and keys only the cache held handed on as entries of their own.
     """
 
     def __init__(self, bpf: Any, name: str, active: str, make: Callable[..., T], fields: Sequence[str],
                  counter: Callable[[int], int], created: tuple[int, int],
-                 quiet: Callable[[int], None] | None = None) -> None:
+                 cache: LastKeyCache[Any] | None = None) -> None:
         self._maps = [bpf[f"{name}_0"], bpf[f"{name}_1"]]
-        self._quiet = quiet
+        self._cache = cache
         self._name = name
         self._active_table = bpf[active]
         self._counter = counter
@@ -130,9 +132,11 @@ class DoubleBuffer(Generic[T]):
                 slots = [old]
             evicted = 0
             for slot in slots:
-                if self._quiet is not None:
-                    self._quiet(slot)
-                self._drain_slot(slot, sink, chunk)
+                pending = self._cache.take(slot) if self._cache is not None else {}
+                self._drain_slot(slot, sink, chunk, pending)
+                rest: list[T] = list(pending.values())  # keys only the cache held
+                for start in range(0, len(rest), chunk):
+                    sink(rest[start:start + chunk])
                 lost = self._counter(self._created[slot]) - self._drained_total[slot]
                 if lost > 0:
                     # Counted once: later drains compare against the new baseline.
@@ -140,7 +144,7 @@ class DoubleBuffer(Generic[T]):
                     evicted += lost
             return evicted
 
-    def _drain_slot(self, slot: int, sink: Callable[[list[T]], None], chunk: int) -> None:
+    def _drain_slot(self, slot: int, sink: Callable[[list[T]], None], chunk: int, pending: dict[Any, T]) -> None:
         table = self._maps[slot]
         ksz = ctypes.sizeof(table.Key)
         vsz = ctypes.sizeof(table.Leaf)
@@ -157,4 +161,8 @@ class DoubleBuffer(Generic[T]):
                 end = min(total, start + chunk)
                 keys = self._key_struct.iter_unpack(kbuf[ksz * start: ksz * end])
                 values = self._leaf_struct.iter_unpack(vbuf[vsz * start: vsz * end])
-                sink([make(*[k[i] for i in kf], *[v[i] for i in vf]) for k, v in zip(keys, values)])
+                entries = [make(*[k[i] for i in kf], *[v[i] for i in vf]) for k, v in zip(keys, values)]
+                if pending:
+                    assert self._cache is not None
+                    self._cache.merge(entries, pending)
+                sink(entries)

@@ -39,7 +39,6 @@ from flowtel.lib.bpf import proginfo
 from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
 from receiver.ebpf.kernel_events import decode, dropcache, program
-from receiver.ebpf.kernel_events.dropcache import DropCache
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
 log = logging.getLogger("flowtel.receiver.ebpf.kernel_events")
@@ -87,9 +86,6 @@ class KernelEvents:
         self._decoder: decode.EventDecoder | None = None
         self._ring: RingReader | None = None
         self._drops: DoubleBuffer[decode.RawDrop] | None = None
-        self._drop_cache: DropCache | None = None
-        # Per drain: the drained buffer's cache counts by drop key, not yet added to a drained flow.
-        self._drop_pending: dict[dropcache.DropKey, decode.RawDrop] = {}
         self._drop_decoder: decode.DropDecoder | None = None
         self._conns: DoubleBuffer[decode.RawConn] | None = None
         self._conn_decoder: decode.ConnDecoder | None = None
@@ -165,39 +161,15 @@ class KernelEvents:
                                                 self._drop_decoder if samples else None)
             self._ring = RingReader(self._bpf["kernel_events"].map_fd, self._pending.append)
         if self._wants_logs and drops.enabled and drops.events:
-            self._drop_cache = DropCache(self._bpf)
             self._drops = DoubleBuffer(self._bpf, "drop_flows", "drop_active", decode.RawDrop,
                                        decode.RawDrop.__slots__,
-                                       self._counter, decode.CNT_DROP_FLOWS_CREATED, quiet=self._take_drop_cache)
+                                       self._counter, decode.CNT_DROP_FLOWS_CREATED,
+                                       cache=dropcache.drop_cache(self._bpf))
         if samples:
             # Self-telemetry (flowtel_component_drop_samples{,_suppressed}), as of the last collection.
             for name, index in (("drop_samples", decode.CNT_DROP_SAMPLES),
                                 ("drop_samples_suppressed", decode.CNT_DROP_SAMPLES_SUPPRESSED)):
                 self._telemetry.register_gauge(self._id, name, functools.partial(self._last_count, index))
-
-    def _take_drop_cache(self, slot: int) -> None:
-        """The drop double buffer's quiet hook: buffer ``slot``'s per-CPU cache counts, kept for
-        :meth:`_merge_drop_cache` (bpf/kernel_events.c, drop_cache)."""
-        assert self._drop_cache is not None
-        for key, drop in self._drop_cache.take(slot).items():
-            have = self._drop_pending.get(key)
-            if have is None:
-                self._drop_pending[key] = drop
-            else:
-                dropcache.add(have, drop)
-
-    def _merge_drop_cache(self, raws: list[decode.RawDrop]) -> list[decode.RawDrop]:
-        """Adds the caches' counts to the drained drop flows of the same key (removing them from
-        the pending ones: what is left are keys only the caches hold)."""
-        pending = self._drop_pending
-        if pending:
-            for d in raws:
-                more = pending.pop(dropcache.drop_key(d), None)
-                if more is not None:
-                    dropcache.add(d, more)
-                    if not pending:
-                        break  # at most two entries per CPU: most of a large drain needs no lookup
-        return raws
 
     def _last_count(self, index: int) -> float:
         return float(self._last_counters[index])
@@ -326,15 +298,8 @@ class KernelEvents:
 
         if self._drops is not None and self._drop_decoder is not None:
             drop_decoder = self._drop_decoder
-            self._drop_pending = {}
-            evicted = self._drops.drain_chunks(
-                lambda raws: hand_on(drop_decoder.decode(self._merge_drop_cache(raws), offset)),
-                DRAIN_CHUNK_RECORDS, writers_stopped=writers_stopped)
-            # Drop keys only the per-CPU caches held (a flood of one key may never reach the map).
-            rest = list(self._drop_pending.values())
-            self._drop_pending = {}
-            for start in range(0, len(rest), DRAIN_CHUNK_RECORDS):
-                hand_on(drop_decoder.decode(rest[start:start + DRAIN_CHUNK_RECORDS], offset))
+            evicted = self._drops.drain_chunks(lambda raws: hand_on(drop_decoder.decode(raws, offset)),
+                                               DRAIN_CHUNK_RECORDS, writers_stopped=writers_stopped)
             if evicted:
                 self._telemetry.add(self._id, "kernel_events_lost", evicted)
                 records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, evicted, self._node))

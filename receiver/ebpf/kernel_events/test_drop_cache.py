@@ -10,7 +10,7 @@ receiving namespace: the flood's drop flows equal ``UdpRcvbufErrors``, the close
 ``NoPorts`` and what was sent to each, packets and bytes exactly, with one record per key and
 drain (a key the cache and the map both held is merged, not reported twice). The programs are
 detached right after the flood, so the final drain must take the flood's last counts from the
-caches: with the merge off (``_take_drop_cache`` a no-op) the flood's drop flows fall short.
+caches: with the merge off (no ``cache=`` on the drop flows' double buffer) the flood's drop flows fall short.
 """
 from __future__ import annotations
 
