@@ -311,8 +311,16 @@ class Flow(_FlowFields):
 
     def with_endpoints(self, source: Endpoint | None, destination: Endpoint | None) -> Flow:
         """The record with both ends named (what enrichment does to every record, so it is
-        one tuple build rather than a general replace)."""
-        return tuple.__new__(Flow, (*self[:_SOURCE], source, destination, *self[_SOURCE + 2:-1], WireMemo()))
+        one tuple built in place rather than a general replace: the fields unpacked by
+        position, as FLOW_FIELDS orders them; slices and ``*`` would build two slices and a
+        list first)."""
+        (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port, kind,
+         direction, is_reply, ethertype, ifindex, ifname, packets, nbytes, tcp_flags, flag_counts, drop_reason,
+         l7, latency_ns, _, _, source_names, destination_names, extensions, _) = self
+        return _tuple_new(Flow, (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port,
+                                 dst_port, kind, direction, is_reply, ethertype, ifindex, ifname, packets, nbytes,
+                                 tcp_flags, flag_counts, drop_reason, l7, latency_ns, source, destination,
+                                 source_names, destination_names, extensions, WireMemo()))
 
     @property
     def flow_type(self) -> FlowType:
@@ -357,10 +365,14 @@ def _flow_new() -> Any:
 
 
 _FLOW_INDEX = {name: i for i, name in enumerate(_FlowFields._fields[:-1])}
-_SOURCE = _FLOW_INDEX["source"]
-assert _FLOW_INDEX["destination"] == _SOURCE + 1
 Flow.__new__ = _flow_new()  # type: ignore[method-assign]  # keeps NamedTuple's signature
 FLOW_FIELDS: tuple[str, ...] = _FlowFields._fields[:-1]
+# Flow.with_endpoints unpacks a record by position: the field order it spells out.
+assert FLOW_FIELDS == (
+    "time_ns", "node_name", "verdict", "ip_version", "src_ip", "dst_ip", "protocol", "src_port", "dst_port", "kind",
+    "traffic_direction", "is_reply", "ethertype", "ifindex", "ifname", "packets", "bytes", "tcp_flags",
+    "tcp_flag_counts", "drop_reason", "l7", "latency_ns", "source", "destination", "source_names",
+    "destination_names", "extensions"), "Flow's fields changed: update Flow.with_endpoints"
 
 
 def flow_fields(*names: str) -> Callable[[Flow], tuple[Any, ...]]:

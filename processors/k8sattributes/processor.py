@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flowtel.component import CreateSettings, Processor, Status
-from flowtel.records import FLOW_FIELDS, Flow, Record, WireMemo
+from flowtel.records import Flow, Record, flow_fields
 from processors.k8sattributes.config import K8sAttributesConfig
 from processors.k8sattributes.extract import Extractor, Rule
 from processors.k8sattributes.metadata import EndpointView, MetadataSource, ViewBuilder
@@ -124,7 +124,7 @@ class K8sAttributesProcessor(Processor):
         now = time.time()
         out: list[Record] = []
         append = out.append
-        new, memo = tuple.__new__, WireMemo
+        with_endpoints = Flow.with_endpoints  # records are shared with other pipelines: a new one each
         for record in batch:
             if record.__class__ is not Flow or not record.ip_version:
                 if isinstance(record, Flow) and record.ip_version:
@@ -133,9 +133,7 @@ class K8sAttributesProcessor(Processor):
                     append(record)  # metric points, lost-event records and non-IP frames have no ends to name
                 continue
             flow = record
-            (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port, event_kind,
-             direction, is_reply, ethertype, ifindex, ifname, packets, nbytes, tcp_flags, flag_counts, drop_reason,
-             l7, latency_ns, given_src, given_dst, source_names, destination_names, extensions, _) = flow
+            time_ns, src_ip, dst_ip, given_src, given_dst = _ends(flow)
             when = time_ns * 1e-9 if time_ns > 0 else now
             hit = spans.get(src_ip)
             if hit is not None and hit[1] <= when <= hit[2]:
@@ -151,15 +149,8 @@ class K8sAttributesProcessor(Processor):
                 dst = hit[0]
             note(src.kind)
             note(dst.kind)
-            # Records are shared with other pipelines: a new record, with the cached endpoints
-            # (Flow.with_endpoints inline: the fields unpacked above, one tuple built in place;
-            # slices and ``*`` would build two slices and a list first).
-            append(new(Flow, (time_ns, node_name, verdict, ip_version, src_ip, dst_ip, protocol, src_port, dst_port,
-                              event_kind, direction, is_reply, ethertype, ifindex, ifname, packets, nbytes,
-                              tcp_flags, flag_counts, drop_reason, l7, latency_ns,
-                              src.shared if given_src is None else src.merged(given_src),
-                              dst.shared if given_dst is None else dst.merged(given_dst),
-                              source_names, destination_names, extensions, memo())))
+            append(with_endpoints(flow, src.shared if given_src is None else src.merged(given_src),
+                                  dst.shared if given_dst is None else dst.merged(given_dst)))
         telemetry = self.settings.telemetry
         for kind, n in Counter(kinds).items():
             telemetry.add(self.settings.id, f"resolved_{kind}", n)
@@ -176,9 +167,4 @@ class K8sAttributesProcessor(Processor):
                                    dst.shared if flow.destination is None else dst.merged(flow.destination))
 
 
-# process unpacks a record by position: the field order it spells out.
-assert FLOW_FIELDS == (
-    "time_ns", "node_name", "verdict", "ip_version", "src_ip", "dst_ip", "protocol", "src_port", "dst_port", "kind",
-    "traffic_direction", "is_reply", "ethertype", "ifindex", "ifname", "packets", "bytes", "tcp_flags",
-    "tcp_flag_counts", "drop_reason", "l7", "latency_ns", "source", "destination", "source_names",
-    "destination_names", "extensions"), "Flow's fields changed: update K8sAttributesProcessor.process"
+_ends = flow_fields("time_ns", "src_ip", "dst_ip", "source", "destination")
