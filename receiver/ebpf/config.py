@@ -78,6 +78,12 @@ class EbpfReceiverConfig(ComponentConfig):
     # interval and the LRU evicts (counted, lost). Draining at a fill level bounds the map by
     # design; the records of a partial interval are exported like any other.
     drain_at_fill: float = Field(0.5, ge=0.0, le=0.9)
+    # At most this many early drains per collection interval: what a pod that makes new flows as
+    # fast as it can (new source ports) costs user space stays bounded by design, at
+    # (max_early_drains + 1) x max_flows records per interval; past it the LRU evicts, counted
+    # (FLOW_MAP_FULL), as without the early drain. The default keeps ~6.5k short connections/s
+    # exact with the shipped max_flows and interval.
+    max_early_drains: int = Field(8, ge=1, le=100)
     tc_priority: int = Field(1, ge=1, le=65535)
     # Interfaces attached at the same time that get exact per-interface totals (counter slots,
     # reused when links go away, so this bounds live interfaces, not those over the node's life).

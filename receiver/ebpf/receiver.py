@@ -188,18 +188,24 @@ class EbpfReceiver(Receiver):
         # polls the map can grow by (creation rate x FILL_POLL_S): with the default 50 % of
         # 65 536 that leaves room for 160k new flows/s (40k short connections/s) before the LRU
         # must evict, and the drain of the full half has the other buffer's whole size to run in.
+        # At most max_early_drains of them per interval, so that a pod creating flows as fast as
+        # it can costs user space a bounded number of records (then the LRU evicts, counted).
         threshold = int(self.config.drain_at_fill * maps.max_entries)
+        budget = self.config.max_early_drains
         poll = min(FILL_POLL_S, interval) if threshold else interval
         next_at = time.monotonic() + interval
+        early = 0
         while not self._stop.wait(max(0.0, min(next_at - time.monotonic(), poll))):
             try:
                 if time.monotonic() >= next_at:
                     next_at += interval
-                elif not threshold or maps.fill() < threshold:
+                    early = 0
+                elif not threshold or early >= budget or maps.fill() < threshold:
                     continue
                 else:
                     # Not a new interval: the scheduled drains keep their times, this one only
                     # cuts the current interval in two (each record has its own last-seen time).
+                    early += 1
                     telemetry.add(component, "early_drains")
                 self._drain_once(writers_stopped=False)
             except Exception:

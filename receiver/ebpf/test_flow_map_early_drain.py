@@ -71,7 +71,7 @@ class _Result:
     why: str
 
 
-def _run(max_flows: int, drain_at_fill: float, connections: int) -> _Result:
+def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drains: int = 8) -> _Result:
     factories = factories_with_memory()
     Testbed.cleanup_stale()
     with Testbed() as bed:
@@ -86,6 +86,7 @@ def _run(max_flows: int, drain_at_fill: float, connections: int) -> _Result:
                         "collection_interval": "30s",  # no scheduled drain during the workload
                         "max_flows": max_flows,
                         "drain_at_fill": drain_at_fill,
+                        "max_early_drains": max_early_drains,
                         "dns": {"enabled": False},
                         "kernel_events": {"drops": {"enabled": False}, "tcp": {"enabled": False}},
                     }
@@ -185,6 +186,17 @@ def test_without_the_early_drain_the_same_workload_overflows() -> None:
     # Lost flows took their packets with them: the flows fall short of the link counters.
     assert not all(r.exact.values()), r.why
     assert r.handshakes != {"conn-c": (10_000, 10_000), "conn-s": (10_000, 10_000)}, r.why
+
+
+def test_early_drains_are_bounded_per_interval_and_the_rest_is_counted_loss() -> None:
+    # A pod making new flows as fast as it can must not buy itself unbounded user-space work:
+    # one early drain allowed, then the LRU evicts and says so.
+    max_flows = 8192
+    r = _run(max_flows, 0.5, 10_000, max_early_drains=1)
+    assert r.early_drains == 1, r.why
+    assert r.lost.get("FLOW_MAP_FULL", 0) > 0, r.why
+    # One early drain of the active map, then the final drain of both: never more than three maps' worth.
+    assert r.records <= 3 * max_flows, r.why
 
 
 def test_drain_at_fill_is_off_or_a_sensible_share() -> None:
