@@ -174,8 +174,13 @@ def test_connection_rate_is_drained_early_and_loses_nothing(max_flows: int, conn
     # Every connection's handshake on both veths, and about four records per connection (its
     # keys; one cut by a drain is in both parts; a reused client port is one key for two).
     assert r.handshakes == {"conn-c": (connections, connections), "conn-s": (connections, connections)}, r.why
-    # (at 9k connections/s a drain cuts ~2 % of them: 4.09 records each; the bound is loose)
-    assert KEYS_PER_CONNECTION * connections * 0.98 <= r.records <= KEYS_PER_CONNECTION * connections * 1.1, r.why
+    # A drain cuts the keys of every connection in flight at the flip, and under load hundreds
+    # wait in the server's accept backlog: 4.09 records a connection at 9k connections/s, 4.42 at
+    # 11.8k/s with two early drains (a fresh-clone CI run). So the upper bound is per drain: at
+    # most every key of the drained (half-full) map cut once. Duplicates would show as packets
+    # above the link counters, which the exactness check below refuses.
+    assert KEYS_PER_CONNECTION * connections * 0.98 <= r.records, r.why
+    assert r.records <= KEYS_PER_CONNECTION * connections + r.early_drains * max_flows // 2, r.why
     assert all(r.exact.values()), r.why
 
 
