@@ -129,7 +129,10 @@ class Redirect:
                 if not _find_rules(ipr, family, c):
                     ipr.rule("add", family=family, table=c.route_table, priority=c.rule_priority,
                              fwmark=c.mark, fwmask=c.mark)
-                    added.append(f"rule fwmark {c.mark:#x} lookup {c.route_table}")
+                    # Per family, as remove() names them: a reader (or a test) that sees one
+                    # restored knows whether the other still is missing.
+                    added.append(f"rule fwmark {c.mark:#x} lookup {c.route_table} "
+                                 f"({'IPv4' if family == socket.AF_INET else 'IPv6'})")
         return added
 
     def sync(self, ifnames: list[str]) -> None:

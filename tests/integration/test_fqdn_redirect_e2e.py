@@ -280,10 +280,26 @@ def test_service_ip_resolver_behind_kube_proxy_dnat(bed: Bed, proxy: Proxy) -> N
 def test_policy_route_removed_under_the_proxy_is_restored(bed: Bed, proxy: Proxy) -> None:
     """Without its rule the marked queries would be black-holed (the forward path drops a packet
     that already has a socket); the proxy puts it back within a reload round."""
-    for family in ("-4", "-6"):
-        subprocess.run(["ip", family, "rule", "del", *RULE], check=True)
-    deadline = time.monotonic() + 5
-    while proxy.log.read_text().count("restored the DNS redirect's") < 1:
+    rule = f"rule fwmark {MARK:#x} lookup {ROUTE_TABLE}"
+    before = len(proxy.log.read_text())
+    # The two deletions are two commands: a round that falls between them (a loaded machine
+    # spaces them by more than a 0.2 s round) restores the IPv4 rule alone, and a query sent
+    # before the next round is black-holed (dig: TIMEOUT). Spaced by more than a round here, so
+    # that the test always has that case: both families must be back, each in its own right.
+    subprocess.run(["ip", "-4", "rule", "del", *RULE], check=True)
+    time.sleep(0.5)
+    subprocess.run(["ip", "-6", "rule", "del", *RULE], check=True)
+
+    def restored() -> bool:
+        # The kernel's rule lists are the truth; the proxy's log says it was the proxy that put
+        # them back (its own lines come just after its netlink requests: both are waited for).
+        logged = proxy.log.read_text()[before:]
+        return f"{rule} (IPv4)" in logged and f"{rule} (IPv6)" in logged and all(
+            f"lookup {ROUTE_TABLE}" in subprocess.run(["ip", family, "rule"], capture_output=True, text=True).stdout
+            for family in ("-4", "-6"))
+
+    deadline = time.monotonic() + 10
+    while not restored():
         assert time.monotonic() < deadline, proxy.log.read_text()[-2000:]
         time.sleep(0.05)
     assert dig(bed.client, bed.dns_a.ipv4, NAME) == ("NOERROR", [bed.web_a.ipv4])
