@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.constants import HEADER
@@ -94,7 +94,6 @@ class FlowMaps:
             bpf, "flows", "flow_active", RawFlow, RawFlow.__slots__,
             self._counter, CNT_FLOWS_CREATED, cache=cache)
         self.max_entries = self._buffer.max_entries
-        self._evicted_total = 0
         self._seen = {CNT_FLOW_UPDATE_FAIL: 0, CNT_IFACE_UPDATE_FAIL: 0}
         self._lock = threading.Lock()
 
@@ -107,31 +106,27 @@ class FlowMaps:
         self._seen[index] = value
         return delta
 
-    def drain(self, *, writers_stopped: bool = False, sink: Callable[[list[RawFlow]], None] | None = None,
-              chunk: int = 8192) -> DrainResult:
-        """Report and clear everything counted since the last drain.
+    @property
+    def buffer(self) -> DoubleBuffer[RawFlow]:
+        """The flow maps' double buffer: drained by :class:`flowtel.lib.bpf.earlydrain.Drain`."""
+        return self._buffer
+
+    def failures(self) -> tuple[int, int]:
+        """Packets counted in no flow, and in no interface total (no slot), since the last call."""
+        with self._lock:
+            return self._delta(CNT_FLOW_UPDATE_FAIL), self._delta(CNT_IFACE_UPDATE_FAIL)
+
+    def drain(self, *, writers_stopped: bool = False) -> DrainResult:
+        """Report and clear everything counted since the last drain, in one list.
 
         With ``writers_stopped`` (programs detached) both maps are emptied without a flip.
-        With ``sink`` the flows go to it in lists of at most ``chunk`` as they are decoded
-        (:meth:`DoubleBuffer.drain_chunks`) and the result's ``flows`` is empty.
         """
-        with self._lock:
-            if sink is None:
-                drained = self._buffer.drain(writers_stopped=writers_stopped)
-                flows, evicted = drained.entries, drained.evicted
-            else:
-                flows = []
-                evicted = self._buffer.drain_chunks(sink, chunk, writers_stopped=writers_stopped)
-            self._evicted_total += evicted
-            return DrainResult(flows, evicted, self._delta(CNT_FLOW_UPDATE_FAIL), self._delta(CNT_IFACE_UPDATE_FAIL))
+        drained = self._buffer.drain(writers_stopped=writers_stopped)
+        return DrainResult(drained.entries, drained.evicted, *self.failures())
 
     def fill(self) -> int:
         """Entries created in the active flow map since it was last drained (one counter read)."""
         return self._buffer.fill()
-
-    @property
-    def evicted_total(self) -> int:
-        return self._evicted_total
 
 
 class InterfaceCounters:

@@ -25,7 +25,8 @@ from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf.release import release_compiler_memory
 from receiver.ebpf.dnsring import install_program as install_dns_program
 from flowtel.lib.bpf.tcattach import SlotAllocator
-from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DRAIN_WAIT_SHARE
+from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS
+from flowtel.lib.bpf.earlydrain import FILL_POLL_S, Drain, EarlyDrain
 from receiver.ebpf.flowmap import FlowMaps, InterfaceCounters, RawFlow
 from receiver.ebpf.kernel_events import KernelEvents
 from receiver.ebpf.reply import ReplyInference
@@ -44,9 +45,6 @@ def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
 
 
 LOST_FLOW_MAP_FULL = "FLOW_MAP_FULL"
-# How often the drain loop reads the active flow map's fill (drain_at_fill): 5 reads a second
-# cost the idle agent ~50 µs/s, and bound what a map can gain between two reads.
-FILL_POLL_S = 0.2
 LOST_FLOW_UPDATE_FAILED = "FLOW_MAP_UPDATE_FAILED"
 LOST_INTERFACE_SLOTS_FULL = "INTERFACE_SLOTS_FULL"
 
@@ -72,6 +70,7 @@ class EbpfReceiver(Receiver):
         self.config = config
         self._bpf: Any = None
         self._maps: FlowMaps | None = None
+        self._early: EarlyDrain | None = None
         self._ifaces: InterfaceCounters | None = None
         self._slots = SlotAllocator(config.max_interfaces)
         self._attach: TcAttachManager | None = None
@@ -124,6 +123,7 @@ class EbpfReceiver(Receiver):
                 "run `flowtel doctor`: it checks kernel headers, bcc, BTF and privileges and says what to install",
             ) from None
         self._maps = FlowMaps(self._bpf)
+        self._early = EarlyDrain(self._maps.buffer, self.config.drain_at_fill, self.config.max_early_drains)
         self._ifaces = InterfaceCounters(self._bpf, self.config.max_interfaces)
         # Set up before the programs are attached: the ring is read from the first DNS packet on.
         if dns.enabled:
@@ -180,32 +180,29 @@ class EbpfReceiver(Receiver):
         return self._attach.interface(ifindex) if self._attach is not None else None
 
     def _run(self) -> None:
-        assert self._maps is not None
-        maps, telemetry, component = self._maps, self.settings.telemetry, self.settings.id
+        assert self._maps is not None and self._early is not None
+        early, telemetry, component = self._early, self.settings.telemetry, self.settings.id
         interval = self.config.collection_interval
-        # Early drain: the active map's fill is one per-CPU counter read (~10 µs), polled every
-        # FILL_POLL_S; past the threshold the buffers swap before the interval ends. Between two
-        # polls the map can grow by (creation rate x FILL_POLL_S): with the default 50 % of
+        # Early drain (flowtel.lib.bpf.earlydrain): the active map's fill is one per-CPU counter
+        # read (~10 µs), read every FILL_POLL_S, here and during each drain's waits for the
+        # pipeline; past the threshold the buffers swap before the interval ends. Between two
+        # reads the map can grow by (creation rate x FILL_POLL_S): with the default 50 % of
         # 65 536 that leaves room for 160k new flows/s (40k short connections/s) before the LRU
-        # must evict, and the drain of the full half has the other buffer's whole size to run in.
-        # At most max_early_drains of them per interval, so that a pod creating flows as fast as
-        # it can costs user space a bounded number of records (then the LRU evicts, counted).
-        threshold = int(self.config.drain_at_fill * maps.max_entries)
-        budget = self.config.max_early_drains
-        poll = min(FILL_POLL_S, interval) if threshold else interval
+        # must evict. At most max_early_drains of them per interval, so that a pod creating
+        # flows as fast as it can costs user space a bounded number of records (then the LRU
+        # evicts, counted).
+        poll = min(FILL_POLL_S, interval) if early.enabled else interval
         next_at = time.monotonic() + interval
-        early = 0
         while not self._stop.wait(max(0.0, min(next_at - time.monotonic(), poll))):
             try:
                 if time.monotonic() >= next_at:
                     next_at += interval
-                    early = 0
-                elif not threshold or early >= budget or maps.fill() < threshold:
+                    early.new_interval()
+                elif not early.due():
                     continue
                 else:
                     # Not a new interval: the scheduled drains keep their times, this one only
                     # cuts the current interval in two (each record has its own last-seen time).
-                    early += 1
                     telemetry.add(component, "early_drains")
                 self._drain_once(writers_stopped=False)
             except Exception:
@@ -214,40 +211,48 @@ class EbpfReceiver(Receiver):
 
     def _drain_once(self, *, writers_stopped: bool) -> None:
         assert self._maps is not None
+        telemetry, component = self.settings.telemetry, self.settings.id
+
+        def hand_on(flows: list[Flow | LostEvents]) -> None:
+            self.next_consumer.consume(flows)  # type: ignore[arg-type]  # a list is invariant: a batch of records
+
+        drain: Drain[RawFlow, Flow | LostEvents] = Drain(
+            self._maps.buffer, self.config.collection_interval, self._to_flows, hand_on,
+            self._wait_consumed,
+            early=self._early, on_early=lambda: telemetry.add(component, "early_drains"), chunk=DRAIN_CHUNK_RECORDS)
+        try:
+            for taken in drain.run(writers_stopped=writers_stopped):
+                self._report_losses(taken.evicted)
+        finally:
+            telemetry.add(component, "records_out", drain.handed)
+            if drain.waits_timed_out:
+                telemetry.add(component, "drain_waits_timed_out", drain.waits_timed_out)
+
+    def _wait_consumed(self, timeout: float) -> bool:
+        # Once shutdown began, a drain hands its rest on at once (the queues' bounds apply,
+        # counted) instead of waiting up to DRAIN_WAIT_SHARE of an interval: shutdown waits for
+        # this thread before its final drain, and must not give up on it and race it.
+        return self._stop.is_set() or wait_consumed(self.next_consumer, timeout)
+
+    def _report_losses(self, evicted: int) -> None:
+        """After each take: what the maps lost before it, and the node counters."""
+        assert self._maps is not None
         telemetry = self.settings.telemetry
-        deadline = time.monotonic() + self.config.collection_interval * DRAIN_WAIT_SHARE
-        handed = 0
-
-        def hand_on(raws: list[RawFlow]) -> None:
-            nonlocal handed
-            flows: list[Record] = [*self._to_flows(raws)]
-            del raws[:]  # the raw entries of this chunk are not needed once decoded
-            if not flows:
-                return
-            # The previous chunk first goes through the pipeline: one chunk in flight, one being
-            # built; a drain of one chunk never waits.
-            left = deadline - time.monotonic()
-            if handed and left > 0 and not wait_consumed(self.next_consumer, left):
-                telemetry.add(self.settings.id, "drain_waits_timed_out")
-            handed += len(flows)
-            self.next_consumer.consume(flows)
-
-        result = self._maps.drain(writers_stopped=writers_stopped, sink=hand_on, chunk=DRAIN_CHUNK_RECORDS)
-        telemetry.add(self.settings.id, "records_out", handed)
+        update_failures, iface_failures = self._maps.failures()
         records: list[Record] = []
         now = time.time_ns()
         node = self.settings.node_name
-        if result.evicted:
-            telemetry.add(self.settings.id, "flows_evicted", result.evicted)
-            records.append(LostEvents(now, LOST_FLOW_MAP_FULL, result.evicted, node))
-            log.warning("flow map full: %d flows evicted before the drain (raise max_flows)", result.evicted)
-        if result.update_failures:
-            telemetry.add(self.settings.id, "flow_update_failures", result.update_failures)
-            records.append(LostEvents(now, LOST_FLOW_UPDATE_FAILED, result.update_failures, node))
-        if result.iface_failures:
+        if evicted:
+            telemetry.add(self.settings.id, "flows_evicted", evicted)
+            records.append(LostEvents(now, LOST_FLOW_MAP_FULL, evicted, node))
+            log.warning("flow map full: %d flows evicted before the drain (raise max_flows)", evicted)
+        if update_failures:
+            telemetry.add(self.settings.id, "flow_update_failures", update_failures)
+            records.append(LostEvents(now, LOST_FLOW_UPDATE_FAILED, update_failures, node))
+        if iface_failures:
             # Packets of interfaces that got no counter slot (all max_interfaces in use).
-            telemetry.add(self.settings.id, "interface_total_failures", result.iface_failures)
-            records.append(LostEvents(now, LOST_INTERFACE_SLOTS_FULL, result.iface_failures, node))
+            telemetry.add(self.settings.id, "interface_total_failures", iface_failures)
+            records.append(LostEvents(now, LOST_INTERFACE_SLOTS_FULL, iface_failures, node))
         telemetry.add(self.settings.id, "records_out", len(records))
         if records:
             self.next_consumer.consume(records)

@@ -161,9 +161,9 @@ def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drain
 
 # A small map so that the test runs fast (10 000 connections, 40 000 keys, 1.2 x the map) and
 # the shipped one (20 000 connections, 80 000 keys, 1.2 x the map) with the shipped fill level.
-# Not smaller: the drain loop does not poll while it drains, so the other buffer must hold what
-# arrives during one drain (at 6k connections/s, 24k keys/s; a 16 384-entry map overflowed by
-# 3.7k once on a loaded machine while a drain of ~10k flows waited on the pipeline).
+# (A 16 384-entry map overflowed by 3.7k once on a loaded machine while a drain of ~10k flows
+# waited on the pipeline, when the fill was not read during a drain's waits: see
+# test_drain_watches_fill.py.)
 @pytest.mark.parametrize("max_flows,connections", [(32768, 10_000), (65536, 20_000)], ids=["small-map", "shipped-map"])
 def test_connection_rate_is_drained_early_and_loses_nothing(max_flows: int, connections: int) -> None:
     r = _run(max_flows, 0.5, connections)

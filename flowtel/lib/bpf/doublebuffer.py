@@ -16,7 +16,7 @@ import ctypes
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from flowtel.lib.bpf.batch import read_batch
 from flowtel.lib.bpf.lastkey import LastKeyCache
@@ -121,6 +121,22 @@ class DoubleBuffer(Generic[T]):
         """
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
+        taken = self.take(writers_stopped=writers_stopped)
+        for entries in taken.chunks(chunk):
+            sink(entries)
+        return taken.evicted
+
+    def take(self, *, writers_stopped: bool = False) -> "Taken[T]":
+        """The kernel half of a drain: flip, empty the old map (and its cache) and count its
+        evictions, all under the lock; the entries are built later, by :meth:`Taken.chunks`,
+        from a copy of the raw keys and values (≈ 100 bytes an entry).
+
+        So the next flip need not wait for the entries of this one to be handed on: a caller
+        that hands them on slowly (waiting for the pipeline) can watch :meth:`fill` meanwhile
+        and take again. That is exact: once taken, the old map and its cache are empty and its
+        insertion baseline is up to date, so the program may write it again (the second flip)
+        while this drain's entries are still pending; each entry is in exactly one take.
+        """
         with self._lock:
             if writers_stopped:
                 time.sleep(FLIP_GRACE_S)
@@ -131,20 +147,18 @@ class DoubleBuffer(Generic[T]):
                 time.sleep(FLIP_GRACE_S)
                 slots = [old]
             evicted = 0
+            parts: list[_TakenSlot] = []
             for slot in slots:
                 pending = self._cache.take(slot) if self._cache is not None else {}
-                self._drain_slot(slot, sink, chunk, pending)
-                rest: list[T] = list(pending.values())  # keys only the cache held
-                for start in range(0, len(rest), chunk):
-                    sink(rest[start:start + chunk])
+                parts.append(self._take_slot(slot, pending))
                 lost = self._counter(self._created[slot]) - self._drained_total[slot]
                 if lost > 0:
                     # Counted once: later drains compare against the new baseline.
                     self._drained_total[slot] += lost
                     evicted += lost
-            return evicted
+            return Taken(self, parts, evicted)
 
-    def _drain_slot(self, slot: int, sink: Callable[[list[T]], None], chunk: int, pending: dict[Any, T]) -> None:
+    def _take_slot(self, slot: int, pending: dict[Any, T]) -> "_TakenSlot":
         table = self._maps[slot]
         ksz = ctypes.sizeof(table.Key)
         vsz = ctypes.sizeof(table.Leaf)
@@ -153,16 +167,55 @@ class DoubleBuffer(Generic[T]):
         # Counted as drained before the sink sees them: a sink that fails part-way loses
         # entries it was handed (its caller counts the failure), they were not evicted.
         self._drained_total[slot] += total
-        if total:
-            kbuf = memoryview(self._keys).cast("B")[: ksz * total]
-            vbuf = memoryview(self._values).cast("B")[: vsz * total]
-            kf, vf, make = self._key_fields, self._leaf_fields, self._make
-            for start in range(0, total, chunk):
-                end = min(total, start + chunk)
-                keys = self._key_struct.iter_unpack(kbuf[ksz * start: ksz * end])
-                values = self._leaf_struct.iter_unpack(vbuf[vsz * start: vsz * end])
-                entries = [make(*[k[i] for i in kf], *[v[i] for i in vf]) for k, v in zip(keys, values)]
-                if pending:
-                    assert self._cache is not None
-                    self._cache.merge(entries, pending)
-                sink(entries)
+        # Copied out of the one pair of buffers, which the next take overwrites.
+        return _TakenSlot(bytes(memoryview(self._keys).cast("B")[: ksz * total]),
+                          bytes(memoryview(self._values).cast("B")[: vsz * total]), ksz, vsz, total, pending)
+
+    def _entries(self, part: "_TakenSlot", chunk: int) -> Iterator[list[T]]:
+        kf, vf, make = self._key_fields, self._leaf_fields, self._make
+        ksz, vsz, pending = part.ksz, part.vsz, part.pending
+        for start in range(0, part.total, chunk):
+            end = min(part.total, start + chunk)
+            keys = self._key_struct.iter_unpack(part.keys[ksz * start: ksz * end])
+            values = self._leaf_struct.iter_unpack(part.values[vsz * start: vsz * end])
+            entries = [make(*[k[i] for i in kf], *[v[i] for i in vf]) for k, v in zip(keys, values)]
+            if pending:
+                assert self._cache is not None
+                self._cache.merge(entries, pending)
+            yield entries
+        rest: list[T] = list(pending.values())  # keys only the cache held
+        for start in range(0, len(rest), chunk):
+            yield rest[start:start + chunk]
+
+
+@dataclass(frozen=True, slots=True)
+class _TakenSlot:
+    keys: bytes
+    values: bytes
+    ksz: int
+    vsz: int
+    total: int
+    pending: dict[Any, Any]  # the cache's counts of this buffer, by key, until merged
+
+
+class Taken(Generic[T]):
+    """What one :meth:`DoubleBuffer.take` removed from the kernel, not yet built into entries.
+
+    ``evicted``: entries the LRU dropped before it. ``chunks(n)`` builds the entries in lists of
+    at most ``n``, each when asked for (once: a second pass would hand them on twice).
+    """
+
+    def __init__(self, owner: DoubleBuffer[T], parts: list[_TakenSlot], evicted: int) -> None:
+        self._owner = owner
+        self._parts: list[_TakenSlot] | None = parts
+        self.evicted = evicted
+        self.entries = sum(p.total for p in parts)  # map entries taken (cache-only keys not included)
+
+    def chunks(self, chunk: int) -> Iterator[list[T]]:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        parts, self._parts = self._parts, None
+        if parts is None:
+            raise RuntimeError("a drain's entries are handed on once")
+        for part in parts:
+            yield from self._owner._entries(part, chunk)
