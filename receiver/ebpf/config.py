@@ -6,6 +6,7 @@ from pydantic import Field, field_validator
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import CollectionInterval, Duration, InterfaceGlobs
 from flowtel.lib.bpf.constants import HEADER
+from flowtel.lib.bpf.earlydrain import check_drain_at_fill
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
 # The port test is compiled into the tc program as one comparison per port: keep it short.
@@ -94,9 +95,7 @@ class EbpfReceiverConfig(ComponentConfig):
     @field_validator("drain_at_fill")
     @classmethod
     def _fill_range(cls, value: float) -> float:
-        if value and value < 0.05:
-            raise ValueError("drain_at_fill must be 0 (off) or between 0.05 and 0.9")
-        return value
+        return check_drain_at_fill(value)
 
     kernel_events: KernelEventsConfig = Field(default_factory=KernelEventsConfig)
 

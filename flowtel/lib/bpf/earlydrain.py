@@ -31,6 +31,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def check_drain_at_fill(value: float) -> float:
+    """The rule every ``drain_at_fill`` config key follows (0: off; else a share of the map from
+    0.05, a drain every few entries below it, to 0.9, leaving room for what arrives between two
+    fill reads): for the config validators of the maps' owners."""
+    if value and not 0.05 <= value <= 0.9:
+        raise ValueError("drain_at_fill must be 0 (off) or between 0.05 and 0.9")
+    return value
+
+
 class EarlyDrain:
     """The early-drain budget of one double buffer: ``due()`` is true (and spends one of the
     interval's ``max_early_drains``) once the active map holds ``drain_at_fill`` of its entries;

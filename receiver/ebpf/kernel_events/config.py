@@ -7,6 +7,7 @@ from pydantic import Field, field_validator
 
 from flowtel.component import ComponentConfig
 from flowtel.configtypes import CollectionInterval, Duration
+from flowtel.lib.bpf.earlydrain import check_drain_at_fill
 
 
 # Kernel drop reasons that are frees of data no network path lost: unread data discarded
@@ -83,8 +84,20 @@ class KernelEventsConfig(ComponentConfig):
     # Kernel-to-user ring buffer of TCP events and drop samples (drops are aggregated); a burst larger than it is
     # lost and counted (lost events, source KERNEL_EVENTS_RING_BUFFER).
     ring_buffer_kb: int = Field(1024, ge=4, le=262_144)
-    # How often cumulative counters are read into metric points.
+    # How often cumulative counters are read into metric points, and the drop and connection
+    # flow maps drained.
     collection_interval: CollectionInterval = 10.0
+    # Drain the drop (or connection) flow map before the interval ends once it holds this share
+    # of drops.max_flows (tcp.max_connection_flows); 0: only on the interval. Drops are keyed by
+    # flow: a pod whose packets are dropped from new source ports (clients retrying against a
+    # resolver that is down: each query a new port, each a NO_SOCKET drop) fills a 16 384-entry
+    # map in 3 s at 5k drops/s, and the LRU evicts (counted, but the pod-level drop counts of
+    # hubble_drop_total lose them). As the ebpf receiver's flow maps (flowtel/lib/bpf/earlydrain.py).
+    drain_at_fill: float = Field(0.5, ge=0.0, le=0.9)
+    # At most this many early drains per interval and map: a flood of new drop keys costs user
+    # space at most (max_early_drains + 1) x max_flows records an interval; past it, evicted and
+    # counted as without the early drain.
+    max_early_drains: int = Field(8, ge=1, le=100)
     # Longest time an event waits in the ring buffer before it becomes a record.
     poll_interval: Duration = 0.5
 
@@ -95,6 +108,11 @@ class KernelEventsConfig(ComponentConfig):
             raise ValueError(f"ring_buffer_kb must be a power of two (4, 8, …, 1024, …), got {value}")
         return value
 
+
+    @field_validator("drain_at_fill")
+    @classmethod
+    def _fill_range(cls, value: float) -> float:
+        return check_drain_at_fill(value)
 
     @field_validator("poll_interval")
     @classmethod

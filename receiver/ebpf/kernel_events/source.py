@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from flowtel.component import Consumer, Telemetry, consumer_wants, wait_consumed
 from flowtel.errors import StartError
@@ -34,7 +34,8 @@ from flowtel.lib.bpf import btf as btf_mod
 from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf import tracefs
 from flowtel.lib.bpf.batch import read_batch
-from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DRAIN_WAIT_SHARE, DoubleBuffer
+from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS, DoubleBuffer
+from flowtel.lib.bpf.earlydrain import FILL_POLL_S, Drain, EarlyDrain
 from flowtel.lib.bpf import proginfo
 from flowtel.lib.bpf.ringbuf import RingReader
 from flowtel.records import EventKind, Flow, LostEvents, MetricPoint, Record
@@ -42,6 +43,8 @@ from receiver.ebpf.kernel_events import decode, dropcache, program
 from receiver.ebpf.kernel_events.config import KernelEventsConfig
 
 log = logging.getLogger("flowtel.receiver.ebpf.kernel_events")
+
+T = TypeVar("T")
 
 _REMEDY_KERNEL = (
     "run `flowtel doctor`; or switch this part off with kernel_events.drops.enabled / "
@@ -89,6 +92,8 @@ class KernelEvents:
         self._drop_decoder: decode.DropDecoder | None = None
         self._conns: DoubleBuffer[decode.RawConn] | None = None
         self._conn_decoder: decode.ConnDecoder | None = None
+        self._drop_early: EarlyDrain | None = None
+        self._conn_early: EarlyDrain | None = None
         self._pending: list[bytes] = []
         self._lost_seen: dict[int, int] = {}
         self._misses_seen = 0
@@ -152,6 +157,7 @@ class KernelEvents:
             self._conns = DoubleBuffer(self._bpf, "conn_flows", "conn_active", decode.RawConn,
                                        decode.RawConn.__slots__, self._counter, decode.CNT_CONN_FLOWS_CREATED)
             self._conn_decoder = decode.ConnDecoder(self._names, self._node)
+            self._conn_early = EarlyDrain(self._conns, self.config.drain_at_fill, self.config.max_early_drains)
         if (self._wants_logs and drops.enabled and drops.events) or samples:
             self._drop_decoder = decode.DropDecoder(self._names, self._node,
                                                     host_netns=os.stat("/proc/self/ns/net").st_ino,
@@ -165,6 +171,7 @@ class KernelEvents:
                                        decode.RawDrop.__slots__,
                                        self._counter, decode.CNT_DROP_FLOWS_CREATED,
                                        cache=dropcache.drop_cache(self._bpf))
+            self._drop_early = EarlyDrain(self._drops, self.config.drain_at_fill, self.config.max_early_drains)
         if samples:
             # Self-telemetry (flowtel_component_drop_samples{,_suppressed}), as of the last collection.
             for name, index in (("drop_samples", decode.CNT_DROP_SAMPLES),
@@ -265,55 +272,86 @@ class KernelEvents:
     def _run(self) -> None:
         interval = self.config.collection_interval
         next_at = time.monotonic() + interval
+        early = [e for e in (self._drop_early, self._conn_early) if e is not None]
+        # With an early drain the maps' fill is read every FILL_POLL_S (one per-CPU counter read
+        # each), so the ring is polled at least that often too (events then arrive sooner).
+        poll = min(self.config.poll_interval, FILL_POLL_S) if any(e.enabled for e in early) else self.config.poll_interval
         while not self._stop.is_set():
             try:
-                self._emit(self._poll(min(self.config.poll_interval, max(0.0, next_at - time.monotonic()))))
+                self._emit(self._poll(min(poll, max(0.0, next_at - time.monotonic()))))
                 if time.monotonic() >= next_at:
                     next_at += interval
+                    for e in early:
+                        e.new_interval()
                     self._collect()
+                    continue
+                # Before the interval ends: a map past drain_at_fill is drained alone (the
+                # counters and metric points keep the interval's times).
+                now = time.time_ns()
+                if self._drop_early is not None and self._drop_early.due():
+                    self._telemetry.add(self._id, "early_drains")
+                    self._emit(self._drain_drops(now))
+                if self._conn_early is not None and self._conn_early.due():
+                    self._telemetry.add(self._id, "early_drains")
+                    self._emit(self._drain_conns(now))
             except Exception:  # one bad read must not end the source for the agent's life
                 self._telemetry.add(self._id, "kernel_events_errors")
                 log.exception("reading kernel events failed")
                 self._stop.wait(1.0)
 
+    def _drain(self, buffer: DoubleBuffer[T], decoder: Callable[[list[T], int], list[Flow]],
+               early: EarlyDrain | None, writers_stopped: bool) -> int:
+        """Hand on one double buffer's flows (:class:`flowtel.lib.bpf.earlydrain.Drain`): a chunk
+        at a time, each once the previous one went through the pipeline (as the ebpf receiver's
+        flow drain), so a flood of distinct drops or a connection-rate workload holds two chunks
+        in memory, not an interval; the map's fill is read during the waits and it is taken
+        again when due. A drain of one chunk (the usual case) never waits, so the ring reads on
+        this thread go on. Returns the entries evicted before the takes."""
+        offset = time.time_ns() - time.monotonic_ns()
+        drain: Drain[T, Flow] = Drain(buffer, self.config.collection_interval, lambda raws: decoder(raws, offset),
+                                      self._emit, self._wait_consumed, early=early,
+                                      on_early=lambda: self._telemetry.add(self._id, "early_drains"),
+                                      chunk=DRAIN_CHUNK_RECORDS)
+        try:
+            return sum(taken.evicted for taken in drain.run(writers_stopped=writers_stopped))
+        finally:
+            if drain.waits_timed_out:
+                self._telemetry.add(self._id, "drain_waits_timed_out", drain.waits_timed_out)
+
+    def _wait_consumed(self, timeout: float) -> bool:
+        # Once stop() began, the rest goes on at once: stop() waits for this thread before its
+        # final collection and must not give up on it (see the ebpf receiver's drain).
+        return self._stop.is_set() or wait_consumed(self._consumer, timeout)
+
+    def _drain_drops(self, now: int, *, writers_stopped: bool = False) -> list[Record]:
+        """The drop flows, and a LostEvents record for those the LRU evicted."""
+        if self._drops is None or self._drop_decoder is None:
+            return []
+        evicted = self._drain(self._drops, self._drop_decoder.decode, self._drop_early, writers_stopped)
+        if not evicted:
+            return []
+        self._telemetry.add(self._id, "kernel_events_lost", evicted)
+        log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
+                    "kernel_events.drops.max_flows)", evicted)
+        return [LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, evicted, self._node)]
+
+    def _drain_conns(self, now: int, *, writers_stopped: bool = False) -> list[Record]:
+        """The connection flows, and a LostEvents record for those the LRU evicted."""
+        if self._conns is None or self._conn_decoder is None:
+            return []
+        evicted = self._drain(self._conns, self._conn_decoder.decode, self._conn_early, writers_stopped)
+        if not evicted:
+            return []
+        self._telemetry.add(self._id, "kernel_events_lost", evicted)
+        log.warning("connection flow map full: %d connection flows evicted before the drain "
+                    "(raise kernel_events.tcp.max_connection_flows)", evicted)
+        return [LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, evicted, self._node)]
+
     def _collect(self, *, writers_stopped: bool = False) -> None:
         """Drain the drop and connection flows, report new losses, and emit the metric points."""
         now = time.time_ns()
-        records: list[Record] = []
-        offset = now - time.monotonic_ns()
-        # Drop and connection flows go on a chunk at a time, each once the previous one went
-        # through the pipeline (as the ebpf receiver's flow drain): a flood of distinct drops or
-        # a connection-rate workload holds two chunks in memory, not an interval. A collection
-        # of one chunk (the usual case) never waits, so the ring reads on this thread go on.
-        deadline = time.monotonic() + self.config.collection_interval * DRAIN_WAIT_SHARE
-        handed = 0
-
-        def hand_on(flows: list[Flow]) -> None:
-            nonlocal handed
-            left = deadline - time.monotonic()
-            if flows and handed and left > 0 and not wait_consumed(self._consumer, left):
-                self._telemetry.add(self._id, "drain_waits_timed_out")
-            handed += len(flows)
-            self._emit(flows)
-
-        if self._drops is not None and self._drop_decoder is not None:
-            drop_decoder = self._drop_decoder
-            evicted = self._drops.drain_chunks(lambda raws: hand_on(drop_decoder.decode(raws, offset)),
-                                               DRAIN_CHUNK_RECORDS, writers_stopped=writers_stopped)
-            if evicted:
-                self._telemetry.add(self._id, "kernel_events_lost", evicted)
-                records.append(LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, evicted, self._node))
-                log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
-                            "kernel_events.drops.max_flows)", evicted)
-        if self._conns is not None and self._conn_decoder is not None:
-            conn_decoder = self._conn_decoder
-            evicted = self._conns.drain_chunks(lambda raws: hand_on(conn_decoder.decode(raws, offset)),
-                                               DRAIN_CHUNK_RECORDS, writers_stopped=writers_stopped)
-            if evicted:
-                self._telemetry.add(self._id, "kernel_events_lost", evicted)
-                records.append(LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, evicted, self._node))
-                log.warning("connection flow map full: %d connection flows evicted before the drain "
-                            "(raise kernel_events.tcp.max_connection_flows)", evicted)
+        records: list[Record] = [*self._drain_drops(now, writers_stopped=writers_stopped),
+                                 *self._drain_conns(now, writers_stopped=writers_stopped)]
         counters = self._last_counters = self._counters()
         # Runs the kernel skipped (another tracing program was running on that CPU): their
         # events are in no counter and no map, so this is the only place they are counted.
