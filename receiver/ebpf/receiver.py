@@ -221,12 +221,15 @@ class EbpfReceiver(Receiver):
             self._wait_consumed,
             early=self._early, on_early=lambda: telemetry.add(component, "early_drains"), chunk=DRAIN_CHUNK_RECORDS)
         try:
-            for taken in drain.run(writers_stopped=writers_stopped):
-                self._report_losses(taken.evicted)
+            drain.run(writers_stopped=writers_stopped)
         finally:
             telemetry.add(component, "records_out", drain.handed)
             if drain.waits_timed_out:
                 telemetry.add(component, "drain_waits_timed_out", drain.waits_timed_out)
+            if drain.abandoned:
+                # Taken out of the kernel and never handed on (the hand-on raised): not silent.
+                telemetry.add(component, "flows_abandoned", drain.abandoned)
+            self._report_losses(drain.evicted)
 
     def _wait_consumed(self, timeout: float) -> bool:
         # Once shutdown began, a drain hands its rest on at once (the queues' bounds apply,
@@ -235,7 +238,7 @@ class EbpfReceiver(Receiver):
         return self._stop.is_set() or wait_consumed(self.next_consumer, timeout)
 
     def _report_losses(self, evicted: int) -> None:
-        """After each take: what the maps lost before it, and the node counters."""
+        """After each drain: what the maps lost before its takes, and the node counters."""
         assert self._maps is not None
         telemetry = self.settings.telemetry
         update_failures, iface_failures = self._maps.failures()

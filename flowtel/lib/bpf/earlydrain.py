@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from flowtel.lib.bpf.doublebuffer import DRAIN_WAIT_SHARE, DoubleBuffer, Taken
 
@@ -91,22 +91,36 @@ class Drain(Generic[T, R]):
         self._takes: deque[Taken[T]] = deque()
         self.handed = 0  # records handed on
         self.waits_timed_out = 0
+        # Entries the LRU dropped before the takes, summed as each take is made: the caller
+        # reports it whatever happens to the hand-on (an exception must not hide a loss).
+        self.evicted = 0
+        self.abandoned = 0  # entries of takes never handed on because the hand-on raised
 
-    def run(self, *, writers_stopped: bool = False) -> Iterable[Taken[T]]:
-        """Take and hand on; yields each take once its entries are handed on (its ``evicted``
-        for the caller to report), the first take first, then the early ones in order."""
-        self._takes.append(self._buffer.take(writers_stopped=writers_stopped))
+    def run(self, *, writers_stopped: bool = False) -> None:
+        """Take and hand on: the first take, then the early ones in order. On an exception the
+        takes not yet handed on are counted in ``abandoned`` (their entries are out of the
+        kernel) and the exception goes on; ``evicted`` is complete either way."""
+        self._take(writers_stopped)
         if writers_stopped:
             self._early = None  # nothing writes the maps: nothing to watch
-        while self._takes:
-            taken = self._takes.popleft()
-            self._hand_on_all(taken)
-            yield taken
+        try:
+            while self._takes:
+                self._hand_on_all(self._takes[0])
+                self._takes.popleft()
+        except BaseException:
+            self.abandoned = sum(t.entries for t in list(self._takes)[1:])
+            self._takes.clear()
+            raise
+
+    def _take(self, writers_stopped: bool = False) -> None:
+        taken = self._buffer.take(writers_stopped=writers_stopped)
+        self.evicted += taken.evicted
+        self._takes.append(taken)
 
     def _watch(self) -> None:
         if self._early is not None and self._early.due():
             self._on_early()
-            self._takes.append(self._buffer.take())
+            self._take()
 
     def _hand_on_all(self, taken: Taken[T]) -> None:
         deadline = time.monotonic() + self._interval * DRAIN_WAIT_SHARE

@@ -287,71 +287,65 @@ class KernelEvents:
                     continue
                 # Before the interval ends: a map past drain_at_fill is drained alone (the
                 # counters and metric points keep the interval's times).
-                now = time.time_ns()
                 if self._drop_early is not None and self._drop_early.due():
                     self._telemetry.add(self._id, "early_drains")
-                    self._emit(self._drain_drops(now))
+                    self._drain_drops()
                 if self._conn_early is not None and self._conn_early.due():
                     self._telemetry.add(self._id, "early_drains")
-                    self._emit(self._drain_conns(now))
+                    self._drain_conns()
             except Exception:  # one bad read must not end the source for the agent's life
                 self._telemetry.add(self._id, "kernel_events_errors")
                 log.exception("reading kernel events failed")
                 self._stop.wait(1.0)
 
     def _drain(self, buffer: DoubleBuffer[T], decoder: Callable[[list[T], int], list[Flow]],
-               early: EarlyDrain | None, writers_stopped: bool) -> int:
+               early: EarlyDrain | None, writers_stopped: bool, lost_source: str, remedy: str) -> None:
         """Hand on one double buffer's flows (:class:`flowtel.lib.bpf.earlydrain.Drain`): a chunk
         at a time, each once the previous one went through the pipeline (as the ebpf receiver's
         flow drain), so a flood of distinct drops or a connection-rate workload holds two chunks
         in memory, not an interval; the map's fill is read during the waits and it is taken
         again when due. A drain of one chunk (the usual case) never waits, so the ring reads on
-        this thread go on. Returns the entries evicted before the takes."""
+        this thread go on. Then what the LRU evicted before the takes, as ``lost_source``
+        (reported even if the hand-on raised)."""
         offset = time.time_ns() - time.monotonic_ns()
         drain: Drain[T, Flow] = Drain(buffer, self.config.collection_interval, lambda raws: decoder(raws, offset),
                                       self._emit, self._wait_consumed, early=early,
                                       on_early=lambda: self._telemetry.add(self._id, "early_drains"),
                                       chunk=DRAIN_CHUNK_RECORDS)
         try:
-            return sum(taken.evicted for taken in drain.run(writers_stopped=writers_stopped))
+            drain.run(writers_stopped=writers_stopped)
         finally:
             if drain.waits_timed_out:
                 self._telemetry.add(self._id, "drain_waits_timed_out", drain.waits_timed_out)
+            if drain.abandoned:
+                # Taken out of the kernel and never handed on (the hand-on raised): not silent.
+                self._telemetry.add(self._id, "kernel_events_lost", drain.abandoned)
+            if drain.evicted:
+                self._telemetry.add(self._id, "kernel_events_lost", drain.evicted)
+                log.warning("%s: %d flows evicted before the drain (raise %s)", lost_source, drain.evicted, remedy)
+                self._emit([LostEvents(time.time_ns(), lost_source, drain.evicted, self._node)])
 
     def _wait_consumed(self, timeout: float) -> bool:
         # Once stop() began, the rest goes on at once: stop() waits for this thread before its
         # final collection and must not give up on it (see the ebpf receiver's drain).
         return self._stop.is_set() or wait_consumed(self._consumer, timeout)
 
-    def _drain_drops(self, now: int, *, writers_stopped: bool = False) -> list[Record]:
-        """The drop flows, and a LostEvents record for those the LRU evicted."""
-        if self._drops is None or self._drop_decoder is None:
-            return []
-        evicted = self._drain(self._drops, self._drop_decoder.decode, self._drop_early, writers_stopped)
-        if not evicted:
-            return []
-        self._telemetry.add(self._id, "kernel_events_lost", evicted)
-        log.warning("drop flow map full: %d drop flows evicted before the drain (raise "
-                    "kernel_events.drops.max_flows)", evicted)
-        return [LostEvents(now, decode.LOST_DROP_FLOW_MAP_FULL, evicted, self._node)]
+    def _drain_drops(self, *, writers_stopped: bool = False) -> None:
+        if self._drops is not None and self._drop_decoder is not None:
+            self._drain(self._drops, self._drop_decoder.decode, self._drop_early, writers_stopped,
+                        decode.LOST_DROP_FLOW_MAP_FULL, "kernel_events.drops.max_flows")
 
-    def _drain_conns(self, now: int, *, writers_stopped: bool = False) -> list[Record]:
-        """The connection flows, and a LostEvents record for those the LRU evicted."""
-        if self._conns is None or self._conn_decoder is None:
-            return []
-        evicted = self._drain(self._conns, self._conn_decoder.decode, self._conn_early, writers_stopped)
-        if not evicted:
-            return []
-        self._telemetry.add(self._id, "kernel_events_lost", evicted)
-        log.warning("connection flow map full: %d connection flows evicted before the drain "
-                    "(raise kernel_events.tcp.max_connection_flows)", evicted)
-        return [LostEvents(now, decode.LOST_CONN_FLOW_MAP_FULL, evicted, self._node)]
+    def _drain_conns(self, *, writers_stopped: bool = False) -> None:
+        if self._conns is not None and self._conn_decoder is not None:
+            self._drain(self._conns, self._conn_decoder.decode, self._conn_early, writers_stopped,
+                        decode.LOST_CONN_FLOW_MAP_FULL, "kernel_events.tcp.max_connection_flows")
 
     def _collect(self, *, writers_stopped: bool = False) -> None:
         """Drain the drop and connection flows, report new losses, and emit the metric points."""
         now = time.time_ns()
-        records: list[Record] = [*self._drain_drops(now, writers_stopped=writers_stopped),
-                                 *self._drain_conns(now, writers_stopped=writers_stopped)]
+        self._drain_drops(writers_stopped=writers_stopped)
+        self._drain_conns(writers_stopped=writers_stopped)
+        records: list[Record] = []
         counters = self._last_counters = self._counters()
         # Runs the kernel skipped (another tracing program was running on that CPU): their
         # events are in no counter and no map, so this is the only place they are counted.
