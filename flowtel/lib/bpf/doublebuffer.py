@@ -8,7 +8,7 @@ increment counted in the kernel is reported exactly once.
 
 Entries the LRU evicted before a drain are counted: the kernel counts insertions per map (two
 per-CPU counters), user space counts what it drained; the difference is what the maps lost.
-Used for the tc flow maps (bpf/tc_flow.c) and the drop flow maps (bpf/kernel_events.c).
+Used for the tc flow maps (bpf/tc_flow.c) and the drop and connection flow maps (bpf/kernel_events.c).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class DoubleBuffer(Generic[T]):
     def take(self, *, writers_stopped: bool = False) -> "Taken[T]":
         """The kernel half of a drain: flip, empty the old map (and its cache) and count its
         evictions, all under the lock; the entries are built later, by :meth:`Taken.chunks`,
-        from a copy of the raw keys and values (≈ 100 bytes an entry).
+        from a copy of the raw keys and values (144 bytes a tc flow entry).
 
         So the next flip need not wait for the entries of this one to be handed on: a caller
         that hands them on slowly (waiting for the pipeline) can watch :meth:`fill` meanwhile
