@@ -429,9 +429,9 @@ static __always_inline int dns_pending_is(const struct dns_pending_key *a, const
 /* Request: start waiting. Response: match and time it. Returns the latency or 0. At the uplink
  * (site DNS_SITE_UPLINK_IN) a response is only asked whether it answers a request counted at
  * the uplink (the host's); if not, it is left to the pod interface it goes to, and not counted
- * UNMATCHED: a pod's request and its response are both counted at the pod's interface. Each costs one array lookup
- * (inlined by the verifier) and reads of one set: 4 adjacent cache lines, no lock, no
- * allocation (the hash map it replaces cost ~350-400 ns a message under dnsperf). */
+ * UNMATCHED there. Each costs one array lookup (inlined by the verifier) and reads of one set:
+ * 4 adjacent cache lines, no lock, no allocation (the hash map it replaces cost ~350-400 ns a
+ * message under dnsperf). */
 static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __u16 id, int is_response,
                                        __u64 name_hash, __u16 qtype, __u64 now, __u8 site)
 {

@@ -160,6 +160,11 @@ class EbpfReceiver(Receiver):
             ) from None
         attach = self._attach
         self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(attach.attached()))
+        if pods is not None:
+            # Pod interfaces dns_pod_ifaces had no room for (their DNS counts at both ends; logged).
+            tracked = pods
+            self.settings.telemetry.register_gauge(self.settings.id, "dns_pod_interfaces_untracked",
+                                                   lambda: tracked.not_tracked)
         # Re-lists of the node's links after lost or malformed link events (each a full decode of
         # every link): a rising count means the watch's socket cannot keep up.
         self.settings.telemetry.register_gauge(self.settings.id, "link_relists", lambda: attach.resyncs)
