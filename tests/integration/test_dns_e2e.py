@@ -20,6 +20,7 @@ import json
 import random
 import re
 import struct
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -724,3 +725,41 @@ def test_dns_over_tcp_is_counted_in_the_kernel_and_split_questions_are_reported_
     rcodes = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if l7_type(f) == "RESPONSE"
                      for _ in range(_messages(f)))
     assert rcodes == {0: 10, 3: 10 + split}  # split*.test: NXDOMAIN too
+
+
+def test_a_host_process_asking_a_pod_is_counted_once_where_it_reaches_the_pod(bed: Testbed, tmp_path: Path,
+                                                                            agents: list) -> None:
+    """A client that is no pod (dig in the host's own network namespace): its queries reach
+    the server pod's veth without having crossed an observed interface (no ingress interface:
+    the host sent them), so they are counted there, and the answers where the pod sends them;
+    one request and one response each, timed and matched."""
+    server = bed.add_pod("hostdns")
+    query_log = tmp_path / "dnsmasq-queries.log"
+    bed.start_dnsmasq(server, hosts={"web.test": ["198.51.100.10"]}, log_path=str(query_log))
+    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    agents.append(agent)
+    agent.wait_attached([server])
+    statuses = []
+    for name in ("web.test", "nx.test") * 3:
+        res = subprocess.run(["dig", "+time=2", "+tries=1", f"@{server.ipv4}", name, "A"], capture_output=True,
+                             text=True, timeout=30)
+        m = re.search(r"status: (\w+)", res.stdout)
+        statuses.append(m.group(1) if m else "")
+    assert statuses == ["NOERROR", "NXDOMAIN"] * 3
+    deadline = time.monotonic() + 5
+    while len(re.findall(r"query\[A\]", query_log.read_text())) < len(statuses):
+        assert time.monotonic() < deadline, query_log.read_text()
+        time.sleep(0.05)
+    time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
+    kernel = agent.receiver.dns.kernel_counts()
+    agent.stop()
+
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == len(statuses)
+    assert values["networkobservability_dns_response_count"] == len(statuses)
+    assert values["flowtel_dns_unanswered_total"] == 0
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == len(statuses)
+    assert kernel["SEEN_BEFORE"] == 0 and kernel["UNMATCHED"] == 0, kernel
+    flows = l7_flows(agent.flows())
+    assert Counter((f["interface"]["name"], l7_type(f)) for f in flows) == {
+        (server.host_ifname, "REQUEST"): len(statuses), (server.host_ifname, "RESPONSE"): len(statuses)}
