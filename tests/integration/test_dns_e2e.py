@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from tests.support.flowlog import read_flow_log
 
+import ipaddress
 import json
+import os
 import random
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -763,3 +766,97 @@ def test_a_host_process_asking_a_pod_is_counted_once_where_it_reaches_the_pod(be
     flows = l7_flows(agent.flows())
     assert Counter((f["interface"]["name"], l7_type(f)) for f in flows) == {
         (server.host_ifname, "REQUEST"): len(statuses), (server.host_ifname, "RESPONSE"): len(statuses)}
+
+
+def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
+        bed: Testbed, tmp_path: Path, agents: list) -> None:
+    """An observed interface that is not a pod's (a bridge standing for the node's uplink, a DNS
+    server behind it): the host's own queries out of it are counted there, with their answers;
+    a pod's query through it is counted at the pod's veth only (skipped where it leaves by the
+    uplink), and its answer, which comes in by the uplink, at the pod's veth, where it reaches
+    the pod. One request and one response per query, every exchange matched."""
+    client = bed.add_pod("upc")
+    tag = f"s8u{os.getpid() % 100000}"
+    br, host_end, far_end, ns = f"{tag}br", f"{tag}h", f"{tag}n", f"{tag}ns"
+    net = ipaddress.ip_network(f"100.127.{os.getpid() % 250}.0/29")
+    gw, upstream = str(net[1]), str(net[2])
+
+    def sh(*argv: str) -> None:
+        subprocess.run(list(argv), check=True, capture_output=True)
+
+    def teardown() -> None:
+        subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+        for argv in (["ip", "netns", "del", ns], ["ip", "link", "del", br], ["ip", "link", "del", host_end]):
+            subprocess.run(argv, capture_output=True)
+
+    teardown()  # what a killed run left
+    dnsmasq = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", br, "type", "bridge")
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", far_end)
+        for ifname in (br, host_end):
+            sh("sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1")
+        sh("ip", "link", "set", far_end, "netns", ns)
+        sh("ip", "link", "set", host_end, "master", br)
+        sh("ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", br)
+        for ifname in (br, host_end):
+            sh("ip", "link", "set", ifname, "up")
+        inside = ["ip", "netns", "exec", ns]
+        sh(*inside, "sysctl", "-qw", f"net.ipv6.conf.{far_end}.disable_ipv6=1")
+        sh(*inside, "ip", "addr", "add", f"{upstream}/{net.prefixlen}", "dev", far_end)
+        sh(*inside, "ip", "link", "set", far_end, "up")
+        sh(*inside, "ip", "link", "set", "lo", "up")
+        sh(*inside, "ip", "route", "add", "default", "via", gw)
+        query_log = tmp_path / "upstream-queries.log"
+        dnsmasq = subprocess.Popen(
+            [*inside, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+             "--no-poll", "--local=/#/", "--bind-interfaces", "--port=53", f"--listen-address={upstream}",
+             "--pid-file=", "--host-record=web.test,198.51.100.10", f"--log-facility={query_log}",
+             "--log-queries"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def dig(pod: Pod | None) -> str:
+            argv = ["dig", "+time=2", "+tries=1", f"@{upstream}", "web.test", "A"]
+            out = pod.exec(argv, check=False).stdout if pod is not None else \
+                subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+            m = re.search(r"status: (\w+)", out)
+            return m.group(1) if m else ""
+
+        deadline = time.monotonic() + 10
+        while dig(None) != "NOERROR":  # dnsmasq is up (before the agent: not counted)
+            assert time.monotonic() < deadline, "the upstream dnsmasq did not answer"
+            time.sleep(0.1)
+        agent = InProcessAgent(tmp_path, [br, client.host_ifname], {"timeout": f"{DNS_TIMEOUT_S}s"})
+        agents.append(agent)
+        deadline = time.monotonic() + 30
+        while not {client.host_ifindex, socket.if_nametoindex(br)} <= set(agent.receiver.attach_manager.attached()):
+            assert time.monotonic() < deadline, "tc programs were not attached"
+            time.sleep(0.05)
+        n = 3
+        assert [dig(None) for _ in range(n)] == ["NOERROR"] * n  # the host's own
+        assert [dig(client) for _ in range(n)] == ["NOERROR"] * n  # a pod's, routed by the host
+        deadline = time.monotonic() + 5
+        while len(re.findall(r"query\[A\] web\.test", query_log.read_text())) < 2 * n + 1:
+            assert time.monotonic() < deadline, query_log.read_text()
+            time.sleep(0.05)
+        time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
+        kernel = agent.receiver.dns.kernel_counts()
+        agent.stop()
+    finally:
+        if dnsmasq is not None:
+            dnsmasq.kill()
+            dnsmasq.wait(10)
+        teardown()
+
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == 2 * n
+    assert values["networkobservability_dns_response_count"] == 2 * n
+    assert values["flowtel_dns_unanswered_total"] == 0
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == 2 * n
+    # The pod's queries leaving by the uplink, and its answers arriving there.
+    assert kernel["SEEN_BEFORE"] == n and kernel["NOT_HERE"] == n and kernel["UNMATCHED"] == 0, kernel
+    flows = l7_flows(agent.flows())
+    assert Counter((f["interface"]["name"], l7_type(f), f["IP"]["source"] if l7_type(f) == "REQUEST"
+                    else f["IP"]["destination"]) for f in flows) == {
+        (br, "REQUEST", gw): n, (br, "RESPONSE", gw): n,
+        (client.host_ifname, "REQUEST", client.ipv4): n, (client.host_ifname, "RESPONSE", client.ipv4): n}
