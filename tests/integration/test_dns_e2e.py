@@ -768,13 +768,17 @@ def test_a_host_process_asking_a_pod_is_counted_once_where_it_reaches_the_pod(be
         (server.host_ifname, "REQUEST"): len(statuses), (server.host_ifname, "RESPONSE"): len(statuses)}
 
 
+@pytest.mark.parametrize("masquerade", [False, True], ids=["routed", "masqueraded"])
 def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
-        bed: Testbed, tmp_path: Path, agents: list) -> None:
+        bed: Testbed, tmp_path: Path, agents: list, masquerade: bool) -> None:
     """An observed interface that is not a pod's (a bridge standing for the node's uplink, a DNS
     server behind it): the host's own queries out of it are counted there, with their answers;
     a pod's query through it is counted at the pod's veth only (skipped where it leaves by the
     uplink), and its answer, which comes in by the uplink, at the pod's veth, where it reaches
-    the pod. One request and one response per query, every exchange matched."""
+    the pod. One request and one response per query, every exchange matched. Masqueraded (as
+    a node sends pods' traffic out, CoreDNS's to its upstream): the answer arrives at the uplink
+    addressed to the node, and still counts, matched, at the pod's veth, after the kernel has
+    undone the NAT."""
     client = bed.add_pod("upc")
     tag = f"s8u{os.getpid() % 100000}"
     br, host_end, far_end, ns = f"{tag}br", f"{tag}h", f"{tag}n", f"{tag}ns"
@@ -785,8 +789,8 @@ def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
         subprocess.run(list(argv), check=True, capture_output=True)
 
     def teardown() -> None:
-        subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-        for argv in (["ip", "netns", "del", ns], ["ip", "link", "del", br], ["ip", "link", "del", host_end]):
+        for argv in (["ip", "netns", "del", ns], ["ip", "link", "del", br], ["ip", "link", "del", host_end],
+                     ["nft", "delete", "table", "ip", tag]):
             subprocess.run(argv, capture_output=True)
 
     teardown()  # what a killed run left
@@ -808,6 +812,14 @@ def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
         sh(*inside, "ip", "link", "set", far_end, "up")
         sh(*inside, "ip", "link", "set", "lo", "up")
         sh(*inside, "ip", "route", "add", "default", "via", gw)
+        if masquerade:
+            subprocess.run(["nft", "-f", "-"], check=True, capture_output=True, text=True, input=f"""table ip {tag} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat;
+        oifname "{br}" ip saddr {client.ipv4} masquerade
+    }}
+}}
+""")
         query_log = tmp_path / "upstream-queries.log"
         dnsmasq = subprocess.Popen(
             [*inside, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
@@ -860,3 +872,7 @@ def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
                     else f["IP"]["destination"]) for f in flows) == {
         (br, "REQUEST", gw): n, (br, "RESPONSE", gw): n,
         (client.host_ifname, "REQUEST", client.ipv4): n, (client.host_ifname, "RESPONSE", client.ipv4): n}
+    # The upstream saw the pod's queries from the pod, or (masqueraded) from the node.
+    sources = Counter(re.findall(r"query\[A\] web\.test from (\S+)", query_log.read_text()))
+    assert sources[gw] >= (2 * n if masquerade else n) + 1  # + the readiness probe
+    assert sources[client.ipv4] == (0 if masquerade else n), sources
