@@ -876,3 +876,53 @@ def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
     sources = Counter(re.findall(r"query\[A\] web\.test from (\S+)", query_log.read_text()))
     assert sources[gw] >= (2 * n if masquerade else n) + 1  # + the readiness probe
     assert sources[client.ipv4] == (0 if masquerade else n), sources
+
+
+def test_a_query_to_a_service_address_is_one_exchange_though_its_answer_comes_from_the_pod(
+        bed: Testbed, tmp_path: Path, agents: list) -> None:
+    """A pod asks a Service's address (a DNAT in the host, as kube-proxy does for kube-dns):
+    its query is counted at its veth, to the Service address; the answer at the DNS pod's veth,
+    from the pod's own address (the NAT is undone after it). One exchange all the same: each
+    query matched, timed, none unanswered."""
+    client, server = bed.add_pod("svcc"), bed.add_pod("svcdns")
+    bed.start_dnsmasq(server, hosts={"web.test": ["198.51.100.10"]})
+    tag = f"s8s{os.getpid() % 100000}"
+    service = f"100.126.{os.getpid() % 250}.10"
+    nat = f"""table ip {tag} {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat;
+        ip daddr {service} udp dport 53 dnat to {server.ipv4}
+        ip daddr {service} tcp dport 53 dnat to {server.ipv4}
+    }}
+}}
+"""
+    subprocess.run(["nft", "delete", "table", "ip", tag], capture_output=True)  # what a killed run left
+    subprocess.run(["nft", "-f", "-"], check=True, capture_output=True, text=True, input=nat)
+    try:
+        agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+        agents.append(agent)
+        agent.wait_attached([client, server])
+        statuses = []
+        for tcp in (False, True) * 3:
+            res = client.exec(["dig", "+time=2", "+tries=1", *(["+tcp"] if tcp else []), f"@{service}", "web.test", "A"],
+                              check=False)
+            m = re.search(r"status: (\w+)", res.stdout)
+            statuses.append(m.group(1) if m else "")
+        assert statuses == ["NOERROR"] * 6
+        time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
+        kernel = agent.receiver.dns.kernel_counts()
+        agent.stop()
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", tag], capture_output=True)
+
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == 6
+    assert values["networkobservability_dns_response_count"] == 6
+    assert values["flowtel_dns_unanswered_total"] == 0
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == 6
+    assert kernel["UNMATCHED"] == 0, kernel
+    flows = l7_flows(agent.flows())
+    assert Counter((f["interface"]["name"], l7_type(f), f["IP"]["source"], f["IP"]["destination"]) for f in flows) == {
+        (client.host_ifname, "REQUEST", client.ipv4, service): 6,
+        (server.host_ifname, "RESPONSE", server.ipv4, client.ipv4): 6}
+    assert all(int(f["l7"]["latency_ns"]) > 0 for f in flows if l7_type(f) == "RESPONSE")
