@@ -433,7 +433,8 @@ def report(res: Run) -> str:
         text += f"\ntcpdump: {drop:,} of {rec:,} packets dropped by the kernel before capture ({drop / max(rec, 1):.1%})."
     if res.checks:
         text += ("\n\nWhat flowtel counted (its prometheus endpoint, after the workloads) against the kernel's "
-                 "counters of the same veths and dnsperf's own count (each query crosses two observed veths):\n\n"
+                 "counters of the same veths and dnsperf's own count (each query crosses two observed veths and is "
+                 "counted once, at the client's: 1.0000 is exact):\n\n"
                  + render_checks(res.checks) + "\n")
     if res.loadavg:
         text += f"\nload average (1 min) at the start of each condition: {min(res.loadavg):.2f}–{max(res.loadavg):.2f}."

@@ -11,8 +11,8 @@ and from ``dnsc`` two unpaced Python senders of DNS queries (raw UDP, port 53) t
 - **kernel counters exact**: flowtel's per-veth packet totals (the per-CPU ``iface_totals``
   map, ingress and egress hooks) against ``ip -s link`` deltas of the same host-side veths
   (rx = ingress hook, tx + tx_dropped = egress hook: tc egress runs before the veth can drop);
-- **every lost DNS event counted**: packets the senders sent × 2 observation points (the
-  sender's and the receiver's host-side veth) against DNS records read and parsed by user
+- **every lost DNS event counted**: packets the senders sent (each counted once, at the
+  sender's host-side veth; the receiver's skips it) against DNS records read and parsed by user
   space + ``LostEvents{DNS_TCP_UNPARSED}`` in the exported output; the kernel's own
   ring counters (written, lost) beside them; the pipeline's QUEUE_FULL losses too.
 
@@ -150,7 +150,7 @@ def run(seconds: float = 10.0, senders: int = 2) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     base, fl = r["baseline"], r["flowtel"]
     seen = r["ring_written"] + r["ring_lost"] + r["ring_skipped"]
-    expected = fl["dns_sent"] * 2
+    expected = fl["dns_sent"]  # once per message: at the sender's veth (the receiver's skips it)
     lost_out = r["lost_in_output"].get("DNS_TCP_UNPARSED", 0)
     queue_out = sum(v for k, v in r["lost_in_output"].items() if k.startswith("QUEUE_FULL"))
     lines = [
@@ -168,7 +168,7 @@ def report(r: dict[str, Any]) -> str:
                      f"egress {l['flowtel_egress']:>10,} vs {l['ip_tx']:>10,} + {l['ip_tx_dropped']:,} {'==' if ok_out else '!='}"
                      f"   (rx_dropped {l['ip_rx_dropped']:,})")
     lines += [
-        f"DNS: sent × 2 observation points = {expected:,}; seen by the tc programs (samples written + lost + "
+        f"DNS: sent (each counted once, at the sender's veth) = {expected:,}; seen by the tc programs (samples written + lost + "
         f"over budget) = {seen:,} (difference {expected - seen:,}: dropped by the kernel before tc, see rx/tx_dropped)",
         f"     counted as requests (kernel aggregates) {r['dns_requests']:,} {'==' if r['dns_requests'] == seen else '!='} seen; "
         f"samples written {r['ring_written']:,} = read by user space {r['parsed']:,} "

@@ -26,6 +26,19 @@
  * Samples carry what the kernel decided (slot, key fields, latency), so user space can tell
  * how many messages of each key it saw one by one and report the rest aggregated.
  *
+ * Once per message, at the first pod interface it crosses (the peers' semantics: Retina counts a
+ * message at its one receive in the host, Hubble once at the client's DNS proxy). A message
+ * between two pods of the node runs the tc program at both host-side veths; it is counted at
+ * the first, where the interface receives it from its pod, and not at the second, where
+ * skb->ingress_ifindex names an observed pod interface (dns_pod_ifaces, kept by user space).
+ * What reaches a pod from outside (the uplink, a host process, an unobserved interface) is
+ * counted where it goes to the pod. At a non-pod interface (the node's uplink) the addresses
+ * are not yet or no longer the pod's (SNAT, a Service's reverse DNAT), so only the host's own
+ * exchanges are counted there: requests the host sends (ingress_ifindex not a pod interface)
+ * and the responses that match one of them; the rest is counted at its pod interface, or,
+ * with no pod taking part, not at all (FLOWTEL_DNS_CNT_NOT_HERE). Requests and responses are
+ * paired by their client end (flowtel.h, struct dns_pending_key), wherever each was seen.
+ *
  * TCP (RFC 7766: a 2-byte length before each message): the segment that starts a message is
  * parsed like a datagram when it holds the message's header and question. Where the next
  * message starts is remembered when a message runs past its segment (dns_tcp_next), so the
@@ -37,7 +50,8 @@
  * Compile-time constants (set by the loader, receiver/ebpf/dnsring.py): FLOWTEL_IS_DNS_PORT(p),
  * FLOWTEL_DNS_CAPTURE, FLOWTEL_DNS_RING_PAGES (each ring), FLOWTEL_DNS_MAX_AGGREGATES, FLOWTEL_DNS_AGG_SETS,
  * FLOWTEL_DNS_PENDING_SETS, FLOWTEL_DNS_SET_SEED (random per load), FLOWTEL_DNS_TIMEOUT_NS, FLOWTEL_DNS_SAMPLE_COST_NS,
- * FLOWTEL_DNS_LAT_BUCKET(ns) (the latency bucket of ns, from the histogram's bounds).
+ * FLOWTEL_DNS_LAT_BUCKET(ns) (the latency bucket of ns, from the histogram's bounds); optional:
+ * FLOWTEL_DNS_POD_IFACES (entries of dns_pod_ifaces, default FLOWTEL_IFACE_SLOTS).
  */
 #ifndef FLOWTEL_DNS_H
 #define FLOWTEL_DNS_H
@@ -74,12 +88,23 @@ BPF_TABLE("lru_hash", struct dns_tcp_stream, __u32, dns_tcp_next, FLOWTEL_DNS_TC
 BPF_PERCPU_ARRAY(dns_latency, struct dns_latency, 1);
 BPF_PERCPU_ARRAY(dns_budget, struct dns_budget, 1);
 BPF_PERCPU_ARRAY(dns_counters, __u64, FLOWTEL_DNS_CNT_MAX);
+/* ifindex -> FLOWTEL_DNS_POD_IFACE for the host-side pod interfaces the tc program is attached
+ * to (user space adds one once both its filters are in place, removes it when the link goes). */
+#ifndef FLOWTEL_DNS_POD_IFACES
+#define FLOWTEL_DNS_POD_IFACES FLOWTEL_IFACE_SLOTS  /* an interface beyond has no counter slot either */
+#endif
+BPF_HASH(dns_pod_ifaces, __u32, __u8, FLOWTEL_DNS_POD_IFACES);
+/* Where a message is, for what is counted there (the top of this file; kernel-only). */
+#define DNS_SITE_POD    0  /* a pod interface, the first it crosses: counted */
+#define DNS_SITE_UPLINK_IN  1  /* received by a non-pod interface: only responses to the host's requests */
+#define DNS_SITE_UPLINK_OUT 2  /* sent by a non-pod interface, not from a pod: only requests */
 /* What the tc programs hand to flowtel_dns with the tail call (kernel-only). */
 struct dns_handoff {
     struct flow_key key;
     __u32 l4off;
     __u32 end;
     __u8  hook;
+    __u8  site;            /* DNS_SITE_* */
 };
 BPF_PERCPU_ARRAY(dns_handoff, struct dns_handoff, 1);
 BPF_PROG_ARRAY(dns_tail, 1);  /* [0]: flowtel_dns, installed by the loader */
@@ -377,13 +402,16 @@ static __always_inline void dns_latency_observe(__u64 ns)
 
 /* The set of an exchange: a multiplicative hash of its key's words (client port and id vary
  * per query, so one client's queries spread over the sets). Its high bits pick the set. */
+_Static_assert(sizeof(struct dns_pending_key) == 22, "dns_pending_key: five 32-bit words and one 16-bit");
+_Static_assert(sizeof(struct dns_pending) == 64, "dns_pending: one cache line");
 static __always_inline __u32 dns_pending_index(const struct dns_pending_key *pk)
 {
     const __u32 *w = (const __u32 *)pk;
     __u64 h = FLOWTEL_DNS_SET_SEED;  /* seeded per load, as dns_aggregate's */
 #pragma unroll
-    for (int i = 0; i < sizeof(*pk) / 4; i++)
+    for (int i = 0; i < 5; i++)
         h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL;
+    h = (h ^ *(const __u16 *)&pk->family) * 0x9e3779b97f4a7c15ULL;
     return (__u32)(h >> 32) & (FLOWTEL_DNS_PENDING_SETS - 1);
 }
 
@@ -392,32 +420,32 @@ static __always_inline int dns_pending_is(const struct dns_pending_key *a, const
     const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
     __u32 diff = 0;
 #pragma unroll
-    for (int i = 0; i < sizeof(*a) / 4; i++)
+    for (int i = 0; i < 5; i++)
         diff |= x[i] ^ y[i];
+    diff |= *(const __u16 *)&a->family ^ *(const __u16 *)&b->family;  /* family and protocol */
     return diff == 0;
 }
 
-/* Request: start waiting. Response: match and time it. Returns the latency or 0. Each costs
- * one array lookup (inlined by the verifier) and reads of one set: 4 adjacent cache lines, no
- * lock, no allocation (the hash map it replaces cost ~350-400 ns a message under dnsperf). */
+/* Request: start waiting. Response: match and time it. Returns the latency or 0. At the uplink
+ * (site DNS_SITE_UPLINK_IN) a response is only asked whether it answers a request counted at
+ * the uplink (the host's); if not, it is left to the pod interface it goes to, and not counted
+ * UNMATCHED there. Each costs one array lookup (inlined by the verifier) and reads of one set:
+ * 4 adjacent cache lines, no lock, no allocation (the hash map it replaces cost ~350-400 ns a
+ * message under dnsperf). */
 static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __u16 id, int is_response,
-                                       __u64 name_hash, __u16 qtype, __u64 now)
+                                       __u64 name_hash, __u16 qtype, __u64 now, __u8 site)
 {
+    int probe = site == DNS_SITE_UPLINK_IN;
     struct dns_pending_key pk = {};
-    pk.ifindex = key->ifindex;
     pk.id = id;
     pk.family = key->family;
     pk.protocol = key->protocol;
     if (!is_response) {
         __builtin_memcpy(pk.client, key->saddr, 16);
-        __builtin_memcpy(pk.server, key->daddr, 16);
         pk.client_port = key->sport;
-        pk.server_port = key->dport;
     } else {
         __builtin_memcpy(pk.client, key->daddr, 16);
-        __builtin_memcpy(pk.server, key->saddr, 16);
         pk.client_port = key->dport;
-        pk.server_port = key->sport;
     }
     __u32 idx = dns_pending_index(&pk);
     struct dns_pending_set *set = dns_pending.lookup(&idx);
@@ -442,8 +470,12 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
             if (*(volatile __u64 *)&p->ts_ns == 0 && __sync_val_compare_and_swap(&p->ts_ns, 0, now) == 0) {
                 p->name_hash = name_hash;
                 p->key = pk;
+                p->server_port = key->dport;
+                p->ifindex = key->ifindex;
+                __builtin_memcpy(p->server, key->daddr, 16);
                 p->qtype = qtype;
                 p->hook = hook;
+                p->at_uplink = site == DNS_SITE_UPLINK_OUT;
                 return 0;
             }
         }
@@ -454,7 +486,7 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
     for (int w = 0; w < FLOWTEL_DNS_PENDING_WAYS; w++) {
         struct dns_pending *p = &set->way[w];
         __u64 ts = *(volatile __u64 *)&p->ts_ns;
-        if (!ts || !dns_pending_is(&p->key, &pk))
+        if (!ts || !dns_pending_is(&p->key, &pk) || (probe && !p->at_uplink))
             continue;
         __u64 lat = now > ts ? now - ts : 0;
         /* A late response leaves its request to the sweep, which reports it unanswered; of the
@@ -466,7 +498,8 @@ static __always_inline __u64 dns_match(const struct flow_key *key, __u8 hook, __
         dns_latency_observe(lat);
         return lat;
     }
-    dns_count(FLOWTEL_DNS_CNT_UNMATCHED);
+    if (!probe)
+        dns_count(FLOWTEL_DNS_CNT_UNMATCHED);
     return 0;
 }
 
@@ -568,7 +601,7 @@ static __always_inline void dns_sample(struct __sk_buff *skb, const struct flow_
  * prefix), avail of them in this packet. Parsed, counted, matched, maybe sampled. With cut (a
  * TCP message that continues in later segments), a message whose header and question cannot
  * be read from this segment is not counted but returned as -1 (the caller reports it). */
-static __always_inline int dns_message(struct __sk_buff *skb, const struct flow_key *key, __u8 hook,
+static __always_inline int dns_message(struct __sk_buff *skb, const struct flow_key *key, __u8 hook, __u8 site,
                                        __u32 off, __u32 msg_len, __u32 avail, __u64 now, int cut)
 {
     struct dns_agg_key ak = {};
@@ -584,6 +617,21 @@ static __always_inline int dns_message(struct __sk_buff *skb, const struct flow_
     dns_parse(skb, off, avail, &ak, &id);
     if (cut && ak.status != FLOWTEL_DNS_OK)
         return -1;
+    __u64 latency = 0;
+    if (site != DNS_SITE_POD) {
+        /* The uplink counts the host's own exchanges only (the top of this file). */
+        if (ak.status != FLOWTEL_DNS_OK || ak.is_response != (site == DNS_SITE_UPLINK_IN)) {
+            dns_count(FLOWTEL_DNS_CNT_NOT_HERE);
+            return 0;
+        }
+        if (site == DNS_SITE_UPLINK_IN) {
+            latency = dns_match(key, hook, id, 1, ak.name_hash, ak.qtype, now, site);
+            if (!latency) {
+                dns_count(FLOWTEL_DNS_CNT_NOT_HERE);
+                return 0;
+            }
+        }
+    }
 
     __u32 zero = 0;
     __u32 *active = dns_active.lookup(&zero);
@@ -598,9 +646,8 @@ static __always_inline int dns_message(struct __sk_buff *skb, const struct flow_
             dns_count(FLOWTEL_DNS_CNT_UNKEYED_REQUESTS);
         created = 0;
     }
-    __u64 latency = 0;
-    if (ak.status == FLOWTEL_DNS_OK)
-        latency = dns_match(key, hook, id, ak.is_response, ak.name_hash, ak.qtype, now);
+    if (ak.status == FLOWTEL_DNS_OK && site != DNS_SITE_UPLINK_IN)
+        latency = dns_match(key, hook, id, ak.is_response, ak.name_hash, ak.qtype, now, site);
 
     int first = created > 0 && dns_first_seen(&ak, slot);
     __u8 kind;
@@ -728,6 +775,7 @@ int flowtel_dns(struct __sk_buff *skb)
     struct flow_key kcopy = ho->key;
     const struct flow_key *key = &kcopy;
     __u8 hook = ho->hook;
+    __u8 site = ho->site;
     __u32 l4off = ho->l4off, end = ho->end;
     int tcp = key->protocol == IPPROTO_TCP;
     __u32 off = 0, msg_len = 0, avail = 0, seq = 0, data = 0, seg = 0, start = 0;
@@ -747,7 +795,7 @@ int flowtel_dns(struct __sk_buff *skb)
     }
     /* The question is not all in the segment that starts the message: not counted (reported;
      * the segments that carry the rest are skipped by dns_tcp_frame's mark). */
-    if (dns_message(skb, key, hook, off, msg_len, avail, bpf_ktime_get_ns(), cut) < 0)
+    if (dns_message(skb, key, hook, site, off, msg_len, avail, bpf_ktime_get_ns(), cut) < 0)
         dns_count(FLOWTEL_DNS_CNT_TCP_UNPARSED);
     /* An observer: let later filters and the stack decide. */
     return TC_ACT_UNSPEC;
@@ -763,12 +811,24 @@ static __always_inline void dns_observe(struct __sk_buff *skb, const struct flow
         return;
     if (key->protocol != IPPROTO_TCP && key->protocol != IPPROTO_UDP)
         return;
+    /* Once per message (the top of this file): what came in by an observed pod interface was
+     * counted there, and costs no more than this lookup here. */
+    __u32 iif = skb->ingress_ifindex;
+    if (hook == FLOWTEL_HOOK_EGRESS && iif && dns_pod_ifaces.lookup(&iif)) {
+        dns_count(FLOWTEL_DNS_CNT_SEEN_BEFORE);
+        return;
+    }
+    __u32 ifindex = key->ifindex;
+    __u8 site = DNS_SITE_POD;
+    if (!dns_pod_ifaces.lookup(&ifindex))
+        site = hook == FLOWTEL_HOOK_INGRESS ? DNS_SITE_UPLINK_IN : DNS_SITE_UPLINK_OUT;
     __u32 zero = 0;
     struct dns_handoff *ho = dns_handoff.lookup(&zero);
     if (!ho)
         return;
     ho->key = *key;
     ho->hook = hook;
+    ho->site = site;
     ho->l4off = l4off;
     ho->end = end;
     dns_tail.call(skb, 0);

@@ -217,22 +217,26 @@ struct dns_agg_entry {
     __u64 last_ns;
 };
 
-/* dns_pending: requests waiting for their response, per observation point. A set-associative
+/* dns_pending: requests waiting for their response. A set-associative
  * array (no allocation, free list or bucket lock per message): a request hashes to one set of
  * FLOWTEL_DNS_PENDING_WAYS ways, each one cache line, and claims a free way with a
  * compare-and-swap on ts_ns (0: free). A request whose set is full is counted (PENDING_FULL),
  * never evicted silently. A response finds its request in its set and frees it with a CAS
  * while younger than the timeout; the requests that time out are freed and copied out by
  * flowtel_dns_sweep, a program user space runs (BPF_PROG_TEST_RUN) on a chunk of sets at a
- * time; user space reports them unanswered. Of the two CASes, whoever frees the way owns it. */
+ * time; user space reports them unanswered. Of the two CASes, whoever frees the way owns it.
+ *
+ * An exchange is keyed by its client end only (address, port, DNS id, family, protocol): each
+ * message is counted once, at the first pod interface it crosses (bpf/dns.h), so the request
+ * of a pod-to-pod exchange is seen at the client's interface and its response at the
+ * server's, and a Service's DNAT has rewritten the server's address between the two (the
+ * request goes to the ClusterIP, the response comes from the pod). Where the request was
+ * seen, and the server it was sent to, are kept beside the key for its unanswered flow. */
 #define FLOWTEL_DNS_PENDING_WAYS 4
 #define FLOWTEL_DNS_SWEEP_SETS 256   /* sets one run of flowtel_dns_sweep looks at */
 struct dns_pending_key {
     __u8  client[16];
-    __u8  server[16];
-    __u32 ifindex;
     __u16 client_port;
-    __u16 server_port;
     __u16 id;
     __u8  family;
     __u8  protocol;      /* IPPROTO_UDP or IPPROTO_TCP */
@@ -243,9 +247,13 @@ struct dns_pending {
     __u64 ts_ns;         /* the request's bpf_ktime_get_ns (the first one, if retransmitted); 0: free */
     __u64 name_hash;
     struct dns_pending_key key;
+    __u16 server_port;   /* the request's destination port */
+    __u32 ifindex;       /* where the request was counted */
+    __u8  server[16];    /* the request's destination address */
     __u16 qtype;
     __u8  hook;
-    __u8  pad[1];
+    __u8  at_uplink;     /* 1: counted at a non-pod interface (a host's request): only a response seen
+                          * there matches it (bpf/dns.h) */
 };
 
 struct dns_pending_set {
@@ -302,7 +310,13 @@ struct dns_budget {
                                               * segment was (only the first of a segment is parsed) */
 #define FLOWTEL_DNS_CNT_TCP_CONTINUATIONS 10 /* TCP segments that only continue a message (nothing to count) */
 #define FLOWTEL_DNS_CNT_NOT_OBSERVED    11  /* DNS packets not parsed: flowtel_dns not installed (a loader bug) */
-#define FLOWTEL_DNS_CNT_MAX             12
+#define FLOWTEL_DNS_CNT_SEEN_BEFORE     12  /* DNS packets not counted again: counted at the pod interface they
+                                              * came in by (dns.h, "once per message") */
+#define FLOWTEL_DNS_CNT_NOT_HERE        13  /* DNS messages at a non-pod interface (the uplink) not counted
+                                              * there: left to the pod interface they go to, or no pod's (dns.h) */
+#define FLOWTEL_DNS_CNT_MAX             14
+/* dns_pod_ifaces values */
+#define FLOWTEL_DNS_POD_IFACE 1
 /* ---- end of DNS ------------------------------------------------------------------- */
 
 /* ==== kernel events (bpf/kernel_events.c): packet drops and TCP health ==================

@@ -4,9 +4,10 @@ Pure logic: :class:`DnsTracker` takes decoded kernel samples (:class:`DnsEvent`)
 the DNS maps held (:mod:`receiver.ebpf.dnsmaps`) and returns records; reading the kernel is
 :mod:`receiver.ebpf.dnsring`'s job. Each DNS message becomes one flow (or, above the sample
 budget, one aggregated flow per key and interval): a ``REQUEST`` per query, a ``RESPONSE``
-per answer, both from the interface and hook where they were seen, as Hubble reports them
-per endpoint. A query with no response within the timeout yields one more flow of kind
-``DNS_UNANSWERED`` (verdict ERROR, no ``l7.type`` on the wire).
+per answer, each from the interface and hook where the kernel counted it: once, at the first
+pod interface it crosses (bpf/dns.h; Retina's and Hubble's count). A query with no response
+within the timeout yields one more flow of kind ``DNS_UNANSWERED`` (verdict ERROR, no
+``l7.type`` on the wire).
 
 The kernel counts every message, over UDP and TCP (bpf/dns.h), per aggregation key
 (interface, hook, addresses, server port, name hash, qtype, rcode, QR, protocol) and matches
@@ -41,13 +42,13 @@ from flowtel.records import (
     EventKind,
     MetricKind,
     MetricPoint,
+    TrafficDirection,
     Verdict,
     frozen_extensions,
 )
 from flowtel.lib.bpf.constants import HEADER
 from flowtel.lib.bpf.tcattach import Interface
 from receiver.ebpf.dnstypes import Aggregate, AggKey, Expired, KernelLatency
-from receiver.ebpf.direction import traffic_direction
 from receiver.ebpf.dnswire import DnsMessage, MalformedMessage, parse_shared, question_name, type_text
 
 METRIC_REQUESTS = "networkobservability_dns_request_count"
@@ -118,7 +119,7 @@ class DnsCounts:
 
     events: int = 0  # samples received from the kernel
     names: int = 0  # of them, name samples (kind NAME: no flow of their own)
-    requests: int = 0  # DNS requests (one per query per observation point), sampled or not
+    requests: int = 0  # DNS requests (one per query: at the first pod interface), sampled or not
     responses: int = 0
     unanswered: int = 0
     parse_errors: int = 0  # packets with no readable DNS message (at most one per packet)
@@ -135,10 +136,18 @@ def _ip(family: int, raw: bytes) -> str:
 
 
 def dns_flow(node_name: str, *, family: int, saddr: bytes, daddr: bytes, protocol: int, sport: int, dport: int,
-             ifindex: int, hook: int, iface: Interface | None, kind: EventKind, info: DnsInfo, time_ns: int,
+             ifindex: int, iface: Interface | None, kind: EventKind, info: DnsInfo, time_ns: int,
              latency_ns: int, extensions: Mapping[str, object] | None = None) -> Flow:
     """The one place a DNS flow record is built (Hubble's L7 shape). ``kind`` is
-    DNS_REQUEST, DNS_RESPONSE or DNS_UNANSWERED."""
+    DNS_REQUEST, DNS_RESPONSE or DNS_UNANSWERED.
+
+    ``traffic_direction`` is the client pod's, whichever interface counted the message: a
+    request (and an unanswered one) is its EGRESS, a response its INGRESS. A message is
+    counted once, at the first pod interface it crosses, so a response is usually counted
+    at the server's veth; Retina's DNS plugin, which counts the same way, derives the direction
+    from QR just so, and with Retina's ``sourceEgressContext``/``destinationIngressContext``
+    strings the request then labels the client as its source and the response the client as
+    its destination."""
     unanswered = kind is EventKind.DNS_UNANSWERED
     return Flow(
         time_ns=time_ns,
@@ -153,7 +162,7 @@ def dns_flow(node_name: str, *, family: int, saddr: bytes, daddr: bytes, protoco
         src_port=sport,
         dst_port=dport,
         kind=kind,
-        traffic_direction=traffic_direction(iface, hook),
+        traffic_direction=TrafficDirection.INGRESS if kind is EventKind.DNS_RESPONSE else TrafficDirection.EGRESS,
         is_reply=None if unanswered else kind is EventKind.DNS_RESPONSE,
         ethertype=0x86DD if family == 6 else 0x0800,
         ifindex=ifindex,
@@ -352,7 +361,7 @@ class DnsTracker:
     def _sampled_flow(self, ev: DnsEvent, info: DnsInfo, iface: Interface | None, offset: int) -> Flow:
         # The header's QR bit, which the kernel read as dnspython does.
         return dns_flow(self.node_name, family=ev.family, saddr=ev.saddr, daddr=ev.daddr, protocol=ev.protocol,
-                        sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, hook=ev.hook, iface=iface,
+                        sport=ev.sport, dport=ev.dport, ifindex=ev.ifindex, iface=iface,
                         kind=EventKind.DNS_RESPONSE if ev.is_response else EventKind.DNS_REQUEST, info=info,
                         time_ns=ev.ts_ns + offset, latency_ns=ev.latency_ns)
 
@@ -449,7 +458,7 @@ class DnsTracker:
         # The server's port on its side; the clients' ports are many, so 0.
         sport, dport = (key.port, 0) if key.is_response else (0, key.port)
         return dns_flow(self.node_name, family=key.family, saddr=key.saddr, daddr=key.daddr,
-                        protocol=key.protocol, sport=sport, dport=dport, ifindex=key.ifindex, hook=key.hook,
+                        protocol=key.protocol, sport=sport, dport=dport, ifindex=key.ifindex,
                         iface=iface, kind=EventKind.DNS_RESPONSE if key.is_response else EventKind.DNS_REQUEST,
                         info=info, time_ns=time_ns, latency_ns=0, extensions=extensions)
 
@@ -493,7 +502,7 @@ class DnsTracker:
         if named is None and e.name_hash:
             extensions[EXTENSION_QUERY_HASH] = f"{e.name_hash:016x}"
         return dns_flow(self.node_name, family=e.family, saddr=e.client, daddr=e.server, protocol=e.protocol,
-                        sport=client_port, dport=e.server_port, ifindex=e.ifindex, hook=e.hook,
+                        sport=client_port, dport=e.server_port, ifindex=e.ifindex,
                         iface=self._interface_of(e.ifindex), kind=EventKind.DNS_UNANSWERED, info=info, time_ns=time_ns,
                         latency_ns=0, extensions=extensions)
 
@@ -503,7 +512,7 @@ class DnsTracker:
         c = self.counts
         latency = self._latency.point(METRIC_LATENCY, now_ns, unit="s",
                                      description="Latency of DNS responses matched to their request (kernel "
-                                                 "timestamps, each observation point counts)")
+                                                 "timestamps where each was counted)")
         if kernel_latency is not None:
             n = len(latency.bucket_counts)
             latency = dataclasses.replace(
@@ -514,9 +523,9 @@ class DnsTracker:
             )
         return [
             MetricPoint(METRIC_REQUESTS, float(c.requests), MetricKind.SUM, now_ns,
-                        description="DNS requests observed (each observation point counts)"),
+                        description="DNS requests observed (once each, at the first pod interface)"),
             MetricPoint(METRIC_RESPONSES, float(c.responses), MetricKind.SUM, now_ns,
-                        description="DNS responses observed (each observation point counts)"),
+                        description="DNS responses observed (once each, at the first pod interface)"),
             MetricPoint(METRIC_UNANSWERED, float(c.unanswered), MetricKind.SUM, now_ns,
                         description="DNS requests with no response within the timeout"),
             MetricPoint(METRIC_PARSE_ERRORS, float(c.parse_errors), MetricKind.SUM, now_ns,

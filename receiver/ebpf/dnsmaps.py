@@ -221,7 +221,9 @@ class DnsMaps:
         self._sweep = _Sweep(bpf, sweep_sets)
         pending = bpf["dns_expired"].Leaf
         key_names = [f[0] for f in {f[0]: f[1] for f in pending._fields_}["key"]._fields_]
-        expected_pending = [f for f in Expired._fields if f not in ("ts_ns", "name_hash", "qtype", "hook")]
+        # The key is the client's end only (bpf/flowtel.h); the rest of Expired is beside it.
+        expected_pending = [f for f in Expired._fields
+                            if f not in ("server", "ifindex", "server_port", "ts_ns", "name_hash", "qtype", "hook")]
         if key_names != expected_pending:
             raise RuntimeError(f"bpf/flowtel.h struct dns_pending_key {key_names} does not match")
         self._active = bpf["dns_active"]
@@ -256,7 +258,7 @@ class DnsMaps:
             n = sweep.run(first, deadline_ns)
             for e in sweep.out_values[:n]:
                 k = e.key
-                out.append(Expired(bytes(k.client), bytes(k.server), k.ifindex, k.client_port, k.server_port, k.id,
+                out.append(Expired(bytes(k.client), bytes(e.server), e.ifindex, k.client_port, e.server_port, k.id,
                                    k.family, k.protocol, e.ts_ns, e.name_hash, e.qtype, e.hook))
         return out
 

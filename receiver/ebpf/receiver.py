@@ -24,6 +24,7 @@ from receiver.ebpf.dnsring import cflags as dns_cflags
 from flowtel.lib.bpf import kallsyms
 from flowtel.lib.bpf.release import release_compiler_memory
 from receiver.ebpf.dnsring import install_program as install_dns_program
+from receiver.ebpf.dnsifaces import PodInterfaces
 from flowtel.lib.bpf.tcattach import SlotAllocator
 from flowtel.lib.bpf.doublebuffer import DRAIN_CHUNK_RECORDS
 from flowtel.lib.bpf.earlydrain import FILL_POLL_S, Drain, EarlyDrain
@@ -136,6 +137,9 @@ class EbpfReceiver(Receiver):
             self._dns = DnsRing(self._bpf, tracker, self.settings, self.next_consumer,
                                 report_interval=self.config.collection_interval)
         program = Program(tc.fd, tc.name.decode() if isinstance(tc.name, bytes) else tc.name)
+        # DNS is counted once, at the first pod interface a message crosses: the kernel must
+        # know which interfaces those are (bpf/dns.h).
+        pods = PodInterfaces(self._bpf) if dns.enabled else None
         self._attach = TcAttachManager(
             self.config.interfaces,
             program,
@@ -143,6 +147,8 @@ class EbpfReceiver(Receiver):
             priority=self.config.tc_priority,
             slots=self._slots,
             on_slot=self._ifaces.assigned,
+            on_attached=pods.attached if pods is not None else None,
+            on_gone=pods.gone if pods is not None else None,
         )
         try:
             self._attach.start()
@@ -154,6 +160,11 @@ class EbpfReceiver(Receiver):
             ) from None
         attach = self._attach
         self.settings.telemetry.register_gauge(self.settings.id, "interfaces_attached", lambda: len(attach.attached()))
+        if pods is not None:
+            # Pod interfaces dns_pod_ifaces had no room for (their DNS counts at both ends; logged).
+            tracked = pods
+            self.settings.telemetry.register_gauge(self.settings.id, "dns_pod_interfaces_untracked",
+                                                   lambda: tracked.not_tracked)
         # Re-lists of the node's links after lost or malformed link events (each a full decode of
         # every link): a rising count means the watch's socket cannot keep up.
         self.settings.telemetry.register_gauge(self.settings.id, "link_relists", lambda: attach.resyncs)

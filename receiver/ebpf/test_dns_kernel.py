@@ -9,6 +9,8 @@ lower-case wire name, computed here independently of the C code.
 from __future__ import annotations
 
 import ctypes
+import os
+import socket
 import struct
 import time
 from typing import Any, Iterator
@@ -47,29 +49,45 @@ def message(qname: bytes, *, qid: int = 0x1111, flags: int = 0x0100, qdcount: in
     return struct.pack("!HHHHHH", qid, flags, qdcount, 0, 0, 0) + question
 
 
-def frame(payload: bytes, *, reply: bool, port: int = 40000) -> bytes:
+def frame(payload: bytes, *, reply: bool, port: int = 40000, server: bytes = SERVER) -> bytes:
     """Ethernet + IPv4 + UDP around a DNS payload (client port ``port``, server port 53)."""
-    src, dst, sport, dport = (SERVER, CLIENT, 53, port) if reply else (CLIENT, SERVER, port, 53)
+    src, dst, sport, dport = (server, CLIENT, 53, port) if reply else (CLIENT, server, port, 53)
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, dst) + udp
     return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + ip
 
 
-@pytest.fixture(scope="module")
-def prog() -> Iterator[Any]:
+# A test run's packet arrives by loopback unless told otherwise: here it stands for a host-side
+# pod interface (the agent puts those in dns_pod_ifaces), where every message is counted.
+LOOPBACK = 1
+
+
+def load(**dns: Any) -> tuple[Any, Any]:
+    """tc_flow.c with DNS configured as ``dns``, loopback a pod interface."""
     from bcc import BPF  # type: ignore[import-untyped]
     defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
-    defines.update(cflags(DnsConfig.model_validate({"sample_rate": 1_000_000})))
+    defines.update(cflags(DnsConfig.model_validate(dns)))
     b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
     fn = b.load_func("flowtel_tc", BPF.SCHED_CLS)
     install_program(b)
+    set_pod_interface(b, LOOPBACK)
+    return b, fn
+
+
+def set_pod_interface(b: Any, ifindex: int) -> None:
+    b["dns_pod_ifaces"][ctypes.c_uint32(ifindex)] = ctypes.c_uint8(header_define("FLOWTEL_DNS_POD_IFACE"))
+
+
+@pytest.fixture(scope="module")
+def prog() -> Iterator[Any]:
+    b, fn = load(sample_rate=1_000_000)
     yield b, fn
     b.cleanup()
 
 
-def run(prog: Any, packet: bytes) -> None:
+def run(prog: Any, packet: bytes, ifindex: int = 0) -> None:
     _, fn = prog
-    assert prog_test_run(fn.fd, packet).retval == 0xFFFFFFFF  # TC_ACT_UNSPEC: an observer
+    assert prog_test_run(fn.fd, packet, ifindex=ifindex).retval == 0xFFFFFFFF  # TC_ACT_UNSPEC: an observer
 
 
 def take_keys(prog: Any) -> dict[tuple[int, int, int, int, int], int]:
@@ -156,19 +174,76 @@ def test_a_response_is_matched_to_its_request_once_and_retransmissions_keep_the_
     assert sum(take_keys(prog).values()) == 6  # every message counted, matched or not
 
 
-def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -> None:
-    from bcc import BPF  # type: ignore[import-untyped]
-    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
-    defines.update(cflags(DnsConfig.model_validate({"max_pending": 16})))
-    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+@pytest.fixture(scope="module")
+def links() -> Iterator[tuple[int, int]]:
+    """Two links of this test's own (a veth pair, never up) whose indexes test runs can name."""
+    import subprocess
+    a, b = f"dk{os.getpid() % 100000}a", f"dk{os.getpid() % 100000}b"
+    subprocess.run(["ip", "link", "del", a], capture_output=True)  # left by a killed run
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
     try:
-        small = (b, b.load_func("flowtel_tc", BPF.SCHED_CLS))
-        install_program(b)
-        for i in range(20):
+        yield socket.if_nametoindex(a), socket.if_nametoindex(b)
+    finally:
+        subprocess.run(["ip", "link", "del", a], capture_output=True)
+
+
+def latencies(b: Any) -> int:
+    return sum(cpu.count for cpu in b["dns_latency"][ctypes.c_int(0)])
+
+
+def test_an_exchange_is_paired_by_its_client_end_wherever_each_message_was_counted(
+        prog: Any, links: tuple[int, int]) -> None:
+    """Each message is counted once, at the first pod interface it crosses: the request at the
+    client's, the response at the server's, which a Service's DNAT put behind another address
+    than the one the client asked. The pair is still one exchange: timed, nothing unmatched."""
+    b, _ = prog
+    server_if, _ = links
+    set_pod_interface(b, server_if)
+    clear_pending(b)
+    take_keys(prog)
+    before_lat, before_un = latencies(b), counter(prog, "UNMATCHED")
+    behind = bytes([10, 9, 0, 3])  # the pod that answers for SERVER (a ClusterIP)
+    run(prog, frame(message(wire("svc.example."), qid=0x5555), reply=False, port=47000))  # at the client's
+    run(prog, frame(message(wire("svc.example."), qid=0x5555, flags=0x8180), reply=True, port=47000, server=behind),
+        ifindex=server_if)  # at the server's
+    assert latencies(b) == before_lat + 1 and pending(b) == 0 and counter(prog, "UNMATCHED") == before_un
+    assert sum(take_keys(prog).values()) == 2
+
+
+def test_a_non_pod_interface_counts_only_the_hosts_own_exchanges(prog: Any, links: tuple[int, int]) -> None:
+    """The uplink (no pod interface) receives what it will hand to a pod, with the addresses
+    before the node's NAT is undone: not counted there but where it reaches the pod. A response
+    there counts only if it answers a request the host sent out that way."""
+    b, _ = prog
+    _, uplink = links
+    clear_pending(b)
+    take_keys(prog)
+    before_lat, before_un, before_not = latencies(b), counter(prog, "UNMATCHED"), counter(prog, "NOT_HERE")
+    q = message(wire("up.example."), qid=0x6666)
+    r = message(wire("up.example."), qid=0x6666, flags=0x8180)
+    run(prog, frame(q, reply=False, port=48000), ifindex=uplink)  # a request to a pod of this node
+    run(prog, frame(r, reply=True, port=48001), ifindex=uplink)  # a response nobody here asked for
+    assert take_keys(prog) == {} and pending(b) == 0
+    assert counter(prog, "NOT_HERE") == before_not + 2 and counter(prog, "UNMATCHED") == before_un
+    run(prog, frame(q, reply=False, port=48002))  # a pod's request, counted at its interface
+    run(prog, frame(r, reply=True, port=48002), ifindex=uplink)  # its answer comes in by the uplink
+    assert pending(b) == 1 and latencies(b) == before_lat and counter(prog, "NOT_HERE") == before_not + 3
+    run(prog, frame(r, reply=True, port=48002))  # and is counted, and timed, where it reaches the pod
+    assert pending(b) == 0 and latencies(b) == before_lat + 1 and counter(prog, "UNMATCHED") == before_un
+    assert sum(take_keys(prog).values()) == 2
+
+
+def test_a_full_pending_table_is_counted_and_its_requests_still_are_messages() -> None:
+    small = load(max_pending=16)
+    b = small[0]
+    try:
+        # 64 exchanges into 4 sets of 4 ways (the sets are chosen by a hash seeded per load):
+        # every set fills but with a chance of ~1e-5.
+        for i in range(64):
             run(small, frame(message(wire("full.example."), qid=i), reply=False, port=43000))
         assert pending(b) == 16
-        assert counter(small, "PENDING_FULL") == 4 and counter(small, "RETRANSMITS") == 0
-        assert sum(take_keys(small).values()) == 20
+        assert counter(small, "PENDING_FULL") == 64 - 16 and counter(small, "RETRANSMITS") == 0
+        assert sum(take_keys(small).values()) == 64
     finally:
         b.cleanup()
 
@@ -239,13 +314,9 @@ def test_the_sweep_frees_only_expired_requests_and_a_late_response_then_matches_
 def test_full_aggregation_buffers_count_every_message_and_the_drain_makes_room_again() -> None:
     """More keys than max_aggregates: each message is in a key or in UNKEYED_*, never lost;
     the drain (entries by count, the way index zeroed) gives the next interval its room back."""
-    from bcc import BPF
-    defines: dict[str, int | str] = {"FLOWTEL_MAX_FLOWS": 1024, "FLOWTEL_IFACE_SLOTS": 16}
-    defines.update(cflags(DnsConfig.model_validate({"max_aggregates": 256})))
-    b = BPF(text=bpf_sources.source("tc_flow.c"), cflags=bpf_sources.cflags(**defines))
+    small = load(max_aggregates=256)
+    b = small[0]
     try:
-        small = (b, b.load_func("flowtel_tc", BPF.SCHED_CLS))
-        install_program(b)
         names = [wire(f"n{i}.full.example.") for i in range(300)]
         for i, name in enumerate(names):
             run(small, frame(message(name, qid=i), reply=False, port=46000))

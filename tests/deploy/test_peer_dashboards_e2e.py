@@ -35,6 +35,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -374,22 +375,34 @@ class Run:
     # fact id (and "__variables__") -> "" when found, else what was missing
     found: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)  # exposition of the extra connectors
+    dns_truth: dict[str, Any] = field(default_factory=dict)  # what dig sent and got (dns_panels' form)
+    dns_panels: dict[str, Any] = field(default_factory=dict)  # what the DNS dashboards' queries returned
 
 
-def traffic(client: Any, server: Any, dns: Any) -> None:
+def dig(client: Any, server: str, name: str, statuses: Counter[str]) -> None:
+    """One query (+tries=1: dig sends it once) of type A; its answer's status, as dig printed
+    it, counted in ``statuses`` ("" for no answer)."""
+    res = client.exec(["dig", "+time=1", "+tries=1", f"@{server}", name], check=False)
+    m = re.search(r"status: (\w+)", res.stdout)
+    statuses[m.group(1) if m else ""] += 1
+
+
+def traffic(client: Any, server: Any, dns: Any) -> Counter[str]:
     """TCP, UDP, ICMP (IPv4 and IPv6, TCP over both), DNS (answered, NXDOMAIN, unanswered),
-    closed ports (RST, NO_SOCKET), nftables drops in and out, retransmissions."""
+    closed ports (RST, NO_SOCKET), nftables drops in and out, retransmissions. Returns the DNS
+    queries sent, by the status of their answer per dig ("" for none)."""
     from testbed import send_ping, send_tcp, send_udp
 
+    statuses: Counter[str] = Counter()
     for _ in range(2):
-        client.exec(["dig", "+time=1", "+tries=1", f"@{dns.ipv4}", "api.shop.test"], check=False)
-        client.exec(["dig", "+time=1", "+tries=1", f"@{dns.ipv4}", "nope.shop.test"], check=False)
+        dig(client, dns.ipv4, "api.shop.test", statuses)
+        dig(client, dns.ipv4, "nope.shop.test", statuses)
         send_tcp(client, server.ipv4, 8080, 100_000)
         send_udp(client, server.ipv4, 9000, 20, 200)
     send_ping(client, server.ipv4, 3, interval=0.05)
     send_ping(client, str(server.ipv6), 3, interval=0.05)
     send_tcp(client, str(server.ipv6), 8080, 20_000)
-    client.exec(["dig", "+time=1", "+tries=1", f"@{server.ipv4}", "api.shop.test"], check=False)  # unanswered
+    dig(client, server.ipv4, "api.shop.test", statuses)  # unanswered: nothing listens there
     client.exec([sys.executable, "-c", f"""
 import socket
 for port in (8081, 8082):
@@ -403,7 +416,53 @@ for _ in range(5): u.sendto(b"x" * 64, ("{server.ipv4}", 7777))
 for _ in range(5): u.sendto(b"x" * 64, ("{server.ipv4}", 7778))
 """], check=False)
     send_tcp(client, server.ipv4, 8090, 60_000, timeout=30)  # through the lossy rule
+    return statuses
 
+
+# The DNS panels of Retina's hubble-dns.json and standard-dns.json, as instant queries of their
+# counters (the panels take rate() of the same selections; a test compares totals). Each gives
+# {label value: number} by the panel's grouping ("" when it has none).
+DNS_PANELS = {
+    # hubble-dns.json "DNS Requests" / "DNS Responses" / "DNS Missing Response" (by qtypes)
+    "hubble queries by qtypes": ("sum (hubble_dns_queries_total{%s}) by (qtypes)", "qtypes"),
+    "hubble responses by qtypes": ("sum (hubble_dns_responses_total{%s}) by (qtypes)", "qtypes"),
+    "hubble missing response %": ("(1 - (sum (hubble_dns_responses_total{%s}) by (qtypes) / "
+                                  "sum (hubble_dns_queries_total{%s}) by (qtypes))) * 100", "qtypes"),
+    # hubble-dns.json "DNS Errors" (by rcode, before its label_replace) and "Top Pods with DNS Errors"
+    "hubble responses by rcode": ("sum by (rcode) (hubble_dns_responses_total{%s})", "rcode"),
+    "hubble error responses by destination": (
+        'sum(hubble_dns_responses_total{%s, rcode!="No Error", destination=~".*/.*"}) by (destination)',
+        "destination"),
+    # standard-dns.json "DNS Requests" / "DNS Responses"
+    "requests": ("sum (networkobservability_dns_request_count{%s})", ""),
+    "responses": ("sum (networkobservability_dns_response_count{%s})", ""),
+}
+DNS_RCODES = {"NOERROR": "No Error", "NXDOMAIN": "Non-Existent Domain"}
+
+
+def dns_truth(statuses: Counter[str], pods: bool) -> dict[str, Any]:
+    """What each DNS panel must show for the queries dig sent: one request per query, one
+    response per answer, as Retina and Hubble count them."""
+    sent, answered = sum(statuses.values()), sum(n for s, n in statuses.items() if s)
+    errors = sum(n for s, n in statuses.items() if s and s != "NOERROR")
+    return {
+        "hubble queries by qtypes": {"A": sent},
+        "hubble responses by qtypes": {"A": answered},
+        "hubble missing response %": {"A": round((1 - answered / sent) * 100, 6)},
+        "hubble responses by rcode": {DNS_RCODES[s]: n for s, n in statuses.items() if s},
+        "hubble error responses by destination": {f"{NAMESPACE}/{CLIENT_POD}": errors} if pods else {},
+        "requests": {"": sent},
+        "responses": {"": answered},
+    }
+
+
+def dns_panels(prom: Prometheus, run: str, values: dict[str, str]) -> dict[str, Any]:
+    sel = f'{fill(RETINA, values)}, run="{run}"'
+    out: dict[str, Any] = {}
+    for panel, (expr, by) in DNS_PANELS.items():
+        result = prom.get("query", query=expr.replace("%s", sel))["result"]
+        out[panel] = {r["metric"].get(by, "") if by else "": round(float(r["value"][1]), 6) for r in result}
+    return out
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
@@ -498,7 +557,7 @@ def run_one(tmp: Path, run: str, shipped: Path, bed: Any, pods: tuple[Any, Any, 
             except OSError:
                 assert time.monotonic() < deadline, f"{run}: not ready in 120 s: {stderr.read_text()[-3000:]}"
                 time.sleep(0.3)
-        traffic(*pods)
+        truth = dns_truth(traffic(*pods), pods=run not in WITHOUT_PODS)
         # Collection (1 s), the unanswered-DNS timeout (1 s), flushes, scrapes; then every
         # fact gets up to 30 s (a loaded machine) to find its series.
         wanted = [f for f in FACTS if not (f.pods and run in WITHOUT_PODS)]
@@ -506,6 +565,16 @@ def run_one(tmp: Path, run: str, shipped: Path, bed: Any, pods: tuple[Any, Any, 
         while True:
             missing = check(prom, run, instance, wanted, result.found)
             if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        # The DNS panels' values, once the last answers and the unanswered query have been
+        # counted, flushed and scraped (each an instant query of a counter that only grows).
+        result.dns_truth = truth
+        panel_values, _ = variables(prom, run, instance, CLIENT_POD)
+        deadline = time.monotonic() + 30
+        while True:
+            result.dns_panels = dns_panels(prom, run, panel_values)
+            if result.dns_panels == truth or time.monotonic() > deadline:
                 break
             time.sleep(1)
         for name, (_, extra_port) in extra.items():
@@ -558,6 +627,15 @@ CASES = [(run, fact) for run in SHIPPED for fact in FACTS if not (fact.pods and 
 @pytest.mark.parametrize("run, fact", CASES, ids=[f"{run}:{fact.id}" for run, fact in CASES])
 def test_peer_dashboard_fact_finds_series(runs: dict[str, Run], run: str, fact: Fact) -> None:
     assert runs[run].found.get(fact.id) == "", runs[run].found.get(fact.id, "not checked")
+
+
+@pytest.mark.parametrize("run", list(SHIPPED))
+def test_dns_panels_show_one_request_per_query_and_one_response_per_answer(runs: dict[str, Run], run: str) -> None:
+    """The values, not only the series: Retina's DNS dashboards over flowtel show what dig sent
+    and got (a query between two pods crosses two observed veths and is still one request)."""
+    truth = runs[run].dns_truth
+    assert truth["requests"] == {"": 5} and truth["responses"] == {"": 4}  # 2 answered, 2 NXDOMAIN, 1 not
+    assert runs[run].dns_panels == truth
 
 
 @pytest.mark.parametrize("run", list(SHIPPED))

@@ -5,19 +5,25 @@ exporter) so that a test-only exporter can read the metric points as well as the
 flow log. Truth: what the client pod sent and saw (ids, ports, rcodes, answers, its own
 latency), dnsmasq's query log, and for the fuzz test the count of packets sent.
 
-Observation points: every packet between two pods crosses two host-side veths, the sender's
-(tc ingress) and the receiver's (tc egress), and flowtel reports DNS per observation point as
-Hubble does per endpoint. So each query is two REQUEST flows, each answer two RESPONSE flows,
-each unanswered query two unanswered flows, each malformed packet two parse errors.
+Once per message: every packet between two pods crosses two host-side veths, the sender's
+(tc ingress) and the receiver's (tc egress), and flowtel counts a DNS message at the first,
+as Retina (one receive in the host) and Hubble (one flow from the client's proxy) do. So each
+query is one REQUEST flow at the client's veth, each answer one RESPONSE flow at the server's,
+each unanswered query one unanswered flow, each malformed packet one parse error; a server
+behind an interface flowtel does not observe has its answers counted at the client's veth.
 """
 from __future__ import annotations
 
 from tests.support.flowlog import read_flow_log
 
+import ipaddress
 import json
+import os
 import random
 import re
+import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -47,12 +53,13 @@ LATENCY_SLACK_NS = 3_000_000
 class InProcessAgent:
     """The ebpf receiver → file exporter (logs) and memory exporter (metrics)."""
 
-    def __init__(self, tmp: Path, glob: str, dns: dict[str, Any]) -> None:
+    def __init__(self, tmp: Path, glob: str | list[str], dns: dict[str, Any]) -> None:
         self.flow_log = tmp / "flows.log"
         factories = factories_with_memory()
         cfg = parse_config(
             {
-                "receivers": {"ebpf": {"interfaces": [glob], "collection_interval": "500ms", "dns": dns,
+                "receivers": {"ebpf": {"interfaces": [glob] if isinstance(glob, str) else glob,
+                                        "collection_interval": "500ms", "dns": dns,
                                         # Drops and TCP events are other tests' business here.
                                         "kernel_events": {"drops": {"enabled": False}, "tcp": {"enabled": False}}}},
                 "exporters": {"file": {"path": str(self.flow_log), "max_size_mb": 100}, "memory": {}},
@@ -270,15 +277,20 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
     dnsmasq_pod = bed.add_pod("dnsmasq", ipv6=True)
     rcode_pod = bed.add_pod("rcodes", ipv6=True)
     silent = bed.add_pod("silent", ipv6=True)  # no DNS server: its kernel answers ICMP port unreachable
+    # A DNS server behind a veth the agent does not observe (as the host or another node's pod
+    # would be): its answers are counted where they reach the client.
+    outside = bed.add_pod("outside", ipv6=True)
     query_log = tmp_path / "dnsmasq-queries.log"
     many = [f"198.51.100.{i}" for i in range(100, 150)]  # an answer longer than the 512-byte capture
     bed.start_dnsmasq(dnsmasq_pod, hosts={"web.test": ["198.51.100.10", "2001:db8::10"], "many.test": many},
                       log_path=str(query_log), extra_args=["--cname=alias.test,web.test"])
     start_rcode_server(bed, rcode_pod, tmp_path)
+    bed.start_dnsmasq(outside, hosts={"web.test": ["198.51.100.10", "2001:db8::10"]})
 
-    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    observed = [client, dnsmasq_pod, rcode_pod, silent]
+    agent = InProcessAgent(tmp_path, [p.host_ifname for p in observed], {"timeout": f"{DNS_TIMEOUT_S}s"})
     agents.append(agent)
-    agent.wait_attached([client, dnsmasq_pod, rcode_pod, silent])
+    agent.wait_attached(observed)
 
     queries = []
     for fam in (4, 6):
@@ -290,13 +302,15 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
                 queries.append({"server": addr(rcode_pod), "proto": proto, "name": name, "qtype": "A"})
         queries.append({"server": addr(silent), "proto": "UDP", "name": "nobody.test", "qtype": "A"})
     queries.append({"server": dnsmasq_pod.ipv4, "proto": "TCP", "name": "many.test", "qtype": "A"})
+    for proto in ("UDP", "TCP"):
+        queries.append({"server": outside.ipv4, "proto": proto, "name": "web.test", "qtype": "A"})
     for q in queries:
         q["wait"] = CLIENT_WAIT_S
     sent = run_client(client, queries, tmp_path)
     # The truth the test relies on is what it set up: every server answered but drop.* and silent.
     assert [q["rcode"] is None for q in sent] == [q["name"] in ("drop.test", "nobody.test") for q in sent]
-    assert Counter(q["rcode"] for q in sent) == {0: 13, 3: 4, 5: 4, 2: 4, 1: 4, None: 6}
-    assert sorted(sent[-1]["ips"]) == sorted(many)
+    assert Counter(q["rcode"] for q in sent) == {0: 15, 3: 4, 5: 4, 2: 4, 1: 4, None: 6}
+    assert sorted(next(q for q in sent if q["name"] == "many.test")["ips"]) == sorted(many)
 
     # dnsmasq logs asynchronously: wait for its line of every query sent to it.
     to_dnsmasq = [q for q in sent if q["server"] in (dnsmasq_pod.ipv4, dnsmasq_pod.ipv6)]
@@ -309,7 +323,7 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
 
     flows = l7_flows(agent.flows())
     assert agent.lost() == []
-    iface_of = {p.host_ifname: p for p in (client, dnsmasq_pod, rcode_pod, silent)}
+    iface_of = {p.host_ifname: p for p in observed}
     by_query: dict[tuple, list[dict[str, Any]]] = {}
     for f in flows:
         proto, ip, port = client_of(f)
@@ -320,62 +334,64 @@ def test_dns_counts_rcodes_and_latencies_equal_the_truth(bed: Testbed, tmp_path:
     for q in sent:
         ip = client.ipv4 if "." in q["server"] else client.ipv6
         got = by_query.get((q["proto"], ip, q["sport"], q["name"] + ".", (q["qtype"],)), [])
-        server_pod = next(p for p in (dnsmasq_pod, rcode_pod, silent) if q["server"] in (p.ipv4, p.ipv6))
+        server_pod = next(p for p in (dnsmasq_pod, rcode_pod, silent, outside) if q["server"] in (p.ipv4, p.ipv6))
         kinds = Counter((f["interface"]["name"], l7_type(f), unanswered(f)) for f in got)
         if q["rcode"] is None:
-            assert kinds == {(client.host_ifname, "REQUEST", False): 1, (server_pod.host_ifname, "REQUEST", False): 1,
-                             (client.host_ifname, "UNKNOWN_L7_TYPE", True): 1,
-                             (server_pod.host_ifname, "UNKNOWN_L7_TYPE", True): 1}, q
+            assert kinds == {(client.host_ifname, "REQUEST", False): 1,
+                             (client.host_ifname, "UNKNOWN_L7_TYPE", True): 1}, q
             continue
-        assert kinds == {(client.host_ifname, "REQUEST", False): 1, (server_pod.host_ifname, "REQUEST", False): 1,
-                         (client.host_ifname, "RESPONSE", False): 1, (server_pod.host_ifname, "RESPONSE", False): 1}, q
-        seen = {(f["interface"]["name"], l7_type(f)): f for f in got}
-        assert seen[(client.host_ifname, "REQUEST")]["traffic_direction"] == "EGRESS"
-        assert seen[(server_pod.host_ifname, "REQUEST")]["traffic_direction"] == "INGRESS"
-        at_client = seen[(client.host_ifname, "RESPONSE")]
-        at_server = seen[(server_pod.host_ifname, "RESPONSE")]
-        assert at_client["traffic_direction"] == "INGRESS" and at_client["is_reply"] is True
-        for resp in (at_client, at_server):
-            dns_info = resp["l7"]["dns"]
-            assert dns_info.get("rcode", 0) == q["rcode"], q
-            if q["name"] == "many.test":  # the capture ends inside the answers: the whole ones count
-                assert 20 < len(dns_info["ips"]) < len(many) and set(dns_info["ips"]) < set(many)
-                continue
+        # The response at the first pod interface it crosses: the server's, or (a server flowtel
+        # does not observe) the client's.
+        answered_at = client if server_pod is outside else server_pod
+        assert kinds == {(client.host_ifname, "REQUEST", False): 1,
+                         (answered_at.host_ifname, "RESPONSE", False): 1}, q
+        seen = {l7_type(f): f for f in got}
+        # The client pod's direction wherever the message was counted (Retina's, by QR): the
+        # query is its egress, the answer its ingress.
+        assert seen["REQUEST"]["traffic_direction"] == "EGRESS"
+        resp = seen["RESPONSE"]
+        assert resp["traffic_direction"] == "INGRESS" and resp["is_reply"] is True, resp
+        dns_info = resp["l7"]["dns"]
+        assert dns_info.get("rcode", 0) == q["rcode"], q
+        if q["name"] == "many.test":  # the capture ends inside the answers: the whole ones count
+            assert 20 < len(dns_info["ips"]) < len(many) and set(dns_info["ips"]) < set(many)
+        else:
             assert sorted(dns_info.get("ips", [])) == sorted(q["ips"]), q
             assert dns_info.get("cnames", []) == q["cnames"], q
             if q["ips"]:
                 assert dns_info["ttl"] == 60
-        # The client measured around the whole exchange; the veths saw parts of it.
-        client_ns = int(at_client["l7"]["latency_ns"])
-        server_ns = int(at_server["l7"]["latency_ns"])
-        assert 0 < server_ns <= client_ns <= q["latency_ns"], q
-        assert client_ns <= q["rx_latency_ns"] < client_ns + LATENCY_SLACK_NS, (q, client_ns)
+        # The request counted at the client's veth, the response where it was counted: within
+        # the exchange the client measured, and at most the veth crossings short of it.
+        flow_ns = int(resp["l7"]["latency_ns"])
+        assert 0 < flow_ns <= q["latency_ns"], q
+        assert flow_ns <= q["rx_latency_ns"] < flow_ns + LATENCY_SLACK_NS, (q, flow_ns)
         assert all(iface_of[f["interface"]["name"]] in (client, server_pod) for f in got)
 
-    # dnsmasq's own log: the queries it received are the REQUEST flows on its veth.
+    # dnsmasq's own log: the queries it received are the REQUEST flows to its address (each
+    # counted once, at the client's veth).
     at_dnsmasq = Counter((f["l7"]["dns"]["qtypes"][0], f["l7"]["dns"]["query"].rstrip("."))
-                         for f in flows if f["interface"]["name"] == dnsmasq_pod.host_ifname
-                         and l7_type(f) == "REQUEST")
+                         for f in flows if f["IP"]["destination"] in (dnsmasq_pod.ipv4, str(dnsmasq_pod.ipv6))
+                         and l7_type(f) == "REQUEST" and not unanswered(f))
     assert at_dnsmasq == Counter((t, n) for t, n, _ in logged)
 
     answered = [q for q in sent if q["rcode"] is not None]
     responses_by_rcode = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if l7_type(f) == "RESPONSE")
-    assert responses_by_rcode == {rc: 2 * n for rc, n in Counter(q["rcode"] for q in answered).items()}
+    assert responses_by_rcode == Counter(q["rcode"] for q in answered)
     dns_metrics = {k: v for k, v in agent.metrics.last_values().items()
                    if not k.startswith("networkobservability_forward_")  # node counters: not this test's
                    and k != "flowtel_dns_latency_seconds"}
     assert dns_metrics == {
-        "networkobservability_dns_request_count": 2 * len(sent),
-        "networkobservability_dns_response_count": 2 * len(answered),
-        "flowtel_dns_unanswered_total": 2 * (len(sent) - len(answered)),
+        "networkobservability_dns_request_count": len(sent),
+        "networkobservability_dns_response_count": len(answered),
+        "flowtel_dns_unanswered_total": len(sent) - len(answered),
         "flowtel_dns_parse_errors_total": 0,
     }
-    assert agent.receiver.dns.tracker.counts.truncated == 2  # many.test's answer, at both veths
+    assert agent.receiver.dns.tracker.counts.truncated == 1  # many.test's answer
     # Every matched response's latency is in the histogram, in the bucket its flow's latency falls in.
     latency = agent.metrics.last_point("flowtel_dns_latency_seconds")
     measured = [int(f["l7"]["latency_ns"]) / 1e9 for f in flows
                 if l7_type(f) == "RESPONSE" and "latency_ns" in f["l7"]]
-    assert len(measured) == 2 * len(answered)
+    assert len(measured) == len(answered)
     assert latency.kind == MetricKind.HISTOGRAM and latency.attributes == {}
     assert latency.count == len(measured)
     assert latency.value == pytest.approx(sum(measured))
@@ -418,8 +434,7 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
     res = sender.exec([sys.executable, "-c", FUZZ_SENDER, target.ipv4, str(plan)], timeout=120)
     assert json.loads(res.stdout) == {"udp": len(udp_bad) + len(valid_ids) + 2 * 50, "tcp": len(tcp_bad)}
 
-    observation_points = 2  # the sender's veth and the target's veth
-    expected_errors = (len(udp_bad) + len(tcp_bad)) * observation_points
+    expected_errors = len(udp_bad) + len(tcp_bad)  # at the sender's veth; the target's skips them
     dns_ring = agent.receiver.dns
     deadline = time.monotonic() + 10
     while dns_ring.tracker.counts.parse_errors < expected_errors and time.monotonic() < deadline:
@@ -443,9 +458,8 @@ def test_malformed_dns_is_counted_exactly_and_valid_queries_still_reported(bed: 
     assert all(client_of(f)[0] == "UDP" and f["l4"]["UDP"].get("destination_port") == 53 for f in flows)
     requests = Counter((f["l7"]["dns"]["query"], f["interface"]["name"]) for f in flows
                        if l7_type(f) == "REQUEST" and not unanswered(f))
-    assert requests == {(name, ifname): 1 for name, _ in valid_ids
-                        for ifname in (sender.host_ifname, target.host_ifname)}
-    assert counts.requests == observation_points * len(valid_ids)
+    assert requests == {(name, sender.host_ifname): 1 for name, _ in valid_ids}
+    assert counts.requests == len(valid_ids)
 
 
 # Sends a plan of (kind, port, payload) records: kind 0 a UDP datagram, kind 1 one TCP
@@ -600,19 +614,21 @@ def test_dns_at_full_dnsperf_rate_counts_exactly_with_the_sample_ring_overflowin
     assert kernel["PENDING_FULL"] == 0 and kernel["UNMATCHED"] == 0, kernel
     assert [lost for lost in agent.lost() if lost["source"] != "DNS_RING_BUFFER_FULL"] == []
 
-    points = 2  # the client's veth and the server's
+    # Once per message: every packet the client's veth passed (either way) went on to, or came
+    # from, another observed pod veth, where the kernel skipped it.
+    assert kernel["SEEN_BEFORE"] == delta["perf"].rx_packets + delta["perf"].tx_packets, kernel
     values = agent.metrics.last_values()
-    assert values["networkobservability_dns_request_count"] == points * sent
-    assert values["networkobservability_dns_response_count"] == points * answered
-    assert values["flowtel_dns_unanswered_total"] == points * no_answer
+    assert values["networkobservability_dns_request_count"] == sent
+    assert values["networkobservability_dns_response_count"] == answered
+    assert values["flowtel_dns_unanswered_total"] == no_answer
     assert values["flowtel_dns_parse_errors_total"] == 0
     latency = agent.metrics.last_point("flowtel_dns_latency_seconds")
-    assert latency.count == points * answered == sum(latency.bucket_counts)
+    assert latency.count == answered == sum(latency.bucket_counts)
 
     rcode_words = {"NOERROR": "No Error", "NXDOMAIN": "Non-Existent Domain"}
-    want_rcodes = Counter({rcode_words[k]: points * n for k, n in perf["rcodes"].items()})
+    want_rcodes = Counter({rcode_words[k]: n for k, n in perf["rcodes"].items()})
     assert agent.hubble_sums("hubble_dns_responses_total", "rcode") == want_rcodes
-    assert sum(agent.hubble_sums("hubble_dns_queries_total", "rcode").values()) == points * sent
+    assert sum(agent.hubble_sums("hubble_dns_queries_total", "rcode").values()) == sent
 
     # The flows: every message in exactly one, sampled or aggregated (extensions.count).
     flows = l7_flows(agent.flows())
@@ -622,8 +638,8 @@ def test_dns_at_full_dnsperf_rate_counts_exactly_with_the_sample_ring_overflowin
     for f in flows:
         if l7_type(f) == "RESPONSE":
             by_rcode[f["l7"]["dns"].get("rcode", 0)] += _messages(f)
-    assert requests == points * sent and lost_flows == points * no_answer
-    assert by_rcode == {{"NOERROR": 0, "NXDOMAIN": 3}[k]: points * n for k, n in perf["rcodes"].items()}
+    assert requests == sent and lost_flows == no_answer
+    assert by_rcode == {{"NOERROR": 0, "NXDOMAIN": 3}[k]: n for k, n in perf["rcodes"].items()}
     aggregated = [f for f in flows if f.get("extensions", {}).get("aggregated")]
     # Named from a sample of the name, or (its samples all lost to the tiny ring so far) by the
     # kernel's hash of it, which is FNV-1a 64 of the lower-case wire name.
@@ -666,7 +682,7 @@ def test_dns_over_tcp_is_counted_in_the_kernel_and_split_questions_are_reported_
     """dig +tcp against dnsmasq: every query and answer counted in the kernel (requests,
     responses by rcode, latencies) as dig and dnsmasq's log say; queries whose question
     arrives in a second segment are not counted but reported (LostEvents DNS_TCP_UNPARSED,
-    once per observation point), their second segments are skipped rather than misread, and
+    at the client's veth), their second segments are skipped rather than misread, and
     their answers (whole in one segment) are counted as responses."""
     client, server = bed.add_pod("tcpc"), bed.add_pod("tcpdns")
     query_log = tmp_path / "dnsmasq-queries.log"
@@ -692,24 +708,221 @@ def test_dns_over_tcp_is_counted_in_the_kernel_and_split_questions_are_reported_
     kernel = agent.receiver.dns.kernel_counts()
     agent.stop()
 
-    points = 2  # the client's veth and dnsmasq's
     values = agent.metrics.last_values()
-    assert values["networkobservability_dns_request_count"] == points * len(names)
-    assert values["networkobservability_dns_response_count"] == points * (len(names) + split)
+    assert values["networkobservability_dns_request_count"] == len(names)
+    assert values["networkobservability_dns_response_count"] == len(names) + split
     assert values["flowtel_dns_unanswered_total"] == 0
     assert values["flowtel_dns_parse_errors_total"] == 0
-    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == points * len(names)
-    assert kernel["TCP_UNPARSED"] == points * split and kernel["TCP_CONTINUATIONS"] == points * split
-    assert kernel["UNMATCHED"] == points * split  # the answers to queries it could not read
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == len(names)
+    assert kernel["TCP_UNPARSED"] == split and kernel["TCP_CONTINUATIONS"] == split
+    assert kernel["UNMATCHED"] == split  # the answers to queries it could not read
     # On the wire DNS_TCP_UNPARSED is Cilium's source for a loss in the kernel; nothing else was lost.
     lost = agent.lost()
     assert {le["source"] for le in lost} == {"PERF_EVENT_RING_BUFFER"}
-    assert sum(int(le["num_events_lost"]) for le in lost) == points * split
+    assert sum(int(le["num_events_lost"]) for le in lost) == split
 
     flows = l7_flows(agent.flows())
     assert {next(iter(f["l4"])) for f in flows} == {"TCP"}
     requests = Counter(f["l7"]["dns"]["query"] for f in flows if l7_type(f) == "REQUEST" for _ in range(_messages(f)))
-    assert requests == {"web.test.": points * 10, "nx.test.": points * 10}
+    assert requests == {"web.test.": 10, "nx.test.": 10}
     rcodes = Counter(f["l7"]["dns"].get("rcode", 0) for f in flows if l7_type(f) == "RESPONSE"
                      for _ in range(_messages(f)))
-    assert rcodes == {0: points * 10, 3: points * (10 + split)}  # split*.test: NXDOMAIN too
+    assert rcodes == {0: 10, 3: 10 + split}  # split*.test: NXDOMAIN too
+
+
+def test_a_host_process_asking_a_pod_is_counted_once_where_it_reaches_the_pod(bed: Testbed, tmp_path: Path,
+                                                                            agents: list) -> None:
+    """A client that is no pod (dig in the host's own network namespace): its queries reach
+    the server pod's veth without having crossed an observed interface (no ingress interface:
+    the host sent them), so they are counted there, and the answers where the pod sends them;
+    one request and one response each, timed and matched."""
+    server = bed.add_pod("hostdns")
+    query_log = tmp_path / "dnsmasq-queries.log"
+    bed.start_dnsmasq(server, hosts={"web.test": ["198.51.100.10"]}, log_path=str(query_log))
+    agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+    agents.append(agent)
+    agent.wait_attached([server])
+    statuses = []
+    for name in ("web.test", "nx.test") * 3:
+        res = subprocess.run(["dig", "+time=2", "+tries=1", f"@{server.ipv4}", name, "A"], capture_output=True,
+                             text=True, timeout=30)
+        m = re.search(r"status: (\w+)", res.stdout)
+        statuses.append(m.group(1) if m else "")
+    assert statuses == ["NOERROR", "NXDOMAIN"] * 3
+    deadline = time.monotonic() + 5
+    while len(re.findall(r"query\[A\]", query_log.read_text())) < len(statuses):
+        assert time.monotonic() < deadline, query_log.read_text()
+        time.sleep(0.05)
+    time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
+    kernel = agent.receiver.dns.kernel_counts()
+    agent.stop()
+
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == len(statuses)
+    assert values["networkobservability_dns_response_count"] == len(statuses)
+    assert values["flowtel_dns_unanswered_total"] == 0
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == len(statuses)
+    assert kernel["SEEN_BEFORE"] == 0 and kernel["UNMATCHED"] == 0, kernel
+    flows = l7_flows(agent.flows())
+    assert Counter((f["interface"]["name"], l7_type(f)) for f in flows) == {
+        (server.host_ifname, "REQUEST"): len(statuses), (server.host_ifname, "RESPONSE"): len(statuses)}
+
+
+@pytest.mark.parametrize("masquerade", [False, True], ids=["routed", "masqueraded"])
+def test_an_uplink_counts_the_hosts_own_exchanges_and_leaves_a_pods_to_its_veth(
+        bed: Testbed, tmp_path: Path, agents: list, masquerade: bool) -> None:
+    """An observed interface that is not a pod's (a bridge standing for the node's uplink, a DNS
+    server behind it): the host's own queries out of it are counted there, with their answers;
+    a pod's query through it is counted at the pod's veth only (skipped where it leaves by the
+    uplink), and its answer, which comes in by the uplink, at the pod's veth, where it reaches
+    the pod. One request and one response per query, every exchange matched. Masqueraded (as
+    a node sends pods' traffic out, CoreDNS's to its upstream): the answer arrives at the uplink
+    addressed to the node, and still counts, matched, at the pod's veth, after the kernel has
+    undone the NAT."""
+    client = bed.add_pod("upc")
+    tag = f"s8u{os.getpid() % 100000}"
+    br, host_end, far_end, ns = f"{tag}br", f"{tag}h", f"{tag}n", f"{tag}ns"
+    net = ipaddress.ip_network(f"100.127.{os.getpid() % 250}.0/29")
+    gw, upstream = str(net[1]), str(net[2])
+
+    def sh(*argv: str) -> None:
+        subprocess.run(list(argv), check=True, capture_output=True)
+
+    def teardown() -> None:
+        for argv in (["ip", "netns", "del", ns], ["ip", "link", "del", br], ["ip", "link", "del", host_end],
+                     ["nft", "delete", "table", "ip", tag]):
+            subprocess.run(argv, capture_output=True)
+
+    teardown()  # what a killed run left
+    dnsmasq = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", br, "type", "bridge")
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", far_end)
+        for ifname in (br, host_end):
+            sh("sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1")
+        sh("ip", "link", "set", far_end, "netns", ns)
+        sh("ip", "link", "set", host_end, "master", br)
+        sh("ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", br)
+        for ifname in (br, host_end):
+            sh("ip", "link", "set", ifname, "up")
+        inside = ["ip", "netns", "exec", ns]
+        sh(*inside, "sysctl", "-qw", f"net.ipv6.conf.{far_end}.disable_ipv6=1")
+        sh(*inside, "ip", "addr", "add", f"{upstream}/{net.prefixlen}", "dev", far_end)
+        sh(*inside, "ip", "link", "set", far_end, "up")
+        sh(*inside, "ip", "link", "set", "lo", "up")
+        sh(*inside, "ip", "route", "add", "default", "via", gw)
+        if masquerade:
+            subprocess.run(["nft", "-f", "-"], check=True, capture_output=True, text=True, input=f"""table ip {tag} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat;
+        oifname "{br}" ip saddr {client.ipv4} masquerade
+    }}
+}}
+""")
+        query_log = tmp_path / "upstream-queries.log"
+        dnsmasq = subprocess.Popen(
+            [*inside, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+             "--no-poll", "--local=/#/", "--bind-interfaces", "--port=53", f"--listen-address={upstream}",
+             "--pid-file=", "--host-record=web.test,198.51.100.10", f"--log-facility={query_log}",
+             "--log-queries"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def dig(pod: Pod | None) -> str:
+            argv = ["dig", "+time=2", "+tries=1", f"@{upstream}", "web.test", "A"]
+            out = pod.exec(argv, check=False).stdout if pod is not None else \
+                subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+            m = re.search(r"status: (\w+)", out)
+            return m.group(1) if m else ""
+
+        deadline = time.monotonic() + 10
+        while dig(None) != "NOERROR":  # dnsmasq is up (before the agent: not counted)
+            assert time.monotonic() < deadline, "the upstream dnsmasq did not answer"
+            time.sleep(0.1)
+        agent = InProcessAgent(tmp_path, [br, client.host_ifname], {"timeout": f"{DNS_TIMEOUT_S}s"})
+        agents.append(agent)
+        deadline = time.monotonic() + 30
+        while not {client.host_ifindex, socket.if_nametoindex(br)} <= set(agent.receiver.attach_manager.attached()):
+            assert time.monotonic() < deadline, "tc programs were not attached"
+            time.sleep(0.05)
+        n = 3
+        assert [dig(None) for _ in range(n)] == ["NOERROR"] * n  # the host's own
+        assert [dig(client) for _ in range(n)] == ["NOERROR"] * n  # a pod's, routed by the host
+        deadline = time.monotonic() + 5
+        while len(re.findall(r"query\[A\] web\.test", query_log.read_text())) < 2 * n + 1:
+            assert time.monotonic() < deadline, query_log.read_text()
+            time.sleep(0.05)
+        time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
+        kernel = agent.receiver.dns.kernel_counts()
+        agent.stop()
+    finally:
+        if dnsmasq is not None:
+            dnsmasq.kill()
+            dnsmasq.wait(10)
+        teardown()
+
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == 2 * n
+    assert values["networkobservability_dns_response_count"] == 2 * n
+    assert values["flowtel_dns_unanswered_total"] == 0
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == 2 * n
+    # The pod's queries leaving by the uplink, and its answers arriving there.
+    assert kernel["SEEN_BEFORE"] == n and kernel["NOT_HERE"] == n and kernel["UNMATCHED"] == 0, kernel
+    flows = l7_flows(agent.flows())
+    assert Counter((f["interface"]["name"], l7_type(f), f["IP"]["source"] if l7_type(f) == "REQUEST"
+                    else f["IP"]["destination"]) for f in flows) == {
+        (br, "REQUEST", gw): n, (br, "RESPONSE", gw): n,
+        (client.host_ifname, "REQUEST", client.ipv4): n, (client.host_ifname, "RESPONSE", client.ipv4): n}
+    # The upstream saw the pod's queries from the pod, or (masqueraded) from the node.
+    sources = Counter(re.findall(r"query\[A\] web\.test from (\S+)", query_log.read_text()))
+    assert sources[gw] >= (2 * n if masquerade else n) + 1  # + the readiness probe
+    assert sources[client.ipv4] == (0 if masquerade else n), sources
+
+
+def test_a_query_to_a_service_address_is_one_exchange_though_its_answer_comes_from_the_pod(
+        bed: Testbed, tmp_path: Path, agents: list) -> None:
+    """A pod asks a Service's address (a DNAT in the host, as kube-proxy does for kube-dns):
+    its query is counted at its veth, to the Service address; the answer at the DNS pod's veth,
+    from the pod's own address (the NAT is undone after it). One exchange all the same: each
+    query matched, timed, none unanswered."""
+    client, server = bed.add_pod("svcc"), bed.add_pod("svcdns")
+    bed.start_dnsmasq(server, hosts={"web.test": ["198.51.100.10"]})
+    tag = f"s8s{os.getpid() % 100000}"
+    service = f"100.126.{os.getpid() % 250}.10"
+    nat = f"""table ip {tag} {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat;
+        ip daddr {service} udp dport 53 dnat to {server.ipv4}
+        ip daddr {service} tcp dport 53 dnat to {server.ipv4}
+    }}
+}}
+"""
+    subprocess.run(["nft", "delete", "table", "ip", tag], capture_output=True)  # what a killed run left
+    subprocess.run(["nft", "-f", "-"], check=True, capture_output=True, text=True, input=nat)
+    try:
+        agent = InProcessAgent(tmp_path, bed.interface_glob, {"timeout": f"{DNS_TIMEOUT_S}s"})
+        agents.append(agent)
+        agent.wait_attached([client, server])
+        statuses = []
+        for tcp in (False, True) * 3:
+            res = client.exec(["dig", "+time=2", "+tries=1", *(["+tcp"] if tcp else []), f"@{service}", "web.test", "A"],
+                              check=False)
+            m = re.search(r"status: (\w+)", res.stdout)
+            statuses.append(m.group(1) if m else "")
+        assert statuses == ["NOERROR"] * 6
+        time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
+        kernel = agent.receiver.dns.kernel_counts()
+        agent.stop()
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", tag], capture_output=True)
+
+    values = agent.metrics.last_values()
+    assert values["networkobservability_dns_request_count"] == 6
+    assert values["networkobservability_dns_response_count"] == 6
+    assert values["flowtel_dns_unanswered_total"] == 0
+    assert agent.metrics.last_point("flowtel_dns_latency_seconds").count == 6
+    assert kernel["UNMATCHED"] == 0, kernel
+    flows = l7_flows(agent.flows())
+    assert Counter((f["interface"]["name"], l7_type(f), f["IP"]["source"], f["IP"]["destination"]) for f in flows) == {
+        (client.host_ifname, "REQUEST", client.ipv4, service): 6,
+        (server.host_ifname, "RESPONSE", server.ipv4, client.ipv4): 6}
+    assert all(int(f["l7"]["latency_ns"]) > 0 for f in flows if l7_type(f) == "RESPONSE")

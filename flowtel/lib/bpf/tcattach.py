@@ -189,16 +189,22 @@ class TcAttachManager:
         priority: int = 1,
         slots: SlotAllocator | None = None,
         on_slot: Callable[[int], None] | None = None,
+        on_attached: Callable[[Interface], None] | None = None,
+        on_gone: Callable[[Interface], None] | None = None,
     ) -> None:
         """``ingress`` and ``egress`` may be the same program (the classid tells it the hook).
         ``slots``: counter slots to give interfaces (None: every filter gets slot part 1);
-        ``on_slot(slot)`` runs when a slot is given to a new interface, before its filters exist."""
+        ``on_slot(slot)`` runs when a slot is given to a new interface, before its filters exist;
+        ``on_attached(iface)`` once both its filters are in place; ``on_gone(iface)`` when an
+        attached interface went away (its filters with it). All on the watch thread."""
         if slots is not None and slots.size > HEADER.CLASSID_MAX_SLOTS:
             # A larger slot + 1 would spill into the bits the kernel drops from the classid.
             raise ValueError(f"at most {HEADER.CLASSID_MAX_SLOTS} counter slots fit in a tc classid, not {slots.size}")
         self.globs = tuple(globs)
         self.slots = slots
         self._on_slot = on_slot
+        self._on_attached = on_attached
+        self._on_gone = on_gone
         self._slots_full_logged = False
         self.ingress = ingress
         self.egress = egress
@@ -387,6 +393,8 @@ class TcAttachManager:
         with self._lock:
             self._attached[index] = iface
         log.info("attached tc programs to %s (index %d)", name, index)
+        if self._on_attached is not None:
+            self._on_attached(iface)
 
     def _forget(self, index: int) -> None:
         with self._lock:
@@ -398,6 +406,8 @@ class TcAttachManager:
             self.slots.release(index)
         if iface is not None:
             log.info("interface %s (index %d) went away; its tc programs went with it", iface.name, index)
+            if self._on_gone is not None:
+                self._on_gone(iface)
 
     def _attach(self, index: int, slot_id: int) -> bool:
         assert self._ipr is not None

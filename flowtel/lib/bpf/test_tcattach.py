@@ -196,6 +196,34 @@ def test_attaches_to_new_and_renamed_links_and_forgets_deleted_ones(
 
 
 @pytest.mark.kernel
+def test_attached_runs_once_both_filters_are_in_place_and_gone_when_the_link_goes(program: Program) -> None:
+    """What the DNS receiver keeps its set of pod interfaces by (receiver/ebpf/dnsifaces.py):
+    an interface is announced only when both its hooks run the program, and forgotten when
+    its link goes away."""
+    p = _prefix("c")
+    _cleanup(p)
+    attached: list[tuple[str, str]] = []
+    gone: list[str] = []
+    m = TcAttachManager([f"{p}m*"], program, program,
+                        on_attached=lambda i: attached.append((i.name, _filters(i.name))),
+                        on_gone=lambda i: gone.append(i.name))
+    try:
+        _ip_batch([f"link add {p}m0 type veth peer name {p}o0"])
+        m.start()
+        _ip_batch([f"link add {p}m1 type veth peer name {p}o1"])
+        _wait(lambda: len(attached) == 2, "both links announced")
+        assert sorted(n for n, _ in attached) == [f"{p}m0", f"{p}m1"]
+        for _, filters in attached:  # both hooks' filters, at the moment of the call
+            assert filters.count("flowtel_test_pass") == 2, filters
+        assert gone == []
+        _ip_batch([f"link del {p}m1"])
+        _wait(lambda: gone == [f"{p}m1"], "the deleted link forgotten")
+    finally:
+        m.stop()
+        _cleanup(p)
+
+
+@pytest.mark.kernel
 def test_churn_of_links_the_globs_do_not_match_is_seen_not_decoded(
         manager_for: Callable[[str], TcAttachManager]) -> None:
     p = _prefix("c")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +39,27 @@ def _entry() -> Any:  # a ctypes function pointer (untyped)
     return fn
 
 
-def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> ProgTestRun:
+# struct __sk_buff up to and including ifindex (UAPI: len, pkt_type, mark, queue_mapping,
+# protocol, vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex): the part
+# of a test run's context this module sets; the kernel zeroes the rest.
+_SKB_CTX = struct.Struct("=11I")
+
+
+def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1, *, ifindex: int = 0,
+                  ingress_ifindex: int = 0) -> ProgTestRun:
     """Run the program ``repeat`` times on ``frame`` (a SCHED_CLS test run needs at least an
-    Ethernet header's bytes); OSError if the kernel refuses."""
+    Ethernet header's bytes); OSError if the kernel refuses. ``ifindex`` (an existing link;
+    0: loopback) and ``ingress_ifindex`` are the skb's, as the program reads them."""
     buf = ctypes.create_string_buffer(frame, len(frame))
     out = ctypes.create_string_buffer(len(frame) + 256)
     opts = ProgTestRunOpts(sz=ctypes.sizeof(ProgTestRunOpts), data_in=ctypes.addressof(buf),
                            data_size_in=len(frame), data_out=ctypes.addressof(out), data_size_out=len(out),
                            repeat=repeat)
+    if ifindex or ingress_ifindex:
+        ctx = ctypes.create_string_buffer(_SKB_CTX.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, ingress_ifindex, ifindex),
+                                          _SKB_CTX.size)
+        opts.ctx_in = ctypes.addressof(ctx)
+        opts.ctx_size_in = _SKB_CTX.size
     if _entry()(prog_fd, ctypes.byref(opts)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
