@@ -260,6 +260,25 @@ def test_flow_logs_carry_the_hubble_flow_as_body_and_otel_attributes(server: Grp
     assert log_attributes(fourth) == {"flowtel.lost_events.source": "PERF_EVENT_RING_BUFFER"}
 
 
+def test_empty_objects_of_the_hubble_flow_stay_empty_maps_in_the_body(server: GrpcOtlpServer) -> None:
+    """``{}`` in the flow (a TCP flow with no flags seen, a frame that is not IP, an endpoint
+    with nothing known, an ICMP echo reply's type and code 0) is an empty kvlist in the body,
+    not an unset value (which reads as null: the body differed from the flow file's)."""
+    flows = [pod_flow(0, tcp_flags=0), pod_flow(1, ip_version=0, ethertype=0x0806, protocol=0, src_ip="", dst_ip="",
+                                              src_port=0, dst_port=0, tcp_flags=0, source=Endpoint()),
+             pod_flow(2, protocol=1, src_port=0, dst_port=0)]
+    exporter = make(server.endpoint)
+    try:
+        exporter.consume(flows)
+        exporter.flush()
+    finally:
+        exporter.shutdown()
+    bodies = [any_to_python(lr.body) for _, lr in server.recorder.log_records()]
+    assert bodies == [hubble.flow_json(f) for f in flows]
+    assert bodies[0]["l4"]["TCP"]["flags"] == {} and bodies[1]["ethernet"] == {}  # type: ignore[index]
+    assert bodies[1]["source"] == {} and bodies[2]["l4"] == {"ICMPv4": {}}  # type: ignore[index]
+
+
 def test_log_body_json_is_the_compact_hubble_object(server: GrpcOtlpServer) -> None:
     exporter = make(server.endpoint, log_body="json")
     try:
