@@ -7,9 +7,10 @@ switching threads as often as it can, every consumer writes the same flow (one u
 time, the same fields) and a copy has a form of its own.
 
 A fresh-clone run of test_otlp_outage_e2e once saw an OTLP body that the flow file did not
-hold; this looked for a race here and found none (the cause was the test backend's abrupt
+hold; this looked for a race here and found none (the likely cause: the test backend's abrupt
 stop, tests/support/otlp_receiver.py). It does catch one: with wire_form's check under
-_memo_lock removed, 11 of 10,000 records carried two uuids.
+_memo_lock removed, 20-35 of its 12,000 records carried two uuids (3 runs of 3 failed), and with
+Flow.with_endpoints handing the copy its original's memo, the copy's check fails.
 """
 from __future__ import annotations
 
