@@ -6,7 +6,10 @@ from tests.support.wire import any_uuid, any_uuid_envelope
 
 import json
 import logging
+import random
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -258,6 +261,62 @@ def test_flow_logs_carry_the_hubble_flow_as_body_and_otel_attributes(server: Grp
     assert any_to_python(fourth.body) == {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "17"}
     assert (fourth.severity_text, fourth.event_name) == ("WARN", "flowtel.lost_events")
     assert log_attributes(fourth) == {"flowtel.lost_events.source": "PERF_EVENT_RING_BUFFER"}
+
+
+def test_empty_objects_of_the_hubble_flow_stay_empty_maps_in_the_body(server: GrpcOtlpServer) -> None:
+    """``{}`` in the flow (a TCP flow with no flags seen, a frame that is not IP, an endpoint
+    with nothing known, an ICMP echo reply's type and code 0) is an empty kvlist in the body,
+    not an unset value (which reads as null: the body differed from the flow file's)."""
+    flows = [pod_flow(0, tcp_flags=0), pod_flow(1, ip_version=0, ethertype=0x0806, protocol=0, src_ip="", dst_ip="",
+                                              src_port=0, dst_port=0, tcp_flags=0, source=Endpoint()),
+             pod_flow(2, protocol=1, src_port=0, dst_port=0)]
+    exporter = make(server.endpoint)
+    try:
+        exporter.consume(flows)
+        exporter.flush()
+    finally:
+        exporter.shutdown()
+    bodies = [any_to_python(lr.body) for _, lr in server.recorder.log_records()]
+    assert bodies == [hubble.flow_json(f) for f in flows]
+    assert bodies[0]["l4"]["TCP"]["flags"] == {} and bodies[1]["ethernet"] == {}  # type: ignore[index]
+    assert bodies[1]["source"] == {} and bodies[2]["l4"] == {"ICMPv4": {}}  # type: ignore[index]
+
+
+def test_a_backend_stopping_under_load_receives_each_record_once(server: GrpcOtlpServer) -> None:
+    """The test backend's outage (stop, start on the same port) while the exporter sends a
+    request every few milliseconds: every record arrives, none twice. A stop that cancels
+    calls it already recorded made the exporter resend them (it was told they failed), so
+    the outage test counted records delivered twice: 20-80 of ~17k here, in each of 5 runs."""
+    exporter = make(server.endpoint, sending_queue={"queue_size": 100_000})
+    sent = 0
+    stop = threading.Event()
+
+    def feed() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            exporter.consume([pod_flow(sent + k, src_port=1 + (sent + k) % 65535) for k in range(20)])
+            sent += 20
+            time.sleep(0.001)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        rng = random.Random(7)
+        for _ in range(40):
+            time.sleep(rng.uniform(0.02, 0.08))
+            server.stop()
+            time.sleep(0.02)
+            server.start()
+    finally:
+        stop.set()
+        feeder.join()
+    try:
+        assert exporter.drain(30)
+        uuids = Counter(any_to_python(lr.body)["uuid"] for _, lr in server.recorder.log_records())  # type: ignore[index, attr-defined]
+        twice = sum(1 for n in uuids.values() if n > 1)
+        assert (len(uuids), twice) == (sent, 0)
+    finally:
+        exporter.shutdown()
 
 
 def test_log_body_json_is_the_compact_hubble_object(server: GrpcOtlpServer) -> None:

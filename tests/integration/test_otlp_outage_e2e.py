@@ -51,6 +51,42 @@ def canonical(flow: dict) -> str:
     return json.dumps(flow, sort_keys=True, separators=(",", ":"))
 
 
+def _flat(value: object, path: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{path}.{key}" if path else key))
+        return out or {path: {}}
+    return {path: value}
+
+
+def explain(extra: Counter, other: Counter, extra_name: str, other_name: str) -> str:
+    """Why the multiset ``extra`` holds what ``other`` does not, one line per object: the same
+    object counted more often (delivered twice), or the object of the same ``uuid`` in
+    ``other`` field by field (a Counter's repr, truncated, hid which field differed)."""
+    by_uuid: dict[str, list[dict]] = {}
+    for key in other:
+        obj = json.loads(key)
+        by_uuid.setdefault(obj.get("uuid", ""), []).append(obj)
+    lines = []
+    for key, n in (extra - other).items():
+        obj = json.loads(key)
+        uuid = obj.get("uuid", "")
+        if key in other:
+            lines.append(f"{uuid or key}: {extra[key]}x in {extra_name}, {other[key]}x in {other_name} (identical)")
+            continue
+        twins = by_uuid.get(uuid, []) if uuid else []
+        if not twins:
+            lines.append(f"{n}x only in {extra_name}, no {other_name} object with its uuid: {key}")
+            continue
+        for twin in twins:
+            a, b = _flat(obj), _flat(twin)
+            diff = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys())
+                    if a.get(k, "<absent>") != b.get(k, "<absent>")}
+            lines.append(f"uuid {uuid}: ({extra_name}, {other_name}) differ in {diff}")
+    return "\n".join(lines)
+
+
 def metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return resp.read().decode()
@@ -271,7 +307,8 @@ def test_a_30s_outage_within_the_queue_bound_loses_nothing(run: Run) -> None:
     written = file_bodies(run)
     assert len(run.outage_ports) >= 25 and len(set(run.outage_ports)) == len(run.outage_ports)
     # Every record the agent produced arrived, once: the same multiset of Hubble flow objects.
-    assert Counter(map(canonical, delivered)) == Counter(map(canonical, written))
+    got, want = Counter(map(canonical, delivered)), Counter(map(canonical, written))
+    assert got == want, explain(got, want, "delivered", "written") + "\n" + explain(want, got, "written", "delivered")
     # ... including every datagram sent while the backend was down, at both pods' veths.
     by_port = udp_packets_by_port(delivered)
     for port in run.outage_ports:
@@ -294,7 +331,8 @@ def test_a_30s_outage_within_the_queue_bound_loses_nothing(run: Run) -> None:
 def test_beyond_the_queue_bound_the_loss_is_counted_exactly(run: Run) -> None:
     delivered = Counter(map(canonical, body_flows(run.tiny)))
     written = Counter(map(canonical, file_bodies(run)))
-    assert not delivered - written  # nothing delivered that the agent did not produce, nothing twice
+    # Nothing delivered that the agent did not produce, nothing twice.
+    assert not delivered - written, explain(delivered, written, "delivered", "written")
     missing = sum((written - delivered).values())
     text = run.telemetry
     dropped = sample(text, "flowtel_component_records_dropped", "otlp/tiny")

@@ -177,6 +177,10 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer, logs_service
         self.recorder = recorder
 
     def _handle(self, signal: str, request: object, context: grpc.ServicerContext) -> object:
+        if not context.is_active():
+            # The client gave up on this call (its deadline passed while the request waited
+            # for a worker): it will resend it, so taking it too would receive it twice.
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed before it was handled")
         headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         fault = self.recorder.record(Received(signal, request, headers))
         response = _RESPONSES[signal]()
@@ -202,6 +206,9 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer, logs_service
     def Export(self, request: object, context: grpc.ServicerContext) -> object:  # noqa: N802 (gRPC name)
         signal = "metrics" if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest) else "logs"
         return self._handle(signal, request, context)
+
+
+STOP_GRACE_S: float = 2.0  # a handler only records and answers: in-flight calls end within milliseconds
 
 
 class GrpcOtlpServer:
@@ -235,8 +242,12 @@ class GrpcOtlpServer:
         return self
 
     def stop(self) -> None:
+        """The backend goes away: new calls are refused at once, the calls it already took are
+        answered first (grace). Stopping with no grace cancelled calls whose request was already
+        recorded, so the exporter, told they failed, rightly resent them and the test saw those
+        records delivered twice (test_otlp_outage_e2e failed so once)."""
         if self._server is not None:
-            self._server.stop(grace=None).wait()
+            self._server.stop(grace=STOP_GRACE_S).wait()
             self._server = None
 
 

@@ -104,12 +104,18 @@ def fill_any_value(target: AnyValue, value: object) -> None:
     elif isinstance(value, float):
         target.double_value = value
     elif isinstance(value, dict):
+        # Present even when empty: an empty map is ``{}`` (Hubble's ``"flags": {}`` of a TCP flow
+        # with no flags, ``"ethernet": {}``), not OTLP's null, which an unset value would read as.
+        if not value:
+            target.kvlist_value.SetInParent()
         values = target.kvlist_value.values
         for key, item in value.items():
             kv = values.add()
             kv.key = key
             fill_any_value(kv.value, item)
     elif isinstance(value, (list, tuple)):
+        if not value:
+            target.array_value.SetInParent()  # [] stays an empty array, as above
         array = target.array_value.values
         for item in value:
             fill_any_value(array.add(), item)

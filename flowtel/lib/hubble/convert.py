@@ -73,6 +73,7 @@ from flowtel.records import (
     Flow,
     LostEvents,
     Record,
+    TcpFlagCounts,
     TrafficDirection,
     Verdict,
     flow_fields,
@@ -644,6 +645,26 @@ def _type_part(type_name: str, node_name: str) -> bytes:
     return part
 
 
+# A TCP flow's flag counts as text, by the counts object: records share one object per
+# distinct counts (records.tcp_flag_counts), so the text is one %s of the template rather
+# than four %d (each conversion of a bytes format costs ~40 ns, the text's bytes almost
+# nothing). Keyed by id, each entry holding its object so that the id stays its own while
+# cached; bounded, cleared when full.
+_counts_texts: dict[int, tuple[TcpFlagCounts, bytes]] = {}
+_COUNTS_CACHE_MAX = 8192
+
+
+def _counts_text(counts: TcpFlagCounts) -> bytes:
+    hit = _counts_texts.get(id(counts))
+    if hit is not None and hit[0] is counts:
+        return hit[1]
+    text = b'{"SYN":%d,"SYN-ACK":%d,"FIN":%d,"RST":%d}' % (counts.syn, counts.syn_ack, counts.fin, counts.rst)
+    if len(_counts_texts) >= _COUNTS_CACHE_MAX:
+        _counts_texts.clear()
+    _counts_texts[id(counts)] = (counts, text)
+    return text
+
+
 def _extensions_text(flow: Flow, kind: EventKind) -> bytes:
     if flow.extensions:
         ext = _extensions(flow, kind)  # the record's own keys first: the general path
@@ -653,8 +674,7 @@ def _extensions_text(flow: Flow, kind: EventKind) -> bytes:
         parts.append(b'"packets":%d,"bytes":%d' % (flow.packets, flow.bytes))
     counts = flow.tcp_flag_counts
     if counts is not None:
-        parts.append(b'"tcp_flags":{"SYN":%d,"SYN-ACK":%d,"FIN":%d,"RST":%d}'
-                     % (counts.syn, counts.syn_ack, counts.fin, counts.rst))
+        parts.append(b'"tcp_flags":' + _counts_text(counts))
     if flow.drop_reason:
         parts.append(b'"drop_reason":' + _string(flow.drop_reason))
     if kind.is_tcp_event:
@@ -696,7 +716,7 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
     if has_counts:
         ext.append(b'"packets":%d,"bytes":%d')
     if has_flags:
-        ext.append(b'"tcp_flags":{"SYN":%d,"SYN-ACK":%d,"FIN":%d,"RST":%d}')
+        ext.append(b'"tcp_flags":%s')  # _counts_text
     if drop_reason:
         ext.append(fixed(b'"drop_reason":' + _string(drop_reason)))
     if kind.is_tcp_event:
@@ -718,6 +738,7 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
 
 
 _TEMPLATE_PROTOCOLS = frozenset(_L4_NAMES)
+_PACKET, _DROP = EventKind.PACKET, EventKind.DROP
 # What _flow_text reads of every record, in one C call (a named tuple's attribute is a
 # descriptor call each; a flow's text reads 23 of them).
 _text_fields = flow_fields(
@@ -732,6 +753,19 @@ def _ip_text(ip: str) -> bytes:
         _ip_texts.clear()
     text = _ip_texts[ip] = _kept(_dumps(ip))  # kept: a cached orjson result would hold its 4 KB buffer
     return text
+
+
+def _shape_template(flow: Flow, kind: EventKind, key: tuple[Any, ...], line: bool) -> bytes:
+    """The template of ``key``'s shape (:func:`_template`; with ``line``, inside its envelope
+    line), made and kept."""
+    template = _template(flow, kind, key)
+    if line:
+        template = _FLOW_KEY + template + _node_part(key[-1]).replace(b"%", b"%%") + _TIME_KEY + b"%s" + _LINE_END
+    cache = _line_templates if line else _templates
+    if len(cache) >= _TEMPLATE_CACHE_MAX:
+        cache.clear()
+    cache[key] = template
+    return template
 
 
 def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
@@ -750,16 +784,9 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
         has_counts = (kind is EventKind.PACKET or kind is EventKind.DROP) and (packets != 0 or nbytes != 0)
         key = (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, sport != 0, dport != 0, has_counts,
                counts is not None, src is not None, dst is not None, direction, is_reply, node_name)
-        cache = _line_templates if line else _templates
-        template = cache.get(key)
+        template = (_line_templates if line else _templates).get(key)
         if template is None:
-            template = _template(flow, kind, key)
-            if line:
-                template = (_FLOW_KEY + template + _node_part(node_name).replace(b"%", b"%%") + _TIME_KEY
-                            + b"%s" + _LINE_END)
-            if len(cache) >= _TEMPLATE_CACHE_MAX:
-                cache.clear()
-            cache[key] = template
+            template = _shape_template(flow, kind, key, line)
         time_text = time.encode()
         # Addresses, endpoints and interfaces recur across flows: their texts come from
         # caches (an orjson call each would cost more than the dict hit).
@@ -781,11 +808,12 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
             memo = dst.json_memo
             dtext = memo._text if memo is not None and memo._text is not None else _endpoint_form(dst).text()
             if counts is not None:
+                ctext = _counts_text(counts)
                 if line:
                     return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets,
-                                       nbytes, counts.syn, counts.syn_ack, counts.fin, counts.rst, time_text)
+                                       nbytes, ctext, time_text)
                 return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
-                                   counts.syn, counts.syn_ack, counts.fin, counts.rst)
+                                   ctext)
             if line:
                 return template % (time_text, serial, sip, dip, sport, dport, stext, dtext, iface, packets, nbytes,
                                    time_text)
@@ -806,10 +834,7 @@ def _flow_text(flow: Flow, serial: int, time: str, line: bool = False) -> bytes:
             args.append(packets)
             args.append(nbytes)
         if counts is not None:
-            args.append(counts.syn)
-            args.append(counts.syn_ack)
-            args.append(counts.fin)
-            args.append(counts.rst)
+            args.append(_counts_text(counts))
         if line:
             args.append(time_text)
         return template % tuple(args)
@@ -944,10 +969,48 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
     out: list[bytes] = []
     append = out.append
     fill = _flow_text
+    fields = _text_fields
+    templates = _line_templates
+    ip_texts = _ip_texts
+    interface_texts = _interface_texts
+    counts_texts = _counts_texts
+    protocols = _TEMPLATE_PROTOCOLS
     for r, form in zip(records, made):
         if form is not None:  # made above, so not a parsed record's (a line another consumer made meanwhile is these bytes)
-            try:
-                line = form.line = fill(r, form.serial, form.time, True)  # type: ignore[arg-type]  # forms are made for flows only (the loop above)
+            # The common shape (a TCP or UDP flow with its counts between two named ends, most
+            # of every interval) is _flow_text's first case, done here without the call and the
+            # form's reads: the same template, the same values, so the same bytes.
+            (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, sport, dport, packets, nbytes, counts, src,
+             dst, direction, is_reply, node_name, extensions, source_names, destination_names, src_ip, dst_ip,
+             ifindex, ifname) = fields(r)  # type: ignore[arg-type]  # forms are made for flows only (the loop above)
+            if (src is not None and dst is not None and sport and dport and (packets or nbytes)
+                    and (kind is _PACKET or kind is _DROP) and protocol in protocols and ip_version
+                    and not extensions and not source_names and not destination_names):
+                stext = src.json_memo._text if src.json_memo is not None else None
+                dtext = dst.json_memo._text if dst.json_memo is not None else None
+                sip = ip_texts.get(src_ip)
+                dip = ip_texts.get(dst_ip)
+                iface = interface_texts.get((ifindex, ifname))
+                if stext is not None and dtext is not None and sip is not None and dip is not None and iface is not None:
+                    key = (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, True, True, True,
+                           counts is not None, True, True, direction, is_reply, node_name)
+                    template = templates.get(key)
+                    if template is None:
+                        template = _shape_template(r, kind, key, True)  # type: ignore[arg-type]  # as above
+                    time_text = form.time.encode()
+                    if counts is not None:
+                        hit = counts_texts.get(id(counts))  # _counts_text, without the call
+                        ctext = hit[1] if hit is not None and hit[0] is counts else _counts_text(counts)
+                        line = template % (time_text, form.serial, sip, dip, sport, dport, stext, dtext, iface,
+                                           packets, nbytes, ctext, time_text)
+                    else:
+                        line = template % (time_text, form.serial, sip, dip, sport, dport, stext, dtext, iface,
+                                           packets, nbytes, time_text)
+                    form.line = line
+                    append(line)
+                    continue
+            try:  # any other shape, or a text not cached yet (the first record of a pod, an address)
+                line = form.line = fill(r, form.serial, form.time, True)  # type: ignore[arg-type]  # as above
             except orjson.JSONEncodeError:
                 line = _form_line(r, form)  # type: ignore[arg-type]  # as above
             append(line)

@@ -136,3 +136,11 @@ def test_a_batch_of_lines_is_each_records_line_with_its_own_form() -> None:
     assert convert.wire_form(batch[5]) is known
     assert len(uuids) == sum(isinstance(r, Flow) for r in batch)  # every flow its own id
     assert convert.envelope_lines(batch) == lines  # and again, from the kept lines
+    # Copies without forms, now that every address, interface and endpoint text is cached:
+    # the common shapes take envelope_lines' own fill (not _flow_text's), the same bytes.
+    copies = [replace(r, time_ns=r.time_ns + 1) for r in batch]
+    for record, line in zip(copies, convert.envelope_lines(copies)):
+        if isinstance(record, Flow):
+            form = convert.wire_form(record)
+            body = convert.encode_json(convert._flow_dict(record, form.uuid, form.time))
+            assert line == convert.encode_json(convert.envelope(record)) + b"\n" and convert.flow_text_bytes(record) == body
