@@ -627,19 +627,18 @@ static __always_inline void conn_init(struct tcp_conn_set *set, __u32 idx, int w
     conn_tuple(idx, w, args);
 }
 
-/* The CLOSED key of a stale way (one whose socket's CLOSE was not seen) from the ends last
- * written to it (at its birth and ESTABLISHED), as conn_key builds it from a tracepoint's: 1 if
- * the way held a connection, 0 if not (no ends written, or a socket first seen in mid-life
- * with no role known: its ends would make a key per connection that nothing else counts). */
+/* The CLOSED key of a stale way (one whose socket's CLOSE was not seen), the key the CLOSE would
+ * have been counted under: built as conn_key builds it from a tracepoint's ends, from those last
+ * written to the way (at its birth or first sight, and at ESTABLISHED). 0 if there are none. */
 _Static_assert(sizeof(struct conn_flow_key) == 40, "conn_unseen_key fills every byte of the key");
 static __always_inline int conn_unseen_key(struct conn_flow_key *key, __u32 idx, int w, __u8 info, __u8 state,
                                            __u16 *port)
 {
     __u32 slot = idx * FLOWTEL_CONN_WAYS + w;
     struct tcp_conn_tuple *t = tcp_conn_tuples.lookup(&slot);
+    if (!t)
+        return 0;  /* cannot happen (the index is in range) */
     __u8 role = info & FLOWTEL_CONN_ROLE_MASK;
-    if (!t || !(info & FLOWTEL_CONN_BORN_SEEN) || role == FLOWTEL_TCP_ROLE_UNKNOWN)
-        return 0;
     __builtin_memcpy(key->saddr, t->saddr, 16);
     __builtin_memcpy(key->daddr, t->daddr, 16);
     key->sport = t->sport;
@@ -648,10 +647,11 @@ static __always_inline int conn_unseen_key(struct conn_flow_key *key, __u32 idx,
     key->role = role;
     key->kind = FLOWTEL_KEV_TCP_CLOSED;
     key->state = state;
+    *port = 0;
     if (role == FLOWTEL_TCP_ROLE_CLIENT) {
         *port = key->sport;
         key->sport = 0;
-    } else {
+    } else if (role == FLOWTEL_TCP_ROLE_SERVER) {
         *port = key->dport;
         key->dport = 0;
     }
@@ -697,14 +697,15 @@ int flowtel_state(struct flowtel_tp_inet_sock_set_state *args)
          * this program saw. Take it over rather than claim a second one, or the socket's later
          * transitions would find the stale way first and leave the new one stale for ever.
          * A TCP socket's memory is a new socket's only after the old one was freed, so the old
-         * one did close: unless it was a listener (whose births are not traced, so never
-         * counted), its CLOSED is counted now, from the way (its ends, role and the state it
-         * was last seen in; no lifetime, the time of its close unknown), and counted as such
-         * (FLOWTEL_KEV_CNT_CONN_CLOSE_UNSEEN). Measured under load (a UDP flood, busy CPUs,
-         * 20 000 connections): up to ~1.5% of clients' FIN_WAIT2 and CLOSE transitions, which
-         * close() runs together from the socket's backlog, never reached this program, with no
-         * skipped run counted; a perf-event and a raw tracepoint program attached beside it
-         * missed the same ones in some runs and saw them in others (docs/performance.md). */
+         * one did close: unless it was a listener (no connection: its CLOSE is never counted),
+         * its CLOSED is counted now as the CLOSE would have counted it, from the way (its ends,
+         * role and the state it was last seen in; no lifetime, the time of its close unknown),
+         * and counted as such (FLOWTEL_KEV_CNT_CONN_CLOSE_UNSEEN). Measured under load (a UDP
+         * flood, busy CPUs, 20 000 connections): up to ~1.5% of clients' FIN_WAIT2 and CLOSE
+         * transitions, which close() runs together from the socket's backlog, never reached
+         * this program, with no skipped run counted; a perf-event and a raw tracepoint program
+         * attached beside it missed the same ones in some runs, and saw them in others
+         * (docs/performance.md, 2026-12-08). */
         int unseen = 0;
         int w = conn_find(set, sk);
         if (w >= 0) {

@@ -26,16 +26,23 @@ pytestmark = pytest.mark.kernel
 CLIENTS, PER_CLIENT = 2, 10_000
 CONN_KINDS = (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED)
 PORT = 47050  # inside the server pod's own network namespace
-# Connections refused (no listener on the port): each is a new socket, born and closed.
-CONNECT_REFUSED = r"""
-import socket, sys
+# Sockets born at as many addresses as it can: ``count`` sockets connect (refused: no listener on
+# the port) while all are open, then all close. One socket at a time would reuse one address
+# over and over (the slab hands out the object freed last).
+CONNECT_HELD = r"""
+import resource, socket, sys
 dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
+held = []
 for _ in range(count):
     s = socket.socket()
+    s.setblocking(False)
     try:
         s.connect((dst, port))
     except OSError:
         pass
+    held.append(s)
+for s in held:
     s.close()
 """
 
@@ -94,17 +101,17 @@ def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
         # A CLOSE that never reached the program (it happens under load) is counted when the
         # socket's address is a new socket's (bpf/kernel_events.c, flowtel_state): by then the
         # addresses of most such sockets have been reused by later connections of the run, those
-        # of the last ones maybe not. New sockets in the client pod reuse them, as any later
-        # TCP socket on the node would (refused connections, on another port: not ours).
+        # of the last ones maybe not. New sockets in the client pod reuse them, as later TCP
+        # sockets on the node would (refused connections, on another port: not ours).
         def stale() -> list[str]:
             return [c.state for c in ke.tcp_connections()
                     if {c.src_ip, c.dst_ip} == {a.ipv4, b.ipv4} and PORT in (c.src_port, c.dst_port)]
 
         held = stale()
-        for _ in range(10):
+        for _ in range(5):
             if not stale():
                 break
-            a.exec([sys.executable, "-c", CONNECT_REFUSED, b.ipv4, str(PORT + 1), "2000"])
+            a.exec([sys.executable, "-c", CONNECT_HELD, b.ipv4, str(PORT + 1), "8192"], timeout=60)
         want = {(kind, src): n for kind in (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED) for src in (a.ipv4, b.ipv4)}
         deadline = time.monotonic() + 2 * ke.config.collection_interval + 5
         while totals() != want and time.monotonic() < deadline:
