@@ -533,7 +533,10 @@ struct conn_flow_stats {
 #define FLOWTEL_KEV_CNT_CONN_FLOWS_CREATED_0 29 /* new entries inserted into conn_flows_0 */
 #define FLOWTEL_KEV_CNT_CONN_FLOWS_CREATED_1 30 /* ... into conn_flows_1 */
 #define FLOWTEL_KEV_CNT_CONN_FLOW_UPDATE_FAIL 31 /* connection events not counted: insert failed */
-#define FLOWTEL_KEV_CNT_MAX              32
+/* CLOSEs of sockets seen born that never reached the program (their address is a new socket's
+ * while their way still holds them): each a connection's CLOSED not counted. */
+#define FLOWTEL_KEV_CNT_CONN_CLOSE_UNSEEN 32
+#define FLOWTEL_KEV_CNT_MAX              33
 /* ==== end of kernel events ============================================================== */
 
 /* ==== FQDN egress policy (bpf/fqdn_policy.c, dnsproxy/) ==================================

@@ -158,6 +158,9 @@ class KernelEvents:
                                        decode.RawConn.__slots__, self._counter, decode.CNT_CONN_FLOWS_CREATED)
             self._conn_decoder = decode.ConnDecoder(self._names, self._node)
             self._conn_early = EarlyDrain(self._conns, self.config.drain_at_fill, self.config.max_early_drains)
+            # flowtel_component_tcp_closes_unseen: closes counted late, as of the last collection.
+            self._telemetry.register_gauge(self._id, "tcp_closes_unseen",
+                                           functools.partial(self._last_count, decode.CNT_CONN_CLOSE_UNSEEN))
         if (self._wants_logs and drops.enabled and drops.events) or samples:
             self._drop_decoder = decode.DropDecoder(self._names, self._node,
                                                     host_netns=os.stat("/proc/self/ns/net").st_ino,

@@ -17,7 +17,7 @@ import pytest
 
 from flowtel.component import Telemetry
 from flowtel.records import EventKind, Flow, LostEvents
-from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig
+from receiver.ebpf.kernel_events import KernelEvents, KernelEventsConfig, decode
 from tests.support.kernel_events import ACCEPT_AND_CLOSE, CONNECT_MANY, Collector, tcp_mib
 from testbed import Testbed
 
@@ -26,6 +26,25 @@ pytestmark = pytest.mark.kernel
 CLIENTS, PER_CLIENT = 2, 10_000
 CONN_KINDS = (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED)
 PORT = 47050  # inside the server pod's own network namespace
+# Sockets born at as many addresses as it can: ``count`` sockets connect (refused: no listener on
+# the port) while all are open, then all close. One socket at a time would reuse one address
+# over and over (the slab hands out the object freed last).
+CONNECT_HELD = r"""
+import resource, socket, sys
+dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
+held = []
+for _ in range(count):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect((dst, port))
+    except OSError:
+        pass
+    held.append(s)
+for s in held:
+    s.close()
+"""
 
 
 def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
@@ -79,6 +98,20 @@ def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
                 got[key] = got.get(key, 0) + int(f.extensions["connections"])
             return got
 
+        # A CLOSE that never reached the program (it happens under load) is counted when the
+        # socket's address is a new socket's (bpf/kernel_events.c, flowtel_state): by then the
+        # addresses of most such sockets have been reused by later connections of the run, those
+        # of the last ones maybe not. New sockets in the client pod reuse them, as later TCP
+        # sockets on the node would (refused connections, on another port: not ours).
+        def stale() -> list[str]:
+            return [c.state for c in ke.tcp_connections()
+                    if {c.src_ip, c.dst_ip} == {a.ipv4, b.ipv4} and PORT in (c.src_port, c.dst_port)]
+
+        held = stale()
+        for _ in range(5):
+            if not stale():
+                break
+            a.exec([sys.executable, "-c", CONNECT_HELD, b.ipv4, str(PORT + 1), "8192"], timeout=60)
         want = {(kind, src): n for kind in (EventKind.TCP_ESTABLISHED, EventKind.TCP_CLOSED) for src in (a.ipv4, b.ipv4)}
         deadline = time.monotonic() + 2 * ke.config.collection_interval + 5
         while totals() != want and time.monotonic() < deadline:
@@ -87,17 +120,11 @@ def test_twenty_thousand_short_connections_lose_nothing(bed: Testbed) -> None:
         # loss that no map sees: say so if the counts differ.
         tracked = Counter((c.src_ip, c.state) for c in ke.tcp_connections() if {c.src_ip, c.dst_ip} == {a.ipv4, b.ipv4})
         got = totals()
-        why = (f"{rate:.0f} connections/s", f"{ke.program_misses()} runs skipped", f"still tracked: {dict(tracked)}", got)
-        # Exact: both ends' ESTABLISHED and the server's CLOSED. The client's CLOSED is short by
-        # 0-86 of 20 000 under machine load: a known, unexplained bug (issue 17 notes), bounded
-        # here so that anything else still fails; exact on a quiet machine. Not the kernel: by
-        # now no socket of either end is open (asserted above), and in the short runs seen under
-        # a concurrent UDP flood tcp_conns held none of them either, with no counted loss and
-        # no skipped run, so the CLOSE runs happened and their counts did not reach a record.
-        client_closed = (EventKind.TCP_CLOSED, a.ipv4)
-        assert {k: v for k, v in got.items() if k != client_closed} == \
-            {k: v for k, v in want.items() if k != client_closed}, why
-        assert n - 200 <= got.get(client_closed, 0) <= n, why
+        unseen = ke.counters()[decode.CNT_CONN_CLOSE_UNSEEN]
+        why = (f"{rate:.0f} connections/s", f"{ke.program_misses()} runs skipped", f"still tracked: {dict(tracked)}",
+               f"held after the run: {Counter(held)}", f"{unseen} closes counted late (node-wide)", got)
+        # Exact, both ends.
+        assert got == want, why
         records = sink.flows(lambda f: ours(f) and f.kind in CONN_KINDS)
         rtts = sum(int(f.extensions["handshake_rtt_count"]) for f in records
                    if f.src_ip == a.ipv4 and f.kind is EventKind.TCP_ESTABLISHED)
