@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from flowtel.config import parse_config
+from flowtel.lib.bpf.earlydrain import FILL_POLL_S
 from flowtel.pipeline import Service
 from flowtel.records import Flow, LostEvents, TrafficDirection
 from testbed import Testbed
@@ -47,9 +48,14 @@ while True:
 """
 
 _CONNECT_MANY = r"""
-import socket, sys
-dst, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for _ in range(count):
+import socket, sys, time
+dst, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+start = time.monotonic()
+for i in range(count):
+    if rate and i % 100 == 0:  # paced: connection i not before i / rate
+        ahead = start + i / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
     s = socket.create_connection((dst, port), timeout=10)
     s.sendall(b"x")
     s.close()
@@ -71,7 +77,9 @@ class _Result:
     why: str
 
 
-def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drains: int = 8) -> _Result:
+def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drains: int = 8,
+         rate: float = 0.0) -> _Result:
+    """``rate``: connections/s of all clients together (0: as fast as they can)."""
     factories = factories_with_memory()
     Testbed.cleanup_stale()
     with Testbed() as bed:
@@ -108,7 +116,7 @@ def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drain
                 time.sleep(0.5)  # attached
                 started = time.monotonic()
                 procs = [client.popen([sys.executable, "-c", _CONNECT_MANY, server.ipv4, str(PORT),
-                                       str(connections // CLIENTS)], stdout=subprocess.PIPE, text=True)
+                                       str(connections // CLIENTS), str(rate / CLIENTS)], stdout=subprocess.PIPE, text=True)
                          for _ in range(CLIENTS)]
                 done = sum(int(p.communicate(timeout=300)[0]) for p in procs)
                 rate = done / (time.monotonic() - started)
@@ -166,7 +174,12 @@ def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drain
 # test_drain_watches_fill.py.)
 @pytest.mark.parametrize("max_flows,connections", [(32768, 10_000), (65536, 20_000)], ids=["small-map", "shipped-map"])
 def test_connection_rate_is_drained_early_and_loses_nothing(max_flows: int, connections: int) -> None:
-    r = _run(max_flows, 0.5, connections)
+    # The promise (receiver README, early drain): no loss while new keys arrive slower than the
+    # room left above the fill level per fill read, (1 - 0.5) x max_flows per FILL_POLL_S. A
+    # quiet machine makes 35-40k connections/s (150k keys/s), past the small map's 80k keys/s:
+    # the workload runs at half the promise, so the test checks the mechanism, not the machine.
+    promise = (1 - 0.5) * max_flows / FILL_POLL_S / KEYS_PER_CONNECTION
+    r = _run(max_flows, 0.5, connections, rate=promise / 2)
     assert r.connections == connections
     assert r.connections * KEYS_PER_CONNECTION > max_flows  # one interval would overflow the map
     assert r.lost == {}, r.why
