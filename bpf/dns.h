@@ -262,7 +262,7 @@ static __always_inline int dns_take_budget(__u64 now)
 
 static __always_inline int dns_agg_is(const struct dns_agg_key *a, const struct dns_agg_key *b)
 {
-    const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+    const flowtel_word64 *x = (const flowtel_word64 *)a, *y = (const flowtel_word64 *)b;
     __u64 diff = 0;
 #pragma unroll
     for (int i = 0; i < sizeof(*a) / 8; i++)
@@ -406,23 +406,23 @@ _Static_assert(sizeof(struct dns_pending_key) == 22, "dns_pending_key: five 32-b
 _Static_assert(sizeof(struct dns_pending) == 64, "dns_pending: one cache line");
 static __always_inline __u32 dns_pending_index(const struct dns_pending_key *pk)
 {
-    const __u32 *w = (const __u32 *)pk;
+    const flowtel_word32 *w = (const flowtel_word32 *)pk;
     __u64 h = FLOWTEL_DNS_SET_SEED;  /* seeded per load, as dns_aggregate's */
 #pragma unroll
     for (int i = 0; i < 5; i++)
         h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL;
-    h = (h ^ *(const __u16 *)&pk->family) * 0x9e3779b97f4a7c15ULL;
+    h = (h ^ *(const flowtel_word16 *)&pk->family) * 0x9e3779b97f4a7c15ULL;
     return (__u32)(h >> 32) & (FLOWTEL_DNS_PENDING_SETS - 1);
 }
 
 static __always_inline int dns_pending_is(const struct dns_pending_key *a, const struct dns_pending_key *b)
 {
-    const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+    const flowtel_word32 *x = (const flowtel_word32 *)a, *y = (const flowtel_word32 *)b;
     __u32 diff = 0;
 #pragma unroll
     for (int i = 0; i < 5; i++)
         diff |= x[i] ^ y[i];
-    diff |= *(const __u16 *)&a->family ^ *(const __u16 *)&b->family;  /* family and protocol */
+    diff |= *(const flowtel_word16 *)&a->family ^ *(const flowtel_word16 *)&b->family;  /* family and protocol */
     return diff == 0;
 }
 

@@ -247,8 +247,8 @@ static __always_inline void drop_flush(__u32 slot, struct drop_cache_entry *c)
 /* Keys compared as eight 64-bit words (the key on the stack is 8-aligned: it holds a __u64). */
 static __always_inline int drop_key_eq(const struct drop_flow_key *a, const struct drop_flow_key *b)
 {
-    const __u64 *x = (const __u64 *)a;
-    const __u64 *y = (const __u64 *)b;
+    const flowtel_word64 *x = (const flowtel_word64 *)a;
+    const flowtel_word64 *y = (const flowtel_word64 *)b;
     return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
             (x[5] ^ y[5]) | (x[6] ^ y[6]) | (x[7] ^ y[7])) == 0;
 }

@@ -28,6 +28,13 @@
 #include <uapi/linux/ipv6.h>
 
 #define FLOWTEL_IPPROTO_ICMPV6 58
+/* Keys are compared as 64-bit (or 32-bit) words: read through these types, which may alias
+ * anything. A plain __u64 * onto a struct the program just filled field by field lets the
+ * compiler assume the two do not alias (strict aliasing) and reorder or drop the stores (seen
+ * on a branch: a connection key's zeroed client port was not seen by its word comparison). */
+typedef __u64 __attribute__((may_alias)) flowtel_word64;
+typedef __u32 __attribute__((may_alias)) flowtel_word32;
+typedef __u16 __attribute__((may_alias)) flowtel_word16;
 /* Extension headers walked to find the transport header (each costs one read). */
 #define FLOWTEL_IPV6_EXT_MAX 4
 

@@ -144,8 +144,8 @@ static __always_inline void count_interface(__u32 classid, __u64 len)
  * aligned stack reads), the cache entry's is a map value (no alignment demand). */
 static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
 {
-    const __u64 *x = (const __u64 *)a;
-    const __u64 *y = (const __u64 *)b;
+    const flowtel_word64 *x = (const flowtel_word64 *)a;
+    const flowtel_word64 *y = (const flowtel_word64 *)b;
     return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
             (x[5] ^ y[5])) == 0;
 }
