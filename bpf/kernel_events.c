@@ -545,12 +545,10 @@ static __always_inline void count_conn(struct conn_flow_key *key, __u64 now, __u
     st->last_port = port;
 }
 
-/* The aggregation key of a connection event from the tracepoint's tuple: the port that varies
- * per connection (the client's) goes to ``*port`` instead. */
-static __always_inline void conn_key(struct conn_flow_key *key, struct flowtel_tp_inet_sock_set_state *args,
-                                     __u8 role, __u8 kind, __u8 state, __u16 *port)
+/* The rest of a connection event's aggregation key, once its ends are in it: the port that
+ * varies per connection (the client's) goes to ``*port`` instead. */
+static __always_inline void conn_key_rest(struct conn_flow_key *key, __u8 role, __u8 kind, __u8 state, __u16 *port)
 {
-    COPY_TUPLE(key, args);
     key->role = role;
     key->kind = kind;
     key->state = state;
@@ -562,6 +560,14 @@ static __always_inline void conn_key(struct conn_flow_key *key, struct flowtel_t
         *port = key->dport;
         key->dport = 0;
     }
+}
+
+/* The aggregation key of a connection event from the tracepoint's tuple. */
+static __always_inline void conn_key(struct conn_flow_key *key, struct flowtel_tp_inet_sock_set_state *args,
+                                     __u8 role, __u8 kind, __u8 state, __u16 *port)
+{
+    COPY_TUPLE(key, args);
+    conn_key_rest(key, role, kind, state, port);
 }
 
 static __always_inline __u8 role_of(__u32 oldstate, __u8 known)
@@ -638,23 +644,12 @@ static __always_inline int conn_unseen_key(struct conn_flow_key *key, __u32 idx,
     struct tcp_conn_tuple *t = tcp_conn_tuples.lookup(&slot);
     if (!t)
         return 0;  /* cannot happen (the index is in range) */
-    __u8 role = info & FLOWTEL_CONN_ROLE_MASK;
     __builtin_memcpy(key->saddr, t->saddr, 16);
     __builtin_memcpy(key->daddr, t->daddr, 16);
     key->sport = t->sport;
     key->dport = t->dport;
     key->family = t->family;
-    key->role = role;
-    key->kind = FLOWTEL_KEV_TCP_CLOSED;
-    key->state = state;
-    *port = 0;
-    if (role == FLOWTEL_TCP_ROLE_CLIENT) {
-        *port = key->sport;
-        key->sport = 0;
-    } else if (role == FLOWTEL_TCP_ROLE_SERVER) {
-        *port = key->dport;
-        key->dport = 0;
-    }
+    conn_key_rest(key, info & FLOWTEL_CONN_ROLE_MASK, FLOWTEL_KEV_TCP_CLOSED, state, port);
     return 1;
 }
 
