@@ -738,7 +738,6 @@ def _template(flow: Flow, kind: EventKind, key: tuple[Any, ...]) -> bytes:
 
 
 _TEMPLATE_PROTOCOLS = frozenset(_L4_NAMES)
-_PACKET, _DROP = EventKind.PACKET, EventKind.DROP
 # What _flow_text reads of every record, in one C call (a named tuple's attribute is a
 # descriptor call each; a flow's text reads 23 of them).
 _text_fields = flow_fields(
@@ -969,48 +968,10 @@ def envelope_lines(records: list[Record]) -> list[bytes]:
     out: list[bytes] = []
     append = out.append
     fill = _flow_text
-    fields = _text_fields
-    templates = _line_templates
-    ip_texts = _ip_texts
-    interface_texts = _interface_texts
-    counts_texts = _counts_texts
-    protocols = _TEMPLATE_PROTOCOLS
     for r, form in zip(records, made):
         if form is not None:  # made above, so not a parsed record's (a line another consumer made meanwhile is these bytes)
-            # The common shape (a TCP or UDP flow with its counts between two named ends, most
-            # of every interval) is _flow_text's first case, done here without the call and the
-            # form's reads: the same template, the same values, so the same bytes.
-            (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, sport, dport, packets, nbytes, counts, src,
-             dst, direction, is_reply, node_name, extensions, source_names, destination_names, src_ip, dst_ip,
-             ifindex, ifname) = fields(r)  # type: ignore[arg-type]  # forms are made for flows only (the loop above)
-            if (src is not None and dst is not None and sport and dport and (packets or nbytes)
-                    and (kind is _PACKET or kind is _DROP) and protocol in protocols and ip_version
-                    and not extensions and not source_names and not destination_names):
-                stext = src.json_memo._text if src.json_memo is not None else None
-                dtext = dst.json_memo._text if dst.json_memo is not None else None
-                sip = ip_texts.get(src_ip)
-                dip = ip_texts.get(dst_ip)
-                iface = interface_texts.get((ifindex, ifname))
-                if stext is not None and dtext is not None and sip is not None and dip is not None and iface is not None:
-                    key = (kind, verdict, drop_reason, ip_version, protocol, tcp_flags, True, True, True,
-                           counts is not None, True, True, direction, is_reply, node_name)
-                    template = templates.get(key)
-                    if template is None:
-                        template = _shape_template(r, kind, key, True)  # type: ignore[arg-type]  # as above
-                    time_text = form.time.encode()
-                    if counts is not None:
-                        hit = counts_texts.get(id(counts))  # _counts_text, without the call
-                        ctext = hit[1] if hit is not None and hit[0] is counts else _counts_text(counts)
-                        line = template % (time_text, form.serial, sip, dip, sport, dport, stext, dtext, iface,
-                                           packets, nbytes, ctext, time_text)
-                    else:
-                        line = template % (time_text, form.serial, sip, dip, sport, dport, stext, dtext, iface,
-                                           packets, nbytes, time_text)
-                    form.line = line
-                    append(line)
-                    continue
-            try:  # any other shape, or a text not cached yet (the first record of a pod, an address)
-                line = form.line = fill(r, form.serial, form.time, True)  # type: ignore[arg-type]  # as above
+            try:
+                line = form.line = fill(r, form.serial, form.time, True)  # type: ignore[arg-type]  # forms are made for flows only (the loop above)
             except orjson.JSONEncodeError:
                 line = _form_line(r, form)  # type: ignore[arg-type]  # as above
             append(line)
