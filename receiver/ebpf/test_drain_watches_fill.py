@@ -25,9 +25,10 @@ import receiver.ebpf.receiver as ebpf_receiver
 from flowtel.component import ComponentConfig, CreateSettings, Exporter, ExporterFactory, Kind
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, Record, TrafficDirection
+from flowtel.records import Flow, LostEvents, Record
 from flowtel.registry import factories_by_kind
 from testbed import Testbed
+from tests.support.link_truth import flow_totals, link_totals
 
 pytestmark = pytest.mark.kernel
 
@@ -149,12 +150,5 @@ def test_burst_during_a_slow_drain_is_drained_early_too(monkeypatch: pytest.Monk
         assert len(keys) == len(ours) == 2 * DATAGRAMS, why
         for pod in (a, b):
             d = after[pod.name] - before[pod.name]
-            got = {direction: (sum(f.packets for f in flows
-                                   if f.ifindex == pod.host_ifindex and f.traffic_direction is direction),
-                               sum(f.bytes for f in flows
-                                   if f.ifindex == pod.host_ifindex and f.traffic_direction is direction))
-                   for direction in (TrafficDirection.EGRESS, TrafficDirection.INGRESS)}
-            # On a host-side veth, what it received (tc ingress, rx) is what the pod sent: EGRESS.
-            want = {TrafficDirection.EGRESS: (d.rx_packets, d.rx_bytes),
-                    TrafficDirection.INGRESS: (d.tx_packets, d.tx_bytes)}
+            got, want = flow_totals(flows, pod.host_ifindex), link_totals(d)
             assert got == want, (pod.name, got, want, why)

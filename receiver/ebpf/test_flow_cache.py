@@ -16,9 +16,10 @@ import pytest
 
 from flowtel.config import parse_config
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, TrafficDirection
+from flowtel.records import Flow, LostEvents
 from tests.support.memory_exporter import MemoryExporter, factories_with_memory
 from testbed import Testbed, require_tool
+from tests.support.link_truth import flow_totals, link_totals
 
 pytestmark = pytest.mark.kernel
 
@@ -72,14 +73,7 @@ def test_bulk_flows_through_the_cache_equal_the_link_counters_across_flips() -> 
         for pod in (client, server):
             d = after[pod.name] - before[pod.name]
             assert d.rx_packets + d.tx_packets > 20_000, (pod.name, d)  # a flood, not a trickle
-            got = {direction: (sum(f.packets for f in flows
-                                   if f.ifindex == pod.host_ifindex and f.traffic_direction is direction),
-                               sum(f.bytes for f in flows
-                                   if f.ifindex == pod.host_ifindex and f.traffic_direction is direction))
-                   for direction in (TrafficDirection.EGRESS, TrafficDirection.INGRESS)}
-            # On a host-side veth, what it received (tc ingress, rx) is what the pod sent: EGRESS.
-            assert got == {TrafficDirection.EGRESS: (d.rx_packets, d.rx_bytes),
-                           TrafficDirection.INGRESS: (d.tx_packets, d.tx_bytes)}, pod.name
+            assert flow_totals(flows, pod.host_ifindex) == link_totals(d), pod.name
 
         # iperf3 opened two TCP connections per run (control and data; the UDP run's control
         # connection too): three SYNs from the client and three SYN-ACKs from the server, each

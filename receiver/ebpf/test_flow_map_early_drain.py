@@ -24,8 +24,9 @@ import pytest
 from flowtel.config import parse_config
 from flowtel.lib.bpf.earlydrain import FILL_POLL_S
 from flowtel.pipeline import Service
-from flowtel.records import Flow, LostEvents, TrafficDirection
+from flowtel.records import Flow, LostEvents
 from testbed import Testbed
+from tests.support.link_truth import flow_totals, link_totals
 from tests.support.memory_exporter import MemoryExporter, factories_with_memory
 
 pytestmark = pytest.mark.kernel
@@ -141,14 +142,7 @@ def _run(max_flows: int, drain_at_fill: float, connections: int, max_early_drain
         why = []
         for pod in (client, server):
             d = after[pod.name] - before[pod.name]
-            got = {direction: (sum(f.packets for f in flows
-                                   if f.ifindex == pod.host_ifindex and f.traffic_direction is direction),
-                               sum(f.bytes for f in flows
-                                   if f.ifindex == pod.host_ifindex and f.traffic_direction is direction))
-                   for direction in (TrafficDirection.EGRESS, TrafficDirection.INGRESS)}
-            # On a host-side veth, what it received (tc ingress, rx) is what the pod sent: EGRESS.
-            want = {TrafficDirection.EGRESS: (d.rx_packets, d.rx_bytes),
-                    TrafficDirection.INGRESS: (d.tx_packets, d.tx_bytes)}
+            got, want = flow_totals(flows, pod.host_ifindex), link_totals(d)
             exact[pod.name] = got == want
             why.append(f"{pod.name}: flows {got} link {want}")
         ours = [f for f in flows if f.protocol == 6 and PORT in (f.src_port, f.dst_port)

@@ -677,6 +677,20 @@ print(json.dumps({"answered": answered}))
 """
 
 
+def _settle(agent: InProcessAgent, query_log: Path, queries: int) -> tuple[dict[str, int], dict[str, float]]:
+    """Once dnsmasq logged ``queries`` A queries and the DNS timeout has run out (so nothing may
+    be reported unanswered any more): the kernel's DNS counters, then, with the agent stopped,
+    its last metric values."""
+    deadline = time.monotonic() + 5
+    while len(re.findall(r"query\[A\]", query_log.read_text())) < queries:
+        assert time.monotonic() < deadline, query_log.read_text()
+        time.sleep(0.05)
+    time.sleep(DNS_TIMEOUT_S + 1.0)
+    kernel = agent.receiver.dns.kernel_counts()
+    agent.stop()
+    return kernel, agent.metrics.last_values()
+
+
 def test_dns_over_tcp_is_counted_in_the_kernel_and_split_questions_are_reported_lost(
         bed: Testbed, tmp_path: Path, agents: list) -> None:
     """dig +tcp against dnsmasq: every query and answer counted in the kernel (requests,
@@ -700,15 +714,7 @@ def test_dns_over_tcp_is_counted_in_the_kernel_and_split_questions_are_reported_
     split = 5
     res = client.exec([sys.executable, "-c", SPLIT_SENDER, server.ipv4, str(split)], timeout=60)
     assert json.loads(res.stdout) == {"answered": split}
-    deadline = time.monotonic() + 5
-    while len(re.findall(r"query\[A\]", query_log.read_text())) < len(names) + split:
-        assert time.monotonic() < deadline, query_log.read_text()
-        time.sleep(0.05)
-    time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
-    kernel = agent.receiver.dns.kernel_counts()
-    agent.stop()
-
-    values = agent.metrics.last_values()
+    kernel, values = _settle(agent, query_log, len(names) + split)
     assert values["networkobservability_dns_request_count"] == len(names)
     assert values["networkobservability_dns_response_count"] == len(names) + split
     assert values["flowtel_dns_unanswered_total"] == 0
@@ -749,15 +755,7 @@ def test_a_host_process_asking_a_pod_is_counted_once_where_it_reaches_the_pod(be
         m = re.search(r"status: (\w+)", res.stdout)
         statuses.append(m.group(1) if m else "")
     assert statuses == ["NOERROR", "NXDOMAIN"] * 3
-    deadline = time.monotonic() + 5
-    while len(re.findall(r"query\[A\]", query_log.read_text())) < len(statuses):
-        assert time.monotonic() < deadline, query_log.read_text()
-        time.sleep(0.05)
-    time.sleep(DNS_TIMEOUT_S + 1.0)  # past the timeout: nothing may be reported unanswered
-    kernel = agent.receiver.dns.kernel_counts()
-    agent.stop()
-
-    values = agent.metrics.last_values()
+    kernel, values = _settle(agent, query_log, len(statuses))
     assert values["networkobservability_dns_request_count"] == len(statuses)
     assert values["networkobservability_dns_response_count"] == len(statuses)
     assert values["flowtel_dns_unanswered_total"] == 0
